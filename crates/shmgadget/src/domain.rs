@@ -1,0 +1,584 @@
+//! Attachments: one process's membership of a domain.
+//!
+//! Attaching opens (or creates) the domain's registry, reserves the domain's address window
+//! in this process and takes a process slot with its liveness token. Every section of the
+//! domain is then mapped inside that window at the offset the registry records, so it has the
+//! same address in every attached process.
+//!
+//! Within one process, attaching the same domain twice returns the same attachment; it is
+//! detached when the last [`Domain`] handle (sections hold one) is dropped or detached.
+//!
+//! Lock order: shm-directory `flock` → registry lock → this process's attachment table. The
+//! directory lock serialises creating, joining and deleting registries, so a registry is never
+//! unlinked while someone is joining it and two new domains never pick the same window.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use crate::error::{Error, ErrorKind, Result, bail};
+use crate::names;
+use crate::os;
+use crate::registry::{self, CreateParams, Lifetime, Registry, SectionRecord};
+use crate::section::{Section, SectionInfo, SectionOptions};
+
+/// Default shm directory.
+pub const DEFAULT_SHM_DIR: &str = "/dev/shm";
+
+/// Settings for [`Domain::attach_with`]. The window and table sizes only matter when the call
+/// creates the domain; an existing domain keeps the ones it was created with.
+#[derive(Debug, Clone)]
+pub struct DomainOptions {
+    /// Window base; `None` picks the first free 1 GiB-aligned window at or above
+    /// `0x2000_0000_0000` that no other domain on this machine uses.
+    pub window_base: Option<u64>,
+    /// Window size in bytes (a multiple of 2 MiB, 16 MiB to 64 TiB). Default 1 TiB.
+    pub window_size: u64,
+    /// Number of section entries in the registry. Default 4096.
+    pub max_sections: u32,
+    /// Number of attached-process entries. Default 1024.
+    pub max_procs: u32,
+    /// Permission bits of the registry object (who may attach). Default `0o600`.
+    pub mode: u32,
+    /// Directory holding the backing objects; default `SHMGADGET_SHM_DIR` or `/dev/shm`.
+    pub shm_dir: Option<PathBuf>,
+    /// Accept registries and sections owned by another user (default: refuse them).
+    pub allow_foreign_owner: bool,
+    /// Fail with `NotFound` instead of creating the domain when it does not exist.
+    pub must_exist: bool,
+}
+
+impl Default for DomainOptions {
+    fn default() -> Self {
+        DomainOptions {
+            window_base: None,
+            window_size: registry::DEFAULT_WINDOW_SIZE,
+            max_sections: registry::DEFAULT_MAX_SECTIONS,
+            max_procs: registry::DEFAULT_MAX_PROCS,
+            mode: 0o600,
+            shm_dir: None,
+            allow_foreign_owner: false,
+            must_exist: false,
+        }
+    }
+}
+
+impl DomainOptions {
+    /// The shm directory these options resolve to.
+    pub fn resolved_shm_dir(&self) -> PathBuf {
+        resolve_shm_dir(self.shm_dir.as_deref())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ws = self.window_size;
+        if !(registry::MIN_WINDOW_SIZE..=registry::MAX_WINDOW_SIZE).contains(&ws) || ws % registry::CHUNK != 0 {
+            bail!(
+                InvalidSize,
+                "window size {ws:#x} is invalid: expected a multiple of 2 MiB between {} MiB and {} TiB",
+                registry::MIN_WINDOW_SIZE >> 20,
+                registry::MAX_WINDOW_SIZE >> 40
+            );
+        }
+        if let Some(base) = self.window_base {
+            let end_ok = base.checked_add(ws).is_some_and(|e| e <= os::USER_ADDRESS_LIMIT);
+            if base % registry::CHUNK != 0 || base < registry::MIN_WINDOW_BASE || !end_ok {
+                bail!(
+                    InvalidArgument,
+                    "window base {base:#x} is invalid: expected a 2 MiB-aligned address at or above {:#x} with the window ending below {:#x}",
+                    registry::MIN_WINDOW_BASE,
+                    os::USER_ADDRESS_LIMIT
+                );
+            }
+        }
+        for (what, v) in [("max_sections", self.max_sections), ("max_procs", self.max_procs)] {
+            if !(1..=registry::MAX_TABLE_ENTRIES).contains(&v) {
+                bail!(InvalidArgument, "{what} = {v} is out of range: expected 1 to {}", registry::MAX_TABLE_ENTRIES);
+            }
+        }
+        if self.mode & !0o777 != 0 {
+            bail!(InvalidArgument, "mode {:#o} has bits outside 0o777", self.mode);
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn resolve_shm_dir(explicit: Option<&Path>) -> PathBuf {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("SHMGADGET_SHM_DIR").filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SHM_DIR))
+}
+
+/// The domain name used when none is given: `SHMGADGET_DOMAIN`, or `default`.
+pub fn default_domain_name() -> String {
+    std::env::var("SHMGADGET_DOMAIN").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "default".to_owned())
+}
+
+/// This process's attachment to a domain. Cheap to clone; all clones are the same attachment.
+#[derive(Clone)]
+pub struct Domain {
+    pub(crate) inner: Arc<DomainInner>,
+}
+
+pub(crate) struct DomainInner {
+    pub(crate) name: String,
+    pub(crate) shm_dir: PathBuf,
+    pub(crate) registry: Registry,
+    pub(crate) proc_slot: u32,
+    pub(crate) window_base: u64,
+    pub(crate) window_size: u64,
+    pub(crate) allow_foreign_owner: bool,
+    /// Per registry slot: the generation of the section mapped there in this process (0: none).
+    pub(crate) mapped: Box<[AtomicU64]>,
+}
+
+type Key = (PathBuf, String);
+
+/// Attachments of this process. Holding this lock while attaching or detaching keeps one
+/// attachment per domain and makes a detach finish before a re-attach reserves the window.
+fn attached() -> MutexGuard<'static, HashMap<Key, Arc<DomainInner>>> {
+    static ATTACHED: LazyLock<Mutex<HashMap<Key, Arc<DomainInner>>>> = LazyLock::new(Default::default);
+    ATTACHED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct DirLock(#[allow(dead_code)] OwnedFd);
+
+fn lock_dir(dir: &Path) -> Result<DirLock> {
+    let fd = os::open_dir(dir).map_err(|e| dir_error(dir, e))?;
+    os::lock_exclusive(os::borrow(&fd)).map_err(|e| Error::from_io(format!("cannot lock the shm directory {}", dir.display()), e))?;
+    Ok(DirLock(fd))
+}
+
+fn dir_error(dir: &Path, e: std::io::Error) -> Error {
+    let mut err = Error::from_io(format!("cannot open the shm directory {}", dir.display()), e);
+    if err.kind() == ErrorKind::NotFound {
+        err = Error::new(
+            ErrorKind::NotFound,
+            format!("the shm directory {} does not exist; create it (a tmpfs) or unset SHMGADGET_SHM_DIR", dir.display()),
+        );
+    }
+    err
+}
+
+impl Domain {
+    /// Attaches the default domain (`SHMGADGET_DOMAIN`, or `default`), creating it if needed.
+    pub fn attach_default() -> Result<Domain> {
+        Domain::attach(&default_domain_name())
+    }
+
+    /// Attaches domain `name` with default options, creating it if needed.
+    pub fn attach(name: &str) -> Result<Domain> {
+        Domain::attach_with(name, &DomainOptions::default())
+    }
+
+    /// Attaches domain `name`, creating it with `opts` if it does not exist (unless
+    /// `opts.must_exist`).
+    pub fn attach_with(name: &str, opts: &DomainOptions) -> Result<Domain> {
+        names::validate(name, "domain")?;
+        opts.validate()?;
+        let shm_dir = opts.resolved_shm_dir();
+        let mut table = attached();
+        let key = (shm_dir.clone(), name.to_owned());
+        if let Some(inner) = table.get(&key) {
+            return Ok(Domain { inner: inner.clone() });
+        }
+        let dir_lock = lock_dir(&shm_dir)?;
+        let dir = os::open_dir(&shm_dir).map_err(|e| dir_error(&shm_dir, e))?;
+        let registry = match Registry::open(clone_fd(&dir)?, name, true, opts.allow_foreign_owner) {
+            Ok(reg) => {
+                claim_window(name, reg.window_base, reg.window_size)?;
+                reg
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound && !opts.must_exist => {
+                let (base, size) = choose_window(&shm_dir, &dir, name, opts)?;
+                let params = CreateParams {
+                    window_base: base,
+                    window_size: size,
+                    max_sections: opts.max_sections,
+                    max_procs: opts.max_procs,
+                    mode: opts.mode,
+                };
+                Registry::create(clone_fd(&dir)?, name, &params).inspect_err(|_| release_window(base, size))?
+            }
+            Err(e) => return Err(e),
+        };
+        let slot = match registry.lock().and_then(|g| g.register_proc()) {
+            Ok(slot) => slot,
+            Err(e) => {
+                release_window(registry.window_base, registry.window_size);
+                return Err(e);
+            }
+        };
+        drop(dir_lock);
+        let mapped = (0..registry.max_sections).map(|_| AtomicU64::new(0)).collect();
+        let inner = Arc::new(DomainInner {
+            name: name.to_owned(),
+            shm_dir,
+            window_base: registry.window_base,
+            window_size: registry.window_size,
+            registry,
+            proc_slot: slot,
+            allow_foreign_owner: opts.allow_foreign_owner,
+            mapped,
+        });
+        table.insert(key, inner.clone());
+        Ok(Domain { inner })
+    }
+
+    /// Detaches this handle. When it is the process's last handle to the domain (sections hold
+    /// handles too), the domain is detached: every section is unmapped from this process; if
+    /// no other live process is attached, transient sections are deleted, and the registry too
+    /// when no persistent section remains. Dropping the last handle does the same, silently.
+    pub fn detach(self) -> Result<()> {
+        let mut table = attached();
+        self.release(&mut table)
+    }
+
+    fn release(&self, table: &mut HashMap<Key, Arc<DomainInner>>) -> Result<()> {
+        // Our handle plus the table's: nobody else can clone it now (cloning needs a handle,
+        // attaching needs the table lock we hold).
+        if Arc::strong_count(&self.inner) == 2 {
+            table.remove(&(self.inner.shm_dir.clone(), self.inner.name.clone()));
+            return self.inner.teardown();
+        }
+        Ok(())
+    }
+
+    /// The domain's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The shm directory holding the domain's objects.
+    pub fn shm_dir(&self) -> &Path {
+        &self.inner.shm_dir
+    }
+
+    /// Base address and size of the domain's window.
+    pub fn window(&self) -> (usize, usize) {
+        (self.inner.window_base as usize, self.inner.window_size as usize)
+    }
+
+    /// Whether `addr` lies inside this domain's window.
+    pub fn contains(&self, addr: usize) -> bool {
+        let (base, size) = self.window();
+        addr >= base && addr - base < size
+    }
+
+    /// Creates a section. Fails with `AlreadyExists` if the name is taken.
+    pub fn create_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<Section> {
+        let reserved = self.check_new_section(name, size, opts)?;
+        let guard = self.inner.registry.lock()?;
+        if let Some(rec) = guard.find_live(name) {
+            return Err(already_exists(self, &rec));
+        }
+        let (rec, fd) = self.create_locked(&guard, name, reserved, opts)?;
+        drop(guard);
+        Section::map_new(self.clone(), rec, fd)
+    }
+
+    /// Opens an existing section by name.
+    pub fn open_section(&self, name: &str) -> Result<Section> {
+        names::validate(name, "section")?;
+        let rec = {
+            let guard = self.inner.registry.lock()?;
+            guard.find_live(name)
+        };
+        let rec = rec.ok_or_else(|| not_found(self, name))?;
+        Section::open_record(self.clone(), rec)
+    }
+
+    /// Opens section `name` if it exists (its reserved size must be at least `size` and its
+    /// kind `opts.kind`), otherwise creates it. Returns the section and whether this call
+    /// created it. When several processes race, exactly one creates it.
+    pub fn create_or_open_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<(Section, bool)> {
+        let reserved = self.check_new_section(name, size, opts)?;
+        for _ in 0..8 {
+            let guard = self.inner.registry.lock()?;
+            if let Some(rec) = guard.find_live(name) {
+                drop(guard);
+                if rec.kind != opts.kind {
+                    bail!(InvalidArgument, "section {name:?} exists as a {} section, not {}", rec.kind.as_str(), opts.kind.as_str());
+                }
+                if rec.reserved < size {
+                    bail!(InvalidSize, "section {name:?} exists with {} bytes reserved, less than the {size} requested", rec.reserved);
+                }
+                match Section::open_record(self.clone(), rec) {
+                    // Deleted between the lookup and the open: look again.
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    other => return other.map(|s| (s, false)),
+                }
+            }
+            let (rec, fd) = self.create_locked(&guard, name, reserved, opts)?;
+            drop(guard);
+            return Section::map_new(self.clone(), rec, fd).map(|s| (s, true));
+        }
+        bail!(NotFound, "section {name:?} kept disappearing while being opened (deleted and re-created concurrently)")
+    }
+
+    fn check_new_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<u64> {
+        names::validate(name, "section")?;
+        if size == 0 {
+            bail!(InvalidSize, "section {name:?}: size 0 is invalid; expected at least 1 byte");
+        }
+        let page = os::page_size() as u64;
+        let reserved = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
+        if reserved > self.inner.window_size {
+            bail!(
+                InvalidSize,
+                "section {name:?}: {size} bytes cannot fit in domain {:?}'s window of {} bytes",
+                self.inner.name,
+                self.inner.window_size
+            );
+        }
+        if opts.mode & !0o777 != 0 {
+            bail!(InvalidArgument, "section {name:?}: mode {:#o} has bits outside 0o777", opts.mode);
+        }
+        Ok(reserved)
+    }
+
+    /// Creates the entry and the backing object; the caller holds the registry lock.
+    fn create_locked(
+        &self,
+        guard: &registry::RegistryGuard<'_>,
+        name: &str,
+        reserved: u64,
+        opts: &SectionOptions,
+    ) -> Result<(SectionRecord, OwnedFd)> {
+        let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.mode, reserved)?;
+        let dir = self.inner.registry.dir();
+        let object = names::section_object(&self.inner.name, rec.generation, name);
+        let made = os::create_object(os::borrow(dir), &object, opts.mode)
+            .or_else(|e| {
+                // A leftover from a crash with the same generation cannot normally exist (the
+                // counter only grows), but if one does it is garbage: replace it.
+                if e.raw_os_error() == Some(17) {
+                    let _ = os::unlink_object(os::borrow(dir), &object);
+                    os::create_object(os::borrow(dir), &object, opts.mode)
+                } else {
+                    Err(e)
+                }
+            })
+            .and_then(|fd| os::set_size(os::borrow(&fd), reserved).map(|()| fd));
+        match made {
+            Ok(fd) => {
+                guard.finish_create(rec.slot);
+                Ok((rec, fd))
+            }
+            Err(e) => {
+                let _ = guard.remove(&rec);
+                Err(Error::from_io(format!("cannot create section {name:?} (object {object:?})"), e))
+            }
+        }
+    }
+
+    /// Deletes a section for everyone. Processes that map it keep their mapping until they
+    /// detach; nobody can open it any more.
+    pub fn delete_section(&self, name: &str) -> Result<()> {
+        names::validate(name, "section")?;
+        let guard = self.inner.registry.lock()?;
+        let rec = guard.find_live(name).ok_or_else(|| not_found(self, name))?;
+        guard.remove(&rec)
+    }
+
+    /// Information about every section of the domain.
+    pub fn sections(&self) -> Vec<SectionInfo> {
+        self.inner.registry.entries().iter().filter(|r| r.state == registry::LIVE).map(|r| SectionInfo::from_record(&self.inner.registry, r)).collect()
+    }
+
+    /// Information about one section.
+    pub fn section_info(&self, name: &str) -> Result<SectionInfo> {
+        names::validate(name, "section")?;
+        let guard = self.inner.registry.lock()?;
+        let rec = guard.find_live(name).ok_or_else(|| not_found(self, name))?;
+        drop(guard);
+        Ok(SectionInfo::from_record(&self.inner.registry, &rec))
+    }
+
+    /// Maps every section of the domain that this process has not mapped yet (the classic
+    /// `shm_map_all`). Returns how many it mapped. Sections that cannot be mapped (deleted
+    /// meanwhile, permission) are skipped; the first such error is returned after the rest are
+    /// mapped.
+    pub fn map_all(&self) -> Result<usize> {
+        let mut mapped = 0;
+        let mut first_err = None;
+        for rec in self.inner.registry.entries() {
+            if rec.state != registry::LIVE || self.inner.is_mapped(&rec) {
+                continue;
+            }
+            match Section::open_record(self.clone(), rec) {
+                Ok(_) => mapped += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(mapped), Err)
+    }
+
+    /// The processes attached to the domain, with their liveness.
+    pub fn processes(&self) -> Vec<crate::inspect::ProcessInfo> {
+        self.inner.registry.procs(Some(self.inner.proc_slot)).iter().map(crate::inspect::ProcessInfo::from_record).collect()
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let mut table = attached();
+        let _ = self.release(&mut table);
+    }
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain")
+            .field("name", &self.inner.name)
+            .field("window", &format_args!("{:#x}+{:#x}", self.inner.window_base, self.inner.window_size))
+            .finish()
+    }
+}
+
+impl DomainInner {
+    pub(crate) fn is_mapped(&self, rec: &SectionRecord) -> bool {
+        // Relaxed: a hint only; mapping the same object at the same place twice is harmless.
+        self.mapped[rec.slot as usize].load(Ordering::Relaxed) == rec.generation
+    }
+
+    pub(crate) fn note_mapped(&self, rec: &SectionRecord) {
+        // Relaxed: see `is_mapped`.
+        self.mapped[rec.slot as usize].store(rec.generation, Ordering::Relaxed);
+    }
+
+    /// Leaves the domain (see [`Domain::detach`]).
+    fn teardown(&self) -> Result<()> {
+        let result = (|| {
+            let _dir_lock = lock_dir(&self.shm_dir)?;
+            let guard = self.registry.lock()?;
+            guard.unregister_proc(self.proc_slot);
+            guard.reap_dead_procs(None);
+            if guard.others_alive(None) {
+                return Ok(());
+            }
+            let mut first_err = None;
+            for rec in guard.all_entries() {
+                if rec.lifetime == Lifetime::Transient {
+                    if let Err(e) = guard.remove(&rec) {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            if guard.all_entries().is_empty() {
+                let object = names::registry_object(&self.name);
+                if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
+                    first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        })();
+        release_window(self.window_base, self.window_size);
+        result
+    }
+}
+
+fn clone_fd(fd: &OwnedFd) -> Result<OwnedFd> {
+    fd.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))
+}
+
+fn not_found(domain: &Domain, name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "no section {name:?} in domain {:?}; `shmgadget ls --domain {}` lists its sections",
+            domain.inner.name, domain.inner.name
+        ),
+    )
+}
+
+fn already_exists(domain: &Domain, rec: &SectionRecord) -> Error {
+    Error::new(
+        ErrorKind::AlreadyExists,
+        format!(
+            "section {:?} already exists in domain {:?} (created by pid {}); open it instead, or remove it with `shmgadget rm --domain {} {}`",
+            rec.name.as_str(),
+            domain.inner.name,
+            rec.creator_pid,
+            domain.inner.name,
+            rec.name.as_str()
+        ),
+    )
+}
+
+/// Reserves an existing domain's recorded window in this process.
+fn claim_window(domain: &str, base: u64, size: u64) -> Result<()> {
+    match os::reserve_fixed(base as usize, size as usize) {
+        Ok(()) => Ok(()),
+        Err(os::ReserveError::Occupied) => {
+            let occupants = os::mappings_overlapping(base as usize, size as usize);
+            let shown: Vec<&str> = occupants.iter().take(5).map(String::as_str).collect();
+            bail!(
+                WindowUnavailable,
+                "cannot reserve domain {domain:?}'s window {base:#x}-{:#x} in this process: it is occupied by {}; \
+                 the domain's pointers can only work at that address, so start this program with that range free \
+                 (or use another domain)",
+                base + size,
+                if shown.is_empty() { "an unknown mapping".to_owned() } else { format!("[{}]", shown.join("; ")) }
+            )
+        }
+        Err(os::ReserveError::Os(e)) => Err(Error::from_io(format!("cannot reserve domain {domain:?}'s window {base:#x}+{size:#x}"), e)),
+    }
+}
+
+fn release_window(base: u64, size: u64) {
+    // SAFETY: the window is this process's own reservation (claimed by `claim_window` or
+    // `choose_window`); it is released only when the attachment ends, after every Section
+    // handle (which borrows the attachment) is gone.
+    let _ = unsafe { os::unmap(base as usize, size as usize) };
+}
+
+/// Picks and reserves a window for a new domain: the requested base, or the first
+/// `WINDOW_ALIGN`-aligned range at or above the default base that no other domain's registry
+/// records and that is free in this process. The caller holds the directory lock, so no other
+/// domain can be created meanwhile.
+fn choose_window(shm_dir: &Path, dir: &OwnedFd, name: &str, opts: &DomainOptions) -> Result<(u64, u64)> {
+    let size = opts.window_size;
+    let mut taken: Vec<(u64, u64, String)> = Vec::new();
+    for file in os::list_dir(shm_dir).map_err(|e| dir_error(shm_dir, e))? {
+        if let Some(names::ObjectName::Registry { domain }) = names::parse_object(&file) {
+            if domain == name {
+                continue;
+            }
+            if let Ok(reg) = Registry::open(clone_fd(dir)?, domain, false, true) {
+                taken.push((reg.window_base, reg.window_base + reg.window_size, domain.to_owned()));
+            }
+        }
+    }
+    let overlapping = |lo: u64| taken.iter().find(|(b, e, _)| *b < lo + size && *e > lo).cloned();
+    if let Some(base) = opts.window_base {
+        if let Some((b, e, other)) = overlapping(base) {
+            bail!(WindowUnavailable, "window {base:#x}-{:#x} overlaps domain {other:?}'s window {b:#x}-{e:#x}; choose another base or let shmgadget pick one", base + size);
+        }
+        claim_window(name, base, size)?;
+        return Ok((base, size));
+    }
+    let mut base = registry::DEFAULT_WINDOW_BASE;
+    while base + size <= os::USER_ADDRESS_LIMIT {
+        if let Some((_, end, _)) = overlapping(base) {
+            base = end.next_multiple_of(registry::WINDOW_ALIGN);
+            continue;
+        }
+        match os::reserve_fixed(base as usize, size as usize) {
+            Ok(()) => return Ok((base, size)),
+            Err(os::ReserveError::Occupied) => base += registry::WINDOW_ALIGN,
+            Err(os::ReserveError::Os(e)) => return Err(Error::from_io("cannot reserve an address window", e)),
+        }
+    }
+    bail!(
+        WindowUnavailable,
+        "no free window of {size} bytes above {:#x} for domain {name:?} ({} other domains exist); remove unused domains with `shmgadget gc`, or use smaller windows",
+        registry::DEFAULT_WINDOW_BASE,
+        taken.len()
+    )
+}

@@ -1,0 +1,128 @@
+//! One error type for the whole library.
+//!
+//! Callers match on [`Error::kind`]; the `Display` text says what happened, what was expected
+//! and what to do next, so it can be shown to a person as it is.
+
+use std::fmt;
+use std::io;
+
+/// What went wrong, for callers that want to react to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A domain or section name is empty, too long or uses characters outside `[A-Za-z0-9._-]`.
+    InvalidName,
+    /// A size is zero, not representable, or larger than the window allows.
+    InvalidSize,
+    /// Any other argument is out of range (offset, alignment, option).
+    InvalidArgument,
+    /// A section with that name already exists.
+    AlreadyExists,
+    /// No section (or domain) with that name exists.
+    NotFound,
+    /// The domain's address window has no free range large enough.
+    WindowFull,
+    /// The registry has no free section entry or process slot.
+    RegistryFull,
+    /// The address window could not be reserved in this process.
+    WindowUnavailable,
+    /// The operating system refused access (mode bits, or an object owned by another user).
+    PermissionDenied,
+    /// A shared header failed validation (magic, version, fingerprint, sizes, offsets).
+    Corrupt,
+    /// The backing store (tmpfs) is full.
+    OutOfSpace,
+    /// A wait ran out of time.
+    Timeout,
+    /// Any other operating-system error.
+    Os,
+}
+
+/// The error returned by every fallible shmgadget call.
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<io::Error>,
+}
+
+/// Shorthand for `Result<T, shmgadget::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Builds an error of `kind` with a complete, human-readable message.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error { kind, message: message.into(), source: None }
+    }
+
+    /// Builds an error from an OS error, classifying common `errno` values (`EACCES`/`EPERM`
+    /// as permission, `ENOSPC` as out of space, `ENOENT` as not found, `EEXIST` as already
+    /// exists). `context` says what was being attempted.
+    pub fn from_io(context: impl Into<String>, err: io::Error) -> Self {
+        let kind = match err.raw_os_error() {
+            Some(libc_errno::EACCES) | Some(libc_errno::EPERM) => ErrorKind::PermissionDenied,
+            Some(libc_errno::ENOSPC) | Some(libc_errno::ENOMEM) => ErrorKind::OutOfSpace,
+            Some(libc_errno::ENOENT) => ErrorKind::NotFound,
+            Some(libc_errno::EEXIST) => ErrorKind::AlreadyExists,
+            _ => ErrorKind::Os,
+        };
+        let mut message = context.into();
+        message.push_str(": ");
+        message.push_str(&err.to_string());
+        match kind {
+            ErrorKind::PermissionDenied => message.push_str(
+                " (check the object's owner and mode with `shmgadget ls`, or run as its owner)",
+            ),
+            ErrorKind::OutOfSpace => message.push_str(
+                " (the backing store is full: free sections with `shmgadget rm`/`gc`, or set \
+                 SHMGADGET_SHM_DIR to a larger tmpfs)",
+            ),
+            _ => {}
+        }
+        Error { kind, message, source: Some(err) }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The underlying OS error, if there was one.
+    pub fn os_error(&self) -> Option<&io::Error> {
+        self.source.as_ref()
+    }
+}
+
+/// The few errno values the classifier needs, kept here so `error` does not depend on `os`.
+mod libc_errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const ENOMEM: i32 = 12;
+    pub const EACCES: i32 = 13;
+    pub const EEXIST: i32 = 17;
+    pub const ENOSPC: i32 = 28;
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Error {{ kind: {:?}, message: {:?} }}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+macro_rules! bail {
+    ($kind:ident, $($arg:tt)*) => {
+        return Err($crate::error::Error::new($crate::error::ErrorKind::$kind, format!($($arg)*)))
+    };
+}
+pub(crate) use bail;

@@ -1,0 +1,61 @@
+//! # shmgadget: shared memory at the same address in every process
+//!
+//! shmgadget gives cooperating processes on one machine named shared-memory **sections** that
+//! are mapped at the **same virtual address** in each of them, so plain pointers stored in
+//! shared memory stay valid everywhere.
+//!
+//! * A **domain** is a namespace of sections plus an address **window** (1 TiB at
+//!   `0x2000_0000_0000` by default) that every attached process reserves. Sections are placed
+//!   inside the window; the placement table (the **registry**, or "pool list") lives in shared
+//!   memory itself.
+//! * Sections **reserve** large and **commit** on demand: a 64 GiB section costs nothing until
+//!   its pages are touched or [committed](Section::commit); a full backing store is a clean
+//!   [`ErrorKind::OutOfSpace`], and [`Section::decommit`] gives pages back for every process.
+//!
+//! ```
+//! use shmgadget::{Domain, DomainOptions, SectionOptions};
+//!
+//! # fn main() -> shmgadget::Result<()> {
+//! # let domain_name = format!("doc-{}", std::process::id());
+//! // Attach (creating the domain if needed) and create a section of 1 MiB.
+//! let domain = Domain::attach_with(&domain_name, &DomainOptions { window_size: 1 << 30, ..Default::default() })?;
+//! let section = domain.create_section("greeting", 1 << 20, &SectionOptions::new().transient())?;
+//! section.commit(4096)?;
+//!
+//! // Its address is the same in every process that opens it.
+//! let p = section.as_ptr();
+//! // SAFETY: the first page is committed and inside the section; nobody else writes it now.
+//! unsafe { p.copy_from_nonoverlapping(b"hello".as_ptr(), 5) };
+//!
+//! let again = domain.open_section("greeting")?;
+//! assert_eq!(again.as_ptr(), p);
+//! drop((section, again));
+//! domain.detach()?; // the last process to leave removes transient sections and the registry
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Inspect domains from the command line with `shmgadget domains`, `shmgadget ls` and
+//! `shmgadget info`; clean up after crashed processes with `shmgadget gc`.
+//!
+//! ## Environment
+//! * `SHMGADGET_DOMAIN`: the domain used by [`Domain::attach_default`] (default `default`).
+//! * `SHMGADGET_SHM_DIR`: directory of the backing objects (default `/dev/shm`); point it at a
+//!   larger tmpfs or a hugetlbfs mount when `/dev/shm` is small (64 MiB in a default container).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod domain;
+mod error;
+pub mod inspect;
+mod names;
+mod os;
+mod registry;
+mod section;
+
+pub use domain::{DEFAULT_SHM_DIR, Domain, DomainOptions, default_domain_name};
+pub use error::{Error, ErrorKind, Result};
+pub use names::MAX_NAME_LEN;
+pub use registry::{CHUNK, DEFAULT_WINDOW_BASE, DEFAULT_WINDOW_SIZE, Lifetime, SectionKind};
+pub use section::{Section, SectionInfo, SectionOptions};

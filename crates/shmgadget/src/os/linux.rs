@@ -1,0 +1,451 @@
+//! Linux system calls. rustix first; libc where rustix stops (OFD byte locks, robust pthread
+//! mutexes).
+
+use std::cell::UnsafeCell;
+use std::ffi::c_void;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use rustix::fs::{AtFlags, FallocateFlags, FlockOperation, Mode, OFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+
+/// The size of a page, from `getauxval(AT_PAGESZ)` (see `getpagesize(2)`).
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// This process's id, `getpid(2)`.
+pub fn current_pid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get() as u32
+}
+
+/// This process's effective user id, `geteuid(2)`.
+pub fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Directories and shared-memory objects
+// ---------------------------------------------------------------------------------------------
+
+/// Opens a directory for `openat`-relative access and `flock`, `open(2)` with
+/// `O_RDONLY | O_DIRECTORY | O_CLOEXEC`.
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Takes an exclusive `flock(2)` on a directory descriptor, waiting for it. The lock belongs
+/// to the open file description and is released when `fd` is closed or the process dies, so a
+/// crashed holder never leaves it taken.
+pub fn lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::fs::flock(fd, FlockOperation::LockExclusive)?)
+}
+
+/// Creates a new object `name` in `dir`, `openat(2)` with
+/// `O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC`, then applies `mode` with `fchmod(2)`
+/// so the process umask does not narrow it.
+pub fn create_object(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode & 0o777),
+    )?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o777))?;
+    Ok(fd)
+}
+
+/// Opens an existing object, `openat(2)` with `O_NOFOLLOW | O_CLOEXEC` and `O_RDWR` or
+/// `O_RDONLY`.
+pub fn open_object(dir: BorrowedFd<'_>, name: &str, writable: bool) -> io::Result<OwnedFd> {
+    let access = if writable { OFlags::RDWR } else { OFlags::RDONLY };
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        access | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Removes an object's name, `unlinkat(2)`. Processes that map it keep their mapping.
+pub fn unlink_object(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?)
+}
+
+/// What `fstat(2)` says about an object.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectStat {
+    /// Apparent size in bytes (`st_size`).
+    pub size: u64,
+    /// Bytes backed by memory (`st_blocks * 512`).
+    pub allocated: u64,
+    /// Owner (`st_uid`).
+    pub uid: u32,
+    /// Permission bits (`st_mode & 0o777`).
+    pub mode: u32,
+    /// Whether it is a regular file.
+    pub is_regular: bool,
+}
+
+/// `fstat(2)`.
+pub fn stat_object(fd: BorrowedFd<'_>) -> io::Result<ObjectStat> {
+    let st = rustix::fs::fstat(fd)?;
+    let file_type = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    Ok(ObjectStat {
+        size: st.st_size as u64,
+        allocated: (st.st_blocks as u64).saturating_mul(512),
+        uid: st.st_uid,
+        mode: st.st_mode & 0o777,
+        is_regular: file_type == rustix::fs::FileType::RegularFile,
+    })
+}
+
+/// Sets an object's size, `ftruncate(2)`. Growing it makes a sparse hole that costs nothing.
+pub fn set_size(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    Ok(rustix::fs::ftruncate(fd, len)?)
+}
+
+/// Guarantees backing for `[offset, offset + len)`, `fallocate(2)` with mode 0. On a full
+/// tmpfs this fails with `ENOSPC` instead of a later `SIGBUS` on first write.
+pub fn allocate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    Ok(rustix::fs::fallocate(
+        fd,
+        FallocateFlags::empty(),
+        offset,
+        len,
+    )?)
+}
+
+/// Frees the pages of `[offset, offset + len)` for every process,
+/// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    Ok(rustix::fs::fallocate(
+        fd,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )?)
+}
+
+/// Lists the names in a directory (`getdents64(2)` through `std::fs::read_dir`).
+pub fn list_dir(path: &Path) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        if let Ok(name) = entry?.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Liveness tokens: open-file-description byte locks
+// ---------------------------------------------------------------------------------------------
+
+fn ofd_lock_call(fd: BorrowedFd<'_>, cmd: libc::c_int, kind: libc::c_int, offset: u64) -> io::Result<libc::flock> {
+    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = offset as libc::off_t;
+    fl.l_len = 1;
+    fl.l_pid = 0; // must be 0 for OFD locks
+    // SAFETY: `fd` is a valid open descriptor for the duration of the call and `fl` is a valid,
+    // exclusively borrowed `struct flock` that the kernel may read and write.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(fl) }
+}
+
+/// Takes an exclusive open-file-description lock on one byte, `fcntl(2)` `F_OFD_SETLK`.
+/// Returns `false` if someone else holds it. The kernel drops the lock when the last
+/// descriptor of this open file description closes, including when the process dies.
+pub fn try_lock_byte(fd: BorrowedFd<'_>, offset: u64) -> io::Result<bool> {
+    match ofd_lock_call(fd, libc::F_OFD_SETLK, libc::F_WRLCK, offset) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Releases a byte lock taken with [`try_lock_byte`], `fcntl(2)` `F_OFD_SETLK` with `F_UNLCK`.
+pub fn unlock_byte(fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
+    ofd_lock_call(fd, libc::F_OFD_SETLK, libc::F_UNLCK, offset).map(|_| ())
+}
+
+/// Whether another open file description holds a lock on the byte, `fcntl(2)` `F_OFD_GETLK`.
+/// A lock held through `fd` itself does not count.
+pub fn byte_is_locked(fd: BorrowedFd<'_>, offset: u64) -> io::Result<bool> {
+    let fl = ofd_lock_call(fd, libc::F_OFD_GETLK, libc::F_WRLCK, offset)?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Address space
+// ---------------------------------------------------------------------------------------------
+
+/// Why a fixed reservation failed.
+#[derive(Debug)]
+pub enum ReserveError {
+    /// Something is already mapped in the range.
+    Occupied,
+    /// Any other failure.
+    Os(io::Error),
+}
+
+/// Reserves `[addr, addr + len)` without committing memory: `mmap(2)` with `PROT_NONE`,
+/// `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE`. Never replaces an
+/// existing mapping; a kernel that returns another address counts as occupied.
+pub fn reserve_fixed(addr: usize, len: usize) -> Result<(), ReserveError> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory that Rust
+    // code may reference is affected; the new mapping is PROT_NONE and owned by the caller.
+    let res = unsafe {
+        rustix::mm::mmap_anonymous(
+            addr as *mut c_void,
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+        )
+    };
+    match res {
+        Ok(p) if p as usize == addr => Ok(()),
+        Ok(p) => {
+            // An old kernel treated the flag as a hint and put the mapping elsewhere.
+            // SAFETY: `p` is the mapping just created by this call, referenced by nothing.
+            let _ = unsafe { rustix::mm::munmap(p, len) };
+            Err(ReserveError::Occupied)
+        }
+        Err(e) if e == rustix::io::Errno::EXIST => Err(ReserveError::Occupied),
+        Err(e) => Err(ReserveError::Os(e.into())),
+    }
+}
+
+/// Puts `[addr, addr + len)` back to a bare reservation (`PROT_NONE`, `MAP_FIXED`), dropping
+/// whatever section was mapped there in this process.
+///
+/// # Safety
+/// The range must lie inside a reservation owned by the caller, and no live Rust reference
+/// may point into it.
+pub unsafe fn restore_reservation(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and guarantees nothing references it.
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            addr as *mut c_void,
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+        )?;
+    }
+    Ok(())
+}
+
+/// Unmaps `[addr, addr + len)`, `munmap(2)`.
+///
+/// # Safety
+/// The range must be a mapping owned by the caller, and no live Rust reference may point
+/// into it.
+pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { rustix::mm::munmap(addr as *mut c_void, len)? };
+    Ok(())
+}
+
+/// Maps `len` bytes of `fd` at exactly `addr`, shared: `mmap(2)` with `MAP_SHARED | MAP_FIXED`.
+///
+/// # Safety
+/// The range must lie inside a reservation owned by the caller (so `MAP_FIXED` replaces only
+/// the caller's own pages), and no live Rust reference may point into memory it replaces.
+pub unsafe fn map_shared_fixed(fd: BorrowedFd<'_>, addr: usize, len: usize, writable: bool) -> io::Result<()> {
+    let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
+    // SAFETY: forwarded from the caller.
+    let p = unsafe { rustix::mm::mmap(addr as *mut c_void, len, prot, MapFlags::SHARED | MapFlags::FIXED, fd, 0)? };
+    debug_assert_eq!(p as usize, addr);
+    Ok(())
+}
+
+/// Maps `len` bytes of `fd` wherever the kernel likes, shared: `mmap(2)` with `MAP_SHARED`.
+pub fn map_shared(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<NonNull<u8>> {
+    let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
+    // SAFETY: without MAP_FIXED the kernel picks an unused range, so no existing memory is
+    // affected.
+    let p = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
+    NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
+/// The lines of `/proc/self/maps` that overlap `[addr, addr + len)`, for error messages.
+pub fn mappings_overlapping(addr: usize, len: usize) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    let end = addr.saturating_add(len);
+    text.lines()
+        .filter(|line| {
+            let range = line.split_whitespace().next().unwrap_or("");
+            let mut parts = range.split('-');
+            let lo = parts.next().and_then(|s| usize::from_str_radix(s, 16).ok());
+            let hi = parts.next().and_then(|s| usize::from_str_radix(s, 16).ok());
+            matches!((lo, hi), (Some(lo), Some(hi)) if lo < end && hi > addr)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The highest user-space address plus one on this machine (47-bit on x86_64 without 5-level
+/// paging hints).
+pub const USER_ADDRESS_LIMIT: u64 = 0x7fff_ffff_f000;
+
+// ---------------------------------------------------------------------------------------------
+// Robust process-shared mutex (glibc pthread)
+// ---------------------------------------------------------------------------------------------
+
+/// Storage for a glibc `pthread_mutex_t` configured `PTHREAD_PROCESS_SHARED |
+/// PTHREAD_MUTEX_ROBUST`, laid out to live in shared memory (64 bytes, 16-aligned).
+///
+/// The kernel walks each thread's robust list when it dies and marks mutexes it held with
+/// `FUTEX_OWNER_DIED`; the next locker gets `EOWNERDEAD` (reported as
+/// [`LockOutcome::OwnerDied`]) and must call [`RawRobustMutex::make_consistent`] after
+/// repairing the data, or the mutex keeps reporting owner death (it never becomes
+/// unrecoverable here: see `unlock`).
+#[repr(C, align(16))]
+pub struct RawRobustMutex {
+    cell: UnsafeCell<[u8; 64]>,
+}
+
+const _: () = assert!(std::mem::size_of::<libc::pthread_mutex_t>() <= 64);
+const _: () = assert!(std::mem::align_of::<libc::pthread_mutex_t>() <= 16);
+const _: () = assert!(std::mem::size_of::<RawRobustMutex>() == 64);
+
+// SAFETY: all access goes through pthread calls, which are thread- and process-safe for a
+// mutex initialised PTHREAD_PROCESS_SHARED.
+unsafe impl Sync for RawRobustMutex {}
+// SAFETY: as above; the value has no thread affinity until locked.
+unsafe impl Send for RawRobustMutex {}
+
+/// How a lock was acquired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// Acquired normally.
+    Acquired,
+    /// Acquired, but the previous holder died while holding it; the protected data may be
+    /// inconsistent.
+    OwnerDied,
+}
+
+impl RawRobustMutex {
+    fn raw(&self) -> *mut libc::pthread_mutex_t {
+        self.cell.get().cast()
+    }
+
+    /// Initialises the mutex in place (`pthread_mutex_init(3)` with a process-shared, robust
+    /// attribute).
+    ///
+    /// # Safety
+    /// No thread or process may use the mutex during initialisation, and the memory must stay
+    /// at this address for as long as anyone uses it.
+    pub unsafe fn init(&self) -> io::Result<()> {
+        // SAFETY: the attribute object lives on this stack frame and is initialised by
+        // pthread_mutexattr_init before any other use; `self.raw()` is valid, exclusively ours
+        // per the caller's contract, and large and aligned enough for a pthread_mutex_t.
+        unsafe {
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            check(libc::pthread_mutexattr_init(&mut attr))?;
+            let r = (|| {
+                check(libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED))?;
+                check(libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST))?;
+                check(libc::pthread_mutex_init(self.raw(), &attr))
+            })();
+            libc::pthread_mutexattr_destroy(&mut attr);
+            r
+        }
+    }
+
+    fn outcome(rc: libc::c_int) -> io::Result<LockOutcome> {
+        match rc {
+            0 => Ok(LockOutcome::Acquired),
+            libc::EOWNERDEAD => Ok(LockOutcome::OwnerDied),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// Locks, waiting as long as needed (`pthread_mutex_lock(3)`).
+    pub fn lock(&self) -> io::Result<LockOutcome> {
+        // SAFETY: the mutex was initialised (type invariant, established by whoever built the
+        // shared structure and checked by its header validation) and stays mapped while `self`
+        // is borrowed.
+        Self::outcome(unsafe { libc::pthread_mutex_lock(self.raw()) })
+    }
+
+    /// Locks if free (`pthread_mutex_trylock(3)`); `Ok(None)` when held by someone else.
+    pub fn try_lock(&self) -> io::Result<Option<LockOutcome>> {
+        // SAFETY: as in `lock`.
+        match unsafe { libc::pthread_mutex_trylock(self.raw()) } {
+            libc::EBUSY => Ok(None),
+            rc => Self::outcome(rc).map(Some),
+        }
+    }
+
+    /// Locks, waiting at most `timeout` (`pthread_mutex_clocklock(3)` on `CLOCK_MONOTONIC`);
+    /// `Ok(None)` on timeout.
+    pub fn lock_timeout(&self, timeout: Duration) -> io::Result<Option<LockOutcome>> {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let total_ns = now.tv_nsec as u128 + timeout.subsec_nanos() as u128;
+        let secs = (now.tv_sec as u64)
+            .saturating_add(timeout.as_secs())
+            .saturating_add((total_ns / 1_000_000_000) as u64)
+            .min(i64::MAX as u64);
+        let deadline = libc::timespec {
+            tv_sec: secs as libc::time_t,
+            tv_nsec: (total_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: as in `lock`; `deadline` is a valid timespec.
+        let rc = unsafe { pthread_mutex_clocklock(self.raw(), libc::CLOCK_MONOTONIC, &deadline) };
+        match rc {
+            libc::ETIMEDOUT => Ok(None),
+            rc => Self::outcome(rc).map(Some),
+        }
+    }
+
+    /// Marks the protected state repaired after [`LockOutcome::OwnerDied`]
+    /// (`pthread_mutex_consistent(3)`).
+    ///
+    /// # Safety
+    /// The calling thread must hold the mutex.
+    pub unsafe fn make_consistent(&self) -> io::Result<()> {
+        // SAFETY: the caller holds the mutex, which was initialised.
+        check(unsafe { libc::pthread_mutex_consistent(self.raw()) })
+    }
+
+    /// Unlocks (`pthread_mutex_unlock(3)`).
+    ///
+    /// # Safety
+    /// The calling thread must hold the mutex.
+    pub unsafe fn unlock(&self) {
+        // SAFETY: the caller holds the mutex, which was initialised.
+        let rc = unsafe { libc::pthread_mutex_unlock(self.raw()) };
+        debug_assert_eq!(rc, 0, "pthread_mutex_unlock failed: {rc}");
+    }
+}
+
+unsafe extern "C" {
+    // glibc 2.30+; not exposed by the libc crate for every target.
+    fn pthread_mutex_clocklock(
+        mutex: *mut libc::pthread_mutex_t,
+        clock: libc::clockid_t,
+        abstime: *const libc::timespec,
+    ) -> libc::c_int;
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) }
+}
+
+/// Borrows an owned descriptor (helper so callers above need not import `AsFd`).
+pub fn borrow(fd: &OwnedFd) -> BorrowedFd<'_> {
+    fd.as_fd()
+}

@@ -1,0 +1,1056 @@
+//! The registry (the classic "pool list"): one shared object per domain describing its address
+//! window, its sections and the processes attached to it.
+//!
+//! # Layout
+//! ```text
+//! 0        RegistryShared     header: identity, window, table sizes, counters, robust lock
+//! S        SectionEntryShared [max_sections]   one entry per section slot
+//! P        ProcEntryShared    [max_procs]      one entry per attached process
+//! C        AtomicU32          [window / 2 MiB] chunk table: slot + 1 owning each 2 MiB chunk
+//! ```
+//! `S`, `P`, `C` and the total size follow from `max_sections`, `max_procs` and `window_size`
+//! ([`Layout::compute`]); an opener recomputes them and refuses a registry that disagrees.
+//!
+//! # Synchronisation
+//! * **Creation.** The creator holds the shm directory's `flock` (as does every opener), fills
+//!   the header and publishes it with a Release store of `ready = READY`. Fields written before
+//!   that store are frozen: `magic`, `layout_version`, `abi_fingerprint`, `max_*`, `mode`,
+//!   `total_size`, `window_*`, the offsets, `created_at` and the domain name. An opener that finds
+//!   `ready != READY` while holding the directory lock knows the creator died mid-way.
+//! * **Writers** of section entries, process entries and the chunk table hold `lock`, a glibc
+//!   robust process-shared mutex. `next_generation`, `place_cursor`, `slots_high` and
+//!   `procs_high` are written only under it.
+//! * **Readers without the lock** (the first-touch fault handler, `ls`): each section entry
+//!   is a seqlock. `seq` is even when the entry is stable and odd while a writer changes it;
+//!   a reader copies the fields, then re-reads `seq` and retries if it moved
+//!   ([`Registry::read_entry`]). The chunk table is written before an entry becomes `LIVE` and
+//!   cleared after it stops being `LIVE`, so a reader that finds a slot through the table and
+//!   then sees `LIVE` with the address in range has a consistent record.
+//! * `committed` is the one entry field updated without the lock (an atomic max/min by any
+//!   process that commits or decommits); it is informational and not covered by `seq`.
+//!
+//! # Section entry states
+//! | state      | meaning                                     | next                        |
+//! |------------|---------------------------------------------|-----------------------------|
+//! | `FREE`     | slot unused                                 | `CREATING`                  |
+//! | `CREATING` | placement taken, backing object being made  | `LIVE`, or `FREE` on error  |
+//! | `LIVE`     | usable                                      | `DELETING`                  |
+//! | `DELETING` | object being unlinked                       | `FREE`                      |
+//!
+//! # Crashes
+//! A writer that dies holding `lock` makes the next locker's `pthread_mutex_lock` return
+//! `EOWNERDEAD`. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
+//! `DELETING` (or with an odd `seq`) has its object unlinked and its slot and chunks freed; a
+//! `LIVE` entry with an odd `seq` only gets `seq` made even. It then marks the mutex consistent.
+//! Attached processes hold an OFD write lock on the byte at their process entry's offset (the
+//! liveness token); the kernel drops it when they die, so a dead attachment is recognised without
+//! trusting PIDs, and its slot is reused.
+
+use std::mem::{offset_of, size_of};
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+
+use crate::error::{Error, ErrorKind, Result, bail};
+use crate::names;
+use crate::os::{self, LockOutcome, RawRobustMutex};
+
+/// Default base of the first domain's window.
+pub const DEFAULT_WINDOW_BASE: u64 = 0x2000_0000_0000;
+/// Default window size: 1 TiB.
+pub const DEFAULT_WINDOW_SIZE: u64 = 1 << 40;
+/// Placement granule: sections start at multiples of 2 MiB inside the window.
+pub const CHUNK: u64 = 2 << 20;
+/// Alignment of window bases chosen automatically for new domains.
+pub const WINDOW_ALIGN: u64 = 1 << 30;
+/// Smallest window a domain may have.
+pub const MIN_WINDOW_SIZE: u64 = 16 << 20;
+/// Largest window a domain may have (its chunk table is then 128 MiB, sparse).
+pub const MAX_WINDOW_SIZE: u64 = 64 << 40;
+/// Lowest window base accepted.
+pub const MIN_WINDOW_BASE: u64 = 1 << 32;
+/// Default number of section entries.
+pub const DEFAULT_MAX_SECTIONS: u32 = 4096;
+/// Default number of process entries.
+pub const DEFAULT_MAX_PROCS: u32 = 1024;
+/// Upper bound for both table sizes.
+pub const MAX_TABLE_ENTRIES: u32 = 1 << 16;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
+const LAYOUT_VERSION: u32 = 1;
+const READY: u32 = 0x5244_5921; // "RDY!"
+
+/// Entry states (see the table in the module docs).
+pub(crate) const FREE: u32 = 0;
+pub(crate) const CREATING: u32 = 1;
+pub(crate) const LIVE: u32 = 2;
+pub(crate) const DELETING: u32 = 3;
+
+/// What a section holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SectionKind {
+    /// Plain bytes.
+    Raw,
+    /// A shared heap.
+    Heap,
+    /// A message queue.
+    Queue,
+}
+
+impl SectionKind {
+    fn to_raw(self) -> u32 {
+        match self {
+            SectionKind::Raw => 1,
+            SectionKind::Heap => 2,
+            SectionKind::Queue => 3,
+        }
+    }
+    fn from_raw(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => SectionKind::Raw,
+            2 => SectionKind::Heap,
+            3 => SectionKind::Queue,
+            _ => return None,
+        })
+    }
+    /// Lower-case name, as the CLI prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SectionKind::Raw => "raw",
+            SectionKind::Heap => "heap",
+            SectionKind::Queue => "queue",
+        }
+    }
+}
+
+/// How long a section lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lifetime {
+    /// Until deleted explicitly.
+    Persistent,
+    /// Until no process is attached to the domain any more.
+    Transient,
+}
+
+impl Lifetime {
+    fn to_raw(self) -> u32 {
+        match self {
+            Lifetime::Persistent => 1,
+            Lifetime::Transient => 2,
+        }
+    }
+    fn from_raw(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Lifetime::Persistent,
+            2 => Lifetime::Transient,
+            _ => return None,
+        })
+    }
+    /// Lower-case name, as the CLI prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifetime::Persistent => "persistent",
+            Lifetime::Transient => "transient",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared structures
+// ---------------------------------------------------------------------------------------------
+
+/// Registry header, at offset 0 of the registry object.
+#[repr(C)]
+pub(crate) struct RegistryShared {
+    magic: AtomicU64,
+    layout_version: AtomicU32,
+    abi_fingerprint: AtomicU32,
+    ready: AtomicU32,
+    max_sections: AtomicU32,
+    max_procs: AtomicU32,
+    mode: AtomicU32,
+    total_size: AtomicU64,
+    window_base: AtomicU64,
+    window_size: AtomicU64,
+    sections_offset: AtomicU64,
+    procs_offset: AtomicU64,
+    chunks_offset: AtomicU64,
+    next_generation: AtomicU64,
+    place_cursor: AtomicU64,
+    change_count: AtomicU64,
+    created_at: AtomicU64,
+    slots_high: AtomicU32,
+    procs_high: AtomicU32,
+    domain_len: AtomicU32,
+    _pad0: AtomicU32,
+    domain: [AtomicU64; 8],
+    lock: RawRobustMutex,
+}
+
+/// One section slot.
+#[repr(C)]
+pub(crate) struct SectionEntryShared {
+    seq: AtomicU64,
+    state: AtomicU32,
+    kind: AtomicU32,
+    lifetime: AtomicU32,
+    mode: AtomicU32,
+    owner_uid: AtomicU32,
+    name_len: AtomicU32,
+    generation: AtomicU64,
+    offset: AtomicU64,
+    reserved: AtomicU64,
+    committed: AtomicU64,
+    created_at: AtomicU64,
+    creator_pid: AtomicU32,
+    _pad0: AtomicU32,
+    name: [AtomicU64; 8],
+    _reserved: [AtomicU64; 2],
+}
+
+/// One attached-process slot. Its byte offset in the registry object is also the byte the
+/// process locks as its liveness token.
+#[repr(C)]
+pub(crate) struct ProcEntryShared {
+    state: AtomicU32,
+    pid: AtomicU32,
+    uid: AtomicU32,
+    _pad0: AtomicU32,
+    attached_at: AtomicU64,
+    _reserved: [AtomicU64; 5],
+}
+
+const _: () = {
+    assert!(size_of::<RegistryShared>() == 256);
+    assert!(offset_of!(RegistryShared, domain) == 128);
+    assert!(offset_of!(RegistryShared, lock) == 192);
+    assert!(size_of::<SectionEntryShared>() == 160);
+    assert!(offset_of!(SectionEntryShared, name) == 80);
+    assert!(size_of::<ProcEntryShared>() == 64);
+};
+
+/// A hash of everything that decides the shared layout, so two builds that disagree on it
+/// refuse each other's registries instead of misreading them.
+const ABI_FINGERPRINT: u32 = {
+    let parts: [u64; 12] = [
+        LAYOUT_VERSION as u64,
+        size_of::<RegistryShared>() as u64,
+        size_of::<SectionEntryShared>() as u64,
+        size_of::<ProcEntryShared>() as u64,
+        offset_of!(RegistryShared, lock) as u64,
+        offset_of!(RegistryShared, domain) as u64,
+        offset_of!(SectionEntryShared, name) as u64,
+        offset_of!(SectionEntryShared, committed) as u64,
+        offset_of!(ProcEntryShared, attached_at) as u64,
+        size_of::<RawRobustMutex>() as u64,
+        CHUNK,
+        size_of::<usize>() as u64,
+    ];
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < parts.len() {
+        let mut b = 0;
+        while b < 8 {
+            h ^= (parts[i] >> (b * 8)) & 0xff;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            b += 1;
+        }
+        i += 1;
+    }
+    (h ^ (h >> 32)) as u32
+};
+
+/// Where the tables sit, derived from the three sizing parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub sections_offset: u64,
+    pub procs_offset: u64,
+    pub chunks_offset: u64,
+    pub total_size: u64,
+}
+
+impl Layout {
+    pub fn compute(max_sections: u32, max_procs: u32, window_size: u64) -> Option<Layout> {
+        let sections_offset = size_of::<RegistryShared>() as u64;
+        let procs_offset = sections_offset + max_sections as u64 * size_of::<SectionEntryShared>() as u64;
+        let chunks_offset = procs_offset + max_procs as u64 * size_of::<ProcEntryShared>() as u64;
+        let chunks = window_size / CHUNK;
+        let total = chunks_offset.checked_add(chunks.checked_mul(4)?)?;
+        let page = os::page_size() as u64;
+        Some(Layout { sections_offset, procs_offset, chunks_offset, total_size: total.div_ceil(page) * page })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process-local copies
+// ---------------------------------------------------------------------------------------------
+
+/// A section name stored inline, so records can be copied without allocating (the fault
+/// handler copies them inside a signal handler).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct InlineName {
+    len: u8,
+    bytes: [u8; 64],
+}
+
+impl InlineName {
+    fn new(s: &str) -> Self {
+        let mut bytes = [0u8; 64];
+        let n = s.len().min(names::MAX_NAME_LEN);
+        bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
+        InlineName { len: n as u8, bytes }
+    }
+    /// The name. Records are validated when read, so this is always `[A-Za-z0-9._-]+`.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
+    }
+}
+
+impl std::fmt::Debug for InlineName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// A consistent copy of one section entry.
+#[derive(Debug, Clone, Copy)]
+pub struct SectionRecord {
+    pub(crate) slot: u32,
+    pub(crate) state: u32,
+    pub(crate) name: InlineName,
+    pub(crate) kind: SectionKind,
+    pub(crate) lifetime: Lifetime,
+    pub(crate) mode: u32,
+    pub(crate) owner_uid: u32,
+    pub(crate) generation: u64,
+    pub(crate) offset: u64,
+    pub(crate) reserved: u64,
+    pub(crate) committed: u64,
+    pub(crate) created_at: u64,
+    pub(crate) creator_pid: u32,
+}
+
+impl SectionRecord {
+    /// Bytes of window this section occupies (its reserved size rounded up to the chunk).
+    pub(crate) fn span(&self) -> u64 {
+        self.reserved.div_ceil(CHUNK) * CHUNK
+    }
+}
+
+/// A copy of one process entry.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcRecord {
+    pub(crate) slot: u32,
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+    pub(crate) attached_at: u64,
+    pub(crate) alive: bool,
+}
+
+/// Parameters fixed when a registry is created.
+#[derive(Debug, Clone)]
+pub(crate) struct CreateParams {
+    pub window_base: u64,
+    pub window_size: u64,
+    pub max_sections: u32,
+    pub max_procs: u32,
+    pub mode: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handle
+// ---------------------------------------------------------------------------------------------
+
+/// This process's mapping of a domain's registry.
+pub(crate) struct Registry {
+    domain: String,
+    dir: OwnedFd,
+    fd: OwnedFd,
+    base: NonNull<u8>,
+    map_len: usize,
+    layout: Layout,
+    pub window_base: u64,
+    pub window_size: u64,
+    pub max_sections: u32,
+    pub max_procs: u32,
+    pub mode: u32,
+    pub created_at: u64,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics and the robust mutex;
+// the handle itself holds no thread-affine state.
+unsafe impl Send for Registry {}
+// SAFETY: as above.
+unsafe impl Sync for Registry {}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn pack_name(dst: &[AtomicU64; 8], name: &str) {
+    let mut buf = [0u8; 64];
+    buf[..name.len()].copy_from_slice(name.as_bytes());
+    for (i, word) in dst.iter().enumerate() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+        // Relaxed: published by the enclosing seqlock write or the `ready` Release store.
+        word.store(u64::from_le_bytes(w), Ordering::Relaxed);
+    }
+}
+
+fn unpack_name(src: &[AtomicU64; 8], len: u32) -> Option<InlineName> {
+    if len == 0 || len as usize > names::MAX_NAME_LEN {
+        return None;
+    }
+    let mut bytes = [0u8; 64];
+    for (i, word) in src.iter().enumerate() {
+        // Relaxed: the caller validates consistency (seqlock or `ready`).
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+    }
+    let name = InlineName { len: len as u8, bytes };
+    let valid = name.bytes[..len as usize].iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    valid.then_some(name)
+}
+
+fn corrupt(domain: &str, what: String) -> Error {
+    Error::new(
+        ErrorKind::Corrupt,
+        format!(
+            "the registry of domain {domain:?} is corrupt: {what}; if no process uses the domain, \
+             remove it with `shmgadget gc --domain {domain} --force`"
+        ),
+    )
+}
+
+impl Registry {
+    /// Creates and initialises a registry. The caller holds the shm directory's lock.
+    pub fn create(dir: OwnedFd, domain: &str, p: &CreateParams) -> Result<Registry> {
+        let layout = Layout::compute(p.max_sections, p.max_procs, p.window_size)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidSize, "registry size overflows"))?;
+        let object = names::registry_object(domain);
+        let fd = os::create_object(os::borrow(&dir), &object, p.mode)
+            .map_err(|e| Error::from_io(format!("cannot create the registry of domain {domain:?}"), e))?;
+        let cleanup = |e: Error| {
+            let _ = os::unlink_object(os::borrow(&dir), &object);
+            e
+        };
+        if let Err(e) = os::set_size(os::borrow(&fd), layout.total_size) {
+            return Err(cleanup(Error::from_io(format!("cannot size the registry of domain {domain:?}"), e)));
+        }
+        let base = match os::map_shared(os::borrow(&fd), layout.total_size as usize, true) {
+            Ok(base) => base,
+            Err(e) => return Err(cleanup(Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))),
+        };
+        let reg = Registry {
+            domain: domain.to_owned(),
+            dir,
+            fd,
+            base,
+            map_len: layout.total_size as usize,
+            layout,
+            window_base: p.window_base,
+            window_size: p.window_size,
+            max_sections: p.max_sections,
+            max_procs: p.max_procs,
+            mode: p.mode,
+            created_at: now_secs(),
+        };
+        let h = reg.header();
+        // Relaxed stores: nobody reads these before the Release store of `ready` below, and
+        // openers hold the directory lock we hold, so they cannot even look yet.
+        h.magic.store(MAGIC, Ordering::Relaxed);
+        h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.abi_fingerprint.store(ABI_FINGERPRINT, Ordering::Relaxed);
+        h.max_sections.store(p.max_sections, Ordering::Relaxed);
+        h.max_procs.store(p.max_procs, Ordering::Relaxed);
+        h.mode.store(p.mode, Ordering::Relaxed);
+        h.total_size.store(layout.total_size, Ordering::Relaxed);
+        h.window_base.store(p.window_base, Ordering::Relaxed);
+        h.window_size.store(p.window_size, Ordering::Relaxed);
+        h.sections_offset.store(layout.sections_offset, Ordering::Relaxed);
+        h.procs_offset.store(layout.procs_offset, Ordering::Relaxed);
+        h.chunks_offset.store(layout.chunks_offset, Ordering::Relaxed);
+        h.next_generation.store(1, Ordering::Relaxed);
+        h.created_at.store(reg.created_at, Ordering::Relaxed);
+        h.domain_len.store(domain.len() as u32, Ordering::Relaxed);
+        pack_name(&h.domain, domain);
+        // SAFETY: the object was just created with O_EXCL and nobody else can have mapped it
+        // (openers wait on the directory lock we hold), and the mapping stays put while
+        // `reg` lives.
+        if let Err(e) = unsafe { h.lock.init() } {
+            let _ = os::unlink_object(os::borrow(&reg.dir), &object);
+            return Err(Error::from_io("cannot initialise the registry lock", e));
+        }
+        // Release: publishes every field above; pairs with the Acquire load in `open`.
+        h.ready.store(READY, Ordering::Release);
+        Ok(reg)
+    }
+
+    /// Opens and validates an existing registry. `writable` is false for inspection.
+    pub fn open(dir: OwnedFd, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
+        let object = names::registry_object(domain);
+        let fd = os::open_object(os::borrow(&dir), &object, writable).map_err(|e| {
+            if e.raw_os_error() == Some(2) {
+                Error::new(ErrorKind::NotFound, format!("domain {domain:?} does not exist (no registry object {object:?}); `shmgadget domains` lists the existing ones"))
+            } else {
+                Error::from_io(format!("cannot open the registry of domain {domain:?}"), e)
+            }
+        })?;
+        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
+        if !st.is_regular {
+            return Err(corrupt(domain, "the registry object is not a regular file".into()));
+        }
+        if st.uid != os::effective_uid() && !allow_foreign {
+            bail!(
+                PermissionDenied,
+                "the registry of domain {domain:?} belongs to uid {} but this process runs as uid {}; \
+                 refusing to trust it (opt in with allow_foreign_owner / --allow-foreign-owner if that user is trusted)",
+                st.uid,
+                os::effective_uid()
+            );
+        }
+        if st.size < size_of::<RegistryShared>() as u64 {
+            return Err(corrupt(domain, format!("the object is truncated to {} bytes, expected at least {}", st.size, size_of::<RegistryShared>())));
+        }
+        let map_len = st.size as usize;
+        let base = os::map_shared(os::borrow(&fd), map_len, writable)
+            .map_err(|e| Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))?;
+        let mut reg = Registry {
+            domain: domain.to_owned(),
+            dir,
+            fd,
+            base,
+            map_len,
+            layout: Layout { sections_offset: 0, procs_offset: 0, chunks_offset: 0, total_size: 0 },
+            window_base: 0,
+            window_size: 0,
+            max_sections: 0,
+            max_procs: 0,
+            mode: 0,
+            created_at: 0,
+        };
+        reg.validate(st.size)?;
+        Ok(reg)
+    }
+
+    /// Checks the header and fills in the cached frozen fields.
+    fn validate(&mut self, object_size: u64) -> Result<()> {
+        let d = self.domain.clone();
+        let h = self.header();
+        let magic = h.magic.load(Ordering::Relaxed);
+        if magic != MAGIC {
+            return Err(corrupt(&d, format!("bad magic {magic:#018x}, expected {MAGIC:#018x}")));
+        }
+        let version = h.layout_version.load(Ordering::Relaxed);
+        if version != LAYOUT_VERSION {
+            return Err(corrupt(&d, format!("layout version {version}, this build reads version {LAYOUT_VERSION} (a different shmgadget version created it)")));
+        }
+        let fp = h.abi_fingerprint.load(Ordering::Relaxed);
+        if fp != ABI_FINGERPRINT {
+            return Err(corrupt(&d, format!("ABI fingerprint {fp:#010x}, expected {ABI_FINGERPRINT:#010x} (built with a different layout)")));
+        }
+        // Acquire: pairs with the Release store in `create`; makes the frozen fields visible.
+        if h.ready.load(Ordering::Acquire) != READY {
+            return Err(corrupt(&d, "it was never finished (its creator died while creating it)".into()));
+        }
+        let max_sections = h.max_sections.load(Ordering::Relaxed);
+        let max_procs = h.max_procs.load(Ordering::Relaxed);
+        let window_base = h.window_base.load(Ordering::Relaxed);
+        let window_size = h.window_size.load(Ordering::Relaxed);
+        if !(1..=MAX_TABLE_ENTRIES).contains(&max_sections) || !(1..=MAX_TABLE_ENTRIES).contains(&max_procs) {
+            return Err(corrupt(&d, format!("table sizes {max_sections} sections / {max_procs} processes out of range 1..={MAX_TABLE_ENTRIES}")));
+        }
+        if !(MIN_WINDOW_SIZE..=MAX_WINDOW_SIZE).contains(&window_size)
+            || window_size % CHUNK != 0
+            || window_base % CHUNK != 0
+            || window_base < MIN_WINDOW_BASE
+            || window_base.checked_add(window_size).is_none_or(|end| end > os::USER_ADDRESS_LIMIT)
+        {
+            return Err(corrupt(&d, format!("window {window_base:#x}+{window_size:#x} is not a valid, chunk-aligned user-space range")));
+        }
+        let layout = Layout::compute(max_sections, max_procs, window_size).ok_or_else(|| corrupt(&d, "layout overflows".into()))?;
+        let found = Layout {
+            sections_offset: h.sections_offset.load(Ordering::Relaxed),
+            procs_offset: h.procs_offset.load(Ordering::Relaxed),
+            chunks_offset: h.chunks_offset.load(Ordering::Relaxed),
+            total_size: h.total_size.load(Ordering::Relaxed),
+        };
+        if found != layout {
+            return Err(corrupt(&d, format!("table offsets {found:?} disagree with the sizes, expected {layout:?}")));
+        }
+        if object_size < layout.total_size {
+            return Err(corrupt(&d, format!("the object is truncated to {object_size} bytes, expected {}", layout.total_size)));
+        }
+        let name_ok = unpack_name(&h.domain, h.domain_len.load(Ordering::Relaxed)).is_some_and(|n| n.as_str() == d);
+        if !name_ok {
+            return Err(corrupt(&d, "the domain name recorded inside does not match its file name".into()));
+        }
+        let mode = h.mode.load(Ordering::Relaxed);
+        let created_at = h.created_at.load(Ordering::Relaxed);
+        self.mode = mode;
+        self.created_at = created_at;
+        self.layout = layout;
+        self.window_base = window_base;
+        self.window_size = window_size;
+        self.max_sections = max_sections;
+        self.max_procs = max_procs;
+        Ok(())
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    pub fn dir(&self) -> &OwnedFd {
+        &self.dir
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn header(&self) -> &RegistryShared {
+        // SAFETY: the mapping is at least `size_of::<RegistryShared>()` bytes (checked in
+        // `open`, made so in `create`), page-aligned, lives as long as `self`, and every field
+        // is an atomic or the robust mutex, so shared access from other processes is sound.
+        unsafe { &*self.base.as_ptr().cast::<RegistryShared>() }
+    }
+
+    fn entry(&self, slot: u32) -> &SectionEntryShared {
+        assert!(slot < self.max_sections);
+        let off = self.layout.sections_offset as usize + slot as usize * size_of::<SectionEntryShared>();
+        // SAFETY: `validate`/`create` checked that the whole layout lies inside the mapping and
+        // `slot < max_sections`; offsets are multiples of 8; all fields are atomics.
+        unsafe { &*self.base.as_ptr().add(off).cast::<SectionEntryShared>() }
+    }
+
+    fn proc_entry(&self, slot: u32) -> &ProcEntryShared {
+        assert!(slot < self.max_procs);
+        // SAFETY: as in `entry`.
+        unsafe { &*self.base.as_ptr().add(self.proc_offset(slot) as usize).cast::<ProcEntryShared>() }
+    }
+
+    fn proc_offset(&self, slot: u32) -> u64 {
+        self.layout.procs_offset + slot as u64 * size_of::<ProcEntryShared>() as u64
+    }
+
+    fn chunk(&self, index: u64) -> &AtomicU32 {
+        assert!(index < self.window_size / CHUNK);
+        // SAFETY: as in `entry`; the chunk table holds `window_size / CHUNK` u32s.
+        unsafe { &*self.base.as_ptr().add((self.layout.chunks_offset + index * 4) as usize).cast::<AtomicU32>() }
+    }
+
+    /// A counter bumped on every create and delete; cheap to poll for changes.
+    pub fn change_count(&self) -> u64 {
+        // Acquire: pairs with the Release increments in the guard, so a reader that sees the
+        // new count also sees the entries that changed.
+        self.header().change_count.load(Ordering::Acquire)
+    }
+
+    /// Reads one section entry without the lock. `None` if the slot is not in use, the entry
+    /// is invalid, or it kept changing (a writer died mid-update; the next locker repairs it).
+    /// Allocation-free and async-signal-safe.
+    pub fn read_entry(&self, slot: u32) -> Option<SectionRecord> {
+        let e = self.entry(slot);
+        for _ in 0..1000 {
+            // Acquire: pairs with the writer's final Release store of `seq`.
+            let s1 = e.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let rec = self.copy_entry(slot, e);
+            // Acquire fence: pairs with the writer's Release fence after it made `seq` odd, so if
+            // any field read above came from a newer write, the re-read below sees `seq` moved.
+            fence(Ordering::Acquire);
+            // Relaxed: ordered by the fence above.
+            if e.seq.load(Ordering::Relaxed) == s1 {
+                return rec;
+            }
+        }
+        None
+    }
+
+    fn copy_entry(&self, slot: u32, e: &SectionEntryShared) -> Option<SectionRecord> {
+        // Relaxed loads: consistency is established by the seqlock (or the lock) of the caller.
+        let state = e.state.load(Ordering::Relaxed);
+        if state == FREE {
+            return None;
+        }
+        let rec = SectionRecord {
+            slot,
+            state,
+            name: unpack_name(&e.name, e.name_len.load(Ordering::Relaxed))?,
+            kind: SectionKind::from_raw(e.kind.load(Ordering::Relaxed))?,
+            lifetime: Lifetime::from_raw(e.lifetime.load(Ordering::Relaxed))?,
+            mode: e.mode.load(Ordering::Relaxed),
+            owner_uid: e.owner_uid.load(Ordering::Relaxed),
+            generation: e.generation.load(Ordering::Relaxed),
+            offset: e.offset.load(Ordering::Relaxed),
+            reserved: e.reserved.load(Ordering::Relaxed),
+            committed: e.committed.load(Ordering::Relaxed),
+            created_at: e.created_at.load(Ordering::Relaxed),
+            creator_pid: e.creator_pid.load(Ordering::Relaxed),
+        };
+        let in_window = rec.offset % CHUNK == 0
+            && rec.reserved > 0
+            && rec.offset.checked_add(rec.span()).is_some_and(|end| end <= self.window_size);
+        (in_window && state <= DELETING).then_some(rec)
+    }
+
+    /// The live section covering window offset `offset`, found through the chunk table in
+    /// constant time. Allocation-free and async-signal-safe.
+    pub fn lookup_offset(&self, offset: u64) -> Option<SectionRecord> {
+        if offset >= self.window_size {
+            return None;
+        }
+        // Relaxed: the entry read below is validated by its own seqlock, and the range check
+        // rejects a stale table value.
+        let v = self.chunk(offset / CHUNK).load(Ordering::Relaxed);
+        if v == 0 || v > self.max_sections {
+            return None;
+        }
+        let rec = self.read_entry(v - 1)?;
+        (rec.state == LIVE && offset >= rec.offset && offset < rec.offset + rec.reserved).then_some(rec)
+    }
+
+    /// Every entry in use, read without the lock (for inspection).
+    pub fn entries(&self) -> Vec<SectionRecord> {
+        // Relaxed: an upper bound only; entries are validated individually.
+        let high = self.header().slots_high.load(Ordering::Relaxed).min(self.max_sections);
+        (0..high).filter_map(|s| self.read_entry(s)).collect()
+    }
+
+    /// Every process entry in use, with its liveness. `own_slot` (this process's own entry, whose
+    /// token our own descriptor holds and so cannot see) counts as alive.
+    pub fn procs(&self, own_slot: Option<u32>) -> Vec<ProcRecord> {
+        // Relaxed: an upper bound only.
+        let high = self.header().procs_high.load(Ordering::Relaxed).min(self.max_procs);
+        (0..high)
+            .filter_map(|slot| {
+                let p = self.proc_entry(slot);
+                // Relaxed: informational fields; liveness comes from the kernel's lock table.
+                if p.state.load(Ordering::Relaxed) == 0 {
+                    return None;
+                }
+                let alive = own_slot == Some(slot)
+                    || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true);
+                Some(ProcRecord {
+                    slot,
+                    pid: p.pid.load(Ordering::Relaxed),
+                    uid: p.uid.load(Ordering::Relaxed),
+                    attached_at: p.attached_at.load(Ordering::Relaxed),
+                    alive,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the registry lock, repairing the registry first if the previous holder died.
+    pub fn lock(&self) -> Result<RegistryGuard<'_>> {
+        let outcome = self.header().lock.lock().map_err(|e| {
+            Error::new(ErrorKind::Corrupt, format!("the lock of domain {:?}'s registry is unusable ({e}); run `shmgadget gc --domain {} --force` once no process uses it", self.domain, self.domain))
+        })?;
+        let guard = RegistryGuard { reg: self };
+        if outcome == LockOutcome::OwnerDied {
+            guard.repair();
+            // SAFETY: we hold the lock (acquired just above).
+            unsafe { self.header().lock.make_consistent() }
+                .map_err(|e| Error::from_io("cannot mark the registry lock consistent", e))?;
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by this handle and no reference into it outlives
+        // `self` (all accessors borrow `self`).
+        let _ = unsafe { os::unmap(self.base.as_ptr() as usize, self.map_len) };
+    }
+}
+
+/// Proof that this thread holds the registry lock; all mutations go through it.
+pub(crate) struct RegistryGuard<'a> {
+    reg: &'a Registry,
+}
+
+impl Drop for RegistryGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: a guard exists only while its thread holds the lock.
+        unsafe { self.reg.header().lock.unlock() }
+    }
+}
+
+impl RegistryGuard<'_> {
+    /// Runs `write` on entry `slot` inside a seqlock write section.
+    fn write_entry(&self, slot: u32, write: impl FnOnce(&SectionEntryShared)) {
+        let e = self.reg.entry(slot);
+        // Relaxed: we are the only writer (lock held), so `seq` is ours to read.
+        let s = e.seq.load(Ordering::Relaxed) & !1;
+        e.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        // Release fence: pairs with the reader's Acquire fence in `read_entry`; a reader that
+        // sees any field written below also sees `seq` odd or changed.
+        fence(Ordering::Release);
+        write(e);
+        // Release: pairs with the reader's Acquire load of `seq`; publishes the fields.
+        e.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+
+    fn bump_changes(&self) {
+        // Release: pairs with the Acquire load in `Registry::change_count`.
+        self.reg.header().change_count.fetch_add(1, Ordering::Release);
+    }
+
+    /// The entry of slot `slot` as seen under the lock (no retry needed).
+    fn locked_entry(&self, slot: u32) -> Option<SectionRecord> {
+        self.reg.copy_entry(slot, self.reg.entry(slot))
+    }
+
+    fn slots_high(&self) -> u32 {
+        // Relaxed: written only under the lock, which we hold.
+        self.reg.header().slots_high.load(Ordering::Relaxed).min(self.reg.max_sections)
+    }
+
+    /// The live section called `name`.
+    pub fn find_live(&self, name: &str) -> Option<SectionRecord> {
+        (0..self.slots_high())
+            .filter_map(|s| self.locked_entry(s))
+            .find(|r| r.state == LIVE && r.name.as_str() == name)
+    }
+
+    /// Every entry in use.
+    pub fn all_entries(&self) -> Vec<SectionRecord> {
+        (0..self.slots_high()).filter_map(|s| self.locked_entry(s)).collect()
+    }
+
+    /// Reserves a slot and a window range for a new section, recording it as `CREATING`.
+    pub fn begin_create(&self, name: &str, kind: SectionKind, lifetime: Lifetime, mode: u32, reserved: u64) -> Result<SectionRecord> {
+        let reg = self.reg;
+        let Some(slot) = (0..reg.max_sections).find(|&s| {
+            // Relaxed: under the lock.
+            reg.entry(s).state.load(Ordering::Relaxed) == FREE
+        }) else {
+            bail!(
+                RegistryFull,
+                "domain {:?} already has {} sections, its registry's limit; delete unused ones with `shmgadget rm`, or create the domain with a larger max_sections",
+                reg.domain,
+                reg.max_sections
+            );
+        };
+        let span = reserved.div_ceil(CHUNK) * CHUNK;
+        let offset = self.place(span)?;
+        let h = reg.header();
+        // Relaxed: under the lock.
+        let generation = h.next_generation.fetch_add(1, Ordering::Relaxed);
+        let now = now_secs();
+        let uid = os::effective_uid();
+        let pid = os::current_pid();
+        self.write_entry(slot, |e| {
+            // Relaxed: inside the seqlock write section.
+            e.kind.store(kind.to_raw(), Ordering::Relaxed);
+            e.lifetime.store(lifetime.to_raw(), Ordering::Relaxed);
+            e.mode.store(mode, Ordering::Relaxed);
+            e.owner_uid.store(uid, Ordering::Relaxed);
+            e.name_len.store(name.len() as u32, Ordering::Relaxed);
+            pack_name(&e.name, name);
+            e.generation.store(generation, Ordering::Relaxed);
+            e.offset.store(offset, Ordering::Relaxed);
+            e.reserved.store(reserved, Ordering::Relaxed);
+            e.committed.store(0, Ordering::Relaxed);
+            e.created_at.store(now, Ordering::Relaxed);
+            e.creator_pid.store(pid, Ordering::Relaxed);
+            e.state.store(CREATING, Ordering::Relaxed);
+        });
+        for c in offset / CHUNK..(offset + span) / CHUNK {
+            // Relaxed: readers validate through the entry's seqlock.
+            self.reg.chunk(c).store(slot + 1, Ordering::Relaxed);
+        }
+        // Relaxed: under the lock.
+        if h.slots_high.load(Ordering::Relaxed) <= slot {
+            h.slots_high.store(slot + 1, Ordering::Relaxed);
+        }
+        h.place_cursor.store(offset + span, Ordering::Relaxed);
+        Ok(self.locked_entry(slot).expect("entry just written"))
+    }
+
+    /// Finds a free window range of `span` bytes: next-fit from the cursor (so a freed range is
+    /// reused as late as possible, because processes that still map a deleted section keep it
+    /// until they detach), then from the start.
+    fn place(&self, span: u64) -> Result<u64> {
+        let reg = self.reg;
+        if span > reg.window_size {
+            bail!(InvalidSize, "a section of {span} bytes does not fit in domain {:?}'s window of {} bytes", reg.domain, reg.window_size);
+        }
+        let mut used: Vec<(u64, u64)> = self.all_entries().iter().map(|r| (r.offset, r.offset + r.span())).collect();
+        used.sort_unstable();
+        // Relaxed: under the lock.
+        let cursor = reg.header().place_cursor.load(Ordering::Relaxed).min(reg.window_size);
+        let fits_at = |start: u64, limit: u64| -> Option<u64> {
+            let mut at = start;
+            for &(lo, hi) in &used {
+                if hi <= at {
+                    continue;
+                }
+                if lo >= at + span {
+                    break;
+                }
+                at = hi;
+            }
+            (at + span <= limit).then_some(at)
+        };
+        if let Some(at) = fits_at(cursor, reg.window_size).or_else(|| fits_at(0, reg.window_size)) {
+            return Ok(at);
+        }
+        let used_bytes: u64 = used.iter().map(|(lo, hi)| hi - lo).sum();
+        bail!(
+            WindowFull,
+            "domain {:?}'s window ({} bytes at {:#x}) has no free range of {span} bytes ({used_bytes} bytes in use by {} sections); \
+             delete sections, or use a domain with a larger window",
+            reg.domain,
+            reg.window_size,
+            reg.window_base,
+            used.len()
+        )
+    }
+
+    /// Marks a `CREATING` entry `LIVE`.
+    pub fn finish_create(&self, slot: u32) {
+        self.write_entry(slot, |e| e.state.store(LIVE, Ordering::Relaxed));
+        self.bump_changes();
+    }
+
+    /// Removes an entry whatever its state: unlinks its object, clears its chunks, frees the
+    /// slot. Missing objects are fine (a crash may have removed or never made them).
+    pub fn remove(&self, rec: &SectionRecord) -> Result<()> {
+        self.write_entry(rec.slot, |e| e.state.store(DELETING, Ordering::Relaxed));
+        let object = names::section_object(&self.reg.domain, rec.generation, rec.name.as_str());
+        let unlinked = match os::unlink_object(os::borrow(&self.reg.dir), &object) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(2) => Ok(()),
+            Err(e) => Err(Error::from_io(format!("cannot remove section {:?}'s object {object:?}", rec.name.as_str()), e)),
+        };
+        for c in rec.offset / CHUNK..(rec.offset + rec.span()) / CHUNK {
+            // Relaxed: the entry is no longer LIVE, which readers check after the table.
+            if self.reg.chunk(c).load(Ordering::Relaxed) == rec.slot + 1 {
+                self.reg.chunk(c).store(0, Ordering::Relaxed);
+            }
+        }
+        self.write_entry(rec.slot, |e| e.state.store(FREE, Ordering::Relaxed));
+        self.bump_changes();
+        unlinked
+    }
+
+    /// Repairs what a writer that died holding the lock left behind.
+    fn repair(&self) {
+        let reg = self.reg;
+        for slot in 0..self.slots_high() {
+            let e = reg.entry(slot);
+            // Relaxed: under the lock; the dead writer can no longer race with us.
+            let seq = e.seq.load(Ordering::Relaxed);
+            let state = e.state.load(Ordering::Relaxed);
+            let torn = seq & 1 == 1;
+            if torn {
+                e.seq.store(seq.wrapping_add(1), Ordering::Release);
+            }
+            if state == CREATING || state == DELETING || (torn && state != LIVE && state != FREE) {
+                match self.locked_entry(slot) {
+                    Some(rec) => {
+                        let _ = self.remove(&rec);
+                    }
+                    None => self.write_entry(slot, |e| e.state.store(FREE, Ordering::Relaxed)),
+                }
+            }
+        }
+    }
+
+    /// Claims a process slot for the calling process and takes its liveness token.
+    pub fn register_proc(&self) -> Result<u32> {
+        let reg = self.reg;
+        let h = reg.header();
+        for slot in 0..reg.max_procs {
+            let p = reg.proc_entry(slot);
+            // Relaxed: under the lock.
+            let used = p.state.load(Ordering::Relaxed) != 0;
+            if used && os::byte_is_locked(os::borrow(&reg.fd), reg.proc_offset(slot)).unwrap_or(true) {
+                continue; // a live process holds it
+            }
+            match os::try_lock_byte(os::borrow(&reg.fd), reg.proc_offset(slot)) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => return Err(Error::from_io("cannot take the liveness token", e)),
+            }
+            p.pid.store(os::current_pid(), Ordering::Relaxed);
+            p.uid.store(os::effective_uid(), Ordering::Relaxed);
+            p.attached_at.store(now_secs(), Ordering::Relaxed);
+            p.state.store(1, Ordering::Relaxed);
+            if h.procs_high.load(Ordering::Relaxed) <= slot {
+                h.procs_high.store(slot + 1, Ordering::Relaxed);
+            }
+            return Ok(slot);
+        }
+        bail!(
+            RegistryFull,
+            "domain {:?} already has {} attached processes, its registry's limit; run `shmgadget gc` to reclaim dead ones",
+            reg.domain,
+            reg.max_procs
+        )
+    }
+
+    /// Releases the calling process's slot and token.
+    pub fn unregister_proc(&self, slot: u32) {
+        // Relaxed: under the lock.
+        self.reg.proc_entry(slot).state.store(0, Ordering::Relaxed);
+        let _ = os::unlock_byte(os::borrow(&self.reg.fd), self.reg.proc_offset(slot));
+    }
+
+    /// Clears the entries of processes whose token is no longer held; returns their pids.
+    pub fn reap_dead_procs(&self, own_slot: Option<u32>) -> Vec<u32> {
+        let dead: Vec<ProcRecord> = self.reg.procs(own_slot).into_iter().filter(|p| !p.alive).collect();
+        for p in &dead {
+            // Relaxed: under the lock.
+            self.reg.proc_entry(p.slot).state.store(0, Ordering::Relaxed);
+        }
+        dead.iter().map(|p| p.pid).collect()
+    }
+
+    /// Whether any process other than `own_slot` is attached and alive.
+    pub fn others_alive(&self, own_slot: Option<u32>) -> bool {
+        self.reg.procs(own_slot).iter().any(|p| p.alive && Some(p.slot) != own_slot)
+    }
+}
+
+/// Records a commit/decommit in the entry's informational `committed` field (no lock).
+pub(crate) fn note_committed(reg: &Registry, slot: u32, generation: u64, new_len: u64, grow: bool) {
+    let e = reg.entry(slot);
+    // Relaxed: informational; the generation check avoids writing into a reused slot.
+    if e.generation.load(Ordering::Relaxed) != generation {
+        return;
+    }
+    if grow {
+        e.committed.fetch_max(new_len, Ordering::Relaxed);
+    } else {
+        e.committed.fetch_min(new_len, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_page_rounded_and_ordered() {
+        let l = Layout::compute(4096, 1024, DEFAULT_WINDOW_SIZE).unwrap();
+        assert_eq!(l.sections_offset, 256);
+        assert!(l.procs_offset > l.sections_offset && l.chunks_offset > l.procs_offset);
+        assert_eq!(l.total_size % os::page_size() as u64, 0);
+        assert!(l.total_size >= l.chunks_offset + (DEFAULT_WINDOW_SIZE / CHUNK) * 4);
+    }
+
+    #[test]
+    fn fingerprint_is_stable_within_a_build() {
+        assert_ne!(ABI_FINGERPRINT, 0);
+    }
+}
