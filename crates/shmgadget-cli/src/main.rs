@@ -1,1 +1,361 @@
-fn main(){}
+//! `shmgadget`: inspect and manage shmgadget shared-memory domains.
+
+mod demo;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use shmgadget::inspect::{self, DomainEntry, DomainReport};
+use shmgadget::{Domain, DomainOptions, Lifetime, SectionInfo, SectionKind, SectionOptions};
+
+use size::{format_size, parse_size};
+
+/// Shared memory at the same address in every process: list, inspect, create, remove and
+/// clean up shmgadget domains and sections.
+#[derive(Parser)]
+#[command(name = "shmgadget", version, about, long_about = None)]
+struct Cli {
+    /// Domain to work on.
+    #[arg(
+        long,
+        short = 'd',
+        global = true,
+        env = "SHMGADGET_DOMAIN",
+        default_value = "default"
+    )]
+    domain: String,
+
+    /// Directory of the backing objects (a tmpfs or hugetlbfs mount).
+    #[arg(long, global = true, env = "SHMGADGET_SHM_DIR")]
+    shm_dir: Option<PathBuf>,
+
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every domain on this machine: window, sections, attached and live processes.
+    Domains,
+    /// List the sections of a domain.
+    Ls,
+    /// Show one section in detail.
+    Info {
+        /// Section name.
+        name: String,
+    },
+    /// Create a section (persistent unless --transient).
+    Create {
+        /// Section name: 1 to 63 characters of A-Z a-z 0-9 . _ -
+        name: String,
+        /// Reserved size, e.g. 4096, 64K, 1M, 16G (binary units).
+        #[arg(long, short = 's', value_parser = parse_size)]
+        size: u64,
+        /// Delete the section when no process is attached to the domain any more (so, when
+        /// nothing else is attached, as soon as this command exits).
+        #[arg(long)]
+        transient: bool,
+        /// Permission bits, in octal.
+        #[arg(long, default_value = "600", value_parser = parse_mode)]
+        mode: u32,
+        /// Bytes to commit up front (guaranteed backing).
+        #[arg(long, value_parser = parse_size)]
+        commit: Option<u64>,
+    },
+    /// Delete a section for every process.
+    Rm {
+        /// Section name.
+        name: String,
+    },
+    /// Remove what dead processes left behind: their attachments, transient sections of
+    /// domains with no live process, empty registries and orphaned objects.
+    Gc {
+        /// Clean every domain, not only --domain.
+        #[arg(long)]
+        all: bool,
+        /// Also remove registries that fail validation (only when nothing uses them).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show shmgadget at work: two separate processes share a pointer-linked structure.
+    Demo {
+        /// Number of nodes in the linked structure.
+        #[arg(long, default_value_t = 100_000)]
+        nodes: u64,
+    },
+    /// Internal: one process of the demo.
+    #[command(hide = true)]
+    DemoWorker {
+        role: String,
+        #[arg(long)]
+        nodes: u64,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode between 0 and 777"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shmgadget: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn options(cli: &Cli) -> DomainOptions {
+    DomainOptions {
+        shm_dir: cli.shm_dir.clone(),
+        ..Default::default()
+    }
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match &cli.command {
+        Command::Domains => cmd_domains(cli)?,
+        Command::Ls => cmd_ls(cli)?,
+        Command::Info { name } => cmd_info(cli, name)?,
+        Command::Create {
+            name,
+            size,
+            transient,
+            mode,
+            commit,
+        } => {
+            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
+            let mut opts = SectionOptions::new().mode(*mode).kind(SectionKind::Raw);
+            if *transient {
+                opts = opts.transient();
+            }
+            let section = domain.create_section(name, *size, &opts)?;
+            if let Some(len) = commit {
+                section.commit(*len)?;
+            }
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&section.info())?);
+            } else {
+                println!(
+                    "created section {name:?} in domain {:?} at {:#x}, {} reserved",
+                    cli.domain,
+                    section.as_ptr() as usize,
+                    format_size(section.len() as u64)
+                );
+            }
+        }
+        Command::Rm { name } => {
+            let opts = DomainOptions {
+                must_exist: true,
+                ..options(cli)
+            };
+            let domain = Domain::attach_with(&cli.domain, &opts)?;
+            domain.delete_section(name)?;
+            domain.detach()?;
+            if !cli.json {
+                println!("removed section {name:?} from domain {:?}", cli.domain);
+            }
+        }
+        Command::Gc { all, force } => {
+            let domain = (!all).then_some(cli.domain.as_str());
+            let report = inspect::gc(domain, cli.shm_dir.as_deref(), *force)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (d, pid) in &report.dead_processes {
+                    println!("cleared dead process {pid} from domain {d:?}");
+                }
+                for (d, s) in &report.removed_sections {
+                    println!("removed transient section {s:?} of domain {d:?}");
+                }
+                for d in &report.removed_domains {
+                    println!("removed domain {d:?} (no live process, no persistent section)");
+                }
+                for o in &report.removed_orphans {
+                    println!("removed orphaned object {o:?}");
+                }
+                for (d, why) in &report.skipped {
+                    println!("skipped domain {d:?}: {why}");
+                }
+                let n = report.dead_processes.len()
+                    + report.removed_sections.len()
+                    + report.removed_domains.len()
+                    + report.removed_orphans.len();
+                if n == 0 && report.skipped.is_empty() {
+                    println!("nothing to clean up");
+                }
+            }
+        }
+        Command::Demo { nodes } => return Ok(demo::run(cli.shm_dir.as_deref(), *nodes)?),
+        Command::DemoWorker { role, nodes } => {
+            return Ok(demo::worker(
+                &cli.domain,
+                cli.shm_dir.as_deref(),
+                role,
+                *nodes,
+            )?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let domains = inspect::list_domains(cli.shm_dir.as_deref())?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&domains)?);
+        return Ok(());
+    }
+    if domains.is_empty() {
+        println!("no domains in {}", shm_dir_shown(cli));
+        return Ok(());
+    }
+    let mut t = table(&[
+        "domain", "window", "size", "sections", "reserved", "resident", "attached", "live",
+    ]);
+    for d in &domains {
+        match d {
+            DomainEntry::Ok(r) => {
+                let reserved: u64 = r.sections.iter().map(|s| s.reserved).sum();
+                let resident: u64 = r.sections.iter().filter_map(|s| s.resident).sum();
+                t.add_row(vec![
+                    r.name.clone(),
+                    format!("{:#x}-{:#x}", r.window_base, r.window_base + r.window_size),
+                    format_size(r.window_size),
+                    r.sections.len().to_string(),
+                    format_size(reserved),
+                    format_size(resident),
+                    r.processes.len().to_string(),
+                    r.processes.iter().filter(|p| p.alive).count().to_string(),
+                ]);
+            }
+            DomainEntry::Unreadable { name, error } => {
+                t.add_row(vec![name.clone(), format!("unreadable: {error}")]);
+            }
+        }
+    }
+    println!("{t}");
+    Ok(())
+}
+
+fn shm_dir_shown(cli: &Cli) -> String {
+    DomainOptions {
+        shm_dir: cli.shm_dir.clone(),
+        ..Default::default()
+    }
+    .resolved_shm_dir()
+    .display()
+    .to_string()
+}
+
+fn section_row(s: &SectionInfo) -> Vec<String> {
+    vec![
+        s.name.clone(),
+        s.kind.as_str().to_owned(),
+        format!("{:#x}-{:#x}", s.address, s.address + s.reserved),
+        format_size(s.reserved),
+        format_size(s.committed),
+        s.resident.map(format_size).unwrap_or_else(|| "-".into()),
+        s.lifetime.as_str().to_owned(),
+        s.owner_uid.to_string(),
+        format!("{:o}", s.mode),
+    ]
+}
+
+fn cmd_ls(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let report: DomainReport = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&report.sections)?);
+        return Ok(());
+    }
+    if report.sections.is_empty() {
+        println!("domain {:?} has no sections", report.name);
+        return Ok(());
+    }
+    let mut t = table(&[
+        "name",
+        "kind",
+        "address range",
+        "reserved",
+        "committed",
+        "resident",
+        "lifetime",
+        "owner",
+        "mode",
+    ]);
+    for s in &report.sections {
+        t.add_row(section_row(s));
+    }
+    println!("{t}");
+    Ok(())
+}
+
+fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let report = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
+    let Some(s) = report.sections.iter().find(|s| s.name == name) else {
+        return Err(format!(
+            "no section {name:?} in domain {:?}; `shmgadget ls --domain {}` lists its sections",
+            cli.domain, cli.domain
+        )
+        .into());
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    let lifetime = match s.lifetime {
+        Lifetime::Persistent => "persistent (until deleted)",
+        Lifetime::Transient => "transient (until the last process detaches)",
+    };
+    let rows = [
+        ("name", s.name.clone()),
+        ("domain", report.name.clone()),
+        ("kind", s.kind.as_str().to_owned()),
+        (
+            "address",
+            format!("{:#x}-{:#x}", s.address, s.address + s.reserved),
+        ),
+        (
+            "reserved",
+            format!("{} ({} bytes)", format_size(s.reserved), s.reserved),
+        ),
+        (
+            "committed",
+            format!("{} ({} bytes)", format_size(s.committed), s.committed),
+        ),
+        (
+            "resident",
+            s.resident
+                .map(|r| format!("{} ({r} bytes)", format_size(r)))
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+        ("lifetime", lifetime.to_owned()),
+        ("owner uid", s.owner_uid.to_string()),
+        ("mode", format!("{:o}", s.mode)),
+        ("generation", s.generation.to_string()),
+        ("created by pid", s.creator_pid.to_string()),
+        ("object", format!("{}/{}", shm_dir_shown(cli), s.object)),
+    ];
+    for (k, v) in rows {
+        println!("{k:>15}  {v}");
+    }
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(header.to_vec());
+    t
+}

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result, bail};
@@ -73,7 +73,9 @@ impl DomainOptions {
 
     fn validate(&self) -> Result<()> {
         let ws = self.window_size;
-        if !(registry::MIN_WINDOW_SIZE..=registry::MAX_WINDOW_SIZE).contains(&ws) || ws % registry::CHUNK != 0 {
+        if !(registry::MIN_WINDOW_SIZE..=registry::MAX_WINDOW_SIZE).contains(&ws)
+            || ws % registry::CHUNK != 0
+        {
             bail!(
                 InvalidSize,
                 "window size {ws:#x} is invalid: expected a multiple of 2 MiB between {} MiB and {} TiB",
@@ -82,7 +84,9 @@ impl DomainOptions {
             );
         }
         if let Some(base) = self.window_base {
-            let end_ok = base.checked_add(ws).is_some_and(|e| e <= os::USER_ADDRESS_LIMIT);
+            let end_ok = base
+                .checked_add(ws)
+                .is_some_and(|e| e <= os::USER_ADDRESS_LIMIT);
             if base % registry::CHUNK != 0 || base < registry::MIN_WINDOW_BASE || !end_ok {
                 bail!(
                     InvalidArgument,
@@ -92,13 +96,24 @@ impl DomainOptions {
                 );
             }
         }
-        for (what, v) in [("max_sections", self.max_sections), ("max_procs", self.max_procs)] {
+        for (what, v) in [
+            ("max_sections", self.max_sections),
+            ("max_procs", self.max_procs),
+        ] {
             if !(1..=registry::MAX_TABLE_ENTRIES).contains(&v) {
-                bail!(InvalidArgument, "{what} = {v} is out of range: expected 1 to {}", registry::MAX_TABLE_ENTRIES);
+                bail!(
+                    InvalidArgument,
+                    "{what} = {v} is out of range: expected 1 to {}",
+                    registry::MAX_TABLE_ENTRIES
+                );
             }
         }
         if self.mode & !0o777 != 0 {
-            bail!(InvalidArgument, "mode {:#o} has bits outside 0o777", self.mode);
+            bail!(
+                InvalidArgument,
+                "mode {:#o} has bits outside 0o777",
+                self.mode
+            );
         }
         Ok(())
     }
@@ -107,13 +122,20 @@ impl DomainOptions {
 pub(crate) fn resolve_shm_dir(explicit: Option<&Path>) -> PathBuf {
     explicit
         .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("SHMGADGET_SHM_DIR").filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| {
+            std::env::var_os("SHMGADGET_SHM_DIR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SHM_DIR))
 }
 
 /// The domain name used when none is given: `SHMGADGET_DOMAIN`, or `default`.
 pub fn default_domain_name() -> String {
-    std::env::var("SHMGADGET_DOMAIN").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "default".to_owned())
+    std::env::var("SHMGADGET_DOMAIN")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
 }
 
 /// This process's attachment to a domain. Cheap to clone; all clones are the same attachment.
@@ -132,6 +154,13 @@ pub(crate) struct DomainInner {
     pub(crate) allow_foreign_owner: bool,
     /// Per registry slot: the generation of the section mapped there in this process (0: none).
     pub(crate) mapped: Box<[AtomicU64]>,
+    /// Per registry slot: live `Section` handles in this process.
+    pub(crate) handles: Box<[AtomicU32]>,
+    /// Per registry slot: generation this process deleted while holding handles; unmapped when
+    /// the last handle drops.
+    pub(crate) unmap_when_unused: Box<[AtomicU64]>,
+    /// Serialises explicit map and unmap calls in this process.
+    pub(crate) map_lock: Mutex<()>,
 }
 
 type Key = (PathBuf, String);
@@ -139,7 +168,8 @@ type Key = (PathBuf, String);
 /// Attachments of this process. Holding this lock while attaching or detaching keeps one
 /// attachment per domain and makes a detach finish before a re-attach reserves the window.
 fn attached() -> MutexGuard<'static, HashMap<Key, Arc<DomainInner>>> {
-    static ATTACHED: LazyLock<Mutex<HashMap<Key, Arc<DomainInner>>>> = LazyLock::new(Default::default);
+    static ATTACHED: LazyLock<Mutex<HashMap<Key, Arc<DomainInner>>>> =
+        LazyLock::new(Default::default);
     ATTACHED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -147,16 +177,27 @@ struct DirLock(#[allow(dead_code)] OwnedFd);
 
 fn lock_dir(dir: &Path) -> Result<DirLock> {
     let fd = os::open_dir(dir).map_err(|e| dir_error(dir, e))?;
-    os::lock_exclusive(os::borrow(&fd)).map_err(|e| Error::from_io(format!("cannot lock the shm directory {}", dir.display()), e))?;
+    os::lock_exclusive(os::borrow(&fd)).map_err(|e| {
+        Error::from_io(
+            format!("cannot lock the shm directory {}", dir.display()),
+            e,
+        )
+    })?;
     Ok(DirLock(fd))
 }
 
 fn dir_error(dir: &Path, e: std::io::Error) -> Error {
-    let mut err = Error::from_io(format!("cannot open the shm directory {}", dir.display()), e);
+    let mut err = Error::from_io(
+        format!("cannot open the shm directory {}", dir.display()),
+        e,
+    );
     if err.kind() == ErrorKind::NotFound {
         err = Error::new(
             ErrorKind::NotFound,
-            format!("the shm directory {} does not exist; create it (a tmpfs) or unset SHMGADGET_SHM_DIR", dir.display()),
+            format!(
+                "the shm directory {} does not exist; create it (a tmpfs) or unset SHMGADGET_SHM_DIR",
+                dir.display()
+            ),
         );
     }
     err
@@ -182,7 +223,9 @@ impl Domain {
         let mut table = attached();
         let key = (shm_dir.clone(), name.to_owned());
         if let Some(inner) = table.get(&key) {
-            return Ok(Domain { inner: inner.clone() });
+            return Ok(Domain {
+                inner: inner.clone(),
+            });
         }
         let dir_lock = lock_dir(&shm_dir)?;
         let dir = os::open_dir(&shm_dir).map_err(|e| dir_error(&shm_dir, e))?;
@@ -200,7 +243,8 @@ impl Domain {
                     max_procs: opts.max_procs,
                     mode: opts.mode,
                 };
-                Registry::create(clone_fd(&dir)?, name, &params).inspect_err(|_| release_window(base, size))?
+                Registry::create(clone_fd(&dir)?, name, &params)
+                    .inspect_err(|_| release_window(base, size))?
             }
             Err(e) => return Err(e),
         };
@@ -212,7 +256,10 @@ impl Domain {
             }
         };
         drop(dir_lock);
-        let mapped = (0..registry.max_sections).map(|_| AtomicU64::new(0)).collect();
+        let n = registry.max_sections;
+        let mapped = (0..n).map(|_| AtomicU64::new(0)).collect();
+        let handles = (0..n).map(|_| AtomicU32::new(0)).collect();
+        let unmap_when_unused = (0..n).map(|_| AtomicU64::new(0)).collect();
         let inner = Arc::new(DomainInner {
             name: name.to_owned(),
             shm_dir,
@@ -222,6 +269,9 @@ impl Domain {
             proc_slot: slot,
             allow_foreign_owner: opts.allow_foreign_owner,
             mapped,
+            handles,
+            unmap_when_unused,
+            map_lock: Mutex::new(()),
         });
         table.insert(key, inner.clone());
         Ok(Domain { inner })
@@ -258,7 +308,10 @@ impl Domain {
 
     /// Base address and size of the domain's window.
     pub fn window(&self) -> (usize, usize) {
-        (self.inner.window_base as usize, self.inner.window_size as usize)
+        (
+            self.inner.window_base as usize,
+            self.inner.window_size as usize,
+        )
     }
 
     /// Whether `addr` lies inside this domain's window.
@@ -293,17 +346,31 @@ impl Domain {
     /// Opens section `name` if it exists (its reserved size must be at least `size` and its
     /// kind `opts.kind`), otherwise creates it. Returns the section and whether this call
     /// created it. When several processes race, exactly one creates it.
-    pub fn create_or_open_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<(Section, bool)> {
+    pub fn create_or_open_section(
+        &self,
+        name: &str,
+        size: u64,
+        opts: &SectionOptions,
+    ) -> Result<(Section, bool)> {
         let reserved = self.check_new_section(name, size, opts)?;
         for _ in 0..8 {
             let guard = self.inner.registry.lock()?;
             if let Some(rec) = guard.find_live(name) {
                 drop(guard);
                 if rec.kind != opts.kind {
-                    bail!(InvalidArgument, "section {name:?} exists as a {} section, not {}", rec.kind.as_str(), opts.kind.as_str());
+                    bail!(
+                        InvalidArgument,
+                        "section {name:?} exists as a {} section, not {}",
+                        rec.kind.as_str(),
+                        opts.kind.as_str()
+                    );
                 }
                 if rec.reserved < size {
-                    bail!(InvalidSize, "section {name:?} exists with {} bytes reserved, less than the {size} requested", rec.reserved);
+                    bail!(
+                        InvalidSize,
+                        "section {name:?} exists with {} bytes reserved, less than the {size} requested",
+                        rec.reserved
+                    );
                 }
                 match Section::open_record(self.clone(), rec) {
                     // Deleted between the lookup and the open: look again.
@@ -315,13 +382,19 @@ impl Domain {
             drop(guard);
             return Section::map_new(self.clone(), rec, fd).map(|s| (s, true));
         }
-        bail!(NotFound, "section {name:?} kept disappearing while being opened (deleted and re-created concurrently)")
+        bail!(
+            NotFound,
+            "section {name:?} kept disappearing while being opened (deleted and re-created concurrently)"
+        )
     }
 
     fn check_new_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<u64> {
         names::validate(name, "section")?;
         if size == 0 {
-            bail!(InvalidSize, "section {name:?}: size 0 is invalid; expected at least 1 byte");
+            bail!(
+                InvalidSize,
+                "section {name:?}: size 0 is invalid; expected at least 1 byte"
+            );
         }
         let page = os::page_size() as u64;
         let reserved = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
@@ -334,7 +407,11 @@ impl Domain {
             );
         }
         if opts.mode & !0o777 != 0 {
-            bail!(InvalidArgument, "section {name:?}: mode {:#o} has bits outside 0o777", opts.mode);
+            bail!(
+                InvalidArgument,
+                "section {name:?}: mode {:#o} has bits outside 0o777",
+                opts.mode
+            );
         }
         Ok(reserved)
     }
@@ -369,23 +446,41 @@ impl Domain {
             }
             Err(e) => {
                 let _ = guard.remove(&rec);
-                Err(Error::from_io(format!("cannot create section {name:?} (object {object:?})"), e))
+                Err(Error::from_io(
+                    format!("cannot create section {name:?} (object {object:?})"),
+                    e,
+                ))
             }
         }
     }
 
-    /// Deletes a section for everyone. Processes that map it keep their mapping until they
-    /// detach; nobody can open it any more.
+    /// Deletes a section for everyone; nobody can open it any more. Other processes that map
+    /// it keep their mapping until they detach. This process unmaps it now, or, if it still
+    /// holds [`Section`] handles to it, when the last of them is dropped.
     pub fn delete_section(&self, name: &str) -> Result<()> {
         names::validate(name, "section")?;
         let guard = self.inner.registry.lock()?;
         let rec = guard.find_live(name).ok_or_else(|| not_found(self, name))?;
-        guard.remove(&rec)
+        let removed = guard.remove(&rec);
+        drop(guard);
+        let slot = rec.slot as usize;
+        // Relaxed: the flag is re-checked under `map_lock` by the last handle's drop.
+        self.inner.unmap_when_unused[slot].store(rec.generation, Ordering::Relaxed);
+        if self.inner.handles[slot].load(Ordering::Acquire) == 0 {
+            self.inner.unmap_deleted(&rec);
+        }
+        removed
     }
 
     /// Information about every section of the domain.
     pub fn sections(&self) -> Vec<SectionInfo> {
-        self.inner.registry.entries().iter().filter(|r| r.state == registry::LIVE).map(|r| SectionInfo::from_record(&self.inner.registry, r)).collect()
+        self.inner
+            .registry
+            .entries()
+            .iter()
+            .filter(|r| r.state == registry::LIVE)
+            .map(|r| SectionInfo::from_record(&self.inner.registry, r))
+            .collect()
     }
 
     /// Information about one section.
@@ -421,7 +516,12 @@ impl Domain {
 
     /// The processes attached to the domain, with their liveness.
     pub fn processes(&self) -> Vec<crate::inspect::ProcessInfo> {
-        self.inner.registry.procs(Some(self.inner.proc_slot)).iter().map(crate::inspect::ProcessInfo::from_record).collect()
+        self.inner
+            .registry
+            .procs(Some(self.inner.proc_slot))
+            .iter()
+            .map(crate::inspect::ProcessInfo::from_record)
+            .collect()
     }
 }
 
@@ -436,7 +536,13 @@ impl std::fmt::Debug for Domain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Domain")
             .field("name", &self.inner.name)
-            .field("window", &format_args!("{:#x}+{:#x}", self.inner.window_base, self.inner.window_size))
+            .field(
+                "window",
+                &format_args!(
+                    "{:#x}+{:#x}",
+                    self.inner.window_base, self.inner.window_size
+                ),
+            )
             .finish()
     }
 }
@@ -450,6 +556,29 @@ impl DomainInner {
     pub(crate) fn note_mapped(&self, rec: &SectionRecord) {
         // Relaxed: see `is_mapped`.
         self.mapped[rec.slot as usize].store(rec.generation, Ordering::Relaxed);
+    }
+
+    /// Gives back the window range of a section this process deleted: every chunk of it that
+    /// the registry has not handed to another section since becomes a bare reservation again.
+    pub(crate) fn unmap_deleted(&self, rec: &SectionRecord) {
+        let _guard = self.map_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = rec.slot as usize;
+        // Relaxed: both words are only changed under `map_lock` (or are hints).
+        if self.unmap_when_unused[slot].load(Ordering::Relaxed) != rec.generation
+            || self.mapped[slot].load(Ordering::Relaxed) != rec.generation
+            || self.handles[slot].load(Ordering::Acquire) != 0
+        {
+            return;
+        }
+        self.unmap_when_unused[slot].store(0, Ordering::Relaxed);
+        self.mapped[slot].store(0, Ordering::Relaxed);
+        for (off, len) in self.registry.free_runs(rec.offset, rec.span()) {
+            // SAFETY: the range lies inside this process's window reservation, belongs to a
+            // section that is deleted and no longer handed out by the registry, and this
+            // process holds no `Section` handle to it (checked above under `map_lock`).
+            let _ =
+                unsafe { os::restore_reservation((self.window_base + off) as usize, len as usize) };
+        }
     }
 
     /// Leaves the domain (see [`Domain::detach`]).
@@ -473,7 +602,10 @@ impl DomainInner {
             if guard.all_entries().is_empty() {
                 let object = names::registry_object(&self.name);
                 if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
-                    first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
+                    first_err.get_or_insert(Error::from_io(
+                        format!("cannot remove registry {object:?}"),
+                        e,
+                    ));
                 }
             }
             first_err.map_or(Ok(()), Err)
@@ -484,7 +616,8 @@ impl DomainInner {
 }
 
 fn clone_fd(fd: &OwnedFd) -> Result<OwnedFd> {
-    fd.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))
+    fd.try_clone()
+        .map_err(|e| Error::from_io("cannot duplicate a descriptor", e))
 }
 
 fn not_found(domain: &Domain, name: &str) -> Error {
@@ -524,10 +657,17 @@ fn claim_window(domain: &str, base: u64, size: u64) -> Result<()> {
                  the domain's pointers can only work at that address, so start this program with that range free \
                  (or use another domain)",
                 base + size,
-                if shown.is_empty() { "an unknown mapping".to_owned() } else { format!("[{}]", shown.join("; ")) }
+                if shown.is_empty() {
+                    "an unknown mapping".to_owned()
+                } else {
+                    format!("[{}]", shown.join("; "))
+                }
             )
         }
-        Err(os::ReserveError::Os(e)) => Err(Error::from_io(format!("cannot reserve domain {domain:?}'s window {base:#x}+{size:#x}"), e)),
+        Err(os::ReserveError::Os(e)) => Err(Error::from_io(
+            format!("cannot reserve domain {domain:?}'s window {base:#x}+{size:#x}"),
+            e,
+        )),
     }
 }
 
@@ -542,7 +682,12 @@ fn release_window(base: u64, size: u64) {
 /// `WINDOW_ALIGN`-aligned range at or above the default base that no other domain's registry
 /// records and that is free in this process. The caller holds the directory lock, so no other
 /// domain can be created meanwhile.
-fn choose_window(shm_dir: &Path, dir: &OwnedFd, name: &str, opts: &DomainOptions) -> Result<(u64, u64)> {
+fn choose_window(
+    shm_dir: &Path,
+    dir: &OwnedFd,
+    name: &str,
+    opts: &DomainOptions,
+) -> Result<(u64, u64)> {
     let size = opts.window_size;
     let mut taken: Vec<(u64, u64, String)> = Vec::new();
     for file in os::list_dir(shm_dir).map_err(|e| dir_error(shm_dir, e))? {
@@ -551,14 +696,27 @@ fn choose_window(shm_dir: &Path, dir: &OwnedFd, name: &str, opts: &DomainOptions
                 continue;
             }
             if let Ok(reg) = Registry::open(clone_fd(dir)?, domain, false, true) {
-                taken.push((reg.window_base, reg.window_base + reg.window_size, domain.to_owned()));
+                taken.push((
+                    reg.window_base,
+                    reg.window_base + reg.window_size,
+                    domain.to_owned(),
+                ));
             }
         }
     }
-    let overlapping = |lo: u64| taken.iter().find(|(b, e, _)| *b < lo + size && *e > lo).cloned();
+    let overlapping = |lo: u64| {
+        taken
+            .iter()
+            .find(|(b, e, _)| *b < lo + size && *e > lo)
+            .cloned()
+    };
     if let Some(base) = opts.window_base {
         if let Some((b, e, other)) = overlapping(base) {
-            bail!(WindowUnavailable, "window {base:#x}-{:#x} overlaps domain {other:?}'s window {b:#x}-{e:#x}; choose another base or let shmgadget pick one", base + size);
+            bail!(
+                WindowUnavailable,
+                "window {base:#x}-{:#x} overlaps domain {other:?}'s window {b:#x}-{e:#x}; choose another base or let shmgadget pick one",
+                base + size
+            );
         }
         claim_window(name, base, size)?;
         return Ok((base, size));
@@ -572,7 +730,9 @@ fn choose_window(shm_dir: &Path, dir: &OwnedFd, name: &str, opts: &DomainOptions
         match os::reserve_fixed(base as usize, size as usize) {
             Ok(()) => return Ok((base, size)),
             Err(os::ReserveError::Occupied) => base += registry::WINDOW_ALIGN,
-            Err(os::ReserveError::Os(e)) => return Err(Error::from_io("cannot reserve an address window", e)),
+            Err(os::ReserveError::Os(e)) => {
+                return Err(Error::from_io("cannot reserve an address window", e));
+            }
         }
     }
     bail!(

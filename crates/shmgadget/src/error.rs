@@ -51,7 +51,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Builds an error of `kind` with a complete, human-readable message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), source: None }
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Builds an error from an OS error, classifying common `errno` values (`EACCES`/`EPERM`
@@ -60,7 +64,7 @@ impl Error {
     pub fn from_io(context: impl Into<String>, err: io::Error) -> Self {
         let kind = match err.raw_os_error() {
             Some(libc_errno::EACCES) | Some(libc_errno::EPERM) => ErrorKind::PermissionDenied,
-            Some(libc_errno::ENOSPC) | Some(libc_errno::ENOMEM) => ErrorKind::OutOfSpace,
+            Some(libc_errno::ENOSPC) => ErrorKind::OutOfSpace,
             Some(libc_errno::ENOENT) => ErrorKind::NotFound,
             Some(libc_errno::EEXIST) => ErrorKind::AlreadyExists,
             _ => ErrorKind::Os,
@@ -76,9 +80,16 @@ impl Error {
                 " (the backing store is full: free sections with `shmgadget rm`/`gc`, or set \
                  SHMGADGET_SHM_DIR to a larger tmpfs)",
             ),
+            _ if err.raw_os_error() == Some(libc_errno::ENOMEM) => message.push_str(
+                " (out of memory, or this process has too many mappings: see /proc/sys/vm/max_map_count)",
+            ),
             _ => {}
         }
-        Error { kind, message, source: Some(err) }
+        Error {
+            kind,
+            message,
+            source: Some(err),
+        }
     }
 
     /// What went wrong.
@@ -110,7 +121,11 @@ impl fmt::Display for Error {
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Error {{ kind: {:?}, message: {:?} }}", self.kind, self.message)
+        write!(
+            f,
+            "Error {{ kind: {:?}, message: {:?} }}",
+            self.kind, self.message
+        )
     }
 }
 

@@ -59,3 +59,20 @@ pub use error::{Error, ErrorKind, Result};
 pub use names::MAX_NAME_LEN;
 pub use registry::{CHUNK, DEFAULT_WINDOW_BASE, DEFAULT_WINDOW_SIZE, Lifetime, SectionKind};
 pub use section::{Section, SectionInfo, SectionOptions};
+
+/// Hooks for shmgadget's own crash tests. Not part of the API; do not use.
+#[doc(hidden)]
+pub mod __testing {
+    use crate::{Domain, Lifetime, Result, SectionKind};
+
+    /// Takes the registry lock, starts creating section `name` (entry left `CREATING`) and then
+    /// sleeps for ever, so a test can `kill -9` this process in the middle of a registry update.
+    pub fn die_holding_registry_lock(domain: &Domain, name: &str) -> Result<()> {
+        let guard = domain.inner.registry.lock()?;
+        guard.begin_create(name, SectionKind::Raw, Lifetime::Persistent, 0o600, 4096)?;
+        println!("HOLDING");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}

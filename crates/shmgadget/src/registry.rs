@@ -274,12 +274,18 @@ pub(crate) struct Layout {
 impl Layout {
     pub fn compute(max_sections: u32, max_procs: u32, window_size: u64) -> Option<Layout> {
         let sections_offset = size_of::<RegistryShared>() as u64;
-        let procs_offset = sections_offset + max_sections as u64 * size_of::<SectionEntryShared>() as u64;
+        let procs_offset =
+            sections_offset + max_sections as u64 * size_of::<SectionEntryShared>() as u64;
         let chunks_offset = procs_offset + max_procs as u64 * size_of::<ProcEntryShared>() as u64;
         let chunks = window_size / CHUNK;
         let total = chunks_offset.checked_add(chunks.checked_mul(4)?)?;
         let page = os::page_size() as u64;
-        Some(Layout { sections_offset, procs_offset, chunks_offset, total_size: total.div_ceil(page) * page })
+        Some(Layout {
+            sections_offset,
+            procs_offset,
+            chunks_offset,
+            total_size: total.div_ceil(page) * page,
+        })
     }
 }
 
@@ -300,7 +306,10 @@ impl InlineName {
         let mut bytes = [0u8; 64];
         let n = s.len().min(names::MAX_NAME_LEN);
         bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
-        InlineName { len: n as u8, bytes }
+        InlineName {
+            len: n as u8,
+            bytes,
+        }
     }
     /// The name. Records are validated when read, so this is always `[A-Za-z0-9._-]+`.
     pub fn as_str(&self) -> &str {
@@ -386,7 +395,10 @@ unsafe impl Send for Registry {}
 unsafe impl Sync for Registry {}
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn pack_name(dst: &[AtomicU64; 8], name: &str) {
@@ -409,8 +421,13 @@ fn unpack_name(src: &[AtomicU64; 8], len: u32) -> Option<InlineName> {
         // Relaxed: the caller validates consistency (seqlock or `ready`).
         bytes[i * 8..i * 8 + 8].copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
     }
-    let name = InlineName { len: len as u8, bytes };
-    let valid = name.bytes[..len as usize].iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    let name = InlineName {
+        len: len as u8,
+        bytes,
+    };
+    let valid = name.bytes[..len as usize]
+        .iter()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
     valid.then_some(name)
 }
 
@@ -430,18 +447,30 @@ impl Registry {
         let layout = Layout::compute(p.max_sections, p.max_procs, p.window_size)
             .ok_or_else(|| Error::new(ErrorKind::InvalidSize, "registry size overflows"))?;
         let object = names::registry_object(domain);
-        let fd = os::create_object(os::borrow(&dir), &object, p.mode)
-            .map_err(|e| Error::from_io(format!("cannot create the registry of domain {domain:?}"), e))?;
+        let fd = os::create_object(os::borrow(&dir), &object, p.mode).map_err(|e| {
+            Error::from_io(
+                format!("cannot create the registry of domain {domain:?}"),
+                e,
+            )
+        })?;
         let cleanup = |e: Error| {
             let _ = os::unlink_object(os::borrow(&dir), &object);
             e
         };
         if let Err(e) = os::set_size(os::borrow(&fd), layout.total_size) {
-            return Err(cleanup(Error::from_io(format!("cannot size the registry of domain {domain:?}"), e)));
+            return Err(cleanup(Error::from_io(
+                format!("cannot size the registry of domain {domain:?}"),
+                e,
+            )));
         }
         let base = match os::map_shared(os::borrow(&fd), layout.total_size as usize, true) {
             Ok(base) => base,
-            Err(e) => return Err(cleanup(Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))),
+            Err(e) => {
+                return Err(cleanup(Error::from_io(
+                    format!("cannot map the registry of domain {domain:?}"),
+                    e,
+                )));
+            }
         };
         let reg = Registry {
             domain: domain.to_owned(),
@@ -469,9 +498,11 @@ impl Registry {
         h.total_size.store(layout.total_size, Ordering::Relaxed);
         h.window_base.store(p.window_base, Ordering::Relaxed);
         h.window_size.store(p.window_size, Ordering::Relaxed);
-        h.sections_offset.store(layout.sections_offset, Ordering::Relaxed);
+        h.sections_offset
+            .store(layout.sections_offset, Ordering::Relaxed);
         h.procs_offset.store(layout.procs_offset, Ordering::Relaxed);
-        h.chunks_offset.store(layout.chunks_offset, Ordering::Relaxed);
+        h.chunks_offset
+            .store(layout.chunks_offset, Ordering::Relaxed);
         h.next_generation.store(1, Ordering::Relaxed);
         h.created_at.store(reg.created_at, Ordering::Relaxed);
         h.domain_len.store(domain.len() as u32, Ordering::Relaxed);
@@ -489,7 +520,12 @@ impl Registry {
     }
 
     /// Opens and validates an existing registry. `writable` is false for inspection.
-    pub fn open(dir: OwnedFd, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
+    pub fn open(
+        dir: OwnedFd,
+        domain: &str,
+        writable: bool,
+        allow_foreign: bool,
+    ) -> Result<Registry> {
         let object = names::registry_object(domain);
         let fd = os::open_object(os::borrow(&dir), &object, writable).map_err(|e| {
             if e.raw_os_error() == Some(2) {
@@ -498,9 +534,13 @@ impl Registry {
                 Error::from_io(format!("cannot open the registry of domain {domain:?}"), e)
             }
         })?;
-        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
+        let st = os::stat_object(os::borrow(&fd))
+            .map_err(|e| Error::from_io("cannot stat the registry", e))?;
         if !st.is_regular {
-            return Err(corrupt(domain, "the registry object is not a regular file".into()));
+            return Err(corrupt(
+                domain,
+                "the registry object is not a regular file".into(),
+            ));
         }
         if st.uid != os::effective_uid() && !allow_foreign {
             bail!(
@@ -512,18 +552,31 @@ impl Registry {
             );
         }
         if st.size < size_of::<RegistryShared>() as u64 {
-            return Err(corrupt(domain, format!("the object is truncated to {} bytes, expected at least {}", st.size, size_of::<RegistryShared>())));
+            return Err(corrupt(
+                domain,
+                format!(
+                    "the object is truncated to {} bytes, expected at least {}",
+                    st.size,
+                    size_of::<RegistryShared>()
+                ),
+            ));
         }
         let map_len = st.size as usize;
-        let base = os::map_shared(os::borrow(&fd), map_len, writable)
-            .map_err(|e| Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))?;
+        let base = os::map_shared(os::borrow(&fd), map_len, writable).map_err(|e| {
+            Error::from_io(format!("cannot map the registry of domain {domain:?}"), e)
+        })?;
         let mut reg = Registry {
             domain: domain.to_owned(),
             dir,
             fd,
             base,
             map_len,
-            layout: Layout { sections_offset: 0, procs_offset: 0, chunks_offset: 0, total_size: 0 },
+            layout: Layout {
+                sections_offset: 0,
+                procs_offset: 0,
+                chunks_offset: 0,
+                total_size: 0,
+            },
             window_base: 0,
             window_size: 0,
             max_sections: 0,
@@ -541,36 +594,67 @@ impl Registry {
         let h = self.header();
         let magic = h.magic.load(Ordering::Relaxed);
         if magic != MAGIC {
-            return Err(corrupt(&d, format!("bad magic {magic:#018x}, expected {MAGIC:#018x}")));
+            return Err(corrupt(
+                &d,
+                format!("bad magic {magic:#018x}, expected {MAGIC:#018x}"),
+            ));
         }
         let version = h.layout_version.load(Ordering::Relaxed);
         if version != LAYOUT_VERSION {
-            return Err(corrupt(&d, format!("layout version {version}, this build reads version {LAYOUT_VERSION} (a different shmgadget version created it)")));
+            return Err(corrupt(
+                &d,
+                format!(
+                    "layout version {version}, expected {LAYOUT_VERSION} (a different shmgadget version created it)"
+                ),
+            ));
         }
         let fp = h.abi_fingerprint.load(Ordering::Relaxed);
         if fp != ABI_FINGERPRINT {
-            return Err(corrupt(&d, format!("ABI fingerprint {fp:#010x}, expected {ABI_FINGERPRINT:#010x} (built with a different layout)")));
+            return Err(corrupt(
+                &d,
+                format!(
+                    "ABI fingerprint {fp:#010x}, expected {ABI_FINGERPRINT:#010x} (built with a different layout)"
+                ),
+            ));
         }
         // Acquire: pairs with the Release store in `create`; makes the frozen fields visible.
         if h.ready.load(Ordering::Acquire) != READY {
-            return Err(corrupt(&d, "it was never finished (its creator died while creating it)".into()));
+            return Err(corrupt(
+                &d,
+                "it was never finished (its creator died while creating it)".into(),
+            ));
         }
         let max_sections = h.max_sections.load(Ordering::Relaxed);
         let max_procs = h.max_procs.load(Ordering::Relaxed);
         let window_base = h.window_base.load(Ordering::Relaxed);
         let window_size = h.window_size.load(Ordering::Relaxed);
-        if !(1..=MAX_TABLE_ENTRIES).contains(&max_sections) || !(1..=MAX_TABLE_ENTRIES).contains(&max_procs) {
-            return Err(corrupt(&d, format!("table sizes {max_sections} sections / {max_procs} processes out of range 1..={MAX_TABLE_ENTRIES}")));
+        if !(1..=MAX_TABLE_ENTRIES).contains(&max_sections)
+            || !(1..=MAX_TABLE_ENTRIES).contains(&max_procs)
+        {
+            return Err(corrupt(
+                &d,
+                format!(
+                    "table sizes {max_sections} sections / {max_procs} processes out of range 1..={MAX_TABLE_ENTRIES}"
+                ),
+            ));
         }
         if !(MIN_WINDOW_SIZE..=MAX_WINDOW_SIZE).contains(&window_size)
             || window_size % CHUNK != 0
             || window_base % CHUNK != 0
             || window_base < MIN_WINDOW_BASE
-            || window_base.checked_add(window_size).is_none_or(|end| end > os::USER_ADDRESS_LIMIT)
+            || window_base
+                .checked_add(window_size)
+                .is_none_or(|end| end > os::USER_ADDRESS_LIMIT)
         {
-            return Err(corrupt(&d, format!("window {window_base:#x}+{window_size:#x} is not a valid, chunk-aligned user-space range")));
+            return Err(corrupt(
+                &d,
+                format!(
+                    "window {window_base:#x}+{window_size:#x} is not a valid, chunk-aligned user-space range"
+                ),
+            ));
         }
-        let layout = Layout::compute(max_sections, max_procs, window_size).ok_or_else(|| corrupt(&d, "layout overflows".into()))?;
+        let layout = Layout::compute(max_sections, max_procs, window_size)
+            .ok_or_else(|| corrupt(&d, "layout overflows".into()))?;
         let found = Layout {
             sections_offset: h.sections_offset.load(Ordering::Relaxed),
             procs_offset: h.procs_offset.load(Ordering::Relaxed),
@@ -578,14 +662,27 @@ impl Registry {
             total_size: h.total_size.load(Ordering::Relaxed),
         };
         if found != layout {
-            return Err(corrupt(&d, format!("table offsets {found:?} disagree with the sizes, expected {layout:?}")));
+            return Err(corrupt(
+                &d,
+                format!("table offsets {found:?} disagree with the sizes, expected {layout:?}"),
+            ));
         }
         if object_size < layout.total_size {
-            return Err(corrupt(&d, format!("the object is truncated to {object_size} bytes, expected {}", layout.total_size)));
+            return Err(corrupt(
+                &d,
+                format!(
+                    "the object is truncated to {object_size} bytes, expected {}",
+                    layout.total_size
+                ),
+            ));
         }
-        let name_ok = unpack_name(&h.domain, h.domain_len.load(Ordering::Relaxed)).is_some_and(|n| n.as_str() == d);
+        let name_ok = unpack_name(&h.domain, h.domain_len.load(Ordering::Relaxed))
+            .is_some_and(|n| n.as_str() == d);
         if !name_ok {
-            return Err(corrupt(&d, "the domain name recorded inside does not match its file name".into()));
+            return Err(corrupt(
+                &d,
+                "the domain name recorded inside does not match its file name".into(),
+            ));
         }
         let mode = h.mode.load(Ordering::Relaxed);
         let created_at = h.created_at.load(Ordering::Relaxed);
@@ -620,7 +717,8 @@ impl Registry {
 
     fn entry(&self, slot: u32) -> &SectionEntryShared {
         assert!(slot < self.max_sections);
-        let off = self.layout.sections_offset as usize + slot as usize * size_of::<SectionEntryShared>();
+        let off =
+            self.layout.sections_offset as usize + slot as usize * size_of::<SectionEntryShared>();
         // SAFETY: `validate`/`create` checked that the whole layout lies inside the mapping and
         // `slot < max_sections`; offsets are multiples of 8; all fields are atomics.
         unsafe { &*self.base.as_ptr().add(off).cast::<SectionEntryShared>() }
@@ -629,7 +727,13 @@ impl Registry {
     fn proc_entry(&self, slot: u32) -> &ProcEntryShared {
         assert!(slot < self.max_procs);
         // SAFETY: as in `entry`.
-        unsafe { &*self.base.as_ptr().add(self.proc_offset(slot) as usize).cast::<ProcEntryShared>() }
+        unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(self.proc_offset(slot) as usize)
+                .cast::<ProcEntryShared>()
+        }
     }
 
     fn proc_offset(&self, slot: u32) -> u64 {
@@ -639,7 +743,13 @@ impl Registry {
     fn chunk(&self, index: u64) -> &AtomicU32 {
         assert!(index < self.window_size / CHUNK);
         // SAFETY: as in `entry`; the chunk table holds `window_size / CHUNK` u32s.
-        unsafe { &*self.base.as_ptr().add((self.layout.chunks_offset + index * 4) as usize).cast::<AtomicU32>() }
+        unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add((self.layout.chunks_offset + index * 4) as usize)
+                .cast::<AtomicU32>()
+        }
     }
 
     /// A counter bumped on every create and delete; cheap to poll for changes.
@@ -696,7 +806,10 @@ impl Registry {
         };
         let in_window = rec.offset % CHUNK == 0
             && rec.reserved > 0
-            && rec.offset.checked_add(rec.span()).is_some_and(|end| end <= self.window_size);
+            && rec
+                .offset
+                .checked_add(rec.span())
+                .is_some_and(|end| end <= self.window_size);
         (in_window && state <= DELETING).then_some(rec)
     }
 
@@ -713,13 +826,36 @@ impl Registry {
             return None;
         }
         let rec = self.read_entry(v - 1)?;
-        (rec.state == LIVE && offset >= rec.offset && offset < rec.offset + rec.reserved).then_some(rec)
+        (rec.state == LIVE && offset >= rec.offset && offset < rec.offset + rec.reserved)
+            .then_some(rec)
+    }
+
+    /// The sub-ranges of `[offset, offset + span)` whose chunks no section owns now, merged into
+    /// runs of `(offset, len)`.
+    pub fn free_runs(&self, offset: u64, span: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in offset / CHUNK..(offset + span).min(self.window_size) / CHUNK {
+            // Relaxed: a chunk handed out after this read is mapped by its new owner's own
+            // open, which takes the same per-process `map_lock` the caller holds.
+            if self.chunk(c).load(Ordering::Relaxed) != 0 {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l == c * CHUNK => *l += CHUNK,
+                _ => runs.push((c * CHUNK, CHUNK)),
+            }
+        }
+        runs
     }
 
     /// Every entry in use, read without the lock (for inspection).
     pub fn entries(&self) -> Vec<SectionRecord> {
         // Relaxed: an upper bound only; entries are validated individually.
-        let high = self.header().slots_high.load(Ordering::Relaxed).min(self.max_sections);
+        let high = self
+            .header()
+            .slots_high
+            .load(Ordering::Relaxed)
+            .min(self.max_sections);
         (0..high).filter_map(|s| self.read_entry(s)).collect()
     }
 
@@ -727,7 +863,11 @@ impl Registry {
     /// token our own descriptor holds and so cannot see) counts as alive.
     pub fn procs(&self, own_slot: Option<u32>) -> Vec<ProcRecord> {
         // Relaxed: an upper bound only.
-        let high = self.header().procs_high.load(Ordering::Relaxed).min(self.max_procs);
+        let high = self
+            .header()
+            .procs_high
+            .load(Ordering::Relaxed)
+            .min(self.max_procs);
         (0..high)
             .filter_map(|slot| {
                 let p = self.proc_entry(slot);
@@ -736,7 +876,8 @@ impl Registry {
                     return None;
                 }
                 let alive = own_slot == Some(slot)
-                    || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true);
+                    || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot))
+                        .unwrap_or(true);
                 Some(ProcRecord {
                     slot,
                     pid: p.pid.load(Ordering::Relaxed),
@@ -801,7 +942,10 @@ impl RegistryGuard<'_> {
 
     fn bump_changes(&self) {
         // Release: pairs with the Acquire load in `Registry::change_count`.
-        self.reg.header().change_count.fetch_add(1, Ordering::Release);
+        self.reg
+            .header()
+            .change_count
+            .fetch_add(1, Ordering::Release);
     }
 
     /// The entry of slot `slot` as seen under the lock (no retry needed).
@@ -811,7 +955,11 @@ impl RegistryGuard<'_> {
 
     fn slots_high(&self) -> u32 {
         // Relaxed: written only under the lock, which we hold.
-        self.reg.header().slots_high.load(Ordering::Relaxed).min(self.reg.max_sections)
+        self.reg
+            .header()
+            .slots_high
+            .load(Ordering::Relaxed)
+            .min(self.reg.max_sections)
     }
 
     /// The live section called `name`.
@@ -823,11 +971,20 @@ impl RegistryGuard<'_> {
 
     /// Every entry in use.
     pub fn all_entries(&self) -> Vec<SectionRecord> {
-        (0..self.slots_high()).filter_map(|s| self.locked_entry(s)).collect()
+        (0..self.slots_high())
+            .filter_map(|s| self.locked_entry(s))
+            .collect()
     }
 
     /// Reserves a slot and a window range for a new section, recording it as `CREATING`.
-    pub fn begin_create(&self, name: &str, kind: SectionKind, lifetime: Lifetime, mode: u32, reserved: u64) -> Result<SectionRecord> {
+    pub fn begin_create(
+        &self,
+        name: &str,
+        kind: SectionKind,
+        lifetime: Lifetime,
+        mode: u32,
+        reserved: u64,
+    ) -> Result<SectionRecord> {
         let reg = self.reg;
         let Some(slot) = (0..reg.max_sections).find(|&s| {
             // Relaxed: under the lock.
@@ -882,12 +1039,25 @@ impl RegistryGuard<'_> {
     fn place(&self, span: u64) -> Result<u64> {
         let reg = self.reg;
         if span > reg.window_size {
-            bail!(InvalidSize, "a section of {span} bytes does not fit in domain {:?}'s window of {} bytes", reg.domain, reg.window_size);
+            bail!(
+                InvalidSize,
+                "a section of {span} bytes does not fit in domain {:?}'s window of {} bytes",
+                reg.domain,
+                reg.window_size
+            );
         }
-        let mut used: Vec<(u64, u64)> = self.all_entries().iter().map(|r| (r.offset, r.offset + r.span())).collect();
+        let mut used: Vec<(u64, u64)> = self
+            .all_entries()
+            .iter()
+            .map(|r| (r.offset, r.offset + r.span()))
+            .collect();
         used.sort_unstable();
         // Relaxed: under the lock.
-        let cursor = reg.header().place_cursor.load(Ordering::Relaxed).min(reg.window_size);
+        let cursor = reg
+            .header()
+            .place_cursor
+            .load(Ordering::Relaxed)
+            .min(reg.window_size);
         let fits_at = |start: u64, limit: u64| -> Option<u64> {
             let mut at = start;
             for &(lo, hi) in &used {
@@ -930,7 +1100,13 @@ impl RegistryGuard<'_> {
         let unlinked = match os::unlink_object(os::borrow(&self.reg.dir), &object) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(2) => Ok(()),
-            Err(e) => Err(Error::from_io(format!("cannot remove section {:?}'s object {object:?}", rec.name.as_str()), e)),
+            Err(e) => Err(Error::from_io(
+                format!(
+                    "cannot remove section {:?}'s object {object:?}",
+                    rec.name.as_str()
+                ),
+                e,
+            )),
         };
         for c in rec.offset / CHUNK..(rec.offset + rec.span()) / CHUNK {
             // Relaxed: the entry is no longer LIVE, which readers check after the table.
@@ -974,7 +1150,9 @@ impl RegistryGuard<'_> {
             let p = reg.proc_entry(slot);
             // Relaxed: under the lock.
             let used = p.state.load(Ordering::Relaxed) != 0;
-            if used && os::byte_is_locked(os::borrow(&reg.fd), reg.proc_offset(slot)).unwrap_or(true) {
+            if used
+                && os::byte_is_locked(os::borrow(&reg.fd), reg.proc_offset(slot)).unwrap_or(true)
+            {
                 continue; // a live process holds it
             }
             match os::try_lock_byte(os::borrow(&reg.fd), reg.proc_offset(slot)) {
@@ -1008,17 +1186,28 @@ impl RegistryGuard<'_> {
 
     /// Clears the entries of processes whose token is no longer held; returns their pids.
     pub fn reap_dead_procs(&self, own_slot: Option<u32>) -> Vec<u32> {
-        let dead: Vec<ProcRecord> = self.reg.procs(own_slot).into_iter().filter(|p| !p.alive).collect();
+        let dead: Vec<ProcRecord> = self
+            .reg
+            .procs(own_slot)
+            .into_iter()
+            .filter(|p| !p.alive)
+            .collect();
         for p in &dead {
             // Relaxed: under the lock.
-            self.reg.proc_entry(p.slot).state.store(0, Ordering::Relaxed);
+            self.reg
+                .proc_entry(p.slot)
+                .state
+                .store(0, Ordering::Relaxed);
         }
         dead.iter().map(|p| p.pid).collect()
     }
 
     /// Whether any process other than `own_slot` is attached and alive.
     pub fn others_alive(&self, own_slot: Option<u32>) -> bool {
-        self.reg.procs(own_slot).iter().any(|p| p.alive && Some(p.slot) != own_slot)
+        self.reg
+            .procs(own_slot)
+            .iter()
+            .any(|p| p.alive && Some(p.slot) != own_slot)
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
@@ -29,7 +30,11 @@ pub struct SectionOptions {
 
 impl Default for SectionOptions {
     fn default() -> Self {
-        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, mode: 0o600 }
+        SectionOptions {
+            kind: SectionKind::Raw,
+            lifetime: Lifetime::Persistent,
+            mode: 0o600,
+        }
     }
 }
 
@@ -81,14 +86,20 @@ impl Section {
     pub(crate) fn open_record(domain: Domain, rec: SectionRecord) -> Result<Section> {
         let object = names::section_object(&domain.inner.name, rec.generation, rec.name.as_str());
         let name = rec.name.as_str();
-        let fd = os::open_object(os::borrow(domain.inner.registry.dir()), &object, true).map_err(|e| {
-            if e.raw_os_error() == Some(2) {
-                Error::new(ErrorKind::NotFound, format!("section {name:?} was deleted (its object {object:?} is gone)"))
-            } else {
-                Error::from_io(format!("cannot open section {name:?}"), e)
-            }
-        })?;
-        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat a section", e))?;
+        let fd = os::open_object(os::borrow(domain.inner.registry.dir()), &object, true).map_err(
+            |e| {
+                if e.raw_os_error() == Some(2) {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("section {name:?} was deleted (its object {object:?} is gone)"),
+                    )
+                } else {
+                    Error::from_io(format!("cannot open section {name:?}"), e)
+                }
+            },
+        )?;
+        let st = os::stat_object(os::borrow(&fd))
+            .map_err(|e| Error::from_io("cannot stat a section", e))?;
         if st.uid != os::effective_uid() && !domain.inner.allow_foreign_owner {
             bail!(
                 PermissionDenied,
@@ -112,18 +123,35 @@ impl Section {
 
     fn map(domain: Domain, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
         let addr = domain.inner.window_base + rec.offset;
+        let _guard = domain
+            .inner
+            .map_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if !domain.inner.is_mapped(&rec) {
             // SAFETY: `[addr, addr + reserved)` lies inside this process's reservation of the
             // window (the record was validated against the window size) and belongs to this
             // section alone, so MAP_FIXED replaces only our own reservation or an older mapping
             // of this same slot, which no Rust reference can point into (section memory is
             // reached through raw pointers only).
-            unsafe { os::map_shared_fixed(os::borrow(&fd), addr as usize, rec.reserved as usize, true) }
-                .map_err(|e| Error::from_io(format!("cannot map section {:?}", rec.name.as_str()), e))?;
+            unsafe {
+                os::map_shared_fixed(os::borrow(&fd), addr as usize, rec.reserved as usize, true)
+            }
+            .map_err(|e| {
+                Error::from_io(format!("cannot map section {:?}", rec.name.as_str()), e)
+            })?;
             domain.inner.note_mapped(&rec);
         }
+        // Release: pairs with the Acquire loads in `delete_section`/`unmap_deleted`.
+        domain.inner.handles[rec.slot as usize].fetch_add(1, Ordering::Release);
+        drop(_guard);
         let addr = NonNull::new(addr as *mut u8).expect("window base is never null");
-        Ok(Section { domain, rec, fd, addr })
+        Ok(Section {
+            domain,
+            rec,
+            fd,
+            addr,
+        })
     }
 
     /// The section's name.
@@ -166,16 +194,31 @@ impl Section {
     /// nothing already committed is lost.
     pub fn commit(&self, len: u64) -> Result<()> {
         if len > self.rec.reserved {
-            bail!(InvalidSize, "cannot commit {len} bytes of section {:?}: only {} are reserved", self.name(), self.rec.reserved);
+            bail!(
+                InvalidSize,
+                "cannot commit {len} bytes of section {:?}: only {} are reserved",
+                self.name(),
+                self.rec.reserved
+            );
         }
         let page = os::page_size() as u64;
         let len = len.next_multiple_of(page);
         if len == 0 {
             return Ok(());
         }
-        os::allocate(os::borrow(&self.fd), 0, len)
-            .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
-        registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, len, true);
+        os::allocate(os::borrow(&self.fd), 0, len).map_err(|e| {
+            Error::from_io(
+                format!("cannot commit {len} bytes of section {:?}", self.name()),
+                e,
+            )
+        })?;
+        registry::note_committed(
+            &self.domain.inner.registry,
+            self.rec.slot,
+            self.rec.generation,
+            len,
+            true,
+        );
         Ok(())
     }
 
@@ -185,31 +228,67 @@ impl Section {
     pub fn decommit(&self, offset: u64, len: u64) -> Result<()> {
         let page = os::page_size() as u64;
         if offset % page != 0 {
-            bail!(InvalidArgument, "decommit offset {offset} of section {:?} is not a multiple of the page size {page}", self.name());
+            bail!(
+                InvalidArgument,
+                "decommit offset {offset} of section {:?} is not a multiple of the page size {page}",
+                self.name()
+            );
         }
-        let end = offset.checked_add(len).filter(|&e| e <= self.rec.reserved).ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidSize,
-                format!("decommit range {offset}+{len} lies outside section {:?} ({} bytes)", self.name(), self.rec.reserved),
-            )
-        })?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.rec.reserved)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidSize,
+                    format!(
+                        "decommit range {offset}+{len} lies outside section {:?} ({} bytes)",
+                        self.name(),
+                        self.rec.reserved
+                    ),
+                )
+            })?;
         let len = (end.next_multiple_of(page)).min(self.rec.reserved) - offset;
         if len == 0 {
             return Ok(());
         }
         os::punch_hole(os::borrow(&self.fd), offset, len)
             .map_err(|e| Error::from_io(format!("cannot decommit section {:?}", self.name()), e))?;
-        registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, offset, false);
+        registry::note_committed(
+            &self.domain.inner.registry,
+            self.rec.slot,
+            self.rec.generation,
+            offset,
+            false,
+        );
         Ok(())
     }
 
     /// Current information (committed and resident sizes are read now).
     pub fn info(&self) -> SectionInfo {
-        let mut rec = self.domain.inner.registry.read_entry(self.rec.slot).filter(|r| r.generation == self.rec.generation).unwrap_or(self.rec);
+        let mut rec = self
+            .domain
+            .inner
+            .registry
+            .read_entry(self.rec.slot)
+            .filter(|r| r.generation == self.rec.generation)
+            .unwrap_or(self.rec);
         rec.state = registry::LIVE;
         let mut info = SectionInfo::from_record(&self.domain.inner.registry, &rec);
-        info.resident = os::stat_object(os::borrow(&self.fd)).ok().map(|s| s.allocated);
+        info.resident = os::stat_object(os::borrow(&self.fd))
+            .ok()
+            .map(|s| s.allocated);
         info
+    }
+}
+
+impl Drop for Section {
+    fn drop(&mut self) {
+        let inner = &self.domain.inner;
+        // AcqRel: the last handle's decrement must see a concurrent `delete_section`'s flag
+        // (checked again under `map_lock` in `unmap_deleted`).
+        if inner.handles[self.rec.slot as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
+            inner.unmap_deleted(&self.rec);
+        }
     }
 }
 

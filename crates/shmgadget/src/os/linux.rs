@@ -65,7 +65,11 @@ pub fn create_object(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<O
 /// Opens an existing object, `openat(2)` with `O_NOFOLLOW | O_CLOEXEC` and `O_RDWR` or
 /// `O_RDONLY`.
 pub fn open_object(dir: BorrowedFd<'_>, name: &str, writable: bool) -> io::Result<OwnedFd> {
-    let access = if writable { OFlags::RDWR } else { OFlags::RDONLY };
+    let access = if writable {
+        OFlags::RDWR
+    } else {
+        OFlags::RDONLY
+    };
     Ok(rustix::fs::openat(
         dir,
         name,
@@ -149,7 +153,12 @@ pub fn list_dir(path: &Path) -> io::Result<Vec<String>> {
 // Liveness tokens: open-file-description byte locks
 // ---------------------------------------------------------------------------------------------
 
-fn ofd_lock_call(fd: BorrowedFd<'_>, cmd: libc::c_int, kind: libc::c_int, offset: u64) -> io::Result<libc::flock> {
+fn ofd_lock_call(
+    fd: BorrowedFd<'_>,
+    cmd: libc::c_int,
+    kind: libc::c_int,
+    offset: u64,
+) -> io::Result<libc::flock> {
     // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind as libc::c_short;
@@ -160,7 +169,11 @@ fn ofd_lock_call(fd: BorrowedFd<'_>, cmd: libc::c_int, kind: libc::c_int, offset
     // SAFETY: `fd` is a valid open descriptor for the duration of the call and `fl` is a valid,
     // exclusively borrowed `struct flock` that the kernel may read and write.
     let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
-    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(fl) }
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fl)
+    }
 }
 
 /// Takes an exclusive open-file-description lock on one byte, `fcntl(2)` `F_OFD_SETLK`.
@@ -261,17 +274,39 @@ pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
 /// # Safety
 /// The range must lie inside a reservation owned by the caller (so `MAP_FIXED` replaces only
 /// the caller's own pages), and no live Rust reference may point into memory it replaces.
-pub unsafe fn map_shared_fixed(fd: BorrowedFd<'_>, addr: usize, len: usize, writable: bool) -> io::Result<()> {
-    let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
+pub unsafe fn map_shared_fixed(
+    fd: BorrowedFd<'_>,
+    addr: usize,
+    len: usize,
+    writable: bool,
+) -> io::Result<()> {
+    let prot = if writable {
+        ProtFlags::READ | ProtFlags::WRITE
+    } else {
+        ProtFlags::READ
+    };
     // SAFETY: forwarded from the caller.
-    let p = unsafe { rustix::mm::mmap(addr as *mut c_void, len, prot, MapFlags::SHARED | MapFlags::FIXED, fd, 0)? };
+    let p = unsafe {
+        rustix::mm::mmap(
+            addr as *mut c_void,
+            len,
+            prot,
+            MapFlags::SHARED | MapFlags::FIXED,
+            fd,
+            0,
+        )?
+    };
     debug_assert_eq!(p as usize, addr);
     Ok(())
 }
 
 /// Maps `len` bytes of `fd` wherever the kernel likes, shared: `mmap(2)` with `MAP_SHARED`.
 pub fn map_shared(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<NonNull<u8>> {
-    let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
+    let prot = if writable {
+        ProtFlags::READ | ProtFlags::WRITE
+    } else {
+        ProtFlags::READ
+    };
     // SAFETY: without MAP_FIXED the kernel picks an unused range, so no existing memory is
     // affected.
     let p = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
@@ -356,8 +391,14 @@ impl RawRobustMutex {
             let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
             check(libc::pthread_mutexattr_init(&mut attr))?;
             let r = (|| {
-                check(libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED))?;
-                check(libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST))?;
+                check(libc::pthread_mutexattr_setpshared(
+                    &mut attr,
+                    libc::PTHREAD_PROCESS_SHARED,
+                ))?;
+                check(libc::pthread_mutexattr_setrobust(
+                    &mut attr,
+                    libc::PTHREAD_MUTEX_ROBUST,
+                ))?;
                 check(libc::pthread_mutex_init(self.raw(), &attr))
             })();
             libc::pthread_mutexattr_destroy(&mut attr);
@@ -442,7 +483,11 @@ unsafe extern "C" {
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
 }
 
 /// Borrows an owned descriptor (helper so callers above need not import `AsFd`).

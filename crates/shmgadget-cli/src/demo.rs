@@ -1,0 +1,239 @@
+//! `shmgadget demo`: two separate processes share a pointer-linked structure.
+//!
+//! The parent re-executes itself twice (no fork). The *builder* links N nodes, in scrambled
+//! order, with plain pointers inside a section and exits. The *walker*, started afterwards,
+//! follows those pointers from the head and checks the checksum the builder recorded. The
+//! pointers work unchanged because the section has the same address in both processes.
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use shmgadget::{Domain, DomainOptions, SectionOptions};
+
+const SECTION: &str = "demo.list";
+const MAGIC: u64 = u64::from_le_bytes(*b"DEMOLIST");
+const NODES_OFFSET: usize = 4096;
+
+/// The list header, at the start of the section.
+#[repr(C)]
+struct Header {
+    magic: u64,
+    count: u64,
+    head: *mut Node,
+    checksum: u64,
+}
+
+/// One node. `next` is a plain pointer into the same section.
+#[repr(C)]
+struct Node {
+    next: *mut Node,
+    value: u64,
+    index: u64,
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn mix(h: u64, node_value: u64, node_index: u64) -> u64 {
+    h.rotate_left(7) ^ node_value ^ node_index.wrapping_mul(0x100_0000_01b3)
+}
+
+fn options(shm_dir: Option<&Path>) -> DomainOptions {
+    DomainOptions {
+        window_size: 4 << 30,
+        shm_dir: shm_dir.map(Path::to_path_buf),
+        ..Default::default()
+    }
+}
+
+/// Runs the demo: builder, walker, clean-up.
+pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if nodes == 0 || nodes > 50_000_000 {
+        return Err("--nodes must be between 1 and 50,000,000".into());
+    }
+    let domain = format!("demo-{}", std::process::id());
+    println!(
+        "shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n"
+    );
+    let started = Instant::now();
+    let exe = std::env::current_exe()?;
+    let mut result = Ok(ExitCode::SUCCESS);
+    for role in ["build", "walk"] {
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "demo-worker",
+            role,
+            "--nodes",
+            &nodes.to_string(),
+            "--domain",
+            &domain,
+        ]);
+        if let Some(dir) = shm_dir {
+            cmd.arg("--shm-dir").arg(dir);
+        }
+        let status = cmd.status()?;
+        if !status.success() {
+            result = Err(format!("the {role} process failed ({status})").into());
+            break;
+        }
+    }
+    // Clean up whatever happened: delete the section; the registry goes with the last detach.
+    let opts = DomainOptions {
+        must_exist: true,
+        ..options(shm_dir)
+    };
+    if let Ok(d) = Domain::attach_with(&domain, &opts) {
+        let _ = d.delete_section(SECTION);
+        d.detach()?;
+    }
+    if result.is_ok() {
+        println!(
+            "\nboth processes saw the section at the same address; total {:.1} ms, cleaned up",
+            ms(started)
+        );
+    }
+    result
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// One demo process.
+pub fn worker(
+    domain: &str,
+    shm_dir: Option<&Path>,
+    role: &str,
+    nodes: u64,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match role {
+        "build" => build(domain, shm_dir, nodes),
+        "walk" => walk(domain, shm_dir),
+        other => Err(format!("unknown demo role {other:?}").into()),
+    }
+}
+
+fn build(
+    domain: &str,
+    shm_dir: Option<&Path>,
+    nodes: u64,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let d = Domain::attach_with(domain, &options(shm_dir))?;
+    let bytes = NODES_OFFSET as u64 + nodes * size_of::<Node>() as u64;
+    let section = d.create_section(SECTION, bytes, &SectionOptions::new())?;
+    section.commit(bytes)?;
+    let base = section.as_ptr();
+    // Link the nodes in a scrambled order so the walk jumps around the section.
+    let mut order: Vec<u64> = (0..nodes).collect();
+    let mut seed = 0x5eed_u64;
+    for i in (1..order.len()).rev() {
+        seed = splitmix(seed);
+        order.swap(i, (seed % (i as u64 + 1)) as usize);
+    }
+    // SAFETY: the section is committed for `bytes` bytes, i.e. the header page plus `nodes`
+    // nodes; `NODES_OFFSET` keeps the nodes 8-aligned; no other process uses the section
+    // until this one exits (the walker starts afterwards).
+    let checksum = unsafe {
+        let node_at = |i: u64| base.add(NODES_OFFSET).cast::<Node>().add(i as usize);
+        let mut h = 0u64;
+        for (pos, &i) in order.iter().enumerate() {
+            let next = order
+                .get(pos + 1)
+                .map_or(std::ptr::null_mut(), |&j| node_at(j));
+            let value = splitmix(i);
+            node_at(i).write(Node {
+                next,
+                value,
+                index: i,
+            });
+            h = mix(h, value, i);
+        }
+        base.cast::<Header>().write(Header {
+            magic: MAGIC,
+            count: nodes,
+            head: node_at(order[0]),
+            checksum: h,
+        });
+        h
+    };
+    println!(
+        "[builder pid {}] section {SECTION:?} mapped at {:#x} ({} KiB); linked {nodes} nodes with plain pointers; checksum {checksum:#018x}; {:.1} ms",
+        std::process::id(),
+        base as usize,
+        bytes / 1024,
+        ms(t)
+    );
+    drop(section);
+    d.detach()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let d = Domain::attach_with(
+        domain,
+        &DomainOptions {
+            must_exist: true,
+            ..options(shm_dir)
+        },
+    )?;
+    let section = d.open_section(SECTION)?;
+    let base = section.as_ptr();
+    let lo = base as usize + NODES_OFFSET;
+    let hi = base as usize + section.len();
+    // SAFETY: the header lies in the section's first page, which the builder committed and
+    // wrote before exiting; nobody writes the section while we read it.
+    let header = unsafe { base.cast::<Header>().read() };
+    if header.magic != MAGIC {
+        return Err(format!(
+            "section {SECTION:?} does not hold a demo list (magic {:#x})",
+            header.magic
+        )
+        .into());
+    }
+    let (mut p, mut h, mut seen) = (header.head, 0u64, 0u64);
+    while !p.is_null() {
+        let addr = p as usize;
+        if addr < lo
+            || addr + size_of::<Node>() > hi
+            || addr % align_of::<Node>() != 0
+            || seen >= header.count
+        {
+            return Err(format!(
+                "corrupt list: pointer {addr:#x} after {seen} nodes lies outside the section"
+            )
+            .into());
+        }
+        // SAFETY: `p` was checked to lie, aligned, inside the section's node area, which the
+        // builder wrote completely before exiting.
+        let node = unsafe { p.read() };
+        h = mix(h, node.value, node.index);
+        seen += 1;
+        p = node.next;
+    }
+    let ok = seen == header.count && h == header.checksum;
+    println!(
+        "[walker  pid {}] section {SECTION:?} mapped at {:#x}; followed {seen} pointers; checksum {h:#018x} {}; {:.1} ms",
+        std::process::id(),
+        base as usize,
+        if ok {
+            "OK (matches the builder's)"
+        } else {
+            "MISMATCH"
+        },
+        ms(t)
+    );
+    drop(section);
+    d.detach()?;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
