@@ -198,14 +198,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
             }
         }
-        Command::Demo { nodes } => return Ok(demo::run(cli.shm_dir.as_deref(), *nodes)?),
+        Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes),
         Command::DemoWorker { role, nodes } => {
-            return Ok(demo::worker(
-                &cli.domain,
-                cli.shm_dir.as_deref(),
-                role,
-                *nodes,
-            )?);
+            return demo::worker(&cli.domain, cli.shm_dir.as_deref(), role, *nodes);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -302,15 +302,6 @@ pub struct InlineName {
 }
 
 impl InlineName {
-    fn new(s: &str) -> Self {
-        let mut bytes = [0u8; 64];
-        let n = s.len().min(names::MAX_NAME_LEN);
-        bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
-        InlineName {
-            len: n as u8,
-            bytes,
-        }
-    }
     /// The name. Records are validated when read, so this is always `[A-Za-z0-9._-]+`.
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
@@ -704,10 +695,6 @@ impl Registry {
         &self.dir
     }
 
-    pub fn fd(&self) -> &OwnedFd {
-        &self.fd
-    }
-
     fn header(&self) -> &RegistryShared {
         // SAFETY: the mapping is at least `size_of::<RegistryShared>()` bytes (checked in
         // `open`, made so in `create`), page-aligned, lives as long as `self`, and every field
@@ -753,6 +740,7 @@ impl Registry {
     }
 
     /// A counter bumped on every create and delete; cheap to poll for changes.
+    #[allow(dead_code)] // read by the first-touch fault handler (issue 3)
     pub fn change_count(&self) -> u64 {
         // Acquire: pairs with the Release increments in the guard, so a reader that sees the
         // new count also sees the entries that changed.
@@ -815,6 +803,7 @@ impl Registry {
 
     /// The live section covering window offset `offset`, found through the chunk table in
     /// constant time. Allocation-free and async-signal-safe.
+    #[allow(dead_code)] // used by the first-touch fault handler (issue 3)
     pub fn lookup_offset(&self, offset: u64) -> Option<SectionRecord> {
         if offset >= self.window_size {
             return None;

@@ -7,7 +7,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
-use std::time::Duration;
 
 use rustix::fs::{AtFlags, FallocateFlags, FlockOperation, Mode, OFlags};
 use rustix::mm::{MapFlags, ProtFlags};
@@ -92,8 +91,6 @@ pub struct ObjectStat {
     pub allocated: u64,
     /// Owner (`st_uid`).
     pub uid: u32,
-    /// Permission bits (`st_mode & 0o777`).
-    pub mode: u32,
     /// Whether it is a regular file.
     pub is_regular: bool,
 }
@@ -106,7 +103,6 @@ pub fn stat_object(fd: BorrowedFd<'_>) -> io::Result<ObjectStat> {
         size: st.st_size as u64,
         allocated: (st.st_blocks as u64).saturating_mul(512),
         uid: st.st_uid,
-        mode: st.st_mode & 0o777,
         is_regular: file_type == rustix::fs::FileType::RegularFile,
     })
 }
@@ -422,36 +418,6 @@ impl RawRobustMutex {
         Self::outcome(unsafe { libc::pthread_mutex_lock(self.raw()) })
     }
 
-    /// Locks if free (`pthread_mutex_trylock(3)`); `Ok(None)` when held by someone else.
-    pub fn try_lock(&self) -> io::Result<Option<LockOutcome>> {
-        // SAFETY: as in `lock`.
-        match unsafe { libc::pthread_mutex_trylock(self.raw()) } {
-            libc::EBUSY => Ok(None),
-            rc => Self::outcome(rc).map(Some),
-        }
-    }
-
-    /// Locks, waiting at most `timeout` (`pthread_mutex_clocklock(3)` on `CLOCK_MONOTONIC`);
-    /// `Ok(None)` on timeout.
-    pub fn lock_timeout(&self, timeout: Duration) -> io::Result<Option<LockOutcome>> {
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let total_ns = now.tv_nsec as u128 + timeout.subsec_nanos() as u128;
-        let secs = (now.tv_sec as u64)
-            .saturating_add(timeout.as_secs())
-            .saturating_add((total_ns / 1_000_000_000) as u64)
-            .min(i64::MAX as u64);
-        let deadline = libc::timespec {
-            tv_sec: secs as libc::time_t,
-            tv_nsec: (total_ns % 1_000_000_000) as libc::c_long,
-        };
-        // SAFETY: as in `lock`; `deadline` is a valid timespec.
-        let rc = unsafe { pthread_mutex_clocklock(self.raw(), libc::CLOCK_MONOTONIC, &deadline) };
-        match rc {
-            libc::ETIMEDOUT => Ok(None),
-            rc => Self::outcome(rc).map(Some),
-        }
-    }
-
     /// Marks the protected state repaired after [`LockOutcome::OwnerDied`]
     /// (`pthread_mutex_consistent(3)`).
     ///
@@ -471,15 +437,6 @@ impl RawRobustMutex {
         let rc = unsafe { libc::pthread_mutex_unlock(self.raw()) };
         debug_assert_eq!(rc, 0, "pthread_mutex_unlock failed: {rc}");
     }
-}
-
-unsafe extern "C" {
-    // glibc 2.30+; not exposed by the libc crate for every target.
-    fn pthread_mutex_clocklock(
-        mutex: *mut libc::pthread_mutex_t,
-        clock: libc::clockid_t,
-        abstime: *const libc::timespec,
-    ) -> libc::c_int;
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {
