@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result, bail};
+use crate::fault;
 use crate::names;
 use crate::os;
 use crate::registry::{self, CreateParams, Lifetime, Registry, SectionRecord};
@@ -48,6 +49,11 @@ pub struct DomainOptions {
     pub allow_foreign_owner: bool,
     /// Fail with `NotFound` instead of creating the domain when it does not exist.
     pub must_exist: bool,
+    /// Eager mapping, for hosts that own or block `SIGSEGV`: install no fault handler, map
+    /// every section at attach, and reach later sections with [`crate::ensure_mapped`] or
+    /// [`Domain::map_all`]. Default: `SHMGADGET_EAGER=1` in the environment, else off (map on
+    /// first touch).
+    pub eager: bool,
 }
 
 impl Default for DomainOptions {
@@ -61,6 +67,7 @@ impl Default for DomainOptions {
             shm_dir: None,
             allow_foreign_owner: false,
             must_exist: false,
+            eager: std::env::var_os("SHMGADGET_EAGER").is_some_and(|v| v == "1"),
         }
     }
 }
@@ -152,7 +159,10 @@ pub(crate) struct DomainInner {
     pub(crate) window_base: u64,
     pub(crate) window_size: u64,
     pub(crate) allow_foreign_owner: bool,
-    /// Per registry slot: the generation of the section mapped there in this process (0: none).
+    /// Whether the fault handler maps this domain's sections on first touch (else eager).
+    pub(crate) first_touch: bool,
+    /// Per registry slot: the generation of the section mapped there in this process (0: none;
+    /// see the mapping-word table in `fault`).
     pub(crate) mapped: Box<[AtomicU64]>,
     /// Per registry slot: live `Section` handles in this process.
     pub(crate) handles: Box<[AtomicU32]>,
@@ -223,6 +233,10 @@ impl Domain {
         let mut table = attached();
         let key = (shm_dir.clone(), name.to_owned());
         if let Some(inner) = table.get(&key) {
+            if inner.first_touch {
+                // Notices a handler that replaced ours since, and goes back in front of it.
+                fault::install()?;
+            }
             return Ok(Domain {
                 inner: inner.clone(),
             });
@@ -268,13 +282,26 @@ impl Domain {
             registry,
             proc_slot: slot,
             allow_foreign_owner: opts.allow_foreign_owner,
+            first_touch: !opts.eager,
             mapped,
             handles,
             unmap_when_unused,
             map_lock: Mutex::new(()),
         });
+        let ready = fault::register(&inner)
+            .and_then(|()| if opts.eager { Ok(()) } else { fault::install() });
+        if let Err(e) = ready {
+            let _ = inner.teardown();
+            return Err(e);
+        }
         table.insert(key, inner.clone());
-        Ok(Domain { inner })
+        // Sections opened below hold handles whose drop takes the table lock.
+        drop(table);
+        let domain = Domain { inner };
+        if opts.eager {
+            domain.map_all()?;
+        }
+        Ok(domain)
     }
 
     /// Detaches this handle. When it is the process's last handle to the domain (sections hold
@@ -514,6 +541,36 @@ impl Domain {
         first_err.map_or(Ok(mapped), Err)
     }
 
+    /// See `__testing::forget_mapping`.
+    pub(crate) fn forget_mapping(&self, name: &str) -> Result<()> {
+        let rec = self
+            .inner
+            .registry
+            .lock()?
+            .find_live(name)
+            .ok_or_else(|| not_found(self, name))?;
+        let inner = &self.inner;
+        let _guard = inner.map_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.handles[rec.slot as usize].load(Ordering::Acquire) != 0 {
+            bail!(
+                InvalidArgument,
+                "section {name:?} still has handles in this process"
+            );
+        }
+        // Relaxed: changed under `map_lock`; the handler only maps on a fault, which cannot
+        // happen for this range while it is still mapped.
+        inner.mapped[rec.slot as usize].store(0, Ordering::Relaxed);
+        // SAFETY: the range is this section's place in our reservation and no handle to it
+        // exists in this process; callers (tests, benchmarks) hold no pointers into it.
+        unsafe {
+            os::restore_reservation(
+                (inner.window_base + rec.offset) as usize,
+                rec.reserved as usize,
+            )
+        }
+        .map_err(|e| Error::from_io("cannot unmap", e))
+    }
+
     /// The processes attached to the domain, with their liveness.
     pub fn processes(&self) -> Vec<crate::inspect::ProcessInfo> {
         self.inner
@@ -583,6 +640,7 @@ impl DomainInner {
 
     /// Leaves the domain (see [`Domain::detach`]).
     fn teardown(&self) -> Result<()> {
+        fault::unregister(self);
         let result = (|| {
             let _dir_lock = lock_dir(&self.shm_dir)?;
             let guard = self.registry.lock()?;
@@ -741,4 +799,49 @@ fn choose_window(
         registry::DEFAULT_WINDOW_BASE,
         taken.len()
     )
+}
+
+/// See [`crate::ensure_mapped`].
+pub(crate) fn ensure_mapped(start: usize, len: usize) -> Result<()> {
+    let end = start.checked_add(len).ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!("address range {start:#x}+{len:#x} overflows"),
+        )
+    })?;
+    // Real handles (not bare Arcs): if every other handle goes away meanwhile, dropping these
+    // still detaches the domain properly.
+    let domains: Vec<Domain> = attached()
+        .values()
+        .map(|inner| Domain {
+            inner: inner.clone(),
+        })
+        .collect();
+    let mut at = start;
+    loop {
+        let Some(domain) = domains.iter().find(|d| d.contains(at)) else {
+            bail!(
+                InvalidArgument,
+                "address {at:#x} is not inside the window of any domain attached in this process"
+            );
+        };
+        let inner = &domain.inner;
+        let off = (at - inner.window_base as usize) as u64;
+        let rec = inner.registry.lookup_offset(off).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no live section of domain {:?} covers address {at:#x}",
+                    inner.name
+                ),
+            )
+        })?;
+        if !inner.is_mapped(&rec) {
+            drop(Section::open_record(domain.clone(), rec)?);
+        }
+        at = (inner.window_base + rec.offset + rec.reserved) as usize;
+        if at >= end {
+            return Ok(());
+        }
+    }
 }

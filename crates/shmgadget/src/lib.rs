@@ -48,6 +48,7 @@
 
 mod domain;
 mod error;
+mod fault;
 pub mod inspect;
 mod names;
 mod os;
@@ -56,6 +57,7 @@ mod section;
 
 pub use domain::{DEFAULT_SHM_DIR, Domain, DomainOptions, default_domain_name};
 pub use error::{Error, ErrorKind, Result};
+pub use fault::{MAX_ATTACHED_DOMAINS, ensure_mapped, first_touch_maps, handler_installed};
 pub use names::MAX_NAME_LEN;
 pub use registry::{CHUNK, DEFAULT_WINDOW_BASE, DEFAULT_WINDOW_SIZE, Lifetime, SectionKind};
 pub use section::{Section, SectionInfo, SectionOptions};
@@ -74,5 +76,11 @@ pub mod __testing {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
+    }
+
+    /// Unmaps section `name` from this process (back to a bare reservation) so the next touch
+    /// is a first touch again. Fails if this process holds a handle to it.
+    pub fn forget_mapping(domain: &Domain, name: &str) -> Result<()> {
+        domain.forget_mapping(name)
     }
 }

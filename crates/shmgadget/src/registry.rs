@@ -803,7 +803,6 @@ impl Registry {
 
     /// The live section covering window offset `offset`, found through the chunk table in
     /// constant time. Allocation-free and async-signal-safe.
-    #[allow(dead_code)] // used by the first-touch fault handler (issue 3)
     pub fn lookup_offset(&self, offset: u64) -> Option<SectionRecord> {
         if offset >= self.window_size {
             return None;
