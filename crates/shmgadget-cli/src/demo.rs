@@ -183,12 +183,16 @@ fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::e
             ..options(shm_dir)
         },
     )?;
-    let section = d.open_section(SECTION)?;
-    let base = section.as_ptr();
+    // Learn where the list lives from the registry, but do not open or map the section: the
+    // first dereference below faults, and shmgadget's handler maps it transparently.
+    let info = d.section_info(SECTION)?;
+    let base = info.address as *mut u8;
+    let maps_before = shmgadget::first_touch_maps();
     let lo = base as usize + NODES_OFFSET;
-    let hi = base as usize + section.len();
+    let hi = base as usize + info.reserved as usize;
     // SAFETY: the header lies in the section's first page, which the builder committed and
-    // wrote before exiting; nobody writes the section while we read it.
+    // wrote before exiting; nobody writes the section while we read it. The section is not
+    // mapped yet: this read faults and the handler maps it.
     let header = unsafe { base.cast::<Header>().read() };
     if header.magic != MAGIC {
         return Err(format!(
@@ -218,18 +222,22 @@ fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::e
         p = node.next;
     }
     let ok = seen == header.count && h == header.checksum;
+    let how = if shmgadget::first_touch_maps() > maps_before {
+        "mapped on first touch, no explicit open"
+    } else {
+        "mapped eagerly at attach"
+    };
+    let verdict = if ok {
+        "OK (matches the builder's)"
+    } else {
+        "MISMATCH"
+    };
     println!(
-        "[walker  pid {}] section {SECTION:?} mapped at {:#x}; followed {seen} pointers; checksum {h:#018x} {}; {:.1} ms",
+        "[walker  pid {}] section {SECTION:?} mapped at {:#x} ({how}); followed {seen} pointers; checksum {h:#018x} {verdict}; {:.1} ms",
         std::process::id(),
         base as usize,
-        if ok {
-            "OK (matches the builder's)"
-        } else {
-            "MISMATCH"
-        },
         ms(t)
     );
-    drop(section);
     d.detach()?;
     Ok(if ok {
         ExitCode::SUCCESS

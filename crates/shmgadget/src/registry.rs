@@ -79,6 +79,14 @@ pub const MAX_TABLE_ENTRIES: u32 = 1 << 16;
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
 const LAYOUT_VERSION: u32 = 1;
 const READY: u32 = 0x5244_5921; // "RDY!"
+const TOMBSTONE: u32 = u32::MAX;
+
+/// FNV-1a over the name's bytes, for the name index.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 /// Entry states (see the table in the module docs).
 pub(crate) const FREE: u32 = 0;
@@ -179,7 +187,8 @@ pub(crate) struct RegistryShared {
     chunks_offset: AtomicU64,
     next_generation: AtomicU64,
     place_cursor: AtomicU64,
-    change_count: AtomicU64,
+    name_tombs: AtomicU32,
+    _pad1: AtomicU32,
     created_at: AtomicU64,
     slots_high: AtomicU32,
     procs_high: AtomicU32,
@@ -246,7 +255,7 @@ const ABI_FINGERPRINT: u32 = {
         offset_of!(ProcEntryShared, attached_at) as u64,
         size_of::<RawRobustMutex>() as u64,
         CHUNK,
-        size_of::<usize>() as u64,
+        2, // name index: 2 buckets per section slot, linear probing, FNV-1a
     ];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
@@ -269,6 +278,10 @@ pub(crate) struct Layout {
     pub procs_offset: u64,
     pub chunks_offset: u64,
     pub total_size: u64,
+    /// Derived, not stored: follows the chunk table (covered by `total_size`).
+    pub names_offset: u64,
+    /// Buckets of the name index (a power of two, at least twice `max_sections`).
+    pub name_buckets: u64,
 }
 
 impl Layout {
@@ -278,13 +291,17 @@ impl Layout {
             sections_offset + max_sections as u64 * size_of::<SectionEntryShared>() as u64;
         let chunks_offset = procs_offset + max_procs as u64 * size_of::<ProcEntryShared>() as u64;
         let chunks = window_size / CHUNK;
-        let total = chunks_offset.checked_add(chunks.checked_mul(4)?)?;
+        let names_offset = chunks_offset.checked_add(chunks.checked_mul(4)?)?;
+        let name_buckets = (2 * max_sections as u64).next_power_of_two();
+        let total = names_offset.checked_add(name_buckets * 4)?;
         let page = os::page_size() as u64;
         Some(Layout {
             sections_offset,
             procs_offset,
             chunks_offset,
             total_size: total.div_ceil(page) * page,
+            names_offset,
+            name_buckets,
         })
     }
 }
@@ -567,6 +584,8 @@ impl Registry {
                 procs_offset: 0,
                 chunks_offset: 0,
                 total_size: 0,
+                names_offset: 0,
+                name_buckets: 0,
             },
             window_base: 0,
             window_size: 0,
@@ -651,6 +670,8 @@ impl Registry {
             procs_offset: h.procs_offset.load(Ordering::Relaxed),
             chunks_offset: h.chunks_offset.load(Ordering::Relaxed),
             total_size: h.total_size.load(Ordering::Relaxed),
+            names_offset: layout.names_offset,
+            name_buckets: layout.name_buckets,
         };
         if found != layout {
             return Err(corrupt(
@@ -737,14 +758,6 @@ impl Registry {
                 .add((self.layout.chunks_offset + index * 4) as usize)
                 .cast::<AtomicU32>()
         }
-    }
-
-    /// A counter bumped on every create and delete; cheap to poll for changes.
-    #[allow(dead_code)] // read by the first-touch fault handler (issue 3)
-    pub fn change_count(&self) -> u64 {
-        // Acquire: pairs with the Release increments in the guard, so a reader that sees the
-        // new count also sees the entries that changed.
-        self.header().change_count.load(Ordering::Acquire)
     }
 
     /// Reads one section entry without the lock. `None` if the slot is not in use, the entry
@@ -928,12 +941,75 @@ impl RegistryGuard<'_> {
         e.seq.store(s.wrapping_add(2), Ordering::Release);
     }
 
-    fn bump_changes(&self) {
-        // Release: pairs with the Acquire load in `Registry::change_count`.
-        self.reg
-            .header()
-            .change_count
-            .fetch_add(1, Ordering::Release);
+    fn bucket(&self, i: u64) -> &AtomicU32 {
+        let reg = self.reg;
+        assert!(i < reg.layout.name_buckets);
+        // SAFETY: the name index holds `name_buckets` u32s inside the validated mapping.
+        unsafe {
+            &*reg
+                .base
+                .as_ptr()
+                .add((reg.layout.names_offset + i * 4) as usize)
+                .cast::<AtomicU32>()
+        }
+    }
+
+    /// The buckets to probe for `name`. The name index is open addressing (linear probing)
+    /// over `name_buckets` u32 buckets, each 0 (empty), `TOMBSTONE` (deleted) or slot + 1. It
+    /// is only touched under the lock and derived from the entries, so a torn update is
+    /// repaired by `rebuild_index`.
+    fn probe(&self, name: &str) -> impl Iterator<Item = u64> + 'static {
+        let mask = self.reg.layout.name_buckets - 1;
+        let start = name_hash(name) & mask;
+        (0..=mask).map(move |i| (start + i) & mask)
+    }
+
+    fn index_insert(&self, name: &str, slot: u32) {
+        for b in self.probe(name) {
+            // Relaxed: the index is only accessed under the lock.
+            let v = self.bucket(b).load(Ordering::Relaxed);
+            if v == 0 || v == TOMBSTONE {
+                if v == TOMBSTONE {
+                    self.reg.header().name_tombs.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.bucket(b).store(slot + 1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    fn index_remove(&self, name: &str, slot: u32) {
+        for b in self.probe(name) {
+            // Relaxed: under the lock.
+            let v = self.bucket(b).load(Ordering::Relaxed);
+            if v == 0 {
+                return;
+            }
+            if v == slot + 1 {
+                self.bucket(b).store(TOMBSTONE, Ordering::Relaxed);
+                let tombs = self.reg.header().name_tombs.fetch_add(1, Ordering::Relaxed) + 1;
+                if tombs as u64 > self.reg.layout.name_buckets / 4 {
+                    self.rebuild_index();
+                }
+                return;
+            }
+        }
+    }
+
+    /// Rebuilds the name index from the entries (after a crash, or when tombstones pile up).
+    fn rebuild_index(&self) {
+        for b in 0..self.reg.layout.name_buckets {
+            // Relaxed: under the lock.
+            self.bucket(b).store(0, Ordering::Relaxed);
+        }
+        self.reg.header().name_tombs.store(0, Ordering::Relaxed);
+        for slot in 0..self.slots_high() {
+            if let Some(rec) = self.locked_entry(slot) {
+                if rec.state == CREATING || rec.state == LIVE {
+                    self.index_insert(rec.name.as_str(), slot);
+                }
+            }
+        }
     }
 
     /// The entry of slot `slot` as seen under the lock (no retry needed).
@@ -950,11 +1026,24 @@ impl RegistryGuard<'_> {
             .min(self.reg.max_sections)
     }
 
-    /// The live section called `name`.
+    /// The live section called `name`, through the name index.
     pub fn find_live(&self, name: &str) -> Option<SectionRecord> {
-        (0..self.slots_high())
-            .filter_map(|s| self.locked_entry(s))
-            .find(|r| r.state == LIVE && r.name.as_str() == name)
+        for b in self.probe(name) {
+            // Relaxed: under the lock.
+            let v = self.bucket(b).load(Ordering::Relaxed);
+            if v == 0 {
+                return None;
+            }
+            if v == TOMBSTONE || v > self.reg.max_sections {
+                continue;
+            }
+            if let Some(rec) = self.locked_entry(v - 1) {
+                if rec.name.as_str() == name {
+                    return (rec.state == LIVE).then_some(rec);
+                }
+            }
+        }
+        None
     }
 
     /// Every entry in use.
@@ -1018,6 +1107,7 @@ impl RegistryGuard<'_> {
             h.slots_high.store(slot + 1, Ordering::Relaxed);
         }
         h.place_cursor.store(offset + span, Ordering::Relaxed);
+        self.index_insert(name, slot);
         Ok(self.locked_entry(slot).expect("entry just written"))
     }
 
@@ -1077,12 +1167,12 @@ impl RegistryGuard<'_> {
     /// Marks a `CREATING` entry `LIVE`.
     pub fn finish_create(&self, slot: u32) {
         self.write_entry(slot, |e| e.state.store(LIVE, Ordering::Relaxed));
-        self.bump_changes();
     }
 
     /// Removes an entry whatever its state: unlinks its object, clears its chunks, frees the
     /// slot. Missing objects are fine (a crash may have removed or never made them).
     pub fn remove(&self, rec: &SectionRecord) -> Result<()> {
+        self.index_remove(rec.name.as_str(), rec.slot);
         self.write_entry(rec.slot, |e| e.state.store(DELETING, Ordering::Relaxed));
         let object = names::section_object(&self.reg.domain, rec.generation, rec.name.as_str());
         let unlinked = match os::unlink_object(os::borrow(&self.reg.dir), &object) {
@@ -1103,7 +1193,6 @@ impl RegistryGuard<'_> {
             }
         }
         self.write_entry(rec.slot, |e| e.state.store(FREE, Ordering::Relaxed));
-        self.bump_changes();
         unlinked
     }
 
@@ -1128,6 +1217,7 @@ impl RegistryGuard<'_> {
                 }
             }
         }
+        self.rebuild_index();
     }
 
     /// Claims a process slot for the calling process and takes its liveness token.

@@ -237,6 +237,7 @@ fn faults_that_are_not_ours_still_crash_as_before() {
         }
         Some("overflow") => {
             let _d = Domain::attach_with(&child_domain(), &small(GIB)).unwrap();
+            #[allow(unconditional_recursion)] // the point: overflow the stack
             fn recurse(n: u64) -> u64 {
                 let buf = std::hint::black_box([n; 64]);
                 recurse(buf[3] + 1) + buf[7]
