@@ -1063,7 +1063,9 @@ impl RegistryGuard<'_> {
         reserved: u64,
     ) -> Result<SectionRecord> {
         let reg = self.reg;
-        let Some(slot) = (0..reg.max_sections).find(|&s| {
+        // Never-used slots first (O(1) while the table grows), then any freed one.
+        let high = self.slots_high();
+        let Some(slot) = (high..reg.max_sections).take(1).chain(0..high).find(|&s| {
             // Relaxed: under the lock.
             reg.entry(s).state.load(Ordering::Relaxed) == FREE
         }) else {
@@ -1123,6 +1125,15 @@ impl RegistryGuard<'_> {
                 reg.domain,
                 reg.window_size
             );
+        }
+        // Fast path: the range at the next-fit cursor is free in the chunk table.
+        // Relaxed: under the lock.
+        let cursor = reg.header().place_cursor.load(Ordering::Relaxed);
+        if cursor.checked_add(span).is_some_and(|end| end <= reg.window_size)
+            // Relaxed: the chunk table is written only under the lock, which we hold.
+            && (cursor / CHUNK..(cursor + span) / CHUNK).all(|c| reg.chunk(c).load(Ordering::Relaxed) == 0)
+        {
+            return Ok(cursor);
         }
         let mut used: Vec<(u64, u64)> = self
             .all_entries()

@@ -830,3 +830,37 @@ fn creating_and_deleting_sections_in_a_loop_does_not_leak_mappings() {
     d.detach().unwrap();
     assert_clean(&domain);
 }
+
+#[test]
+fn thousands_of_names_stay_findable_through_deletes_and_recreates() {
+    let domain = unique_domain("names");
+    let opts = DomainOptions {
+        max_sections: 2048,
+        ..small(8 * GIB)
+    };
+    let d = Domain::attach_with(&domain, &opts).unwrap();
+    let t = SectionOptions::new().transient();
+    let name = |i: u32| format!("n{i}");
+    for i in 0..2000 {
+        drop(d.create_section(&name(i), 4096, &t).unwrap());
+    }
+    for i in (0..2000).step_by(2) {
+        d.delete_section(&name(i)).unwrap();
+    }
+    for i in 0..2000 {
+        let found = d.open_section(&name(i));
+        assert_eq!(found.is_ok(), i % 2 == 1, "section {i}: {found:?}");
+    }
+    for i in (0..2000).step_by(2) {
+        drop(d.create_section(&name(i), 4096, &t).unwrap());
+    }
+    for i in 0..2000 {
+        assert_eq!(d.open_section(&name(i)).unwrap().name(), name(i));
+    }
+    assert_eq!(
+        d.create_section(&name(7), 4096, &t).unwrap_err().kind(),
+        ErrorKind::AlreadyExists
+    );
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
