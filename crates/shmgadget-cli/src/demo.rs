@@ -44,11 +44,7 @@ fn mix(h: u64, node_value: u64, node_index: u64) -> u64 {
 }
 
 fn options(shm_dir: Option<&Path>) -> DomainOptions {
-    DomainOptions {
-        window_size: 4 << 30,
-        shm_dir: shm_dir.map(Path::to_path_buf),
-        ..Default::default()
-    }
+    DomainOptions { window_size: 4 << 30, shm_dir: shm_dir.map(Path::to_path_buf), ..Default::default() }
 }
 
 /// Runs the demo: builder, walker, clean-up.
@@ -57,22 +53,13 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         return Err("--nodes must be between 1 and 50,000,000".into());
     }
     let domain = format!("demo-{}", std::process::id());
-    println!(
-        "shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n"
-    );
+    println!("shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n");
     let started = Instant::now();
     let exe = std::env::current_exe()?;
     let mut result = Ok(ExitCode::SUCCESS);
     for role in ["build", "walk"] {
         let mut cmd = Command::new(&exe);
-        cmd.args([
-            "demo-worker",
-            role,
-            "--nodes",
-            &nodes.to_string(),
-            "--domain",
-            &domain,
-        ]);
+        cmd.args(["demo-worker", role, "--nodes", &nodes.to_string(), "--domain", &domain]);
         if let Some(dir) = shm_dir {
             cmd.arg("--shm-dir").arg(dir);
         }
@@ -83,19 +70,13 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         }
     }
     // Clean up whatever happened: delete the section; the registry goes with the last detach.
-    let opts = DomainOptions {
-        must_exist: true,
-        ..options(shm_dir)
-    };
+    let opts = DomainOptions { must_exist: true, ..options(shm_dir) };
     if let Ok(d) = Domain::attach_with(&domain, &opts) {
         let _ = d.delete_section(SECTION);
         d.detach()?;
     }
     if result.is_ok() {
-        println!(
-            "\nboth processes saw the section at the same address; total {:.1} ms, cleaned up",
-            ms(started)
-        );
+        println!("\nboth processes saw the section at the same address; total {:.1} ms, cleaned up", ms(started));
     }
     result
 }
@@ -118,11 +99,7 @@ pub fn worker(
     }
 }
 
-fn build(
-    domain: &str,
-    shm_dir: Option<&Path>,
-    nodes: u64,
-) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn build(domain: &str, shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let t = Instant::now();
     let d = Domain::attach_with(domain, &options(shm_dir))?;
     let bytes = NODES_OFFSET as u64 + nodes * size_of::<Node>() as u64;
@@ -143,23 +120,12 @@ fn build(
         let node_at = |i: u64| base.add(NODES_OFFSET).cast::<Node>().add(i as usize);
         let mut h = 0u64;
         for (pos, &i) in order.iter().enumerate() {
-            let next = order
-                .get(pos + 1)
-                .map_or(std::ptr::null_mut(), |&j| node_at(j));
+            let next = order.get(pos + 1).map_or(std::ptr::null_mut(), |&j| node_at(j));
             let value = splitmix(i);
-            node_at(i).write(Node {
-                next,
-                value,
-                index: i,
-            });
+            node_at(i).write(Node { next, value, index: i });
             h = mix(h, value, i);
         }
-        base.cast::<Header>().write(Header {
-            magic: MAGIC,
-            count: nodes,
-            head: node_at(order[0]),
-            checksum: h,
-        });
+        base.cast::<Header>().write(Header { magic: MAGIC, count: nodes, head: node_at(order[0]), checksum: h });
         h
     };
     println!(
@@ -176,13 +142,7 @@ fn build(
 
 fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let t = Instant::now();
-    let d = Domain::attach_with(
-        domain,
-        &DomainOptions {
-            must_exist: true,
-            ..options(shm_dir)
-        },
-    )?;
+    let d = Domain::attach_with(domain, &DomainOptions { must_exist: true, ..options(shm_dir) })?;
     // Learn where the list lives from the registry, but do not open or map the section: the
     // first dereference below faults, and shmgadget's handler maps it transparently.
     let info = d.section_info(SECTION)?;
@@ -195,24 +155,13 @@ fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::e
     // mapped yet: this read faults and the handler maps it.
     let header = unsafe { base.cast::<Header>().read() };
     if header.magic != MAGIC {
-        return Err(format!(
-            "section {SECTION:?} does not hold a demo list (magic {:#x})",
-            header.magic
-        )
-        .into());
+        return Err(format!("section {SECTION:?} does not hold a demo list (magic {:#x})", header.magic).into());
     }
     let (mut p, mut h, mut seen) = (header.head, 0u64, 0u64);
     while !p.is_null() {
         let addr = p as usize;
-        if addr < lo
-            || addr + size_of::<Node>() > hi
-            || addr % align_of::<Node>() != 0
-            || seen >= header.count
-        {
-            return Err(format!(
-                "corrupt list: pointer {addr:#x} after {seen} nodes lies outside the section"
-            )
-            .into());
+        if addr < lo || addr + size_of::<Node>() > hi || addr % align_of::<Node>() != 0 || seen >= header.count {
+            return Err(format!("corrupt list: pointer {addr:#x} after {seen} nodes lies outside the section").into());
         }
         // SAFETY: `p` was checked to lie, aligned, inside the section's node area, which the
         // builder wrote completely before exiting.
@@ -227,11 +176,7 @@ fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::e
     } else {
         "mapped eagerly at attach"
     };
-    let verdict = if ok {
-        "OK (matches the builder's)"
-    } else {
-        "MISMATCH"
-    };
+    let verdict = if ok { "OK (matches the builder's)" } else { "MISMATCH" };
     println!(
         "[walker  pid {}] section {SECTION:?} mapped at {:#x} ({how}); followed {seen} pointers; checksum {h:#018x} {verdict}; {:.1} ms",
         std::process::id(),
@@ -239,9 +184,5 @@ fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::e
         ms(t)
     );
     d.detach()?;
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

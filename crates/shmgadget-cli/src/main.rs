@@ -19,13 +19,7 @@ use size::{format_size, parse_size};
 #[command(name = "shmgadget", version, about, long_about = None)]
 struct Cli {
     /// Domain to work on.
-    #[arg(
-        long,
-        short = 'd',
-        global = true,
-        env = "SHMGADGET_DOMAIN",
-        default_value = "default"
-    )]
+    #[arg(long, short = 'd', global = true, env = "SHMGADGET_DOMAIN", default_value = "default")]
     domain: String,
 
     /// Directory of the backing objects (a tmpfs or hugetlbfs mount).
@@ -118,10 +112,7 @@ fn main() -> ExitCode {
 }
 
 fn options(cli: &Cli) -> DomainOptions {
-    DomainOptions {
-        shm_dir: cli.shm_dir.clone(),
-        ..Default::default()
-    }
+    DomainOptions { shm_dir: cli.shm_dir.clone(), ..Default::default() }
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -129,13 +120,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Domains => cmd_domains(cli)?,
         Command::Ls => cmd_ls(cli)?,
         Command::Info { name } => cmd_info(cli, name)?,
-        Command::Create {
-            name,
-            size,
-            transient,
-            mode,
-            commit,
-        } => {
+        Command::Create { name, size, transient, mode, commit } => {
             let domain = Domain::attach_with(&cli.domain, &options(cli))?;
             let mut opts = SectionOptions::new().mode(*mode).kind(SectionKind::Raw);
             if *transient {
@@ -157,10 +142,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
         Command::Rm { name } => {
-            let opts = DomainOptions {
-                must_exist: true,
-                ..options(cli)
-            };
+            let opts = DomainOptions { must_exist: true, ..options(cli) };
             let domain = Domain::attach_with(&cli.domain, &opts)?;
             domain.delete_section(name)?;
             domain.detach()?;
@@ -216,9 +198,7 @@ fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         println!("no domains in {}", shm_dir_shown(cli));
         return Ok(());
     }
-    let mut t = table(&[
-        "domain", "window", "size", "sections", "reserved", "resident", "attached", "live",
-    ]);
+    let mut t = table(&["domain", "window", "size", "sections", "reserved", "resident", "attached", "live"]);
     for d in &domains {
         match d {
             DomainEntry::Ok(r) => {
@@ -245,13 +225,7 @@ fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn shm_dir_shown(cli: &Cli) -> String {
-    DomainOptions {
-        shm_dir: cli.shm_dir.clone(),
-        ..Default::default()
-    }
-    .resolved_shm_dir()
-    .display()
-    .to_string()
+    DomainOptions { shm_dir: cli.shm_dir.clone(), ..Default::default() }.resolved_shm_dir().display().to_string()
 }
 
 fn section_row(s: &SectionInfo) -> Vec<String> {
@@ -278,17 +252,8 @@ fn cmd_ls(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         println!("domain {:?} has no sections", report.name);
         return Ok(());
     }
-    let mut t = table(&[
-        "name",
-        "kind",
-        "address range",
-        "reserved",
-        "committed",
-        "resident",
-        "lifetime",
-        "owner",
-        "mode",
-    ]);
+    let mut t =
+        table(&["name", "kind", "address range", "reserved", "committed", "resident", "lifetime", "owner", "mode"]);
     for s in &report.sections {
         t.add_row(section_row(s));
     }
@@ -317,24 +282,10 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
         ("name", s.name.clone()),
         ("domain", report.name.clone()),
         ("kind", s.kind.as_str().to_owned()),
-        (
-            "address",
-            format!("{:#x}-{:#x}", s.address, s.address + s.reserved),
-        ),
-        (
-            "reserved",
-            format!("{} ({} bytes)", format_size(s.reserved), s.reserved),
-        ),
-        (
-            "committed",
-            format!("{} ({} bytes)", format_size(s.committed), s.committed),
-        ),
-        (
-            "resident",
-            s.resident
-                .map(|r| format!("{} ({r} bytes)", format_size(r)))
-                .unwrap_or_else(|| "unknown".into()),
-        ),
+        ("address", format!("{:#x}-{:#x}", s.address, s.address + s.reserved)),
+        ("reserved", format!("{} ({} bytes)", format_size(s.reserved), s.reserved)),
+        ("committed", format!("{} ({} bytes)", format_size(s.committed), s.committed)),
+        ("resident", s.resident.map(|r| format!("{} ({r} bytes)", format_size(r))).unwrap_or_else(|| "unknown".into())),
         ("lifetime", lifetime.to_owned()),
         ("owner uid", s.owner_uid.to_string()),
         ("mode", format!("{:o}", s.mode)),

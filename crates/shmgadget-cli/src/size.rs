@@ -3,32 +3,22 @@
 /// Parses a size; K, M, G and T are powers of 1024 (an optional `i`, `B` or `iB` may follow).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let unit = unit.trim();
-    let shift = match unit
-        .to_ascii_lowercase()
-        .trim_end_matches('b')
-        .trim_end_matches('i')
-    {
+    let shift = match unit.to_ascii_lowercase().trim_end_matches('b').trim_end_matches('i') {
         "" => 0,
         "k" => 10,
         "m" => 20,
         "g" => 30,
         "t" => 40,
         _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?}; use a byte count or K, M, G, T (powers of 1024)"
-            ));
+            return Err(format!("{s:?}: unknown unit {unit:?}; use a byte count or K, M, G, T (powers of 1024)"));
         }
     };
     let bad = || format!("{s:?} is not a size; examples: 4096, 64K, 1M, 16G");
     if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(1u64 << shift)
-            .ok_or_else(|| format!("{s:?} is too large"));
+        return n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"));
     }
     let f: f64 = num.parse().map_err(|_| bad())?;
     let v = f * (1u64 << shift) as f64;

@@ -3,11 +3,7 @@
 use std::process::{Command, Output};
 
 fn shmgadget(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shmgadget"))
-        .args(args)
-        .env_remove("SHMGADGET_DOMAIN")
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_shmgadget")).args(args).env_remove("SHMGADGET_DOMAIN").output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -26,31 +22,13 @@ fn leftovers(prefix: &str) -> Vec<String> {
 fn demo_walks_the_builders_pointers_in_a_second_process_and_cleans_up() {
     let out = shmgadget(&["demo", "--nodes", "100000"]);
     let text = stdout(&out);
-    assert!(
-        out.status.success(),
-        "demo failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let addrs: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split(" mapped at ").nth(1)?.split([' ', ';']).next())
-        .collect();
+    assert!(out.status.success(), "demo failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let addrs: Vec<&str> =
+        text.lines().filter_map(|l| l.split(" mapped at ").nth(1)?.split([' ', ';']).next()).collect();
     assert_eq!(addrs.len(), 2, "{text}");
-    assert_eq!(
-        addrs[0], addrs[1],
-        "both processes map the section at the same address"
-    );
-    assert!(
-        text.contains("followed 100000 pointers") && text.contains("OK (matches"),
-        "{text}"
-    );
-    let demo_domain = text
-        .split("domain \"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
+    assert_eq!(addrs[0], addrs[1], "both processes map the section at the same address");
+    assert!(text.contains("followed 100000 pointers") && text.contains("OK (matches"), "{text}");
+    let demo_domain = text.split("domain \"").nth(1).unwrap().split('"').next().unwrap();
     assert!(leftovers(&format!("shmgadget.{demo_domain}:")).is_empty());
 }
 
@@ -58,18 +36,8 @@ fn demo_walks_the_builders_pointers_in_a_second_process_and_cleans_up() {
 fn create_list_inspect_and_remove_a_section() {
     let domain = format!("cli-{}", std::process::id());
     let d = ["--domain", domain.as_str()];
-    let out = shmgadget(
-        &[
-            &d[..],
-            &["create", "big", "--size", "16G", "--commit", "1M"],
-        ]
-        .concat(),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = shmgadget(&[&d[..], &["create", "big", "--size", "16G", "--commit", "1M"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout(&out).contains("16.0 GiB reserved"));
 
     let out = shmgadget(&[&d[..], &["ls", "--json"]].concat());
@@ -84,23 +52,14 @@ fn create_list_inspect_and_remove_a_section() {
 
     let out = shmgadget(&["domains", "--json"]);
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(
-        all.as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["name"] == domain.as_str())
-    );
+    assert!(all.as_array().unwrap().iter().any(|e| e["name"] == domain.as_str()));
 
     let out = shmgadget(&[&d[..], &["create", "big", "--size", "1M"]].concat());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 
     let out = shmgadget(&[&d[..], &["rm", "big"]].concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         leftovers(&format!("shmgadget.{domain}:")).is_empty(),
         "the last section's removal also removed the registry"
@@ -123,26 +82,14 @@ fn user_errors_exit_non_zero_with_advice() {
 fn gc_reports_what_it_removed() {
     let domain = format!("cli-gc-{}", std::process::id());
     // A persistent section keeps the domain; gc leaves it (no dead process, nothing transient).
-    assert!(
-        shmgadget(&["--domain", &domain, "create", "keep", "--size", "4K"])
-            .status
-            .success()
-    );
+    assert!(shmgadget(&["--domain", &domain, "create", "keep", "--size", "4K"]).status.success());
     let out = shmgadget(&["--domain", &domain, "gc"]);
     assert!(out.status.success());
-    assert!(
-        stdout(&out).contains("nothing to clean up"),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains("nothing to clean up"), "{}", stdout(&out));
     // An orphaned object of this domain (as a crash could leave) is removed.
     std::fs::write(format!("/dev/shm/shmgadget.{domain}:999:ghost"), b"").unwrap();
     let out = shmgadget(&["--domain", &domain, "gc"]);
     assert!(stdout(&out).contains("ghost"), "{}", stdout(&out));
-    assert!(
-        shmgadget(&["--domain", &domain, "rm", "keep"])
-            .status
-            .success()
-    );
+    assert!(shmgadget(&["--domain", &domain, "rm", "keep"]).status.success());
     assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
 }

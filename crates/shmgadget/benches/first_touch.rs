@@ -15,8 +15,7 @@ use shmgadget::{__testing::forget_mapping, Domain, SectionOptions};
 fn bench_pair(c: &mut Criterion, group: &str, domain: &Domain, name: &str) {
     let addr = domain.section_info(name).unwrap().address as *const u64;
     let mut g = c.benchmark_group(group);
-    g.measurement_time(Duration::from_secs(3))
-        .warm_up_time(Duration::from_millis(500));
+    g.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
     g.bench_function("explicit_open_map", |b| {
         b.iter_batched(
             || forget_mapping(domain, name).unwrap(),
@@ -49,12 +48,7 @@ fn first_touch(c: &mut Criterion) {
     bench_pair(c, "first_touch_4000_sections", &domain, "last");
     // The first section again, now with 4,000 neighbours mapped in this process: separates the
     // registry lookup (same entry as before) from process-wide costs (more kernel mappings).
-    bench_pair(
-        c,
-        "first_touch_4000_sections_first_entry",
-        &domain,
-        "target",
-    );
+    bench_pair(c, "first_touch_4000_sections_first_entry", &domain, "target");
     domain.detach().unwrap();
 }
 

@@ -23,21 +23,10 @@ fn raw_cycle(name: &CString) {
     // SAFETY: plain POSIX calls on a name and mapping owned by this function; every resource
     // is released before returning.
     unsafe {
-        let fd = libc::shm_open(
-            name.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC,
-            0o600,
-        );
+        let fd = libc::shm_open(name.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC, 0o600);
         assert!(fd >= 0, "shm_open failed");
         assert_eq!(libc::ftruncate(fd, SIZE as libc::off_t), 0);
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        );
+        let p = libc::mmap(std::ptr::null_mut(), SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
         assert_ne!(p, libc::MAP_FAILED);
         libc::munmap(p, SIZE);
         libc::close(fd);
@@ -47,8 +36,7 @@ fn raw_cycle(name: &CString) {
 
 fn lifecycle(c: &mut Criterion) {
     let mut g = c.benchmark_group("lifecycle");
-    g.measurement_time(Duration::from_secs(4))
-        .warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
 
     let raw_name = CString::new(format!("/shmgadget-bench-raw-{}", std::process::id())).unwrap();
     g.bench_function("raw_shm", |b| b.iter(|| raw_cycle(&raw_name)));

@@ -80,9 +80,7 @@ impl DomainOptions {
 
     fn validate(&self) -> Result<()> {
         let ws = self.window_size;
-        if !(registry::MIN_WINDOW_SIZE..=registry::MAX_WINDOW_SIZE).contains(&ws)
-            || ws % registry::CHUNK != 0
-        {
+        if !(registry::MIN_WINDOW_SIZE..=registry::MAX_WINDOW_SIZE).contains(&ws) || ws % registry::CHUNK != 0 {
             bail!(
                 InvalidSize,
                 "window size {ws:#x} is invalid: expected a multiple of 2 MiB between {} MiB and {} TiB",
@@ -91,9 +89,7 @@ impl DomainOptions {
             );
         }
         if let Some(base) = self.window_base {
-            let end_ok = base
-                .checked_add(ws)
-                .is_some_and(|e| e <= os::USER_ADDRESS_LIMIT);
+            let end_ok = base.checked_add(ws).is_some_and(|e| e <= os::USER_ADDRESS_LIMIT);
             if base % registry::CHUNK != 0 || base < registry::MIN_WINDOW_BASE || !end_ok {
                 bail!(
                     InvalidArgument,
@@ -103,24 +99,13 @@ impl DomainOptions {
                 );
             }
         }
-        for (what, v) in [
-            ("max_sections", self.max_sections),
-            ("max_procs", self.max_procs),
-        ] {
+        for (what, v) in [("max_sections", self.max_sections), ("max_procs", self.max_procs)] {
             if !(1..=registry::MAX_TABLE_ENTRIES).contains(&v) {
-                bail!(
-                    InvalidArgument,
-                    "{what} = {v} is out of range: expected 1 to {}",
-                    registry::MAX_TABLE_ENTRIES
-                );
+                bail!(InvalidArgument, "{what} = {v} is out of range: expected 1 to {}", registry::MAX_TABLE_ENTRIES);
             }
         }
         if self.mode & !0o777 != 0 {
-            bail!(
-                InvalidArgument,
-                "mode {:#o} has bits outside 0o777",
-                self.mode
-            );
+            bail!(InvalidArgument, "mode {:#o} has bits outside 0o777", self.mode);
         }
         Ok(())
     }
@@ -129,20 +114,13 @@ impl DomainOptions {
 pub(crate) fn resolve_shm_dir(explicit: Option<&Path>) -> PathBuf {
     explicit
         .map(Path::to_path_buf)
-        .or_else(|| {
-            std::env::var_os("SHMGADGET_SHM_DIR")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
+        .or_else(|| std::env::var_os("SHMGADGET_SHM_DIR").filter(|v| !v.is_empty()).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SHM_DIR))
 }
 
 /// The domain name used when none is given: `SHMGADGET_DOMAIN`, or `default`.
 pub fn default_domain_name() -> String {
-    std::env::var("SHMGADGET_DOMAIN")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "default".to_owned())
+    std::env::var("SHMGADGET_DOMAIN").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "default".to_owned())
 }
 
 /// This process's attachment to a domain. Cheap to clone; all clones are the same attachment.
@@ -178,8 +156,7 @@ type Key = (PathBuf, String);
 /// Attachments of this process. Holding this lock while attaching or detaching keeps one
 /// attachment per domain and makes a detach finish before a re-attach reserves the window.
 fn attached() -> MutexGuard<'static, HashMap<Key, Arc<DomainInner>>> {
-    static ATTACHED: LazyLock<Mutex<HashMap<Key, Arc<DomainInner>>>> =
-        LazyLock::new(Default::default);
+    static ATTACHED: LazyLock<Mutex<HashMap<Key, Arc<DomainInner>>>> = LazyLock::new(Default::default);
     ATTACHED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -187,20 +164,13 @@ struct DirLock(#[allow(dead_code)] OwnedFd);
 
 fn lock_dir(dir: &Path) -> Result<DirLock> {
     let fd = os::open_dir(dir).map_err(|e| dir_error(dir, e))?;
-    os::lock_exclusive(os::borrow(&fd)).map_err(|e| {
-        Error::from_io(
-            format!("cannot lock the shm directory {}", dir.display()),
-            e,
-        )
-    })?;
+    os::lock_exclusive(os::borrow(&fd))
+        .map_err(|e| Error::from_io(format!("cannot lock the shm directory {}", dir.display()), e))?;
     Ok(DirLock(fd))
 }
 
 fn dir_error(dir: &Path, e: std::io::Error) -> Error {
-    let mut err = Error::from_io(
-        format!("cannot open the shm directory {}", dir.display()),
-        e,
-    );
+    let mut err = Error::from_io(format!("cannot open the shm directory {}", dir.display()), e);
     if err.kind() == ErrorKind::NotFound {
         err = Error::new(
             ErrorKind::NotFound,
@@ -237,9 +207,7 @@ impl Domain {
                 // Notices a handler that replaced ours since, and goes back in front of it.
                 fault::install()?;
             }
-            return Ok(Domain {
-                inner: inner.clone(),
-            });
+            return Ok(Domain { inner: inner.clone() });
         }
         let dir_lock = lock_dir(&shm_dir)?;
         let dir = os::open_dir(&shm_dir).map_err(|e| dir_error(&shm_dir, e))?;
@@ -257,8 +225,7 @@ impl Domain {
                     max_procs: opts.max_procs,
                     mode: opts.mode,
                 };
-                Registry::create(clone_fd(&dir)?, name, &params)
-                    .inspect_err(|_| release_window(base, size))?
+                Registry::create(clone_fd(&dir)?, name, &params).inspect_err(|_| release_window(base, size))?
             }
             Err(e) => return Err(e),
         };
@@ -288,8 +255,7 @@ impl Domain {
             unmap_when_unused,
             map_lock: Mutex::new(()),
         });
-        let ready = fault::register(&inner)
-            .and_then(|()| if opts.eager { Ok(()) } else { fault::install() });
+        let ready = fault::register(&inner).and_then(|()| if opts.eager { Ok(()) } else { fault::install() });
         if let Err(e) = ready {
             let _ = inner.teardown();
             return Err(e);
@@ -335,10 +301,7 @@ impl Domain {
 
     /// Base address and size of the domain's window.
     pub fn window(&self) -> (usize, usize) {
-        (
-            self.inner.window_base as usize,
-            self.inner.window_size as usize,
-        )
+        (self.inner.window_base as usize, self.inner.window_size as usize)
     }
 
     /// Whether `addr` lies inside this domain's window.
@@ -373,12 +336,7 @@ impl Domain {
     /// Opens section `name` if it exists (its reserved size must be at least `size` and its
     /// kind `opts.kind`), otherwise creates it. Returns the section and whether this call
     /// created it. When several processes race, exactly one creates it.
-    pub fn create_or_open_section(
-        &self,
-        name: &str,
-        size: u64,
-        opts: &SectionOptions,
-    ) -> Result<(Section, bool)> {
+    pub fn create_or_open_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<(Section, bool)> {
         let reserved = self.check_new_section(name, size, opts)?;
         for _ in 0..8 {
             let guard = self.inner.registry.lock()?;
@@ -409,19 +367,13 @@ impl Domain {
             drop(guard);
             return Section::map_new(self.clone(), rec, fd).map(|s| (s, true));
         }
-        bail!(
-            NotFound,
-            "section {name:?} kept disappearing while being opened (deleted and re-created concurrently)"
-        )
+        bail!(NotFound, "section {name:?} kept disappearing while being opened (deleted and re-created concurrently)")
     }
 
     fn check_new_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<u64> {
         names::validate(name, "section")?;
         if size == 0 {
-            bail!(
-                InvalidSize,
-                "section {name:?}: size 0 is invalid; expected at least 1 byte"
-            );
+            bail!(InvalidSize, "section {name:?}: size 0 is invalid; expected at least 1 byte");
         }
         let page = os::page_size() as u64;
         let reserved = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
@@ -434,11 +386,7 @@ impl Domain {
             );
         }
         if opts.mode & !0o777 != 0 {
-            bail!(
-                InvalidArgument,
-                "section {name:?}: mode {:#o} has bits outside 0o777",
-                opts.mode
-            );
+            bail!(InvalidArgument, "section {name:?}: mode {:#o} has bits outside 0o777", opts.mode);
         }
         Ok(reserved)
     }
@@ -473,10 +421,7 @@ impl Domain {
             }
             Err(e) => {
                 let _ = guard.remove(&rec);
-                Err(Error::from_io(
-                    format!("cannot create section {name:?} (object {object:?})"),
-                    e,
-                ))
+                Err(Error::from_io(format!("cannot create section {name:?} (object {object:?})"), e))
             }
         }
     }
@@ -543,32 +488,19 @@ impl Domain {
 
     /// See `__testing::forget_mapping`.
     pub(crate) fn forget_mapping(&self, name: &str) -> Result<()> {
-        let rec = self
-            .inner
-            .registry
-            .lock()?
-            .find_live(name)
-            .ok_or_else(|| not_found(self, name))?;
+        let rec = self.inner.registry.lock()?.find_live(name).ok_or_else(|| not_found(self, name))?;
         let inner = &self.inner;
         let _guard = inner.map_lock.lock().unwrap_or_else(|p| p.into_inner());
         if inner.handles[rec.slot as usize].load(Ordering::Acquire) != 0 {
-            bail!(
-                InvalidArgument,
-                "section {name:?} still has handles in this process"
-            );
+            bail!(InvalidArgument, "section {name:?} still has handles in this process");
         }
         // Relaxed: changed under `map_lock`; the handler only maps on a fault, which cannot
         // happen for this range while it is still mapped.
         inner.mapped[rec.slot as usize].store(0, Ordering::Relaxed);
         // SAFETY: the range is this section's place in our reservation and no handle to it
         // exists in this process; callers (tests, benchmarks) hold no pointers into it.
-        unsafe {
-            os::restore_reservation(
-                (inner.window_base + rec.offset) as usize,
-                rec.reserved as usize,
-            )
-        }
-        .map_err(|e| Error::from_io("cannot unmap", e))
+        unsafe { os::restore_reservation((inner.window_base + rec.offset) as usize, rec.reserved as usize) }
+            .map_err(|e| Error::from_io("cannot unmap", e))
     }
 
     /// The processes attached to the domain, with their liveness.
@@ -593,13 +525,7 @@ impl std::fmt::Debug for Domain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Domain")
             .field("name", &self.inner.name)
-            .field(
-                "window",
-                &format_args!(
-                    "{:#x}+{:#x}",
-                    self.inner.window_base, self.inner.window_size
-                ),
-            )
+            .field("window", &format_args!("{:#x}+{:#x}", self.inner.window_base, self.inner.window_size))
             .finish()
     }
 }
@@ -633,8 +559,7 @@ impl DomainInner {
             // SAFETY: the range lies inside this process's window reservation, belongs to a
             // section that is deleted and no longer handed out by the registry, and this
             // process holds no `Section` handle to it (checked above under `map_lock`).
-            let _ =
-                unsafe { os::restore_reservation((self.window_base + off) as usize, len as usize) };
+            let _ = unsafe { os::restore_reservation((self.window_base + off) as usize, len as usize) };
         }
     }
 
@@ -660,10 +585,7 @@ impl DomainInner {
             if guard.all_entries().is_empty() {
                 let object = names::registry_object(&self.name);
                 if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
-                    first_err.get_or_insert(Error::from_io(
-                        format!("cannot remove registry {object:?}"),
-                        e,
-                    ));
+                    first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
                 }
             }
             first_err.map_or(Ok(()), Err)
@@ -674,8 +596,7 @@ impl DomainInner {
 }
 
 fn clone_fd(fd: &OwnedFd) -> Result<OwnedFd> {
-    fd.try_clone()
-        .map_err(|e| Error::from_io("cannot duplicate a descriptor", e))
+    fd.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))
 }
 
 fn not_found(domain: &Domain, name: &str) -> Error {
@@ -715,17 +636,12 @@ fn claim_window(domain: &str, base: u64, size: u64) -> Result<()> {
                  the domain's pointers can only work at that address, so start this program with that range free \
                  (or use another domain)",
                 base + size,
-                if shown.is_empty() {
-                    "an unknown mapping".to_owned()
-                } else {
-                    format!("[{}]", shown.join("; "))
-                }
+                if shown.is_empty() { "an unknown mapping".to_owned() } else { format!("[{}]", shown.join("; ")) }
             )
         }
-        Err(os::ReserveError::Os(e)) => Err(Error::from_io(
-            format!("cannot reserve domain {domain:?}'s window {base:#x}+{size:#x}"),
-            e,
-        )),
+        Err(os::ReserveError::Os(e)) => {
+            Err(Error::from_io(format!("cannot reserve domain {domain:?}'s window {base:#x}+{size:#x}"), e))
+        }
     }
 }
 
@@ -740,12 +656,7 @@ fn release_window(base: u64, size: u64) {
 /// `WINDOW_ALIGN`-aligned range at or above the default base that no other domain's registry
 /// records and that is free in this process. The caller holds the directory lock, so no other
 /// domain can be created meanwhile.
-fn choose_window(
-    shm_dir: &Path,
-    dir: &OwnedFd,
-    name: &str,
-    opts: &DomainOptions,
-) -> Result<(u64, u64)> {
+fn choose_window(shm_dir: &Path, dir: &OwnedFd, name: &str, opts: &DomainOptions) -> Result<(u64, u64)> {
     let size = opts.window_size;
     let mut taken: Vec<(u64, u64, String)> = Vec::new();
     for file in os::list_dir(shm_dir).map_err(|e| dir_error(shm_dir, e))? {
@@ -754,20 +665,11 @@ fn choose_window(
                 continue;
             }
             if let Ok(reg) = Registry::open(clone_fd(dir)?, domain, false, true) {
-                taken.push((
-                    reg.window_base,
-                    reg.window_base + reg.window_size,
-                    domain.to_owned(),
-                ));
+                taken.push((reg.window_base, reg.window_base + reg.window_size, domain.to_owned()));
             }
         }
     }
-    let overlapping = |lo: u64| {
-        taken
-            .iter()
-            .find(|(b, e, _)| *b < lo + size && *e > lo)
-            .cloned()
-    };
+    let overlapping = |lo: u64| taken.iter().find(|(b, e, _)| *b < lo + size && *e > lo).cloned();
     if let Some(base) = opts.window_base {
         if let Some((b, e, other)) = overlapping(base) {
             bail!(
@@ -804,36 +706,22 @@ fn choose_window(
 /// See [`crate::ensure_mapped`].
 pub(crate) fn ensure_mapped(start: usize, len: usize) -> Result<()> {
     let end = start.checked_add(len).ok_or_else(|| {
-        Error::new(
-            ErrorKind::InvalidArgument,
-            format!("address range {start:#x}+{len:#x} overflows"),
-        )
+        Error::new(ErrorKind::InvalidArgument, format!("address range {start:#x}+{len:#x} overflows"))
     })?;
     // Real handles (not bare Arcs): if every other handle goes away meanwhile, dropping these
     // still detaches the domain properly.
-    let domains: Vec<Domain> = attached()
-        .values()
-        .map(|inner| Domain {
-            inner: inner.clone(),
-        })
-        .collect();
+    let domains: Vec<Domain> = attached().values().map(|inner| Domain { inner: inner.clone() }).collect();
     let mut at = start;
     loop {
         let Some(domain) = domains.iter().find(|d| d.contains(at)) else {
-            bail!(
-                InvalidArgument,
-                "address {at:#x} is not inside the window of any domain attached in this process"
-            );
+            bail!(InvalidArgument, "address {at:#x} is not inside the window of any domain attached in this process");
         };
         let inner = &domain.inner;
         let off = (at - inner.window_base as usize) as u64;
         let rec = inner.registry.lookup_offset(off).ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
-                format!(
-                    "no live section of domain {:?} covers address {at:#x}",
-                    inner.name
-                ),
+                format!("no live section of domain {:?} covers address {at:#x}", inner.name),
             )
         })?;
         if !inner.is_mapped(&rec) {

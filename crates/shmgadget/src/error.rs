@@ -34,6 +34,10 @@ pub enum ErrorKind {
     OutOfSpace,
     /// A wait ran out of time.
     Timeout,
+    /// The object waited on was destroyed.
+    Destroyed,
+    /// A lock's previous holder died while holding it (the data may need repair).
+    OwnerDied,
     /// Any other operating-system error.
     Os,
 }
@@ -51,11 +55,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Builds an error of `kind` with a complete, human-readable message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error {
-            kind,
-            message: message.into(),
-            source: None,
-        }
+        Error { kind, message: message.into(), source: None }
     }
 
     /// Builds an error from an OS error, classifying common `errno` values (`EACCES`/`EPERM`
@@ -73,23 +73,18 @@ impl Error {
         message.push_str(": ");
         message.push_str(&err.to_string());
         match kind {
-            ErrorKind::PermissionDenied => message.push_str(
-                " (check the object's owner and mode with `shmgadget ls`, or run as its owner)",
-            ),
+            ErrorKind::PermissionDenied => {
+                message.push_str(" (check the object's owner and mode with `shmgadget ls`, or run as its owner)")
+            }
             ErrorKind::OutOfSpace => message.push_str(
                 " (the backing store is full: free sections with `shmgadget rm`/`gc`, or set \
                  SHMGADGET_SHM_DIR to a larger tmpfs)",
             ),
-            _ if err.raw_os_error() == Some(libc_errno::ENOMEM) => message.push_str(
-                " (out of memory, or this process has too many mappings: see /proc/sys/vm/max_map_count)",
-            ),
+            _ if err.raw_os_error() == Some(libc_errno::ENOMEM) => message
+                .push_str(" (out of memory, or this process has too many mappings: see /proc/sys/vm/max_map_count)"),
             _ => {}
         }
-        Error {
-            kind,
-            message,
-            source: Some(err),
-        }
+        Error { kind, message, source: Some(err) }
     }
 
     /// What went wrong.
@@ -121,11 +116,7 @@ impl fmt::Display for Error {
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Error {{ kind: {:?}, message: {:?} }}",
-            self.kind, self.message
-        )
+        write!(f, "Error {{ kind: {:?}, message: {:?} }}", self.kind, self.message)
     }
 }
 

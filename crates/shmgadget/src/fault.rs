@@ -91,23 +91,13 @@ pub(crate) fn register(inner: &Arc<DomainInner>) -> Result<()> {
     let ptr = Arc::as_ptr(inner).cast_mut();
     for slot in &DOMAINS {
         // SeqCst: see the domain-table protocol in the module docs.
-        if slot
-            .compare_exchange(
-                std::ptr::null_mut(),
-                ptr,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_ok()
-        {
+        if slot.compare_exchange(std::ptr::null_mut(), ptr, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             return Ok(());
         }
     }
     Err(Error::new(
         ErrorKind::RegistryFull,
-        format!(
-            "this process already has {MAX_ATTACHED_DOMAINS} domains attached; detach one first"
-        ),
+        format!("this process already has {MAX_ATTACHED_DOMAINS} domains attached; detach one first"),
     ))
 }
 
@@ -116,12 +106,7 @@ pub(crate) fn unregister(inner: &DomainInner) {
     let ptr = (inner as *const DomainInner).cast_mut();
     for slot in &DOMAINS {
         // SeqCst: see the domain-table protocol in the module docs.
-        let _ = slot.compare_exchange(
-            ptr,
-            std::ptr::null_mut(),
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ = slot.compare_exchange(ptr, std::ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst);
     }
     // SeqCst: pairs with the handler's increment (store-load pattern, see module docs).
     while ACTIVE.load(Ordering::SeqCst) != 0 {
@@ -144,9 +129,7 @@ fn with_domain<R>(addr: usize, f: impl FnOnce(&DomainInner) -> R) -> Option<R> {
         // as ACTIVE counts us (`unregister` clears the entry, then waits for ACTIVE == 0,
         // before the domain can be dropped).
         let d = unsafe { &*p };
-        if addr >= d.window_base as usize
-            && addr - (d.window_base as usize) < d.window_size as usize
-        {
+        if addr >= d.window_base as usize && addr - (d.window_base as usize) < d.window_size as usize {
             out = Some(f(d));
             break;
         }
@@ -191,15 +174,7 @@ impl DomainInner {
                 continue;
             }
             // Acquire on success: orders our mapping after the previous owner's (see table).
-            if word
-                .compare_exchange(
-                    cur,
-                    rec.generation | BUSY,
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
+            if word.compare_exchange(cur, rec.generation | BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 let ok = self.map_signal_safe(&rec);
                 // Release: publishes the new mapping to threads that read `gen`.
                 word.store(if ok { rec.generation } else { cur }, Ordering::Release);
@@ -234,8 +209,7 @@ impl DomainInner {
     /// the name, raw system calls, no allocation.
     fn map_signal_safe(&self, rec: &SectionRecord) -> bool {
         let mut buf = [0u8; 256];
-        let Some(name) = object_name_cstr(&mut buf, &self.name, rec.generation, rec.name.as_str())
-        else {
+        let Some(name) = object_name_cstr(&mut buf, &self.name, rec.generation, rec.name.as_str()) else {
             return false;
         };
         let Ok(fd) = os::open_object_cstr(os::borrow(self.registry.dir()), name) else {
@@ -244,10 +218,7 @@ impl DomainInner {
         let Ok(st) = os::stat_object(os::borrow(&fd)) else {
             return false;
         };
-        if !st.is_regular
-            || st.size != rec.reserved
-            || (st.uid != os::effective_uid() && !self.allow_foreign_owner)
-        {
+        if !st.is_regular || st.size != rec.reserved || (st.uid != os::effective_uid() && !self.allow_foreign_owner) {
             return false;
         }
         let addr = (self.window_base + rec.offset) as usize;
@@ -260,12 +231,7 @@ impl DomainInner {
 }
 
 /// Writes `shmgadget.<domain>:<gen>:<section>\0` into `buf` without allocating.
-fn object_name_cstr<'a>(
-    buf: &'a mut [u8; 256],
-    domain: &str,
-    generation: u64,
-    section: &str,
-) -> Option<&'a CStr> {
+fn object_name_cstr<'a>(buf: &'a mut [u8; 256], domain: &str, generation: u64, section: &str) -> Option<&'a CStr> {
     let mut digits = [0u8; 20];
     let mut n = generation;
     let mut i = digits.len();
@@ -277,14 +243,8 @@ fn object_name_cstr<'a>(
             break;
         }
     }
-    let parts: [&[u8]; 6] = [
-        crate::names::OBJECT_PREFIX.as_bytes(),
-        domain.as_bytes(),
-        b":",
-        &digits[i..],
-        b":",
-        section.as_bytes(),
-    ];
+    let parts: [&[u8]; 6] =
+        [crate::names::OBJECT_PREFIX.as_bytes(), domain.as_bytes(), b":", &digits[i..], b":", section.as_bytes()];
     let mut at = 0;
     for p in parts {
         buf.get_mut(at..at + p.len())?.copy_from_slice(p);
@@ -311,10 +271,7 @@ mod tests {
         let mut buf = [0u8; 256];
         for generation in [0, 7, 1234567890123, u64::MAX] {
             let c = object_name_cstr(&mut buf, "dom.a", generation, "sec-1").unwrap();
-            assert_eq!(
-                c.to_str().unwrap(),
-                crate::names::section_object("dom.a", generation, "sec-1")
-            );
+            assert_eq!(c.to_str().unwrap(), crate::names::section_object("dom.a", generation, "sec-1"));
         }
     }
 }

@@ -31,12 +31,7 @@ pub struct ProcessInfo {
 
 impl ProcessInfo {
     pub(crate) fn from_record(p: &ProcRecord) -> ProcessInfo {
-        ProcessInfo {
-            pid: p.pid,
-            uid: p.uid,
-            attached_at: p.attached_at,
-            alive: p.alive,
-        }
+        ProcessInfo { pid: p.pid, uid: p.uid, attached_at: p.attached_at, alive: p.alive }
     }
 }
 
@@ -78,18 +73,9 @@ pub enum DomainEntry {
     },
 }
 
-fn open_registry(
-    dir: &Path,
-    domain: &str,
-    writable: bool,
-    allow_foreign: bool,
-) -> Result<Registry> {
-    let fd = os::open_dir(dir).map_err(|e| {
-        Error::from_io(
-            format!("cannot open the shm directory {}", dir.display()),
-            e,
-        )
-    })?;
+fn open_registry(dir: &Path, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
+    let fd =
+        os::open_dir(dir).map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))?;
     Registry::open(fd, domain, writable, allow_foreign)
 }
 
@@ -108,11 +94,7 @@ fn report(reg: &Registry) -> DomainReport {
             .filter(|r| r.state == registry::LIVE)
             .map(|r| SectionInfo::from_record(reg, r))
             .collect(),
-        processes: reg
-            .procs(None)
-            .iter()
-            .map(ProcessInfo::from_record)
-            .collect(),
+        processes: reg.procs(None).iter().map(ProcessInfo::from_record).collect(),
     }
 }
 
@@ -127,8 +109,7 @@ pub fn inspect_domain(domain: &str, shm_dir: Option<&Path>) -> Result<DomainRepo
 /// Every domain with a registry in the shm directory.
 pub fn list_domains(shm_dir: Option<&Path>) -> Result<Vec<DomainEntry>> {
     let dir = resolve_shm_dir(shm_dir);
-    let mut files = os::list_dir(&dir)
-        .map_err(|e| Error::from_io(format!("cannot list {}", dir.display()), e))?;
+    let mut files = os::list_dir(&dir).map_err(|e| Error::from_io(format!("cannot list {}", dir.display()), e))?;
     files.sort();
     Ok(files
         .iter()
@@ -138,10 +119,7 @@ pub fn list_domains(shm_dir: Option<&Path>) -> Result<Vec<DomainEntry>> {
         })
         .map(|domain| match open_registry(&dir, &domain, false, true) {
             Ok(reg) => DomainEntry::Ok(report(&reg)),
-            Err(e) => DomainEntry::Unreadable {
-                name: domain,
-                error: e.to_string(),
-            },
+            Err(e) => DomainEntry::Unreadable { name: domain, error: e.to_string() },
         })
         .collect())
 }
@@ -171,25 +149,16 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
         names::validate(d, "domain")?;
     }
     let dir: PathBuf = resolve_shm_dir(shm_dir);
-    let lock_fd = os::open_dir(&dir).map_err(|e| {
-        Error::from_io(
-            format!("cannot open the shm directory {}", dir.display()),
-            e,
-        )
-    })?;
-    os::lock_exclusive(os::borrow(&lock_fd))
-        .map_err(|e| Error::from_io("cannot lock the shm directory", e))?;
-    let dir_fd =
-        os::open_dir(&dir).map_err(|e| Error::from_io("cannot open the shm directory", e))?;
-    let files = os::list_dir(&dir)
-        .map_err(|e| Error::from_io(format!("cannot list {}", dir.display()), e))?;
+    let lock_fd = os::open_dir(&dir)
+        .map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))?;
+    os::lock_exclusive(os::borrow(&lock_fd)).map_err(|e| Error::from_io("cannot lock the shm directory", e))?;
+    let dir_fd = os::open_dir(&dir).map_err(|e| Error::from_io("cannot open the shm directory", e))?;
+    let files = os::list_dir(&dir).map_err(|e| Error::from_io(format!("cannot list {}", dir.display()), e))?;
     let mut out = GcReport::default();
     let mut registries: Vec<String> = files
         .iter()
         .filter_map(|f| match names::parse_object(f) {
-            Some(ObjectName::Registry { domain: d }) if domain.is_none_or(|want| want == d) => {
-                Some(d.to_owned())
-            }
+            Some(ObjectName::Registry { domain: d }) if domain.is_none_or(|want| want == d) => Some(d.to_owned()),
             _ => None,
         })
         .collect();
@@ -220,17 +189,13 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
                 if rec.lifetime == Lifetime::Transient || rec.state != registry::LIVE {
                     guard.remove(&rec)?;
                     if rec.state == registry::LIVE {
-                        out.removed_sections
-                            .push((d.clone(), rec.name.as_str().to_owned()));
+                        out.removed_sections.push((d.clone(), rec.name.as_str().to_owned()));
                     }
                 }
             }
         }
-        let sections: Vec<(u64, String)> = guard
-            .all_entries()
-            .iter()
-            .map(|r| (r.generation, r.name.as_str().to_owned()))
-            .collect();
+        let sections: Vec<(u64, String)> =
+            guard.all_entries().iter().map(|r| (r.generation, r.name.as_str().to_owned())).collect();
         if sections.is_empty() && !guard.others_alive(None) {
             os::unlink_object(os::borrow(&dir_fd), &names::registry_object(d))
                 .map_err(|e| Error::from_io("cannot remove a registry", e))?;
@@ -243,12 +208,7 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
     // refers to. Creation happens under the registry lock after the directory lock we hold, so
     // nothing is half-created now.
     for f in &files {
-        if let Some(ObjectName::Section {
-            domain: d,
-            generation,
-            section,
-        }) = names::parse_object(f)
-        {
+        if let Some(ObjectName::Section { domain: d, generation, section }) = names::parse_object(f) {
             if domain.is_some_and(|want| want != d) {
                 continue;
             }
@@ -264,10 +224,7 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
                     Ok(()) => out.removed_orphans.push(f.clone()),
                     Err(e) if e.raw_os_error() == Some(2) => {}
                     Err(e) => {
-                        return Err(Error::from_io(
-                            format!("cannot remove orphan object {f:?}"),
-                            e,
-                        ));
+                        return Err(Error::from_io(format!("cannot remove orphan object {f:?}"), e));
                     }
                 }
             }

@@ -54,13 +54,16 @@ mod names;
 mod os;
 mod registry;
 mod section;
+mod shm_safe;
+pub mod sync;
 
 pub use domain::{DEFAULT_SHM_DIR, Domain, DomainOptions, default_domain_name};
 pub use error::{Error, ErrorKind, Result};
 pub use fault::{MAX_ATTACHED_DOMAINS, ensure_mapped, first_touch_maps, handler_installed};
 pub use names::MAX_NAME_LEN;
 pub use registry::{CHUNK, DEFAULT_WINDOW_BASE, DEFAULT_WINDOW_SIZE, Lifetime, SectionKind};
-pub use section::{Section, SectionInfo, SectionOptions};
+pub use section::{AnyBitPattern, InPlace, Section, SectionInfo, SectionOptions};
+pub use shm_safe::ShmSafe;
 
 /// Hooks for shmgadget's own crash tests. Not part of the API; do not use.
 #[doc(hidden)]

@@ -27,16 +27,10 @@ pub fn validate(name: &str, what: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(Error::new(
             ErrorKind::InvalidName,
-            format!(
-                "invalid {what} name {name:?}: it has {} bytes, expected 1 to {MAX_NAME_LEN}",
-                name.len()
-            ),
+            format!("invalid {what} name {name:?}: it has {} bytes, expected 1 to {MAX_NAME_LEN}", name.len()),
         ));
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(Error::new(
             ErrorKind::InvalidName,
             format!(
@@ -69,32 +63,24 @@ pub enum ObjectName<'a> {
     /// A domain registry.
     Registry { domain: &'a str },
     /// A section's backing object.
-    Section {
-        domain: &'a str,
-        generation: u64,
-        section: &'a str,
-    },
+    Section { domain: &'a str, generation: u64, section: &'a str },
 }
 
 /// Parses a file name from the shm directory; `None` for anything that is not ours.
 pub fn parse_object(file: &str) -> Option<ObjectName<'_>> {
     let rest = file.strip_prefix(OBJECT_PREFIX)?;
     if let Some(domain) = rest.strip_suffix(REGISTRY_SUFFIX) {
-        return validate(domain, "domain")
-            .is_ok()
-            .then_some(ObjectName::Registry { domain });
+        return validate(domain, "domain").is_ok().then_some(ObjectName::Registry { domain });
     }
     let mut parts = rest.splitn(3, ':');
     let domain = parts.next()?;
     let generation = parts.next()?.parse().ok()?;
     let section = parts.next()?;
-    (validate(domain, "domain").is_ok() && validate(section, "section").is_ok()).then_some(
-        ObjectName::Section {
-            domain,
-            generation,
-            section,
-        },
-    )
+    (validate(domain, "domain").is_ok() && validate(section, "section").is_ok()).then_some(ObjectName::Section {
+        domain,
+        generation,
+        section,
+    })
 }
 
 #[cfg(test)]
@@ -103,21 +89,8 @@ mod tests {
 
     #[test]
     fn names_outside_the_alphabet_or_length_are_rejected() {
-        for bad in [
-            "",
-            "a/b",
-            "a:b",
-            "é",
-            "with space",
-            ".",
-            "..",
-            &"x".repeat(64),
-        ] {
-            assert_eq!(
-                validate(bad, "section").unwrap_err().kind(),
-                ErrorKind::InvalidName,
-                "{bad:?}"
-            );
+        for bad in ["", "a/b", "a:b", "é", "with space", ".", "..", &"x".repeat(64)] {
+            assert_eq!(validate(bad, "section").unwrap_err().kind(), ErrorKind::InvalidName, "{bad:?}");
         }
         for good in ["a", "A.b-c_9", &"x".repeat(63), "..."] {
             validate(good, "section").unwrap();
@@ -126,17 +99,10 @@ mod tests {
 
     #[test]
     fn object_names_parse_back() {
-        assert_eq!(
-            parse_object(&registry_object("d.1")),
-            Some(ObjectName::Registry { domain: "d.1" })
-        );
+        assert_eq!(parse_object(&registry_object("d.1")), Some(ObjectName::Registry { domain: "d.1" }));
         assert_eq!(
             parse_object(&section_object("d", 42, "s.x")),
-            Some(ObjectName::Section {
-                domain: "d",
-                generation: 42,
-                section: "s.x"
-            })
+            Some(ObjectName::Section { domain: "d", generation: 42, section: "s.x" })
         );
         assert_eq!(parse_object("other"), None);
         assert_eq!(parse_object("shmgadget.d:zz:s"), None);

@@ -83,9 +83,7 @@ const TOMBSTONE: u32 = u32::MAX;
 
 /// FNV-1a over the name's bytes, for the name index.
 fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// Entry states (see the table in the module docs).
@@ -287,8 +285,7 @@ pub(crate) struct Layout {
 impl Layout {
     pub fn compute(max_sections: u32, max_procs: u32, window_size: u64) -> Option<Layout> {
         let sections_offset = size_of::<RegistryShared>() as u64;
-        let procs_offset =
-            sections_offset + max_sections as u64 * size_of::<SectionEntryShared>() as u64;
+        let procs_offset = sections_offset + max_sections as u64 * size_of::<SectionEntryShared>() as u64;
         let chunks_offset = procs_offset + max_procs as u64 * size_of::<ProcEntryShared>() as u64;
         let chunks = window_size / CHUNK;
         let names_offset = chunks_offset.checked_add(chunks.checked_mul(4)?)?;
@@ -403,10 +400,7 @@ unsafe impl Send for Registry {}
 unsafe impl Sync for Registry {}
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn pack_name(dst: &[AtomicU64; 8], name: &str) {
@@ -429,13 +423,8 @@ fn unpack_name(src: &[AtomicU64; 8], len: u32) -> Option<InlineName> {
         // Relaxed: the caller validates consistency (seqlock or `ready`).
         bytes[i * 8..i * 8 + 8].copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
     }
-    let name = InlineName {
-        len: len as u8,
-        bytes,
-    };
-    let valid = name.bytes[..len as usize]
-        .iter()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    let name = InlineName { len: len as u8, bytes };
+    let valid = name.bytes[..len as usize].iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
     valid.then_some(name)
 }
 
@@ -455,29 +444,19 @@ impl Registry {
         let layout = Layout::compute(p.max_sections, p.max_procs, p.window_size)
             .ok_or_else(|| Error::new(ErrorKind::InvalidSize, "registry size overflows"))?;
         let object = names::registry_object(domain);
-        let fd = os::create_object(os::borrow(&dir), &object, p.mode).map_err(|e| {
-            Error::from_io(
-                format!("cannot create the registry of domain {domain:?}"),
-                e,
-            )
-        })?;
+        let fd = os::create_object(os::borrow(&dir), &object, p.mode)
+            .map_err(|e| Error::from_io(format!("cannot create the registry of domain {domain:?}"), e))?;
         let cleanup = |e: Error| {
             let _ = os::unlink_object(os::borrow(&dir), &object);
             e
         };
         if let Err(e) = os::set_size(os::borrow(&fd), layout.total_size) {
-            return Err(cleanup(Error::from_io(
-                format!("cannot size the registry of domain {domain:?}"),
-                e,
-            )));
+            return Err(cleanup(Error::from_io(format!("cannot size the registry of domain {domain:?}"), e)));
         }
         let base = match os::map_shared(os::borrow(&fd), layout.total_size as usize, true) {
             Ok(base) => base,
             Err(e) => {
-                return Err(cleanup(Error::from_io(
-                    format!("cannot map the registry of domain {domain:?}"),
-                    e,
-                )));
+                return Err(cleanup(Error::from_io(format!("cannot map the registry of domain {domain:?}"), e)));
             }
         };
         let reg = Registry {
@@ -506,11 +485,9 @@ impl Registry {
         h.total_size.store(layout.total_size, Ordering::Relaxed);
         h.window_base.store(p.window_base, Ordering::Relaxed);
         h.window_size.store(p.window_size, Ordering::Relaxed);
-        h.sections_offset
-            .store(layout.sections_offset, Ordering::Relaxed);
+        h.sections_offset.store(layout.sections_offset, Ordering::Relaxed);
         h.procs_offset.store(layout.procs_offset, Ordering::Relaxed);
-        h.chunks_offset
-            .store(layout.chunks_offset, Ordering::Relaxed);
+        h.chunks_offset.store(layout.chunks_offset, Ordering::Relaxed);
         h.next_generation.store(1, Ordering::Relaxed);
         h.created_at.store(reg.created_at, Ordering::Relaxed);
         h.domain_len.store(domain.len() as u32, Ordering::Relaxed);
@@ -528,12 +505,7 @@ impl Registry {
     }
 
     /// Opens and validates an existing registry. `writable` is false for inspection.
-    pub fn open(
-        dir: OwnedFd,
-        domain: &str,
-        writable: bool,
-        allow_foreign: bool,
-    ) -> Result<Registry> {
+    pub fn open(dir: OwnedFd, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
         let object = names::registry_object(domain);
         let fd = os::open_object(os::borrow(&dir), &object, writable).map_err(|e| {
             if e.raw_os_error() == Some(2) {
@@ -542,13 +514,9 @@ impl Registry {
                 Error::from_io(format!("cannot open the registry of domain {domain:?}"), e)
             }
         })?;
-        let st = os::stat_object(os::borrow(&fd))
-            .map_err(|e| Error::from_io("cannot stat the registry", e))?;
+        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
         if !st.is_regular {
-            return Err(corrupt(
-                domain,
-                "the registry object is not a regular file".into(),
-            ));
+            return Err(corrupt(domain, "the registry object is not a regular file".into()));
         }
         if st.uid != os::effective_uid() && !allow_foreign {
             bail!(
@@ -570,9 +538,8 @@ impl Registry {
             ));
         }
         let map_len = st.size as usize;
-        let base = os::map_shared(os::borrow(&fd), map_len, writable).map_err(|e| {
-            Error::from_io(format!("cannot map the registry of domain {domain:?}"), e)
-        })?;
+        let base = os::map_shared(os::borrow(&fd), map_len, writable)
+            .map_err(|e| Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))?;
         let mut reg = Registry {
             domain: domain.to_owned(),
             dir,
@@ -604,10 +571,7 @@ impl Registry {
         let h = self.header();
         let magic = h.magic.load(Ordering::Relaxed);
         if magic != MAGIC {
-            return Err(corrupt(
-                &d,
-                format!("bad magic {magic:#018x}, expected {MAGIC:#018x}"),
-            ));
+            return Err(corrupt(&d, format!("bad magic {magic:#018x}, expected {MAGIC:#018x}")));
         }
         let version = h.layout_version.load(Ordering::Relaxed);
         if version != LAYOUT_VERSION {
@@ -622,25 +586,18 @@ impl Registry {
         if fp != ABI_FINGERPRINT {
             return Err(corrupt(
                 &d,
-                format!(
-                    "ABI fingerprint {fp:#010x}, expected {ABI_FINGERPRINT:#010x} (built with a different layout)"
-                ),
+                format!("ABI fingerprint {fp:#010x}, expected {ABI_FINGERPRINT:#010x} (built with a different layout)"),
             ));
         }
         // Acquire: pairs with the Release store in `create`; makes the frozen fields visible.
         if h.ready.load(Ordering::Acquire) != READY {
-            return Err(corrupt(
-                &d,
-                "it was never finished (its creator died while creating it)".into(),
-            ));
+            return Err(corrupt(&d, "it was never finished (its creator died while creating it)".into()));
         }
         let max_sections = h.max_sections.load(Ordering::Relaxed);
         let max_procs = h.max_procs.load(Ordering::Relaxed);
         let window_base = h.window_base.load(Ordering::Relaxed);
         let window_size = h.window_size.load(Ordering::Relaxed);
-        if !(1..=MAX_TABLE_ENTRIES).contains(&max_sections)
-            || !(1..=MAX_TABLE_ENTRIES).contains(&max_procs)
-        {
+        if !(1..=MAX_TABLE_ENTRIES).contains(&max_sections) || !(1..=MAX_TABLE_ENTRIES).contains(&max_procs) {
             return Err(corrupt(
                 &d,
                 format!(
@@ -652,15 +609,11 @@ impl Registry {
             || window_size % CHUNK != 0
             || window_base % CHUNK != 0
             || window_base < MIN_WINDOW_BASE
-            || window_base
-                .checked_add(window_size)
-                .is_none_or(|end| end > os::USER_ADDRESS_LIMIT)
+            || window_base.checked_add(window_size).is_none_or(|end| end > os::USER_ADDRESS_LIMIT)
         {
             return Err(corrupt(
                 &d,
-                format!(
-                    "window {window_base:#x}+{window_size:#x} is not a valid, chunk-aligned user-space range"
-                ),
+                format!("window {window_base:#x}+{window_size:#x} is not a valid, chunk-aligned user-space range"),
             ));
         }
         let layout = Layout::compute(max_sections, max_procs, window_size)
@@ -674,27 +627,17 @@ impl Registry {
             name_buckets: layout.name_buckets,
         };
         if found != layout {
-            return Err(corrupt(
-                &d,
-                format!("table offsets {found:?} disagree with the sizes, expected {layout:?}"),
-            ));
+            return Err(corrupt(&d, format!("table offsets {found:?} disagree with the sizes, expected {layout:?}")));
         }
         if object_size < layout.total_size {
             return Err(corrupt(
                 &d,
-                format!(
-                    "the object is truncated to {object_size} bytes, expected {}",
-                    layout.total_size
-                ),
+                format!("the object is truncated to {object_size} bytes, expected {}", layout.total_size),
             ));
         }
-        let name_ok = unpack_name(&h.domain, h.domain_len.load(Ordering::Relaxed))
-            .is_some_and(|n| n.as_str() == d);
+        let name_ok = unpack_name(&h.domain, h.domain_len.load(Ordering::Relaxed)).is_some_and(|n| n.as_str() == d);
         if !name_ok {
-            return Err(corrupt(
-                &d,
-                "the domain name recorded inside does not match its file name".into(),
-            ));
+            return Err(corrupt(&d, "the domain name recorded inside does not match its file name".into()));
         }
         let mode = h.mode.load(Ordering::Relaxed);
         let created_at = h.created_at.load(Ordering::Relaxed);
@@ -725,8 +668,7 @@ impl Registry {
 
     fn entry(&self, slot: u32) -> &SectionEntryShared {
         assert!(slot < self.max_sections);
-        let off =
-            self.layout.sections_offset as usize + slot as usize * size_of::<SectionEntryShared>();
+        let off = self.layout.sections_offset as usize + slot as usize * size_of::<SectionEntryShared>();
         // SAFETY: `validate`/`create` checked that the whole layout lies inside the mapping and
         // `slot < max_sections`; offsets are multiples of 8; all fields are atomics.
         unsafe { &*self.base.as_ptr().add(off).cast::<SectionEntryShared>() }
@@ -735,13 +677,7 @@ impl Registry {
     fn proc_entry(&self, slot: u32) -> &ProcEntryShared {
         assert!(slot < self.max_procs);
         // SAFETY: as in `entry`.
-        unsafe {
-            &*self
-                .base
-                .as_ptr()
-                .add(self.proc_offset(slot) as usize)
-                .cast::<ProcEntryShared>()
-        }
+        unsafe { &*self.base.as_ptr().add(self.proc_offset(slot) as usize).cast::<ProcEntryShared>() }
     }
 
     fn proc_offset(&self, slot: u32) -> u64 {
@@ -751,13 +687,7 @@ impl Registry {
     fn chunk(&self, index: u64) -> &AtomicU32 {
         assert!(index < self.window_size / CHUNK);
         // SAFETY: as in `entry`; the chunk table holds `window_size / CHUNK` u32s.
-        unsafe {
-            &*self
-                .base
-                .as_ptr()
-                .add((self.layout.chunks_offset + index * 4) as usize)
-                .cast::<AtomicU32>()
-        }
+        unsafe { &*self.base.as_ptr().add((self.layout.chunks_offset + index * 4) as usize).cast::<AtomicU32>() }
     }
 
     /// Reads one section entry without the lock. `None` if the slot is not in use, the entry
@@ -807,10 +737,7 @@ impl Registry {
         };
         let in_window = rec.offset % CHUNK == 0
             && rec.reserved > 0
-            && rec
-                .offset
-                .checked_add(rec.span())
-                .is_some_and(|end| end <= self.window_size);
+            && rec.offset.checked_add(rec.span()).is_some_and(|end| end <= self.window_size);
         (in_window && state <= DELETING).then_some(rec)
     }
 
@@ -827,8 +754,7 @@ impl Registry {
             return None;
         }
         let rec = self.read_entry(v - 1)?;
-        (rec.state == LIVE && offset >= rec.offset && offset < rec.offset + rec.reserved)
-            .then_some(rec)
+        (rec.state == LIVE && offset >= rec.offset && offset < rec.offset + rec.reserved).then_some(rec)
     }
 
     /// The sub-ranges of `[offset, offset + span)` whose chunks no section owns now, merged into
@@ -852,11 +778,7 @@ impl Registry {
     /// Every entry in use, read without the lock (for inspection).
     pub fn entries(&self) -> Vec<SectionRecord> {
         // Relaxed: an upper bound only; entries are validated individually.
-        let high = self
-            .header()
-            .slots_high
-            .load(Ordering::Relaxed)
-            .min(self.max_sections);
+        let high = self.header().slots_high.load(Ordering::Relaxed).min(self.max_sections);
         (0..high).filter_map(|s| self.read_entry(s)).collect()
     }
 
@@ -864,11 +786,7 @@ impl Registry {
     /// token our own descriptor holds and so cannot see) counts as alive.
     pub fn procs(&self, own_slot: Option<u32>) -> Vec<ProcRecord> {
         // Relaxed: an upper bound only.
-        let high = self
-            .header()
-            .procs_high
-            .load(Ordering::Relaxed)
-            .min(self.max_procs);
+        let high = self.header().procs_high.load(Ordering::Relaxed).min(self.max_procs);
         (0..high)
             .filter_map(|slot| {
                 let p = self.proc_entry(slot);
@@ -877,8 +795,7 @@ impl Registry {
                     return None;
                 }
                 let alive = own_slot == Some(slot)
-                    || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot))
-                        .unwrap_or(true);
+                    || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true);
                 Some(ProcRecord {
                     slot,
                     pid: p.pid.load(Ordering::Relaxed),
@@ -945,13 +862,7 @@ impl RegistryGuard<'_> {
         let reg = self.reg;
         assert!(i < reg.layout.name_buckets);
         // SAFETY: the name index holds `name_buckets` u32s inside the validated mapping.
-        unsafe {
-            &*reg
-                .base
-                .as_ptr()
-                .add((reg.layout.names_offset + i * 4) as usize)
-                .cast::<AtomicU32>()
-        }
+        unsafe { &*reg.base.as_ptr().add((reg.layout.names_offset + i * 4) as usize).cast::<AtomicU32>() }
     }
 
     /// The buckets to probe for `name`. The name index is open addressing (linear probing)
@@ -1019,11 +930,7 @@ impl RegistryGuard<'_> {
 
     fn slots_high(&self) -> u32 {
         // Relaxed: written only under the lock, which we hold.
-        self.reg
-            .header()
-            .slots_high
-            .load(Ordering::Relaxed)
-            .min(self.reg.max_sections)
+        self.reg.header().slots_high.load(Ordering::Relaxed).min(self.reg.max_sections)
     }
 
     /// The live section called `name`, through the name index.
@@ -1048,9 +955,7 @@ impl RegistryGuard<'_> {
 
     /// Every entry in use.
     pub fn all_entries(&self) -> Vec<SectionRecord> {
-        (0..self.slots_high())
-            .filter_map(|s| self.locked_entry(s))
-            .collect()
+        (0..self.slots_high()).filter_map(|s| self.locked_entry(s)).collect()
     }
 
     /// Reserves a slot and a window range for a new section, recording it as `CREATING`.
@@ -1135,18 +1040,10 @@ impl RegistryGuard<'_> {
         {
             return Ok(cursor);
         }
-        let mut used: Vec<(u64, u64)> = self
-            .all_entries()
-            .iter()
-            .map(|r| (r.offset, r.offset + r.span()))
-            .collect();
+        let mut used: Vec<(u64, u64)> = self.all_entries().iter().map(|r| (r.offset, r.offset + r.span())).collect();
         used.sort_unstable();
         // Relaxed: under the lock.
-        let cursor = reg
-            .header()
-            .place_cursor
-            .load(Ordering::Relaxed)
-            .min(reg.window_size);
+        let cursor = reg.header().place_cursor.load(Ordering::Relaxed).min(reg.window_size);
         let fits_at = |start: u64, limit: u64| -> Option<u64> {
             let mut at = start;
             for &(lo, hi) in &used {
@@ -1189,13 +1086,9 @@ impl RegistryGuard<'_> {
         let unlinked = match os::unlink_object(os::borrow(&self.reg.dir), &object) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(2) => Ok(()),
-            Err(e) => Err(Error::from_io(
-                format!(
-                    "cannot remove section {:?}'s object {object:?}",
-                    rec.name.as_str()
-                ),
-                e,
-            )),
+            Err(e) => {
+                Err(Error::from_io(format!("cannot remove section {:?}'s object {object:?}", rec.name.as_str()), e))
+            }
         };
         for c in rec.offset / CHUNK..(rec.offset + rec.span()) / CHUNK {
             // Relaxed: the entry is no longer LIVE, which readers check after the table.
@@ -1239,9 +1132,7 @@ impl RegistryGuard<'_> {
             let p = reg.proc_entry(slot);
             // Relaxed: under the lock.
             let used = p.state.load(Ordering::Relaxed) != 0;
-            if used
-                && os::byte_is_locked(os::borrow(&reg.fd), reg.proc_offset(slot)).unwrap_or(true)
-            {
+            if used && os::byte_is_locked(os::borrow(&reg.fd), reg.proc_offset(slot)).unwrap_or(true) {
                 continue; // a live process holds it
             }
             match os::try_lock_byte(os::borrow(&reg.fd), reg.proc_offset(slot)) {
@@ -1275,28 +1166,17 @@ impl RegistryGuard<'_> {
 
     /// Clears the entries of processes whose token is no longer held; returns their pids.
     pub fn reap_dead_procs(&self, own_slot: Option<u32>) -> Vec<u32> {
-        let dead: Vec<ProcRecord> = self
-            .reg
-            .procs(own_slot)
-            .into_iter()
-            .filter(|p| !p.alive)
-            .collect();
+        let dead: Vec<ProcRecord> = self.reg.procs(own_slot).into_iter().filter(|p| !p.alive).collect();
         for p in &dead {
             // Relaxed: under the lock.
-            self.reg
-                .proc_entry(p.slot)
-                .state
-                .store(0, Ordering::Relaxed);
+            self.reg.proc_entry(p.slot).state.store(0, Ordering::Relaxed);
         }
         dead.iter().map(|p| p.pid).collect()
     }
 
     /// Whether any process other than `own_slot` is attached and alive.
     pub fn others_alive(&self, own_slot: Option<u32>) -> bool {
-        self.reg
-            .procs(own_slot)
-            .iter()
-            .any(|p| p.alive && Some(p.slot) != own_slot)
+        self.reg.procs(own_slot).iter().any(|p| p.alive && Some(p.slot) != own_slot)
     }
 }
 

@@ -16,6 +16,7 @@ use crate::error::{Error, ErrorKind, Result, bail};
 use crate::names;
 use crate::os;
 use crate::registry::{self, Lifetime, Registry, SectionKind, SectionRecord};
+use crate::shm_safe::ShmSafe;
 
 /// How to create a section.
 #[derive(Debug, Clone)]
@@ -30,11 +31,7 @@ pub struct SectionOptions {
 
 impl Default for SectionOptions {
     fn default() -> Self {
-        SectionOptions {
-            kind: SectionKind::Raw,
-            lifetime: Lifetime::Persistent,
-            mode: 0o600,
-        }
+        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, mode: 0o600 }
     }
 }
 
@@ -86,20 +83,14 @@ impl Section {
     pub(crate) fn open_record(domain: Domain, rec: SectionRecord) -> Result<Section> {
         let object = names::section_object(&domain.inner.name, rec.generation, rec.name.as_str());
         let name = rec.name.as_str();
-        let fd = os::open_object(os::borrow(domain.inner.registry.dir()), &object, true).map_err(
-            |e| {
-                if e.raw_os_error() == Some(2) {
-                    Error::new(
-                        ErrorKind::NotFound,
-                        format!("section {name:?} was deleted (its object {object:?} is gone)"),
-                    )
-                } else {
-                    Error::from_io(format!("cannot open section {name:?}"), e)
-                }
-            },
-        )?;
-        let st = os::stat_object(os::borrow(&fd))
-            .map_err(|e| Error::from_io("cannot stat a section", e))?;
+        let fd = os::open_object(os::borrow(domain.inner.registry.dir()), &object, true).map_err(|e| {
+            if e.raw_os_error() == Some(2) {
+                Error::new(ErrorKind::NotFound, format!("section {name:?} was deleted (its object {object:?} is gone)"))
+            } else {
+                Error::from_io(format!("cannot open section {name:?}"), e)
+            }
+        })?;
+        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat a section", e))?;
         if st.uid != os::effective_uid() && !domain.inner.allow_foreign_owner {
             bail!(
                 PermissionDenied,
@@ -123,35 +114,22 @@ impl Section {
 
     fn map(domain: Domain, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
         let addr = domain.inner.window_base + rec.offset;
-        let _guard = domain
-            .inner
-            .map_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _guard = domain.inner.map_lock.lock().unwrap_or_else(|p| p.into_inner());
         if !domain.inner.is_mapped(&rec) {
             // SAFETY: `[addr, addr + reserved)` lies inside this process's reservation of the
             // window (the record was validated against the window size) and belongs to this
             // section alone, so MAP_FIXED replaces only our own reservation or an older mapping
             // of this same slot, which no Rust reference can point into (section memory is
             // reached through raw pointers only).
-            unsafe {
-                os::map_shared_fixed(os::borrow(&fd), addr as usize, rec.reserved as usize, true)
-            }
-            .map_err(|e| {
-                Error::from_io(format!("cannot map section {:?}", rec.name.as_str()), e)
-            })?;
+            unsafe { os::map_shared_fixed(os::borrow(&fd), addr as usize, rec.reserved as usize, true) }
+                .map_err(|e| Error::from_io(format!("cannot map section {:?}", rec.name.as_str()), e))?;
             domain.inner.note_mapped(&rec);
         }
         // Release: pairs with the Acquire loads in `delete_section`/`unmap_deleted`.
         domain.inner.handles[rec.slot as usize].fetch_add(1, Ordering::Release);
         drop(_guard);
         let addr = NonNull::new(addr as *mut u8).expect("window base is never null");
-        Ok(Section {
-            domain,
-            rec,
-            fd,
-            addr,
-        })
+        Ok(Section { domain, rec, fd, addr })
     }
 
     /// The section's name.
@@ -189,6 +167,28 @@ impl Section {
         false
     }
 
+    /// A shared object of type `T` at `offset` in this section, for example a
+    /// [`Semaphore`](crate::sync::Semaphore) or a [`Mutex`](crate::sync::Mutex). Fails if the
+    /// offset is misaligned for `T` or the object would not fit. The object still has to be
+    /// initialised (each type's `init`, safe to race) before use.
+    pub fn at<T: InPlace>(&self, offset: usize) -> Result<&T> {
+        let size = size_of::<T>();
+        let align = align_of::<T>();
+        if offset % align != 0 || offset.checked_add(size).is_none_or(|end| end > self.len()) {
+            bail!(
+                InvalidArgument,
+                "cannot place a {} ({size} bytes, alignment {align}) at offset {offset} of section {:?} ({} bytes)",
+                std::any::type_name::<T>(),
+                self.name(),
+                self.len()
+            );
+        }
+        // SAFETY: the range is inside this mapped section, aligned for T, and lives as long as
+        // `&self` (the handle keeps the mapping); `T: InPlace` guarantees any bytes there are a
+        // valid `T` and that shared access goes through atomics or a lock.
+        Ok(unsafe { &*self.as_ptr().add(offset).cast::<T>() })
+    }
+
     /// Guarantees memory for the first `len` bytes (`fallocate`). Fails with
     /// [`ErrorKind::OutOfSpace`] when the backing store is full; the process keeps running and
     /// nothing already committed is lost.
@@ -206,19 +206,9 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        os::allocate(os::borrow(&self.fd), 0, len).map_err(|e| {
-            Error::from_io(
-                format!("cannot commit {len} bytes of section {:?}", self.name()),
-                e,
-            )
-        })?;
-        registry::note_committed(
-            &self.domain.inner.registry,
-            self.rec.slot,
-            self.rec.generation,
-            len,
-            true,
-        );
+        os::allocate(os::borrow(&self.fd), 0, len)
+            .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
+        registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, len, true);
         Ok(())
     }
 
@@ -234,32 +224,23 @@ impl Section {
                 self.name()
             );
         }
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.rec.reserved)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::InvalidSize,
-                    format!(
-                        "decommit range {offset}+{len} lies outside section {:?} ({} bytes)",
-                        self.name(),
-                        self.rec.reserved
-                    ),
-                )
-            })?;
+        let end = offset.checked_add(len).filter(|&e| e <= self.rec.reserved).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidSize,
+                format!(
+                    "decommit range {offset}+{len} lies outside section {:?} ({} bytes)",
+                    self.name(),
+                    self.rec.reserved
+                ),
+            )
+        })?;
         let len = (end.next_multiple_of(page)).min(self.rec.reserved) - offset;
         if len == 0 {
             return Ok(());
         }
         os::punch_hole(os::borrow(&self.fd), offset, len)
             .map_err(|e| Error::from_io(format!("cannot decommit section {:?}", self.name()), e))?;
-        registry::note_committed(
-            &self.domain.inner.registry,
-            self.rec.slot,
-            self.rec.generation,
-            offset,
-            false,
-        );
+        registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, offset, false);
         Ok(())
     }
 
@@ -274,9 +255,7 @@ impl Section {
             .unwrap_or(self.rec);
         rec.state = registry::LIVE;
         let mut info = SectionInfo::from_record(&self.domain.inner.registry, &rec);
-        info.resident = os::stat_object(os::borrow(&self.fd))
-            .ok()
-            .map(|s| s.allocated);
+        info.resident = os::stat_object(os::borrow(&self.fd)).ok().map(|s| s.allocated);
         info
     }
 }
@@ -359,3 +338,43 @@ impl SectionInfo {
         }
     }
 }
+
+/// Types that can be reached in place in shared memory with [`Section::at`]: every bit pattern
+/// is a valid value (all-zero means "not initialised"), and all shared access goes through
+/// atomics or a lock, so `&T` may be held while other processes use the same object.
+///
+/// # Safety
+/// Implement only for types meeting exactly that.
+pub unsafe trait InPlace: Sync {}
+
+// SAFETY: each is repr(C) atomics (plus a pthread mutex behind the robust-lock protocol),
+// valid for any bit pattern, validated by its header before use.
+unsafe impl InPlace for crate::sync::Semaphore {}
+// SAFETY: as above.
+unsafe impl InPlace for crate::sync::Event {}
+// SAFETY: as above.
+unsafe impl InPlace for crate::sync::Condvar {}
+// SAFETY: as above.
+unsafe impl InPlace for crate::sync::RawMutex {}
+// SAFETY: as above; the data is reached only under the lock. `T` must itself be valid for any
+// bit pattern: integers, floats, atomics and arrays of them.
+unsafe impl<T: ShmSafe + Send + AnyBitPattern> InPlace for crate::sync::Mutex<T> {}
+// SAFETY: atomics are valid for any bit pattern and Sync.
+unsafe impl InPlace for std::sync::atomic::AtomicU32 {}
+// SAFETY: as above.
+unsafe impl InPlace for std::sync::atomic::AtomicU64 {}
+
+/// Types for which every bit pattern is a valid value.
+///
+/// # Safety
+/// Implement only for such types (no `bool`, `char`, enums, references).
+pub unsafe trait AnyBitPattern: Copy {}
+macro_rules! any_bits {
+    ($($t:ty),*) => { $(
+        // SAFETY: every bit pattern of this integer or float type is a valid value.
+        unsafe impl AnyBitPattern for $t {}
+    )* };
+}
+any_bits!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, f32, f64);
+// SAFETY: an array of any-bit-pattern elements has no invalid bit patterns either.
+unsafe impl<T: AnyBitPattern, const N: usize> AnyBitPattern for [T; N] {}

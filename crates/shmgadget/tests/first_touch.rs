@@ -20,12 +20,7 @@ fn addr_env() -> usize {
 }
 
 /// Runs a child and returns its exit status and stderr (for crash tests).
-fn run_crashing(
-    test: &str,
-    role: &str,
-    domain: &str,
-    env: &[(&str, String)],
-) -> (std::process::ExitStatus, String) {
+fn run_crashing(test: &str, role: &str, domain: &str, env: &[(&str, String)]) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
         .env(ROLE, role)
@@ -59,9 +54,7 @@ fn pointer_from_another_process_into_an_unopened_section_just_works() {
         _ => {
             let domain = unique_domain("ft-ptr");
             let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
-            let s = d
-                .create_section("data", MIB, &SectionOptions::new().transient())
-                .unwrap();
+            let s = d.create_section("data", MIB, &SectionOptions::new().transient()).unwrap();
             let p = s.as_ptr().cast::<u64>();
             // SAFETY: first two words of our fresh section; the child runs after this write.
             unsafe { p.write_volatile(0xfeed_f00d) };
@@ -114,10 +107,7 @@ fn sixteen_threads_touching_sixteen_new_sections_map_each_exactly_once() {
             println!("SUM={sum}");
             println!("MAPS={}", shmgadget::first_touch_maps());
             let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-            let mapped_lines = addrs
-                .iter()
-                .filter(|a| maps.lines().any(|l| l.starts_with(&format!("{a:x}-"))))
-                .count();
+            let mapped_lines = addrs.iter().filter(|a| maps.lines().any(|l| l.starts_with(&format!("{a:x}-")))).count();
             println!("LINES={mapped_lines}");
         }
         _ => {
@@ -125,29 +115,15 @@ fn sixteen_threads_touching_sixteen_new_sections_map_each_exactly_once() {
             let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
             let sections: Vec<_> = (0..16u64)
                 .map(|i| {
-                    let s = d
-                        .create_section(
-                            &format!("s{i}"),
-                            64 * 1024,
-                            &SectionOptions::new().transient(),
-                        )
-                        .unwrap();
+                    let s = d.create_section(&format!("s{i}"), 64 * 1024, &SectionOptions::new().transient()).unwrap();
                     // SAFETY: first word of a fresh section of ours.
                     unsafe { s.as_ptr().cast::<u64>().write(i + 1) };
                     s
                 })
                 .collect();
-            let r = run(
-                "sixteen_threads_touching_sixteen_new_sections_map_each_exactly_once",
-                "threads",
-                &domain,
-                &[],
-            );
+            let r = run("sixteen_threads_touching_sixteen_new_sections_map_each_exactly_once", "threads", &domain, &[]);
             assert_eq!(r["SUM"], (16 * (1..=16).sum::<u64>()).to_string());
-            assert_eq!(
-                r["MAPS"], "16",
-                "each section mapped once, not once per thread"
-            );
+            assert_eq!(r["MAPS"], "16", "each section mapped once, not once per thread");
             assert_eq!(r["LINES"], "16");
             drop(sections);
             d.detach().unwrap();
@@ -174,12 +150,7 @@ fn a_section_created_after_attach_is_reachable_by_first_touch() {
         _ => {
             let domain = unique_domain("ft-late");
             let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
-            let mut child = spawn(
-                "a_section_created_after_attach_is_reachable_by_first_touch",
-                "early",
-                &domain,
-                &[],
-            );
+            let mut child = spawn("a_section_created_after_attach_is_reachable_by_first_touch", "early", &domain, &[]);
             let (tx, rx) = mpsc::channel();
             let out = child.stdout.take().unwrap();
             std::thread::spawn(move || {
@@ -188,17 +159,13 @@ fn a_section_created_after_attach_is_reachable_by_first_touch() {
                 }
             });
             let next_report = || loop {
-                let l = rx
-                    .recv_timeout(Duration::from_secs(30))
-                    .expect("child went silent");
+                let l = rx.recv_timeout(Duration::from_secs(30)).expect("child went silent");
                 if !l.is_empty() && !l.starts_with("running") {
                     return l;
                 }
             };
             assert_eq!(next_report(), "READY");
-            let s = d
-                .create_section("late", 4096, &SectionOptions::new().transient())
-                .unwrap();
+            let s = d.create_section("late", 4096, &SectionOptions::new().transient()).unwrap();
             // SAFETY: first word of our fresh section.
             unsafe { s.as_ptr().cast::<u64>().write(4242) };
             writeln!(child.stdin.as_mut().unwrap(), "{:#x}", s.as_ptr() as usize).unwrap();
@@ -248,34 +215,17 @@ fn faults_that_are_not_ours_still_crash_as_before() {
             let domain = unique_domain("ft-crash");
             let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
             let (status, _) = run_crashing(TEST, "null", &domain, &[]);
-            assert_eq!(
-                status.signal(),
-                Some(libc::SIGSEGV),
-                "null dereference: {status}"
-            );
+            assert_eq!(status.signal(), Some(libc::SIGSEGV), "null dereference: {status}");
             let (status, _) = run_crashing(TEST, "hole", &domain, &[]);
-            assert_eq!(
-                status.signal(),
-                Some(libc::SIGSEGV),
-                "window hole: {status}"
-            );
-            let s = d
-                .create_section("gone", 4096, &SectionOptions::new().transient())
-                .unwrap();
+            assert_eq!(status.signal(), Some(libc::SIGSEGV), "window hole: {status}");
+            let s = d.create_section("gone", 4096, &SectionOptions::new().transient()).unwrap();
             let addr = format!("{:#x}", s.as_ptr() as usize);
             drop(s);
             d.delete_section("gone").unwrap();
             let (status, _) = run_crashing(TEST, "deleted", &domain, &[("ADDR", addr)]);
-            assert_eq!(
-                status.signal(),
-                Some(libc::SIGSEGV),
-                "deleted section must not be remapped: {status}"
-            );
+            assert_eq!(status.signal(), Some(libc::SIGSEGV), "deleted section must not be remapped: {status}");
             let (status, stderr) = run_crashing(TEST, "overflow", &domain, &[]);
-            assert!(
-                stderr.contains("has overflowed its stack"),
-                "Rust's message survives: {stderr}"
-            );
+            assert!(stderr.contains("has overflowed its stack"), "Rust's message survives: {stderr}");
             assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
             d.detach().unwrap();
             assert_clean(&domain);
@@ -311,14 +261,9 @@ fn ensure_mapped_lets_a_system_call_read_an_untouched_section() {
         _ => {
             let domain = unique_domain("ft-ensure");
             let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
-            let s = d
-                .create_section("buf", 4096, &SectionOptions::new().transient())
-                .unwrap();
+            let s = d.create_section("buf", 4096, &SectionOptions::new().transient()).unwrap();
             // SAFETY: our fresh section.
-            unsafe {
-                s.as_ptr()
-                    .copy_from_nonoverlapping(b"sixteen bytes!!!".as_ptr(), 16)
-            };
+            unsafe { s.as_ptr().copy_from_nonoverlapping(b"sixteen bytes!!!".as_ptr(), 16) };
             let r = run(
                 "ensure_mapped_lets_a_system_call_read_an_untouched_section",
                 "writer",
@@ -341,10 +286,7 @@ fn ensure_mapped_lets_a_system_call_read_an_untouched_section() {
 fn eager_mode_needs_no_handler() {
     match role().as_deref() {
         Some("eager") => {
-            let opts = DomainOptions {
-                must_exist: true,
-                ..small(GIB)
-            };
+            let opts = DomainOptions { must_exist: true, ..small(GIB) };
             assert!(opts.eager, "SHMGADGET_EAGER=1 selects eager mode");
             let d = Domain::attach_with(&child_domain(), &opts).unwrap();
             println!("HANDLER={}", shmgadget::handler_installed());
@@ -357,15 +299,10 @@ fn eager_mode_needs_no_handler() {
         _ => {
             let domain = unique_domain("ft-eager");
             let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
-            let s = d
-                .create_section("e", 4096, &SectionOptions::new().transient())
-                .unwrap();
+            let s = d.create_section("e", 4096, &SectionOptions::new().transient()).unwrap();
             // SAFETY: our fresh section.
             unsafe { s.as_ptr().cast::<u64>().write(77) };
-            let env = [
-                ("ADDR", format!("{:#x}", s.as_ptr() as usize)),
-                ("SHMGADGET_EAGER", "1".to_owned()),
-            ];
+            let env = [("ADDR", format!("{:#x}", s.as_ptr() as usize)), ("SHMGADGET_EAGER", "1".to_owned())];
             let r = run("eager_mode_needs_no_handler", "eager", &domain, &env);
             assert_eq!(r["HANDLER"], "false");
             assert_eq!(r["VALUE"], "77");
@@ -399,10 +336,7 @@ fn a_replaced_handler_is_noticed_and_chained_to() {
                 let mut act: libc::sigaction = std::mem::zeroed();
                 act.sa_sigaction = host_handler as extern "C" fn(libc::c_int) as libc::sighandler_t;
                 libc::sigemptyset(&mut act.sa_mask);
-                assert_eq!(
-                    libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut()),
-                    0
-                );
+                assert_eq!(libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut()), 0);
             }
             assert!(!shmgadget::handler_installed());
             // The next attach notices and puts ours back in front.
@@ -421,23 +355,12 @@ fn a_replaced_handler_is_noticed_and_chained_to() {
         _ => {
             let domain = unique_domain("ft-chain");
             let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
-            let s = d
-                .create_section("c", 4096, &SectionOptions::new().transient())
-                .unwrap();
+            let s = d.create_section("c", 4096, &SectionOptions::new().transient()).unwrap();
             // SAFETY: our fresh section.
             unsafe { s.as_ptr().cast::<u64>().write(99) };
             let env = [("ADDR", format!("{:#x}", s.as_ptr() as usize))];
-            let (status, stderr) = run_crashing(
-                "a_replaced_handler_is_noticed_and_chained_to",
-                "host",
-                &domain,
-                &env,
-            );
-            assert_eq!(
-                status.code(),
-                Some(42),
-                "the host's handler ran: {status} {stderr}"
-            );
+            let (status, stderr) = run_crashing("a_replaced_handler_is_noticed_and_chained_to", "host", &domain, &env);
+            assert_eq!(status.code(), Some(42), "the host's handler ran: {status} {stderr}");
             drop(s);
             d.detach().unwrap();
             assert_clean(&domain);

@@ -33,11 +33,7 @@ pub fn effective_uid() -> u32 {
 /// Opens a directory for `openat`-relative access and `flock`, `open(2)` with
 /// `O_RDONLY | O_DIRECTORY | O_CLOEXEC`.
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
+    Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
 }
 
 /// Takes an exclusive `flock(2)` on a directory descriptor, waiting for it. The lock belongs
@@ -64,17 +60,8 @@ pub fn create_object(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<O
 /// Opens an existing object, `openat(2)` with `O_NOFOLLOW | O_CLOEXEC` and `O_RDWR` or
 /// `O_RDONLY`.
 pub fn open_object(dir: BorrowedFd<'_>, name: &str, writable: bool) -> io::Result<OwnedFd> {
-    let access = if writable {
-        OFlags::RDWR
-    } else {
-        OFlags::RDONLY
-    };
-    Ok(rustix::fs::openat(
-        dir,
-        name,
-        access | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
+    let access = if writable { OFlags::RDWR } else { OFlags::RDONLY };
+    Ok(rustix::fs::openat(dir, name, access | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?)
 }
 
 /// Removes an object's name, `unlinkat(2)`. Processes that map it keep their mapping.
@@ -115,23 +102,13 @@ pub fn set_size(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
 /// Guarantees backing for `[offset, offset + len)`, `fallocate(2)` with mode 0. On a full
 /// tmpfs this fails with `ENOSPC` instead of a later `SIGBUS` on first write.
 pub fn allocate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
-    Ok(rustix::fs::fallocate(
-        fd,
-        FallocateFlags::empty(),
-        offset,
-        len,
-    )?)
+    Ok(rustix::fs::fallocate(fd, FallocateFlags::empty(), offset, len)?)
 }
 
 /// Frees the pages of `[offset, offset + len)` for every process,
 /// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`.
 pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
-    Ok(rustix::fs::fallocate(
-        fd,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    )?)
+    Ok(rustix::fs::fallocate(fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)?)
 }
 
 /// Lists the names in a directory (`getdents64(2)` through `std::fs::read_dir`).
@@ -149,12 +126,7 @@ pub fn list_dir(path: &Path) -> io::Result<Vec<String>> {
 // Liveness tokens: open-file-description byte locks
 // ---------------------------------------------------------------------------------------------
 
-fn ofd_lock_call(
-    fd: BorrowedFd<'_>,
-    cmd: libc::c_int,
-    kind: libc::c_int,
-    offset: u64,
-) -> io::Result<libc::flock> {
+fn ofd_lock_call(fd: BorrowedFd<'_>, cmd: libc::c_int, kind: libc::c_int, offset: u64) -> io::Result<libc::flock> {
     // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind as libc::c_short;
@@ -165,11 +137,7 @@ fn ofd_lock_call(
     // SAFETY: `fd` is a valid open descriptor for the duration of the call and `fl` is a valid,
     // exclusively borrowed `struct flock` that the kernel may read and write.
     let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(fl)
-    }
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(fl) }
 }
 
 /// Takes an exclusive open-file-description lock on one byte, `fcntl(2)` `F_OFD_SETLK`.
@@ -270,39 +238,17 @@ pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
 /// # Safety
 /// The range must lie inside a reservation owned by the caller (so `MAP_FIXED` replaces only
 /// the caller's own pages), and no live Rust reference may point into memory it replaces.
-pub unsafe fn map_shared_fixed(
-    fd: BorrowedFd<'_>,
-    addr: usize,
-    len: usize,
-    writable: bool,
-) -> io::Result<()> {
-    let prot = if writable {
-        ProtFlags::READ | ProtFlags::WRITE
-    } else {
-        ProtFlags::READ
-    };
+pub unsafe fn map_shared_fixed(fd: BorrowedFd<'_>, addr: usize, len: usize, writable: bool) -> io::Result<()> {
+    let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
     // SAFETY: forwarded from the caller.
-    let p = unsafe {
-        rustix::mm::mmap(
-            addr as *mut c_void,
-            len,
-            prot,
-            MapFlags::SHARED | MapFlags::FIXED,
-            fd,
-            0,
-        )?
-    };
+    let p = unsafe { rustix::mm::mmap(addr as *mut c_void, len, prot, MapFlags::SHARED | MapFlags::FIXED, fd, 0)? };
     debug_assert_eq!(p as usize, addr);
     Ok(())
 }
 
 /// Maps `len` bytes of `fd` wherever the kernel likes, shared: `mmap(2)` with `MAP_SHARED`.
 pub fn map_shared(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<NonNull<u8>> {
-    let prot = if writable {
-        ProtFlags::READ | ProtFlags::WRITE
-    } else {
-        ProtFlags::READ
-    };
+    let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
     // SAFETY: without MAP_FIXED the kernel picks an unused range, so no existing memory is
     // affected.
     let p = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
@@ -387,14 +333,8 @@ impl RawRobustMutex {
             let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
             check(libc::pthread_mutexattr_init(&mut attr))?;
             let r = (|| {
-                check(libc::pthread_mutexattr_setpshared(
-                    &mut attr,
-                    libc::PTHREAD_PROCESS_SHARED,
-                ))?;
-                check(libc::pthread_mutexattr_setrobust(
-                    &mut attr,
-                    libc::PTHREAD_MUTEX_ROBUST,
-                ))?;
+                check(libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED))?;
+                check(libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST))?;
                 check(libc::pthread_mutex_init(self.raw(), &attr))
             })();
             libc::pthread_mutexattr_destroy(&mut attr);
@@ -418,6 +358,33 @@ impl RawRobustMutex {
         Self::outcome(unsafe { libc::pthread_mutex_lock(self.raw()) })
     }
 
+    /// Locks if free (`pthread_mutex_trylock(3)`); `Ok(None)` when someone else holds it.
+    pub fn try_lock(&self) -> io::Result<Option<LockOutcome>> {
+        // SAFETY: as in `lock`.
+        match unsafe { libc::pthread_mutex_trylock(self.raw()) } {
+            libc::EBUSY => Ok(None),
+            rc => Self::outcome(rc).map(Some),
+        }
+    }
+
+    /// Locks, waiting at most `timeout` (`pthread_mutex_clocklock(3)` on `CLOCK_MONOTONIC`);
+    /// `Ok(None)` on timeout.
+    pub fn lock_timeout(&self, timeout: std::time::Duration) -> io::Result<Option<LockOutcome>> {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let total_ns = now.tv_nsec as u128 + timeout.subsec_nanos() as u128;
+        let secs = (now.tv_sec as u64)
+            .saturating_add(timeout.as_secs())
+            .saturating_add((total_ns / 1_000_000_000) as u64)
+            .min(i64::MAX as u64);
+        let deadline =
+            libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: (total_ns % 1_000_000_000) as libc::c_long };
+        // SAFETY: as in `lock`; `deadline` is a valid timespec.
+        match unsafe { pthread_mutex_clocklock(self.raw(), libc::CLOCK_MONOTONIC, &deadline) } {
+            libc::ETIMEDOUT => Ok(None),
+            rc => Self::outcome(rc).map(Some),
+        }
+    }
+
     /// Marks the protected state repaired after [`LockOutcome::OwnerDied`]
     /// (`pthread_mutex_consistent(3)`).
     ///
@@ -439,12 +406,17 @@ impl RawRobustMutex {
     }
 }
 
+unsafe extern "C" {
+    // glibc 2.30+; not exposed by the libc crate on every target.
+    fn pthread_mutex_clocklock(
+        mutex: *mut libc::pthread_mutex_t,
+        clock: libc::clockid_t,
+        abstime: *const libc::timespec,
+    ) -> libc::c_int;
+}
+
 fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) }
 }
 
 /// Borrows an owned descriptor (helper so callers above need not import `AsFd`).
@@ -488,17 +460,11 @@ struct SavedAction {
 unsafe impl Sync for SavedAction {}
 
 static PREV_SEGV: SavedAction = SavedAction {
-    slots: [
-        UnsafeCell::new(std::mem::MaybeUninit::uninit()),
-        UnsafeCell::new(std::mem::MaybeUninit::uninit()),
-    ],
+    slots: [UnsafeCell::new(std::mem::MaybeUninit::uninit()), UnsafeCell::new(std::mem::MaybeUninit::uninit())],
     current: std::sync::atomic::AtomicUsize::new(usize::MAX),
 };
 static PREV_BUS: SavedAction = SavedAction {
-    slots: [
-        UnsafeCell::new(std::mem::MaybeUninit::uninit()),
-        UnsafeCell::new(std::mem::MaybeUninit::uninit()),
-    ],
+    slots: [UnsafeCell::new(std::mem::MaybeUninit::uninit()), UnsafeCell::new(std::mem::MaybeUninit::uninit())],
     current: std::sync::atomic::AtomicUsize::new(usize::MAX),
 };
 static INSTALL_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -510,8 +476,7 @@ thread_local! {
 }
 
 fn trampoline_address() -> libc::sighandler_t {
-    trampoline as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut c_void)
-        as libc::sighandler_t
+    trampoline as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut c_void) as libc::sighandler_t
 }
 
 /// Installs `hook` as the handler of `SIGSEGV` and `SIGBUS` (`sigaction(2)` with
@@ -542,9 +507,7 @@ pub fn install_fault_hook(hook: FaultHook) -> io::Result<bool> {
         // SAFETY: we hold INSTALL_LOCK and `next` is not the slot handlers may read.
         unsafe { (*saved.slots[next].get()).write(cur) };
         // Release: publishes the slot written above; pairs with the Acquire load in `chain`.
-        saved
-            .current
-            .store(next, std::sync::atomic::Ordering::Release);
+        saved.current.store(next, std::sync::atomic::Ordering::Release);
         // SAFETY: `ours` is a fully initialised sigaction (zeroed, then the handler, flags and
         // an empty mask set); `trampoline` has the SA_SIGINFO signature.
         unsafe {
@@ -566,8 +529,7 @@ pub fn fault_hook_installed() -> bool {
     // SAFETY: reads the current action into a valid, writable struct.
     unsafe {
         let mut cur: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut cur) == 0
-            && cur.sa_sigaction == trampoline_address()
+        libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut cur) == 0 && cur.sa_sigaction == trampoline_address()
     }
 }
 
@@ -575,11 +537,7 @@ extern "C" fn trampoline(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     // SAFETY: errno is thread-local and always valid to read and write; we restore it so the
     // interrupted code never sees our system calls' errno.
     let saved_errno = unsafe { *libc::__errno_location() };
-    let which = if sig == libc::SIGBUS {
-        FaultSignal::Bus
-    } else {
-        FaultSignal::Segv
-    };
+    let which = if sig == libc::SIGBUS { FaultSignal::Bus } else { FaultSignal::Segv };
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; for SIGSEGV/SIGBUS
     // `si_addr` is the faulting address.
     let addr = unsafe { (*info).si_addr() } as usize;
@@ -603,11 +561,7 @@ extern "C" fn trampoline(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 /// # Safety
 /// Only from the signal handler, with the kernel's arguments.
 unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    let saved = if sig == libc::SIGBUS {
-        &PREV_BUS
-    } else {
-        &PREV_SEGV
-    };
+    let saved = if sig == libc::SIGBUS { &PREV_BUS } else { &PREV_SEGV };
     // Acquire: pairs with the Release store in `install_fault_hook`.
     let idx = saved.current.load(std::sync::atomic::Ordering::Acquire);
     if idx > 1 || CHAINING.with(|c| c.get()) {
@@ -654,10 +608,47 @@ fn reset_default(sig: libc::c_int) {
 /// Opens an existing object read-write by a NUL-terminated name, `openat(2)` with
 /// `O_RDWR | O_NOFOLLOW | O_CLOEXEC`. Async-signal-safe: one raw system call, no allocation.
 pub fn open_object_cstr(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
+    Ok(rustix::fs::openat(dir, name, OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared futexes
+// ---------------------------------------------------------------------------------------------
+
+/// Why a futex wait returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FutexWait {
+    /// Woken, or returned spuriously: re-check the condition.
+    Woken,
+    /// The word no longer held the expected value when the kernel looked.
+    Changed,
+    /// The timeout expired.
+    TimedOut,
+}
+
+/// Sleeps while `*word == expected`, at most `timeout` (`futex(2)` `FUTEX_WAIT`, shared: no
+/// `FUTEX_PRIVATE_FLAG`, so waiters and wakers may be in different processes).
+pub fn futex_wait(
+    word: &std::sync::atomic::AtomicU32,
+    expected: u32,
+    timeout: Option<std::time::Duration>,
+) -> io::Result<FutexWait> {
+    use rustix::thread::futex;
+    let ts = timeout
+        .map(|d| futex::Timespec { tv_sec: d.as_secs().min(i64::MAX as u64) as i64, tv_nsec: d.subsec_nanos() as _ });
+    match futex::wait(word, futex::Flags::empty(), expected, ts.as_ref()) {
+        Ok(()) => Ok(FutexWait::Woken),
+        Err(rustix::io::Errno::AGAIN) => Ok(FutexWait::Changed),
+        Err(rustix::io::Errno::TIMEDOUT) => Ok(FutexWait::TimedOut),
+        Err(rustix::io::Errno::INTR) => Ok(FutexWait::Woken),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Wakes at most `n` waiters of `word` in any process (`futex(2)` `FUTEX_WAKE`, shared).
+/// `u32::MAX` means all of them.
+pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: u32) -> usize {
+    // The kernel reads the count as a C `int`: u32::MAX would be -1, which wakes only one.
+    let n = n.min(i32::MAX as u32);
+    rustix::thread::futex::wake(word, rustix::thread::futex::Flags::empty(), n).unwrap_or(0)
 }

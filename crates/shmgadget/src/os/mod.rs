@@ -12,6 +12,4 @@ mod linux;
 pub use linux::*;
 
 #[cfg(not(target_os = "linux"))]
-compile_error!(
-    "shmgadget supports Linux only for now; another platform is one new file in src/os/"
-);
+compile_error!("shmgadget supports Linux only for now; another platform is one new file in src/os/");

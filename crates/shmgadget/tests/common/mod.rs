@@ -18,9 +18,21 @@ use shmgadget::DomainOptions;
 pub const ROLE: &str = "SHMG_TEST_ROLE";
 pub const DOMAIN: &str = "SHMG_TEST_DOMAIN";
 
-/// The role this process plays, if it is a child.
+/// The role this process plays, if it is a child. A child dies with its parent (so a failed
+/// test never leaves processes behind) and after five minutes at the latest.
 pub fn role() -> Option<String> {
-    std::env::var(ROLE).ok()
+    let role = std::env::var(ROLE).ok()?;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) with a valid signal number has no memory effects.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_secs(300));
+            eprintln!("test child: watchdog expired, exiting");
+            std::process::exit(3);
+        });
+    });
+    Some(role)
 }
 
 /// The domain the parent chose, in a child.
@@ -31,19 +43,12 @@ pub fn child_domain() -> String {
 /// A domain name unique to this test and process.
 pub fn unique_domain(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "t-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("t-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Small windows so parallel tests do not claim terabytes each.
 pub fn small(window: u64) -> DomainOptions {
-    DomainOptions {
-        window_size: window,
-        ..Default::default()
-    }
+    DomainOptions { window_size: window, ..Default::default() }
 }
 
 /// Starts this test binary as a child playing `role` in test `test`.
@@ -77,31 +82,20 @@ pub fn wait(child: &mut Child, limit: Duration) -> ExitStatus {
 }
 
 /// Runs a child to completion and returns its `KEY=value` report; panics if it failed.
-pub fn run(
-    test: &str,
-    role: &str,
-    domain: &str,
-    extra_env: &[(&str, String)],
-) -> HashMap<String, String> {
+pub fn run(test: &str, role: &str, domain: &str, extra_env: &[(&str, String)]) -> HashMap<String, String> {
     let mut child = spawn(test, role, domain, extra_env);
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || parse_report(BufReader::new(stdout)));
     let status = wait(&mut child, Duration::from_secs(60));
     let report = reader.join().unwrap();
-    assert!(
-        status.success(),
-        "child role {role} failed: {status}; report {report:?}"
-    );
+    assert!(status.success(), "child role {role} failed: {status}; report {report:?}");
     report
 }
 
 fn parse_report(r: impl BufRead) -> HashMap<String, String> {
     r.lines()
         .map_while(Result::ok)
-        .filter_map(|l| {
-            l.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        })
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
         .collect()
 }
 
@@ -121,8 +115,7 @@ pub fn wait_for_line(child: &mut Child, want: &str) {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("child never reported readiness");
+    rx.recv_timeout(Duration::from_secs(30)).expect("child never reported readiness");
 }
 
 /// `kill -9`, then reap.
@@ -139,9 +132,7 @@ pub fn leftovers(domain: &str) -> Vec<String> {
     let prefix = format!("shmgadget.{domain}:");
     std::fs::read_dir(dir)
         .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect()
         })
         .unwrap_or_default()
 }
@@ -149,10 +140,7 @@ pub fn leftovers(domain: &str) -> Vec<String> {
 /// Asserts the domain left nothing behind.
 pub fn assert_clean(domain: &str) {
     let left = leftovers(domain);
-    assert!(
-        left.is_empty(),
-        "domain {domain} left objects behind: {left:?}"
-    );
+    assert!(left.is_empty(), "domain {domain} left objects behind: {left:?}");
 }
 
 /// The path of one of `domain`'s objects.

@@ -1,0 +1,150 @@
+//! An event (manual or auto reset) on a shared futex word.
+//!
+//! # Protocol
+//! `signaled` is 0 (reset) or 1 (set). `set` stores 1 and, if `waiters` says someone may be
+//! asleep, wakes one waiter (auto reset) or all (manual reset). A waiter consumes the event
+//! (auto: CAS 1→0; manual: just sees 1) or sleeps on `signaled` while it is 0. The store of
+//! `signaled` by `set` and of `waiters` by a waiter, each followed by a load of the other, are
+//! SeqCst (Dekker's pattern; see `semaphore.rs`). A woken waiter always tries to consume before
+//! it reports a timeout, so a wake-up is never swallowed by a waiter that then gives up.
+//!
+//! | `signaled` | after `set`                | after a waiter consumes (auto) | after `reset` |
+//! |------------|----------------------------|--------------------------------|---------------|
+//! | 0          | 1                          | (cannot consume)               | 0             |
+//! | 1          | 1 (setting twice is one)   | 0                              | 0             |
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use super::{ObjectHeader, SPINS, deadline, remaining, timeout_error};
+use crate::error::{Error, Result};
+use crate::os::{self, FutexWait};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"EVT1");
+const WHAT: &str = "event";
+
+/// Whether a successful wait resets the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventMode {
+    /// Stays set until [`Event::reset`]; `set` wakes every waiter.
+    Manual,
+    /// A successful wait resets it; `set` wakes one waiter.
+    Auto,
+}
+
+/// An event shared between processes. Place it in shared memory (zeroed), then
+/// [`init`](Event::init) it.
+#[repr(C)]
+pub struct Event {
+    header: ObjectHeader,
+    signaled: AtomicU32,
+    waiters: AtomicU32,
+    mode: AtomicU32,
+    _reserved: AtomicU32,
+}
+
+const _: () = assert!(size_of::<Event>() == 32);
+
+impl Event {
+    /// Initialises the event (reset, or set if `initially_set`), unless another process already
+    /// did. Returns whether this call initialised it.
+    pub fn init(&self, mode: EventMode, initially_set: bool) -> Result<bool> {
+        self.header.init_once(MAGIC, WHAT, || {
+            // Relaxed: published by the header's READY store.
+            self.signaled.store(initially_set as u32, Ordering::Relaxed);
+            self.mode.store(if mode == EventMode::Auto { 1 } else { 0 }, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    fn auto(&self) -> bool {
+        // Relaxed: frozen after initialisation.
+        self.mode.load(Ordering::Relaxed) == 1
+    }
+
+    /// Sets the event, waking one waiter (auto) or all of them (manual).
+    pub fn set(&self) -> Result<()> {
+        self.header.check(MAGIC, WHAT)?;
+        // SeqCst: the store half of the Dekker pair with `waiters`.
+        self.signaled.swap(1, Ordering::SeqCst);
+        // SeqCst: the load half.
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            os::futex_wake(&self.signaled, if self.auto() { 1 } else { u32::MAX });
+        }
+        Ok(())
+    }
+
+    /// Resets the event.
+    pub fn reset(&self) -> Result<()> {
+        self.header.check(MAGIC, WHAT)?;
+        // Relaxed: a reset races with `set` by nature; either order is a valid outcome.
+        self.signaled.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the event is set now (a snapshot).
+    pub fn is_set(&self) -> Result<bool> {
+        self.header.check(MAGIC, WHAT)?;
+        // Relaxed: a snapshot.
+        Ok(self.signaled.load(Ordering::Relaxed) == 1)
+    }
+
+    /// Waits until the event is set (and resets it, in auto mode).
+    pub fn wait(&self) -> Result<()> {
+        self.wait_inner(None)
+    }
+
+    /// Like [`wait`](Event::wait), failing with [`crate::ErrorKind::Timeout`] after `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<()> {
+        self.wait_inner(Some(timeout))
+    }
+
+    /// Destroys the event: current and future waits fail with [`crate::ErrorKind::Destroyed`].
+    pub fn destroy(&self) -> Result<()> {
+        self.header.destroy(MAGIC, WHAT)?;
+        os::futex_wake(&self.signaled, u32::MAX);
+        Ok(())
+    }
+
+    fn try_consume(&self) -> bool {
+        if self.auto() {
+            // SeqCst: pairs with the SeqCst swap in `set`.
+            self.signaled.compare_exchange(1, 0, Ordering::SeqCst, Ordering::Relaxed).is_ok()
+        } else {
+            // SeqCst: the load half of the waiter's Dekker pair.
+            self.signaled.load(Ordering::SeqCst) == 1
+        }
+    }
+
+    fn wait_inner(&self, timeout: Option<Duration>) -> Result<()> {
+        self.header.check(MAGIC, WHAT)?;
+        for _ in 0..SPINS {
+            if self.try_consume() {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let deadline = deadline(timeout);
+        // SeqCst: the store half of the Dekker pair with `signaled`.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
+            if self.try_consume() {
+                break Ok(());
+            }
+            if let Err(e) = self.header.check(MAGIC, WHAT) {
+                break Err(e);
+            }
+            let left = remaining(deadline);
+            if left == Some(Duration::ZERO) {
+                break Err(timeout_error(WHAT, timeout));
+            }
+            if let Err(e) = os::futex_wait(&self.signaled, 0, left) {
+                break Err(Error::from_io("futex wait on an event failed", e));
+            }
+            let _: FutexWait;
+        };
+        // Relaxed: a hint for `set` only.
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+}

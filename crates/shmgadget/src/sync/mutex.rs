@@ -1,0 +1,323 @@
+//! A robust, process-shared mutex: a raw lock ([`RawMutex`]) and a typed wrapper
+//! ([`Mutex<T>`]) whose guard reports when the previous holder died.
+//!
+//! # Protocol
+//! The lock itself is a glibc `pthread_mutex_t` initialised `PTHREAD_PROCESS_SHARED |
+//! PTHREAD_MUTEX_ROBUST`: when a holder dies, the kernel marks it and the next
+//! `pthread_mutex_lock` returns `EOWNERDEAD`.
+//!
+//! glibc makes such a mutex permanently unusable (`ENOTRECOVERABLE`) if it is unlocked without
+//! `pthread_mutex_consistent`. We never let that happen: on `EOWNERDEAD` we call
+//! `pthread_mutex_consistent` at once and record the fact in our own `inconsistent` word. Every
+//! locker that finds `inconsistent == 1` is told `OwnerDied`, until one calls
+//! [`MutexGuard::make_consistent`] after repairing the data. So owner death is reported until
+//! someone repairs, and the lock is never dead.
+//!
+//! | `inconsistent` | set by                                   | cleared by                    |
+//! |----------------|------------------------------------------|-------------------------------|
+//! | 0              | init, `make_consistent`                  |                               |
+//! | 1              | a locker that got `EOWNERDEAD`           | `make_consistent` (lock held) |
+//!
+//! `inconsistent` and `owner_pid` are written only by the lock holder, so Relaxed suffices:
+//! the pthread lock's acquire/release orders them.
+
+use std::cell::UnsafeCell;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use super::ObjectHeader;
+use crate::error::{Error, ErrorKind, Result};
+use crate::os::{self, LockOutcome, RawRobustMutex};
+use crate::shm_safe::ShmSafe;
+
+const MAGIC: u32 = u32::from_le_bytes(*b"MTX1");
+const WHAT: &str = "mutex";
+
+/// The raw lock: no data, just the robust process-shared lock and its bookkeeping (96 bytes).
+#[repr(C)]
+pub struct RawMutex {
+    header: ObjectHeader,
+    inconsistent: AtomicU32,
+    owner_pid: AtomicU32,
+    _reserved: [AtomicU32; 2],
+    lock: RawRobustMutex,
+}
+
+const _: () = assert!(size_of::<RawMutex>() == 96);
+
+/// How a raw lock was acquired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    /// Normally.
+    Clean,
+    /// The data may be inconsistent: a holder died, and nobody has repaired it since.
+    OwnerDied,
+}
+
+impl RawMutex {
+    /// Initialises the lock unless another process already did; returns whether this call did.
+    pub fn init(&self) -> Result<bool> {
+        self.init_with(|| Ok(()))
+    }
+
+    fn init_with(&self, data: impl FnOnce() -> Result<()>) -> Result<bool> {
+        self.header.init_once(MAGIC, WHAT, || {
+            // SAFETY: we won the initialisation race (state INITIALIZING), so nobody else
+            // uses the lock yet; it lives in shared memory that stays mapped while used.
+            unsafe { self.lock.init() }.map_err(|e| Error::from_io("cannot initialise a robust mutex", e))?;
+            // Relaxed: published by the header's READY store.
+            self.inconsistent.store(0, Ordering::Relaxed);
+            self.owner_pid.store(0, Ordering::Relaxed);
+            data()
+        })
+    }
+
+    fn after_lock(&self, outcome: LockOutcome) -> Result<Acquired> {
+        if outcome == LockOutcome::OwnerDied {
+            // Keep glibc's mutex recoverable whatever the caller does; remember the death in
+            // our own word instead (see the module docs).
+            // SAFETY: we hold the lock (pthread returned EOWNERDEAD, which means acquired).
+            unsafe { self.lock.make_consistent() }.map_err(|e| Error::from_io("pthread_mutex_consistent failed", e))?;
+            // Relaxed: only the holder writes it; the pthread lock orders it.
+            self.inconsistent.store(1, Ordering::Relaxed);
+        }
+        // Relaxed: informational, written by the holder only.
+        self.owner_pid.store(os::current_pid(), Ordering::Relaxed);
+        // Relaxed: as above.
+        Ok(if self.inconsistent.load(Ordering::Relaxed) == 1 { Acquired::OwnerDied } else { Acquired::Clean })
+    }
+
+    fn lock_error(&self, e: std::io::Error) -> Error {
+        Error::from_io(format!("locking the mutex at {:p} failed (its memory may be corrupt)", self), e)
+    }
+
+    /// Locks, waiting as long as needed.
+    pub fn lock(&self) -> Result<Acquired> {
+        self.header.check(MAGIC, WHAT)?;
+        let outcome = self.lock.lock().map_err(|e| self.lock_error(e))?;
+        self.after_lock(outcome)
+    }
+
+    /// Locks if free; `Ok(None)` if another thread or process holds it.
+    pub fn try_lock(&self) -> Result<Option<Acquired>> {
+        self.header.check(MAGIC, WHAT)?;
+        match self.lock.try_lock().map_err(|e| self.lock_error(e))? {
+            Some(outcome) => self.after_lock(outcome).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Locks, waiting at most `timeout`; `Ok(None)` on timeout.
+    pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<Acquired>> {
+        self.header.check(MAGIC, WHAT)?;
+        match self.lock.lock_timeout(timeout).map_err(|e| self.lock_error(e))? {
+            Some(outcome) => self.after_lock(outcome).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Unlocks.
+    ///
+    /// # Safety
+    /// The calling thread must hold the lock.
+    pub unsafe fn unlock(&self) {
+        // Relaxed: written by the holder only.
+        self.owner_pid.store(0, Ordering::Relaxed);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.lock.unlock() }
+    }
+
+    /// Declares the protected data repaired after [`Acquired::OwnerDied`].
+    ///
+    /// # Safety
+    /// The calling thread must hold the lock.
+    pub unsafe fn make_consistent(&self) {
+        // Relaxed: written by the holder only.
+        self.inconsistent.store(0, Ordering::Relaxed);
+    }
+
+    /// Pid of the current holder, 0 if free (a snapshot, for inspection).
+    pub fn owner_pid(&self) -> u32 {
+        // Relaxed: a snapshot.
+        self.owner_pid.load(Ordering::Relaxed)
+    }
+
+    /// Whether a holder died and the data has not been repaired since (a snapshot).
+    pub fn is_inconsistent(&self) -> bool {
+        // Relaxed: a snapshot.
+        self.inconsistent.load(Ordering::Relaxed) == 1
+    }
+}
+
+/// A mutex protecting a `T` in shared memory, across processes. Place it (zeroed) in shared
+/// memory and [`init`](Mutex::init) it; then lock it from any process.
+///
+/// ```
+/// use shmgadget::sync::{LockError, Mutex};
+/// # let storage = Box::new(std::mem::MaybeUninit::<Mutex<u64>>::zeroed());
+/// # let m: &Mutex<u64> = unsafe { storage.assume_init_ref() };
+/// // `m` lives in a section (for example `section.at::<Mutex<u64>>(0)?`).
+/// m.init(0)?;
+/// let mut guard = match m.lock() {
+///     Ok(guard) => guard,
+///     Err(LockError::OwnerDied(mut guard)) => {
+///         // The previous holder died while holding it: repair the data, then say so.
+///         *guard = 0;
+///         guard.make_consistent();
+///         guard
+///     }
+///     Err(e) => return Err(e.into()),
+/// };
+/// *guard += 1;
+/// # Ok::<(), shmgadget::Error>(())
+/// ```
+#[repr(C)]
+pub struct Mutex<T> {
+    raw: RawMutex,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: the data is only reached through a guard, which exists only while the lock is held,
+// so at most one thread (of any process) accesses it at a time; `T: ShmSafe` makes it valid to
+// share with other processes, and `Send` to hand between threads.
+unsafe impl<T: ShmSafe + Send> Sync for Mutex<T> {}
+// SAFETY: as above.
+unsafe impl<T: ShmSafe + Send> Send for Mutex<T> {}
+
+/// Why [`Mutex::lock`] did not return a plain guard.
+#[must_use]
+pub enum LockError<'a, T: ShmSafe> {
+    /// The lock is held, but a previous holder died while holding it: repair the data through
+    /// the guard, then call [`MutexGuard::make_consistent`].
+    OwnerDied(MutexGuard<'a, T>),
+    /// `try_lock` found it held.
+    WouldBlock,
+    /// `lock_timeout` ran out of time.
+    Timeout,
+    /// The mutex is not usable (uninitialised, destroyed, corrupt).
+    Failed(Error),
+}
+
+impl<T: ShmSafe> From<LockError<'_, T>> for Error {
+    fn from(e: LockError<'_, T>) -> Error {
+        match e {
+            LockError::OwnerDied(_) => Error::new(
+                ErrorKind::OwnerDied,
+                "a previous holder of the mutex died while holding it; the data may be inconsistent",
+            ),
+            LockError::WouldBlock => Error::new(ErrorKind::Timeout, "the mutex is held by someone else"),
+            LockError::Timeout => Error::new(ErrorKind::Timeout, "timed out waiting for the mutex"),
+            LockError::Failed(e) => e,
+        }
+    }
+}
+
+impl<T: ShmSafe> std::fmt::Debug for LockError<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::OwnerDied(_) => f.write_str("OwnerDied(..)"),
+            LockError::WouldBlock => f.write_str("WouldBlock"),
+            LockError::Timeout => f.write_str("Timeout"),
+            LockError::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+        }
+    }
+}
+
+impl<T: ShmSafe> Mutex<T> {
+    /// Initialises the mutex holding `value`, unless another process already did (then
+    /// `value` is dropped and the existing data kept). Returns whether this call initialised it.
+    pub fn init(&self, value: T) -> Result<bool> {
+        self.raw.init_with(|| {
+            // SAFETY: we won the initialisation race, so nobody else accesses the data yet.
+            unsafe { self.data.get().write(value) };
+            Ok(())
+        })
+    }
+
+    fn guard(&self, acquired: Acquired) -> std::result::Result<MutexGuard<'_, T>, LockError<'_, T>> {
+        let guard = MutexGuard { mutex: self, _not_send: PhantomData };
+        match acquired {
+            Acquired::Clean => Ok(guard),
+            Acquired::OwnerDied => Err(LockError::OwnerDied(guard)),
+        }
+    }
+
+    /// Locks, waiting as long as needed.
+    pub fn lock(&self) -> std::result::Result<MutexGuard<'_, T>, LockError<'_, T>> {
+        let acquired = self.raw.lock().map_err(LockError::Failed)?;
+        self.guard(acquired)
+    }
+
+    /// Locks if free, else `Err(LockError::WouldBlock)`.
+    pub fn try_lock(&self) -> std::result::Result<MutexGuard<'_, T>, LockError<'_, T>> {
+        match self.raw.try_lock().map_err(LockError::Failed)? {
+            Some(acquired) => self.guard(acquired),
+            None => Err(LockError::WouldBlock),
+        }
+    }
+
+    /// Locks, waiting at most `timeout`, else `Err(LockError::Timeout)`.
+    pub fn lock_timeout(&self, timeout: Duration) -> std::result::Result<MutexGuard<'_, T>, LockError<'_, T>> {
+        match self.raw.lock_timeout(timeout).map_err(LockError::Failed)? {
+            Some(acquired) => self.guard(acquired),
+            None => Err(LockError::Timeout),
+        }
+    }
+
+    /// The raw lock (for inspection: owner pid, consistency).
+    pub fn raw(&self) -> &RawMutex {
+        &self.raw
+    }
+}
+
+/// Proof of holding a [`Mutex`]; gives access to the data and unlocks when dropped.
+#[must_use = "the mutex unlocks as soon as the guard is dropped"]
+pub struct MutexGuard<'a, T: ShmSafe> {
+    mutex: &'a Mutex<T>,
+    /// pthread mutexes must be unlocked by the thread that locked them.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<'a, T: ShmSafe> MutexGuard<'a, T> {
+    /// Declares the data repaired after [`LockError::OwnerDied`]; later lockers get a plain
+    /// guard again. Harmless when nothing died.
+    pub fn make_consistent(&mut self) {
+        // SAFETY: a guard exists only while its thread holds the lock.
+        unsafe { self.mutex.raw.make_consistent() }
+    }
+
+    /// The mutex this guard holds, with the guard's full lifetime (for re-locking).
+    pub(crate) fn mutex(&self) -> &'a Mutex<T> {
+        self.mutex
+    }
+}
+
+impl<T: ShmSafe> Deref for MutexGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard proves this thread holds the lock, so no one else accesses the data.
+        unsafe { &*self.mutex.data.get() }
+    }
+}
+
+impl<T: ShmSafe> DerefMut for MutexGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only reference from this guard.
+        unsafe { &mut *self.mutex.data.get() }
+    }
+}
+
+impl<T: ShmSafe> Drop for MutexGuard<'_, T> {
+    fn drop(&mut self) {
+        // SAFETY: a guard exists only while its thread holds the lock.
+        unsafe { self.mutex.raw.unlock() }
+    }
+}
+
+impl<T: ShmSafe + std::fmt::Debug> std::fmt::Debug for MutexGuard<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MutexGuard").field(&**self).finish()
+    }
+}

@@ -1,0 +1,190 @@
+//! A counting semaphore on a shared futex word.
+//!
+//! # Protocol
+//! * `count` is the number of available units, at most [`SEMAPHORE_MAX`]. `post` adds one;
+//!   `wait` takes one, sleeping on `count` while it is 0.
+//! * `waiters` counts processes that may be asleep on `count`. A waiter increments it *before*
+//!   its last look at `count`, and a poster reads it *after* incrementing `count`. Both sides
+//!   use SeqCst for that store-then-load pair (Dekker's pattern: with weaker orderings both
+//!   loads could miss the other side's store), so either the waiter sees the new unit or the
+//!   poster sees the waiter and wakes it. The futex itself closes the remaining gap: the
+//!   kernel sleeps only if `count` is still 0 when it looks.
+//! * No system call happens when `waiters` is 0.
+//! * A waiter killed while counted leaves `waiters` too high: later posts make a spare wake
+//!   call (harmless, only slower). A poster killed mid-`post` either added its unit or did not.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use super::{ObjectHeader, SPINS, deadline, remaining, timeout_error};
+use crate::error::{Error, ErrorKind, Result};
+use crate::os::{self, FutexWait};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"SEM1");
+const WHAT: &str = "semaphore";
+
+/// Largest count a semaphore can hold.
+pub const SEMAPHORE_MAX: u32 = i32::MAX as u32;
+
+/// A counting semaphore shared between processes. Place it in shared memory (zeroed), then
+/// [`init`](Semaphore::init) it.
+#[repr(C)]
+pub struct Semaphore {
+    header: ObjectHeader,
+    count: AtomicU32,
+    waiters: AtomicU32,
+    _reserved: [AtomicU32; 2],
+}
+
+const _: () = assert!(size_of::<Semaphore>() == 32);
+
+impl Semaphore {
+    /// Initialises the semaphore with `initial` units, unless another process already did
+    /// (then it is only validated). Returns whether this call initialised it.
+    pub fn init(&self, initial: u32) -> Result<bool> {
+        if initial > SEMAPHORE_MAX {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("initial count {initial} exceeds {SEMAPHORE_MAX}"),
+            ));
+        }
+        self.header.init_once(MAGIC, WHAT, || {
+            // Relaxed: published by the header's READY store.
+            self.count.store(initial, Ordering::Relaxed);
+            self.waiters.store(0, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    /// Adds one unit, waking one sleeping waiter if there is one.
+    pub fn post(&self) -> Result<()> {
+        self.header.check(MAGIC, WHAT)?;
+        let mut c = self.count.load(Ordering::Relaxed);
+        loop {
+            if c >= SEMAPHORE_MAX {
+                return Err(self.bad_count(c, "post would exceed the maximum count"));
+            }
+            // SeqCst: the store half of the Dekker pair with `waiters` (see module docs).
+            match self.count.compare_exchange_weak(c, c + 1, Ordering::SeqCst, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => c = now,
+            }
+        }
+        // SeqCst: the load half of the Dekker pair.
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            os::futex_wake(&self.count, 1);
+        }
+        Ok(())
+    }
+
+    /// Takes a unit if one is available, without waiting.
+    pub fn try_wait(&self) -> Result<bool> {
+        self.header.check(MAGIC, WHAT)?;
+        self.try_take()
+    }
+
+    /// Takes a unit, waiting as long as needed. Fails if the semaphore is destroyed or corrupt.
+    pub fn wait(&self) -> Result<()> {
+        self.wait_inner(None)
+    }
+
+    /// Takes a unit, waiting at most `timeout`; fails with [`ErrorKind::Timeout`] after it.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<()> {
+        self.wait_inner(Some(timeout))
+    }
+
+    /// Units available now (a snapshot).
+    pub fn count(&self) -> Result<u32> {
+        self.header.check(MAGIC, WHAT)?;
+        // Relaxed: a snapshot for display.
+        Ok(self.count.load(Ordering::Relaxed))
+    }
+
+    /// Processes that may be asleep in `wait` now (a snapshot).
+    pub fn waiters(&self) -> u32 {
+        // Relaxed: a snapshot for display.
+        self.waiters.load(Ordering::Relaxed)
+    }
+
+    /// Destroys the semaphore: every current and future wait fails with
+    /// [`ErrorKind::Destroyed`].
+    pub fn destroy(&self) -> Result<()> {
+        self.header.destroy(MAGIC, WHAT)?;
+        os::futex_wake(&self.count, u32::MAX);
+        Ok(())
+    }
+
+    fn try_take(&self) -> Result<bool> {
+        // Relaxed: the CAS below validates the value.
+        let mut c = self.count.load(Ordering::Relaxed);
+        loop {
+            if c == 0 {
+                return Ok(false);
+            }
+            if c > SEMAPHORE_MAX {
+                return Err(self.bad_count(c, "count is impossible"));
+            }
+            // SeqCst: pairs with the poster's SeqCst CAS (it also makes the unit's "happens
+            // before" edge an Acquire).
+            match self.count.compare_exchange_weak(c, c - 1, Ordering::SeqCst, Ordering::Relaxed) {
+                Ok(_) => return Ok(true),
+                Err(now) => c = now,
+            }
+        }
+    }
+
+    fn wait_inner(&self, timeout: Option<Duration>) -> Result<()> {
+        self.header.check(MAGIC, WHAT)?;
+        for _ in 0..SPINS {
+            if self.try_take()? {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let deadline = deadline(timeout);
+        // SeqCst: the store half of the Dekker pair with `count` (see module docs).
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
+            match self.try_take() {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+            if let Err(e) = self.header.check(MAGIC, WHAT) {
+                break Err(e);
+            }
+            let left = remaining(deadline);
+            if left == Some(Duration::ZERO) {
+                break Err(timeout_error(WHAT, timeout));
+            }
+            match os::futex_wait(&self.count, 0, left) {
+                Ok(FutexWait::Woken | FutexWait::Changed | FutexWait::TimedOut) => {}
+                Err(e) => break Err(Error::from_io("futex wait on a semaphore failed", e)),
+            }
+        };
+        // Relaxed: only a hint for posters; ordering is carried by `count`.
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    #[cold]
+    fn bad_count(&self, c: u32, why: &str) -> Error {
+        if c > SEMAPHORE_MAX {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "semaphore at {:p} has count {c}, above the maximum {SEMAPHORE_MAX}: the memory is corrupt",
+                    self
+                ),
+            )
+        } else {
+            Error::new(ErrorKind::InvalidArgument, format!("semaphore at {:p}: {why} ({c})", self))
+        }
+    }
+}
+
+impl std::fmt::Debug for Semaphore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Semaphore").field("count", &self.count()).field("waiters", &self.waiters()).finish()
+    }
+}
