@@ -16,9 +16,33 @@ pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
-/// This process's id, `getpid(2)`.
+/// This process's id: `getpid(2)` once, then cached (a forked child refreshes the cache in a
+/// `pthread_atfork(3)` handler), because hot paths such as locking record it.
+#[inline]
 pub fn current_pid() -> u32 {
-    rustix::process::getpid().as_raw_nonzero().get() as u32
+    // Relaxed: the value is the same whichever thread stored it.
+    match PID.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => refresh_pid(),
+        pid => pid,
+    }
+}
+
+static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn refresh_pid() -> u32 {
+    static ATFORK: std::sync::Once = std::sync::Once::new();
+    ATFORK.call_once(|| {
+        extern "C" fn forget_pid() {
+            // Relaxed: the child has a single thread right after fork.
+            PID.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: registers a handler with no preconditions; it only stores to an atomic.
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) };
+    });
+    let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    // Relaxed: see `current_pid`.
+    PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+    pid
 }
 
 /// This process's effective user id, `geteuid(2)`.
@@ -342,6 +366,7 @@ impl RawRobustMutex {
         }
     }
 
+    #[inline]
     fn outcome(rc: libc::c_int) -> io::Result<LockOutcome> {
         match rc {
             0 => Ok(LockOutcome::Acquired),
@@ -351,6 +376,7 @@ impl RawRobustMutex {
     }
 
     /// Locks, waiting as long as needed (`pthread_mutex_lock(3)`).
+    #[inline]
     pub fn lock(&self) -> io::Result<LockOutcome> {
         // SAFETY: the mutex was initialised (type invariant, established by whoever built the
         // shared structure and checked by its header validation) and stays mapped while `self`
@@ -399,6 +425,7 @@ impl RawRobustMutex {
     ///
     /// # Safety
     /// The calling thread must hold the mutex.
+    #[inline]
     pub unsafe fn unlock(&self) {
         // SAFETY: the caller holds the mutex, which was initialised.
         let rc = unsafe { libc::pthread_mutex_unlock(self.raw()) };

@@ -119,12 +119,14 @@ impl ObjectHeader {
     pub(crate) fn check(&self, magic: u32, what: &str) -> Result<()> {
         // Acquire: pairs with the Release store of READY in `init_once`.
         let state = self.state.load(Ordering::Acquire);
-        // Relaxed: frozen once READY, which the Acquire above made visible.
-        let (m, v) = (self.magic.load(Ordering::Relaxed), self.version.load(Ordering::Relaxed));
-        if state == READY && m == magic && v == VERSION {
+        // Relaxed: frozen once READY, which the Acquire above made visible. Each type's magic
+        // carries its layout version ("MTX1"), so the hot path compares two words; `version`
+        // is only examined to explain a mismatch.
+        let m = self.magic.load(Ordering::Relaxed);
+        if state == READY && m == magic {
             return Ok(());
         }
-        Err(self.describe_bad(state, m, v, magic, what))
+        Err(self.describe_bad(state, m, self.version.load(Ordering::Relaxed), magic, what))
     }
 
     #[cold]

@@ -74,6 +74,7 @@ impl RawMutex {
         })
     }
 
+    #[inline]
     fn after_lock(&self, outcome: LockOutcome) -> Result<Acquired> {
         if outcome == LockOutcome::OwnerDied {
             // Keep glibc's mutex recoverable whatever the caller does; remember the death in
@@ -94,6 +95,7 @@ impl RawMutex {
     }
 
     /// Locks, waiting as long as needed.
+    #[inline]
     pub fn lock(&self) -> Result<Acquired> {
         self.header.check(MAGIC, WHAT)?;
         let outcome = self.lock.lock().map_err(|e| self.lock_error(e))?;
@@ -122,6 +124,7 @@ impl RawMutex {
     ///
     /// # Safety
     /// The calling thread must hold the lock.
+    #[inline]
     pub unsafe fn unlock(&self) {
         // Relaxed: written by the holder only.
         self.owner_pid.store(0, Ordering::Relaxed);
@@ -236,6 +239,7 @@ impl<T: ShmSafe> Mutex<T> {
         })
     }
 
+    #[inline]
     fn guard(&self, acquired: Acquired) -> std::result::Result<MutexGuard<'_, T>, LockError<'_, T>> {
         let guard = MutexGuard { mutex: self, _not_send: PhantomData };
         match acquired {
@@ -245,6 +249,7 @@ impl<T: ShmSafe> Mutex<T> {
     }
 
     /// Locks, waiting as long as needed.
+    #[inline]
     pub fn lock(&self) -> std::result::Result<MutexGuard<'_, T>, LockError<'_, T>> {
         let acquired = self.raw.lock().map_err(LockError::Failed)?;
         self.guard(acquired)
@@ -310,6 +315,7 @@ impl<T: ShmSafe> DerefMut for MutexGuard<'_, T> {
 }
 
 impl<T: ShmSafe> Drop for MutexGuard<'_, T> {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: a guard exists only while its thread holds the lock.
         unsafe { self.mutex.raw.unlock() }
