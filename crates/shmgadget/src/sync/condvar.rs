@@ -6,19 +6,19 @@
 //! and wakes sleepers if `waiters` says there may be some. Because the waiter reads `seq`
 //! before releasing the mutex, a notifier that changed the predicate under the mutex (and so
 //! after the waiter unlocked) always bumps `seq` past the value the waiter sleeps on: the kernel
-//! then refuses to sleep, and no wake-up is lost. The increments of `waiters`/`seq` and the
-//! loads of the other word are SeqCst (Dekker's pattern, see `semaphore.rs`).
+//! then refuses to sleep, and no wake-up is lost. Each side's write of its word and read of the
+//! other are separated by `fence(SeqCst)` (Dekker's pattern, see `semaphore.rs`), so a notifier
+//! skips the wake call only when no waiter can be asleep.
 //!
 //! A waiter returns with the mutex held again, which may report `OwnerDied` if a holder died
 //! meanwhile, exactly as a plain `lock` would. Spurious wake-ups are possible: wait in a loop.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use super::shim::{AtomicU32, Ordering, fence};
 use std::time::Duration;
 
 use super::ObjectHeader;
 use super::mutex::{LockError, MutexGuard};
 use crate::error::Result;
-use crate::os;
 use crate::shm_safe::ShmSafe;
 
 const MAGIC: u32 = u32::from_le_bytes(*b"CND1");
@@ -34,6 +34,7 @@ pub struct Condvar {
     _reserved: [AtomicU32; 2],
 }
 
+#[cfg(not(loom))]
 const _: () = assert!(size_of::<Condvar>() == 32);
 
 /// The result of a condvar wait: the re-acquired guard (or why not), and whether it timed out.
@@ -64,15 +65,16 @@ impl Condvar {
             return (Err(LockError::Failed(e)), false);
         }
         let mutex = guard.mutex();
-        // SeqCst: the store half of the Dekker pair with `seq` (see module docs).
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        // SeqCst: read before the mutex is released (see module docs).
-        let seq = self.seq.load(Ordering::SeqCst);
+        // Relaxed + SeqCst fence: the waiter's half of the Dekker pair; pairs with the fence in
+        // `notify`. The read of `seq` happens before the mutex is released (see module docs).
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let seq = self.seq.load(Ordering::Relaxed);
         drop(guard);
-        let woke = os::futex_wait(&self.seq, seq, timeout);
+        let woke = super::shim::futex_wait(&self.seq, seq, timeout);
         // Relaxed: a hint for notifiers only.
         self.waiters.fetch_sub(1, Ordering::Relaxed);
-        let timed_out = matches!(woke, Ok(os::FutexWait::TimedOut));
+        let timed_out = matches!(woke, Ok(super::shim::FutexWait::TimedOut));
         let relocked = mutex.lock();
         if let Err(e) = self.header.check(MAGIC, WHAT) {
             drop(relocked);
@@ -93,11 +95,12 @@ impl Condvar {
 
     fn notify(&self, n: u32) -> Result<()> {
         self.header.check(MAGIC, WHAT)?;
-        // SeqCst: the store half of the notifier's Dekker pair.
-        self.seq.fetch_add(1, Ordering::SeqCst);
-        // SeqCst: the load half.
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            os::futex_wake(&self.seq, n);
+        // Relaxed + SeqCst fence: the notifier's half of the Dekker pair; pairs with the fence
+        // in `wait_inner`.
+        self.seq.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            super::shim::futex_wake(&self.seq, n);
         }
         Ok(())
     }
@@ -111,8 +114,9 @@ impl Condvar {
     /// Destroys it: waiters wake and fail with [`crate::ErrorKind::Destroyed`].
     pub fn destroy(&self) -> Result<()> {
         self.header.destroy(MAGIC, WHAT)?;
-        self.seq.fetch_add(1, Ordering::SeqCst);
-        os::futex_wake(&self.seq, u32::MAX);
+        // Relaxed: the futex wake below makes sleepers re-check the header.
+        self.seq.fetch_add(1, Ordering::Relaxed);
+        super::shim::futex_wake(&self.seq, u32::MAX);
         Ok(())
     }
 }

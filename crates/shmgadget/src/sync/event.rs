@@ -3,9 +3,9 @@
 //! # Protocol
 //! `signaled` is 0 (reset) or 1 (set). `set` stores 1 and, if `waiters` says someone may be
 //! asleep, wakes one waiter (auto reset) or all (manual reset). A waiter consumes the event
-//! (auto: CAS 1→0; manual: just sees 1) or sleeps on `signaled` while it is 0. The store of
-//! `signaled` by `set` and of `waiters` by a waiter, each followed by a load of the other, are
-//! SeqCst (Dekker's pattern; see `semaphore.rs`). A woken waiter always tries to consume before
+//! (auto: CAS 1→0; manual: just sees 1) or sleeps on `signaled` while it is 0. `set`'s write of
+//! `signaled` and a waiter's write of `waiters`, each followed by a read of the other word, are
+//! separated by `fence(SeqCst)` on both sides (Dekker's pattern; see `semaphore.rs`). A woken waiter always tries to consume before
 //! it reports a timeout, so a wake-up is never swallowed by a waiter that then gives up.
 //!
 //! | `signaled` | after `set`                | after a waiter consumes (auto) | after `reset` |
@@ -13,12 +13,12 @@
 //! | 0          | 1                          | (cannot consume)               | 0             |
 //! | 1          | 1 (setting twice is one)   | 0                              | 0             |
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use super::shim::{AtomicU32, Ordering, fence};
 use std::time::Duration;
 
+use super::shim::FutexWait;
 use super::{ObjectHeader, SPINS, deadline, remaining, timeout_error};
 use crate::error::{Error, Result};
-use crate::os::{self, FutexWait};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"EVT1");
 const WHAT: &str = "event";
@@ -43,6 +43,7 @@ pub struct Event {
     _reserved: AtomicU32,
 }
 
+#[cfg(not(loom))]
 const _: () = assert!(size_of::<Event>() == 32);
 
 impl Event {
@@ -65,11 +66,13 @@ impl Event {
     /// Sets the event, waking one waiter (auto) or all of them (manual).
     pub fn set(&self) -> Result<()> {
         self.header.check(MAGIC, WHAT)?;
-        // SeqCst: the store half of the Dekker pair with `waiters`.
-        self.signaled.swap(1, Ordering::SeqCst);
-        // SeqCst: the load half.
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            os::futex_wake(&self.signaled, if self.auto() { 1 } else { u32::MAX });
+        // Release: publishes what the setter wrote before to the waiter's Acquire.
+        self.signaled.swap(1, Ordering::Release);
+        // SeqCst fence: the setter's half of the Dekker pair; pairs with the fence in
+        // `wait_inner`. Relaxed load: ordered by the fence.
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            super::shim::futex_wake(&self.signaled, if self.auto() { 1 } else { u32::MAX });
         }
         Ok(())
     }
@@ -102,17 +105,17 @@ impl Event {
     /// Destroys the event: current and future waits fail with [`crate::ErrorKind::Destroyed`].
     pub fn destroy(&self) -> Result<()> {
         self.header.destroy(MAGIC, WHAT)?;
-        os::futex_wake(&self.signaled, u32::MAX);
+        super::shim::futex_wake(&self.signaled, u32::MAX);
         Ok(())
     }
 
     fn try_consume(&self) -> bool {
         if self.auto() {
-            // SeqCst: pairs with the SeqCst swap in `set`.
-            self.signaled.compare_exchange(1, 0, Ordering::SeqCst, Ordering::Relaxed).is_ok()
+            // Acquire: pairs with the Release swap in `set`.
+            self.signaled.compare_exchange(1, 0, Ordering::Acquire, Ordering::Relaxed).is_ok()
         } else {
-            // SeqCst: the load half of the waiter's Dekker pair.
-            self.signaled.load(Ordering::SeqCst) == 1
+            // Acquire: pairs with the Release swap in `set`.
+            self.signaled.load(Ordering::Acquire) == 1
         }
     }
 
@@ -125,8 +128,10 @@ impl Event {
             std::hint::spin_loop();
         }
         let deadline = deadline(timeout);
-        // SeqCst: the store half of the Dekker pair with `signaled`.
-        self.waiters.fetch_add(1, Ordering::SeqCst);
+        // Relaxed + SeqCst fence: the waiter's half of the Dekker pair; pairs with the fence
+        // in `set`.
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
         let result = loop {
             if self.try_consume() {
                 break Ok(());
@@ -138,7 +143,7 @@ impl Event {
             if left == Some(Duration::ZERO) {
                 break Err(timeout_error(WHAT, timeout));
             }
-            if let Err(e) = os::futex_wait(&self.signaled, 0, left) {
+            if let Err(e) = super::shim::futex_wait(&self.signaled, 0, left) {
                 break Err(Error::from_io("futex wait on an event failed", e));
             }
             let _: FutexWait;
@@ -146,5 +151,18 @@ impl Event {
         // Relaxed: a hint for `set` only.
         self.waiters.fetch_sub(1, Ordering::Relaxed);
         result
+    }
+}
+
+#[cfg(loom)]
+impl Event {
+    pub(crate) fn from_parts(header: ObjectHeader) -> Self {
+        Event {
+            header,
+            signaled: AtomicU32::new(0),
+            waiters: AtomicU32::new(0),
+            mode: AtomicU32::new(0),
+            _reserved: AtomicU32::new(0),
+        }
     }
 }

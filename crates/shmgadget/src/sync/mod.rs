@@ -35,13 +35,14 @@ mod condvar;
 mod event;
 mod mutex;
 mod semaphore;
+mod shim;
 
 pub use condvar::Condvar;
 pub use event::{Event, EventMode};
 pub use mutex::{LockError, Mutex, MutexGuard, RawMutex};
 pub use semaphore::{SEMAPHORE_MAX, Semaphore};
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use shim::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -65,6 +66,7 @@ pub struct ObjectHeader {
     init_pid: AtomicU32,
 }
 
+#[cfg(not(loom))]
 const _: () = assert!(size_of::<ObjectHeader>() == 16);
 
 impl ObjectHeader {
@@ -82,7 +84,7 @@ impl ObjectHeader {
                     if let Err(e) = init() {
                         // Release: gives the object back for someone else to try.
                         self.state.store(UNINIT, Ordering::Release);
-                        os::futex_wake(&self.state, u32::MAX);
+                        shim::futex_wake(&self.state, u32::MAX);
                         return Err(e);
                     }
                     self.magic.store(magic, Ordering::Relaxed);
@@ -90,7 +92,7 @@ impl ObjectHeader {
                     // Release: publishes every field written by `init` and above; pairs with
                     // the Acquire loads in `check` and in the CAS failure path.
                     self.state.store(READY, Ordering::Release);
-                    os::futex_wake(&self.state, u32::MAX);
+                    shim::futex_wake(&self.state, u32::MAX);
                     return Ok(true);
                 }
                 Err(INITIALIZING) => {
@@ -107,7 +109,7 @@ impl ObjectHeader {
                             ),
                         ));
                     }
-                    let _ = os::futex_wait(&self.state, INITIALIZING, Some(left.min(Duration::from_millis(50))));
+                    let _ = shim::futex_wait(&self.state, INITIALIZING, Some(left.min(Duration::from_millis(50))));
                 }
                 Err(_) => return self.check(magic, what).map(|()| false),
             }
@@ -181,5 +183,33 @@ pub(crate) fn timeout_error(what: &str, timeout: Option<Duration>) -> Error {
     Error::new(ErrorKind::Timeout, format!("timed out after {:?} waiting on {what}", timeout.unwrap_or_default()))
 }
 
-/// How many times a waiter spins before it sleeps.
-pub(crate) const SPINS: u32 = 100;
+pub(crate) use shim::SPINS;
+
+#[cfg(loom)]
+impl ObjectHeader {
+    fn new_uninit() -> Self {
+        ObjectHeader {
+            state: AtomicU32::new(0),
+            magic: AtomicU32::new(0),
+            version: AtomicU32::new(0),
+            init_pid: AtomicU32::new(0),
+        }
+    }
+}
+
+#[cfg(loom)]
+impl Semaphore {
+    /// An uninitialised semaphore outside shared memory, for loom models (loom's atomics
+    /// cannot be made from zeroed bytes).
+    pub fn new_uninit() -> Self {
+        Semaphore::from_parts(ObjectHeader::new_uninit())
+    }
+}
+
+#[cfg(loom)]
+impl Event {
+    /// An uninitialised event outside shared memory, for loom models.
+    pub fn new_uninit() -> Self {
+        Event::from_parts(ObjectHeader::new_uninit())
+    }
+}

@@ -4,21 +4,22 @@
 //! * `count` is the number of available units, at most [`SEMAPHORE_MAX`]. `post` adds one;
 //!   `wait` takes one, sleeping on `count` while it is 0.
 //! * `waiters` counts processes that may be asleep on `count`. A waiter increments it *before*
-//!   its last look at `count`, and a poster reads it *after* incrementing `count`. Both sides
-//!   use SeqCst for that store-then-load pair (Dekker's pattern: with weaker orderings both
-//!   loads could miss the other side's store), so either the waiter sees the new unit or the
-//!   poster sees the waiter and wakes it. The futex itself closes the remaining gap: the
-//!   kernel sleeps only if `count` is still 0 when it looks.
+//!   its last look at `count`, and a poster reads it *after* incrementing `count`. Each side
+//!   puts a `fence(SeqCst)` between its write and its read of the other word (Dekker's pattern:
+//!   without the fences both reads could miss the other side's write), so either the waiter
+//!   sees the new unit or the poster sees the waiter and wakes it. (Fences rather than SeqCst
+//!   accesses because loom models fences exactly; `tests/loom.rs` checks this very code.) The
+//!   futex closes the remaining gap: the kernel sleeps only if `count` is still 0 when it looks.
 //! * No system call happens when `waiters` is 0.
 //! * A waiter killed while counted leaves `waiters` too high: later posts make a spare wake
 //!   call (harmless, only slower). A poster killed mid-`post` either added its unit or did not.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use super::shim::{AtomicU32, Ordering, fence};
 use std::time::Duration;
 
+use super::shim::FutexWait;
 use super::{ObjectHeader, SPINS, deadline, remaining, timeout_error};
 use crate::error::{Error, ErrorKind, Result};
-use crate::os::{self, FutexWait};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"SEM1");
 const WHAT: &str = "semaphore";
@@ -36,6 +37,7 @@ pub struct Semaphore {
     _reserved: [AtomicU32; 2],
 }
 
+#[cfg(not(loom))]
 const _: () = assert!(size_of::<Semaphore>() == 32);
 
 impl Semaphore {
@@ -64,15 +66,17 @@ impl Semaphore {
             if c >= SEMAPHORE_MAX {
                 return Err(self.bad_count(c, "post would exceed the maximum count"));
             }
-            // SeqCst: the store half of the Dekker pair with `waiters` (see module docs).
-            match self.count.compare_exchange_weak(c, c + 1, Ordering::SeqCst, Ordering::Relaxed) {
+            // Release: publishes the unit to the taker's Acquire CAS in `try_take`.
+            match self.count.compare_exchange_weak(c, c + 1, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => break,
                 Err(now) => c = now,
             }
         }
-        // SeqCst: the load half of the Dekker pair.
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            os::futex_wake(&self.count, 1);
+        // SeqCst fence: the poster's half of the Dekker pair (see module docs); pairs with the
+        // fence in `wait_inner`. Relaxed load: ordered by the fence.
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            super::shim::futex_wake(&self.count, 1);
         }
         Ok(())
     }
@@ -110,7 +114,7 @@ impl Semaphore {
     /// [`ErrorKind::Destroyed`].
     pub fn destroy(&self) -> Result<()> {
         self.header.destroy(MAGIC, WHAT)?;
-        os::futex_wake(&self.count, u32::MAX);
+        super::shim::futex_wake(&self.count, u32::MAX);
         Ok(())
     }
 
@@ -124,9 +128,9 @@ impl Semaphore {
             if c > SEMAPHORE_MAX {
                 return Err(self.bad_count(c, "count is impossible"));
             }
-            // SeqCst: pairs with the poster's SeqCst CAS (it also makes the unit's "happens
-            // before" edge an Acquire).
-            match self.count.compare_exchange_weak(c, c - 1, Ordering::SeqCst, Ordering::Relaxed) {
+            // Acquire: pairs with the poster's Release CAS, so what the poster wrote before
+            // posting is visible to the taker.
+            match self.count.compare_exchange_weak(c, c - 1, Ordering::Acquire, Ordering::Relaxed) {
                 Ok(_) => return Ok(true),
                 Err(now) => c = now,
             }
@@ -142,8 +146,10 @@ impl Semaphore {
             std::hint::spin_loop();
         }
         let deadline = deadline(timeout);
-        // SeqCst: the store half of the Dekker pair with `count` (see module docs).
-        self.waiters.fetch_add(1, Ordering::SeqCst);
+        // Relaxed + SeqCst fence: the waiter's half of the Dekker pair (see module docs); pairs
+        // with the fence in `post`.
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
         let result = loop {
             match self.try_take() {
                 Ok(true) => break Ok(()),
@@ -157,7 +163,7 @@ impl Semaphore {
             if left == Some(Duration::ZERO) {
                 break Err(timeout_error(WHAT, timeout));
             }
-            match os::futex_wait(&self.count, 0, left) {
+            match super::shim::futex_wait(&self.count, 0, left) {
                 Ok(FutexWait::Woken | FutexWait::Changed | FutexWait::TimedOut) => {}
                 Err(e) => break Err(Error::from_io("futex wait on a semaphore failed", e)),
             }
@@ -186,5 +192,17 @@ impl Semaphore {
 impl std::fmt::Debug for Semaphore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Semaphore").field("count", &self.count()).field("waiters", &self.waiters()).finish()
+    }
+}
+
+#[cfg(loom)]
+impl Semaphore {
+    pub(crate) fn from_parts(header: ObjectHeader) -> Self {
+        Semaphore {
+            header,
+            count: AtomicU32::new(0),
+            waiters: AtomicU32::new(0),
+            _reserved: [AtomicU32::new(0), AtomicU32::new(0)],
+        }
     }
 }
