@@ -49,6 +49,7 @@
 mod domain;
 mod error;
 mod fault;
+pub mod heap;
 pub mod inspect;
 mod names;
 mod os;
