@@ -1,4 +1,423 @@
-//! Shared heaps. The allocator itself ([`tlsf`]) works over a plain byte range; the heap binds
-//! it to a section (in progress: see issue 5).
+//! Shared heaps: malloc/free/realloc inside a section, from any process of the domain.
+//!
+//! # Layout of a heap section
+//! ```text
+//! 0            HeapShared   header, robust lock, commit bookkeeping, allocator control
+//! AREA_OFFSET  block area   managed by the TLSF allocator (`tlsf.rs`), grows at its end
+//! ```
+//! # Protocol
+//! * The creator initialises `HeapShared` through the robust mutex's racing-safe `init` and
+//!   publishes the header's `ready` word last (Release); openers Acquire-load it and validate
+//!   magic, layout version, fingerprint, sizes.
+//! * Every allocator call holds `lock` (a robust process-shared [`RawMutex`]); its
+//!   acquire/release orders all writes to the control block and block headers between
+//!   processes. `committed` grows only under the lock.
+//! * A holder that dies leaves the next locker an `OwnerDied` report: it runs
+//!   [`Tlsf::recover`] (the block chain survives any crash point, see `tlsf.rs`), counts the
+//!   recovery in `recoveries`, and marks the lock consistent. No block is handed out twice; a
+//!   block the dead process had just allocated is leaked, one it was freeing is either freed or
+//!   still allocated.
+//! * Growth: the heap commits its section lazily. When no free block fits, the lock holder
+//!   commits an eighth more (at least 1 MiB; `fallocate`, so a full backing store is a clean
+//!   error) and then grows the allocator's area into it.
 
 pub mod tlsf;
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::domain::Domain;
+use crate::error::{Error, ErrorKind, Result, bail};
+use crate::registry::SectionKind;
+use crate::section::{Section, SectionOptions};
+use crate::sync::{Acquired, RawMutex};
+use tlsf::{BlockInfo, Tlsf, TlsfControl, TlsfError, TlsfStats};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"SHMHEAP1");
+const LAYOUT_VERSION: u32 = 1;
+const READY: u32 = 0x4845_4150; // "HEAP"
+/// Where the block area starts in the section.
+pub const AREA_OFFSET: u64 = 16 << 10;
+/// Bytes committed when a heap is created (or less if it reserves less).
+pub const INITIAL_COMMIT: u64 = 1 << 20;
+/// Smallest heap section.
+pub const MIN_HEAP: u64 = AREA_OFFSET + (64 << 10);
+
+/// The control block at the start of a heap section.
+#[repr(C)]
+pub(crate) struct HeapShared {
+    magic: AtomicU64,
+    layout_version: AtomicU32,
+    fingerprint: AtomicU32,
+    ready: AtomicU32,
+    _pad0: AtomicU32,
+    reserved: AtomicU64,
+    committed: AtomicU64,
+    recoveries: AtomicU64,
+    _reserved: [AtomicU64; 9],
+    lock: RawMutex,
+    tlsf: TlsfControl,
+}
+
+const _: () = assert!(size_of::<HeapShared>() as u64 <= AREA_OFFSET);
+const _: () = assert!(std::mem::offset_of!(HeapShared, lock) == 128);
+
+const FINGERPRINT: u32 = {
+    let parts = [
+        size_of::<HeapShared>() as u64,
+        std::mem::offset_of!(HeapShared, tlsf) as u64,
+        size_of::<TlsfControl>() as u64,
+        tlsf::FL_COUNT as u64,
+        tlsf::HEADER,
+        AREA_OFFSET,
+    ];
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < parts.len() {
+        h = (h ^ parts[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    (h ^ (h >> 32)) as u32
+};
+
+/// Heap statistics.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct HeapStats {
+    /// Bytes reserved by the section.
+    pub reserved: u64,
+    /// Bytes committed so far.
+    pub committed: u64,
+    /// Allocator figures (used/free bytes and blocks, largest free block, counters).
+    #[serde(flatten)]
+    pub blocks: TlsfStats,
+    /// Recoveries after a holder died.
+    pub recoveries: u64,
+    /// 1 − largest free block / free bytes (0: all free space in one block).
+    pub fragmentation: f64,
+}
+
+/// A shared heap: a section managed by shmgadget's allocator, usable from every process of the
+/// domain at once. Pointers it returns are valid in every process.
+pub struct Heap {
+    section: Section,
+}
+
+fn map_tlsf(e: TlsfError, heap: &str) -> Error {
+    match e {
+        TlsfError::OutOfMemory { requested, largest_free } => Error::new(
+            ErrorKind::OutOfSpace,
+            format!(
+                "heap {heap:?} has no free block for {requested} bytes (largest free block {largest_free} bytes) and cannot grow further"
+            ),
+        ),
+        TlsfError::BadLayout(m) => Error::new(ErrorKind::InvalidArgument, format!("heap {heap:?}: {m}")),
+        TlsfError::NotABlock(m) => Error::new(ErrorKind::InvalidArgument, format!("heap {heap:?}: {m}")),
+        TlsfError::DoubleFree(off) => Error::new(
+            ErrorKind::InvalidArgument,
+            format!("heap {heap:?}: double free of the block at offset {off:#x}"),
+        ),
+        TlsfError::Corrupt(m) => Error::new(
+            ErrorKind::Corrupt,
+            format!("heap {heap:?} is corrupt: {m}; `shmgadget heap {heap} --check` shows the first violation"),
+        ),
+    }
+}
+
+/// Proof of holding the heap lock; gives the allocator.
+struct Locked<'a> {
+    heap: &'a Heap,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // SAFETY: a `Locked` exists only while this thread holds the lock.
+        unsafe { self.heap.shared().lock.unlock() }
+    }
+}
+
+impl Locked<'_> {
+    fn tlsf(&self) -> Tlsf<'_> {
+        let shared = self.heap.shared();
+        // SAFETY: the block area starts AREA_OFFSET into the section (16 KiB, so 16-aligned)
+        // and its recorded capacity never exceeds the committed part of the section, which is
+        // mapped for as long as `self.heap.section` lives; we hold the heap lock.
+        unsafe { Tlsf::new(&shared.tlsf, self.heap.section.as_ptr().add(AREA_OFFSET as usize)) }
+    }
+}
+
+impl Heap {
+    /// Creates a heap section reserving `reserved` bytes (it commits 1 MiB now and grows on
+    /// demand).
+    pub fn create(domain: &Domain, name: &str, reserved: u64) -> Result<Heap> {
+        Heap::check_size(name, reserved)?;
+        let section = domain.create_section(name, reserved, &SectionOptions::new().kind(SectionKind::Heap))?;
+        Heap::init(section)
+    }
+
+    /// Opens an existing heap.
+    pub fn open(domain: &Domain, name: &str) -> Result<Heap> {
+        let section = domain.open_section(name)?;
+        Heap::attach(section)
+    }
+
+    /// Opens heap `name`, creating it if needed; returns whether this call created it.
+    pub fn create_or_open(domain: &Domain, name: &str, reserved: u64) -> Result<(Heap, bool)> {
+        Heap::check_size(name, reserved)?;
+        let opts = SectionOptions::new().kind(SectionKind::Heap);
+        let (section, created) = domain.create_or_open_section(name, reserved, &opts)?;
+        if created { Heap::init(section).map(|h| (h, true)) } else { Heap::attach(section).map(|h| (h, false)) }
+    }
+
+    fn check_size(name: &str, reserved: u64) -> Result<()> {
+        if reserved < MIN_HEAP {
+            bail!(InvalidSize, "heap {name:?}: {reserved} bytes is too small; a heap needs at least {MIN_HEAP} bytes");
+        }
+        Ok(())
+    }
+
+    /// Initialises a freshly created heap section.
+    fn init(section: Section) -> Result<Heap> {
+        let reserved = section.len() as u64;
+        let commit = INITIAL_COMMIT.max(MIN_HEAP).min(reserved);
+        section.commit(commit)?;
+        let heap = Heap { section };
+        let shared = heap.shared();
+        shared.lock.init()?;
+        let locked = heap.lock()?;
+        locked.tlsf().init(commit - AREA_OFFSET).map_err(|e| map_tlsf(e, heap.name()))?;
+        // Relaxed: published by the Release store of `ready` below.
+        shared.reserved.store(reserved, Ordering::Relaxed);
+        shared.committed.store(commit, Ordering::Relaxed);
+        shared.magic.store(MAGIC, Ordering::Relaxed);
+        shared.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        shared.fingerprint.store(FINGERPRINT, Ordering::Relaxed);
+        // Release: pairs with the Acquire load in `attach`.
+        shared.ready.store(READY, Ordering::Release);
+        drop(locked);
+        Ok(heap)
+    }
+
+    /// Validates an existing heap section.
+    fn attach(section: Section) -> Result<Heap> {
+        let name = section.name().to_owned();
+        if section.kind() != SectionKind::Heap {
+            bail!(InvalidArgument, "section {name:?} is a {} section, not a heap", section.kind().as_str());
+        }
+        let heap = Heap { section };
+        let s = heap.shared();
+        // Acquire: pairs with the Release store of `ready` in `init`.
+        let deadline = std::time::Instant::now() + crate::sync::INIT_WAIT;
+        while s.ready.load(Ordering::Acquire) != READY {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    Corrupt,
+                    "heap {name:?} was never initialised (its creator died while creating it); delete it with `shmgadget rm {name}`"
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Relaxed: frozen fields, made visible by the Acquire above.
+        let (magic, version, fp) = (
+            s.magic.load(Ordering::Relaxed),
+            s.layout_version.load(Ordering::Relaxed),
+            s.fingerprint.load(Ordering::Relaxed),
+        );
+        if magic != MAGIC || version != LAYOUT_VERSION || fp != FINGERPRINT {
+            bail!(
+                Corrupt,
+                "heap {name:?} has header magic {magic:#x} / version {version} / fingerprint {fp:#x}, expected {MAGIC:#x} / {LAYOUT_VERSION} / {FINGERPRINT:#x}"
+            );
+        }
+        let (reserved, committed) = (s.reserved.load(Ordering::Relaxed), s.committed.load(Ordering::Relaxed));
+        if reserved != heap.section.len() as u64 || committed > reserved || committed < MIN_HEAP.min(reserved) {
+            bail!(
+                Corrupt,
+                "heap {name:?} records {reserved} bytes reserved and {committed} committed, but its section has {} bytes",
+                heap.section.len()
+            );
+        }
+        Ok(heap)
+    }
+
+    fn shared(&self) -> &HeapShared {
+        // SAFETY: the section is at least MIN_HEAP bytes (checked at creation; an opened
+        // section's size was checked against the registry), page-aligned, mapped while
+        // `self.section` lives, and HeapShared is atomics plus the robust mutex.
+        unsafe { &*self.section.as_ptr().cast::<HeapShared>() }
+    }
+
+    /// The heap's name (its section's).
+    pub fn name(&self) -> &str {
+        self.section.name()
+    }
+
+    /// The section holding it.
+    pub fn section(&self) -> &Section {
+        &self.section
+    }
+
+    fn lock(&self) -> Result<Locked<'_>> {
+        let acquired = self.shared().lock.lock()?;
+        let locked = Locked { heap: self };
+        if acquired == Acquired::OwnerDied {
+            // A holder died mid-operation: rebuild everything but the block chain.
+            let capacity_ok = {
+                let t = locked.tlsf();
+                t.recover().map_err(|e| map_tlsf(e, self.name()))
+            };
+            capacity_ok?;
+            // Relaxed: statistics under the lock.
+            self.shared().recoveries.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: we hold the lock.
+            unsafe { self.shared().lock.make_consistent() };
+        }
+        Ok(locked)
+    }
+
+    fn base(&self) -> u64 {
+        self.section.as_ptr() as u64 + AREA_OFFSET
+    }
+
+    /// Allocates memory for `layout` (alignment up to 4 KiB). The memory is valid at the same
+    /// address in every process of the domain. Fails with `OutOfSpace` when the heap cannot
+    /// grow, `InvalidSize` for more than the heap reserves, `InvalidArgument` for a zero size or an
+    /// unsupported alignment; never aborts.
+    pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>> {
+        let (size, align) = (layout.size() as u64, layout.align() as u64);
+        if size > self.section.len() as u64 - AREA_OFFSET {
+            bail!(
+                InvalidSize,
+                "cannot allocate {size} bytes from heap {:?}: it reserves only {} bytes",
+                self.name(),
+                self.section.len()
+            );
+        }
+        let locked = self.lock()?;
+        let off = loop {
+            match locked.tlsf().alloc(size, align) {
+                Ok(off) => break off,
+                Err(TlsfError::OutOfMemory { .. }) if self.grow(&locked, size + align)? => continue,
+                Err(e) => return Err(map_tlsf(e, self.name())),
+            }
+        };
+        drop(locked);
+        Ok(NonNull::new((self.base() + off) as *mut u8).expect("heap addresses are never null"))
+    }
+
+    /// Like [`alloc`](Heap::alloc), with the memory zeroed.
+    pub fn alloc_zeroed(&self, layout: Layout) -> Result<NonNull<u8>> {
+        let p = self.alloc(layout)?;
+        // SAFETY: `p` is a fresh allocation of at least `layout.size()` bytes, ours alone.
+        unsafe { p.as_ptr().write_bytes(0, layout.size()) };
+        Ok(p)
+    }
+
+    /// Commits more of the section and grows the allocator into it. Returns false when the
+    /// section is fully committed already.
+    fn grow(&self, locked: &Locked<'_>, at_least: u64) -> Result<bool> {
+        let s = self.shared();
+        // Relaxed: written only under the lock, which we hold.
+        let (committed, reserved) = (s.committed.load(Ordering::Relaxed), s.reserved.load(Ordering::Relaxed));
+        if committed >= reserved {
+            return Ok(false);
+        }
+        // Grow by an eighth (at least 1 MiB, and enough for the request): few fallocate calls,
+        // and never more than ~12% committed beyond what is used.
+        let step = (committed / 8).max(1 << 20).max(at_least + tlsf::MIN_BLOCK * 2);
+        let want = (committed + step).next_multiple_of(4096);
+        let new = want.min(reserved);
+        self.section.commit(new)?;
+        locked.tlsf().grow(new - AREA_OFFSET).map_err(|e| map_tlsf(e, self.name()))?;
+        // Relaxed: under the lock.
+        s.committed.store(new, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn offset_of(&self, ptr: NonNull<u8>) -> Result<u64> {
+        let p = ptr.as_ptr() as u64;
+        let base = self.base();
+        if p < base || p >= self.section.as_ptr() as u64 + self.section.len() as u64 {
+            bail!(InvalidArgument, "pointer {p:#x} is not inside heap {:?}", self.name());
+        }
+        Ok(p - base)
+    }
+
+    /// Frees memory returned by this heap. Fails with `InvalidArgument` for a pointer that is
+    /// not a live block of this heap (including a double free).
+    ///
+    /// # Safety
+    /// No process may use the memory after this call (as with `free(3)`).
+    pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<()> {
+        let off = self.offset_of(ptr)?;
+        let locked = self.lock()?;
+        locked.tlsf().free(off).map_err(|e| map_tlsf(e, self.name()))
+    }
+
+    /// Resizes an allocation, in place when it can, else by moving it (the old block is freed).
+    ///
+    /// # Safety
+    /// `ptr` must come from this heap; after success no process may use the old pointer unless
+    /// it equals the new one.
+    pub unsafe fn realloc(&self, ptr: NonNull<u8>, new_size: usize) -> Result<NonNull<u8>> {
+        let off = self.offset_of(ptr)?;
+        let locked = self.lock()?;
+        let t = locked.tlsf();
+        if t.resize_in_place(off, new_size as u64).map_err(|e| map_tlsf(e, self.name()))? {
+            return Ok(ptr);
+        }
+        let old = t.usable_size(off).map_err(|e| map_tlsf(e, self.name()))?;
+        drop(locked);
+        let layout =
+            Layout::from_size_align(new_size, 16).map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))?;
+        let new = self.alloc(layout)?;
+        // SAFETY: both are live allocations of this heap, distinct blocks, each at least
+        // `min(old, new_size)` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), (old as usize).min(new_size)) };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.free(ptr)? };
+        Ok(new)
+    }
+
+    /// Usable bytes of an allocation.
+    pub fn usable_size(&self, ptr: NonNull<u8>) -> Result<usize> {
+        let off = self.offset_of(ptr)?;
+        let locked = self.lock()?;
+        locked.tlsf().usable_size(off).map(|s| s as usize).map_err(|e| map_tlsf(e, self.name()))
+    }
+
+    /// Statistics.
+    pub fn stats(&self) -> Result<HeapStats> {
+        let locked = self.lock()?;
+        let blocks = locked.tlsf().stats();
+        let s = self.shared();
+        // Relaxed: read under the lock.
+        let largest_block = blocks.largest_free + if blocks.free_blocks > 0 { tlsf::HEADER } else { 0 };
+        let frag = if blocks.free_bytes == 0 { 0.0 } else { 1.0 - largest_block as f64 / blocks.free_bytes as f64 };
+        Ok(HeapStats {
+            reserved: s.reserved.load(Ordering::Relaxed),
+            committed: s.committed.load(Ordering::Relaxed),
+            blocks,
+            recoveries: s.recoveries.load(Ordering::Relaxed),
+            fragmentation: frag.max(0.0),
+        })
+    }
+
+    /// Walks every block and checks every invariant; returns the first violation.
+    pub fn check(&self) -> Result<()> {
+        let locked = self.lock()?;
+        locked.tlsf().check().map_err(|e| map_tlsf(e, self.name()))
+    }
+
+    /// The block map (at most `limit` blocks), offsets relative to the block area.
+    pub fn dump(&self, limit: usize) -> Result<Vec<BlockInfo>> {
+        let locked = self.lock()?;
+        locked.tlsf().blocks(limit).map_err(|e| map_tlsf(e, self.name()))
+    }
+}
+
+impl std::fmt::Debug for Heap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heap").field("name", &self.name()).field("addr", &self.section.as_ptr()).finish()
+    }
+}

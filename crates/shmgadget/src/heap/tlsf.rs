@@ -438,14 +438,19 @@ impl<'a> Tlsf<'a> {
 
     /// Frees the allocation at `payload`, merging it with free neighbours.
     pub fn free(&self, payload: u64) -> R<()> {
-        let (mut off, mut size, flags) = self.used_block(payload)?;
+        let (off, size, flags) = self.used_block(payload)?;
         let c = self.ctl;
         // Relaxed: statistics, single writer under the lock.
         c.used_bytes.fetch_sub(size, Ordering::Relaxed);
         c.used_blocks.fetch_sub(1, Ordering::Relaxed);
         c.free_bytes.fetch_add(size, Ordering::Relaxed);
         c.frees.fetch_add(1, Ordering::Relaxed);
-        let mut prev_flag = flags & PREV_FREE;
+        self.release(off, size, flags & PREV_FREE)
+    }
+
+    /// Turns `[off, off + size)` into a free block, merged with free neighbours, and lists
+    /// it. The single store of the merged block's header is the commit point.
+    fn release(&self, mut off: u64, mut size: u64, mut prev_flag: u64) -> R<()> {
         let next = off + size;
         let (nsize, nflags) = self.header(next)?;
         if nflags & FREE != 0 {
@@ -541,21 +546,16 @@ impl<'a> Tlsf<'a> {
         let (_, sflags) = self.header(old_sentinel)?;
         let new_sentinel = new_capacity - HEADER;
         let added = new_sentinel - old_sentinel;
-        // New sentinel first, then the capacity, then the old sentinel becomes a used block
-        // that `free` merges in (see "Crash consistency").
-        // Relaxed: single writer; the Release store below orders the new sentinel before it.
+        // The capacity, then the new sentinel, then the old sentinel becomes a free block in
+        // one store (inside `release`). A crash before that last store leaves a size-0 header
+        // before the recorded sentinel, which `recover` completes (see "Crash consistency").
+        // Release: orders nothing before it that matters; keeps the sequence in program order.
         self.ctl.capacity.store(new_capacity, Ordering::Release);
         self.set(new_sentinel, added)?;
         self.write_header(new_sentinel, 0, 0)?;
-        self.write_header(old_sentinel, added, sflags & PREV_FREE)?;
-        let c = self.ctl;
-        // Relaxed: statistics under the lock; `free` below moves these bytes to free.
-        c.used_bytes.fetch_add(added, Ordering::Relaxed);
-        c.used_blocks.fetch_add(1, Ordering::Relaxed);
-        self.free(old_sentinel + HEADER)?;
-        // Relaxed: statistics; growth is not a user free.
-        c.frees.fetch_sub(1, Ordering::Relaxed);
-        Ok(())
+        // Relaxed: statistics under the lock.
+        self.ctl.free_bytes.fetch_add(added, Ordering::Relaxed);
+        self.release(old_sentinel, added, sflags & PREV_FREE)
     }
 
     /// Current statistics.
@@ -740,13 +740,13 @@ impl<'a> Tlsf<'a> {
             }
         }
         let mut frees: Vec<(u64, u64)> = Vec::new();
-        loop {
+        // The sentinel itself is never read: a growth may have died before writing it. It is
+        // rewritten after the walk.
+        while off < self.sentinel() {
             let (mut size, flags) = self.header(off)?;
             if size == 0 {
-                if off == self.sentinel() {
-                    break;
-                }
-                // A growth was interrupted after the new sentinel and capacity were written.
+                // A growth was interrupted after the capacity was raised: the old sentinel
+                // becomes the free block it was about to become.
                 size = self.sentinel() - off;
                 self.write_header(off, size, FREE)?;
             }
@@ -905,6 +905,29 @@ pub(crate) mod tests {
         t.free(q).unwrap();
         t.free(p).unwrap();
         t.check().unwrap();
+    }
+
+    #[test]
+    fn recovery_completes_a_growth_interrupted_at_any_step() {
+        for step in 0..2 {
+            let a = Arena::new(1 << 16);
+            let t = a.tlsf();
+            t.ctl.capacity.store(1 << 15, Ordering::Relaxed);
+            t.init(1 << 15).unwrap();
+            let p = t.alloc(30_000, 16).unwrap();
+            // The first steps of `grow` to 64 KiB, then the holder dies.
+            t.ctl.capacity.store(1 << 16, Ordering::Release);
+            if step == 1 {
+                let new_sentinel = (1 << 16) - HEADER;
+                t.set(new_sentinel, new_sentinel - ((1 << 15) - HEADER)).unwrap();
+                t.write_header(new_sentinel, 0, 0).unwrap();
+            }
+            t.recover().unwrap_or_else(|e| panic!("step {step}: {e:?}"));
+            t.check().unwrap();
+            assert!(t.stats().largest_free >= (1 << 15) - 64, "step {step}: the new space is usable: {:?}", t.stats());
+            t.free(p).unwrap();
+            t.check().unwrap();
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ mod shim;
 
 pub use condvar::Condvar;
 pub use event::{Event, EventMode};
-pub use mutex::{LockError, Mutex, MutexGuard, RawMutex};
+pub use mutex::{Acquired, LockError, Mutex, MutexGuard, RawMutex};
 pub use semaphore::{SEMAPHORE_MAX, Semaphore};
 
 use shim::{AtomicU32, Ordering};

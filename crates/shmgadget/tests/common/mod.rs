@@ -118,12 +118,15 @@ pub fn wait_for_line(child: &mut Child, want: &str) {
     rx.recv_timeout(Duration::from_secs(30)).expect("child never reported readiness");
 }
 
-/// `kill -9`, then reap.
+/// `kill -9`, then reap. Panics if the child had already died some other way (a panic in a
+/// victim must not go unnoticed just because it was about to be killed anyway).
 pub fn kill9(child: &mut Child) {
+    use std::os::unix::process::ExitStatusExt;
     // SAFETY: plain kill(2) on a child we spawned and have not reaped yet.
     let rc = unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     assert_eq!(rc, 0);
-    let _ = child.wait();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "child {} had already exited: {status}", child.id());
 }
 
 /// Backing objects of `domain` still in the shm directory.

@@ -1,0 +1,231 @@
+//! Shared heaps across real processes, including processes killed mid-allocation.
+
+mod common;
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use common::*;
+use shmgadget::heap::Heap;
+use shmgadget::{Domain, DomainOptions, ErrorKind};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// Allocation traffic: random sizes 16 B..64 KiB, each block filled with a pattern and checked
+/// before it is freed. Runs until `until`; returns operations done.
+fn traffic(heap: &Heap, until: Instant, seed: u64) -> u64 {
+    let mut seed = seed | 1;
+    let mut live: Vec<(NonNull<u8>, usize, u8)> = Vec::new();
+    let mut ops = 0;
+    while Instant::now() < until {
+        if live.len() < 64 && (live.len() < 8 || rng(&mut seed) % 2 == 0) {
+            let size = 16 + (rng(&mut seed) % (64 * 1024)) as usize;
+            let p = heap.alloc(Layout::from_size_align(size, 16).unwrap()).unwrap();
+            let byte = (rng(&mut seed) % 255 + 1) as u8;
+            // SAFETY: a fresh allocation of `size` bytes, ours alone.
+            unsafe { p.as_ptr().write_bytes(byte, size) };
+            live.push((p, size, byte));
+        } else {
+            let (p, size, byte) = live.swap_remove((rng(&mut seed) % live.len() as u64) as usize);
+            // SAFETY: a live allocation of `size` bytes that only this process writes.
+            let data = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
+            assert!(data.iter().all(|&b| b == byte), "block at {p:p} was overwritten by someone else");
+            // SAFETY: nobody uses the block after this.
+            unsafe { heap.free(p).unwrap() };
+        }
+        ops += 1;
+    }
+    for (p, _, _) in live {
+        // SAFETY: as above.
+        unsafe { heap.free(p).unwrap() };
+    }
+    ops
+}
+
+fn open_child_heap(name: &str) -> (Domain, Heap) {
+    let d = Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(GIB) }).unwrap();
+    let h = Heap::open(&d, name).unwrap();
+    (d, h)
+}
+
+#[test]
+fn four_processes_allocate_verify_and_free_in_one_heap_at_once() {
+    match role().as_deref() {
+        Some("worker") => {
+            let (_d, heap) = open_child_heap("shared");
+            let ops = traffic(&heap, Instant::now() + Duration::from_millis(1500), std::process::id() as u64);
+            println!("OPS={ops}");
+        }
+        _ => {
+            let domain = unique_domain("heap4");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "shared", 256 * MIB).unwrap();
+            let test = "four_processes_allocate_verify_and_free_in_one_heap_at_once";
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let domain = domain.clone();
+                    std::thread::spawn(move || run(test, "worker", &domain, &[]))
+                })
+                .collect();
+            let ops: u64 = handles.into_iter().map(|h| h.join().unwrap()["OPS"].parse::<u64>().unwrap()).sum();
+            assert!(ops > 1000, "{ops} operations");
+            heap.check().unwrap();
+            let s = heap.stats().unwrap();
+            assert_eq!(s.blocks.used_blocks, 0, "every block was freed");
+            eprintln!("4 processes: {ops} alloc/free operations; {s:?}");
+            drop(heap);
+            d.delete_section("shared").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
+fn processes_killed_during_allocation_traffic_never_corrupt_the_heap() {
+    const TEST: &str = "processes_killed_during_allocation_traffic_never_corrupt_the_heap";
+    match role().as_deref() {
+        Some("victim") => {
+            let (_d, heap) = open_child_heap("crashy");
+            println!("RUNNING");
+            traffic(&heap, Instant::now() + Duration::from_secs(60), std::process::id() as u64);
+        }
+        Some("checker") => {
+            let (_d, heap) = open_child_heap("crashy");
+            heap.check().unwrap();
+            let p = heap.alloc(Layout::from_size_align(1000, 64).unwrap()).unwrap();
+            // SAFETY: a fresh allocation, freed right away.
+            unsafe { heap.free(p).unwrap() };
+            println!("RECOVERIES={}", heap.stats().unwrap().recoveries);
+        }
+        _ => {
+            let domain = unique_domain("heapkill");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "crashy", 256 * MIB).unwrap();
+            let mut seed = 0x9e37_79b9_u64;
+            for round in 0..50 {
+                let mut victim = spawn(TEST, "victim", &domain, &[]);
+                wait_for_line(&mut victim, "RUNNING");
+                std::thread::sleep(Duration::from_micros(200 + rng(&mut seed) % 20_000));
+                kill9(&mut victim);
+                // A new process finds the heap consistent (recovering it if the victim died
+                // holding the lock) and allocation goes on.
+                if round % 10 == 9 {
+                    let r = run(TEST, "checker", &domain, &[]);
+                    eprintln!("after {} kills: {} recoveries", round + 1, r["RECOVERIES"]);
+                } else {
+                    heap.check().unwrap_or_else(|e| panic!("round {round}: {e}"));
+                    let p = heap.alloc(Layout::from_size_align(4096, 16).unwrap()).unwrap();
+                    // SAFETY: a fresh allocation, freed right away.
+                    unsafe { heap.free(p).unwrap() };
+                }
+            }
+            drop(heap);
+            d.delete_section("crashy").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
+fn a_16gib_heap_with_10mib_allocated_commits_at_most_12mib() {
+    let domain = unique_domain("heapsparse");
+    let d = Domain::attach_with(&domain, &small(32 * GIB)).unwrap();
+    let heap = Heap::create(&d, "big", 16 * GIB).unwrap();
+    let blocks: Vec<_> =
+        (0..1000).map(|_| heap.alloc(Layout::from_size_align(10 * 1024 + 496, 16).unwrap()).unwrap()).collect();
+    let s = heap.stats().unwrap();
+    let resident = heap.section().info().resident.unwrap();
+    eprintln!("10 MiB allocated in 1000 blocks: committed {} bytes, resident {resident}", s.committed);
+    assert!(s.committed <= 12 * MIB, "committed {}", s.committed);
+    assert!(resident <= 12 * MIB, "resident {resident}");
+    for p in blocks {
+        // SAFETY: each block is ours and unused after this.
+        unsafe { heap.free(p).unwrap() };
+    }
+    heap.check().unwrap();
+    drop(heap);
+    d.delete_section("big").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_crashes() {
+    let domain = unique_domain("heaperr");
+    let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+    assert_eq!(Heap::create(&d, "tiny", 4096).unwrap_err().kind(), ErrorKind::InvalidSize);
+    let heap = Heap::create(&d, "h", 4 * MIB).unwrap();
+    let zero = Layout::from_size_align(0, 1).unwrap();
+    assert_eq!(heap.alloc(zero).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    let too_aligned = Layout::from_size_align(64, 8192).unwrap();
+    assert_eq!(heap.alloc(too_aligned).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    let absurd = Layout::from_size_align(1 << 40, 16).unwrap();
+    assert_eq!(heap.alloc(absurd).unwrap_err().kind(), ErrorKind::InvalidSize);
+    let big = Layout::from_size_align(3 * MIB as usize, 16).unwrap();
+    let first = heap.alloc(big).unwrap();
+    let err = heap.alloc(big).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+    // SAFETY: our allocation, unused after this.
+    unsafe { heap.free(first).unwrap() };
+    let p = heap.alloc(Layout::from_size_align(100, 16).unwrap()).unwrap();
+    // SAFETY: the heap validates each pointer; none of these calls frees memory we still use.
+    unsafe {
+        let inside = NonNull::new(p.as_ptr().add(8)).unwrap();
+        assert_eq!(heap.free(inside).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        let mut local = 0u64;
+        let elsewhere = NonNull::new((&raw mut local).cast::<u8>()).unwrap();
+        assert_eq!(heap.free(elsewhere).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        heap.free(p).unwrap();
+        let double = heap.free(p).unwrap_err();
+        assert_eq!(double.kind(), ErrorKind::InvalidArgument);
+        assert!(double.to_string().contains("double free"), "{double}");
+    }
+    heap.check().unwrap();
+    // A raw section is not a heap; a heap with a damaged header is refused.
+    drop(d.create_section("raw", MIB, &shmgadget::SectionOptions::new()).unwrap());
+    assert_eq!(Heap::open(&d, "raw").unwrap_err().kind(), ErrorKind::InvalidArgument);
+    // SAFETY: overwriting the heap's magic on purpose; nobody else uses this heap.
+    unsafe { heap.section().as_ptr().write_bytes(0x55, 8) };
+    assert_eq!(Heap::open(&d, "h").unwrap_err().kind(), ErrorKind::Corrupt);
+    drop(heap);
+    d.delete_section("h").unwrap();
+    d.delete_section("raw").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
+
+#[test]
+fn realloc_keeps_contents_and_grows_in_place_when_it_can() {
+    let domain = unique_domain("heaprealloc");
+    let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+    let heap = Heap::create(&d, "r", 16 * MIB).unwrap();
+    let p = heap.alloc(Layout::from_size_align(100, 16).unwrap()).unwrap();
+    // SAFETY: our allocation; realloc'd pointers replace the old ones.
+    unsafe {
+        p.as_ptr().write_bytes(7, 100);
+        let q = heap.realloc(p, 5000).unwrap();
+        assert_eq!(q, p, "the rest of the heap follows it: grows in place");
+        let blocker = heap.alloc(Layout::from_size_align(64, 16).unwrap()).unwrap();
+        let r = heap.realloc(q, 100_000).unwrap();
+        assert_ne!(r, q, "blocked: moved");
+        assert!(std::slice::from_raw_parts(r.as_ptr(), 100).iter().all(|&b| b == 7));
+        heap.free(r).unwrap();
+        heap.free(blocker).unwrap();
+    }
+    heap.check().unwrap();
+    drop(heap);
+    d.delete_section("r").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
