@@ -229,3 +229,49 @@ fn realloc_keeps_contents_and_grows_in_place_when_it_can() {
     d.detach().unwrap();
     assert_clean(&domain);
 }
+
+#[test]
+fn named_objects_are_created_once_and_found_by_every_process() {
+    use shmgadget::sync::Semaphore;
+    const TEST: &str = "named_objects_are_created_once_and_found_by_every_process";
+    match role().as_deref() {
+        Some("racer") => {
+            let (_d, heap) = open_child_heap("objects");
+            let (sem, created) = heap.find_or_zeroed::<Semaphore>("ready").unwrap();
+            sem.init(0).unwrap();
+            let (count, _) = heap.find_or_init::<u64>("answer", || 42).unwrap();
+            println!("CREATED={created}");
+            println!("ANSWER={count}");
+            sem.post().unwrap();
+        }
+        _ => {
+            let domain = unique_domain("heapnamed");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "objects", 4 * MIB).unwrap();
+            let handles: Vec<_> = (0..6)
+                .map(|_| {
+                    let domain = domain.clone();
+                    std::thread::spawn(move || run(TEST, "racer", &domain, &[]))
+                })
+                .collect();
+            let reports: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            assert_eq!(reports.iter().filter(|r| r["CREATED"] == "true").count(), 1, "{reports:?}");
+            assert!(reports.iter().all(|r| r["ANSWER"] == "42"));
+            let sem = heap.find::<Semaphore>("ready").unwrap();
+            assert_eq!(sem.count().unwrap(), 6, "one post per process, on the one shared semaphore");
+            // The type is checked; missing names are NotFound.
+            assert_eq!(heap.find::<u32>("answer").unwrap_err().kind(), ErrorKind::InvalidArgument);
+            assert_eq!(heap.find::<u64>("nope").unwrap_err().kind(), ErrorKind::NotFound);
+            let names: Vec<String> = heap.named_objects().unwrap().into_iter().map(|o| o.name).collect();
+            assert_eq!(names.len(), 2, "{names:?}");
+            // SAFETY: no reference to "answer" is used after this.
+            unsafe { heap.remove_named("answer").unwrap() };
+            assert_eq!(heap.find::<u64>("answer").unwrap_err().kind(), ErrorKind::NotFound);
+            heap.check().unwrap();
+            drop(heap);
+            d.delete_section("objects").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

@@ -58,7 +58,25 @@ pub(crate) struct HeapShared {
     _reserved: [AtomicU64; 9],
     lock: RawMutex,
     tlsf: TlsfControl,
+    names: [NamedEntry; MAX_NAMED],
 }
+
+/// Named objects a heap can hold.
+pub const MAX_NAMED: usize = 64;
+
+/// One named object: a block of the heap found by name. Written under the heap lock; fields are
+/// atomics so inspection can copy them out.
+#[repr(C)]
+struct NamedEntry {
+    state: AtomicU32,
+    name_len: AtomicU32,
+    offset: AtomicU64,
+    size: AtomicU64,
+    type_tag: AtomicU64,
+    name: [AtomicU64; 8],
+}
+
+const _: () = assert!(size_of::<NamedEntry>() == 96);
 
 const _: () = assert!(size_of::<HeapShared>() as u64 <= AREA_OFFSET);
 const _: () = assert!(std::mem::offset_of!(HeapShared, lock) == 128);
@@ -71,6 +89,8 @@ const FINGERPRINT: u32 = {
         tlsf::FL_COUNT as u64,
         tlsf::HEADER,
         AREA_OFFSET,
+        MAX_NAMED as u64,
+        size_of::<NamedEntry>() as u64,
     ];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
@@ -413,6 +433,168 @@ impl Heap {
     pub fn dump(&self, limit: usize) -> Result<Vec<BlockInfo>> {
         let locked = self.lock()?;
         locked.tlsf().blocks(limit).map_err(|e| map_tlsf(e, self.name()))
+    }
+}
+
+/// A named object, as listed by [`Heap::named_objects`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NamedObject {
+    /// Its name.
+    pub name: String,
+    /// Its address (the same in every process).
+    pub address: u64,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+fn type_tag<T>() -> u64 {
+    let name = std::any::type_name::<T>();
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
+    h ^ ((size_of::<T>() as u64) << 32) ^ align_of::<T>() as u64
+}
+
+fn entry_name(e: &NamedEntry) -> Option<String> {
+    // Relaxed: read under the heap lock (or as a snapshot for listing).
+    let len = e.name_len.load(Ordering::Relaxed) as usize;
+    if len == 0 || len > crate::MAX_NAME_LEN {
+        return None;
+    }
+    let mut bytes = [0u8; 64];
+    for (i, w) in e.name.iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+    }
+    String::from_utf8(bytes[..len].to_vec()).ok()
+}
+
+impl Heap {
+    fn named_slot(&self, name: &str) -> Option<&NamedEntry> {
+        // Relaxed: under the heap lock.
+        self.shared()
+            .names
+            .iter()
+            .find(|e| e.state.load(Ordering::Relaxed) == 1 && entry_name(e).as_deref() == Some(name))
+    }
+
+    fn named_ref<T>(&self, e: &NamedEntry, name: &str) -> Result<&T> {
+        // Relaxed: under the heap lock.
+        let (off, size, tag) =
+            (e.offset.load(Ordering::Relaxed), e.size.load(Ordering::Relaxed), e.type_tag.load(Ordering::Relaxed));
+        if tag != type_tag::<T>() || size != size_of::<T>() as u64 {
+            bail!(
+                InvalidArgument,
+                "named object {name:?} in heap {:?} holds another type ({size} bytes), not {} ({} bytes)",
+                self.name(),
+                std::any::type_name::<T>(),
+                size_of::<T>()
+            );
+        }
+        let addr = self.base() + off;
+        let end = self.section.as_ptr() as u64 + self.section.len() as u64;
+        if addr % align_of::<T>() as u64 != 0 || addr + size > end {
+            bail!(Corrupt, "named object {name:?} in heap {:?} points outside the heap", self.name());
+        }
+        // SAFETY: the block lies inside the mapped section (checked above), is aligned for T, was
+        // allocated for a T (type tag and size match) and initialised before the entry was
+        // published under the lock; it stays allocated until `remove_named`, whose contract forbids
+        // outstanding references.
+        Ok(unsafe { &*(addr as *const T) })
+    }
+
+    /// Finds the object called `name`, or creates it with `init()` (under the heap lock, so
+    /// exactly one process creates it however many race). Returns it and whether this call
+    /// created it. The type must match the one it was created with.
+    pub fn find_or_init<T: crate::ShmSafe + Sync>(&self, name: &str, init: impl FnOnce() -> T) -> Result<(&T, bool)> {
+        // SAFETY: `p` is a fresh, aligned block for a T.
+        self.find_or_create_raw::<T>(name, |p| unsafe { p.write(init()) })
+    }
+
+    /// Finds or creates a zero-initialised object for types that are initialised in place
+    /// after creation, such as [`Semaphore`](crate::sync::Semaphore) (call its `init` next;
+    /// that is safe when several processes race).
+    pub fn find_or_zeroed<T: crate::InPlace>(&self, name: &str) -> Result<(&T, bool)> {
+        // SAFETY: `p` is a fresh, aligned block for a T; `InPlace` types are valid all-zero.
+        self.find_or_create_raw::<T>(name, |p| unsafe { p.cast::<u8>().write_bytes(0, size_of::<T>()) })
+    }
+
+    fn find_or_create_raw<T: Sync>(&self, name: &str, write: impl FnOnce(*mut T)) -> Result<(&T, bool)> {
+        crate::names::validate(name, "object")?;
+        let locked = self.lock()?;
+        if let Some(e) = self.named_slot(name) {
+            return self.named_ref(e, name).map(|r| (r, false));
+        }
+        // Relaxed: under the heap lock.
+        let Some(e) = self.shared().names.iter().find(|e| e.state.load(Ordering::Relaxed) == 0) else {
+            bail!(RegistryFull, "heap {:?} already holds {MAX_NAMED} named objects; remove one first", self.name());
+        };
+        let layout = Layout::new::<T>();
+        let size = (layout.size() as u64).max(1);
+        let off = loop {
+            match locked.tlsf().alloc(size, (layout.align() as u64).max(16)) {
+                Ok(off) => break off,
+                Err(TlsfError::OutOfMemory { .. }) if self.grow(&locked, size + layout.align() as u64)? => continue,
+                Err(err) => return Err(map_tlsf(err, self.name())),
+            }
+        };
+        write((self.base() + off) as *mut T);
+        let mut bytes = [0u8; 64];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        // Relaxed: published to other processes by the heap lock's release on unlock.
+        for (i, w) in e.name.iter().enumerate() {
+            w.store(u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes")), Ordering::Relaxed);
+        }
+        e.name_len.store(name.len() as u32, Ordering::Relaxed);
+        e.offset.store(off, Ordering::Relaxed);
+        e.size.store(size_of::<T>() as u64, Ordering::Relaxed);
+        e.type_tag.store(type_tag::<T>(), Ordering::Relaxed);
+        e.state.store(1, Ordering::Relaxed);
+        let r = self.named_ref(e, name);
+        drop(locked);
+        r.map(|r| (r, true))
+    }
+
+    /// The object called `name`; `NotFound` if there is none.
+    pub fn find<T: crate::ShmSafe + Sync>(&self, name: &str) -> Result<&T> {
+        crate::names::validate(name, "object")?;
+        let locked = self.lock()?;
+        let e = self.named_slot(name).ok_or_else(|| {
+            Error::new(ErrorKind::NotFound, format!("heap {:?} has no named object {name:?}", self.name()))
+        })?;
+        let r = self.named_ref(e, name);
+        drop(locked);
+        r
+    }
+
+    /// Every named object (the classic region list).
+    pub fn named_objects(&self) -> Result<Vec<NamedObject>> {
+        let _locked = self.lock()?;
+        Ok(self
+            .shared()
+            .names
+            .iter()
+            // Relaxed: under the heap lock.
+            .filter(|e| e.state.load(Ordering::Relaxed) == 1)
+            .filter_map(|e| {
+                Some(NamedObject {
+                    name: entry_name(e)?,
+                    address: self.base() + e.offset.load(Ordering::Relaxed),
+                    size: e.size.load(Ordering::Relaxed),
+                })
+            })
+            .collect())
+    }
+
+    /// Removes the object called `name` and frees its block.
+    ///
+    /// # Safety
+    /// No process may still use a reference to it.
+    pub unsafe fn remove_named(&self, name: &str) -> Result<()> {
+        let locked = self.lock()?;
+        let e = self.named_slot(name).ok_or_else(|| {
+            Error::new(ErrorKind::NotFound, format!("heap {:?} has no named object {name:?}", self.name()))
+        })?;
+        // Relaxed: under the heap lock.
+        e.state.store(0, Ordering::Relaxed);
+        locked.tlsf().free(e.offset.load(Ordering::Relaxed)).map_err(|err| map_tlsf(err, self.name()))
     }
 }
 
