@@ -62,6 +62,20 @@ enum Command {
         /// Bytes to commit up front (guaranteed backing).
         #[arg(long, value_parser = parse_size)]
         commit: Option<u64>,
+        /// What the section holds: raw bytes, or a shared heap.
+        #[arg(long, default_value = "raw", value_parser = ["raw", "heap"])]
+        kind: String,
+    },
+    /// Show a heap: statistics, named objects, and optionally its blocks or a full check.
+    Heap {
+        /// Heap (section) name.
+        name: String,
+        /// Also list every block (offset, size, free/used).
+        #[arg(long)]
+        blocks: bool,
+        /// Walk every block and check every invariant; exit with status 1 on a violation.
+        #[arg(long)]
+        check: bool,
     },
     /// Delete a section for every process.
     Rm {
@@ -120,7 +134,22 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Domains => cmd_domains(cli)?,
         Command::Ls => cmd_ls(cli)?,
         Command::Info { name } => cmd_info(cli, name)?,
-        Command::Create { name, size, transient, mode, commit } => {
+        Command::Create { name, size, kind, .. } if kind == "heap" => {
+            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
+            let heap = shmgadget::heap::Heap::create(&domain, name, *size)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&heap.stats()?)?);
+            } else {
+                println!(
+                    "created heap {name:?} in domain {:?} at {:#x}, {} reserved",
+                    cli.domain,
+                    heap.section().as_ptr() as usize,
+                    format_size(heap.section().len() as u64)
+                );
+            }
+        }
+        Command::Heap { name, blocks, check } => return cmd_heap(cli, name, *blocks, *check),
+        Command::Create { name, size, transient, mode, commit, .. } => {
             let domain = Domain::attach_with(&cli.domain, &options(cli))?;
             let mut opts = SectionOptions::new().mode(*mode).kind(SectionKind::Raw);
             if *transient {
@@ -297,6 +326,67 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
         println!("{k:>15}  {v}");
     }
     Ok(())
+}
+
+fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) })?;
+    let heap = shmgadget::heap::Heap::open(&domain, name)?;
+    let stats = heap.stats()?;
+    let named = heap.named_objects()?;
+    let dump = if blocks { heap.dump(100_000)? } else { Vec::new() };
+    let verdict = if check { Some(heap.check()) } else { None };
+    if cli.json {
+        let v = serde_json::json!({
+            "name": name,
+            "address": heap.section().as_ptr() as u64,
+            "stats": stats,
+            "named_objects": named,
+            "blocks": dump,
+            "check": verdict.as_ref().map(|r| match r { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() }),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let b = &stats.blocks;
+        let rows = [
+            ("heap", format!("{name} in domain {}", cli.domain)),
+            ("address", format!("{:#x}", heap.section().as_ptr() as usize)),
+            ("reserved", format_size(stats.reserved)),
+            ("committed", format_size(stats.committed)),
+            ("used", format!("{} in {} blocks", format_size(b.used_bytes), b.used_blocks)),
+            ("free", format!("{} in {} blocks", format_size(b.free_bytes), b.free_blocks)),
+            ("largest free", format_size(b.largest_free)),
+            ("fragmentation", format!("{:.1}%", stats.fragmentation * 100.0)),
+            ("allocs / frees", format!("{} / {}", b.allocs, b.frees)),
+            ("recoveries", stats.recoveries.to_string()),
+        ];
+        for (k, v) in rows {
+            println!("{k:>15}  {v}");
+        }
+        if !named.is_empty() {
+            let mut t = table(&["named object", "address", "size"]);
+            for o in &named {
+                t.add_row(vec![o.name.clone(), format!("{:#x}", o.address), format_size(o.size)]);
+            }
+            println!("{t}");
+        }
+        if blocks {
+            let mut t = table(&["offset", "size", "state"]);
+            for blk in &dump {
+                t.add_row(vec![
+                    format!("{:#x}", blk.offset),
+                    blk.size.to_string(),
+                    if blk.free { "free" } else { "used" }.into(),
+                ]);
+            }
+            println!("{t}");
+        }
+        match &verdict {
+            Some(Ok(())) => println!("check: every block and free list is consistent"),
+            Some(Err(e)) => println!("check FAILED: {e}"),
+            None => {}
+        }
+    }
+    Ok(if matches!(verdict, Some(Err(_))) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn table(header: &[&str]) -> Table {

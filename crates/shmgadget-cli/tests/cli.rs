@@ -93,3 +93,25 @@ fn gc_reports_what_it_removed() {
     assert!(shmgadget(&["--domain", &domain, "rm", "keep"]).status.success());
     assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
 }
+
+#[test]
+fn heap_check_passes_on_a_sound_heap_and_fails_with_status_1_on_a_damaged_one() {
+    let domain = format!("cli-heap-{}", std::process::id());
+    let d = ["--domain", domain.as_str()];
+    let out = shmgadget(&[&d[..], &["create", "h", "--size", "8M", "--kind", "heap"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = shmgadget(&[&d[..], &["heap", "h", "--check", "--json"]].concat());
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["check"], "ok");
+    assert_eq!(v["stats"]["used_blocks"], 0);
+    // Damage the first block's header (16 KiB into the section: the block area) on disk.
+    let object = leftovers(&format!("shmgadget.{domain}:")).into_iter().find(|n| n.ends_with(":h")).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(format!("/dev/shm/{object}")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xAA; 8], (16 << 10) + 8).unwrap();
+    let out = shmgadget(&[&d[..], &["heap", "h", "--check"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("check FAILED") && stdout(&out).contains("tag"), "{}", stdout(&out));
+    assert!(shmgadget(&[&d[..], &["rm", "h"]].concat()).status.success());
+    assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
+}
