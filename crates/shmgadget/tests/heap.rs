@@ -138,7 +138,7 @@ fn processes_killed_during_allocation_traffic_never_corrupt_the_heap() {
 }
 
 #[test]
-fn a_16gib_heap_with_10mib_allocated_commits_at_most_12mib() {
+fn a_16gib_heap_with_10mib_allocated_commits_at_most_12mib_and_trims_back() {
     let domain = unique_domain("heapsparse");
     let d = Domain::attach_with(&domain, &small(32 * GIB)).unwrap();
     let heap = Heap::create(&d, "big", 16 * GIB).unwrap();
@@ -154,6 +154,15 @@ fn a_16gib_heap_with_10mib_allocated_commits_at_most_12mib() {
         unsafe { heap.free(p).unwrap() };
     }
     heap.check().unwrap();
+    let given_back = heap.trim().unwrap();
+    let after = heap.section().info().resident.unwrap();
+    eprintln!("trim gave back {given_back} bytes; resident now {after}");
+    assert!(after <= 2 * MIB, "trim decommitted the free tail: {after} bytes resident");
+    heap.check().unwrap();
+    // And it grows again on demand.
+    let p = heap.alloc(Layout::from_size_align(5 * MIB as usize, 16).unwrap()).unwrap();
+    // SAFETY: ours, unused after this.
+    unsafe { heap.free(p).unwrap() };
     drop(heap);
     d.delete_section("big").unwrap();
     d.detach().unwrap();

@@ -406,6 +406,25 @@ impl Heap {
         locked.tlsf().usable_size(off).map(|s| s as usize).map_err(|e| map_tlsf(e, self.name()))
     }
 
+    /// Gives free space at the end of the heap back to the system (decommits it for every
+    /// process), keeping at least the initial commit. Returns the bytes given back.
+    pub fn trim(&self) -> Result<u64> {
+        let locked = self.lock()?;
+        let s = self.shared();
+        // Relaxed: under the lock.
+        let committed = s.committed.load(Ordering::Relaxed);
+        let floor = INITIAL_COMMIT.max(MIN_HEAP).min(committed) - AREA_OFFSET;
+        let cap = locked.tlsf().shrink(floor).map_err(|e| map_tlsf(e, self.name()))?;
+        let new_committed = (AREA_OFFSET + cap).next_multiple_of(4096);
+        if new_committed >= committed {
+            return Ok(0);
+        }
+        // Relaxed: under the lock; the area no longer reaches past `new_committed`.
+        s.committed.store(new_committed, Ordering::Relaxed);
+        self.section.decommit(new_committed, committed - new_committed)?;
+        Ok(committed - new_committed)
+    }
+
     /// Statistics.
     pub fn stats(&self) -> Result<HeapStats> {
         let locked = self.lock()?;

@@ -558,6 +558,49 @@ impl<'a> Tlsf<'a> {
         self.release(old_sentinel, added, sflags & PREV_FREE)
     }
 
+    /// Gives back the end of the area if it is free: shrinks the area to the smallest capacity
+    /// at least `min_capacity` (a multiple of 16) that keeps every used block. Returns the new
+    /// capacity (unchanged if the last block is used or too small to be worth it).
+    ///
+    /// The steps mirror `grow` in reverse: the new sentinel is written inside the free block,
+    /// then the block shrinks (one store), then the capacity drops. A crash before the last
+    /// step leaves a size-0 header before the recorded sentinel, which `recover` turns back
+    /// into free space: the trim is simply undone.
+    pub fn shrink(&self, min_capacity: u64) -> R<u64> {
+        let cap = self.cap();
+        let sentinel = self.sentinel();
+        let (_, sflags) = self.header(sentinel)?;
+        if sflags & PREV_FREE == 0 {
+            return Ok(cap);
+        }
+        let last_size = self.get(sentinel)?;
+        let last =
+            sentinel.checked_sub(last_size).ok_or_else(|| TlsfError::Corrupt("last block size underflows".into()))?;
+        let (size, flags) = self.header(last)?;
+        if size != last_size || flags & FREE == 0 {
+            return corrupt(format!(
+                "the block before the sentinel at {last:#x} is not the free block of {last_size} bytes it should be"
+            ));
+        }
+        // Keep at least a minimal free block so the chain shape does not change.
+        let new_cap = (last + MIN_BLOCK + HEADER).max(min_capacity).next_multiple_of(ALIGN);
+        if new_cap + MIN_BLOCK >= cap {
+            return Ok(cap);
+        }
+        let new_sentinel = new_cap - HEADER;
+        let new_size = new_sentinel - last;
+        self.remove_free(last, size)?;
+        self.set(new_sentinel, new_size)?;
+        self.write_header(new_sentinel, 0, PREV_FREE)?;
+        self.write_header(last, new_size, flags)?; // commit: the chain now ends early
+        // Release: keeps the capacity drop after the shrink above.
+        self.ctl.capacity.store(new_cap, Ordering::Release);
+        self.insert_free(last, new_size)?;
+        // Relaxed: statistics under the lock.
+        self.ctl.free_bytes.fetch_sub(size - new_size, Ordering::Relaxed);
+        Ok(new_cap)
+    }
+
     /// Current statistics.
     pub fn stats(&self) -> TlsfStats {
         let c = self.ctl;
@@ -908,6 +951,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn shrinking_gives_back_free_space_at_the_end_only() {
+        let a = Arena::new(1 << 20);
+        let t = a.tlsf();
+        let p = t.alloc(100_000, 16).unwrap();
+        let q = t.alloc(100_000, 16).unwrap();
+        t.free(q).unwrap();
+        let cap = t.shrink(0).unwrap();
+        assert!(cap < 220_000, "shrunk to {cap}");
+        t.check().unwrap();
+        assert!(t.usable_size(p).unwrap() >= 100_000, "the used block is kept");
+        t.grow(1 << 20).unwrap();
+        t.check().unwrap();
+        t.free(p).unwrap();
+        t.check().unwrap();
+        assert_eq!(t.shrink(1 << 16).unwrap(), 1 << 16, "never below the minimum asked for");
+        t.check().unwrap();
+    }
+
+    #[test]
     fn recovery_completes_a_growth_interrupted_at_any_step() {
         for step in 0..2 {
             let a = Arena::new(1 << 16);
@@ -965,6 +1027,7 @@ mod model_tests {
         Free(usize),
         Resize(usize, u64),
         Grow,
+        Shrink,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -973,6 +1036,7 @@ mod model_tests {
             3 => any::<usize>().prop_map(Op::Free),
             1 => (any::<usize>(), 1u64..8000).prop_map(|(i, s)| Op::Resize(i, s)),
             1 => Just(Op::Grow),
+            1 => Just(Op::Shrink),
         ]
     }
 
@@ -1028,6 +1092,9 @@ mod model_tests {
                 Op::Grow if *cap < 1 << 20 => {
                     *cap += 1 << 16;
                     t.grow(*cap).unwrap();
+                }
+                Op::Shrink => {
+                    *cap = t.shrink(0).unwrap();
                 }
                 _ => {}
             }
