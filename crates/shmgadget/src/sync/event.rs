@@ -16,9 +16,8 @@
 use super::shim::{AtomicU32, Ordering, fence};
 use std::time::Duration;
 
-use super::shim::FutexWait;
-use super::{ObjectHeader, SPINS, deadline, remaining, timeout_error};
-use crate::error::{Error, Result};
+use super::{ObjectHeader, park_until};
+use crate::error::Result;
 
 const MAGIC: u32 = u32::from_le_bytes(*b"EVT1");
 const WHAT: &str = "event";
@@ -121,36 +120,8 @@ impl Event {
 
     fn wait_inner(&self, timeout: Option<Duration>) -> Result<()> {
         self.header.check(MAGIC, WHAT)?;
-        for _ in 0..SPINS {
-            if self.try_consume() {
-                return Ok(());
-            }
-            std::hint::spin_loop();
-        }
-        let deadline = deadline(timeout);
-        // Relaxed + SeqCst fence: the waiter's half of the Dekker pair; pairs with the fence
-        // in `set`.
-        self.waiters.fetch_add(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        let result = loop {
-            if self.try_consume() {
-                break Ok(());
-            }
-            if let Err(e) = self.header.check(MAGIC, WHAT) {
-                break Err(e);
-            }
-            let left = remaining(deadline);
-            if left == Some(Duration::ZERO) {
-                break Err(timeout_error(WHAT, timeout));
-            }
-            if let Err(e) = super::shim::futex_wait(&self.signaled, 0, left) {
-                break Err(Error::from_io("futex wait on an event failed", e));
-            }
-            let _: FutexWait;
-        };
-        // Relaxed: a hint for `set` only.
-        self.waiters.fetch_sub(1, Ordering::Relaxed);
-        result
+        // Sleeps on `signaled` while it is 0; the waiter count pairs with the fence in `set`.
+        park_until(&self.header, MAGIC, WHAT, &self.signaled, &self.waiters, timeout, || Ok(self.try_consume()))
     }
 }
 

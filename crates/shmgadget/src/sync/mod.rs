@@ -168,6 +168,55 @@ impl ObjectHeader {
     }
 }
 
+/// The waiter's side of every futex-word primitive: spin a little, then count ourselves in
+/// `waiters`, fence, and sleep on `word` while it is 0 until `ready()` succeeds, the object
+/// goes bad (destroyed, corrupt) or the timeout expires. `ready` is tried again after every
+/// wake-up before a timeout is reported, so a wake-up meant for us is never dropped.
+///
+/// The `fetch_add` on `waiters` followed by `fence(SeqCst)` is the waiter's half of the Dekker
+/// pair; the waker's half (write the word, `fence(SeqCst)`, read `waiters`) lives in each
+/// type's post/set/notify (see `semaphore.rs`).
+pub(crate) fn park_until(
+    header: &ObjectHeader,
+    magic: u32,
+    what: &str,
+    word: &AtomicU32,
+    waiters: &AtomicU32,
+    timeout: Option<Duration>,
+    mut ready: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    for _ in 0..SPINS {
+        if ready()? {
+            return Ok(());
+        }
+        std::hint::spin_loop();
+    }
+    let deadline = deadline(timeout);
+    // Relaxed + SeqCst fence: the waiter's half of the Dekker pair (see above).
+    waiters.fetch_add(1, Ordering::Relaxed);
+    shim::fence(Ordering::SeqCst);
+    let result = loop {
+        match ready() {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => break Err(e),
+        }
+        if let Err(e) = header.check(magic, what) {
+            break Err(e);
+        }
+        let left = remaining(deadline);
+        if left == Some(Duration::ZERO) {
+            break Err(timeout_error(what, timeout));
+        }
+        if let Err(e) = shim::futex_wait(word, 0, left) {
+            break Err(Error::from_io(format!("futex wait on a {what} failed"), e));
+        }
+    };
+    // Relaxed: only a hint for wakers; ordering is carried by `word` and the fences.
+    waiters.fetch_sub(1, Ordering::Relaxed);
+    result
+}
+
 /// A deadline from an optional timeout.
 pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
     timeout

@@ -17,8 +17,7 @@
 use super::shim::{AtomicU32, Ordering, fence};
 use std::time::Duration;
 
-use super::shim::FutexWait;
-use super::{ObjectHeader, SPINS, deadline, remaining, timeout_error};
+use super::{ObjectHeader, park_until};
 use crate::error::{Error, ErrorKind, Result};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"SEM1");
@@ -139,38 +138,8 @@ impl Semaphore {
 
     fn wait_inner(&self, timeout: Option<Duration>) -> Result<()> {
         self.header.check(MAGIC, WHAT)?;
-        for _ in 0..SPINS {
-            if self.try_take()? {
-                return Ok(());
-            }
-            std::hint::spin_loop();
-        }
-        let deadline = deadline(timeout);
-        // Relaxed + SeqCst fence: the waiter's half of the Dekker pair (see module docs); pairs
-        // with the fence in `post`.
-        self.waiters.fetch_add(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        let result = loop {
-            match self.try_take() {
-                Ok(true) => break Ok(()),
-                Ok(false) => {}
-                Err(e) => break Err(e),
-            }
-            if let Err(e) = self.header.check(MAGIC, WHAT) {
-                break Err(e);
-            }
-            let left = remaining(deadline);
-            if left == Some(Duration::ZERO) {
-                break Err(timeout_error(WHAT, timeout));
-            }
-            match super::shim::futex_wait(&self.count, 0, left) {
-                Ok(FutexWait::Woken | FutexWait::Changed | FutexWait::TimedOut) => {}
-                Err(e) => break Err(Error::from_io("futex wait on a semaphore failed", e)),
-            }
-        };
-        // Relaxed: only a hint for posters; ordering is carried by `count`.
-        self.waiters.fetch_sub(1, Ordering::Relaxed);
-        result
+        // Sleeps on `count` while it is 0; the waiter count pairs with the fence in `post`.
+        park_until(&self.header, MAGIC, WHAT, &self.count, &self.waiters, timeout, || self.try_take())
     }
 
     #[cold]
