@@ -63,6 +63,8 @@ pub(crate) struct HeapShared {
 
 /// Named objects a heap can hold.
 pub const MAX_NAMED: usize = 64;
+const NAMED_READY: u32 = 1;
+const NAMED_INIT: u32 = 2;
 
 /// One named object: a block of the heap found by name. Written under the heap lock; fields are
 /// atomics so inspection can copy them out.
@@ -144,25 +146,88 @@ fn map_tlsf(e: TlsfError, heap: &str) -> Error {
     }
 }
 
-/// Proof of holding the heap lock; gives the allocator.
-struct Locked<'a> {
-    heap: &'a Heap,
+/// Proof of holding a heap's lock, given only its control block and section address (so both
+/// [`Heap`] and [`ShmAlloc`] use it); gives the allocator.
+pub(crate) struct Locked<'a> {
+    shared: &'a HeapShared,
+    section: *mut u8,
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         // SAFETY: a `Locked` exists only while this thread holds the lock.
-        unsafe { self.heap.shared().lock.unlock() }
+        unsafe { self.shared.lock.unlock() }
     }
 }
 
-impl Locked<'_> {
+impl<'a> Locked<'a> {
+    /// Locks the heap, recovering it first if the previous holder died.
+    ///
+    /// # Safety
+    /// `shared` must be the control block at the start of the heap section at `section`, whose
+    /// committed part stays mapped for `'a`.
+    pub(crate) unsafe fn acquire(shared: &'a HeapShared, section: *mut u8, name: &str) -> Result<Self> {
+        let acquired = shared.lock.lock()?;
+        let locked = Locked { shared, section };
+        if acquired == Acquired::OwnerDied {
+            // A holder died mid-operation: rebuild everything but the block chain.
+            locked.tlsf().recover().map_err(|e| map_tlsf(e, name))?;
+            // Relaxed: statistics under the lock.
+            shared.recoveries.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: we hold the lock.
+            unsafe { shared.lock.make_consistent() };
+        }
+        Ok(locked)
+    }
+
     fn tlsf(&self) -> Tlsf<'_> {
-        let shared = self.heap.shared();
         // SAFETY: the block area starts AREA_OFFSET into the section (16 KiB, so 16-aligned)
-        // and its recorded capacity never exceeds the committed part of the section, which is
-        // mapped for as long as `self.heap.section` lives; we hold the heap lock.
-        unsafe { Tlsf::new(&shared.tlsf, self.heap.section.as_ptr().add(AREA_OFFSET as usize)) }
+        // and its recorded capacity never exceeds the committed part of the section, which the
+        // contract of `acquire` keeps mapped; we hold the heap lock.
+        unsafe { Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize)) }
+    }
+
+    /// Allocates, growing the heap (committing with `commit`) when no free block fits.
+    /// Returns the payload's offset in the block area.
+    pub(crate) fn alloc(
+        &self,
+        size: u64,
+        align: u64,
+        name: &str,
+        commit: &mut dyn FnMut(u64) -> Result<()>,
+    ) -> Result<u64> {
+        loop {
+            match self.tlsf().alloc(size, align) {
+                Ok(off) => return Ok(off),
+                Err(TlsfError::OutOfMemory { .. }) if self.grow(size + align, name, commit)? => continue,
+                Err(e) => return Err(map_tlsf(e, name)),
+            }
+        }
+    }
+
+    /// Frees the block whose payload is at `off` in the block area.
+    pub(crate) fn free(&self, off: u64, name: &str) -> Result<()> {
+        self.tlsf().free(off).map_err(|e| map_tlsf(e, name))
+    }
+
+    /// Commits more of the section and grows the allocator into it. Returns false when the
+    /// section is fully committed already.
+    fn grow(&self, at_least: u64, name: &str, commit: &mut dyn FnMut(u64) -> Result<()>) -> Result<bool> {
+        let s = self.shared;
+        // Relaxed: written only under the lock, which we hold.
+        let (committed, reserved) = (s.committed.load(Ordering::Relaxed), s.reserved.load(Ordering::Relaxed));
+        if committed >= reserved {
+            return Ok(false);
+        }
+        // Grow by an eighth (at least 1 MiB, and enough for the request): few fallocate calls,
+        // and never more than ~12% committed beyond what is used.
+        let step = (committed / 8).max(1 << 20).max(at_least + tlsf::MIN_BLOCK * 2);
+        let new = (committed + step).next_multiple_of(4096).min(reserved);
+        commit(new)?;
+        self.tlsf().grow(new - AREA_OFFSET).map_err(|e| map_tlsf(e, name))?;
+        // Relaxed: under the lock.
+        s.committed.store(new, Ordering::Relaxed);
+        Ok(true)
     }
 }
 
@@ -278,21 +343,13 @@ impl Heap {
     }
 
     fn lock(&self) -> Result<Locked<'_>> {
-        let acquired = self.shared().lock.lock()?;
-        let locked = Locked { heap: self };
-        if acquired == Acquired::OwnerDied {
-            // A holder died mid-operation: rebuild everything but the block chain.
-            let capacity_ok = {
-                let t = locked.tlsf();
-                t.recover().map_err(|e| map_tlsf(e, self.name()))
-            };
-            capacity_ok?;
-            // Relaxed: statistics under the lock.
-            self.shared().recoveries.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: we hold the lock.
-            unsafe { self.shared().lock.make_consistent() };
-        }
-        Ok(locked)
+        // SAFETY: `shared()` is this section's control block; the section stays mapped while
+        // `self` lives.
+        unsafe { Locked::acquire(self.shared(), self.section.as_ptr(), self.name()) }
+    }
+
+    fn commit_fn(&self) -> impl FnMut(u64) -> Result<()> + '_ {
+        |len| self.section.commit(len)
     }
 
     fn base(&self) -> u64 {
@@ -314,13 +371,7 @@ impl Heap {
             );
         }
         let locked = self.lock()?;
-        let off = loop {
-            match locked.tlsf().alloc(size, align) {
-                Ok(off) => break off,
-                Err(TlsfError::OutOfMemory { .. }) if self.grow(&locked, size + align)? => continue,
-                Err(e) => return Err(map_tlsf(e, self.name())),
-            }
-        };
+        let off = locked.alloc(size, align, self.name(), &mut self.commit_fn())?;
         drop(locked);
         Ok(NonNull::new((self.base() + off) as *mut u8).expect("heap addresses are never null"))
     }
@@ -331,27 +382,6 @@ impl Heap {
         // SAFETY: `p` is a fresh allocation of at least `layout.size()` bytes, ours alone.
         unsafe { p.as_ptr().write_bytes(0, layout.size()) };
         Ok(p)
-    }
-
-    /// Commits more of the section and grows the allocator into it. Returns false when the
-    /// section is fully committed already.
-    fn grow(&self, locked: &Locked<'_>, at_least: u64) -> Result<bool> {
-        let s = self.shared();
-        // Relaxed: written only under the lock, which we hold.
-        let (committed, reserved) = (s.committed.load(Ordering::Relaxed), s.reserved.load(Ordering::Relaxed));
-        if committed >= reserved {
-            return Ok(false);
-        }
-        // Grow by an eighth (at least 1 MiB, and enough for the request): few fallocate calls,
-        // and never more than ~12% committed beyond what is used.
-        let step = (committed / 8).max(1 << 20).max(at_least + tlsf::MIN_BLOCK * 2);
-        let want = (committed + step).next_multiple_of(4096);
-        let new = want.min(reserved);
-        self.section.commit(new)?;
-        locked.tlsf().grow(new - AREA_OFFSET).map_err(|e| map_tlsf(e, self.name()))?;
-        // Relaxed: under the lock.
-        s.committed.store(new, Ordering::Relaxed);
-        Ok(true)
     }
 
     fn offset_of(&self, ptr: NonNull<u8>) -> Result<u64> {
@@ -519,54 +549,119 @@ impl Heap {
         Ok(unsafe { &*(addr as *const T) })
     }
 
-    /// Finds the object called `name`, or creates it with `init()` (under the heap lock, so
-    /// exactly one process creates it however many race). Returns it and whether this call
-    /// created it. The type must match the one it was created with.
+    /// Finds the object called `name`, or creates it with `init()`. Exactly one process creates
+    /// it however many race; the others wait for its `init` to finish. `init` runs without the
+    /// heap lock, so it may allocate from this heap (a collection's first buffer). Returns the
+    /// object and whether this call created it. The type must match the one it was created with.
     pub fn find_or_init<T: crate::ShmSafe + Sync>(&self, name: &str, init: impl FnOnce() -> T) -> Result<(&T, bool)> {
-        // SAFETY: `p` is a fresh, aligned block for a T.
-        self.find_or_create_raw::<T>(name, |p| unsafe { p.write(init()) })
+        self.find_or_create_raw::<T>(name, |p| {
+            // SAFETY: `p` is a fresh, aligned block for a T, ours alone until published.
+            unsafe { p.write(init()) };
+            Ok(())
+        })
     }
 
     /// Finds or creates a zero-initialised object for types that are initialised in place
     /// after creation, such as [`Semaphore`](crate::sync::Semaphore) (call its `init` next;
     /// that is safe when several processes race).
     pub fn find_or_zeroed<T: crate::InPlace>(&self, name: &str) -> Result<(&T, bool)> {
-        // SAFETY: `p` is a fresh, aligned block for a T; `InPlace` types are valid all-zero.
-        self.find_or_create_raw::<T>(name, |p| unsafe { p.cast::<u8>().write_bytes(0, size_of::<T>()) })
+        self.find_or_create_raw::<T>(name, |p| {
+            // SAFETY: `p` is a fresh, aligned block for a T; `InPlace` types are valid all-zero.
+            unsafe { p.cast::<u8>().write_bytes(0, size_of::<T>()) };
+            Ok(())
+        })
     }
 
-    fn find_or_create_raw<T: Sync>(&self, name: &str, write: impl FnOnce(*mut T)) -> Result<(&T, bool)> {
-        crate::names::validate(name, "object")?;
-        let locked = self.lock()?;
-        if let Some(e) = self.named_slot(name) {
-            return self.named_ref(e, name).map(|r| (r, false));
-        }
-        // Relaxed: under the heap lock.
-        let Some(e) = self.shared().names.iter().find(|e| e.state.load(Ordering::Relaxed) == 0) else {
-            bail!(RegistryFull, "heap {:?} already holds {MAX_NAMED} named objects; remove one first", self.name());
-        };
-        let layout = Layout::new::<T>();
-        let size = (layout.size() as u64).max(1);
-        let off = loop {
-            match locked.tlsf().alloc(size, (layout.align() as u64).max(16)) {
-                Ok(off) => break off,
-                Err(TlsfError::OutOfMemory { .. }) if self.grow(&locked, size + layout.align() as u64)? => continue,
-                Err(err) => return Err(map_tlsf(err, self.name())),
+    /// Finds or creates a [`Mutex`](crate::sync::Mutex) holding `init()`, the way to share a
+    /// collection between processes: every access goes through the robust lock.
+    pub fn find_or_init_mutex<T: crate::ShmSafe + Send>(
+        &self,
+        name: &str,
+        init: impl FnOnce() -> T,
+    ) -> Result<(&crate::sync::Mutex<T>, bool)> {
+        self.find_or_create_raw::<crate::sync::Mutex<T>>(name, |p| {
+            // SAFETY: `p` is a fresh, aligned block for a Mutex<T>, ours alone until published;
+            // all-zero bytes are an uninitialised mutex, which `init` then initialises in place
+            // (the block never moves).
+            unsafe {
+                p.cast::<u8>().write_bytes(0, size_of::<crate::sync::Mutex<T>>());
+                (*p).init(init())?;
             }
+            Ok(())
+        })
+    }
+
+    /// Named-entry states: 0 free, `NAMED_INIT` reserved while its creator runs `init`,
+    /// `NAMED_READY` published.
+    fn find_or_create_raw<T: Sync>(&self, name: &str, write: impl FnOnce(*mut T) -> Result<()>) -> Result<(&T, bool)> {
+        crate::names::validate(name, "object")?;
+        let deadline = std::time::Instant::now() + crate::sync::INIT_WAIT;
+        let (entry, off) = loop {
+            let locked = self.lock()?;
+            if let Some(e) = self.named_slot(name) {
+                // Relaxed: under the heap lock.
+                if e.state.load(Ordering::Relaxed) == NAMED_READY {
+                    return self.named_ref(e, name).map(|r| (r, false));
+                }
+                drop(locked);
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        Timeout,
+                        "named object {name:?} in heap {:?} is still being created after {:?}; its creator probably died \
+                         (remove it with remove_named)",
+                        self.name(),
+                        crate::sync::INIT_WAIT
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            // Relaxed: under the heap lock.
+            let Some(e) = self.shared().names.iter().find(|e| e.state.load(Ordering::Relaxed) == 0) else {
+                bail!(RegistryFull, "heap {:?} already holds {MAX_NAMED} named objects; remove one first", self.name());
+            };
+            let layout = Layout::new::<T>();
+            let size = (layout.size() as u64).max(1);
+            let off = locked.alloc(size, (layout.align() as u64).max(16), self.name(), &mut self.commit_fn())?;
+            let mut bytes = [0u8; 64];
+            bytes[..name.len()].copy_from_slice(name.as_bytes());
+            // Relaxed: under the heap lock; published to others by its release.
+            for (i, w) in e.name.iter().enumerate() {
+                w.store(u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes")), Ordering::Relaxed);
+            }
+            e.name_len.store(name.len() as u32, Ordering::Relaxed);
+            e.offset.store(off, Ordering::Relaxed);
+            e.size.store(size_of::<T>() as u64, Ordering::Relaxed);
+            e.type_tag.store(type_tag::<T>(), Ordering::Relaxed);
+            e.state.store(NAMED_INIT, Ordering::Relaxed);
+            break (e, off);
         };
-        write((self.base() + off) as *mut T);
-        let mut bytes = [0u8; 64];
-        bytes[..name.len()].copy_from_slice(name.as_bytes());
-        // Relaxed: published to other processes by the heap lock's release on unlock.
-        for (i, w) in e.name.iter().enumerate() {
-            w.store(u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes")), Ordering::Relaxed);
+        // Initialise without the heap lock; give the reservation back if `write` fails or
+        // panics, so nobody waits for an object that will never exist.
+        struct Undo<'h> {
+            heap: &'h Heap,
+            entry: &'h NamedEntry,
+            off: u64,
+            armed: bool,
         }
-        e.name_len.store(name.len() as u32, Ordering::Relaxed);
-        e.offset.store(off, Ordering::Relaxed);
-        e.size.store(size_of::<T>() as u64, Ordering::Relaxed);
-        e.type_tag.store(type_tag::<T>(), Ordering::Relaxed);
-        e.state.store(1, Ordering::Relaxed);
-        let r = self.named_ref(e, name);
+        impl Drop for Undo<'_> {
+            fn drop(&mut self) {
+                if self.armed {
+                    if let Ok(locked) = self.heap.lock() {
+                        // Relaxed: under the heap lock.
+                        self.entry.state.store(0, Ordering::Relaxed);
+                        let _ = locked.free(self.off, self.heap.name());
+                    }
+                }
+            }
+        }
+        let mut undo = Undo { heap: self, entry, off, armed: true };
+        write((self.base() + off) as *mut T)?;
+        undo.armed = false;
+        let locked = self.lock()?;
+        // Relaxed: under the heap lock; its release publishes the initialised object.
+        entry.state.store(NAMED_READY, Ordering::Relaxed);
+        let r = self.named_ref(entry, name);
         drop(locked);
         r.map(|r| (r, true))
     }
@@ -575,7 +670,8 @@ impl Heap {
     pub fn find<T: crate::ShmSafe + Sync>(&self, name: &str) -> Result<&T> {
         crate::names::validate(name, "object")?;
         let locked = self.lock()?;
-        let e = self.named_slot(name).ok_or_else(|| {
+        // Relaxed: under the heap lock. An object still being created is not found yet.
+        let e = self.named_slot(name).filter(|e| e.state.load(Ordering::Relaxed) == NAMED_READY).ok_or_else(|| {
             Error::new(ErrorKind::NotFound, format!("heap {:?} has no named object {name:?}", self.name()))
         })?;
         let r = self.named_ref(e, name);
@@ -591,7 +687,7 @@ impl Heap {
             .names
             .iter()
             // Relaxed: under the heap lock.
-            .filter(|e| e.state.load(Ordering::Relaxed) == 1)
+            .filter(|e| e.state.load(Ordering::Relaxed) == NAMED_READY)
             .filter_map(|e| {
                 Some(NamedObject {
                     name: entry_name(e)?,
