@@ -733,3 +733,19 @@ pub(crate) fn ensure_mapped(start: usize, len: usize) -> Result<()> {
         }
     }
 }
+
+/// The section covering `addr` in a domain attached by this process, opened (and mapped).
+pub(crate) fn section_at(addr: usize) -> Result<Section> {
+    let domains: Vec<Domain> = attached().values().map(|inner| Domain { inner: inner.clone() }).collect();
+    let Some(domain) = domains.iter().find(|d| d.contains(addr)) else {
+        bail!(InvalidArgument, "address {addr:#x} is not inside the window of any domain attached in this process");
+    };
+    let off = (addr - domain.inner.window_base as usize) as u64;
+    let rec = domain.inner.registry.lookup_offset(off).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("no live section of domain {:?} covers address {addr:#x}", domain.inner.name),
+        )
+    })?;
+    Section::open_record(domain.clone(), rec)
+}

@@ -284,3 +284,62 @@ fn named_objects_are_created_once_and_found_by_every_process() {
         }
     }
 }
+
+#[test]
+fn a_shared_vector_filled_by_four_processes_is_read_back_whole_by_a_fifth() {
+    use shmgadget::heap::{ShmVec, ShmVecExt};
+    const N: u64 = 10_000;
+    const TEST: &str = "a_shared_vector_filled_by_four_processes_is_read_back_whole_by_a_fifth";
+    match role().as_deref() {
+        Some("pusher") => {
+            let (_d, heap) = open_child_heap("vecs");
+            let me: u64 = std::env::var("INDEX").unwrap().parse().unwrap();
+            let alloc = heap.allocator();
+            let (v, _) = heap.find_or_init_mutex("v", || ShmVec::<u64>::new_in(alloc)).unwrap();
+            for i in 0..N {
+                // Each push may reallocate the buffer (allocated and freed by any process).
+                v.lock().unwrap().try_push(me << 32 | i).unwrap();
+            }
+        }
+        Some("reader") => {
+            let (_d, heap) = open_child_heap("vecs");
+            let v = heap.find::<shmgadget::sync::Mutex<ShmVec<u64>>>("v").unwrap();
+            let g = v.lock().unwrap();
+            let mut next = [0u64; 4];
+            for &x in g.iter() {
+                let (who, i) = ((x >> 32) as usize, x & 0xffff_ffff);
+                assert_eq!(i, next[who], "producer {who}'s values arrive in order");
+                next[who] += 1;
+            }
+            println!("LEN={}", g.len());
+            println!("PER={:?}", next);
+        }
+        _ => {
+            let domain = unique_domain("heapvec");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "vecs", 64 * MIB).unwrap();
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    let domain = domain.clone();
+                    std::thread::spawn(move || run(TEST, "pusher", &domain, &[("INDEX", i.to_string())]))
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+            let r = run(TEST, "reader", &domain, &[]);
+            assert_eq!(r["LEN"], (4 * N).to_string());
+            assert_eq!(r["PER"], format!("{:?}", [N; 4]));
+            // Dropping the vector's buffer from yet another process returns it to the heap.
+            let v = heap.find::<shmgadget::sync::Mutex<ShmVec<u64>>>("v").unwrap();
+            let old = std::mem::replace(&mut *v.lock().unwrap(), ShmVec::new_in(heap.allocator()));
+            drop(old);
+            heap.check().unwrap();
+            assert_eq!(heap.stats().unwrap().blocks.used_blocks, 1, "only the named Mutex<ShmVec> itself");
+            drop(heap);
+            d.delete_section("vecs").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

@@ -21,7 +21,10 @@
 //!   commits an eighth more (at least 1 MiB; `fallocate`, so a full backing store is a clean
 //!   error) and then grows the allocator's area into it.
 
+mod alloc;
 pub mod tlsf;
+
+pub use alloc::{ShmAlloc, ShmBox, ShmVec, ShmVecExt};
 
 use std::alloc::Layout;
 use std::ptr::NonNull;

@@ -1,0 +1,131 @@
+//! Rust collections in shared memory: an allocator that works from any process.
+//!
+//! [`ShmAlloc`] is the address of a heap section, nothing else: 8 bytes, `Copy`, and valid in
+//! every process of the domain because the heap is at the same address everywhere. It
+//! implements allocator-api2 0.2's `Allocator` (the version hashbrown uses), so
+//! `allocator_api2::vec::Vec<T, ShmAlloc>` ([`ShmVec`]) and `Box<T, ShmAlloc>` ([`ShmBox`])
+//! keep their buffers in the heap, and a collection stored in shared memory can be grown or
+//! dropped by whichever process holds it (behind a shared [`Mutex`](crate::sync::Mutex), see
+//! [`Heap::find_or_init_mutex`]).
+//!
+//! Each call validates the heap's header, takes the heap's robust lock, and when the heap must
+//! grow opens its section through this process's attachment (first touch maps the heap if this
+//! process never opened it; in eager mode, map it first). Allocation failure is reported, never
+//! an abort: use [`ShmVecExt::try_push`] / `try_reserve`, because `push` would abort the process
+//! while other processes wait on the collection's lock.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+
+use allocator_api2::alloc::{AllocError, Allocator};
+
+use super::{AREA_OFFSET, HeapShared, Locked, MAGIC, READY};
+use crate::error::{Error, ErrorKind, Result};
+use crate::heap::Heap;
+
+/// An allocator over a shared heap, usable from every process of the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct ShmAlloc {
+    section: u64,
+}
+
+/// A vector whose buffer lives in a shared heap.
+pub type ShmVec<T> = allocator_api2::vec::Vec<T, ShmAlloc>;
+/// A box whose value lives in a shared heap.
+pub type ShmBox<T> = allocator_api2::boxed::Box<T, ShmAlloc>;
+
+// SAFETY: the vector's pointer, length and capacity point into the same heap (same address in
+// every process) and its allocator is just that address; elements are ShmSafe themselves.
+unsafe impl<T: crate::ShmSafe> crate::ShmSafe for ShmVec<T> {}
+// SAFETY: as above, for a single value.
+unsafe impl<T: crate::ShmSafe> crate::ShmSafe for ShmBox<T> {}
+// SAFETY: an address of a heap in the domain's window, no process-local state.
+unsafe impl crate::ShmSafe for ShmAlloc {}
+
+impl Heap {
+    /// An allocator for this heap, to build collections that live in it.
+    pub fn allocator(&self) -> ShmAlloc {
+        ShmAlloc { section: self.section().as_ptr() as u64 }
+    }
+}
+
+impl ShmAlloc {
+    fn shared(&self) -> Result<&HeapShared> {
+        let p = self.section as *const HeapShared;
+        // SAFETY: `section` came from a live `Heap` (or a copy of such a ShmAlloc stored in
+        // shared memory): the start of a heap section in an attached domain's window, mapped
+        // in this process or mapped on first touch by the fault handler. HeapShared is atomics
+        // and the robust mutex, so a shared reference is sound; it is validated just below.
+        let shared = unsafe { &*p };
+        // Acquire: pairs with the Release store of `ready` when the heap was created.
+        if shared.ready.load(Ordering::Acquire) != READY || shared.magic.load(Ordering::Relaxed) != MAGIC {
+            return Err(Error::new(ErrorKind::Corrupt, format!("no valid heap at {:#x}", self.section)));
+        }
+        Ok(shared)
+    }
+
+    fn lock(&self) -> Result<Locked<'_>> {
+        let shared = self.shared()?;
+        // SAFETY: `shared` is the control block at the start of this heap section, which stays
+        // mapped while the domain is attached (a collection's user holds the attachment).
+        unsafe { Locked::acquire(shared, self.section as *mut u8, "(heap)") }
+    }
+
+    fn commit(&self, len: u64) -> Result<()> {
+        crate::domain::section_at(self.section as usize)?.commit(len)
+    }
+
+    /// Allocates like [`Heap::alloc`], returning errors instead of `AllocError`.
+    pub fn try_alloc(&self, layout: Layout) -> Result<NonNull<u8>> {
+        let locked = self.lock()?;
+        let off = locked.alloc(layout.size() as u64, layout.align() as u64, "(heap)", &mut |len| self.commit(len))?;
+        Ok(NonNull::new((self.section + AREA_OFFSET + off) as *mut u8).expect("heap addresses are never null"))
+    }
+}
+
+// SAFETY: memory returned by `allocate` stays valid until `deallocate` (the heap's allocator
+// hands each block out once, whatever process asks); every copy of a ShmAlloc names the same
+// heap, so any copy may free what another allocated.
+unsafe impl Allocator for ShmAlloc {
+    fn allocate(&self, layout: Layout) -> std::result::Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            // A zero-size allocation needs no memory: an aligned dangling pointer, as the same
+            // number in every process.
+            let dangling = NonNull::new(layout.align() as *mut u8).ok_or(AllocError)?;
+            return Ok(NonNull::slice_from_raw_parts(dangling, 0));
+        }
+        let p = self.try_alloc(layout).map_err(|_| AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() == 0 {
+            return;
+        }
+        let off = (ptr.as_ptr() as u64).wrapping_sub(self.section + AREA_OFFSET);
+        if let Ok(locked) = self.lock() {
+            // A bad pointer here is a bug in the caller; the heap refuses it and stays intact.
+            let _ = locked.free(off, "(heap)");
+        }
+    }
+}
+
+/// Fallible growth for [`ShmVec`]: an allocation failure is an error, never an abort.
+pub trait ShmVecExt<T> {
+    /// Appends `value`, reserving room first; on failure the vector is unchanged and `value`
+    /// is dropped.
+    fn try_push(&mut self, value: T) -> Result<()>;
+}
+
+impl<T> ShmVecExt<T> for ShmVec<T> {
+    fn try_push(&mut self, value: T) -> Result<()> {
+        self.try_reserve(1).map_err(|e| {
+            Error::new(ErrorKind::OutOfSpace, format!("cannot grow a shared vector of {} elements: {e:?}", self.len()))
+        })?;
+        // Cannot fail: room for one more was reserved just above.
+        let _ = self.push_within_capacity(value);
+        Ok(())
+    }
+}
