@@ -343,3 +343,53 @@ fn a_shared_vector_filled_by_four_processes_is_read_back_whole_by_a_fifth() {
         }
     }
 }
+
+#[test]
+fn a_shared_hash_map_filled_by_four_processes_is_read_back_complete_by_a_fifth() {
+    use shmgadget::heap::ShmHashMap;
+    use shmgadget::sync::Mutex;
+    const PER: u64 = 25_000;
+    const TEST: &str = "a_shared_hash_map_filled_by_four_processes_is_read_back_complete_by_a_fifth";
+    match role().as_deref() {
+        Some("inserter") => {
+            let (_d, heap) = open_child_heap("maps");
+            let me: u64 = std::env::var("INDEX").unwrap().parse().unwrap();
+            let alloc = heap.allocator();
+            let (m, _) =
+                heap.find_or_init_mutex("m", || ShmHashMap::<u64, u64>::try_new_in(alloc, 16).unwrap()).unwrap();
+            for k in me * PER..(me + 1) * PER {
+                m.lock().unwrap().try_insert(k, k * 3).unwrap();
+            }
+        }
+        Some("reader") => {
+            let (_d, heap) = open_child_heap("maps");
+            let m = heap.find::<Mutex<ShmHashMap<u64, u64>>>("m").unwrap();
+            let g = m.lock().unwrap();
+            let missing = (0..4 * PER).filter(|k| g.get(k) != Some(&(k * 3))).count();
+            println!("LEN={}", g.len());
+            println!("MISSING={missing}");
+        }
+        _ => {
+            let domain = unique_domain("heapmap");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "maps", 128 * MIB).unwrap();
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    let domain = domain.clone();
+                    std::thread::spawn(move || run(TEST, "inserter", &domain, &[("INDEX", i.to_string())]))
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+            let r = run(TEST, "reader", &domain, &[]);
+            assert_eq!(r["LEN"], (4 * PER).to_string());
+            assert_eq!(r["MISSING"], "0");
+            heap.check().unwrap();
+            drop(heap);
+            d.delete_section("maps").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

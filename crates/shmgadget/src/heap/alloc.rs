@@ -129,3 +129,87 @@ impl<T> ShmVecExt<T> for ShmVec<T> {
         Ok(())
     }
 }
+
+/// The hasher of every [`ShmHashMap`]: foldhash with a fixed seed (one `u64`), because a
+/// per-process random seed would hash the same key differently in each process.
+pub type ShmHasher = foldhash::fast::FixedState;
+const HASH_SEED: u64 = u64::from_le_bytes(*b"SHMGADGT");
+
+/// A hash map whose table lives in a shared heap (hashbrown, pinned, with [`ShmHasher`]).
+///
+/// It never has capacity 0: hashbrown's empty table points at a static in the creating
+/// binary, a different address in each process. So it is created with [`try_new_in`]
+/// (at least one slot), grows only through [`try_insert`] (an allocation failure is an error,
+/// never an abort), and offers no way to shrink.
+///
+/// [`try_new_in`]: ShmHashMap::try_new_in
+/// [`try_insert`]: ShmHashMap::try_insert
+pub struct ShmHashMap<K, V> {
+    map: hashbrown::HashMap<K, V, ShmHasher, ShmAlloc>,
+}
+
+// SAFETY: the table is allocated from the shared heap (same address everywhere), the hasher is
+// a u64 and the allocator a heap address; keys and values are ShmSafe themselves.
+unsafe impl<K: crate::ShmSafe, V: crate::ShmSafe> crate::ShmSafe for ShmHashMap<K, V> {}
+
+impl<K: Eq + std::hash::Hash, V> ShmHashMap<K, V> {
+    /// A map in `alloc`'s heap with room for at least `capacity` (minimum 1) entries.
+    pub fn try_new_in(alloc: ShmAlloc, capacity: usize) -> Result<Self> {
+        let mut map = hashbrown::HashMap::with_hasher_in(ShmHasher::with_seed(HASH_SEED), alloc);
+        map.try_reserve(capacity.max(1)).map_err(|e| {
+            Error::new(
+                ErrorKind::OutOfSpace,
+                format!("cannot allocate a shared hash map for {capacity} entries: {e:?}"),
+            )
+        })?;
+        Ok(ShmHashMap { map })
+    }
+
+    /// Inserts, returning the previous value; on allocation failure the map is unchanged.
+    pub fn try_insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+        self.map.try_reserve(1).map_err(|e| {
+            Error::new(ErrorKind::OutOfSpace, format!("cannot grow a shared hash map of {} entries: {e:?}", self.len()))
+        })?;
+        Ok(self.map.insert(key, value))
+    }
+
+    /// The value for `key`.
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    /// The value for `key`, mutably.
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.map.get_mut(key)
+    }
+
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Removes `key`, returning its value (the table keeps its capacity).
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        self.map.remove(key)
+    }
+
+    /// Entries.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether it has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Entries in arbitrary order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.map.iter()
+    }
+
+    /// Removes every entry, keeping the capacity.
+    pub fn clear(&mut self) {
+        self.map.clear()
+    }
+}

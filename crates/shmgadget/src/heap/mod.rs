@@ -24,7 +24,7 @@
 mod alloc;
 pub mod tlsf;
 
-pub use alloc::{ShmAlloc, ShmBox, ShmVec, ShmVecExt};
+pub use alloc::{ShmAlloc, ShmBox, ShmHashMap, ShmHasher, ShmVec, ShmVecExt};
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
