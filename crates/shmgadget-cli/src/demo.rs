@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+use shmgadget::heap::{Heap, ShmHashMap};
 use shmgadget::{Domain, DomainOptions, SectionOptions};
 
 const SECTION: &str = "demo.list";
@@ -57,26 +58,55 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
     let started = Instant::now();
     let exe = std::env::current_exe()?;
     let mut result = Ok(ExitCode::SUCCESS);
-    for role in ["build", "walk"] {
+    let worker = |role: &str, index: u64| {
         let mut cmd = Command::new(&exe);
-        cmd.args(["demo-worker", role, "--nodes", &nodes.to_string(), "--domain", &domain]);
+        let (nodes, index) = (nodes.to_string(), index.to_string());
+        cmd.args(["demo-worker", role, "--nodes", &nodes, "--domain", &domain, "--index", &index]);
         if let Some(dir) = shm_dir {
             cmd.arg("--shm-dir").arg(dir);
         }
-        let status = cmd.status()?;
+        cmd
+    };
+    for role in ["build", "walk"] {
+        let status = worker(role, 0).status()?;
         if !status.success() {
             result = Err(format!("the {role} process failed ({status})").into());
             break;
+        }
+    }
+    if result.is_ok() {
+        println!(
+            "\nnext: {INSERTERS} processes insert into one hash map in a shared heap at the same time, then another reads it\n"
+        );
+        let started = Instant::now();
+        let inserters: Vec<_> = (0..INSERTERS).map(|i| worker("insert", i).spawn()).collect::<Result<_, _>>()?;
+        for mut child in inserters {
+            let status = child.wait()?;
+            if !status.success() {
+                result = Err(format!("an inserting process failed ({status})").into());
+            }
+        }
+        if result.is_ok() {
+            println!(
+                "[parent  ] {} keys inserted by {INSERTERS} processes at once in {:.1} ms",
+                INSERTERS * KEYS_PER,
+                ms(started)
+            );
+            let status = worker("lookup", 0).status()?;
+            if !status.success() {
+                result = Err(format!("the reading process failed ({status})").into());
+            }
         }
     }
     // Clean up whatever happened: delete the section; the registry goes with the last detach.
     let opts = DomainOptions { must_exist: true, ..options(shm_dir) };
     if let Ok(d) = Domain::attach_with(&domain, &opts) {
         let _ = d.delete_section(SECTION);
+        let _ = d.delete_section(HEAP);
         d.detach()?;
     }
     if result.is_ok() {
-        println!("\nboth processes saw the section at the same address; total {:.1} ms, cleaned up", ms(started));
+        println!("\nevery process saw the same addresses; total {:.1} ms, cleaned up", ms(started));
     }
     result
 }
@@ -91,12 +121,73 @@ pub fn worker(
     shm_dir: Option<&Path>,
     role: &str,
     nodes: u64,
+    index: u64,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match role {
         "build" => build(domain, shm_dir, nodes),
         "walk" => walk(domain, shm_dir),
+        "insert" => insert(domain, shm_dir, index),
+        "lookup" => lookup(domain, shm_dir),
         other => Err(format!("unknown demo role {other:?}").into()),
     }
+}
+
+const HEAP: &str = "demo.heap";
+const INSERTERS: u64 = 3;
+const KEYS_PER: u64 = 20_000;
+
+type SharedMap = shmgadget::sync::Mutex<ShmHashMap<u64, u64>>;
+
+/// Locks the shared map. If a demo process died holding the lock, the map is still a valid
+/// table (hashbrown only publishes complete inserts), so we accept it and mark it repaired.
+fn lock_map(m: &SharedMap) -> Result<shmgadget::sync::MutexGuard<'_, ShmHashMap<u64, u64>>, shmgadget::Error> {
+    match m.lock() {
+        Ok(g) => Ok(g),
+        Err(shmgadget::sync::LockError::OwnerDied(mut g)) => {
+            g.make_consistent();
+            Ok(g)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn insert(domain: &str, shm_dir: Option<&Path>, index: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let d = Domain::attach_with(domain, &DomainOptions { must_exist: true, ..options(shm_dir) })?;
+    let (heap, _) = Heap::create_or_open(&d, HEAP, 256 << 20)?;
+    let alloc = heap.allocator();
+    let (map, _) =
+        heap.find_or_init_mutex("index", || ShmHashMap::try_new_in(alloc, 1024).expect("room for a small map"))?;
+    for k in index * KEYS_PER..(index + 1) * KEYS_PER {
+        lock_map(map)?.try_insert(k, splitmix(k))?;
+    }
+    println!("[inserter pid {}] inserted {KEYS_PER} keys into the shared map; {:.1} ms", std::process::id(), ms(t));
+    drop(heap);
+    d.detach()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lookup(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let d = Domain::attach_with(domain, &DomainOptions { must_exist: true, ..options(shm_dir) })?;
+    let heap = Heap::open(&d, HEAP)?;
+    let map = heap.find::<SharedMap>("index")?;
+    let g = lock_map(map)?;
+    let total = INSERTERS * KEYS_PER;
+    let found = (0..total).filter(|k| g.get(k) == Some(&splitmix(*k))).count() as u64;
+    let stats = heap.stats()?;
+    println!(
+        "[reader   pid {}] found {found} of {total} keys with the right values; heap: {} KiB used in {} blocks, {} KiB committed; {:.1} ms",
+        std::process::id(),
+        stats.blocks.used_bytes / 1024,
+        stats.blocks.used_blocks,
+        stats.committed / 1024,
+        ms(t)
+    );
+    drop(g);
+    drop(heap);
+    d.detach()?;
+    Ok(if found == total { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn build(domain: &str, shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {

@@ -104,6 +104,8 @@ enum Command {
         role: String,
         #[arg(long)]
         nodes: u64,
+        #[arg(long, default_value_t = 0)]
+        index: u64,
     },
 }
 
@@ -210,8 +212,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
         Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes),
-        Command::DemoWorker { role, nodes } => {
-            return demo::worker(&cli.domain, cli.shm_dir.as_deref(), role, *nodes);
+        Command::DemoWorker { role, nodes, index } => {
+            return demo::worker(&cli.domain, cli.shm_dir.as_deref(), role, *nodes, *index);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -28,6 +28,8 @@ fn demo_walks_the_builders_pointers_in_a_second_process_and_cleans_up() {
     assert_eq!(addrs.len(), 2, "{text}");
     assert_eq!(addrs[0], addrs[1], "both processes map the section at the same address");
     assert!(text.contains("followed 100000 pointers") && text.contains("OK (matches"), "{text}");
+    assert!(text.contains("mapped on first touch, no explicit open"), "the walker never opens the section: {text}");
+    assert!(text.contains("found 60000 of 60000 keys"), "several processes filled one shared map: {text}");
     let demo_domain = text.split("domain \"").nth(1).unwrap().split('"').next().unwrap();
     assert!(leftovers(&format!("shmgadget.{demo_domain}:")).is_empty());
 }
