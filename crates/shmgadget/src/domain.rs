@@ -749,3 +749,20 @@ pub(crate) fn section_at(addr: usize) -> Result<Section> {
     })?;
     Section::open_record(domain.clone(), rec)
 }
+
+/// The start address and kind of the live section covering `addr`, in a domain attached by
+/// this process, without opening it.
+pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::SectionKind)> {
+    let table = attached();
+    let Some(inner) = table
+        .values()
+        .find(|d| addr >= d.window_base as usize && addr - (d.window_base as usize) < d.window_size as usize)
+    else {
+        bail!(InvalidArgument, "address {addr:#x} is not inside the window of any domain attached in this process");
+    };
+    let off = (addr - inner.window_base as usize) as u64;
+    let rec = inner.registry.lookup_offset(off).ok_or_else(|| {
+        Error::new(ErrorKind::NotFound, format!("no live section of domain {:?} covers address {addr:#x}", inner.name))
+    })?;
+    Ok((inner.window_base + rec.offset, rec.kind))
+}

@@ -393,3 +393,61 @@ fn a_shared_hash_map_filled_by_four_processes_is_read_back_complete_by_a_fifth()
         }
     }
 }
+
+#[test]
+fn another_process_frees_and_reallocates_a_block_from_its_address_alone() {
+    const TEST: &str = "another_process_frees_and_reallocates_a_block_from_its_address_alone";
+    let parse = |k: &str| usize::from_str_radix(std::env::var(k).unwrap().trim_start_matches("0x"), 16).unwrap();
+    match role().as_deref() {
+        Some("freer") => {
+            // Attached, but never opened the heap: no Heap handle, just addresses.
+            let _d = Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(GIB) }).unwrap();
+            let a = NonNull::new(parse("FREE_ME") as *mut u8).unwrap();
+            let b = NonNull::new(parse("GROW_ME") as *mut u8).unwrap();
+            // SAFETY: the parent handed these blocks over and no longer uses them.
+            unsafe {
+                shmgadget::heap::free(a).unwrap();
+                println!("DOUBLE={:?}", shmgadget::heap::free(a).unwrap_err().kind());
+                let inside = NonNull::new(b.as_ptr().add(16)).unwrap();
+                println!("INTERIOR={:?}", shmgadget::heap::free(inside).unwrap_err().kind());
+                let grown = shmgadget::heap::realloc(b, 200_000).unwrap();
+                let kept = std::slice::from_raw_parts(grown.as_ptr(), 64).iter().all(|&x| x == 9);
+                println!("KEPT={kept}");
+                println!("GROWN={:#x}", grown.as_ptr() as usize);
+                let raw = NonNull::new(parse("RAW") as *mut u8).unwrap();
+                println!("RAW={:?}", shmgadget::heap::free(raw).unwrap_err().kind());
+                let mut local = 0u8;
+                println!("OUTSIDE={:?}", shmgadget::heap::free(NonNull::from(&mut local)).unwrap_err().kind());
+            }
+        }
+        _ => {
+            let domain = unique_domain("heapfree");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "f", 16 * MIB).unwrap();
+            let raw = d.create_section("raw", MIB, &shmgadget::SectionOptions::new().transient()).unwrap();
+            let a = heap.alloc(Layout::from_size_align(1000, 16).unwrap()).unwrap();
+            let b = heap.alloc(Layout::from_size_align(64, 16).unwrap()).unwrap();
+            let _blocker = heap.alloc(Layout::from_size_align(64, 16).unwrap()).unwrap();
+            // SAFETY: our fresh block.
+            unsafe { b.as_ptr().write_bytes(9, 64) };
+            let env = [
+                ("FREE_ME", format!("{:#x}", a.as_ptr() as usize)),
+                ("GROW_ME", format!("{:#x}", b.as_ptr() as usize)),
+                ("RAW", format!("{:#x}", raw.as_ptr() as usize)),
+            ];
+            let r = run(TEST, "freer", &domain, &env);
+            assert_eq!(r["DOUBLE"], "InvalidArgument");
+            assert_eq!(r["INTERIOR"], "InvalidArgument");
+            assert_eq!(r["KEPT"], "true", "realloc moved the contents");
+            assert_eq!(r["RAW"], "InvalidArgument", "a raw section is not a heap");
+            assert_eq!(r["OUTSIDE"], "InvalidArgument");
+            let s = heap.stats().unwrap();
+            assert_eq!(s.blocks.used_blocks, 2, "a was freed, b moved: the blocker and the grown block remain");
+            heap.check().unwrap();
+            drop((heap, raw));
+            d.delete_section("f").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

@@ -85,6 +85,59 @@ impl ShmAlloc {
     }
 }
 
+impl ShmAlloc {
+    /// The allocator of the heap holding `ptr`, found from the address alone.
+    fn of(ptr: NonNull<u8>) -> Result<ShmAlloc> {
+        let (section, kind) = crate::domain::section_covering(ptr.as_ptr() as usize)?;
+        if kind != crate::SectionKind::Heap {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{ptr:p} lies in a {} section, not a heap", kind.as_str()),
+            ));
+        }
+        Ok(ShmAlloc { section })
+    }
+
+    fn offset(&self, ptr: NonNull<u8>) -> u64 {
+        (ptr.as_ptr() as u64).wrapping_sub(self.section + AREA_OFFSET)
+    }
+}
+
+/// Frees a block of any heap of a domain attached by this process, found from its address
+/// alone (the classic `shm_free`). Errors for an address outside every heap, an interior
+/// pointer and a double free.
+///
+/// # Safety
+/// No process may use the memory after this call.
+pub unsafe fn free(ptr: NonNull<u8>) -> Result<()> {
+    let a = ShmAlloc::of(ptr)?;
+    a.lock()?.free(a.offset(ptr), "(heap)")
+}
+
+/// Resizes a block of any heap of an attached domain, found from its address alone (the
+/// classic `shm_realloc`): in place when possible, else moved (the old block is freed).
+///
+/// # Safety
+/// After success no process may use the old pointer unless it equals the new one.
+pub unsafe fn realloc(ptr: NonNull<u8>, new_size: usize) -> Result<NonNull<u8>> {
+    let a = ShmAlloc::of(ptr)?;
+    let off = a.offset(ptr);
+    let locked = a.lock()?;
+    let t = locked.tlsf();
+    if t.resize_in_place(off, new_size as u64).map_err(|e| super::map_tlsf(e, "(heap)"))? {
+        return Ok(ptr);
+    }
+    let old = t.usable_size(off).map_err(|e| super::map_tlsf(e, "(heap)"))? as usize;
+    drop(locked);
+    let layout =
+        Layout::from_size_align(new_size, 16).map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))?;
+    let new = a.try_alloc(layout)?;
+    // SAFETY: distinct live blocks of the same heap, each at least min(old, new_size) bytes.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), old.min(new_size)) };
+    a.lock()?.free(off, "(heap)")?;
+    Ok(new)
+}
+
 // SAFETY: memory returned by `allocate` stays valid until `deallocate` (the heap's allocator
 // hands each block out once, whatever process asks); every copy of a ShmAlloc names the same
 // heap, so any copy may free what another allocated.
@@ -104,7 +157,7 @@ unsafe impl Allocator for ShmAlloc {
         if layout.size() == 0 {
             return;
         }
-        let off = (ptr.as_ptr() as u64).wrapping_sub(self.section + AREA_OFFSET);
+        let off = self.offset(ptr);
         if let Ok(locked) = self.lock() {
             // A bad pointer here is a bug in the caller; the heap refuses it and stays intact.
             let _ = locked.free(off, "(heap)");

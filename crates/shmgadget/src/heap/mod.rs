@@ -24,7 +24,7 @@
 mod alloc;
 pub mod tlsf;
 
-pub use alloc::{ShmAlloc, ShmBox, ShmHashMap, ShmHasher, ShmVec, ShmVecExt};
+pub use alloc::{ShmAlloc, ShmBox, ShmHashMap, ShmHasher, ShmVec, ShmVecExt, free, realloc};
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -128,7 +128,7 @@ pub struct Heap {
     section: Section,
 }
 
-fn map_tlsf(e: TlsfError, heap: &str) -> Error {
+pub(crate) fn map_tlsf(e: TlsfError, heap: &str) -> Error {
     match e {
         TlsfError::OutOfMemory { requested, largest_free } => Error::new(
             ErrorKind::OutOfSpace,
@@ -183,7 +183,7 @@ impl<'a> Locked<'a> {
         Ok(locked)
     }
 
-    fn tlsf(&self) -> Tlsf<'_> {
+    pub(crate) fn tlsf(&self) -> Tlsf<'_> {
         // SAFETY: the block area starts AREA_OFFSET into the section (16 KiB, so 16-aligned)
         // and its recorded capacity never exceeds the committed part of the section, which the
         // contract of `acquire` keeps mapped; we hold the heap lock.
