@@ -358,6 +358,7 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
             ("free", format!("{} in {} blocks", format_size(b.free_bytes), b.free_blocks)),
             ("largest free", format_size(b.largest_free)),
             ("fragmentation", format!("{:.1}%", stats.fragmentation * 100.0)),
+            ("thread caches", format!("{} in {} blocks", format_size(stats.cached_bytes), stats.cached_blocks)),
             ("allocs / frees", format!("{} / {}", b.allocs, b.frees)),
             ("recoveries", stats.recoveries.to_string()),
         ];
@@ -365,9 +366,15 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
             println!("{k:>15}  {v}");
         }
         if !named.is_empty() {
-            let mut t = table(&["named object", "address", "size"]);
+            let mut t = table(&["named object", "kind", "address", "size", "state"]);
             for o in &named {
-                t.add_row(vec![o.name.clone(), format!("{:#x}", o.address), format_size(o.size)]);
+                t.add_row(vec![
+                    o.name.clone(),
+                    o.kind.as_str().to_owned(),
+                    format!("{:#x}", o.address),
+                    format_size(o.size),
+                    o.state.map(describe_state).unwrap_or_default(),
+                ]);
             }
             println!("{t}");
         }
@@ -377,7 +384,14 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
                 t.add_row(vec![
                     format!("{:#x}", blk.offset),
                     blk.size.to_string(),
-                    if blk.free { "free" } else { "used" }.into(),
+                    if blk.free {
+                        "free"
+                    } else if blk.cached {
+                        "cached"
+                    } else {
+                        "used"
+                    }
+                    .into(),
                 ]);
             }
             println!("{t}");
@@ -389,6 +403,23 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
         }
     }
     Ok(if matches!(verdict, Some(Err(_))) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn describe_state(s: shmgadget::heap::ObjectState) -> String {
+    use shmgadget::heap::ObjectState;
+    match s {
+        ObjectState::Semaphore { count, waiters } => format!("count {count}, {waiters} waiting"),
+        ObjectState::Event { set, waiters } => {
+            format!("{}, {waiters} waiting", if set { "set" } else { "reset" })
+        }
+        ObjectState::Condvar { waiters } => format!("{waiters} waiting"),
+        ObjectState::Mutex { owner: None, .. } => "free".to_owned(),
+        ObjectState::Mutex { owner: Some(pid), owner_alive, inconsistent } => format!(
+            "held by pid {pid} ({}){}",
+            if owner_alive == Some(false) { "dead: the next locker recovers it" } else { "alive" },
+            if inconsistent { ", data not repaired since a holder died" } else { "" }
+        ),
+    }
 }
 
 fn table(header: &[&str]) -> Table {

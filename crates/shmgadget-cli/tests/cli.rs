@@ -117,3 +117,70 @@ fn heap_check_passes_on_a_sound_heap_and_fails_with_status_1_on_a_damaged_one() 
     assert!(shmgadget(&[&d[..], &["rm", "h"]].concat()).status.success());
     assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
 }
+
+#[test]
+fn heap_lists_named_sync_objects_with_their_state_and_a_dead_mutex_owner() {
+    use shmgadget::heap::Heap;
+    use shmgadget::sync::{Mutex, Semaphore};
+    const TEST: &str = "heap_lists_named_sync_objects_with_their_state_and_a_dead_mutex_owner";
+    if std::env::var("SHMG_CLI_ROLE").as_deref() == Ok("holder") {
+        // A process that takes the mutex and is then killed while holding it.
+        let d = shmgadget::Domain::attach(&std::env::var("SHMG_CLI_DOMAIN").unwrap()).unwrap();
+        let heap = Heap::open(&d, "objs").unwrap();
+        let m = heap.find::<Mutex<u64>>("guard").unwrap();
+        let g = m.lock().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        drop(g);
+        return;
+    }
+    let domain = format!("cli-objs-{}", std::process::id());
+    let d = shmgadget::Domain::attach(&domain).unwrap();
+    let heap = Heap::create(&d, "objs", 4 << 20).unwrap();
+    let (sem, _) = heap.find_or_zeroed::<Semaphore>("tokens").unwrap();
+    sem.init(3).unwrap();
+    let (m, _) = heap.find_or_init_mutex("guard", || 0u64).unwrap();
+    heap.find_or_init::<u64>("plain", || 5).unwrap();
+    let mut holder = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--nocapture"])
+        .env("SHMG_CLI_ROLE", "holder")
+        .env("SHMG_CLI_DOMAIN", &domain)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while m.raw().owner_pid() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the holder never took the mutex");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    let args = ["--domain", domain.as_str(), "heap", "objs"];
+    let out = shmgadget(&[&args[..], &["--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let objs = v["named_objects"].as_array().unwrap();
+    let by_name = |n: &str| objs.iter().find(|o| o["name"] == n).unwrap_or_else(|| panic!("{n} missing: {v}"));
+    assert_eq!(by_name("tokens")["kind"], "semaphore");
+    assert_eq!(by_name("tokens")["state"]["count"], 3);
+    assert_eq!(by_name("tokens")["state"]["waiters"], 0);
+    assert_eq!(by_name("guard")["kind"], "mutex");
+    assert_eq!(by_name("guard")["state"]["owner"], holder.id());
+    assert_eq!(by_name("guard")["state"]["owner_alive"], false);
+    assert_eq!(by_name("plain")["kind"], "data");
+    assert!(by_name("plain")["state"].is_null());
+    let text = stdout(&shmgadget(&args));
+    assert!(text.contains("count 3, 0 waiting"), "{text}");
+    assert!(text.contains(&format!("held by pid {} (dead", holder.id())), "{text}");
+
+    // The next locker is told the owner died, and the CLI then shows the mutex free.
+    assert!(matches!(m.lock(), Err(shmgadget::sync::LockError::OwnerDied(_))));
+    let out = shmgadget(&[&args[..], &["--json"]].concat());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let guard = v["named_objects"].as_array().unwrap().iter().find(|o| o["name"] == "guard").unwrap().clone();
+    assert!(guard["state"]["owner"].is_null(), "{guard}");
+    assert_eq!(guard["state"]["inconsistent"], true, "not repaired (no make_consistent): {guard}");
+    drop(heap);
+    d.delete_section("objs").unwrap();
+    d.detach().unwrap();
+    assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
+}

@@ -497,6 +497,7 @@ impl Domain {
         // Relaxed: changed under `map_lock`; the handler only maps on a fault, which cannot
         // happen for this range while it is still mapped.
         inner.mapped[rec.slot as usize].store(0, Ordering::Relaxed);
+        note_unmap();
         // SAFETY: the range is this section's place in our reservation and no handle to it
         // exists in this process; callers (tests, benchmarks) hold no pointers into it.
         unsafe { os::restore_reservation((inner.window_base + rec.offset) as usize, rec.reserved as usize) }
@@ -555,6 +556,7 @@ impl DomainInner {
         }
         self.unmap_when_unused[slot].store(0, Ordering::Relaxed);
         self.mapped[slot].store(0, Ordering::Relaxed);
+        note_unmap();
         for (off, len) in self.registry.free_runs(rec.offset, rec.span()) {
             // SAFETY: the range lies inside this process's window reservation, belongs to a
             // section that is deleted and no longer handed out by the registry, and this
@@ -645,7 +647,18 @@ fn claim_window(domain: &str, base: u64, size: u64) -> Result<()> {
     }
 }
 
+/// Counts unmappings of section memory in this process. Thread caches of heap blocks
+/// (`heap/cache.rs`) remember it, and one that finds it changed does not touch its heap again
+/// (the heap may be gone from this process).
+pub(crate) static UNMAP_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn note_unmap() {
+    // Relaxed: a counter compared for equality only.
+    UNMAP_EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
 fn release_window(base: u64, size: u64) {
+    note_unmap();
     // SAFETY: the window is this process's own reservation (claimed by `claim_window` or
     // `choose_window`); it is released only when the attachment ends, after every Section
     // handle (which borrows the attachment) is gone.

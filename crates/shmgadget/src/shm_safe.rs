@@ -56,3 +56,57 @@ shm_safe!(
 unsafe impl<T: ShmSafe, const N: usize> ShmSafe for [T; N] {}
 // SAFETY: the mutex is repr(C) atomics + a robust pthread mutex + `T`, itself ShmSafe.
 unsafe impl<T: ShmSafe> ShmSafe for crate::sync::Mutex<T> {}
+
+/// Defines a `#[repr(C)]` struct that may live in shared memory and implements [`ShmSafe`]
+/// for it, after checking at compile time that every field's type is `ShmSafe` itself. This is
+/// the way to write your own shared types without an `unsafe impl` of your own:
+///
+/// ```
+/// use std::sync::atomic::AtomicU64;
+/// shmgadget::shm_struct! {
+///     /// Counters shared by every worker.
+///     pub struct Stats {
+///         pub requests: AtomicU64,
+///         pub errors: AtomicU64,
+///         pub last_code: [u8; 16],
+///     }
+/// }
+/// fn needs_shm_safe<T: shmgadget::ShmSafe>() {}
+/// needs_shm_safe::<Stats>();
+/// ```
+///
+/// A field that may not be shared (a `Box`, a `String`, a reference) does not compile:
+///
+/// ```compile_fail
+/// shmgadget::shm_struct! {
+///     struct Bad { name: String }
+/// }
+/// ```
+///
+/// The struct must not implement `Drop` in a way other processes rely on (a crashed process
+/// skips it): rule 4 of [`ShmSafe`].
+#[macro_export]
+macro_rules! shm_struct {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $( $(#[$fmeta:meta])* $fvis:vis $field:ident : $fty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(C)]
+        $vis struct $name {
+            $( $(#[$fmeta])* $fvis $field : $fty ),*
+        }
+
+        // SAFETY: `#[repr(C)]` gives a stable layout (rule 1) and every field is `ShmSafe`
+        // (checked just below, at compile time), so the struct holds no process-private pointer
+        // and is shared only as its fields allow (rules 2 and 3).
+        unsafe impl $crate::ShmSafe for $name {}
+
+        const _: fn() = || {
+            fn field_is_shm_safe<T: $crate::ShmSafe + ?Sized>() {}
+            $( field_is_shm_safe::<$fty>(); )*
+        };
+    };
+}

@@ -129,8 +129,53 @@ fn processes_killed_during_allocation_traffic_never_corrupt_the_heap() {
                     unsafe { heap.free(p).unwrap() };
                 }
             }
+            // Blocks the victims had parked in their thread caches come back.
+            heap.trim().unwrap();
+            let s = heap.stats().unwrap();
+            assert_eq!((s.cached_blocks, s.cached_bytes), (0, 0), "{s:?}");
+            heap.check().unwrap();
             drop(heap);
             d.delete_section("crashy").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
+fn blocks_parked_in_a_killed_processs_thread_cache_return_to_the_heap() {
+    const TEST: &str = "blocks_parked_in_a_killed_processs_thread_cache_return_to_the_heap";
+    match role().as_deref() {
+        Some("parker") => {
+            let (_d, heap) = open_child_heap("parked");
+            let blocks: Vec<_> =
+                (0..200).map(|i| heap.alloc(Layout::from_size_align(16 + i * 8, 16).unwrap()).unwrap()).collect();
+            for p in blocks {
+                // SAFETY: ours, unused after this.
+                unsafe { heap.free(p).unwrap() };
+            }
+            println!("PARKED");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        _ => {
+            let domain = unique_domain("heapparked");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "parked", 16 * MIB).unwrap();
+            let mut child = spawn(TEST, "parker", &domain, &[]);
+            wait_for_line(&mut child, "PARKED");
+            let s = heap.stats().unwrap();
+            assert!(s.cached_blocks > 1, "the child keeps freed blocks ready: {s:?}");
+            assert_eq!(s.blocks.used_blocks, 0, "parked blocks are not counted as used: {s:?}");
+            heap.check().unwrap();
+            kill9(&mut child);
+            // The dead thread's slot is reclaimed; trim also frees the caches' stores.
+            heap.trim().unwrap();
+            let s = heap.stats().unwrap();
+            assert_eq!((s.cached_blocks, s.blocks.used_blocks), (0, 0), "{s:?}");
+            assert_eq!(s.blocks.free_blocks, 1, "everything merged back into one free block: {s:?}");
+            heap.check().unwrap();
+            drop(heap);
+            d.delete_section("parked").unwrap();
             d.detach().unwrap();
             assert_clean(&domain);
         }
@@ -219,11 +264,12 @@ fn realloc_keeps_contents_and_grows_in_place_when_it_can() {
     let domain = unique_domain("heaprealloc");
     let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
     let heap = Heap::create(&d, "r", 16 * MIB).unwrap();
-    let p = heap.alloc(Layout::from_size_align(100, 16).unwrap()).unwrap();
+    // Larger than the thread caches' classes, so the rest of the heap really follows it.
+    let p = heap.alloc(Layout::from_size_align(5000, 16).unwrap()).unwrap();
     // SAFETY: our allocation; realloc'd pointers replace the old ones.
     unsafe {
         p.as_ptr().write_bytes(7, 100);
-        let q = heap.realloc(p, 5000).unwrap();
+        let q = heap.realloc(p, 9000).unwrap();
         assert_eq!(q, p, "the rest of the heap follows it: grows in place");
         let blocker = heap.alloc(Layout::from_size_align(64, 16).unwrap()).unwrap();
         let r = heap.realloc(q, 100_000).unwrap();
@@ -249,7 +295,16 @@ fn named_objects_are_created_once_and_found_by_every_process() {
             let (sem, created) = heap.find_or_zeroed::<Semaphore>("ready").unwrap();
             sem.init(0).unwrap();
             let (count, _) = heap.find_or_init::<u64>("answer", || 42).unwrap();
+            // A slow initialiser: the others must wait for it, not create a second object.
+            let (slow, slow_created) = heap
+                .find_or_init::<u64>("slow", || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    7
+                })
+                .unwrap();
             println!("CREATED={created}");
+            println!("SLOW_CREATED={slow_created}");
+            println!("SLOW={slow}@{:p}", slow);
             println!("ANSWER={count}");
             sem.post().unwrap();
         }
@@ -265,6 +320,8 @@ fn named_objects_are_created_once_and_found_by_every_process() {
                 .collect();
             let reports: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
             assert_eq!(reports.iter().filter(|r| r["CREATED"] == "true").count(), 1, "{reports:?}");
+            assert_eq!(reports.iter().filter(|r| r["SLOW_CREATED"] == "true").count(), 1, "{reports:?}");
+            assert!(reports.iter().all(|r| r["SLOW"] == reports[0]["SLOW"]), "one object, one address: {reports:?}");
             assert!(reports.iter().all(|r| r["ANSWER"] == "42"));
             let sem = heap.find::<Semaphore>("ready").unwrap();
             assert_eq!(sem.count().unwrap(), 6, "one post per process, on the one shared semaphore");
@@ -272,7 +329,7 @@ fn named_objects_are_created_once_and_found_by_every_process() {
             assert_eq!(heap.find::<u32>("answer").unwrap_err().kind(), ErrorKind::InvalidArgument);
             assert_eq!(heap.find::<u64>("nope").unwrap_err().kind(), ErrorKind::NotFound);
             let names: Vec<String> = heap.named_objects().unwrap().into_iter().map(|o| o.name).collect();
-            assert_eq!(names.len(), 2, "{names:?}");
+            assert_eq!(names.len(), 3, "{names:?}");
             // SAFETY: no reference to "answer" is used after this.
             unsafe { heap.remove_named("answer").unwrap() };
             assert_eq!(heap.find::<u64>("answer").unwrap_err().kind(), ErrorKind::NotFound);
@@ -446,6 +503,68 @@ fn another_process_frees_and_reallocates_a_block_from_its_address_alone() {
             heap.check().unwrap();
             drop((heap, raw));
             d.delete_section("f").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+shmgadget::shm_struct! {
+    /// A user-defined shared type: its fields are checked to be ShmSafe at compile time.
+    struct Greeting {
+        text: shmgadget::heap::ShmString,
+        words: shmgadget::heap::ShmVec<u32>,
+        hits: std::sync::atomic::AtomicU64,
+    }
+}
+
+#[test]
+fn a_shared_string_and_a_user_struct_round_trip_between_processes() {
+    use shmgadget::heap::{ShmString, ShmVec, ShmVecExt};
+    use shmgadget::sync::Mutex;
+    const TEST: &str = "a_shared_string_and_a_user_struct_round_trip_between_processes";
+    match role().as_deref() {
+        Some("writer") => {
+            let (_d, heap) = open_child_heap("strings");
+            let alloc = heap.allocator();
+            let (g, _) = heap
+                .find_or_init_mutex("greeting", || Greeting {
+                    text: ShmString::new_in(alloc),
+                    words: ShmVec::new_in(alloc),
+                    hits: 0.into(),
+                })
+                .unwrap();
+            let mut g = g.lock().unwrap();
+            for w in ["héllo", " ", "wörld", " ✓"] {
+                g.text.try_push_str(w).unwrap();
+                let n = w.chars().count() as u32;
+                g.words.try_push(n).unwrap();
+            }
+            g.text.try_push('!').unwrap();
+            g.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        _ => {
+            let domain = unique_domain("heapstr");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "strings", 4 * MIB).unwrap();
+            run(TEST, "writer", &domain, &[]);
+            let g = heap.find::<Mutex<Greeting>>("greeting").unwrap();
+            let mut g = g.lock().unwrap();
+            assert_eq!(g.text, "héllo wörld ✓!");
+            assert_eq!(g.text.to_string(), "héllo wörld ✓!");
+            assert_eq!(g.words.as_slice(), &[5, 1, 5, 2]);
+            assert_eq!(g.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+            // Replaced and dropped here, in another process than the one that allocated.
+            let alloc = heap.allocator();
+            g.text = ShmString::try_from_str_in("short", alloc).unwrap();
+            g.words = ShmVec::new_in(alloc);
+            assert_eq!(g.text.len(), 5);
+            drop(g);
+            heap.flush_thread_cache().unwrap();
+            assert_eq!(heap.stats().unwrap().blocks.used_blocks, 2, "the named mutex and the new string");
+            heap.check().unwrap();
+            drop(heap);
+            d.delete_section("strings").unwrap();
             d.detach().unwrap();
             assert_clean(&domain);
         }

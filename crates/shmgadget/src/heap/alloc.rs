@@ -73,14 +73,18 @@ impl ShmAlloc {
         unsafe { Locked::acquire(shared, self.section as *mut u8, "(heap)") }
     }
 
+    fn cache_ref(&self) -> Result<super::cache::HeapRef<'_>> {
+        Ok(super::cache::HeapRef { shared: self.shared()?, section: self.section as *mut u8, handle: None })
+    }
+
     fn commit(&self, len: u64) -> Result<()> {
         crate::domain::section_at(self.section as usize)?.commit(len)
     }
 
     /// Allocates like [`Heap::alloc`], returning errors instead of `AllocError`.
     pub fn try_alloc(&self, layout: Layout) -> Result<NonNull<u8>> {
-        let locked = self.lock()?;
-        let off = locked.alloc(layout.size() as u64, layout.align() as u64, "(heap)", &mut |len| self.commit(len))?;
+        let h = self.cache_ref()?;
+        let off = super::cache::alloc(&h, layout.size() as u64, layout.align() as u64, &mut |len| self.commit(len))?;
         Ok(NonNull::new((self.section + AREA_OFFSET + off) as *mut u8).expect("heap addresses are never null"))
     }
 }
@@ -111,7 +115,7 @@ impl ShmAlloc {
 /// No process may use the memory after this call.
 pub unsafe fn free(ptr: NonNull<u8>) -> Result<()> {
     let a = ShmAlloc::of(ptr)?;
-    a.lock()?.free(a.offset(ptr), "(heap)")
+    super::cache::free(&a.cache_ref()?, a.offset(ptr))
 }
 
 /// Resizes a block of any heap of an attached domain, found from its address alone (the
@@ -134,7 +138,7 @@ pub unsafe fn realloc(ptr: NonNull<u8>, new_size: usize) -> Result<NonNull<u8>> 
     let new = a.try_alloc(layout)?;
     // SAFETY: distinct live blocks of the same heap, each at least min(old, new_size) bytes.
     unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), old.min(new_size)) };
-    a.lock()?.free(off, "(heap)")?;
+    super::cache::free(&a.cache_ref()?, off)?;
     Ok(new)
 }
 
@@ -158,9 +162,9 @@ unsafe impl Allocator for ShmAlloc {
             return;
         }
         let off = self.offset(ptr);
-        if let Ok(locked) = self.lock() {
+        if let Ok(h) = self.cache_ref() {
             // A bad pointer here is a bug in the caller; the heap refuses it and stays intact.
-            let _ = locked.free(off, "(heap)");
+            let _ = super::cache::free(&h, off);
         }
     }
 }
@@ -264,5 +268,90 @@ impl<K: Eq + std::hash::Hash, V> ShmHashMap<K, V> {
     /// Removes every entry, keeping the capacity.
     pub fn clear(&mut self) {
         self.map.clear()
+    }
+}
+
+/// A UTF-8 string whose bytes live in a shared heap. Grows only fallibly
+/// ([`try_push_str`](ShmString::try_push_str)), like every shared collection.
+pub struct ShmString {
+    bytes: ShmVec<u8>,
+}
+
+// SAFETY: a ShmVec<u8> (see its impl) that this type only ever appends UTF-8 to.
+unsafe impl crate::ShmSafe for ShmString {}
+
+impl ShmString {
+    /// An empty string in `alloc`'s heap (no allocation yet).
+    pub fn new_in(alloc: ShmAlloc) -> Self {
+        ShmString { bytes: ShmVec::new_in(alloc) }
+    }
+
+    /// A copy of `s` in `alloc`'s heap.
+    pub fn try_from_str_in(s: &str, alloc: ShmAlloc) -> Result<Self> {
+        let mut out = ShmString::new_in(alloc);
+        out.try_push_str(s)?;
+        Ok(out)
+    }
+
+    /// Appends `s`; on allocation failure the string is unchanged.
+    pub fn try_push_str(&mut self, s: &str) -> Result<()> {
+        self.bytes.try_reserve(s.len()).map_err(|e| {
+            Error::new(
+                ErrorKind::OutOfSpace,
+                format!("cannot grow a shared string of {} bytes by {}: {e:?}", self.len(), s.len()),
+            )
+        })?;
+        self.bytes.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+
+    /// Appends `c`; on allocation failure the string is unchanged.
+    pub fn try_push(&mut self, c: char) -> Result<()> {
+        self.try_push_str(c.encode_utf8(&mut [0; 4]))
+    }
+
+    /// The text. Bytes that are not UTF-8 (possible only if the heap was overwritten from
+    /// outside this API) read as U+FFFD rather than causing undefined behaviour.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes).unwrap_or("\u{FFFD}")
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Empties it, keeping the capacity.
+    pub fn clear(&mut self) {
+        self.bytes.clear()
+    }
+}
+
+impl std::fmt::Display for ShmString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for ShmString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<str> for ShmString {
+    fn eq(&self, other: &str) -> bool {
+        self.bytes.as_slice() == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for ShmString {
+    fn eq(&self, other: &&str) -> bool {
+        self.bytes.as_slice() == other.as_bytes()
     }
 }

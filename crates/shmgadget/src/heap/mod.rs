@@ -22,13 +22,14 @@
 //!   error) and then grows the allocator's area into it.
 
 mod alloc;
+mod cache;
 pub mod tlsf;
 
-pub use alloc::{ShmAlloc, ShmBox, ShmHashMap, ShmHasher, ShmVec, ShmVecExt, free, realloc};
+pub use alloc::{ShmAlloc, ShmBox, ShmHashMap, ShmHasher, ShmString, ShmVec, ShmVecExt, free, realloc};
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result, bail};
@@ -38,7 +39,7 @@ use crate::sync::{Acquired, RawMutex};
 use tlsf::{BlockInfo, Tlsf, TlsfControl, TlsfError, TlsfStats};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMHEAP1");
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 const READY: u32 = 0x4845_4150; // "HEAP"
 /// Where the block area starts in the section.
 pub const AREA_OFFSET: u64 = 16 << 10;
@@ -58,10 +59,14 @@ pub(crate) struct HeapShared {
     reserved: AtomicU64,
     committed: AtomicU64,
     recoveries: AtomicU64,
-    _reserved: [AtomicU64; 9],
+    /// A number drawn when the heap was created: thread caches check it, so a cache made for a
+    /// deleted heap is never used on a new heap at the same address.
+    instance: AtomicU64,
+    _reserved: [AtomicU64; 8],
     lock: RawMutex,
     tlsf: TlsfControl,
     names: [NamedEntry; MAX_NAMED],
+    caches: [cache::CacheSlot; cache::MAX_CACHES],
 }
 
 /// Named objects a heap can hold.
@@ -74,7 +79,9 @@ const NAMED_INIT: u32 = 2;
 #[repr(C)]
 struct NamedEntry {
     state: AtomicU32,
-    name_len: AtomicU32,
+    name_len: AtomicU16,
+    /// [`ObjectKind`] as a number, so inspectors can show a sync object's state.
+    kind: AtomicU16,
     offset: AtomicU64,
     size: AtomicU64,
     type_tag: AtomicU64,
@@ -96,6 +103,7 @@ const FINGERPRINT: u32 = {
         AREA_OFFSET,
         MAX_NAMED as u64,
         size_of::<NamedEntry>() as u64,
+        cache::MAX_CACHES as u64,
     ];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
@@ -114,8 +122,14 @@ pub struct HeapStats {
     /// Bytes committed so far.
     pub committed: u64,
     /// Allocator figures (used/free bytes and blocks, largest free block, counters).
+    /// Allocator figures; `used_*` count only blocks the program holds, not those parked in
+    /// thread caches.
     #[serde(flatten)]
     pub blocks: TlsfStats,
+    /// Blocks parked in thread caches, ready for their threads' next allocations.
+    pub cached_blocks: u64,
+    /// Bytes (headers included) of those blocks.
+    pub cached_bytes: u64,
     /// Recoveries after a holder died.
     pub recoveries: u64,
     /// 1 − largest free block / free bytes (0: all free space in one block).
@@ -177,6 +191,8 @@ impl<'a> Locked<'a> {
             locked.tlsf().recover().map_err(|e| map_tlsf(e, name))?;
             // Relaxed: statistics under the lock.
             shared.recoveries.fetch_add(1, Ordering::Relaxed);
+            // The dead holder's thread caches go back to the allocator too.
+            let _ = cache::reclaim_dead(&cache::HeapRef { shared, section, handle: None }, &locked, false);
             // SAFETY: we hold the lock.
             unsafe { shared.lock.make_consistent() };
         }
@@ -280,6 +296,9 @@ impl Heap {
         shared.magic.store(MAGIC, Ordering::Relaxed);
         shared.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
         shared.fingerprint.store(FINGERPRINT, Ordering::Relaxed);
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let instance = (t.as_nanos() as u64) ^ ((crate::os::current_pid() as u64) << 40) ^ heap.base();
+        shared.instance.store(instance | 1, Ordering::Relaxed);
         // Release: pairs with the Acquire load in `attach`.
         shared.ready.store(READY, Ordering::Release);
         drop(locked);
@@ -351,6 +370,16 @@ impl Heap {
         unsafe { Locked::acquire(self.shared(), self.section.as_ptr(), self.name()) }
     }
 
+    fn cache_ref(&self) -> cache::HeapRef<'_> {
+        cache::HeapRef { shared: self.shared(), section: self.section.as_ptr(), handle: Some(&self.section) }
+    }
+
+    /// Gives the blocks this thread keeps ready for this heap back to the heap (they show as
+    /// used until then; a thread does this itself when it exits).
+    pub fn flush_thread_cache(&self) -> Result<()> {
+        cache::flush(&self.cache_ref())
+    }
+
     fn commit_fn(&self) -> impl FnMut(u64) -> Result<()> + '_ {
         |len| self.section.commit(len)
     }
@@ -373,9 +402,7 @@ impl Heap {
                 self.section.len()
             );
         }
-        let locked = self.lock()?;
-        let off = locked.alloc(size, align, self.name(), &mut self.commit_fn())?;
-        drop(locked);
+        let off = cache::alloc(&self.cache_ref(), size, align, &mut self.commit_fn())?;
         Ok(NonNull::new((self.base() + off) as *mut u8).expect("heap addresses are never null"))
     }
 
@@ -403,8 +430,7 @@ impl Heap {
     /// No process may use the memory after this call (as with `free(3)`).
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<()> {
         let off = self.offset_of(ptr)?;
-        let locked = self.lock()?;
-        locked.tlsf().free(off).map_err(|e| map_tlsf(e, self.name()))
+        cache::free(&self.cache_ref(), off)
     }
 
     /// Resizes an allocation, in place when it can, else by moving it (the old block is freed).
@@ -442,6 +468,7 @@ impl Heap {
     /// Gives free space at the end of the heap back to the system (decommits it for every
     /// process), keeping at least the initial commit. Returns the bytes given back.
     pub fn trim(&self) -> Result<u64> {
+        cache::release_all(&self.cache_ref())?;
         let locked = self.lock()?;
         let s = self.shared();
         // Relaxed: under the lock.
@@ -461,7 +488,10 @@ impl Heap {
     /// Statistics.
     pub fn stats(&self) -> Result<HeapStats> {
         let locked = self.lock()?;
-        let blocks = locked.tlsf().stats();
+        let mut blocks = locked.tlsf().stats();
+        let (cached_blocks, cached_bytes) = cache::parked(&self.cache_ref(), &locked);
+        blocks.used_blocks = blocks.used_blocks.saturating_sub(cached_blocks);
+        blocks.used_bytes = blocks.used_bytes.saturating_sub(cached_bytes);
         let s = self.shared();
         // Relaxed: read under the lock.
         let largest_block = blocks.largest_free + if blocks.free_blocks > 0 { tlsf::HEADER } else { 0 };
@@ -470,6 +500,8 @@ impl Heap {
             reserved: s.reserved.load(Ordering::Relaxed),
             committed: s.committed.load(Ordering::Relaxed),
             blocks,
+            cached_blocks,
+            cached_bytes,
             recoveries: s.recoveries.load(Ordering::Relaxed),
             fragmentation: frag.max(0.0),
         })
@@ -497,6 +529,136 @@ pub struct NamedObject {
     pub address: u64,
     /// Its size in bytes.
     pub size: u64,
+    /// What it is.
+    pub kind: ObjectKind,
+    /// For a synchronisation object, its state now (a snapshot).
+    pub state: Option<ObjectState>,
+}
+
+/// What a named object is, recorded when it is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u16)]
+pub enum ObjectKind {
+    /// Any other type.
+    Data = 0,
+    /// A [`Semaphore`](crate::sync::Semaphore).
+    Semaphore = 1,
+    /// An [`Event`](crate::sync::Event).
+    Event = 2,
+    /// A [`Condvar`](crate::sync::Condvar).
+    Condvar = 3,
+    /// A [`RawMutex`](crate::sync::RawMutex) or a [`Mutex<T>`](crate::sync::Mutex) (whose raw
+    /// mutex comes first).
+    Mutex = 4,
+}
+
+impl ObjectKind {
+    fn of<T>() -> ObjectKind {
+        let n = std::any::type_name::<T>();
+        if n == std::any::type_name::<crate::sync::Semaphore>() {
+            ObjectKind::Semaphore
+        } else if n == std::any::type_name::<crate::sync::Event>() {
+            ObjectKind::Event
+        } else if n == std::any::type_name::<crate::sync::Condvar>() {
+            ObjectKind::Condvar
+        } else if n == std::any::type_name::<crate::sync::RawMutex>()
+            || n.starts_with(std::any::type_name::<crate::sync::Mutex<()>>().trim_end_matches("<()>"))
+        {
+            ObjectKind::Mutex
+        } else {
+            ObjectKind::Data
+        }
+    }
+
+    fn from_u16(v: u16) -> ObjectKind {
+        match v {
+            1 => ObjectKind::Semaphore,
+            2 => ObjectKind::Event,
+            3 => ObjectKind::Condvar,
+            4 => ObjectKind::Mutex,
+            _ => ObjectKind::Data,
+        }
+    }
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Data => "data",
+            ObjectKind::Semaphore => "semaphore",
+            ObjectKind::Event => "event",
+            ObjectKind::Condvar => "condvar",
+            ObjectKind::Mutex => "mutex",
+        }
+    }
+}
+
+/// The state of a named synchronisation object (a snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum ObjectState {
+    /// Units available and possible sleepers.
+    Semaphore {
+        /// Units available.
+        count: u32,
+        /// Processes that may be asleep in `wait`.
+        waiters: u32,
+    },
+    /// Whether it is set, and possible sleepers.
+    Event {
+        /// Set (signalled).
+        set: bool,
+        /// Processes that may be asleep in `wait`.
+        waiters: u32,
+    },
+    /// Possible sleepers.
+    Condvar {
+        /// Processes that may be asleep in `wait`.
+        waiters: u32,
+    },
+    /// Who holds it, and whether that process is still alive.
+    Mutex {
+        /// Pid of the holder, if held.
+        owner: Option<u32>,
+        /// Whether the holder's process exists (a dead holder's lock is recovered by the next
+        /// locker, who is told `OwnerDied`).
+        owner_alive: Option<bool>,
+        /// A holder died and the data was not marked consistent since.
+        inconsistent: bool,
+    },
+}
+
+/// The state of the object of `kind` at `addr`, if it is a sync object of the right size.
+fn object_state(kind: ObjectKind, addr: u64, size: u64) -> Option<ObjectState> {
+    fn at<T>(addr: u64, size: u64) -> Option<&'static T> {
+        // SAFETY: the caller found a named object of this kind at `addr` (inside the mapped heap,
+        // aligned, `size` bytes, checked by `named_objects`), created as a T (its kind says so);
+        // sync objects are atomics only, read here as snapshots while the heap stays mapped.
+        (size >= size_of::<T>() as u64 && addr % align_of::<T>() as u64 == 0).then(|| unsafe { &*(addr as *const T) })
+    }
+    match kind {
+        ObjectKind::Data => None,
+        ObjectKind::Semaphore => {
+            let s = at::<crate::sync::Semaphore>(addr, size)?;
+            Some(ObjectState::Semaphore { count: s.count().ok()?, waiters: s.waiters() })
+        }
+        ObjectKind::Event => {
+            let e = at::<crate::sync::Event>(addr, size)?;
+            Some(ObjectState::Event { set: e.is_set().ok()?, waiters: e.waiters() })
+        }
+        ObjectKind::Condvar => {
+            Some(ObjectState::Condvar { waiters: at::<crate::sync::Condvar>(addr, size)?.waiters() })
+        }
+        ObjectKind::Mutex => {
+            let m = at::<crate::sync::RawMutex>(addr, size)?;
+            let owner = Some(m.owner_pid()).filter(|&p| p != 0);
+            Some(ObjectState::Mutex {
+                owner,
+                owner_alive: owner.map(crate::os::process_alive),
+                inconsistent: m.is_inconsistent(),
+            })
+        }
+    }
 }
 
 fn type_tag<T>() -> u64 {
@@ -519,12 +681,14 @@ fn entry_name(e: &NamedEntry) -> Option<String> {
 }
 
 impl Heap {
+    /// The entry called `name`, published or still being initialised by its creator (so that a
+    /// second creator waits instead of creating a duplicate).
     fn named_slot(&self, name: &str) -> Option<&NamedEntry> {
         // Relaxed: under the heap lock.
-        self.shared()
-            .names
-            .iter()
-            .find(|e| e.state.load(Ordering::Relaxed) == 1 && entry_name(e).as_deref() == Some(name))
+        self.shared().names.iter().find(|e| {
+            matches!(e.state.load(Ordering::Relaxed), NAMED_READY | NAMED_INIT)
+                && entry_name(e).as_deref() == Some(name)
+        })
     }
 
     fn named_ref<T>(&self, e: &NamedEntry, name: &str) -> Result<&T> {
@@ -632,7 +796,8 @@ impl Heap {
             for (i, w) in e.name.iter().enumerate() {
                 w.store(u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes")), Ordering::Relaxed);
             }
-            e.name_len.store(name.len() as u32, Ordering::Relaxed);
+            e.name_len.store(name.len() as u16, Ordering::Relaxed);
+            e.kind.store(ObjectKind::of::<T>() as u16, Ordering::Relaxed);
             e.offset.store(off, Ordering::Relaxed);
             e.size.store(size_of::<T>() as u64, Ordering::Relaxed);
             e.type_tag.store(type_tag::<T>(), Ordering::Relaxed);
@@ -692,10 +857,16 @@ impl Heap {
             // Relaxed: under the heap lock.
             .filter(|e| e.state.load(Ordering::Relaxed) == NAMED_READY)
             .filter_map(|e| {
+                let (address, size) = (self.base() + e.offset.load(Ordering::Relaxed), e.size.load(Ordering::Relaxed));
+                let end = self.section.as_ptr() as u64 + self.section.len() as u64;
+                let kind = ObjectKind::from_u16(e.kind.load(Ordering::Relaxed));
+                let inside = address.checked_add(size).is_some_and(|e| e <= end);
                 Some(NamedObject {
                     name: entry_name(e)?,
-                    address: self.base() + e.offset.load(Ordering::Relaxed),
-                    size: e.size.load(Ordering::Relaxed),
+                    address,
+                    size,
+                    kind,
+                    state: if inside { object_state(kind, address, size) } else { None },
                 })
             })
             .collect())

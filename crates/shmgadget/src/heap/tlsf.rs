@@ -17,6 +17,11 @@
 //! a 16-byte sentinel header (size 0, used) that stops coalescing. The tag makes a pointer
 //! that is not a block's payload (or a block trampled by a buffer overrun) recognisable.
 //!
+//! One exception to "the lock holder does everything": the `CACHED` flag of a *used* block is
+//! set and cleared by the thread cache that parks the block ([`Tlsf::cache_mark`],
+//! [`Tlsf::cache_unmark`]) without the lock. So the allocator changes the flags of a used
+//! neighbour only with atomic read-modify-writes (`update_flags`), never by rewriting its header.
+//!
 //! # Free lists
 //! Free blocks are kept in `FL_COUNT × SL_COUNT` doubly linked lists by size class, with a
 //! first-level bitmap and one second-level bitmap per first level, as in Masmano et al.'s TLSF:
@@ -56,6 +61,9 @@ pub(crate) const FL_COUNT: usize = 40;
 
 const FREE: u64 = 1;
 const PREV_FREE: u64 = 2;
+/// A used block parked in a thread cache of the heap (see `heap/cache.rs`): not free for the
+/// allocator, not owned by the application. Set and cleared without the lock, atomically.
+const CACHED: u64 = 4;
 const FLAG_MASK: u64 = 0xF;
 const TAG: u64 = 0xB10C << 48;
 const TAG_MASK: u64 = 0xFFFF << 48;
@@ -137,6 +145,8 @@ pub struct BlockInfo {
     pub size: u64,
     /// Whether it is free.
     pub free: bool,
+    /// Whether it is parked in a thread cache (used for the allocator, free for the program).
+    pub cached: bool,
 }
 
 /// A view of one allocator: its control block and block area. Every method requires the
@@ -173,7 +183,9 @@ impl<'a> Tlsf<'a> {
     /// # Safety
     /// `base` must be 16-aligned and valid for reads and writes of `ctl.capacity` bytes (as
     /// recorded now, and after every `grow`) for `'a`; those bytes and `ctl` must be accessed
-    /// only through this allocator (or other `Tlsf` views under the same lock) while it is used.
+    /// only through this allocator (or other `Tlsf` views under the same lock) while it is used,
+    /// except for [`cache_mark`](Tlsf::cache_mark)/[`cache_unmark`](Tlsf::cache_unmark), which
+    /// other threads may call on their own used blocks without the lock.
     pub unsafe fn new(ctl: &'a TlsfControl, base: *mut u8) -> Self {
         Tlsf { ctl, base }
     }
@@ -217,6 +229,21 @@ impl<'a> Tlsf<'a> {
         // Release: the crash-ordering point; everything written before (a remainder's header)
         // is in memory before the block's size changes.
         self.word(off + 8)?.store(TAG | size | flags, Ordering::Release);
+        Ok(())
+    }
+
+    /// Sets then clears flag bits of the header at `off` with atomic read-modify-writes, so a
+    /// concurrent `cache_mark`/`cache_unmark` of that block is never lost.
+    fn update_flags(&self, off: u64, set: u64, clear: u64) -> R<()> {
+        self.header(off)?;
+        let w = self.word(off + 8)?;
+        // Release: the header update is a crash-ordering point like `write_header`.
+        if set != 0 {
+            w.fetch_or(set, Ordering::Release);
+        }
+        if clear != 0 {
+            w.fetch_and(!clear, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -384,15 +411,12 @@ impl<'a> Tlsf<'a> {
             self.write_header(off, block, prev_flag)?; // commit: now used, shrunk
             let after = tail + rest;
             self.set(after, rest)?;
-            let (asize, aflags) = self.header(after)?;
-            self.write_header(after, asize, aflags | PREV_FREE)?;
+            self.update_flags(after, PREV_FREE, 0)?;
             self.insert_free(tail, rest)?;
             bsize = block;
         } else {
             self.write_header(off, bsize, prev_flag)?; // commit: now used
-            let after = off + bsize;
-            let (asize, aflags) = self.header(after)?;
-            self.write_header(after, asize, aflags & !PREV_FREE)?;
+            self.update_flags(off + bsize, 0, PREV_FREE)?;
             self.add_free_stats(-1);
         }
         let c = self.ctl;
@@ -425,7 +449,7 @@ impl<'a> Tlsf<'a> {
         if size < MIN_BLOCK || off + size > self.sentinel() || self.get(off + size).ok() != Some(size) {
             return bad("its header does not chain to the next block");
         }
-        if flags & FREE != 0 {
+        if flags & (FREE | CACHED) != 0 {
             return Err(TlsfError::DoubleFree(payload));
         }
         Ok((off, size, flags))
@@ -479,10 +503,69 @@ impl<'a> Tlsf<'a> {
         self.write_header(off, size, FREE | prev_flag)?; // commit: one store
         let after = off + size;
         self.set(after, size)?;
-        let (asize, aflags) = self.header(after)?;
-        self.write_header(after, asize, aflags | PREV_FREE)?;
+        self.update_flags(after, PREV_FREE, 0)?;
         self.insert_free(off, size)?;
         self.add_free_stats(1);
+        Ok(())
+    }
+
+    /// Validates the used block at `payload` for a thread cache and returns its usable size,
+    /// or `Ok(None)` when it has more than `max_usable` bytes. Fails with `DoubleFree` if it is
+    /// free or already parked.
+    ///
+    /// Unlike most methods this one (like [`cache_mark`](Tlsf::cache_mark) and
+    /// [`cache_unmark`](Tlsf::cache_unmark)) may run **without the lock**, concurrently with the
+    /// lock holder, on a block the caller owns: it reads the block's own header and its
+    /// successor's back size, neither of which changes while the block is used.
+    pub fn cache_probe(&self, payload: u64, max_usable: u64) -> R<Option<u64>> {
+        let (_, size, _) = self.used_block(payload)?;
+        Ok((size - HEADER <= max_usable).then_some(size - HEADER))
+    }
+
+    /// Marks the used block at `payload` as parked in a thread cache (sets `CACHED`, atomically;
+    /// callable without the lock). Fails with `DoubleFree` if it is free or already parked.
+    /// The caller validated the block with [`cache_probe`](Tlsf::cache_probe) (or allocated it).
+    pub fn cache_mark(&self, payload: u64) -> R<()> {
+        if payload % ALIGN != 0 || payload < HEADER {
+            return Err(TlsfError::NotABlock(format!("offset {payload:#x} is not a block")));
+        }
+        let w = self.word(payload - HEADER + 8)?;
+        // Relaxed: the bit itself is the only state; the cache's list orders the rest.
+        let old = w.fetch_or(CACHED, Ordering::Relaxed);
+        if old & (CACHED | FREE) != 0 || old & TAG_MASK != TAG {
+            if old & CACHED == 0 {
+                w.fetch_and(!CACHED, Ordering::Relaxed);
+            }
+            return Err(if old & TAG_MASK != TAG {
+                TlsfError::NotABlock(format!("offset {payload:#x} has no block header"))
+            } else {
+                TlsfError::DoubleFree(payload)
+            });
+        }
+        Ok(())
+    }
+
+    /// The size (header included) of the block whose payload is at `payload`, whatever its
+    /// state; for statistics.
+    pub fn block_size(&self, payload: u64) -> R<u64> {
+        if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel() {
+            return Err(TlsfError::NotABlock(format!("offset {payload:#x} is not a block")));
+        }
+        Ok(self.header(payload - HEADER)?.0)
+    }
+
+    /// Takes the block at `payload` back out of a thread cache (clears `CACHED`). Like
+    /// [`cache_mark`](Tlsf::cache_mark), callable without the lock.
+    pub fn cache_unmark(&self, payload: u64) -> R<()> {
+        if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel() {
+            return Err(TlsfError::NotABlock(format!("offset {payload:#x} is not a cached block")));
+        }
+        let (_, flags) = self.header(payload - HEADER)?;
+        if flags & CACHED == 0 || flags & FREE != 0 {
+            return Err(TlsfError::NotABlock(format!("block at {payload:#x} is not parked in a cache")));
+        }
+        // Relaxed: see `cache_mark`.
+        self.word(payload - HEADER + 8)?.fetch_and(!CACHED, Ordering::Relaxed);
         Ok(())
     }
 
@@ -520,16 +603,14 @@ impl<'a> Tlsf<'a> {
             self.write_header(off, keep, flags & PREV_FREE)?;
             let after = tail + rest;
             self.set(after, rest)?;
-            let (asize, aflags) = self.header(after)?;
-            self.write_header(after, asize, aflags | PREV_FREE)?;
+            self.update_flags(after, PREV_FREE, 0)?;
             self.insert_free(tail, rest)?;
             self.add_free_stats(1);
         } else {
             self.write_header(off, keep, flags & PREV_FREE)?;
             let after = off + keep;
             self.set(after, keep)?;
-            let (asize, aflags) = self.header(after)?;
-            self.write_header(after, asize, aflags & !PREV_FREE)?;
+            self.update_flags(after, 0, PREV_FREE)?;
         }
         c.used_bytes.fetch_add(keep, Ordering::Relaxed);
         c.free_bytes.fetch_sub(keep, Ordering::Relaxed);
@@ -653,7 +734,7 @@ impl<'a> Tlsf<'a> {
             if size < MIN_BLOCK || off + size > self.sentinel() {
                 return corrupt(format!("block at {off:#x} has size {size:#x}, which does not fit the area"));
             }
-            out.push(BlockInfo { offset: off, size, free: flags & FREE != 0 });
+            out.push(BlockInfo { offset: off, size, free: flags & FREE != 0, cached: flags & CACHED != 0 });
             off += size;
         }
         Ok(out)
@@ -688,6 +769,9 @@ impl<'a> Tlsf<'a> {
                 ));
             }
             let free = flags & FREE != 0;
+            if free && flags & CACHED != 0 {
+                return corrupt(format!("block at {off:#x} is both free and parked in a thread cache"));
+            }
             if free && prev_free {
                 return corrupt(format!(
                     "free blocks at {:#x} and {off:#x} are adjacent: they should have been merged",
@@ -809,7 +893,13 @@ impl<'a> Tlsf<'a> {
                 _ => {
                     let pflag = if matches!(prev, Some((_, _, true))) { PREV_FREE } else { 0 };
                     self.set(off, prev.map_or(0, |p| p.1))?;
-                    self.write_header(off, size, pflag | if free { FREE } else { 0 })?;
+                    if free {
+                        self.write_header(off, size, pflag | FREE)?;
+                    } else {
+                        // A used block may be parked in a live thread's cache, which flips its
+                        // CACHED bit without the lock: touch only PREV_FREE, atomically.
+                        self.update_flags(off, pflag, PREV_FREE & !pflag)?;
+                    }
                     if free {
                         frees.push((off, size));
                         free_bytes += size;

@@ -679,3 +679,48 @@ pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: u32) -> usize {
     let n = n.min(i32::MAX as u32);
     rustix::thread::futex::wake(word, rustix::thread::futex::Flags::empty(), n).unwrap_or(0)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Threads
+// ---------------------------------------------------------------------------------------------
+
+/// The calling thread's id (`gettid(2)`), cached per thread.
+#[inline]
+pub fn current_tid() -> u32 {
+    thread_local! {
+        static TID: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    // A forked child's only thread has a new id: the cache is keyed by the process id.
+    let pid = current_pid();
+    TID.try_with(|c| {
+        let (p, t) = c.get();
+        if p == pid {
+            return t;
+        }
+        let t = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        c.set((pid, t));
+        t
+    })
+    .unwrap_or_else(|_| rustix::thread::gettid().as_raw_nonzero().get() as u32)
+}
+
+/// Whether thread `tid` of process `pid` still exists (`tgkill(2)` with signal 0: ESRCH means
+/// gone; EPERM means it exists but belongs to another user).
+pub fn thread_alive(pid: u32, tid: u32) -> bool {
+    if pid == 0 || tid == 0 || pid > i32::MAX as u32 || tid > i32::MAX as u32 {
+        return false;
+    }
+    // SAFETY: tgkill with signal 0 sends nothing; it only checks that the thread exists.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, pid as libc::c_long, tid as libc::c_long, 0 as libc::c_long) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Whether process `pid` exists (`kill(2)` with signal 0: ESRCH means gone; EPERM means it
+/// exists but belongs to another user).
+pub fn process_alive(pid: u32) -> bool {
+    let Some(pid) = rustix::process::Pid::from_raw(pid.min(i32::MAX as u32) as i32) else { return false };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e != rustix::io::Errno::SRCH,
+    }
+}

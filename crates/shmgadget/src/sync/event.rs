@@ -101,6 +101,12 @@ impl Event {
         self.wait_inner(Some(timeout))
     }
 
+    /// Processes that may be asleep in `wait` now (a snapshot).
+    pub fn waiters(&self) -> u32 {
+        // Relaxed: a snapshot for display.
+        self.waiters.load(Ordering::Relaxed)
+    }
+
     /// Destroys the event: current and future waits fail with [`crate::ErrorKind::Destroyed`].
     pub fn destroy(&self) -> Result<()> {
         self.header.destroy(MAGIC, WHAT)?;

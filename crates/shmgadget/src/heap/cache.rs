@@ -1,0 +1,520 @@
+//! Per-thread block caches: most allocations and frees of small blocks take no lock at all.
+//!
+//! A heap shared by many processes has one robust lock; taking it for every call costs a
+//! lock/unlock pair and, when two processes allocate at once, a cache line bouncing between
+//! their cores. So each thread keeps, per heap, a small stock of free blocks of 32 size classes
+//! (payloads 16 B to 4 KiB) and serves `alloc`/`free` from it; it takes the heap lock only to
+//! refill a class in a batch or to give back half of a full one.
+//!
+//! # Where the stock lives, and why
+//! The stock is *in the heap*, not in process memory, so a process that dies (or a thread that
+//! exits) leaves nothing unaccounted for:
+//! * The heap header has [`MAX_CACHES`] cache slots; a slot records its owner (process and
+//!   thread id) and the offset of its store, a block of the heap holding per class a count and
+//!   up to `DEPTH` block offsets. A thread claims a slot the first time it uses a heap.
+//! * A parked block is a *used* block for the allocator, with the `CACHED` header flag set; so
+//!   freeing it again is reported as a double free, and `check()` stays exact.
+//! * Only the owning thread touches its store (plain atomics, no lock). Whoever claims a slot
+//!   first reclaims every slot whose owner thread no longer exists (`tgkill(pid, tid, 0)`),
+//!   under the heap lock: every block listed in that store goes back to the allocator.
+//!
+//! # Crash consistency
+//! Every block listed below a store's count is free for the program: a push lists the block
+//! (entry, then count, Release) before it sets `CACHED`; a pop clears `CACHED` before it lowers
+//! the count; a give-back lowers the count before freeing. So a thread killed at any point
+//! leaves each block either listed (reclaimed later) or the program's, never both, and nothing
+//! handed out twice. Only a refill's batch and a give-back run under the lock.
+//!
+//! # What is not cached
+//! Payloads above 4 KiB, alignments above 16, and calls from a thread whose cache is being
+//! torn down go straight to the allocator under the lock. A process holds at most `budget` bytes
+//! per thread and heap (1 MiB, or a sixteenth of the heap if less).
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use super::tlsf::{self, Tlsf};
+use super::{AREA_OFFSET, HeapShared, Locked, map_tlsf};
+use crate::error::{Error, ErrorKind, Result};
+use crate::os;
+
+/// Cache slots in a heap's header: threads that can cache blocks of one heap at once.
+pub(crate) const MAX_CACHES: usize = 64;
+/// Size classes cached.
+const CLASSES: usize = 32;
+/// Blocks a class holds at most.
+const DEPTH: usize = 16;
+/// Largest payload cached.
+pub(crate) const MAX_CACHED: u64 = 4096;
+/// Most bytes one thread parks per heap.
+const BUDGET: u64 = 1 << 20;
+
+/// One cache slot in the heap header.
+#[repr(C)]
+pub(crate) struct CacheSlot {
+    /// `pid << 32 | tid` of the owning thread, 0 when free. Changed under the heap lock.
+    owner: AtomicU64,
+    /// Payload offset of the slot's [`CacheStore`] block in the block area; 0 when none yet.
+    store: AtomicU64,
+}
+
+/// A slot's stock, in a block of the heap. Only the owner thread writes it (or, after the
+/// owner died, the heap lock holder reclaiming it).
+#[repr(C)]
+struct CacheStore {
+    counts: [AtomicU32; CLASSES],
+    entries: [[AtomicU64; DEPTH]; CLASSES],
+}
+
+/// The class serving a request of `size` bytes (1..=MAX_CACHED): the smallest class whose
+/// payload is at least `size`. Classes: 16..=256 in steps of 16, then four per power of two.
+fn class_for_request(size: u64) -> usize {
+    if size <= 256 {
+        (size.max(16).div_ceil(16) - 1) as usize
+    } else {
+        let s = size - 1;
+        let log2 = 63 - s.leading_zeros() as u64;
+        (16 + (log2 - 8) * 4 + ((s >> (log2 - 2)) & 3)) as usize
+    }
+}
+
+/// The class a block of `usable` bytes can serve: the largest class whose payload is at most
+/// `usable` (None when that is beyond the cached classes).
+fn class_for_block(usable: u64) -> Option<usize> {
+    let c = if usable < 16 {
+        return None;
+    } else if usable <= 256 {
+        usable / 16 - 1
+    } else {
+        let log2 = 63 - usable.leading_zeros() as u64;
+        16 + (log2 - 8) * 4 + ((usable >> (log2 - 2)) & 3) - 1
+    };
+    ((c as usize) < CLASSES).then_some(c as usize)
+}
+
+/// The payload of class `c`.
+fn class_payload(c: usize) -> u64 {
+    if c < 16 {
+        16 * (c as u64 + 1)
+    } else {
+        let j = (c - 16) as u64;
+        (5 + j % 4) << (8 + j / 4 - 2)
+    }
+}
+
+/// A heap as the cache sees it: its control block and section address.
+#[derive(Clone, Copy)]
+pub(crate) struct HeapRef<'a> {
+    pub(crate) shared: &'a HeapShared,
+    pub(crate) section: *mut u8,
+    /// The section handle when the caller has one, for the heap's name in errors (looked up
+    /// only when an error is made: it is not free).
+    pub(crate) handle: Option<&'a crate::Section>,
+}
+
+impl<'a> HeapRef<'a> {
+    fn lock(&self) -> Result<Locked<'a>> {
+        // SAFETY: a HeapRef is built from a live heap handle or a validated ShmAlloc, whose
+        // section stays mapped while the caller uses it (the contract of `Locked::acquire`).
+        unsafe { Locked::acquire(self.shared, self.section, self.name()) }
+    }
+
+    pub(crate) fn name(&self) -> &'a str {
+        self.handle.map_or("(heap)", |s| s.name())
+    }
+
+    /// The allocator, for the two calls allowed without the lock (`cache_mark`/`cache_unmark`)
+    /// and read-only validation of a used block of our own.
+    fn unlocked(&self) -> Tlsf<'a> {
+        // SAFETY: as for `Locked::tlsf`: the block area starts AREA_OFFSET into the mapped
+        // section. Without the lock we only call `cache_probe`, `cache_mark` and
+        // `cache_unmark`, which the allocator documents as safe to run concurrently.
+        unsafe { Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize)) }
+    }
+}
+
+/// This thread's cache for one heap.
+struct LocalCache {
+    section: u64,
+    instance: u64,
+    pid: u32,
+    epoch: u64,
+    /// Index of our slot in the heap header; `store` is null when this thread has no slot
+    /// (all taken, or the heap too small for a store): then every call takes the lock.
+    slot: usize,
+    store: *const CacheStore,
+    shared: *const HeapShared,
+    bytes: u64,
+    budget: u64,
+}
+
+thread_local! {
+    static CACHES: RefCell<Vec<LocalCache>> = const { RefCell::new(Vec::new()) };
+}
+
+fn me() -> u64 {
+    (os::current_pid() as u64) << 32 | os::current_tid() as u64
+}
+
+impl LocalCache {
+    /// The store, with a lifetime chosen by the caller (it is shared memory, not ours): callers
+    /// use it only within one call.
+    fn store<'x>(&self) -> Option<&'x CacheStore> {
+        // SAFETY: `store` points at our slot's store block inside the heap, which stays
+        // allocated while we own the slot and mapped while the domain is attached (callers
+        // come through a live heap; `Drop` checks the unmap epoch first). CacheStore is
+        // atomics only, so shared references are sound.
+        (!self.store.is_null()).then(|| unsafe { &*self.store })
+    }
+
+    /// Serves a request of class `class` from the stock, refilling it if empty.
+    fn alloc(&mut self, h: &HeapRef<'_>, class: usize, commit: &mut dyn FnMut(u64) -> Result<()>) -> Result<u64> {
+        let store = self.store().expect("only called with a store");
+        // Relaxed: only this thread writes its store.
+        let n = store.counts[class].load(Ordering::Relaxed) as usize;
+        if n > 0 && n <= DEPTH {
+            let off = store.entries[class][n - 1].load(Ordering::Relaxed);
+            let unmarked = h.unlocked().cache_unmark(off);
+            // Release: the block leaves the list after it is unmarked (see "Crash consistency").
+            // A block whose header was trampled leaves the list too, with an error.
+            store.counts[class].store(n as u32 - 1, Ordering::Release);
+            unmarked.map_err(|e| map_tlsf(e, h.name()))?;
+            self.bytes = self.bytes.saturating_sub(class_payload(class));
+            return Ok(off);
+        }
+        if n > DEPTH {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("heap {:?}: a thread cache lists {n} blocks in one class (at most {DEPTH})", h.name()),
+            ));
+        }
+        // Refill: one lock for a batch; hand out the first block, park the rest.
+        let payload = class_payload(class);
+        let batch = (16384 / payload).clamp(1, DEPTH as u64 / 2) as usize;
+        let locked = h.lock()?;
+        let first = locked.alloc(payload, tlsf::ALIGN, h.name(), commit)?;
+        for _ in 1..batch {
+            let Ok(off) = locked.tlsf().alloc(payload, tlsf::ALIGN) else { break };
+            self.park(h, store, class, off)?;
+        }
+        Ok(first)
+    }
+
+    /// Lists block `off` in `class` and marks it parked.
+    fn park(&mut self, h: &HeapRef<'_>, store: &CacheStore, class: usize, off: u64) -> Result<()> {
+        // Relaxed: only this thread writes its store.
+        let n = store.counts[class].load(Ordering::Relaxed) as usize;
+        debug_assert!(n < DEPTH);
+        store.entries[class][n].store(off, Ordering::Relaxed);
+        // Release: the entry is written before the count covers it.
+        store.counts[class].store(n as u32 + 1, Ordering::Release);
+        if let Err(e) = h.unlocked().cache_mark(off) {
+            // Relaxed: our own store.
+            store.counts[class].store(n as u32, Ordering::Release);
+            return Err(map_tlsf(e, h.name()));
+        }
+        self.bytes += class_payload(class);
+        Ok(())
+    }
+
+    /// Frees block `off` (validated by `cache_probe`, serving `class`) into the stock.
+    fn free(&mut self, h: &HeapRef<'_>, off: u64, class: usize) -> Result<()> {
+        let store = self.store().expect("only called with a store");
+        // Relaxed: only this thread writes its store.
+        if store.counts[class].load(Ordering::Relaxed) as usize >= DEPTH {
+            self.give_back(h, store, Some(class), DEPTH / 2)?;
+        }
+        self.park(h, store, class, off)?;
+        if self.bytes > self.budget {
+            self.give_back(h, store, None, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Returns blocks to the allocator under the lock: down to `keep` in `class`, or in every
+    /// class when `class` is None. Each block leaves the list before it is freed.
+    fn give_back(&mut self, h: &HeapRef<'_>, store: &CacheStore, class: Option<usize>, keep: usize) -> Result<()> {
+        let locked = h.lock()?;
+        let classes = class.map_or(0..CLASSES, |c| c..c + 1);
+        for c in classes {
+            // Relaxed: our own store.
+            let mut n = (store.counts[c].load(Ordering::Relaxed) as usize).min(DEPTH);
+            while n > keep {
+                let off = store.entries[c][n - 1].load(Ordering::Relaxed);
+                n -= 1;
+                store.counts[c].store(n as u32, Ordering::Release);
+                self.bytes = self.bytes.saturating_sub(class_payload(c));
+                release_listed(&locked, off, h.name())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gives a block that was listed in a store back to the allocator (clearing `CACHED` if set).
+fn release_listed(locked: &Locked<'_>, off: u64, name: &str) -> Result<()> {
+    let t = locked.tlsf();
+    // A listed block may be unmarked (its owner died between listing and marking): fine.
+    let _ = t.cache_unmark(off);
+    t.free(off).map_err(|e| map_tlsf(e, name))
+}
+
+impl Drop for LocalCache {
+    fn drop(&mut self) {
+        // Thread exit (or a discarded cache): give the stock back, unless this process forked
+        // since (the slot is the parent's) or unmapped section memory since (the heap may be
+        // gone). In those cases the slot is reclaimed once its owner thread has exited.
+        // Relaxed: see `UNMAP_EPOCH`.
+        if self.store.is_null()
+            || self.pid != os::current_pid()
+            || self.epoch != crate::domain::UNMAP_EPOCH.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        // SAFETY: the heap is still mapped (no unmapping since the cache was made) and
+        // `shared` is its control block.
+        let shared = unsafe { &*self.shared };
+        let h = HeapRef { shared, section: self.section as *mut u8, handle: None };
+        // Relaxed: the instance is written once at creation.
+        if shared.instance.load(Ordering::Relaxed) != self.instance {
+            return;
+        }
+        let Some(store) = self.store() else { return };
+        if self.give_back(&h, store, None, 0).is_ok() {
+            if let Ok(_locked) = h.lock() {
+                // Relaxed: under the heap lock.
+                shared.caches[self.slot].owner.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Runs `f` with this thread's cache for heap `h`, claiming a slot on first use. None when
+/// the thread has no usable cache for it (no slot, TLS being destroyed, re-entered).
+fn with_cache<T>(h: &HeapRef<'_>, f: impl FnOnce(&mut LocalCache) -> T) -> Option<T> {
+    CACHES
+        .try_with(|caches| {
+            let mut caches = caches.try_borrow_mut().ok()?;
+            let section = h.section as u64;
+            let pid = os::current_pid();
+            // Relaxed: written once when the heap was created.
+            let instance = h.shared.instance.load(Ordering::Relaxed);
+            let i = match caches.iter().position(|c| c.section == section) {
+                Some(i) if caches[i].pid == pid && caches[i].instance == instance => i,
+                found => {
+                    if let Some(i) = found {
+                        // Stale (forked child, or another heap now at this address): forget it
+                        // without touching its slot.
+                        let mut stale = caches.swap_remove(i);
+                        stale.store = std::ptr::null();
+                    }
+                    caches.push(claim(h, instance));
+                    caches.len() - 1
+                }
+            };
+            let c = &mut caches[i];
+            if c.store.is_null() { None } else { Some(f(c)) }
+        })
+        .ok()
+        .flatten()
+}
+
+/// Claims a cache slot of heap `h` for this thread (reclaiming slots of exited threads on the
+/// way). The returned cache has no store when none could be had.
+fn claim(h: &HeapRef<'_>, instance: u64) -> LocalCache {
+    let mut cache = LocalCache {
+        section: h.section as u64,
+        instance,
+        pid: os::current_pid(),
+        // Relaxed: see `UNMAP_EPOCH`.
+        epoch: crate::domain::UNMAP_EPOCH.load(Ordering::Relaxed),
+        slot: 0,
+        store: std::ptr::null(),
+        shared: h.shared,
+        bytes: 0,
+        // Relaxed: frozen after creation.
+        budget: BUDGET.min(h.shared.reserved.load(Ordering::Relaxed) / 16),
+    };
+    let Ok(locked) = h.lock() else { return cache };
+    let _ = reclaim_dead(h, &locked, true);
+    let me = me();
+    // Relaxed: slots change under the heap lock, which we hold.
+    let Some(slot) = h.shared.caches.iter().position(|s| s.owner.load(Ordering::Relaxed) == 0) else {
+        return cache;
+    };
+    let s = &h.shared.caches[slot];
+    let mut off = s.store.load(Ordering::Relaxed);
+    if off == 0 {
+        let size = size_of::<CacheStore>() as u64;
+        let Ok(o) = locked.tlsf().alloc(size, tlsf::ALIGN) else { return cache };
+        let base = h.section as u64 + AREA_OFFSET;
+        // SAFETY: a fresh block of `size` bytes in the mapped heap, ours under the lock; all
+        // zero is an empty store.
+        unsafe { ((base + o) as *mut u8).write_bytes(0, size as usize) };
+        s.store.store(o, Ordering::Relaxed);
+        off = o;
+    }
+    // The store block must be a used block large enough (a corrupt header is refused).
+    match locked.tlsf().usable_size(off) {
+        Ok(n) if n >= size_of::<CacheStore>() as u64 => {}
+        _ => return cache,
+    }
+    s.owner.store(me, Ordering::Relaxed);
+    cache.slot = slot;
+    cache.store = (h.section as u64 + AREA_OFFSET + off) as *const CacheStore;
+    cache
+}
+
+/// Reclaims the slots whose owner thread is gone (and, with `mine`, the calling thread's own
+/// slot, whose cache it dropped): every block they list goes back to the allocator. Returns
+/// the blocks reclaimed.
+pub(crate) fn reclaim_dead(h: &HeapRef<'_>, locked: &Locked<'_>, mine: bool) -> Result<u64> {
+    let me = me();
+    let mut reclaimed = 0;
+    for s in &h.shared.caches {
+        // Relaxed: slots change under the heap lock, which we hold.
+        let owner = s.owner.load(Ordering::Relaxed);
+        if owner == 0 || (owner != me || !mine) && os::thread_alive((owner >> 32) as u32, owner as u32) {
+            continue;
+        }
+        let off = s.store.load(Ordering::Relaxed);
+        if off != 0 && locked.tlsf().usable_size(off).is_ok_and(|n| n >= size_of::<CacheStore>() as u64) {
+            // SAFETY: the store block lies in the mapped heap (validated just above) and its
+            // owner is gone, so only we (under the lock) touch it.
+            let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStore) };
+            for c in 0..CLASSES {
+                // Acquire: pairs with the owner's Release stores of the count.
+                let mut n = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
+                while n > 0 {
+                    let block = store.entries[c][n - 1].load(Ordering::Relaxed);
+                    n -= 1;
+                    store.counts[c].store(n as u32, Ordering::Relaxed);
+                    if release_listed(locked, block, h.name()).is_ok() {
+                        reclaimed += 1;
+                    }
+                }
+            }
+        }
+        s.owner.store(0, Ordering::Relaxed);
+    }
+    Ok(reclaimed)
+}
+
+/// Blocks and bytes held by the caches of the heap, the stores themselves included (under the
+/// lock; live owners change their stores meanwhile, so this is a snapshot).
+pub(crate) fn parked(h: &HeapRef<'_>, locked: &Locked<'_>) -> (u64, u64) {
+    let (mut blocks, mut bytes) = (0, 0);
+    for s in &h.shared.caches {
+        // Relaxed: a snapshot.
+        let off = s.store.load(Ordering::Relaxed);
+        let Some(size) = (off != 0).then(|| locked.tlsf().usable_size(off).ok()).flatten() else { continue };
+        if size < size_of::<CacheStore>() as u64 {
+            continue;
+        }
+        blocks += 1;
+        bytes += size + tlsf::HEADER;
+        if s.owner.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        // SAFETY: the store block lies in the mapped heap (validated above); we only read it.
+        let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStore) };
+        for c in 0..CLASSES {
+            let n = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
+            for e in &store.entries[c][..n] {
+                if let Ok(size) = locked.tlsf().block_size(e.load(Ordering::Relaxed)) {
+                    blocks += 1;
+                    bytes += size;
+                }
+            }
+        }
+    }
+    (blocks, bytes)
+}
+
+/// Allocates `size` bytes aligned to `align` from heap `h`, from this thread's cache when it
+/// can. Returns the payload's offset in the block area.
+pub(crate) fn alloc(h: &HeapRef<'_>, size: u64, align: u64, commit: &mut dyn FnMut(u64) -> Result<()>) -> Result<u64> {
+    if size != 0 && size <= MAX_CACHED && align <= tlsf::ALIGN {
+        let class = class_for_request(size);
+        if let Some(r) = with_cache(h, |c| c.alloc(h, class, commit)) {
+            return r;
+        }
+    }
+    h.lock()?.alloc(size, align, h.name(), commit)
+}
+
+/// Frees the block at payload offset `off` of heap `h`, into this thread's cache when it can.
+pub(crate) fn free(h: &HeapRef<'_>, off: u64) -> Result<()> {
+    // Only blocks of a cached class go through the cache (no slot is claimed for others).
+    let probe = h.unlocked().cache_probe(off, MAX_CACHED + MAX_CACHED / 4).map_err(|e| map_tlsf(e, h.name()))?;
+    if let Some(class) = probe.and_then(class_for_block) {
+        if let Some(r) = with_cache(h, |c| c.free(h, off, class)) {
+            return r;
+        }
+    }
+    h.lock()?.free(off, h.name())
+}
+
+/// Gives this thread's stock back, leaves its slot, and frees the stores of all free slots,
+/// so that nothing of the caches pins memory (for `trim`). Dead threads' slots are reclaimed
+/// first.
+pub(crate) fn release_all(h: &HeapRef<'_>) -> Result<()> {
+    let section = h.section as u64;
+    let _ = CACHES.try_with(|caches| {
+        if let Ok(mut caches) = caches.try_borrow_mut() {
+            // Forget our cache without its `Drop`; its slot is reclaimed just below, as ours.
+            for c in caches.iter_mut().filter(|c| c.section == section) {
+                c.store = std::ptr::null();
+            }
+            caches.retain(|c| c.section != section);
+        }
+    });
+    let locked = h.lock()?;
+    reclaim_dead(h, &locked, true)?;
+    for s in &h.shared.caches {
+        // Relaxed: slots change under the heap lock, which we hold.
+        let off = s.store.load(Ordering::Relaxed);
+        if s.owner.load(Ordering::Relaxed) == 0 && off != 0 {
+            s.store.store(0, Ordering::Relaxed);
+            locked.free(off, h.name())?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives this thread's stock for heap `h` back to the allocator.
+pub(crate) fn flush(h: &HeapRef<'_>) -> Result<()> {
+    with_cache(h, |c| {
+        let Some(store) = c.store() else { return Ok(()) };
+        c.give_back(h, store, None, 0)
+    })
+    .unwrap_or(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_cover_requests_and_blocks_consistently() {
+        for size in 1..=MAX_CACHED {
+            let c = class_for_request(size);
+            assert!(c < CLASSES, "{size}");
+            assert!(class_payload(c) >= size, "{size} -> class {c} of {}", class_payload(c));
+            if c > 0 {
+                assert!(class_payload(c - 1) < size.max(16), "{size}: a smaller class would do");
+            }
+            // A block made for class c serves class c again when freed.
+            assert_eq!(class_for_block(class_payload(c)), Some(c));
+        }
+        for usable in (16..=MAX_CACHED * 2).step_by(16) {
+            if let Some(c) = class_for_block(usable) {
+                assert!(class_payload(c) <= usable);
+                assert!(c + 1 == CLASSES || class_payload(c + 1) > usable);
+            } else {
+                assert!(usable > MAX_CACHED);
+            }
+        }
+        assert_eq!(class_payload(CLASSES - 1), MAX_CACHED);
+    }
+}
