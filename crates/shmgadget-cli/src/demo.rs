@@ -98,11 +98,24 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
             }
         }
     }
+    if result.is_ok() {
+        println!(
+            "\nnext: one process streams {QUEUE_MESSAGES} messages of {QUEUE_MSG} bytes to another through a queue\n"
+        );
+        let children = [worker("qrecv", 0).spawn()?, worker("qsend", 0).spawn()?];
+        for mut child in children {
+            let status = child.wait()?;
+            if !status.success() {
+                result = Err(format!("a queue process failed ({status})").into());
+            }
+        }
+    }
     // Clean up whatever happened: delete the section; the registry goes with the last detach.
     let opts = DomainOptions { must_exist: true, ..options(shm_dir) };
     if let Ok(d) = Domain::attach_with(&domain, &opts) {
         let _ = d.delete_section(SECTION);
         let _ = d.delete_section(HEAP);
+        let _ = d.delete_section(QUEUE);
         d.detach()?;
     }
     if result.is_ok() {
@@ -128,6 +141,8 @@ pub fn worker(
         "walk" => walk(domain, shm_dir),
         "insert" => insert(domain, shm_dir, index),
         "lookup" => lookup(domain, shm_dir),
+        "qsend" => queue_send(domain, shm_dir),
+        "qrecv" => queue_recv(domain, shm_dir),
         other => Err(format!("unknown demo role {other:?}").into()),
     }
 }
@@ -276,4 +291,54 @@ fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::e
     );
     d.detach()?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+const QUEUE: &str = "demo.queue";
+const QUEUE_MESSAGES: u64 = 2_000_000;
+const QUEUE_MSG: usize = 64;
+
+fn queue_send(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let d = Domain::attach_with(domain, &options(shm_dir))?;
+    let (q, _) = shmgadget::queue::ByteQueue::create_or_open(&d, QUEUE, 1 << 20)?;
+    let mut tx = q.sender()?;
+    let mut msg = [0u8; QUEUE_MSG];
+    for i in 0..QUEUE_MESSAGES {
+        msg[..8].copy_from_slice(&i.to_le_bytes());
+        tx.send(&msg)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn queue_recv(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let d = Domain::attach_with(domain, &options(shm_dir))?;
+    let (q, _) = shmgadget::queue::ByteQueue::create_or_open(&d, QUEUE, 1 << 20)?;
+    let mut rx = q.receiver()?;
+    let mut next = 0u64;
+    let mut started = None;
+    loop {
+        match rx.recv() {
+            Ok(m) => {
+                started.get_or_insert_with(Instant::now);
+                let i = u64::from_le_bytes(m[..8].try_into()?);
+                if i != next || m.len() != QUEUE_MSG {
+                    return Err(format!("message {i} ({} bytes) arrived where {next} was due", m.len()).into());
+                }
+                next += 1;
+            }
+            Err(e) if e.kind() == shmgadget::ErrorKind::Disconnected => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let secs = started.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(1e-9);
+    println!(
+        "[receiver pid {}] {next} messages in order in {:.1} ms: {:.1} M messages/s ({:.0} MB/s), then the sender left",
+        std::process::id(),
+        secs * 1e3,
+        next as f64 / secs / 1e6,
+        (next * QUEUE_MSG as u64) as f64 / secs / 1e6
+    );
+    if next != QUEUE_MESSAGES {
+        return Err(format!("received {next} of {QUEUE_MESSAGES} messages").into());
+    }
+    Ok(ExitCode::SUCCESS)
 }

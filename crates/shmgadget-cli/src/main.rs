@@ -63,7 +63,7 @@ enum Command {
         #[arg(long, value_parser = parse_size)]
         commit: Option<u64>,
         /// What the section holds: raw bytes, or a shared heap.
-        #[arg(long, default_value = "raw", value_parser = ["raw", "heap"])]
+        #[arg(long, default_value = "raw", value_parser = ["raw", "heap", "queue"])]
         kind: String,
     },
     /// Show a heap: statistics, named objects, and optionally its blocks or a full check.
@@ -151,6 +151,16 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
         Command::Heap { name, blocks, check } => return cmd_heap(cli, name, *blocks, *check),
+        Command::Create { name, size, kind, .. } if kind == "queue" => {
+            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
+            let q = shmgadget::queue::ByteQueue::create(&domain, name, *size)?;
+            println!(
+                "created byte queue {name:?} in domain {:?}: {} ring, messages up to {} bytes",
+                cli.domain,
+                format_size(q.capacity()),
+                q.max_message()
+            );
+        }
         Command::Create { name, size, transient, mode, commit, .. } => {
             let domain = Domain::attach_with(&cli.domain, &options(cli))?;
             let mut opts = SectionOptions::new().mode(*mode).kind(SectionKind::Raw);
@@ -289,7 +299,43 @@ fn cmd_ls(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         t.add_row(section_row(s));
     }
     println!("{t}");
+    for s in report.sections.iter().filter(|s| s.kind == SectionKind::Queue) {
+        if let Some(q) = queue_info(cli, &s.name) {
+            println!("queue {}: {}", s.name, describe_queue(&q));
+        }
+    }
     Ok(())
+}
+
+/// A queue section's live state, if it can be read.
+fn queue_info(cli: &Cli, name: &str) -> Option<shmgadget::queue::QueueInfo> {
+    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) }).ok()?;
+    let section = domain.open_section(name).ok()?;
+    shmgadget::queue::inspect(&section).ok()
+}
+
+fn describe_queue(q: &shmgadget::queue::QueueInfo) -> String {
+    let peers = |v: &[(u32, bool)]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.iter()
+                .map(|(p, alive)| format!("{p}{}", if *alive { "" } else { " (dead)" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let unit = if q.kind == "bytes" { "bytes" } else { "messages" };
+    format!(
+        "{} queue, {} of {} {unit} waiting, {} sent, {} received; senders: {}; receivers: {}",
+        q.kind,
+        q.fill,
+        q.capacity,
+        q.sent,
+        q.received,
+        peers(&q.senders),
+        peers(&q.receivers)
+    )
 }
 
 fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
@@ -301,8 +347,13 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     };
+    let queue = if s.kind == SectionKind::Queue { queue_info(cli, name) } else { None };
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(s)?);
+        let mut v = serde_json::to_value(s)?;
+        if let Some(q) = &queue {
+            v["queue"] = serde_json::to_value(q)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let lifetime = match s.lifetime {
@@ -326,6 +377,9 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
     ];
     for (k, v) in rows {
         println!("{k:>15}  {v}");
+    }
+    if let Some(q) = &queue {
+        println!("{:>15}  {}", "queue", describe_queue(q));
     }
     Ok(())
 }

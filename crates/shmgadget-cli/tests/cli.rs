@@ -30,6 +30,7 @@ fn demo_walks_the_builders_pointers_in_a_second_process_and_cleans_up() {
     assert!(text.contains("followed 100000 pointers") && text.contains("OK (matches"), "{text}");
     assert!(text.contains("mapped on first touch, no explicit open"), "the walker never opens the section: {text}");
     assert!(text.contains("found 60000 of 60000 keys"), "several processes filled one shared map: {text}");
+    assert!(text.contains("2000000 messages in order") && text.contains("M messages/s"), "queue phase: {text}");
     let demo_domain = text.split("domain \"").nth(1).unwrap().split('"').next().unwrap();
     assert!(leftovers(&format!("shmgadget.{demo_domain}:")).is_empty());
 }
@@ -182,5 +183,22 @@ fn heap_lists_named_sync_objects_with_their_state_and_a_dead_mutex_owner() {
     drop(heap);
     d.delete_section("objs").unwrap();
     d.detach().unwrap();
+    assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
+}
+
+#[test]
+fn a_queue_is_created_listed_and_inspected() {
+    let domain = format!("cli-q-{}", std::process::id());
+    let d = ["--domain", domain.as_str()];
+    let out = shmgadget(&[&d[..], &["create", "q", "--kind", "queue", "--size", "64K"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = shmgadget(&[&d[..], &["info", "q", "--json"]].concat());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "queue");
+    assert_eq!(v["queue"]["capacity"], 65536);
+    assert_eq!(v["queue"]["fill"], 0);
+    let text = stdout(&shmgadget(&[&d[..], &["ls"]].concat()));
+    assert!(text.contains("queue q: bytes queue, 0 of 65536 bytes waiting"), "{text}");
+    assert!(shmgadget(&[&d[..], &["rm", "q"]].concat()).status.success());
     assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
 }

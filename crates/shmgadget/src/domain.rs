@@ -504,6 +504,22 @@ impl Domain {
             .map_err(|e| Error::from_io("cannot unmap", e))
     }
 
+    /// This process's peer token: its registry slot and pid, never 0. Shared objects record it
+    /// to say "this process is attached here" (queue peers).
+    pub(crate) fn peer_token(&self) -> u64 {
+        (self.inner.proc_slot as u64 + 1) << 32 | os::current_pid() as u64
+    }
+
+    /// Whether the process that recorded `token` is still attached and alive (its liveness token
+    /// in the registry is held). 0 is nobody.
+    pub(crate) fn peer_alive(&self, token: u64) -> bool {
+        if token == 0 {
+            return false;
+        }
+        let (slot, pid) = ((token >> 32) as u32 - 1, token as u32);
+        self.inner.registry.proc_alive(slot, pid, self.inner.proc_slot)
+    }
+
     /// The processes attached to the domain, with their liveness.
     pub fn processes(&self) -> Vec<crate::inspect::ProcessInfo> {
         self.inner

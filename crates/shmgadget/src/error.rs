@@ -38,6 +38,10 @@ pub enum ErrorKind {
     Destroyed,
     /// A lock's previous holder died while holding it (the data may need repair).
     OwnerDied,
+    /// A queue is full (a non-blocking send) or empty (a non-blocking receive).
+    WouldBlock,
+    /// The other side of a queue is gone: every sender (or every receiver) detached or died.
+    Disconnected,
     /// Any other operating-system error.
     Os,
 }

@@ -53,6 +53,7 @@ pub mod heap;
 pub mod inspect;
 mod names;
 mod os;
+pub mod queue;
 mod registry;
 mod section;
 mod shm_safe;

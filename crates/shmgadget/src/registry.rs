@@ -807,6 +807,20 @@ impl Registry {
             .collect()
     }
 
+    /// Whether the process entry `slot` is in use by `pid` and that process is alive (holds its
+    /// liveness token). `own_slot` counts as alive.
+    pub fn proc_alive(&self, slot: u32, pid: u32, own_slot: u32) -> bool {
+        if slot >= self.max_procs {
+            return false;
+        }
+        let p = self.proc_entry(slot);
+        // Relaxed: informational fields; liveness comes from the kernel's lock table.
+        if p.state.load(Ordering::Relaxed) == 0 || p.pid.load(Ordering::Relaxed) != pid {
+            return false;
+        }
+        slot == own_slot || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true)
+    }
+
     /// Takes the registry lock, repairing the registry first if the previous holder died.
     pub fn lock(&self) -> Result<RegistryGuard<'_>> {
         let outcome = self.header().lock.lock().map_err(|e| {

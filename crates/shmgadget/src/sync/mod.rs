@@ -35,7 +35,7 @@ mod condvar;
 mod event;
 mod mutex;
 mod semaphore;
-mod shim;
+pub(crate) mod shim;
 
 pub use condvar::Condvar;
 pub use event::{Event, EventMode};

@@ -1,0 +1,475 @@
+//! Message queues between processes: a byte queue (one sender, one receiver, variable-size
+//! messages read in place) and a slot queue (many senders, many receivers, fixed-size values).
+//!
+//! Both are sections of kind `queue`, created and opened by name like any other section, with a
+//! 4 KiB header followed by the ring:
+//! ```text
+//! line 0   constant: magic, layout version, fingerprint, ready, kind, capacity, element size
+//! line 1   written by senders only:   write position (monotonic), messages sent
+//! line 2   written by receivers only: read position (monotonic), messages received
+//! line 3   eventcounts: data_seq/data_waiters (receivers sleep), space_seq/space_waiters
+//! peers    who is attached on each side (domain peer tokens), and what each is in the middle of
+//! 4096     the ring
+//! ```
+//! Each side writes its own cache line and reads the other's only when its cached copy says the
+//! ring is empty (or full), so a busy queue moves one line per batch, not per message, and the
+//! cost of a message does not depend on the ring's size.
+//!
+//! # Blocking without burning CPU (an eventcount)
+//! A waiter spins a little, then counts itself in `*_waiters`, issues a SeqCst fence, reads
+//! `*_seq`, re-checks its condition, and sleeps on the shared futex `*_seq` only if the
+//! condition still fails. A side that makes progress publishes its position, issues a SeqCst
+//! fence, and only if `*_waiters` is non-zero bumps `*_seq` and wakes: no system call when
+//! nobody sleeps. The two fences make a Dekker pair: either the waiter sees the new position, or
+//! the waker sees the waiter (and its bump makes the futex wait return at once). A spin-only
+//! mode never sleeps, for users who dedicate cores.
+//!
+//! # Peers
+//! A sender or receiver handle records the process's peer token (registry slot + pid) in the
+//! header. A receiver that finds the ring empty, once a sender has been seen, and no sender
+//! token alive, reports [`ErrorKind::Disconnected`](crate::ErrorKind::Disconnected) after
+//! draining what is left; a sender does the same for receivers. Sleepers wake at least every
+//! 50 ms to check liveness, because a killed peer cannot wake them.
+
+mod ring;
+mod slots;
+
+pub use ring::{ByteQueue, ByteReceiver, ByteSender, Message};
+pub use slots::{SlotQueue, SlotReceiver, SlotSender};
+
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::sync::shim::{AtomicU32, AtomicU64, Ordering, fence, futex_wait, futex_wake};
+
+/// How many times a waiter checks before it sleeps (a few microseconds; once under loom).
+#[cfg(not(loom))]
+const SPINS: u32 = 2000;
+#[cfg(loom)]
+const SPINS: u32 = 1;
+
+/// Where the ring starts in a queue section.
+pub const DATA_OFFSET: u64 = 4096;
+/// Senders (or receivers) a slot queue tracks at once.
+pub const MAX_PEERS: usize = 64;
+const MAGIC: u64 = u64::from_le_bytes(*b"SHMQUEU1");
+const LAYOUT_VERSION: u32 = 1;
+const READY: u32 = 0x5155_4555; // "QUEU"
+const KIND_BYTES: u32 = 1;
+const KIND_SLOTS: u32 = 2;
+/// Longest a sleeper sleeps before it checks that its peers are alive.
+const LIVENESS_PERIOD: Duration = Duration::from_millis(50);
+/// A peer that is doing nothing that others must repair.
+const IDLE: u64 = u64::MAX;
+
+/// How a blocked sender or receiver waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WaitMode {
+    /// Spin briefly, then sleep on a shared futex (no CPU while waiting).
+    #[default]
+    Blocking,
+    /// Spin until the condition holds or the timeout expires: lowest latency, one busy core.
+    Spin,
+}
+
+#[repr(C, align(128))]
+struct Constant {
+    magic: AtomicU64,
+    layout_version: AtomicU32,
+    fingerprint: AtomicU32,
+    ready: AtomicU32,
+    kind: AtomicU32,
+    /// Ring bytes (byte queue) or slots (slot queue); a power of two.
+    capacity: AtomicU64,
+    /// Bytes per slot (slot queue), 0 for a byte queue.
+    slot_size: AtomicU64,
+    /// Size and alignment of the element type (slot queue), for checking opens.
+    elem: AtomicU64,
+}
+
+#[repr(C, align(128))]
+struct Side {
+    /// Monotonic position: bytes written/read (byte queue) or slots claimed (slot queue).
+    pos: AtomicU64,
+    /// Messages sent/received.
+    count: AtomicU64,
+}
+
+#[repr(C, align(128))]
+struct Events {
+    data_seq: AtomicU32,
+    data_waiters: AtomicU32,
+    space_seq: AtomicU32,
+    space_waiters: AtomicU32,
+}
+
+#[repr(C)]
+struct Peer {
+    /// The attached process's peer token, 0 when the entry is free.
+    token: AtomicU64,
+    /// The position this peer has claimed but not finished (slot queue), or `IDLE`.
+    inflight: AtomicU64,
+}
+
+#[repr(C)]
+struct PeerTable {
+    /// Set once a peer of this side has ever attached.
+    seen: AtomicU32,
+    _pad: AtomicU32,
+    peers: [Peer; MAX_PEERS],
+}
+
+/// The header at the start of every queue section.
+#[repr(C)]
+pub(crate) struct QueueHeader {
+    constant: Constant,
+    send: Side,
+    recv: Side,
+    events: Events,
+    senders: PeerTable,
+    receivers: PeerTable,
+}
+
+const _: () = assert!(size_of::<QueueHeader>() as u64 <= DATA_OFFSET);
+
+const FINGERPRINT: u32 = {
+    let parts = [
+        size_of::<QueueHeader>() as u64,
+        std::mem::offset_of!(QueueHeader, events) as u64,
+        std::mem::offset_of!(QueueHeader, senders) as u64,
+        MAX_PEERS as u64,
+        DATA_OFFSET,
+    ];
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < parts.len() {
+        h = (h ^ parts[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    (h ^ (h >> 32)) as u32
+};
+
+impl QueueHeader {
+    #[cfg(any(test, loom))]
+    fn new() -> Self {
+        fn side() -> Side {
+            Side { pos: AtomicU64::new(0), count: AtomicU64::new(0) }
+        }
+        fn table() -> PeerTable {
+            PeerTable {
+                seen: AtomicU32::new(0),
+                _pad: AtomicU32::new(0),
+                peers: std::array::from_fn(|_| Peer { token: AtomicU64::new(0), inflight: AtomicU64::new(IDLE) }),
+            }
+        }
+        QueueHeader {
+            constant: Constant {
+                magic: AtomicU64::new(0),
+                layout_version: AtomicU32::new(0),
+                fingerprint: AtomicU32::new(0),
+                ready: AtomicU32::new(0),
+                kind: AtomicU32::new(0),
+                capacity: AtomicU64::new(0),
+                slot_size: AtomicU64::new(0),
+                elem: AtomicU64::new(0),
+            },
+            send: side(),
+            recv: side(),
+            events: Events {
+                data_seq: AtomicU32::new(0),
+                data_waiters: AtomicU32::new(0),
+                space_seq: AtomicU32::new(0),
+                space_waiters: AtomicU32::new(0),
+            },
+            senders: table(),
+            receivers: table(),
+        }
+    }
+
+    /// Writes the constant part and publishes the header (the creator, before anyone else
+    /// can see the queue).
+    fn init(&self, kind: u32, capacity: u64, slot_size: u64, elem: u64) {
+        let c = &self.constant;
+        // Relaxed: published by the Release store of `ready`.
+        c.kind.store(kind, Ordering::Relaxed);
+        c.capacity.store(capacity, Ordering::Relaxed);
+        c.slot_size.store(slot_size, Ordering::Relaxed);
+        c.elem.store(elem, Ordering::Relaxed);
+        for t in [&self.senders, &self.receivers] {
+            for p in &t.peers {
+                p.inflight.store(IDLE, Ordering::Relaxed);
+            }
+        }
+        c.magic.store(MAGIC, Ordering::Relaxed);
+        c.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        c.fingerprint.store(FINGERPRINT, Ordering::Relaxed);
+        // Release: pairs with the Acquire in `validate`.
+        c.ready.store(READY, Ordering::Release);
+    }
+
+    /// Checks an opened header; returns (kind, capacity, slot size, elem).
+    fn validate(&self, name: &str, ring_bytes: u64) -> Result<(u32, u64, u64, u64)> {
+        let c = &self.constant;
+        let deadline = Instant::now() + crate::sync::INIT_WAIT;
+        // Acquire: pairs with the Release in `init`.
+        while c.ready.load(Ordering::Acquire) != READY {
+            if Instant::now() > deadline {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "queue {name:?} was never initialised (its creator died); delete it with `shmgadget rm {name}`"
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Relaxed: frozen, made visible by the Acquire above.
+        let (magic, version, fp) = (
+            c.magic.load(Ordering::Relaxed),
+            c.layout_version.load(Ordering::Relaxed),
+            c.fingerprint.load(Ordering::Relaxed),
+        );
+        if magic != MAGIC || version != LAYOUT_VERSION || fp != FINGERPRINT {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "queue {name:?} has header magic {magic:#x} / version {version} / fingerprint {fp:#x}, expected {MAGIC:#x} / {LAYOUT_VERSION} / {FINGERPRINT:#x}"
+                ),
+            ));
+        }
+        let (kind, cap, slot, elem) = (
+            c.kind.load(Ordering::Relaxed),
+            c.capacity.load(Ordering::Relaxed),
+            c.slot_size.load(Ordering::Relaxed),
+            c.elem.load(Ordering::Relaxed),
+        );
+        let bytes = if kind == KIND_SLOTS { cap.checked_mul(slot) } else { Some(cap) };
+        if !cap.is_power_of_two() || !matches!(kind, KIND_BYTES | KIND_SLOTS) || bytes.is_none_or(|b| b > ring_bytes) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "queue {name:?} records kind {kind}, capacity {cap}, slot size {slot}, which do not fit its section"
+                ),
+            ));
+        }
+        Ok((kind, cap, slot, elem))
+    }
+}
+
+/// Claims a free entry of `table` for `token` (reusing entries of dead peers).
+fn attach_peer(table: &PeerTable, token: u64, max: usize, alive: &dyn Fn(u64) -> bool) -> Option<usize> {
+    for (i, p) in table.peers.iter().enumerate().take(max) {
+        // Relaxed: the CAS decides; the entry carries no data besides itself.
+        let cur = p.token.load(Ordering::Relaxed);
+        if (cur == 0 || !alive(cur))
+            && p.token.compare_exchange(cur, token, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        {
+            p.inflight.store(IDLE, Ordering::Relaxed);
+            // Relaxed: a flag read together with the tokens.
+            table.seen.store(1, Ordering::Release);
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Whether a side has ever had a peer, and none of its peers is alive now. With `thorough`
+/// false only the tokens are read (no system call): a killed peer still counts as alive.
+fn side_gone(table: &PeerTable, thorough: bool, alive: &dyn Fn(u64) -> bool) -> bool {
+    // Acquire: pairs with the Release in `attach_peer`.
+    if table.seen.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    !table.peers.iter().any(|p| {
+        // Acquire: pairs with the Release that clears a leaving peer's token, so a caller that
+        // sees the peer gone then sees everything the peer published before leaving.
+        let t = p.token.load(Ordering::Acquire);
+        t != 0 && (!thorough || alive(t))
+    })
+}
+
+/// The attached peers of a side (tokens), for inspection.
+fn peers_of(table: &PeerTable) -> Vec<u64> {
+    // Relaxed: a snapshot.
+    table.peers.iter().map(|p| p.token.load(Ordering::Relaxed)).filter(|&t| t != 0).collect()
+}
+
+/// Waits until `attempt` returns `Some` (or an error), as described in the module docs.
+/// `attempt(thorough)` must be cheap when `thorough` is false; it is true just before the
+/// waiter sleeps and after each wake-up (then it may check peer liveness).
+fn wait_until<T>(
+    seq: &AtomicU32,
+    waiters: &AtomicU32,
+    mode: WaitMode,
+    timeout: Option<Duration>,
+    mut attempt: impl FnMut(bool) -> Result<Option<T>>,
+) -> Result<T> {
+    for _ in 0..SPINS {
+        if let Some(v) = attempt(false)? {
+            return Ok(v);
+        }
+        std::hint::spin_loop();
+    }
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let expired = || deadline.is_some_and(|d| Instant::now() >= d);
+    let timed_out = || Error::new(ErrorKind::Timeout, format!("queue wait timed out after {timeout:?}"));
+    if mode == WaitMode::Spin {
+        let mut i = 0u32;
+        loop {
+            i = i.wrapping_add(1);
+            let thorough = i % 4096 == 0;
+            if let Some(v) = attempt(thorough)? {
+                return Ok(v);
+            }
+            if i % 256 == 0 && expired() {
+                return Err(timed_out());
+            }
+            std::hint::spin_loop();
+        }
+    }
+    loop {
+        // SeqCst (+ fence): the waiter's half of the Dekker pair (see the module docs).
+        waiters.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let s = seq.load(Ordering::SeqCst);
+        let r = attempt(true);
+        if !matches!(r, Ok(None)) {
+            waiters.fetch_sub(1, Ordering::SeqCst);
+            return r.map(|v| v.expect("matched Some"));
+        }
+        let mut nap = LIVENESS_PERIOD;
+        if let Some(d) = deadline {
+            let now = Instant::now();
+            if now >= d {
+                waiters.fetch_sub(1, Ordering::SeqCst);
+                return Err(timed_out());
+            }
+            nap = nap.min(d - now);
+        }
+        let slept = futex_wait(seq, s, Some(nap));
+        waiters.fetch_sub(1, Ordering::SeqCst);
+        slept.map_err(|e| Error::from_io("cannot wait on a queue", e))?;
+    }
+}
+
+/// The waker's half: after publishing progress, wakes sleepers if there are any.
+#[inline]
+fn wake(seq: &AtomicU32, waiters: &AtomicU32, n: u32) {
+    fence(Ordering::SeqCst);
+    // Relaxed: ordered by the fence above (Dekker pair with `wait_until`).
+    if waiters.load(Ordering::Relaxed) > 0 {
+        seq.fetch_add(1, Ordering::SeqCst);
+        futex_wake(seq, n);
+    }
+}
+
+/// The address of a heap block in flight through a queue ([`SlotQueue<BlockAddr>`]): the
+/// sender gives the block up, the receiver takes it over. Nothing is copied, whatever the
+/// block's size: the block is at the same address in every process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct BlockAddr(u64);
+
+// SAFETY: an address inside the domain's window, the same number in every process.
+unsafe impl crate::ShmSafe for BlockAddr {}
+
+impl BlockAddr {
+    /// Gives up `b` (it is not dropped here) for sending.
+    pub fn from_box<T>(b: crate::heap::ShmBox<T>) -> BlockAddr {
+        let (p, _alloc) = crate::heap::ShmBox::into_raw_with_allocator(b);
+        BlockAddr(p as u64)
+    }
+
+    /// The block's address.
+    pub fn addr(self) -> u64 {
+        self.0
+    }
+
+    /// Takes over the block as a box of `T` in `alloc`'s heap.
+    ///
+    /// # Safety
+    /// The address must come from [`from_box`](BlockAddr::from_box) of a `ShmBox<T>` of the same
+    /// heap, received exactly once (no other process keeps using the block).
+    pub unsafe fn into_box<T>(self, alloc: crate::heap::ShmAlloc) -> crate::heap::ShmBox<T> {
+        // SAFETY: forwarded from the caller: a live, uniquely owned T allocated by `alloc`'s heap.
+        unsafe { crate::heap::ShmBox::from_raw_in(self.0 as *mut T, alloc) }
+    }
+}
+
+/// What `shmgadget ls`/`info` show for a queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueInfo {
+    /// `"bytes"` (one sender, one receiver) or `"slots"` (many of each).
+    pub kind: &'static str,
+    /// Ring bytes (byte queue) or slots (slot queue).
+    pub capacity: u64,
+    /// Bytes (byte queue) or messages (slot queue) waiting now.
+    pub fill: u64,
+    /// Messages sent so far.
+    pub sent: u64,
+    /// Messages received so far.
+    pub received: u64,
+    /// Pids of attached senders, with liveness.
+    pub senders: Vec<(u32, bool)>,
+    /// Pids of attached receivers, with liveness.
+    pub receivers: Vec<(u32, bool)>,
+}
+
+/// Reads a queue section's state (for inspection).
+pub fn inspect(section: &crate::Section) -> Result<QueueInfo> {
+    if section.kind() != crate::SectionKind::Queue {
+        return Err(Error::new(ErrorKind::InvalidArgument, format!("section {:?} is not a queue", section.name())));
+    }
+    let h = header_of(section)?;
+    let (kind, cap, _, _) = h.validate(section.name(), section.len() as u64 - DATA_OFFSET)?;
+    let d = section.domain();
+    let peers = |t: &PeerTable| peers_of(t).into_iter().map(|tok| (tok as u32, d.peer_alive(tok))).collect();
+    // Relaxed: a snapshot.
+    let (w, r) = (h.send.pos.load(Ordering::Relaxed), h.recv.pos.load(Ordering::Relaxed));
+    Ok(QueueInfo {
+        kind: if kind == KIND_BYTES { "bytes" } else { "slots" },
+        capacity: cap,
+        fill: w.saturating_sub(r),
+        sent: h.send.count.load(Ordering::Relaxed),
+        received: h.recv.count.load(Ordering::Relaxed),
+        senders: peers(&h.senders),
+        receivers: peers(&h.receivers),
+    })
+}
+
+fn header_of(section: &crate::Section) -> Result<&QueueHeader> {
+    if (section.len() as u64) < DATA_OFFSET * 2 {
+        return Err(Error::new(ErrorKind::Corrupt, format!("queue {:?} is too small", section.name())));
+    }
+    // SAFETY: the section is mapped for as long as `section` lives, page-aligned and at least
+    // DATA_OFFSET bytes; QueueHeader is atomics only, so any bytes are a valid value and a
+    // shared reference is sound.
+    Ok(unsafe { &*section.as_ptr().cast::<QueueHeader>() })
+}
+
+fn queue_section(
+    domain: &crate::Domain,
+    name: &str,
+    ring: u64,
+    create: Option<bool>,
+) -> Result<(crate::Section, bool)> {
+    let size = DATA_OFFSET
+        .checked_add(ring)
+        .ok_or_else(|| Error::new(ErrorKind::InvalidSize, format!("queue {name:?}: {ring} bytes is too large")))?;
+    let opts = crate::SectionOptions::new().kind(crate::SectionKind::Queue);
+    let (section, created) = match create {
+        Some(true) => (domain.create_section(name, size, &opts)?, true),
+        Some(false) => domain.create_or_open_section(name, size, &opts)?,
+        None => (domain.open_section(name)?, false),
+    };
+    if section.kind() != crate::SectionKind::Queue {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("section {name:?} is a {} section, not a queue", section.kind().as_str()),
+        ));
+    }
+    if created {
+        section.commit(section.len() as u64)?;
+    }
+    Ok((section, created))
+}

@@ -1,0 +1,533 @@
+//! The byte queue: one sender, one receiver, variable-size messages in a ring of bytes.
+//!
+//! # Protocol
+//! `send.pos` (bytes written) and `recv.pos` (bytes read) only grow; each is written by one
+//! side. A message is a record `[len: u32, 0: u32][payload][padding to 8]`; a record never
+//! wraps: if it does not fit before the end of the ring, the sender writes a wrap marker
+//! (`len = u32::MAX`) and starts the record at offset 0. So the receiver reads every message
+//! in place, as one slice, and a message may be up to half the ring.
+//!
+//! The sender writes the record, then publishes `send.pos` (Release); the receiver Acquires
+//! it, reads the record, then publishes `recv.pos` (Release), which gives the space back. Each
+//! side keeps its own position and a cached copy of the other's, which it refreshes only when
+//! the ring looks full (or empty). A sender killed mid-message never published it: the
+//! receiver sees every message that was sent completely and nothing else.
+
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use super::{
+    DATA_OFFSET, KIND_BYTES, QueueHeader, WaitMode, attach_peer, header_of, queue_section, side_gone, wait_until, wake,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::sync::shim::Ordering;
+
+const WRAP: u32 = u32::MAX;
+const REC_HEADER: u64 = 8;
+
+/// A byte queue (one sender and one receiver at a time; any processes). Create or open it by
+/// name, then take its [`sender`](ByteQueue::sender) in one process and its
+/// [`receiver`](ByteQueue::receiver) in another.
+pub struct ByteQueue {
+    hdr: NonNull<QueueHeader>,
+    data: *mut u8,
+    cap: u64,
+    section: Option<crate::Section>,
+    #[cfg(any(test, loom))]
+    _mem: Option<(Box<QueueHeader>, Vec<u64>)>,
+}
+
+// SAFETY: the header is atomics; the ring bytes are written only by the one sender and read by
+// the one receiver, ordered by the Release/Acquire positions; handles are per side.
+unsafe impl Send for ByteQueue {}
+// SAFETY: as above; `&ByteQueue` only gives out handles that claim their side first.
+unsafe impl Sync for ByteQueue {}
+
+impl ByteQueue {
+    /// Creates queue `name` with a ring of at least `capacity` bytes (rounded up to a power of
+    /// two, at least 4 KiB). Messages may be up to half the ring.
+    pub fn create(domain: &crate::Domain, name: &str, capacity: u64) -> Result<ByteQueue> {
+        let cap = ring_capacity(name, capacity)?;
+        let (section, _) = queue_section(domain, name, cap, Some(true))?;
+        header_of(&section)?.init(KIND_BYTES, cap, 0, 0);
+        ByteQueue::attach(section)
+    }
+
+    /// Opens existing queue `name`.
+    pub fn open(domain: &crate::Domain, name: &str) -> Result<ByteQueue> {
+        let (section, _) = queue_section(domain, name, 0, None)?;
+        ByteQueue::attach(section)
+    }
+
+    /// Opens queue `name`, creating it if needed; returns whether this call created it.
+    pub fn create_or_open(domain: &crate::Domain, name: &str, capacity: u64) -> Result<(ByteQueue, bool)> {
+        let cap = ring_capacity(name, capacity)?;
+        let (section, created) = queue_section(domain, name, cap, Some(false))?;
+        if created {
+            header_of(&section)?.init(KIND_BYTES, cap, 0, 0);
+        }
+        Ok((ByteQueue::attach(section)?, created))
+    }
+
+    fn attach(section: crate::Section) -> Result<ByteQueue> {
+        let h = header_of(&section)?;
+        let (kind, cap, _, _) = h.validate(section.name(), section.len() as u64 - DATA_OFFSET)?;
+        if kind != KIND_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("queue {:?} is a slot queue, not a byte queue", section.name()),
+            ));
+        }
+        // SAFETY: DATA_OFFSET + cap bytes are inside the section (checked by `validate`).
+        let data = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
+        Ok(ByteQueue {
+            hdr: NonNull::from(h),
+            data,
+            cap,
+            section: Some(section),
+            #[cfg(any(test, loom))]
+            _mem: None,
+        })
+    }
+
+    /// A queue in process memory (for model checking and property tests).
+    #[cfg(any(test, loom))]
+    #[doc(hidden)]
+    pub fn in_memory(capacity: u64) -> ByteQueue {
+        let cap = capacity.next_power_of_two().max(64);
+        let hdr = Box::new(QueueHeader::new());
+        hdr.init(KIND_BYTES, cap, 0, 0);
+        let mut mem = vec![0u64; (cap / 8) as usize];
+        let data = mem.as_mut_ptr().cast::<u8>();
+        ByteQueue { hdr: NonNull::from(&*hdr), data, cap, section: None, _mem: Some((hdr, mem)) }
+    }
+
+    fn h(&self) -> &QueueHeader {
+        // SAFETY: the header lives in the section (or box) this handle keeps alive.
+        unsafe { self.hdr.as_ref() }
+    }
+
+    /// The section holding it (None for an in-memory queue).
+    pub fn section(&self) -> Option<&crate::Section> {
+        self.section.as_ref()
+    }
+
+    /// Ring bytes.
+    pub fn capacity(&self) -> u64 {
+        self.cap
+    }
+
+    /// Largest message.
+    pub fn max_message(&self) -> usize {
+        (self.cap / 2 - REC_HEADER) as usize
+    }
+
+    /// The queue's name (`"(memory)"` for an in-memory queue).
+    pub fn name(&self) -> &str {
+        self.section.as_ref().map_or("(memory)", |s| s.name())
+    }
+
+    fn token(&self) -> u64 {
+        self.section.as_ref().map_or(1, |s| s.domain().peer_token())
+    }
+
+    fn alive(&self, token: u64) -> bool {
+        match &self.section {
+            Some(s) => s.domain().peer_alive(token),
+            None => token != 0,
+        }
+    }
+
+    /// Becomes the queue's sender. Fails with `AlreadyExists` while another live sender is
+    /// attached (a dead one's place is taken over).
+    pub fn sender(&self) -> Result<ByteSender<'_>> {
+        self.sender_with(WaitMode::Blocking)
+    }
+
+    /// Like [`sender`](ByteQueue::sender), waiting in `mode` when the ring is full.
+    pub fn sender_with(&self, mode: WaitMode) -> Result<ByteSender<'_>> {
+        let h = self.h();
+        attach_peer(&h.senders, self.token(), 1, &|t| self.alive(t)).ok_or_else(|| {
+            Error::new(ErrorKind::AlreadyExists, format!("byte queue {:?} already has a live sender", self.name()))
+        })?;
+        // Acquire: the positions of a previous sender/receiver.
+        let pos = h.send.pos.load(Ordering::Acquire);
+        let read = h.recv.pos.load(Ordering::Acquire);
+        let sent = h.send.count.load(Ordering::Relaxed);
+        Ok(ByteSender { q: self, pos, cached_read: read, sent, mode })
+    }
+
+    /// Becomes the queue's receiver. Fails with `AlreadyExists` while another live receiver is
+    /// attached.
+    pub fn receiver(&self) -> Result<ByteReceiver<'_>> {
+        self.receiver_with(WaitMode::Blocking)
+    }
+
+    /// Like [`receiver`](ByteQueue::receiver), waiting in `mode` when the ring is empty.
+    pub fn receiver_with(&self, mode: WaitMode) -> Result<ByteReceiver<'_>> {
+        let h = self.h();
+        attach_peer(&h.receivers, self.token(), 1, &|t| self.alive(t)).ok_or_else(|| {
+            Error::new(ErrorKind::AlreadyExists, format!("byte queue {:?} already has a live receiver", self.name()))
+        })?;
+        // Acquire: see `sender_with`.
+        let pos = h.recv.pos.load(Ordering::Acquire);
+        let write = h.send.pos.load(Ordering::Acquire);
+        let received = h.recv.count.load(Ordering::Relaxed);
+        Ok(ByteReceiver { q: self, pos, cached_write: write, received, mode })
+    }
+}
+
+fn ring_capacity(name: &str, capacity: u64) -> Result<u64> {
+    if capacity == 0 || capacity > 1 << 40 {
+        return Err(Error::new(
+            ErrorKind::InvalidSize,
+            format!("queue {name:?}: capacity {capacity} must be from 1 byte to 1 TiB"),
+        ));
+    }
+    Ok(capacity.next_power_of_two().max(4096))
+}
+
+/// The sending side of a [`ByteQueue`].
+pub struct ByteSender<'q> {
+    q: &'q ByteQueue,
+    pos: u64,
+    cached_read: u64,
+    sent: u64,
+    mode: WaitMode,
+}
+
+impl ByteSender<'_> {
+    /// Sends `msg`, waiting while the ring is full. Fails with `Disconnected` when the
+    /// receiver is gone, `InvalidSize` for a message over [`ByteQueue::max_message`].
+    pub fn send(&mut self, msg: &[u8]) -> Result<()> {
+        self.send_inner(msg, None)
+    }
+
+    /// Like [`send`](ByteSender::send), failing with `Timeout` after `timeout`.
+    pub fn send_timeout(&mut self, msg: &[u8], timeout: Duration) -> Result<()> {
+        self.send_inner(msg, Some(timeout))
+    }
+
+    /// Sends `msg` if there is room now; `WouldBlock` if not.
+    pub fn try_send(&mut self, msg: &[u8]) -> Result<()> {
+        self.check_size(msg.len())?;
+        if self.try_put(msg) {
+            return Ok(());
+        }
+        if self.receiver_gone(true) {
+            return Err(self.disconnected());
+        }
+        Err(Error::new(ErrorKind::WouldBlock, format!("byte queue {:?} is full", self.q.name())))
+    }
+
+    fn check_size(&self, len: usize) -> Result<()> {
+        if len > self.q.max_message() {
+            return Err(Error::new(
+                ErrorKind::InvalidSize,
+                format!(
+                    "a {len}-byte message does not fit byte queue {:?}: at most {} bytes (half its ring)",
+                    self.q.name(),
+                    self.q.max_message()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn send_inner(&mut self, msg: &[u8], timeout: Option<Duration>) -> Result<()> {
+        self.check_size(msg.len())?;
+        if self.try_put(msg) {
+            return Ok(());
+        }
+        let h = self.q.h();
+        let mode = self.mode;
+        wait_until(&h.events.space_seq, &h.events.space_waiters, mode, timeout, |thorough| {
+            if self.try_put(msg) {
+                return Ok(Some(()));
+            }
+            if self.receiver_gone(thorough) {
+                return Err(self.disconnected());
+            }
+            Ok(None)
+        })
+    }
+
+    fn receiver_gone(&self, thorough: bool) -> bool {
+        side_gone(&self.q.h().receivers, thorough, &|t| self.q.alive(t))
+    }
+
+    fn disconnected(&self) -> Error {
+        Error::new(ErrorKind::Disconnected, format!("byte queue {:?}: the receiver is gone", self.q.name()))
+    }
+
+    /// Writes the record if it fits; publishes it and wakes the receiver.
+    fn try_put(&mut self, msg: &[u8]) -> bool {
+        let q = self.q;
+        let rec = REC_HEADER + (msg.len() as u64).next_multiple_of(8);
+        let off = self.pos & (q.cap - 1);
+        let to_end = q.cap - off;
+        let need = if rec <= to_end { rec } else { to_end + rec };
+        if self.pos + need - self.cached_read > q.cap {
+            // Acquire: the receiver is done with the bytes it gave back.
+            self.cached_read = q.h().recv.pos.load(Ordering::Acquire);
+            if self.pos + need - self.cached_read > q.cap {
+                return false;
+            }
+        }
+        let mut at = off;
+        if rec > to_end {
+            // SAFETY: `off` is 8-aligned and below the capacity: room for the marker, in the
+            // ring, which the receiver does not read until we publish.
+            unsafe { q.data.add(off as usize).cast::<u64>().write(WRAP as u64) };
+            self.pos += to_end;
+            at = 0;
+        }
+        // SAFETY: the record's `rec` bytes from `at` are inside the ring (it fits before the
+        // end) and free (checked against the receiver's position above); the receiver reads
+        // them only after the Release store of the position below.
+        unsafe {
+            let p = q.data.add(at as usize);
+            p.cast::<u64>().write(msg.len() as u64);
+            std::ptr::copy_nonoverlapping(msg.as_ptr(), p.add(REC_HEADER as usize), msg.len());
+        }
+        self.pos += rec;
+        self.sent += 1;
+        let h = q.h();
+        // Release: publishes the record.
+        h.send.pos.store(self.pos, Ordering::Release);
+        // Relaxed: a statistic on our own line.
+        h.send.count.store(self.sent, Ordering::Relaxed);
+        wake(&h.events.data_seq, &h.events.data_waiters, 1);
+        true
+    }
+}
+
+impl Drop for ByteSender<'_> {
+    fn drop(&mut self) {
+        let h = self.q.h();
+        // Release: after our last message.
+        h.senders.peers[0].token.store(0, Ordering::Release);
+        // The receiver may be asleep waiting for us: tell it we left.
+        wake(&h.events.data_seq, &h.events.data_waiters, u32::MAX);
+    }
+}
+
+/// A message read in place from a [`ByteQueue`]; its bytes go back to the ring when it is
+/// dropped.
+pub struct Message<'r, 'q> {
+    rx: &'r mut ByteReceiver<'q>,
+    start: u64,
+    len: usize,
+    next: u64,
+}
+
+impl std::ops::Deref for Message<'_, '_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the record at `start` was published by the sender (Acquire in `peek`) and
+        // validated to lie inside the ring; the sender does not reuse it until we publish
+        // `recv.pos` past it, which happens only in `drop`.
+        unsafe { std::slice::from_raw_parts(self.rx.q.data.add(self.start as usize), self.len) }
+    }
+}
+
+impl Drop for Message<'_, '_> {
+    fn drop(&mut self) {
+        self.rx.release(self.next);
+    }
+}
+
+/// The receiving side of a [`ByteQueue`].
+pub struct ByteReceiver<'q> {
+    q: &'q ByteQueue,
+    pos: u64,
+    cached_write: u64,
+    received: u64,
+    mode: WaitMode,
+}
+
+impl<'q> ByteReceiver<'q> {
+    /// Receives the next message, in place: no copy. Waits while the queue is empty; fails with
+    /// `Disconnected` once it is empty and the sender is gone.
+    pub fn recv(&mut self) -> Result<Message<'_, 'q>> {
+        self.recv_inner(None)
+    }
+
+    /// Like [`recv`](ByteReceiver::recv), failing with `Timeout` after `timeout`.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Message<'_, 'q>> {
+        self.recv_inner(Some(timeout))
+    }
+
+    /// The next message if there is one now; `WouldBlock` if not.
+    pub fn try_recv(&mut self) -> Result<Message<'_, 'q>> {
+        match self.peek()? {
+            Some((start, len, next)) => Ok(Message { rx: self, start, len, next }),
+            None if self.sender_gone(true) => {
+                // A message may have been published just before the sender left.
+                match self.peek()? {
+                    Some((start, len, next)) => Ok(Message { rx: self, start, len, next }),
+                    None => Err(self.disconnected()),
+                }
+            }
+            None => Err(Error::new(ErrorKind::WouldBlock, format!("byte queue {:?} is empty", self.q.name()))),
+        }
+    }
+
+    /// Receives the next message into `buf`, returning its length. Fails with `InvalidSize`
+    /// (leaving the message queued) when `buf` is too small.
+    pub fn recv_into(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> Result<usize> {
+        let m = self.recv_inner(timeout)?;
+        if m.len() > buf.len() {
+            let len = m.len();
+            std::mem::forget(m);
+            return Err(Error::new(
+                ErrorKind::InvalidSize,
+                format!("the next message has {len} bytes, more than the {}-byte buffer; it stays queued", buf.len()),
+            ));
+        }
+        buf[..m.len()].copy_from_slice(&m);
+        Ok(m.len())
+    }
+
+    fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<Message<'_, 'q>> {
+        if let Some((start, len, next)) = self.peek()? {
+            return Ok(Message { rx: self, start, len, next });
+        }
+        let h = self.q.h();
+        let mode = self.mode;
+        let (start, len, next) = wait_until(&h.events.data_seq, &h.events.data_waiters, mode, timeout, |thorough| {
+            if let Some(m) = self.peek()? {
+                return Ok(Some(m));
+            }
+            if self.sender_gone(thorough) {
+                return match self.peek()? {
+                    Some(m) => Ok(Some(m)),
+                    None => Err(self.disconnected()),
+                };
+            }
+            Ok(None)
+        })?;
+        Ok(Message { rx: self, start, len, next })
+    }
+
+    fn sender_gone(&self, thorough: bool) -> bool {
+        side_gone(&self.q.h().senders, thorough, &|t| self.q.alive(t))
+    }
+
+    fn disconnected(&self) -> Error {
+        Error::new(ErrorKind::Disconnected, format!("byte queue {:?}: the sender is gone", self.q.name()))
+    }
+
+    /// The next record, if published: (payload offset, length, position after it). Skips a
+    /// wrap marker. Validates what it reads: a damaged ring is an error, never a wild read.
+    fn peek(&mut self) -> Result<Option<(u64, usize, u64)>> {
+        let q = self.q;
+        if self.pos == self.cached_write {
+            // Acquire: pairs with the sender's Release of its position.
+            self.cached_write = q.h().send.pos.load(Ordering::Acquire);
+            if self.pos == self.cached_write {
+                return Ok(None);
+            }
+        }
+        let avail = self.cached_write.wrapping_sub(self.pos);
+        let mut pos = self.pos;
+        let mut off = pos & (q.cap - 1);
+        // SAFETY: `off` is 8-aligned (records are) and below the capacity; the word was
+        // published (Acquire above).
+        let mut head = unsafe { q.data.add(off as usize).cast::<u64>().read() };
+        if head == WRAP as u64 {
+            pos += q.cap - off;
+            off = 0;
+            // SAFETY: as above, at offset 0.
+            head = unsafe { q.data.cast::<u64>().read() };
+        }
+        let len = head;
+        let rec = REC_HEADER + len.next_multiple_of(8);
+        if avail > q.cap || len > q.cap / 2 || off + rec > q.cap || pos + rec - self.pos > avail {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "byte queue {:?} is damaged: a record of {len} bytes at ring offset {off:#x} with {avail} bytes published",
+                    q.name()
+                ),
+            ));
+        }
+        Ok(Some((off + REC_HEADER, len as usize, pos + rec)))
+    }
+
+    fn release(&mut self, next: u64) {
+        self.pos = next;
+        self.received += 1;
+        let h = self.q.h();
+        // Release: we are done reading the bytes we give back.
+        h.recv.pos.store(next, Ordering::Release);
+        // Relaxed: a statistic on our own line.
+        h.recv.count.store(self.received, Ordering::Relaxed);
+        wake(&h.events.space_seq, &h.events.space_waiters, 1);
+    }
+}
+
+impl Drop for ByteReceiver<'_> {
+    fn drop(&mut self) {
+        let h = self.q.h();
+        // Release: after our last message.
+        h.receivers.peers[0].token.store(0, Ordering::Release);
+        wake(&h.events.space_seq, &h.events.space_waiters, u32::MAX);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Send(usize),
+        Recv,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![(0usize..200).prop_map(Op::Send), Just(Op::Recv)]
+    }
+
+    proptest! {
+        #[test]
+        fn the_ring_behaves_like_a_vecdeque(ops in proptest::collection::vec(op(), 1..400), cap in 6u32..10) {
+            let q = ByteQueue::in_memory(1 << cap);
+            let mut tx = q.sender().unwrap();
+            let mut rx = q.receiver().unwrap();
+            let mut model: VecDeque<Vec<u8>> = VecDeque::new();
+            let mut n = 0u8;
+            for op in ops {
+                match op {
+                    Op::Send(len) => {
+                        n = n.wrapping_add(1);
+                        let msg = vec![n; len];
+                        match tx.try_send(&msg) {
+                            Ok(()) => model.push_back(msg),
+                            Err(e) if e.kind() == ErrorKind::InvalidSize => prop_assert!(len > q.max_message()),
+                            Err(e) => {
+                                prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                                prop_assert!(!model.is_empty(), "an empty ring refused a message that fits");
+                            }
+                        }
+                    }
+                    Op::Recv => match rx.try_recv() {
+                        Ok(m) => prop_assert_eq!(Some(m.to_vec()), model.pop_front()),
+                        Err(e) => {
+                            prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                            prop_assert!(model.is_empty());
+                        }
+                    },
+                }
+            }
+            drop(tx);
+            while let Some(want) = model.pop_front() {
+                prop_assert_eq!(rx.try_recv().unwrap().to_vec(), want);
+            }
+            prop_assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! The slot queue: many senders, many receivers, fixed-size `Copy` values in a bounded ring.
+//!
+//! # Protocol (after Dmitry Vyukov's bounded MPMC queue)
+//! Each slot has a sequence word, a state word and the value. Slot `i` is free for position
+//! `p` (with `p % capacity == i`) when `seq == p`, and holds the value of position `p` when
+//! `seq == p + 1`. A sender claims position `p = send.pos` by CAS, writes the value, then
+//! publishes `seq = p + 1` (CAS, Release); a receiver claims `p = recv.pos` when
+//! `seq == p + 1`, reads the value, then gives the slot back for the next lap, `seq = p + cap`.
+//!
+//! # Dead peers
+//! A process killed between claiming a position and finishing it would block that slot for
+//! ever. So each peer records the position it is about to claim (`inflight`) before its CAS,
+//! and clears it when done. A waiter that stays stuck on a slot for two liveness checks in a row
+//! looks for dead peers whose `inflight` is that position and repairs the slot: a sender's
+//! slot becomes a hole (state 1, published) that receivers skip; a receiver's slot is given
+//! back (its message died with it). Messages sent completely are never lost.
+
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use super::{
+    DATA_OFFSET, IDLE, KIND_SLOTS, MAX_PEERS, QueueHeader, WaitMode, attach_peer, header_of, queue_section, side_gone,
+    wait_until, wake,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::sync::shim::{AtomicU64, Ordering};
+
+const HOLE: u64 = 1;
+
+#[repr(C)]
+struct SlotHead {
+    seq: AtomicU64,
+    state: AtomicU64,
+}
+
+/// A bounded queue of `T` values between any number of sending and receiving processes.
+pub struct SlotQueue<T> {
+    hdr: NonNull<QueueHeader>,
+    slots: *mut u8,
+    cap: u64,
+    slot_size: u64,
+    section: crate::Section,
+    _t: PhantomData<T>,
+}
+
+// SAFETY: the header and slot heads are atomics; a value's bytes are written by the one sender
+// that claimed its position and read by the one receiver that claimed it, ordered by the
+// slot's sequence word (Release/Acquire). `T: Send` values move between threads.
+unsafe impl<T: Send> Send for SlotQueue<T> {}
+// SAFETY: as above; every method takes `&self` and claims positions atomically.
+unsafe impl<T: Send> Sync for SlotQueue<T> {}
+
+fn elem_code<T>() -> u64 {
+    (size_of::<T>() as u64) | (align_of::<T>() as u64) << 48
+}
+
+impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
+    /// Creates slot queue `name` holding up to `capacity` values (rounded up to a power of two).
+    pub fn create(domain: &crate::Domain, name: &str, capacity: u64) -> Result<SlotQueue<T>> {
+        Ok(SlotQueue::create_inner(domain, name, capacity, true)?.0)
+    }
+
+    /// Opens slot queue `name`, creating it if needed; returns whether this call created it.
+    pub fn create_or_open(domain: &crate::Domain, name: &str, capacity: u64) -> Result<(SlotQueue<T>, bool)> {
+        SlotQueue::create_inner(domain, name, capacity, false)
+    }
+
+    /// Opens existing slot queue `name`; its element type must have `T`'s size and alignment.
+    pub fn open(domain: &crate::Domain, name: &str) -> Result<SlotQueue<T>> {
+        let (section, _) = queue_section(domain, name, 0, None)?;
+        SlotQueue::attach(section)
+    }
+
+    fn slot_size() -> Result<u64> {
+        if align_of::<T>() > 16 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "slot queue values must be aligned to at most 16 bytes",
+            ));
+        }
+        Ok((size_of::<SlotHead>() as u64 + size_of::<T>() as u64).next_multiple_of(16))
+    }
+
+    fn create_inner(domain: &crate::Domain, name: &str, capacity: u64, exclusive: bool) -> Result<(Self, bool)> {
+        if capacity == 0 || capacity > 1 << 32 {
+            return Err(Error::new(
+                ErrorKind::InvalidSize,
+                format!("slot queue {name:?}: capacity {capacity} must be from 1 to 2^32 values"),
+            ));
+        }
+        let cap = capacity.next_power_of_two().max(2);
+        let slot = Self::slot_size()?;
+        let (section, created) = queue_section(domain, name, cap * slot, Some(exclusive))?;
+        if created {
+            let h = header_of(&section)?;
+            // SAFETY: a fresh section of DATA_OFFSET + cap * slot bytes, ours until `init`
+            // publishes it; slot heads are atomics.
+            let heads = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
+            for i in 0..cap {
+                // SAFETY: slot `i`'s head lies inside the ring (i < cap), 16-aligned.
+                let head = unsafe { &*heads.add((i * slot) as usize).cast::<SlotHead>() };
+                // Relaxed: published by `init`'s Release.
+                head.seq.store(i, Ordering::Relaxed);
+                head.state.store(0, Ordering::Relaxed);
+            }
+            h.init(KIND_SLOTS, cap, slot, elem_code::<T>());
+        }
+        Ok((SlotQueue::attach(section)?, created))
+    }
+
+    fn attach(section: crate::Section) -> Result<Self> {
+        let h = header_of(&section)?;
+        let (kind, cap, slot, elem) = h.validate(section.name(), section.len() as u64 - DATA_OFFSET)?;
+        if kind != KIND_SLOTS {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("queue {:?} is a byte queue, not a slot queue", section.name()),
+            ));
+        }
+        if elem != elem_code::<T>() || slot != Self::slot_size()? {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "slot queue {:?} holds values of {} bytes (alignment {}), not {} ({} bytes)",
+                    section.name(),
+                    elem & 0xFFFF_FFFF_FFFF,
+                    elem >> 48,
+                    std::any::type_name::<T>(),
+                    size_of::<T>()
+                ),
+            ));
+        }
+        // SAFETY: the ring lies inside the section (checked by `validate`).
+        let slots = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
+        Ok(SlotQueue { hdr: NonNull::from(h), slots, cap, slot_size: slot, section, _t: PhantomData })
+    }
+
+    /// The section holding it.
+    pub fn section(&self) -> &crate::Section {
+        &self.section
+    }
+
+    /// Values it holds at most.
+    pub fn capacity(&self) -> u64 {
+        self.cap
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        self.section.name()
+    }
+
+    /// Becomes one of the queue's senders (up to 64 live ones).
+    pub fn sender(&self) -> Result<SlotSender<'_, T>> {
+        self.sender_with(WaitMode::Blocking)
+    }
+
+    /// Like [`sender`](SlotQueue::sender), waiting in `mode` when the queue is full.
+    pub fn sender_with(&self, mode: WaitMode) -> Result<SlotSender<'_, T>> {
+        let d = self.section.domain();
+        let idx = attach_peer(&self.h().senders, d.peer_token(), MAX_PEERS, &|t| d.peer_alive(t)).ok_or_else(|| {
+            Error::new(ErrorKind::RegistryFull, format!("slot queue {:?} has {MAX_PEERS} live senders", self.name()))
+        })?;
+        Ok(SlotSender { q: self, idx, mode, stuck: None })
+    }
+
+    /// Becomes one of the queue's receivers (up to 64 live ones).
+    pub fn receiver(&self) -> Result<SlotReceiver<'_, T>> {
+        self.receiver_with(WaitMode::Blocking)
+    }
+
+    /// Like [`receiver`](SlotQueue::receiver), waiting in `mode` when the queue is empty.
+    pub fn receiver_with(&self, mode: WaitMode) -> Result<SlotReceiver<'_, T>> {
+        let d = self.section.domain();
+        let idx =
+            attach_peer(&self.h().receivers, d.peer_token(), MAX_PEERS, &|t| d.peer_alive(t)).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::RegistryFull,
+                    format!("slot queue {:?} has {MAX_PEERS} live receivers", self.name()),
+                )
+            })?;
+        Ok(SlotReceiver { q: self, idx, mode, stuck: None })
+    }
+
+    fn h(&self) -> &QueueHeader {
+        // SAFETY: the header is at the start of the section this handle keeps mapped.
+        unsafe { self.hdr.as_ref() }
+    }
+
+    fn head(&self, pos: u64) -> &SlotHead {
+        // SAFETY: slot `pos % cap` lies inside the ring; heads are atomics.
+        unsafe { &*self.slots.add(((pos & (self.cap - 1)) * self.slot_size) as usize).cast::<SlotHead>() }
+    }
+
+    fn value_ptr(&self, pos: u64) -> *mut T {
+        // SAFETY: the value follows the head inside the slot (slot_size covers both), aligned
+        // to 16 (slots are 16-aligned multiples of 16 and the head is 16 bytes).
+        unsafe { self.slots.add(((pos & (self.cap - 1)) * self.slot_size) as usize + size_of::<SlotHead>()).cast() }
+    }
+
+    fn alive(&self, token: u64) -> bool {
+        self.section.domain().peer_alive(token)
+    }
+
+    /// Repairs the slot at `pos` if a dead peer of `table` had claimed it and left it at
+    /// `stuck_seq`, moving it to `fixed_seq` (with `hole` state for a sender's slot).
+    fn repair(&self, senders: bool, pos: u64, stuck_seq: u64, fixed_seq: u64) -> bool {
+        let table = if senders { &self.h().senders } else { &self.h().receivers };
+        for p in &table.peers {
+            // Relaxed: tokens and intents are single words; liveness comes from the kernel.
+            let tok = p.token.load(Ordering::Relaxed);
+            if tok == 0 || p.inflight.load(Ordering::Acquire) != pos || self.alive(tok) {
+                continue;
+            }
+            let head = self.head(pos);
+            if senders {
+                head.state.store(HOLE, Ordering::Relaxed);
+            }
+            // AcqRel: publishes the hole (or the given-back slot) like a normal completion.
+            let ok = head.seq.compare_exchange(stuck_seq, fixed_seq, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+            p.inflight.store(IDLE, Ordering::Relaxed);
+            // The dead peer's entry is free again.
+            let _ = p.token.compare_exchange(tok, 0, Ordering::AcqRel, Ordering::Relaxed);
+            return ok;
+        }
+        false
+    }
+}
+
+/// A sending handle of a [`SlotQueue`].
+pub struct SlotSender<'q, T: crate::ShmSafe + Copy + Send> {
+    q: &'q SlotQueue<T>,
+    idx: usize,
+    mode: WaitMode,
+    stuck: Option<u64>,
+}
+
+impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
+    /// Sends `value`, waiting while the queue is full; `Disconnected` when every receiver is
+    /// gone.
+    pub fn send(&mut self, value: T) -> Result<()> {
+        self.send_inner(value, None)
+    }
+
+    /// Like [`send`](SlotSender::send), failing with `Timeout` after `timeout`.
+    pub fn send_timeout(&mut self, value: T, timeout: Duration) -> Result<()> {
+        self.send_inner(value, Some(timeout))
+    }
+
+    /// Sends `value` if there is room now; `WouldBlock` if not.
+    pub fn try_send(&mut self, value: T) -> Result<()> {
+        match self.try_put(value, true)? {
+            true => Ok(()),
+            false => Err(Error::new(ErrorKind::WouldBlock, format!("slot queue {:?} is full", self.q.name()))),
+        }
+    }
+
+    /// Claims the next position and stops there, as a sender killed mid-send would: for crash
+    /// tests only.
+    #[doc(hidden)]
+    pub fn __claim_and_stall(&mut self) -> u64 {
+        let h = self.q.h();
+        loop {
+            // Relaxed/SeqCst: as in `try_put`.
+            let pos = h.send.pos.load(Ordering::Relaxed);
+            h.senders.peers[self.idx].inflight.store(pos, Ordering::SeqCst);
+            if self.q.head(pos).seq.load(Ordering::Acquire) == pos
+                && h.send.pos.compare_exchange(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed).is_ok()
+            {
+                return pos;
+            }
+        }
+    }
+
+    fn send_inner(&mut self, value: T, timeout: Option<Duration>) -> Result<()> {
+        if self.try_put(value, false)? {
+            return Ok(());
+        }
+        let q = self.q;
+        let h = q.h();
+        wait_until(&h.events.space_seq, &h.events.space_waiters, self.mode, timeout, |thorough| {
+            Ok(self.try_put(value, thorough)?.then_some(()))
+        })
+    }
+
+    fn try_put(&mut self, value: T, thorough: bool) -> Result<bool> {
+        let q = self.q;
+        let h = q.h();
+        let me = &h.senders.peers[self.idx];
+        loop {
+            // Relaxed: the slot's sequence word orders the data.
+            let pos = h.send.pos.load(Ordering::Relaxed);
+            let head = q.head(pos);
+            // Acquire: the receiver that gave the slot back finished reading it.
+            let seq = head.seq.load(Ordering::Acquire);
+            if seq == pos {
+                // Record the intent before claiming (see "Dead peers").
+                me.inflight.store(pos, Ordering::SeqCst);
+                if h.send.pos.compare_exchange_weak(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed).is_err() {
+                    continue;
+                }
+                // SAFETY: we own position `pos` (CAS above) until we publish it; the value area
+                // is inside the slot and aligned for T.
+                unsafe { q.value_ptr(pos).write(value) };
+                head.state.store(0, Ordering::Relaxed);
+                // Release: publishes the value. A repairer may have made it a hole meanwhile
+                // (it thought us dead): then this position is lost to us; use another.
+                let published = head.seq.compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+                me.inflight.store(IDLE, Ordering::Release);
+                if !published {
+                    continue;
+                }
+                h.send.count.fetch_add(1, Ordering::Relaxed);
+                wake(&h.events.data_seq, &h.events.data_waiters, 1);
+                self.stuck = None;
+                return Ok(true);
+            }
+            if (seq.wrapping_sub(pos) as i64) < 0 {
+                // The slot still holds the previous lap: full, unless receivers are gone or one
+                // died holding this slot.
+                if thorough {
+                    if side_gone(&h.receivers, true, &|t| q.alive(t)) {
+                        return Err(Error::new(
+                            ErrorKind::Disconnected,
+                            format!("slot queue {:?}: every receiver is gone", q.name()),
+                        ));
+                    }
+                    let lap = pos - q.cap;
+                    // Relaxed: a snapshot; the repair's CAS decides.
+                    if seq == lap + 1 && h.recv.pos.load(Ordering::Relaxed) > lap {
+                        if self.stuck == Some(lap) && q.repair(false, lap, lap + 1, lap + q.cap) {
+                            continue;
+                        }
+                        self.stuck = Some(lap);
+                    }
+                }
+                return Ok(false);
+            }
+            // Another sender moved on: retry with the new position.
+        }
+    }
+}
+
+impl<T: crate::ShmSafe + Copy + Send> Drop for SlotSender<'_, T> {
+    fn drop(&mut self) {
+        let h = self.q.h();
+        // Release: after our last message.
+        h.senders.peers[self.idx].token.store(0, Ordering::Release);
+        wake(&h.events.data_seq, &h.events.data_waiters, u32::MAX);
+    }
+}
+
+/// A receiving handle of a [`SlotQueue`].
+pub struct SlotReceiver<'q, T: crate::ShmSafe + Copy + Send> {
+    q: &'q SlotQueue<T>,
+    idx: usize,
+    mode: WaitMode,
+    stuck: Option<u64>,
+}
+
+impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
+    /// Receives a value, waiting while the queue is empty; `Disconnected` once it is empty and
+    /// every sender is gone.
+    pub fn recv(&mut self) -> Result<T> {
+        self.recv_inner(None)
+    }
+
+    /// Like [`recv`](SlotReceiver::recv), failing with `Timeout` after `timeout`.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<T> {
+        self.recv_inner(Some(timeout))
+    }
+
+    /// A value if there is one now; `WouldBlock` if not.
+    pub fn try_recv(&mut self) -> Result<T> {
+        match self.try_take(true)? {
+            Some(v) => Ok(v),
+            None => Err(Error::new(ErrorKind::WouldBlock, format!("slot queue {:?} is empty", self.q.name()))),
+        }
+    }
+
+    fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T> {
+        if let Some(v) = self.try_take(false)? {
+            return Ok(v);
+        }
+        let q = self.q;
+        let h = q.h();
+        wait_until(&h.events.data_seq, &h.events.data_waiters, self.mode, timeout, |thorough| self.try_take(thorough))
+    }
+
+    fn try_take(&mut self, thorough: bool) -> Result<Option<T>> {
+        let q = self.q;
+        let h = q.h();
+        let me = &h.receivers.peers[self.idx];
+        loop {
+            // Relaxed: the slot's sequence word orders the data.
+            let pos = h.recv.pos.load(Ordering::Relaxed);
+            let head = q.head(pos);
+            // Acquire: pairs with the sender's publication.
+            let seq = head.seq.load(Ordering::Acquire);
+            if seq == pos + 1 {
+                me.inflight.store(pos, Ordering::SeqCst);
+                if h.recv.pos.compare_exchange_weak(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed).is_err() {
+                    continue;
+                }
+                // Relaxed: ordered by the Acquire of `seq`.
+                let hole = head.state.load(Ordering::Relaxed) == HOLE;
+                // SAFETY: position `pos` is ours (CAS above) and published: the value was
+                // written before the Release we Acquired. T is Copy and ShmSafe.
+                let value = (!hole).then(|| unsafe { q.value_ptr(pos).read() });
+                head.state.store(0, Ordering::Relaxed);
+                // Release: we are done with the slot; the next lap's sender may write it.
+                let _ = head.seq.compare_exchange(pos + 1, pos + q.cap, Ordering::AcqRel, Ordering::Relaxed);
+                me.inflight.store(IDLE, Ordering::Release);
+                wake(&h.events.space_seq, &h.events.space_waiters, 1);
+                self.stuck = None;
+                match value {
+                    Some(v) => {
+                        h.recv.count.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Some(v));
+                    }
+                    None => continue, // a dead sender's hole: skip it
+                }
+            }
+            if (seq.wrapping_sub(pos + 1) as i64) < 0 {
+                // Nothing published at this position yet.
+                if thorough {
+                    // Relaxed: a snapshot; the repair's CAS decides.
+                    if seq == pos && h.send.pos.load(Ordering::Relaxed) > pos {
+                        // Claimed but not published: a sender at work, or one that died.
+                        if self.stuck == Some(pos) && q.repair(true, pos, pos, pos + 1) {
+                            continue;
+                        }
+                        self.stuck = Some(pos);
+                    } else if side_gone(&h.senders, true, &|t| q.alive(t)) {
+                        // Gone, and nothing left (re-checked: a last message may have landed).
+                        if head.seq.load(Ordering::Acquire) == pos + 1 {
+                            continue;
+                        }
+                        return Err(Error::new(
+                            ErrorKind::Disconnected,
+                            format!("slot queue {:?}: every sender is gone", q.name()),
+                        ));
+                    }
+                }
+                return Ok(None);
+            }
+            // Another receiver moved on: retry.
+        }
+    }
+}
+
+impl<T: crate::ShmSafe + Copy + Send> Drop for SlotReceiver<'_, T> {
+    fn drop(&mut self) {
+        let h = self.q.h();
+        // Release: after our last message.
+        h.receivers.peers[self.idx].token.store(0, Ordering::Release);
+        wake(&h.events.space_seq, &h.events.space_waiters, u32::MAX);
+    }
+}

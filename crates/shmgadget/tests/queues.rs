@@ -1,0 +1,349 @@
+//! Queues between real processes: exactly-once delivery, ordering, killed peers, sleeping
+//! waiters, zero-copy hand-over of heap blocks.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use shmgadget::heap::{Heap, ShmBox};
+use shmgadget::queue::{ByteQueue, SlotQueue, WaitMode};
+use shmgadget::{Domain, DomainOptions, ErrorKind};
+
+const GIB: u64 = 1 << 30;
+
+fn child() -> Domain {
+    Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(GIB) }).unwrap()
+}
+
+fn env_u64(name: &str) -> u64 {
+    std::env::var(name).unwrap().parse().unwrap()
+}
+
+#[test]
+fn four_producers_and_four_consumers_exchange_a_million_messages_exactly_once_in_order() {
+    const TEST: &str = "four_producers_and_four_consumers_exchange_a_million_messages_exactly_once_in_order";
+    const PER: u64 = 250_000;
+    match role().as_deref() {
+        Some("producer") => {
+            let d = child();
+            let q = SlotQueue::<[u64; 2]>::open(&d, "mpmc").unwrap();
+            let me = env_u64("INDEX");
+            let mut tx = q.sender().unwrap();
+            println!("READY");
+            for i in 0..PER {
+                tx.send([me, i]).unwrap();
+            }
+        }
+        Some("consumer") => {
+            let d = child();
+            let q = SlotQueue::<[u64; 2]>::open(&d, "mpmc").unwrap();
+            let mut rx = q.receiver().unwrap();
+            // Per producer: count, sum and sum of squares of sequence numbers; each stream must
+            // arrive in increasing order at this consumer.
+            let mut stats = [(0u64, 0u64, 0u128, None::<u64>); 4];
+            loop {
+                match rx.recv_timeout(Duration::from_secs(60)) {
+                    Ok([p, i]) => {
+                        let s = &mut stats[p as usize];
+                        assert!(s.3.is_none_or(|last| i > last), "producer {p}: {i} after {:?}", s.3);
+                        s.0 += 1;
+                        s.1 += i;
+                        s.2 += (i as u128) * (i as u128);
+                        s.3 = Some(i);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Disconnected => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            for (p, s) in stats.iter().enumerate() {
+                println!("P{p}={},{},{}", s.0, s.1, s.2);
+            }
+        }
+        _ => {
+            let domain = unique_domain("qmpmc");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = SlotQueue::<[u64; 2]>::create(&d, "mpmc", 1024).unwrap();
+            let consumers: Vec<_> = (0..4).map(|_| spawn(TEST, "consumer", &domain, &[])).collect();
+            // Producers attach before any of them finishes, so "every sender gone" means done.
+            let mut producers: Vec<_> =
+                (0..4).map(|i| spawn(TEST, "producer", &domain, &[("INDEX", i.to_string())])).collect();
+            for p in &mut producers {
+                wait_for_line(p, "READY");
+            }
+            let start = Instant::now();
+            for mut p in producers {
+                assert!(wait(&mut p, Duration::from_secs(240)).success());
+            }
+            let mut totals = [(0u64, 0u64, 0u128); 4];
+            for mut c in consumers {
+                let status = wait(&mut c, Duration::from_secs(240));
+                let out = std::io::read_to_string(c.stdout.take().unwrap()).unwrap();
+                assert!(status.success(), "{out}");
+                for line in out.lines().filter(|l| l.starts_with('P')) {
+                    let (p, v) = line[1..].split_once('=').unwrap();
+                    let v: Vec<u128> = v.split(',').map(|x| x.parse().unwrap()).collect();
+                    let t = &mut totals[p.parse::<usize>().unwrap()];
+                    t.0 += v[0] as u64;
+                    t.1 += v[1] as u64;
+                    t.2 += v[2];
+                }
+            }
+            eprintln!("1,000,000 messages through 4x4 processes in {:?}", start.elapsed());
+            let n = PER as u128;
+            for t in totals {
+                assert_eq!(t.0, PER, "every message delivered once");
+                assert_eq!(t.1 as u128, n * (n - 1) / 2);
+                assert_eq!(t.2, (n - 1) * n * (2 * n - 1) / 6);
+            }
+            let info = shmgadget::queue::inspect(q.section()).unwrap();
+            assert_eq!((info.sent, info.received, info.fill), (4 * PER, 4 * PER, 0));
+            drop(q);
+            d.delete_section("mpmc").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
+fn a_producer_killed_mid_stream_loses_nothing_it_sent_and_the_consumer_is_told() {
+    const TEST: &str = "a_producer_killed_mid_stream_loses_nothing_it_sent_and_the_consumer_is_told";
+    match role().as_deref() {
+        Some("producer") => {
+            let d = child();
+            let q = ByteQueue::open(&d, "bytes").unwrap();
+            let mut tx = q.sender().unwrap();
+            println!("READY");
+            for i in 0u64.. {
+                // Variable sizes, each message filled with its own number.
+                let len = 8 + (i % 300) as usize;
+                let mut msg = vec![(i % 251) as u8; len];
+                msg[..8].copy_from_slice(&i.to_le_bytes());
+                tx.send(&msg).unwrap();
+            }
+        }
+        _ => {
+            let domain = unique_domain("qkill");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = ByteQueue::create(&d, "bytes", 64 << 10).unwrap();
+            let mut rx = q.receiver().unwrap();
+            let mut producer = spawn(TEST, "producer", &domain, &[]);
+            wait_for_line(&mut producer, "READY");
+            let mut next = 0u64;
+            let check = |m: &[u8], next: &mut u64| {
+                let i = u64::from_le_bytes(m[..8].try_into().unwrap());
+                assert_eq!(i, *next, "messages arrive in order, none missing");
+                assert_eq!(m.len(), 8 + (i % 300) as usize);
+                assert!(m[8..].iter().all(|&b| b == (i % 251) as u8), "message {i} is whole");
+                *next += 1;
+            };
+            while next < 20_000 {
+                let m = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+                check(&m, &mut next);
+            }
+            kill9(&mut producer);
+            let t = Instant::now();
+            let err = loop {
+                match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(m) => check(&m, &mut next),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.kind(), ErrorKind::Disconnected, "{err}");
+            assert!(t.elapsed() < Duration::from_secs(10), "noticed in {:?}", t.elapsed());
+            eprintln!("received {next} messages; then: {err}");
+            drop(rx);
+            drop(q);
+            d.delete_section("bytes").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
+fn a_dead_consumer_does_not_block_a_producer_and_its_place_is_taken_over() {
+    const TEST: &str = "a_dead_consumer_does_not_block_a_producer_and_its_place_is_taken_over";
+    match role().as_deref() {
+        Some("consumer") => {
+            let d = child();
+            let q = ByteQueue::open(&d, "full").unwrap();
+            let _rx = q.receiver().unwrap();
+            println!("READY");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        _ => {
+            let domain = unique_domain("qdeadrx");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = ByteQueue::create(&d, "full", 4096).unwrap();
+            let mut consumer = spawn(TEST, "consumer", &domain, &[]);
+            wait_for_line(&mut consumer, "READY");
+            let mut tx = q.sender().unwrap();
+            // Fill the ring: the consumer never reads.
+            while tx.try_send(&[1; 100]).is_ok() {}
+            assert_eq!(tx.try_send(&[1; 100]).unwrap_err().kind(), ErrorKind::WouldBlock);
+            assert_eq!(tx.send_timeout(&[1; 100], Duration::from_millis(100)).unwrap_err().kind(), ErrorKind::Timeout);
+            assert_eq!(q.receiver().err().map(|e| e.kind()), Some(ErrorKind::AlreadyExists), "one live receiver");
+            kill9(&mut consumer);
+            let t = Instant::now();
+            assert_eq!(tx.send(&[1; 100]).unwrap_err().kind(), ErrorKind::Disconnected);
+            assert!(t.elapsed() < Duration::from_secs(10));
+            // A new receiver takes the dead one's place and finds every message.
+            let mut rx = q.receiver().unwrap();
+            let mut n = 0;
+            while rx.try_recv().is_ok() {
+                n += 1;
+            }
+            assert!(n > 30, "{n}");
+            drop((tx, rx));
+            drop(q);
+            d.delete_section("full").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
+fn a_blocked_receiver_sleeps_without_burning_cpu_and_wakes_on_send() {
+    const TEST: &str = "a_blocked_receiver_sleeps_without_burning_cpu_and_wakes_on_send";
+    match role().as_deref() {
+        Some("receiver") => {
+            let d = child();
+            let q = SlotQueue::<u64>::open(&d, "idle").unwrap();
+            let mut rx = q.receiver_with(WaitMode::Blocking).unwrap();
+            let (cpu0, t0) = (cpu_time(), Instant::now());
+            let v = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            println!("VALUE={v}");
+            println!("BLOCKED_MS={}", t0.elapsed().as_millis());
+            println!("CPU_MS={}", (cpu_time() - cpu0).as_millis());
+        }
+        _ => {
+            let domain = unique_domain("qidle");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = SlotQueue::<u64>::create(&d, "idle", 16).unwrap();
+            let mut tx = q.sender().unwrap();
+            let child = {
+                let domain = domain.clone();
+                std::thread::spawn(move || run(TEST, "receiver", &domain, &[]))
+            };
+            std::thread::sleep(Duration::from_millis(1000));
+            tx.send(42).unwrap();
+            let r = child.join().unwrap();
+            assert_eq!(r["VALUE"], "42");
+            let blocked: u64 = r["BLOCKED_MS"].parse().unwrap();
+            let cpu: u64 = r["CPU_MS"].parse().unwrap();
+            assert!(blocked >= 300, "the receiver should have waited: {blocked} ms");
+            assert!(cpu * 10 < blocked, "a receiver blocked for {blocked} ms used {cpu} ms of CPU");
+            drop(tx);
+            drop(q);
+            d.delete_section("idle").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+fn cpu_time() -> Duration {
+    let mut ru: libc::rusage = unsafe_zeroed();
+    // SAFETY: getrusage writes into the struct we pass.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn unsafe_zeroed() -> libc::rusage {
+    // SAFETY: rusage is plain integers; all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+#[test]
+fn a_heap_block_is_handed_over_through_a_queue_without_copying() {
+    const TEST: &str = "a_heap_block_is_handed_over_through_a_queue_without_copying";
+    const LEN: usize = 8 << 20;
+    match role().as_deref() {
+        Some("receiver") => {
+            let d = child();
+            let heap = Heap::open(&d, "blocks").unwrap();
+            let q = SlotQueue::<shmgadget::queue::BlockAddr>::open(&d, "handover").unwrap();
+            let mut rx = q.receiver().unwrap();
+            let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            // SAFETY: the sender gave up the box when it sent its address; we own it now.
+            let b: ShmBox<[u8; LEN]> = unsafe { addr.into_box(heap.allocator()) };
+            println!("ADDR={:p}", &*b);
+            println!("SUM={}", b.iter().map(|&x| x as u64).sum::<u64>());
+            drop(b);
+        }
+        _ => {
+            let domain = unique_domain("qzero");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "blocks", 64 << 20).unwrap();
+            let q = SlotQueue::<shmgadget::queue::BlockAddr>::create(&d, "handover", 4).unwrap();
+            let mut tx = q.sender().unwrap();
+            let mut b: ShmBox<[u8; LEN]> =
+                unsafe_assume_init(ShmBox::<[u8; LEN]>::try_new_zeroed_in(heap.allocator()).unwrap());
+            b[..1000].fill(3);
+            let addr_here = format!("{:p}", &*b);
+            tx.send(shmgadget::queue::BlockAddr::from_box(b)).unwrap();
+            let r = run(TEST, "receiver", &domain, &[]);
+            assert_eq!(r["ADDR"], addr_here, "the receiver sees the very same block");
+            assert_eq!(r["SUM"], "3000");
+            let s = heap.stats().unwrap();
+            assert_eq!(s.blocks.used_blocks, 0, "the receiver freed it: {s:?}");
+            drop(tx);
+            drop((q, heap));
+            d.delete_section("handover").unwrap();
+            d.delete_section("blocks").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+fn unsafe_assume_init<T>(b: ShmBox<std::mem::MaybeUninit<T>>) -> ShmBox<T> {
+    // SAFETY: called on a zeroed box of a byte array, for which all-zero is a valid value.
+    unsafe { b.assume_init() }
+}
+
+#[test]
+fn a_sender_killed_between_claiming_a_slot_and_filling_it_leaves_a_hole_that_is_skipped() {
+    const TEST: &str = "a_sender_killed_between_claiming_a_slot_and_filling_it_leaves_a_hole_that_is_skipped";
+    match role().as_deref() {
+        Some("staller") => {
+            let d = child();
+            let q = SlotQueue::<u64>::open(&d, "holes").unwrap();
+            let mut tx = q.sender().unwrap();
+            tx.send(1).unwrap();
+            let pos = tx.__claim_and_stall();
+            println!("STALLED={pos}");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        _ => {
+            let domain = unique_domain("qhole");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = SlotQueue::<u64>::create(&d, "holes", 8).unwrap();
+            let mut rx = q.receiver().unwrap();
+            let mut staller = spawn(TEST, "staller", &domain, &[]);
+            wait_for_line(&mut staller, "STALLED=1");
+            let mut tx = q.sender().unwrap();
+            tx.send(2).unwrap();
+            tx.send(3).unwrap();
+            assert_eq!(rx.recv().unwrap(), 1);
+            // Position 1 is claimed by a live process: nothing to receive yet.
+            assert_eq!(rx.recv_timeout(Duration::from_millis(200)).unwrap_err().kind(), ErrorKind::Timeout);
+            kill9(&mut staller);
+            let t = Instant::now();
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 2, "the dead sender's slot is skipped");
+            assert_eq!(rx.recv().unwrap(), 3);
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+            drop(tx);
+            assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Disconnected);
+            drop(rx);
+            drop(q);
+            d.delete_section("holes").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
