@@ -491,6 +491,15 @@ pub(crate) fn flush(h: &HeapRef<'_>) -> Result<()> {
     .unwrap_or(Ok(()))
 }
 
+/// Frees every cache slot (after the heap was re-initialised: the stores are gone with it).
+pub(crate) fn forget_all(shared: &HeapShared) {
+    for s in &shared.caches {
+        // Relaxed: under the heap lock (the caller's).
+        s.owner.store(0, Ordering::Relaxed);
+        s.store.store(0, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

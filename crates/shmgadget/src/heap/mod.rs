@@ -485,6 +485,26 @@ impl Heap {
         Ok(committed - new_committed)
     }
 
+    /// Re-initialises the heap: every block is freed, every named object forgotten, every
+    /// thread cache of every process invalidated (the classic `force_init`).
+    ///
+    /// # Safety
+    /// No process may use any block or named object of this heap afterwards.
+    pub unsafe fn reset(&self) -> Result<()> {
+        let locked = self.lock()?;
+        let s = self.shared();
+        // Relaxed: under the lock.
+        let committed = s.committed.load(Ordering::Relaxed);
+        locked.tlsf().init(committed - AREA_OFFSET).map_err(|e| map_tlsf(e, self.name()))?;
+        for e in &s.names {
+            e.state.store(0, Ordering::Relaxed);
+        }
+        cache::forget_all(s);
+        // A new instance: thread caches made for the old contents are never used again.
+        s.instance.store(s.instance.load(Ordering::Relaxed).wrapping_add(2) | 1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Statistics.
     pub fn stats(&self) -> Result<HeapStats> {
         let locked = self.lock()?;

@@ -1,0 +1,684 @@
+//! The classic SHM-NT C interface over shmgadget: `shm_nt.h` / `libshm_nt`.
+//!
+//! Handles are section addresses, the same number in every process of the domain. Every entry
+//! point validates its arguments (NULL included), catches panics (none crosses into C) and
+//! returns an error code; the reason of the last failure of the calling thread is in
+//! [`shm_last_error`]. The domain is `SHMGADGET_DOMAIN` (or `default`), attached by the first
+//! call.
+//!
+//! Semaphores live as named objects in a heap section `shm_nt.objects` created on demand;
+//! queues are shmgadget byte queues (the first `shm_q_write` of a process makes it the sender,
+//! the first `shm_q_read` the receiver).
+
+// `unsigned long` is 64 bits here but 32 on Windows (the next platform): keep the casts.
+#![allow(clippy::unnecessary_cast)]
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, c_char, c_int, c_long, c_uint, c_ulong, c_void};
+use std::fmt::Write as _;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use shmgadget::heap::{Heap, ObjectKind};
+use shmgadget::queue::{ByteQueue, ByteReceiver, ByteSender};
+use shmgadget::sync::Semaphore;
+use shmgadget::{Domain, Error, ErrorKind, Section, SectionKind, SectionOptions};
+
+/// Created, or done.
+pub const SHM_OK: c_int = 0;
+/// Opened an existing one.
+pub const SHM_EXISTS: c_int = 1;
+/// Bad argument: name, size, handle, pointer.
+pub const SHM_ERR_INVALID: c_int = -1;
+/// No such section, heap, semaphore or queue.
+pub const SHM_ERR_NOT_FOUND: c_int = -2;
+/// Window, registry, heap or backing store full.
+pub const SHM_ERR_NO_MEMORY: c_int = -3;
+/// The operating system refused access.
+pub const SHM_ERR_PERMISSION: c_int = -4;
+/// A shared header failed validation.
+pub const SHM_ERR_CORRUPT: c_int = -5;
+/// A wait ran out of time (or a zero timeout found nothing to do).
+pub const SHM_ERR_TIMEOUT: c_int = -6;
+/// The other side of a queue is gone.
+pub const SHM_ERR_DISCONNECTED: c_int = -7;
+/// Any other system error.
+pub const SHM_ERR_OS: c_int = -8;
+
+const OBJECTS_HEAP: &str = "shm_nt.objects";
+const OBJECTS_HEAP_SIZE: u64 = 1 << 20;
+
+fn code(kind: ErrorKind) -> c_int {
+    match kind {
+        ErrorKind::InvalidName | ErrorKind::InvalidSize | ErrorKind::InvalidArgument | ErrorKind::AlreadyExists => {
+            SHM_ERR_INVALID
+        }
+        ErrorKind::NotFound => SHM_ERR_NOT_FOUND,
+        ErrorKind::WindowFull | ErrorKind::RegistryFull | ErrorKind::OutOfSpace => SHM_ERR_NO_MEMORY,
+        ErrorKind::PermissionDenied => SHM_ERR_PERMISSION,
+        ErrorKind::Corrupt => SHM_ERR_CORRUPT,
+        ErrorKind::Timeout | ErrorKind::WouldBlock => SHM_ERR_TIMEOUT,
+        ErrorKind::Disconnected => SHM_ERR_DISCONNECTED,
+        _ => SHM_ERR_OS,
+    }
+}
+
+// ------------------------------------------------------------------ errors and panics
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
+}
+
+struct Failure {
+    code: c_int,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        set_last_error(&e.to_string());
+        Failure { code: code(e.kind()) }
+    }
+}
+
+fn invalid(msg: impl AsRef<str>) -> Failure {
+    set_last_error(msg.as_ref());
+    Failure { code: SHM_ERR_INVALID }
+}
+
+/// Runs `f`, turning errors into codes (and `shm_last_error`), and panics into `SHM_ERR_OS`.
+fn guarded<T>(on_error: impl Fn(c_int) -> T, f: impl FnOnce() -> Result<T, Failure>) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(fail)) => on_error(fail.code),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            set_last_error(&format!("internal error in libshm_nt (please report): {what}"));
+            on_error(SHM_ERR_OS)
+        }
+    }
+}
+
+fn status(f: impl FnOnce() -> Result<c_int, Failure>) -> c_int {
+    guarded(|c| c, f)
+}
+
+fn name_arg<'a>(name: *const c_char) -> Result<&'a str, Failure> {
+    if name.is_null() {
+        return Err(invalid("name is NULL"));
+    }
+    // SAFETY: the caller passes a NUL-terminated C string (checked non-NULL above); we only
+    // borrow it for the duration of the call.
+    let s = unsafe { CStr::from_ptr(name) };
+    s.to_str().map_err(|_| invalid("name is not valid UTF-8"))
+}
+
+fn out_arg<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Failure> {
+    // SAFETY: a non-NULL pointer from the caller to a writable T (the interface's contract);
+    // NULL is refused.
+    unsafe { p.as_mut() }.ok_or_else(|| invalid(format!("{what} is NULL")))
+}
+
+// ------------------------------------------------------------------ process state
+
+/// A queue and this process's ends of it. Field order matters: the ends borrow `queue` and
+/// are dropped first.
+struct QueueEntry {
+    tx: Option<ByteSender<'static>>,
+    rx: Option<ByteReceiver<'static>>,
+    queue: Box<ByteQueue>,
+}
+
+impl QueueEntry {
+    fn queue(&self) -> &'static ByteQueue {
+        // SAFETY: `queue` is boxed (its address never changes), never replaced, and dropped
+        // only after `tx` and `rx` (field order), which are the only holders of this
+        // reference; the entry itself is dropped only when nobody uses the ends (under its
+        // mutex, see `shm_exit`).
+        unsafe { &*(&*self.queue as *const ByteQueue) }
+    }
+}
+
+struct State {
+    domain: Domain,
+    sections: HashMap<u64, Section>,
+    heaps: HashMap<u64, Arc<Heap>>,
+    objects: Option<Arc<Heap>>,
+    queues: HashMap<u64, Arc<Mutex<QueueEntry>>>,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+fn lock_state() -> MutexGuard<'static, Option<State>> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T, Failure>) -> Result<T, Failure> {
+    let mut g = lock_state();
+    if g.is_none() {
+        let domain = Domain::attach(&shmgadget::default_domain_name())?;
+        *g = Some(State {
+            domain,
+            sections: HashMap::new(),
+            heaps: HashMap::new(),
+            objects: None,
+            queues: HashMap::new(),
+        });
+    }
+    f(g.as_mut().expect("initialised above"))
+}
+
+impl State {
+    /// The heap whose section starts at `hdl` (opened on first use in this process).
+    fn heap(&mut self, hdl: c_ulong) -> Result<Arc<Heap>, Failure> {
+        let hdl = hdl as u64;
+        if let Some(h) = self.heaps.get(&hdl) {
+            return Ok(h.clone());
+        }
+        let name = self.section_name(hdl)?;
+        let heap = Arc::new(Heap::open(&self.domain, &name)?);
+        if heap.section().as_ptr() as u64 != hdl {
+            return Err(invalid(format!("{hdl:#x} is inside heap {name:?} but is not its handle")));
+        }
+        self.heaps.insert(hdl, heap.clone());
+        Ok(heap)
+    }
+
+    /// The name of the section starting at `hdl`.
+    fn section_name(&self, hdl: u64) -> Result<String, Failure> {
+        let (base, _) = self.domain.window();
+        let found = self.domain.sections().into_iter().find(|s| s.address == hdl);
+        match found {
+            Some(s) => Ok(s.name),
+            None if hdl == 0 => Err(invalid("handle is 0")),
+            None => Err(invalid(format!(
+                "{hdl:#x} is not the handle of a section of domain {:?} (its window starts at {base:#x})",
+                self.domain.name()
+            ))),
+        }
+    }
+
+    fn objects(&mut self) -> Result<Arc<Heap>, Failure> {
+        if let Some(h) = &self.objects {
+            return Ok(h.clone());
+        }
+        let (heap, _) = Heap::create_or_open(&self.domain, OBJECTS_HEAP, OBJECTS_HEAP_SIZE)?;
+        let heap = Arc::new(heap);
+        self.objects = Some(heap.clone());
+        Ok(heap)
+    }
+}
+
+// ------------------------------------------------------------------ sections and heaps
+
+/// Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the raw section `name` of at least `rsize`
+/// bytes; its handle (address) goes to `*phdl`.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_section(name: *const c_char, rsize: c_ulong, phdl: *mut c_ulong) -> c_int {
+    status(|| {
+        let name = name_arg(name)?;
+        let out = out_arg(phdl, "phdl")?;
+        with_state(|st| {
+            let opts = SectionOptions::new().kind(SectionKind::Raw);
+            let (s, created) = st.domain.create_or_open_section(name, rsize as u64, &opts)?;
+            if s.kind() != SectionKind::Raw {
+                return Err(invalid(format!("section {name:?} is a {}, not a raw section", s.kind().as_str())));
+            }
+            if (s.len() as u64) < rsize as u64 {
+                return Err(invalid(format!("section {name:?} has {} bytes, fewer than the {rsize} asked", s.len())));
+            }
+            let addr = s.as_ptr() as u64;
+            st.sections.insert(addr, s);
+            *out = addr as c_ulong;
+            Ok(if created { SHM_OK } else { SHM_EXISTS })
+        })
+    })
+}
+
+/// Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the heap `name` reserving at least `rsize`
+/// bytes. `force_init` non-zero re-initialises an existing heap (all its blocks freed).
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_heap(name: *const c_char, rsize: c_ulong, phdl: *mut c_ulong, force_init: c_int) -> c_int {
+    status(|| {
+        let name = name_arg(name)?;
+        let out = out_arg(phdl, "phdl")?;
+        with_state(|st| {
+            let (heap, created) = Heap::create_or_open(&st.domain, name, rsize as u64)?;
+            if (heap.section().len() as u64) < rsize as u64 {
+                return Err(invalid(format!(
+                    "heap {name:?} reserves {} bytes, fewer than the {rsize} asked",
+                    heap.section().len()
+                )));
+            }
+            if !created && force_init != 0 {
+                // SAFETY: the caller asked for re-initialisation: by the interface's contract
+                // no process uses the heap's blocks any more.
+                unsafe { heap.reset()? };
+            }
+            let addr = heap.section().as_ptr() as u64;
+            st.heaps.insert(addr, Arc::new(heap));
+            *out = addr as c_ulong;
+            Ok(if created { SHM_OK } else { SHM_EXISTS })
+        })
+    })
+}
+
+/// Deletes the section (raw, heap or queue) whose handle is `hdl`. Other processes keep their
+/// mapping until they exit or call `shm_exit`.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_delete_section(hdl: c_ulong) -> c_int {
+    status(|| {
+        with_state(|st| {
+            let hdl = hdl as u64;
+            let name = st.section_name(hdl)?;
+            st.sections.remove(&hdl);
+            st.heaps.remove(&hdl);
+            st.queues.remove(&hdl);
+            if st.objects.as_ref().is_some_and(|h| h.section().as_ptr() as u64 == hdl) {
+                st.objects = None;
+            }
+            st.domain.delete_section(&name)?;
+            Ok(SHM_OK)
+        })
+    })
+}
+
+/// Allocates `size` bytes from the heap `hdl`; NULL on failure (see `shm_last_error`).
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_alloc(hdl: c_ulong, size: c_ulong) -> *mut c_void {
+    guarded(
+        |_| std::ptr::null_mut(),
+        || {
+            let heap = with_state(|st| st.heap(hdl))?;
+            let layout = std::alloc::Layout::from_size_align(size as usize, 16)
+                .map_err(|_| invalid(format!("size {size} is too large")))?;
+            Ok(heap.alloc(layout)?.as_ptr().cast())
+        },
+    )
+}
+
+/// Frees a block of any heap of the domain, found from its address.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_free(addr: *mut c_void) -> c_int {
+    status(|| {
+        let p = NonNull::new(addr.cast::<u8>()).ok_or_else(|| invalid("address is NULL"))?;
+        with_state(|_| Ok(()))?;
+        // SAFETY: the C caller gives the block up (the interface's contract, as for free(3));
+        // the heap validates that it is a live block.
+        unsafe { shmgadget::heap::free(p)? };
+        Ok(SHM_OK)
+    })
+}
+
+/// Resizes a heap block found from its address; NULL on failure (the block is unchanged).
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_realloc(addr: *mut c_void, size: c_ulong) -> *mut c_void {
+    guarded(
+        |_| std::ptr::null_mut(),
+        || {
+            let p = NonNull::new(addr.cast::<u8>()).ok_or_else(|| invalid("address is NULL"))?;
+            with_state(|_| Ok(()))?;
+            // SAFETY: as for realloc(3): the caller uses only the returned pointer afterwards.
+            Ok(unsafe { shmgadget::heap::realloc(p, size as usize)? }.as_ptr().cast())
+        },
+    )
+}
+
+/// Detaches this process from the domain: unmaps everything (sections stay unless transient
+/// and unused).
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_exit() -> c_int {
+    status(|| {
+        let Some(st) = lock_state().take() else { return Ok(SHM_OK) };
+        let State { domain, sections, heaps, objects, queues } = st;
+        drop(queues);
+        drop(objects);
+        drop(heaps);
+        drop(sections);
+        domain.detach()?;
+        Ok(SHM_OK)
+    })
+}
+
+/// Maps the existing section `name` and writes its address to `*paddr`. `rsize` 0 accepts any
+/// size; a larger `rsize` than the section's is `SHM_ERR_INVALID`.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_map(name: *const c_char, rsize: c_ulong, paddr: *mut c_ulong) -> c_int {
+    status(|| {
+        let name = name_arg(name)?;
+        let out = out_arg(paddr, "paddr")?;
+        with_state(|st| {
+            let s = st.domain.open_section(name)?;
+            if rsize as u64 > s.len() as u64 {
+                return Err(invalid(format!("section {name:?} has {} bytes, fewer than the {rsize} asked", s.len())));
+            }
+            let addr = s.as_ptr() as u64;
+            st.sections.insert(addr, s);
+            *out = addr as c_ulong;
+            Ok(SHM_OK)
+        })
+    })
+}
+
+/// Maps every section of the domain.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_map_all() {
+    status(|| {
+        with_state(|st| {
+            st.domain.map_all()?;
+            Ok(SHM_OK)
+        })
+    });
+}
+
+/// Prints one line per section to stdout: name, kind, address range, reserved and committed.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_list_pools() {
+    status(|| {
+        let text = with_state(|st| {
+            let mut out = String::new();
+            for s in st.domain.sections() {
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:<6} {:#x}-{:#x} reserved {} committed {}",
+                    s.name,
+                    s.kind.as_str(),
+                    s.address,
+                    s.address + s.reserved,
+                    s.reserved,
+                    s.committed
+                );
+            }
+            Ok(out)
+        })?;
+        use std::io::Write;
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(text.as_bytes());
+        let _ = o.flush();
+        Ok(SHM_OK)
+    });
+}
+
+/// Prints heap `name`'s statistics and block map to `outf` (stdout if NULL).
+///
+/// # Safety
+/// `outf` must be NULL or an open `FILE *`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn shm_list_heap(outf: *mut libc::FILE, name: *const c_char) {
+    let text = guarded(
+        |_| None,
+        || {
+            let name = name_arg(name)?;
+            with_state(|st| {
+                let heap = Heap::open(&st.domain, name)?;
+                let s = heap.stats()?;
+                let b = &s.blocks;
+                let mut out = format!(
+                    "heap {name} at {:#x}: reserved {} committed {} used {} in {} blocks, free {} in {} blocks, \
+                     largest free {}, thread caches {} in {} blocks\n",
+                    heap.section().as_ptr() as usize,
+                    s.reserved,
+                    s.committed,
+                    b.used_bytes,
+                    b.used_blocks,
+                    b.free_bytes,
+                    b.free_blocks,
+                    b.largest_free,
+                    s.cached_bytes,
+                    s.cached_blocks
+                );
+                for blk in heap.dump(100_000)? {
+                    let state = if blk.free {
+                        "free"
+                    } else if blk.cached {
+                        "cached"
+                    } else {
+                        "used"
+                    };
+                    let _ = writeln!(out, "  {:#012x} {:>10} {state}", blk.offset, blk.size);
+                }
+                Ok(Some(CString::new(out).unwrap_or_default()))
+            })
+        },
+    );
+    if let Some(text) = text {
+        // SAFETY: `outf` is NULL or an open FILE* (the caller's contract); `text` is a
+        // NUL-terminated string that outlives the calls.
+        unsafe {
+            if outf.is_null() {
+                libc::printf(c"%s".as_ptr(), text.as_ptr());
+                libc::fflush(std::ptr::null_mut());
+            } else {
+                libc::fputs(text.as_ptr(), outf);
+                libc::fflush(outf);
+            }
+        }
+    }
+}
+
+/// The message of the calling thread's last failure ("" if none). Valid until its next
+/// failing call.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_last_error() -> *const c_char {
+    LAST_ERROR.try_with(|e| e.borrow().as_ptr()).unwrap_or(c"".as_ptr())
+}
+
+/// Commits the first `len` bytes of section `hdl` (a full backing store is `SHM_ERR_NO_MEMORY`
+/// now, never a SIGBUS later).
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_commit(hdl: c_ulong, len: c_ulong) -> c_int {
+    status(|| {
+        with_state(|st| {
+            let name = st.section_name(hdl as u64)?;
+            st.domain.open_section(&name)?.commit(len as u64)?;
+            Ok(SHM_OK)
+        })
+    })
+}
+
+/// Gives `len` bytes at `offset` of section `hdl` back (they read as zero afterwards, in every
+/// process).
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_decommit(hdl: c_ulong, offset: c_ulong, len: c_ulong) -> c_int {
+    status(|| {
+        with_state(|st| {
+            let name = st.section_name(hdl as u64)?;
+            st.domain.open_section(&name)?.decommit(offset as u64, len as u64)?;
+            Ok(SHM_OK)
+        })
+    })
+}
+
+/// Checks every block of heap `hdl`: `SHM_OK`, or `SHM_ERR_CORRUPT` with the first violation
+/// in `shm_last_error`.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_heap_check(hdl: c_ulong) -> c_int {
+    status(|| {
+        let heap = with_state(|st| st.heap(hdl))?;
+        heap.check()?;
+        Ok(SHM_OK)
+    })
+}
+
+// ------------------------------------------------------------------ semaphores
+
+/// Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the counting semaphore `name`.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_sem(name: *const c_char, initial: c_uint, psem: *mut c_ulong) -> c_int {
+    status(|| {
+        let name = name_arg(name)?;
+        let out = out_arg(psem, "psem")?;
+        let heap = with_state(|st| st.objects())?;
+        let (sem, created) = heap.find_or_zeroed::<Semaphore>(name)?;
+        sem.init(initial)?;
+        *out = sem as *const Semaphore as c_ulong;
+        Ok(if created { SHM_OK } else { SHM_EXISTS })
+    })
+}
+
+/// The semaphore at `sem`, validated against the named objects of the objects heap.
+fn semaphore(sem: c_ulong) -> Result<(Arc<Heap>, *const Semaphore), Failure> {
+    let heap = with_state(|st| st.objects())?;
+    let ok = heap.named_objects()?.iter().any(|o| o.address == sem as u64 && o.kind == ObjectKind::Semaphore);
+    if !ok {
+        return Err(invalid(format!("{sem:#x} is not a semaphore handle from shm_sem")));
+    }
+    Ok((heap, sem as usize as *const Semaphore))
+}
+
+/// Waits for a unit: `timeout_ms` -1 waits for ever, 0 only tries (`SHM_ERR_TIMEOUT` if none).
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_sem_wait(sem: c_ulong, timeout_ms: c_long) -> c_int {
+    status(|| {
+        let (_heap, p) = semaphore(sem)?;
+        // SAFETY: `p` is a named Semaphore of the objects heap (validated above), which `_heap`
+        // keeps mapped for this call.
+        let s = unsafe { &*p };
+        match timeout_ms {
+            t if t < 0 => s.wait()?,
+            0 => {
+                if !s.try_wait()? {
+                    return Err(Error::new(ErrorKind::Timeout, "no unit available").into());
+                }
+            }
+            t => s.wait_timeout(Duration::from_millis(t as u64))?,
+        }
+        Ok(SHM_OK)
+    })
+}
+
+/// Adds a unit, waking a waiter.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_sem_post(sem: c_ulong) -> c_int {
+    status(|| {
+        let (_heap, p) = semaphore(sem)?;
+        // SAFETY: as in `shm_sem_wait`.
+        unsafe { &*p }.post()?;
+        Ok(SHM_OK)
+    })
+}
+
+// ------------------------------------------------------------------ queues
+
+/// Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the byte queue `name` with a ring of at least
+/// `capacity_bytes`.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_queue(name: *const c_char, capacity_bytes: c_ulong, pq: *mut c_ulong) -> c_int {
+    status(|| {
+        let name = name_arg(name)?;
+        let out = out_arg(pq, "pq")?;
+        with_state(|st| {
+            let (q, created) = ByteQueue::create_or_open(&st.domain, name, capacity_bytes as u64)?;
+            let addr = q.section().map_or(0, |s| s.as_ptr() as u64);
+            st.queues
+                .entry(addr)
+                .or_insert_with(|| Arc::new(Mutex::new(QueueEntry { tx: None, rx: None, queue: Box::new(q) })));
+            *out = addr as c_ulong;
+            Ok(if created { SHM_OK } else { SHM_EXISTS })
+        })
+    })
+}
+
+fn queue_entry(q: c_ulong) -> Result<Arc<Mutex<QueueEntry>>, Failure> {
+    with_state(|st| {
+        if let Some(e) = st.queues.get(&(q as u64)) {
+            return Ok(e.clone());
+        }
+        let name = st.section_name(q as u64)?;
+        let queue = ByteQueue::open(&st.domain, &name)?;
+        let e = Arc::new(Mutex::new(QueueEntry { tx: None, rx: None, queue: Box::new(queue) }));
+        st.queues.insert(q as u64, e.clone());
+        Ok(e)
+    })
+}
+
+fn timeout_of(ms: c_long) -> Option<Duration> {
+    (ms >= 0).then(|| Duration::from_millis(ms as u64))
+}
+
+/// Sends one message of `len` bytes; `timeout_ms` -1 waits for room for ever, 0 only tries.
+///
+/// # Safety
+/// `msg` must point to `len` readable bytes (it may be NULL when `len` is 0).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn shm_q_write(q: c_ulong, msg: *const c_void, len: c_ulong, timeout_ms: c_long) -> c_int {
+    status(|| {
+        if msg.is_null() && len != 0 {
+            return Err(invalid("msg is NULL"));
+        }
+        let bytes: &[u8] = if len == 0 {
+            &[]
+        } else {
+            // SAFETY: `msg` points to `len` readable bytes (the caller's contract; non-NULL).
+            unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len as usize) }
+        };
+        let entry = queue_entry(q)?;
+        let mut e = entry.lock().unwrap_or_else(|p| p.into_inner());
+        if e.tx.is_none() {
+            let queue = e.queue();
+            e.tx = Some(queue.sender()?);
+        }
+        let tx = e.tx.as_mut().expect("set above");
+        match timeout_ms {
+            0 => tx.try_send(bytes)?,
+            t => match timeout_of(t) {
+                Some(d) => tx.send_timeout(bytes, d)?,
+                None => tx.send(bytes)?,
+            },
+        }
+        Ok(SHM_OK)
+    })
+}
+
+/// Receives one message into `buf`, returning its length; `SHM_ERR_INVALID` (the message stays
+/// queued) when `buflen` is too small. `timeout_ms` as for `shm_q_write`.
+///
+/// # Safety
+/// `buf` must point to `buflen` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn shm_q_read(q: c_ulong, buf: *mut c_void, buflen: c_ulong, timeout_ms: c_long) -> c_long {
+    guarded(
+        |c| c as c_long,
+        || {
+            if buf.is_null() && buflen != 0 {
+                return Err(invalid("buf is NULL"));
+            }
+            let out: &mut [u8] = if buflen == 0 {
+                &mut []
+            } else {
+                // SAFETY: `buf` points to `buflen` writable bytes (the caller's contract).
+                unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), buflen as usize) }
+            };
+            let entry = queue_entry(q)?;
+            let mut e = entry.lock().unwrap_or_else(|p| p.into_inner());
+            if e.rx.is_none() {
+                let queue = e.queue();
+                e.rx = Some(queue.receiver()?);
+            }
+            let rx = e.rx.as_mut().expect("set above");
+            let n = if timeout_ms == 0 {
+                let m = rx.try_recv()?;
+                if m.len() > out.len() {
+                    let len = m.len();
+                    std::mem::forget(m);
+                    return Err(invalid(format!("the next message has {len} bytes, more than buflen {buflen}")));
+                }
+                out[..m.len()].copy_from_slice(&m);
+                m.len()
+            } else {
+                rx.recv_into(out, timeout_of(timeout_ms))?
+            };
+            Ok(n as c_long)
+        },
+    )
+}

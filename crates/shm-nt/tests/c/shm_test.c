@@ -1,0 +1,220 @@
+/* C programs over libshm_nt, one mode per process (run by tests/c.rs). */
+#define _DEFAULT_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "shm_nt.h"
+
+#define NODES 100000UL
+
+struct node {
+    struct node *next;
+    unsigned long value;
+};
+
+struct root {
+    struct node *head;
+    unsigned long count;
+    unsigned long sum;
+};
+
+static int failures = 0;
+
+#define EXPECT(cond)                                                                        \
+    do {                                                                                    \
+        if (!(cond)) {                                                                      \
+            fprintf(stderr, "%s:%d: expected %s (last error: %s)\n", __FILE__, __LINE__, #cond, \
+                    shm_last_error());                                                      \
+            failures++;                                                                     \
+        }                                                                                   \
+    } while (0)
+
+/* Builds a list of NODES nodes in a heap and publishes its head in a raw section. */
+static void build(void) {
+    unsigned long heap, sec;
+    EXPECT(shm_heap("list.heap", 64UL << 20, &heap, 0) == SHM_OK);
+    EXPECT(shm_section("list.root", 4096, &sec) == SHM_OK);
+    struct root *r = (struct root *)sec;
+    struct node *head = NULL;
+    unsigned long sum = 0;
+    for (unsigned long i = 0; i < NODES; i++) {
+        struct node *n = shm_alloc(heap, sizeof *n);
+        if (n == NULL) {
+            fprintf(stderr, "shm_alloc failed: %s\n", shm_last_error());
+            exit(1);
+        }
+        n->value = i * 7 + 1;
+        n->next = head;
+        head = n;
+        sum += n->value;
+    }
+    r->head = head;
+    r->count = NODES;
+    r->sum = sum;
+    printf("built %lu nodes in heap %#lx, root in %#lx\n", NODES, heap, sec);
+}
+
+/* Walks the list through plain pointers (the heap is mapped on first touch), frees it. */
+static void walk(void) {
+    unsigned long sec, heap;
+    EXPECT(shm_map("list.root", 0, &sec) == SHM_OK);
+    struct root *r = (struct root *)sec;
+    unsigned long count = 0, sum = 0;
+    for (struct node *n = r->head; n != NULL;) {
+        struct node *next = n->next;
+        sum += n->value;
+        count++;
+        EXPECT(shm_free(n) == SHM_OK);
+        n = next;
+    }
+    EXPECT(count == r->count);
+    EXPECT(sum == r->sum);
+    r->head = NULL;
+    EXPECT(shm_map("list.heap", 0, &heap) == SHM_OK);
+    EXPECT(shm_heap_check(heap) == SHM_OK);
+    printf("walked %lu nodes, sum ok, heap consistent\n", count);
+}
+
+/* Receives messages until the writer is gone. */
+static void reader(void) {
+    unsigned long q, ready;
+    int rc = shm_queue("msgs", 64 << 10, &q);
+    EXPECT(rc == SHM_OK || rc == SHM_EXISTS);
+    rc = shm_sem("ready", 0, &ready);
+    EXPECT(rc == SHM_OK || rc == SHM_EXISTS);
+    char small[2], buf[64];
+    EXPECT(shm_q_read(q, buf, sizeof buf, 0) == SHM_ERR_TIMEOUT); /* nothing yet */
+    EXPECT(shm_sem_post(ready) == SHM_OK);
+    /* Too small a buffer: an error, and the message stays queued. */
+    EXPECT(shm_q_read(q, small, sizeof small, 10000) == SHM_ERR_INVALID);
+    long expected = 0, n;
+    while ((n = shm_q_read(q, buf, sizeof buf, 10000)) >= 0) {
+        char want[64];
+        snprintf(want, sizeof want, "message %ld", expected);
+        EXPECT(n == (long)strlen(want) + 1 && strcmp(buf, want) == 0);
+        expected++;
+    }
+    EXPECT(n == SHM_ERR_DISCONNECTED);
+    printf("received %ld messages, then disconnected\n", expected);
+}
+
+static void writer(void) {
+    unsigned long q, ready;
+    int rc = shm_queue("msgs", 64 << 10, &q);
+    EXPECT(rc == SHM_OK || rc == SHM_EXISTS);
+    rc = shm_sem("ready", 0, &ready);
+    EXPECT(rc == SHM_OK || rc == SHM_EXISTS);
+    EXPECT(shm_sem_wait(ready, 10000) == SHM_OK);
+    for (long i = 0; i < 1000; i++) {
+        char msg[64];
+        snprintf(msg, sizeof msg, "message %ld", i);
+        EXPECT(shm_q_write(q, msg, strlen(msg) + 1, -1) == SHM_OK);
+    }
+    printf("sent 1000 messages\n");
+}
+
+/* Every error code, from a C caller. */
+static void errors(void) {
+    unsigned long h, a, s, q, heap;
+    /* SHM_ERR_INVALID: NULLs, bad names, bad handles, a too large rsize for shm_map. */
+    EXPECT(shm_section(NULL, 4096, &h) == SHM_ERR_INVALID);
+    EXPECT(shm_section("ok", 4096, NULL) == SHM_ERR_INVALID);
+    EXPECT(shm_section("bad/name", 4096, &h) == SHM_ERR_INVALID);
+    EXPECT(shm_section("zero", 0, &h) == SHM_ERR_INVALID);
+    EXPECT(shm_free(NULL) == SHM_ERR_INVALID);
+    EXPECT(shm_alloc(12345, 16) == NULL);
+    EXPECT(strlen(shm_last_error()) > 0);
+    EXPECT(shm_section("small", 4096, &s) == SHM_OK);
+    printf("small at %#lx\n", s);
+    EXPECT(shm_section("small", 4096, &a) == SHM_EXISTS && a == s);
+    EXPECT(shm_map("small", 1 << 20, &a) == SHM_ERR_INVALID);
+    EXPECT(shm_heap_check(s) == SHM_ERR_INVALID); /* a raw section is not a heap */
+    EXPECT(shm_q_write(12345, "x", 1, 0) == SHM_ERR_INVALID);
+    EXPECT(shm_sem_post(s) == SHM_ERR_INVALID);
+    /* SHM_ERR_NOT_FOUND. */
+    EXPECT(shm_map("missing", 0, &a) == SHM_ERR_NOT_FOUND);
+    /* SHM_ERR_NO_MEMORY: two sections of 700 GiB do not fit one 1 TiB window. */
+    EXPECT(shm_section("huge1", 700UL << 30, &a) == SHM_OK);
+    EXPECT(shm_section("huge2", 700UL << 30, &a) == SHM_ERR_NO_MEMORY);
+    EXPECT(shm_map("huge1", 0, &a) == SHM_OK && shm_delete_section(a) == SHM_OK);
+    /* SHM_ERR_TIMEOUT. */
+    EXPECT(shm_sem("empty", 0, &s) == SHM_OK);
+    EXPECT(shm_sem_wait(s, 0) == SHM_ERR_TIMEOUT);
+    EXPECT(shm_sem_wait(s, 30) == SHM_ERR_TIMEOUT);
+    EXPECT(shm_sem_post(s) == SHM_OK && shm_sem_wait(s, 0) == SHM_OK);
+    EXPECT(shm_queue("lonely", 4096, &q) == SHM_OK);
+    char buf[8];
+    EXPECT(shm_q_read(q, buf, sizeof buf, 20) == SHM_ERR_TIMEOUT);
+    /* SHM_ERR_CORRUPT: damage the first block header of a heap. */
+    EXPECT(shm_heap("damaged", 1 << 20, &heap, 0) == SHM_OK);
+    void *p = shm_alloc(heap, 100);
+    EXPECT(p != NULL);
+    memset((char *)heap + (16 << 10) + 8, 0xAA, 8);
+    EXPECT(shm_heap_check(heap) == SHM_ERR_CORRUPT);
+    printf("corrupt: %s\n", shm_last_error());
+    /* force_init makes it sound again. */
+    EXPECT(shm_heap("damaged", 1 << 20, &heap, 1) == SHM_EXISTS);
+    EXPECT(shm_heap_check(heap) == SHM_OK);
+    /* realloc keeps the contents. */
+    char *c = shm_alloc(heap, 10);
+    strcpy(c, "shm_nt");
+    c = shm_realloc(c, 100000);
+    EXPECT(c != NULL && strcmp(c, "shm_nt") == 0);
+    EXPECT(shm_free(c) == SHM_OK);
+    EXPECT(shm_free(c) == SHM_ERR_INVALID); /* double free */
+    /* commit / decommit. */
+    EXPECT(shm_section("sparse", 1UL << 30, &s) == SHM_OK);
+    EXPECT(shm_commit(s, 1 << 20) == SHM_OK);
+    ((char *)s)[100] = 5;
+    EXPECT(shm_decommit(s, 0, 1 << 20) == SHM_OK);
+    EXPECT(((char *)s)[100] == 0);
+    shm_list_pools();
+    shm_list_heap(stdout, "damaged");
+    shm_list_heap(stdout, NULL); /* refused, nothing printed, no crash */
+    EXPECT(shm_exit() == SHM_OK);
+    /* SHM_ERR_PERMISSION: another user may not use this user's domain. */
+    if (geteuid() == 0) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            if (setuid(65534) != 0) _exit(3);
+            unsigned long x;
+            _exit(shm_map("small", 0, &x) == SHM_ERR_PERMISSION ? 0 : 1);
+        }
+        int st;
+        waitpid(pid, &st, 0);
+        EXPECT(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        printf("permission: checked as uid 65534\n");
+    } else {
+        printf("permission: skipped (needs root to switch users)\n");
+    }
+    printf("errors done\n");
+}
+
+/* SHM_ERR_OS: the domain's window is occupied in this process, so it cannot attach. */
+static void os_error(const char *addr_text) {
+    unsigned long addr = strtoul(addr_text, NULL, 0);
+    void *p = mmap((void *)addr, 1 << 20, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    EXPECT(p == (void *)addr);
+    unsigned long a;
+    EXPECT(shm_map("small", 0, &a) == SHM_ERR_OS);
+    printf("os error: %s\n", shm_last_error());
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    if (strcmp(argv[1], "build") == 0) build();
+    else if (strcmp(argv[1], "walk") == 0) walk();
+    else if (strcmp(argv[1], "reader") == 0) reader();
+    else if (strcmp(argv[1], "writer") == 0) writer();
+    else if (strcmp(argv[1], "errors") == 0) errors();
+    else if (strcmp(argv[1], "os_error") == 0 && argc > 2) os_error(argv[2]);
+    else return 2;
+    fflush(stdout);
+    return failures == 0 ? 0 : 1;
+}
