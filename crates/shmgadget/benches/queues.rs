@@ -169,9 +169,10 @@ struct Setup {
 }
 
 impl Setup {
-    fn bytes_throughput(&self, size: usize, runs: usize, mode: WaitMode) -> f64 {
+    /// Messages per second of `size` bytes through a byte queue with a `ring`-byte ring.
+    fn bytes_throughput(&self, size: usize, ring: u64, runs: usize, mode: WaitMode) -> f64 {
         let d = &self.d;
-        let q = ByteQueue::create(d, "data", (4 * size as u64 + 64).max(256 << 10)).unwrap();
+        let q = ByteQueue::create(d, "data", ring).unwrap();
         let ack = SlotQueue::<u64>::create(d, "ack", 4).unwrap();
         let ctl = SlotQueue::<u64>::create(d, "ctl", 4).unwrap();
         let mut p = partner("bytes-sink", d.name(), &format!("{}", (mode == WaitMode::Spin) as u8));
@@ -404,7 +405,7 @@ fn main() {
     println!("| size | shmgadget byte queue | pipe | Unix socket | memcpy | queue/pipe | queue/memcpy |");
     println!("|---|---|---|---|---|---|---|");
     for size in [8usize, 64, 1024, 64 << 10, 1 << 20] {
-        let q = s.bytes_throughput(size, runs, WaitMode::Blocking);
+        let q = s.bytes_throughput(size, (4 * size as u64 + 64).max(256 << 10), runs, WaitMode::Blocking);
         let p = pipe_throughput(size, runs);
         let u = unix_throughput(size, runs);
         let m = memcpy_rate(size);
@@ -432,11 +433,7 @@ fn main() {
     println!("| ring | throughput |");
     println!("|---|---|");
     for ring in [4u64 << 10, 64 << 10, 1 << 20, 16 << 20] {
-        let d = &s.d;
-        let q = ByteQueue::create(d, "sweep", ring).unwrap();
-        drop(q);
-        d.delete_section("sweep").unwrap();
-        let r = bytes_sweep(&s, ring, runs);
+        let r = s.bytes_throughput(64, ring, runs, WaitMode::Blocking);
         println!("| {} KiB | {} |", ring >> 10, fmt_rate(r, 64));
     }
 
@@ -473,35 +470,4 @@ fn main() {
     s.d.delete_section("blocks").unwrap();
     let Setup { d } = s;
     d.detach().unwrap();
-}
-
-fn bytes_sweep(s: &Setup, ring: u64, runs: usize) -> f64 {
-    let d = &s.d;
-    let q = ByteQueue::create(d, "data", ring).unwrap();
-    let ack = SlotQueue::<u64>::create(d, "ack", 4).unwrap();
-    let ctl = SlotQueue::<u64>::create(d, "ctl", 4).unwrap();
-    let mut p = partner("bytes-sink", d.name(), "0");
-    let mut tx = q.sender().unwrap();
-    let mut ack_rx = ack.receiver().unwrap();
-    let mut ctl_tx = ctl.sender().unwrap();
-    let msg = [1u8; 64];
-    let n = count_for(64);
-    let mut rates = Vec::new();
-    for _ in 0..runs {
-        ctl_tx.send(n).unwrap();
-        let t = Instant::now();
-        for _ in 0..n {
-            tx.send(&msg).unwrap();
-        }
-        ack_rx.recv().unwrap();
-        rates.push(n as f64 / t.elapsed().as_secs_f64());
-    }
-    ctl_tx.send(0).unwrap();
-    p.wait().unwrap();
-    drop((tx, ack_rx, ctl_tx));
-    drop((q, ack, ctl));
-    for s in ["data", "ack", "ctl"] {
-        d.delete_section(s).unwrap();
-    }
-    median(rates)
 }

@@ -105,13 +105,7 @@ const FINGERPRINT: u32 = {
         size_of::<NamedEntry>() as u64,
         cache::MAX_CACHES as u64,
     ];
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut i = 0;
-    while i < parts.len() {
-        h = (h ^ parts[i]).wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
-    }
-    (h ^ (h >> 32)) as u32
+    crate::layout_fingerprint(&parts)
 };
 
 /// Heap statistics.
