@@ -301,6 +301,8 @@ fn queue_send(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn 
     let d = Domain::attach_with(domain, &options(shm_dir))?;
     let (q, _) = shmgadget::queue::ByteQueue::create_or_open(&d, QUEUE, 1 << 20)?;
     let mut tx = q.sender()?;
+    // A stream: publish in batches (dropping the sender publishes the rest).
+    tx.set_batch(q.capacity() / 8);
     let mut msg = [0u8; QUEUE_MSG];
     for i in 0..QUEUE_MESSAGES {
         msg[..8].copy_from_slice(&i.to_le_bytes());

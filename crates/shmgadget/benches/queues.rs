@@ -177,6 +177,8 @@ impl Setup {
         let ctl = SlotQueue::<u64>::create(d, "ctl", 4).unwrap();
         let mut p = partner("bytes-sink", d.name(), &format!("{}", (mode == WaitMode::Spin) as u8));
         let mut tx = q.sender_with(mode).unwrap();
+        // A stream: publish in batches of an eighth of the ring (flushed at the end).
+        tx.set_batch(q.capacity() / 8);
         let mut ack_rx = ack.receiver().unwrap();
         let mut ctl_tx = ctl.sender().unwrap();
         let msg = vec![1u8; size];
@@ -188,6 +190,7 @@ impl Setup {
             for _ in 0..n {
                 tx.send(&msg).unwrap();
             }
+            tx.flush();
             ack_rx.recv().unwrap();
             rates.push(n as f64 / t.elapsed().as_secs_f64());
         }
