@@ -18,6 +18,15 @@
 //!   first reclaims every slot whose owner thread no longer exists (`tgkill(pid, tid, 0)`),
 //!   under the heap lock: every block listed in that store goes back to the allocator.
 //!
+//! # State words
+//! | word | value | meaning | written by |
+//! |---|---|---|---|
+//! | slot `owner` | 0 | free | reclaimer, the owner leaving (under the heap lock) |
+//! | slot `owner` | `pid << 32 \| tid` | owned by that thread | the claimer (under the heap lock) |
+//! | slot `store` | 0 / offset | no store yet / the store block (kept when the slot is freed) | claimer; `trim` |
+//! | store `counts[c]` | 0..=16 | entries `[0, n)` of class `c` are parked blocks | the owner only (or a reclaimer once it is dead) |
+//! | block `CACHED` flag | set / clear | parked / the program's (or the allocator's) | the owner, by atomic RMW |
+//!
 //! # Crash consistency
 //! Every block listed below a store's count is free for the program: a push lists the block
 //! (entry, then count, Release) before it sets `CACHED`; a pop clears `CACHED` before it lowers
@@ -51,17 +60,17 @@ const BUDGET: u64 = 1 << 20;
 
 /// One cache slot in the heap header.
 #[repr(C)]
-pub(crate) struct CacheSlot {
+pub(crate) struct CacheSlotShared {
     /// `pid << 32 | tid` of the owning thread, 0 when free. Changed under the heap lock.
     owner: AtomicU64,
-    /// Payload offset of the slot's [`CacheStore`] block in the block area; 0 when none yet.
+    /// Payload offset of the slot's [`CacheStoreShared`] block in the block area; 0 when none yet.
     store: AtomicU64,
 }
 
 /// A slot's stock, in a block of the heap. Only the owner thread writes it (or, after the
 /// owner died, the heap lock holder reclaiming it).
 #[repr(C)]
-struct CacheStore {
+struct CacheStoreShared {
     counts: [AtomicU32; CLASSES],
     entries: [[AtomicU64; DEPTH]; CLASSES],
 }
@@ -142,7 +151,7 @@ struct LocalCache {
     /// Index of our slot in the heap header; `store` is null when this thread has no slot
     /// (all taken, or the heap too small for a store): then every call takes the lock.
     slot: usize,
-    store: *const CacheStore,
+    store: *const CacheStoreShared,
     shared: *const HeapShared,
     bytes: u64,
     budget: u64,
@@ -159,10 +168,10 @@ fn me() -> u64 {
 impl LocalCache {
     /// The store, with a lifetime chosen by the caller (it is shared memory, not ours): callers
     /// use it only within one call.
-    fn store<'x>(&self) -> Option<&'x CacheStore> {
+    fn store<'x>(&self) -> Option<&'x CacheStoreShared> {
         // SAFETY: `store` points at our slot's store block inside the heap, which stays
         // allocated while we own the slot and mapped while the domain is attached (callers
-        // come through a live heap; `Drop` checks the unmap epoch first). CacheStore is
+        // come through a live heap; `Drop` checks the unmap epoch first). CacheStoreShared is
         // atomics only, so shared references are sound.
         (!self.store.is_null()).then(|| unsafe { &*self.store })
     }
@@ -201,7 +210,7 @@ impl LocalCache {
     }
 
     /// Lists block `off` in `class` and marks it parked.
-    fn park(&mut self, h: &HeapRef<'_>, store: &CacheStore, class: usize, off: u64) -> Result<()> {
+    fn park(&mut self, h: &HeapRef<'_>, store: &CacheStoreShared, class: usize, off: u64) -> Result<()> {
         // Relaxed: only this thread writes its store.
         let n = store.counts[class].load(Ordering::Relaxed) as usize;
         debug_assert!(n < DEPTH);
@@ -233,7 +242,13 @@ impl LocalCache {
 
     /// Returns blocks to the allocator under the lock: down to `keep` in `class`, or in every
     /// class when `class` is None. Each block leaves the list before it is freed.
-    fn give_back(&mut self, h: &HeapRef<'_>, store: &CacheStore, class: Option<usize>, keep: usize) -> Result<()> {
+    fn give_back(
+        &mut self,
+        h: &HeapRef<'_>,
+        store: &CacheStoreShared,
+        class: Option<usize>,
+        keep: usize,
+    ) -> Result<()> {
         let locked = h.lock()?;
         let classes = class.map_or(0..CLASSES, |c| c..c + 1);
         for c in classes {
@@ -345,7 +360,7 @@ fn claim(h: &HeapRef<'_>, instance: u64) -> LocalCache {
     let s = &h.shared.caches[slot];
     let mut off = s.store.load(Ordering::Relaxed);
     if off == 0 {
-        let size = size_of::<CacheStore>() as u64;
+        let size = size_of::<CacheStoreShared>() as u64;
         let Ok(o) = locked.tlsf().alloc(size, tlsf::ALIGN) else { return cache };
         let base = h.section as u64 + AREA_OFFSET;
         // SAFETY: a fresh block of `size` bytes in the mapped heap, ours under the lock; all
@@ -356,12 +371,12 @@ fn claim(h: &HeapRef<'_>, instance: u64) -> LocalCache {
     }
     // The store block must be a used block large enough (a corrupt header is refused).
     match locked.tlsf().usable_size(off) {
-        Ok(n) if n >= size_of::<CacheStore>() as u64 => {}
+        Ok(n) if n >= size_of::<CacheStoreShared>() as u64 => {}
         _ => return cache,
     }
     s.owner.store(me, Ordering::Relaxed);
     cache.slot = slot;
-    cache.store = (h.section as u64 + AREA_OFFSET + off) as *const CacheStore;
+    cache.store = (h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared;
     cache
 }
 
@@ -378,10 +393,10 @@ pub(crate) fn reclaim_dead(h: &HeapRef<'_>, locked: &Locked<'_>, mine: bool) -> 
             continue;
         }
         let off = s.store.load(Ordering::Relaxed);
-        if off != 0 && locked.tlsf().usable_size(off).is_ok_and(|n| n >= size_of::<CacheStore>() as u64) {
+        if off != 0 && locked.tlsf().usable_size(off).is_ok_and(|n| n >= size_of::<CacheStoreShared>() as u64) {
             // SAFETY: the store block lies in the mapped heap (validated just above) and its
             // owner is gone, so only we (under the lock) touch it.
-            let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStore) };
+            let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
             for c in 0..CLASSES {
                 // Acquire: pairs with the owner's Release stores of the count.
                 let mut n = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
@@ -408,7 +423,7 @@ pub(crate) fn parked(h: &HeapRef<'_>, locked: &Locked<'_>) -> (u64, u64) {
         // Relaxed: a snapshot.
         let off = s.store.load(Ordering::Relaxed);
         let Some(size) = (off != 0).then(|| locked.tlsf().usable_size(off).ok()).flatten() else { continue };
-        if size < size_of::<CacheStore>() as u64 {
+        if size < size_of::<CacheStoreShared>() as u64 {
             continue;
         }
         blocks += 1;
@@ -417,7 +432,7 @@ pub(crate) fn parked(h: &HeapRef<'_>, locked: &Locked<'_>) -> (u64, u64) {
             continue;
         }
         // SAFETY: the store block lies in the mapped heap (validated above); we only read it.
-        let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStore) };
+        let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
         for c in 0..CLASSES {
             let n = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
             for e in &store.entries[c][..n] {

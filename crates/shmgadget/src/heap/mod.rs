@@ -66,7 +66,7 @@ pub(crate) struct HeapShared {
     lock: RawMutex,
     tlsf: TlsfControl,
     names: [NamedEntry; MAX_NAMED],
-    caches: [cache::CacheSlot; cache::MAX_CACHES],
+    caches: [cache::CacheSlotShared; cache::MAX_CACHES],
 }
 
 /// Named objects a heap can hold.

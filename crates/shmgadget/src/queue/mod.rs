@@ -121,7 +121,7 @@ struct PeerTable {
 
 /// The header at the start of every queue section.
 #[repr(C)]
-pub(crate) struct QueueHeader {
+pub(crate) struct QueueShared {
     constant: Constant,
     send: Side,
     recv: Side,
@@ -130,20 +130,20 @@ pub(crate) struct QueueHeader {
     receivers: PeerTable,
 }
 
-const _: () = assert!(size_of::<QueueHeader>() as u64 <= DATA_OFFSET);
+const _: () = assert!(size_of::<QueueShared>() as u64 <= DATA_OFFSET);
 
 const FINGERPRINT: u32 = {
     let parts = [
-        size_of::<QueueHeader>() as u64,
-        std::mem::offset_of!(QueueHeader, events) as u64,
-        std::mem::offset_of!(QueueHeader, senders) as u64,
+        size_of::<QueueShared>() as u64,
+        std::mem::offset_of!(QueueShared, events) as u64,
+        std::mem::offset_of!(QueueShared, senders) as u64,
         MAX_PEERS as u64,
         DATA_OFFSET,
     ];
     crate::layout_fingerprint(&parts)
 };
 
-impl QueueHeader {
+impl QueueShared {
     #[cfg(any(test, loom))]
     fn new() -> Self {
         fn side() -> Side {
@@ -156,7 +156,7 @@ impl QueueHeader {
                 peers: std::array::from_fn(|_| Peer { token: AtomicU64::new(0), inflight: AtomicU64::new(IDLE) }),
             }
         }
-        QueueHeader {
+        QueueShared {
             constant: Constant {
                 magic: AtomicU64::new(0),
                 layout_version: AtomicU32::new(0),
@@ -258,8 +258,9 @@ fn attach_peer(table: &PeerTable, token: u64, max: usize, alive: &dyn Fn(u64) ->
         if (cur == 0 || !alive(cur))
             && p.token.compare_exchange(cur, token, Ordering::AcqRel, Ordering::Relaxed).is_ok()
         {
+            // Relaxed: the entry is ours now (CAS above); repairers read it only for dead peers.
             p.inflight.store(IDLE, Ordering::Relaxed);
-            // Relaxed: a flag read together with the tokens.
+            // Release: pairs with the Acquire in `side_gone` (a side seen is a side with a token).
             table.seen.store(1, Ordering::Release);
             return Some(i);
         }
@@ -328,20 +329,22 @@ fn wait_until<T>(
         let s = seq.load(Ordering::SeqCst);
         let r = attempt(true);
         if !matches!(r, Ok(None)) {
-            waiters.fetch_sub(1, Ordering::SeqCst);
+            // Relaxed (every decrement here): a waker that still sees us counted only makes a
+            // spurious wake-up.
+            waiters.fetch_sub(1, Ordering::Relaxed);
             return r.map(|v| v.expect("matched Some"));
         }
         let mut nap = LIVENESS_PERIOD;
         if let Some(d) = deadline {
             let now = Instant::now();
             if now >= d {
-                waiters.fetch_sub(1, Ordering::SeqCst);
+                waiters.fetch_sub(1, Ordering::Relaxed);
                 return Err(timed_out());
             }
             nap = nap.min(d - now);
         }
         let slept = futex_wait(seq, s, Some(nap));
-        waiters.fetch_sub(1, Ordering::SeqCst);
+        waiters.fetch_sub(1, Ordering::Relaxed);
         slept.map_err(|e| Error::from_io("cannot wait on a queue", e))?;
     }
 }
@@ -431,14 +434,14 @@ pub fn inspect(section: &crate::Section) -> Result<QueueInfo> {
     })
 }
 
-fn header_of(section: &crate::Section) -> Result<&QueueHeader> {
+fn header_of(section: &crate::Section) -> Result<&QueueShared> {
     if (section.len() as u64) < DATA_OFFSET * 2 {
         return Err(Error::new(ErrorKind::Corrupt, format!("queue {:?} is too small", section.name())));
     }
     // SAFETY: the section is mapped for as long as `section` lives, page-aligned and at least
-    // DATA_OFFSET bytes; QueueHeader is atomics only, so any bytes are a valid value and a
+    // DATA_OFFSET bytes; QueueShared is atomics only, so any bytes are a valid value and a
     // shared reference is sound.
-    Ok(unsafe { &*section.as_ptr().cast::<QueueHeader>() })
+    Ok(unsafe { &*section.as_ptr().cast::<QueueShared>() })
 }
 
 fn queue_section(

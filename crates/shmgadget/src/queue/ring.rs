@@ -25,7 +25,7 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use super::{
-    DATA_OFFSET, KIND_BYTES, QueueHeader, WaitMode, attach_peer, header_of, queue_section, side_gone, wait_until, wake,
+    DATA_OFFSET, KIND_BYTES, QueueShared, WaitMode, attach_peer, header_of, queue_section, side_gone, wait_until, wake,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::sync::shim::Ordering;
@@ -37,12 +37,12 @@ const REC_HEADER: u64 = 8;
 /// name, then take its [`sender`](ByteQueue::sender) in one process and its
 /// [`receiver`](ByteQueue::receiver) in another.
 pub struct ByteQueue {
-    hdr: NonNull<QueueHeader>,
+    hdr: NonNull<QueueShared>,
     data: *mut u8,
     cap: u64,
     section: Option<crate::Section>,
     #[cfg(any(test, loom))]
-    _mem: Option<(Box<QueueHeader>, Vec<u64>)>,
+    _mem: Option<(Box<QueueShared>, Vec<u64>)>,
 }
 
 // SAFETY: the header is atomics; the ring bytes are written only by the one sender and read by
@@ -103,14 +103,14 @@ impl ByteQueue {
     #[doc(hidden)]
     pub fn in_memory(capacity: u64) -> ByteQueue {
         let cap = capacity.next_power_of_two().max(64);
-        let hdr = Box::new(QueueHeader::new());
+        let hdr = Box::new(QueueShared::new());
         hdr.init(KIND_BYTES, cap, 0, 0);
         let mut mem = vec![0u64; (cap / 8) as usize];
         let data = mem.as_mut_ptr().cast::<u8>();
         ByteQueue { hdr: NonNull::from(&*hdr), data, cap, section: None, _mem: Some((hdr, mem)) }
     }
 
-    fn h(&self) -> &QueueHeader {
+    fn h(&self) -> &QueueShared {
         // SAFETY: the header lives in the section (or box) this handle keeps alive.
         unsafe { self.hdr.as_ref() }
     }

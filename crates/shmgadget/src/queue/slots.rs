@@ -7,6 +7,15 @@
 //! publishes `seq = p + 1` (CAS, Release); a receiver claims `p = recv.pos` when
 //! `seq == p + 1`, reads the value, then gives the slot back for the next lap, `seq = p + cap`.
 //!
+//! # State words
+//! | word | value | meaning | written by |
+//! |---|---|---|---|
+//! | slot `seq` | `p` | free for position `p` | initialiser; receiver of `p - cap` (give-back) |
+//! | slot `seq` | `p + 1` | holds position `p` (a value, or a hole if `state == HOLE`) | sender of `p`; repairer |
+//! | slot `state` | 0 / `HOLE` | value / skip me | sender (0) or repairer (`HOLE`) before `seq`; receiver resets to 0 |
+//! | peer `token` | 0 / token | free / attached process | the peer (attach, detach); repairer (dead peer) |
+//! | peer `inflight` | `IDLE` / `p` | nothing / about to claim or working on `p` | the peer; repairer (reset) |
+//!
 //! # Dead peers
 //! A process killed between claiming a position and finishing it would block that slot for
 //! ever. So each peer records the position it is about to claim (`inflight`) before its CAS,
@@ -20,7 +29,7 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use super::{
-    DATA_OFFSET, IDLE, KIND_SLOTS, MAX_PEERS, QueueHeader, WaitMode, attach_peer, header_of, queue_section, side_gone,
+    DATA_OFFSET, IDLE, KIND_SLOTS, MAX_PEERS, QueueShared, WaitMode, attach_peer, header_of, queue_section, side_gone,
     wait_until, wake,
 };
 use crate::error::{Error, ErrorKind, Result};
@@ -29,14 +38,14 @@ use crate::sync::shim::{AtomicU64, Ordering};
 const HOLE: u64 = 1;
 
 #[repr(C)]
-struct SlotHead {
+struct SlotShared {
     seq: AtomicU64,
     state: AtomicU64,
 }
 
 /// A bounded queue of `T` values between any number of sending and receiving processes.
 pub struct SlotQueue<T> {
-    hdr: NonNull<QueueHeader>,
+    hdr: NonNull<QueueShared>,
     slots: *mut u8,
     cap: u64,
     slot_size: u64,
@@ -79,7 +88,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
                 "slot queue values must be aligned to at most 16 bytes",
             ));
         }
-        Ok((size_of::<SlotHead>() as u64 + size_of::<T>() as u64).next_multiple_of(16))
+        Ok((size_of::<SlotShared>() as u64 + size_of::<T>() as u64).next_multiple_of(16))
     }
 
     fn create_inner(domain: &crate::Domain, name: &str, capacity: u64, exclusive: bool) -> Result<(Self, bool)> {
@@ -99,7 +108,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
             let heads = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
             for i in 0..cap {
                 // SAFETY: slot `i`'s head lies inside the ring (i < cap), 16-aligned.
-                let head = unsafe { &*heads.add((i * slot) as usize).cast::<SlotHead>() };
+                let head = unsafe { &*heads.add((i * slot) as usize).cast::<SlotShared>() };
                 // Relaxed: published by `init`'s Release.
                 head.seq.store(i, Ordering::Relaxed);
                 head.state.store(0, Ordering::Relaxed);
@@ -183,20 +192,20 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         Ok(SlotReceiver { q: self, idx, mode, stuck: None })
     }
 
-    fn h(&self) -> &QueueHeader {
+    fn h(&self) -> &QueueShared {
         // SAFETY: the header is at the start of the section this handle keeps mapped.
         unsafe { self.hdr.as_ref() }
     }
 
-    fn head(&self, pos: u64) -> &SlotHead {
+    fn head(&self, pos: u64) -> &SlotShared {
         // SAFETY: slot `pos % cap` lies inside the ring; heads are atomics.
-        unsafe { &*self.slots.add(((pos & (self.cap - 1)) * self.slot_size) as usize).cast::<SlotHead>() }
+        unsafe { &*self.slots.add(((pos & (self.cap - 1)) * self.slot_size) as usize).cast::<SlotShared>() }
     }
 
     fn value_ptr(&self, pos: u64) -> *mut T {
         // SAFETY: the value follows the head inside the slot (slot_size covers both), aligned
         // to 16 (slots are 16-aligned multiples of 16 and the head is 16 bytes).
-        unsafe { self.slots.add(((pos & (self.cap - 1)) * self.slot_size) as usize + size_of::<SlotHead>()).cast() }
+        unsafe { self.slots.add(((pos & (self.cap - 1)) * self.slot_size) as usize + size_of::<SlotShared>()).cast() }
     }
 
     fn alive(&self, token: u64) -> bool {
@@ -295,9 +304,10 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
             // Acquire: the receiver that gave the slot back finished reading it.
             let seq = head.seq.load(Ordering::Acquire);
             if seq == pos {
-                // Record the intent before claiming (see "Dead peers").
-                me.inflight.store(pos, Ordering::SeqCst);
-                if h.send.pos.compare_exchange_weak(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed).is_err() {
+                // Record the intent before claiming (see "Dead peers"). Relaxed: the Release of
+                // the claim below orders it, for a repairer that Acquires `send.pos`.
+                me.inflight.store(pos, Ordering::Relaxed);
+                if h.send.pos.compare_exchange_weak(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
                     continue;
                 }
                 // SAFETY: we own position `pos` (CAS above) until we publish it; the value area
@@ -327,8 +337,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                         ));
                     }
                     let lap = pos - q.cap;
-                    // Relaxed: a snapshot; the repair's CAS decides.
-                    if seq == lap + 1 && h.recv.pos.load(Ordering::Relaxed) > lap {
+                    // Acquire: pairs with the receivers' Release claims, so a dead receiver's
+                    // intent (written before its claim) is visible to `repair`.
+                    if seq == lap + 1 && h.recv.pos.load(Ordering::Acquire) > lap {
                         if self.stuck == Some(lap) && q.repair(false, lap, lap + 1, lap + q.cap) {
                             continue;
                         }
@@ -399,8 +410,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
             // Acquire: pairs with the sender's publication.
             let seq = head.seq.load(Ordering::Acquire);
             if seq == pos + 1 {
-                me.inflight.store(pos, Ordering::SeqCst);
-                if h.recv.pos.compare_exchange_weak(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed).is_err() {
+                // Relaxed + Release claim: as in `SlotSender::try_put`.
+                me.inflight.store(pos, Ordering::Relaxed);
+                if h.recv.pos.compare_exchange_weak(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
                     continue;
                 }
                 // Relaxed: ordered by the Acquire of `seq`.
@@ -425,8 +437,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
             if (seq.wrapping_sub(pos + 1) as i64) < 0 {
                 // Nothing published at this position yet.
                 if thorough {
-                    // Relaxed: a snapshot; the repair's CAS decides.
-                    if seq == pos && h.send.pos.load(Ordering::Relaxed) > pos {
+                    // Acquire: pairs with the senders' Release claims (see above).
+                    if seq == pos && h.send.pos.load(Ordering::Acquire) > pos {
                         // Claimed but not published: a sender at work, or one that died.
                         if self.stuck == Some(pos) && q.repair(true, pos, pos, pos + 1) {
                             continue;
