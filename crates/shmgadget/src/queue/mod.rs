@@ -27,7 +27,7 @@
 //! # Peers
 //! A sender or receiver handle records the process's peer token (registry slot + pid) in the
 //! header. A receiver that finds the ring empty, once a sender has been seen, and no sender
-//! token alive, reports [`ErrorKind::Disconnected`](crate::ErrorKind::Disconnected) after
+//! token alive, reports [`ErrorKind::Disconnected`] after
 //! draining what is left; a sender does the same for receivers. Sleepers wake at least every
 //! 50 ms to check liveness, because a killed peer cannot wake them.
 
