@@ -120,3 +120,45 @@ fn byte_queue_delivers_whole_messages_in_order_through_full_waits_and_wraps() {
         assert!(rx.recv().is_err());
     });
 }
+
+#[test]
+fn slot_queue_two_senders_one_receiver_deliver_every_value_once_in_order_through_a_full_ring() {
+    use shmgadget::queue::SlotQueue;
+    let mut builder = loom::model::Builder::new();
+    // One preemption (plus every switch forced by blocking) explores this model in seconds;
+    // two take minutes, too long for CI.
+    builder.preemption_bound = Some(1);
+    builder.check(|| {
+        // Two slots, two senders with two values each: senders wait for space, the receiver
+        // for values, positions are claimed by CAS from both sides.
+        let q = Arc::new(SlotQueue::<u32>::in_memory(2));
+        // A sender attached throughout: "every sender gone" must not be decided before both
+        // workers have attached (a later attach is a new connection).
+        let keep = q.sender().unwrap();
+        let senders: Vec<_> = (0..2u32)
+            .map(|id| {
+                let q = q.clone();
+                thread::spawn(move || {
+                    let mut tx = q.sender().unwrap();
+                    // Three values in two slots: someone waits for space.
+                    for i in 0..(2 - id) {
+                        tx.send(id * 10 + i).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut rx = q.receiver().unwrap();
+        let mut got: Vec<u32> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        for s in senders {
+            s.join().unwrap();
+        }
+        drop(keep);
+        assert!(rx.recv().is_err(), "every sender gone and nothing left: disconnected");
+        // Per sender in order, all four exactly once.
+        let from = |id: u32| got.iter().copied().filter(|v| v / 10 == id).collect::<Vec<_>>();
+        assert_eq!(from(0), vec![0, 1]);
+        assert_eq!(from(1), vec![10]);
+        got.sort();
+        assert_eq!(got, vec![0, 1, 10]);
+    });
+}

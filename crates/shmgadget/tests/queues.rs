@@ -96,7 +96,7 @@ fn four_producers_and_four_consumers_exchange_a_million_messages_exactly_once_in
                 assert_eq!(t.1 as u128, n * (n - 1) / 2);
                 assert_eq!(t.2, (n - 1) * n * (2 * n - 1) / 6);
             }
-            let info = shmgadget::queue::inspect(q.section()).unwrap();
+            let info = shmgadget::queue::inspect(q.section().unwrap()).unwrap();
             assert_eq!((info.sent, info.received, info.fill), (4 * PER, 4 * PER, 0));
             drop(q);
             d.delete_section("mpmc").unwrap();

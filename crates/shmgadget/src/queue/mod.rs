@@ -303,7 +303,7 @@ fn wait_until<T>(
         if let Some(v) = attempt(false)? {
             return Ok(v);
         }
-        std::hint::spin_loop();
+        crate::sync::shim::retry_hint();
     }
     let deadline = timeout.map(|t| Instant::now() + t);
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
@@ -334,16 +334,19 @@ fn wait_until<T>(
             waiters.fetch_sub(1, Ordering::Relaxed);
             return r.map(|v| v.expect("matched Some"));
         }
-        let mut nap = LIVENESS_PERIOD;
+        // Wake up at least every LIVENESS_PERIOD to check the peers. (Under loom, whose
+        // in-memory queues have no peers to die and whose model futex does not keep time,
+        // sleep until woken.)
+        let mut nap = if cfg!(loom) { None } else { Some(LIVENESS_PERIOD) };
         if let Some(d) = deadline {
             let now = Instant::now();
             if now >= d {
                 waiters.fetch_sub(1, Ordering::Relaxed);
                 return Err(timed_out());
             }
-            nap = nap.min(d - now);
+            nap = Some(nap.map_or(d - now, |n| n.min(d - now)));
         }
-        let slept = futex_wait(seq, s, Some(nap));
+        let slept = futex_wait(seq, s, nap);
         waiters.fetch_sub(1, Ordering::Relaxed);
         slept.map_err(|e| Error::from_io("cannot wait on a queue", e))?;
     }

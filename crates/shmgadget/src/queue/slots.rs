@@ -33,7 +33,7 @@ use super::{
     wait_until, wake,
 };
 use crate::error::{Error, ErrorKind, Result};
-use crate::sync::shim::{AtomicU64, Ordering};
+use crate::sync::shim::{AtomicU64, Ordering, retry_hint};
 
 const HOLE: u64 = 1;
 
@@ -49,7 +49,9 @@ pub struct SlotQueue<T> {
     slots: *mut u8,
     cap: u64,
     slot_size: u64,
-    section: crate::Section,
+    section: Option<crate::Section>,
+    #[cfg(any(test, loom))]
+    _mem: Option<(Box<QueueShared>, Vec<u128>)>,
     _t: PhantomData<T>,
 }
 
@@ -142,12 +144,52 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         }
         // SAFETY: the ring lies inside the section (checked by `validate`).
         let slots = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
-        Ok(SlotQueue { hdr: NonNull::from(h), slots, cap, slot_size: slot, section, _t: PhantomData })
+        Ok(SlotQueue {
+            hdr: NonNull::from(h),
+            slots,
+            cap,
+            slot_size: slot,
+            section: Some(section),
+            #[cfg(any(test, loom))]
+            _mem: None,
+            _t: PhantomData,
+        })
     }
 
-    /// The section holding it.
-    pub fn section(&self) -> &crate::Section {
-        &self.section
+    /// A queue in process memory (for model checking and property tests).
+    #[cfg(any(test, loom))]
+    #[doc(hidden)]
+    pub fn in_memory(capacity: u64) -> Self {
+        let cap = capacity.next_power_of_two().max(2);
+        let slot = Self::slot_size().expect("test element types are small");
+        let hdr = Box::new(QueueShared::new());
+        let mut mem = vec![0u128; (cap * slot / 16) as usize];
+        let slots = mem.as_mut_ptr().cast::<u8>();
+        for i in 0..cap {
+            // SAFETY: slot `i`'s head lies inside `mem` (i < cap, slot >= its size), 16-aligned;
+            // the heads are constructed in place (loom's atomics are not plain memory).
+            unsafe {
+                slots
+                    .add((i * slot) as usize)
+                    .cast::<SlotShared>()
+                    .write(SlotShared { seq: AtomicU64::new(i), state: AtomicU64::new(0) })
+            };
+        }
+        hdr.init(KIND_SLOTS, cap, slot, elem_code::<T>());
+        SlotQueue {
+            hdr: NonNull::from(&*hdr),
+            slots,
+            cap,
+            slot_size: slot,
+            section: None,
+            _mem: Some((hdr, mem)),
+            _t: PhantomData,
+        }
+    }
+
+    /// The section holding it (None for an in-memory queue).
+    pub fn section(&self) -> Option<&crate::Section> {
+        self.section.as_ref()
     }
 
     /// Values it holds at most.
@@ -155,9 +197,13 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         self.cap
     }
 
-    /// Its name.
+    /// Its name (`"(memory)"` for an in-memory queue).
     pub fn name(&self) -> &str {
-        self.section.name()
+        self.section.as_ref().map_or("(memory)", |s| s.name())
+    }
+
+    fn token(&self) -> u64 {
+        self.section.as_ref().map_or(1, |s| s.domain().peer_token())
     }
 
     /// Becomes one of the queue's senders (up to 64 live ones).
@@ -167,8 +213,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
 
     /// Like [`sender`](SlotQueue::sender), waiting in `mode` when the queue is full.
     pub fn sender_with(&self, mode: WaitMode) -> Result<SlotSender<'_, T>> {
-        let d = self.section.domain();
-        let idx = attach_peer(&self.h().senders, d.peer_token(), MAX_PEERS, &|t| d.peer_alive(t)).ok_or_else(|| {
+        let idx = attach_peer(&self.h().senders, self.token(), MAX_PEERS, &|t| self.alive(t)).ok_or_else(|| {
             Error::new(ErrorKind::RegistryFull, format!("slot queue {:?} has {MAX_PEERS} live senders", self.name()))
         })?;
         Ok(SlotSender { q: self, idx, mode, stuck: None })
@@ -181,14 +226,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
 
     /// Like [`receiver`](SlotQueue::receiver), waiting in `mode` when the queue is empty.
     pub fn receiver_with(&self, mode: WaitMode) -> Result<SlotReceiver<'_, T>> {
-        let d = self.section.domain();
-        let idx =
-            attach_peer(&self.h().receivers, d.peer_token(), MAX_PEERS, &|t| d.peer_alive(t)).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::RegistryFull,
-                    format!("slot queue {:?} has {MAX_PEERS} live receivers", self.name()),
-                )
-            })?;
+        let idx = attach_peer(&self.h().receivers, self.token(), MAX_PEERS, &|t| self.alive(t)).ok_or_else(|| {
+            Error::new(ErrorKind::RegistryFull, format!("slot queue {:?} has {MAX_PEERS} live receivers", self.name()))
+        })?;
         Ok(SlotReceiver { q: self, idx, mode, stuck: None })
     }
 
@@ -209,7 +249,10 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
     }
 
     fn alive(&self, token: u64) -> bool {
-        self.section.domain().peer_alive(token)
+        match &self.section {
+            Some(s) => s.domain().peer_alive(token),
+            None => token != 0,
+        }
     }
 
     /// Repairs the slot at `pos` if a dead peer of `table` had claimed it and left it at
@@ -307,7 +350,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                 // Record the intent before claiming (see "Dead peers"). Relaxed: the Release of
                 // the claim below orders it, for a repairer that Acquires `send.pos`.
                 me.inflight.store(pos, Ordering::Relaxed);
-                if h.send.pos.compare_exchange_weak(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
+                if h.send.pos.compare_exchange(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
+                    retry_hint();
                     continue;
                 }
                 // SAFETY: we own position `pos` (CAS above) until we publish it; the value area
@@ -349,6 +393,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                 return Ok(false);
             }
             // Another sender moved on: retry with the new position.
+            retry_hint();
         }
     }
 }
@@ -412,7 +457,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
             if seq == pos + 1 {
                 // Relaxed + Release claim: as in `SlotSender::try_put`.
                 me.inflight.store(pos, Ordering::Relaxed);
-                if h.recv.pos.compare_exchange_weak(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
+                if h.recv.pos.compare_exchange(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
+                    retry_hint();
                     continue;
                 }
                 // Relaxed: ordered by the Acquire of `seq`.
@@ -458,6 +504,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
                 return Ok(None);
             }
             // Another receiver moved on: retry.
+            retry_hint();
         }
     }
 }
@@ -468,5 +515,48 @@ impl<T: crate::ShmSafe + Copy + Send> Drop for SlotReceiver<'_, T> {
         // Release: after our last message.
         h.receivers.peers[self.idx].token.store(0, Ordering::Release);
         wake(&h.events.space_seq, &h.events.space_waiters, u32::MAX);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    proptest! {
+        #[test]
+        fn the_slot_queue_behaves_like_a_bounded_vecdeque(
+            ops in proptest::collection::vec(any::<Option<u32>>(), 1..400),
+            cap in 1u64..20,
+        ) {
+            let q = SlotQueue::<u32>::in_memory(cap);
+            let mut tx = q.sender().unwrap();
+            let mut rx = q.receiver().unwrap();
+            let mut model = VecDeque::new();
+            for op in ops {
+                match op {
+                    Some(v) => match tx.try_send(v) {
+                        Ok(()) => model.push_back(v),
+                        Err(e) => {
+                            prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                            prop_assert_eq!(model.len() as u64, q.capacity(), "refused although not full");
+                        }
+                    },
+                    None => match rx.try_recv() {
+                        Ok(v) => prop_assert_eq!(Some(v), model.pop_front()),
+                        Err(e) => {
+                            prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                            prop_assert!(model.is_empty());
+                        }
+                    },
+                }
+            }
+            drop(tx);
+            while let Some(want) = model.pop_front() {
+                prop_assert_eq!(rx.try_recv().unwrap(), want);
+            }
+            prop_assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
+        }
     }
 }

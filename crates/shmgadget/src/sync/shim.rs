@@ -63,3 +63,13 @@ mod model {
 
 #[cfg(loom)]
 pub(crate) use model::{futex_wait, futex_wake};
+
+/// Inside a retry loop: a spin hint, or under loom a yield (loom must see the other threads
+/// make progress, or it reports the loop as a livelock).
+#[inline]
+pub(crate) fn retry_hint() {
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
