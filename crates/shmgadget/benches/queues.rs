@@ -230,7 +230,9 @@ impl Setup {
         median(rates)
     }
 
-    fn bytes_rtt(&self, size: usize, mode: WaitMode, n: usize) -> (Duration, Duration) {
+    /// Round trips of `size`-byte messages; with `pause`, each round trip starts after a
+    /// pause long enough for the echoing side to stop spinning and sleep.
+    fn bytes_rtt(&self, size: usize, mode: WaitMode, n: usize, pause: Option<Duration>) -> (Duration, Duration) {
         let d = &self.d;
         let ping = ByteQueue::create(d, "ping", 64 << 10).unwrap();
         let pong = ByteQueue::create(d, "pong", 64 << 10).unwrap();
@@ -240,6 +242,9 @@ impl Setup {
         let msg = vec![7u8; size];
         let mut rtts = Vec::with_capacity(n);
         for i in 0..n + 100 {
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
             let t = Instant::now();
             tx.send(&msg).unwrap();
             drop(rx.recv().unwrap());
@@ -352,13 +357,16 @@ fn unix_throughput(size: usize, runs: usize) -> f64 {
     median(rates)
 }
 
-fn pipe_rtt(size: usize, n: usize) -> (Duration, Duration) {
+fn pipe_rtt(size: usize, n: usize, pause: Option<Duration>) -> (Duration, Duration) {
     let mut p = partner("pipe-echo", "-", &size.to_string());
     let (mut i, mut o) = (p.stdin.take().unwrap(), p.stdout.take().unwrap());
     let msg = vec![7u8; size];
     let mut buf = vec![0u8; size];
     let mut rtts = Vec::new();
     for k in 0..n + 100 {
+        if let Some(p) = pause {
+            std::thread::sleep(p);
+        }
         let t = Instant::now();
         i.write_all(&msg).unwrap();
         o.read_exact(&mut buf).unwrap();
@@ -446,9 +454,9 @@ fn main() {
     let n = (20_000.0 * speed()) as usize;
     let line = s.line_rtt(n as u64);
     for size in [8usize, 1024] {
-        let b = s.bytes_rtt(size, WaitMode::Blocking, n);
-        let sp = s.bytes_rtt(size, WaitMode::Spin, n);
-        let p = pipe_rtt(size, n);
+        let b = s.bytes_rtt(size, WaitMode::Blocking, n, None);
+        let sp = s.bytes_rtt(size, WaitMode::Spin, n, None);
+        let p = pipe_rtt(size, n, None);
         println!(
             "| {size} B | {} / {} | {} / {} | {} / {} | {} / {} |",
             us(b.0),
@@ -459,6 +467,23 @@ fn main() {
             us(p.1),
             us(line.0),
             us(line.1)
+        );
+    }
+
+    println!("\n## Round trip after the other side fell asleep (a 300 µs pause before each; median / 99th)\n");
+    println!("| message | blocking (futex wake-up) | pipe | blocking/pipe |");
+    println!("|---|---|---|---|");
+    let pause = Some(Duration::from_micros(300));
+    for size in [8usize, 1024] {
+        let b = s.bytes_rtt(size, WaitMode::Blocking, n / 10, pause);
+        let p = pipe_rtt(size, n / 10, pause);
+        println!(
+            "| {size} B | {} / {} | {} / {} | {:.2}× |",
+            us(b.0),
+            us(b.1),
+            us(p.0),
+            us(p.1),
+            b.0.as_secs_f64() / p.0.as_secs_f64()
         );
     }
 

@@ -47,6 +47,8 @@ use crate::sync::shim::{AtomicU32, AtomicU64, Ordering, fence, futex_wait, futex
 const SPINS: u32 = 2000;
 #[cfg(loom)]
 const SPINS: u32 = 1;
+/// Checks before sleeping right after this thread woke a peer (see `wait_until`).
+const SHORT_SPINS: u32 = 50;
 
 /// Where the ring starts in a queue section.
 pub const DATA_OFFSET: u64 = 4096;
@@ -299,7 +301,12 @@ fn wait_until<T>(
     timeout: Option<Duration>,
     mut attempt: impl FnMut(bool) -> Result<Option<T>>,
 ) -> Result<T> {
-    for _ in 0..SPINS {
+    // If this thread has just woken a sleeping peer, the answer needs that peer to be
+    // scheduled first: spinning here would keep our core busy and, on an idle machine (a VM
+    // above all), make the peer wait for another core to wake up. Sleep at once instead, as
+    // a pipe reader does, so the peer can run where we were.
+    let spins = if woke_a_peer_recently() { SHORT_SPINS } else { SPINS };
+    for _ in 0..spins {
         if let Some(v) = attempt(false)? {
             return Ok(v);
         }
@@ -360,7 +367,36 @@ fn wake(seq: &AtomicU32, waiters: &AtomicU32, n: u32) {
     if waiters.load(Ordering::Relaxed) > 0 {
         seq.fetch_add(1, Ordering::SeqCst);
         futex_wake(seq, n);
+        note_woke_a_peer();
     }
+}
+
+#[cfg(not(loom))]
+thread_local! {
+    /// When this thread last woke a sleeping peer.
+    static LAST_WAKE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// How recent a wake-up makes a waiter skip its spinning.
+#[cfg(not(loom))]
+const RECENT_WAKE: Duration = Duration::from_micros(50);
+
+#[cfg(not(loom))]
+fn note_woke_a_peer() {
+    let _ = LAST_WAKE.try_with(|w| w.set(Some(Instant::now())));
+}
+
+#[cfg(not(loom))]
+fn woke_a_peer_recently() -> bool {
+    LAST_WAKE.try_with(|w| w.take().is_some_and(|t| t.elapsed() < RECENT_WAKE)).unwrap_or(false)
+}
+
+#[cfg(loom)]
+fn note_woke_a_peer() {}
+
+#[cfg(loom)]
+fn woke_a_peer_recently() -> bool {
+    false
 }
 
 /// The address of a heap block in flight through a queue ([`SlotQueue<BlockAddr>`]): the
