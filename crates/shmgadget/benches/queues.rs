@@ -1,27 +1,37 @@
-//! Queue throughput and latency between two processes, next to references measured in the same
-//! run: a pipe, a Unix stream socket, `memcpy` of the same bytes, and a bare cache-line
-//! ping-pong. Each figure is the median of several runs; the table is printed in Markdown (the
-//! one in BENCHMARKS.md comes from here).
+//! Queue throughput and latency between two processes (this binary re-executed as the
+//! partner), as criterion benchmarks, each next to references measured in the same run: a pipe,
+//! a Unix stream socket, `memcpy` of the same bytes, and a bare cache-line ping-pong. After the
+//! criterion groups it prints the ratio table in Markdown (the one in BENCHMARKS.md), from the
+//! same samples: throughput over the measured calls, round-trip percentiles over every round
+//! trip timed.
 //!
-//! Run: `cargo bench -p shmgadget --bench queues` (add `-- quick` for fewer, shorter runs).
+//! Run: `cargo bench -p shmgadget --bench queues` (`SHMG_BENCH_QUICK=1` for short runs; a
+//! criterion filter such as `-- latency` runs some groups only).
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use criterion::{BenchmarkId, Criterion, Throughput};
 use shmgadget::heap::{Heap, ShmBox};
 use shmgadget::queue::{BlockAddr, ByteQueue, SlotQueue, WaitMode};
 use shmgadget::{Domain, DomainOptions, SectionOptions};
 
 const ROLE: &str = "SHMG_QBENCH_ROLE";
+const SIZES: [usize; 5] = [8, 64, 1024, 64 << 10, 1 << 20];
+const CAPACITIES: [u64; 7] = [16, 64, 256, 1024, 4096, 16384, 65536];
+const RINGS: [u64; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
+const PAUSE: Duration = Duration::from_micros(300);
 
 fn opts(must_exist: bool) -> DomainOptions {
     DomainOptions { window_size: 1 << 32, must_exist, ..Default::default() }
 }
 
-fn partner(role: &str, domain: &str, arg: &str) -> std::process::Child {
+fn partner(role: &str, domain: &str, arg: &str) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .env(ROLE, role)
         .env("DOMAIN", domain)
@@ -32,67 +42,52 @@ fn partner(role: &str, domain: &str, arg: &str) -> std::process::Child {
         .unwrap()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn percentile(v: &mut [Duration], p: f64) -> Duration {
+fn percentile(v: &[Duration], p: f64) -> Duration {
+    let mut v = v.to_vec();
     v.sort();
-    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
-}
-
-/// Messages for about `secs` of traffic at an expected rate.
-fn count_for(size: usize) -> u64 {
-    (((256u64 << 20) / size.max(64) as u64).clamp(200, 2_000_000) as f64 * speed()) as u64
-}
-
-fn speed() -> f64 {
-    if std::env::args().any(|a| a == "quick") { 0.25 } else { 1.0 }
+    v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or_default()
 }
 
 // ------------------------------------------------------------------ partner processes
+
+/// Reads a round's message count (0: stop) from a stream.
+fn read_count(r: &mut impl Read) -> u64 {
+    let mut n = [0u8; 8];
+    r.read_exact(&mut n).map(|_| u64::from_le_bytes(n)).unwrap_or(0)
+}
 
 fn run_partner(role: &str) {
     let domain = std::env::var("DOMAIN").unwrap();
     let arg = std::env::var("ARG").unwrap();
     let mut a = arg.split(',').map(|x| x.parse::<u64>().unwrap());
     match role {
-        "bytes-sink" => {
-            // Receives (size, n) rounds until n == 0; acks each round on "ack".
+        "bytes-sink" | "slots-sink" => {
+            // Rounds: a count on "ctl", that many messages on "data", an ack on "ack".
             let d = Domain::attach_with(&domain, &opts(true)).unwrap();
-            let q = ByteQueue::open(&d, "data").unwrap();
             let ack = SlotQueue::<u64>::open(&d, "ack").unwrap();
-            let mode = if a.next() == Some(1) { WaitMode::Spin } else { WaitMode::Blocking };
-            let mut rx = q.receiver_with(mode).unwrap();
-            let mut tx = ack.sender().unwrap();
             let ctl = SlotQueue::<u64>::open(&d, "ctl").unwrap();
-            let mut ctl = ctl.receiver().unwrap();
-            loop {
-                let n = ctl.recv().unwrap();
-                if n == 0 {
-                    break;
+            let (mut tx, mut ctl) = (ack.sender().unwrap(), ctl.receiver().unwrap());
+            if role == "bytes-sink" {
+                let q = ByteQueue::open(&d, "data").unwrap();
+                let mut rx = q.receiver().unwrap();
+                while let Ok(n @ 1..) = ctl.recv() {
+                    let mut sum = 0u64;
+                    for _ in 0..n {
+                        sum = sum.wrapping_add(rx.recv().unwrap()[0] as u64);
+                    }
+                    tx.send(sum).unwrap();
                 }
-                let mut sum = 0u64;
-                for _ in 0..n {
-                    let m = rx.recv().unwrap();
-                    sum = sum.wrapping_add(m[0] as u64);
+            } else {
+                let q = SlotQueue::<[u8; 64]>::open(&d, "data").unwrap();
+                let mut rx = q.receiver().unwrap();
+                while let Ok(n @ 1..) = ctl.recv() {
+                    let mut sum = 0u64;
+                    for _ in 0..n {
+                        sum = sum.wrapping_add(rx.recv().unwrap()[0] as u64);
+                    }
+                    tx.send(sum).unwrap();
                 }
-                tx.send(sum).unwrap();
             }
-        }
-        "slots-sink" => {
-            let d = Domain::attach_with(&domain, &opts(true)).unwrap();
-            let q = SlotQueue::<[u8; 64]>::open(&d, "data").unwrap();
-            let ack = SlotQueue::<u64>::open(&d, "ack").unwrap();
-            let mut rx = q.receiver().unwrap();
-            let mut tx = ack.sender().unwrap();
-            let n = a.next().unwrap();
-            let mut sum = 0u64;
-            for _ in 0..n {
-                sum = sum.wrapping_add(rx.recv().unwrap()[0] as u64);
-            }
-            tx.send(sum).unwrap();
         }
         "bytes-echo" => {
             let d = Domain::attach_with(&domain, &opts(true)).unwrap();
@@ -101,24 +96,24 @@ fn run_partner(role: &str) {
             let pong = ByteQueue::open(&d, "pong").unwrap();
             let mut rx = ping.receiver_with(mode).unwrap();
             let mut tx = pong.sender_with(mode).unwrap();
-            loop {
-                let m = match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                };
+            while let Ok(m) = rx.recv() {
                 tx.send(&m).unwrap();
             }
         }
         "line-echo" => {
+            // Answers each odd value v with v + 1, until u64::MAX.
             let d = Domain::attach_with(&domain, &opts(true)).unwrap();
             let s = d.open_section("line").unwrap();
             let w = s.at::<AtomicU64>(0).unwrap();
-            let n = a.next().unwrap();
-            for i in 0..n {
-                while w.load(Ordering::Acquire) != 2 * i + 1 {
-                    std::hint::spin_loop();
+            loop {
+                let v = w.load(Ordering::Acquire);
+                if v == u64::MAX {
+                    break;
                 }
-                w.store(2 * i + 2, Ordering::Release);
+                if v % 2 == 1 {
+                    w.store(v + 1, Ordering::Release);
+                }
+                std::hint::spin_loop();
             }
         }
         "handover-echo" => {
@@ -132,13 +127,35 @@ fn run_partner(role: &str) {
             }
         }
         "pipe-sink" => {
-            let (size, n) = (a.next().unwrap() as usize, a.next().unwrap());
+            let size = a.next().unwrap() as usize;
             let mut buf = vec![0u8; size];
-            let mut stdin = std::io::stdin().lock();
-            for _ in 0..n {
-                stdin.read_exact(&mut buf).unwrap();
+            let (mut i, mut o) = (std::io::stdin().lock(), std::io::stdout().lock());
+            loop {
+                let n = read_count(&mut i);
+                if n == 0 {
+                    break;
+                }
+                for _ in 0..n {
+                    i.read_exact(&mut buf).unwrap();
+                }
+                o.write_all(b"k").unwrap();
+                o.flush().unwrap();
             }
-            std::io::stdout().write_all(b"k").unwrap();
+        }
+        "unix-sink" => {
+            let size = a.next().unwrap() as usize;
+            let mut s = UnixStream::connect(&domain).unwrap();
+            let mut buf = vec![0u8; size];
+            loop {
+                let n = read_count(&mut s);
+                if n == 0 {
+                    break;
+                }
+                for _ in 0..n {
+                    s.read_exact(&mut buf).unwrap();
+                }
+                s.write_all(b"k").unwrap();
+            }
         }
         "pipe-echo" => {
             let size = a.next().unwrap() as usize;
@@ -149,247 +166,302 @@ fn run_partner(role: &str) {
                 o.flush().unwrap();
             }
         }
-        "unix-sink" => {
-            let (size, n) = (a.next().unwrap() as usize, a.next().unwrap());
-            let mut s = UnixStream::connect(&domain).unwrap();
-            let mut buf = vec![0u8; size];
-            for _ in 0..n {
-                s.read_exact(&mut buf).unwrap();
-            }
-            s.write_all(b"k").unwrap();
-        }
         other => panic!("unknown role {other}"),
     }
 }
 
-// ------------------------------------------------------------------ measurements
+// ------------------------------------------------------------------ measuring through criterion
 
-struct Setup {
-    d: Domain,
+/// Results kept from the criterion samples, for the ratio table: each call's (iterations,
+/// time), and single round-trip times.
+#[derive(Default)]
+struct Results {
+    rates: BTreeMap<String, Vec<(u64, Duration)>>,
+    rtts: BTreeMap<String, Vec<Duration>>,
 }
 
-impl Setup {
-    /// Messages per second of `size` bytes through a byte queue with a `ring`-byte ring.
-    fn bytes_throughput(&self, size: usize, ring: u64, runs: usize, mode: WaitMode) -> f64 {
-        let d = &self.d;
-        let q = ByteQueue::create(d, "data", ring).unwrap();
-        let ack = SlotQueue::<u64>::create(d, "ack", 4).unwrap();
-        let ctl = SlotQueue::<u64>::create(d, "ctl", 4).unwrap();
-        let mut p = partner("bytes-sink", d.name(), &format!("{}", (mode == WaitMode::Spin) as u8));
-        let mut tx = q.sender_with(mode).unwrap();
-        // A stream: publish in batches of an eighth of the ring (flushed at the end).
+impl Results {
+    /// Iterations per second over the calls of `key`, leaving out the small warm-up calls
+    /// (under 1% of the largest), whose fixed per-call cost would understate the rate.
+    fn rate(&self, key: &str) -> f64 {
+        let Some(v) = self.rates.get(key) else { return f64::NAN };
+        let max = v.iter().map(|x| x.0).max().unwrap_or(0);
+        let (n, t) = v.iter().filter(|x| x.0 * 100 >= max).fold((0u64, Duration::ZERO), |(n, t), x| (n + x.0, t + x.1));
+        n as f64 / t.as_secs_f64()
+    }
+}
+
+struct Bench {
+    c: Criterion,
+    d: Domain,
+    results: RefCell<Results>,
+}
+
+impl Bench {
+    fn quick() -> bool {
+        std::env::var_os("SHMG_BENCH_QUICK").is_some()
+    }
+
+    /// Benchmarks `f(iters)` (which does `iters` iterations and returns their time) as
+    /// `group/id`; keeps its rates under `key`.
+    fn rate(&mut self, group: &str, id: BenchmarkId, bytes: u64, key: &str, mut f: impl FnMut(u64) -> Duration) {
+        let quick = Self::quick();
+        let results = &self.results;
+        let mut g = self.c.benchmark_group(group);
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(if quick { 100 } else { 500 }))
+            .measurement_time(Duration::from_millis(if quick { 400 } else { 2000 }))
+            .throughput(if bytes > 0 { Throughput::Bytes(bytes) } else { Throughput::Elements(1) });
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let t = f(iters);
+                results.borrow_mut().rates.entry(key.to_owned()).or_default().push((iters, t));
+                t
+            })
+        });
+        g.finish();
+    }
+
+    /// Benchmarks round trips: `f(iters, out)` pushes each round trip's time to `out`.
+    fn rtt(&mut self, group: &str, id: BenchmarkId, key: &str, mut f: impl FnMut(u64, &mut Vec<Duration>)) {
+        let quick = Self::quick();
+        let results = &self.results;
+        let mut g = self.c.benchmark_group(group);
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(if quick { 100 } else { 500 }))
+            .measurement_time(Duration::from_millis(if quick { 400 } else { 2000 }));
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut v = Vec::with_capacity(iters as usize);
+                f(iters, &mut v);
+                let total = v.iter().sum();
+                results.borrow_mut().rtts.entry(key.to_owned()).or_default().extend(v);
+                total
+            })
+        });
+        g.finish();
+    }
+
+    fn cleanup(&self, names: &[&str]) {
+        for n in names {
+            let _ = self.d.delete_section(n);
+        }
+    }
+}
+
+/// Streams messages of `size` bytes through a byte queue with a `ring`-byte ring.
+fn bench_bytes(b: &mut Bench, group: &str, id: BenchmarkId, key: &str, size: usize, ring: u64) {
+    let d = b.d.clone();
+    let q = ByteQueue::create(&d, "data", ring).unwrap();
+    let ack = SlotQueue::<u64>::create(&d, "ack", 4).unwrap();
+    let ctl = SlotQueue::<u64>::create(&d, "ctl", 4).unwrap();
+    let mut p = partner("bytes-sink", d.name(), "0");
+    {
+        let mut tx = q.sender().unwrap();
+        // A stream: publish in batches of an eighth of the ring, flushed after each burst.
         tx.set_batch(q.capacity() / 8);
-        let mut ack_rx = ack.receiver().unwrap();
-        let mut ctl_tx = ctl.sender().unwrap();
+        let (mut ack_rx, mut ctl_tx) = (ack.receiver().unwrap(), ctl.sender().unwrap());
         let msg = vec![1u8; size];
-        let n = count_for(size);
-        let mut rates = Vec::new();
-        for _ in 0..runs {
-            ctl_tx.send(n).unwrap();
+        b.rate(group, id, size as u64, key, |iters| {
+            ctl_tx.send(iters).unwrap();
             let t = Instant::now();
-            for _ in 0..n {
+            for _ in 0..iters {
                 tx.send(&msg).unwrap();
             }
             tx.flush();
             ack_rx.recv().unwrap();
-            rates.push(n as f64 / t.elapsed().as_secs_f64());
-        }
+            t.elapsed()
+        });
         ctl_tx.send(0).unwrap();
         p.wait().unwrap();
-        drop((tx, ack_rx, ctl_tx));
-        drop((q, ack, ctl));
-        for s in ["data", "ack", "ctl"] {
-            d.delete_section(s).unwrap();
-        }
-        median(rates)
     }
+    drop((q, ack, ctl));
+    b.cleanup(&["data", "ack", "ctl"]);
+}
 
-    fn slots_throughput(&self, capacity: u64, runs: usize) -> f64 {
-        let d = &self.d;
-        let mut rates = Vec::new();
-        for _ in 0..runs {
-            let q = SlotQueue::<[u8; 64]>::create(d, "data", capacity).unwrap();
-            let ack = SlotQueue::<u64>::create(d, "ack", 4).unwrap();
-            let n = count_for(64) / 2;
-            let mut p = partner("slots-sink", d.name(), &n.to_string());
-            let mut tx = q.sender().unwrap();
-            let mut ack_rx = ack.receiver().unwrap();
-            let v = [1u8; 64];
+fn bench_slots(b: &mut Bench, capacity: u64) {
+    let d = b.d.clone();
+    let q = SlotQueue::<[u8; 64]>::create(&d, "data", capacity).unwrap();
+    let ack = SlotQueue::<u64>::create(&d, "ack", 4).unwrap();
+    let ctl = SlotQueue::<u64>::create(&d, "ctl", 4).unwrap();
+    let mut p = partner("slots-sink", d.name(), "0");
+    {
+        let mut tx = q.sender().unwrap();
+        let (mut ack_rx, mut ctl_tx) = (ack.receiver().unwrap(), ctl.sender().unwrap());
+        let v = [1u8; 64];
+        let id = BenchmarkId::new("slot_queue_64B", capacity);
+        b.rate("capacity", id, 64, &format!("slots/{capacity}"), |iters| {
+            ctl_tx.send(iters).unwrap();
             let t = Instant::now();
-            for _ in 0..n {
+            for _ in 0..iters {
                 tx.send(v).unwrap();
             }
             ack_rx.recv().unwrap();
-            rates.push(n as f64 / t.elapsed().as_secs_f64());
-            p.wait().unwrap();
-            drop((tx, ack_rx));
-            drop((q, ack));
-            d.delete_section("data").unwrap();
-            d.delete_section("ack").unwrap();
-        }
-        median(rates)
+            t.elapsed()
+        });
+        ctl_tx.send(0).unwrap();
+        p.wait().unwrap();
     }
+    drop((q, ack, ctl));
+    b.cleanup(&["data", "ack", "ctl"]);
+}
 
-    /// Round trips of `size`-byte messages; with `pause`, each round trip starts after a
-    /// pause long enough for the echoing side to stop spinning and sleep.
-    fn bytes_rtt(&self, size: usize, mode: WaitMode, n: usize, pause: Option<Duration>) -> (Duration, Duration) {
-        let d = &self.d;
-        let ping = ByteQueue::create(d, "ping", 64 << 10).unwrap();
-        let pong = ByteQueue::create(d, "pong", 64 << 10).unwrap();
-        let mut p = partner("bytes-echo", d.name(), &format!("{}", (mode == WaitMode::Spin) as u8));
+/// A stream of `size`-byte messages through a pipe (`unix`: a Unix stream socket).
+fn bench_stream(b: &mut Bench, size: usize, unix: bool) {
+    let arg = size.to_string();
+    let msg = vec![1u8; size];
+    let name = if unix { "unix_socket" } else { "pipe" };
+    let path = std::env::temp_dir().join(format!("shmg-qbench-{}.sock", std::process::id()));
+    let (mut child, mut w, mut r): (Child, Box<dyn Write>, Box<dyn Read>) = if unix {
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let child = partner("unix-sink", path.to_str().unwrap(), &arg);
+        let (s, _) = l.accept().unwrap();
+        (child, Box::new(s.try_clone().unwrap()), Box::new(s))
+    } else {
+        let mut child = partner("pipe-sink", "-", &arg);
+        let (i, o): (ChildStdin, ChildStdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+        (child, Box::new(i), Box::new(o))
+    };
+    b.rate("size", BenchmarkId::new(name, size), size as u64, &format!("{name}/{size}"), |iters| {
+        w.write_all(&iters.to_le_bytes()).unwrap();
+        let t = Instant::now();
+        for _ in 0..iters {
+            w.write_all(&msg).unwrap();
+        }
+        w.flush().unwrap();
+        let mut k = [0u8; 1];
+        r.read_exact(&mut k).unwrap();
+        t.elapsed()
+    });
+    w.write_all(&0u64.to_le_bytes()).unwrap();
+    drop(w);
+    child.wait().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+fn bench_memcpy(b: &mut Bench, size: usize) {
+    let src = vec![1u8; size];
+    let mut dst = vec![0u8; size];
+    b.rate("size", BenchmarkId::new("memcpy", size), size as u64, &format!("memcpy/{size}"), |iters| {
+        let t = Instant::now();
+        for _ in 0..iters {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&mut dst);
+        }
+        t.elapsed()
+    });
+}
+
+/// Round trips through two byte queues; with `pause`, the echoing side is asleep each time.
+fn bench_bytes_rtt(b: &mut Bench, size: usize, mode: WaitMode, pause: Option<Duration>) {
+    let d = b.d.clone();
+    let ping = ByteQueue::create(&d, "ping", 64 << 10).unwrap();
+    let pong = ByteQueue::create(&d, "pong", 64 << 10).unwrap();
+    let mut p = partner("bytes-echo", d.name(), &format!("{}", (mode == WaitMode::Spin) as u8));
+    {
         let mut tx = ping.sender_with(mode).unwrap();
         let mut rx = pong.receiver_with(mode).unwrap();
         let msg = vec![7u8; size];
-        let mut rtts = Vec::with_capacity(n);
-        for i in 0..n + 100 {
-            if let Some(p) = pause {
-                std::thread::sleep(p);
+        let name = match (mode, pause) {
+            (_, Some(_)) => "asleep",
+            (WaitMode::Spin, _) => "spin",
+            _ => "blocking",
+        };
+        let group = if pause.is_some() { "latency_asleep" } else { "latency" };
+        b.rtt(group, BenchmarkId::new(name, size), &format!("{name}/{size}"), |iters, out| {
+            for _ in 0..iters {
+                if let Some(p) = pause {
+                    std::thread::sleep(p);
+                }
+                let t = Instant::now();
+                tx.send(&msg).unwrap();
+                drop(rx.recv().unwrap());
+                out.push(t.elapsed());
             }
-            let t = Instant::now();
-            tx.send(&msg).unwrap();
-            drop(rx.recv().unwrap());
-            if i >= 100 {
-                rtts.push(t.elapsed());
-            }
-        }
-        drop(tx);
-        p.wait().unwrap();
-        drop(rx);
-        drop((ping, pong));
-        d.delete_section("ping").unwrap();
-        d.delete_section("pong").unwrap();
-        (percentile(&mut rtts, 0.5), percentile(&mut rtts, 0.99))
+        });
     }
-
-    fn line_rtt(&self, n: u64) -> (Duration, Duration) {
-        let d = &self.d;
-        let s = d.create_section("line", 4096, &SectionOptions::new()).unwrap();
-        let w = s.at::<AtomicU64>(0).unwrap();
-        w.store(0, Ordering::Relaxed);
-        let mut p = partner("line-echo", d.name(), &(n + 100).to_string());
-        let mut rtts = Vec::new();
-        for i in 0..n + 100 {
-            let t = Instant::now();
-            w.store(2 * i + 1, Ordering::Release);
-            while w.load(Ordering::Acquire) != 2 * i + 2 {
-                std::hint::spin_loop();
-            }
-            if i >= 100 {
-                rtts.push(t.elapsed());
-            }
-        }
-        p.wait().unwrap();
-        drop(s);
-        d.delete_section("line").unwrap();
-        (percentile(&mut rtts, 0.5), percentile(&mut rtts, 0.99))
-    }
-
-    fn handover(&self, heap: &Heap, size: usize, n: usize) -> Duration {
-        let d = &self.d;
-        let give = SlotQueue::<BlockAddr>::create(d, "give", 4).unwrap();
-        let back = SlotQueue::<BlockAddr>::create(d, "back", 4).unwrap();
-        let mut p = partner("handover-echo", d.name(), "0");
-        let mut tx = give.sender().unwrap();
-        let mut rx = back.receiver().unwrap();
-        let layout = std::alloc::Layout::from_size_align(size, 16).unwrap();
-        let mut block = heap.alloc_zeroed(layout).unwrap();
-        let mut times = Vec::new();
-        for _ in 0..n {
-            // SAFETY: a live block of `size` bytes of this heap, owned by whoever holds its address.
-            let b: ShmBox<u8> = unsafe { ShmBox::from_raw_in(block.as_ptr(), heap.allocator()) };
-            let t = Instant::now();
-            tx.send(BlockAddr::from_box(b)).unwrap();
-            let got = rx.recv().unwrap();
-            times.push(t.elapsed());
-            block = std::ptr::NonNull::new(got.addr() as *mut u8).unwrap();
-        }
-        drop(tx);
-        p.wait().unwrap();
-        // SAFETY: the block came back; nobody else uses it.
-        unsafe { heap.free(block).unwrap() };
-        drop(rx);
-        drop((give, back));
-        d.delete_section("give").unwrap();
-        d.delete_section("back").unwrap();
-        percentile(&mut times, 0.5)
-    }
+    p.wait().unwrap();
+    drop((ping, pong));
+    b.cleanup(&["ping", "pong"]);
 }
 
-fn pipe_throughput(size: usize, runs: usize) -> f64 {
-    let n = count_for(size);
-    let msg = vec![1u8; size];
-    let mut rates = Vec::new();
-    for _ in 0..runs {
-        let mut p = partner("pipe-sink", "-", &format!("{size},{n}"));
-        let mut stdin = p.stdin.take().unwrap();
-        let t = Instant::now();
-        for _ in 0..n {
-            stdin.write_all(&msg).unwrap();
-        }
-        let mut k = [0u8; 1];
-        p.stdout.as_mut().unwrap().read_exact(&mut k).unwrap();
-        rates.push(n as f64 / t.elapsed().as_secs_f64());
-        p.wait().unwrap();
-    }
-    median(rates)
-}
-
-fn unix_throughput(size: usize, runs: usize) -> f64 {
-    let n = count_for(size);
-    let msg = vec![1u8; size];
-    let mut rates = Vec::new();
-    for r in 0..runs {
-        let path = std::env::temp_dir().join(format!("shmg-qbench-{}-{r}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let l = UnixListener::bind(&path).unwrap();
-        let mut p = partner("unix-sink", path.to_str().unwrap(), &format!("{size},{n}"));
-        let (mut s, _) = l.accept().unwrap();
-        let t = Instant::now();
-        for _ in 0..n {
-            s.write_all(&msg).unwrap();
-        }
-        let mut k = [0u8; 1];
-        s.read_exact(&mut k).unwrap();
-        rates.push(n as f64 / t.elapsed().as_secs_f64());
-        p.wait().unwrap();
-        let _ = std::fs::remove_file(&path);
-    }
-    median(rates)
-}
-
-fn pipe_rtt(size: usize, n: usize, pause: Option<Duration>) -> (Duration, Duration) {
+fn bench_pipe_rtt(b: &mut Bench, size: usize, pause: Option<Duration>) {
     let mut p = partner("pipe-echo", "-", &size.to_string());
     let (mut i, mut o) = (p.stdin.take().unwrap(), p.stdout.take().unwrap());
     let msg = vec![7u8; size];
     let mut buf = vec![0u8; size];
-    let mut rtts = Vec::new();
-    for k in 0..n + 100 {
-        if let Some(p) = pause {
-            std::thread::sleep(p);
+    let name = if pause.is_some() { "pipe_asleep" } else { "pipe" };
+    let group = if pause.is_some() { "latency_asleep" } else { "latency" };
+    b.rtt(group, BenchmarkId::new(name, size), &format!("{name}/{size}"), |iters, out| {
+        for _ in 0..iters {
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
+            let t = Instant::now();
+            i.write_all(&msg).unwrap();
+            o.read_exact(&mut buf).unwrap();
+            out.push(t.elapsed());
         }
-        let t = Instant::now();
-        i.write_all(&msg).unwrap();
-        o.read_exact(&mut buf).unwrap();
-        if k >= 100 {
-            rtts.push(t.elapsed());
-        }
-    }
+    });
     drop(i);
     p.wait().unwrap();
-    (percentile(&mut rtts, 0.5), percentile(&mut rtts, 0.99))
 }
 
-fn memcpy_rate(size: usize) -> f64 {
-    let n = count_for(size);
-    let src = vec![1u8; size];
-    let mut dst = vec![0u8; size];
-    let t = Instant::now();
-    for _ in 0..n {
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&mut dst);
-    }
-    n as f64 / t.elapsed().as_secs_f64()
+fn bench_line_rtt(b: &mut Bench) {
+    let d = b.d.clone();
+    let s = d.create_section("line", 4096, &SectionOptions::new()).unwrap();
+    let w = s.at::<AtomicU64>(0).unwrap();
+    w.store(0, Ordering::Relaxed);
+    let mut p = partner("line-echo", d.name(), "0");
+    let mut v = 0u64;
+    b.rtt("latency", BenchmarkId::new("cache_line", 8), "line", |iters, out| {
+        for _ in 0..iters {
+            let t = Instant::now();
+            w.store(v + 1, Ordering::Release);
+            while w.load(Ordering::Acquire) != v + 2 {
+                std::hint::spin_loop();
+            }
+            out.push(t.elapsed());
+            v += 2;
+        }
+    });
+    w.store(u64::MAX, Ordering::Release);
+    p.wait().unwrap();
+    drop(s);
+    b.cleanup(&["line"]);
 }
+
+fn bench_handover(b: &mut Bench, heap: &Heap, size: usize) {
+    let d = b.d.clone();
+    let give = SlotQueue::<BlockAddr>::create(&d, "give", 4).unwrap();
+    let back = SlotQueue::<BlockAddr>::create(&d, "back", 4).unwrap();
+    let mut p = partner("handover-echo", d.name(), "0");
+    let layout = std::alloc::Layout::from_size_align(size, 16).unwrap();
+    let mut block = heap.alloc_zeroed(layout).unwrap();
+    {
+        let mut tx = give.sender().unwrap();
+        let mut rx = back.receiver().unwrap();
+        b.rtt("zero_copy", BenchmarkId::new("handover", size), &format!("handover/{size}"), |iters, out| {
+            for _ in 0..iters {
+                // SAFETY: a live block of this heap, owned by whoever holds its address: us now.
+                let bx: ShmBox<u8> = unsafe { ShmBox::from_raw_in(block.as_ptr(), heap.allocator()) };
+                let t = Instant::now();
+                tx.send(BlockAddr::from_box(bx)).unwrap();
+                let got = rx.recv().unwrap();
+                out.push(t.elapsed());
+                block = std::ptr::NonNull::new(got.addr() as *mut u8).unwrap();
+            }
+        });
+    }
+    p.wait().unwrap();
+    // SAFETY: the block came back; nobody else uses it.
+    unsafe { heap.free(block).unwrap() };
+    drop((give, back));
+    b.cleanup(&["give", "back"]);
+}
+
+// ------------------------------------------------------------------ the table
 
 fn fmt_rate(r: f64, size: usize) -> String {
     format!("{:.2} M/s ({:.0} MB/s)", r / 1e6, r * size as f64 / 1e6)
@@ -399,27 +471,22 @@ fn us(d: Duration) -> String {
     format!("{:.2} µs", d.as_secs_f64() * 1e6)
 }
 
-fn main() {
-    if let Ok(role) = std::env::var(ROLE) {
-        run_partner(&role);
-        return;
-    }
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` / criterion-style listing: nothing to list.
-    }
-    let runs = if speed() < 1.0 { 3 } else { 5 };
-    let name = format!("bench-queues-{}", std::process::id());
-    let d = Domain::attach_with(&name, &opts(false)).unwrap();
-    let s = Setup { d };
-
+fn print_table(r: &Results) {
+    let rate = |k: &str| r.rate(k);
+    let lat = |k: &str| {
+        let v = r.rtts.get(k).map(Vec::as_slice).unwrap_or(&[]);
+        (percentile(v, 0.5), percentile(v, 0.99))
+    };
     println!("## Throughput by message size (one sender process, one receiver process)\n");
     println!("| size | shmgadget byte queue | pipe | Unix socket | memcpy | queue/pipe | queue/memcpy |");
     println!("|---|---|---|---|---|---|---|");
-    for size in [8usize, 64, 1024, 64 << 10, 1 << 20] {
-        let q = s.bytes_throughput(size, (4 * size as u64 + 64).max(256 << 10), runs, WaitMode::Blocking);
-        let p = pipe_throughput(size, runs);
-        let u = unix_throughput(size, runs);
-        let m = memcpy_rate(size);
+    for size in SIZES {
+        let (q, p, u, m) = (
+            rate(&format!("bytes/{size}")),
+            rate(&format!("pipe/{size}")),
+            rate(&format!("unix_socket/{size}")),
+            rate(&format!("memcpy/{size}")),
+        );
         println!(
             "| {size} B | {} | {} | {} | {} | {:.1}× | {:.2}× |",
             fmt_rate(q, size),
@@ -430,53 +497,45 @@ fn main() {
             q / m
         );
     }
-
     println!("\n## Throughput against capacity (64-byte values, slot queue)\n");
     println!("| capacity (messages) | throughput | vs best |");
     println!("|---|---|---|");
-    let caps = [16u64, 64, 256, 1024, 4096, 16384, 65536];
-    let rates: Vec<f64> = caps.iter().map(|&c| s.slots_throughput(c, runs)).collect();
+    let rates: Vec<f64> = CAPACITIES.iter().map(|c| rate(&format!("slots/{c}"))).collect();
     let best = rates.iter().cloned().fold(0.0, f64::max);
-    for (c, r) in caps.iter().zip(&rates) {
-        println!("| {c} | {} | {:.2} |", fmt_rate(*r, 64), r / best);
+    for (c, x) in CAPACITIES.iter().zip(&rates) {
+        println!("| {c} | {} | {:.2} |", fmt_rate(*x, 64), x / best);
     }
     println!("\n## Throughput against capacity (64-byte messages, byte queue)\n");
-    println!("| ring | throughput |");
-    println!("|---|---|");
-    for ring in [4u64 << 10, 64 << 10, 1 << 20, 16 << 20] {
-        let r = s.bytes_throughput(64, ring, runs, WaitMode::Blocking);
-        println!("| {} KiB | {} |", ring >> 10, fmt_rate(r, 64));
+    println!("| ring | throughput | vs best |");
+    println!("|---|---|---|");
+    let rates: Vec<f64> = RINGS.iter().map(|r| rate(&format!("ring/{r}"))).collect();
+    let best = rates.iter().cloned().fold(0.0, f64::max);
+    for (ring, x) in RINGS.iter().zip(&rates) {
+        println!("| {} KiB | {} | {:.2} |", ring >> 10, fmt_rate(*x, 64), x / best);
     }
-
     println!("\n## Round-trip latency (median / 99th percentile)\n");
     println!("| message | blocking | spin | pipe | bare cache-line ping-pong |");
     println!("|---|---|---|---|---|");
-    let n = (20_000.0 * speed()) as usize;
-    let line = s.line_rtt(n as u64);
+    let line = lat("line");
     for size in [8usize, 1024] {
-        let b = s.bytes_rtt(size, WaitMode::Blocking, n, None);
-        let sp = s.bytes_rtt(size, WaitMode::Spin, n, None);
-        let p = pipe_rtt(size, n, None);
+        let (b, s, p) = (lat(&format!("blocking/{size}")), lat(&format!("spin/{size}")), lat(&format!("pipe/{size}")));
         println!(
             "| {size} B | {} / {} | {} / {} | {} / {} | {} / {} |",
             us(b.0),
             us(b.1),
-            us(sp.0),
-            us(sp.1),
+            us(s.0),
+            us(s.1),
             us(p.0),
             us(p.1),
             us(line.0),
             us(line.1)
         );
     }
-
     println!("\n## Round trip after the other side fell asleep (a 300 µs pause before each; median / 99th)\n");
     println!("| message | blocking (futex wake-up) | pipe | blocking/pipe |");
     println!("|---|---|---|---|");
-    let pause = Some(Duration::from_micros(300));
     for size in [8usize, 1024] {
-        let b = s.bytes_rtt(size, WaitMode::Blocking, n / 10, pause);
-        let p = pipe_rtt(size, n / 10, pause);
+        let (b, p) = (lat(&format!("asleep/{size}")), lat(&format!("pipe_asleep/{size}")));
         println!(
             "| {size} B | {} / {} | {} / {} | {:.2}× |",
             us(b.0),
@@ -486,16 +545,54 @@ fn main() {
             b.0.as_secs_f64() / p.0.as_secs_f64()
         );
     }
-
     println!("\n## Zero-copy hand-over of a heap block (send its address, get it back; median)\n");
     println!("| block | round trip |");
     println!("|---|---|");
-    let heap = Heap::create(&s.d, "blocks", 128 << 20).unwrap();
     for size in [1usize << 20, 64 << 20] {
-        println!("| {} MiB | {} |", size >> 20, us(s.handover(&heap, size, 2000)));
+        println!("| {} MiB | {} |", size >> 20, us(lat(&format!("handover/{size}")).0));
+    }
+}
+
+fn main() {
+    if let Ok(role) = std::env::var(ROLE) {
+        run_partner(&role);
+        return;
+    }
+    let name = format!("bench-queues-{}", std::process::id());
+    let d = Domain::attach_with(&name, &opts(false)).unwrap();
+    let mut b = Bench { c: Criterion::default().configure_from_args(), d: d.clone(), results: Default::default() };
+
+    for size in SIZES {
+        let ring = (4 * size as u64 + 64).max(256 << 10);
+        bench_bytes(&mut b, "size", BenchmarkId::new("byte_queue", size), &format!("bytes/{size}"), size, ring);
+        bench_stream(&mut b, size, false);
+        bench_stream(&mut b, size, true);
+        bench_memcpy(&mut b, size);
+    }
+    for capacity in CAPACITIES {
+        bench_slots(&mut b, capacity);
+    }
+    for ring in RINGS {
+        let id = BenchmarkId::new("byte_queue_64B_ring", ring);
+        bench_bytes(&mut b, "capacity", id, &format!("ring/{ring}"), 64, ring);
+    }
+    bench_line_rtt(&mut b);
+    for size in [8usize, 1024] {
+        bench_bytes_rtt(&mut b, size, WaitMode::Blocking, None);
+        bench_bytes_rtt(&mut b, size, WaitMode::Spin, None);
+        bench_pipe_rtt(&mut b, size, None);
+        bench_bytes_rtt(&mut b, size, WaitMode::Blocking, Some(PAUSE));
+        bench_pipe_rtt(&mut b, size, Some(PAUSE));
+    }
+    let heap = Heap::create(&d, "blocks", 128 << 20).unwrap();
+    for size in [1usize << 20, 64 << 20] {
+        bench_handover(&mut b, &heap, size);
     }
     drop(heap);
-    s.d.delete_section("blocks").unwrap();
-    let Setup { d } = s;
+    b.cleanup(&["blocks"]);
+    let Bench { c, d: _, results } = b;
+    c.final_summary();
+    println!();
+    print_table(&results.borrow());
     d.detach().unwrap();
 }
