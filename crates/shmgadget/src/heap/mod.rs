@@ -138,10 +138,11 @@ pub struct Heap {
 
 pub(crate) fn map_tlsf(e: TlsfError, heap: &str) -> Error {
     match e {
-        TlsfError::OutOfMemory { requested, largest_free } => Error::new(
+        TlsfError::OutOfMemory { requested, largest_request } => Error::new(
             ErrorKind::OutOfSpace,
             format!(
-                "heap {heap:?} has no free block for {requested} bytes (largest free block {largest_free} bytes) and cannot grow further"
+                "heap {heap:?} cannot serve {requested} bytes: it cannot grow further and the largest allocation that \
+                 would succeed now is {largest_request} bytes; free blocks, or create a larger heap"
             ),
         ),
         TlsfError::BadLayout(m) => Error::new(ErrorKind::InvalidArgument, format!("heap {heap:?}: {m}")),

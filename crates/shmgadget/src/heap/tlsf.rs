@@ -96,8 +96,8 @@ pub enum TlsfError {
     OutOfMemory {
         /// Bytes asked for.
         requested: u64,
-        /// The largest free block, header included.
-        largest_free: u64,
+        /// The largest request (16-byte alignment) that would succeed now: 0 if none would.
+        largest_request: u64,
     },
     /// Size zero or too large, or an alignment that is not a power of two up to 4096.
     BadLayout(String),
@@ -373,7 +373,7 @@ impl<'a> Tlsf<'a> {
         let block = (size.max(ALIGN) + HEADER).next_multiple_of(ALIGN);
         let need = if align <= ALIGN { block } else { block + align + MIN_BLOCK };
         let Some((mut off, mut bsize)) = self.find_suitable(need) else {
-            return Err(TlsfError::OutOfMemory { requested: size, largest_free: self.largest_free() });
+            return Err(TlsfError::OutOfMemory { requested: size, largest_request: self.largest_request() });
         };
         if bsize < need {
             return corrupt(format!("free block at {off:#x} of {bsize} bytes is in a class for at least {need}"));
@@ -698,6 +698,24 @@ impl<'a> Tlsf<'a> {
         }
     }
 
+    /// The largest size `alloc(size, ALIGN)` would serve now. Good fit searches the class
+    /// above a request's own (so that any block found fits), so a request succeeds exactly when
+    /// its block size is at most the start of the largest free block's class; the answer is
+    /// that class start net of the header, not the block's own size.
+    pub fn largest_request(&self) -> u64 {
+        let largest = self.largest_free();
+        if largest < MIN_BLOCK {
+            return 0;
+        }
+        let class_start = if largest < SMALL {
+            largest / ALIGN * ALIGN
+        } else {
+            let step = 1u64 << (63 - largest.leading_zeros() - SL_LOG);
+            largest & !(step - 1)
+        };
+        class_start - HEADER
+    }
+
     /// The largest free block (size with header), from the highest non-empty class.
     fn largest_free(&self) -> u64 {
         // Relaxed: single writer under the lock.
@@ -987,6 +1005,23 @@ pub(crate) mod tests {
         t.check().unwrap();
         let s = t.stats();
         assert_eq!((s.used_blocks, s.free_blocks), (0, 1), "everything merged back into one block");
+    }
+
+    #[test]
+    fn the_largest_request_reported_on_failure_succeeds_and_one_more_byte_fails() {
+        for cap in [1u64 << 12, 5000, 1 << 16, 300_000, 8 << 20] {
+            let a = Arena::new(cap.next_multiple_of(16));
+            let t = a.tlsf();
+            let Err(TlsfError::OutOfMemory { largest_request, .. }) = t.alloc(cap * 2, 16) else {
+                panic!("a request twice the capacity must fail");
+            };
+            assert!(largest_request > 0, "capacity {cap}: an empty heap serves something");
+            let r = t.alloc(largest_request + 16, 16);
+            assert!(matches!(r, Err(TlsfError::OutOfMemory { .. })), "capacity {cap}: one step more fails: {r:?}");
+            let p = t.alloc(largest_request, 16).unwrap_or_else(|e| panic!("capacity {cap}: {e:?}"));
+            t.free(p).unwrap();
+            t.check().unwrap();
+        }
     }
 
     #[test]
