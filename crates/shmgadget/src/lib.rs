@@ -49,6 +49,8 @@
 mod domain;
 mod error;
 mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod heap;
 pub mod inspect;
 mod names;

@@ -43,7 +43,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::tlsf::{self, Tlsf};
-use super::{AREA_OFFSET, HeapShared, Locked, map_tlsf};
+use super::{AREA_OFFSET, HeapShared, Locked, area_limit, map_tlsf};
 use crate::error::{Error, ErrorKind, Result};
 use crate::os;
 
@@ -138,7 +138,7 @@ impl<'a> HeapRef<'a> {
         // SAFETY: as for `Locked::tlsf`: the block area starts AREA_OFFSET into the mapped
         // section. Without the lock we only call `cache_probe`, `cache_mark` and
         // `cache_unmark`, which the allocator documents as safe to run concurrently.
-        unsafe { Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize)) }
+        unsafe { Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize), area_limit(self.shared)) }
     }
 }
 

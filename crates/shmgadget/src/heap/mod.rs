@@ -158,6 +158,13 @@ pub(crate) fn map_tlsf(e: TlsfError, heap: &str) -> Error {
     }
 }
 
+/// Bytes of the block area that are mapped: the section's reserved size (frozen at creation,
+/// checked against the section by `open`) past `AREA_OFFSET`.
+pub(crate) fn area_limit(shared: &HeapShared) -> u64 {
+    // Relaxed: frozen after creation.
+    shared.reserved.load(Ordering::Relaxed).saturating_sub(AREA_OFFSET)
+}
+
 /// Proof of holding a heap's lock, given only its control block and section address (so both
 /// [`Heap`] and [`ShmAlloc`] use it); gives the allocator.
 pub(crate) struct Locked<'a> {
@@ -196,9 +203,10 @@ impl<'a> Locked<'a> {
 
     pub(crate) fn tlsf(&self) -> Tlsf<'_> {
         // SAFETY: the block area starts AREA_OFFSET into the section (16 KiB, so 16-aligned)
-        // and its recorded capacity never exceeds the committed part of the section, which the
-        // contract of `acquire` keeps mapped; we hold the heap lock.
-        unsafe { Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize)) }
+        // and runs to the end of the section, which the contract of `acquire` keeps mapped
+        // (`reserved` was checked against the section when the heap was opened); the
+        // allocator checks its recorded capacity against that limit. We hold the heap lock.
+        unsafe { Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize), area_limit(self.shared)) }
     }
 
     /// Allocates, growing the heap (committing with `commit`) when no free block fits.
@@ -284,9 +292,10 @@ impl Heap {
         let shared = heap.shared();
         shared.lock.init()?;
         let locked = heap.lock()?;
-        locked.tlsf().init(commit - AREA_OFFSET).map_err(|e| map_tlsf(e, heap.name()))?;
-        // Relaxed: published by the Release store of `ready` below.
+        // Relaxed: published by the Release store of `ready` below. `reserved` first: it
+        // bounds the allocator's area (`area_limit`).
         shared.reserved.store(reserved, Ordering::Relaxed);
+        locked.tlsf().init(commit - AREA_OFFSET).map_err(|e| map_tlsf(e, heap.name()))?;
         shared.committed.store(commit, Ordering::Relaxed);
         shared.magic.store(MAGIC, Ordering::Relaxed);
         shared.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);

@@ -154,6 +154,9 @@ pub struct BlockInfo {
 pub struct Tlsf<'a> {
     ctl: &'a TlsfControl,
     base: *mut u8,
+    /// Bytes from `base` that are valid memory (the mapped block area). The recorded capacity
+    /// lives in shared memory and is checked against this before any access.
+    limit: u64,
 }
 
 fn mapping(size: u64) -> (usize, usize) {
@@ -181,13 +184,13 @@ impl<'a> Tlsf<'a> {
     /// `base`.
     ///
     /// # Safety
-    /// `base` must be 16-aligned and valid for reads and writes of `ctl.capacity` bytes (as
-    /// recorded now, and after every `grow`) for `'a`; those bytes and `ctl` must be accessed
+    /// `base` must be 16-aligned and valid for reads and writes of `limit` bytes for `'a`
+    /// (the recorded capacity is trusted only up to `limit`, so a damaged one is an error); those bytes and `ctl` must be accessed
     /// only through this allocator (or other `Tlsf` views under the same lock) while it is used,
     /// except for [`cache_mark`](Tlsf::cache_mark)/[`cache_unmark`](Tlsf::cache_unmark), which
     /// other threads may call on their own used blocks without the lock.
-    pub unsafe fn new(ctl: &'a TlsfControl, base: *mut u8) -> Self {
-        Tlsf { ctl, base }
+    pub unsafe fn new(ctl: &'a TlsfControl, base: *mut u8, limit: u64) -> Self {
+        Tlsf { ctl, base, limit }
     }
 
     fn cap(&self) -> u64 {
@@ -195,13 +198,27 @@ impl<'a> Tlsf<'a> {
         self.ctl.capacity.load(Ordering::Relaxed)
     }
 
+    /// The recorded capacity, checked: a multiple of 16, room for one block and the sentinel,
+    /// and inside the valid memory.
+    fn valid_cap(&self) -> R<u64> {
+        let cap = self.cap();
+        if cap % ALIGN != 0 || cap < MIN_BLOCK + HEADER || cap > self.limit {
+            return corrupt(format!(
+                "the recorded capacity {cap:#x} is invalid: expected a multiple of 16 from 48 to the {:#x} bytes mapped",
+                self.limit
+            ));
+        }
+        Ok(cap)
+    }
+
     /// The word at `off`, bounds-checked.
     fn word(&self, off: u64) -> R<&AtomicU64> {
-        if off % 8 != 0 || off.checked_add(8).is_none_or(|end| end > self.cap()) {
-            return corrupt(format!("offset {off:#x} lies outside the block area of {:#x} bytes", self.cap()));
+        let end = self.cap().min(self.limit);
+        if off % 8 != 0 || off.checked_add(8).is_none_or(|e| e > end) {
+            return corrupt(format!("offset {off:#x} lies outside the block area of {end:#x} bytes"));
         }
-        // SAFETY: `off + 8 <= capacity` and `off` is 8-aligned, so the word lies inside the
-        // block area that `new`'s contract makes valid; all access is atomic.
+        // SAFETY: `off + 8 <= limit` and `off` is 8-aligned, so the word lies inside the
+        // valid memory that `new`'s contract guarantees; all access is atomic.
         Ok(unsafe { &*self.base.add(off as usize).cast::<AtomicU64>() })
     }
 
@@ -216,9 +233,24 @@ impl<'a> Tlsf<'a> {
         Ok(())
     }
 
+    /// Checks that `off`, read from memory another process may have damaged, can be a block
+    /// offset: 16-aligned and inside the area (so `off + 24` cannot overflow either).
+    fn in_area(&self, off: u64) -> R<u64> {
+        let end = self.cap().min(self.limit);
+        if off % ALIGN != 0 || off >= end {
+            return corrupt(format!("block offset {off:#x} is not a 16-aligned offset inside the {end:#x}-byte area"));
+        }
+        Ok(off)
+    }
+
+    /// `link` (a free-list link or head) if it is NIL or a valid block offset.
+    fn link(&self, link: u64) -> R<u64> {
+        if link == NIL { Ok(NIL) } else { self.in_area(link) }
+    }
+
     /// The size, flags and validity of the header at `off`.
     fn header(&self, off: u64) -> R<(u64, u64)> {
-        let sf = self.get(off + 8)?;
+        let sf = self.get(self.in_area(off)? + 8)?;
         if sf & TAG_MASK != TAG {
             return corrupt(format!("block header at {off:#x} has tag {:#06x}, expected {:#06x}", sf >> 48, TAG >> 48));
         }
@@ -228,7 +260,7 @@ impl<'a> Tlsf<'a> {
     fn write_header(&self, off: u64, size: u64, flags: u64) -> R<()> {
         // Release: the crash-ordering point; everything written before (a remainder's header)
         // is in memory before the block's size changes.
-        self.word(off + 8)?.store(TAG | size | flags, Ordering::Release);
+        self.word(self.in_area(off)? + 8)?.store(TAG | size | flags, Ordering::Release);
         Ok(())
     }
 
@@ -247,8 +279,8 @@ impl<'a> Tlsf<'a> {
         Ok(())
     }
 
-    fn sentinel(&self) -> u64 {
-        self.cap() - HEADER
+    fn sentinel(&self) -> R<u64> {
+        Ok(self.valid_cap()? - HEADER)
     }
 
     // ---------------------------------------------------------------- free lists
@@ -263,7 +295,7 @@ impl<'a> Tlsf<'a> {
             return corrupt(format!("free block at {off:#x} has impossible size {size:#x}"));
         }
         // Relaxed (this function and the list code below): single writer under the lock.
-        let first = self.head(fl, sl).load(Ordering::Relaxed);
+        let first = self.link(self.head(fl, sl).load(Ordering::Relaxed))?;
         self.set(off + 16, first)?;
         self.set(off + 24, NIL)?;
         if first != NIL {
@@ -280,8 +312,8 @@ impl<'a> Tlsf<'a> {
         if fl >= FL_COUNT {
             return corrupt(format!("free block at {off:#x} has impossible size {size:#x}"));
         }
-        let next = self.get(off + 16)?;
-        let prev = self.get(off + 24)?;
+        let next = self.link(self.get(self.in_area(off)? + 16)?)?;
+        let prev = self.link(self.get(off + 24)?)?;
         if prev == NIL {
             // Relaxed: single writer under the lock.
             if self.head(fl, sl).load(Ordering::Relaxed) != off {
@@ -336,6 +368,9 @@ impl<'a> Tlsf<'a> {
     pub fn init(&self, capacity: u64) -> R<()> {
         if capacity % ALIGN != 0 || capacity < MIN_BLOCK + HEADER || capacity - HEADER > MAX_BLOCK {
             return Err(TlsfError::BadLayout(format!("capacity {capacity} must be a multiple of 16 from 48 to 2^47")));
+        }
+        if capacity > self.limit {
+            return Err(TlsfError::BadLayout(format!("capacity {capacity} exceeds the {} bytes mapped", self.limit)));
         }
         let c = self.ctl;
         // Relaxed (init): nobody else sees the allocator before the caller publishes it.
@@ -441,12 +476,12 @@ impl<'a> Tlsf<'a> {
     fn used_block(&self, payload: u64) -> R<(u64, u64, u64)> {
         let bad =
             |why: &str| Err(TlsfError::NotABlock(format!("offset {payload:#x} is not a block of this heap: {why}")));
-        if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel() {
+        if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel()? {
             return bad("outside the block area or misaligned");
         }
         let off = payload - HEADER;
         let Ok((size, flags)) = self.header(off) else { return bad("no block header there") };
-        if size < MIN_BLOCK || off + size > self.sentinel() || self.get(off + size).ok() != Some(size) {
+        if size < MIN_BLOCK || off + size > self.sentinel()? || self.get(off + size).ok() != Some(size) {
             return bad("its header does not chain to the next block");
         }
         if flags & (FREE | CACHED) != 0 {
@@ -548,7 +583,7 @@ impl<'a> Tlsf<'a> {
     /// The size (header included) of the block whose payload is at `payload`, whatever its
     /// state; for statistics.
     pub fn block_size(&self, payload: u64) -> R<u64> {
-        if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel() {
+        if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel()? {
             return Err(TlsfError::NotABlock(format!("offset {payload:#x} is not a block")));
         }
         Ok(self.header(payload - HEADER)?.0)
@@ -557,7 +592,7 @@ impl<'a> Tlsf<'a> {
     /// Takes the block at `payload` back out of a thread cache (clears `CACHED`). Like
     /// [`cache_mark`](Tlsf::cache_mark), callable without the lock.
     pub fn cache_unmark(&self, payload: u64) -> R<()> {
-        if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel() {
+        if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel()? {
             return Err(TlsfError::NotABlock(format!("offset {payload:#x} is not a cached block")));
         }
         let (_, flags) = self.header(payload - HEADER)?;
@@ -619,9 +654,16 @@ impl<'a> Tlsf<'a> {
 
     /// Extends the block area to `new_capacity` bytes (the caller made them valid memory).
     pub fn grow(&self, new_capacity: u64) -> R<()> {
-        let old = self.cap();
-        if new_capacity <= old || new_capacity % ALIGN != 0 || new_capacity - HEADER > MAX_BLOCK {
-            return Err(TlsfError::BadLayout(format!("cannot grow from {old} to {new_capacity}")));
+        let old = self.valid_cap()?;
+        if new_capacity <= old
+            || new_capacity % ALIGN != 0
+            || new_capacity > self.limit
+            || new_capacity - HEADER > MAX_BLOCK
+        {
+            return Err(TlsfError::BadLayout(format!(
+                "cannot grow from {old} to {new_capacity} (at most {} bytes are mapped)",
+                self.limit
+            )));
         }
         let old_sentinel = old - HEADER;
         let (_, sflags) = self.header(old_sentinel)?;
@@ -648,8 +690,8 @@ impl<'a> Tlsf<'a> {
     /// step leaves a size-0 header before the recorded sentinel, which `recover` turns back
     /// into free space: the trim is simply undone.
     pub fn shrink(&self, min_capacity: u64) -> R<u64> {
-        let cap = self.cap();
-        let sentinel = self.sentinel();
+        let cap = self.valid_cap()?;
+        let sentinel = cap - HEADER;
         let (_, sflags) = self.header(sentinel)?;
         if sflags & PREV_FREE == 0 {
             return Ok(cap);
@@ -729,6 +771,9 @@ impl<'a> Tlsf<'a> {
             return 0;
         }
         let sl = 31 - sl_map.leading_zeros() as usize;
+        if sl >= SL_COUNT {
+            return 0; // a damaged bitmap: `check` reports it
+        }
         let mut best = 0;
         let mut cur = self.head(fl, sl).load(Ordering::Relaxed);
         let mut steps = 0;
@@ -747,9 +792,10 @@ impl<'a> Tlsf<'a> {
     pub fn blocks(&self, limit: usize) -> R<Vec<BlockInfo>> {
         let mut out = Vec::new();
         let mut off = 0;
-        while off < self.sentinel() && out.len() < limit {
+        let sentinel = self.sentinel()?;
+        while off < sentinel && out.len() < limit {
             let (size, flags) = self.header(off)?;
-            if size < MIN_BLOCK || off + size > self.sentinel() {
+            if size < MIN_BLOCK || off + size > sentinel {
                 return corrupt(format!("block at {off:#x} has size {size:#x}, which does not fit the area"));
             }
             out.push(BlockInfo { offset: off, size, free: flags & FREE != 0, cached: flags & CACHED != 0 });
@@ -760,15 +806,12 @@ impl<'a> Tlsf<'a> {
 
     /// Checks every invariant; returns the first violation.
     pub fn check(&self) -> R<()> {
-        let cap = self.cap();
-        if cap % ALIGN != 0 || cap < MIN_BLOCK + HEADER {
-            return corrupt(format!("capacity {cap:#x} is not a multiple of 16 of at least 48"));
-        }
+        let sentinel = self.sentinel()?;
         let (mut off, mut prev_size, mut prev_free) = (0u64, 0u64, false);
         let (mut used_bytes, mut used_blocks, mut free_bytes, mut free_blocks) = (0, 0, 0, 0);
-        while off < self.sentinel() {
+        while off < sentinel {
             let (size, flags) = self.header(off)?;
-            if size < MIN_BLOCK || size % ALIGN != 0 || off + size > self.sentinel() {
+            if size < MIN_BLOCK || size % ALIGN != 0 || off + size > sentinel {
                 return corrupt(format!(
                     "block at {off:#x} has size {size:#x}: expected a multiple of 16, at least 32, within the area"
                 ));
@@ -807,8 +850,8 @@ impl<'a> Tlsf<'a> {
             prev_free = free;
             off += size;
         }
-        if off != self.sentinel() {
-            return corrupt(format!("blocks end at {off:#x}, expected the sentinel at {:#x}", self.sentinel()));
+        if off != sentinel {
+            return corrupt(format!("blocks end at {off:#x}, expected the sentinel at {sentinel:#x}"));
         }
         let (ssize, sflags) = self.header(off)?;
         if ssize != 0 || sflags & FREE != 0 || (sflags & PREV_FREE != 0) != prev_free {
@@ -887,15 +930,16 @@ impl<'a> Tlsf<'a> {
         let mut frees: Vec<(u64, u64)> = Vec::new();
         // The sentinel itself is never read: a growth may have died before writing it. It is
         // rewritten after the walk.
-        while off < self.sentinel() {
+        let sentinel = self.sentinel()?;
+        while off < sentinel {
             let (mut size, flags) = self.header(off)?;
             if size == 0 {
                 // A growth was interrupted after the capacity was raised: the old sentinel
                 // becomes the free block it was about to become.
-                size = self.sentinel() - off;
+                size = sentinel - off;
                 self.write_header(off, size, FREE)?;
             }
-            if size < MIN_BLOCK || size % ALIGN != 0 || off + size > self.sentinel() {
+            if size < MIN_BLOCK || size % ALIGN != 0 || off + size > sentinel {
                 return corrupt(format!("block at {off:#x} has size {size:#x}; the heap cannot be recovered"));
             }
             let free = flags & FREE != 0 || self.header(off)?.1 & FREE != 0;
@@ -970,7 +1014,7 @@ pub(crate) mod tests {
         pub(crate) fn tlsf(&self) -> Tlsf<'_> {
             // SAFETY: `mem` is 16-aligned (u128) and `capacity` bytes long; the arena is used
             // from one thread at a time in these tests.
-            unsafe { Tlsf::new(&self.ctl, self.mem.as_ptr() as *mut u8) }
+            unsafe { Tlsf::new(&self.ctl, self.mem.as_ptr() as *mut u8, self.mem.len() as u64 * 16) }
         }
     }
 

@@ -1,0 +1,158 @@
+//! Entry points for the fuzz targets in `fuzz/` and for the corpus replay test: each takes
+//! arbitrary bytes as the contents of a shared structure, copies them into private memory
+//! and runs the code that reads that structure from shared memory. The property is the one
+//! DESIGN.md promises: whatever another process wrote there, every call returns an error or a
+//! correct result; nothing panics, reads out of bounds or loops for ever. Not part of the API.
+
+use crate::heap::tlsf::{Tlsf, TlsfControl, TlsfError};
+
+/// Bytes at the start of a TLSF input that choose operations.
+const TLSF_OPS: usize = 32;
+/// Largest block area a TLSF input gets (keeps each run fast).
+const TLSF_MAX_AREA: usize = 1 << 16;
+
+/// Private memory, 16-aligned and zero-padded, filled from `bytes`: the stand-in for a
+/// shared mapping another process wrote.
+struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    fn new(bytes: &[u8], len: usize) -> Aligned {
+        let layout =
+            std::alloc::Layout::from_size_align(len.max(16).next_multiple_of(16), 16).expect("fuzz buffers are small");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        let n = bytes.len().min(layout.size());
+        // SAFETY: `ptr` is valid for `layout.size()` bytes and `n` does not exceed it; the
+        // source is a distinct slice.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, n) };
+        Aligned { ptr, layout }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; every view into it borrowed the
+        // enclosing function's locals, which are gone by now.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// A TLSF control block and block area taken from `data` (first [`TLSF_OPS`] bytes choose up
+/// to eight operations, then the control block, then the area), then: statistics, the block
+/// dump, `check`, a sequence of allocations, frees (of live blocks and of arbitrary offsets),
+/// resizes, growth, shrinking and cache marks, and `recover`.
+///
+/// Asserted: after a successful `recover` (or from a heap `check` accepts), `check` passes
+/// after every operation: the allocator never turns a valid heap invalid, and recovery always
+/// yields a valid heap or an error.
+pub fn tlsf(data: &[u8]) {
+    let ctl_len = size_of::<TlsfControl>();
+    let ops = &data[..data.len().min(TLSF_OPS)];
+    let rest = data.get(TLSF_OPS..).unwrap_or(&[]);
+    let ctl_mem = Aligned::new(rest, ctl_len);
+    let area_bytes = rest.get(ctl_len..).unwrap_or(&[]);
+    let area_len = (area_bytes.len().min(TLSF_MAX_AREA) / 16 * 16).max(64);
+    let area = Aligned::new(area_bytes, area_len);
+    // SAFETY: `ctl_mem` is 16-aligned and `size_of::<TlsfControl>()` bytes long; TlsfControl
+    // is atomics only, so every bit pattern is a valid value, and all access is through shared
+    // references to atomics. It outlives `ctl` (dropped at the end of this function).
+    let ctl = unsafe { &*ctl_mem.ptr.cast::<TlsfControl>() };
+    // SAFETY: `area` is 16-aligned and `area_len` bytes are valid for reads and writes until
+    // the end of this function; only this view touches them.
+    let t = unsafe { Tlsf::new(ctl, area.ptr, area_len as u64) };
+    let _ = t.stats();
+    let _ = t.largest_request();
+    let _ = t.blocks(4096);
+    let mut valid = t.check().is_ok();
+    let mut live: Vec<u64> = Vec::new();
+    for op in ops.chunks(4) {
+        let [kind, a, b, c] = <[u8; 4]>::try_from(op).unwrap_or([op[0], 0, 0, 0]);
+        let n = u16::from_le_bytes([a, b]) as u64;
+        let result = match kind % 10 {
+            0..=2 => t.alloc(n.max(1), 16 << (c % 4)).map(|p| live.push(p)),
+            3 | 4 if !live.is_empty() => {
+                let p = live.swap_remove(c as usize % live.len());
+                t.free(p)
+            }
+            5 => {
+                // An arbitrary offset: must be refused unless it is a live block of ours.
+                let off = n * 16;
+                match live.iter().position(|&p| p == off) {
+                    Some(i) => t.free(live.swap_remove(i)),
+                    None => t.free(off).and(Err(TlsfError::NotABlock(String::new()))),
+                }
+            }
+            6 if !live.is_empty() => t.resize_in_place(live[c as usize % live.len()], n.max(1)).map(|_| ()),
+            7 => t.grow(t.stats().capacity.saturating_add(n * 16)),
+            8 => t.shrink(n * 16).map(|_| ()),
+            _ => {
+                let r = t.recover();
+                if r.is_ok() {
+                    live.clear(); // a rebuilt heap keeps its used blocks, but we stop freeing them
+                    if let Err(e) = t.check() {
+                        panic!("recover succeeded but check fails: {e:?}");
+                    }
+                    valid = true;
+                }
+                r.map(|_| ())
+            }
+        };
+        let _ = result;
+        if valid {
+            if let Err(e) = t.check() {
+                panic!("operation {kind} on a valid heap left it invalid: {e:?}");
+            }
+        }
+        let _ = t.stats();
+        let _ = t.largest_request();
+    }
+    let _ = t.blocks(4096);
+}
+
+/// Inputs for [`tlsf`] taken from real allocator states (an empty area, one after a mix of
+/// allocations and frees, one with parked blocks), to seed the fuzzer's corpus and the replay
+/// test.
+pub fn tlsf_seeds() -> Vec<Vec<u8>> {
+    let ctl_len = size_of::<TlsfControl>();
+    let mut seeds = Vec::new();
+    for (cap, steps) in [(4096usize, 0usize), (16384, 40), (65536, 200)] {
+        let ctl_mem = Aligned::new(&[], ctl_len);
+        let area = Aligned::new(&[], cap);
+        // SAFETY: as in `tlsf`: 16-aligned private memory of the right sizes, alive until the
+        // end of this iteration.
+        let ctl = unsafe { &*ctl_mem.ptr.cast::<TlsfControl>() };
+        // SAFETY: as above.
+        let t = unsafe { Tlsf::new(ctl, area.ptr, cap as u64) };
+        t.init(cap as u64).expect("a fresh area initialises");
+        let mut live = Vec::new();
+        for i in 0..steps {
+            if i % 3 == 2 && !live.is_empty() {
+                let p = live.swap_remove(i % live.len());
+                t.free(p).expect("freeing a live block");
+            } else if let Ok(p) = t.alloc(1 + (i as u64 * 53) % 700, 16) {
+                if i % 7 == 0 {
+                    t.cache_mark(p).expect("parking a used block"); // parked: never freed here
+                } else {
+                    live.push(p);
+                }
+            }
+        }
+        t.check().expect("a real heap state is valid");
+        // Ops: alloc, free, bad free, resize, grow, shrink, recover, alloc.
+        let mut seed =
+            vec![0, 64, 0, 0, 3, 0, 0, 1, 5, 3, 0, 0, 6, 32, 0, 0, 7, 0, 1, 0, 8, 0, 0, 0, 9, 0, 0, 0, 1, 16, 1, 2];
+        // SAFETY: both buffers are valid for their lengths and no view writes them now.
+        unsafe {
+            seed.extend_from_slice(std::slice::from_raw_parts(ctl_mem.ptr, ctl_len));
+            seed.extend_from_slice(std::slice::from_raw_parts(area.ptr, cap));
+        }
+        seeds.push(seed);
+    }
+    seeds
+}

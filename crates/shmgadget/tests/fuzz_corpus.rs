@@ -1,0 +1,45 @@
+//! Replays every fuzz target's seeds and committed corpus (`fuzz/corpus/<target>/`) through
+//! the same entry points the fuzzer calls, so CI checks without a fuzzer that no input that
+//! was ever interesting (or once crashed) panics again. Run the fuzzers themselves with
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run <target>` from the repository root (see fuzz/README.md).
+
+use std::path::Path;
+
+fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let bytes = std::fs::read(e.path()).unwrap();
+            out.push((e.file_name().to_string_lossy().into_owned(), bytes));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn replay(target: &str, seeds: Vec<Vec<u8>>, run: fn(&[u8])) {
+    let files = corpus(target);
+    for (i, seed) in seeds.iter().enumerate() {
+        run(seed);
+        // Every prefix too: a truncated structure is a case of its own.
+        for cut in [0, 1, 31, 33, seed.len() / 2] {
+            run(&seed[..cut.min(seed.len())]);
+        }
+        // And single-byte damage at spread positions.
+        for pos in (0..seed.len()).step_by(97) {
+            let mut bad = seed.clone();
+            bad[pos] ^= 0x5a ^ (i as u8);
+            run(&bad);
+        }
+    }
+    for (name, bytes) in &files {
+        let r = std::panic::catch_unwind(|| run(bytes));
+        assert!(r.is_ok(), "fuzz/corpus/{target}/{name} panics");
+    }
+}
+
+#[test]
+fn tlsf_inputs_from_the_corpus_never_panic() {
+    replay("tlsf", shmgadget::fuzzing::tlsf_seeds(), shmgadget::fuzzing::tlsf);
+}
