@@ -89,11 +89,19 @@ pub mod __testing {
     /// sleeps for ever, so a test can `kill -9` this process in the middle of a registry update.
     pub fn die_holding_registry_lock(domain: &Domain, name: &str) -> Result<()> {
         let guard = domain.inner.registry.lock()?;
-        guard.begin_create(name, SectionKind::Raw, Lifetime::Persistent, 0o600, 4096)?;
+        guard.begin_create(name, SectionKind::Raw, Lifetime::Persistent, 0o600, 4096, domain.peer_token(), true)?;
         println!("HOLDING");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
+    }
+
+    /// Creates section `name` of `kind` and `size` bytes the way heaps and queues are created,
+    /// `LIVE` but not ready, and never finishes it: the caller plays a creator that stops (or
+    /// is killed) before its header is initialised.
+    pub fn create_unfinished(domain: &Domain, name: &str, kind: SectionKind, size: u64) -> Result<crate::Section> {
+        let opts = crate::SectionOptions::new().kind(kind);
+        domain.create_section_as(name, size, &opts, false).map(|(s, _)| s)
     }
 
     /// Unmaps section `name` from this process (back to a bare reservation) so the next touch
