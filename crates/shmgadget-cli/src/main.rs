@@ -202,7 +202,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("cleared dead process {pid} from domain {d:?}");
                 }
                 for (d, s, pid) in &report.removed_unfinished {
-                    println!("removed unfinished section {s:?} of domain {d:?} (its creator, pid {pid}, died while creating it)");
+                    println!(
+                        "removed unfinished section {s:?} of domain {d:?} (its creator, pid {pid}, died while creating it)"
+                    );
                 }
                 for (d, s) in &report.removed_sections {
                     println!("removed transient section {s:?} of domain {d:?}");

@@ -279,6 +279,26 @@ impl Domain {
         self.release(&mut table)
     }
 
+    /// Detaches at process exit (the C library's `atexit` handler): like [`Domain::detach`]
+    /// for the registry (this process's entry is released; if no other live process is
+    /// attached, transient sections and an empty registry are deleted), but nothing is
+    /// unmapped and the attachment's memory is never freed, so a thread still touching section
+    /// memory while the process ends cannot fault. Does nothing if other handles to the
+    /// attachment exist in this process. Never call it in a process that goes on running.
+    pub fn detach_at_exit(self) -> Result<()> {
+        let mut table = attached();
+        if Arc::strong_count(&self.inner) != 2 {
+            return Ok(());
+        }
+        table.remove(&(self.inner.shm_dir.clone(), self.inner.name.clone()));
+        drop(table);
+        let result = self.inner.leave_registry();
+        // Keeps the attachment (registry mapping, fault-handler registration) alive until the
+        // process ends.
+        std::mem::forget(self);
+        result
+    }
+
     fn release(&self, table: &mut HashMap<Key, Arc<DomainInner>>) -> Result<()> {
         // Our handle plus the table's: nobody else can clone it now (cloning needs a handle,
         // attaching needs the table lock we hold).
@@ -641,14 +661,15 @@ impl Domain {
     }
 
     /// This process's peer token: its registry slot and pid, never 0. Shared objects record it
-    /// to say "this process is attached here" (queue peers).
-    pub(crate) fn peer_token(&self) -> u64 {
+    /// to say "this process is attached here" (queue peers, section creators, the C library's
+    /// users of its objects heap).
+    pub fn peer_token(&self) -> u64 {
         (self.inner.proc_slot as u64 + 1) << 32 | os::current_pid() as u64
     }
 
     /// Whether the process that recorded `token` is still attached and alive (its liveness token
     /// in the registry is held). 0 is nobody.
-    pub(crate) fn peer_alive(&self, token: u64) -> bool {
+    pub fn peer_alive(&self, token: u64) -> bool {
         if token == 0 {
             return false;
         }
@@ -720,32 +741,36 @@ impl DomainInner {
     /// Leaves the domain (see [`Domain::detach`]).
     fn teardown(&self) -> Result<()> {
         fault::unregister(self);
-        let result = (|| {
-            let _dir_lock = lock_dir(&self.shm_dir)?;
-            let guard = self.registry.lock()?;
-            guard.unregister_proc(self.proc_slot);
-            guard.reap_dead_procs(None);
-            if guard.others_alive(None) {
-                return Ok(());
-            }
-            let mut first_err = None;
-            for rec in guard.all_entries() {
-                if rec.lifetime == Lifetime::Transient {
-                    if let Err(e) = guard.remove(&rec) {
-                        first_err.get_or_insert(e);
-                    }
-                }
-            }
-            if guard.all_entries().is_empty() {
-                let object = names::registry_object(&self.name);
-                if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
-                    first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
-                }
-            }
-            first_err.map_or(Ok(()), Err)
-        })();
+        let result = self.leave_registry();
         release_window(self.window_base, self.window_size);
         result
+    }
+
+    /// The registry part of leaving: releases this process's entry and, if no other live
+    /// process is attached, deletes transient sections and then the registry if it is empty.
+    fn leave_registry(&self) -> Result<()> {
+        let _dir_lock = lock_dir(&self.shm_dir)?;
+        let guard = self.registry.lock()?;
+        guard.unregister_proc(self.proc_slot);
+        guard.reap_dead_procs(None);
+        if guard.others_alive(None) {
+            return Ok(());
+        }
+        let mut first_err = None;
+        for rec in guard.all_entries() {
+            if rec.lifetime == Lifetime::Transient {
+                if let Err(e) = guard.remove(&rec) {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if guard.all_entries().is_empty() {
+            let object = names::registry_object(&self.name);
+            if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
+                first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 }
 
