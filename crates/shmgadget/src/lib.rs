@@ -99,9 +99,19 @@ pub mod __testing {
     /// Creates section `name` of `kind` and `size` bytes the way heaps and queues are created,
     /// `LIVE` but not ready, and never finishes it: the caller plays a creator that stops (or
     /// is killed) before its header is initialised.
-    pub fn create_unfinished(domain: &Domain, name: &str, kind: SectionKind, size: u64) -> Result<crate::Section> {
+    pub fn create_unfinished(
+        domain: &Domain,
+        name: &str,
+        kind: SectionKind,
+        size: u64,
+    ) -> Result<(crate::Section, crate::registry::SectionRecord)> {
         let opts = crate::SectionOptions::new().kind(kind);
-        domain.create_section_as(name, size, &opts, false).map(|(s, _)| s)
+        domain.create_section_as(name, size, &opts, false)
+    }
+
+    /// Marks a section made by [`create_unfinished`] ready.
+    pub fn finish_unfinished(domain: &Domain, rec: &crate::registry::SectionRecord) -> Result<()> {
+        domain.finish_init(rec)
     }
 
     /// Unmaps section `name` from this process (back to a bare reservation) so the next touch
