@@ -323,6 +323,7 @@ impl State {
         if retire {
             drop(heap);
             self.heaps.retain(|_, h| h.name() != OBJECTS_HEAP);
+            self.sections.retain(|_, s| s.name() != OBJECTS_HEAP);
             self.domain.delete_section(OBJECTS_HEAP)?;
         }
         Ok(())
