@@ -216,7 +216,12 @@ impl Domain {
                 claim_window(name, reg.window_base, reg.window_size)?;
                 reg
             }
-            Err(e) if e.kind() == ErrorKind::NotFound && !opts.must_exist => {
+            Err(e) if !opts.must_exist && (e.kind() == ErrorKind::NotFound || Registry::is_unfinished(&dir, name)) => {
+                if e.kind() != ErrorKind::NotFound {
+                    // Its creator died while making it (we hold the directory lock it held):
+                    // all or nothing, so it is made anew.
+                    let _ = os::unlink_object(os::borrow(&dir), &names::registry_object(name));
+                }
                 let (base, size) = choose_window(&shm_dir, &dir, name, opts)?;
                 let params = CreateParams {
                     window_base: base,

@@ -171,7 +171,9 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
     for d in &registries {
         let reg = match open_registry(&dir, d, true, false) {
             Ok(reg) => reg,
-            Err(e) if e.kind() == ErrorKind::Corrupt && force => {
+            // Unfinished (its creator died while creating it; we hold the directory lock every
+            // creator holds), or corrupt and the caller forces it.
+            Err(e) if e.kind() == ErrorKind::Corrupt && (force || Registry::is_unfinished(&dir_fd, d)) => {
                 os::unlink_object(os::borrow(&dir_fd), &names::registry_object(d))
                     .map_err(|e| Error::from_io("cannot remove a corrupt registry", e))?;
                 out.removed_domains.push(d.clone());

@@ -528,6 +528,35 @@ impl Registry {
         Ok(reg)
     }
 
+    /// Whether domain `domain`'s registry object was left unfinished by its creator: empty (not
+    /// sized yet) or with a header of ours never published. Meaningful only under the shm
+    /// directory's lock, which a creator holds from creating the object until it is ready: a
+    /// caller holding that lock that finds one knows its creator died.
+    pub fn is_unfinished(dir: &OwnedFd, domain: &str) -> bool {
+        let object = names::registry_object(domain);
+        let Ok(fd) = os::open_object(os::borrow(dir), &object, false) else { return false };
+        let Ok(st) = os::stat_object(os::borrow(&fd)) else { return false };
+        if !st.is_regular || st.uid != os::effective_uid() {
+            return false;
+        }
+        if st.size == 0 {
+            return true;
+        }
+        let len = size_of::<RegistryShared>();
+        if st.size < len as u64 {
+            return false;
+        }
+        let Ok(base) = os::map_shared(os::borrow(&fd), len, false) else { return false };
+        // SAFETY: the mapping is `len` bytes, page-aligned, read-only and ours until unmapped
+        // below; RegistryShared is atomics and the mutex's bytes, valid for any contents.
+        let h = unsafe { &*base.as_ptr().cast::<RegistryShared>() };
+        // Relaxed: a creator publishes `ready` last; under the directory lock no creator runs.
+        let (magic, ready) = (h.magic.load(Ordering::Relaxed), h.ready.load(Ordering::Relaxed));
+        // SAFETY: unmaps our own mapping; `h` is not used afterwards.
+        let _ = unsafe { os::unmap(base.as_ptr() as usize, len) };
+        ready != READY && (magic == MAGIC || magic == 0)
+    }
+
     /// Opens and validates an existing registry. `writable` is false for inspection.
     pub fn open(dir: OwnedFd, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
         let object = names::registry_object(domain);

@@ -218,3 +218,35 @@ fn a_create_on_a_full_tmpfs_leaves_no_entry_and_no_object() {
     let _ = std::fs::remove_dir(&mnt);
     result.unwrap();
 }
+
+#[test]
+fn a_registry_left_unfinished_by_a_dead_creator_is_made_anew_by_the_next_attach_and_removed_by_gc() {
+    use std::os::unix::fs::OpenOptionsExt;
+    // What a creator killed inside `Registry::create` leaves: the object before it was sized,
+    // or sized with a header whose `ready` word was never published.
+    let leave_unfinished = |domain: &str, header: bool| {
+        let path = object_path(&format!("shmgadget.{domain}:registry"));
+        let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).unwrap();
+        if header {
+            f.set_len(MIB).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, b"SHMGREG\x01", 0).unwrap();
+        }
+    };
+    for header in [false, true] {
+        let domain = unique_domain("unfreg");
+        leave_unfinished(&domain, header);
+        let err = Domain::attach_with(&domain, &DomainOptions { must_exist: true, ..small(GIB) }).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+        let s = d.create_section("works", 4096, &SectionOptions::new()).unwrap();
+        drop(s);
+        d.delete_section("works").unwrap();
+        d.detach().unwrap();
+        assert_clean(&domain);
+    }
+    let domain = unique_domain("unfreg-gc");
+    leave_unfinished(&domain, true);
+    let report = shmgadget::inspect::gc(Some(&domain), None, false).unwrap();
+    assert_eq!(report.removed_domains, vec![domain.clone()], "{report:?}");
+    assert_clean(&domain);
+}
