@@ -563,8 +563,8 @@ impl Domain {
         opts: &SectionOptions,
         ready: bool,
     ) -> Result<(SectionRecord, OwnedFd)> {
-        let token = self.peer_token();
-        let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.mode, reserved, token, ready)?;
+        let creator = registry::Creator { token: self.peer_token(), ready };
+        let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.mode, reserved, creator)?;
         let dir = self.inner.registry.dir();
         let object = names::section_object(&self.inner.name, rec.generation, name);
         let made = os::create_object(os::borrow(dir), &object, opts.mode)

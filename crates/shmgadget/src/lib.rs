@@ -89,7 +89,8 @@ pub mod __testing {
     /// sleeps for ever, so a test can `kill -9` this process in the middle of a registry update.
     pub fn die_holding_registry_lock(domain: &Domain, name: &str) -> Result<()> {
         let guard = domain.inner.registry.lock()?;
-        guard.begin_create(name, SectionKind::Raw, Lifetime::Persistent, 0o600, 4096, domain.peer_token(), true)?;
+        let creator = crate::registry::Creator { token: domain.peer_token(), ready: true };
+        guard.begin_create(name, SectionKind::Raw, Lifetime::Persistent, 0o600, 4096, creator)?;
         println!("HOLDING");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));

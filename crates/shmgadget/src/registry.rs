@@ -387,6 +387,15 @@ pub struct ProcRecord {
     pub(crate) alive: bool,
 }
 
+/// Who creates a section entry, and whether it is ready at once (see "Readiness").
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Creator {
+    /// The creator's peer token (`Domain::peer_token`).
+    pub token: u64,
+    /// Ready from creation (raw sections), or only once marked (heaps, queues).
+    pub ready: bool,
+}
+
 /// Parameters fixed when a registry is created.
 #[derive(Debug, Clone)]
 pub(crate) struct CreateParams {
@@ -1046,8 +1055,7 @@ impl RegistryGuard<'_> {
         lifetime: Lifetime,
         mode: u32,
         reserved: u64,
-        creator_token: u64,
-        ready: bool,
+        creator: Creator,
     ) -> Result<SectionRecord> {
         let reg = self.reg;
         // Never-used slots first (O(1) while the table grows), then any freed one.
@@ -1085,8 +1093,8 @@ impl RegistryGuard<'_> {
             e.committed.store(0, Ordering::Relaxed);
             e.created_at.store(now, Ordering::Relaxed);
             e.creator_pid.store(pid, Ordering::Relaxed);
-            e.creator_token.store(creator_token, Ordering::Relaxed);
-            e.ready.store(if ready { READY_SECTION } else { 0 }, Ordering::Relaxed);
+            e.creator_token.store(creator.token, Ordering::Relaxed);
+            e.ready.store(if creator.ready { READY_SECTION } else { 0 }, Ordering::Relaxed);
             e.state.store(CREATING, Ordering::Relaxed);
         });
         for c in offset / CHUNK..(offset + span) / CHUNK {

@@ -6,9 +6,13 @@
 //! AREA_OFFSET  block area   managed by the TLSF allocator (`tlsf.rs`), grows at its end
 //! ```
 //! # Protocol
-//! * The creator initialises `HeapShared` through the robust mutex's racing-safe `init` and
-//!   publishes the header's `ready` word last (Release); openers Acquire-load it and validate
-//!   magic, layout version, fingerprint, sizes.
+//! * The creator makes the section unready in the registry, initialises `HeapShared` through
+//!   the robust mutex's racing-safe `init`, publishes the header's `ready` word (Release) and
+//!   only then marks the registry entry ready (under the registry lock). Openers are handed
+//!   only ready sections (they wait for a live creator; a dead creator's unfinished section is
+//!   removed and made anew), Acquire-load `ready` and validate magic, layout version,
+//!   fingerprint, sizes. A creator whose initialisation fails (no space to commit, ...)
+//!   removes the section before returning the error: creation is all or nothing.
 //! * Every allocator call holds `lock` (a robust process-shared [`RawMutex`]); its
 //!   acquire/release orders all writes to the control block and block headers between
 //!   processes. `committed` grows only under the lock.

@@ -11,6 +11,10 @@
 //! peers    who is attached on each side (domain peer tokens), and what each is in the middle of
 //! 4096     the ring
 //! ```
+//! The creator commits the whole section, writes the header and publishes its `ready` word,
+//! and only then marks the section ready in the registry; until then openers wait (or, if the
+//! creator died, remove it and create it anew), and a failure removes it (`queue_section`).
+//!
 //! Each side writes its own cache line and reads the other's only when its cached copy says the
 //! ring is empty (or full), so a busy queue moves one line per batch, not per message, and the
 //! cost of a message does not depend on the ring's size.
