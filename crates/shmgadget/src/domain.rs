@@ -763,7 +763,10 @@ impl DomainInner {
         }
         let mut first_err = None;
         for rec in guard.all_entries() {
-            if rec.lifetime == Lifetime::Transient {
+            // Transient sections end with their last process; so do unfinished ones (no process
+            // is left that could finish them: this one holds no handle now).
+            let unfinished = rec.state == registry::LIVE && !rec.ready;
+            if rec.lifetime == Lifetime::Transient || unfinished {
                 if let Err(e) = guard.remove(&rec) {
                     first_err.get_or_insert(e);
                 }
