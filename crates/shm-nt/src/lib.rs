@@ -24,8 +24,9 @@
 //! opens the heap and removes it when it exits. The heap is deleted when it holds no
 //! semaphore and no other live process (by token; a dead process's token is dropped) is in
 //! the table: by `shm_sem_delete` of the last semaphore, or at exit. The deleter first marks
-//! the table `retired` under the mutex, so a process that opened the heap just before sees
-//! the mark and opens (or creates) the next one instead of registering in a heap about to go.
+//! the table `retired` (with its token) under the mutex, so a process that opened the heap just
+//! before sees the mark and opens (or creates) the next one instead of registering in a heap
+//! about to go; a mark whose deleter died before deleting is cleared by the next user.
 
 // `unsigned long` is 64 bits here but 32 on Windows (the next platform): keep the casts.
 #![allow(clippy::unnecessary_cast)]
@@ -74,7 +75,8 @@ const MAX_USERS: usize = 1024;
 shmgadget::shm_struct! {
     /// Who uses the objects heap (see "The objects heap" above). Written under its mutex.
     struct UsersShared {
-        /// Non-zero once a deleter decided to delete the heap: register in the next one.
+        /// The peer token of a deleter that decided to delete the heap (0: none): register in
+        /// the next heap instead. A deleter that died before deleting it is ignored.
         retired: u64,
         /// Non-zero once a user found the table full: the heap is then never deleted.
         overflow: u64,
@@ -263,6 +265,10 @@ impl State {
             let registered = {
                 let (users, _) = heap.find_or_init_mutex(USERS, UsersShared::empty)?;
                 let mut u = lock_users(users)?;
+                if u.retired != 0 && !self.domain.peer_alive(u.retired) {
+                    // Its deleter died before deleting it: the heap is intact, keep using it.
+                    u.retired = 0;
+                }
                 if u.retired == 0 {
                     if !u.tokens.contains(&token) {
                         let domain = &self.domain;
@@ -313,7 +319,7 @@ impl State {
             let only_users_table = heap.named_objects()?.iter().all(|o| o.name == USERS);
             let retire = u.retired == 0 && u.overflow == 0 && !others && only_users_table;
             if retire {
-                u.retired = 1;
+                u.retired = token;
             }
             retire
         };
