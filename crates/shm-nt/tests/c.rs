@@ -322,3 +322,26 @@ fn names_whose_c_creator_was_killed_mid_create_are_usable_at_once_by_another_pro
     assert_eq!(dir.files(), Vec::<String>::new());
     let _ = std::fs::remove_file(exe);
 }
+
+#[test]
+fn returning_from_main_while_another_thread_uses_shared_memory_exits_cleanly() {
+    let exe = program("busy");
+    let dir = PrivateDir::new("busy");
+    let domain = format!("cnt-busy-{}", std::process::id());
+    let mut released = 0;
+    for round in 0..20 {
+        let o = run_in(&exe, &domain, &dir, &["exit_while_busy"]);
+        assert!(o.status.success(), "round {round}: the program did not exit cleanly: {}", o.status);
+        // Its process entry is gone unless the handler found the library busy (then it is left
+        // for the kernel-released token to mark dead).
+        let report = shmgadget::inspect::inspect_domain(&domain, Some(&dir.0)).unwrap();
+        assert!(report.processes.iter().all(|p| !p.alive), "round {round}: {:?}", report.processes);
+        released += report.processes.is_empty() as u32;
+        for f in dir.files() {
+            std::fs::remove_file(dir.0.join(f)).unwrap();
+        }
+    }
+    eprintln!("the exit handler released the process entry in {released} of 20 rounds");
+    assert!(released > 0);
+    let _ = std::fs::remove_file(exe);
+}

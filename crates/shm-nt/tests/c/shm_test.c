@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -313,6 +314,31 @@ static void fork_exit(void) {
     printf("fork done\n");
 }
 
+/* A thread that keeps using shared memory while main returns: the exit handler runs under it. */
+static unsigned long busy_heap, busy_sec;
+
+static void *busy(void *arg) {
+    (void)arg;
+    for (unsigned long i = 0;; i++) {
+        ((volatile unsigned long *)busy_sec)[i % 512] = i;
+        void *p = shm_alloc(busy_heap, 64);
+        if (p != NULL) {
+            memset(p, 1, 64);
+            shm_free(p);
+        }
+    }
+    return NULL;
+}
+
+static void exit_while_busy(void) {
+    EXPECT(shm_heap("busy.heap", 4UL << 20, &busy_heap, 0) == SHM_OK);
+    EXPECT(shm_section("busy.sec", 4096, &busy_sec) == SHM_OK);
+    pthread_t t;
+    EXPECT(pthread_create(&t, NULL, busy, NULL) == 0);
+    usleep(20000);
+    printf("exiting while busy\n");
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     if (strcmp(argv[1], "build") == 0) build();
@@ -325,6 +351,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "tidy") == 0) tidy();
     else if (strcmp(argv[1], "sem_user") == 0 && argc > 2) sem_user(argv[2]);
     else if (strcmp(argv[1], "fork_exit") == 0) fork_exit();
+    else if (strcmp(argv[1], "exit_while_busy") == 0) exit_while_busy();
     else return 2;
     fflush(stdout);
     return failures == 0 ? 0 : 1;
