@@ -824,6 +824,10 @@ enum Found {
 /// microseconds; this bounds a creator that is stopped or stuck).
 pub(crate) const CREATOR_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// [`CREATOR_WAIT`] in milliseconds, or a shorter bound set by a test
+/// (`__testing::set_creator_wait`).
+pub(crate) static CREATOR_WAIT_MS: AtomicU64 = AtomicU64::new(CREATOR_WAIT.as_millis() as u64);
+
 /// Waiting for a section's creator, bounded by [`CREATOR_WAIT`].
 struct CreatorWait {
     start: std::time::Instant,
@@ -837,7 +841,9 @@ impl CreatorWait {
 
     /// Sleeps a little (growing to 5 ms), or fails with `Timeout` once the bound is reached.
     fn pause(&mut self, domain: &Domain, rec: &SectionRecord) -> Result<()> {
-        if self.start.elapsed() > CREATOR_WAIT {
+        // Relaxed: a setting, read on its own.
+        let limit = std::time::Duration::from_millis(CREATOR_WAIT_MS.load(Ordering::Relaxed));
+        if self.start.elapsed() > limit {
             bail!(
                 Timeout,
                 "section {:?} of domain {:?} is still being initialised by its creator, pid {} (alive), after {:?}; \
@@ -845,7 +851,7 @@ impl CreatorWait {
                 rec.name.as_str(),
                 domain.inner.name,
                 rec.creator_pid,
-                CREATOR_WAIT,
+                limit,
                 domain.inner.name,
                 rec.name.as_str()
             );

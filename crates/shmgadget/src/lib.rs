@@ -110,6 +110,12 @@ pub mod __testing {
         domain.create_section_as(name, size, &opts, false)
     }
 
+    /// Sets how long create-or-open waits for a live creator (default 10 s), for this process.
+    pub fn set_creator_wait(wait: std::time::Duration) {
+        // Relaxed: a setting, read on its own.
+        crate::domain::CREATOR_WAIT_MS.store(wait.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Marks a section made by [`create_unfinished`] ready.
     pub fn finish_unfinished(domain: &Domain, rec: &crate::registry::SectionRecord) -> Result<()> {
         domain.finish_init(rec)

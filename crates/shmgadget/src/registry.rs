@@ -653,7 +653,12 @@ impl Registry {
         }
         // Acquire: pairs with the Release store in `create`; makes the frozen fields visible.
         if h.ready.load(Ordering::Acquire) != READY {
-            return Err(corrupt(&d, "it was never finished (its creator died while creating it)".into()));
+            // Attaching and `gc` look only under the directory lock, where this means the creator
+            // died (and they make or remove it anew); an inspector may also catch a creator at work.
+            return Err(corrupt(
+                &d,
+                "it is not finished (its creator died while creating it, or is creating it right now)".into(),
+            ));
         }
         let max_sections = h.max_sections.load(Ordering::Relaxed);
         let max_procs = h.max_procs.load(Ordering::Relaxed);

@@ -252,3 +252,42 @@ fn a_registry_left_unfinished_by_a_dead_creator_is_made_anew_by_the_next_attach_
     assert_eq!(report.removed_domains, vec![domain.clone()], "{report:?}");
     assert_clean(&domain);
 }
+
+#[test]
+fn a_creator_that_stays_alive_without_finishing_is_reported_by_pid_after_a_bounded_wait() {
+    const TEST: &str = "a_creator_that_stays_alive_without_finishing_is_reported_by_pid_after_a_bounded_wait";
+    match role().as_deref() {
+        Some("stuck") => unfinished_creator(SectionKind::Heap),
+        Some("opener") => {
+            // A process of its own, so the shortened bound affects no other test.
+            shmgadget::__testing::set_creator_wait(Duration::from_millis(300));
+            let d = Domain::attach_with(&child_domain(), &small(GIB)).unwrap();
+            let t = Instant::now();
+            let err = Heap::create_or_open(&d, "stuck", 4 * MIB).unwrap_err();
+            println!("WAITED_MS={}", t.elapsed().as_millis());
+            println!("KIND={:?}", err.kind());
+            println!("TEXT={err}");
+            println!("OPEN_KIND={:?}", Heap::open(&d, "stuck").unwrap_err().kind());
+            d.detach().unwrap();
+        }
+        _ => {
+            let domain = unique_domain("stuck");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let mut child = start_creator(TEST, "stuck", &domain, "stuck", &[]);
+            let seen = run(TEST, "opener", &domain, &[]);
+            assert!(seen["WAITED_MS"].parse::<u64>().unwrap() >= 300, "{seen:?}");
+            assert_eq!(seen["KIND"], "Timeout", "{seen:?}");
+            let text = &seen["TEXT"];
+            assert!(text.contains(&format!("pid {}", child.id())) && !text.contains("died"), "{text}");
+            assert_eq!(seen["OPEN_KIND"], "Timeout", "{seen:?}");
+            kill9(&mut child);
+            // Now it is dead: the same call makes the heap at once.
+            let (heap, created) = Heap::create_or_open(&d, "stuck", 4 * MIB).unwrap();
+            assert!(created);
+            drop(heap);
+            d.delete_section("stuck").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
