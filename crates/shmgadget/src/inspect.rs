@@ -143,10 +143,11 @@ pub struct GcReport {
 }
 
 /// Removes what dead processes left behind, in one domain or (`domain` `None`) all of them:
-/// sections that never became ready because their creator died; attachments of dead processes; transient sections of domains with no live process;
-/// registries with no live process and no persistent section; backing objects that no
-/// registry refers to. With `force`, also removes registries that fail validation (use only
-/// when no process uses them).
+/// sections that never became ready because their creator died (even while other processes
+/// live); registries left unfinished by a creator that died; attachments of dead processes;
+/// transient sections of domains with no live process; registries with no live process and no
+/// persistent section; backing objects that no registry refers to. With `force`, also removes
+/// registries that fail validation (use only when no process uses them).
 pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<GcReport> {
     if let Some(d) = domain {
         names::validate(d, "domain")?;
