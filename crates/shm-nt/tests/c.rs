@@ -345,3 +345,43 @@ fn returning_from_main_while_another_thread_uses_shared_memory_exits_cleanly() {
     assert!(released > 0);
     let _ = std::fs::remove_file(exe);
 }
+
+/// The kill lands anywhere in the first process's life: in attaching (rarely inside registry
+/// creation itself, a ~0.1 ms window; `tests/creation.rs` covers an unfinished registry
+/// deterministically) or in the creations.
+#[test]
+fn a_domain_whose_first_c_process_was_killed_while_making_it_is_usable_at_once() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    const ROUNDS: u64 = 30;
+    let exe = program("firstkill");
+    let dir = PrivateDir::new("firstkill");
+    let domain = format!("cnt-first-{}", std::process::id());
+    let mut rng = (std::process::id() as u64) << 1 | 1;
+    let mut killed = 0;
+    for round in 0..ROUNDS {
+        // The domain does not exist: this process makes its registry, then the sections. It
+        // is killed 0-4 ms after it starts, anywhere in there.
+        let mut victim =
+            command(&exe, &domain, &dir, &["create_names", "n"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_micros(rng % 4000));
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(victim.id() as i32, libc::SIGKILL) };
+        let status = victim.wait().unwrap();
+        killed += (status.signal() == Some(libc::SIGKILL)) as u32;
+        // The next process uses every name at once: no gc, no wait, no "creator died".
+        let t = Instant::now();
+        let o = run_in(&exe, &domain, &dir, &["create_names", "n"]);
+        assert!(o.status.success() && text(&o).contains("CREATED"), "round {round}: {}", text(&o));
+        assert!(t.elapsed() < Duration::from_secs(1), "round {round}: took {:?}", t.elapsed());
+        let o = run_in(&exe, &domain, &dir, &["delete_names", "n"]);
+        assert!(o.status.success(), "round {round}");
+        // The last process to leave took the registry with it.
+        assert_eq!(dir.files(), Vec::<String>::new(), "round {round}");
+    }
+    eprintln!("{killed} of {ROUNDS} first processes killed");
+    let _ = std::fs::remove_file(exe);
+}

@@ -224,6 +224,17 @@ static void create_names(const char *tag) {
     printf("CREATED\n");
 }
 
+/* Deletes what create_names made. */
+static void delete_names(const char *tag) {
+    const char *kinds[] = {"heap", "queue", "sec"};
+    for (int i = 0; i < 3; i++) {
+        char name[64];
+        unsigned long a;
+        snprintf(name, sizeof name, "%s.%s", tag, kinds[i]);
+        EXPECT(shm_map(name, 0, &a) == SHM_OK && shm_delete_section(a) == SHM_OK);
+    }
+}
+
 /* Creates sections, a heap, semaphores and queues, uses and deletes them all, and returns
  * from main without shm_exit: the exit handler must leave nothing of the domain. */
 static void tidy(void) {
@@ -348,6 +359,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "errors") == 0) errors();
     else if (strcmp(argv[1], "os_error") == 0 && argc > 2) os_error(argv[2]);
     else if (strcmp(argv[1], "create_names") == 0 && argc > 2) create_names(argv[2]);
+    else if (strcmp(argv[1], "delete_names") == 0 && argc > 2) delete_names(argv[2]);
     else if (strcmp(argv[1], "tidy") == 0) tidy();
     else if (strcmp(argv[1], "sem_user") == 0 && argc > 2) sem_user(argv[2]);
     else if (strcmp(argv[1], "fork_exit") == 0) fork_exit();
