@@ -96,7 +96,10 @@ void *shm_realloc(void *addr, unsigned long size);
 
 /*
  Detaches this process from the domain: unmaps everything (sections stay unless transient
- and unused).
+ and this is the last process; the registry goes when nothing remains). The objects heap of
+ the semaphores is deleted when it holds none and no other process uses it. A program that
+ returns from `main` without calling it is detached at exit in the same way (by an `atexit`
+ handler, which unmaps nothing). Calling it twice is harmless.
  */
 int shm_exit(void);
 
@@ -152,6 +155,13 @@ int shm_heap_check(unsigned long hdl);
  Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the counting semaphore `name`.
  */
 int shm_sem(const char *name, unsigned int initial, unsigned long *psem);
+
+/*
+ Deletes the semaphore `sem` for every process (its handle becomes invalid everywhere; no
+ process may be waiting on it or use it afterwards). When it was the last semaphore and no
+ other process uses the objects heap, that heap is deleted too.
+ */
+int shm_sem_delete(unsigned long sem);
 
 /*
  Waits for a unit: `timeout_ms` -1 waits for ever, 0 only tries (`SHM_ERR_TIMEOUT` if none).

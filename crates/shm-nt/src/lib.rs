@@ -9,6 +9,24 @@
 //! Semaphores live as named objects in a heap section `shm_nt.objects` created on demand;
 //! queues are shmgadget byte queues (the first `shm_q_write` of a process makes it the sender,
 //! the first `shm_q_read` the receiver).
+//!
+//! # Exit
+//! The first call registers an `atexit` handler that does what `shm_exit` does, so a program
+//! that returns from `main` (or calls `exit`) without `shm_exit` still releases its process
+//! entry, and, as the last process, its transient sections and an empty registry. At exit
+//! nothing is unmapped (a thread still running may touch section memory). The handler only
+//! acts in the process that attached: a forked child's copy of the state is left alone, as is
+//! the state while another thread is inside the library.
+//!
+//! # The objects heap
+//! `shm_nt.objects` holds the semaphores and `shm_nt.users`, a table of the peer tokens of the
+//! processes using the heap, under a robust mutex. A process adds its token when it first
+//! opens the heap and removes it when it exits. The heap is deleted when it holds no
+//! semaphore and no other live process (by token; a dead process's token is dropped) is in
+//! the table: by `shm_sem_delete` of the last semaphore, or at exit. The deleter first marks
+//! the table `retired` (with its token) under the mutex, so a process that opened the heap just
+//! before sees the mark and opens (or creates) the next one instead of registering in a heap
+//! about to go; a mark whose deleter died before deleting is cleared by the next user.
 
 // `unsigned long` is 64 bits here but 32 on Windows (the next platform): keep the casts.
 #![allow(clippy::unnecessary_cast)]
@@ -49,6 +67,29 @@ pub const SHM_ERR_OS: c_int = -8;
 
 const OBJECTS_HEAP: &str = "shm_nt.objects";
 const OBJECTS_HEAP_SIZE: u64 = 1 << 20;
+/// The users table's name in the objects heap.
+const USERS: &str = "shm_nt.users";
+/// Processes that can use the objects heap at once (more set `overflow`: never deleted).
+const MAX_USERS: usize = 1024;
+
+shmgadget::shm_struct! {
+    /// Who uses the objects heap (see "The objects heap" above). Written under its mutex.
+    struct UsersShared {
+        /// The peer token of a deleter that decided to delete the heap (0: none): register in
+        /// the next heap instead. A deleter that died before deleting it is ignored.
+        retired: u64,
+        /// Non-zero once a user found the table full: the heap is then never deleted.
+        overflow: u64,
+        /// Peer tokens of users; 0 is a free entry.
+        tokens: [u64; MAX_USERS],
+    }
+}
+
+impl UsersShared {
+    fn empty() -> UsersShared {
+        UsersShared { retired: 0, overflow: 0, tokens: [0; MAX_USERS] }
+    }
+}
 
 fn code(kind: ErrorKind) -> c_int {
     match kind {
@@ -150,6 +191,8 @@ impl QueueEntry {
 }
 
 struct State {
+    /// The process that attached (a forked child has a copy of this state; see "Exit").
+    pid: u32,
     domain: Domain,
     sections: HashMap<u64, Section>,
     heaps: HashMap<u64, Arc<Heap>>,
@@ -167,7 +210,9 @@ fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T, Failure>) -> Result<T, 
     let mut g = lock_state();
     if g.is_none() {
         let domain = Domain::attach(&shmgadget::default_domain_name())?;
+        register_at_exit();
         *g = Some(State {
+            pid: std::process::id(),
             domain,
             sections: HashMap::new(),
             heaps: HashMap::new(),
@@ -208,15 +253,153 @@ impl State {
         }
     }
 
+    /// The objects heap, opened (or created) and this process registered as a user.
     fn objects(&mut self) -> Result<Arc<Heap>, Failure> {
         if let Some(h) = &self.objects {
             return Ok(h.clone());
         }
-        let (heap, _) = Heap::create_or_open(&self.domain, OBJECTS_HEAP, OBJECTS_HEAP_SIZE)?;
-        let heap = Arc::new(heap);
-        self.objects = Some(heap.clone());
-        Ok(heap)
+        let token = self.domain.peer_token();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (heap, _) = Heap::create_or_open(&self.domain, OBJECTS_HEAP, OBJECTS_HEAP_SIZE)?;
+            let registered = {
+                let (users, _) = heap.find_or_init_mutex(USERS, UsersShared::empty)?;
+                let mut u = lock_users(users)?;
+                if u.retired != 0 && !self.domain.peer_alive(u.retired) {
+                    // Its deleter died before deleting it: the heap is intact, keep using it.
+                    u.retired = 0;
+                }
+                if u.retired == 0 {
+                    if !u.tokens.contains(&token) {
+                        let domain = &self.domain;
+                        let free = u.tokens.iter().position(|&t| t == 0 || !domain.peer_alive(t));
+                        match free {
+                            Some(i) => u.tokens[i] = token,
+                            None => u.overflow = 1,
+                        }
+                    }
+                    true
+                } else {
+                    false
+                }
+            };
+            if registered {
+                let heap = Arc::new(heap);
+                self.objects = Some(heap.clone());
+                return Ok(heap);
+            }
+            // Its last user is deleting it: wait for the deletion, then make the next one.
+            drop(heap);
+            if std::time::Instant::now() > deadline {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("the objects heap {OBJECTS_HEAP:?} stayed retired (being deleted) for 10 s; its deleter may be stuck"),
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
+
+    /// Deletes the objects heap if it holds no semaphore and no other live process uses it;
+    /// `leaving` also takes this process out of its users (at exit).
+    fn release_objects(&mut self, leaving: bool) -> Result<(), Failure> {
+        let Some(heap) = self.objects.clone() else { return Ok(()) };
+        let token = self.domain.peer_token();
+        let retire = {
+            let users = heap.find::<shmgadget::sync::Mutex<UsersShared>>(USERS)?;
+            let mut u = lock_users(users)?;
+            let domain = &self.domain;
+            for t in u.tokens.iter_mut() {
+                if *t != 0 && ((leaving && *t == token) || (*t != token && !domain.peer_alive(*t))) {
+                    *t = 0;
+                }
+            }
+            let others = u.tokens.iter().any(|&t| t != 0 && t != token);
+            let only_users_table = heap.named_objects()?.iter().all(|o| o.name == USERS);
+            let retire = u.retired == 0 && u.overflow == 0 && !others && only_users_table;
+            if retire {
+                u.retired = token;
+            }
+            retire
+        };
+        if leaving || retire {
+            self.objects = None;
+        }
+        if retire {
+            drop(heap);
+            self.heaps.retain(|_, h| h.name() != OBJECTS_HEAP);
+            self.sections.retain(|_, s| s.name() != OBJECTS_HEAP);
+            self.domain.delete_section(OBJECTS_HEAP)?;
+        }
+        Ok(())
+    }
+}
+
+/// Locks the users table; a holder that died left it consistent (single-word writes).
+fn lock_users(
+    users: &shmgadget::sync::Mutex<UsersShared>,
+) -> Result<shmgadget::sync::MutexGuard<'_, UsersShared>, Failure> {
+    match users.lock() {
+        Ok(g) => Ok(g),
+        Err(shmgadget::sync::LockError::OwnerDied(mut g)) => {
+            g.make_consistent();
+            Ok(g)
+        }
+        Err(e) => {
+            let e = Error::from(e);
+            Err(Error::new(e.kind(), format!("cannot lock the objects heap's users table: {e}")).into())
+        }
+    }
+}
+
+// ------------------------------------------------------------------ exit
+
+/// Registers [`at_exit`] once per process.
+fn register_at_exit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: atexit(3) with a function that stays valid for the life of the process (the
+        // library is linked with `-z nodelete`, so it is never unloaded).
+        unsafe { libc::atexit(at_exit) };
+    });
+}
+
+/// Runs at normal process exit, after the main thread's thread-locals were destroyed (glibc
+/// runs their destructors first): nothing here may rely on them, and nothing may panic out.
+extern "C" fn at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        // Another thread inside the library holds the state: leave everything (gc reclaims).
+        let mut g = match STATE.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        if g.as_ref().is_none_or(|st| st.pid != std::process::id()) {
+            // Never attached, already left, or a forked child's copy of the parent's state:
+            // the parent's attachment is not this process's to release.
+            return;
+        }
+        let st = g.take().expect("checked above");
+        drop(g);
+        let _ = leave(st, true);
+    });
+}
+
+/// What `shm_exit` and the exit handler do: close this process's ends and handles, leave the
+/// objects heap (deleting it if it is unused), detach.
+fn leave(mut st: State, at_exit: bool) -> Result<(), Failure> {
+    let objects = st.release_objects(true);
+    let State { domain, sections, heaps, objects: _, queues, pid: _ } = st;
+    drop(queues);
+    drop(heaps);
+    drop(sections);
+    if at_exit {
+        domain.detach_at_exit()?;
+    } else {
+        domain.detach()?;
+    }
+    objects
 }
 
 // ------------------------------------------------------------------ sections and heaps
@@ -335,17 +518,15 @@ pub extern "C" fn shm_realloc(addr: *mut c_void, size: c_ulong) -> *mut c_void {
 }
 
 /// Detaches this process from the domain: unmaps everything (sections stay unless transient
-/// and unused).
+/// and this is the last process; the registry goes when nothing remains). The objects heap of
+/// the semaphores is deleted when it holds none and no other process uses it. A program that
+/// returns from `main` without calling it is detached at exit in the same way (by an `atexit`
+/// handler, which unmaps nothing). Calling it twice is harmless.
 #[unsafe(no_mangle)]
 pub extern "C" fn shm_exit() -> c_int {
     status(|| {
         let Some(st) = lock_state().take() else { return Ok(SHM_OK) };
-        let State { domain, sections, heaps, objects, queues } = st;
-        drop(queues);
-        drop(objects);
-        drop(heaps);
-        drop(sections);
-        domain.detach()?;
+        leave(st, false)?;
         Ok(SHM_OK)
     })
 }
@@ -529,11 +710,36 @@ pub extern "C" fn shm_sem(name: *const c_char, initial: c_uint, psem: *mut c_ulo
 /// The semaphore at `sem`, validated against the named objects of the objects heap.
 fn semaphore(sem: c_ulong) -> Result<(Arc<Heap>, *const Semaphore), Failure> {
     let heap = with_state(|st| st.objects())?;
-    let ok = heap.named_objects()?.iter().any(|o| o.address == sem as u64 && o.kind == ObjectKind::Semaphore);
-    if !ok {
-        return Err(invalid(format!("{sem:#x} is not a semaphore handle from shm_sem")));
-    }
+    semaphore_name(&heap, sem)?;
     Ok((heap, sem as usize as *const Semaphore))
+}
+
+/// The name of the semaphore at `sem` in the objects heap.
+fn semaphore_name(heap: &Heap, sem: c_ulong) -> Result<String, Failure> {
+    heap.named_objects()?
+        .into_iter()
+        .find(|o| o.address == sem as u64 && o.kind == ObjectKind::Semaphore)
+        .map(|o| o.name)
+        .ok_or_else(|| invalid(format!("{sem:#x} is not a semaphore handle from shm_sem")))
+}
+
+/// Deletes the semaphore `sem` for every process (its handle becomes invalid everywhere; no
+/// process may be waiting on it or use it afterwards). When it was the last semaphore and no
+/// other process uses the objects heap, that heap is deleted too.
+#[unsafe(no_mangle)]
+pub extern "C" fn shm_sem_delete(sem: c_ulong) -> c_int {
+    status(|| {
+        with_state(|st| {
+            let heap = st.objects()?;
+            let name = semaphore_name(&heap, sem)?;
+            // SAFETY: the caller deletes the semaphore: by the interface's contract no process
+            // waits on it or uses it any more (as for sem_destroy(3)).
+            unsafe { heap.remove_named(&name)? };
+            drop(heap);
+            st.release_objects(false)?;
+            Ok(SHM_OK)
+        })
+    })
 }
 
 /// Waits for a unit: `timeout_ms` -1 waits for ever, 0 only tries (`SHM_ERR_TIMEOUT` if none).

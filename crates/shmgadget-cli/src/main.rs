@@ -82,8 +82,9 @@ enum Command {
         /// Section name.
         name: String,
     },
-    /// Remove what dead processes left behind: their attachments, transient sections of
-    /// domains with no live process, empty registries and orphaned objects.
+    /// Remove what dead processes left behind: sections their creator died while making, their
+    /// attachments, transient sections of domains with no live process, empty registries and
+    /// orphaned objects.
     Gc {
         /// Clean every domain, not only --domain.
         #[arg(long)]
@@ -200,6 +201,11 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 for (d, pid) in &report.dead_processes {
                     println!("cleared dead process {pid} from domain {d:?}");
                 }
+                for (d, s, pid) in &report.removed_unfinished {
+                    println!(
+                        "removed unfinished section {s:?} of domain {d:?} (its creator, pid {pid}, died while creating it)"
+                    );
+                }
                 for (d, s) in &report.removed_sections {
                     println!("removed transient section {s:?} of domain {d:?}");
                 }
@@ -213,6 +219,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("skipped domain {d:?}: {why}");
                 }
                 let n = report.dead_processes.len()
+                    + report.removed_unfinished.len()
                     + report.removed_sections.len()
                     + report.removed_domains.len()
                     + report.removed_orphans.len();

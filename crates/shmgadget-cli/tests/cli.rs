@@ -202,3 +202,38 @@ fn a_queue_is_created_listed_and_inspected() {
     assert!(shmgadget(&[&d[..], &["rm", "q"]].concat()).status.success());
     assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
 }
+
+#[test]
+fn gc_removes_and_reports_a_section_whose_creator_died_while_creating_it() {
+    const TEST: &str = "gc_removes_and_reports_a_section_whose_creator_died_while_creating_it";
+    if let Ok(domain) = std::env::var("SHMG_CLI_UNFINISHED") {
+        // The creator: makes a heap section that never becomes ready, then waits to be killed.
+        let d = shmgadget::Domain::attach(&domain).unwrap();
+        let _s = shmgadget::__testing::create_unfinished(&d, "half", shmgadget::SectionKind::Heap, 1 << 20).unwrap();
+        println!("UNFINISHED");
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        return;
+    }
+    let domain = format!("cli-gcu-{}", std::process::id());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([TEST, "--exact", "--nocapture", "-q"])
+        .env("SHMG_CLI_UNFINISHED", &domain)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l.trim() == "UNFINISHED")), "the creator never got there");
+    let pid = child.id();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let out = shmgadget(&["--domain", &domain, "gc"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("removed unfinished section \"half\" of domain \"{domain}\" (its creator, pid {pid}")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("removed domain \"{domain}\"")), "{text}");
+    assert!(leftovers(&format!("shmgadget.{domain}:")).is_empty());
+}

@@ -216,7 +216,12 @@ impl Domain {
                 claim_window(name, reg.window_base, reg.window_size)?;
                 reg
             }
-            Err(e) if e.kind() == ErrorKind::NotFound && !opts.must_exist => {
+            Err(e) if !opts.must_exist && (e.kind() == ErrorKind::NotFound || Registry::is_unfinished(&dir, name)) => {
+                if e.kind() != ErrorKind::NotFound {
+                    // Its creator died while making it (we hold the directory lock it held):
+                    // all or nothing, so it is made anew.
+                    let _ = os::unlink_object(os::borrow(&dir), &names::registry_object(name));
+                }
                 let (base, size) = choose_window(&shm_dir, &dir, name, opts)?;
                 let params = CreateParams {
                     window_base: base,
@@ -279,6 +284,26 @@ impl Domain {
         self.release(&mut table)
     }
 
+    /// Detaches at process exit (the C library's `atexit` handler): like [`Domain::detach`]
+    /// for the registry (this process's entry is released; if no other live process is
+    /// attached, transient sections and an empty registry are deleted), but nothing is
+    /// unmapped and the attachment's memory is never freed, so a thread still touching section
+    /// memory while the process ends cannot fault. Does nothing if other handles to the
+    /// attachment exist in this process. Never call it in a process that goes on running.
+    pub fn detach_at_exit(self) -> Result<()> {
+        let mut table = attached();
+        if Arc::strong_count(&self.inner) != 2 {
+            return Ok(());
+        }
+        table.remove(&(self.inner.shm_dir.clone(), self.inner.name.clone()));
+        drop(table);
+        let result = self.inner.leave_registry();
+        // Keeps the attachment (registry mapping, fault-handler registration) alive until the
+        // process ends.
+        std::mem::forget(self);
+        result
+    }
+
     fn release(&self, table: &mut HashMap<Key, Arc<DomainInner>>) -> Result<()> {
         // Our handle plus the table's: nobody else can clone it now (cloning needs a handle,
         // attaching needs the table lock we hold).
@@ -312,62 +337,200 @@ impl Domain {
 
     /// Creates a section. Fails with `AlreadyExists` if the name is taken.
     pub fn create_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<Section> {
-        let reserved = self.check_new_section(name, size, opts)?;
-        let guard = self.inner.registry.lock()?;
-        if let Some(rec) = guard.find_live(name) {
-            return Err(already_exists(self, &rec));
-        }
-        let (rec, fd) = self.create_locked(&guard, name, reserved, opts)?;
-        drop(guard);
-        Section::map_new(self.clone(), rec, fd)
+        self.create_section_as(name, size, opts, true).map(|(s, _)| s)
     }
 
-    /// Opens an existing section by name.
+    /// [`Domain::create_section`], with readiness chosen by the caller: `ready` false makes the
+    /// section `LIVE` but unready until [`Domain::finish_init`] (heaps and queues initialise
+    /// their header first). Returns the new entry too.
+    pub(crate) fn create_section_as(
+        &self,
+        name: &str,
+        size: u64,
+        opts: &SectionOptions,
+        ready: bool,
+    ) -> Result<(Section, SectionRecord)> {
+        let reserved = self.check_new_section(name, size, opts)?;
+        let guard = self.inner.registry.lock()?;
+        let abandoned = match self.settle(&guard, name) {
+            Found::Ready(rec) | Found::Pending(rec) => return Err(already_exists(self, &rec)),
+            Found::Absent(abandoned) => abandoned,
+        };
+        let made = self.create_locked(&guard, name, reserved, opts, ready);
+        drop(guard);
+        if let Some(old) = abandoned {
+            self.forget_removed(&old);
+        }
+        let (rec, fd) = made?;
+        self.map_created(rec, fd).map(|s| (s, rec))
+    }
+
+    /// Opens an existing section by name. A section still being initialised by its (live)
+    /// creator is waited for; one whose creator died before finishing it is removed and
+    /// reported as not found.
     pub fn open_section(&self, name: &str) -> Result<Section> {
         names::validate(name, "section")?;
-        let rec = {
+        let mut wait = CreatorWait::new();
+        let mut vanished = 0;
+        loop {
             let guard = self.inner.registry.lock()?;
-            guard.find_live(name)
-        };
-        let rec = rec.ok_or_else(|| not_found(self, name))?;
-        Section::open_record(self.clone(), rec)
+            let found = self.settle(&guard, name);
+            drop(guard);
+            let rec = match found {
+                Found::Ready(rec) => rec,
+                Found::Pending(rec) => {
+                    wait.pause(self, &rec)?;
+                    continue;
+                }
+                Found::Absent(Some(old)) => {
+                    self.forget_removed(&old);
+                    bail!(
+                        NotFound,
+                        "no section {name:?} in domain {:?}: its creator (pid {}) died before initialising it, so the \
+                         unfinished section was removed; create it again",
+                        self.inner.name,
+                        old.creator_pid
+                    );
+                }
+                Found::Absent(None) => return Err(not_found(self, name)),
+            };
+            match Section::open_record(self.clone(), rec) {
+                // Deleted between the lookup and the open: look again.
+                Err(e) if e.kind() == ErrorKind::NotFound && vanished < 8 => vanished += 1,
+                other => return other,
+            }
+        }
     }
 
     /// Opens section `name` if it exists (its reserved size must be at least `size` and its
     /// kind `opts.kind`), otherwise creates it. Returns the section and whether this call
-    /// created it. When several processes race, exactly one creates it.
+    /// created it. When several processes race, exactly one creates it; the others wait until
+    /// the creator has initialised it. A section left unfinished by a creator that died is
+    /// removed and created anew.
     pub fn create_or_open_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<(Section, bool)> {
+        self.create_or_open_section_as(name, size, opts, true).map(|(s, created, _)| (s, created))
+    }
+
+    /// [`Domain::create_or_open_section`] with readiness chosen by the caller (see
+    /// [`Domain::create_section_as`]); also returns the entry.
+    pub(crate) fn create_or_open_section_as(
+        &self,
+        name: &str,
+        size: u64,
+        opts: &SectionOptions,
+        ready: bool,
+    ) -> Result<(Section, bool, SectionRecord)> {
         let reserved = self.check_new_section(name, size, opts)?;
-        for _ in 0..8 {
+        let mut wait = CreatorWait::new();
+        let mut vanished = 0;
+        loop {
             let guard = self.inner.registry.lock()?;
-            if let Some(rec) = guard.find_live(name) {
-                drop(guard);
-                if rec.kind != opts.kind {
-                    bail!(
-                        InvalidArgument,
-                        "section {name:?} exists as a {} section, not {}",
-                        rec.kind.as_str(),
-                        opts.kind.as_str()
-                    );
+            let rec = match self.settle(&guard, name) {
+                Found::Ready(rec) => rec,
+                Found::Pending(rec) => {
+                    drop(guard);
+                    wait.pause(self, &rec)?;
+                    continue;
                 }
-                if rec.reserved < size {
-                    bail!(
-                        InvalidSize,
-                        "section {name:?} exists with {} bytes reserved, less than the {size} requested",
-                        rec.reserved
-                    );
+                Found::Absent(abandoned) => {
+                    let made = self.create_locked(&guard, name, reserved, opts, ready);
+                    drop(guard);
+                    if let Some(old) = abandoned {
+                        self.forget_removed(&old);
+                    }
+                    let (rec, fd) = made?;
+                    return self.map_created(rec, fd).map(|s| (s, true, rec));
                 }
-                match Section::open_record(self.clone(), rec) {
-                    // Deleted between the lookup and the open: look again.
-                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                    other => return other.map(|s| (s, false)),
+            };
+            drop(guard);
+            if rec.kind != opts.kind {
+                bail!(
+                    InvalidArgument,
+                    "section {name:?} exists as a {} section, not {}",
+                    rec.kind.as_str(),
+                    opts.kind.as_str()
+                );
+            }
+            if rec.reserved < size {
+                bail!(
+                    InvalidSize,
+                    "section {name:?} exists with {} bytes reserved, less than the {size} requested",
+                    rec.reserved
+                );
+            }
+            match Section::open_record(self.clone(), rec) {
+                // Deleted between the lookup and the open: look again.
+                Err(e) if e.kind() == ErrorKind::NotFound && vanished < 8 => vanished += 1,
+                other => return other.map(|s| (s, false, rec)),
+            }
+        }
+    }
+
+    /// Looks `name` up under the lock. An unready entry whose creator is dead (by its peer
+    /// token) can never become ready: it is removed here, under the same lock, and reported
+    /// as `Absent(Some(removed))` so the caller can create the name anew atomically.
+    fn settle(&self, guard: &registry::RegistryGuard<'_>, name: &str) -> Found {
+        let Some(rec) = guard.find_live(name) else { return Found::Absent(None) };
+        if rec.ready {
+            return Found::Ready(rec);
+        }
+        if self.peer_alive(rec.creator_token) {
+            return Found::Pending(rec);
+        }
+        // The creator is gone and nobody else may finish its work: remove what it left.
+        // A failed unlink leaves an orphan object for `gc`; the entry is freed regardless.
+        let _ = guard.remove(&rec);
+        Found::Absent(Some(rec))
+    }
+
+    /// Marks a section created unready (by `create_section_as`/`create_or_open_section_as`)
+    /// ready, once its creator has initialised it. Fails if it was deleted meanwhile.
+    pub(crate) fn finish_init(&self, rec: &SectionRecord) -> Result<()> {
+        let guard = self.inner.registry.lock()?;
+        if guard.mark_ready(rec) {
+            return Ok(());
+        }
+        bail!(
+            NotFound,
+            "section {:?} of domain {:?} was deleted while this process was initialising it",
+            rec.name.as_str(),
+            self.inner.name
+        )
+    }
+
+    /// Removes a section this process created but could not initialise (all-or-nothing
+    /// creation): nobody may see it half-made. `section` is this process's handle to it.
+    pub(crate) fn abandon_created(&self, section: Section, rec: &SectionRecord) {
+        if let Ok(guard) = self.inner.registry.lock() {
+            if let Some(live) = guard.same_entry(rec) {
+                let _ = guard.remove(&live);
+            }
+        }
+        self.forget_removed(rec);
+        drop(section);
+    }
+
+    /// Maps a section this call just created; if that fails, removes it again.
+    fn map_created(&self, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
+        Section::map_new(self.clone(), rec, fd).inspect_err(|_| {
+            if let Ok(guard) = self.inner.registry.lock() {
+                if let Some(live) = guard.same_entry(&rec) {
+                    let _ = guard.remove(&live);
                 }
             }
-            let (rec, fd) = self.create_locked(&guard, name, reserved, opts)?;
-            drop(guard);
-            return Section::map_new(self.clone(), rec, fd).map(|s| (s, true));
+            self.forget_removed(&rec);
+        })
+    }
+
+    /// After `rec` was removed from the registry: unmaps it from this process now, or when
+    /// this process's last handle to it drops (as `delete_section` does).
+    fn forget_removed(&self, rec: &SectionRecord) {
+        let slot = rec.slot as usize;
+        // Relaxed: the flag is re-checked under `map_lock` by the last handle's drop.
+        self.inner.unmap_when_unused[slot].store(rec.generation, Ordering::Relaxed);
+        if self.inner.handles[slot].load(Ordering::Acquire) == 0 {
+            self.inner.unmap_deleted(rec);
         }
-        bail!(NotFound, "section {name:?} kept disappearing while being opened (deleted and re-created concurrently)")
     }
 
     fn check_new_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<u64> {
@@ -398,8 +561,10 @@ impl Domain {
         name: &str,
         reserved: u64,
         opts: &SectionOptions,
+        ready: bool,
     ) -> Result<(SectionRecord, OwnedFd)> {
-        let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.mode, reserved)?;
+        let creator = registry::Creator { token: self.peer_token(), ready };
+        let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.mode, reserved, creator)?;
         let dir = self.inner.registry.dir();
         let object = names::section_object(&self.inner.name, rec.generation, name);
         let made = os::create_object(os::borrow(dir), &object, opts.mode)
@@ -417,6 +582,7 @@ impl Domain {
         match made {
             Ok(fd) => {
                 guard.finish_create(rec.slot);
+                let rec = guard.same_entry(&rec).expect("entry made LIVE just above, under the lock");
                 Ok((rec, fd))
             }
             Err(e) => {
@@ -435,12 +601,7 @@ impl Domain {
         let rec = guard.find_live(name).ok_or_else(|| not_found(self, name))?;
         let removed = guard.remove(&rec);
         drop(guard);
-        let slot = rec.slot as usize;
-        // Relaxed: the flag is re-checked under `map_lock` by the last handle's drop.
-        self.inner.unmap_when_unused[slot].store(rec.generation, Ordering::Relaxed);
-        if self.inner.handles[slot].load(Ordering::Acquire) == 0 {
-            self.inner.unmap_deleted(&rec);
-        }
+        self.forget_removed(&rec);
         removed
     }
 
@@ -505,14 +666,15 @@ impl Domain {
     }
 
     /// This process's peer token: its registry slot and pid, never 0. Shared objects record it
-    /// to say "this process is attached here" (queue peers).
-    pub(crate) fn peer_token(&self) -> u64 {
+    /// to say "this process is attached here" (queue peers, section creators, the C library's
+    /// users of its objects heap).
+    pub fn peer_token(&self) -> u64 {
         (self.inner.proc_slot as u64 + 1) << 32 | os::current_pid() as u64
     }
 
     /// Whether the process that recorded `token` is still attached and alive (its liveness token
     /// in the registry is held). 0 is nobody.
-    pub(crate) fn peer_alive(&self, token: u64) -> bool {
+    pub fn peer_alive(&self, token: u64) -> bool {
         if token == 0 {
             return false;
         }
@@ -584,32 +746,39 @@ impl DomainInner {
     /// Leaves the domain (see [`Domain::detach`]).
     fn teardown(&self) -> Result<()> {
         fault::unregister(self);
-        let result = (|| {
-            let _dir_lock = lock_dir(&self.shm_dir)?;
-            let guard = self.registry.lock()?;
-            guard.unregister_proc(self.proc_slot);
-            guard.reap_dead_procs(None);
-            if guard.others_alive(None) {
-                return Ok(());
-            }
-            let mut first_err = None;
-            for rec in guard.all_entries() {
-                if rec.lifetime == Lifetime::Transient {
-                    if let Err(e) = guard.remove(&rec) {
-                        first_err.get_or_insert(e);
-                    }
-                }
-            }
-            if guard.all_entries().is_empty() {
-                let object = names::registry_object(&self.name);
-                if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
-                    first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
-                }
-            }
-            first_err.map_or(Ok(()), Err)
-        })();
+        let result = self.leave_registry();
         release_window(self.window_base, self.window_size);
         result
+    }
+
+    /// The registry part of leaving: releases this process's entry and, if no other live
+    /// process is attached, deletes transient sections and then the registry if it is empty.
+    fn leave_registry(&self) -> Result<()> {
+        let _dir_lock = lock_dir(&self.shm_dir)?;
+        let guard = self.registry.lock()?;
+        guard.unregister_proc(self.proc_slot);
+        guard.reap_dead_procs(None);
+        if guard.others_alive(None) {
+            return Ok(());
+        }
+        let mut first_err = None;
+        for rec in guard.all_entries() {
+            // Transient sections end with their last process; so do unfinished ones (no process
+            // is left that could finish them: this one holds no handle now).
+            let unfinished = rec.state == registry::LIVE && !rec.ready;
+            if rec.lifetime == Lifetime::Transient || unfinished {
+                if let Err(e) = guard.remove(&rec) {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if guard.all_entries().is_empty() {
+            let object = names::registry_object(&self.name);
+            if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
+                first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 }
 
@@ -639,6 +808,58 @@ fn already_exists(domain: &Domain, rec: &SectionRecord) -> Error {
             rec.name.as_str()
         ),
     )
+}
+
+/// What a name lookup found (see `Domain::settle`).
+enum Found {
+    /// A usable section.
+    Ready(SectionRecord),
+    /// A section whose live creator has not finished initialising it.
+    Pending(SectionRecord),
+    /// No section; `Some` when an unfinished section of a dead creator was just removed.
+    Absent(Option<SectionRecord>),
+}
+
+/// Longest wait for a live creator to finish initialising a section (a heap's header takes
+/// microseconds; this bounds a creator that is stopped or stuck).
+pub(crate) const CREATOR_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`CREATOR_WAIT`] in milliseconds, or a shorter bound set by a test
+/// (`__testing::set_creator_wait`).
+pub(crate) static CREATOR_WAIT_MS: AtomicU64 = AtomicU64::new(CREATOR_WAIT.as_millis() as u64);
+
+/// Waiting for a section's creator, bounded by [`CREATOR_WAIT`].
+struct CreatorWait {
+    start: std::time::Instant,
+    pause: std::time::Duration,
+}
+
+impl CreatorWait {
+    fn new() -> Self {
+        CreatorWait { start: std::time::Instant::now(), pause: std::time::Duration::from_micros(50) }
+    }
+
+    /// Sleeps a little (growing to 5 ms), or fails with `Timeout` once the bound is reached.
+    fn pause(&mut self, domain: &Domain, rec: &SectionRecord) -> Result<()> {
+        // Relaxed: a setting, read on its own.
+        let limit = std::time::Duration::from_millis(CREATOR_WAIT_MS.load(Ordering::Relaxed));
+        if self.start.elapsed() > limit {
+            bail!(
+                Timeout,
+                "section {:?} of domain {:?} is still being initialised by its creator, pid {} (alive), after {:?}; \
+                 that process may be stopped or stuck: resume or kill it, or remove the section with `shmgadget rm --domain {} {}`",
+                rec.name.as_str(),
+                domain.inner.name,
+                rec.creator_pid,
+                limit,
+                domain.inner.name,
+                rec.name.as_str()
+            );
+        }
+        std::thread::sleep(self.pause);
+        self.pause = (self.pause * 2).min(std::time::Duration::from_millis(5));
+        Ok(())
+    }
 }
 
 /// Reserves an existing domain's recorded window in this process.

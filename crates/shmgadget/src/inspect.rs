@@ -129,6 +129,9 @@ pub fn list_domains(shm_dir: Option<&Path>) -> Result<Vec<DomainEntry>> {
 pub struct GcReport {
     /// `(domain, pid)` of dead processes whose attachment was cleared.
     pub dead_processes: Vec<(String, u32)>,
+    /// `(domain, section, creator pid)` of sections that never became ready and whose creator
+    /// is dead (it died while creating them), removed.
+    pub removed_unfinished: Vec<(String, String, u32)>,
     /// `(domain, section)` of transient sections removed.
     pub removed_sections: Vec<(String, String)>,
     /// Domains whose registry was removed.
@@ -140,10 +143,11 @@ pub struct GcReport {
 }
 
 /// Removes what dead processes left behind, in one domain or (`domain` `None`) all of them:
-/// attachments of dead processes; transient sections of domains with no live process;
-/// registries with no live process and no persistent section; backing objects that no
-/// registry refers to. With `force`, also removes registries that fail validation (use only
-/// when no process uses them).
+/// sections that never became ready because their creator died (even while other processes
+/// live); registries left unfinished by a creator that died; attachments of dead processes;
+/// transient sections of domains with no live process; registries with no live process and no
+/// persistent section; backing objects that no registry refers to. With `force`, also removes
+/// registries that fail validation (use only when no process uses them).
 pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<GcReport> {
     if let Some(d) = domain {
         names::validate(d, "domain")?;
@@ -168,7 +172,9 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
     for d in &registries {
         let reg = match open_registry(&dir, d, true, false) {
             Ok(reg) => reg,
-            Err(e) if e.kind() == ErrorKind::Corrupt && force => {
+            // Unfinished (its creator died while creating it; we hold the directory lock every
+            // creator holds), or corrupt and the caller forces it.
+            Err(e) if e.kind() == ErrorKind::Corrupt && (force || Registry::is_unfinished(&dir_fd, d)) => {
                 os::unlink_object(os::borrow(&dir_fd), &names::registry_object(d))
                     .map_err(|e| Error::from_io("cannot remove a corrupt registry", e))?;
                 out.removed_domains.push(d.clone());
@@ -181,6 +187,14 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
             }
         };
         let guard = reg.lock()?;
+        // Sections whose creator died before making them ready: nobody can finish them. The
+        // creator's token is checked under the lock, so a live creator is never robbed.
+        for rec in guard.all_entries() {
+            if rec.state == registry::LIVE && !rec.ready && !reg.token_alive(rec.creator_token, None) {
+                guard.remove(&rec)?;
+                out.removed_unfinished.push((d.clone(), rec.name.as_str().to_owned(), rec.creator_pid));
+            }
+        }
         for pid in guard.reap_dead_procs(None) {
             out.dead_processes.push((d.clone(), pid));
         }

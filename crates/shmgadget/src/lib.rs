@@ -91,11 +91,36 @@ pub mod __testing {
     /// sleeps for ever, so a test can `kill -9` this process in the middle of a registry update.
     pub fn die_holding_registry_lock(domain: &Domain, name: &str) -> Result<()> {
         let guard = domain.inner.registry.lock()?;
-        guard.begin_create(name, SectionKind::Raw, Lifetime::Persistent, 0o600, 4096)?;
+        let creator = crate::registry::Creator { token: domain.peer_token(), ready: true };
+        guard.begin_create(name, SectionKind::Raw, Lifetime::Persistent, 0o600, 4096, creator)?;
         println!("HOLDING");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
+    }
+
+    /// Creates section `name` of `kind` and `size` bytes the way heaps and queues are created,
+    /// `LIVE` but not ready, and never finishes it: the caller plays a creator that stops (or
+    /// is killed) before its header is initialised.
+    pub fn create_unfinished(
+        domain: &Domain,
+        name: &str,
+        kind: SectionKind,
+        size: u64,
+    ) -> Result<(crate::Section, crate::registry::SectionRecord)> {
+        let opts = crate::SectionOptions::new().kind(kind);
+        domain.create_section_as(name, size, &opts, false)
+    }
+
+    /// Sets how long create-or-open waits for a live creator (default 10 s), for this process.
+    pub fn set_creator_wait(wait: std::time::Duration) {
+        // Relaxed: a setting, read on its own.
+        crate::domain::CREATOR_WAIT_MS.store(wait.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Marks a section made by [`create_unfinished`] ready.
+    pub fn finish_unfinished(domain: &Domain, rec: &crate::registry::SectionRecord) -> Result<()> {
+        domain.finish_init(rec)
     }
 
     /// Unmaps section `name` from this process (back to a bare reservation) so the next touch

@@ -37,6 +37,15 @@
 //! | `LIVE`     | usable                                      | `DELETING`                  |
 //! | `DELETING` | object being unlinked                       | `FREE`                      |
 //!
+//! # Readiness (all-or-nothing creation)
+//! A `LIVE` entry also carries `ready` and `creator_token` (the creator's peer token, written
+//! with the entry). A raw section is ready from creation. A heap or queue section becomes
+//! `LIVE` unready, its creator initialises the header and then sets `ready` under the lock
+//! ([`RegistryGuard::mark_ready`]); openers only hand out ready sections. An unready section
+//! whose creator is still alive (by token) is waited for; one whose creator is dead can never
+//! become ready and is removed by the next create-or-open of its name, by `open`, and by `gc`.
+//! A creator whose initialisation fails removes the section itself before returning the error.
+//!
 //! # Crashes
 //! A writer that dies holding `lock` makes the next locker's `pthread_mutex_lock` return
 //! `EOWNERDEAD`. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
@@ -77,7 +86,7 @@ pub const DEFAULT_MAX_PROCS: u32 = 1024;
 pub const MAX_TABLE_ENTRIES: u32 = 1 << 16;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 const READY: u32 = 0x5244_5921; // "RDY!"
 const TOMBSTONE: u32 = u32::MAX;
 
@@ -91,6 +100,9 @@ pub(crate) const FREE: u32 = 0;
 pub(crate) const CREATING: u32 = 1;
 pub(crate) const LIVE: u32 = 2;
 pub(crate) const DELETING: u32 = 3;
+
+/// Value of a section entry's `ready` word once its contents are initialised.
+const READY_SECTION: u32 = 0x5345_4321; // "SEC!"
 
 /// What a section holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -214,7 +226,12 @@ pub(crate) struct SectionEntryShared {
     creator_pid: AtomicU32,
     _pad0: AtomicU32,
     name: [AtomicU64; 8],
-    _reserved: [AtomicU64; 2],
+    /// The creator's peer token (`Domain::peer_token`): decides whether a section that never
+    /// became ready still has a creator that may finish it.
+    creator_token: AtomicU64,
+    /// `READY_SECTION` once the section's contents are initialised (see "Readiness").
+    ready: AtomicU32,
+    _pad1: AtomicU32,
 }
 
 /// One attached-process slot. Its byte offset in the registry object is also the byte the
@@ -235,13 +252,15 @@ const _: () = {
     assert!(offset_of!(RegistryShared, lock) == 192);
     assert!(size_of::<SectionEntryShared>() == 160);
     assert!(offset_of!(SectionEntryShared, name) == 80);
+    assert!(offset_of!(SectionEntryShared, creator_token) == 144);
+    assert!(offset_of!(SectionEntryShared, ready) == 152);
     assert!(size_of::<ProcEntryShared>() == 64);
 };
 
 /// A hash of everything that decides the shared layout, so two builds that disagree on it
 /// refuse each other's registries instead of misreading them.
 const ABI_FINGERPRINT: u32 = {
-    let parts: [u64; 12] = [
+    let parts: [u64; 13] = [
         LAYOUT_VERSION as u64,
         size_of::<RegistryShared>() as u64,
         size_of::<SectionEntryShared>() as u64,
@@ -250,6 +269,7 @@ const ABI_FINGERPRINT: u32 = {
         offset_of!(RegistryShared, domain) as u64,
         offset_of!(SectionEntryShared, name) as u64,
         offset_of!(SectionEntryShared, committed) as u64,
+        offset_of!(SectionEntryShared, creator_token) as u64,
         offset_of!(ProcEntryShared, attached_at) as u64,
         size_of::<RawRobustMutex>() as u64,
         CHUNK,
@@ -344,6 +364,10 @@ pub struct SectionRecord {
     pub(crate) committed: u64,
     pub(crate) created_at: u64,
     pub(crate) creator_pid: u32,
+    /// The creator's peer token.
+    pub(crate) creator_token: u64,
+    /// Whether the section's contents are initialised (raw sections: from creation).
+    pub(crate) ready: bool,
 }
 
 impl SectionRecord {
@@ -361,6 +385,15 @@ pub struct ProcRecord {
     pub(crate) uid: u32,
     pub(crate) attached_at: u64,
     pub(crate) alive: bool,
+}
+
+/// Who creates a section entry, and whether it is ready at once (see "Readiness").
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Creator {
+    /// The creator's peer token (`Domain::peer_token`).
+    pub token: u64,
+    /// Ready from creation (raw sections), or only once marked (heaps, queues).
+    pub ready: bool,
 }
 
 /// Parameters fixed when a registry is created.
@@ -504,6 +537,35 @@ impl Registry {
         Ok(reg)
     }
 
+    /// Whether domain `domain`'s registry object was left unfinished by its creator: empty (not
+    /// sized yet) or with a header of ours never published. Meaningful only under the shm
+    /// directory's lock, which a creator holds from creating the object until it is ready: a
+    /// caller holding that lock that finds one knows its creator died.
+    pub fn is_unfinished(dir: &OwnedFd, domain: &str) -> bool {
+        let object = names::registry_object(domain);
+        let Ok(fd) = os::open_object(os::borrow(dir), &object, false) else { return false };
+        let Ok(st) = os::stat_object(os::borrow(&fd)) else { return false };
+        if !st.is_regular || st.uid != os::effective_uid() {
+            return false;
+        }
+        if st.size == 0 {
+            return true;
+        }
+        let len = size_of::<RegistryShared>();
+        if st.size < len as u64 {
+            return false;
+        }
+        let Ok(base) = os::map_shared(os::borrow(&fd), len, false) else { return false };
+        // SAFETY: the mapping is `len` bytes, page-aligned, read-only and ours until unmapped
+        // below; RegistryShared is atomics and the mutex's bytes, valid for any contents.
+        let h = unsafe { &*base.as_ptr().cast::<RegistryShared>() };
+        // Relaxed: a creator publishes `ready` last; under the directory lock no creator runs.
+        let (magic, ready) = (h.magic.load(Ordering::Relaxed), h.ready.load(Ordering::Relaxed));
+        // SAFETY: unmaps our own mapping; `h` is not used afterwards.
+        let _ = unsafe { os::unmap(base.as_ptr() as usize, len) };
+        ready != READY && (magic == MAGIC || magic == 0)
+    }
+
     /// Opens and validates an existing registry. `writable` is false for inspection.
     pub fn open(dir: OwnedFd, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
         let object = names::registry_object(domain);
@@ -591,7 +653,12 @@ impl Registry {
         }
         // Acquire: pairs with the Release store in `create`; makes the frozen fields visible.
         if h.ready.load(Ordering::Acquire) != READY {
-            return Err(corrupt(&d, "it was never finished (its creator died while creating it)".into()));
+            // Attaching and `gc` look only under the directory lock, where this means the creator
+            // died (and they make or remove it anew); an inspector may also catch a creator at work.
+            return Err(corrupt(
+                &d,
+                "it is not finished (its creator died while creating it, or is creating it right now)".into(),
+            ));
         }
         let max_sections = h.max_sections.load(Ordering::Relaxed);
         let max_procs = h.max_procs.load(Ordering::Relaxed);
@@ -734,6 +801,8 @@ impl Registry {
             committed: e.committed.load(Ordering::Relaxed),
             created_at: e.created_at.load(Ordering::Relaxed),
             creator_pid: e.creator_pid.load(Ordering::Relaxed),
+            creator_token: e.creator_token.load(Ordering::Relaxed),
+            ready: e.ready.load(Ordering::Relaxed) == READY_SECTION,
         };
         let in_window = rec.offset % CHUNK == 0
             && rec.reserved > 0
@@ -819,6 +888,17 @@ impl Registry {
             return false;
         }
         slot == own_slot || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true)
+    }
+
+    /// Whether the process that recorded peer token `token` is attached and alive. Decodes
+    /// the token as `Domain::peer_token` makes it (keep the two in step); `own_slot` (the
+    /// caller's process entry, if attached) counts as alive. For `gc`, which does not attach.
+    pub fn token_alive(&self, token: u64, own_slot: Option<u32>) -> bool {
+        if token == 0 {
+            return false;
+        }
+        let (slot, pid) = (((token >> 32) as u32).wrapping_sub(1), token as u32);
+        self.proc_alive(slot, pid, own_slot.unwrap_or(u32::MAX))
     }
 
     /// Takes the registry lock, repairing the registry first if the previous holder died.
@@ -980,6 +1060,7 @@ impl RegistryGuard<'_> {
         lifetime: Lifetime,
         mode: u32,
         reserved: u64,
+        creator: Creator,
     ) -> Result<SectionRecord> {
         let reg = self.reg;
         // Never-used slots first (O(1) while the table grows), then any freed one.
@@ -1017,6 +1098,8 @@ impl RegistryGuard<'_> {
             e.committed.store(0, Ordering::Relaxed);
             e.created_at.store(now, Ordering::Relaxed);
             e.creator_pid.store(pid, Ordering::Relaxed);
+            e.creator_token.store(creator.token, Ordering::Relaxed);
+            e.ready.store(if creator.ready { READY_SECTION } else { 0 }, Ordering::Relaxed);
             e.state.store(CREATING, Ordering::Relaxed);
         });
         for c in offset / CHUNK..(offset + span) / CHUNK {
@@ -1089,6 +1172,23 @@ impl RegistryGuard<'_> {
     /// Marks a `CREATING` entry `LIVE`.
     pub fn finish_create(&self, slot: u32) {
         self.write_entry(slot, |e| e.state.store(LIVE, Ordering::Relaxed));
+    }
+
+    /// Marks the live section `rec` ready (its creator initialised it). False if that entry is
+    /// gone (deleted, or re-used by another section) meanwhile.
+    pub fn mark_ready(&self, rec: &SectionRecord) -> bool {
+        let same = self.locked_entry(rec.slot).is_some_and(|r| r.state == LIVE && r.generation == rec.generation);
+        if same {
+            // Relaxed: inside the seqlock write section; openers read it under the lock, whose
+            // acquire orders it after the creator's header writes (made before this call).
+            self.write_entry(rec.slot, |e| e.ready.store(READY_SECTION, Ordering::Relaxed));
+        }
+        same
+    }
+
+    /// The entry in `rec`'s slot if it still holds the same section (same generation).
+    pub fn same_entry(&self, rec: &SectionRecord) -> Option<SectionRecord> {
+        self.locked_entry(rec.slot).filter(|r| r.generation == rec.generation && r.state == LIVE)
     }
 
     /// Removes an entry whatever its state: unlinks its object, clears its chunks, frees the

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -206,6 +207,149 @@ static void os_error(const char *addr_text) {
     printf("os error: %s\n", shm_last_error());
 }
 
+/* Attaches, says so, then creates a heap, a queue and a section named after `tag`: the parent
+ * kills it with SIGKILL somewhere in there. */
+static void create_names(const char *tag) {
+    unsigned long h, q, s, a;
+    EXPECT(shm_map("not-there", 0, &a) == SHM_ERR_NOT_FOUND); /* attaches */
+    printf("ATTACHED\n");
+    fflush(stdout);
+    char name[64];
+    snprintf(name, sizeof name, "%s.heap", tag);
+    EXPECT(shm_heap(name, 4UL << 20, &h, 0) >= 0);
+    snprintf(name, sizeof name, "%s.queue", tag);
+    EXPECT(shm_queue(name, 8UL << 20, &q) >= 0);
+    snprintf(name, sizeof name, "%s.sec", tag);
+    EXPECT(shm_section(name, 1UL << 20, &s) >= 0);
+    printf("CREATED\n");
+}
+
+/* Deletes what create_names made. */
+static void delete_names(const char *tag) {
+    const char *kinds[] = {"heap", "queue", "sec"};
+    for (int i = 0; i < 3; i++) {
+        char name[64];
+        unsigned long a;
+        snprintf(name, sizeof name, "%s.%s", tag, kinds[i]);
+        EXPECT(shm_map(name, 0, &a) == SHM_OK && shm_delete_section(a) == SHM_OK);
+    }
+}
+
+/* Creates sections, a heap, semaphores and queues, uses and deletes them all, and returns
+ * from main without shm_exit: the exit handler must leave nothing of the domain. */
+static void tidy(void) {
+    unsigned long s1, s2, h, q1, q2, sem1, sem2, a;
+    EXPECT(shm_section("tidy.a", 4096, &s1) == SHM_OK);
+    EXPECT(shm_section("tidy.b", 1UL << 20, &s2) == SHM_OK);
+    ((char *)s2)[12345] = 7;
+    EXPECT(shm_heap("tidy.heap", 4UL << 20, &h, 0) == SHM_OK);
+    void *p = shm_alloc(h, 100);
+    EXPECT(p != NULL && shm_free(p) == SHM_OK);
+    EXPECT(shm_sem("tidy.s1", 1, &sem1) == SHM_OK);
+    EXPECT(shm_sem("tidy.s2", 0, &sem2) == SHM_OK);
+    EXPECT(shm_sem_wait(sem1, 0) == SHM_OK);
+    EXPECT(shm_sem_post(sem2) == SHM_OK);
+    EXPECT(shm_queue("tidy.q1", 4096, &q1) == SHM_OK);
+    EXPECT(shm_queue("tidy.q2", 64 << 10, &q2) == SHM_OK);
+    char buf[8];
+    EXPECT(shm_q_write(q1, "x", 2, 0) == SHM_OK);
+    EXPECT(shm_q_read(q1, buf, sizeof buf, 0) == 2);
+    EXPECT(shm_sem_delete(sem1) == SHM_OK);
+    EXPECT(shm_sem_delete(sem1) == SHM_ERR_INVALID); /* gone */
+    EXPECT(shm_sem_post(sem1) == SHM_ERR_INVALID);
+    EXPECT(shm_map("shm_nt.objects", 0, &a) == SHM_OK); /* still holds tidy.s2 */
+    EXPECT(shm_sem_delete(sem2) == SHM_OK);
+    /* The objects heap went with its last semaphore (no other process uses it). */
+    EXPECT(shm_map("shm_nt.objects", 0, &a) == SHM_ERR_NOT_FOUND);
+    EXPECT(shm_delete_section(q1) == SHM_OK);
+    EXPECT(shm_delete_section(q2) == SHM_OK);
+    EXPECT(shm_delete_section(h) == SHM_OK);
+    EXPECT(shm_delete_section(s1) == SHM_OK);
+    EXPECT(shm_delete_section(s2) == SHM_OK);
+    printf("tidy done\n");
+}
+
+/* Two processes share semaphores; the objects heap stays while either uses it. `sem_user
+ * first` makes u.a and u.b, waits for the second on u.a, deletes u.a, posts u.b and exits;
+ * `sem_user second` (started after READY) posts u.a, waits on u.b, and after a line on stdin
+ * deletes u.b, the last semaphore: the heap goes with it. */
+static void sem_user(const char *which) {
+    unsigned long sa, sb, a;
+    char line[16];
+    if (strcmp(which, "first") == 0) {
+        EXPECT(shm_sem("u.a", 0, &sa) == SHM_OK);
+        EXPECT(shm_sem("u.b", 0, &sb) == SHM_OK);
+        printf("READY\n");
+        fflush(stdout);
+        EXPECT(shm_sem_wait(sa, 10000) == SHM_OK);
+        EXPECT(shm_sem_delete(sa) == SHM_OK);
+        EXPECT(shm_map("shm_nt.objects", 0, &a) == SHM_OK); /* the second uses it */
+        EXPECT(shm_sem_post(sb) == SHM_OK);
+    } else {
+        EXPECT(shm_sem("u.a", 0, &sa) == SHM_EXISTS);
+        EXPECT(shm_sem("u.b", 0, &sb) == SHM_EXISTS);
+        EXPECT(shm_sem_post(sa) == SHM_OK);
+        EXPECT(shm_sem_wait(sb, 10000) == SHM_OK);
+        EXPECT(shm_sem_post(sa) == SHM_ERR_INVALID); /* deleted by the first */
+        printf("WAITING\n");
+        fflush(stdout);
+        EXPECT(fgets(line, sizeof line, stdin) != NULL); /* the first has exited now */
+        EXPECT(shm_map("shm_nt.objects", 0, &a) == SHM_OK);
+        EXPECT(shm_sem_delete(sb) == SHM_OK);
+        EXPECT(shm_map("shm_nt.objects", 0, &a) == SHM_ERR_NOT_FOUND);
+    }
+    printf("sem_user %s done\n", which);
+}
+
+/* A forked child returns from main (running the exit handler in a child): it must neither
+ * crash nor release the parent's attachment. */
+static void fork_exit(void) {
+    unsigned long s, a;
+    EXPECT(shm_section("fork.sec", 4096, &s) == SHM_OK);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        ((char *)s)[0] = 42;
+        exit(0); /* runs the atexit handler in the child */
+    }
+    int st;
+    EXPECT(waitpid(pid, &st, 0) == pid);
+    EXPECT(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    EXPECT(((char *)s)[0] == 42);
+    printf("CHILD_DONE\n");
+    fflush(stdout);
+    char line[16];
+    EXPECT(fgets(line, sizeof line, stdin) != NULL); /* the test looks at the registry now */
+    EXPECT(shm_map("fork.sec", 0, &a) == SHM_OK && a == s);
+    EXPECT(shm_delete_section(s) == SHM_OK);
+    printf("fork done\n");
+}
+
+/* A thread that keeps using shared memory while main returns: the exit handler runs under it. */
+static unsigned long busy_heap, busy_sec;
+
+static void *busy(void *arg) {
+    (void)arg;
+    for (unsigned long i = 0;; i++) {
+        ((volatile unsigned long *)busy_sec)[i % 512] = i;
+        void *p = shm_alloc(busy_heap, 64);
+        if (p != NULL) {
+            memset(p, 1, 64);
+            shm_free(p);
+        }
+    }
+    return NULL;
+}
+
+static void exit_while_busy(void) {
+    EXPECT(shm_heap("busy.heap", 4UL << 20, &busy_heap, 0) == SHM_OK);
+    EXPECT(shm_section("busy.sec", 4096, &busy_sec) == SHM_OK);
+    pthread_t t;
+    EXPECT(pthread_create(&t, NULL, busy, NULL) == 0);
+    usleep(20000);
+    printf("exiting while busy\n");
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     if (strcmp(argv[1], "build") == 0) build();
@@ -214,6 +358,12 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "writer") == 0) writer();
     else if (strcmp(argv[1], "errors") == 0) errors();
     else if (strcmp(argv[1], "os_error") == 0 && argc > 2) os_error(argv[2]);
+    else if (strcmp(argv[1], "create_names") == 0 && argc > 2) create_names(argv[2]);
+    else if (strcmp(argv[1], "delete_names") == 0 && argc > 2) delete_names(argv[2]);
+    else if (strcmp(argv[1], "tidy") == 0) tidy();
+    else if (strcmp(argv[1], "sem_user") == 0 && argc > 2) sem_user(argv[2]);
+    else if (strcmp(argv[1], "fork_exit") == 0) fork_exit();
+    else if (strcmp(argv[1], "exit_while_busy") == 0) exit_while_busy();
     else return 2;
     fflush(stdout);
     return failures == 0 ? 0 : 1;

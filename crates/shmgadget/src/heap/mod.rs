@@ -6,9 +6,13 @@
 //! AREA_OFFSET  block area   managed by the TLSF allocator (`tlsf.rs`), grows at its end
 //! ```
 //! # Protocol
-//! * The creator initialises `HeapShared` through the robust mutex's racing-safe `init` and
-//!   publishes the header's `ready` word last (Release); openers Acquire-load it and validate
-//!   magic, layout version, fingerprint, sizes.
+//! * The creator makes the section unready in the registry, initialises `HeapShared` through
+//!   the robust mutex's racing-safe `init`, publishes the header's `ready` word (Release) and
+//!   only then marks the registry entry ready (under the registry lock). Openers are handed
+//!   only ready sections (they wait for a live creator; a dead creator's unfinished section is
+//!   removed and made anew), Acquire-load `ready` and validate magic, layout version,
+//!   fingerprint, sizes. A creator whose initialisation fails (no space to commit, ...)
+//!   removes the section before returning the error: creation is all or nothing.
 //! * Every allocator call holds `lock` (a robust process-shared [`RawMutex`]); its
 //!   acquire/release orders all writes to the control block and block headers between
 //!   processes. `committed` grows only under the lock.
@@ -255,25 +259,32 @@ impl<'a> Locked<'a> {
 
 impl Heap {
     /// Creates a heap section reserving `reserved` bytes (it commits 1 MiB now and grows on
-    /// demand).
+    /// demand). All or nothing: if any step fails (no space to commit, ...), the section is
+    /// removed again before the error is returned.
     pub fn create(domain: &Domain, name: &str, reserved: u64) -> Result<Heap> {
         Heap::check_size(name, reserved)?;
-        let section = domain.create_section(name, reserved, &SectionOptions::new().kind(SectionKind::Heap))?;
-        Heap::init(section)
+        let opts = SectionOptions::new().kind(SectionKind::Heap);
+        let (section, rec) = domain.create_section_as(name, reserved, &opts, false)?;
+        Heap::init_created(domain, section, &rec)
     }
 
-    /// Opens an existing heap.
+    /// Opens an existing heap (waiting while its creator is still initialising it).
     pub fn open(domain: &Domain, name: &str) -> Result<Heap> {
         let section = domain.open_section(name)?;
         Heap::attach(section)
     }
 
-    /// Opens heap `name`, creating it if needed; returns whether this call created it.
+    /// Opens heap `name`, creating it if needed; returns whether this call created it. A heap
+    /// whose creator died before initialising it is removed and created anew.
     pub fn create_or_open(domain: &Domain, name: &str, reserved: u64) -> Result<(Heap, bool)> {
         Heap::check_size(name, reserved)?;
         let opts = SectionOptions::new().kind(SectionKind::Heap);
-        let (section, created) = domain.create_or_open_section(name, reserved, &opts)?;
-        if created { Heap::init(section).map(|h| (h, true)) } else { Heap::attach(section).map(|h| (h, false)) }
+        let (section, created, rec) = domain.create_or_open_section_as(name, reserved, &opts, false)?;
+        if created {
+            Heap::init_created(domain, section, &rec).map(|h| (h, true))
+        } else {
+            Heap::attach(section).map(|h| (h, false))
+        }
     }
 
     fn check_size(name: &str, reserved: u64) -> Result<()> {
@@ -283,12 +294,37 @@ impl Heap {
         Ok(())
     }
 
-    /// Initialises a freshly created heap section.
-    fn init(section: Section) -> Result<Heap> {
-        let reserved = section.len() as u64;
-        let commit = INITIAL_COMMIT.max(MIN_HEAP).min(reserved);
-        section.commit(commit)?;
+    /// Initialises a section this process just created unready, then marks it ready; on any
+    /// failure (or a panic) removes it again. Nobody else can have used it meanwhile: openers
+    /// wait for readiness.
+    fn init_created(domain: &Domain, section: Section, rec: &crate::registry::SectionRecord) -> Result<Heap> {
         let heap = Heap { section };
+        let inited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| heap.init()));
+        match inited {
+            Ok(Ok(())) => match domain.finish_init(rec) {
+                Ok(()) => Ok(heap),
+                Err(e) => {
+                    domain.abandon_created(heap.section, rec);
+                    Err(e)
+                }
+            },
+            Ok(Err(e)) => {
+                domain.abandon_created(heap.section, rec);
+                Err(e)
+            }
+            Err(panic) => {
+                domain.abandon_created(heap.section, rec);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    /// Initialises a freshly created heap section's header.
+    fn init(&self) -> Result<()> {
+        let heap = self;
+        let reserved = heap.section.len() as u64;
+        let commit = INITIAL_COMMIT.max(MIN_HEAP).min(reserved);
+        heap.section.commit(commit)?;
         let shared = heap.shared();
         shared.lock.init()?;
         let locked = heap.lock()?;
@@ -303,10 +339,11 @@ impl Heap {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let instance = (t.as_nanos() as u64) ^ ((crate::os::current_pid() as u64) << 40) ^ heap.base();
         shared.instance.store(instance | 1, Ordering::Relaxed);
-        // Release: pairs with the Acquire load in `attach`.
+        // Release: pairs with the Acquire load in `attach`. (Openers reach the heap only once
+        // `finish_init` marks its registry entry ready, under the registry lock, after this.)
         shared.ready.store(READY, Ordering::Release);
         drop(locked);
-        Ok(heap)
+        Ok(())
     }
 
     /// Validates an existing heap section.
@@ -317,16 +354,15 @@ impl Heap {
         }
         let heap = Heap { section };
         let s = heap.shared();
-        // Acquire: pairs with the Release store of `ready` in `init`.
-        let deadline = std::time::Instant::now() + crate::sync::INIT_WAIT;
-        while s.ready.load(Ordering::Acquire) != READY {
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    Corrupt,
-                    "heap {name:?} was never initialised (its creator died while creating it); delete it with `shmgadget rm {name}`"
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        // Acquire: pairs with the Release store of `ready` in `init`. Sections are handed out
+        // only once their registry entry is ready, which `Heap::create` marks after that store,
+        // so no wait is needed: an unset word means the section was not made by `Heap::create`.
+        if s.ready.load(Ordering::Acquire) != READY {
+            bail!(
+                Corrupt,
+                "heap {name:?} has no initialised header although its section is ready: it was created as a plain \
+                 section of kind heap rather than by Heap::create, or it was damaged; delete it with `shmgadget rm {name}`"
+            );
         }
         // Relaxed: frozen fields, made visible by the Acquire above.
         let (magic, version, fp) = (

@@ -11,6 +11,10 @@
 //! peers    who is attached on each side (domain peer tokens), and what each is in the middle of
 //! 4096     the ring
 //! ```
+//! The creator commits the whole section, writes the header and publishes its `ready` word,
+//! and only then marks the section ready in the registry; until then openers wait (or, if the
+//! creator died, remove it and create it anew), and a failure removes it (`queue_section`).
+//!
 //! Each side writes its own cache line and reads the other's only when its cached copy says the
 //! ring is empty (or full), so a busy queue moves one line per batch, not per message, and the
 //! cost of a message does not depend on the ring's size.
@@ -206,18 +210,16 @@ impl QueueShared {
     /// Checks an opened header; returns (kind, capacity, slot size, elem).
     fn validate(&self, name: &str, ring_bytes: u64) -> Result<(u32, u64, u64, u64)> {
         let c = &self.constant;
-        let deadline = Instant::now() + crate::sync::INIT_WAIT;
-        // Acquire: pairs with the Release in `init`.
-        while c.ready.load(Ordering::Acquire) != READY {
-            if Instant::now() > deadline {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!(
-                        "queue {name:?} was never initialised (its creator died); delete it with `shmgadget rm {name}`"
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        // Acquire: pairs with the Release in `init`. A queue section is handed out only once its
+        // registry entry is ready, which its creator marks after `init`, so no wait is needed.
+        if c.ready.load(Ordering::Acquire) != READY {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "queue {name:?} has no initialised header: it was created as a plain section of kind queue, \
+                     or is still being created (inspection), or was damaged; delete it with `shmgadget rm {name}` if unused"
+                ),
+            ));
         }
         // Relaxed: frozen, made visible by the Acquire above.
         let (magic, version, fp) = (
@@ -483,20 +485,31 @@ fn header_of(section: &crate::Section) -> Result<&QueueShared> {
     Ok(unsafe { &*section.as_ptr().cast::<QueueShared>() })
 }
 
+/// Creates (`create` `Some(true)`), creates or opens (`Some(false)`) or opens (`None`) the
+/// queue section `name` with `ring` bytes after the header. A section this call creates is
+/// committed and given to `init` while no one else can see it, then marked ready; if any of
+/// that fails, it is removed again (all or nothing).
 fn queue_section(
     domain: &crate::Domain,
     name: &str,
     ring: u64,
     create: Option<bool>,
+    init: impl FnOnce(&crate::Section) -> Result<()>,
 ) -> Result<(crate::Section, bool)> {
     let size = DATA_OFFSET
         .checked_add(ring)
         .ok_or_else(|| Error::new(ErrorKind::InvalidSize, format!("queue {name:?}: {ring} bytes is too large")))?;
     let opts = crate::SectionOptions::new().kind(crate::SectionKind::Queue);
-    let (section, created) = match create {
-        Some(true) => (domain.create_section(name, size, &opts)?, true),
-        Some(false) => domain.create_or_open_section(name, size, &opts)?,
-        None => (domain.open_section(name)?, false),
+    let (section, created, rec) = match create {
+        Some(true) => {
+            let (s, rec) = domain.create_section_as(name, size, &opts, false)?;
+            (s, true, Some(rec))
+        }
+        Some(false) => {
+            let (s, created, rec) = domain.create_or_open_section_as(name, size, &opts, false)?;
+            (s, created, created.then_some(rec))
+        }
+        None => (domain.open_section(name)?, false, None),
     };
     if section.kind() != crate::SectionKind::Queue {
         return Err(Error::new(
@@ -504,8 +517,23 @@ fn queue_section(
             format!("section {name:?} is a {} section, not a queue", section.kind().as_str()),
         ));
     }
-    if created {
-        section.commit(section.len() as u64)?;
+    if let Some(rec) = rec {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            section.commit(section.len() as u64)?;
+            init(&section)?;
+            domain.finish_init(&rec)
+        }));
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                domain.abandon_created(section, &rec);
+                return Err(e);
+            }
+            Err(panic) => {
+                domain.abandon_created(section, &rec);
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
     Ok((section, created))
 }

@@ -56,24 +56,22 @@ impl ByteQueue {
     /// two, at least 4 KiB). Messages may be up to half the ring.
     pub fn create(domain: &crate::Domain, name: &str, capacity: u64) -> Result<ByteQueue> {
         let cap = ring_capacity(name, capacity)?;
-        let (section, _) = queue_section(domain, name, cap, Some(true))?;
-        header_of(&section)?.init(KIND_BYTES, cap, 0, 0);
+        let init = |s: &crate::Section| header_of(s).map(|h| h.init(KIND_BYTES, cap, 0, 0));
+        let (section, _) = queue_section(domain, name, cap, Some(true), init)?;
         ByteQueue::attach(section)
     }
 
     /// Opens existing queue `name`.
     pub fn open(domain: &crate::Domain, name: &str) -> Result<ByteQueue> {
-        let (section, _) = queue_section(domain, name, 0, None)?;
+        let (section, _) = queue_section(domain, name, 0, None, |_| Ok(()))?;
         ByteQueue::attach(section)
     }
 
     /// Opens queue `name`, creating it if needed; returns whether this call created it.
     pub fn create_or_open(domain: &crate::Domain, name: &str, capacity: u64) -> Result<(ByteQueue, bool)> {
         let cap = ring_capacity(name, capacity)?;
-        let (section, created) = queue_section(domain, name, cap, Some(false))?;
-        if created {
-            header_of(&section)?.init(KIND_BYTES, cap, 0, 0);
-        }
+        let init = |s: &crate::Section| header_of(s).map(|h| h.init(KIND_BYTES, cap, 0, 0));
+        let (section, created) = queue_section(domain, name, cap, Some(false), init)?;
         Ok((ByteQueue::attach(section)?, created))
     }
 

@@ -94,7 +94,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
 
     /// Opens existing slot queue `name`; its element type must have `T`'s size and alignment.
     pub fn open(domain: &crate::Domain, name: &str) -> Result<SlotQueue<T>> {
-        let (section, _) = queue_section(domain, name, 0, None)?;
+        let (section, _) = queue_section(domain, name, 0, None, |_| Ok(()))?;
         SlotQueue::attach(section)
     }
 
@@ -117,9 +117,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         }
         let cap = capacity.next_power_of_two().max(2);
         let slot = Self::slot_size()?;
-        let (section, created) = queue_section(domain, name, cap * slot, Some(exclusive))?;
-        if created {
-            let h = header_of(&section)?;
+        let init = |section: &crate::Section| {
+            let h = header_of(section)?;
             // SAFETY: a fresh section of DATA_OFFSET + cap * slot bytes, ours until `init`
             // publishes it; slot heads are atomics.
             let heads = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
@@ -131,7 +130,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
                 head.state.store(0, Ordering::Relaxed);
             }
             h.init(KIND_SLOTS, cap, slot, elem_code::<T>());
-        }
+            Ok(())
+        };
+        let (section, created) = queue_section(domain, name, cap * slot, Some(exclusive), init)?;
         Ok((SlotQueue::attach(section)?, created))
     }
 
