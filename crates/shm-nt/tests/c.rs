@@ -27,8 +27,17 @@ fn compile(compiler: &str, std: &str, src: &str, out: &Path) {
     assert!(o.status.success(), "{compiler} {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// A command running a compiled C program against the `libshm_nt.so` built next to this test.
+/// The rpath alone is not enough: cargo puts `target/<profile>` first on `LD_LIBRARY_PATH`,
+/// and a `libshm_nt.so` left there by an earlier `cargo build` would win over it.
+fn launch(exe: &Path) -> Command {
+    let mut c = Command::new(exe);
+    c.env("LD_LIBRARY_PATH", lib_dir());
+    c
+}
+
 fn run(exe: &Path, domain: &str, args: &[&str]) -> Output {
-    let o = Command::new(exe).args(args).env("SHMGADGET_DOMAIN", domain).output().unwrap();
+    let o = launch(exe).args(args).env("SHMGADGET_DOMAIN", domain).output().unwrap();
     eprintln!(
         "--- {} {args:?}: {}\n{}{}",
         exe.display(),
@@ -87,7 +96,7 @@ fn a_list_built_by_one_c_process_is_walked_and_freed_by_another() {
 fn two_c_processes_pass_messages_through_a_queue_with_a_semaphore() {
     let exe = program("queue");
     let domain = format!("cnt-q-{}", std::process::id());
-    let reader = Command::new(&exe).arg("reader").env("SHMGADGET_DOMAIN", &domain).spawn().unwrap();
+    let reader = launch(&exe).arg("reader").env("SHMGADGET_DOMAIN", &domain).spawn().unwrap();
     let w = run(&exe, &domain, &["writer"]);
     assert!(w.status.success(), "writer failed");
     let r = reader.wait_with_output().unwrap();
@@ -149,7 +158,7 @@ impl Drop for PrivateDir {
 }
 
 fn command(exe: &Path, domain: &str, dir: &PrivateDir, args: &[&str]) -> Command {
-    let mut c = Command::new(exe);
+    let mut c = launch(exe);
     c.args(args).env("SHMGADGET_DOMAIN", domain).env("SHMGADGET_SHM_DIR", &dir.0);
     c
 }
