@@ -135,8 +135,8 @@ fn options(cli: &Cli) -> DomainOptions {
 fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match &cli.command {
         Command::Domains => cmd_domains(cli)?,
-        Command::Ls => cmd_ls(cli)?,
-        Command::Info { name } => cmd_info(cli, name)?,
+        Command::Ls => return cmd_ls(cli),
+        Command::Info { name } => return cmd_info(cli, name),
         Command::Create { name, size, kind, .. } if kind == "heap" => {
             let domain = Domain::attach_with(&cli.domain, &options(cli))?;
             let heap = shmgadget::heap::Heap::create(&domain, name, *size)?;
@@ -195,6 +195,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Gc { all, force } => {
             let domain = (!all).then_some(cli.domain.as_str());
             let report = inspect::gc(domain, cli.shm_dir.as_deref(), *force)?;
+            for (d, what) in &report.damaged {
+                eprintln!("shmgadget: damage in domain {d:?}: {what}");
+            }
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -216,16 +219,22 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("removed orphaned object {o:?}");
                 }
                 for (d, why) in &report.skipped {
-                    println!("skipped domain {d:?}: {why}");
+                    if !report.damaged.iter().any(|(dd, _)| dd == d) {
+                        println!("skipped domain {d:?}: {why}");
+                    }
                 }
                 let n = report.dead_processes.len()
                     + report.removed_unfinished.len()
                     + report.removed_sections.len()
                     + report.removed_domains.len()
                     + report.removed_orphans.len();
-                if n == 0 && report.skipped.is_empty() {
+                if n == 0 && report.skipped.is_empty() && report.damaged.is_empty() {
                     println!("nothing to clean up");
                 }
+            }
+            if !report.damaged.is_empty() {
+                // Damage is not cleaned up: say so with the exit status too.
+                return Ok(ExitCode::from(1));
             }
         }
         Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes),
@@ -262,6 +271,9 @@ fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     r.processes.len().to_string(),
                     r.processes.iter().filter(|p| p.alive).count().to_string(),
                 ]);
+                if !r.damaged.is_empty() || !r.problems.is_empty() {
+                    t.add_row(vec![r.name.clone(), format!("damaged: {}", damage_lines(r).join("; "))]);
+                }
             }
             DomainEntry::Unreadable { name, error } => {
                 t.add_row(vec![name.clone(), format!("unreadable: {error}")]);
@@ -290,20 +302,61 @@ fn section_row(s: &SectionInfo) -> Vec<String> {
     ]
 }
 
-fn cmd_ls(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+/// One line per damaged entry or registry problem of a domain.
+fn damage_lines(r: &DomainReport) -> Vec<String> {
+    let mut v: Vec<String> = r.problems.clone();
+    v.extend(
+        r.damaged.iter().map(|e| format!("slot {} ({:?}, generation {}): {}", e.slot, e.name, e.generation, e.problem)),
+    );
+    v
+}
+
+/// Prints a domain's damage to stderr; the exit status for a listing that found some.
+fn report_damage(r: &DomainReport) -> ExitCode {
+    let lines = damage_lines(r);
+    for l in &lines {
+        eprintln!("shmgadget: damaged entry in domain {:?}: {l}", r.name);
+    }
+    if lines.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "shmgadget: domain {:?}'s registry is damaged; `shmgadget gc` leaves it alone, `shmgadget gc --domain {} --force` removes only what is proven unused",
+            r.name, r.name
+        );
+        ExitCode::from(1)
+    }
+}
+
+fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let report: DomainReport = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&report.sections)?);
-        return Ok(());
+        let mut list = serde_json::to_value(&report.sections)?;
+        if let Some(a) = list.as_array_mut() {
+            for e in &report.damaged {
+                let mut v = serde_json::to_value(e)?;
+                v["damaged"] = serde_json::Value::Bool(true);
+                a.push(v);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(report_damage(&report));
     }
-    if report.sections.is_empty() {
+    if report.sections.is_empty() && report.damaged.is_empty() {
         println!("domain {:?} has no sections", report.name);
-        return Ok(());
+        return Ok(report_damage(&report));
     }
     let mut t =
         table(&["name", "kind", "address range", "reserved", "committed", "resident", "lifetime", "owner", "mode"]);
     for s in &report.sections {
         t.add_row(section_row(s));
+    }
+    for e in &report.damaged {
+        t.add_row(vec![
+            e.name.clone(),
+            "DAMAGED".to_owned(),
+            format!("slot {}, generation {}: {}", e.slot, e.generation, e.problem),
+        ]);
     }
     println!("{t}");
     for s in report.sections.iter().filter(|s| s.kind == SectionKind::Queue) {
@@ -311,7 +364,7 @@ fn cmd_ls(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("queue {}: {}", s.name, describe_queue(&q));
         }
     }
-    Ok(())
+    Ok(report_damage(&report))
 }
 
 /// A queue section's live state, if it can be read.
@@ -345,9 +398,25 @@ fn describe_queue(q: &shmgadget::queue::QueueInfo) -> String {
     )
 }
 
-fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let report = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
     let Some(s) = report.sections.iter().find(|s| s.name == name) else {
+        if let Some(e) = report.damaged.iter().find(|e| e.name == name) {
+            return Err(format!(
+                "section {name:?} of domain {:?} is damaged: slot {}, generation {}: {}",
+                cli.domain, e.slot, e.generation, e.problem
+            )
+            .into());
+        }
+        if !report.damaged.is_empty() {
+            return Err(format!(
+                "no valid section {name:?} in domain {:?}, whose registry has {} damaged entries (`shmgadget ls --domain {}` lists them)",
+                cli.domain,
+                report.damaged.len(),
+                cli.domain
+            )
+            .into());
+        }
         return Err(format!(
             "no section {name:?} in domain {:?}; `shmgadget ls --domain {}` lists its sections",
             cli.domain, cli.domain
@@ -361,7 +430,7 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
             v["queue"] = serde_json::to_value(q)?;
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let lifetime = match s.lifetime {
         Lifetime::Persistent => "persistent (until deleted)",
@@ -388,7 +457,7 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(q) = &queue {
         println!("{:>15}  {}", "queue", describe_queue(q));
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {

@@ -772,7 +772,9 @@ impl DomainInner {
                 }
             }
         }
-        if guard.all_entries().is_empty() {
+        // Any slot in use, even a damaged one, keeps the registry: removing it would orphan
+        // the objects that slot may refer to.
+        if !guard.any_slot_used() {
             let object = names::registry_object(&self.name);
             if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
                 first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
@@ -914,7 +916,9 @@ fn choose_window(shm_dir: &Path, dir: &OwnedFd, name: &str, opts: &DomainOptions
             if domain == name {
                 continue;
             }
-            if let Ok(reg) = Registry::open(clone_fd(dir)?, domain, false, true) {
+            // A private copy of the header, not a mapping: another user may shrink their
+            // registry while we read it (see the registry's "Strangers").
+            if let Ok(reg) = Registry::snapshot(clone_fd(dir)?, domain, true, false) {
                 taken.push((reg.window_base, reg.window_base + reg.window_size, domain.to_owned()));
             }
         }

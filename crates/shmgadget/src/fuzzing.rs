@@ -165,3 +165,122 @@ pub fn tlsf_seeds() -> Vec<Vec<u8>> {
     }
     seeds
 }
+
+/// Domain name every registry input must record (the seeds do).
+const REGISTRY_DOMAIN: &str = "fuzz";
+
+/// A registry object's contents taken from `data`, read through a validating parse on private
+/// memory (as `domains`, `ls` and window selection read other users' registries): header
+/// validation, the full table scan with and without the locked-only checks, the unlocked
+/// readers (`entries`, `procs`, `read_entry`, `lookup_offset`, `free_runs`, `token_alive`).
+///
+/// Asserted: every record handed out lies inside the window and has a valid name; when the
+/// locked scan finds nothing wrong, the chunk table leads each live section's first chunk to
+/// that section (so the fault handler finds what `ls` lists).
+pub fn registry(data: &[u8]) {
+    use crate::registry::{LIVE, Registry};
+    let (Ok(dir), Ok(fd)) =
+        (crate::os::open_dir(std::path::Path::new("/")), crate::os::open_dir(std::path::Path::new("/")))
+    else {
+        return;
+    };
+    let Ok(reg) = Registry::from_bytes(dir, fd, REGISTRY_DOMAIN, data) else { return };
+    let scan = reg.scan(true);
+    let loose = reg.scan(false);
+    for rec in scan.entries.iter().chain(&loose.entries).chain(&reg.entries()) {
+        assert!(rec.offset + rec.span() <= reg.window_size, "a record outside the window: {rec:?}");
+        assert!(!rec.name.as_str().is_empty() && rec.name.as_str() != "?", "a record with a bad name: {rec:?}");
+    }
+    let _ = scan.describe();
+    let _ = reg.procs(None);
+    for slot in 0..reg.max_sections.min(256) {
+        let _ = reg.read_entry(slot);
+    }
+    if scan.is_sound() {
+        for rec in scan.entries.iter().filter(|r| r.state == LIVE) {
+            let found = reg.lookup_offset(rec.offset);
+            assert!(
+                found.is_some_and(|f| f.slot == rec.slot),
+                "a sound registry's chunk table does not lead to live section {rec:?}"
+            );
+        }
+    }
+    if reg.window_size <= 1 << 30 {
+        let _ = reg.free_runs(0, reg.window_size);
+        for off in (0..reg.window_size).step_by(crate::registry::CHUNK as usize) {
+            let _ = reg.lookup_offset(off);
+        }
+    }
+    for token in [
+        0u64,
+        1,
+        1 << 32 | 1,
+        u64::MAX,
+        u64::from_le_bytes(data.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8])),
+    ] {
+        let _ = reg.token_alive(token, None);
+    }
+}
+
+/// Inputs for [`registry`] from real registries (made in a private temporary directory, not
+/// in any shm directory): an empty one, one with sections of every kind and state and
+/// attached processes, and one after deletions (free slots, tombstones, a freed range).
+pub fn registry_seeds() -> Vec<Vec<u8>> {
+    use crate::registry::{
+        CHUNK, CreateParams, Creator, Lifetime, MIN_WINDOW_BASE, MIN_WINDOW_SIZE, Registry, SectionKind,
+    };
+    let tmp = std::env::temp_dir().join(format!("shmgadget-fuzz-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("a private temporary directory");
+    let mut seeds = Vec::new();
+    for (sections, deletes) in [(0usize, 0usize), (5, 0), (7, 3)] {
+        let dir = crate::os::open_dir(&tmp).expect("the temporary directory opens");
+        let params = CreateParams {
+            window_base: MIN_WINDOW_BASE,
+            window_size: MIN_WINDOW_SIZE,
+            max_sections: 8,
+            max_procs: 4,
+            mode: 0o600,
+        };
+        let reg = Registry::create(dir, REGISTRY_DOMAIN, &params).expect("a seed registry");
+        {
+            let g = reg.lock().expect("the seed registry's lock");
+            let _ = g.register_proc();
+            let kinds = [SectionKind::Raw, SectionKind::Heap, SectionKind::Queue];
+            let mut recs = Vec::new();
+            for i in 0..sections {
+                let lifetime = if i % 2 == 0 { Lifetime::Persistent } else { Lifetime::Transient };
+                let creator = Creator { token: (1u64 << 32) | 4242, ready: i % 3 != 1 };
+                let rec = g
+                    .begin_create(&format!("s{i}"), kinds[i % 3], lifetime, 0o600, CHUNK / 2 + i as u64 * 4096, creator)
+                    .expect("room in the seed registry");
+                if i != sections - 1 {
+                    g.finish_create(rec.slot); // the last one stays CREATING
+                }
+                recs.push(rec);
+            }
+            for rec in recs.iter().take(deletes) {
+                let _ = g.remove(rec);
+            }
+        }
+        let object = crate::names::registry_object(REGISTRY_DOMAIN);
+        seeds.push(std::fs::read(tmp.join(&object)).expect("the seed registry reads back"));
+        let _ = std::fs::remove_file(tmp.join(&object));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    seeds
+}
+
+/// Whether `data` parses as a registry whose full (locked) scan finds no damage: the seeds
+/// must, or the scan would call real registries damaged.
+pub fn registry_is_sound(data: &[u8]) -> bool {
+    let (Ok(dir), Ok(fd)) =
+        (crate::os::open_dir(std::path::Path::new("/")), crate::os::open_dir(std::path::Path::new("/")))
+    else {
+        return false;
+    };
+    crate::registry::Registry::from_bytes(dir, fd, REGISTRY_DOMAIN, data).is_ok_and(|r| {
+        let scan = r.scan(true);
+        assert!(scan.is_sound(), "{:?}", scan.describe());
+        scan.is_sound()
+    })
+}

@@ -1,9 +1,16 @@
 //! Looking at domains from outside, and cleaning up after dead processes.
 //!
-//! Nothing here attaches: registries are mapped read-only and their entries copied out through
-//! the same validated, seqlocked readers the library uses, so inspecting a domain reserves no
-//! window, registers no process and cannot disturb its users. Only [`gc`] writes, under the
-//! shm-directory lock and the registry lock, exactly as a detaching process would.
+//! Nothing here attaches: registries are read with `pread` into private memory (never mapped,
+//! so an owner that truncates or rewrites its registry meanwhile cannot crash us) and their
+//! entries copied out through the same validated, seqlocked readers the library uses, so
+//! inspecting a domain reserves no window, registers no process and cannot disturb its users.
+//! Entries that fail validation are listed as damaged, with what failed, never hidden.
+//!
+//! Only [`gc`] writes, under the shm-directory lock and the registry lock (taken with a bounded
+//! wait), exactly as a detaching process would, and it never deletes what it cannot prove
+//! dead: a domain whose registry, entries or tables fail validation is reported and left
+//! alone (its objects included) unless forced; the orphan sweep removes an object only when
+//! its domain's registry is sound and records no entry for that object's generation.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +20,7 @@ use crate::domain::resolve_shm_dir;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::{self, ObjectName};
 use crate::os;
-use crate::registry::{self, Lifetime, ProcRecord, Registry};
+use crate::registry::{self, DamagedEntry, Lifetime, ProcRecord, Registry};
 use crate::section::SectionInfo;
 
 /// A process attached to a domain.
@@ -56,6 +63,10 @@ pub struct DomainReport {
     pub sections: Vec<SectionInfo>,
     /// Attached processes, live or dead.
     pub processes: Vec<ProcessInfo>,
+    /// Section slots in use that fail validation (listed, never hidden).
+    pub damaged: Vec<DamagedEntry>,
+    /// Damage to the registry as a whole.
+    pub problems: Vec<String>,
 }
 
 /// One line of [`list_domains`]: a domain, or a registry that could not be read.
@@ -73,13 +84,15 @@ pub enum DomainEntry {
     },
 }
 
-fn open_registry(dir: &Path, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
-    let fd =
-        os::open_dir(dir).map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))?;
-    Registry::open(fd, domain, writable, allow_foreign)
+/// How long `gc` waits for a registry lock before reporting the domain instead of hanging.
+const GC_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn open_dir(dir: &Path) -> Result<std::os::fd::OwnedFd> {
+    os::open_dir(dir).map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))
 }
 
 fn report(reg: &Registry) -> DomainReport {
+    let scan = reg.scan(false);
     DomainReport {
         name: reg.domain().to_owned(),
         window_base: reg.window_base,
@@ -88,13 +101,15 @@ fn report(reg: &Registry) -> DomainReport {
         max_procs: reg.max_procs,
         mode: reg.mode,
         created_at: reg.created_at,
-        sections: reg
-            .entries()
+        sections: scan
+            .entries
             .iter()
             .filter(|r| r.state == registry::LIVE)
             .map(|r| SectionInfo::from_record(reg, r))
             .collect(),
         processes: reg.procs(None).iter().map(ProcessInfo::from_record).collect(),
+        damaged: scan.damaged,
+        problems: scan.problems,
     }
 }
 
@@ -103,7 +118,7 @@ fn report(reg: &Registry) -> DomainReport {
 pub fn inspect_domain(domain: &str, shm_dir: Option<&Path>) -> Result<DomainReport> {
     names::validate(domain, "domain")?;
     let dir = resolve_shm_dir(shm_dir);
-    Ok(report(&open_registry(&dir, domain, false, true)?))
+    Ok(report(&Registry::snapshot(open_dir(&dir)?, domain, true, true)?))
 }
 
 /// Every domain with a registry in the shm directory.
@@ -111,17 +126,15 @@ pub fn list_domains(shm_dir: Option<&Path>) -> Result<Vec<DomainEntry>> {
     let dir = resolve_shm_dir(shm_dir);
     let mut files = os::list_dir(&dir).map_err(|e| Error::from_io(format!("cannot list {}", dir.display()), e))?;
     files.sort();
-    Ok(files
-        .iter()
-        .filter_map(|f| match names::parse_object(f) {
-            Some(ObjectName::Registry { domain }) => Some(domain.to_owned()),
-            _ => None,
-        })
-        .map(|domain| match open_registry(&dir, &domain, false, true) {
+    let mut out = Vec::new();
+    for f in &files {
+        let Some(ObjectName::Registry { domain }) = names::parse_object(f) else { continue };
+        out.push(match Registry::snapshot(open_dir(&dir)?, domain, true, true) {
             Ok(reg) => DomainEntry::Ok(report(&reg)),
-            Err(e) => DomainEntry::Unreadable { name: domain, error: e.to_string() },
-        })
-        .collect())
+            Err(e) => DomainEntry::Unreadable { name: domain.to_owned(), error: e.to_string() },
+        });
+    }
+    Ok(out)
 }
 
 /// What [`gc`] did.
@@ -140,23 +153,48 @@ pub struct GcReport {
     pub removed_orphans: Vec<String>,
     /// `(domain, reason)` of domains left alone.
     pub skipped: Vec<(String, String)>,
+    /// `(domain, what failed)` for every piece of damage found: a registry, entry or table
+    /// that fails validation, a lock not released in time, an object with no registry. Plain
+    /// `gc` leaves such a domain's objects alone; non-empty means the caller should exit
+    /// non-zero.
+    pub damaged: Vec<(String, String)>,
+}
+
+/// What gc learned about one domain, for the orphan sweep.
+enum Verdict {
+    /// Registry sound: these generations are recorded (valid or damaged entries).
+    Sound(Vec<u64>),
+    /// Damaged, foreign, locked or unreadable: none of its objects may be removed.
+    Protected,
+    /// No registry any more (removed in this run, or there never was one): its objects are
+    /// unreachable; removed when `remove` (forced, or the registry was one we removed).
+    Gone { remove: bool },
 }
 
 /// Removes what dead processes left behind, in one domain or (`domain` `None`) all of them:
 /// sections that never became ready because their creator died (even while other processes
 /// live); registries left unfinished by a creator that died; attachments of dead processes;
 /// transient sections of domains with no live process; registries with no live process and no
-/// persistent section; backing objects that no registry refers to. With `force`, also removes
-/// registries that fail validation (use only when no process uses them).
+/// persistent section; backing objects that their sound registry does not record.
+///
+/// Never deletes what it cannot prove dead. A domain whose registry, entries or tables fail
+/// validation, whose lock is not released within a few seconds, or that belongs to another
+/// user is reported (`damaged` / `skipped`) and left alone, objects included. Objects of a
+/// domain that has no registry are reported and kept.
+///
+/// With `force` (use only when no process uses the damaged domains): a registry that cannot
+/// be read at all is removed with its objects, provided no process holds a liveness token
+/// on it; a readable registry with damaged entries gets the rest of the treatment (dead
+/// processes, unfinished and transient sections) but keeps its damaged entries, and the
+/// objects they may refer to; objects of domains without a registry are removed.
 pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<GcReport> {
     if let Some(d) = domain {
         names::validate(d, "domain")?;
     }
     let dir: PathBuf = resolve_shm_dir(shm_dir);
-    let lock_fd = os::open_dir(&dir)
-        .map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))?;
+    let lock_fd = open_dir(&dir)?;
     os::lock_exclusive(os::borrow(&lock_fd)).map_err(|e| Error::from_io("cannot lock the shm directory", e))?;
-    let dir_fd = os::open_dir(&dir).map_err(|e| Error::from_io("cannot open the shm directory", e))?;
+    let dir_fd = open_dir(&dir)?;
     let files = os::list_dir(&dir).map_err(|e| Error::from_io(format!("cannot list {}", dir.display()), e))?;
     let mut out = GcReport::default();
     let mut registries: Vec<String> = files
@@ -167,82 +205,169 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
         })
         .collect();
     registries.sort();
-    // Domains whose registry survives, with the (generation, name) of their sections.
-    let mut kept: Vec<(String, Vec<(u64, String)>)> = Vec::new();
+    let mut verdicts: Vec<(String, Verdict)> = Vec::new();
     for d in &registries {
-        let reg = match open_registry(&dir, d, true, false) {
-            Ok(reg) => reg,
-            // Unfinished (its creator died while creating it; we hold the directory lock every
-            // creator holds), or corrupt and the caller forces it.
-            Err(e) if e.kind() == ErrorKind::Corrupt && (force || Registry::is_unfinished(&dir_fd, d)) => {
-                os::unlink_object(os::borrow(&dir_fd), &names::registry_object(d))
-                    .map_err(|e| Error::from_io("cannot remove a corrupt registry", e))?;
-                out.removed_domains.push(d.clone());
-                continue;
-            }
-            Err(e) => {
-                out.skipped.push((d.clone(), e.to_string()));
-                kept.push((d.clone(), Vec::new()));
-                continue;
+        let verdict = gc_domain(&dir, &dir_fd, &files, d, force, &mut out)?;
+        verdicts.push((d.clone(), verdict));
+    }
+    // Objects that no sound registry records. Creation happens under the registry lock after
+    // the directory lock we hold, so nothing is half-created now.
+    let mut unowned_reported: Vec<String> = Vec::new();
+    for f in &files {
+        let Some(ObjectName::Section { domain: d, generation, .. }) = names::parse_object(f) else { continue };
+        if domain.is_some_and(|want| want != d) {
+            continue;
+        }
+        let remove = match verdicts.iter().find(|(k, _)| k == d).map(|(_, v)| v) {
+            Some(Verdict::Sound(gens)) => !gens.contains(&generation),
+            Some(Verdict::Protected) => false,
+            Some(Verdict::Gone { remove }) => *remove,
+            None if force => true,
+            None => {
+                if !unowned_reported.iter().any(|u| u == d) {
+                    unowned_reported.push(d.to_owned());
+                    out.damaged.push((
+                        d.to_owned(),
+                        format!(
+                            "object {f:?} (and maybe more) belongs to domain {d:?}, which has no registry; \
+                             kept (nothing can reach it); `shmgadget gc --domain {d} --force` removes such objects"
+                        ),
+                    ));
+                }
+                false
             }
         };
-        let guard = reg.lock()?;
-        // Sections whose creator died before making them ready: nobody can finish them. The
-        // creator's token is checked under the lock, so a live creator is never robbed.
-        for rec in guard.all_entries() {
-            if rec.state == registry::LIVE && !rec.ready && !reg.token_alive(rec.creator_token, None) {
-                guard.remove(&rec)?;
-                out.removed_unfinished.push((d.clone(), rec.name.as_str().to_owned(), rec.creator_pid));
-            }
-        }
-        for pid in guard.reap_dead_procs(None) {
-            out.dead_processes.push((d.clone(), pid));
-        }
-        if !guard.others_alive(None) {
-            for rec in guard.all_entries() {
-                if rec.lifetime == Lifetime::Transient || rec.state != registry::LIVE {
-                    guard.remove(&rec)?;
-                    if rec.state == registry::LIVE {
-                        out.removed_sections.push((d.clone(), rec.name.as_str().to_owned()));
-                    }
-                }
-            }
-        }
-        let sections: Vec<(u64, String)> =
-            guard.all_entries().iter().map(|r| (r.generation, r.name.as_str().to_owned())).collect();
-        if sections.is_empty() && !guard.others_alive(None) {
-            os::unlink_object(os::borrow(&dir_fd), &names::registry_object(d))
-                .map_err(|e| Error::from_io("cannot remove a registry", e))?;
-            out.removed_domains.push(d.clone());
-        } else {
-            kept.push((d.clone(), sections));
-        }
-    }
-    // Objects of domains we looked at (or of domains with no registry at all) that no entry
-    // refers to. Creation happens under the registry lock after the directory lock we hold, so
-    // nothing is half-created now.
-    for f in &files {
-        if let Some(ObjectName::Section { domain: d, generation, section }) = names::parse_object(f) {
-            if domain.is_some_and(|want| want != d) {
-                continue;
-            }
-            let referenced = match kept.iter().find(|(k, _)| k == d) {
-                Some((_, secs)) => {
-                    secs.is_empty() && out.skipped.iter().any(|(s, _)| s == d)
-                        || secs.iter().any(|(g, n)| *g == generation && n == section)
-                }
-                None => false,
-            };
-            if !referenced {
-                match os::unlink_object(os::borrow(&dir_fd), f) {
-                    Ok(()) => out.removed_orphans.push(f.clone()),
-                    Err(e) if e.raw_os_error() == Some(2) => {}
-                    Err(e) => {
-                        return Err(Error::from_io(format!("cannot remove orphan object {f:?}"), e));
-                    }
-                }
+        if remove {
+            match os::unlink_object(os::borrow(&dir_fd), f) {
+                Ok(()) => out.removed_orphans.push(f.clone()),
+                Err(e) if e.raw_os_error() == Some(2) => {}
+                Err(e) => return Err(Error::from_io(format!("cannot remove orphan object {f:?}"), e)),
             }
         }
     }
     Ok(out)
+}
+
+/// One domain's part of [`gc`]; the caller holds the directory lock.
+fn gc_domain(
+    dir: &Path,
+    dir_fd: &std::os::fd::OwnedFd,
+    files: &[String],
+    d: &str,
+    force: bool,
+    out: &mut GcReport,
+) -> Result<Verdict> {
+    let reg = match Registry::open(open_dir(dir)?, d, true, false) {
+        Ok(reg) => reg,
+        // Unfinished: its creator died while creating it (we hold the directory lock every
+        // creator holds), so it never recorded a section.
+        Err(e) if e.kind() == ErrorKind::Corrupt && Registry::is_unfinished(dir_fd, d) => {
+            remove_registry(dir_fd, d)?;
+            out.removed_domains.push(d.to_owned());
+            return Ok(Verdict::Gone { remove: force });
+        }
+        Err(e) if e.kind() == ErrorKind::Corrupt => {
+            if force {
+                // Proven unused: no process holds a liveness token (a lock) on it.
+                let in_use = os::open_object(os::borrow(dir_fd), &names::registry_object(d), false)
+                    .and_then(|fd| os::any_byte_locked(os::borrow(&fd)))
+                    .unwrap_or(true);
+                if !in_use {
+                    remove_registry(dir_fd, d)?;
+                    out.removed_domains.push(d.to_owned());
+                    return Ok(Verdict::Gone { remove: true });
+                }
+                out.damaged
+                    .push((d.to_owned(), format!("{e}; not removed even with --force: a process is attached to it")));
+            } else {
+                out.damaged.push((d.to_owned(), e.to_string()));
+            }
+            out.skipped.push((d.to_owned(), e.to_string()));
+            return Ok(Verdict::Protected);
+        }
+        Err(e) => {
+            out.skipped.push((d.to_owned(), e.to_string()));
+            return Ok(Verdict::Protected);
+        }
+    };
+    let guard = match reg.lock_within(GC_LOCK_WAIT) {
+        Ok(g) => g,
+        Err(e) => {
+            out.damaged.push((d.to_owned(), e.to_string()));
+            out.skipped.push((d.to_owned(), e.to_string()));
+            return Ok(Verdict::Protected);
+        }
+    };
+    let mut scan = reg.scan(true);
+    // A sound-looking live entry whose object is missing was damaged into another valid
+    // record (a name or generation changed by a few bits): its real object would look orphaned.
+    let mut missing = Vec::new();
+    for rec in scan.entries.iter().filter(|r| r.state == registry::LIVE) {
+        let object = names::section_object(d, rec.generation, rec.name.as_str());
+        if !files.iter().any(|f| *f == object) {
+            missing.push(format!(
+                "section {:?} (slot {}) records object {object:?}, which does not exist",
+                rec.name.as_str(),
+                rec.slot
+            ));
+        }
+    }
+    scan.problems.extend(missing);
+    let sound = scan.is_sound();
+    if !sound {
+        let what = scan.describe().join("; ");
+        if force {
+            out.damaged.push((d.to_owned(), format!("the registry is damaged: {what}; --force: damaged entries and every object they may refer to are kept")));
+        } else {
+            out.damaged.push((
+                d.to_owned(),
+                format!(
+                    "the registry is damaged: {what}; nothing of the domain was removed (`shmgadget gc --domain {d} --force` \
+                     removes only what is proven unused and keeps the damaged entries)"
+                ),
+            ));
+            out.skipped.push((d.to_owned(), "damaged registry".into()));
+            return Ok(Verdict::Protected);
+        }
+    }
+    // Sections whose creator died before making them ready: nobody can finish them. The
+    // creator's token is checked under the lock, so a live creator is never robbed.
+    for rec in &scan.entries {
+        if rec.state == registry::LIVE && !rec.ready && !reg.token_alive(rec.creator_token, None) {
+            guard.remove(rec)?;
+            out.removed_unfinished.push((d.to_owned(), rec.name.as_str().to_owned(), rec.creator_pid));
+        }
+    }
+    for pid in guard.reap_dead_procs(None) {
+        out.dead_processes.push((d.to_owned(), pid));
+    }
+    if !guard.others_alive(None) {
+        for rec in guard.all_entries() {
+            if !scan.entries.iter().any(|s| s.slot == rec.slot && s.generation == rec.generation) {
+                continue; // not among the validated entries (a duplicate generation, say)
+            }
+            if rec.lifetime == Lifetime::Transient || rec.state != registry::LIVE {
+                guard.remove(&rec)?;
+                if rec.state == registry::LIVE {
+                    out.removed_sections.push((d.to_owned(), rec.name.as_str().to_owned()));
+                }
+            }
+        }
+    }
+    if sound && !guard.any_slot_used() && !guard.others_alive(None) {
+        remove_registry(dir_fd, d)?;
+        out.removed_domains.push(d.to_owned());
+        return Ok(Verdict::Gone { remove: true });
+    }
+    if !sound {
+        return Ok(Verdict::Protected);
+    }
+    let mut gens: Vec<u64> = guard.all_entries().iter().map(|r| r.generation).collect();
+    gens.extend(scan.damaged.iter().map(|e| e.generation));
+    Ok(Verdict::Sound(gens))
+}
+
+fn remove_registry(dir_fd: &std::os::fd::OwnedFd, d: &str) -> Result<()> {
+    os::unlink_object(os::borrow(dir_fd), &names::registry_object(d))
+        .map_err(|e| Error::from_io(format!("cannot remove the registry of domain {d:?}"), e))
 }

@@ -396,6 +396,48 @@ pub(crate) struct Creator {
     pub ready: bool,
 }
 
+/// A section slot in use whose fields fail validation (see [`Registry::scan`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DamagedEntry {
+    /// The slot.
+    pub slot: u32,
+    /// Its generation field as stored (possibly damaged too).
+    pub generation: u64,
+    /// Its name field as stored, non-printable bytes shown as `?`.
+    pub name: String,
+    /// What failed.
+    pub problem: String,
+}
+
+/// What a full, validating pass over a registry's tables found.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Scan {
+    /// Valid entries in use (any state but `FREE`).
+    pub entries: Vec<SectionRecord>,
+    /// Slots in use that are not valid records.
+    pub damaged: Vec<DamagedEntry>,
+    /// Damage to the registry as a whole (counters, overlapping ranges, chunk table).
+    pub problems: Vec<String>,
+}
+
+impl Scan {
+    /// Whether nothing failed validation.
+    pub fn is_sound(&self) -> bool {
+        self.damaged.is_empty() && self.problems.is_empty()
+    }
+
+    /// Every failure, one line each.
+    pub fn describe(&self) -> Vec<String> {
+        let mut v = self.problems.clone();
+        v.extend(
+            self.damaged
+                .iter()
+                .map(|d| format!("slot {} ({:?}, generation {}): {}", d.slot, d.name, d.generation, d.problem)),
+        );
+        v
+    }
+}
+
 /// Parameters fixed when a registry is created.
 #[derive(Debug, Clone)]
 pub(crate) struct CreateParams {
@@ -416,7 +458,11 @@ pub(crate) struct Registry {
     dir: OwnedFd,
     fd: OwnedFd,
     base: NonNull<u8>,
+    /// Bytes valid at `base`: the mapping's length, or the private copy's.
     map_len: usize,
+    /// `Some` when `base` is a private copy (see "Strangers") allocated with this layout
+    /// instead of a shared mapping: read-only in spirit, never locked, freed on drop.
+    private: Option<std::alloc::Layout>,
     layout: Layout,
     pub window_base: u64,
     pub window_size: u64,
@@ -461,6 +507,17 @@ fn unpack_name(src: &[AtomicU64; 8], len: u32) -> Option<InlineName> {
     valid.then_some(name)
 }
 
+/// A name field as stored, made printable (for reports of damaged entries).
+fn raw_name(src: &[AtomicU64; 8], len: u32) -> String {
+    let mut bytes = [0u8; 64];
+    for (i, word) in src.iter().enumerate() {
+        // Relaxed: diagnostic copy.
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+    }
+    let n = (len as usize).min(64);
+    bytes[..n].iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '?' }).collect()
+}
+
 fn corrupt(domain: &str, what: String) -> Error {
     Error::new(
         ErrorKind::Corrupt,
@@ -486,6 +543,18 @@ impl Registry {
         if let Err(e) = os::set_size(os::borrow(&fd), layout.total_size) {
             return Err(cleanup(Error::from_io(format!("cannot size the registry of domain {domain:?}"), e)));
         }
+        // Commit every page before anything is written or read: a sparse registry on a full
+        // tmpfs makes the first touch of a hole (even a read) SIGBUS in whichever process
+        // comes first, and a repair would write into holes too. Committed, it never faults.
+        if let Err(e) = os::allocate(os::borrow(&fd), 0, layout.total_size) {
+            return Err(cleanup(Error::from_io(
+                format!(
+                    "cannot commit the {} bytes of domain {domain:?}'s registry (is the shm file system full?)",
+                    layout.total_size
+                ),
+                e,
+            )));
+        }
         let base = match os::map_shared(os::borrow(&fd), layout.total_size as usize, true) {
             Ok(base) => base,
             Err(e) => {
@@ -498,6 +567,7 @@ impl Registry {
             fd,
             base,
             map_len: layout.total_size as usize,
+            private: None,
             layout,
             window_base: p.window_base,
             window_size: p.window_size,
@@ -608,6 +678,7 @@ impl Registry {
             fd,
             base,
             map_len,
+            private: None,
             layout: Layout {
                 sections_offset: 0,
                 procs_offset: 0,
@@ -625,6 +696,113 @@ impl Registry {
         };
         reg.validate(st.size)?;
         Ok(reg)
+    }
+
+    /// Reads a registry into private memory with `pread` instead of mapping it: the copy is
+    /// immune to its owner truncating, regrowing or rewriting the object meanwhile (see
+    /// "Strangers"). With `tables`, the section and process tables are copied too (not the
+    /// chunk table or name index, which only attached processes use); without, the header
+    /// only. The copy is validated as a mapping would be and read through the same readers;
+    /// it is never locked or written. Liveness of its process entries is still asked of the
+    /// kernel through the open descriptor.
+    pub fn snapshot(dir: OwnedFd, domain: &str, allow_foreign: bool, tables: bool) -> Result<Registry> {
+        let object = names::registry_object(domain);
+        let fd = os::open_object(os::borrow(&dir), &object, false).map_err(|e| {
+            if e.raw_os_error() == Some(2) {
+                Error::new(ErrorKind::NotFound, format!("domain {domain:?} does not exist (no registry object {object:?}); `shmgadget domains` lists the existing ones"))
+            } else {
+                Error::from_io(format!("cannot open the registry of domain {domain:?}"), e)
+            }
+        })?;
+        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
+        if !st.is_regular {
+            return Err(corrupt(domain, "the registry object is not a regular file".into()));
+        }
+        if st.uid != os::effective_uid() && !allow_foreign {
+            bail!(
+                PermissionDenied,
+                "the registry of domain {domain:?} belongs to uid {} but this process runs as uid {}; \
+                 refusing to trust it (opt in with allow_foreign_owner / --allow-foreign-owner if that user is trusted)",
+                st.uid,
+                os::effective_uid()
+            );
+        }
+        let header_len = size_of::<RegistryShared>();
+        let mut reg = Registry::private_copy(dir, fd, domain, header_len)?;
+        reg.fill_from_object(header_len)?;
+        reg.validate(st.size)?;
+        if !tables {
+            return Ok(reg);
+        }
+        let len = reg.layout.chunks_offset as usize;
+        let (dir, fd) = reg.take_fds()?;
+        let mut reg = Registry::private_copy(dir, fd, domain, len)?;
+        reg.fill_from_object(len)?;
+        // The header is read again with the tables; validate what this copy holds.
+        reg.validate(st.size)?;
+        Ok(reg)
+    }
+
+    /// A registry over `bytes` (as if they were a registry object's contents) in private
+    /// memory, for the fuzz target: validated like [`Registry::open`], with `bytes.len()` as
+    /// the object's size.
+    pub(crate) fn from_bytes(dir: OwnedFd, fd: OwnedFd, domain: &str, bytes: &[u8]) -> Result<Registry> {
+        let mut reg = Registry::private_copy(dir, fd, domain, bytes.len().max(size_of::<RegistryShared>()))?;
+        // SAFETY: the copy is at least `bytes.len()` bytes, freshly allocated, and no reference
+        // into it exists yet.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), reg.base.as_ptr(), bytes.len()) };
+        reg.validate(bytes.len() as u64)?;
+        Ok(reg)
+    }
+
+    /// A handle over `len` zeroed private bytes, not yet validated.
+    fn private_copy(dir: OwnedFd, fd: OwnedFd, domain: &str, len: usize) -> Result<Registry> {
+        let layout = std::alloc::Layout::from_size_align(len.max(size_of::<RegistryShared>()), 64)
+            .map_err(|_| Error::new(ErrorKind::InvalidSize, "registry copy size overflows"))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(base) = NonNull::new(ptr) else { std::alloc::handle_alloc_error(layout) };
+        Ok(Registry {
+            domain: domain.to_owned(),
+            dir,
+            fd,
+            base,
+            map_len: layout.size(),
+            private: Some(layout),
+            layout: Layout {
+                sections_offset: 0,
+                procs_offset: 0,
+                chunks_offset: 0,
+                total_size: 0,
+                names_offset: 0,
+                name_buckets: 0,
+            },
+            window_base: 0,
+            window_size: 0,
+            max_sections: 0,
+            max_procs: 0,
+            mode: 0,
+            created_at: 0,
+        })
+    }
+
+    /// Copies the object's first `len` bytes into this private copy; a shorter object leaves
+    /// the rest zero (a truncation racing with us reads as free slots or fails validation).
+    fn fill_from_object(&mut self, len: usize) -> Result<()> {
+        debug_assert!(self.private.is_some() && len <= self.map_len);
+        // SAFETY: the private copy is `map_len >= len` bytes, owned by this handle, and no
+        // reference into it is alive (we hold `&mut self`).
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), len) };
+        os::read_at(os::borrow(&self.fd), 0, buf)
+            .map_err(|e| Error::from_io(format!("cannot read the registry of domain {:?}", self.domain), e))?;
+        Ok(())
+    }
+
+    /// Moves the descriptors out of a private copy about to be replaced.
+    fn take_fds(self) -> Result<(OwnedFd, OwnedFd)> {
+        let dir = self.dir.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))?;
+        let fd = self.fd.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))?;
+        Ok((dir, fd))
     }
 
     /// Checks the header and fills in the cached frozen fields.
@@ -736,6 +914,7 @@ impl Registry {
     fn entry(&self, slot: u32) -> &SectionEntryShared {
         assert!(slot < self.max_sections);
         let off = self.layout.sections_offset as usize + slot as usize * size_of::<SectionEntryShared>();
+        assert!(off + size_of::<SectionEntryShared>() <= self.map_len, "entry outside the registry copy");
         // SAFETY: `validate`/`create` checked that the whole layout lies inside the mapping and
         // `slot < max_sections`; offsets are multiples of 8; all fields are atomics.
         unsafe { &*self.base.as_ptr().add(off).cast::<SectionEntryShared>() }
@@ -743,6 +922,7 @@ impl Registry {
 
     fn proc_entry(&self, slot: u32) -> &ProcEntryShared {
         assert!(slot < self.max_procs);
+        assert!(self.proc_offset(slot) as usize + size_of::<ProcEntryShared>() <= self.map_len);
         // SAFETY: as in `entry`.
         unsafe { &*self.base.as_ptr().add(self.proc_offset(slot) as usize).cast::<ProcEntryShared>() }
     }
@@ -753,6 +933,7 @@ impl Registry {
 
     fn chunk(&self, index: u64) -> &AtomicU32 {
         assert!(index < self.window_size / CHUNK);
+        assert!((self.layout.chunks_offset + index * 4 + 4) as usize <= self.map_len, "chunk table not in this copy");
         // SAFETY: as in `entry`; the chunk table holds `window_size / CHUNK` u32s.
         unsafe { &*self.base.as_ptr().add((self.layout.chunks_offset + index * 4) as usize).cast::<AtomicU32>() }
     }
@@ -782,17 +963,44 @@ impl Registry {
     }
 
     fn copy_entry(&self, slot: u32, e: &SectionEntryShared) -> Option<SectionRecord> {
+        self.check_entry(slot, e).ok().flatten()
+    }
+
+    /// Copies and validates one entry: `Ok(None)` for a free slot, `Err(what failed)` for a
+    /// slot in use whose fields are not a valid record. Allocation-free on success (the fault
+    /// handler goes through here); a failure message allocates, which is why the signal path
+    /// uses [`Registry::read_entry`] and only ever sees `None`.
+    fn check_entry(&self, slot: u32, e: &SectionEntryShared) -> std::result::Result<Option<SectionRecord>, String> {
         // Relaxed loads: consistency is established by the seqlock (or the lock) of the caller.
         let state = e.state.load(Ordering::Relaxed);
         if state == FREE {
-            return None;
+            return Ok(None);
         }
+        if state > DELETING {
+            return Err(format!("state {state} is none of free/creating/live/deleting (0-3)"));
+        }
+        let name_len = e.name_len.load(Ordering::Relaxed);
+        let Some(name) = unpack_name(&e.name, name_len) else {
+            return Err(format!(
+                "name {:?} (length {name_len}) is not 1-{} characters of [A-Za-z0-9._-]",
+                raw_name(&e.name, name_len),
+                names::MAX_NAME_LEN
+            ));
+        };
+        let kind = e.kind.load(Ordering::Relaxed);
+        let Some(kind) = SectionKind::from_raw(kind) else {
+            return Err(format!("kind {kind} is none of raw/heap/queue (1-3)"));
+        };
+        let lifetime = e.lifetime.load(Ordering::Relaxed);
+        let Some(lifetime) = Lifetime::from_raw(lifetime) else {
+            return Err(format!("lifetime {lifetime} is neither persistent (1) nor transient (2)"));
+        };
         let rec = SectionRecord {
             slot,
             state,
-            name: unpack_name(&e.name, e.name_len.load(Ordering::Relaxed))?,
-            kind: SectionKind::from_raw(e.kind.load(Ordering::Relaxed))?,
-            lifetime: Lifetime::from_raw(e.lifetime.load(Ordering::Relaxed))?,
+            name,
+            kind,
+            lifetime,
             mode: e.mode.load(Ordering::Relaxed),
             owner_uid: e.owner_uid.load(Ordering::Relaxed),
             generation: e.generation.load(Ordering::Relaxed),
@@ -806,8 +1014,169 @@ impl Registry {
         };
         let in_window = rec.offset % CHUNK == 0
             && rec.reserved > 0
+            && rec.reserved <= self.window_size
             && rec.offset.checked_add(rec.span()).is_some_and(|end| end <= self.window_size);
-        (in_window && state <= DELETING).then_some(rec)
+        if !in_window {
+            return Err(format!(
+                "range offset {:#x} + {:#x} bytes is not a chunk-aligned range inside the {:#x}-byte window",
+                rec.offset, rec.reserved, self.window_size
+            ));
+        }
+        if rec.generation == 0 {
+            return Err("generation 0 (generations start at 1)".into());
+        }
+        if rec.mode > 0o777 {
+            return Err(format!("mode {:#o} is not a permission mode", rec.mode));
+        }
+        Ok(Some(rec))
+    }
+
+    /// [`Registry::read_entry`] with the reason a slot in use is not a valid record.
+    fn read_entry_checked(&self, slot: u32) -> std::result::Result<Option<SectionRecord>, String> {
+        let e = self.entry(slot);
+        for _ in 0..1000 {
+            // Acquire: pairs with the writer's final Release store of `seq` (as in `read_entry`).
+            let s1 = e.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let rec = self.check_entry(slot, e);
+            // Acquire fence: as in `read_entry`.
+            fence(Ordering::Acquire);
+            // Relaxed: ordered by the fence above.
+            if e.seq.load(Ordering::Relaxed) == s1 {
+                return rec;
+            }
+        }
+        // Relaxed: diagnostic only.
+        Err(format!(
+            "its sequence word {} stayed odd (a writer died mid-update, or it is damaged)",
+            e.seq.load(Ordering::Relaxed)
+        ))
+    }
+
+    /// Validates every table, not only the header: each slot in use is a valid record with a
+    /// generation below `next_generation` and unique. With `locked` (the caller holds the
+    /// lock, or the registry is a private copy nobody writes), also: the high-water marks cover
+    /// every slot in use, live ranges do not overlap, and the chunk table (when present) and
+    /// the live entries agree. Those are skipped without the lock, where a writer between two
+    /// stores would look like damage.
+    pub fn scan(&self, locked: bool) -> Scan {
+        let mut out = Scan::default();
+        let h = self.header();
+        // Relaxed: written under the lock; only compared when the caller holds it.
+        let slots_high = if locked { h.slots_high.load(Ordering::Relaxed) } else { u32::MAX };
+        let procs_high = if locked { h.procs_high.load(Ordering::Relaxed) } else { u32::MAX };
+        if locked && slots_high > self.max_sections {
+            out.problems.push(format!("slots_high {slots_high} exceeds max_sections {}", self.max_sections));
+        }
+        if locked && procs_high > self.max_procs {
+            out.problems.push(format!("procs_high {procs_high} exceeds max_procs {}", self.max_procs));
+        }
+        let mut found: Vec<SectionRecord> = Vec::new();
+        for slot in 0..self.max_sections {
+            let e = self.entry(slot);
+            // Relaxed: a cheap pre-check; the slot is read properly below.
+            if e.state.load(Ordering::Relaxed) == FREE && e.seq.load(Ordering::Relaxed) & 1 == 0 {
+                continue;
+            }
+            let damaged = |problem: String| DamagedEntry {
+                slot,
+                // Relaxed: diagnostic copies of possibly damaged fields.
+                generation: e.generation.load(Ordering::Relaxed),
+                name: raw_name(&e.name, e.name_len.load(Ordering::Relaxed)),
+                problem,
+            };
+            match self.read_entry_checked(slot) {
+                Ok(None) => {}
+                Ok(Some(rec)) if slot >= slots_high => {
+                    out.damaged.push(damaged(format!("slot {slot} is in use above slots_high {slots_high}")));
+                    let _ = rec;
+                }
+                Ok(Some(rec)) => found.push(rec),
+                Err(problem) => out.damaged.push(damaged(problem)),
+            }
+        }
+        // Relaxed, but read after the entries: an entry we read was published by its seqlock's
+        // Release store, which its creator made after bumping `next_generation`, and our
+        // Acquire load of `seq` makes that bump visible here; so a sound entry created while
+        // we scanned still has a generation below the value we see.
+        let next_generation = h.next_generation.load(Ordering::Relaxed);
+        for rec in found {
+            let e = self.entry(rec.slot);
+            let damaged = |problem: String| DamagedEntry {
+                slot: rec.slot,
+                generation: rec.generation,
+                name: raw_name(&e.name, rec.name.len as u32),
+                problem,
+            };
+            if rec.generation >= next_generation {
+                out.damaged.push(damaged(format!(
+                    "generation {} is not below the registry's next generation {next_generation}",
+                    rec.generation
+                )));
+            } else if let Some(other) = out.entries.iter().find(|o| o.generation == rec.generation) {
+                out.damaged
+                    .push(damaged(format!("generation {} is also recorded by slot {}", rec.generation, other.slot)));
+            } else {
+                out.entries.push(rec);
+            }
+        }
+        for slot in procs_high.min(self.max_procs)..self.max_procs {
+            if (self.proc_offset(slot) as usize) + size_of::<ProcEntryShared>() > self.map_len {
+                break;
+            }
+            // Relaxed: diagnostic.
+            if self.proc_entry(slot).state.load(Ordering::Relaxed) != 0 {
+                out.problems.push(format!("process slot {slot} is in use above procs_high {procs_high}"));
+                break;
+            }
+        }
+        if !locked {
+            return out;
+        }
+        let mut ranges: Vec<(u64, u64, u32)> =
+            out.entries.iter().filter(|r| r.state == LIVE).map(|r| (r.offset, r.offset + r.span(), r.slot)).collect();
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                out.problems.push(format!("the window ranges of slots {} and {} overlap", w[0].2, w[1].2));
+            }
+        }
+        let table_here = (self.layout.chunks_offset + (self.window_size / CHUNK) * 4) as usize <= self.map_len;
+        if table_here {
+            let damaged_slots: Vec<u32> = out.damaged.iter().map(|d| d.slot).collect();
+            for c in 0..self.window_size / CHUNK {
+                // Relaxed: under the lock (the caller's promise with `chunks`).
+                let v = self.chunk(c).load(Ordering::Relaxed);
+                if v == 0 || damaged_slots.contains(&(v - 1)) {
+                    continue;
+                }
+                let covers = v <= self.max_sections
+                    && out
+                        .entries
+                        .iter()
+                        .any(|r| r.slot == v - 1 && c * CHUNK >= r.offset && c * CHUNK < r.offset + r.span());
+                if !covers {
+                    out.problems.push(format!(
+                        "chunk {c} of the window is recorded as slot {v} - 1's, which does not cover it"
+                    ));
+                    break;
+                }
+            }
+            for r in out.entries.iter().filter(|r| r.state == LIVE) {
+                // Relaxed: as above.
+                if self.chunk(r.offset / CHUNK).load(Ordering::Relaxed) != r.slot + 1 {
+                    out.problems.push(format!(
+                        "the chunk table does not record section {:?} (slot {}) at its offset",
+                        r.name.as_str(),
+                        r.slot
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The live section covering window offset `offset`, found through the chunk table in
@@ -846,9 +1215,13 @@ impl Registry {
 
     /// Every entry in use, read without the lock (for inspection).
     pub fn entries(&self) -> Vec<SectionRecord> {
-        // Relaxed: an upper bound only; entries are validated individually.
-        let high = self.header().slots_high.load(Ordering::Relaxed).min(self.max_sections);
-        (0..high).filter_map(|s| self.read_entry(s)).collect()
+        // Every slot, not only those below `slots_high`: a damaged high-water mark must not
+        // hide sections (a free slot costs one load).
+        (0..self.max_sections)
+            // Relaxed: a pre-check; the entry is read through its seqlock.
+            .filter(|&s| self.entry(s).state.load(Ordering::Relaxed) != FREE)
+            .filter_map(|s| self.read_entry(s))
+            .collect()
     }
 
     /// Every process entry in use, with its liveness. `own_slot` (this process's own entry, whose
@@ -903,9 +1276,42 @@ impl Registry {
 
     /// Takes the registry lock, repairing the registry first if the previous holder died.
     pub fn lock(&self) -> Result<RegistryGuard<'_>> {
-        let outcome = self.header().lock.lock().map_err(|e| {
-            Error::new(ErrorKind::Corrupt, format!("the lock of domain {:?}'s registry is unusable ({e}); run `shmgadget gc --domain {} --force` once no process uses it", self.domain, self.domain))
-        })?;
+        self.lock_inner(None)
+    }
+
+    /// [`Registry::lock`], waiting at most `timeout`: a `Timeout` error names the wait (a lock
+    /// word damaged into a stranger's, or a holder that hangs, must not hang the repair tools).
+    pub fn lock_within(&self, timeout: std::time::Duration) -> Result<RegistryGuard<'_>> {
+        self.lock_inner(Some(timeout))
+    }
+
+    fn lock_inner(&self, timeout: Option<std::time::Duration>) -> Result<RegistryGuard<'_>> {
+        if self.private.is_some() {
+            bail!(InvalidArgument, "a private copy of domain {:?}'s registry cannot be locked", self.domain);
+        }
+        let unusable = |e: std::io::Error| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "the lock of domain {:?}'s registry is unusable ({e}); run `shmgadget gc --domain {} --force` once no process uses it",
+                    self.domain, self.domain
+                ),
+            )
+        };
+        let lock = &self.header().lock;
+        let outcome = match timeout {
+            None => lock.lock().map_err(unusable)?,
+            Some(t) => match lock.lock_timeout(t).map_err(unusable)? {
+                Some(outcome) => outcome,
+                None => bail!(
+                    Timeout,
+                    "the lock of domain {:?}'s registry was not released within {} s (a process holds it and hangs, or the lock word is damaged);                      if no process uses the domain, `shmgadget gc --domain {} --force` removes it",
+                    self.domain,
+                    t.as_secs(),
+                    self.domain
+                ),
+            },
+        };
         let guard = RegistryGuard { reg: self };
         if outcome == LockOutcome::OwnerDied {
             guard.repair();
@@ -919,6 +1325,12 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
+        if let Some(layout) = self.private {
+            // SAFETY: allocated in `private_copy` with this layout; no reference into it
+            // outlives `self` (all accessors borrow `self`).
+            unsafe { std::alloc::dealloc(self.base.as_ptr(), layout) };
+            return;
+        }
         // SAFETY: the mapping was created by this handle and no reference into it outlives
         // `self` (all accessors borrow `self`).
         let _ = unsafe { os::unmap(self.base.as_ptr() as usize, self.map_len) };
@@ -955,6 +1367,7 @@ impl RegistryGuard<'_> {
     fn bucket(&self, i: u64) -> &AtomicU32 {
         let reg = self.reg;
         assert!(i < reg.layout.name_buckets);
+        assert!((reg.layout.names_offset + i * 4 + 4) as usize <= reg.map_len);
         // SAFETY: the name index holds `name_buckets` u32s inside the validated mapping.
         unsafe { &*reg.base.as_ptr().add((reg.layout.names_offset + i * 4) as usize).cast::<AtomicU32>() }
     }
@@ -1008,7 +1421,7 @@ impl RegistryGuard<'_> {
             self.bucket(b).store(0, Ordering::Relaxed);
         }
         self.reg.header().name_tombs.store(0, Ordering::Relaxed);
-        for slot in 0..self.slots_high() {
+        for slot in 0..self.reg.max_sections {
             if let Some(rec) = self.locked_entry(slot) {
                 if rec.state == CREATING || rec.state == LIVE {
                     self.index_insert(rec.name.as_str(), slot);
@@ -1047,9 +1460,16 @@ impl RegistryGuard<'_> {
         None
     }
 
-    /// Every entry in use.
+    /// Every valid entry in use, over all slots (a damaged `slots_high` hides nothing).
     pub fn all_entries(&self) -> Vec<SectionRecord> {
-        (0..self.slots_high()).filter_map(|s| self.locked_entry(s)).collect()
+        (0..self.reg.max_sections).filter_map(|s| self.locked_entry(s)).collect()
+    }
+
+    /// Whether any slot is in use, valid or not: a registry with damaged entries is never
+    /// "empty" (removing it would orphan their objects).
+    pub fn any_slot_used(&self) -> bool {
+        // Relaxed: under the lock.
+        (0..self.reg.max_sections).any(|s| self.reg.entry(s).state.load(Ordering::Relaxed) != FREE)
     }
 
     /// Reserves a slot and a window range for a new section, recording it as `CREATING`.
@@ -1217,7 +1637,7 @@ impl RegistryGuard<'_> {
     /// Repairs what a writer that died holding the lock left behind.
     fn repair(&self) {
         let reg = self.reg;
-        for slot in 0..self.slots_high() {
+        for slot in 0..reg.max_sections {
             let e = reg.entry(slot);
             // Relaxed: under the lock; the dead writer can no longer race with us.
             let seq = e.seq.load(Ordering::Relaxed);

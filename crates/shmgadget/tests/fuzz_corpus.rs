@@ -43,3 +43,20 @@ fn replay(target: &str, seeds: Vec<Vec<u8>>, run: fn(&[u8])) {
 fn tlsf_inputs_from_the_corpus_never_panic() {
     replay("tlsf", shmgadget::fuzzing::tlsf_seeds(), shmgadget::fuzzing::tlsf);
 }
+
+#[test]
+fn registry_inputs_from_the_corpus_never_panic() {
+    let seeds = shmgadget::fuzzing::registry_seeds();
+    // The seeds are real registries: each must parse, or the target fuzzes nothing.
+    assert_eq!(seeds.len(), 3);
+    assert!(seeds.iter().all(|s| shmgadget::fuzzing::registry_is_sound(s)), "a real registry scans as damaged");
+    // `SHMGADGET_WRITE_SEEDS=1` writes them into the corpus, to start a fuzzer from.
+    if std::env::var_os("SHMGADGET_WRITE_SEEDS").is_some() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/registry");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, s) in seeds.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}")), s).unwrap();
+        }
+    }
+    replay("registry", seeds, shmgadget::fuzzing::registry);
+}

@@ -135,6 +135,26 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     Ok(rustix::fs::fallocate(fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)?)
 }
 
+/// Reads up to `buf.len()` bytes at `offset` without changing the file position, `pread(2)`,
+/// retrying until the buffer is full or the object ends. Returns how many bytes were read.
+/// Unlike a mapping, the copy cannot fault when another process shrinks the object, and a
+/// hole reads as zeros without allocating backing.
+pub fn read_at(fd: BorrowedFd<'_>, mut offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], offset) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
 /// Lists the names in a directory (`getdents64(2)` through `std::fs::read_dir`).
 pub fn list_dir(path: &Path) -> io::Result<Vec<String>> {
     let mut names = Vec::new();
@@ -184,6 +204,25 @@ pub fn unlock_byte(fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
 /// A lock held through `fd` itself does not count.
 pub fn byte_is_locked(fd: BorrowedFd<'_>, offset: u64) -> io::Result<bool> {
     let fl = ofd_lock_call(fd, libc::F_OFD_GETLK, libc::F_WRLCK, offset)?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Whether another open file description holds any lock on any byte of the object,
+/// `fcntl(2)` `F_OFD_GETLK` over the whole file (`l_len` 0). Every attached process holds its
+/// liveness token as such a lock, so `false` proves that no process is attached.
+pub fn any_byte_locked(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // to the end of the file, however large
+    // SAFETY: `fd` is a valid open descriptor for the duration of the call and `fl` is a valid,
+    // exclusively borrowed `struct flock` that the kernel may read and write.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
