@@ -608,9 +608,13 @@ impl Registry {
     }
 
     /// Whether domain `domain`'s registry object was left unfinished by its creator: empty (not
-    /// sized yet) or with a header of ours never published. Meaningful only under the shm
-    /// directory's lock, which a creator holds from creating the object until it is ready: a
-    /// caller holding that lock that finds one knows its creator died.
+    /// sized yet), or with a header of ours never published and tables that record nothing
+    /// (no generation handed out, no slot or process ever used: a creator writes none of them
+    /// before publishing, so a damaged `ready` word on a registry in use does not pass for
+    /// unfinished and get replaced). Meaningful only under the shm directory's lock, which a
+    /// creator holds from creating the object until it is ready: a caller holding that lock
+    /// that finds one knows its creator died. Read with `pread`: an unfinished registry may
+    /// be sparse, and touching a hole of a full tmpfs through a mapping would SIGBUS.
     pub fn is_unfinished(dir: &OwnedFd, domain: &str) -> bool {
         let object = names::registry_object(domain);
         let Ok(fd) = os::open_object(os::borrow(dir), &object, false) else { return false };
@@ -625,15 +629,18 @@ impl Registry {
         if st.size < len as u64 {
             return false;
         }
-        let Ok(base) = os::map_shared(os::borrow(&fd), len, false) else { return false };
-        // SAFETY: the mapping is `len` bytes, page-aligned, read-only and ours until unmapped
-        // below; RegistryShared is atomics and the mutex's bytes, valid for any contents.
-        let h = unsafe { &*base.as_ptr().cast::<RegistryShared>() };
-        // Relaxed: a creator publishes `ready` last; under the directory lock no creator runs.
+        let Ok(dir) = dir.try_clone() else { return false };
+        let Ok(mut copy) = Registry::private_copy(dir, fd, domain, len) else { return false };
+        if copy.fill_from_object(len).is_err() {
+            return false;
+        }
+        let h = copy.header();
+        // Relaxed: a private copy nobody else writes.
         let (magic, ready) = (h.magic.load(Ordering::Relaxed), h.ready.load(Ordering::Relaxed));
-        // SAFETY: unmaps our own mapping; `h` is not used afterwards.
-        let _ = unsafe { os::unmap(base.as_ptr() as usize, len) };
-        ready != READY && (magic == MAGIC || magic == 0)
+        let untouched = h.next_generation.load(Ordering::Relaxed) <= 1
+            && h.slots_high.load(Ordering::Relaxed) == 0
+            && h.procs_high.load(Ordering::Relaxed) == 0;
+        ready != READY && (magic == MAGIC || magic == 0) && untouched
     }
 
     /// Opens and validates an existing registry. `writable` is false for inspection.
