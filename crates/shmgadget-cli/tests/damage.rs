@@ -2,7 +2,8 @@
 //! exits with an error or a correct result (no signal, no panic, no wait over 10 s), and plain
 //! `gc` never deletes a persistent section's object.
 //!
-//! `SHMGADGET_DAMAGE_SEEDS=N` runs N random seeds instead of the default (sized for CI).
+//! `SHMGADGET_DAMAGE_SEEDS=N` runs N random seeds instead of the default (sized for CI);
+//! `SHMGADGET_DAMAGE_FROM=S` starts at seed S (to replay a failure).
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -109,14 +110,14 @@ fn exercise(dir: &Path, domain: &str, persistent: &[String], what: &str) {
     let still_there = |after: &str| {
         let now = objects(dir, domain);
         for o in persistent {
-            assert!(now.contains(o), "{what}: plain gc ({after}) deleted persistent object {o}; left: {now:?}");
+            assert!(now.contains(o), "{what}: persistent object {o} deleted ({after}); left: {now:?}");
         }
     };
     for args in [&["domains"][..], &["ls"], &["ls", "--json"], &["info", "keep"], &["domains", "--json"]] {
         run_bounded(cli(dir, domain, args), &format!("{what}: {args:?}"));
     }
     let (code, so, se) = run_bounded(cli(dir, domain, &["gc"]), &format!("{what}: gc"));
-    still_there("first");
+    still_there("by the first plain gc");
     if se.contains("damage") {
         assert_ne!(code, 0, "{what}: gc reported damage but exited 0: {so}{se}");
     }
@@ -132,7 +133,7 @@ fn exercise(dir: &Path, domain: &str, persistent: &[String], what: &str) {
     let (_, so, _) = run_bounded(lib, &format!("{what}: library calls"));
     assert!(so.contains("library calls done"), "{what}: the library role did not finish: {so}");
     run_bounded(cli(dir, domain, &["gc"]), &format!("{what}: gc again"));
-    still_there("second");
+    still_there("by create/rm/heap/library calls or the second plain gc");
 }
 
 /// Removes whatever is left of the domain (gc --force, then by hand).
@@ -177,9 +178,10 @@ fn random_registry_damage_never_crashes_a_command_and_plain_gc_keeps_persistent_
         return;
     }
     let seeds = std::env::var("SHMGADGET_DAMAGE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEEDS);
+    let from: u64 = std::env::var("SHMGADGET_DAMAGE_FROM").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let dir = ShmDir::new("damage");
     let mut damaged_reports = 0;
-    for seed in 0..seeds {
+    for seed in from..from + seeds {
         let domain = format!("dmg{seed}");
         let (persistent, reg) = setup(&dir.0, &domain);
         let mut bytes = std::fs::read(&reg).unwrap();
@@ -247,5 +249,30 @@ fn a_damaged_name_or_high_water_mark_is_listed_as_damage_and_plain_gc_keeps_ever
         let _ = code;
         exercise(&dir.0, &domain, &persistent, case);
         clean(&dir.0, &domain);
+    }
+}
+
+/// A lock word that names a holder which never releases it: plain gc reports the domain
+/// within its bounded wait (a few seconds, not for ever) and exits non-zero, removing nothing.
+#[test]
+fn a_damaged_registry_lock_word_makes_gc_report_instead_of_hanging() {
+    if std::env::var_os("SHMGADGET_DAMAGE_ROLE").is_some() {
+        return;
+    }
+    let dir = ShmDir::new("damage-lock");
+    let domain = "dmg-lock";
+    let (persistent, reg) = setup(&dir.0, domain);
+    let mut bytes = std::fs::read(&reg).unwrap();
+    bytes[LOCK.start as usize..LOCK.start as usize + 4].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+    std::fs::write(&reg, &bytes).unwrap();
+    let start = Instant::now();
+    let (code, so, se) = run_bounded(cli(&dir.0, domain, &["gc"]), "gc on a damaged lock");
+    assert_ne!(code, 0, "{so}{se}");
+    assert!(se.contains("lock"), "gc names the lock: {se}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let now = objects(&dir.0, domain);
+    assert!(persistent.iter().all(|o| now.contains(o)), "{now:?}");
+    for o in objects(&dir.0, domain) {
+        let _ = std::fs::remove_file(dir.0.join(o));
     }
 }

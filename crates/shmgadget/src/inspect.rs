@@ -304,7 +304,7 @@ fn gc_domain(
     let mut missing = Vec::new();
     for rec in scan.entries.iter().filter(|r| r.state == registry::LIVE) {
         let object = names::section_object(d, rec.generation, rec.name.as_str());
-        if !files.iter().any(|f| *f == object) {
+        if !files.contains(&object) {
             missing.push(format!(
                 "section {:?} (slot {}) records object {object:?}, which does not exist",
                 rec.name.as_str(),

@@ -54,6 +54,28 @@
 //! Attached processes hold an OFD write lock on the byte at their process entry's offset (the
 //! liveness token); the kernel drops it when they die, so a dead attachment is recognised without
 //! trusting PIDs, and its slot is reused.
+//!
+//! # Damage
+//! Every reader validates before it trusts: the header on open ([`Registry::open`]), each
+//! entry when copied (a slot in use whose fields are not a valid record reads as `None` on the
+//! fast paths, and as a [`DamagedEntry`] saying what failed in [`Registry::scan`]). The scan
+//! covers every slot, not only those below `slots_high` (a damaged high-water mark hides
+//! nothing), checks generations against `next_generation` and each other, and, under the
+//! lock, the high-water marks, overlapping ranges and the chunk table. Inspection lists what
+//! it finds; `gc` removes nothing of a domain whose scan is not clean (see `inspect`). A
+//! registry is committed (`fallocate`) when created, so no reader or repair ever touches a
+//! hole, which on a full tmpfs would be a SIGBUS.
+//!
+//! # Strangers
+//! Trust follows attachment. A process that has joined a domain maps its registry shared and
+//! trusts its members: they all hold the directory's permissions, any of them could corrupt
+//! the shared state anyway, and a member that truncates the registry can crash the others
+//! (attaching to a registry owned by another user needs `allow_foreign_owner`). A process
+//! that has not joined (window selection for a new domain, `domains`, `ls`, `info`) never
+//! maps a registry: [`Registry::snapshot`] reads it with `pread` into private memory, an
+//! 8-aligned copy the same validated readers work on, so its owner may shrink, regrow or
+//! rewrite it meanwhile without crashing the reader; the worst it gets is a copy that fails
+//! validation, reported as such.
 
 use std::mem::{offset_of, size_of};
 use std::os::fd::OwnedFd;
@@ -1034,6 +1056,16 @@ impl Registry {
         }
         if rec.mode > 0o777 {
             return Err(format!("mode {:#o} is not a permission mode", rec.mode));
+        }
+        // `ready` is 0 or READY_SECTION and nothing else, and a raw section is ready from
+        // creation: a damaged word must not pass for "never finished", which would get a
+        // finished section removed as its dead creator's leftover.
+        let ready = e.ready.load(Ordering::Relaxed);
+        if ready != 0 && ready != READY_SECTION {
+            return Err(format!("ready word {ready:#010x} is neither 0 nor {READY_SECTION:#010x}"));
+        }
+        if rec.kind == SectionKind::Raw && !rec.ready {
+            return Err("a raw section is not marked ready (raw sections are ready from creation)".into());
         }
         Ok(Some(rec))
     }
