@@ -767,8 +767,13 @@ impl Registry {
         let (dir, fd) = reg.take_fds()?;
         let mut reg = Registry::private_copy(dir, fd, domain, len)?;
         reg.fill_from_object(len)?;
-        // The header is read again with the tables; validate what this copy holds.
+        // The header is read again with the tables; validate what this copy holds, which must
+        // still be the layout we sized the copy for (its owner may have rewritten it between
+        // the two reads).
         reg.validate(st.size)?;
+        if reg.layout.chunks_offset as usize != len {
+            return Err(corrupt(domain, "its table sizes changed while it was being read".into()));
+        }
         Ok(reg)
     }
 
@@ -1571,7 +1576,21 @@ impl RegistryGuard<'_> {
         }
         h.place_cursor.store(offset + span, Ordering::Relaxed);
         self.index_insert(name, slot);
-        Ok(self.locked_entry(slot).expect("entry just written"))
+        // What we just wrote reads back as a valid record unless the registry is damaged in a
+        // way the checks above missed; then undo and say so rather than panic.
+        match self.reg.check_entry(slot, self.reg.entry(slot)) {
+            Ok(Some(rec)) => Ok(rec),
+            Ok(None) | Err(_) => {
+                let problem = self.reg.check_entry(slot, self.reg.entry(slot)).err().unwrap_or_default();
+                self.index_remove(name, slot);
+                for c in offset / CHUNK..(offset + span) / CHUNK {
+                    // Relaxed: under the lock; the entry never became valid.
+                    self.reg.chunk(c).store(0, Ordering::Relaxed);
+                }
+                self.write_entry(slot, |e| e.state.store(FREE, Ordering::Relaxed));
+                Err(corrupt(&reg.domain, format!("a new entry for {name:?} does not read back ({problem})")))
+            }
+        }
     }
 
     /// Finds a free window range of `span` bytes: next-fit from the cursor (so a freed range is
@@ -1587,9 +1606,12 @@ impl RegistryGuard<'_> {
                 reg.window_size
             );
         }
-        // Fast path: the range at the next-fit cursor is free in the chunk table.
+        // Fast path: the range at the next-fit cursor is free in the chunk table. A cursor that
+        // is not a chunk-aligned window offset is damage; placing from it would hand out an
+        // unaligned range, so it counts as 0.
         // Relaxed: under the lock.
         let cursor = reg.header().place_cursor.load(Ordering::Relaxed);
+        let cursor = if cursor % CHUNK == 0 && cursor <= reg.window_size { cursor } else { 0 };
         if cursor.checked_add(span).is_some_and(|end| end <= reg.window_size)
             // Relaxed: the chunk table is written only under the lock, which we hold.
             && (cursor / CHUNK..(cursor + span) / CHUNK).all(|c| reg.chunk(c).load(Ordering::Relaxed) == 0)
@@ -1598,8 +1620,6 @@ impl RegistryGuard<'_> {
         }
         let mut used: Vec<(u64, u64)> = self.all_entries().iter().map(|r| (r.offset, r.offset + r.span())).collect();
         used.sort_unstable();
-        // Relaxed: under the lock.
-        let cursor = reg.header().place_cursor.load(Ordering::Relaxed).min(reg.window_size);
         let fits_at = |start: u64, limit: u64| -> Option<u64> {
             let mut at = start;
             for &(lo, hi) in &used {
