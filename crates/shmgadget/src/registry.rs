@@ -1062,15 +1062,12 @@ impl Registry {
         if rec.mode > 0o777 {
             return Err(format!("mode {:#o} is not a permission mode", rec.mode));
         }
-        // `ready` is 0 or READY_SECTION and nothing else, and a raw section is ready from
-        // creation: a damaged word must not pass for "never finished", which would get a
-        // finished section removed as its dead creator's leftover.
+        // `ready` is 0 or READY_SECTION and nothing else: a damaged word must not pass for
+        // "never finished", which would get a finished section removed as its dead creator's
+        // leftover.
         let ready = e.ready.load(Ordering::Relaxed);
         if ready != 0 && ready != READY_SECTION {
             return Err(format!("ready word {ready:#010x} is neither 0 nor {READY_SECTION:#010x}"));
-        }
-        if rec.kind == SectionKind::Raw && !rec.ready {
-            return Err("a raw section is not marked ready (raw sections are ready from creation)".into());
         }
         Ok(Some(rec))
     }
