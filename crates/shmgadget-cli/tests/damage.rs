@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DEFAULT_SEEDS: u64 = 40;
+const DEFAULT_SEEDS: u64 = 30;
 /// Bytes of the registry lock word (a glibc robust mutex at offset 192): not damaged here,
 /// because `create` and `rm` wait for that lock without a bound, which is the lock work's part
 /// of the issue (gc's own wait is bounded).
