@@ -1187,21 +1187,30 @@ impl Registry {
         }
         let table_here = (self.layout.chunks_offset + (self.window_size / CHUNK) * 4) as usize <= self.map_len;
         if table_here {
-            let damaged_slots: Vec<u32> = out.damaged.iter().map(|d| d.slot).collect();
+            // Per slot: the range a valid entry covers, or anything for a damaged one (whose
+            // range is unknown and already reported).
+            let mut by_slot: Vec<Option<(u64, u64)>> = vec![None; self.max_sections as usize];
+            for r in &out.entries {
+                by_slot[r.slot as usize] = Some((r.offset, r.offset + r.span()));
+            }
+            for d in &out.damaged {
+                by_slot[d.slot as usize] = Some((0, u64::MAX));
+            }
             for c in 0..self.window_size / CHUNK {
-                // Relaxed: under the lock (the caller's promise with `chunks`).
+                // Relaxed: under the lock (the caller's promise with `locked`).
                 let v = self.chunk(c).load(Ordering::Relaxed);
-                if v == 0 || damaged_slots.contains(&(v - 1)) {
+                if v == 0 {
                     continue;
                 }
-                let covers = v <= self.max_sections
-                    && out
-                        .entries
-                        .iter()
-                        .any(|r| r.slot == v - 1 && c * CHUNK >= r.offset && c * CHUNK < r.offset + r.span());
+                let covers = by_slot
+                    .get(v as usize - 1)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|(lo, hi)| c * CHUNK >= lo && c * CHUNK < hi);
                 if !covers {
                     out.problems.push(format!(
-                        "chunk {c} of the window is recorded as slot {v} - 1's, which does not cover it"
+                        "chunk {c} of the window is recorded as slot {}'s, which does not cover it",
+                        v - 1
                     ));
                     break;
                 }
