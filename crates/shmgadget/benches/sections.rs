@@ -77,7 +77,8 @@ fn commit(c: &mut Criterion) {
     let raw_name = CString::new(format!("/shmgadget-bench-fallocate-{}", std::process::id())).unwrap();
     // SAFETY: plain POSIX calls on a name owned by this benchmark; released below.
     let fd = unsafe {
-        let fd = libc::shm_open(raw_name.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC, 0o600);
+        let fd =
+            libc::shm_open(raw_name.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC, 0o600);
         assert!(fd >= 0, "shm_open failed");
         assert_eq!(libc::ftruncate(fd, SIZE as libc::off_t), 0);
         fd
