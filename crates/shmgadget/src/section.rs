@@ -149,9 +149,9 @@ impl Section {
     }
 
     /// Reopens the section's object by name for a call that needs a descriptor (`what` says
-    /// which, for errors), and checks that it is still the object this process mapped. The
-    /// caller closes it again when done (drop).
-    fn reopen(&self, writable: bool, what: &str) -> Result<OwnedFd> {
+    /// which, for errors), and checks that it is still the object this process mapped. Returns
+    /// the descriptor, which the caller closes when done (drop), and what `fstat` said.
+    fn reopen(&self, writable: bool, what: &str) -> Result<(OwnedFd, os::ObjectStat)> {
         let name = self.name();
         let object = names::section_object(&self.domain.inner.name, self.rec.generation, name);
         let fd = os::open_object(os::borrow(self.domain.inner.registry.dir()), &object, writable).map_err(|e| {
@@ -178,7 +178,7 @@ impl Section {
                 }
             );
         }
-        Ok(fd)
+        Ok((fd, st))
     }
 
     /// The section's name.
@@ -255,7 +255,7 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        let fd = self.reopen(true, "commit")?;
+        let (fd, _) = self.reopen(true, "commit")?;
         os::allocate(os::borrow(&fd), 0, len)
             .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
         drop(fd);
@@ -289,7 +289,7 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        let fd = self.reopen(true, "decommit")?;
+        let (fd, _) = self.reopen(true, "decommit")?;
         os::punch_hole(os::borrow(&fd), offset, len)
             .map_err(|e| Error::from_io(format!("cannot decommit section {:?}", self.name()), e))?;
         drop(fd);
@@ -309,11 +309,7 @@ impl Section {
             .unwrap_or(self.rec);
         rec.state = registry::LIVE;
         let mut info = SectionInfo::from_record(&self.domain.inner.registry, &rec);
-        info.resident = self
-            .reopen(false, "inspect")
-            .ok()
-            .and_then(|fd| os::stat_object(os::borrow(&fd)).ok())
-            .map(|s| s.allocated);
+        info.resident = self.reopen(false, "inspect").ok().map(|(_, st)| st.allocated);
         info
     }
 }

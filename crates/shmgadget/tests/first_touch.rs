@@ -380,6 +380,19 @@ fn lowest_free_descriptor() -> u64 {
     }
 }
 
+/// Creates one-page mappings that cannot merge (alternating protections) until the kernel
+/// refuses more (`vm.max_map_count`): mapping a section then fails with `ENOMEM`.
+fn exhaust_mappings() {
+    for n in 0.. {
+        let prot = if n % 2 == 0 { libc::PROT_READ } else { libc::PROT_NONE };
+        // SAFETY: a new private anonymous mapping wherever the kernel likes; never used.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        if p == libc::MAP_FAILED {
+            return;
+        }
+    }
+}
+
 fn limit_descriptors(n: u64) {
     let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
     // SAFETY: setrlimit(2) with a valid struct.
@@ -390,8 +403,9 @@ fn limit_descriptors(n: u64) {
 fn a_first_touch_that_cannot_map_says_why_on_stderr_and_still_crashes() {
     const TEST: &str = "a_first_touch_that_cannot_map_says_why_on_stderr_and_still_crashes";
     // (role, what the parent does to the object, the cause the line must name, ensure_mapped's kind)
-    const CASES: [(&str, &str, &str); 4] = [
+    const CASES: [(&str, &str, &str); 5] = [
         ("descriptors", "EMFILE", "Os"),
+        ("mappings", "ENOMEM", "Os"),
         ("truncated", "is 4096 bytes but the section has 65536", "Corrupt"),
         ("unlinked", "ENOENT", "NotFound"),
         ("permission", "EACCES", "PermissionDenied"),
@@ -402,6 +416,7 @@ fn a_first_touch_that_cannot_map_says_why_on_stderr_and_still_crashes() {
             let addr = addr_env();
             match cause {
                 "descriptors" => limit_descriptors(lowest_free_descriptor()),
+                "mappings" => exhaust_mappings(),
                 // SAFETY: geteuid/setuid(2); as root we become `nobody`, for whom the object
                 // (mode 000, owned by root) cannot be opened. A non-root owner cannot open a
                 // mode-000 object either.
@@ -440,16 +455,19 @@ fn a_first_touch_that_cannot_map_says_why_on_stderr_and_still_crashes() {
                 let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("shmgadget: ")).collect();
                 assert_eq!(lines.len(), 1, "{cause}: one line from the handler:\n{stderr}");
                 let line = lines[0];
-                eprintln!("{cause}: {line}");
                 for part in [format!("{addr:#x}"), format!("section \"{name}\""), format!("domain \"{domain}\"")] {
                     assert!(line.contains(&part), "{cause}: the line names {part}: {line}");
                 }
                 assert!(line.contains(expected), "{cause}: the line names the cause {expected:?}: {line}");
                 let ensure = stderr.lines().find_map(|l| l.strip_prefix("ENSURE=")).unwrap_or("(none)");
+                eprintln!("{cause}:\n  handler: {line}\n  ensure_mapped: {ensure}");
                 assert!(ensure.starts_with(&format!("{kind}: ")), "{cause}: ensure_mapped fails with {kind}: {ensure}");
                 assert!(ensure.contains(&name), "{cause}: ensure_mapped's error names the section: {ensure}");
                 if cause == "descriptors" {
                     assert!(ensure.contains("RLIMIT_NOFILE"), "says which limit: {ensure}");
+                }
+                if cause == "mappings" {
+                    assert!(ensure.contains("max_map_count") && line.contains("max_map_count"), "{ensure}\n{line}");
                 }
                 drop(s);
                 let deleted = d.delete_section(&name);

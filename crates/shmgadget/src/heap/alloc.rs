@@ -60,8 +60,8 @@ impl ShmAlloc {
         // SAFETY: `section` came from a live `Heap` (or a copy of such a ShmAlloc stored in
         // shared memory): the start of a heap section in an attached domain's window, mapped
         // in this process (just above, in eager mode) or mapped on first touch by the fault
-        // handler. HeapShared is atomics
-        // and the robust mutex, so a shared reference is sound; it is validated just below.
+        // handler. HeapShared is atomics and the robust mutex, so a shared reference is sound;
+        // it is validated just below.
         let shared = unsafe { &*p };
         // Acquire: pairs with the Release store of `ready` when the heap was created.
         if shared.ready.load(Ordering::Acquire) != READY || shared.magic.load(Ordering::Relaxed) != MAGIC {
