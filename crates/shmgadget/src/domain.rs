@@ -1001,18 +1001,44 @@ pub(crate) fn section_at(addr: usize) -> Result<Section> {
 }
 
 /// The start address and kind of the live section covering `addr`, in a domain attached by
-/// this process, without opening it.
+/// this process, mapped in this process: if it is not yet, it is mapped now (in an eager domain
+/// nothing would map it on first touch, and mapping here turns any failure into an error
+/// instead of a crash). When it is mapped already this adds one relaxed load.
 pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::SectionKind)> {
-    let table = attached();
-    let Some(inner) = table
-        .values()
-        .find(|d| addr >= d.window_base as usize && addr - (d.window_base as usize) < d.window_size as usize)
-    else {
-        bail!(InvalidArgument, "address {addr:#x} is not inside the window of any domain attached in this process");
+    let (domain, rec) = {
+        let table = attached();
+        let Some(inner) = table
+            .values()
+            .find(|d| addr >= d.window_base as usize && addr - (d.window_base as usize) < d.window_size as usize)
+        else {
+            bail!(InvalidArgument, "address {addr:#x} is not inside the window of any domain attached in this process");
+        };
+        let off = (addr - inner.window_base as usize) as u64;
+        let rec = inner.registry.lookup_offset(off).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no live section of domain {:?} covers address {addr:#x}", inner.name),
+            )
+        })?;
+        if inner.is_mapped(&rec) {
+            return Ok((inner.window_base + rec.offset, rec.kind));
+        }
+        // A real handle, dropped after the table lock (its drop may detach the domain).
+        (Domain { inner: inner.clone() }, rec)
     };
-    let off = (addr - inner.window_base as usize) as u64;
-    let rec = inner.registry.lookup_offset(off).ok_or_else(|| {
-        Error::new(ErrorKind::NotFound, format!("no live section of domain {:?} covers address {addr:#x}", inner.name))
-    })?;
-    Ok((inner.window_base + rec.offset, rec.kind))
+    drop(Section::open_record(domain.clone(), rec)?);
+    Ok((domain.inner.window_base + rec.offset, rec.kind))
+}
+
+/// For code that reads section memory found from a bare address (a heap header behind a
+/// `ShmAlloc` read from shared memory, a block handed over through a queue): makes sure
+/// `[addr, addr + len)` is mapped when this process has an eager domain attached, where no
+/// handler maps sections on first touch. Without an eager domain this is one relaxed load and
+/// the handler maps on first touch as usual.
+#[inline]
+pub(crate) fn map_for_address(addr: usize, len: usize) -> Result<()> {
+    if !fault::eager_domains_attached() || fault::range_mapped(addr, len) {
+        return Ok(());
+    }
+    ensure_mapped(addr, len)
 }

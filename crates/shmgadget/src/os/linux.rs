@@ -118,6 +118,27 @@ pub fn stat_object(fd: BorrowedFd<'_>) -> io::Result<ObjectStat> {
     })
 }
 
+/// Which object a descriptor refers to (`st_dev`, `st_ino`): the same for every descriptor of
+/// one object, different for an object created later under the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectId {
+    dev: u64,
+    ino: u64,
+}
+
+/// `fstat(2)`, with the object's identity. Async-signal-safe (one system call).
+pub fn stat_object_id(fd: BorrowedFd<'_>) -> io::Result<(ObjectStat, ObjectId)> {
+    let st = rustix::fs::fstat(fd)?;
+    let file_type = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    let stat = ObjectStat {
+        size: st.st_size as u64,
+        allocated: (st.st_blocks as u64).saturating_mul(512),
+        uid: st.st_uid,
+        is_regular: file_type == rustix::fs::FileType::RegularFile,
+    };
+    Ok((stat, ObjectId { dev: st.st_dev, ino: st.st_ino }))
+}
+
 /// Sets an object's size, `ftruncate(2)`. Growing it makes a sparse hole that costs nothing.
 pub fn set_size(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     Ok(rustix::fs::ftruncate(fd, len)?)
@@ -636,6 +657,57 @@ fn reset_default(sig: libc::c_int) {
 /// `O_RDWR | O_NOFOLLOW | O_CLOEXEC`. Async-signal-safe: one raw system call, no allocation.
 pub fn open_object_cstr(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat(dir, name, OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?)
+}
+
+/// Writes `msg` to standard error (descriptor 2) with `write(2)`, retrying on `EINTR` and
+/// short writes, ignoring failure. Async-signal-safe: no allocation and no lock (unlike
+/// `eprintln!`, which takes the lock of `std::io::stderr()`), so the fault handler may use it.
+pub fn write_stderr(msg: &[u8]) {
+    let mut rest = msg;
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a valid, readable buffer of `rest.len()` bytes for the call.
+        let n = unsafe { libc::write(libc::STDERR_FILENO, rest.as_ptr().cast(), rest.len()) };
+        if n > 0 {
+            rest = &rest[n as usize..];
+        } else if n == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
+/// The symbolic name of an OS error (`"EMFILE"`), and a few words on what it means for
+/// mapping a section, for messages that cannot allocate (the fault handler). `None` for an
+/// error that carries no errno or one not in the table.
+pub fn errno_name(err: &io::Error) -> Option<(&'static str, &'static str)> {
+    let named = match err.raw_os_error()? {
+        libc::EPERM => ("EPERM", "operation not permitted"),
+        libc::ENOENT => ("ENOENT", "its object is gone from the shm directory"),
+        libc::EINTR => ("EINTR", "interrupted"),
+        libc::EIO => ("EIO", "input/output error"),
+        libc::EBADF => ("EBADF", "bad descriptor"),
+        libc::EAGAIN => ("EAGAIN", "resource temporarily unavailable"),
+        libc::ENOMEM => ("ENOMEM", "out of memory, or too many mappings: see /proc/sys/vm/max_map_count"),
+        libc::EACCES => ("EACCES", "no permission to open its object: check its owner and mode"),
+        libc::EFAULT => ("EFAULT", "bad address"),
+        libc::EBUSY => ("EBUSY", "busy"),
+        libc::EEXIST => ("EEXIST", "exists"),
+        libc::ENODEV => ("ENODEV", "the shm directory's file system cannot be mapped"),
+        libc::ENOTDIR => ("ENOTDIR", "not a directory"),
+        libc::EISDIR => ("EISDIR", "is a directory"),
+        libc::EINVAL => ("EINVAL", "invalid argument"),
+        libc::ENFILE => ("ENFILE", "the system-wide table of open files is full: see /proc/sys/fs/file-max"),
+        libc::EMFILE => {
+            ("EMFILE", "this process has as many descriptors open as RLIMIT_NOFILE allows: raise `ulimit -n`")
+        }
+        libc::ETXTBSY => ("ETXTBSY", "busy"),
+        libc::EFBIG => ("EFBIG", "too large"),
+        libc::ENOSPC => ("ENOSPC", "the backing store is full"),
+        libc::EROFS => ("EROFS", "read-only file system"),
+        libc::ELOOP => ("ELOOP", "its object's name is a symbolic link, which is refused"),
+        libc::EOVERFLOW => ("EOVERFLOW", "value too large"),
+        _ => return None,
+    };
+    Some(named)
 }
 
 // ---------------------------------------------------------------------------------------------

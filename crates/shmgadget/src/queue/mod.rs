@@ -423,14 +423,30 @@ impl BlockAddr {
         self.0
     }
 
-    /// Takes over the block as a box of `T` in `alloc`'s heap.
+    /// Takes over the block as a box of `T` in `alloc`'s heap. In eager mode the heap is mapped
+    /// first if this process has not mapped it yet.
+    ///
+    /// # Panics
+    /// If the heap cannot be mapped (see [`try_into_box`](BlockAddr::try_into_box)).
     ///
     /// # Safety
     /// The address must come from [`from_box`](BlockAddr::from_box) of a `ShmBox<T>` of the same
     /// heap, received exactly once (no other process keeps using the block).
     pub unsafe fn into_box<T>(self, alloc: crate::heap::ShmAlloc) -> crate::heap::ShmBox<T> {
-        // SAFETY: forwarded from the caller: a live, uniquely owned T allocated by `alloc`'s heap.
-        unsafe { crate::heap::ShmBox::from_raw_in(self.0 as *mut T, alloc) }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.try_into_box(alloc) }.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`into_box`](BlockAddr::into_box), returning an error if the heap holding the block
+    /// is not mapped in this process and cannot be mapped.
+    ///
+    /// # Safety
+    /// As for [`into_box`](BlockAddr::into_box).
+    pub unsafe fn try_into_box<T>(self, alloc: crate::heap::ShmAlloc) -> Result<crate::heap::ShmBox<T>> {
+        crate::domain::map_for_address(self.0 as usize, size_of::<T>())?;
+        // SAFETY: forwarded from the caller: a live, uniquely owned T allocated by `alloc`'s
+        // heap, mapped in this process (just above in eager mode, else on first touch).
+        Ok(unsafe { crate::heap::ShmBox::from_raw_in(self.0 as *mut T, alloc) })
     }
 }
 
