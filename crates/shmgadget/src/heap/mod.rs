@@ -39,7 +39,8 @@ use crate::sync::{Acquired, RawMutex};
 use tlsf::{BlockInfo, Tlsf, TlsfControl, TlsfError, TlsfStats};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMHEAP1");
-const LAYOUT_VERSION: u32 = 2;
+/// 3: cache slots name their owner by process token and thread serial (24 bytes).
+const LAYOUT_VERSION: u32 = 3;
 const READY: u32 = 0x4845_4150; // "HEAP"
 /// Where the block area starts in the section.
 pub const AREA_OFFSET: u64 = 16 << 10;
@@ -186,7 +187,7 @@ impl<'a> Locked<'a> {
             // Relaxed: statistics under the lock.
             shared.recoveries.fetch_add(1, Ordering::Relaxed);
             // The dead holder's thread caches go back to the allocator too.
-            let _ = cache::reclaim_dead(&cache::HeapRef { shared, section, handle: None }, &locked, false);
+            let _ = cache::reclaim_dead(&cache::HeapRef { shared, section, handle: None }, &locked);
             // SAFETY: we hold the lock.
             unsafe { shared.lock.make_consistent() };
         }
