@@ -406,8 +406,8 @@ fn pidns_secs() -> u64 {
     std::env::var("SHMG_PIDNS_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
 }
 
-/// 8 lanes of threads; each lane runs a new thread every ~100 ms (so cache slots are claimed,
-/// and dead ones reclaimed, all the time). Each block holds its owner id and a pattern, checked
+/// 8 lanes of threads; each lane runs a new thread every ~500 ms (so cache slots are claimed,
+/// and dead ones reclaimed, while other threads keep using theirs). Each block holds its owner id and a pattern, checked
 /// before it is freed. Returns operations done.
 fn pidns_traffic(heap: &Heap, worker: u64, secs: u64) -> u64 {
     let until = Instant::now() + Duration::from_secs(secs);
@@ -420,7 +420,7 @@ fn pidns_traffic(heap: &Heap, worker: u64, secs: u64) -> u64 {
                 while Instant::now() < until {
                     let owner = worker << 48 | lane << 32 | round;
                     round += 1;
-                    let stop = (Instant::now() + Duration::from_millis(100)).min(until);
+                    let stop = (Instant::now() + Duration::from_millis(500)).min(until);
                     let n = std::thread::scope(|s| {
                         s.spawn(move || {
                             let mut seed = owner.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -437,7 +437,7 @@ fn pidns_traffic(heap: &Heap, worker: u64, secs: u64) -> u64 {
                             };
                             while Instant::now() < stop {
                                 if live.len() < 32 && (live.len() < 4 || rng(&mut seed) % 2 == 0) {
-                                    let size = if rng(&mut seed) % 16 == 0 { 4096 + 4096 } else { 16 + (rng(&mut seed) % 2048) as usize };
+                                    let size = if rng(&mut seed) % 16 == 0 { 4096 + 4096 } else { 16 + (rng(&mut seed) % 512) as usize };
                                     let p = heap.alloc(Layout::from_size_align(size, 16).unwrap()).unwrap();
                                     let tag = rng(&mut seed) % 255 + 1;
                                     // SAFETY: a fresh block of `size` >= 16 bytes, ours alone.
