@@ -553,3 +553,50 @@ fn a_heap_shared_across_pid_namespaces_never_hands_a_block_out_twice() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lock owners
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_mutex_holder_is_reported_alive_then_dead_by_its_token_not_its_pid() {
+    const TEST: &str = "a_mutex_holder_is_reported_alive_then_dead_by_its_token_not_its_pid";
+    match role().as_deref() {
+        Some("holder") => {
+            let d = child_attach();
+            let heap = Heap::open(&d, "heap").unwrap();
+            let m = heap.find::<shmgadget::sync::RawMutex>("m").unwrap();
+            m.lock().unwrap();
+            println!("HOLDING");
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        _ => {
+            let domain = unique_domain("owner");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "heap", 16 << 20).unwrap();
+            let (m, _) = heap.find_or_zeroed::<shmgadget::sync::RawMutex>("m").unwrap();
+            m.init().unwrap();
+            assert_eq!(m.owner_alive(), None, "free");
+            let mut holder = spawn(TEST, "holder", &domain, &[]);
+            wait_for_line(&mut holder, "HOLDING");
+            assert_eq!(m.owner_pid(), holder.id(), "the pid is shown");
+            assert_eq!(m.owner_alive(), Some(true), "a live holder");
+            kill9(&mut holder);
+            assert_eq!(m.owner_alive(), Some(false), "a killed holder is dead at once");
+            // The next locker is told, and the lock is ours (and alive) then.
+            assert_eq!(m.lock().unwrap(), shmgadget::sync::Acquired::OwnerDied);
+            assert_eq!(m.owner_alive(), Some(true));
+            // SAFETY: we hold it.
+            unsafe {
+                m.make_consistent();
+                m.unlock();
+            }
+            drop(heap);
+            d.delete_section("heap").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

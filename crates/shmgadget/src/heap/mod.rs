@@ -635,8 +635,8 @@ pub enum ObjectState {
     Mutex {
         /// Pid of the holder, if held.
         owner: Option<u32>,
-        /// Whether the holder's process exists (a dead holder's lock is recovered by the next
-        /// locker, who is told `OwnerDied`).
+        /// Whether the holder's process is alive, by its liveness token (a dead holder's lock
+        /// is recovered by the next locker, who is told `OwnerDied`).
         owner_alive: Option<bool>,
         /// A holder died and the data was not marked consistent since.
         inconsistent: bool,
@@ -669,7 +669,7 @@ fn object_state(kind: ObjectKind, addr: u64, size: u64) -> Option<ObjectState> {
             let owner = Some(m.owner_pid()).filter(|&p| p != 0);
             Some(ObjectState::Mutex {
                 owner,
-                owner_alive: owner.map(crate::os::process_alive),
+                owner_alive: owner.and_then(|_| m.owner_alive()),
                 inconsistent: m.is_inconsistent(),
             })
         }

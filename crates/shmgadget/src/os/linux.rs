@@ -890,17 +890,3 @@ pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: u32) -> usize {
     let n = n.min(i32::MAX as u32);
     rustix::thread::futex::wake(word, rustix::thread::futex::Flags::empty(), n).unwrap_or(0)
 }
-
-// ---------------------------------------------------------------------------------------------
-// Threads
-// ---------------------------------------------------------------------------------------------
-
-/// Whether process `pid` exists (`kill(2)` with signal 0: ESRCH means gone; EPERM means it
-/// exists but belongs to another user).
-pub fn process_alive(pid: u32) -> bool {
-    let Some(pid) = rustix::process::Pid::from_raw(pid.min(i32::MAX as u32) as i32) else { return false };
-    match rustix::process::test_kill_process(pid) {
-        Ok(()) => true,
-        Err(e) => e != rustix::io::Errno::SRCH,
-    }
-}
