@@ -568,7 +568,7 @@ impl Domain {
 
 /// A token that is never alive: what [`DomainInner::token`] returns when this process cannot
 /// register (the registry is full or gone), so peers see it as gone rather than as someone else.
-const NO_TOKEN: u64 = u64::MAX;
+pub(crate) const NO_TOKEN: u64 = u64::MAX;
 
 /// The `pthread_atfork` prepare hook: makes a registration for the child in every attached
 /// domain (see the module docs).

@@ -1206,8 +1206,9 @@ impl RegistryGuard<'_> {
         let reg = self.reg;
         let h = reg.header();
         let object = names::registry_object(&reg.domain);
-        let fd = os::open_object(os::borrow(&reg.dir), &object, true)
-            .map_err(|e| Error::from_io(format!("cannot open the registry of domain {:?} for a liveness token", reg.domain), e))?;
+        let fd = os::open_object(os::borrow(&reg.dir), &object, true).map_err(|e| {
+            Error::from_io(format!("cannot open the registry of domain {:?} for a liveness token", reg.domain), e)
+        })?;
         // The name could now belong to a re-created registry: lock bytes of ours only.
         let same = match (os::stat_object(os::borrow(&fd)), os::stat_object(os::borrow(&reg.fd))) {
             (Ok(a), Ok(b)) => a.identity == b.identity,

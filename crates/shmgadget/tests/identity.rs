@@ -163,7 +163,8 @@ fn prefork_workers_pass_messages_and_blocks_and_a_killed_worker_is_seen_dead_by_
             sem.init(0).unwrap();
             let (kill_seen, _) = heap.find_or_zeroed::<AtomicU32>("kill_seen").unwrap();
             // Queue `i` carries worker i's messages to its partner (i ^ 1).
-            let queues: Vec<ByteQueue> = (0..4).map(|i| ByteQueue::create(&d, &format!("q{i}"), 64 << 10).unwrap()).collect();
+            let queues: Vec<ByteQueue> =
+                (0..4).map(|i| ByteQueue::create(&d, &format!("q{i}"), 64 << 10).unwrap()).collect();
             let mut pipe = [0i32; 2];
             // SAFETY: pipe(2) with a valid two-int array.
             assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
@@ -437,7 +438,11 @@ fn pidns_traffic(heap: &Heap, worker: u64, secs: u64) -> u64 {
                             };
                             while Instant::now() < stop {
                                 if live.len() < 32 && (live.len() < 4 || rng(&mut seed) % 2 == 0) {
-                                    let size = if rng(&mut seed) % 16 == 0 { 4096 + 4096 } else { 16 + (rng(&mut seed) % 512) as usize };
+                                    let size = if rng(&mut seed) % 16 == 0 {
+                                        4096 + 4096
+                                    } else {
+                                        16 + (rng(&mut seed) % 512) as usize
+                                    };
                                     let p = heap.alloc(Layout::from_size_align(size, 16).unwrap()).unwrap();
                                     let tag = rng(&mut seed) % 255 + 1;
                                     // SAFETY: a fresh block of `size` >= 16 bytes, ours alone.

@@ -436,6 +436,10 @@ fn claim(h: &HeapRef<'_>, instance: u64, serial: u64) -> LocalCache {
         return cache;
     }
     let Some((token, ident)) = process_ident(h) else { return cache };
+    if token == crate::domain::NO_TOKEN {
+        // Not registered: others would take our slot for a dead one's. Go without a cache.
+        return cache;
+    }
     cache.owner = (token, serial);
     let Ok(locked) = h.lock() else { return cache };
     let _ = reclaim_with(h, &locked, Some(&ident), Some(cache.owner));
