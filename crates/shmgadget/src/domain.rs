@@ -154,10 +154,12 @@ pub struct Domain {
 pub(crate) struct DomainInner {
     pub(crate) name: String,
     pub(crate) shm_dir: PathBuf,
-    pub(crate) registry: Registry,
     /// This process's registration: its current token (0 until registered, e.g. in a forked
     /// child whose registration failed). Written under `ident_lock` and by the fork handlers.
+    /// Declared before `registry` so it is dropped (its pending token cleared) before the
+    /// registry is unmapped: the fork handlers write into the registry (see `before_fork`).
     pub(crate) ident: os::TokenCell,
+    pub(crate) registry: Registry,
     /// Serialises registering and releasing `ident` in this process.
     ident_lock: Mutex<()>,
     pub(crate) window_base: u64,
@@ -279,8 +281,8 @@ impl Domain {
             shm_dir,
             window_base: registry.window_base,
             window_size: registry.window_size,
-            registry,
             ident,
+            registry,
             ident_lock: Mutex::new(()),
             allow_foreign_owner: opts.allow_foreign_owner,
             first_touch: !opts.eager,
@@ -579,9 +581,11 @@ fn before_fork() {
         let Ok(guard) = inner.registry.lock() else { continue };
         let Ok((token, fd)) = guard.register_proc(os::current_pid()) else { continue };
         let Some(pid_word) = inner.registry.proc_pid_word(token.0) else { continue };
-        // SAFETY: the pid word lies in the registry mapping, which lives as long as `inner`,
-        // which the table keeps alive until after the fork (we hold the table lock until the
-        // end of this hook, and the fork follows it at once).
+        // SAFETY: the pid word lies in the registry mapping. Before that mapping goes away the
+        // pending token is cleared (teardown clears the cell, and `ident` is dropped before
+        // `registry`), and `munmap` follows that clearing in program order; `fork` copies the
+        // address space atomically with respect to `munmap` (both hold the mm lock). So a
+        // child whose copy still has the pending token also has the mapping.
         unsafe { inner.ident.set_pending(fd, token.0, pid_word) };
     }
 }

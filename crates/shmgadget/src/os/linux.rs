@@ -360,14 +360,16 @@ impl TokenCell {
         t.tag.store(tag, Ordering::Release);
     }
 
-    /// Drops the current token: closes its descriptor, which releases the lock unless another
-    /// descriptor of the same open file description exists.
+    /// Drops the current token (and a pending one): closes its descriptor, which releases the
+    /// lock unless another descriptor of the same open file description exists.
     pub fn clear(&self) {
         use std::sync::atomic::Ordering;
         let t = self.slot();
         t.tag.store(0, Ordering::Release);
         // AcqRel: we become the closer.
         close_raw(t.fd.swap(-1, Ordering::AcqRel));
+        close_raw(t.pending_fd.swap(-1, Ordering::AcqRel));
+        t.pending_pid.store(0, Ordering::Relaxed);
     }
 
     /// Records a token made for the child of the fork about to happen (from the prepare hook).
@@ -391,8 +393,6 @@ impl Drop for TokenCell {
         use std::sync::atomic::Ordering;
         let t = self.slot();
         self.clear();
-        close_raw(t.pending_fd.swap(-1, Ordering::AcqRel));
-        t.pending_pid.store(0, Ordering::Relaxed);
         // Release: pairs with the Acquire CAS in `new`.
         t.used.store(false, Ordering::Release);
     }
