@@ -936,3 +936,35 @@ pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::Sec
     })?;
     Ok((inner.window_base + rec.offset, rec.kind))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> DomainOptions {
+        DomainOptions { window_size: 64 << 20, max_procs: 4, ..Default::default() }
+    }
+
+    #[test]
+    fn a_token_names_one_registration_never_a_later_user_of_its_slot() {
+        let name = format!("u-ident-{}", std::process::id());
+        let d = Domain::attach_with(&name, &opts()).unwrap();
+        let first = d.peer_token();
+        assert_ne!(first, 0);
+        assert!(d.peer_alive(first), "our own token is seen held (the query descriptor holds no lock)");
+        assert_eq!(d.peer_token(), first, "stable while attached");
+        // Keep the domain (a persistent section) and attach again: same slot, new incarnation.
+        let s = d.create_section("keep", 4096, &SectionOptions::default()).unwrap();
+        drop(s);
+        d.detach().unwrap();
+        let d = Domain::attach_with(&name, &opts()).unwrap();
+        let second = d.peer_token();
+        assert_ne!(second, first, "a new registration has a new token");
+        assert!(!d.peer_alive(first), "the earlier registration is dead, though its slot is in use again");
+        assert!(d.peer_alive(second));
+        assert!(!d.peer_alive(0) && !d.peer_alive(NO_TOKEN), "nobody");
+        assert_eq!(d.peer_pid(second), os::current_pid());
+        d.delete_section("keep").unwrap();
+        d.detach().unwrap();
+    }
+}
