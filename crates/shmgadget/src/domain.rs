@@ -264,6 +264,7 @@ impl Domain {
         let ident = match registered {
             Ok((cell, (token, fd))) => {
                 cell.install(fd, token.0);
+                cell.set_window(registry.window_base as usize, registry.window_size as usize);
                 cell
             }
             Err(e) => {
@@ -297,7 +298,6 @@ impl Domain {
             return Err(e);
         }
         table.insert(key, inner.clone());
-        note_ident_change();
         // Sections opened below hold handles whose drop takes the table lock.
         drop(table);
         let domain = Domain { inner };
@@ -626,7 +626,6 @@ impl DomainInner {
         let registered = lock_dir(&self.shm_dir).and_then(|_dir_lock| {
             let (token, fd) = self.registry.lock()?.register_proc(os::current_pid())?;
             self.ident.install(fd, token.0);
-            note_ident_change();
             Ok(token.0)
         });
         registered.unwrap_or_else(|e| {
@@ -681,7 +680,7 @@ impl DomainInner {
                 guard.unregister_proc(registry::ProcToken(t));
             }
             self.ident.clear();
-            note_ident_change();
+            self.ident.set_window(0, 0);
             guard.reap_dead_procs();
             if guard.others_alive() {
                 return Ok(());
@@ -883,36 +882,11 @@ pub(crate) fn attachment_covering(addr: usize) -> Option<Arc<DomainInner>> {
         .cloned()
 }
 
-/// Bumped whenever this process's identity in some domain changes (attach, detach, a late
-/// registration); with [`os::fork_generation`] it keys [`token_at`]'s per-thread cache.
-static IDENT_EPOCH: AtomicU64 = AtomicU64::new(0);
-
-fn note_ident_change() {
-    // Relaxed: compared for equality only; a reader that misses a bump refreshes at its next
-    // call (the identity change itself is published by the token cell).
-    IDENT_EPOCH.fetch_add(1, Ordering::Relaxed);
-}
-
-/// This process's token in the domain whose window holds `addr`, 0 if none does. A
-/// thread-local cache makes the usual call a few loads (lock owners record it on every lock).
+/// This process's token in the domain whose window holds `addr`, 0 if none does (lock-free,
+/// no system call: lock owners record it on every lock).
+#[inline]
 pub(crate) fn token_at(addr: usize) -> u64 {
-    thread_local! {
-        static LAST: std::cell::Cell<(usize, usize, u64, u64, u64)> =
-            const { std::cell::Cell::new((0, 0, 0, u64::MAX, u64::MAX)) };
-    }
-    // Relaxed: see `note_ident_change`.
-    let (epoch, forks) = (IDENT_EPOCH.load(Ordering::Relaxed), os::fork_generation());
-    LAST.try_with(|last| {
-        let (base, size, token, e, f) = last.get();
-        if addr.wrapping_sub(base) < size && e == epoch && f == forks {
-            return token;
-        }
-        let Some(inner) = attachment_covering(addr) else { return 0 };
-        let token = inner.token();
-        last.set((inner.window_base as usize, inner.window_size as usize, token, epoch, forks));
-        token
-    })
-    .unwrap_or(0)
+    os::token_for_address(addr)
 }
 
 /// Whether `token` is alive in the domain whose window holds `addr` (None: no such domain).

@@ -220,6 +220,10 @@ struct TokenSlot {
     pending_fd: std::sync::atomic::AtomicI32,
     pending_tag: std::sync::atomic::AtomicU64,
     pending_pid: std::sync::atomic::AtomicUsize,
+    /// The address range the owner says the token stands for (its domain's window), so a
+    /// token can be found from an address without a lock ([`token_for_address`]); 0 when none.
+    window_base: std::sync::atomic::AtomicUsize,
+    window_size: std::sync::atomic::AtomicUsize,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -230,9 +234,13 @@ const TOKEN_SLOT: TokenSlot = TokenSlot {
     pending_fd: std::sync::atomic::AtomicI32::new(-1),
     pending_tag: std::sync::atomic::AtomicU64::new(0),
     pending_pid: std::sync::atomic::AtomicUsize::new(0),
+    window_base: std::sync::atomic::AtomicUsize::new(0),
+    window_size: std::sync::atomic::AtomicUsize::new(0),
 };
 
 static TOKENS: [TokenSlot; MAX_TOKEN_CELLS] = [TOKEN_SLOT; MAX_TOKEN_CELLS];
+/// One more than the highest slot ever claimed: how far [`token_for_address`] looks.
+static TOKENS_HIGH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static FORK_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static FORK_PREPARE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -303,6 +311,23 @@ extern "C" fn fork_child() {
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
+/// The current token of the cell whose window holds `addr`, 0 if none does (or it has no
+/// token). Lock-free and cheap: a scan of the few cells in use, no system call; mutexes record
+/// their holder with it on every lock.
+#[inline]
+pub fn token_for_address(addr: usize) -> u64 {
+    use std::sync::atomic::Ordering;
+    // Relaxed: see `set_window`; the tag is the cell's current token (Acquire in `tag`).
+    let high = TOKENS_HIGH.load(Ordering::Relaxed).min(MAX_TOKEN_CELLS);
+    for t in &TOKENS[..high] {
+        let size = t.window_size.load(Ordering::Relaxed);
+        if size != 0 && addr.wrapping_sub(t.window_base.load(Ordering::Relaxed)) < size {
+            return t.tag.load(Ordering::Acquire);
+        }
+    }
+    0
+}
+
 /// Registers the fork handlers described above (once per process; later calls do nothing).
 /// `prepare` runs in the forking thread before every `fork(2)`; it may take locks and make
 /// system calls, and must not panic out (a panic is caught and ignored).
@@ -330,6 +355,8 @@ impl TokenCell {
         for (index, t) in TOKENS.iter().enumerate() {
             // Acquire: pairs with the Release store in `Drop`, after the slot was emptied.
             if t.used.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                // Relaxed: a bound for a scan that validates what it finds.
+                TOKENS_HIGH.fetch_max(index + 1, Ordering::Relaxed);
                 return Ok(TokenCell { index });
             }
         }
@@ -372,6 +399,17 @@ impl TokenCell {
         t.pending_pid.store(0, Ordering::Relaxed);
     }
 
+    /// Says which address range (a domain's window) this cell's token stands for.
+    pub fn set_window(&self, base: usize, size: usize) {
+        use std::sync::atomic::Ordering;
+        let t = self.slot();
+        // Relaxed: a hint for `token_for_address`, which checks the range it reads; a torn
+        // pair during attach or detach names a window no lock can be in at that moment.
+        t.window_size.store(0, Ordering::Relaxed);
+        t.window_base.store(base, Ordering::Relaxed);
+        t.window_size.store(size, Ordering::Relaxed);
+    }
+
     /// Records a token made for the child of the fork about to happen (from the prepare hook).
     ///
     /// # Safety
@@ -393,6 +431,8 @@ impl Drop for TokenCell {
         use std::sync::atomic::Ordering;
         let t = self.slot();
         self.clear();
+        t.window_size.store(0, Ordering::Relaxed);
+        t.window_base.store(0, Ordering::Relaxed);
         // Release: pairs with the Acquire CAS in `new`.
         t.used.store(false, Ordering::Release);
     }
