@@ -23,7 +23,8 @@
 //! holder's registration token in the domain holding the lock (0 when free, or when the lock
 //! is not in an attached domain's window): whether the holder is alive is asked of the registry
 //! with it ([`crate::heap::ObjectState::Mutex`]), never of a pid. `owner_pid` is for display.
-//! Recording it costs a thread-local lookup per lock, no system call.
+//! Recording it costs a lock-free scan of this process's few token cells (`os::token_for_address`),
+//! no lock and no system call.
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
