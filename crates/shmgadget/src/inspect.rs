@@ -94,7 +94,7 @@ fn report(reg: &Registry) -> DomainReport {
             .filter(|r| r.state == registry::LIVE)
             .map(|r| SectionInfo::from_record(reg, r))
             .collect(),
-        processes: reg.procs(None).iter().map(ProcessInfo::from_record).collect(),
+        processes: reg.procs().iter().map(ProcessInfo::from_record).collect(),
     }
 }
 
@@ -190,15 +190,15 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
         // Sections whose creator died before making them ready: nobody can finish them. The
         // creator's token is checked under the lock, so a live creator is never robbed.
         for rec in guard.all_entries() {
-            if rec.state == registry::LIVE && !rec.ready && !reg.token_alive(rec.creator_token, None) {
+            if rec.state == registry::LIVE && !rec.ready && !reg.proc_alive(rec.creator_token) {
                 guard.remove(&rec)?;
                 out.removed_unfinished.push((d.clone(), rec.name.as_str().to_owned(), rec.creator_pid));
             }
         }
-        for pid in guard.reap_dead_procs(None) {
+        for pid in guard.reap_dead_procs() {
             out.dead_processes.push((d.clone(), pid));
         }
-        if !guard.others_alive(None) {
+        if !guard.others_alive() {
             for rec in guard.all_entries() {
                 if rec.lifetime == Lifetime::Transient || rec.state != registry::LIVE {
                     guard.remove(&rec)?;
@@ -210,7 +210,7 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
         }
         let sections: Vec<(u64, String)> =
             guard.all_entries().iter().map(|r| (r.generation, r.name.as_str().to_owned())).collect();
-        if sections.is_empty() && !guard.others_alive(None) {
+        if sections.is_empty() && !guard.others_alive() {
             os::unlink_object(os::borrow(&dir_fd), &names::registry_object(d))
                 .map_err(|e| Error::from_io("cannot remove a registry", e))?;
             out.removed_domains.push(d.clone());

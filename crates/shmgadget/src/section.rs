@@ -87,7 +87,8 @@ unsafe impl Sync for Section {}
 impl Section {
     /// Maps a section this process just created (and closes `fd`).
     pub(crate) fn map_new(domain: Domain, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
-        let (_, id) = os::stat_object_id(os::borrow(&fd))
+        let id = os::stat_object(os::borrow(&fd))
+            .map(|st| st.identity)
             .map_err(|e| Error::from_io(format!("cannot stat section {:?}'s new object", rec.name.as_str()), e))?;
         Section::map(domain, rec, fd, id)
     }
@@ -103,7 +104,8 @@ impl Section {
                 Error::from_io(format!("cannot open section {name:?}"), e)
             }
         })?;
-        let (st, id) = os::stat_object_id(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat a section", e))?;
+        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat a section", e))?;
+        let id = st.identity;
         if st.uid != os::effective_uid() && !domain.inner.allow_foreign_owner {
             bail!(
                 PermissionDenied,
@@ -164,14 +166,14 @@ impl Section {
                 Error::from_io(format!("cannot {what} section {name:?}: cannot reopen its object {object:?}"), e)
             }
         })?;
-        let (st, id) = os::stat_object_id(os::borrow(&fd))
+        let st = os::stat_object(os::borrow(&fd))
             .map_err(|e| Error::from_io(format!("cannot {what} section {name:?}: cannot stat its object"), e))?;
-        if id != self.object || !st.is_regular || st.size != self.rec.reserved {
+        if st.identity != self.object || !st.is_regular || st.size != self.rec.reserved {
             bail!(
                 Corrupt,
                 "cannot {what} section {name:?}: its object {object:?} is no longer the one this process mapped \
                  ({}); refusing to touch it (remove the section with `shmgadget rm` and create it again)",
-                if id != self.object {
+                if st.identity != self.object {
                     "it was replaced by another file of the same name".to_owned()
                 } else {
                     format!("it is now {} bytes, the section has {}", st.size, self.rec.reserved)

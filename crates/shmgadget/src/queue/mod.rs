@@ -477,7 +477,7 @@ pub fn inspect(section: &crate::Section) -> Result<QueueInfo> {
     let h = header_of(section)?;
     let (kind, cap, _, _) = h.validate(section.name(), section.len() as u64 - DATA_OFFSET)?;
     let d = section.domain();
-    let peers = |t: &PeerTable| peers_of(t).into_iter().map(|tok| (tok as u32, d.peer_alive(tok))).collect();
+    let peers = |t: &PeerTable| peers_of(t).into_iter().map(|tok| (d.peer_pid(tok), d.peer_alive(tok))).collect();
     // Relaxed: a snapshot.
     let (w, r) = (h.send.pos.load(Ordering::Relaxed), h.recv.pos.load(Ordering::Relaxed));
     Ok(QueueInfo {
