@@ -347,3 +347,129 @@ fn a_sender_killed_between_claiming_a_slot_and_filling_it_leaves_a_hole_that_is_
         }
     }
 }
+
+#[test]
+fn a_slow_reader_killed_25_times_hands_its_successor_nothing_it_had_returned_and_nothing_is_lost() {
+    const TEST: &str = "a_slow_reader_killed_25_times_hands_its_successor_nothing_it_had_returned_and_nothing_is_lost";
+    const KILLS: usize = 25;
+    const TOTAL: u64 = 20_000;
+    match role().as_deref() {
+        Some("sender") => {
+            let d = child();
+            let q = ByteQueue::open(&d, "takeover").unwrap();
+            let mut tx = q.sender().unwrap();
+            println!("READY");
+            for id in 0..TOTAL {
+                let mut msg = [0u8; 16];
+                msg[..8].copy_from_slice(&id.to_le_bytes());
+                msg[8..].copy_from_slice(&(!id).to_le_bytes());
+                // Between a reader's death and its successor's arrival there is no receiver:
+                // the send fails without writing anything, and is retried.
+                let t = Instant::now();
+                loop {
+                    match tx.send_timeout(&msg, Duration::from_secs(30)) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == ErrorKind::Disconnected && t.elapsed() < Duration::from_secs(30) => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Err(e) => panic!("message {id}: {e}"),
+                    }
+                }
+            }
+        }
+        Some("reader") => {
+            use std::io::Write;
+            // Its own file (the test harness writes to stdout too), appended to with one
+            // write(2) of 8 bytes per id: all or nothing, even under kill -9.
+            let mut out = std::fs::OpenOptions::new().append(true).open(std::env::var("IDS").unwrap()).unwrap();
+            let slow = std::env::var("SLOW").is_ok();
+            let d = child();
+            let q = ByteQueue::open(&d, "takeover").unwrap();
+            let mut rx = q.receiver().unwrap();
+            loop {
+                let m = match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == ErrorKind::Disconnected => break,
+                    Err(e) => panic!("{e}"),
+                };
+                let id = u64::from_le_bytes(m[..8].try_into().unwrap());
+                assert_eq!(u64::from_le_bytes(m[8..].try_into().unwrap()), !id, "message {id} is whole");
+                // Report while the message is still in hand, then work on it a little, then
+                // return it to the ring: a reader killed in between had it in hand, and its
+                // successor may see it again.
+                out.write_all(&id.to_le_bytes()).unwrap();
+                if slow {
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(20) {
+                        std::hint::spin_loop();
+                    }
+                }
+                drop(m);
+            }
+        }
+        _ => {
+            let domain = unique_domain("qtakeover");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            // 24-byte records: a 64 KiB ring holds 2,730 messages, a quarter ring 682.
+            let q = ByteQueue::create(&d, "takeover", 64 << 10).unwrap();
+            let mut sender = spawn(TEST, "sender", &domain, &[]);
+            wait_for_line(&mut sender, "READY");
+            // Every reader's ids, in the order it reported them.
+            let mut streams: Vec<Vec<u64>> = Vec::new();
+            for k in 0..=KILLS {
+                let last = k == KILLS;
+                let ids_file = std::env::temp_dir().join(format!("{domain}-reader-{k}.ids"));
+                std::fs::write(&ids_file, b"").unwrap();
+                let mut env = vec![("IDS", ids_file.to_str().unwrap().to_owned())];
+                if !last {
+                    env.push(("SLOW", "1".into()));
+                }
+                let mut reader = spawn(TEST, "reader", &domain, &env);
+                if last {
+                    assert!(wait(&mut reader, Duration::from_secs(120)).success(), "the last reader failed");
+                } else {
+                    // Kill it after a varying number of messages, with the ring full behind it.
+                    let kill_after = 150 + (k * 97) % 400;
+                    let t = Instant::now();
+                    while std::fs::metadata(&ids_file).unwrap().len() < 8 * kill_after as u64 {
+                        assert!(t.elapsed() < Duration::from_secs(30), "reader {k} stopped reporting");
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    kill9(&mut reader);
+                }
+                let bytes = std::fs::read(&ids_file).unwrap();
+                std::fs::remove_file(&ids_file).unwrap();
+                streams.push(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect());
+            }
+            assert!(wait(&mut sender, Duration::from_secs(60)).success(), "the sender failed");
+            // Each reader sees consecutive ids. Its successor starts right after the last id
+            // it reported, or at that id again (the message it had in hand when killed).
+            let mut next = 0u64;
+            let (mut in_hand, mut dups, mut lost) = (0, 0u64, 0u64);
+            for (k, s) in streams.iter().enumerate() {
+                assert!(!s.is_empty(), "reader {k} received nothing");
+                for w in s.windows(2) {
+                    assert_eq!(w[1], w[0] + 1, "reader {k}: ids in order, none skipped");
+                }
+                match s[0] {
+                    first if first + 1 == next => in_hand += 1,
+                    first if first < next => dups += next - first,
+                    first => lost += first - next,
+                }
+                next = *s.last().unwrap() + 1;
+            }
+            eprintln!(
+                "{KILLS} readers killed: {in_hand} in-hand messages redelivered to their successors, \
+                 {dups} other duplicates, {lost} lost"
+            );
+            assert_eq!((dups, lost), (0, 0), "no message returned by a read is delivered again, none is lost");
+            assert_eq!(next, TOTAL, "every message arrived");
+            let info = shmgadget::queue::inspect(q.section().unwrap()).unwrap();
+            assert_eq!(info.fill, 0);
+            drop(q);
+            d.delete_section("takeover").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
