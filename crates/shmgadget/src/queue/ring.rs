@@ -645,10 +645,63 @@ mod tests {
     enum Op {
         Send(usize),
         Recv,
+        /// The receiver dies (holding a message it received, if `true`) and a new one takes
+        /// over.
+        Die(bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![(0usize..200).prop_map(Op::Send), Just(Op::Recv)]
+        prop_oneof![
+            8 => (0usize..200).prop_map(Op::Send),
+            8 => Just(Op::Recv),
+            1 => any::<bool>().prop_map(Op::Die),
+        ]
+    }
+
+    #[test]
+    fn a_damaged_consumed_position_is_reported_and_frees_the_receiver_entry() {
+        let q = ByteQueue::in_memory(4096);
+        let mut tx = q.sender().unwrap();
+        for _ in 0..10 {
+            tx.send(&[5; 20]).unwrap();
+        }
+        let rx = q.receiver().unwrap();
+        rx.__die();
+        let c = &q.h().consumed;
+        for bad in [4, 8 * 1000, u64::MAX - 7] {
+            c.pos.store(bad, Ordering::Relaxed);
+            let err = q.receiver().err().expect("a damaged position is refused");
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+            assert!(err.to_string().contains("consumed"), "{err}");
+        }
+        // The refused attach left the entry free: once repaired, a receiver attaches.
+        c.pos.store(32, Ordering::Relaxed);
+        let mut rx = q.receiver().unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[5; 20], "starts after the first (consumed) message");
+    }
+
+    #[test]
+    fn a_successor_gets_the_message_in_hand_and_none_consumed_and_the_space_back() {
+        let q = ByteQueue::in_memory(4096);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        let mut i = 0u8;
+        // Fill the ring, consume a few (less than the quarter-ring batch), hold one, die.
+        while tx.try_send(&[i; 24]).is_ok() {
+            i += 1;
+        }
+        for want in 0..5u8 {
+            assert_eq!(&*rx.try_recv().unwrap(), &[want; 24]);
+        }
+        assert!(tx.try_send(&[i; 24]).is_err(), "space not given back yet: the batch is not full");
+        std::mem::forget(rx.try_recv().unwrap());
+        rx.__die();
+        let mut rx = q.receiver().unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[5; 24], "the message in hand comes again, first");
+        tx.try_send(&[i; 24]).expect("the successor gave back what its predecessor consumed");
+        for want in 6..=i {
+            assert_eq!(&*rx.try_recv().unwrap(), &[want; 24]);
+        }
     }
 
     #[test]
@@ -689,6 +742,7 @@ mod tests {
             let q = ByteQueue::in_memory(1 << cap);
             let mut tx = q.sender().unwrap();
             let mut rx = q.receiver().unwrap();
+            // Messages sent and not consumed, in order.
             let mut model: VecDeque<Vec<u8>> = VecDeque::new();
             let mut n = 0u8;
             for op in ops {
@@ -712,6 +766,15 @@ mod tests {
                             prop_assert!(model.is_empty());
                         }
                     },
+                    Op::Die(hold) => {
+                        if hold && let Ok(m) = rx.try_recv() {
+                            // Received, not consumed: stays at the front of the model.
+                            prop_assert_eq!(Some(&m.to_vec()), model.front());
+                            std::mem::forget(m);
+                        }
+                        rx.__die();
+                        rx = q.receiver().unwrap();
+                    }
                 }
             }
             drop(tx);
