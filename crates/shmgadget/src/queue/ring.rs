@@ -435,8 +435,8 @@ impl std::ops::Deref for Message<'_, '_> {
     fn deref(&self) -> &[u8] {
         // SAFETY: the record at `start` was published by the sender (Acquire in `peek`) and
         // validated to lie inside the ring; the sender does not reuse it until `recv.pos` is
-        // published past it, which happens only after `drop` (ours, or a successor's attach,
-        // which needs our entry: after our death or our receiver's drop, which needs us gone).
+        // published past it: by us only in `drop`, by a successor only once our receiver is
+        // gone, which this borrow of it rules out while we live.
         unsafe { std::slice::from_raw_parts(self.rx.q.data.add(self.start as usize), self.len) }
     }
 }
