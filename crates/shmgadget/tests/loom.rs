@@ -1,6 +1,7 @@
-//! Loom models of the futex-word algorithms (semaphore, event, racing initialisation): every
-//! interleaving of the real code, with loom's atomics and a model futex (see `sync/shim.rs`).
-//! A lost wake-up shows up as a deadlock, which loom reports.
+//! Loom models of the futex-word algorithms (semaphore, event, racing initialisation) and of
+//! the queues (including a byte-queue receiver that dies holding a message and is replaced):
+//! every interleaving of the real code, with loom's atomics and a model futex (see
+//! `sync/shim.rs`). A lost wake-up shows up as a deadlock, which loom reports.
 //!
 //! Run: `RUSTFLAGS="--cfg loom" cargo test -p shmgadget --test loom --release`.
 #![cfg(loom)]

@@ -26,7 +26,9 @@
 //! |---|---|---|---|
 //! | `send.pos` | bytes written and published | sender: Release, per message or per batch | receiver: Acquire, when the ring looks empty, and on attach |
 //! | `recv.pos` | bytes given back: the sender may overwrite what lies before | receiver: Release, per quarter ring or when it caught up; a receiver taking over, on attach | sender: Acquire, when the ring looks full, and on attach |
-//! | `consumed.pos` | bytes consumed: the end of the last message returned and given back by its reader | receiver: Relaxed, at every message | only a receiver taking over, on attach |
+//! | `consumed.pos` | bytes consumed: the end of the last message returned and given back by its reader | receiver: Relaxed, at every message | only a receiver taking over, on attach (and `inspect`) |
+//! | `consumed.count` | messages consumed | as `consumed.pos` | as `consumed.pos` |
+//! | `recv.count` | messages given back (a statistic) | receiver: Relaxed, with `recv.pos` | `inspect` |
 //!
 //! In a healthy ring `recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`, and all
 //! three are multiples of 8 (records are). A receiver checks this on attach: positions that
