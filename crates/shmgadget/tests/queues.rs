@@ -474,3 +474,104 @@ fn a_slow_reader_killed_25_times_hands_its_successor_nothing_it_had_returned_and
         }
     }
 }
+
+#[test]
+fn a_slot_queue_reader_killed_10_times_never_hands_a_value_twice_and_loses_at_most_the_one_it_held() {
+    const TEST: &str =
+        "a_slot_queue_reader_killed_10_times_never_hands_a_value_twice_and_loses_at_most_the_one_it_held";
+    const KILLS: usize = 10;
+    const TOTAL: u64 = 10_000;
+    match role().as_deref() {
+        Some("sender") => {
+            let d = child();
+            let q = SlotQueue::<[u64; 2]>::open(&d, "slots").unwrap();
+            let mut tx = q.sender().unwrap();
+            println!("READY");
+            for id in 0..TOTAL {
+                let t = Instant::now();
+                loop {
+                    match tx.send_timeout([id, !id], Duration::from_secs(30)) {
+                        Ok(()) => break,
+                        // No receiver between a death and the next attach: retried.
+                        Err(e) if e.kind() == ErrorKind::Disconnected && t.elapsed() < Duration::from_secs(30) => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Err(e) => panic!("value {id}: {e}"),
+                    }
+                }
+            }
+        }
+        Some("reader") => {
+            use std::io::Write;
+            // One write(2) of 8 bytes per id to its own file: all or nothing under kill -9.
+            let mut out = std::fs::OpenOptions::new().append(true).open(std::env::var("IDS").unwrap()).unwrap();
+            let slow = std::env::var("SLOW").is_ok();
+            let d = child();
+            let q = SlotQueue::<[u64; 2]>::open(&d, "slots").unwrap();
+            let mut rx = q.receiver().unwrap();
+            loop {
+                let [id, check] = match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(v) => v,
+                    Err(e) if e.kind() == ErrorKind::Disconnected => break,
+                    Err(e) => panic!("{e}"),
+                };
+                assert_eq!(check, !id, "value {id} is whole");
+                out.write_all(&id.to_le_bytes()).unwrap();
+                if slow {
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(20) {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+        _ => {
+            let domain = unique_domain("qslottakeover");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = SlotQueue::<[u64; 2]>::create(&d, "slots", 1024).unwrap();
+            let mut sender = spawn(TEST, "sender", &domain, &[]);
+            wait_for_line(&mut sender, "READY");
+            let mut ids = Vec::new();
+            for k in 0..=KILLS {
+                let last = k == KILLS;
+                let ids_file = std::env::temp_dir().join(format!("{domain}-reader-{k}.ids"));
+                std::fs::write(&ids_file, b"").unwrap();
+                let mut env = vec![("IDS", ids_file.to_str().unwrap().to_owned())];
+                if !last {
+                    env.push(("SLOW", "1".into()));
+                }
+                let mut reader = spawn(TEST, "reader", &domain, &env);
+                if last {
+                    assert!(wait(&mut reader, Duration::from_secs(120)).success(), "the last reader failed");
+                } else {
+                    let kill_after = 150 + (k * 97) % 400;
+                    let t = Instant::now();
+                    while std::fs::metadata(&ids_file).unwrap().len() < 8 * kill_after as u64 {
+                        assert!(t.elapsed() < Duration::from_secs(30), "reader {k} stopped reporting");
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    kill9(&mut reader);
+                }
+                let bytes = std::fs::read(&ids_file).unwrap();
+                std::fs::remove_file(&ids_file).unwrap();
+                ids.extend(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())));
+            }
+            assert!(wait(&mut sender, Duration::from_secs(60)).success(), "the sender failed");
+            let mut seen = vec![0u32; TOTAL as usize];
+            for &id in &ids {
+                seen[id as usize] += 1;
+            }
+            let twice = seen.iter().filter(|&&n| n > 1).count();
+            let lost = seen.iter().filter(|&&n| n == 0).count();
+            eprintln!(
+                "{KILLS} slot-queue readers killed: {twice} values delivered twice, {lost} lost (held when killed)"
+            );
+            assert_eq!(twice, 0, "a value returned by a receive is never delivered again");
+            assert!(lost <= KILLS, "at most the value each killed reader held is lost: {lost}");
+            drop(q);
+            d.delete_section("slots").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
