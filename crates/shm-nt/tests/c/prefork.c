@@ -81,7 +81,10 @@ static int worker(int me) {
     if (rc != SHM_OK) fail("shm_sem_wait", rc);
     /* Lock step: send one, receive one (each direction has its own queue, so nobody waits for
      * the other to read first). Pair 0-1 goes on until it hears of the kill, then 1000 more. */
+    /* The two sides of pair 0-1 see the kill at different moments, so one may stop first: the
+     * other then meets its end mark inside this loop and must not wait for it again below. */
     uint64_t sent = 0, got = 0, extra = 0;
+    int peer_done = 0;
     for (;;) {
         int more = sent < MESSAGES;
         if (!more && me < 2) {
@@ -90,15 +93,18 @@ static int worker(int me) {
         }
         if (!more) break;
         send_one(me, sent++, &rng);
+        if (peer_done) continue;
         long r = recv_one(peer, got);
         if (r < 0) fail("shm_q_read", r);
         if (r == 1) got++;
+        else peer_done = 1;
     }
     struct msg end = {0, 0, 0};
     rc = shm_q_write(queue[me], &end, sizeof end, 60000);
     if (rc != SHM_OK) fail("shm_q_write (end)", rc);
-    long r;
-    while ((r = recv_one(peer, got)) == 1) got++;
+    long r = 0;
+    if (!peer_done)
+        while ((r = recv_one(peer, got)) == 1) got++;
     if (r < 0) fail("shm_q_read (drain)", r);
     if (me == 3) {
         if (write(pipe_fds[1], "3", 1) != 1) fail("write", 0);
