@@ -8,9 +8,31 @@
 //! Within one process, attaching the same domain twice returns the same attachment; it is
 //! detached when the last [`Domain`] handle (sections hold one) is dropped or detached.
 //!
-//! Lock order: shm-directory `flock` → registry lock → this process's attachment table. The
-//! directory lock serialises creating, joining and deleting registries, so a registry is never
-//! unlinked while someone is joining it and two new domains never pick the same window.
+//! Lock order: this process's attachment table → an attachment's `ident_lock` → shm-directory
+//! `flock` → registry lock. The directory lock serialises creating, joining and deleting
+//! registries, so a registry is never unlinked while someone is joining it and two new domains
+//! never pick the same window.
+//!
+//! # Identity, and fork
+//! An attachment's identity is its registration in the registry: a process slot and the
+//! liveness token held through a descriptor of its own, kept in an [`os::TokenCell`]
+//! ([`Domain::peer_token`] names it; [`Domain::peer_alive`] asks the kernel's lock table
+//! whether a token is still held). Pids are recorded for display only.
+//!
+//! A forked child must not share its parent's identity (DESIGN, "Pitfalls": it would keep the
+//! parent "alive", and its exit would release the parent's token). So before every `fork(2)`
+//! the `pthread_atfork` prepare hook ([`before_fork`]) registers one new slot per attached
+//! domain with a new descriptor and hands it to the token cell as *pending*; the parent
+//! handler closes the parent's copy (the child's copy alone now holds that lock), and the child
+//! handler closes the inherited descriptors of the parent's tokens and adopts the pending ones
+//! (see `os`). So a child is a participant of its own from its first instruction, a parent that
+//! dies is seen dead while its children live, and neither's detach touches the other's entry.
+//! If the pending registration could not be made (registry full), the child has no token, and
+//! its first call that needs one ([`DomainInner::token`]) registers it then.
+//!
+//! Forking while another thread of this process is inside shmgadget is as unsafe as forking
+//! while it holds any lock: the prepare hook takes the attachment table's lock, which makes a
+//! fork wait for attach/detach in other threads, but not for other private locks.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -132,8 +154,14 @@ pub struct Domain {
 pub(crate) struct DomainInner {
     pub(crate) name: String,
     pub(crate) shm_dir: PathBuf,
+    /// This process's registration: its current token (0 until registered, e.g. in a forked
+    /// child whose registration failed). Written under `ident_lock` and by the fork handlers.
+    /// Declared before `registry` so it is dropped (its pending token cleared) before the
+    /// registry is unmapped: the fork handlers write into the registry (see `before_fork`).
+    pub(crate) ident: os::TokenCell,
     pub(crate) registry: Registry,
-    pub(crate) proc_slot: u32,
+    /// Serialises registering and releasing `ident` in this process.
+    ident_lock: Mutex<()>,
     pub(crate) window_base: u64,
     pub(crate) window_size: u64,
     pub(crate) allow_foreign_owner: bool,
@@ -234,8 +262,16 @@ impl Domain {
             }
             Err(e) => return Err(e),
         };
-        let slot = match registry.lock().and_then(|g| g.register_proc()) {
-            Ok(slot) => slot,
+        os::install_fork_handlers(before_fork);
+        let registered = os::TokenCell::new()
+            .map_err(|e| Error::from_io("cannot hold one more liveness token", e))
+            .and_then(|cell| registry.lock()?.register_proc(os::current_pid()).map(|t| (cell, t)));
+        let ident = match registered {
+            Ok((cell, (token, fd))) => {
+                cell.install(fd, token.0);
+                cell.set_window(registry.window_base as usize, registry.window_size as usize);
+                cell
+            }
             Err(e) => {
                 release_window(registry.window_base, registry.window_size);
                 return Err(e);
@@ -251,8 +287,9 @@ impl Domain {
             shm_dir,
             window_base: registry.window_base,
             window_size: registry.window_size,
+            ident,
             registry,
-            proc_slot: slot,
+            ident_lock: Mutex::new(()),
             allow_foreign_owner: opts.allow_foreign_owner,
             first_touch: !opts.eager,
             mapped,
@@ -665,31 +702,52 @@ impl Domain {
             .map_err(|e| Error::from_io("cannot unmap", e))
     }
 
-    /// This process's peer token: its registry slot and pid, never 0. Shared objects record it
-    /// to say "this process is attached here" (queue peers, section creators, the C library's
-    /// users of its objects heap).
+    /// This process's peer token in this domain: the token of its current registration,
+    /// never 0. Shared objects record it to say "this process is attached here" (queue peers,
+    /// creators). A forked child has a token of its own (see the module docs). Cheap: one
+    /// atomic load once registered.
     pub fn peer_token(&self) -> u64 {
-        (self.inner.proc_slot as u64 + 1) << 32 | os::current_pid() as u64
+        self.inner.token()
     }
 
-    /// Whether the process that recorded `token` is still attached and alive (its liveness token
-    /// in the registry is held). 0 is nobody.
+    /// Whether the registration that `token` names is still in place and its process alive
+    /// (its liveness lock is held; the kernel releases it on death). 0 is nobody.
     pub fn peer_alive(&self, token: u64) -> bool {
-        if token == 0 {
-            return false;
-        }
-        let (slot, pid) = ((token >> 32) as u32 - 1, token as u32);
-        self.inner.registry.proc_alive(slot, pid, self.inner.proc_slot)
+        self.inner.registry.proc_alive(token)
+    }
+
+    /// The pid recorded for `token`'s registration, for display (0 if the slot has moved on).
+    pub(crate) fn peer_pid(&self, token: u64) -> u32 {
+        self.inner.registry.proc_pid(token).unwrap_or(0)
     }
 
     /// The processes attached to the domain, with their liveness.
     pub fn processes(&self) -> Vec<crate::inspect::ProcessInfo> {
-        self.inner
-            .registry
-            .procs(Some(self.inner.proc_slot))
-            .iter()
-            .map(crate::inspect::ProcessInfo::from_record)
-            .collect()
+        // Registers a forked child that is not yet, so it lists itself.
+        self.inner.token();
+        self.inner.registry.procs().iter().map(crate::inspect::ProcessInfo::from_record).collect()
+    }
+}
+
+/// A token that is never alive: what [`DomainInner::token`] returns when this process cannot
+/// register (the registry is full or gone), so peers see it as gone rather than as someone else.
+pub(crate) const NO_TOKEN: u64 = u64::MAX;
+
+/// The `pthread_atfork` prepare hook: makes a registration for the child in every attached
+/// domain (see the module docs).
+fn before_fork() {
+    let table = attached();
+    for inner in table.values() {
+        let _ident = inner.ident_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(guard) = inner.registry.lock() else { continue };
+        let Ok((token, fd)) = guard.register_proc(os::current_pid()) else { continue };
+        let Some(pid_word) = inner.registry.proc_pid_word(token.0) else { continue };
+        // SAFETY: the pid word lies in the registry mapping. Before that mapping goes away the
+        // pending token is cleared (teardown clears the cell, and `ident` is dropped before
+        // `registry`), and `munmap` follows that clearing in program order; `fork` copies the
+        // address space atomically with respect to `munmap` (both hold the mm lock). So a
+        // child whose copy still has the pending token also has the mapping.
+        unsafe { inner.ident.set_pending(fd, token.0, pid_word) };
     }
 }
 
@@ -710,6 +768,33 @@ impl std::fmt::Debug for Domain {
 }
 
 impl DomainInner {
+    /// This process's token (see [`Domain::peer_token`]); registers first if it has none (a
+    /// forked child whose pending registration failed).
+    #[inline]
+    pub(crate) fn token(&self) -> u64 {
+        match self.ident.tag() {
+            0 => self.register_late(),
+            t => t,
+        }
+    }
+
+    #[cold]
+    fn register_late(&self) -> u64 {
+        let _ident = self.ident_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let t @ 1.. = self.ident.tag() {
+            return t;
+        }
+        let registered = lock_dir(&self.shm_dir).and_then(|_dir_lock| {
+            let (token, fd) = self.registry.lock()?.register_proc(os::current_pid())?;
+            self.ident.install(fd, token.0);
+            Ok(token.0)
+        });
+        registered.unwrap_or_else(|e| {
+            eprintln!("shmgadget: process {} cannot register in domain {:?}: {e}", os::current_pid(), self.name);
+            NO_TOKEN
+        })
+    }
+
     pub(crate) fn is_mapped(&self, rec: &SectionRecord) -> bool {
         // Relaxed: a hint only; mapping the same object at the same place twice is harmless.
         self.mapped[rec.slot as usize].load(Ordering::Relaxed) == rec.generation
@@ -754,11 +839,18 @@ impl DomainInner {
     /// The registry part of leaving: releases this process's entry and, if no other live
     /// process is attached, deletes transient sections and then the registry if it is empty.
     fn leave_registry(&self) -> Result<()> {
+        let _ident = self.ident_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _dir_lock = lock_dir(&self.shm_dir)?;
         let guard = self.registry.lock()?;
-        guard.unregister_proc(self.proc_slot);
-        guard.reap_dead_procs(None);
-        if guard.others_alive(None) {
+        // Only our own registration: a forked child's teardown never touches the parent's
+        // entry (its inherited token was closed at fork), nor the reverse.
+        if let t @ 1.. = self.ident.tag() {
+            guard.unregister_proc(registry::ProcToken(t));
+        }
+        self.ident.clear();
+        self.ident.set_window(0, 0);
+        guard.reap_dead_procs();
+        if guard.others_alive() {
             return Ok(());
         }
         let mut first_err = None;
@@ -1004,19 +1096,99 @@ pub(crate) fn section_at(addr: usize) -> Result<Section> {
     Section::open_record(domain.clone(), rec)
 }
 
-/// The start address and kind of the live section covering `addr`, in a domain attached by
-/// this process, without opening it.
-pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::SectionKind)> {
+/// The attachment whose window holds `addr`, if this process has one (a bare `Arc`: dropping it
+/// never detaches).
+pub(crate) fn attachment_covering(addr: usize) -> Option<Arc<DomainInner>> {
     let table = attached();
-    let Some(inner) = table
+    table
         .values()
         .find(|d| addr >= d.window_base as usize && addr - (d.window_base as usize) < d.window_size as usize)
-    else {
-        bail!(InvalidArgument, "address {addr:#x} is not inside the window of any domain attached in this process");
+        .cloned()
+}
+
+/// This process's token in the domain whose window holds `addr`, 0 if none does (lock-free,
+/// no system call: lock owners record it on every lock).
+#[inline]
+pub(crate) fn token_at(addr: usize) -> u64 {
+    os::token_for_address(addr)
+}
+
+/// Whether `token` is alive in the domain whose window holds `addr` (None: no such domain).
+pub(crate) fn token_alive_at(addr: usize, token: u64) -> Option<bool> {
+    attachment_covering(addr).map(|inner| inner.registry.proc_alive(token))
+}
+
+/// The start address and kind of the live section covering `addr`, in a domain attached by
+/// this process, mapped in this process: if it is not yet, it is mapped now (in an eager domain
+/// nothing would map it on first touch, and mapping here turns any failure into an error
+/// instead of a crash). When it is mapped already this adds one relaxed load.
+pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::SectionKind)> {
+    let (domain, rec) = {
+        let table = attached();
+        let Some(inner) = table
+            .values()
+            .find(|d| addr >= d.window_base as usize && addr - (d.window_base as usize) < d.window_size as usize)
+        else {
+            bail!(InvalidArgument, "address {addr:#x} is not inside the window of any domain attached in this process");
+        };
+        let off = (addr - inner.window_base as usize) as u64;
+        let rec = inner.registry.lookup_offset(off).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no live section of domain {:?} covers address {addr:#x}", inner.name),
+            )
+        })?;
+        if inner.is_mapped(&rec) {
+            return Ok((inner.window_base + rec.offset, rec.kind));
+        }
+        // A real handle, dropped after the table lock (its drop may detach the domain).
+        (Domain { inner: inner.clone() }, rec)
     };
-    let off = (addr - inner.window_base as usize) as u64;
-    let rec = inner.registry.lookup_offset(off).ok_or_else(|| {
-        Error::new(ErrorKind::NotFound, format!("no live section of domain {:?} covers address {addr:#x}", inner.name))
-    })?;
-    Ok((inner.window_base + rec.offset, rec.kind))
+    drop(Section::open_record(domain.clone(), rec)?);
+    Ok((domain.inner.window_base + rec.offset, rec.kind))
+}
+
+/// For code that reads section memory found from a bare address (a heap header behind a
+/// `ShmAlloc` read from shared memory, a block handed over through a queue): makes sure
+/// `[addr, addr + len)` is mapped when this process has an eager domain attached, where no
+/// handler maps sections on first touch. Without an eager domain this is one relaxed load and
+/// the handler maps on first touch as usual.
+#[inline]
+pub(crate) fn map_for_address(addr: usize, len: usize) -> Result<()> {
+    if !fault::eager_domains_attached() || fault::range_mapped(addr, len) {
+        return Ok(());
+    }
+    ensure_mapped(addr, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> DomainOptions {
+        DomainOptions { window_size: 64 << 20, max_procs: 4, ..Default::default() }
+    }
+
+    #[test]
+    fn a_token_names_one_registration_never_a_later_user_of_its_slot() {
+        let name = format!("u-ident-{}", std::process::id());
+        let d = Domain::attach_with(&name, &opts()).unwrap();
+        let first = d.peer_token();
+        assert_ne!(first, 0);
+        assert!(d.peer_alive(first), "our own token is seen held (the query descriptor holds no lock)");
+        assert_eq!(d.peer_token(), first, "stable while attached");
+        // Keep the domain (a persistent section) and attach again: same slot, new incarnation.
+        let s = d.create_section("keep", 4096, &SectionOptions::default()).unwrap();
+        drop(s);
+        d.detach().unwrap();
+        let d = Domain::attach_with(&name, &opts()).unwrap();
+        let second = d.peer_token();
+        assert_ne!(second, first, "a new registration has a new token");
+        assert!(!d.peer_alive(first), "the earlier registration is dead, though its slot is in use again");
+        assert!(d.peer_alive(second));
+        assert!(!d.peer_alive(0) && !d.peer_alive(NO_TOKEN), "nobody");
+        assert_eq!(d.peer_pid(second), os::current_pid());
+        d.delete_section("keep").unwrap();
+        d.detach().unwrap();
+    }
 }

@@ -86,6 +86,13 @@ impl Error {
             ),
             _ if err.raw_os_error() == Some(libc_errno::ENOMEM) => message
                 .push_str(" (out of memory, or this process has too many mappings: see /proc/sys/vm/max_map_count)"),
+            _ if err.raw_os_error() == Some(libc_errno::EMFILE) => message.push_str(
+                " (this process has as many descriptors open as its limit RLIMIT_NOFILE allows: raise it with \
+                 `ulimit -n` or setrlimit(2), or close descriptors it does not need)",
+            ),
+            _ if err.raw_os_error() == Some(libc_errno::ENFILE) => {
+                message.push_str(" (the system-wide table of open files is full: see /proc/sys/fs/file-max)")
+            }
             _ => {}
         }
         Error { kind, message, source: Some(err) }
@@ -109,6 +116,8 @@ mod libc_errno {
     pub const ENOMEM: i32 = 12;
     pub const EACCES: i32 = 13;
     pub const EEXIST: i32 = 17;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
     pub const ENOSPC: i32 = 28;
 }
 

@@ -12,6 +12,20 @@
 //! seqlocked entry read (no locks, no allocation), building the object name in a stack buffer,
 //! and `openat`/`fstat`/`mmap`/`close` as raw system calls. errno is saved and restored.
 //!
+//! # When it cannot map
+//! A fault inside an attached domain's window that the handler cannot repair (no live section
+//! there, the object cannot be opened: `EMFILE`, `EACCES`, gone; it is truncated or foreign;
+//! `mmap` fails: `ENOMEM` at `vm.max_map_count`; the domain is eager; a `SIGBUS` in a section)
+//! is reported with one line on stderr before the fault goes on to the previous handler (by
+//! default: the process dies of the signal as it would have without us), for example
+//!
+//! ```text
+//! shmgadget: first touch of 0x200000200010 in section "data" of domain "app" cannot map it: cannot open its object "shmgadget.app:7:data": EMFILE (this process has as many descriptors open as RLIMIT_NOFILE allows: raise `ulimit -n`); the access crashes
+//! ```
+//!
+//! The line is built in a stack buffer and written with one `write(2)` (`os::write_stderr`):
+//! no allocation, no lock. [`ensure_mapped`] reports the same failures as an [`Error`].
+//!
 //! # Protocols
 //! * **Domain table.** `DOMAINS` holds pointers to attached domains. A handler increments
 //!   `ACTIVE` before reading the table and decrements it when done; detaching clears its entry
@@ -37,10 +51,12 @@
 //!   itself).
 //! * Threads that block `SIGSEGV`, and hosts that own it: attach with `eager` mode
 //!   (`SHMGADGET_EAGER=1`), which installs no handler and maps every section at attach; new
-//!   sections are then reached through [`ensure_mapped`] or `Domain::map_all`.
+//!   sections are then reached through [`ensure_mapped`] or `Domain::map_all`. shmgadget's own
+//!   calls that start from a bare address (`heap::free`, `heap::realloc`, a [`ShmAlloc`] read
+//!   from shared memory, `BlockAddr::into_box`) map the section they reach themselves.
 //! * Debuggers stop at every first touch: in gdb, `handle SIGSEGV nostop noprint pass`.
 //! * A deleted section is never remapped: touching it in a process that had not mapped it is
-//!   an ordinary crash.
+//!   an ordinary crash (after the line saying that no live section is there).
 
 use std::ffi::CStr;
 use std::sync::Arc;
@@ -48,6 +64,8 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crate::domain::DomainInner;
 use crate::error::{Error, ErrorKind, Result};
+#[cfg(doc)]
+use crate::heap::ShmAlloc;
 use crate::os::{self, FaultSignal};
 use crate::registry::SectionRecord;
 
@@ -60,6 +78,8 @@ static DOMAINS: [AtomicPtr<DomainInner>; MAX_ATTACHED_DOMAINS] =
     [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_ATTACHED_DOMAINS];
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 static FIRST_TOUCH_MAPS: AtomicU64 = AtomicU64::new(0);
+/// How many domains in the table are eager (no mapping on first touch).
+static EAGER_DOMAINS: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     /// The last address this thread faulted on that was already mapped, and how often in a
@@ -86,12 +106,27 @@ pub(crate) fn install() -> Result<()> {
         .map_err(|e| Error::from_io("cannot install the first-touch fault handler", e))
 }
 
+/// Whether this process has an eager domain attached: then code that reaches section memory
+/// through a bare address must map it first (nothing maps it on first touch). One relaxed load,
+/// so address-based paths stay as fast as before when no domain is eager.
+#[inline]
+pub(crate) fn eager_domains_attached() -> bool {
+    // Relaxed: an address inside an eager domain's window reaches this thread only through
+    // that attachment (a handle, or memory reached through one), which was made after the
+    // increment in `register` and handed to this thread with synchronisation of its own.
+    EAGER_DOMAINS.load(Ordering::Relaxed) != 0
+}
+
 /// Makes an attached domain visible to the handler and to [`ensure_mapped`].
 pub(crate) fn register(inner: &Arc<DomainInner>) -> Result<()> {
     let ptr = Arc::as_ptr(inner).cast_mut();
     for slot in &DOMAINS {
         // SeqCst: see the domain-table protocol in the module docs.
         if slot.compare_exchange(std::ptr::null_mut(), ptr, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            if !inner.first_touch {
+                // Relaxed: see `eager_domains_attached`.
+                EAGER_DOMAINS.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(());
         }
     }
@@ -106,7 +141,12 @@ pub(crate) fn unregister(inner: &DomainInner) {
     let ptr = (inner as *const DomainInner).cast_mut();
     for slot in &DOMAINS {
         // SeqCst: see the domain-table protocol in the module docs.
-        let _ = slot.compare_exchange(ptr, std::ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst);
+        if slot.compare_exchange(ptr, std::ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst).is_ok()
+            && !inner.first_touch
+        {
+            // Relaxed: see `eager_domains_attached`.
+            EAGER_DOMAINS.fetch_sub(1, Ordering::Relaxed);
+        }
     }
     // SeqCst: pairs with the handler's increment (store-load pattern, see module docs).
     while ACTIVE.load(Ordering::SeqCst) != 0 {
@@ -139,23 +179,82 @@ fn with_domain<R>(addr: usize, f: impl FnOnce(&DomainInner) -> R) -> Option<R> {
     out
 }
 
+/// Whether every section overlapping `[start, start + len)` is mapped in this process (false
+/// if part of the range lies outside the attached windows or where no live section is).
+/// Lock-free: the handler's domain table, the registry's chunk table, the mapping words.
+pub(crate) fn range_mapped(start: usize, len: usize) -> bool {
+    let Some(end) = start.checked_add(len.max(1)) else {
+        return false;
+    };
+    let mut at = start;
+    while at < end {
+        let next = with_domain(at, |d| {
+            let rec = d.registry.lookup_offset((at - d.window_base as usize) as u64)?;
+            d.is_mapped(&rec).then_some((d.window_base + rec.offset + rec.reserved) as usize)
+        });
+        match next.flatten() {
+            Some(n) => at = n,
+            None => return false,
+        }
+    }
+    true
+}
+
 /// The fault hook. Async-signal-safe.
 fn on_fault(sig: FaultSignal, addr: usize) -> bool {
-    // SIGBUS inside a mapped section means its object is shorter than the mapping (truncated
-    // by someone) or the backing store had no page for it: mapping again cannot help.
-    if sig == FaultSignal::Bus {
-        return false;
-    }
-    with_domain(addr, |d| d.first_touch && d.fault_in(addr)).unwrap_or(false)
+    with_domain(addr, |d| d.on_fault(sig, addr)).unwrap_or(false)
+}
+
+/// Why a fault in a domain's window could not be repaired.
+enum Failure {
+    /// No live section covers the address.
+    NoSection,
+    /// The domain is eager: the handler does not map its sections.
+    Eager,
+    /// `SIGBUS` in a section: its object is shorter than the mapping, or had no page.
+    Bus,
+    /// Another thread of this process started mapping the section and never finished.
+    Wedged,
+    /// The section is recorded as mapped, mapping it again did not help.
+    StillFaulting,
+    /// The object name did not fit the stack buffer (cannot happen with valid names).
+    NameTooLong,
+    Open(std::io::Error),
+    Stat(std::io::Error),
+    NotRegular,
+    /// The object's size differs from the section's reserved size.
+    Size(u64),
+    /// The object belongs to this uid, and foreign owners are not accepted.
+    Owner(u32),
+    Map(std::io::Error),
 }
 
 impl DomainInner {
-    /// Maps the section covering `addr`, if any. Async-signal-safe.
-    fn fault_in(&self, addr: usize) -> bool {
+    /// Repairs a fault at `addr` inside this domain's window, or says why not (on stderr) and
+    /// returns false. Async-signal-safe.
+    fn on_fault(&self, sig: FaultSignal, addr: usize) -> bool {
         let offset = (addr - self.window_base as usize) as u64;
-        let Some(rec) = self.registry.lookup_offset(offset) else {
-            return false; // no live section there: a genuine crash
+        let rec = self.registry.lookup_offset(offset);
+        let result = match (&rec, sig) {
+            // SIGBUS inside a mapped section means its object is shorter than the mapping
+            // (truncated by someone) or the backing store had no page for it: mapping again
+            // cannot help.
+            (_, FaultSignal::Bus) => Err(Failure::Bus),
+            (None, _) => Err(Failure::NoSection),
+            (Some(_), _) if !self.first_touch => Err(Failure::Eager),
+            (Some(rec), FaultSignal::Segv) => self.fault_in(addr, rec),
         };
+        match result {
+            Ok(()) => true,
+            Err(why) => {
+                self.report(addr, rec.as_ref(), &why);
+                false
+            }
+        }
+    }
+
+    /// Maps section `rec`, which covers `addr`. Async-signal-safe.
+    fn fault_in(&self, addr: usize, rec: &SectionRecord) -> Result<(), Failure> {
         let word = &self.mapped[rec.slot as usize];
         let mut spins = 0u64;
         loop {
@@ -163,27 +262,27 @@ impl DomainInner {
             // `gen` retries its access after the mapping exists.
             let cur = word.load(Ordering::Acquire);
             if cur == rec.generation {
-                return self.already_mapped(addr, &rec);
+                return self.already_mapped(addr, rec);
             }
             if cur == rec.generation | BUSY {
                 spins += 1;
                 if spins > 1 << 26 {
-                    return false; // the mapping thread is wedged; crash rather than hang
+                    return Err(Failure::Wedged); // crash rather than hang
                 }
                 std::hint::spin_loop();
                 continue;
             }
             // Acquire on success: orders our mapping after the previous owner's (see table).
             if word.compare_exchange(cur, rec.generation | BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                let ok = self.map_signal_safe(&rec);
+                let mapped = self.map_signal_safe(rec);
                 // Release: publishes the new mapping to threads that read `gen`.
-                word.store(if ok { rec.generation } else { cur }, Ordering::Release);
-                if ok {
+                word.store(if mapped.is_ok() { rec.generation } else { cur }, Ordering::Release);
+                if mapped.is_ok() {
                     // Relaxed: a statistic.
                     FIRST_TOUCH_MAPS.fetch_add(1, Ordering::Relaxed);
                     REPEAT.with(|r| r.set((0, 0)));
                 }
-                return ok;
+                return mapped;
             }
         }
     }
@@ -191,7 +290,7 @@ impl DomainInner {
     /// A fault on a section recorded as mapped: normally another thread finished mapping it
     /// just after we faulted, and retrying works. If the same address keeps faulting, the
     /// mapping was removed behind our back: map it again once, then give up.
-    fn already_mapped(&self, addr: usize, rec: &SectionRecord) -> bool {
+    fn already_mapped(&self, addr: usize, rec: &SectionRecord) -> Result<(), Failure> {
         let count = REPEAT.with(|r| {
             let (last, n) = r.get();
             let n = if last == addr { n + 1 } else { 1 };
@@ -199,41 +298,188 @@ impl DomainInner {
             n
         });
         match count {
-            1 => true,
+            1 => Ok(()),
             2 => self.map_signal_safe(rec),
-            _ => false,
+            _ => Err(Failure::StillFaulting),
         }
     }
 
-    /// Opens and maps a section's object at its place. Async-signal-safe: a stack buffer for
-    /// the name, raw system calls, no allocation.
-    fn map_signal_safe(&self, rec: &SectionRecord) -> bool {
+    /// Opens and maps a section's object at its place, then closes it. Async-signal-safe: a
+    /// stack buffer for the name, raw system calls, no allocation.
+    fn map_signal_safe(&self, rec: &SectionRecord) -> Result<(), Failure> {
         let mut buf = [0u8; 256];
-        let Some(name) = object_name_cstr(&mut buf, &self.name, rec.generation, rec.name.as_str()) else {
-            return false;
-        };
-        let Ok(fd) = os::open_object_cstr(os::borrow(self.registry.dir()), name) else {
-            return false; // deleted meanwhile, or no permission: not ours to fix
-        };
-        let Ok(st) = os::stat_object(os::borrow(&fd)) else {
-            return false;
-        };
-        if !st.is_regular || st.size != rec.reserved || (st.uid != os::effective_uid() && !self.allow_foreign_owner) {
-            return false;
+        let name =
+            object_name_cstr(&mut buf, &self.name, rec.generation, rec.name.as_str()).ok_or(Failure::NameTooLong)?;
+        let fd = os::open_object_cstr(os::borrow(self.registry.dir()), name).map_err(Failure::Open)?;
+        let st = os::stat_object(os::borrow(&fd)).map_err(Failure::Stat)?;
+        if !st.is_regular {
+            return Err(Failure::NotRegular);
+        }
+        if st.size != rec.reserved {
+            return Err(Failure::Size(st.size));
+        }
+        if st.uid != os::effective_uid() && !self.allow_foreign_owner {
+            return Err(Failure::Owner(st.uid));
         }
         let addr = (self.window_base + rec.offset) as usize;
         // SAFETY: the range is this section's place inside our window reservation (validated
         // against the window size when the record was read); nothing else is mapped there in
         // this process (the fault proves the page was not mapped, and the slot's BUSY/mapped
         // word keeps other threads of this process from mapping it concurrently).
-        unsafe { os::map_shared_fixed(os::borrow(&fd), addr, rec.reserved as usize, true) }.is_ok()
+        unsafe { os::map_shared_fixed(os::borrow(&fd), addr, rec.reserved as usize, true) }.map_err(Failure::Map)
+        // `fd` is closed here: the mapping keeps the object alive.
+    }
+
+    /// Writes one line to stderr saying why the fault at `addr` was not repaired.
+    /// Async-signal-safe: built in a stack buffer, one `write(2)`.
+    #[inline(never)]
+    fn report(&self, addr: usize, rec: Option<&SectionRecord>, why: &Failure) {
+        let mut line = Line::new();
+        line.push(b"shmgadget: ");
+        let section = |line: &mut Line| {
+            if let Some(rec) = rec {
+                line.push(b"in section \"").push(rec.name.as_str().as_bytes()).push(b"\" ");
+            }
+            line.push(b"of domain \"").push(self.name.as_bytes()).push(b"\"");
+        };
+        match why {
+            Failure::NoSection => {
+                line.push(b"fault at ").hex(addr as u64).push(b" in the window of domain \"");
+                line.push(self.name.as_bytes()).push(b"\", where no live section is (deleted, or a stray pointer)");
+            }
+            Failure::Bus => {
+                line.push(b"SIGBUS at ").hex(addr as u64).push(b" ");
+                section(&mut line);
+                line.push(
+                    b": its object is shorter than the section (truncated?) or the backing store had no page \
+                      for it (full? commit memory before touching it)",
+                );
+            }
+            Failure::Eager => {
+                line.push(b"fault at ").hex(addr as u64).push(b" ");
+                section(&mut line);
+                line.push(
+                    b", which this process has not mapped: the domain is attached in eager mode (no mapping \
+                      on first touch); call ensure_mapped or map_all before using its address",
+                );
+            }
+            _ => {
+                line.push(b"first touch of ").hex(addr as u64).push(b" ");
+                section(&mut line);
+                line.push(b" cannot map it: ");
+                let mut obj = [0u8; 256];
+                let object = rec
+                    .and_then(|r| object_name_cstr(&mut obj, &self.name, r.generation, r.name.as_str()))
+                    .map_or(&b"?"[..], |c| c.to_bytes());
+                let errno = |line: &mut Line, e: &std::io::Error| match os::errno_name(e) {
+                    Some((name, text)) => {
+                        line.push(name.as_bytes()).push(b" (").push(text.as_bytes()).push(b")");
+                    }
+                    None => {
+                        line.push(b"os error ").dec(e.raw_os_error().unwrap_or(0) as u64);
+                    }
+                };
+                match why {
+                    Failure::Wedged => {
+                        line.push(b"another thread of this process started mapping it and never finished");
+                    }
+                    Failure::StillFaulting => {
+                        line.push(
+                            b"it is mapped, yet the access keeps faulting (unmapped or protected by other code?)",
+                        );
+                    }
+                    Failure::NameTooLong => {
+                        line.push(b"its object name is too long");
+                    }
+                    Failure::Open(e) => {
+                        line.push(b"cannot open its object \"").push(object).push(b"\": ");
+                        errno(&mut line, e);
+                    }
+                    Failure::Stat(e) => {
+                        line.push(b"cannot stat its object \"").push(object).push(b"\": ");
+                        errno(&mut line, e);
+                    }
+                    Failure::NotRegular => {
+                        line.push(b"its object \"").push(object).push(b"\" is not a regular file");
+                    }
+                    Failure::Size(size) => {
+                        line.push(b"its object \"")
+                            .push(object)
+                            .push(b"\" is ")
+                            .dec(*size)
+                            .push(b" bytes but the section has ");
+                        line.dec(rec.map_or(0, |r| r.reserved)).push(b" (truncated? remove it with `shmgadget rm`)");
+                    }
+                    Failure::Owner(uid) => {
+                        line.push(b"its object \"").push(object).push(b"\" belongs to uid ").dec(*uid as u64);
+                        line.push(b", not to this process's user (attach with allow_foreign_owner to accept it)");
+                    }
+                    Failure::Map(e) => {
+                        line.push(b"mmap failed: ");
+                        errno(&mut line, e);
+                    }
+                    Failure::NoSection | Failure::Bus | Failure::Eager => {}
+                }
+            }
+        }
+        line.push(b"; the access crashes");
+        os::write_stderr(line.finish());
     }
 }
 
-/// Writes `shmgadget.<domain>:<gen>:<section>\0` into `buf` without allocating.
-fn object_name_cstr<'a>(buf: &'a mut [u8; 256], domain: &str, generation: u64, section: &str) -> Option<&'a CStr> {
-    let mut digits = [0u8; 20];
-    let mut n = generation;
+/// One line of text built without allocating (for the signal handler); silently truncated at
+/// its capacity, always ending in a newline.
+struct Line {
+    buf: [u8; 768],
+    len: usize,
+}
+
+impl Line {
+    fn new() -> Line {
+        Line { buf: [0; 768], len: 0 }
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> &mut Line {
+        // One byte stays free for the newline.
+        let n = bytes.len().min(self.buf.len() - 1 - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+        self
+    }
+
+    fn dec(&mut self, v: u64) -> &mut Line {
+        let mut digits = [0u8; 20];
+        let used = decimal(&mut digits, v);
+        self.push(used)
+    }
+
+    fn hex(&mut self, v: u64) -> &mut Line {
+        let mut digits = [0u8; 18];
+        let mut i = digits.len();
+        let mut n = v;
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(n & 15) as usize];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
+        i -= 2;
+        digits[i] = b'0';
+        digits[i + 1] = b'x';
+        self.push(&digits[i..])
+    }
+
+    fn finish(&mut self) -> &[u8] {
+        self.buf[self.len] = b'\n';
+        &self.buf[..=self.len]
+    }
+}
+
+/// Writes `v` in decimal at the end of `digits`; returns the digits used.
+fn decimal(digits: &mut [u8; 20], v: u64) -> &[u8] {
+    let mut n = v;
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -243,8 +489,15 @@ fn object_name_cstr<'a>(buf: &'a mut [u8; 256], domain: &str, generation: u64, s
             break;
         }
     }
+    &digits[i..]
+}
+
+/// Writes `shmgadget.<domain>:<gen>:<section>\0` into `buf` without allocating.
+fn object_name_cstr<'a>(buf: &'a mut [u8; 256], domain: &str, generation: u64, section: &str) -> Option<&'a CStr> {
+    let mut digits = [0u8; 20];
+    let generation = decimal(&mut digits, generation);
     let parts: [&[u8]; 6] =
-        [crate::names::OBJECT_PREFIX.as_bytes(), domain.as_bytes(), b":", &digits[i..], b":", section.as_bytes()];
+        [crate::names::OBJECT_PREFIX.as_bytes(), domain.as_bytes(), b":", generation, b":", section.as_bytes()];
     let mut at = 0;
     for p in parts {
         buf.get_mut(at..at + p.len())?.copy_from_slice(p);
@@ -257,7 +510,10 @@ fn object_name_cstr<'a>(buf: &'a mut [u8; 256], domain: &str, generation: u64, s
 /// Makes sure every section overlapping `[ptr, ptr + len)` is mapped in this process, for code
 /// about to hand that memory to the kernel (a system call never faults, it fails with
 /// `EFAULT`). Fails with `InvalidArgument` if the range leaves the attached domains' windows,
-/// and `NotFound` if part of it lies where no live section is.
+/// `NotFound` if part of it lies where no live section is (or a section's object is gone),
+/// and with the reason a section could not be mapped otherwise: `PermissionDenied` (mode,
+/// foreign owner), `Corrupt` (object truncated or resized), `Os` (descriptor limit
+/// `EMFILE`, `ENOMEM` at `vm.max_map_count`, ...), each with a message saying what to do.
 pub fn ensure_mapped(ptr: *const u8, len: usize) -> Result<()> {
     crate::domain::ensure_mapped(ptr as usize, len)
 }

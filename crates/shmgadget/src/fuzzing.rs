@@ -217,7 +217,7 @@ fn registry_bytes(data: &[u8]) {
         assert!(!rec.name.as_str().is_empty() && rec.name.as_str() != "?", "a record with a bad name: {rec:?}");
     }
     let _ = scan.describe();
-    let _ = reg.procs(None);
+    let _ = reg.procs();
     for slot in 0..reg.max_sections.min(256) {
         let _ = reg.read_entry(slot);
     }
@@ -243,7 +243,7 @@ fn registry_bytes(data: &[u8]) {
         u64::MAX,
         u64::from_le_bytes(data.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8])),
     ] {
-        let _ = reg.token_alive(token, None);
+        let _ = reg.proc_alive(token);
     }
 }
 
@@ -269,7 +269,7 @@ pub fn registry_seeds() -> Vec<Vec<u8>> {
         let reg = Registry::create(dir, REGISTRY_DOMAIN, &params).expect("a seed registry");
         {
             let g = reg.lock().expect("the seed registry's lock");
-            let _ = g.register_proc();
+            let _ = g.register_proc(4242);
             let kinds = [SectionKind::Raw, SectionKind::Heap, SectionKind::Queue];
             let mut recs = Vec::new();
             for i in 0..sections {

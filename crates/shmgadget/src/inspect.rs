@@ -107,7 +107,7 @@ fn report(reg: &Registry) -> DomainReport {
             .filter(|r| r.state == registry::LIVE)
             .map(|r| SectionInfo::from_record(reg, r))
             .collect(),
-        processes: reg.procs(None).iter().map(ProcessInfo::from_record).collect(),
+        processes: reg.procs().iter().map(ProcessInfo::from_record).collect(),
         damaged: scan.damaged,
         problems: scan.problems,
     }
@@ -333,15 +333,15 @@ fn gc_domain(
     // Sections whose creator died before making them ready: nobody can finish them. The
     // creator's token is checked under the lock, so a live creator is never robbed.
     for rec in &scan.entries {
-        if rec.state == registry::LIVE && !rec.ready && !reg.token_alive(rec.creator_token, None) {
+        if rec.state == registry::LIVE && !rec.ready && !reg.proc_alive(rec.creator_token) {
             guard.remove(rec)?;
             out.removed_unfinished.push((d.to_owned(), rec.name.as_str().to_owned(), rec.creator_pid));
         }
     }
-    for pid in guard.reap_dead_procs(None) {
+    for pid in guard.reap_dead_procs() {
         out.dead_processes.push((d.to_owned(), pid));
     }
-    if !guard.others_alive(None) {
+    if !guard.others_alive() {
         for rec in guard.all_entries() {
             if !scan.entries.iter().any(|s| s.slot == rec.slot && s.generation == rec.generation) {
                 continue; // not among the validated entries (a duplicate generation, say)
@@ -354,7 +354,7 @@ fn gc_domain(
             }
         }
     }
-    if sound && !guard.any_slot_used() && !guard.others_alive(None) {
+    if sound && !guard.any_slot_used() && !guard.others_alive() {
         remove_registry(dir_fd, d)?;
         out.removed_domains.push(d.to_owned());
         return Ok(Verdict::Gone { remove: true });

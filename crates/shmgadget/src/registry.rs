@@ -51,9 +51,29 @@
 //! `EOWNERDEAD`. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
 //! `DELETING` (or with an odd `seq`) has its object unlinked and its slot and chunks freed; a
 //! `LIVE` entry with an odd `seq` only gets `seq` made even. It then marks the mutex consistent.
-//! Attached processes hold an OFD write lock on the byte at their process entry's offset (the
-//! liveness token); the kernel drops it when they die, so a dead attachment is recognised without
-//! trusting PIDs, and its slot is reused.
+//!
+//! # Process entries and liveness tokens
+//! An attached process holds an OFD write lock on the byte at its process entry's offset (its
+//! liveness token); the kernel drops it when the process dies, so a dead attachment is
+//! recognised without trusting pids (which mean nothing across PID namespaces and are reused).
+//! * Each registration opens the registry object anew and locks its byte through that
+//!   descriptor, its own open file description ([`RegistryGuard::register_proc`]); the
+//!   descriptor lives in an [`os::TokenCell`] so the fork handlers can take it away from a
+//!   forked child (see `os`). The handle's own descriptor, `fd`, never takes a lock, so
+//!   `F_OFD_GETLK` through it sees every token, this process's own included.
+//! * `incarnation` is bumped at every registration of the slot, before the lock is taken. A
+//!   token is `(slot + 1) << 32 | incarnation` ([`ProcToken`]): it names one registration, never
+//!   a later user of the same slot. Liveness of a token = its byte is locked (checked first),
+//!   then (Acquire) the entry is in use with the same incarnation.
+//! * `state`, `pid`, `uid`, `incarnation` and `attached_at` are written under `lock`; `pid`
+//!   is also written once by a forked child's fork handler for the entry made for it just
+//!   before the fork (see `Domain`). `pid` and `uid` are for display only.
+//!
+//! | entry `state` | lock on its byte | meaning |
+//! |---|---|---|
+//! | 0 | none / any | free (a lock still held is a registration being released) |
+//! | 1 | held | attached and alive |
+//! | 1 | none | its process died (or closed its token): reaped by the next `reap_dead_procs` |
 //!
 //! # Damage
 //! Every reader validates before it trusts: the header on open ([`Registry::open`]), each
@@ -108,7 +128,9 @@ pub const DEFAULT_MAX_PROCS: u32 = 1024;
 pub const MAX_TABLE_ENTRIES: u32 = 1 << 16;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
-const LAYOUT_VERSION: u32 = 2;
+/// 2: process entries carry an `incarnation`, and tokens are `(slot, incarnation)`.
+/// 3: section entries carry their creator's token and a ready word (all-or-nothing creation).
+const LAYOUT_VERSION: u32 = 3;
 const READY: u32 = 0x5244_5921; // "RDY!"
 const TOMBSTONE: u32 = u32::MAX;
 
@@ -263,7 +285,8 @@ pub(crate) struct ProcEntryShared {
     state: AtomicU32,
     pid: AtomicU32,
     uid: AtomicU32,
-    _pad0: AtomicU32,
+    /// Bumped (never to 0) at each registration of this slot.
+    incarnation: AtomicU32,
     attached_at: AtomicU64,
     _reserved: [AtomicU64; 5],
 }
@@ -277,6 +300,7 @@ const _: () = {
     assert!(offset_of!(SectionEntryShared, creator_token) == 144);
     assert!(offset_of!(SectionEntryShared, ready) == 152);
     assert!(size_of::<ProcEntryShared>() == 64);
+    assert!(offset_of!(ProcEntryShared, incarnation) == 12);
 };
 
 /// A hash of everything that decides the shared layout, so two builds that disagree on it
@@ -396,6 +420,21 @@ impl SectionRecord {
     /// Bytes of window this section occupies (its reserved size rounded up to the chunk).
     pub(crate) fn span(&self) -> u64 {
         self.reserved.div_ceil(CHUNK) * CHUNK
+    }
+}
+
+/// A process registration's liveness token: `(slot + 1) << 32 | incarnation`, never 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcToken(pub u64);
+
+impl ProcToken {
+    fn new(slot: u32, incarnation: u32) -> ProcToken {
+        ProcToken((slot as u64 + 1) << 32 | incarnation as u64)
+    }
+    /// The slot and incarnation, if the value is a token at all.
+    fn parts(self) -> Option<(u32, u32)> {
+        let (hi, lo) = ((self.0 >> 32) as u32, self.0 as u32);
+        (hi != 0 && lo != 0).then(|| (hi - 1, lo))
     }
 }
 
@@ -1274,20 +1313,26 @@ impl Registry {
             .collect()
     }
 
-    /// Every process entry in use, with its liveness. `own_slot` (this process's own entry, whose
-    /// token our own descriptor holds and so cannot see) counts as alive.
-    pub fn procs(&self, own_slot: Option<u32>) -> Vec<ProcRecord> {
+    /// Whether the token byte of process slot `slot` is locked by anyone (this process's own
+    /// token descriptors included: `fd` never holds a lock). An error counts as locked, so a
+    /// failing query never declares a live process dead.
+    fn proc_locked(&self, slot: u32) -> bool {
+        os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true)
+    }
+
+    /// Every process entry in use, with its liveness (from the kernel's lock table).
+    pub fn procs(&self) -> Vec<ProcRecord> {
         // Relaxed: an upper bound only.
         let high = self.header().procs_high.load(Ordering::Relaxed).min(self.max_procs);
         (0..high)
             .filter_map(|slot| {
                 let p = self.proc_entry(slot);
-                // Relaxed: informational fields; liveness comes from the kernel's lock table.
-                if p.state.load(Ordering::Relaxed) == 0 {
+                let alive = self.proc_locked(slot);
+                // Acquire: after the lock query, as in `proc_alive`. The other fields are
+                // informational.
+                if p.state.load(Ordering::Acquire) == 0 {
                     return None;
                 }
-                let alive = own_slot == Some(slot)
-                    || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true);
                 Some(ProcRecord {
                     slot,
                     pid: p.pid.load(Ordering::Relaxed),
@@ -1299,29 +1344,35 @@ impl Registry {
             .collect()
     }
 
-    /// Whether the process entry `slot` is in use by `pid` and that process is alive (holds its
-    /// liveness token). `own_slot` counts as alive.
-    pub fn proc_alive(&self, slot: u32, pid: u32, own_slot: u32) -> bool {
-        if slot >= self.max_procs {
+    /// Whether the registration `token` names is still in place and its process alive (holds
+    /// its liveness lock). 0, or anything that is not a token of this registry, is nobody.
+    pub fn proc_alive(&self, token: u64) -> bool {
+        let Some((slot, incarnation)) = ProcToken(token).parts() else { return false };
+        if slot >= self.max_procs || !self.proc_locked(slot) {
             return false;
         }
         let p = self.proc_entry(slot);
-        // Relaxed: informational fields; liveness comes from the kernel's lock table.
-        if p.state.load(Ordering::Relaxed) == 0 || p.pid.load(Ordering::Relaxed) != pid {
-            return false;
-        }
-        slot == own_slot || os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true)
+        // Acquire, and only after the lock query: a new registration of the slot bumps
+        // `incarnation` before it takes the lock, so a lock seen held by a newer registration
+        // comes with its newer incarnation (the kernel's lock table orders the two).
+        p.state.load(Ordering::Acquire) != 0 && p.incarnation.load(Ordering::Acquire) == incarnation
     }
 
-    /// Whether the process that recorded peer token `token` is attached and alive. Decodes
-    /// the token as `Domain::peer_token` makes it (keep the two in step); `own_slot` (the
-    /// caller's process entry, if attached) counts as alive. For `gc`, which does not attach.
-    pub fn token_alive(&self, token: u64, own_slot: Option<u32>) -> bool {
-        if token == 0 {
-            return false;
+    /// The pid recorded for the registration `token` names (for display), if it is in place.
+    pub fn proc_pid(&self, token: u64) -> Option<u32> {
+        let (slot, incarnation) = ProcToken(token).parts()?;
+        if slot >= self.max_procs {
+            return None;
         }
-        let (slot, pid) = (((token >> 32) as u32).wrapping_sub(1), token as u32);
-        self.proc_alive(slot, pid, own_slot.unwrap_or(u32::MAX))
+        let p = self.proc_entry(slot);
+        // Relaxed: display only.
+        (p.incarnation.load(Ordering::Relaxed) == incarnation).then(|| p.pid.load(Ordering::Relaxed))
+    }
+
+    /// The pid word of process slot `slot` (a forked child writes its pid there).
+    pub(crate) fn proc_pid_word(&self, token: u64) -> Option<&AtomicU32> {
+        let (slot, _) = ProcToken(token).parts()?;
+        (slot < self.max_procs).then(|| &self.proc_entry(slot).pid)
     }
 
     /// Takes the registry lock, repairing the registry first if the previous holder died.
@@ -1723,30 +1774,61 @@ impl RegistryGuard<'_> {
         self.rebuild_index();
     }
 
-    /// Claims a process slot for the calling process and takes its liveness token.
-    pub fn register_proc(&self) -> Result<u32> {
+    /// Claims a process slot and takes its liveness token through a new open file description
+    /// of the registry object. Returns the token and the descriptor holding its lock (closing
+    /// every descriptor of that description releases it). `pid` is recorded for display.
+    pub fn register_proc(&self, pid: u32) -> Result<(ProcToken, OwnedFd)> {
         let reg = self.reg;
         let h = reg.header();
+        let object = names::registry_object(&reg.domain);
+        let fd = os::open_object(os::borrow(&reg.dir), &object, true).map_err(|e| {
+            Error::from_io(format!("cannot open the registry of domain {:?} for a liveness token", reg.domain), e)
+        })?;
+        // The name could now belong to a re-created registry: lock bytes of ours only.
+        let same = match (os::stat_object(os::borrow(&fd)), os::stat_object(os::borrow(&reg.fd))) {
+            (Ok(a), Ok(b)) => a.identity == b.identity,
+            _ => false,
+        };
+        if !same {
+            bail!(
+                Destroyed,
+                "domain {:?} was deleted (its registry object now belongs to a new domain); attach again",
+                reg.domain
+            );
+        }
         for slot in 0..reg.max_procs {
             let p = reg.proc_entry(slot);
-            // Relaxed: under the lock.
-            let used = p.state.load(Ordering::Relaxed) != 0;
-            if used && os::byte_is_locked(os::borrow(&reg.fd), reg.proc_offset(slot)).unwrap_or(true) {
-                continue; // a live process holds it
+            // Locked: a live process holds it, or (state 0) its previous owner has not closed
+            // its token descriptor yet.
+            if reg.proc_locked(slot) {
+                continue;
             }
-            match os::try_lock_byte(os::borrow(&reg.fd), reg.proc_offset(slot)) {
+            // The new incarnation before the lock (see `Registry::proc_alive`). Relaxed: the
+            // byte lock below publishes it (the kernel orders lock-table operations).
+            let incarnation = match p.incarnation.load(Ordering::Relaxed).wrapping_add(1) {
+                0 => 1,
+                n => n,
+            };
+            p.incarnation.store(incarnation, Ordering::Release);
+            p.state.store(1, Ordering::Release);
+            match os::try_lock_byte(os::borrow(&fd), reg.proc_offset(slot)) {
                 Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => return Err(Error::from_io("cannot take the liveness token", e)),
+                Ok(false) => {
+                    p.state.store(0, Ordering::Relaxed);
+                    continue;
+                }
+                Err(e) => {
+                    p.state.store(0, Ordering::Relaxed);
+                    return Err(Error::from_io("cannot take the liveness token", e));
+                }
             }
-            p.pid.store(os::current_pid(), Ordering::Relaxed);
+            p.pid.store(pid, Ordering::Relaxed);
             p.uid.store(os::effective_uid(), Ordering::Relaxed);
             p.attached_at.store(now_secs(), Ordering::Relaxed);
-            p.state.store(1, Ordering::Relaxed);
             if h.procs_high.load(Ordering::Relaxed) <= slot {
                 h.procs_high.store(slot + 1, Ordering::Relaxed);
             }
-            return Ok(slot);
+            return Ok((ProcToken::new(slot, incarnation), fd));
         }
         bail!(
             RegistryFull,
@@ -1756,16 +1838,23 @@ impl RegistryGuard<'_> {
         )
     }
 
-    /// Releases the calling process's slot and token.
-    pub fn unregister_proc(&self, slot: u32) {
+    /// Frees the entry of registration `token` (if it is still that registration's). The
+    /// caller then closes the token's descriptor, which releases the lock.
+    pub fn unregister_proc(&self, token: ProcToken) {
+        let Some((slot, incarnation)) = token.parts() else { return };
+        if slot >= self.reg.max_procs {
+            return;
+        }
+        let p = self.reg.proc_entry(slot);
         // Relaxed: under the lock.
-        self.reg.proc_entry(slot).state.store(0, Ordering::Relaxed);
-        let _ = os::unlock_byte(os::borrow(&self.reg.fd), self.reg.proc_offset(slot));
+        if p.incarnation.load(Ordering::Relaxed) == incarnation {
+            p.state.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Clears the entries of processes whose token is no longer held; returns their pids.
-    pub fn reap_dead_procs(&self, own_slot: Option<u32>) -> Vec<u32> {
-        let dead: Vec<ProcRecord> = self.reg.procs(own_slot).into_iter().filter(|p| !p.alive).collect();
+    pub fn reap_dead_procs(&self) -> Vec<u32> {
+        let dead: Vec<ProcRecord> = self.reg.procs().into_iter().filter(|p| !p.alive).collect();
         for p in &dead {
             // Relaxed: under the lock.
             self.reg.proc_entry(p.slot).state.store(0, Ordering::Relaxed);
@@ -1773,9 +1862,9 @@ impl RegistryGuard<'_> {
         dead.iter().map(|p| p.pid).collect()
     }
 
-    /// Whether any process other than `own_slot` is attached and alive.
-    pub fn others_alive(&self, own_slot: Option<u32>) -> bool {
-        self.reg.procs(own_slot).iter().any(|p| p.alive && Some(p.slot) != own_slot)
+    /// Whether any process is attached and alive.
+    pub fn others_alive(&self) -> bool {
+        self.reg.procs().iter().any(|p| p.alive)
     }
 }
 

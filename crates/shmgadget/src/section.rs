@@ -4,6 +4,16 @@
 //! pages cost memory only once touched or committed. [`Section::commit`] guarantees backing
 //! with `fallocate`, so a full tmpfs is a clean [`ErrorKind::OutOfSpace`] instead of a later
 //! `SIGBUS`; [`Section::decommit`] punches the pages out for every process.
+//!
+//! # No descriptor per section
+//! A [`Section`] keeps no file descriptor: the object's descriptor is closed as soon as it is
+//! mapped (the mapping keeps the object alive), so a process can hold thousands of sections at
+//! a small `ulimit -n`. The calls that need the object again (`commit`, `decommit`, `info`)
+//! reopen it by name through the registry's directory descriptor (`O_NOFOLLOW`), check that it
+//! is still the object this process mapped (same device and inode, same size), make their
+//! call and close it: an open and a close more per call, in exchange for no descriptor at rest.
+//! A section deleted meanwhile cannot be committed any more (`NotFound`); one whose object was
+//! replaced behind the registry's back is refused (`Corrupt`).
 
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
@@ -63,20 +73,24 @@ impl SectionOptions {
 pub struct Section {
     domain: Domain,
     rec: SectionRecord,
-    fd: OwnedFd,
+    /// The object this process mapped: a reopen by name must find this one.
+    object: os::ObjectId,
     addr: NonNull<u8>,
 }
 
 // SAFETY: the handle only holds an address into a shared mapping that lives as long as the
-// attachment it keeps alive, plus a descriptor; neither has thread affinity.
+// attachment it keeps alive, plus plain values; nothing has thread affinity.
 unsafe impl Send for Section {}
 // SAFETY: as above; all methods take `&self` and make system calls or read immutable fields.
 unsafe impl Sync for Section {}
 
 impl Section {
-    /// Maps a section this process just created.
+    /// Maps a section this process just created (and closes `fd`).
     pub(crate) fn map_new(domain: Domain, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
-        Section::map(domain, rec, fd)
+        let id = os::stat_object(os::borrow(&fd))
+            .map(|st| st.identity)
+            .map_err(|e| Error::from_io(format!("cannot stat section {:?}'s new object", rec.name.as_str()), e))?;
+        Section::map(domain, rec, fd, id)
     }
 
     /// Opens and maps an existing section from its registry record.
@@ -91,6 +105,7 @@ impl Section {
             }
         })?;
         let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat a section", e))?;
+        let id = st.identity;
         if st.uid != os::effective_uid() && !domain.inner.allow_foreign_owner {
             bail!(
                 PermissionDenied,
@@ -109,10 +124,12 @@ impl Section {
                 rec.reserved
             );
         }
-        Section::map(domain, rec, fd)
+        Section::map(domain, rec, fd, id)
     }
 
-    fn map(domain: Domain, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
+    /// Maps the object behind `fd` at the section's place (unless this process has it mapped
+    /// already) and closes `fd`: the mapping keeps the object alive, the handle keeps `id`.
+    fn map(domain: Domain, rec: SectionRecord, fd: OwnedFd, id: os::ObjectId) -> Result<Section> {
         let addr = domain.inner.window_base + rec.offset;
         let _guard = domain.inner.map_lock.lock().unwrap_or_else(|p| p.into_inner());
         if !domain.inner.is_mapped(&rec) {
@@ -128,8 +145,42 @@ impl Section {
         // Release: pairs with the Acquire loads in `delete_section`/`unmap_deleted`.
         domain.inner.handles[rec.slot as usize].fetch_add(1, Ordering::Release);
         drop(_guard);
+        drop(fd);
         let addr = NonNull::new(addr as *mut u8).expect("window base is never null");
-        Ok(Section { domain, rec, fd, addr })
+        Ok(Section { domain, rec, object: id, addr })
+    }
+
+    /// Reopens the section's object by name for a call that needs a descriptor (`what` says
+    /// which, for errors), and checks that it is still the object this process mapped. Returns
+    /// the descriptor, which the caller closes when done (drop), and what `fstat` said.
+    fn reopen(&self, writable: bool, what: &str) -> Result<(OwnedFd, os::ObjectStat)> {
+        let name = self.name();
+        let object = names::section_object(&self.domain.inner.name, self.rec.generation, name);
+        let fd = os::open_object(os::borrow(self.domain.inner.registry.dir()), &object, writable).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("cannot {what} section {name:?}: it was deleted (its object {object:?} is gone)"),
+                )
+            } else {
+                Error::from_io(format!("cannot {what} section {name:?}: cannot reopen its object {object:?}"), e)
+            }
+        })?;
+        let st = os::stat_object(os::borrow(&fd))
+            .map_err(|e| Error::from_io(format!("cannot {what} section {name:?}: cannot stat its object"), e))?;
+        if st.identity != self.object || !st.is_regular || st.size != self.rec.reserved {
+            bail!(
+                Corrupt,
+                "cannot {what} section {name:?}: its object {object:?} is no longer the one this process mapped \
+                 ({}); refusing to touch it (remove the section with `shmgadget rm` and create it again)",
+                if st.identity != self.object {
+                    "it was replaced by another file of the same name".to_owned()
+                } else {
+                    format!("it is now {} bytes, the section has {}", st.size, self.rec.reserved)
+                }
+            );
+        }
+        Ok((fd, st))
     }
 
     /// The section's name.
@@ -206,8 +257,10 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        os::allocate(os::borrow(&self.fd), 0, len)
+        let (fd, _) = self.reopen(true, "commit")?;
+        os::allocate(os::borrow(&fd), 0, len)
             .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
+        drop(fd);
         registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, len, true);
         Ok(())
     }
@@ -238,13 +291,16 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        os::punch_hole(os::borrow(&self.fd), offset, len)
+        let (fd, _) = self.reopen(true, "decommit")?;
+        os::punch_hole(os::borrow(&fd), offset, len)
             .map_err(|e| Error::from_io(format!("cannot decommit section {:?}", self.name()), e))?;
+        drop(fd);
         registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, offset, false);
         Ok(())
     }
 
-    /// Current information (committed and resident sizes are read now).
+    /// Current information (committed and resident sizes are read now; `resident` is `None` if
+    /// the object cannot be reopened or is no longer the one this process mapped).
     pub fn info(&self) -> SectionInfo {
         let mut rec = self
             .domain
@@ -255,7 +311,7 @@ impl Section {
             .unwrap_or(self.rec);
         rec.state = registry::LIVE;
         let mut info = SectionInfo::from_record(&self.domain.inner.registry, &rec);
-        info.resident = os::stat_object(os::borrow(&self.fd)).ok().map(|s| s.allocated);
+        info.resident = self.reopen(false, "inspect").ok().map(|(_, st)| st.allocated);
         info
     }
 }

@@ -367,3 +367,114 @@ fn a_replaced_handler_is_noticed_and_chained_to() {
         }
     }
 }
+
+/// The lowest descriptor number not in use: with `RLIMIT_NOFILE` set to it, every open fails
+/// with `EMFILE`.
+fn lowest_free_descriptor() -> u64 {
+    // SAFETY: dup(2) of stderr, closed at once; only learns the number the kernel hands out.
+    unsafe {
+        let fd = libc::dup(2);
+        assert!(fd >= 0);
+        libc::close(fd);
+        fd as u64
+    }
+}
+
+/// Creates one-page mappings that cannot merge (alternating protections) until the kernel
+/// refuses more (`vm.max_map_count`): mapping a section then fails with `ENOMEM`.
+fn exhaust_mappings() {
+    for n in 0.. {
+        let prot = if n % 2 == 0 { libc::PROT_READ } else { libc::PROT_NONE };
+        // SAFETY: a new private anonymous mapping wherever the kernel likes; never used.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        if p == libc::MAP_FAILED {
+            return;
+        }
+    }
+}
+
+fn limit_descriptors(n: u64) {
+    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+    // SAFETY: setrlimit(2) with a valid struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0, "setrlimit");
+}
+
+#[test]
+fn a_first_touch_that_cannot_map_says_why_on_stderr_and_still_crashes() {
+    const TEST: &str = "a_first_touch_that_cannot_map_says_why_on_stderr_and_still_crashes";
+    // (role, what the parent does to the object, the cause the line must name, ensure_mapped's kind)
+    const CASES: [(&str, &str, &str); 5] = [
+        ("descriptors", "EMFILE", "Os"),
+        ("mappings", "ENOMEM", "Os"),
+        ("truncated", "is 4096 bytes but the section has 65536", "Corrupt"),
+        ("unlinked", "ENOENT", "NotFound"),
+        ("permission", "EACCES", "PermissionDenied"),
+    ];
+    match role().as_deref() {
+        Some(cause) if CASES.iter().any(|c| c.0 == cause) => {
+            let _d = Domain::attach_with(&child_domain(), &small(GIB)).unwrap();
+            let addr = addr_env();
+            match cause {
+                "descriptors" => limit_descriptors(lowest_free_descriptor()),
+                "mappings" => exhaust_mappings(),
+                // SAFETY: geteuid/setuid(2); as root we become `nobody`, for whom the object
+                // (mode 000, owned by root) cannot be opened. A non-root owner cannot open a
+                // mode-000 object either.
+                "permission" if unsafe { libc::geteuid() } == 0 => assert_eq!(unsafe { libc::setuid(65534) }, 0),
+                _ => {}
+            }
+            match shmgadget::ensure_mapped(addr as *const u8, 8) {
+                Ok(()) => eprintln!("ENSURE=mapped"),
+                Err(e) => eprintln!("ENSURE={:?}: {e}", e.kind()),
+            }
+            // SAFETY: deliberately crashing: the section at ADDR cannot be mapped.
+            let v = unsafe { (addr as *const u64).read_volatile() };
+            println!("{v}");
+        }
+        _ => {
+            let domain = unique_domain("ft-fail");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            for (cause, expected, kind) in CASES {
+                let name = format!("c-{cause}");
+                let s = d.create_section(&name, 64 * 1024, &SectionOptions::new().transient()).unwrap();
+                // SAFETY: our fresh section.
+                unsafe { s.as_ptr().cast::<u64>().write(5) };
+                let addr = s.as_ptr() as usize + 16;
+                let path = object_path(&d.section_info(&name).unwrap().object);
+                match cause {
+                    "truncated" => std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap(),
+                    "unlinked" => std::fs::remove_file(&path).unwrap(),
+                    "permission" => {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap()
+                    }
+                    _ => {}
+                }
+                let (status, stderr) = run_crashing(TEST, cause, &domain, &[("ADDR", format!("{addr:#x}"))]);
+                assert_eq!(status.signal(), Some(libc::SIGSEGV), "{cause}: still a SIGSEGV: {status}\n{stderr}");
+                let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("shmgadget: ")).collect();
+                assert_eq!(lines.len(), 1, "{cause}: one line from the handler:\n{stderr}");
+                let line = lines[0];
+                for part in [format!("{addr:#x}"), format!("section \"{name}\""), format!("domain \"{domain}\"")] {
+                    assert!(line.contains(&part), "{cause}: the line names {part}: {line}");
+                }
+                assert!(line.contains(expected), "{cause}: the line names the cause {expected:?}: {line}");
+                let ensure = stderr.lines().find_map(|l| l.strip_prefix("ENSURE=")).unwrap_or("(none)");
+                eprintln!("{cause}:\n  handler: {line}\n  ensure_mapped: {ensure}");
+                assert!(ensure.starts_with(&format!("{kind}: ")), "{cause}: ensure_mapped fails with {kind}: {ensure}");
+                assert!(ensure.contains(&name), "{cause}: ensure_mapped's error names the section: {ensure}");
+                if cause == "descriptors" {
+                    assert!(ensure.contains("RLIMIT_NOFILE"), "says which limit: {ensure}");
+                }
+                if cause == "mappings" {
+                    assert!(ensure.contains("max_map_count") && line.contains("max_map_count"), "{ensure}\n{line}");
+                }
+                drop(s);
+                let deleted = d.delete_section(&name);
+                assert!(deleted.is_ok() || cause == "unlinked", "{cause}: {deleted:?}");
+            }
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

@@ -1,6 +1,7 @@
-//! Loom models of the futex-word algorithms (semaphore, event, racing initialisation): every
-//! interleaving of the real code, with loom's atomics and a model futex (see `sync/shim.rs`).
-//! A lost wake-up shows up as a deadlock, which loom reports.
+//! Loom models of the futex-word algorithms (semaphore, event, racing initialisation) and of
+//! the queues (including a byte-queue receiver that dies holding a message and is replaced):
+//! every interleaving of the real code, with loom's atomics and a model futex (see
+//! `sync/shim.rs`). A lost wake-up shows up as a deadlock, which loom reports.
 //!
 //! Run: `RUSTFLAGS="--cfg loom" cargo test -p shmgadget --test loom --release`.
 #![cfg(loom)]
@@ -160,5 +161,50 @@ fn slot_queue_two_senders_one_receiver_deliver_every_value_once_in_order_through
         assert_eq!(from(1), vec![10]);
         got.sort();
         assert_eq!(got, vec![0, 1, 10]);
+    });
+}
+
+#[test]
+fn a_byte_queue_receiver_taking_over_from_a_dead_one_starts_with_the_message_it_held() {
+    use shmgadget::ErrorKind;
+    use shmgadget::queue::ByteQueue;
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(2);
+    builder.check(|| {
+        // A 64-byte ring and messages of i bytes (records of 8, 16, 16, 16, 16 bytes): the
+        // first is consumed but its space may not be given back yet (under a quarter ring);
+        // the last waits for space that only the successor can give back.
+        let q = Arc::new(ByteQueue::in_memory(64));
+        let sender = {
+            let q = q.clone();
+            thread::spawn(move || {
+                let mut tx = q.sender().unwrap();
+                for i in 0..5u8 {
+                    loop {
+                        match tx.send(&vec![i; i as usize]) {
+                            Ok(()) => break,
+                            // Between the death and the takeover there is no receiver; the
+                            // refused message was not written.
+                            Err(e) if e.kind() == ErrorKind::Disconnected => thread::yield_now(),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            })
+        };
+        let mut rx = q.receiver().unwrap();
+        assert_eq!(rx.recv().unwrap().len(), 0);
+        // Received, in hand, when the receiver dies.
+        let held = rx.recv().unwrap();
+        assert_eq!(&*held, &[1]);
+        std::mem::forget(held);
+        rx.__die();
+        // The successor (ordered after the death, as the kernel's liveness check orders it).
+        let mut rx = q.receiver().unwrap();
+        for i in 1..5u8 {
+            assert_eq!(&*rx.recv().unwrap(), &vec![i; i as usize][..], "the held message first, then the rest");
+        }
+        sender.join().unwrap();
+        assert!(rx.recv().is_err());
     });
 }

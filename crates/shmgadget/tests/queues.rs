@@ -347,3 +347,231 @@ fn a_sender_killed_between_claiming_a_slot_and_filling_it_leaves_a_hole_that_is_
         }
     }
 }
+
+#[test]
+fn a_slow_reader_killed_25_times_hands_its_successor_nothing_it_had_returned_and_nothing_is_lost() {
+    const TEST: &str = "a_slow_reader_killed_25_times_hands_its_successor_nothing_it_had_returned_and_nothing_is_lost";
+    const KILLS: usize = 25;
+    const TOTAL: u64 = 20_000;
+    match role().as_deref() {
+        Some("sender") => {
+            let d = child();
+            let q = ByteQueue::open(&d, "takeover").unwrap();
+            let mut tx = q.sender().unwrap();
+            println!("READY");
+            for id in 0..TOTAL {
+                let mut msg = [0u8; 16];
+                msg[..8].copy_from_slice(&id.to_le_bytes());
+                msg[8..].copy_from_slice(&(!id).to_le_bytes());
+                // Between a reader's death and its successor's arrival there is no receiver:
+                // the send fails without writing anything, and is retried.
+                let t = Instant::now();
+                loop {
+                    match tx.send_timeout(&msg, Duration::from_secs(30)) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == ErrorKind::Disconnected && t.elapsed() < Duration::from_secs(30) => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Err(e) => panic!("message {id}: {e}"),
+                    }
+                }
+            }
+        }
+        Some("reader") => {
+            use std::io::Write;
+            // Its own file (the test harness writes to stdout too), appended to with one
+            // write(2) of 8 bytes per id: all or nothing, even under kill -9.
+            let mut out = std::fs::OpenOptions::new().append(true).open(std::env::var("IDS").unwrap()).unwrap();
+            let slow = std::env::var("SLOW").is_ok();
+            let d = child();
+            let q = ByteQueue::open(&d, "takeover").unwrap();
+            let mut rx = q.receiver().unwrap();
+            loop {
+                let m = match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == ErrorKind::Disconnected => break,
+                    Err(e) => panic!("{e}"),
+                };
+                let id = u64::from_le_bytes(m[..8].try_into().unwrap());
+                assert_eq!(u64::from_le_bytes(m[8..].try_into().unwrap()), !id, "message {id} is whole");
+                // Report while the message is still in hand, then work on it a little, then
+                // return it to the ring: a reader killed in between had it in hand, and its
+                // successor may see it again.
+                out.write_all(&id.to_le_bytes()).unwrap();
+                if slow {
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(20) {
+                        std::hint::spin_loop();
+                    }
+                }
+                drop(m);
+            }
+        }
+        _ => {
+            let domain = unique_domain("qtakeover");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            // 24-byte records: a 64 KiB ring holds 2,730 messages, a quarter ring 682.
+            let q = ByteQueue::create(&d, "takeover", 64 << 10).unwrap();
+            let mut sender = spawn(TEST, "sender", &domain, &[]);
+            wait_for_line(&mut sender, "READY");
+            // Every reader's ids, in the order it reported them.
+            let mut streams: Vec<Vec<u64>> = Vec::new();
+            for k in 0..=KILLS {
+                let last = k == KILLS;
+                let ids_file = std::env::temp_dir().join(format!("{domain}-reader-{k}.ids"));
+                std::fs::write(&ids_file, b"").unwrap();
+                let mut env = vec![("IDS", ids_file.to_str().unwrap().to_owned())];
+                if !last {
+                    env.push(("SLOW", "1".into()));
+                }
+                let mut reader = spawn(TEST, "reader", &domain, &env);
+                if last {
+                    assert!(wait(&mut reader, Duration::from_secs(120)).success(), "the last reader failed");
+                } else {
+                    // Kill it after a varying number of messages, with the ring full behind it.
+                    let kill_after = 150 + (k * 97) % 400;
+                    let t = Instant::now();
+                    while std::fs::metadata(&ids_file).unwrap().len() < 8 * kill_after as u64 {
+                        assert!(t.elapsed() < Duration::from_secs(30), "reader {k} stopped reporting");
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    kill9(&mut reader);
+                }
+                let bytes = std::fs::read(&ids_file).unwrap();
+                std::fs::remove_file(&ids_file).unwrap();
+                streams.push(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect());
+            }
+            assert!(wait(&mut sender, Duration::from_secs(60)).success(), "the sender failed");
+            // Each reader sees consecutive ids. Its successor starts right after the last id
+            // it reported, or at that id again (the message it had in hand when killed).
+            let mut next = 0u64;
+            let (mut in_hand, mut dups, mut lost) = (0, 0u64, 0u64);
+            for (k, s) in streams.iter().enumerate() {
+                assert!(!s.is_empty(), "reader {k} received nothing");
+                for w in s.windows(2) {
+                    assert_eq!(w[1], w[0] + 1, "reader {k}: ids in order, none skipped");
+                }
+                match s[0] {
+                    first if first + 1 == next => in_hand += 1,
+                    first if first < next => dups += next - first,
+                    first => lost += first - next,
+                }
+                next = *s.last().unwrap() + 1;
+            }
+            eprintln!(
+                "{KILLS} readers killed: {in_hand} in-hand messages redelivered to their successors, \
+                 {dups} other duplicates, {lost} lost"
+            );
+            assert_eq!((dups, lost), (0, 0), "no message returned by a read is delivered again, none is lost");
+            assert_eq!(next, TOTAL, "every message arrived");
+            // The count survives the takeovers too: each message counted once, when consumed.
+            let info = shmgadget::queue::inspect(q.section().unwrap()).unwrap();
+            assert_eq!((info.sent, info.received, info.fill), (TOTAL, TOTAL, 0));
+            drop(q);
+            d.delete_section("takeover").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
+fn a_slot_queue_reader_killed_10_times_never_hands_a_value_twice_and_loses_at_most_the_one_it_held() {
+    const TEST: &str =
+        "a_slot_queue_reader_killed_10_times_never_hands_a_value_twice_and_loses_at_most_the_one_it_held";
+    const KILLS: usize = 10;
+    const TOTAL: u64 = 10_000;
+    match role().as_deref() {
+        Some("sender") => {
+            let d = child();
+            let q = SlotQueue::<[u64; 2]>::open(&d, "slots").unwrap();
+            let mut tx = q.sender().unwrap();
+            println!("READY");
+            for id in 0..TOTAL {
+                let t = Instant::now();
+                loop {
+                    match tx.send_timeout([id, !id], Duration::from_secs(30)) {
+                        Ok(()) => break,
+                        // No receiver between a death and the next attach: retried.
+                        Err(e) if e.kind() == ErrorKind::Disconnected && t.elapsed() < Duration::from_secs(30) => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Err(e) => panic!("value {id}: {e}"),
+                    }
+                }
+            }
+        }
+        Some("reader") => {
+            use std::io::Write;
+            // One write(2) of 8 bytes per id to its own file: all or nothing under kill -9.
+            let mut out = std::fs::OpenOptions::new().append(true).open(std::env::var("IDS").unwrap()).unwrap();
+            let slow = std::env::var("SLOW").is_ok();
+            let d = child();
+            let q = SlotQueue::<[u64; 2]>::open(&d, "slots").unwrap();
+            let mut rx = q.receiver().unwrap();
+            loop {
+                let [id, check] = match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(v) => v,
+                    Err(e) if e.kind() == ErrorKind::Disconnected => break,
+                    Err(e) => panic!("{e}"),
+                };
+                assert_eq!(check, !id, "value {id} is whole");
+                out.write_all(&id.to_le_bytes()).unwrap();
+                if slow {
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(20) {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+        _ => {
+            let domain = unique_domain("qslottakeover");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = SlotQueue::<[u64; 2]>::create(&d, "slots", 1024).unwrap();
+            let mut sender = spawn(TEST, "sender", &domain, &[]);
+            wait_for_line(&mut sender, "READY");
+            let mut ids = Vec::new();
+            for k in 0..=KILLS {
+                let last = k == KILLS;
+                let ids_file = std::env::temp_dir().join(format!("{domain}-reader-{k}.ids"));
+                std::fs::write(&ids_file, b"").unwrap();
+                let mut env = vec![("IDS", ids_file.to_str().unwrap().to_owned())];
+                if !last {
+                    env.push(("SLOW", "1".into()));
+                }
+                let mut reader = spawn(TEST, "reader", &domain, &env);
+                if last {
+                    assert!(wait(&mut reader, Duration::from_secs(120)).success(), "the last reader failed");
+                } else {
+                    let kill_after = 150 + (k * 97) % 400;
+                    let t = Instant::now();
+                    while std::fs::metadata(&ids_file).unwrap().len() < 8 * kill_after as u64 {
+                        assert!(t.elapsed() < Duration::from_secs(30), "reader {k} stopped reporting");
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    kill9(&mut reader);
+                }
+                let bytes = std::fs::read(&ids_file).unwrap();
+                std::fs::remove_file(&ids_file).unwrap();
+                ids.extend(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())));
+            }
+            assert!(wait(&mut sender, Duration::from_secs(60)).success(), "the sender failed");
+            let mut seen = vec![0u32; TOTAL as usize];
+            for &id in &ids {
+                seen[id as usize] += 1;
+            }
+            let twice = seen.iter().filter(|&&n| n > 1).count();
+            let lost = seen.iter().filter(|&&n| n == 0).count();
+            eprintln!(
+                "{KILLS} slot-queue readers killed: {twice} values delivered twice, {lost} lost (held when killed)"
+            );
+            assert_eq!(twice, 0, "a value returned by a receive is never delivered again");
+            assert!(lost <= KILLS, "at most the value each killed reader held is lost: {lost}");
+            drop(q);
+            d.delete_section("slots").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

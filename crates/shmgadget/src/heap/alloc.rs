@@ -53,11 +53,15 @@ impl Heap {
 
 impl ShmAlloc {
     fn shared(&self) -> Result<&HeapShared> {
+        // An eager process may never have mapped this heap (the allocator can come from shared
+        // memory): map it first. One relaxed load when no eager domain is attached.
+        crate::domain::map_for_address(self.section as usize, size_of::<HeapShared>())?;
         let p = self.section as *const HeapShared;
         // SAFETY: `section` came from a live `Heap` (or a copy of such a ShmAlloc stored in
         // shared memory): the start of a heap section in an attached domain's window, mapped
-        // in this process or mapped on first touch by the fault handler. HeapShared is atomics
-        // and the robust mutex, so a shared reference is sound; it is validated just below.
+        // in this process (just above, in eager mode) or mapped on first touch by the fault
+        // handler. HeapShared is atomics and the robust mutex, so a shared reference is sound;
+        // it is validated just below.
         let shared = unsafe { &*p };
         // Acquire: pairs with the Release store of `ready` when the heap was created.
         if shared.ready.load(Ordering::Acquire) != READY || shared.magic.load(Ordering::Relaxed) != MAGIC {
@@ -108,8 +112,9 @@ impl ShmAlloc {
 }
 
 /// Frees a block of any heap of a domain attached by this process, found from its address
-/// alone (the classic `shm_free`). Errors for an address outside every heap, an interior
-/// pointer and a double free.
+/// alone (the classic `shm_free`). A heap this process has not mapped yet is mapped first
+/// (eager mode has no first-touch mapping). Errors for an address outside every heap, an
+/// interior pointer, a double free, and a heap that cannot be mapped.
 ///
 /// # Safety
 /// No process may use the memory after this call.
@@ -119,7 +124,8 @@ pub unsafe fn free(ptr: NonNull<u8>) -> Result<()> {
 }
 
 /// Resizes a block of any heap of an attached domain, found from its address alone (the
-/// classic `shm_realloc`): in place when possible, else moved (the old block is freed).
+/// classic `shm_realloc`): in place when possible, else moved (the old block is freed). The
+/// heap is mapped first if this process has not mapped it yet.
 ///
 /// # Safety
 /// After success no process may use the old pointer unless it equals the new one.

@@ -9,20 +9,28 @@
 //! # Where the stock lives, and why
 //! The stock is *in the heap*, not in process memory, so a process that dies (or a thread that
 //! exits) leaves nothing unaccounted for:
-//! * The heap header has [`MAX_CACHES`] cache slots; a slot records its owner (process and
-//!   thread id) and the offset of its store, a block of the heap holding per class a count and
-//!   up to `DEPTH` block offsets. A thread claims a slot the first time it uses a heap.
+//! * The heap header has [`MAX_CACHES`] cache slots; a slot records its owner and the offset
+//!   of its store, a block of the heap holding per class a count and up to `DEPTH` block
+//!   offsets. A thread claims a slot the first time it uses a heap.
+//! * An owner is a process's registration token in the heap's domain (the registry's liveness
+//!   lock, see `registry.rs`) plus a thread serial that only means something inside that
+//!   process. No pid or tid: they mean nothing across PID namespaces, and are reused.
 //! * A parked block is a *used* block for the allocator, with the `CACHED` header flag set; so
 //!   freeing it again is reported as a double free, and `check()` stays exact.
 //! * Only the owning thread touches its store (plain atomics, no lock). Whoever claims a slot
-//!   first reclaims every slot whose owner thread no longer exists (`tgkill(pid, tid, 0)`),
-//!   under the heap lock: every block listed in that store goes back to the allocator.
+//!   first reclaims, under the heap lock, every slot whose owner is gone: its process token is
+//!   no longer held (another process's), or its thread serial is no longer live (our own
+//!   process's; serials are tracked in `THREADS`, released when a thread's caches are dropped).
+//!   Every block listed in that store goes back to the allocator. A forked child has a token of
+//!   its own, so it never takes its parent's slots (their owner is alive), nor the reverse.
 //!
 //! # State words
 //! | word | value | meaning | written by |
 //! |---|---|---|---|
 //! | slot `owner` | 0 | free | reclaimer, the owner leaving (under the heap lock) |
-//! | slot `owner` | `pid << 32 \| tid` | owned by that thread | the claimer (under the heap lock) |
+//! | slot `owner` | a process token | owned by a thread of that registration | the claimer (under the heap lock) |
+//! | slot `thread` | a thread serial | which thread of that process | the claimer (under the heap lock) |
+//! | `THREADS[i]` (process-local) | odd / even | serial index `i` in use with that generation / free | the thread taking it / its caches' destructor |
 //! | slot `store` | 0 / offset | no store yet / the store block (kept when the slot is freed) | claimer; `trim` |
 //! | store `counts[c]` | 0..=16 | entries `[0, n)` of class `c` are parked blocks | the owner only (or a reclaimer once it is dead) |
 //! | block `CACHED` flag | set / clear | parked / the program's (or the allocator's) | the owner, by atomic RMW |
@@ -61,8 +69,11 @@ const BUDGET: u64 = 1 << 20;
 /// One cache slot in the heap header.
 #[repr(C)]
 pub(crate) struct CacheSlotShared {
-    /// `pid << 32 | tid` of the owning thread, 0 when free. Changed under the heap lock.
+    /// The owning process's registration token in the heap's domain, 0 when free. Changed
+    /// under the heap lock.
     owner: AtomicU64,
+    /// The owning thread's serial in that process (see `THREADS`). Changed under the heap lock.
+    thread: AtomicU64,
     /// Payload offset of the slot's [`CacheStoreShared`] block in the block area; 0 when none yet.
     store: AtomicU64,
 }
@@ -111,6 +122,48 @@ fn class_payload(c: usize) -> u64 {
     }
 }
 
+const _: () = assert!(size_of::<CacheSlotShared>() == 24);
+
+/// Thread serial indices a process hands out; a thread beyond them caches nothing.
+const MAX_THREADS: usize = 4096;
+
+/// Per serial index, the generation of its current holder: odd while a thread holds it, even
+/// when free. A serial is `index << 32 | generation`; it is live while `THREADS[index]` still
+/// holds its generation. Process-local and lock-free, so the reclaim check takes no lock and a
+/// forked child (which keeps the forking thread's serial) needs no repair.
+static THREADS: [AtomicU32; MAX_THREADS] = [const { AtomicU32::new(0) }; MAX_THREADS];
+static THREAD_HINT: AtomicU32 = AtomicU32::new(0);
+
+fn take_serial() -> u64 {
+    // Relaxed: a starting point for the search only.
+    let start = THREAD_HINT.fetch_add(1, Ordering::Relaxed) as usize;
+    for k in 0..MAX_THREADS {
+        let i = (start + k) % MAX_THREADS;
+        // Relaxed: a first look; the CAS below decides.
+        let g = THREADS[i].load(Ordering::Relaxed);
+        // Acquire: pairs with the Release in `give_serial`, after the previous holder's slots
+        // were given up.
+        if g % 2 == 0 && THREADS[i].compare_exchange(g, g + 1, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            return (i as u64) << 32 | (g + 1) as u64;
+        }
+    }
+    0
+}
+
+fn give_serial(serial: u64) {
+    if serial != 0 {
+        // Release: pairs with the Acquire load in `serial_alive`; the holder's caches were
+        // dropped before.
+        THREADS[(serial >> 32) as usize % MAX_THREADS].fetch_add(1, Ordering::Release);
+    }
+}
+
+fn serial_alive(serial: u64) -> bool {
+    let i = (serial >> 32) as usize;
+    // Acquire: pairs with the Release in `give_serial`.
+    serial != 0 && i < MAX_THREADS && THREADS[i].load(Ordering::Acquire) == serial as u32
+}
+
 /// A heap as the cache sees it: its control block and section address.
 #[derive(Clone, Copy)]
 pub(crate) struct HeapRef<'a> {
@@ -146,7 +199,10 @@ impl<'a> HeapRef<'a> {
 struct LocalCache {
     section: u64,
     instance: u64,
-    pid: u32,
+    /// [`os::fork_generation`] when made: a forked child's copy is someone else's.
+    fork_gen: u64,
+    /// The owner written into our slot (process token, thread serial).
+    owner: (u64, u64),
     epoch: u64,
     /// Index of our slot in the heap header; `store` is null when this thread has no slot
     /// (all taken, or the heap too small for a store): then every call takes the lock.
@@ -157,12 +213,30 @@ struct LocalCache {
     budget: u64,
 }
 
-thread_local! {
-    static CACHES: RefCell<Vec<LocalCache>> = const { RefCell::new(Vec::new()) };
+/// This thread's caches and its serial. The caches drop (giving their stock back and leaving
+/// their slots) before the serial is given back, so a slot is never reclaimed while its owner
+/// still works on it.
+struct Caches {
+    serial: u64,
+    list: Vec<LocalCache>,
 }
 
-fn me() -> u64 {
-    (os::current_pid() as u64) << 32 | os::current_tid() as u64
+impl Drop for Caches {
+    fn drop(&mut self) {
+        self.list.clear();
+        give_serial(self.serial);
+    }
+}
+
+thread_local! {
+    static CACHES: RefCell<Caches> = const { RefCell::new(Caches { serial: 0, list: Vec::new() }) };
+}
+
+/// This process's token in the domain holding the heap at `h`, and the attachment (to ask
+/// about other tokens).
+fn process_ident(h: &HeapRef<'_>) -> Option<(u64, std::sync::Arc<crate::domain::DomainInner>)> {
+    let inner = crate::domain::attachment_covering(h.section as usize)?;
+    Some((inner.token(), inner))
 }
 
 impl LocalCache {
@@ -281,7 +355,7 @@ impl Drop for LocalCache {
         // gone). In those cases the slot is reclaimed once its owner thread has exited.
         // Relaxed: see `UNMAP_EPOCH`.
         if self.store.is_null()
-            || self.pid != os::current_pid()
+            || self.fork_gen != os::fork_generation()
             || self.epoch != crate::domain::UNMAP_EPOCH.load(Ordering::Relaxed)
         {
             return;
@@ -297,8 +371,11 @@ impl Drop for LocalCache {
         let Some(store) = self.store() else { return };
         if self.give_back(&h, store, None, 0).is_ok() {
             if let Ok(_locked) = h.lock() {
-                // Relaxed: under the heap lock.
-                shared.caches[self.slot].owner.store(0, Ordering::Relaxed);
+                let s = &shared.caches[self.slot];
+                // Relaxed: under the heap lock. Still ours (nobody reclaims a live owner's).
+                if s.owner.load(Ordering::Relaxed) == self.owner.0 && s.thread.load(Ordering::Relaxed) == self.owner.1 {
+                    s.owner.store(0, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -311,23 +388,27 @@ fn with_cache<T>(h: &HeapRef<'_>, f: impl FnOnce(&mut LocalCache) -> T) -> Optio
         .try_with(|caches| {
             let mut caches = caches.try_borrow_mut().ok()?;
             let section = h.section as u64;
-            let pid = os::current_pid();
+            let fork_gen = os::fork_generation();
             // Relaxed: written once when the heap was created.
             let instance = h.shared.instance.load(Ordering::Relaxed);
-            let i = match caches.iter().position(|c| c.section == section) {
-                Some(i) if caches[i].pid == pid && caches[i].instance == instance => i,
+            let i = match caches.list.iter().position(|c| c.section == section) {
+                Some(i) if caches.list[i].fork_gen == fork_gen && caches.list[i].instance == instance => i,
                 found => {
                     if let Some(i) = found {
                         // Stale (forked child, or another heap now at this address): forget it
                         // without touching its slot.
-                        let mut stale = caches.swap_remove(i);
+                        let mut stale = caches.list.swap_remove(i);
                         stale.store = std::ptr::null();
                     }
-                    caches.push(claim(h, instance));
-                    caches.len() - 1
+                    if caches.serial == 0 {
+                        caches.serial = take_serial();
+                    }
+                    let serial = caches.serial;
+                    caches.list.push(claim(h, instance, serial));
+                    caches.list.len() - 1
                 }
             };
-            let c = &mut caches[i];
+            let c = &mut caches.list[i];
             if c.store.is_null() { None } else { Some(f(c)) }
         })
         .ok()
@@ -336,11 +417,12 @@ fn with_cache<T>(h: &HeapRef<'_>, f: impl FnOnce(&mut LocalCache) -> T) -> Optio
 
 /// Claims a cache slot of heap `h` for this thread (reclaiming slots of exited threads on the
 /// way). The returned cache has no store when none could be had.
-fn claim(h: &HeapRef<'_>, instance: u64) -> LocalCache {
+fn claim(h: &HeapRef<'_>, instance: u64, serial: u64) -> LocalCache {
     let mut cache = LocalCache {
         section: h.section as u64,
         instance,
-        pid: os::current_pid(),
+        fork_gen: os::fork_generation(),
+        owner: (0, serial),
         // Relaxed: see `UNMAP_EPOCH`.
         epoch: crate::domain::UNMAP_EPOCH.load(Ordering::Relaxed),
         slot: 0,
@@ -350,9 +432,17 @@ fn claim(h: &HeapRef<'_>, instance: u64) -> LocalCache {
         // Relaxed: frozen after creation.
         budget: BUDGET.min(h.shared.reserved.load(Ordering::Relaxed) / 16),
     };
+    if serial == 0 {
+        return cache;
+    }
+    let Some((token, ident)) = process_ident(h) else { return cache };
+    if token == crate::domain::NO_TOKEN {
+        // Not registered: others would take our slot for a dead one's. Go without a cache.
+        return cache;
+    }
+    cache.owner = (token, serial);
     let Ok(locked) = h.lock() else { return cache };
-    let _ = reclaim_dead(h, &locked, true);
-    let me = me();
+    let _ = reclaim_with(h, &locked, Some(&ident), Some(cache.owner));
     // Relaxed: slots change under the heap lock, which we hold.
     let Some(slot) = h.shared.caches.iter().position(|s| s.owner.load(Ordering::Relaxed) == 0) else {
         return cache;
@@ -374,22 +464,52 @@ fn claim(h: &HeapRef<'_>, instance: u64) -> LocalCache {
         Ok(n) if n >= size_of::<CacheStoreShared>() as u64 => {}
         _ => return cache,
     }
-    s.owner.store(me, Ordering::Relaxed);
+    s.owner.store(token, Ordering::Relaxed);
+    s.thread.store(serial, Ordering::Relaxed);
     cache.slot = slot;
     cache.store = (h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared;
     cache
 }
 
-/// Reclaims the slots whose owner thread is gone (and, with `mine`, the calling thread's own
-/// slot, whose cache it dropped): every block they list goes back to the allocator. Returns
-/// the blocks reclaimed.
-pub(crate) fn reclaim_dead(h: &HeapRef<'_>, locked: &Locked<'_>, mine: bool) -> Result<u64> {
-    let me = me();
+/// Reclaims the slots whose owner is gone (see the module docs): every block they list goes
+/// back to the allocator. Returns the blocks reclaimed. The caller holds the heap lock.
+pub(crate) fn reclaim_dead(h: &HeapRef<'_>, locked: &Locked<'_>) -> Result<u64> {
+    let ident = crate::domain::attachment_covering(h.section as usize);
+    reclaim_with(h, locked, ident.as_deref(), None)
+}
+
+/// [`reclaim_dead`], with the heap's attachment already looked up, also reclaiming the slot of
+/// owner `mine` (the calling thread's own, whose cache it dropped). Without an attachment
+/// nothing can be decided, so nothing is reclaimed.
+fn reclaim_with(
+    h: &HeapRef<'_>,
+    locked: &Locked<'_>,
+    ident: Option<&crate::domain::DomainInner>,
+    mine: Option<(u64, u64)>,
+) -> Result<u64> {
+    let Some(ident) = ident else { return Ok(0) };
+    let my_token = ident.token();
+    // One lock-table query per other process, not per slot.
+    let mut asked: Vec<(u64, bool)> = Vec::new();
+    let mut gone = |owner: u64, thread: u64| -> bool {
+        if Some((owner, thread)) == mine {
+            return true;
+        }
+        if owner == my_token {
+            return !serial_alive(thread);
+        }
+        if let Some(&(_, alive)) = asked.iter().find(|(t, _)| *t == owner) {
+            return !alive;
+        }
+        let alive = ident.registry.proc_alive(owner);
+        asked.push((owner, alive));
+        !alive
+    };
     let mut reclaimed = 0;
     for s in &h.shared.caches {
         // Relaxed: slots change under the heap lock, which we hold.
         let owner = s.owner.load(Ordering::Relaxed);
-        if owner == 0 || (owner != me || !mine) && os::thread_alive((owner >> 32) as u32, owner as u32) {
+        if owner == 0 || !gone(owner, s.thread.load(Ordering::Relaxed)) {
             continue;
         }
         let off = s.store.load(Ordering::Relaxed);
@@ -475,17 +595,23 @@ pub(crate) fn free(h: &HeapRef<'_>, off: u64) -> Result<()> {
 /// first.
 pub(crate) fn release_all(h: &HeapRef<'_>) -> Result<()> {
     let section = h.section as u64;
+    let fork_gen = os::fork_generation();
+    let mut mine = None;
     let _ = CACHES.try_with(|caches| {
         if let Ok(mut caches) = caches.try_borrow_mut() {
             // Forget our cache without its `Drop`; its slot is reclaimed just below, as ours.
-            for c in caches.iter_mut().filter(|c| c.section == section) {
+            for c in caches.list.iter_mut().filter(|c| c.section == section) {
+                if c.fork_gen == fork_gen && !c.store.is_null() {
+                    mine = Some(c.owner);
+                }
                 c.store = std::ptr::null();
             }
-            caches.retain(|c| c.section != section);
+            caches.list.retain(|c| c.section != section);
         }
     });
+    let ident = crate::domain::attachment_covering(h.section as usize);
     let locked = h.lock()?;
-    reclaim_dead(h, &locked, true)?;
+    reclaim_with(h, &locked, ident.as_deref(), mine)?;
     for s in &h.shared.caches {
         // Relaxed: slots change under the heap lock, which we hold.
         let off = s.store.load(Ordering::Relaxed);
@@ -511,6 +637,7 @@ pub(crate) fn forget_all(shared: &HeapShared) {
     for s in &shared.caches {
         // Relaxed: under the heap lock (the caller's).
         s.owner.store(0, Ordering::Relaxed);
+        s.thread.store(0, Ordering::Relaxed);
         s.store.store(0, Ordering::Relaxed);
     }
 }

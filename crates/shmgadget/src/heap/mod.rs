@@ -43,7 +43,8 @@ use crate::sync::{Acquired, RawMutex};
 use tlsf::{BlockInfo, Tlsf, TlsfControl, TlsfError, TlsfStats};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMHEAP1");
-const LAYOUT_VERSION: u32 = 2;
+/// 3: cache slots name their owner by process token and thread serial (24 bytes).
+const LAYOUT_VERSION: u32 = 3;
 const READY: u32 = 0x4845_4150; // "HEAP"
 /// Where the block area starts in the section.
 pub const AREA_OFFSET: u64 = 16 << 10;
@@ -198,7 +199,7 @@ impl<'a> Locked<'a> {
             // Relaxed: statistics under the lock.
             shared.recoveries.fetch_add(1, Ordering::Relaxed);
             // The dead holder's thread caches go back to the allocator too.
-            let _ = cache::reclaim_dead(&cache::HeapRef { shared, section, handle: None }, &locked, false);
+            let _ = cache::reclaim_dead(&cache::HeapRef { shared, section, handle: None }, &locked);
             // SAFETY: we hold the lock.
             unsafe { shared.lock.make_consistent() };
         }
@@ -680,8 +681,8 @@ pub enum ObjectState {
     Mutex {
         /// Pid of the holder, if held.
         owner: Option<u32>,
-        /// Whether the holder's process exists (a dead holder's lock is recovered by the next
-        /// locker, who is told `OwnerDied`).
+        /// Whether the holder's process is alive, by its liveness token (a dead holder's lock
+        /// is recovered by the next locker, who is told `OwnerDied`).
         owner_alive: Option<bool>,
         /// A holder died and the data was not marked consistent since.
         inconsistent: bool,
@@ -714,7 +715,7 @@ fn object_state(kind: ObjectKind, addr: u64, size: u64) -> Option<ObjectState> {
             let owner = Some(m.owner_pid()).filter(|&p| p != 0);
             Some(ObjectState::Mutex {
                 owner,
-                owner_alive: owner.map(crate::os::process_alive),
+                owner_alive: owner.and_then(|_| m.owner_alive()),
                 inconsistent: m.is_inconsistent(),
             })
         }

@@ -104,9 +104,11 @@ pub struct ObjectStat {
     pub uid: u32,
     /// Whether it is a regular file.
     pub is_regular: bool,
+    /// Which object this is: equal identities mean the same object.
+    pub identity: ObjectId,
 }
 
-/// `fstat(2)`.
+/// `fstat(2)`. Async-signal-safe (one system call).
 pub fn stat_object(fd: BorrowedFd<'_>) -> io::Result<ObjectStat> {
     let st = rustix::fs::fstat(fd)?;
     let file_type = rustix::fs::FileType::from_raw_mode(st.st_mode);
@@ -115,7 +117,16 @@ pub fn stat_object(fd: BorrowedFd<'_>) -> io::Result<ObjectStat> {
         allocated: (st.st_blocks as u64).saturating_mul(512),
         uid: st.st_uid,
         is_regular: file_type == rustix::fs::FileType::RegularFile,
+        identity: ObjectId { dev: st.st_dev, ino: st.st_ino },
     })
+}
+
+/// Which object a descriptor refers to (`st_dev`, `st_ino`): the same for every descriptor of
+/// one object, different for an object created later under the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectId {
+    dev: u64,
+    ino: u64,
 }
 
 /// Sets an object's size, `ftruncate(2)`. Growing it makes a sparse hole that costs nothing.
@@ -195,13 +206,9 @@ pub fn try_lock_byte(fd: BorrowedFd<'_>, offset: u64) -> io::Result<bool> {
     }
 }
 
-/// Releases a byte lock taken with [`try_lock_byte`], `fcntl(2)` `F_OFD_SETLK` with `F_UNLCK`.
-pub fn unlock_byte(fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
-    ofd_lock_call(fd, libc::F_OFD_SETLK, libc::F_UNLCK, offset).map(|_| ())
-}
-
 /// Whether another open file description holds a lock on the byte, `fcntl(2)` `F_OFD_GETLK`.
-/// A lock held through `fd` itself does not count.
+/// A lock held through `fd` itself does not count: query through a descriptor that never
+/// takes locks to see every token.
 pub fn byte_is_locked(fd: BorrowedFd<'_>, offset: u64) -> io::Result<bool> {
     let fl = ofd_lock_call(fd, libc::F_OFD_GETLK, libc::F_WRLCK, offset)?;
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
@@ -224,6 +231,258 @@ pub fn any_byte_locked(fd: BorrowedFd<'_>) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Liveness tokens that follow fork
+// ---------------------------------------------------------------------------------------------
+//
+// A liveness token is an OFD byte lock held through a descriptor of its own (its own open file
+// description). `fork(2)` copies descriptors, so a child would hold its parent's token too:
+// the parent would stay "alive" while the child lives, and the child's unlock would release
+// the parent's token. So every token descriptor is kept in `TOKENS`, a lock-free static table,
+// and `pthread_atfork(3)` handlers fix the child up before it runs any code of its own:
+//
+// | handler | runs in | does |
+// |---|---|---|
+// | prepare | the forking thread, before fork | calls the hook given to [`install_fork_handlers`] (the domain layer pre-registers a token for the child: [`TokenCell::set_pending`]) |
+// | parent  | the parent, after fork | closes the parent's copies of the pending descriptors (the child's copies keep those locks) |
+// | child   | the child, after fork  | closes the inherited token descriptors (the parent's locks stay with the parent), adopts the pending ones, writes its pid into their entries, forgets the cached pid, counts a fork |
+//
+// The child handler runs where only async-signal-safe calls are allowed: it uses atomics,
+// `close(2)` and `getpid(2)` only, and takes no lock.
+
+/// Token cells a process can hold at once (one per attached domain).
+pub const MAX_TOKEN_CELLS: usize = 256;
+
+struct TokenSlot {
+    /// Whether a [`TokenCell`] owns this slot.
+    used: std::sync::atomic::AtomicBool,
+    /// Descriptor holding the current token's lock, -1 when none.
+    fd: std::sync::atomic::AtomicI32,
+    /// The current token's tag (the caller's name for it), 0 when none.
+    tag: std::sync::atomic::AtomicU64,
+    /// A token made for the child of a fork in progress: descriptor, tag, and the address of
+    /// the entry's pid word (0 when none).
+    pending_fd: std::sync::atomic::AtomicI32,
+    pending_tag: std::sync::atomic::AtomicU64,
+    pending_pid: std::sync::atomic::AtomicUsize,
+    /// The address range the owner says the token stands for (its domain's window), so a
+    /// token can be found from an address without a lock ([`token_for_address`]); 0 when none.
+    window_base: std::sync::atomic::AtomicUsize,
+    window_size: std::sync::atomic::AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const TOKEN_SLOT: TokenSlot = TokenSlot {
+    used: std::sync::atomic::AtomicBool::new(false),
+    fd: std::sync::atomic::AtomicI32::new(-1),
+    tag: std::sync::atomic::AtomicU64::new(0),
+    pending_fd: std::sync::atomic::AtomicI32::new(-1),
+    pending_tag: std::sync::atomic::AtomicU64::new(0),
+    pending_pid: std::sync::atomic::AtomicUsize::new(0),
+    window_base: std::sync::atomic::AtomicUsize::new(0),
+    window_size: std::sync::atomic::AtomicUsize::new(0),
+};
+
+static TOKENS: [TokenSlot; MAX_TOKEN_CELLS] = [TOKEN_SLOT; MAX_TOKEN_CELLS];
+/// One more than the highest slot ever claimed: how far [`token_for_address`] looks.
+static TOKENS_HIGH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static FORK_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static FORK_PREPARE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times this process's ancestry forked into it: 0 in a process that was never a fork
+/// child of an attached process, bumped by the `pthread_atfork` child handler. A value that
+/// changed since it was recorded means "this is a forked child now". One Relaxed load.
+#[inline]
+pub fn fork_generation() -> u64 {
+    // Relaxed: changed only in a child right after fork, when it has a single thread.
+    FORK_GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn close_raw(fd: i32) {
+    if fd >= 0 {
+        // SAFETY: `fd` was taken out of a token slot by an atomic swap, so we are its only
+        // closer; close(2) is async-signal-safe.
+        unsafe { libc::close(fd) };
+    }
+}
+
+extern "C" fn fork_prepare() {
+    use std::sync::atomic::Ordering;
+    // Relaxed: the hook is stored once before the handlers are registered (Once orders it).
+    let hook = FORK_PREPARE.load(Ordering::Relaxed);
+    if hook != 0 {
+        // SAFETY: only `install_fork_handlers` stores here, and it stores a `fn()`.
+        let hook: fn() = unsafe { std::mem::transmute::<usize, fn()>(hook) };
+        // A panic must not unwind into libc.
+        let _ = std::panic::catch_unwind(hook);
+    }
+}
+
+extern "C" fn fork_parent() {
+    use std::sync::atomic::Ordering;
+    for t in &TOKENS {
+        // AcqRel: takes the descriptor stored (Release) by `set_pending`; we are its closer.
+        close_raw(t.pending_fd.swap(-1, Ordering::AcqRel));
+        t.pending_tag.store(0, Ordering::Relaxed);
+        t.pending_pid.store(0, Ordering::Relaxed);
+    }
+}
+
+extern "C" fn fork_child() {
+    use std::sync::atomic::Ordering;
+    // Relaxed everywhere: the child has a single thread until this handler returns.
+    PID.store(0, Ordering::Relaxed);
+    let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    for t in &TOKENS {
+        if !t.used.load(Ordering::Relaxed) {
+            continue;
+        }
+        close_raw(t.fd.swap(-1, Ordering::Relaxed));
+        let pending = t.pending_fd.swap(-1, Ordering::Relaxed);
+        let pid_word = t.pending_pid.swap(0, Ordering::Relaxed);
+        if pending >= 0 {
+            if pid_word != 0 {
+                // SAFETY: `set_pending`'s contract: the word stays valid while the pending
+                // token is recorded (it lives in the registry mapping, which the fork copied).
+                let word = unsafe { &*(pid_word as *const std::sync::atomic::AtomicU32) };
+                word.store(pid, Ordering::Relaxed);
+            }
+            t.fd.store(pending, Ordering::Relaxed);
+            t.tag.store(t.pending_tag.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+        } else {
+            t.tag.store(0, Ordering::Relaxed);
+        }
+    }
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The current token of the cell whose window holds `addr`, 0 if none does (or it has no
+/// token). Lock-free and cheap: a scan of the few cells in use, no system call; mutexes record
+/// their holder with it on every lock.
+#[inline]
+pub fn token_for_address(addr: usize) -> u64 {
+    use std::sync::atomic::Ordering;
+    // Relaxed: see `set_window`; the tag is the cell's current token (Acquire in `tag`).
+    let high = TOKENS_HIGH.load(Ordering::Relaxed).min(MAX_TOKEN_CELLS);
+    for t in &TOKENS[..high] {
+        let size = t.window_size.load(Ordering::Relaxed);
+        if size != 0 && addr.wrapping_sub(t.window_base.load(Ordering::Relaxed)) < size {
+            return t.tag.load(Ordering::Acquire);
+        }
+    }
+    0
+}
+
+/// Registers the fork handlers described above (once per process; later calls do nothing).
+/// `prepare` runs in the forking thread before every `fork(2)`; it may take locks and make
+/// system calls, and must not panic out (a panic is caught and ignored).
+pub fn install_fork_handlers(prepare: fn()) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Relaxed: published to the handlers by the Once and by pthread_atfork itself.
+        FORK_PREPARE.store(prepare as usize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: registers three handlers with no preconditions; see their comments.
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    });
+}
+
+/// One slot of the token table, owned by one attachment: its current token descriptor (and a
+/// pending one during a fork). Dropping it closes both.
+#[derive(Debug)]
+pub struct TokenCell {
+    index: usize,
+}
+
+impl TokenCell {
+    /// Claims a free slot of the table.
+    pub fn new() -> io::Result<TokenCell> {
+        use std::sync::atomic::Ordering;
+        for (index, t) in TOKENS.iter().enumerate() {
+            // Acquire: pairs with the Release store in `Drop`, after the slot was emptied.
+            if t.used.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                // Relaxed: a bound for a scan that validates what it finds.
+                TOKENS_HIGH.fetch_max(index + 1, Ordering::Relaxed);
+                return Ok(TokenCell { index });
+            }
+        }
+        Err(io::Error::other(format!("more than {MAX_TOKEN_CELLS} liveness tokens in one process")))
+    }
+
+    fn slot(&self) -> &'static TokenSlot {
+        &TOKENS[self.index]
+    }
+
+    /// The current token's tag, 0 when there is none (never registered, or a forked child
+    /// for which no token could be made before the fork).
+    #[inline]
+    pub fn tag(&self) -> u64 {
+        // Acquire: pairs with the Release store in `install`.
+        self.slot().tag.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Makes `fd` (whose open file description holds the token's lock) and `tag` the current
+    /// token, closing the previous descriptor. Callers serialise `install`/`clear` per cell.
+    pub fn install(&self, fd: OwnedFd, tag: u64) {
+        use std::os::fd::IntoRawFd;
+        use std::sync::atomic::Ordering;
+        let t = self.slot();
+        // AcqRel: we become the closer of the previous descriptor.
+        close_raw(t.fd.swap(fd.into_raw_fd(), Ordering::AcqRel));
+        // Release: the descriptor above is in place before the tag says so.
+        t.tag.store(tag, Ordering::Release);
+    }
+
+    /// Drops the current token (and a pending one): closes its descriptor, which releases the
+    /// lock unless another descriptor of the same open file description exists.
+    pub fn clear(&self) {
+        use std::sync::atomic::Ordering;
+        let t = self.slot();
+        t.tag.store(0, Ordering::Release);
+        // AcqRel: we become the closer.
+        close_raw(t.fd.swap(-1, Ordering::AcqRel));
+        close_raw(t.pending_fd.swap(-1, Ordering::AcqRel));
+        t.pending_pid.store(0, Ordering::Relaxed);
+    }
+
+    /// Says which address range (a domain's window) this cell's token stands for.
+    pub fn set_window(&self, base: usize, size: usize) {
+        use std::sync::atomic::Ordering;
+        let t = self.slot();
+        // Relaxed: a hint for `token_for_address`, which checks the range it reads; a torn
+        // pair during attach or detach names a window no lock can be in at that moment.
+        t.window_size.store(0, Ordering::Relaxed);
+        t.window_base.store(base, Ordering::Relaxed);
+        t.window_size.store(size, Ordering::Relaxed);
+    }
+
+    /// Records a token made for the child of the fork about to happen (from the prepare hook).
+    ///
+    /// # Safety
+    /// `pid_word` must stay valid memory until the fork's parent or child handler has run
+    /// (the child handler stores the child's pid into it).
+    pub unsafe fn set_pending(&self, fd: OwnedFd, tag: u64, pid_word: &std::sync::atomic::AtomicU32) {
+        use std::os::fd::IntoRawFd;
+        use std::sync::atomic::Ordering;
+        let t = self.slot();
+        t.pending_tag.store(tag, Ordering::Relaxed);
+        t.pending_pid.store(pid_word as *const _ as usize, Ordering::Relaxed);
+        // Release: pairs with the swaps in the fork handlers; publishes tag and pid word.
+        close_raw(t.pending_fd.swap(fd.into_raw_fd(), Ordering::AcqRel));
+    }
+}
+
+impl Drop for TokenCell {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let t = self.slot();
+        self.clear();
+        t.window_size.store(0, Ordering::Relaxed);
+        t.window_base.store(0, Ordering::Relaxed);
+        // Release: pairs with the Acquire CAS in `new`.
+        t.used.store(false, Ordering::Release);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -677,6 +936,57 @@ pub fn open_object_cstr(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Resul
     Ok(rustix::fs::openat(dir, name, OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?)
 }
 
+/// Writes `msg` to standard error (descriptor 2) with `write(2)`, retrying on `EINTR` and
+/// short writes, ignoring failure. Async-signal-safe: no allocation and no lock (unlike
+/// `eprintln!`, which takes the lock of `std::io::stderr()`), so the fault handler may use it.
+pub fn write_stderr(msg: &[u8]) {
+    let mut rest = msg;
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a valid, readable buffer of `rest.len()` bytes for the call.
+        let n = unsafe { libc::write(libc::STDERR_FILENO, rest.as_ptr().cast(), rest.len()) };
+        if n > 0 {
+            rest = &rest[n as usize..];
+        } else if n == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
+/// The symbolic name of an OS error (`"EMFILE"`), and a few words on what it means for
+/// mapping a section, for messages that cannot allocate (the fault handler). `None` for an
+/// error that carries no errno or one not in the table.
+pub fn errno_name(err: &io::Error) -> Option<(&'static str, &'static str)> {
+    let named = match err.raw_os_error()? {
+        libc::EPERM => ("EPERM", "operation not permitted"),
+        libc::ENOENT => ("ENOENT", "its object is gone from the shm directory"),
+        libc::EINTR => ("EINTR", "interrupted"),
+        libc::EIO => ("EIO", "input/output error"),
+        libc::EBADF => ("EBADF", "bad descriptor"),
+        libc::EAGAIN => ("EAGAIN", "resource temporarily unavailable"),
+        libc::ENOMEM => ("ENOMEM", "out of memory, or too many mappings: see /proc/sys/vm/max_map_count"),
+        libc::EACCES => ("EACCES", "no permission to open its object: check its owner and mode"),
+        libc::EFAULT => ("EFAULT", "bad address"),
+        libc::EBUSY => ("EBUSY", "busy"),
+        libc::EEXIST => ("EEXIST", "exists"),
+        libc::ENODEV => ("ENODEV", "the shm directory's file system cannot be mapped"),
+        libc::ENOTDIR => ("ENOTDIR", "not a directory"),
+        libc::EISDIR => ("EISDIR", "is a directory"),
+        libc::EINVAL => ("EINVAL", "invalid argument"),
+        libc::ENFILE => ("ENFILE", "the system-wide table of open files is full: see /proc/sys/fs/file-max"),
+        libc::EMFILE => {
+            ("EMFILE", "this process has as many descriptors open as RLIMIT_NOFILE allows: raise `ulimit -n`")
+        }
+        libc::ETXTBSY => ("ETXTBSY", "busy"),
+        libc::EFBIG => ("EFBIG", "too large"),
+        libc::ENOSPC => ("ENOSPC", "the backing store is full"),
+        libc::EROFS => ("EROFS", "read-only file system"),
+        libc::ELOOP => ("ELOOP", "its object's name is a symbolic link, which is refused"),
+        libc::EOVERFLOW => ("EOVERFLOW", "value too large"),
+        _ => return None,
+    };
+    Some(named)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared futexes
 // ---------------------------------------------------------------------------------------------
@@ -717,49 +1027,4 @@ pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: u32) -> usize {
     // The kernel reads the count as a C `int`: u32::MAX would be -1, which wakes only one.
     let n = n.min(i32::MAX as u32);
     rustix::thread::futex::wake(word, rustix::thread::futex::Flags::empty(), n).unwrap_or(0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Threads
-// ---------------------------------------------------------------------------------------------
-
-/// The calling thread's id (`gettid(2)`), cached per thread.
-#[inline]
-pub fn current_tid() -> u32 {
-    thread_local! {
-        static TID: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
-    }
-    // A forked child's only thread has a new id: the cache is keyed by the process id.
-    let pid = current_pid();
-    TID.try_with(|c| {
-        let (p, t) = c.get();
-        if p == pid {
-            return t;
-        }
-        let t = rustix::thread::gettid().as_raw_nonzero().get() as u32;
-        c.set((pid, t));
-        t
-    })
-    .unwrap_or_else(|_| rustix::thread::gettid().as_raw_nonzero().get() as u32)
-}
-
-/// Whether thread `tid` of process `pid` still exists (`tgkill(2)` with signal 0: ESRCH means
-/// gone; EPERM means it exists but belongs to another user).
-pub fn thread_alive(pid: u32, tid: u32) -> bool {
-    if pid == 0 || tid == 0 || pid > i32::MAX as u32 || tid > i32::MAX as u32 {
-        return false;
-    }
-    // SAFETY: tgkill with signal 0 sends nothing; it only checks that the thread exists.
-    let r = unsafe { libc::syscall(libc::SYS_tgkill, pid as libc::c_long, tid as libc::c_long, 0 as libc::c_long) };
-    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
-
-/// Whether process `pid` exists (`kill(2)` with signal 0: ESRCH means gone; EPERM means it
-/// exists but belongs to another user).
-pub fn process_alive(pid: u32) -> bool {
-    let Some(pid) = rustix::process::Pid::from_raw(pid.min(i32::MAX as u32) as i32) else { return false };
-    match rustix::process::test_kill_process(pid) {
-        Ok(()) => true,
-        Err(e) => e != rustix::io::Errno::SRCH,
-    }
 }

@@ -9,6 +9,8 @@
 //! line 2   written by receivers only: read position (monotonic), messages received
 //! line 3   eventcounts: data_seq/data_waiters (receivers sleep), space_seq/space_waiters
 //! peers    who is attached on each side (domain peer tokens), and what each is in the middle of
+//! after    written by the byte-queue receiver only, read only by a receiver taking over from
+//!          it: consumed position (monotonic), messages consumed (unused by slot queues)
 //! 4096     the ring
 //! ```
 //! The creator commits the whole section, writes the header and publishes its `ready` word,
@@ -17,7 +19,17 @@
 //!
 //! Each side writes its own cache line and reads the other's only when its cached copy says the
 //! ring is empty (or full), so a busy queue moves one line per batch, not per message, and the
-//! cost of a message does not depend on the ring's size.
+//! cost of a message does not depend on the ring's size. The consumed line is written per
+//! message but read by nobody while its writer lives, so it never moves between cores.
+//!
+//! # Readers that die
+//! - Byte queue: a message is consumed when the reader gives it back (drops its
+//!   [`Message`]); a receiver that takes over after a crash starts right after the last
+//!   consumed message, so it never sees a message returned by a read again, and it sees the
+//!   one its predecessor held (received, not yet dropped) when it died. See `ring.rs`.
+//! - Slot queue: a receive claims its position for good; a message is never delivered twice,
+//!   but the one a receiver had claimed and not yet returned when it died is lost. See
+//!   `slots.rs`.
 //!
 //! # Blocking without burning CPU (an eventcount)
 //! A waiter spins a little, then counts itself in `*_waiters`, issues a SeqCst fence, reads
@@ -59,7 +71,8 @@ pub const DATA_OFFSET: u64 = 4096;
 /// Senders (or receivers) a slot queue tracks at once.
 pub const MAX_PEERS: usize = 64;
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMQUEU1");
-const LAYOUT_VERSION: u32 = 1;
+/// 2: the byte-queue receiver's consumed line (a version-1 receiver would not maintain it).
+const LAYOUT_VERSION: u32 = 2;
 const READY: u32 = 0x5155_4555; // "QUEU"
 const KIND_BYTES: u32 = 1;
 const KIND_SLOTS: u32 = 2;
@@ -101,6 +114,17 @@ struct Side {
     count: AtomicU64,
 }
 
+/// The byte-queue receiver's own line: how far it has consumed (messages it returned to its
+/// caller and got back). Only a receiver taking over reads it; the sender never does, so the
+/// receiver stores it at every message without moving a line to the sender's core.
+#[repr(C, align(128))]
+struct Consumed {
+    /// Monotonic: bytes consumed, `recv.pos <= pos <= send.pos`, a multiple of 8.
+    pos: AtomicU64,
+    /// Messages consumed.
+    count: AtomicU64,
+}
+
 #[repr(C, align(128))]
 struct Events {
     data_seq: AtomicU32,
@@ -134,6 +158,7 @@ pub(crate) struct QueueShared {
     events: Events,
     senders: PeerTable,
     receivers: PeerTable,
+    consumed: Consumed,
 }
 
 const _: () = assert!(size_of::<QueueShared>() as u64 <= DATA_OFFSET);
@@ -143,6 +168,7 @@ const FINGERPRINT: u32 = {
         size_of::<QueueShared>() as u64,
         std::mem::offset_of!(QueueShared, events) as u64,
         std::mem::offset_of!(QueueShared, senders) as u64,
+        std::mem::offset_of!(QueueShared, consumed) as u64,
         MAX_PEERS as u64,
         DATA_OFFSET,
     ];
@@ -183,6 +209,7 @@ impl QueueShared {
             },
             senders: table(),
             receivers: table(),
+            consumed: Consumed { pos: AtomicU64::new(0), count: AtomicU64::new(0) },
         }
     }
 
@@ -423,14 +450,30 @@ impl BlockAddr {
         self.0
     }
 
-    /// Takes over the block as a box of `T` in `alloc`'s heap.
+    /// Takes over the block as a box of `T` in `alloc`'s heap. In eager mode the heap is mapped
+    /// first if this process has not mapped it yet.
+    ///
+    /// # Panics
+    /// If the heap cannot be mapped (see [`try_into_box`](BlockAddr::try_into_box)).
     ///
     /// # Safety
     /// The address must come from [`from_box`](BlockAddr::from_box) of a `ShmBox<T>` of the same
     /// heap, received exactly once (no other process keeps using the block).
     pub unsafe fn into_box<T>(self, alloc: crate::heap::ShmAlloc) -> crate::heap::ShmBox<T> {
-        // SAFETY: forwarded from the caller: a live, uniquely owned T allocated by `alloc`'s heap.
-        unsafe { crate::heap::ShmBox::from_raw_in(self.0 as *mut T, alloc) }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.try_into_box(alloc) }.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`into_box`](BlockAddr::into_box), returning an error if the heap holding the block
+    /// is not mapped in this process and cannot be mapped.
+    ///
+    /// # Safety
+    /// As for [`into_box`](BlockAddr::into_box).
+    pub unsafe fn try_into_box<T>(self, alloc: crate::heap::ShmAlloc) -> Result<crate::heap::ShmBox<T>> {
+        crate::domain::map_for_address(self.0 as usize, size_of::<T>())?;
+        // SAFETY: forwarded from the caller: a live, uniquely owned T allocated by `alloc`'s
+        // heap, mapped in this process (just above in eager mode, else on first touch).
+        Ok(unsafe { crate::heap::ShmBox::from_raw_in(self.0 as *mut T, alloc) })
     }
 }
 
@@ -461,15 +504,22 @@ pub fn inspect(section: &crate::Section) -> Result<QueueInfo> {
     let h = header_of(section)?;
     let (kind, cap, _, _) = h.validate(section.name(), section.len() as u64 - DATA_OFFSET)?;
     let d = section.domain();
-    let peers = |t: &PeerTable| peers_of(t).into_iter().map(|tok| (tok as u32, d.peer_alive(tok))).collect();
+    let peers = |t: &PeerTable| peers_of(t).into_iter().map(|tok| (d.peer_pid(tok), d.peer_alive(tok))).collect();
     // Relaxed: a snapshot.
-    let (w, r) = (h.send.pos.load(Ordering::Relaxed), h.recv.pos.load(Ordering::Relaxed));
+    let (w, mut r) = (h.send.pos.load(Ordering::Relaxed), h.recv.pos.load(Ordering::Relaxed));
+    let mut received = h.recv.count.load(Ordering::Relaxed);
+    if kind == KIND_BYTES {
+        // The byte-queue receiver gives space back in batches; what it has consumed is exact.
+        // Relaxed: a snapshot.
+        r = r.max(h.consumed.pos.load(Ordering::Relaxed));
+        received = received.max(h.consumed.count.load(Ordering::Relaxed));
+    }
     Ok(QueueInfo {
         kind: if kind == KIND_BYTES { "bytes" } else { "slots" },
         capacity: cap,
         fill: w.saturating_sub(r),
         sent: h.send.count.load(Ordering::Relaxed),
-        received: h.recv.count.load(Ordering::Relaxed),
+        received,
         senders: peers(&h.senders),
         receivers: peers(&h.receivers),
     })

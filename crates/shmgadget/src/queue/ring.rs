@@ -20,6 +20,43 @@
 //! the ring is full, on [`ByteSender::flush`], and when it is dropped. Streams then move one
 //! cache line per batch instead of one per message; each message still costs the same
 //! whatever the ring's size.
+//!
+//! # Positions
+//! | word | meaning | written by | read by |
+//! |---|---|---|---|
+//! | `send.pos` | bytes written and published | sender: Release, per message or per batch | receiver: Acquire, when the ring looks empty, and on attach |
+//! | `recv.pos` | bytes given back: the sender may overwrite what lies before | receiver: Release, per quarter ring or when it caught up; a receiver taking over, on attach | sender: Acquire, when the ring looks full, and on attach |
+//! | `consumed.pos` | bytes consumed: the end of the last message returned and given back by its reader | receiver: Relaxed, at every message | only a receiver taking over, on attach (and `inspect`) |
+//! | `consumed.count` | messages consumed | as `consumed.pos` | as `consumed.pos` |
+//! | `recv.count` | messages given back (a statistic) | receiver: Relaxed, with `recv.pos` | `inspect` |
+//!
+//! In a healthy ring `recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`, and all
+//! three are multiples of 8 (records are). A receiver checks this on attach: positions that
+//! break it are a damaged ring, reported as [`ErrorKind::Corrupt`], never a read out of place.
+//!
+//! # Readers that die
+//! A message is *consumed* when its reader gives it back: when the [`Message`] returned by
+//! [`ByteReceiver::recv`] (or `try_recv`, `recv_timeout`) is dropped, or inside
+//! [`ByteReceiver::recv_into`] once the bytes are copied. The receiver then stores
+//! `consumed.pos` (and `consumed.count`) on its own line, which the sender never reads, so this
+//! costs no cache-line transfer; `recv.pos` still lags behind in batches. A receiver that takes
+//! over a dead one's place (or a departed one's: its `Drop` publishes everything first) starts
+//! at `consumed.pos` and publishes it as `recv.pos` at once. So:
+//! - a message consumed is never delivered again, to anyone;
+//! - a message received but not consumed when its reader died (the [`Message`] in hand) is
+//!   delivered again, first, to the next receiver: at most one such message per death, since a
+//!   receiver holds at most one `Message` at a time (it borrows the receiver mutably);
+//! - nothing else is lost or repeated. The one exception is `recv_into`: it consumes the
+//!   message just before it returns, so a reader killed in those last instructions loses that
+//!   one message without ever having had it. Use `recv` and drop the `Message` once the work
+//!   is done for "a message I did not finish is redelivered".
+//!
+//! Why the successor sees the dead receiver's last `consumed.pos` although the store is
+//! Relaxed: a receiver that left cleared its peer token with a Release store after its last
+//! store, and the successor's CAS on that token (`attach_peer`, AcqRel) Acquires it; a receiver
+//! that died stopped before the kernel released its liveness lock, and the successor's liveness
+//! check observes that release through a system call before its CAS. Either way the dead
+//! receiver's stores happen before the successor's loads.
 
 use std::ptr::NonNull;
 use std::time::Duration;
@@ -175,11 +212,47 @@ impl ByteQueue {
         attach_peer(&h.receivers, self.token(), 1, &|t| self.alive(t)).ok_or_else(|| {
             Error::new(ErrorKind::AlreadyExists, format!("byte queue {:?} already has a live receiver", self.name()))
         })?;
-        // Acquire: see `sender_with`.
-        let pos = h.recv.pos.load(Ordering::Acquire);
+        self.resume(mode).inspect_err(|_| {
+            // Release: gives the entry back (pairs with the next attacher's CAS), as `Drop`.
+            h.receivers.peers[0].token.store(0, Ordering::Release);
+        })
+    }
+
+    /// The receiver of a queue whose receiver entry we now hold: starts where the previous
+    /// receiver stopped consuming (see "Readers that die" in the module docs).
+    fn resume(&self, mode: WaitMode) -> Result<ByteReceiver<'_>> {
+        let h = self.h();
+        // Acquire: pairs with the previous receiver's Release of `recv.pos` (the bytes before it
+        // were read by a receiver that is gone, the sender may reuse them).
+        let published = h.recv.pos.load(Ordering::Acquire);
+        // Relaxed: written only by previous receivers, all of whose stores happen before this
+        // load (their Release of the token, or the kernel's release of their liveness lock, both
+        // observed by `attach_peer`; see the module docs).
+        let pos = h.consumed.pos.load(Ordering::Relaxed);
+        let received = h.consumed.count.load(Ordering::Relaxed);
+        // Acquire: pairs with the sender's Release of its position (the records before it are
+        // written).
         let write = h.send.pos.load(Ordering::Acquire);
-        let received = h.recv.count.load(Ordering::Relaxed);
-        Ok(ByteReceiver { q: self, pos, published: pos, cached_write: write, received, mode })
+        let cap = self.cap;
+        if pos % 8 != 0
+            || published % 8 != 0
+            || pos.wrapping_sub(published) > cap
+            || write.wrapping_sub(pos) > cap
+            || write.wrapping_sub(published) > cap
+        {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "byte queue {:?} is damaged: its positions (given back {published:#x}, consumed {pos:#x}, written {write:#x}) are not 8-aligned with given back <= consumed <= written <= given back + {cap}; delete it and create it again",
+                    self.name()
+                ),
+            ));
+        }
+        let mut rx = ByteReceiver { q: self, pos, published, cached_write: write, received, mode };
+        // What the previous receiver consumed but had not given back yet: give it back now,
+        // a sender may be waiting for it.
+        rx.publish();
+        Ok(rx)
     }
 }
 
@@ -345,8 +418,11 @@ impl Drop for ByteSender<'_> {
     }
 }
 
-/// A message read in place from a [`ByteQueue`]; its bytes go back to the ring when it is
-/// dropped.
+/// A message read in place from a [`ByteQueue`]. Dropping it *consumes* the message: its bytes
+/// go back to the ring, and no receiver will see it again, even one that takes over after this
+/// receiver dies. A receiver killed while it holds a `Message` has not consumed it: the next
+/// receiver gets that message first. (`std::mem::forget` leaves it unconsumed too: the next
+/// receive returns it again.)
 pub struct Message<'r, 'q> {
     rx: &'r mut ByteReceiver<'q>,
     start: u64,
@@ -358,8 +434,9 @@ impl std::ops::Deref for Message<'_, '_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: the record at `start` was published by the sender (Acquire in `peek`) and
-        // validated to lie inside the ring; the sender does not reuse it until we publish
-        // `recv.pos` past it, which happens only in `drop`.
+        // validated to lie inside the ring; the sender does not reuse it until `recv.pos` is
+        // published past it: by us only in `drop`, by a successor only once our receiver is
+        // gone, which this borrow of it rules out while we live.
         unsafe { std::slice::from_raw_parts(self.rx.q.data.add(self.start as usize), self.len) }
     }
 }
@@ -384,16 +461,22 @@ pub struct ByteReceiver<'q> {
 impl<'q> ByteReceiver<'q> {
     /// Receives the next message, in place: no copy. Waits while the queue is empty; fails with
     /// `Disconnected` once it is empty and the sender is gone.
+    ///
+    /// The message is consumed when the returned [`Message`] is dropped. If this process dies
+    /// before that, the receiver that takes over receives it again (and nothing that was
+    /// consumed); see "Readers that die" in the module docs.
     pub fn recv(&mut self) -> Result<Message<'_, 'q>> {
         self.recv_inner(None)
     }
 
-    /// Like [`recv`](ByteReceiver::recv), failing with `Timeout` after `timeout`.
+    /// Like [`recv`](ByteReceiver::recv), failing with `Timeout` after `timeout`. The message
+    /// is consumed when the [`Message`] is dropped, as with `recv`.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Message<'_, 'q>> {
         self.recv_inner(Some(timeout))
     }
 
-    /// The next message if there is one now; `WouldBlock` if not.
+    /// The next message if there is one now; `WouldBlock` if not. The message is consumed when
+    /// the [`Message`] is dropped, as with [`recv`](ByteReceiver::recv).
     pub fn try_recv(&mut self) -> Result<Message<'_, 'q>> {
         match self.peek()? {
             Some((start, len, next)) => Ok(Message { rx: self, start, len, next }),
@@ -410,6 +493,11 @@ impl<'q> ByteReceiver<'q> {
 
     /// Receives the next message into `buf`, returning its length. Fails with `InvalidSize`
     /// (leaving the message queued) when `buf` is too small.
+    ///
+    /// The message is consumed once it is copied, just before this returns: a receiver that
+    /// takes over after this process dies never receives it again. A process killed inside
+    /// this call, after the copy, loses that one message; use [`recv`](ByteReceiver::recv)
+    /// and drop the [`Message`] when done with it to have it redelivered instead.
     pub fn recv_into(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> Result<usize> {
         let m = self.recv_inner(timeout)?;
         if m.len() > buf.len() {
@@ -490,12 +578,19 @@ impl<'q> ByteReceiver<'q> {
         Ok(Some((off + REC_HEADER, len as usize, pos + rec)))
     }
 
-    /// Done with the message ending at `next`. The space goes back to the sender in batches
-    /// (a quarter of the ring), and at once whenever we have read everything we know of, so
-    /// a sender never waits for space while the ring is, for us, empty.
+    /// Done with the message ending at `next`: it is consumed at once (for a successor, see
+    /// the module docs). The space goes back to the sender in batches (a quarter of the ring),
+    /// and at once whenever we have read everything we know of, so a sender never waits for
+    /// space while the ring is, for us, empty.
     fn release(&mut self, next: u64) {
         self.pos = next;
         self.received += 1;
+        let c = &self.q.h().consumed;
+        // Relaxed: read by nobody while we live; a successor's load is ordered after every
+        // store of ours by the hand-over itself (see "Readers that die"). The sender never
+        // reads it, so the line stays in our cache.
+        c.pos.store(next, Ordering::Relaxed);
+        c.count.store(self.received, Ordering::Relaxed);
         if self.pos - self.published >= self.q.cap / 4 || self.pos == self.cached_write {
             self.publish();
         }
@@ -512,6 +607,21 @@ impl<'q> ByteReceiver<'q> {
         // Relaxed: a statistic on our own line.
         h.recv.count.store(self.received, Ordering::Relaxed);
         wake(&h.events.space_seq, &h.events.space_waiters, 1);
+    }
+}
+
+impl ByteReceiver<'_> {
+    /// Stops being the receiver as a killed process would, without publishing or clearing
+    /// anything, then marks its entry dead (a token of 0: in-memory queues have no liveness
+    /// locks). For model checks and property tests of the takeover.
+    #[cfg(any(test, loom))]
+    #[doc(hidden)]
+    pub fn __die(self) {
+        let h = self.q.h();
+        std::mem::forget(self);
+        // Relaxed: the callers order the successor after this themselves (same thread, or a
+        // join), as the kernel does for a real death.
+        h.receivers.peers[0].token.store(0, Ordering::Relaxed);
     }
 }
 
@@ -535,10 +645,63 @@ mod tests {
     enum Op {
         Send(usize),
         Recv,
+        /// The receiver dies (holding a message it received, if `true`) and a new one takes
+        /// over.
+        Die(bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![(0usize..200).prop_map(Op::Send), Just(Op::Recv)]
+        prop_oneof![
+            8 => (0usize..200).prop_map(Op::Send),
+            8 => Just(Op::Recv),
+            1 => any::<bool>().prop_map(Op::Die),
+        ]
+    }
+
+    #[test]
+    fn a_damaged_consumed_position_is_reported_and_frees_the_receiver_entry() {
+        let q = ByteQueue::in_memory(4096);
+        let mut tx = q.sender().unwrap();
+        for _ in 0..10 {
+            tx.send(&[5; 20]).unwrap();
+        }
+        let rx = q.receiver().unwrap();
+        rx.__die();
+        let c = &q.h().consumed;
+        for bad in [4, 8 * 1000, u64::MAX - 7] {
+            c.pos.store(bad, Ordering::Relaxed);
+            let err = q.receiver().err().expect("a damaged position is refused");
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+            assert!(err.to_string().contains("consumed"), "{err}");
+        }
+        // The refused attach left the entry free: once repaired, a receiver attaches.
+        c.pos.store(32, Ordering::Relaxed);
+        let mut rx = q.receiver().unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[5; 20], "starts after the first (consumed) message");
+    }
+
+    #[test]
+    fn a_successor_gets_the_message_in_hand_and_none_consumed_and_the_space_back() {
+        let q = ByteQueue::in_memory(4096);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        let mut i = 0u8;
+        // Fill the ring, consume a few (less than the quarter-ring batch), hold one, die.
+        while tx.try_send(&[i; 24]).is_ok() {
+            i += 1;
+        }
+        for want in 0..5u8 {
+            assert_eq!(&*rx.try_recv().unwrap(), &[want; 24]);
+        }
+        assert!(tx.try_send(&[i; 24]).is_err(), "space not given back yet: the batch is not full");
+        std::mem::forget(rx.try_recv().unwrap());
+        rx.__die();
+        let mut rx = q.receiver().unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[5; 24], "the message in hand comes again, first");
+        tx.try_send(&[i; 24]).expect("the successor gave back what its predecessor consumed");
+        for want in 6..=i {
+            assert_eq!(&*rx.try_recv().unwrap(), &[want; 24]);
+        }
     }
 
     #[test]
@@ -579,6 +742,7 @@ mod tests {
             let q = ByteQueue::in_memory(1 << cap);
             let mut tx = q.sender().unwrap();
             let mut rx = q.receiver().unwrap();
+            // Messages sent and not consumed, in order.
             let mut model: VecDeque<Vec<u8>> = VecDeque::new();
             let mut n = 0u8;
             for op in ops {
@@ -602,6 +766,15 @@ mod tests {
                             prop_assert!(model.is_empty());
                         }
                     },
+                    Op::Die(hold) => {
+                        if hold && let Ok(m) = rx.try_recv() {
+                            // Received, not consumed: stays at the front of the model.
+                            prop_assert_eq!(Some(&m.to_vec()), model.front());
+                            std::mem::forget(m);
+                        }
+                        rx.__die();
+                        rx = q.receiver().unwrap();
+                    }
                 }
             }
             drop(tx);

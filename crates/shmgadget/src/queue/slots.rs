@@ -22,7 +22,18 @@
 //! and clears it when done. A waiter that stays stuck on a slot for two liveness checks in a row
 //! looks for dead peers whose `inflight` is that position and repairs the slot: a sender's
 //! slot becomes a hole (state 1, published) that receivers skip; a receiver's slot is given
-//! back (its message died with it). Messages sent completely are never lost.
+//! back (its message died with it). Messages sent completely are never lost to a dead
+//! sender.
+//!
+//! # Readers that die
+//! A receive claims its position for good (the CAS on `recv.pos`), before it reads the value:
+//! no other receiver, and no receiver taking over later, is ever handed that position again.
+//! So a value returned by a receive is never delivered twice. The value a receiver had claimed
+//! but not returned when it died (claimed and not yet read, or read and not yet returned) is
+//! lost: its slot is given back as above, empty. At most one per death, since a receiver
+//! takes one value at a time. (Redelivering it would mean sending it again at a new position,
+//! which the repairer may have no room for; the byte queue, with one receiver, redelivers
+//! instead.)
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -434,16 +445,22 @@ pub struct SlotReceiver<'q, T: crate::ShmSafe + Copy + Send> {
 impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
     /// Receives a value, waiting while the queue is empty; `Disconnected` once it is empty and
     /// every sender is gone.
+    ///
+    /// A value returned is never delivered again, to any receiver. A receiver that dies inside
+    /// this call, after claiming a value, loses that one value (see "Readers that die" in the
+    /// module docs).
     pub fn recv(&mut self) -> Result<T> {
         self.recv_inner(None)
     }
 
-    /// Like [`recv`](SlotReceiver::recv), failing with `Timeout` after `timeout`.
+    /// Like [`recv`](SlotReceiver::recv), failing with `Timeout` after `timeout`; the same
+    /// guarantee when a receiver dies.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<T> {
         self.recv_inner(Some(timeout))
     }
 
-    /// A value if there is one now; `WouldBlock` if not.
+    /// A value if there is one now; `WouldBlock` if not. The same guarantee as
+    /// [`recv`](SlotReceiver::recv) when a receiver dies.
     pub fn try_recv(&mut self) -> Result<T> {
         match self.try_take(true)? {
             Some(v) => Ok(v),

@@ -18,13 +18,18 @@
 //! | 0              | init, `make_consistent`                  |                               |
 //! | 1              | a locker that got `EOWNERDEAD`           | `make_consistent` (lock held) |
 //!
-//! `inconsistent` and `owner_pid` are written only by the lock holder, so Relaxed suffices:
-//! the pthread lock's acquire/release orders them.
+//! `inconsistent`, `owner_pid` and `owner_token` are written only by the lock holder, so
+//! Relaxed suffices: the pthread lock's acquire/release orders them. `owner_token` is the
+//! holder's registration token in the domain holding the lock (0 when free, or when the lock
+//! is not in an attached domain's window): whether the holder is alive is asked of the registry
+//! with it ([`crate::heap::ObjectState::Mutex`]), never of a pid. `owner_pid` is for display.
+//! Recording it costs a lock-free scan of this process's few token cells (`os::token_for_address`),
+//! no lock and no system call.
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::ObjectHeader;
@@ -43,7 +48,7 @@ pub struct RawMutex {
     header: ObjectHeader,
     inconsistent: AtomicU32,
     owner_pid: AtomicU32,
-    _reserved: [AtomicU32; 2],
+    owner_token: AtomicU64,
     lock: RawRobustMutex,
 }
 
@@ -73,6 +78,7 @@ impl RawMutex {
             // Relaxed: published by the header's READY store.
             self.inconsistent.store(0, Ordering::Relaxed);
             self.owner_pid.store(0, Ordering::Relaxed);
+            self.owner_token.store(0, Ordering::Relaxed);
             data()
         })
     }
@@ -89,6 +95,7 @@ impl RawMutex {
         }
         // Relaxed: informational, written by the holder only.
         self.owner_pid.store(os::current_pid(), Ordering::Relaxed);
+        self.owner_token.store(crate::domain::token_at(self as *const Self as usize), Ordering::Relaxed);
         // Relaxed: as above.
         Ok(if self.inconsistent.load(Ordering::Relaxed) == 1 { Acquired::OwnerDied } else { Acquired::Clean })
     }
@@ -141,6 +148,7 @@ impl RawMutex {
     pub unsafe fn unlock(&self) {
         // Relaxed: written by the holder only.
         self.owner_pid.store(0, Ordering::Relaxed);
+        self.owner_token.store(0, Ordering::Relaxed);
         // SAFETY: forwarded from the caller.
         unsafe { self.lock.unlock() }
     }
@@ -154,10 +162,23 @@ impl RawMutex {
         self.inconsistent.store(0, Ordering::Relaxed);
     }
 
-    /// Pid of the current holder, 0 if free (a snapshot, for inspection).
+    /// Pid of the current holder, 0 if free (a snapshot, for display: a pid says nothing about
+    /// life or death).
     pub fn owner_pid(&self) -> u32 {
         // Relaxed: a snapshot.
         self.owner_pid.load(Ordering::Relaxed)
+    }
+
+    /// Whether the current holder's process is still alive, by its registration token (the
+    /// kernel releases it on death). `None` when free or when the holder is unknown (a lock
+    /// outside any attached domain's window). A snapshot.
+    pub fn owner_alive(&self) -> Option<bool> {
+        // Relaxed: a snapshot.
+        let token = self.owner_token.load(Ordering::Relaxed);
+        if self.owner_pid() == 0 || token == 0 {
+            return None;
+        }
+        crate::domain::token_alive_at(self as *const Self as usize, token)
     }
 
     /// Whether a holder died and the data has not been repaired since (a snapshot).

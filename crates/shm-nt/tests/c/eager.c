@@ -1,0 +1,49 @@
+/* Eager mode (SHMGADGET_EAGER=1: no fault handler) from C: shm_free and shm_realloc of blocks
+ * of a heap created by another process after this one attached. Reads "ADDR_A ADDR_B LEN" on
+ * stdin; block B holds bytes i % 251 for i < LEN. */
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "shm_nt.h"
+
+int main(void) {
+    unsigned long anchor = 0;
+    /* The first call attaches the domain (eager, from the environment). */
+    int rc = shm_section("anchor", 4096, &anchor);
+    if (rc != SHM_OK && rc != SHM_EXISTS) {
+        fprintf(stderr, "shm_section: %d %s\n", rc, shm_last_error());
+        return 1;
+    }
+    printf("READY\n");
+    fflush(stdout);
+
+    unsigned long a = 0, b = 0, len = 0;
+    if (scanf("%lx %lx %lu", &a, &b, &len) != 3) {
+        fprintf(stderr, "expected two addresses and a length on stdin\n");
+        return 2;
+    }
+    rc = shm_free((void *)a);
+    if (rc != SHM_OK) {
+        fprintf(stderr, "shm_free: %d %s\n", rc, shm_last_error());
+        return 3;
+    }
+    unsigned char *p = shm_realloc((void *)b, 100000);
+    if (p == NULL) {
+        fprintf(stderr, "shm_realloc: %s\n", shm_last_error());
+        return 4;
+    }
+    for (unsigned long i = 0; i < len; i++) {
+        if (p[i] != (unsigned char)(i % 251)) {
+            fprintf(stderr, "byte %lu is %u after realloc, expected %lu\n", i, p[i], i % 251);
+            return 5;
+        }
+    }
+    rc = shm_free(p);
+    if (rc != SHM_OK) {
+        fprintf(stderr, "shm_free after realloc: %d %s\n", rc, shm_last_error());
+        return 6;
+    }
+    printf("eager ok\n");
+    return shm_exit() == SHM_OK ? 0 : 7;
+}

@@ -1,0 +1,109 @@
+//! Eager mode through the C interface: a C program attached with `SHMGADGET_EAGER=1` frees and
+//! reallocates blocks of a heap that another process created after it attached.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shmgadget::heap::Heap;
+use shmgadget::{Domain, DomainOptions};
+
+fn lib_dir() -> PathBuf {
+    // The test binary lives in target/<profile>/deps, next to libshm_nt.so.
+    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn compile(src: &str, out: &Path) {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let lib = lib_dir();
+    assert!(lib.join("libshm_nt.so").exists(), "libshm_nt.so not built in {}", lib.display());
+    let o = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1"])
+        .arg(format!("-I{dir}/include"))
+        .arg(format!("{dir}/tests/c/{src}"))
+        .arg("-o")
+        .arg(out)
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lshm_nt")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cc {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Deletes what the test left in its domain and checks the shm directory holds nothing of it.
+fn clean(domain: &str) {
+    let opts = DomainOptions { must_exist: true, ..Default::default() };
+    if let Ok(d) = Domain::attach_with(domain, &opts) {
+        for s in d.sections() {
+            d.delete_section(&s.name).unwrap();
+        }
+        d.detach().unwrap();
+    }
+    let prefix = format!("shmgadget.{domain}:");
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn an_eager_c_program_frees_and_reallocs_blocks_of_a_heap_created_after_it_attached() {
+    const LEN: usize = 1000;
+    let exe = std::env::temp_dir().join(format!("shm_nt_eager_{}", std::process::id()));
+    compile("eager.c", &exe);
+    let domain = format!("cnt-eager-{}", std::process::id());
+    let d = Domain::attach(&domain).unwrap();
+
+    let mut child = Command::new(&exe)
+        // The library next to this test binary, not an older copy that cargo's
+        // LD_LIBRARY_PATH (which outranks the rpath) may find first in target/<profile>.
+        .env("LD_LIBRARY_PATH", lib_dir())
+        .env("SHMGADGET_DOMAIN", &domain)
+        .env("SHMGADGET_EAGER", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().and_then(Result::ok);
+    assert_eq!(first.as_deref(), Some("READY"), "the C program did not start");
+
+    // Created only now, after the C program attached (eagerly: nothing maps it on touch).
+    let heap = Heap::create(&d, "late", 16 << 20).unwrap();
+    let layout = |n| std::alloc::Layout::from_size_align(n, 16).unwrap();
+    let a = heap.alloc(layout(64)).unwrap();
+    let b = heap.alloc(layout(LEN)).unwrap();
+    // SAFETY: a fresh block of LEN bytes, ours until the C program takes it over.
+    unsafe { (0..LEN).for_each(|i| b.as_ptr().add(i).write((i % 251) as u8)) };
+    writeln!(child.stdin.as_mut().unwrap(), "{:#x} {:#x} {LEN}", a.as_ptr() as usize, b.as_ptr() as usize).unwrap();
+
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the C program did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap_or_default();
+    let checked = heap.check();
+    let used = heap.stats().map(|s| s.blocks.used_blocks);
+    drop(heap);
+    d.detach().unwrap();
+    // Clean up before judging, so a failure leaves nothing behind either.
+    clean(&domain);
+    let _ = std::fs::remove_file(&exe);
+    assert!(status.success(), "the C program failed: {status}\nstdout: {rest:?}\nstderr: {stderr}");
+    assert!(rest.iter().any(|l| l == "eager ok"), "{rest:?}\n{stderr}");
+    checked.unwrap();
+    assert_eq!(used.unwrap(), 0, "the C program freed every block");
+}

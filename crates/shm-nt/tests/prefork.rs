@@ -1,0 +1,82 @@
+//! A prefork server written in C (`tests/c/prefork.c`): forked workers are participants of their
+//! own, a killed worker is seen dead by its partner only, and the parent's `shm_exit` while they
+//! run disturbs nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn lib_dir() -> PathBuf {
+    // The test binary lives in target/<profile>/deps, next to libshm_nt.so.
+    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn compile(src: &str, out: &Path) {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let lib = lib_dir();
+    assert!(lib.join("libshm_nt.so").exists(), "libshm_nt.so not built in {}", lib.display());
+    let o = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1"])
+        .arg(format!("-I{dir}/include"))
+        .arg(format!("{dir}/tests/c/{src}"))
+        .arg("-o")
+        .arg(out)
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lshm_nt")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cc {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_c_prefork_server_with_four_workers_survives_a_killed_worker_and_its_own_exit() {
+    let exe = std::env::temp_dir().join(format!("shm_nt_prefork_{}", std::process::id()));
+    compile("prefork.c", &exe);
+    let domain = format!("cnt-prefork-{}", std::process::id());
+    let mut child = Command::new(&exe)
+        .env("SHMGADGET_DOMAIN", &domain)
+        // The library next to this test binary, not a stale copy one directory up.
+        .env("LD_LIBRARY_PATH", lib_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(240) {
+            let _ = child.kill();
+            panic!("the prefork server did not finish within 240 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(status.success(), "the prefork server failed: {status}; {text}");
+    assert_eq!(text.trim(), "CODES 0 0 0 -9", "workers' exit codes");
+
+    // Everyone is gone; the heap is consistent and holds nothing.
+    let opts = shmgadget::DomainOptions { must_exist: true, ..Default::default() };
+    let d = shmgadget::Domain::attach_with(&domain, &opts).unwrap();
+    let alive: Vec<_> = d.processes().into_iter().filter(|p| p.alive).collect();
+    assert_eq!(alive.len(), 1, "only this test is attached: {alive:?}");
+    let heap = shmgadget::heap::Heap::open(&d, "heap").unwrap();
+    heap.check().unwrap();
+    let s = heap.stats().unwrap();
+    assert!(s.blocks.used_blocks <= s.recoveries, "every block was freed: {s:?}");
+    drop(heap);
+    for s in d.sections() {
+        d.delete_section(&s.name).unwrap();
+    }
+    d.detach().unwrap();
+    let prefix = format!("shmgadget.{domain}:");
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_file(exe);
+}
