@@ -23,7 +23,9 @@
 //! looks for dead peers whose `inflight` is that position and repairs the slot: a sender's
 //! slot becomes a hole (state 1, published) that receivers skip; a receiver's slot is given
 //! back (its message died with it). Messages sent completely are never lost to a dead
-//! sender.
+//! sender. A dead peer may have recorded the position and died before its CAS, while a live
+//! peer then claimed it: so no slot is repaired while a live peer records the same position
+//! (it may be the claimer, however long it is descheduled).
 //!
 //! # Readers that die
 //! A receive claims its position for good (the CAS on `recv.pos`), before it reads the value:
@@ -285,7 +287,23 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
     /// Repairs the slot at `pos` if a dead peer of `table` had claimed it and left it at
     /// `stuck_seq`, moving it to `fixed_seq` (with `hole` state for a sender's slot).
     fn repair(&self, senders: bool, pos: u64, stuck_seq: u64, fixed_seq: u64) -> bool {
-        let table = if senders { &self.h().senders } else { &self.h().receivers };
+        let h = self.h();
+        let (table, side) = if senders { (&h.senders, &h.send) } else { (&h.receivers, &h.recv) };
+        // A dead peer's intent alone does not prove it made the claim: it may have died just
+        // before its CAS, and a live peer then claimed the same position (and may be
+        // descheduled before finishing). Every claimer records its intent before its CAS, so a
+        // live peer with this intent may be the claimer: leave the slot alone while one exists.
+        // Acquire: pairs with the claimers' Release CAS on the position, after which their
+        // intent stores are visible.
+        let _ = side.pos.load(Ordering::Acquire);
+        let live_intent = table.peers.iter().any(|p| {
+            // Relaxed: ordered by the Acquire load above.
+            let tok = p.token.load(Ordering::Relaxed);
+            tok != 0 && p.inflight.load(Ordering::Relaxed) == pos && self.alive(tok)
+        });
+        if live_intent {
+            return false;
+        }
         for p in &table.peers {
             // Relaxed: tokens and intents are single words; liveness comes from the kernel.
             let tok = p.token.load(Ordering::Relaxed);
@@ -378,6 +396,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                 // the claim below orders it, for a repairer that Acquires `send.pos`.
                 me.inflight.store(pos, Ordering::Relaxed);
                 if h.send.pos.compare_exchange(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
+                    // Not ours: drop the intent, or a repairer would take us for its claimer.
+                    me.inflight.store(IDLE, Ordering::Relaxed);
                     retry_hint();
                     continue;
                 }
@@ -491,6 +511,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
                 // Relaxed + Release claim: as in `SlotSender::try_put`.
                 me.inflight.store(pos, Ordering::Relaxed);
                 if h.recv.pos.compare_exchange(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
+                    // Not ours: drop the intent (see `SlotSender::try_put`).
+                    me.inflight.store(IDLE, Ordering::Relaxed);
                     retry_hint();
                     continue;
                 }
