@@ -85,7 +85,8 @@ int shm_delete_section(unsigned long hdl);
 void *shm_alloc(unsigned long hdl, unsigned long size);
 
 /*
- Frees a block of any heap of the domain, found from its address.
+ Frees a block of any heap of the domain, found from its address (into the calling thread's
+ block cache when its size is cached).
  */
 int shm_free(void *addr);
 
