@@ -236,8 +236,17 @@ fn main() {
         g("rtt_p99") / 1e3
     );
     println!("| `shm_sem_post`+`shm_sem_wait(0)` pair | {:.0} ns | | |", ns(g("sem")));
+    // The machine may be shared: a ratio within each repetition (subject and reference measured
+    // back to back) resists drifting load better than a ratio of medians.
+    let per_rep = |num: &str, den: &str| median(&m[num].iter().zip(&m[den]).map(|(a, b)| a / b).collect::<Vec<_>>());
+    println!("\nMedian of the per-repetition ratios:");
+    println!("  shm_alloc+shm_free pair / glibc pair (time): {:.2}x", per_rep("malloc", "alloc"));
+    println!("  two processes / one process (pairs/s): {:.2}x", per_rep("alloc_2p", "alloc"));
+    println!("  glibc two threads / one thread (pairs/s): {:.2}x", per_rep("malloc_2t", "malloc"));
+    println!("  queue 64 B / pipe 64 B: {:.1}x", per_rep("q64", "pipe64"));
+    println!("  queue 1 KiB / pipe 1 KiB: {:.1}x", per_rep("q1k", "pipe1k"));
     println!("\nSpread (min-max over the repetitions):");
-    for (k, _) in &m {
+    for k in m.keys() {
         let (lo, hi) = range(k);
         println!("  {k:<10} {lo:>14.0} - {hi:>14.0}");
     }

@@ -292,7 +292,10 @@ impl State {
         match table::entry_covering(hdl).map(|e| (e.base, &e.obj)) {
             Some((base, Obj::Heap(h))) if base == hdl => return Ok(h.clone()),
             Some((base, Obj::Heap(h))) => {
-                return Err(invalid(format!("{hdl:#x} is inside heap {:?} at {base:#x} but is not its handle", h.name())));
+                return Err(invalid(format!(
+                    "{hdl:#x} is inside heap {:?} at {base:#x} but is not its handle",
+                    h.name()
+                )));
             }
             _ => {}
         }

@@ -5,6 +5,9 @@
 //! library's process state and the domain (`SHMGADGET_DOMAIN`) are the child's own; the parent
 //! watches it with a timeout and checks that it finished and left nothing in /dev/shm.
 
+// `unsigned long` is 64 bits here but 32 on Windows: keep the casts.
+#![allow(clippy::unnecessary_cast)]
+
 use std::ffi::CStr;
 use std::os::raw::{c_ulong, c_void};
 use std::process::Command;
