@@ -657,6 +657,7 @@ pub extern "C" fn shm_free(addr: *mut c_void) -> c_int {
 }
 
 /// Resizes a heap block found from its address; NULL on failure (the block is unchanged).
+/// Blocks up to 4 KiB move through the calling thread's block cache, without the heap lock.
 #[unsafe(no_mangle)]
 pub extern "C" fn shm_realloc(addr: *mut c_void, size: c_ulong) -> *mut c_void {
     guarded(
@@ -666,7 +667,7 @@ pub extern "C" fn shm_realloc(addr: *mut c_void, size: c_ulong) -> *mut c_void {
             on_heap_covering(p.as_ptr() as u64, |heap| {
                 // SAFETY: as for realloc(3): the caller uses only the returned pointer
                 // afterwards; the heap validates that `p` is a live block of its own.
-                Ok(unsafe { heap.realloc(p, size as usize)? }.as_ptr().cast())
+                Ok(unsafe { heap.realloc_cached(p, size as usize)? }.as_ptr().cast())
             })
         },
     )
