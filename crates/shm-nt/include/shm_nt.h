@@ -92,6 +92,7 @@ int shm_free(void *addr);
 
 /*
  Resizes a heap block found from its address; NULL on failure (the block is unchanged).
+ Blocks up to 4 KiB move through the calling thread's block cache, without the heap lock.
  */
 void *shm_realloc(void *addr, unsigned long size);
 
