@@ -11,6 +11,9 @@
 //! run.
 //!
 //! Run: `cargo bench -p shm-nt --bench c_interface` (`SHMG_CBENCH_QUICK=1` for a short run).
+//! With `SHMG_CBENCH_BASELINE=DIR` (a directory holding another build's `libshm_nt.so`, e.g.
+//! of the previous commit) the C interface's rows are measured against that library too, in
+//! the same repetitions, and a before/after table follows.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,6 +47,9 @@ fn compile() -> PathBuf {
 
 struct Bench {
     exe: PathBuf,
+    /// Directory of the `libshm_nt.so` the program runs against (LD_LIBRARY_PATH wins over
+    /// the program's RUNPATH).
+    lib: PathBuf,
     serial: u32,
     secs: f64,
     count: u64,
@@ -61,7 +67,7 @@ impl Bench {
     /// over the rpath.
     fn command(&self, domain: &str, args: &[String]) -> Command {
         let mut c = Command::new(&self.exe);
-        c.args(args).env("LD_LIBRARY_PATH", lib_dir()).env("SHMGADGET_DOMAIN", domain).stdout(Stdio::piped());
+        c.args(args).env("LD_LIBRARY_PATH", &self.lib).env("SHMGADGET_DOMAIN", domain).stdout(Stdio::piped());
         c
     }
 
@@ -169,10 +175,15 @@ fn main() {
     let reps: usize = std::env::var("SHMG_CBENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let mut b = Bench {
         exe: compile(),
+        lib: lib_dir(),
         serial: 0,
         secs: if quick { 0.2 } else { 1.0 },
         count: if quick { 200_000 } else { 2_000_000 },
     };
+    let baseline = std::env::var_os("SHMG_CBENCH_BASELINE").map(PathBuf::from);
+    if let Some(base) = &baseline {
+        assert!(base.join("libshm_nt.so").exists(), "no libshm_nt.so in {}", base.display());
+    }
     let mut m: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for rep in 0..reps {
         eprintln!("c_interface: repetition {} of {reps}", rep + 1);
@@ -190,6 +201,19 @@ fn main() {
         m.entry("rtt_p99").or_default().push(p99);
         m.entry("sem").or_default().push(sem(&mut b));
         m.entry("memcpy1m").or_default().push(memcpy(&mut b, 1 << 20));
+        if let Some(base) = &baseline {
+            b.lib = base.clone();
+            m.entry("b_alloc").or_default().push(pairs(&mut b, "alloc", 1));
+            m.entry("b_alloc_2p").or_default().push(pairs(&mut b, "alloc", 2));
+            m.entry("b_realloc").or_default().push(pairs(&mut b, "realloc", 1));
+            m.entry("b_q64").or_default().push(queue(&mut b, 64));
+            m.entry("b_q1k").or_default().push(queue(&mut b, 1024));
+            let (med, p99) = round_trip(&mut b);
+            m.entry("b_rtt_med").or_default().push(med);
+            m.entry("b_rtt_p99").or_default().push(p99);
+            m.entry("b_sem").or_default().push(sem(&mut b));
+            b.lib = lib_dir();
+        }
     }
     let _ = std::fs::remove_file(&b.exe);
     let g = |k: &str| median(&m[k]);
@@ -245,6 +269,27 @@ fn main() {
     println!("  glibc two threads / one thread (pairs/s): {:.2}x", per_rep("malloc_2t", "malloc"));
     println!("  queue 64 B / pipe 64 B: {:.1}x", per_rep("q64", "pipe64"));
     println!("  queue 1 KiB / pipe 1 KiB: {:.1}x", per_rep("q1k", "pipe1k"));
+    if baseline.is_some() {
+        println!("\n## Before / after: the baseline library against this build (same run, medians)\n");
+        println!("| path | baseline | this build | this build / baseline (median of per-repetition ratios) |");
+        println!("|---|---|---|---|");
+        for (what, k, rate) in [
+            ("`shm_alloc`+`shm_free` pair", "alloc", true),
+            ("two processes on one heap (per pair, both together)", "alloc_2p", true),
+            ("`shm_realloc`", "realloc", true),
+            ("queue 64 B", "q64", true),
+            ("queue 1 KiB", "q1k", true),
+            ("round trip median", "rtt_med", false),
+            ("round trip p99", "rtt_p99", false),
+            ("`shm_sem_post`+`shm_sem_wait(0)`", "sem", true),
+        ] {
+            let bk = &format!("b_{k}");
+            let fmt = |v: f64| if rate { format!("{:.0} ns", 1e9 / v) } else { format!("{:.2} µs", v / 1e3) };
+            // Time per operation: this build over baseline (below 1 is faster).
+            let ratio = if rate { per_rep(bk, k) } else { per_rep(k, bk) };
+            println!("| {what} | {} | {} | {ratio:.2}x the time |", fmt(g(bk)), fmt(g(k)));
+        }
+    }
     println!("\nSpread (min-max over the repetitions):");
     for k in m.keys() {
         let (lo, hi) = range(k);

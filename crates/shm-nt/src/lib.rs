@@ -6,6 +6,17 @@
 //! [`shm_last_error`]. The domain is `SHMGADGET_DOMAIN` (or `default`), attached by the first
 //! call.
 //!
+//! # Hot paths
+//! `shm_alloc`, `shm_free`, `shm_realloc`, `shm_q_write`, `shm_q_read`, `shm_sem_wait` and
+//! `shm_sem_post` take no process-wide lock: they find their object from the address in a
+//! per-process table indexed by 2 MiB chunk, protected for the call by the thread's hazard
+//! record (see `table.rs`). Only the first use of a handle in a process (which opens it) and
+//! the calls that create, delete or detach take the library's state lock. Heap calls go
+//! through the calling thread's block cache; a queue end is used by one thread of the process
+//! at a time. A handle whose section this process deleted (or left with `shm_exit`) finds no
+//! entry and is reported as invalid; a call that was using it when it was deleted keeps it
+//! mapped until it returns.
+//!
 //! Semaphores live as named objects in a heap section `shm_nt.objects` created on demand;
 //! queues are shmgadget byte queues (the first `shm_q_write` of a process makes it the sender,
 //! the first `shm_q_read` the receiver).
