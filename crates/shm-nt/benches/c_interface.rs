@@ -104,8 +104,13 @@ fn start_in(ms: u64) -> u128 {
     (SystemTime::now() + Duration::from_millis(ms)).duration_since(UNIX_EPOCH).unwrap().as_nanos()
 }
 
-/// Pairs per second of `mode` in `procs` processes at once (summed), on one heap.
+/// Pairs per second of `mode` in `procs` processes at once (summed), on one heap; and pairs
+/// per CPU second (summed: what they would do with a core each, preemption left out).
 fn pairs(b: &mut Bench, mode: &str, procs: usize) -> f64 {
+    pairs_cpu(b, mode, procs).0
+}
+
+fn pairs_cpu(b: &mut Bench, mode: &str, procs: usize) -> (f64, f64) {
     let d = b.domain();
     if mode != "malloc" {
         // Create the heap first so the processes start together on a ready heap.
@@ -115,14 +120,21 @@ fn pairs(b: &mut Bench, mode: &str, procs: usize) -> f64 {
     let start = start_in(400);
     let children: Vec<Child> = (0..procs).map(|_| b.spawn(&d, &args(&[&mode, &b.secs, &start]))).collect();
     let key = if mode == "realloc" { "realloc_per_s" } else { "pairs_per_s" };
-    let total = children.into_iter().map(|c| value(&c.wait_with_output().unwrap(), key)).sum();
+    let (mut total, mut cpu) = (0.0, 0.0);
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        total += value(&o, key);
+        if mode != "realloc" {
+            cpu += value(&o, "pairs_per_cpu_s");
+        }
+    }
     clean(&d);
-    total
+    (total, cpu)
 }
 
-fn malloc_threads(b: &mut Bench, n: usize) -> f64 {
+fn malloc_threads(b: &mut Bench, n: usize) -> (f64, f64) {
     let o = b.command("-", &args(&[&"malloc_threads", &b.secs, &n])).output().unwrap();
-    value(&o, "pairs_per_s")
+    (value(&o, "pairs_per_s"), value(&o, "pairs_per_cpu_s"))
 }
 
 fn pipe(b: &mut Bench, size: usize) -> f64 {
@@ -187,10 +199,15 @@ fn main() {
     let mut m: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for rep in 0..reps {
         eprintln!("c_interface: repetition {} of {reps}", rep + 1);
-        m.entry("malloc").or_default().push(pairs(&mut b, "malloc", 1));
-        m.entry("malloc_2t").or_default().push(malloc_threads(&mut b, 2));
-        m.entry("alloc").or_default().push(pairs(&mut b, "alloc", 1));
-        m.entry("alloc_2p").or_default().push(pairs(&mut b, "alloc", 2));
+        for (key, cpu_key, (wall, cpu)) in [
+            ("malloc", "cpu_malloc", pairs_cpu(&mut b, "malloc", 1)),
+            ("malloc_2t", "cpu_malloc_2t", malloc_threads(&mut b, 2)),
+            ("alloc", "cpu_alloc", pairs_cpu(&mut b, "alloc", 1)),
+            ("alloc_2p", "cpu_alloc_2p", pairs_cpu(&mut b, "alloc", 2)),
+        ] {
+            m.entry(key).or_default().push(wall);
+            m.entry(cpu_key).or_default().push(cpu);
+        }
         m.entry("realloc").or_default().push(pairs(&mut b, "realloc", 1));
         m.entry("pipe64").or_default().push(pipe(&mut b, 64));
         m.entry("q64").or_default().push(queue(&mut b, 64));
@@ -203,8 +220,12 @@ fn main() {
         m.entry("memcpy1m").or_default().push(memcpy(&mut b, 1 << 20));
         if let Some(base) = &baseline {
             b.lib = base.clone();
-            m.entry("b_alloc").or_default().push(pairs(&mut b, "alloc", 1));
-            m.entry("b_alloc_2p").or_default().push(pairs(&mut b, "alloc", 2));
+            let (wall, cpu) = pairs_cpu(&mut b, "alloc", 1);
+            m.entry("b_alloc").or_default().push(wall);
+            m.entry("b_cpu_alloc").or_default().push(cpu);
+            let (wall, cpu) = pairs_cpu(&mut b, "alloc", 2);
+            m.entry("b_alloc_2p").or_default().push(wall);
+            m.entry("b_cpu_alloc_2p").or_default().push(cpu);
             m.entry("b_realloc").or_default().push(pairs(&mut b, "realloc", 1));
             m.entry("b_q64").or_default().push(queue(&mut b, 64));
             m.entry("b_q1k").or_default().push(queue(&mut b, 1024));
@@ -268,6 +289,18 @@ fn main() {
     println!("  two processes / one process (pairs/s): {:.2}x", per_rep("alloc_2p", "alloc"));
     println!("  glibc two threads / one thread (pairs/s): {:.2}x", per_rep("malloc_2t", "malloc"));
     println!("  queue 64 B / pipe 64 B: {:.1}x", per_rep("q64", "pipe64"));
+    println!("\nIn CPU time (each loop's own thread CPU time: preemption by other load left out):");
+    println!(
+        "  shm_alloc+shm_free pair {:.0} ns, glibc pair {:.0} ns: {:.2}x glibc (median of per-repetition ratios)",
+        ns(g("cpu_alloc")),
+        ns(g("cpu_malloc")),
+        per_rep("cpu_malloc", "cpu_alloc")
+    );
+    println!(
+        "  two processes / one process (pairs per CPU second, summed): {:.2}x; glibc two threads / one: {:.2}x",
+        per_rep("cpu_alloc_2p", "cpu_alloc"),
+        per_rep("cpu_malloc_2t", "cpu_malloc")
+    );
     println!("  queue 1 KiB / pipe 1 KiB: {:.1}x", per_rep("q1k", "pipe1k"));
     if baseline.is_some() {
         println!("\n## Before / after: the baseline library against this build (same run, medians)\n");
@@ -275,7 +308,9 @@ fn main() {
         println!("|---|---|---|---|");
         for (what, k, rate) in [
             ("`shm_alloc`+`shm_free` pair", "alloc", true),
+            ("`shm_alloc`+`shm_free` pair, CPU time", "cpu_alloc", true),
             ("two processes on one heap (per pair, both together)", "alloc_2p", true),
+            ("two processes on one heap, CPU time (per pair, summed rates)", "cpu_alloc_2p", true),
             ("`shm_realloc`", "realloc", true),
             ("queue 64 B", "q64", true),
             ("queue 1 KiB", "q1k", true),
