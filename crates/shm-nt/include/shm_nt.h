@@ -85,12 +85,14 @@ int shm_delete_section(unsigned long hdl);
 void *shm_alloc(unsigned long hdl, unsigned long size);
 
 /*
- Frees a block of any heap of the domain, found from its address.
+ Frees a block of any heap of the domain, found from its address (into the calling thread's
+ block cache when its size is cached).
  */
 int shm_free(void *addr);
 
 /*
  Resizes a heap block found from its address; NULL on failure (the block is unchanged).
+ Blocks up to 4 KiB move through the calling thread's block cache, without the heap lock.
  */
 void *shm_realloc(void *addr, unsigned long size);
 

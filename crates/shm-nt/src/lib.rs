@@ -6,6 +6,17 @@
 //! [`shm_last_error`]. The domain is `SHMGADGET_DOMAIN` (or `default`), attached by the first
 //! call.
 //!
+//! # Hot paths
+//! `shm_alloc`, `shm_free`, `shm_realloc`, `shm_q_write`, `shm_q_read`, `shm_sem_wait` and
+//! `shm_sem_post` take no process-wide lock: they find their object from the address in a
+//! per-process table indexed by 2 MiB chunk, protected for the call by the thread's hazard
+//! record (see `table.rs`). Only the first use of a handle in a process (which opens it) and
+//! the calls that create, delete or detach take the library's state lock. Heap calls go
+//! through the calling thread's block cache; a queue end is used by one thread of the process
+//! at a time. A handle whose section this process deleted (or left with `shm_exit`) finds no
+//! entry and is reported as invalid; a call that was using it when it was deleted keeps it
+//! mapped until it returns.
+//!
 //! Semaphores live as named objects in a heap section `shm_nt.objects` created on demand;
 //! queues are shmgadget byte queues (the first `shm_q_write` of a process makes it the sender,
 //! the first `shm_q_read` the receiver).
@@ -31,11 +42,14 @@
 // `unsigned long` is 64 bits here but 32 on Windows (the next platform): keep the casts.
 #![allow(clippy::unnecessary_cast)]
 
-use std::cell::RefCell;
+mod table;
+
+use std::cell::{RefCell, UnsafeCell};
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_long, c_uint, c_ulong, c_void};
 use std::fmt::Write as _;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,6 +57,7 @@ use shmgadget::heap::{Heap, ObjectKind};
 use shmgadget::queue::{ByteQueue, ByteReceiver, ByteSender};
 use shmgadget::sync::Semaphore;
 use shmgadget::{Domain, Error, ErrorKind, Section, SectionKind, SectionOptions};
+use table::Obj;
 
 /// Created, or done.
 pub const SHM_OK: c_int = 0;
@@ -174,19 +189,83 @@ fn out_arg<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Failure> {
 
 /// A queue and this process's ends of it. Field order matters: the ends borrow `queue` and
 /// are dropped first.
-struct QueueEntry {
-    tx: Option<ByteSender<'static>>,
-    rx: Option<ByteReceiver<'static>>,
+pub(crate) struct QueueObj {
+    tx: Side<ByteSender<'static>>,
+    rx: Side<ByteReceiver<'static>>,
     queue: Box<ByteQueue>,
 }
 
-impl QueueEntry {
+impl QueueObj {
+    fn new(queue: ByteQueue) -> QueueObj {
+        QueueObj { tx: Side::default(), rx: Side::default(), queue: Box::new(queue) }
+    }
+
     fn queue(&self) -> &'static ByteQueue {
         // SAFETY: `queue` is boxed (its address never changes), never replaced, and dropped
         // only after `tx` and `rx` (field order), which are the only holders of this
-        // reference; the entry itself is dropped only when nobody uses the ends (under its
-        // mutex, see `shm_exit`).
+        // reference; the object itself is dropped only when no call uses it (the table's
+        // protocol, or the last Arc of a slow-path caller).
         unsafe { &*(&*self.queue as *const ByteQueue) }
+    }
+}
+
+/// One end of a queue in this process: threads of the process take turns (`busy`).
+struct Side<T> {
+    /// | value | meaning | next |
+    /// |---|---|---|
+    /// | false | free | true, by the thread that takes the end (CAS, Acquire) |
+    /// | true | one thread uses `end` | false, by that thread (Release) |
+    busy: AtomicBool,
+    end: UnsafeCell<Option<T>>,
+}
+
+impl<T> Default for Side<T> {
+    fn default() -> Self {
+        Side { busy: AtomicBool::new(false), end: UnsafeCell::new(None) }
+    }
+}
+
+// SAFETY: `end` is only touched by the thread that set `busy` (see `Side::take`), so sharing a
+// Side between threads hands the end from one thread to the next: T must be Send.
+unsafe impl<T: Send> Sync for Side<T> {}
+
+impl<T> Side<T> {
+    /// Waits until no other thread of this process uses this end, then holds it.
+    fn take(&self) -> SideGuard<'_, T> {
+        let mut spins = 0u32;
+        // Acquire: pairs with the Release store in `SideGuard::drop` (the previous user's
+        // writes to `end` happen before ours).
+        while self.busy.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else if spins < 128 {
+                std::thread::yield_now();
+            } else {
+                // Another thread is blocked in a call on this end (a wait for room or for a
+                // message): sleep rather than burn a core.
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        SideGuard { side: self }
+    }
+}
+
+struct SideGuard<'a, T> {
+    side: &'a Side<T>,
+}
+
+impl<T> SideGuard<'_, T> {
+    fn end(&mut self) -> &mut Option<T> {
+        // SAFETY: we hold `busy`, so no other thread touches `end` until we drop the guard.
+        unsafe { &mut *self.side.end.get() }
+    }
+}
+
+impl<T> Drop for SideGuard<'_, T> {
+    fn drop(&mut self) {
+        // Release: pairs with the Acquire CAS of the next user.
+        self.side.busy.store(false, Ordering::Release);
     }
 }
 
@@ -195,9 +274,7 @@ struct State {
     pid: u32,
     domain: Domain,
     sections: HashMap<u64, Section>,
-    heaps: HashMap<u64, Arc<Heap>>,
     objects: Option<Arc<Heap>>,
-    queues: HashMap<u64, Arc<Mutex<QueueEntry>>>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -209,17 +286,13 @@ fn lock_state() -> MutexGuard<'static, Option<State>> {
 fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T, Failure>) -> Result<T, Failure> {
     let mut g = lock_state();
     if g.is_none() {
+        table::init();
         let domain = Domain::attach(&shmgadget::default_domain_name())?;
         register_at_exit();
-        *g = Some(State {
-            pid: std::process::id(),
-            domain,
-            sections: HashMap::new(),
-            heaps: HashMap::new(),
-            objects: None,
-            queues: HashMap::new(),
-        });
+        *g = Some(State { pid: std::process::id(), domain, sections: HashMap::new(), objects: None });
     }
+    // Entries retired while a call used them are freed by the next call here at the latest.
+    table::reclaim();
     f(g.as_mut().expect("initialised above"))
 }
 
@@ -227,16 +300,58 @@ impl State {
     /// The heap whose section starts at `hdl` (opened on first use in this process).
     fn heap(&mut self, hdl: c_ulong) -> Result<Arc<Heap>, Failure> {
         let hdl = hdl as u64;
-        if let Some(h) = self.heaps.get(&hdl) {
-            return Ok(h.clone());
+        match table::entry_covering(hdl).map(|e| (e.base, &e.obj)) {
+            Some((base, Obj::Heap(h))) if base == hdl => return Ok(h.clone()),
+            Some((base, Obj::Heap(h))) => {
+                return Err(invalid(format!(
+                    "{hdl:#x} is inside heap {:?} at {base:#x} but is not its handle",
+                    h.name()
+                )));
+            }
+            _ => {}
         }
         let name = self.section_name(hdl)?;
-        let heap = Arc::new(Heap::open(&self.domain, &name)?);
+        let heap = Heap::open(&self.domain, &name)?;
         if heap.section().as_ptr() as u64 != hdl {
             return Err(invalid(format!("{hdl:#x} is inside heap {name:?} but is not its handle")));
         }
-        self.heaps.insert(hdl, heap.clone());
-        Ok(heap)
+        Ok(insert_heap(heap))
+    }
+
+    /// The heap holding address `addr` (opened on first use in this process).
+    fn heap_covering(&mut self, addr: u64) -> Result<Arc<Heap>, Failure> {
+        match table::entry_covering(addr).map(|e| &e.obj) {
+            Some(Obj::Heap(h)) => return Ok(h.clone()),
+            Some(Obj::Queue(q)) => {
+                return Err(invalid(format!("{addr:#x} lies in queue {:?}, not in a heap", q.queue().name())));
+            }
+            None => {}
+        }
+        let (base, size) = self.domain.window();
+        let found = self.domain.sections().into_iter().find(|s| s.address <= addr && addr - s.address < s.reserved);
+        let Some(s) = found else {
+            return Err(invalid(format!(
+                "{addr:#x} is not inside a section of domain {:?} (its window is {base:#x}+{size:#x})",
+                self.domain.name()
+            )));
+        };
+        if s.kind != SectionKind::Heap {
+            return Err(invalid(format!("{addr:#x} lies in {} section {:?}, not a heap", s.kind.as_str(), s.name)));
+        }
+        let heap = Heap::open(&self.domain, &s.name)?;
+        Ok(insert_heap(heap))
+    }
+
+    /// The queue whose section starts at `q` (opened on first use in this process).
+    fn queue(&mut self, q: u64) -> Result<Arc<QueueObj>, Failure> {
+        if let Some(e) = table::entry_at(q) {
+            if let Obj::Queue(o) = &e.obj {
+                return Ok(o.clone());
+            }
+        }
+        let name = self.section_name(q)?;
+        let queue = ByteQueue::open(&self.domain, &name)?;
+        Ok(insert_queue(queue))
     }
 
     /// The name of the section starting at `hdl`.
@@ -284,7 +399,7 @@ impl State {
                 }
             };
             if registered {
-                let heap = Arc::new(heap);
+                let heap = insert_heap(heap);
                 self.objects = Some(heap.clone());
                 return Ok(heap);
             }
@@ -327,13 +442,30 @@ impl State {
             self.objects = None;
         }
         if retire {
+            table::retire_at(heap.section().as_ptr() as u64);
             drop(heap);
-            self.heaps.retain(|_, h| h.name() != OBJECTS_HEAP);
             self.sections.retain(|_, s| s.name() != OBJECTS_HEAP);
             self.domain.delete_section(OBJECTS_HEAP)?;
         }
         Ok(())
     }
+}
+
+/// Puts an opened heap in the table, replacing what this process knew at its address (the
+/// state lock is held), and returns it.
+fn insert_heap(heap: Heap) -> Arc<Heap> {
+    let (base, len) = (heap.section().as_ptr() as u64, heap.section().len() as u64);
+    let heap = Arc::new(heap);
+    table::insert(table::Entry::new(base, len, Obj::Heap(heap.clone())));
+    heap
+}
+
+/// As [`insert_heap`], for a queue.
+fn insert_queue(queue: ByteQueue) -> Arc<QueueObj> {
+    let (base, len) = queue.section().map_or((0, 0), |s| (s.as_ptr() as u64, s.len() as u64));
+    let q = Arc::new(QueueObj::new(queue));
+    table::insert(table::Entry::new(base, len, Obj::Queue(q.clone())));
+    q
 }
 
 /// Locks the users table; a holder that died left it consistent (single-word writes).
@@ -390,9 +522,10 @@ extern "C" fn at_exit() {
 /// objects heap (deleting it if it is unused), detach.
 fn leave(mut st: State, at_exit: bool) -> Result<(), Failure> {
     let objects = st.release_objects(true);
-    let State { domain, sections, heaps, objects: _, queues, pid: _ } = st;
-    drop(queues);
-    drop(heaps);
+    let State { domain, sections, objects: _, pid: _ } = st;
+    // Entries a call on another thread still uses are freed when it returns; their handles
+    // keep the domain attached until then.
+    table::retire_all();
     drop(sections);
     if at_exit {
         domain.detach_at_exit()?;
@@ -449,7 +582,7 @@ pub extern "C" fn shm_heap(name: *const c_char, rsize: c_ulong, phdl: *mut c_ulo
                 unsafe { heap.reset()? };
             }
             let addr = heap.section().as_ptr() as u64;
-            st.heaps.insert(addr, Arc::new(heap));
+            insert_heap(heap);
             *out = addr as c_ulong;
             Ok(if created { SHM_OK } else { SHM_EXISTS })
         })
@@ -465,8 +598,8 @@ pub extern "C" fn shm_delete_section(hdl: c_ulong) -> c_int {
             let hdl = hdl as u64;
             let name = st.section_name(hdl)?;
             st.sections.remove(&hdl);
-            st.heaps.remove(&hdl);
-            st.queues.remove(&hdl);
+            // A call on another thread that still uses it keeps it mapped until it returns.
+            table::retire_at(hdl);
             if st.objects.as_ref().is_some_and(|h| h.section().as_ptr() as u64 == hdl) {
                 st.objects = None;
             }
@@ -476,43 +609,77 @@ pub extern "C" fn shm_delete_section(hdl: c_ulong) -> c_int {
     })
 }
 
+/// Runs `f` on the heap whose handle is `hdl`: lock-free through the table when this process
+/// knows it, else opened under the state lock first.
+#[inline]
+fn on_heap<T>(hdl: c_ulong, f: impl Fn(&Heap) -> Result<T, Failure>) -> Result<T, Failure> {
+    let hdl = hdl as u64;
+    let fast = table::with(hdl, |e| match &e.obj {
+        Obj::Heap(h) if e.base == hdl => Some(f(h)),
+        _ => None,
+    });
+    if let Some(Some(r)) = fast {
+        return r;
+    }
+    let heap = with_state(|st| st.heap(hdl as c_ulong))?;
+    f(&heap)
+}
+
+/// Runs `f` on the heap holding `addr`, as [`on_heap`].
+#[inline]
+fn on_heap_covering<T>(addr: u64, f: impl Fn(&Heap) -> Result<T, Failure>) -> Result<T, Failure> {
+    let fast = table::with(addr, |e| match &e.obj {
+        Obj::Heap(h) => Some(f(h)),
+        Obj::Queue(_) => None,
+    });
+    if let Some(Some(r)) = fast {
+        return r;
+    }
+    let heap = with_state(|st| st.heap_covering(addr))?;
+    f(&heap)
+}
+
 /// Allocates `size` bytes from the heap `hdl`; NULL on failure (see `shm_last_error`).
 #[unsafe(no_mangle)]
 pub extern "C" fn shm_alloc(hdl: c_ulong, size: c_ulong) -> *mut c_void {
     guarded(
         |_| std::ptr::null_mut(),
         || {
-            let heap = with_state(|st| st.heap(hdl))?;
             let layout = std::alloc::Layout::from_size_align(size as usize, 16)
                 .map_err(|_| invalid(format!("size {size} is too large")))?;
-            Ok(heap.alloc(layout)?.as_ptr().cast())
+            on_heap(hdl, |heap| Ok(heap.alloc(layout)?.as_ptr().cast()))
         },
     )
 }
 
-/// Frees a block of any heap of the domain, found from its address.
+/// Frees a block of any heap of the domain, found from its address (into the calling thread's
+/// block cache when its size is cached).
 #[unsafe(no_mangle)]
 pub extern "C" fn shm_free(addr: *mut c_void) -> c_int {
     status(|| {
         let p = NonNull::new(addr.cast::<u8>()).ok_or_else(|| invalid("address is NULL"))?;
-        with_state(|_| Ok(()))?;
-        // SAFETY: the C caller gives the block up (the interface's contract, as for free(3));
-        // the heap validates that it is a live block.
-        unsafe { shmgadget::heap::free(p)? };
-        Ok(SHM_OK)
+        on_heap_covering(p.as_ptr() as u64, |heap| {
+            // SAFETY: the C caller gives the block up (the interface's contract, as for
+            // free(3)); the heap validates that it is a live block of its own.
+            unsafe { heap.free(p)? };
+            Ok(SHM_OK)
+        })
     })
 }
 
 /// Resizes a heap block found from its address; NULL on failure (the block is unchanged).
+/// Blocks up to 4 KiB move through the calling thread's block cache, without the heap lock.
 #[unsafe(no_mangle)]
 pub extern "C" fn shm_realloc(addr: *mut c_void, size: c_ulong) -> *mut c_void {
     guarded(
         |_| std::ptr::null_mut(),
         || {
             let p = NonNull::new(addr.cast::<u8>()).ok_or_else(|| invalid("address is NULL"))?;
-            with_state(|_| Ok(()))?;
-            // SAFETY: as for realloc(3): the caller uses only the returned pointer afterwards.
-            Ok(unsafe { shmgadget::heap::realloc(p, size as usize)? }.as_ptr().cast())
+            on_heap_covering(p.as_ptr() as u64, |heap| {
+                // SAFETY: as for realloc(3): the caller uses only the returned pointer
+                // afterwards; the heap validates that `p` is a live block of its own.
+                Ok(unsafe { heap.realloc_cached(p, size as usize)? }.as_ptr().cast())
+            })
         },
     )
 }
@@ -707,11 +874,51 @@ pub extern "C" fn shm_sem(name: *const c_char, initial: c_uint, psem: *mut c_ulo
     })
 }
 
-/// The semaphore at `sem`, validated against the named objects of the objects heap.
-fn semaphore(sem: c_ulong) -> Result<(Arc<Heap>, *const Semaphore), Failure> {
-    let heap = with_state(|st| st.objects())?;
-    semaphore_name(&heap, sem)?;
-    Ok((heap, sem as usize as *const Semaphore))
+/// Runs `f` on the semaphore `sem`. Lock-free when this process validated `sem` before (it is
+/// remembered in the objects heap's table entry); else validated against the named objects of
+/// the objects heap first, under the state lock. A remembered semaphore that fails (deleted by
+/// another process: its header says destroyed) is validated again, so a deleted handle is
+/// reported as invalid.
+fn on_semaphore(sem: c_ulong, f: impl Fn(&Semaphore) -> Result<c_int, Failure>) -> Result<c_int, Failure> {
+    let addr = sem as u64;
+    let run = |f: &dyn Fn(&Semaphore) -> Result<c_int, Failure>| {
+        // SAFETY: `addr` is a named Semaphore of the objects heap (validated by the caller),
+        // which the caller keeps mapped for this call.
+        f(unsafe { &*(addr as usize as *const Semaphore) })
+    };
+    let fast = table::with(addr, |e| match &e.obj {
+        Obj::Heap(_) if e.has_sem(addr) => Some(run(&f)),
+        _ => None,
+    });
+    match fast {
+        Some(Some(Err(fail))) if fail.code != SHM_ERR_TIMEOUT => {
+            // Deleted meanwhile? Then say so; else it is the semaphore's own error.
+            with_state(|st| {
+                let heap = st.objects()?;
+                if let Err(e) = semaphore_name(&heap, sem) {
+                    if let Some(entry) = table::entry_covering(addr) {
+                        entry.forget_sem(addr);
+                    }
+                    return Err(e);
+                }
+                Ok(())
+            })?;
+            Err(fail)
+        }
+        Some(Some(r)) => r,
+        _ => {
+            let _heap = with_state(|st| {
+                let heap = st.objects()?;
+                semaphore_name(&heap, sem)?;
+                if let Some(entry) = table::entry_covering(addr) {
+                    entry.add_sem(addr);
+                }
+                Ok(heap)
+            })?;
+            // `_heap` keeps the objects heap mapped for the call.
+            run(&f)
+        }
+    }
 }
 
 /// The name of the semaphore at `sem` in the objects heap.
@@ -732,6 +939,13 @@ pub extern "C" fn shm_sem_delete(sem: c_ulong) -> c_int {
         with_state(|st| {
             let heap = st.objects()?;
             let name = semaphore_name(&heap, sem)?;
+            if let Some(entry) = table::entry_covering(sem as u64) {
+                entry.forget_sem(sem as u64);
+            }
+            // SAFETY: validated just above as a named Semaphore of the mapped objects heap.
+            let s = unsafe { &*(sem as usize as *const Semaphore) };
+            // Marked destroyed first: a process that remembers the handle as valid is told.
+            let _ = s.destroy();
             // SAFETY: the caller deletes the semaphore: by the interface's contract no process
             // waits on it or uses it any more (as for sem_destroy(3)).
             unsafe { heap.remove_named(&name)? };
@@ -746,20 +960,18 @@ pub extern "C" fn shm_sem_delete(sem: c_ulong) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn shm_sem_wait(sem: c_ulong, timeout_ms: c_long) -> c_int {
     status(|| {
-        let (_heap, p) = semaphore(sem)?;
-        // SAFETY: `p` is a named Semaphore of the objects heap (validated above), which `_heap`
-        // keeps mapped for this call.
-        let s = unsafe { &*p };
-        match timeout_ms {
-            t if t < 0 => s.wait()?,
-            0 => {
-                if !s.try_wait()? {
-                    return Err(Error::new(ErrorKind::Timeout, "no unit available").into());
+        on_semaphore(sem, |s| {
+            match timeout_ms {
+                t if t < 0 => s.wait()?,
+                0 => {
+                    if !s.try_wait()? {
+                        return Err(Error::new(ErrorKind::Timeout, "no unit available").into());
+                    }
                 }
+                t => s.wait_timeout(Duration::from_millis(t as u64))?,
             }
-            t => s.wait_timeout(Duration::from_millis(t as u64))?,
-        }
-        Ok(SHM_OK)
+            Ok(SHM_OK)
+        })
     })
 }
 
@@ -767,10 +979,10 @@ pub extern "C" fn shm_sem_wait(sem: c_ulong, timeout_ms: c_long) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn shm_sem_post(sem: c_ulong) -> c_int {
     status(|| {
-        let (_heap, p) = semaphore(sem)?;
-        // SAFETY: as in `shm_sem_wait`.
-        unsafe { &*p }.post()?;
-        Ok(SHM_OK)
+        on_semaphore(sem, |s| {
+            s.post()?;
+            Ok(SHM_OK)
+        })
     })
 }
 
@@ -786,26 +998,31 @@ pub extern "C" fn shm_queue(name: *const c_char, capacity_bytes: c_ulong, pq: *m
         with_state(|st| {
             let (q, created) = ByteQueue::create_or_open(&st.domain, name, capacity_bytes as u64)?;
             let addr = q.section().map_or(0, |s| s.as_ptr() as u64);
-            st.queues
-                .entry(addr)
-                .or_insert_with(|| Arc::new(Mutex::new(QueueEntry { tx: None, rx: None, queue: Box::new(q) })));
+            // A queue this process knows already keeps its ends.
+            if !table::entry_at(addr).is_some_and(|e| matches!(e.obj, Obj::Queue(_))) {
+                insert_queue(q);
+            }
             *out = addr as c_ulong;
             Ok(if created { SHM_OK } else { SHM_EXISTS })
         })
     })
 }
 
-fn queue_entry(q: c_ulong) -> Result<Arc<Mutex<QueueEntry>>, Failure> {
-    with_state(|st| {
-        if let Some(e) = st.queues.get(&(q as u64)) {
-            return Ok(e.clone());
-        }
-        let name = st.section_name(q as u64)?;
-        let queue = ByteQueue::open(&st.domain, &name)?;
-        let e = Arc::new(Mutex::new(QueueEntry { tx: None, rx: None, queue: Box::new(queue) }));
-        st.queues.insert(q as u64, e.clone());
-        Ok(e)
-    })
+/// Runs `f` on the queue whose handle is `q`: lock-free through the table when this process
+/// knows it, else opened under the state lock first.
+#[inline]
+fn on_queue<T>(q: c_ulong, f: impl FnOnce(&QueueObj) -> Result<T, Failure>) -> Result<T, Failure> {
+    let q = q as u64;
+    let mut f = Some(f);
+    let fast = table::with(q, |e| match &e.obj {
+        Obj::Queue(o) if e.base == q => f.take().map(|f| f(o)),
+        _ => None,
+    });
+    if let Some(Some(r)) = fast {
+        return r;
+    }
+    let obj = with_state(|st| st.queue(q))?;
+    f.expect("not called on the fast path")(&obj)
 }
 
 fn timeout_of(ms: c_long) -> Option<Duration> {
@@ -828,21 +1045,22 @@ pub unsafe extern "C" fn shm_q_write(q: c_ulong, msg: *const c_void, len: c_ulon
             // SAFETY: `msg` points to `len` readable bytes (the caller's contract; non-NULL).
             unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len as usize) }
         };
-        let entry = queue_entry(q)?;
-        let mut e = entry.lock().unwrap_or_else(|p| p.into_inner());
-        if e.tx.is_none() {
-            let queue = e.queue();
-            e.tx = Some(queue.sender()?);
-        }
-        let tx = e.tx.as_mut().expect("set above");
-        match timeout_ms {
-            0 => tx.try_send(bytes)?,
-            t => match timeout_of(t) {
-                Some(d) => tx.send_timeout(bytes, d)?,
-                None => tx.send(bytes)?,
-            },
-        }
-        Ok(SHM_OK)
+        on_queue(q, |obj| {
+            let mut side = obj.tx.take();
+            let end = side.end();
+            if end.is_none() {
+                *end = Some(obj.queue().sender()?);
+            }
+            let tx = end.as_mut().expect("set above");
+            match timeout_ms {
+                0 => tx.try_send(bytes)?,
+                t => match timeout_of(t) {
+                    Some(d) => tx.send_timeout(bytes, d)?,
+                    None => tx.send(bytes)?,
+                },
+            }
+            Ok(SHM_OK)
+        })
     })
 }
 
@@ -865,26 +1083,27 @@ pub unsafe extern "C" fn shm_q_read(q: c_ulong, buf: *mut c_void, buflen: c_ulon
                 // SAFETY: `buf` points to `buflen` writable bytes (the caller's contract).
                 unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), buflen as usize) }
             };
-            let entry = queue_entry(q)?;
-            let mut e = entry.lock().unwrap_or_else(|p| p.into_inner());
-            if e.rx.is_none() {
-                let queue = e.queue();
-                e.rx = Some(queue.receiver()?);
-            }
-            let rx = e.rx.as_mut().expect("set above");
-            let n = if timeout_ms == 0 {
-                let m = rx.try_recv()?;
-                if m.len() > out.len() {
-                    let len = m.len();
-                    std::mem::forget(m);
-                    return Err(invalid(format!("the next message has {len} bytes, more than buflen {buflen}")));
+            on_queue(q, |obj| {
+                let mut side = obj.rx.take();
+                let end = side.end();
+                if end.is_none() {
+                    *end = Some(obj.queue().receiver()?);
                 }
-                out[..m.len()].copy_from_slice(&m);
-                m.len()
-            } else {
-                rx.recv_into(out, timeout_of(timeout_ms))?
-            };
-            Ok(n as c_long)
+                let rx = end.as_mut().expect("set above");
+                let n = if timeout_ms == 0 {
+                    let m = rx.try_recv()?;
+                    if m.len() > out.len() {
+                        let len = m.len();
+                        std::mem::forget(m);
+                        return Err(invalid(format!("the next message has {len} bytes, more than buflen {buflen}")));
+                    }
+                    out[..m.len()].copy_from_slice(&m);
+                    m.len()
+                } else {
+                    rx.recv_into(out, timeout_of(timeout_ms))?
+                };
+                Ok(n as c_long)
+            })
         },
     )
 }

@@ -93,6 +93,52 @@ impl ShmAlloc {
     }
 }
 
+impl Heap {
+    /// Resizes like [`Heap::realloc`], but a block of a size the thread caches serve (up to
+    /// 4 KiB) never takes the heap lock: if `new_size` still fits it and needs at least half of
+    /// it, the block stays; otherwise the contents move to a block from this thread's cache
+    /// and the old block goes into the cache. Larger blocks go through [`Heap::realloc`].
+    ///
+    /// # Safety
+    /// As for [`Heap::realloc`]: `ptr` must come from this heap; after success no process may
+    /// use the old pointer unless it equals the new one.
+    pub unsafe fn realloc_cached(&self, ptr: NonNull<u8>, new_size: usize) -> Result<NonNull<u8>> {
+        let new = new_size as u64;
+        if new == 0 || new > super::cache::MAX_CACHED {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.realloc(ptr, new_size) };
+        }
+        let off = self.offset_of(ptr)?;
+        let shared = self.shared();
+        // SAFETY: the block area starts AREA_OFFSET into this mapped section (as for
+        // `Locked::tlsf`). Without the lock we only call `cache_probe`, which the allocator
+        // documents as safe to run concurrently on a used block the caller owns.
+        let t = unsafe {
+            super::tlsf::Tlsf::new(
+                &shared.tlsf,
+                self.section().as_ptr().add(AREA_OFFSET as usize),
+                super::area_limit(shared),
+            )
+        };
+        let max = super::cache::MAX_CACHED + super::cache::MAX_CACHED / 4;
+        let Some(usable) = t.cache_probe(off, max).map_err(|e| super::map_tlsf(e, self.name()))? else {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.realloc(ptr, new_size) };
+        };
+        if new <= usable && new >= usable / 2 {
+            return Ok(ptr);
+        }
+        let layout =
+            Layout::from_size_align(new_size, 16).map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))?;
+        let moved = self.alloc(layout)?;
+        // SAFETY: distinct live blocks of this heap, each at least min(usable, new) bytes.
+        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), moved.as_ptr(), usable.min(new) as usize) };
+        // SAFETY: the caller gives the old block up on success.
+        unsafe { self.free(ptr)? };
+        Ok(moved)
+    }
+}
+
 impl ShmAlloc {
     /// The allocator of the heap holding `ptr`, found from the address alone.
     fn of(ptr: NonNull<u8>) -> Result<ShmAlloc> {
