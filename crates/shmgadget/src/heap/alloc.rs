@@ -74,11 +74,18 @@ impl ShmAlloc {
         let shared = self.shared()?;
         // SAFETY: `shared` is the control block at the start of this heap section, which stays
         // mapped while the domain is attached (a collection's user holds the attachment).
-        unsafe { Locked::acquire(shared, self.section as *mut u8, "(heap)") }
+        unsafe { Locked::acquire(shared, self.section as *mut u8, u64::MAX, "(heap)") }
     }
 
     fn cache_ref(&self) -> Result<super::cache::HeapRef<'_>> {
-        Ok(super::cache::HeapRef { shared: self.shared()?, section: self.section as *mut u8, handle: None })
+        // The length is not known from the address alone: `reserved`, checked when the heap was
+        // opened, bounds the area.
+        Ok(super::cache::HeapRef {
+            shared: self.shared()?,
+            section: self.section as *mut u8,
+            mapped: u64::MAX,
+            handle: None,
+        })
     }
 
     fn commit(&self, len: u64) -> Result<()> {
