@@ -43,3 +43,22 @@ fn replay(target: &str, seeds: Vec<Vec<u8>>, run: fn(&[u8])) {
 fn tlsf_inputs_from_the_corpus_never_panic() {
     replay("tlsf", shmgadget::fuzzing::tlsf_seeds(), shmgadget::fuzzing::tlsf);
 }
+
+#[test]
+fn heap_inputs_from_the_corpus_never_panic() {
+    replay("heap", shmgadget::fuzzing::heap_seeds(), shmgadget::fuzzing::heap);
+}
+
+/// `SHMGADGET_WRITE_SEEDS=DIR cargo test -p shmgadget --test fuzz_corpus write_seeds` writes
+/// every target's generated seeds into `DIR/<target>/` (to start a fuzzer's corpus).
+#[test]
+fn write_seeds() {
+    let Some(dir) = std::env::var_os("SHMGADGET_WRITE_SEEDS") else { return };
+    for (target, seeds) in [("tlsf", shmgadget::fuzzing::tlsf_seeds()), ("heap", shmgadget::fuzzing::heap_seeds())] {
+        let d = Path::new(&dir).join(target);
+        std::fs::create_dir_all(&d).unwrap();
+        for (i, s) in seeds.iter().enumerate() {
+            std::fs::write(d.join(format!("seed-{i}")), s).unwrap();
+        }
+    }
+}

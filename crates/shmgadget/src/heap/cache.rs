@@ -735,6 +735,33 @@ pub(crate) fn flush(h: &HeapRef<'_>) -> Result<()> {
     .unwrap_or(Ok(()))
 }
 
+/// For fuzz seeds: gives cache slot `slot` a store and owner `owner` and parks `blocks` (used
+/// blocks of the heap, of class payloads) in it, as a live thread would have.
+pub(crate) fn seed_slot(locked: &Locked<'_>, slot: usize, owner: u64, blocks: &[u64]) -> Result<()> {
+    let t = locked.tlsf();
+    let size = size_of::<CacheStoreShared>() as u64;
+    let off = t.alloc(size, tlsf::ALIGN).map_err(|e| map_tlsf(e, "(seed)"))?;
+    let base = locked.section as u64 + AREA_OFFSET;
+    // SAFETY: a fresh block of `size` bytes in the heap, ours under the lock.
+    unsafe { ((base + off) as *mut u8).write_bytes(0, size as usize) };
+    // SAFETY: as above; CacheStoreShared is atomics only.
+    let store = unsafe { &*((base + off) as *const CacheStoreShared) };
+    for &b in blocks {
+        let Some(c) = t.usable_size(b).ok().and_then(class_for_block) else { continue };
+        // Relaxed: private seed memory under the lock.
+        let n = store.counts[c].load(Ordering::Relaxed) as usize;
+        if n < DEPTH && t.cache_mark(b).is_ok() {
+            store.entries[c][n].store(b, Ordering::Relaxed);
+            store.counts[c].store(n as u32 + 1, Ordering::Relaxed);
+        }
+    }
+    let s = &locked.shared.caches[slot % MAX_CACHES];
+    s.store.store(off, Ordering::Relaxed);
+    s.thread.store(1 << 32 | 1, Ordering::Relaxed);
+    s.owner.store(owner, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Frees every cache slot (after the heap was re-initialised: the stores are gone with it).
 pub(crate) fn forget_all(shared: &HeapShared) {
     for s in &shared.caches {

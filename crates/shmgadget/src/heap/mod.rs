@@ -27,6 +27,7 @@
 
 mod alloc;
 mod cache;
+pub(crate) mod fuzz;
 pub mod tlsf;
 
 pub use alloc::{ShmAlloc, ShmBox, ShmHashMap, ShmHasher, ShmString, ShmVec, ShmVecExt, free, realloc};
