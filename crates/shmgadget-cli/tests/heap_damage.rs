@@ -197,7 +197,10 @@ impl Worker {
                 Err(_) => {
                     let _ = self.child.kill();
                     let status = self.child.wait().unwrap();
-                    panic!("{} on seed {seed} ({context}): no answer within {LIMIT:?}; it ended with {status}", self.role);
+                    panic!(
+                        "{} on seed {seed} ({context}): no answer within {LIMIT:?}; it ended with {status}",
+                        self.role
+                    );
                 }
             }
         }

@@ -215,8 +215,8 @@ pub fn heap_seeds() -> Vec<Vec<u8>> {
         // Ops: alloc, free, stats, reclaim, release stores, named remove, trim, bad free,
         // resize, recover, reset, alloc.
         let mut seed = vec![
-            0, 64, 0, 0, 2, 0, 0, 1, 11, 0, 0, 0, 4, 0, 0, 0, 5, 0, 0, 0, 6, 0, 0, 1, 7, 0, 0, 0, 3, 3, 0, 0, 10, 32, 0,
-            0, 9, 0, 0, 0, 8, 0, 0, 0, 1, 16, 1, 2,
+            0, 64, 0, 0, 2, 0, 0, 1, 11, 0, 0, 0, 4, 0, 0, 0, 5, 0, 0, 0, 6, 0, 0, 1, 7, 0, 0, 0, 3, 3, 0, 0, 10, 32,
+            0, 0, 9, 0, 0, 0, 8, 0, 0, 0, 1, 16, 1, 2,
         ];
         let b = mem.bytes();
         seed.extend_from_slice(&b[..fuzz::HEADER_LEN]);
