@@ -41,6 +41,9 @@
 //! the count; a give-back lowers the count before freeing. So a thread killed at any point
 //! leaves each block either listed (reclaimed later) or the program's, never both, and nothing
 //! handed out twice. Only a refill's batch and a give-back run under the lock.
+//! A reclaimer frees an unmarked listed block only when it is its class's top entry (the only
+//! one a crash can leave unmarked); any other unmarked entry is damage and stays alone, so a
+//! damaged store never frees a block a program holds.
 //!
 //! # What is not cached
 //! Payloads above 4 KiB, alignments above 16, and calls from a thread whose cache is being
@@ -352,18 +355,29 @@ impl LocalCache {
                 n -= 1;
                 store.counts[c].store(n as u32, Ordering::Release);
                 self.bytes = self.bytes.saturating_sub(class_payload(c));
-                release_listed(&locked, off, h.name())?;
+                release_listed(&locked, off, false, h.name())?;
             }
         }
         Ok(())
     }
 }
 
-/// Gives a block that was listed in a store back to the allocator (clearing `CACHED` if set).
-fn release_listed(locked: &Locked<'_>, off: u64, name: &str) -> Result<()> {
+/// Gives a block that was listed in a store back to the allocator (clearing `CACHED`). Only a
+/// class's top entry may be listed without being marked (its owner died between listing and
+/// marking, or between unmarking and lowering the count: the block is nobody's either way), so
+/// `top` says whether an unmarked block is freed; any other unmarked entry is damage (freeing
+/// it could free a block a program holds) and is refused.
+fn release_listed(locked: &Locked<'_>, off: u64, top: bool, name: &str) -> Result<()> {
     let t = locked.tlsf();
-    // A listed block may be unmarked (its owner died between listing and marking): fine.
-    let _ = t.cache_unmark(off);
+    if t.cache_unmark(off).is_err() && !top {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "heap {name:?}: a thread cache lists the block at offset {off:#x}, which is not parked in a cache; \
+                 left alone"
+            ),
+        ));
+    }
     t.free(off).map_err(|e| map_tlsf(e, name))
 }
 
@@ -546,12 +560,14 @@ pub(crate) fn reclaim_if(h: &HeapRef<'_>, locked: &Locked<'_>, mut gone: impl Fn
             let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
             for c in 0..CLASSES {
                 // Acquire: pairs with the owner's Release stores of the count.
-                let mut n = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
+                let listed = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
+                let mut n = listed;
                 while n > 0 {
                     let block = store.entries[c][n - 1].load(Ordering::Relaxed);
+                    let top = n == listed;
                     n -= 1;
                     store.counts[c].store(n as u32, Ordering::Relaxed);
-                    if release_listed(locked, block, h.name()).is_ok() {
+                    if release_listed(locked, block, top, h.name()).is_ok() {
                         reclaimed += 1;
                     }
                 }
