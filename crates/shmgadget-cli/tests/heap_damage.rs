@@ -11,7 +11,7 @@
 //! free (by heap and by address), flush, trim. Every few seeds the CLI checks it too.
 //!
 //! The lock word is not damaged here: bounded waits on a damaged lock are tested with the
-//! lock repair. `SHMGADGET_DAMAGE_SEEDS` sets the number of seeds (default 240).
+//! lock repair. `SHMGADGET_DAMAGE_SEEDS` sets the number of seeds (default 400).
 
 use std::alloc::Layout;
 use std::io::{BufRead, BufReader, Write};
@@ -254,7 +254,7 @@ fn a_heap_damaged_by_another_process_gives_errors_or_correct_results() {
     if let Ok(role) = std::env::var(ROLE) {
         return child(&role);
     }
-    let seeds: u64 = std::env::var("SHMGADGET_DAMAGE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(240);
+    let seeds: u64 = std::env::var("SHMGADGET_DAMAGE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
     let name = format!("t-heapdmg-{}", std::process::id());
     let domain = Domain::attach_with(&name, &opts()).unwrap();
     let mut damager = Worker::start("damager", &name);
