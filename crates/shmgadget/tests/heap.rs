@@ -635,3 +635,44 @@ fn a_damaged_commit_size_or_named_entry_is_reported_by_check_and_refused() {
     d.detach().unwrap();
     assert_clean(&domain);
 }
+
+#[test]
+fn a_reserved_size_and_capacity_damaged_after_open_are_reported_and_every_call_returns() {
+    let domain = unique_domain("heapcap");
+    let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+    let heap = Heap::create(&d, "h", 8 * MIB).unwrap();
+    let p = heap.alloc(Layout::from_size_align(100_000, 16).unwrap()).unwrap();
+    let q = heap.alloc(Layout::from_size_align(64, 16).unwrap()).unwrap();
+    let base = heap.section().as_ptr();
+    let word = |i: usize| {
+        // SAFETY: inside the mapped header, 8-aligned.
+        unsafe { base.cast::<u64>().add(i) }
+    };
+    let find = |value: u64| (0..2048).find(|&i| unsafe { word(i).read_volatile() } == value);
+    let reserved_at = find(8 * MIB).expect("reserved");
+    let capacity = heap.stats().unwrap().blocks.capacity;
+    let capacity_at = (reserved_at + 2..2048).find(|&i| unsafe { word(i).read_volatile() } == capacity).expect("cap");
+    // SAFETY (both): 8-aligned words of the mapped header: the damage another process could do.
+    unsafe {
+        word(reserved_at).write_volatile(1 << 40);
+        word(capacity_at).write_volatile(1 << 40);
+    }
+    let e = heap.check().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    let _ = heap.stats();
+    let _ = heap.dump(1000);
+    let _ = heap.alloc(Layout::from_size_align(1 << 20, 16).unwrap());
+    // SAFETY: ours; the heap refuses or frees them.
+    let _ = unsafe { shmgadget::heap::free(p) };
+    // SAFETY: as above.
+    let _ = unsafe { heap.free(q) };
+    // SAFETY: as above.
+    unsafe {
+        word(reserved_at).write_volatile(8 * MIB);
+        word(capacity_at).write_volatile(capacity);
+    }
+    drop(heap);
+    d.delete_section("h").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
