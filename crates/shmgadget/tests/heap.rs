@@ -645,14 +645,17 @@ fn a_reserved_size_and_capacity_damaged_after_open_are_reported_and_every_call_r
     let q = heap.alloc(Layout::from_size_align(64, 16).unwrap()).unwrap();
     let base = heap.section().as_ptr();
     let word = |i: usize| {
-        // SAFETY: inside the mapped header, 8-aligned.
+        // SAFETY: word `i` < 2048 of the mapped 16 KiB header, 8-aligned.
         unsafe { base.cast::<u64>().add(i) }
     };
-    let find = |value: u64| (0..2048).find(|&i| unsafe { word(i).read_volatile() } == value);
-    let reserved_at = find(8 * MIB).expect("reserved");
+    let read = |i: usize| {
+        // SAFETY: as for `word`; a plain read of a header word.
+        unsafe { word(i).read_volatile() }
+    };
+    let reserved_at = (0..2048).find(|&i| read(i) == 8 * MIB).expect("reserved");
     let capacity = heap.stats().unwrap().blocks.capacity;
-    let capacity_at = (reserved_at + 2..2048).find(|&i| unsafe { word(i).read_volatile() } == capacity).expect("cap");
-    // SAFETY (both): 8-aligned words of the mapped header: the damage another process could do.
+    let capacity_at = (reserved_at + 2..2048).find(|&i| read(i) == capacity).expect("cap");
+    // SAFETY: 8-aligned words of the mapped header: the damage another process could do.
     unsafe {
         word(reserved_at).write_volatile(1 << 40);
         word(capacity_at).write_volatile(1 << 40);
@@ -666,7 +669,7 @@ fn a_reserved_size_and_capacity_damaged_after_open_are_reported_and_every_call_r
     let _ = unsafe { shmgadget::heap::free(p) };
     // SAFETY: as above.
     let _ = unsafe { heap.free(q) };
-    // SAFETY: as above.
+    // SAFETY: as above: the original values back.
     unsafe {
         word(reserved_at).write_volatile(8 * MIB);
         word(capacity_at).write_volatile(capacity);
