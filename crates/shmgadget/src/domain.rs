@@ -1118,11 +1118,11 @@ pub(crate) fn token_alive_at(addr: usize, token: u64) -> Option<bool> {
     attachment_covering(addr).map(|inner| inner.registry.proc_alive(token))
 }
 
-/// The start address and kind of the live section covering `addr`, in a domain attached by
+/// The start address, kind and reserved length of the live section covering `addr`, in a domain attached by
 /// this process, mapped in this process: if it is not yet, it is mapped now (in an eager domain
 /// nothing would map it on first touch, and mapping here turns any failure into an error
 /// instead of a crash). When it is mapped already this adds one relaxed load.
-pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::SectionKind)> {
+pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::SectionKind, u64)> {
     let (domain, rec) = {
         let table = attached();
         let Some(inner) = table
@@ -1139,13 +1139,13 @@ pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::Sec
             )
         })?;
         if inner.is_mapped(&rec) {
-            return Ok((inner.window_base + rec.offset, rec.kind));
+            return Ok((inner.window_base + rec.offset, rec.kind, rec.reserved));
         }
         // A real handle, dropped after the table lock (its drop may detach the domain).
         (Domain { inner: inner.clone() }, rec)
     };
     drop(Section::open_record(domain.clone(), rec)?);
-    Ok((domain.inner.window_base + rec.offset, rec.kind))
+    Ok((domain.inner.window_base + rec.offset, rec.kind, rec.reserved))
 }
 
 /// For code that reads section memory found from a bare address (a heap header behind a

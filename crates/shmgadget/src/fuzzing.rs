@@ -19,6 +19,13 @@ struct Aligned {
 }
 
 impl Aligned {
+    /// Views the whole buffer's bytes (for building seeds).
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `layout.size()` initialised bytes; the borrow of `self`
+        // keeps them alive and no view writes them meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+
     fn new(bytes: &[u8], len: usize) -> Aligned {
         let layout =
             std::alloc::Layout::from_size_align(len.max(16).next_multiple_of(16), 16).expect("fuzz buffers are small");
@@ -308,4 +315,57 @@ pub fn registry_is_sound(data: &[u8]) -> bool {
         assert!(scan.is_sound(), "{:?}", scan.describe());
         scan.is_sound()
     })
+}
+
+/// Bytes at the start of a heap input that choose operations.
+const HEAP_OPS: usize = 48;
+
+/// A whole heap section image taken from `data` (first [`HEAP_OPS`] bytes choose up to twelve
+/// operations, then the heap header with its allocator control block, named-object table and
+/// cache slots, then the block area, which also holds the cache stores), run through the code
+/// `Heap` and the CLI use: statistics, the block dump, `check` (block chain, named objects,
+/// cache slots and stores), the named-object listing and lookup, cache reclaim, store release,
+/// alloc/free/resize, trim, reset and recovery. The lock word is replaced by a fresh lock.
+///
+/// Asserted: from a heap `check` accepts, every operation keeps `check` passing; listed named
+/// objects lie inside the image.
+pub fn heap(data: &[u8]) {
+    use crate::heap::{AREA_OFFSET, fuzz};
+    let ops = &data[..data.len().min(HEAP_OPS)];
+    let rest = data.get(HEAP_OPS..).unwrap_or(&[]);
+    let area_bytes = rest.get(fuzz::HEADER_LEN..).unwrap_or(&[]);
+    let area_len = (area_bytes.len().min(TLSF_MAX_AREA) / 16 * 16).max(64);
+    let len = AREA_OFFSET as usize + area_len;
+    let mut image = rest[..rest.len().min(fuzz::HEADER_LEN)].to_vec();
+    image.resize(AREA_OFFSET as usize, 0);
+    image.extend_from_slice(&area_bytes[..area_bytes.len().min(area_len)]);
+    let mem = Aligned::new(&image, len);
+    // SAFETY: `mem` is 16-aligned, `len` bytes (at least AREA_OFFSET + 64), private to this
+    // call and dropped after it.
+    unsafe { fuzz::exercise(mem.ptr, len as u64, ops) };
+}
+
+/// Inputs for [`heap`] from real heap states built in private memory (empty; with blocks,
+/// named objects and thread-cache stores holding parked blocks), to seed the fuzzer's corpus
+/// and the replay test.
+pub fn heap_seeds() -> Vec<Vec<u8>> {
+    use crate::heap::{AREA_OFFSET, fuzz};
+    let mut seeds = Vec::new();
+    for (area, named, cached, steps) in [(4096usize, 0, 0, 0), (16384, 3, 2, 30), (65536, 8, 4, 120)] {
+        let len = AREA_OFFSET as usize + area;
+        let mem = Aligned::new(&[], len);
+        // SAFETY: as in `heap`: private, 16-aligned, `len` bytes, alive for the call.
+        unsafe { fuzz::build(mem.ptr, len as u64, named, cached, steps) };
+        // Ops: alloc, free, stats, reclaim, release stores, named remove, trim, bad free,
+        // resize, recover, reset, alloc.
+        let mut seed = vec![
+            0, 64, 0, 0, 2, 0, 0, 1, 11, 0, 0, 0, 4, 0, 0, 0, 5, 0, 0, 0, 6, 0, 0, 1, 7, 0, 0, 0, 3, 3, 0, 0, 10, 32,
+            0, 0, 9, 0, 0, 0, 8, 0, 0, 0, 1, 16, 1, 2,
+        ];
+        let b = mem.bytes();
+        seed.extend_from_slice(&b[..fuzz::HEADER_LEN]);
+        seed.extend_from_slice(&b[AREA_OFFSET as usize..len]);
+        seeds.push(seed);
+    }
+    seeds
 }

@@ -50,13 +50,30 @@ fn registry_inputs_from_the_corpus_never_panic() {
     // The seeds are real registries: each must parse, or the target fuzzes nothing.
     assert_eq!(seeds.len(), 3);
     assert!(seeds.iter().all(|s| shmgadget::fuzzing::registry_is_sound(s)), "a real registry scans as damaged");
-    // `SHMGADGET_WRITE_SEEDS=1` writes them into the corpus, to start a fuzzer from.
-    if std::env::var_os("SHMGADGET_WRITE_SEEDS").is_some() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/registry");
-        std::fs::create_dir_all(&dir).unwrap();
+    replay("registry", seeds, shmgadget::fuzzing::registry);
+}
+
+#[test]
+fn heap_inputs_from_the_corpus_never_panic() {
+    replay("heap", shmgadget::fuzzing::heap_seeds(), shmgadget::fuzzing::heap);
+}
+
+/// Not a check: `SHMGADGET_WRITE_SEEDS=DIR cargo test -p shmgadget --test fuzz_corpus --
+/// --ignored write_seeds` writes every target's generated seeds into `DIR/<target>/`, to start
+/// a fuzzer's corpus from real structures.
+#[test]
+#[ignore = "writes seed files; run with SHMGADGET_WRITE_SEEDS=DIR"]
+fn write_seeds() {
+    let dir = std::env::var_os("SHMGADGET_WRITE_SEEDS").expect("SHMGADGET_WRITE_SEEDS=DIR names where to write");
+    for (target, seeds) in [
+        ("tlsf", shmgadget::fuzzing::tlsf_seeds()),
+        ("registry", shmgadget::fuzzing::registry_seeds()),
+        ("heap", shmgadget::fuzzing::heap_seeds()),
+    ] {
+        let d = Path::new(&dir).join(target);
+        std::fs::create_dir_all(&d).unwrap();
         for (i, s) in seeds.iter().enumerate() {
-            std::fs::write(dir.join(format!("seed-{i}")), s).unwrap();
+            std::fs::write(d.join(format!("seed-{i}")), s).unwrap();
         }
     }
-    replay("registry", seeds, shmgadget::fuzzing::registry);
 }

@@ -570,3 +570,112 @@ fn a_shared_string_and_a_user_struct_round_trip_between_processes() {
         }
     }
 }
+
+#[test]
+fn a_heap_section_too_small_for_a_header_is_refused_on_open() {
+    let domain = unique_domain("heaptiny");
+    let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+    let opts = shmgadget::SectionOptions::new().kind(shmgadget::SectionKind::Heap);
+    let s = d.create_section("tiny", 4096, &opts).unwrap();
+    drop(s);
+    let e = Heap::open(&d, "tiny").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("too small for a heap header"), "{e}");
+    d.delete_section("tiny").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
+
+#[test]
+fn a_damaged_commit_size_or_named_entry_is_reported_by_check_and_refused() {
+    let domain = unique_domain("heapdmgchk");
+    let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+    let heap = Heap::create(&d, "h", 8 * MIB).unwrap();
+    heap.find_or_init::<u64>("answer", || 42).unwrap();
+    let p = heap.alloc(Layout::from_size_align(64, 16).unwrap()).unwrap();
+    // SAFETY: ours, into this thread's cache (a slot and a store now exist).
+    unsafe { heap.free(p).unwrap() };
+    heap.check().unwrap();
+    let base = heap.section().as_ptr();
+    // Finds the u64 word holding `value` in the header, at or after `from`.
+    let find = |value: u64, from: usize| {
+        (from / 8..(16 << 10) / 8)
+            // SAFETY: inside the mapped header; a plain read of an 8-aligned word.
+            .find(|&i| unsafe { base.cast::<u64>().add(i).read_volatile() } == value)
+            .map(|i| i * 8)
+            .unwrap_or_else(|| panic!("no word {value:#x} in the header"))
+    };
+    let poke = |at: usize, value: u64| {
+        // SAFETY: inside the mapped header, 8-aligned: the damage another process could do.
+        unsafe { base.add(at).cast::<u64>().write_volatile(value) }
+    };
+    // `committed` (the word after `reserved`, which holds the section size).
+    let reserved_at = find(8 * MIB, 0);
+    let committed = heap.stats().unwrap().committed;
+    poke(reserved_at + 8, 1 << 40);
+    let e = heap.check().unwrap_err();
+    assert!(e.kind() == ErrorKind::Corrupt && e.to_string().contains("committed"), "{e}");
+    assert_eq!(heap.trim().unwrap_err().kind(), ErrorKind::Corrupt);
+    poke(reserved_at + 8, committed);
+    heap.check().unwrap();
+    // The named object's size (8 bytes), then its offset, made to point nowhere.
+    let obj = heap.named_objects().unwrap()[0].clone();
+    let off = obj.address - heap.section().as_ptr() as u64 - shmgadget::heap::AREA_OFFSET;
+    let off_at = find(off, 256);
+    poke(off_at, u64::MAX - 7);
+    let e = heap.check().unwrap_err();
+    assert!(e.to_string().contains("named-object entry"), "{e}");
+    assert!(heap.named_objects().unwrap().is_empty(), "a damaged entry is not listed with a wild address");
+    assert_eq!(heap.find::<u64>("answer").unwrap_err().kind(), ErrorKind::Corrupt);
+    poke(off_at, off);
+    assert_eq!(*heap.find::<u64>("answer").unwrap(), 42);
+    heap.check().unwrap();
+    drop(heap);
+    d.delete_section("h").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
+
+#[test]
+fn a_reserved_size_and_capacity_damaged_after_open_are_reported_and_every_call_returns() {
+    let domain = unique_domain("heapcap");
+    let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+    let heap = Heap::create(&d, "h", 8 * MIB).unwrap();
+    let p = heap.alloc(Layout::from_size_align(100_000, 16).unwrap()).unwrap();
+    let q = heap.alloc(Layout::from_size_align(64, 16).unwrap()).unwrap();
+    let base = heap.section().as_ptr();
+    let word = |i: usize| {
+        // SAFETY: word `i` < 2048 of the mapped 16 KiB header, 8-aligned.
+        unsafe { base.cast::<u64>().add(i) }
+    };
+    let read = |i: usize| {
+        // SAFETY: as for `word`; a plain read of a header word.
+        unsafe { word(i).read_volatile() }
+    };
+    let reserved_at = (0..2048).find(|&i| read(i) == 8 * MIB).expect("reserved");
+    let capacity = heap.stats().unwrap().blocks.capacity;
+    let capacity_at = (reserved_at + 2..2048).find(|&i| read(i) == capacity).expect("cap");
+    // SAFETY: 8-aligned words of the mapped header: the damage another process could do.
+    unsafe {
+        word(reserved_at).write_volatile(1 << 40);
+        word(capacity_at).write_volatile(1 << 40);
+    }
+    let e = heap.check().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    let _ = heap.stats();
+    let _ = heap.dump(1000);
+    let _ = heap.alloc(Layout::from_size_align(1 << 20, 16).unwrap());
+    // SAFETY: ours; the heap refuses or frees them.
+    let _ = unsafe { shmgadget::heap::free(p) };
+    // SAFETY: as above.
+    let _ = unsafe { heap.free(q) };
+    // SAFETY: as above: the original values back.
+    unsafe {
+        word(reserved_at).write_volatile(8 * MIB);
+        word(capacity_at).write_volatile(capacity);
+    }
+    drop(heap);
+    d.delete_section("h").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}

@@ -70,15 +70,18 @@ impl ShmAlloc {
         Ok(shared)
     }
 
-    fn lock(&self) -> Result<Locked<'_>> {
+    /// Locks the heap; `mapped` is its section's length (`u64::MAX` when unknown: then the
+    /// header's `reserved`, checked when the heap was opened, bounds the area).
+    fn lock(&self, mapped: u64) -> Result<Locked<'_>> {
         let shared = self.shared()?;
         // SAFETY: `shared` is the control block at the start of this heap section, which stays
         // mapped while the domain is attached (a collection's user holds the attachment).
-        unsafe { Locked::acquire(shared, self.section as *mut u8, "(heap)") }
+        unsafe { Locked::acquire(shared, self.section as *mut u8, mapped, "(heap)") }
     }
 
-    fn cache_ref(&self) -> Result<super::cache::HeapRef<'_>> {
-        Ok(super::cache::HeapRef { shared: self.shared()?, section: self.section as *mut u8, handle: None })
+    /// The heap for the cache; `mapped` as for [`lock`](ShmAlloc::lock).
+    fn cache_ref(&self, mapped: u64) -> Result<super::cache::HeapRef<'_>> {
+        Ok(super::cache::HeapRef { shared: self.shared()?, section: self.section as *mut u8, mapped, handle: None })
     }
 
     fn commit(&self, len: u64) -> Result<()> {
@@ -87,7 +90,8 @@ impl ShmAlloc {
 
     /// Allocates like [`Heap::alloc`], returning errors instead of `AllocError`.
     pub fn try_alloc(&self, layout: Layout) -> Result<NonNull<u8>> {
-        let h = self.cache_ref()?;
+        // The length is not known from the address alone (see `lock`).
+        let h = self.cache_ref(u64::MAX)?;
         let off = super::cache::alloc(&h, layout.size() as u64, layout.align() as u64, &mut |len| self.commit(len))?;
         Ok(NonNull::new((self.section + AREA_OFFSET + off) as *mut u8).expect("heap addresses are never null"))
     }
@@ -117,7 +121,7 @@ impl Heap {
             super::tlsf::Tlsf::new(
                 &shared.tlsf,
                 self.section().as_ptr().add(AREA_OFFSET as usize),
-                super::area_limit(shared),
+                super::area_limit(shared, self.section().len() as u64),
             )
         };
         let max = super::cache::MAX_CACHED + super::cache::MAX_CACHED / 4;
@@ -140,16 +144,17 @@ impl Heap {
 }
 
 impl ShmAlloc {
-    /// The allocator of the heap holding `ptr`, found from the address alone.
-    fn of(ptr: NonNull<u8>) -> Result<ShmAlloc> {
-        let (section, kind) = crate::domain::section_covering(ptr.as_ptr() as usize)?;
+    /// The allocator of the heap holding `ptr`, found from the address alone, and the length of
+    /// its section (which bounds the area even if the header's `reserved` was damaged).
+    fn of(ptr: NonNull<u8>) -> Result<(ShmAlloc, u64)> {
+        let (section, kind, len) = crate::domain::section_covering(ptr.as_ptr() as usize)?;
         if kind != crate::SectionKind::Heap {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("{ptr:p} lies in a {} section, not a heap", kind.as_str()),
             ));
         }
-        Ok(ShmAlloc { section })
+        Ok((ShmAlloc { section }, len))
     }
 
     fn offset(&self, ptr: NonNull<u8>) -> u64 {
@@ -165,8 +170,8 @@ impl ShmAlloc {
 /// # Safety
 /// No process may use the memory after this call.
 pub unsafe fn free(ptr: NonNull<u8>) -> Result<()> {
-    let a = ShmAlloc::of(ptr)?;
-    super::cache::free(&a.cache_ref()?, a.offset(ptr))
+    let (a, len) = ShmAlloc::of(ptr)?;
+    super::cache::free(&a.cache_ref(len)?, a.offset(ptr))
 }
 
 /// Resizes a block of any heap of an attached domain, found from its address alone (the
@@ -176,9 +181,9 @@ pub unsafe fn free(ptr: NonNull<u8>) -> Result<()> {
 /// # Safety
 /// After success no process may use the old pointer unless it equals the new one.
 pub unsafe fn realloc(ptr: NonNull<u8>, new_size: usize) -> Result<NonNull<u8>> {
-    let a = ShmAlloc::of(ptr)?;
+    let (a, len) = ShmAlloc::of(ptr)?;
     let off = a.offset(ptr);
-    let locked = a.lock()?;
+    let locked = a.lock(len)?;
     let t = locked.tlsf();
     if t.resize_in_place(off, new_size as u64).map_err(|e| super::map_tlsf(e, "(heap)"))? {
         return Ok(ptr);
@@ -190,7 +195,7 @@ pub unsafe fn realloc(ptr: NonNull<u8>, new_size: usize) -> Result<NonNull<u8>> 
     let new = a.try_alloc(layout)?;
     // SAFETY: distinct live blocks of the same heap, each at least min(old, new_size) bytes.
     unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), old.min(new_size)) };
-    super::cache::free(&a.cache_ref()?, off)?;
+    super::cache::free(&a.cache_ref(len)?, off)?;
     Ok(new)
 }
 
@@ -214,7 +219,7 @@ unsafe impl Allocator for ShmAlloc {
             return;
         }
         let off = self.offset(ptr);
-        if let Ok(h) = self.cache_ref() {
+        if let Ok(h) = self.cache_ref(u64::MAX) {
             // A bad pointer here is a bug in the caller; the heap refuses it and stays intact.
             let _ = super::cache::free(&h, off);
         }

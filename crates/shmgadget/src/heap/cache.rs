@@ -41,6 +41,9 @@
 //! the count; a give-back lowers the count before freeing. So a thread killed at any point
 //! leaves each block either listed (reclaimed later) or the program's, never both, and nothing
 //! handed out twice. Only a refill's batch and a give-back run under the lock.
+//! A reclaimer frees an unmarked listed block only when it is its class's top entry (the only
+//! one a crash can leave unmarked); any other unmarked entry is damage and stays alone, so a
+//! damaged store never frees a block a program holds.
 //!
 //! # What is not cached
 //! Payloads above 4 KiB, alignments above 16, and calls from a thread whose cache is being
@@ -169,6 +172,9 @@ fn serial_alive(serial: u64) -> bool {
 pub(crate) struct HeapRef<'a> {
     pub(crate) shared: &'a HeapShared,
     pub(crate) section: *mut u8,
+    /// The section's mapped length (`u64::MAX` when only its address is known: the header's
+    /// `reserved`, checked at open, bounds it then).
+    pub(crate) mapped: u64,
     /// The section handle when the caller has one, for the heap's name in errors (looked up
     /// only when an error is made: it is not free).
     pub(crate) handle: Option<&'a crate::Section>,
@@ -178,7 +184,7 @@ impl<'a> HeapRef<'a> {
     fn lock(&self) -> Result<Locked<'a>> {
         // SAFETY: a HeapRef is built from a live heap handle or a validated ShmAlloc, whose
         // section stays mapped while the caller uses it (the contract of `Locked::acquire`).
-        unsafe { Locked::acquire(self.shared, self.section, self.name()) }
+        unsafe { Locked::acquire(self.shared, self.section, self.mapped, self.name()) }
     }
 
     pub(crate) fn name(&self) -> &'a str {
@@ -191,7 +197,9 @@ impl<'a> HeapRef<'a> {
         // SAFETY: as for `Locked::tlsf`: the block area starts AREA_OFFSET into the mapped
         // section. Without the lock we only call `cache_probe`, `cache_mark` and
         // `cache_unmark`, which the allocator documents as safe to run concurrently.
-        unsafe { Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize), area_limit(self.shared)) }
+        unsafe {
+            Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize), area_limit(self.shared, self.mapped))
+        }
     }
 }
 
@@ -209,6 +217,8 @@ struct LocalCache {
     slot: usize,
     store: *const CacheStoreShared,
     shared: *const HeapShared,
+    /// The heap's mapped length ([`HeapRef::mapped`]).
+    mapped: u64,
     bytes: u64,
     budget: u64,
 }
@@ -287,7 +297,19 @@ impl LocalCache {
     fn park(&mut self, h: &HeapRef<'_>, store: &CacheStoreShared, class: usize, off: u64) -> Result<()> {
         // Relaxed: only this thread writes its store.
         let n = store.counts[class].load(Ordering::Relaxed) as usize;
-        debug_assert!(n < DEPTH);
+        if n >= DEPTH {
+            // Only a process writing into our store can make this happen (we give back before
+            // a class fills). The block stays the program's: the caller frees or leaks it.
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "heap {:?}: this thread's cache lists {n} blocks in class {class} (at most {}); another process \
+                     wrote into it",
+                    h.name(),
+                    DEPTH - 1
+                ),
+            ));
+        }
         store.entries[class][n].store(off, Ordering::Relaxed);
         // Release: the entry is written before the count covers it.
         store.counts[class].store(n as u32 + 1, Ordering::Release);
@@ -333,18 +355,29 @@ impl LocalCache {
                 n -= 1;
                 store.counts[c].store(n as u32, Ordering::Release);
                 self.bytes = self.bytes.saturating_sub(class_payload(c));
-                release_listed(&locked, off, h.name())?;
+                release_listed(&locked, off, false, h.name())?;
             }
         }
         Ok(())
     }
 }
 
-/// Gives a block that was listed in a store back to the allocator (clearing `CACHED` if set).
-fn release_listed(locked: &Locked<'_>, off: u64, name: &str) -> Result<()> {
+/// Gives a block that was listed in a store back to the allocator (clearing `CACHED`). Only a
+/// class's top entry may be listed without being marked (its owner died between listing and
+/// marking, or between unmarking and lowering the count: the block is nobody's either way), so
+/// `top` says whether an unmarked block is freed; any other unmarked entry is damage (freeing
+/// it could free a block a program holds) and is refused.
+fn release_listed(locked: &Locked<'_>, off: u64, top: bool, name: &str) -> Result<()> {
     let t = locked.tlsf();
-    // A listed block may be unmarked (its owner died between listing and marking): fine.
-    let _ = t.cache_unmark(off);
+    if t.cache_unmark(off).is_err() && !top {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "heap {name:?}: a thread cache lists the block at offset {off:#x}, which is not parked in a cache; \
+                 left alone"
+            ),
+        ));
+    }
     t.free(off).map_err(|e| map_tlsf(e, name))
 }
 
@@ -363,7 +396,7 @@ impl Drop for LocalCache {
         // SAFETY: the heap is still mapped (no unmapping since the cache was made) and
         // `shared` is its control block.
         let shared = unsafe { &*self.shared };
-        let h = HeapRef { shared, section: self.section as *mut u8, handle: None };
+        let h = HeapRef { shared, section: self.section as *mut u8, mapped: self.mapped, handle: None };
         // Relaxed: the instance is written once at creation.
         if shared.instance.load(Ordering::Relaxed) != self.instance {
             return;
@@ -428,6 +461,7 @@ fn claim(h: &HeapRef<'_>, instance: u64, serial: u64) -> LocalCache {
         slot: 0,
         store: std::ptr::null(),
         shared: h.shared,
+        mapped: h.mapped,
         bytes: 0,
         // Relaxed: frozen after creation.
         budget: BUDGET.min(h.shared.reserved.load(Ordering::Relaxed) / 16),
@@ -491,7 +525,7 @@ fn reclaim_with(
     let my_token = ident.token();
     // One lock-table query per other process, not per slot.
     let mut asked: Vec<(u64, bool)> = Vec::new();
-    let mut gone = |owner: u64, thread: u64| -> bool {
+    let gone = |owner: u64, thread: u64| -> bool {
         if Some((owner, thread)) == mine {
             return true;
         }
@@ -505,6 +539,13 @@ fn reclaim_with(
         asked.push((owner, alive));
         !alive
     };
+    Ok(reclaim_if(h, locked, gone))
+}
+
+/// Reclaims every owned slot for which `gone(owner, thread)` says so: every block its store
+/// lists goes back to the allocator (listed offsets that are not parked blocks are skipped).
+/// Returns the blocks reclaimed. The caller holds the heap lock.
+pub(crate) fn reclaim_if(h: &HeapRef<'_>, locked: &Locked<'_>, mut gone: impl FnMut(u64, u64) -> bool) -> u64 {
     let mut reclaimed = 0;
     for s in &h.shared.caches {
         // Relaxed: slots change under the heap lock, which we hold.
@@ -519,12 +560,14 @@ fn reclaim_with(
             let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
             for c in 0..CLASSES {
                 // Acquire: pairs with the owner's Release stores of the count.
-                let mut n = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
+                let listed = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
+                let mut n = listed;
                 while n > 0 {
                     let block = store.entries[c][n - 1].load(Ordering::Relaxed);
+                    let top = n == listed;
                     n -= 1;
                     store.counts[c].store(n as u32, Ordering::Relaxed);
-                    if release_listed(locked, block, h.name()).is_ok() {
+                    if release_listed(locked, block, top, h.name()).is_ok() {
                         reclaimed += 1;
                     }
                 }
@@ -532,7 +575,7 @@ fn reclaim_with(
         }
         s.owner.store(0, Ordering::Relaxed);
     }
-    Ok(reclaimed)
+    reclaimed
 }
 
 /// Blocks and bytes held by the caches of the heap, the stores themselves included (under the
@@ -612,6 +655,11 @@ pub(crate) fn release_all(h: &HeapRef<'_>) -> Result<()> {
     let ident = crate::domain::attachment_covering(h.section as usize);
     let locked = h.lock()?;
     reclaim_with(h, &locked, ident.as_deref(), mine)?;
+    free_idle_stores(h, &locked)
+}
+
+/// Frees the store blocks of every free slot (under the lock).
+pub(crate) fn free_idle_stores(h: &HeapRef<'_>, locked: &Locked<'_>) -> Result<()> {
     for s in &h.shared.caches {
         // Relaxed: slots change under the heap lock, which we hold.
         let off = s.store.load(Ordering::Relaxed);
@@ -623,6 +671,77 @@ pub(crate) fn release_all(h: &HeapRef<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Checks every cache slot and store (under the lock): a slot's store is none or a used block
+/// large enough for a store, used by no other slot; an owned slot's counts are at most `DEPTH`
+/// and each listed entry is a distinct block parked in a cache. Returns the first violation.
+pub(crate) fn check(locked: &Locked<'_>) -> Result<()> {
+    let corrupt = |m: String| Err(Error::new(ErrorKind::Corrupt, m));
+    let t = locked.tlsf();
+    // The parked blocks, from one walk of the block chain (the caller's check walked it too).
+    let mut parked: Vec<u64> = match t.blocks(usize::MAX) {
+        Ok(b) => b.iter().filter(|b| b.cached).map(|b| b.offset + tlsf::HEADER).collect(),
+        Err(e) => return Err(map_tlsf(e, "(heap)")),
+    };
+    parked.sort_unstable();
+    let mut stores: Vec<u64> = Vec::new();
+    let mut listed: Vec<u64> = Vec::new();
+    let store_size = size_of::<CacheStoreShared>() as u64;
+    for (i, s) in locked.shared.caches.iter().enumerate() {
+        // Relaxed: slots change under the heap lock, which we hold.
+        let (owner, off) = (s.owner.load(Ordering::Relaxed), s.store.load(Ordering::Relaxed));
+        if off == 0 {
+            if owner != 0 {
+                return corrupt(format!("cache slot {i} is owned (token {owner:#x}) but has no store"));
+            }
+            continue;
+        }
+        match t.usable_size(off) {
+            Ok(n) if n >= store_size => {}
+            Ok(n) => {
+                return corrupt(format!(
+                    "cache slot {i} has its store at offset {off:#x}, a block of {n} usable bytes, expected at least \
+                     {store_size}"
+                ));
+            }
+            Err(_) => return corrupt(format!("cache slot {i} has its store at offset {off:#x}, not a used block")),
+        }
+        if stores.contains(&off) {
+            return corrupt(format!("cache slot {i} shares its store at offset {off:#x} with another slot"));
+        }
+        stores.push(off);
+        if owner == 0 {
+            continue;
+        }
+        // SAFETY: the store block lies in the mapped heap (validated just above); we only read it.
+        let store = unsafe { &*((locked.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
+        for c in 0..CLASSES {
+            // Acquire: pairs with the owner's Release stores of the count.
+            let n = store.counts[c].load(Ordering::Acquire) as usize;
+            if n > DEPTH {
+                return corrupt(format!("cache slot {i} lists {n} blocks in class {c}, at most {DEPTH}"));
+            }
+            for (k, e) in store.entries[c][..n].iter().enumerate() {
+                // Relaxed: a snapshot (a live owner changes it without the lock).
+                let b = e.load(Ordering::Relaxed);
+                // The top entry may be mid-push (listed, not yet marked) or mid-pop (unmarked,
+                // count not yet lowered) by its live owner: then it is a used block.
+                let in_flight = k + 1 == n && t.usable_size(b).is_ok();
+                if parked.binary_search(&b).is_err() && !in_flight {
+                    return corrupt(format!(
+                        "cache slot {i} lists offset {b:#x} in class {c}, which is not a block parked in a cache"
+                    ));
+                }
+                listed.push(b);
+            }
+        }
+    }
+    listed.sort_unstable();
+    if let Some(w) = listed.windows(2).find(|w| w[0] == w[1]) {
+        return corrupt(format!("the block at offset {:#x} is listed twice in thread caches", w[0]));
+    }
+    Ok(())
+}
+
 /// Gives this thread's stock for heap `h` back to the allocator.
 pub(crate) fn flush(h: &HeapRef<'_>) -> Result<()> {
     with_cache(h, |c| {
@@ -630,6 +749,33 @@ pub(crate) fn flush(h: &HeapRef<'_>) -> Result<()> {
         c.give_back(h, store, None, 0)
     })
     .unwrap_or(Ok(()))
+}
+
+/// For fuzz seeds: gives cache slot `slot` a store and owner `owner` and parks `blocks` (used
+/// blocks of the heap, of class payloads) in it, as a live thread would have.
+pub(crate) fn seed_slot(locked: &Locked<'_>, slot: usize, owner: u64, blocks: &[u64]) -> Result<()> {
+    let t = locked.tlsf();
+    let size = size_of::<CacheStoreShared>() as u64;
+    let off = t.alloc(size, tlsf::ALIGN).map_err(|e| map_tlsf(e, "(seed)"))?;
+    let base = locked.section as u64 + AREA_OFFSET;
+    // SAFETY: a fresh block of `size` bytes in the heap, ours under the lock.
+    unsafe { ((base + off) as *mut u8).write_bytes(0, size as usize) };
+    // SAFETY: as above; CacheStoreShared is atomics only.
+    let store = unsafe { &*((base + off) as *const CacheStoreShared) };
+    for &b in blocks {
+        let Some(c) = t.usable_size(b).ok().and_then(class_for_block) else { continue };
+        // Relaxed: private seed memory under the lock.
+        let n = store.counts[c].load(Ordering::Relaxed) as usize;
+        if n < DEPTH && t.cache_mark(b).is_ok() {
+            store.entries[c][n].store(b, Ordering::Relaxed);
+            store.counts[c].store(n as u32 + 1, Ordering::Relaxed);
+        }
+    }
+    let s = &locked.shared.caches[slot % MAX_CACHES];
+    s.store.store(off, Ordering::Relaxed);
+    s.thread.store(1 << 32 | 1, Ordering::Relaxed);
+    s.owner.store(owner, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Frees every cache slot (after the heap was re-initialised: the stores are gone with it).

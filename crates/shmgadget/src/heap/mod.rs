@@ -21,12 +21,22 @@
 //!   recovery in `recoveries`, and marks the lock consistent. No block is handed out twice; a
 //!   block the dead process had just allocated is leaked, one it was freeing is either freed or
 //!   still allocated.
+//! * Validate, then trust: everything in the section is written by processes that may be
+//!   buggy, crashed or hostile. `attach` checks the section is large enough for the header and
+//!   that `reserved`/`committed` match it; the allocator's area is bounded by the *mapped*
+//!   length, not only by `reserved`; `committed` is re-checked under the lock before it is
+//!   used; a named entry's offset must be a used block large enough for it; a cache slot's
+//!   store must be a used block large enough for a store, and every count and listed entry is
+//!   range-checked before use. A violation is a `Corrupt` error saying what was expected and
+//!   found; `check` reports the first one in the block chain, the named-object table or the
+//!   caches.
 //! * Growth: the heap commits its section lazily. When no free block fits, the lock holder
 //!   commits an eighth more (at least 1 MiB; `fallocate`, so a full backing store is a clean
 //!   error) and then grows the allocator's area into it.
 
 mod alloc;
 mod cache;
+pub(crate) mod fuzz;
 pub mod tlsf;
 
 pub use alloc::{ShmAlloc, ShmBox, ShmHashMap, ShmHasher, ShmString, ShmVec, ShmVecExt, free, realloc};
@@ -163,11 +173,39 @@ pub(crate) fn map_tlsf(e: TlsfError, heap: &str) -> Error {
     }
 }
 
+/// What the allocator said, in a few words, for errors about other structures' offsets.
+fn tlsf_reason(e: &TlsfError) -> String {
+    match e {
+        TlsfError::OutOfMemory { requested, .. } => format!("no room for {requested} bytes"),
+        TlsfError::BadLayout(m) | TlsfError::NotABlock(m) | TlsfError::Corrupt(m) => m.clone(),
+        TlsfError::DoubleFree(off) => format!("the block at {off:#x} is free or parked in a cache"),
+    }
+}
+
 /// Bytes of the block area that are mapped: the section's reserved size (frozen at creation,
-/// checked against the section by `open`) past `AREA_OFFSET`.
-pub(crate) fn area_limit(shared: &HeapShared) -> u64 {
+/// checked against the section by `open`) past `AREA_OFFSET`, but never more than `mapped`, the
+/// section's length as this process knows it (`u64::MAX` when only the address is known): a
+/// `reserved` damaged after `open` cannot send the allocator past the mapping.
+pub(crate) fn area_limit(shared: &HeapShared, mapped: u64) -> u64 {
     // Relaxed: frozen after creation.
-    shared.reserved.load(Ordering::Relaxed).saturating_sub(AREA_OFFSET)
+    shared.reserved.load(Ordering::Relaxed).min(mapped).saturating_sub(AREA_OFFSET)
+}
+
+/// Checks the header's `committed` (re-read under the lock: another process may have
+/// damaged it since `open`) against the section's `mapped` length; returns it.
+fn committed_checked(shared: &HeapShared, mapped: u64, heap: &str) -> Result<u64> {
+    // Relaxed: written only under the lock, which the caller holds.
+    let (committed, reserved) = (shared.committed.load(Ordering::Relaxed), shared.reserved.load(Ordering::Relaxed));
+    let end = reserved.min(mapped);
+    if committed < MIN_HEAP.min(end) || committed > end || committed < AREA_OFFSET {
+        bail!(
+            Corrupt,
+            "heap {heap:?} is corrupt: its header records {committed} bytes committed and {reserved} reserved, expected \
+             between {} and {end}; `shmgadget heap {heap} --check` shows the damage",
+            MIN_HEAP.min(end)
+        );
+    }
+    Ok(committed)
 }
 
 /// Proof of holding a heap's lock, given only its control block and section address (so both
@@ -175,6 +213,8 @@ pub(crate) fn area_limit(shared: &HeapShared) -> u64 {
 pub(crate) struct Locked<'a> {
     shared: &'a HeapShared,
     section: *mut u8,
+    /// The section's mapped length (`u64::MAX`: unknown, trust the header's `reserved`).
+    mapped: u64,
 }
 
 impl Drop for Locked<'_> {
@@ -189,17 +229,19 @@ impl<'a> Locked<'a> {
     ///
     /// # Safety
     /// `shared` must be the control block at the start of the heap section at `section`, whose
-    /// committed part stays mapped for `'a`.
-    pub(crate) unsafe fn acquire(shared: &'a HeapShared, section: *mut u8, name: &str) -> Result<Self> {
+    /// first `min(mapped, reserved)` bytes stay mapped for `'a` (`mapped` is the section's
+    /// length, or `u64::MAX` when the caller knows only its address and trusts `reserved`,
+    /// checked when the heap was opened).
+    pub(crate) unsafe fn acquire(shared: &'a HeapShared, section: *mut u8, mapped: u64, name: &str) -> Result<Self> {
         let acquired = shared.lock.lock()?;
-        let locked = Locked { shared, section };
+        let locked = Locked { shared, section, mapped };
         if acquired == Acquired::OwnerDied {
             // A holder died mid-operation: rebuild everything but the block chain.
             locked.tlsf().recover().map_err(|e| map_tlsf(e, name))?;
             // Relaxed: statistics under the lock.
             shared.recoveries.fetch_add(1, Ordering::Relaxed);
             // The dead holder's thread caches go back to the allocator too.
-            let _ = cache::reclaim_dead(&cache::HeapRef { shared, section, handle: None }, &locked);
+            let _ = cache::reclaim_dead(&cache::HeapRef { shared, section, mapped, handle: None }, &locked);
             // SAFETY: we hold the lock.
             unsafe { shared.lock.make_consistent() };
         }
@@ -209,9 +251,12 @@ impl<'a> Locked<'a> {
     pub(crate) fn tlsf(&self) -> Tlsf<'_> {
         // SAFETY: the block area starts AREA_OFFSET into the section (16 KiB, so 16-aligned)
         // and runs to the end of the section, which the contract of `acquire` keeps mapped
-        // (`reserved` was checked against the section when the heap was opened); the
-        // allocator checks its recorded capacity against that limit. We hold the heap lock.
-        unsafe { Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize), area_limit(self.shared)) }
+        // (`reserved` was checked against the section when the heap was opened, and is capped
+        // by the mapped length); the allocator checks its recorded capacity and every offset
+        // against that limit. We hold the heap lock.
+        unsafe {
+            Tlsf::new(&self.shared.tlsf, self.section.add(AREA_OFFSET as usize), area_limit(self.shared, self.mapped))
+        }
     }
 
     /// Allocates, growing the heap (committing with `commit`) when no free block fits.
@@ -241,8 +286,9 @@ impl<'a> Locked<'a> {
     /// section is fully committed already.
     fn grow(&self, at_least: u64, name: &str, commit: &mut dyn FnMut(u64) -> Result<()>) -> Result<bool> {
         let s = self.shared;
-        // Relaxed: written only under the lock, which we hold.
-        let (committed, reserved) = (s.committed.load(Ordering::Relaxed), s.reserved.load(Ordering::Relaxed));
+        let committed = committed_checked(s, self.mapped, name)?;
+        // Relaxed: frozen after creation; capped by the mapping.
+        let reserved = s.reserved.load(Ordering::Relaxed).min(self.mapped);
         if committed >= reserved {
             return Ok(false);
         }
@@ -353,6 +399,14 @@ impl Heap {
         if section.kind() != SectionKind::Heap {
             bail!(InvalidArgument, "section {name:?} is a {} section, not a heap", section.kind().as_str());
         }
+        if (section.len() as u64) < MIN_HEAP {
+            bail!(
+                Corrupt,
+                "section {name:?} is a heap of {} bytes, too small for a heap header ({MIN_HEAP} bytes at least): it \
+                 was damaged or not made by Heap::create; delete it with `shmgadget rm {name}`",
+                section.len()
+            );
+        }
         let heap = Heap { section };
         let s = heap.shared();
         // Acquire: pairs with the Release store of `ready` in `init`. Sections are handed out
@@ -389,8 +443,8 @@ impl Heap {
     }
 
     fn shared(&self) -> &HeapShared {
-        // SAFETY: the section is at least MIN_HEAP bytes (checked at creation; an opened
-        // section's size was checked against the registry), page-aligned, mapped while
+        // SAFETY: the section is at least MIN_HEAP bytes (checked at creation and by `attach`
+        // before any call of this), page-aligned, mapped while
         // `self.section` lives, and HeapShared is atomics plus the robust mutex.
         unsafe { &*self.section.as_ptr().cast::<HeapShared>() }
     }
@@ -408,11 +462,16 @@ impl Heap {
     fn lock(&self) -> Result<Locked<'_>> {
         // SAFETY: `shared()` is this section's control block; the section stays mapped while
         // `self` lives.
-        unsafe { Locked::acquire(self.shared(), self.section.as_ptr(), self.name()) }
+        unsafe { Locked::acquire(self.shared(), self.section.as_ptr(), self.section.len() as u64, self.name()) }
     }
 
     fn cache_ref(&self) -> cache::HeapRef<'_> {
-        cache::HeapRef { shared: self.shared(), section: self.section.as_ptr(), handle: Some(&self.section) }
+        cache::HeapRef {
+            shared: self.shared(),
+            section: self.section.as_ptr(),
+            mapped: self.section.len() as u64,
+            handle: Some(&self.section),
+        }
     }
 
     /// Gives the blocks this thread keeps ready for this heap back to the heap (they show as
@@ -511,19 +570,13 @@ impl Heap {
     pub fn trim(&self) -> Result<u64> {
         cache::release_all(&self.cache_ref())?;
         let locked = self.lock()?;
-        let s = self.shared();
-        // Relaxed: under the lock.
-        let committed = s.committed.load(Ordering::Relaxed);
-        let floor = INITIAL_COMMIT.max(MIN_HEAP).min(committed) - AREA_OFFSET;
-        let cap = locked.tlsf().shrink(floor).map_err(|e| map_tlsf(e, self.name()))?;
-        let new_committed = (AREA_OFFSET + cap).next_multiple_of(4096);
-        if new_committed >= committed {
-            return Ok(0);
+        match locked.trim(self.name())? {
+            Some((at, len)) => {
+                self.section.decommit(at, len)?;
+                Ok(len)
+            }
+            None => Ok(0),
         }
-        // Relaxed: under the lock; the area no longer reaches past `new_committed`.
-        s.committed.store(new_committed, Ordering::Relaxed);
-        self.section.decommit(new_committed, committed - new_committed)?;
-        Ok(committed - new_committed)
     }
 
     /// Re-initialises the heap: every block is freed, every named object forgotten, every
@@ -532,46 +585,18 @@ impl Heap {
     /// # Safety
     /// No process may use any block or named object of this heap afterwards.
     pub unsafe fn reset(&self) -> Result<()> {
-        let locked = self.lock()?;
-        let s = self.shared();
-        // Relaxed: under the lock.
-        let committed = s.committed.load(Ordering::Relaxed);
-        locked.tlsf().init(committed - AREA_OFFSET).map_err(|e| map_tlsf(e, self.name()))?;
-        for e in &s.names {
-            e.state.store(0, Ordering::Relaxed);
-        }
-        cache::forget_all(s);
-        // A new instance: thread caches made for the old contents are never used again.
-        s.instance.store(s.instance.load(Ordering::Relaxed).wrapping_add(2) | 1, Ordering::Relaxed);
-        Ok(())
+        self.lock()?.reset(self.name())
     }
 
     /// Statistics.
     pub fn stats(&self) -> Result<HeapStats> {
-        let locked = self.lock()?;
-        let mut blocks = locked.tlsf().stats();
-        let (cached_blocks, cached_bytes) = cache::parked(&self.cache_ref(), &locked);
-        blocks.used_blocks = blocks.used_blocks.saturating_sub(cached_blocks);
-        blocks.used_bytes = blocks.used_bytes.saturating_sub(cached_bytes);
-        let s = self.shared();
-        // Relaxed: read under the lock.
-        let largest_block = blocks.largest_free + if blocks.free_blocks > 0 { tlsf::HEADER } else { 0 };
-        let frag = if blocks.free_bytes == 0 { 0.0 } else { 1.0 - largest_block as f64 / blocks.free_bytes as f64 };
-        Ok(HeapStats {
-            reserved: s.reserved.load(Ordering::Relaxed),
-            committed: s.committed.load(Ordering::Relaxed),
-            blocks,
-            cached_blocks,
-            cached_bytes,
-            recoveries: s.recoveries.load(Ordering::Relaxed),
-            fragmentation: frag.max(0.0),
-        })
+        Ok(self.lock()?.stats())
     }
 
     /// Walks every block and checks every invariant; returns the first violation.
     pub fn check(&self) -> Result<()> {
         let locked = self.lock()?;
-        locked.tlsf().check().map_err(|e| map_tlsf(e, self.name()))
+        locked.check(self.name())
     }
 
     /// The block map (at most `limit` blocks), offsets relative to the block area.
@@ -752,10 +777,9 @@ impl Heap {
         })
     }
 
-    fn named_ref<T>(&self, e: &NamedEntry, name: &str) -> Result<&T> {
+    fn named_ref<T>(&self, locked: &Locked<'_>, e: &NamedEntry, name: &str) -> Result<&T> {
         // Relaxed: under the heap lock.
-        let (off, size, tag) =
-            (e.offset.load(Ordering::Relaxed), e.size.load(Ordering::Relaxed), e.type_tag.load(Ordering::Relaxed));
+        let (size, tag) = (e.size.load(Ordering::Relaxed), e.type_tag.load(Ordering::Relaxed));
         if tag != type_tag::<T>() || size != size_of::<T>() as u64 {
             bail!(
                 InvalidArgument,
@@ -765,12 +789,12 @@ impl Heap {
                 size_of::<T>()
             );
         }
-        let addr = self.base() + off;
-        let end = self.section.as_ptr() as u64 + self.section.len() as u64;
-        if addr % align_of::<T>() as u64 != 0 || addr + size > end {
-            bail!(Corrupt, "named object {name:?} in heap {:?} points outside the heap", self.name());
+        let addr = locked.named_block(e, name)?;
+        if addr % align_of::<T>() as u64 != 0 {
+            bail!(Corrupt, "named object {name:?} in heap {:?} is at {addr:#x}, misaligned for its type", self.name());
         }
-        // SAFETY: the block lies inside the mapped section (checked above), is aligned for T, was
+        // SAFETY: the block is a used block of the mapped heap of at least `size` bytes (checked
+        // by `named_block`), is aligned for T, was
         // allocated for a T (type tag and size match) and initialised before the entry was
         // published under the lock; it stays allocated until `remove_named`, whose contract forbids
         // outstanding references.
@@ -829,7 +853,7 @@ impl Heap {
             if let Some(e) = self.named_slot(name) {
                 // Relaxed: under the heap lock.
                 if e.state.load(Ordering::Relaxed) == NAMED_READY {
-                    return self.named_ref(e, name).map(|r| (r, false));
+                    return self.named_ref(&locked, e, name).map(|r| (r, false));
                 }
                 drop(locked);
                 if std::time::Instant::now() > deadline {
@@ -890,7 +914,7 @@ impl Heap {
         let locked = self.lock()?;
         // Relaxed: under the heap lock; its release publishes the initialised object.
         entry.state.store(NAMED_READY, Ordering::Relaxed);
-        let r = self.named_ref(entry, name);
+        let r = self.named_ref(&locked, entry, name);
         drop(locked);
         r.map(|r| (r, true))
     }
@@ -903,34 +927,15 @@ impl Heap {
         let e = self.named_slot(name).filter(|e| e.state.load(Ordering::Relaxed) == NAMED_READY).ok_or_else(|| {
             Error::new(ErrorKind::NotFound, format!("heap {:?} has no named object {name:?}", self.name()))
         })?;
-        let r = self.named_ref(e, name);
+        let r = self.named_ref(&locked, e, name);
         drop(locked);
         r
     }
 
-    /// Every named object (the classic region list).
+    /// Every named object (the classic region list). An entry whose name or block is damaged
+    /// is left out (`check` reports it).
     pub fn named_objects(&self) -> Result<Vec<NamedObject>> {
-        let _locked = self.lock()?;
-        Ok(self
-            .shared()
-            .names
-            .iter()
-            // Relaxed: under the heap lock.
-            .filter(|e| e.state.load(Ordering::Relaxed) == NAMED_READY)
-            .filter_map(|e| {
-                let (address, size) = (self.base() + e.offset.load(Ordering::Relaxed), e.size.load(Ordering::Relaxed));
-                let end = self.section.as_ptr() as u64 + self.section.len() as u64;
-                let kind = ObjectKind::from_u16(e.kind.load(Ordering::Relaxed));
-                let inside = address.checked_add(size).is_some_and(|e| e <= end);
-                Some(NamedObject {
-                    name: entry_name(e)?,
-                    address,
-                    size,
-                    kind,
-                    state: if inside { object_state(kind, address, size) } else { None },
-                })
-            })
-            .collect())
+        Ok(self.lock()?.named_objects())
     }
 
     /// Removes the object called `name` and frees its block.
@@ -945,6 +950,151 @@ impl Heap {
         // Relaxed: under the heap lock.
         e.state.store(0, Ordering::Relaxed);
         locked.tlsf().free(e.offset.load(Ordering::Relaxed)).map_err(|err| map_tlsf(err, self.name()))
+    }
+}
+
+impl Locked<'_> {
+    fn cache_ref(&self) -> cache::HeapRef<'_> {
+        cache::HeapRef { shared: self.shared, section: self.section, mapped: self.mapped, handle: None }
+    }
+
+    /// [`Heap::stats`], under the lock.
+    pub(crate) fn stats(&self) -> HeapStats {
+        let mut blocks = self.tlsf().stats();
+        let (cached_blocks, cached_bytes) = cache::parked(&self.cache_ref(), self);
+        blocks.used_blocks = blocks.used_blocks.saturating_sub(cached_blocks);
+        blocks.used_bytes = blocks.used_bytes.saturating_sub(cached_bytes);
+        let s = self.shared;
+        let largest_block = blocks.largest_free.saturating_add(if blocks.free_blocks > 0 { tlsf::HEADER } else { 0 });
+        let frag = if blocks.free_bytes == 0 { 0.0 } else { 1.0 - largest_block as f64 / blocks.free_bytes as f64 };
+        // Relaxed: read under the lock.
+        HeapStats {
+            reserved: s.reserved.load(Ordering::Relaxed),
+            committed: s.committed.load(Ordering::Relaxed),
+            blocks,
+            cached_blocks,
+            cached_bytes,
+            recoveries: s.recoveries.load(Ordering::Relaxed),
+            fragmentation: frag.max(0.0),
+        }
+    }
+
+    /// Shrinks the allocator's area to its last used block (keeping at least the initial
+    /// commit) and records the new commit; returns the range to decommit, if any. The caller
+    /// gave the thread caches' stocks back first.
+    pub(crate) fn trim(&self, heap: &str) -> Result<Option<(u64, u64)>> {
+        let s = self.shared;
+        let committed = committed_checked(s, self.mapped, heap)?;
+        let floor = INITIAL_COMMIT.max(MIN_HEAP).min(committed) - AREA_OFFSET;
+        let cap = self.tlsf().shrink(floor).map_err(|e| map_tlsf(e, heap))?;
+        let new_committed = (AREA_OFFSET + cap).next_multiple_of(4096);
+        if new_committed >= committed {
+            return Ok(None);
+        }
+        // Relaxed: under the lock; the area no longer reaches past `new_committed`.
+        s.committed.store(new_committed, Ordering::Relaxed);
+        Ok(Some((new_committed, committed - new_committed)))
+    }
+
+    /// [`Heap::reset`], under the lock.
+    pub(crate) fn reset(&self, heap: &str) -> Result<()> {
+        let s = self.shared;
+        let committed = committed_checked(s, self.mapped, heap)?;
+        self.tlsf().init(committed - AREA_OFFSET).map_err(|e| map_tlsf(e, heap))?;
+        for e in &s.names {
+            // Relaxed: under the lock.
+            e.state.store(0, Ordering::Relaxed);
+        }
+        cache::forget_all(s);
+        // A new instance: thread caches made for the old contents are never used again.
+        // Relaxed: under the lock.
+        s.instance.store(s.instance.load(Ordering::Relaxed).wrapping_add(2) | 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Every check `Heap::check` makes: the header's sizes, the block chain, the named-object
+    /// table and the thread caches' slots and stores.
+    pub(crate) fn check(&self, heap: &str) -> Result<()> {
+        let wrap = |e: Error| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("heap {heap:?} is corrupt: {e}; `shmgadget heap {heap} --check` reports it"),
+            )
+        };
+        committed_checked(self.shared, self.mapped, heap)?;
+        self.tlsf().check().map_err(|e| map_tlsf(e, heap))?;
+        self.check_named().map_err(wrap)?;
+        cache::check(self).map_err(wrap)
+    }
+
+    /// The address of named entry `e`'s block, after checking that its offset is a used block
+    /// of the heap with room for the entry's size (a damaged entry is `Corrupt`).
+    fn named_block(&self, e: &NamedEntry, name: &str) -> Result<u64> {
+        // Relaxed: under the heap lock.
+        let (off, size) = (e.offset.load(Ordering::Relaxed), e.size.load(Ordering::Relaxed));
+        match self.tlsf().usable_size(off) {
+            Ok(usable) if usable >= size => Ok(self.section as u64 + AREA_OFFSET + off),
+            Ok(usable) => bail!(
+                Corrupt,
+                "named object {name:?} records {size} bytes at offset {off:#x}, but the block there has {usable} usable bytes"
+            ),
+            Err(e) => bail!(
+                Corrupt,
+                "named object {name:?} records offset {off:#x}, which is not a used block of the heap ({})",
+                tlsf_reason(&e)
+            ),
+        }
+    }
+
+    /// Every named object whose entry is intact (under the lock).
+    pub(crate) fn named_objects(&self) -> Vec<NamedObject> {
+        self.shared
+            .names
+            .iter()
+            // Relaxed: under the heap lock.
+            .filter(|e| e.state.load(Ordering::Relaxed) == NAMED_READY)
+            .filter_map(|e| {
+                let name = entry_name(e)?;
+                let address = self.named_block(e, &name).ok()?;
+                // Relaxed: under the heap lock.
+                let size = e.size.load(Ordering::Relaxed);
+                let kind = ObjectKind::from_u16(e.kind.load(Ordering::Relaxed));
+                Some(NamedObject { name, address, size, kind, state: object_state(kind, address, size) })
+            })
+            .collect()
+    }
+
+    /// Checks the named-object table: every entry is free, or names a valid name and a used
+    /// block large enough; no two blocks are shared. Returns the first violation.
+    pub(crate) fn check_named(&self) -> Result<()> {
+        let mut seen: Vec<u64> = Vec::new();
+        for (i, e) in self.shared.names.iter().enumerate() {
+            // Relaxed: under the heap lock.
+            let state = e.state.load(Ordering::Relaxed);
+            if state == 0 {
+                continue;
+            }
+            if state != NAMED_READY && state != NAMED_INIT {
+                bail!(Corrupt, "named-object entry {i} has state {state}, expected 0, {NAMED_INIT} or {NAMED_READY}");
+            }
+            let Some(name) = entry_name(e) else {
+                // Relaxed: as above.
+                let len = e.name_len.load(Ordering::Relaxed);
+                bail!(
+                    Corrupt,
+                    "named-object entry {i} has no valid name (length {len}, at most {}, UTF-8)",
+                    crate::MAX_NAME_LEN
+                );
+            };
+            let addr = self
+                .named_block(e, &name)
+                .map_err(|err| Error::new(ErrorKind::Corrupt, format!("named-object entry {i}: {err}")))?;
+            if seen.contains(&addr) {
+                bail!(Corrupt, "named-object entry {i} ({name:?}) shares its block at {addr:#x} with another entry");
+            }
+            seen.push(addr);
+        }
+        Ok(())
     }
 }
 
