@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+use crate::out::outln;
 use shmgadget::heap::{Heap, ShmHashMap};
 use shmgadget::{Domain, DomainOptions, SectionOptions};
 
@@ -54,7 +55,7 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         return Err("--nodes must be between 1 and 50,000,000".into());
     }
     let domain = format!("demo-{}", std::process::id());
-    println!("shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n");
+    outln!("shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n");
     let started = Instant::now();
     let exe = std::env::current_exe()?;
     let mut result = Ok(ExitCode::SUCCESS);
@@ -75,7 +76,7 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         }
     }
     if result.is_ok() {
-        println!(
+        outln!(
             "\nnext: {INSERTERS} processes insert into one hash map in a shared heap at the same time, then another reads it\n"
         );
         let started = Instant::now();
@@ -87,7 +88,7 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
             }
         }
         if result.is_ok() {
-            println!(
+            outln!(
                 "[parent  ] {} keys inserted by {INSERTERS} processes at once in {:.1} ms",
                 INSERTERS * KEYS_PER,
                 ms(started)
@@ -99,7 +100,7 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         }
     }
     if result.is_ok() {
-        println!(
+        outln!(
             "\nnext: one process streams {QUEUE_MESSAGES} messages of {QUEUE_MSG} bytes to another through a queue\n"
         );
         let children = [worker("qrecv", 0).spawn()?, worker("qsend", 0).spawn()?];
@@ -119,7 +120,7 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         d.detach()?;
     }
     if result.is_ok() {
-        println!("\nevery process saw the same addresses; total {:.1} ms, cleaned up", ms(started));
+        outln!("\nevery process saw the same addresses; total {:.1} ms, cleaned up", ms(started));
     }
     result
 }
@@ -176,7 +177,7 @@ fn insert(domain: &str, shm_dir: Option<&Path>, index: u64) -> Result<ExitCode, 
     for k in index * KEYS_PER..(index + 1) * KEYS_PER {
         lock_map(map)?.try_insert(k, splitmix(k))?;
     }
-    println!("[inserter pid {}] inserted {KEYS_PER} keys into the shared map; {:.1} ms", std::process::id(), ms(t));
+    outln!("[inserter pid {}] inserted {KEYS_PER} keys into the shared map; {:.1} ms", std::process::id(), ms(t));
     drop(heap);
     d.detach()?;
     Ok(ExitCode::SUCCESS)
@@ -191,7 +192,7 @@ fn lookup(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std:
     let total = INSERTERS * KEYS_PER;
     let found = (0..total).filter(|k| g.get(k) == Some(&splitmix(*k))).count() as u64;
     let stats = heap.stats()?;
-    println!(
+    outln!(
         "[reader   pid {}] found {found} of {total} keys with the right values; heap: {} KiB used in {} blocks, {} KiB committed; {:.1} ms",
         std::process::id(),
         stats.blocks.used_bytes / 1024,
@@ -234,7 +235,7 @@ fn build(domain: &str, shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, B
         base.cast::<Header>().write(Header { magic: MAGIC, count: nodes, head: node_at(order[0]), checksum: h });
         h
     };
-    println!(
+    outln!(
         "[builder pid {}] section {SECTION:?} mapped at {:#x} ({} KiB); linked {nodes} nodes with plain pointers; checksum {checksum:#018x}; {:.1} ms",
         std::process::id(),
         base as usize,
@@ -283,7 +284,7 @@ fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::e
         "mapped eagerly at attach"
     };
     let verdict = if ok { "OK (matches the builder's)" } else { "MISMATCH" };
-    println!(
+    outln!(
         "[walker  pid {}] section {SECTION:?} mapped at {:#x} ({how}); followed {seen} pointers; checksum {h:#018x} {verdict}; {:.1} ms",
         std::process::id(),
         base as usize,
@@ -332,7 +333,7 @@ fn queue_recv(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn 
         }
     }
     let secs = started.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(1e-9);
-    println!(
+    outln!(
         "[receiver pid {}] {next} messages in order in {:.1} ms: {:.1} M messages/s ({:.0} MB/s), then the sender left",
         std::process::id(),
         secs * 1e3,

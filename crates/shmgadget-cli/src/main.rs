@@ -1,6 +1,7 @@
 //! `shmgadget`: inspect and manage shmgadget shared-memory domains.
 
 mod demo;
+mod out;
 mod size;
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use shmgadget::inspect::{self, DomainEntry, DomainReport};
 use shmgadget::{Domain, DomainOptions, Lifetime, SectionInfo, SectionKind, SectionOptions};
 
+use out::{errln, outln};
 use size::{format_size, parse_size};
 
 /// Shared memory at the same address in every process: list, inspect, create, remove and
@@ -119,13 +121,14 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
+    let code = match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("shmgadget: {e}");
+            errln!("shmgadget: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    if out::failed() { ExitCode::FAILURE } else { code }
 }
 
 fn options(cli: &Cli) -> DomainOptions {
@@ -141,9 +144,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let domain = Domain::attach_with(&cli.domain, &options(cli))?;
             let heap = shmgadget::heap::Heap::create(&domain, name, *size)?;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&heap.stats()?)?);
+                outln!("{}", serde_json::to_string_pretty(&heap.stats()?)?);
             } else {
-                println!(
+                outln!(
                     "created heap {name:?} in domain {:?} at {:#x}, {} reserved",
                     cli.domain,
                     heap.section().as_ptr() as usize,
@@ -155,7 +158,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Create { name, size, kind, .. } if kind == "queue" => {
             let domain = Domain::attach_with(&cli.domain, &options(cli))?;
             let q = shmgadget::queue::ByteQueue::create(&domain, name, *size)?;
-            println!(
+            outln!(
                 "created byte queue {name:?} in domain {:?}: {} ring, messages up to {} bytes",
                 cli.domain,
                 format_size(q.capacity()),
@@ -173,9 +176,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 section.commit(*len)?;
             }
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&section.info())?);
+                outln!("{}", serde_json::to_string_pretty(&section.info())?);
             } else {
-                println!(
+                outln!(
                     "created section {name:?} in domain {:?} at {:#x}, {} reserved",
                     cli.domain,
                     section.as_ptr() as usize,
@@ -189,38 +192,38 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             domain.delete_section(name)?;
             domain.detach()?;
             if !cli.json {
-                println!("removed section {name:?} from domain {:?}", cli.domain);
+                outln!("removed section {name:?} from domain {:?}", cli.domain);
             }
         }
         Command::Gc { all, force } => {
             let domain = (!all).then_some(cli.domain.as_str());
             let report = inspect::gc(domain, cli.shm_dir.as_deref(), *force)?;
             for (d, what) in &report.damaged {
-                eprintln!("shmgadget: damage in domain {d:?}: {what}");
+                errln!("shmgadget: damage in domain {d:?}: {what}");
             }
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for (d, pid) in &report.dead_processes {
-                    println!("cleared dead process {pid} from domain {d:?}");
+                    outln!("cleared dead process {pid} from domain {d:?}");
                 }
                 for (d, s, pid) in &report.removed_unfinished {
-                    println!(
+                    outln!(
                         "removed unfinished section {s:?} of domain {d:?} (its creator, pid {pid}, died while creating it)"
                     );
                 }
                 for (d, s) in &report.removed_sections {
-                    println!("removed transient section {s:?} of domain {d:?}");
+                    outln!("removed transient section {s:?} of domain {d:?}");
                 }
                 for d in &report.removed_domains {
-                    println!("removed domain {d:?} (no live process, no persistent section)");
+                    outln!("removed domain {d:?} (no live process, no persistent section)");
                 }
                 for o in &report.removed_orphans {
-                    println!("removed orphaned object {o:?}");
+                    outln!("removed orphaned object {o:?}");
                 }
                 for (d, why) in &report.skipped {
                     if !report.damaged.iter().any(|(dd, _)| dd == d) {
-                        println!("skipped domain {d:?}: {why}");
+                        outln!("skipped domain {d:?}: {why}");
                     }
                 }
                 let n = report.dead_processes.len()
@@ -229,7 +232,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     + report.removed_domains.len()
                     + report.removed_orphans.len();
                 if n == 0 && report.skipped.is_empty() && report.damaged.is_empty() {
-                    println!("nothing to clean up");
+                    outln!("nothing to clean up");
                 }
             }
             if !report.damaged.is_empty() {
@@ -248,11 +251,11 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
 fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let domains = inspect::list_domains(cli.shm_dir.as_deref())?;
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&domains)?);
+        outln!("{}", serde_json::to_string_pretty(&domains)?);
         return Ok(());
     }
     if domains.is_empty() {
-        println!("no domains in {}", shm_dir_shown(cli));
+        outln!("no domains in {}", shm_dir_shown(cli));
         return Ok(());
     }
     let mut t = table(&["domain", "window", "size", "sections", "reserved", "resident", "attached", "live"]);
@@ -280,7 +283,7 @@ fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
@@ -315,14 +318,15 @@ fn damage_lines(r: &DomainReport) -> Vec<String> {
 fn report_damage(r: &DomainReport) -> ExitCode {
     let lines = damage_lines(r);
     for l in &lines {
-        eprintln!("shmgadget: damaged entry in domain {:?}: {l}", r.name);
+        errln!("shmgadget: damaged entry in domain {:?}: {l}", r.name);
     }
     if lines.is_empty() {
         ExitCode::SUCCESS
     } else {
-        eprintln!(
+        errln!(
             "shmgadget: domain {:?}'s registry is damaged; `shmgadget gc` leaves it alone, `shmgadget gc --domain {} --force` removes only what is proven unused",
-            r.name, r.name
+            r.name,
+            r.name
         );
         ExitCode::from(1)
     }
@@ -339,11 +343,11 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 a.push(v);
             }
         }
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(report_damage(&report));
     }
     if report.sections.is_empty() && report.damaged.is_empty() {
-        println!("domain {:?} has no sections", report.name);
+        outln!("domain {:?} has no sections", report.name);
         return Ok(report_damage(&report));
     }
     let mut t =
@@ -358,10 +362,10 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             format!("slot {}, generation {}: {}", e.slot, e.generation, e.problem),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     for s in report.sections.iter().filter(|s| s.kind == SectionKind::Queue) {
         if let Some(q) = queue_info(cli, &s.name) {
-            println!("queue {}: {}", s.name, describe_queue(&q));
+            outln!("queue {}: {}", s.name, describe_queue(&q));
         }
     }
     Ok(report_damage(&report))
@@ -429,7 +433,7 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
         if let Some(q) = &queue {
             v["queue"] = serde_json::to_value(q)?;
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
     let lifetime = match s.lifetime {
@@ -452,10 +456,10 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
         ("object", format!("{}/{}", shm_dir_shown(cli), s.object)),
     ];
     for (k, v) in rows {
-        println!("{k:>15}  {v}");
+        outln!("{k:>15}  {v}");
     }
     if let Some(q) = &queue {
-        println!("{:>15}  {}", "queue", describe_queue(q));
+        outln!("{:>15}  {}", "queue", describe_queue(q));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -476,7 +480,7 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
             "blocks": dump,
             "check": verdict.as_ref().map(|r| match r { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() }),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let b = &stats.blocks;
         let rows = [
@@ -493,7 +497,7 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
             ("recoveries", stats.recoveries.to_string()),
         ];
         for (k, v) in rows {
-            println!("{k:>15}  {v}");
+            outln!("{k:>15}  {v}");
         }
         if !named.is_empty() {
             let mut t = table(&["named object", "kind", "address", "size", "state"]);
@@ -506,7 +510,7 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
                     o.state.map(describe_state).unwrap_or_default(),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         if blocks {
             let mut t = table(&["offset", "size", "state"]);
@@ -524,11 +528,11 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
                     .into(),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         match &verdict {
-            Some(Ok(())) => println!("check: every block and free list is consistent"),
-            Some(Err(e)) => println!("check FAILED: {e}"),
+            Some(Ok(())) => outln!("check: every block and free list is consistent"),
+            Some(Err(e)) => outln!("check FAILED: {e}"),
             None => {}
         }
     }
