@@ -6,7 +6,7 @@
 //! pointers work unchanged because the section has the same address in both processes.
 
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::Instant;
 
 use crate::out::outln;
@@ -49,13 +49,69 @@ fn options(shm_dir: Option<&Path>) -> DomainOptions {
     DomainOptions { window_size: 4 << 30, shm_dir: shm_dir.map(Path::to_path_buf), ..Default::default() }
 }
 
+/// What the demo printed: straight to stdout, or (`--json`) collected into one JSON object
+/// with each process's lines in their step.
+struct Report {
+    json: Option<crate::json::Demo>,
+}
+
+impl Report {
+    /// A line of the parent's own.
+    fn say(&mut self, line: String) {
+        match &mut self.json {
+            Some(d) => d.steps.push(crate::json::DemoStep {
+                role: "parent".into(),
+                exit_code: None,
+                output: vec![line.trim().to_owned()],
+            }),
+            None => outln!("{line}"),
+        }
+    }
+
+    /// Starts a worker: with `--json` its stdout is collected, else it writes to ours.
+    fn spawn(&self, mut cmd: Command) -> std::io::Result<Child> {
+        if self.json.is_some() {
+            cmd.stdout(Stdio::piped());
+        }
+        cmd.spawn()
+    }
+
+    /// Waits for a worker, recording what it printed (with `--json`).
+    fn wait(&mut self, role: &str, child: Child) -> std::io::Result<ExitStatus> {
+        let out = child.wait_with_output()?;
+        if let Some(d) = &mut self.json {
+            let output = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+            d.steps.push(crate::json::DemoStep { role: role.into(), exit_code: out.status.code(), output });
+        }
+        Ok(out.status)
+    }
+
+    fn run(&mut self, role: &str, cmd: Command) -> std::io::Result<ExitStatus> {
+        let child = self.spawn(cmd)?;
+        self.wait(role, child)
+    }
+}
+
 /// Runs the demo: builder, walker, clean-up.
-pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
+pub fn run(shm_dir: Option<&Path>, nodes: u64, json: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if nodes == 0 || nodes > 50_000_000 {
-        return Err("--nodes must be between 1 and 50,000,000".into());
+        return Err(shmgadget::Error::new(
+            shmgadget::ErrorKind::InvalidArgument,
+            "--nodes must be between 1 and 50,000,000",
+        )
+        .into());
     }
     let domain = format!("demo-{}", std::process::id());
-    outln!("shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n");
+    let mut report = Report {
+        json: json.then(|| crate::json::Demo {
+            domain: domain.clone(),
+            nodes,
+            steps: Vec::new(),
+            total_ms: 0.0,
+            ok: false,
+        }),
+    };
+    report.say(format!("shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n"));
     let started = Instant::now();
     let exe = std::env::current_exe()?;
     let mut result = Ok(ExitCode::SUCCESS);
@@ -69,43 +125,43 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         cmd
     };
     for role in ["build", "walk"] {
-        let status = worker(role, 0).status()?;
+        let status = report.run(role, worker(role, 0))?;
         if !status.success() {
             result = Err(format!("the {role} process failed ({status})").into());
             break;
         }
     }
     if result.is_ok() {
-        outln!(
+        report.say(format!(
             "\nnext: {INSERTERS} processes insert into one hash map in a shared heap at the same time, then another reads it\n"
-        );
+        ));
         let started = Instant::now();
-        let inserters: Vec<_> = (0..INSERTERS).map(|i| worker("insert", i).spawn()).collect::<Result<_, _>>()?;
-        for mut child in inserters {
-            let status = child.wait()?;
+        let inserters: Vec<_> = (0..INSERTERS).map(|i| report.spawn(worker("insert", i))).collect::<Result<_, _>>()?;
+        for child in inserters {
+            let status = report.wait("insert", child)?;
             if !status.success() {
                 result = Err(format!("an inserting process failed ({status})").into());
             }
         }
         if result.is_ok() {
-            outln!(
+            report.say(format!(
                 "[parent  ] {} keys inserted by {INSERTERS} processes at once in {:.1} ms",
                 INSERTERS * KEYS_PER,
                 ms(started)
-            );
-            let status = worker("lookup", 0).status()?;
+            ));
+            let status = report.run("lookup", worker("lookup", 0))?;
             if !status.success() {
                 result = Err(format!("the reading process failed ({status})").into());
             }
         }
     }
     if result.is_ok() {
-        outln!(
+        report.say(format!(
             "\nnext: one process streams {QUEUE_MESSAGES} messages of {QUEUE_MSG} bytes to another through a queue\n"
-        );
-        let children = [worker("qrecv", 0).spawn()?, worker("qsend", 0).spawn()?];
-        for mut child in children {
-            let status = child.wait()?;
+        ));
+        let children = [report.spawn(worker("qrecv", 0))?, report.spawn(worker("qsend", 0))?];
+        for (role, child) in ["qrecv", "qsend"].into_iter().zip(children) {
+            let status = report.wait(role, child)?;
             if !status.success() {
                 result = Err(format!("a queue process failed ({status})").into());
             }
@@ -120,7 +176,14 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         d.detach()?;
     }
     if result.is_ok() {
-        outln!("\nevery process saw the same addresses; total {:.1} ms, cleaned up", ms(started));
+        report.say(format!("\nevery process saw the same addresses; total {:.1} ms, cleaned up", ms(started)));
+    }
+    if let Some(mut d) = report.json.take() {
+        d.total_ms = ms(started);
+        d.ok = result.is_ok();
+        if d.ok {
+            crate::json::print(&d);
+        }
     }
     result
 }

@@ -1,6 +1,7 @@
 //! `shmgadget`: inspect and manage shmgadget shared-memory domains.
 
 mod demo;
+mod json;
 mod out;
 mod size;
 
@@ -10,10 +11,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use shmgadget::inspect::{self, DomainEntry, DomainReport};
-use shmgadget::{Domain, DomainOptions, Lifetime, SectionInfo, SectionKind, SectionOptions};
+use shmgadget::{Domain, DomainOptions, Error, ErrorKind, Lifetime, SectionInfo, SectionKind, SectionOptions};
 
 use out::{errln, outln};
-use size::{format_size, parse_size};
+use size::{format_size, parse_section_size, parse_size};
 
 /// Shared memory at the same address in every process: list, inspect, create, remove and
 /// clean up shmgadget domains and sections.
@@ -52,7 +53,7 @@ enum Command {
         /// Section name: 1 to 63 characters of A-Z a-z 0-9 . _ -
         name: String,
         /// Reserved size, e.g. 4096, 64K, 1M, 16G (binary units).
-        #[arg(long, short = 's', value_parser = parse_size)]
+        #[arg(long, short = 's', value_parser = parse_section_size)]
         size: u64,
         /// Delete the section when no process is attached to the domain any more (so, when
         /// nothing else is attached, as soon as this command exits).
@@ -120,10 +121,20 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let code = match run(&cli) {
         Ok(code) => code,
         Err(e) => {
+            if cli.json {
+                let kind = match e.downcast_ref::<shmgadget::Error>() {
+                    Some(e) => json::kind_name(e.kind()),
+                    None => "failed".to_owned(),
+                };
+                json::print(&json::ErrorOut { error: json::ErrorBody { kind, message: e.to_string() } });
+            }
             errln!("shmgadget: {e}");
             ExitCode::FAILURE
         }
@@ -131,8 +142,33 @@ fn main() -> ExitCode {
     if out::failed() { ExitCode::FAILURE } else { code }
 }
 
+/// A command line clap rejected: exit status 2 (0 for `--help` and `--version`), and with
+/// `--json` anywhere on the line, the error as JSON on stdout too.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind as K;
+    if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand) {
+        let text = e.render().to_string();
+        outln!("{}", text.trim_end());
+        return if e.kind() == K::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    if std::env::args_os().skip(1).take_while(|a| a != "--").any(|a| a == "--json") {
+        let message = e.render().to_string().trim_end().to_owned();
+        json::print(&json::ErrorOut { error: json::ErrorBody { kind: "usage".to_owned(), message } });
+    }
+    let _ = e.print();
+    ExitCode::from(2)
+}
+
 fn options(cli: &Cli) -> DomainOptions {
     DomainOptions { shm_dir: cli.shm_dir.clone(), ..Default::default() }
+}
+
+fn existing(cli: &Cli) -> DomainOptions {
+    DomainOptions { must_exist: true, ..options(cli) }
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -140,107 +176,25 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Domains => cmd_domains(cli)?,
         Command::Ls => return cmd_ls(cli),
         Command::Info { name } => return cmd_info(cli, name),
-        Command::Create { name, size, kind, .. } if kind == "heap" => {
-            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
-            let heap = shmgadget::heap::Heap::create(&domain, name, *size)?;
-            if cli.json {
-                outln!("{}", serde_json::to_string_pretty(&heap.stats()?)?);
-            } else {
-                outln!(
-                    "created heap {name:?} in domain {:?} at {:#x}, {} reserved",
-                    cli.domain,
-                    heap.section().as_ptr() as usize,
-                    format_size(heap.section().len() as u64)
-                );
-            }
+        Command::Create { name, size, transient, mode, commit, kind } => {
+            cmd_create(cli, name, *size, *transient, *mode, *commit, kind)?
         }
         Command::Heap { name, blocks, check } => return cmd_heap(cli, name, *blocks, *check),
-        Command::Create { name, size, kind, .. } if kind == "queue" => {
-            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
-            let q = shmgadget::queue::ByteQueue::create(&domain, name, *size)?;
-            outln!(
-                "created byte queue {name:?} in domain {:?}: {} ring, messages up to {} bytes",
-                cli.domain,
-                format_size(q.capacity()),
-                q.max_message()
-            );
-        }
-        Command::Create { name, size, transient, mode, commit, .. } => {
-            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
-            let mut opts = SectionOptions::new().mode(*mode).kind(SectionKind::Raw);
-            if *transient {
-                opts = opts.transient();
-            }
-            let section = domain.create_section(name, *size, &opts)?;
-            if let Some(len) = commit {
-                section.commit(*len)?;
-            }
-            if cli.json {
-                outln!("{}", serde_json::to_string_pretty(&section.info())?);
-            } else {
-                outln!(
-                    "created section {name:?} in domain {:?} at {:#x}, {} reserved",
-                    cli.domain,
-                    section.as_ptr() as usize,
-                    format_size(section.len() as u64)
-                );
-            }
-        }
         Command::Rm { name } => {
-            let opts = DomainOptions { must_exist: true, ..options(cli) };
-            let domain = Domain::attach_with(&cli.domain, &opts)?;
+            let domain = Domain::attach_with(&cli.domain, &existing(cli))?;
             domain.delete_section(name)?;
             domain.detach()?;
-            if !cli.json {
+            if cli.json {
+                json::print(&json::Rm {
+                    domain: cli.domain.clone(),
+                    removed: vec![json::Named { name: name.clone() }],
+                });
+            } else {
                 outln!("removed section {name:?} from domain {:?}", cli.domain);
             }
         }
-        Command::Gc { all, force } => {
-            let domain = (!all).then_some(cli.domain.as_str());
-            let report = inspect::gc(domain, cli.shm_dir.as_deref(), *force)?;
-            for (d, what) in &report.damaged {
-                errln!("shmgadget: damage in domain {d:?}: {what}");
-            }
-            if cli.json {
-                outln!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                for (d, pid) in &report.dead_processes {
-                    outln!("cleared dead process {pid} from domain {d:?}");
-                }
-                for (d, s, pid) in &report.removed_unfinished {
-                    outln!(
-                        "removed unfinished section {s:?} of domain {d:?} (its creator, pid {pid}, died while creating it)"
-                    );
-                }
-                for (d, s) in &report.removed_sections {
-                    outln!("removed transient section {s:?} of domain {d:?}");
-                }
-                for d in &report.removed_domains {
-                    outln!("removed domain {d:?} (no live process, no persistent section)");
-                }
-                for o in &report.removed_orphans {
-                    outln!("removed orphaned object {o:?}");
-                }
-                for (d, why) in &report.skipped {
-                    if !report.damaged.iter().any(|(dd, _)| dd == d) {
-                        outln!("skipped domain {d:?}: {why}");
-                    }
-                }
-                let n = report.dead_processes.len()
-                    + report.removed_unfinished.len()
-                    + report.removed_sections.len()
-                    + report.removed_domains.len()
-                    + report.removed_orphans.len();
-                if n == 0 && report.skipped.is_empty() && report.damaged.is_empty() {
-                    outln!("nothing to clean up");
-                }
-            }
-            if !report.damaged.is_empty() {
-                // Damage is not cleaned up: say so with the exit status too.
-                return Ok(ExitCode::from(1));
-            }
-        }
-        Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes),
+        Command::Gc { all, force } => return cmd_gc(cli, *all, *force),
+        Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes, cli.json),
         Command::DemoWorker { role, nodes, index } => {
             return demo::worker(&cli.domain, cli.shm_dir.as_deref(), role, *nodes, *index);
         }
@@ -248,10 +202,152 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
+fn cmd_create(
+    cli: &Cli,
+    name: &str,
+    size: u64,
+    transient: bool,
+    mode: u32,
+    commit: Option<u64>,
+    kind: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if kind != "raw" && (transient || commit.is_some() || mode != 0o600) {
+        return Err(shmgadget::Error::new(
+            shmgadget::ErrorKind::InvalidArgument,
+            format!("--transient, --commit and --mode apply to raw sections only, not to a {kind}; drop them or use --kind raw"),
+        )
+        .into());
+    }
+    // Whether this command makes the domain too: said on stderr, so a mistyped -d is noticed.
+    let domain_created = match inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref()) {
+        Err(e) => e.kind() == shmgadget::ErrorKind::NotFound,
+        Ok(_) => false,
+    };
+    let domain = Domain::attach_with(&cli.domain, &options(cli))?;
+    if domain_created {
+        let (base, len) = domain.window();
+        errln!(
+            "shmgadget: created domain {:?} (window {:#x}-{:#x}, in {}); it goes away with its last section",
+            cli.domain,
+            base,
+            base + len,
+            shm_dir_shown(cli)
+        );
+    }
+    let (info, queue, what) = match kind {
+        "heap" => {
+            let heap = shmgadget::heap::Heap::create(&domain, name, size)?;
+            (heap.section().info(), None, String::new())
+        }
+        "queue" => {
+            let q = shmgadget::queue::ByteQueue::create(&domain, name, size)?;
+            let what = format!("{} ring, messages up to {} bytes", format_size(q.capacity()), q.max_message());
+            drop(q);
+            let section = domain.open_section(name)?;
+            (section.info(), shmgadget::queue::inspect(&section).ok(), what)
+        }
+        _ => {
+            let mut opts = SectionOptions::new().mode(mode).kind(SectionKind::Raw);
+            if transient {
+                opts = opts.transient();
+            }
+            let section = domain.create_section(name, size, &opts)?;
+            if let Some(len) = commit {
+                section.commit(len)?;
+            }
+            (section.info(), None, String::new())
+        }
+    };
+    domain.detach()?;
+    // A transient section lives while a process is attached: with nobody else attached it
+    // went away as we detached. Say what happened rather than "created".
+    let gone = transient
+        && inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())
+            .map(|r| !r.sections.iter().any(|s| s.name == name))
+            .unwrap_or(true);
+    if cli.json {
+        json::print(&json::Create {
+            domain: cli.domain.clone(),
+            domain_created,
+            section: json::Section::new(&cli.domain, &info, queue.as_ref()),
+            removed_on_exit: gone,
+        });
+    } else if gone {
+        outln!(
+            "created transient section {name:?} in domain {:?} at {:#x}, {} reserved, and removed it again on exit: \
+             no other process is attached to the domain (a transient section lives while one is)",
+            cli.domain,
+            info.address,
+            format_size(info.reserved)
+        );
+    } else {
+        let noun = match kind {
+            "heap" => "heap",
+            "queue" => "byte queue",
+            _ if transient => "transient section",
+            _ => "section",
+        };
+        let detail = if what.is_empty() { String::new() } else { format!("; {what}") };
+        outln!(
+            "created {noun} {name:?} in domain {:?} at {:#x}, {} reserved{detail}",
+            cli.domain,
+            info.address,
+            format_size(info.reserved)
+        );
+    }
+    Ok(())
+}
+
+fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let domain = (!all).then_some(cli.domain.as_str());
+    let report = inspect::gc(domain, cli.shm_dir.as_deref(), force)?;
+    for (d, what) in &report.damaged {
+        errln!("shmgadget: damage in domain {d:?}: {what}");
+    }
+    if cli.json {
+        json::print(&json::Gc::new(&report));
+    } else {
+        for (d, pid) in &report.dead_processes {
+            outln!("cleared dead process {pid} from domain {d:?}");
+        }
+        for (d, s, pid) in &report.removed_unfinished {
+            outln!("removed unfinished section {s:?} of domain {d:?} (its creator, pid {pid}, died while creating it)");
+        }
+        for (d, s) in &report.removed_sections {
+            outln!("removed transient section {s:?} of domain {d:?}");
+        }
+        for d in &report.removed_domains {
+            outln!("removed domain {d:?} (no live process, no persistent section)");
+        }
+        for o in &report.removed_orphans {
+            outln!("removed orphaned object {o:?}");
+        }
+        for (d, why) in &report.skipped {
+            if !report.damaged.iter().any(|(dd, _)| dd == d) {
+                outln!("skipped domain {d:?}: {why}");
+            }
+        }
+        let n = report.dead_processes.len()
+            + report.removed_unfinished.len()
+            + report.removed_sections.len()
+            + report.removed_domains.len()
+            + report.removed_orphans.len();
+        if n == 0 && report.skipped.is_empty() && report.damaged.is_empty() {
+            outln!("nothing to clean up");
+        }
+    }
+    // Damage is not cleaned up: say so with the exit status too.
+    Ok(if report.damaged.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let domains = inspect::list_domains(cli.shm_dir.as_deref())?;
     if cli.json {
-        outln!("{}", serde_json::to_string_pretty(&domains)?);
+        json::print(&json::Domains {
+            shm_dir: shm_dir_shown(cli),
+            domains: domains.iter().map(json::Domain::new).collect(),
+        });
         return Ok(());
     }
     if domains.is_empty() {
@@ -301,7 +397,7 @@ fn section_row(s: &SectionInfo) -> Vec<String> {
         s.resident.map(format_size).unwrap_or_else(|| "-".into()),
         s.lifetime.as_str().to_owned(),
         s.owner_uid.to_string(),
-        format!("{:o}", s.mode),
+        format!("{:04o}", s.mode),
     ]
 }
 
@@ -335,15 +431,20 @@ fn report_damage(r: &DomainReport) -> ExitCode {
 fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let report: DomainReport = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
     if cli.json {
-        let mut list = serde_json::to_value(&report.sections)?;
-        if let Some(a) = list.as_array_mut() {
-            for e in &report.damaged {
-                let mut v = serde_json::to_value(e)?;
-                v["damaged"] = serde_json::Value::Bool(true);
-                a.push(v);
-            }
-        }
-        outln!("{}", serde_json::to_string_pretty(&list)?);
+        let sections = report
+            .sections
+            .iter()
+            .map(|s| {
+                let q = if s.kind == SectionKind::Queue { queue_info(cli, &s.name) } else { None };
+                json::Section::new(&report.name, s, q.as_ref())
+            })
+            .collect();
+        json::print(&json::Ls {
+            domain: report.name.clone(),
+            sections,
+            damaged: json::damaged(&report),
+            problems: report.problems.clone(),
+        });
         return Ok(report_damage(&report));
     }
     if report.sections.is_empty() && report.damaged.is_empty() {
@@ -373,7 +474,7 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 /// A queue section's live state, if it can be read.
 fn queue_info(cli: &Cli, name: &str) -> Option<shmgadget::queue::QueueInfo> {
-    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) }).ok()?;
+    let domain = Domain::attach_with(&cli.domain, &existing(cli)).ok()?;
     let section = domain.open_section(name).ok()?;
     shmgadget::queue::inspect(&section).ok()
 }
@@ -406,34 +507,39 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
     let report = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
     let Some(s) = report.sections.iter().find(|s| s.name == name) else {
         if let Some(e) = report.damaged.iter().find(|e| e.name == name) {
-            return Err(format!(
-                "section {name:?} of domain {:?} is damaged: slot {}, generation {}: {}",
-                cli.domain, e.slot, e.generation, e.problem
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "section {name:?} of domain {:?} is damaged: slot {}, generation {}: {}",
+                    cli.domain, e.slot, e.generation, e.problem
+                ),
             )
             .into());
         }
         if !report.damaged.is_empty() {
-            return Err(format!(
-                "no valid section {name:?} in domain {:?}, whose registry has {} damaged entries (`shmgadget ls --domain {}` lists them)",
-                cli.domain,
-                report.damaged.len(),
-                cli.domain
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no valid section {name:?} in domain {:?}, whose registry has {} damaged entries (`shmgadget ls --domain {}` lists them)",
+                    cli.domain,
+                    report.damaged.len(),
+                    cli.domain
+                ),
             )
             .into());
         }
-        return Err(format!(
-            "no section {name:?} in domain {:?}; `shmgadget ls --domain {}` lists its sections",
-            cli.domain, cli.domain
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no section {name:?} in domain {:?}; `shmgadget ls --domain {}` lists its sections",
+                cli.domain, cli.domain
+            ),
         )
         .into());
     };
     let queue = if s.kind == SectionKind::Queue { queue_info(cli, name) } else { None };
     if cli.json {
-        let mut v = serde_json::to_value(s)?;
-        if let Some(q) = &queue {
-            v["queue"] = serde_json::to_value(q)?;
-        }
-        outln!("{}", serde_json::to_string_pretty(&v)?);
+        json::print(&json::Section::new(&report.name, s, queue.as_ref()));
         return Ok(ExitCode::SUCCESS);
     }
     let lifetime = match s.lifetime {
@@ -450,7 +556,7 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
         ("resident", s.resident.map(|r| format!("{} ({r} bytes)", format_size(r))).unwrap_or_else(|| "unknown".into())),
         ("lifetime", lifetime.to_owned()),
         ("owner uid", s.owner_uid.to_string()),
-        ("mode", format!("{:o}", s.mode)),
+        ("mode", format!("{:04o}", s.mode)),
         ("generation", s.generation.to_string()),
         ("created by pid", s.creator_pid.to_string()),
         ("object", format!("{}/{}", shm_dir_shown(cli), s.object)),
@@ -465,22 +571,28 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
 }
 
 fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) })?;
+    let domain = Domain::attach_with(&cli.domain, &existing(cli))?;
     let heap = shmgadget::heap::Heap::open(&domain, name)?;
     let stats = heap.stats()?;
     let named = heap.named_objects()?;
     let dump = if blocks { heap.dump(100_000)? } else { Vec::new() };
     let verdict = if check { Some(heap.check()) } else { None };
     if cli.json {
-        let v = serde_json::json!({
-            "name": name,
-            "address": heap.section().as_ptr() as u64,
-            "stats": stats,
-            "named_objects": named,
-            "blocks": dump,
-            "check": verdict.as_ref().map(|r| match r { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() }),
+        json::print(&json::Heap {
+            name: name.to_owned(),
+            domain: cli.domain.clone(),
+            address: json::addr(heap.section().as_ptr() as u64),
+            stats,
+            named_objects: named.iter().map(json::NamedObject::new).collect(),
+            blocks: blocks.then(|| {
+                dump.iter()
+                    .map(|b| json::Block { offset: b.offset, size: b.size, state: block_state(b.free, b.cached) })
+                    .collect()
+            }),
+            check: verdict
+                .as_ref()
+                .map(|r| json::Check { ok: r.is_ok(), problem: r.as_ref().err().map(|e| e.to_string()) }),
         });
-        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let b = &stats.blocks;
         let rows = [
@@ -518,14 +630,7 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
                 t.add_row(vec![
                     format!("{:#x}", blk.offset),
                     blk.size.to_string(),
-                    if blk.free {
-                        "free"
-                    } else if blk.cached {
-                        "cached"
-                    } else {
-                        "used"
-                    }
-                    .into(),
+                    block_state(blk.free, blk.cached).into(),
                 ]);
             }
             outln!("{t}");
@@ -537,6 +642,16 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
         }
     }
     Ok(if matches!(verdict, Some(Err(_))) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn block_state(free: bool, cached: bool) -> &'static str {
+    if free {
+        "free"
+    } else if cached {
+        "cached"
+    } else {
+        "used"
+    }
 }
 
 fn describe_state(s: shmgadget::heap::ObjectState) -> String {
