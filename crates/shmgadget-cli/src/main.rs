@@ -48,9 +48,10 @@ enum Command {
         /// Section name.
         name: String,
     },
-    /// Create a section (persistent unless --transient).
+    /// Create a section (persistent unless --transient), and the domain if it does not exist
+    /// (announced on stderr).
     Create {
-        /// Section name: 1 to 63 characters of A-Z a-z 0-9 . _ -
+        /// Section name: 1 to 63 characters of A-Z a-z 0-9 . _ -, not starting with - or .
         name: String,
         /// Reserved size, e.g. 4096, 64K, 1M, 16G (binary units).
         #[arg(long, short = 's', value_parser = parse_section_size)]
@@ -65,7 +66,8 @@ enum Command {
         /// Bytes to commit up front (guaranteed backing).
         #[arg(long, value_parser = parse_size)]
         commit: Option<u64>,
-        /// What the section holds: raw bytes, or a shared heap.
+        /// What the section holds: raw bytes, a shared heap, or a byte queue (one sender, one
+        /// receiver; --size is its ring). --transient, --commit and --mode apply to raw only.
         #[arg(long, default_value = "raw", value_parser = ["raw", "heap", "queue"])]
         kind: String,
     },
