@@ -148,14 +148,9 @@ fn main() -> ExitCode {
 /// `--json` anywhere on the line, the error as JSON on stdout too.
 fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind as K;
-    if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand) {
-        let text = e.render().to_string();
-        outln!("{}", text.trim_end());
-        return if e.kind() == K::DisplayHelpOnMissingArgumentOrSubcommand {
-            ExitCode::from(2)
-        } else {
-            ExitCode::SUCCESS
-        };
+    if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion) {
+        outln!("{}", e.render().to_string().trim_end());
+        return ExitCode::SUCCESS;
     }
     if std::env::args_os().skip(1).take_while(|a| a != "--").any(|a| a == "--json") {
         let message = e.render().to_string().trim_end().to_owned();
@@ -357,6 +352,7 @@ fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let mut t = table(&["domain", "window", "size", "sections", "reserved", "resident", "attached", "live"]);
+    let mut notes = Vec::new();
     for d in &domains {
         match d {
             DomainEntry::Ok(r) => {
@@ -373,15 +369,21 @@ fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     r.processes.iter().filter(|p| p.alive).count().to_string(),
                 ]);
                 if !r.damaged.is_empty() || !r.problems.is_empty() {
-                    t.add_row(vec![r.name.clone(), format!("damaged: {}", damage_lines(r).join("; "))]);
+                    t.add_row(vec![r.name.clone(), "DAMAGED (see below)".to_owned()]);
+                    notes.extend(damage_lines(r).into_iter().map(|l| format!("domain {:?} is damaged: {l}", r.name)));
                 }
             }
             DomainEntry::Unreadable { name, error } => {
-                t.add_row(vec![name.clone(), format!("unreadable: {error}")]);
+                t.add_row(vec![name.clone(), "UNREADABLE (see below)".to_owned()]);
+                notes.push(format!("domain {name:?} is unreadable: {error}"));
             }
         }
     }
     outln!("{t}");
+    // Long explanations go under the table, one per line, not into a column.
+    for n in &notes {
+        outln!("{n}");
+    }
     Ok(())
 }
 

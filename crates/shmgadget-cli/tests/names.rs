@@ -89,3 +89,22 @@ fn read_only_commands_never_create_a_domain_and_create_announces_the_one_it_make
     assert!(files(&dir).is_empty(), "left {:?}", files(&dir));
     std::fs::remove_dir(&dir).unwrap();
 }
+
+#[test]
+fn domains_keeps_an_unreadable_registrys_explanation_out_of_the_table() {
+    let dir = private_dir("unreadable");
+    std::fs::write(dir.join("shmgadget.bad:registry"), vec![0x5a; 4096]).unwrap();
+    let out = run(&dir, &["domains"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (table, notes): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| !l.starts_with("domain "));
+    assert!(table.iter().any(|l| l.contains("UNREADABLE")), "{text}");
+    for l in &table {
+        assert!(l.chars().count() < 120, "a table line {} characters wide: {l}", l.chars().count());
+    }
+    assert!(notes.iter().any(|l| l.starts_with("domain \"bad\" is unreadable: ")), "{text}");
+    let out = run(&dir, &["domains", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["domains"][0]["status"], "unreadable", "{v}");
+    assert!(v["domains"][0]["error"].is_string(), "{v}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
