@@ -82,10 +82,14 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Delete a section for every process.
+    /// Delete sections for every process (the domain goes with its last section).
     Rm {
-        /// Section name.
-        name: String,
+        /// Section names.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// A section (or domain) that does not exist is not an error.
+        #[arg(long, short = 'f')]
+        force: bool,
     },
     /// Remove what dead processes left behind: sections their creator died while making, their
     /// attachments, transient sections of domains with no live process, empty registries and
@@ -177,19 +181,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             cmd_create(cli, name, *size, *transient, *mode, *commit, kind)?
         }
         Command::Heap { name, blocks, check } => return cmd_heap(cli, name, *blocks, *check),
-        Command::Rm { name } => {
-            let domain = Domain::attach_with(&cli.domain, &existing(cli))?;
-            domain.delete_section(name)?;
-            domain.detach()?;
-            if cli.json {
-                json::print(&json::Rm {
-                    domain: cli.domain.clone(),
-                    removed: vec![json::Named { name: name.clone() }],
-                });
-            } else {
-                outln!("removed section {name:?} from domain {:?}", cli.domain);
-            }
-        }
+        Command::Rm { names, force } => return cmd_rm(cli, names, *force),
         Command::Gc { all, force } => return cmd_gc(cli, *all, *force),
         Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes, cli.json),
         Command::DemoWorker { role, nodes, index } => {
@@ -294,6 +286,67 @@ fn cmd_create(
         );
     }
     Ok(())
+}
+
+fn cmd_rm(cli: &Cli, names: &[String], force: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let domain = match Domain::attach_with(&cli.domain, &existing(cli)) {
+        Err(e) if force && e.kind() == ErrorKind::NotFound => None,
+        d => Some(d?),
+    };
+    // Every name is checked first, so a typo among several removes nothing.
+    if domain.is_some() && !force {
+        let report = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
+        let missing: Vec<String> =
+            names.iter().filter(|n| !report.sections.iter().any(|s| &s.name == *n)).map(|n| format!("{n:?}")).collect();
+        if !missing.is_empty() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no section {} in domain {:?}, so nothing was removed; `shmgadget ls --domain {}` lists its sections, `rm -f` skips missing ones",
+                    missing.join(", "),
+                    cli.domain,
+                    cli.domain
+                ),
+            )
+            .into());
+        }
+    }
+    let mut removed = Vec::new();
+    let mut failure = None;
+    if let Some(domain) = &domain {
+        for name in names {
+            match domain.delete_section(name) {
+                Ok(()) => removed.push(name.clone()),
+                Err(e) if force && e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(d) = domain {
+        d.detach()?;
+    }
+    if let Some(e) = failure {
+        let done = if removed.is_empty() {
+            "nothing was removed".to_owned()
+        } else {
+            format!("removed before it: {}", removed.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "))
+        };
+        return Err(Error::new(e.kind(), format!("{e} ({done})")).into());
+    }
+    if cli.json {
+        json::print(&json::Rm {
+            domain: cli.domain.clone(),
+            removed: removed.iter().map(|n| json::Named { name: n.clone() }).collect(),
+        });
+    } else {
+        for name in &removed {
+            outln!("removed section {name:?} from domain {:?}", cli.domain);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {

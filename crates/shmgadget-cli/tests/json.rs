@@ -300,6 +300,7 @@ fn every_command_prints_json_of_the_documented_schema_errors_included() {
         assert_eq!(v["removed"][0]["name"], s);
     }
     json(d, &["-d", "j", "rm", "raw"], 1, ERROR);
+    json(d, &["-d", "j", "rm", "-f", "raw", "other"], 0, RM);
     let left: Vec<_> = std::fs::read_dir(d).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     std::fs::remove_dir(d).unwrap();

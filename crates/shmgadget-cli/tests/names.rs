@@ -108,3 +108,29 @@ fn domains_keeps_an_unreadable_registrys_explanation_out_of_the_table() {
     assert!(v["domains"][0]["error"].is_string(), "{v}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn rm_takes_several_names_removes_nothing_on_a_typo_and_f_skips_missing_ones() {
+    let dir = private_dir("rm");
+    for s in ["a", "b", "c"] {
+        assert!(run(&dir, &["-d", "r", "create", s, "--size", "64K"]).status.success());
+    }
+    let before = files(&dir);
+    let out = run(&dir, &["-d", "r", "rm", "a", "typo", "b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("\"typo\"") && err.contains("nothing was removed"), "{err}");
+    assert_eq!(files(&dir), before, "a typo among several names removes nothing");
+    let out = run(&dir, &["-d", "r", "rm", "a", "b"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let out = run(&dir, &["-d", "r", "rm", "-f", "a", "c", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["removed"], serde_json::json!([{"name": "c"}]), "{v}");
+    assert!(files(&dir).is_empty(), "the last section took the domain with it: {:?}", files(&dir));
+    let out = run(&dir, &["-d", "r", "rm", "-f", "a"]);
+    assert!(out.status.success(), "rm -f of a missing domain: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(files(&dir).is_empty());
+    std::fs::remove_dir(&dir).unwrap();
+}
