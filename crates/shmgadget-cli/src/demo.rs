@@ -6,9 +6,10 @@
 //! pointers work unchanged because the section has the same address in both processes.
 
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::Instant;
 
+use crate::out::outln;
 use shmgadget::heap::{Heap, ShmHashMap};
 use shmgadget::{Domain, DomainOptions, SectionOptions};
 
@@ -48,13 +49,69 @@ fn options(shm_dir: Option<&Path>) -> DomainOptions {
     DomainOptions { window_size: 4 << 30, shm_dir: shm_dir.map(Path::to_path_buf), ..Default::default() }
 }
 
+/// What the demo printed: straight to stdout, or (`--json`) collected into one JSON object
+/// with each process's lines in their step.
+struct Report {
+    json: Option<crate::json::Demo>,
+}
+
+impl Report {
+    /// A line of the parent's own.
+    fn say(&mut self, line: String) {
+        match &mut self.json {
+            Some(d) => d.steps.push(crate::json::DemoStep {
+                role: "parent".into(),
+                exit_code: None,
+                output: vec![line.trim().to_owned()],
+            }),
+            None => outln!("{line}"),
+        }
+    }
+
+    /// Starts a worker: with `--json` its stdout is collected, else it writes to ours.
+    fn spawn(&self, mut cmd: Command) -> std::io::Result<Child> {
+        if self.json.is_some() {
+            cmd.stdout(Stdio::piped());
+        }
+        cmd.spawn()
+    }
+
+    /// Waits for a worker, recording what it printed (with `--json`).
+    fn wait(&mut self, role: &str, child: Child) -> std::io::Result<ExitStatus> {
+        let out = child.wait_with_output()?;
+        if let Some(d) = &mut self.json {
+            let output = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+            d.steps.push(crate::json::DemoStep { role: role.into(), exit_code: out.status.code(), output });
+        }
+        Ok(out.status)
+    }
+
+    fn run(&mut self, role: &str, cmd: Command) -> std::io::Result<ExitStatus> {
+        let child = self.spawn(cmd)?;
+        self.wait(role, child)
+    }
+}
+
 /// Runs the demo: builder, walker, clean-up.
-pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
+pub fn run(shm_dir: Option<&Path>, nodes: u64, json: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if nodes == 0 || nodes > 50_000_000 {
-        return Err("--nodes must be between 1 and 50,000,000".into());
+        return Err(shmgadget::Error::new(
+            shmgadget::ErrorKind::InvalidArgument,
+            "--nodes must be between 1 and 50,000,000",
+        )
+        .into());
     }
     let domain = format!("demo-{}", std::process::id());
-    println!("shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n");
+    let mut report = Report {
+        json: json.then(|| crate::json::Demo {
+            domain: domain.clone(),
+            nodes,
+            steps: Vec::new(),
+            total_ms: 0.0,
+            ok: false,
+        }),
+    };
+    report.say(format!("shmgadget demo: two processes, one pointer-linked list of {nodes} nodes, domain {domain:?}\n"));
     let started = Instant::now();
     let exe = std::env::current_exe()?;
     let mut result = Ok(ExitCode::SUCCESS);
@@ -68,43 +125,43 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         cmd
     };
     for role in ["build", "walk"] {
-        let status = worker(role, 0).status()?;
+        let status = report.run(role, worker(role, 0))?;
         if !status.success() {
             result = Err(format!("the {role} process failed ({status})").into());
             break;
         }
     }
     if result.is_ok() {
-        println!(
+        report.say(format!(
             "\nnext: {INSERTERS} processes insert into one hash map in a shared heap at the same time, then another reads it\n"
-        );
+        ));
         let started = Instant::now();
-        let inserters: Vec<_> = (0..INSERTERS).map(|i| worker("insert", i).spawn()).collect::<Result<_, _>>()?;
-        for mut child in inserters {
-            let status = child.wait()?;
+        let inserters: Vec<_> = (0..INSERTERS).map(|i| report.spawn(worker("insert", i))).collect::<Result<_, _>>()?;
+        for child in inserters {
+            let status = report.wait("insert", child)?;
             if !status.success() {
                 result = Err(format!("an inserting process failed ({status})").into());
             }
         }
         if result.is_ok() {
-            println!(
+            report.say(format!(
                 "[parent  ] {} keys inserted by {INSERTERS} processes at once in {:.1} ms",
                 INSERTERS * KEYS_PER,
                 ms(started)
-            );
-            let status = worker("lookup", 0).status()?;
+            ));
+            let status = report.run("lookup", worker("lookup", 0))?;
             if !status.success() {
                 result = Err(format!("the reading process failed ({status})").into());
             }
         }
     }
     if result.is_ok() {
-        println!(
+        report.say(format!(
             "\nnext: one process streams {QUEUE_MESSAGES} messages of {QUEUE_MSG} bytes to another through a queue\n"
-        );
-        let children = [worker("qrecv", 0).spawn()?, worker("qsend", 0).spawn()?];
-        for mut child in children {
-            let status = child.wait()?;
+        ));
+        let children = [report.spawn(worker("qrecv", 0))?, report.spawn(worker("qsend", 0))?];
+        for (role, child) in ["qrecv", "qsend"].into_iter().zip(children) {
+            let status = report.wait(role, child)?;
             if !status.success() {
                 result = Err(format!("a queue process failed ({status})").into());
             }
@@ -119,7 +176,14 @@ pub fn run(shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, Box<dyn std::
         d.detach()?;
     }
     if result.is_ok() {
-        println!("\nevery process saw the same addresses; total {:.1} ms, cleaned up", ms(started));
+        report.say(format!("\nevery process saw the same addresses; total {:.1} ms, cleaned up", ms(started)));
+    }
+    if let Some(mut d) = report.json.take() {
+        d.total_ms = ms(started);
+        d.ok = result.is_ok();
+        if d.ok {
+            crate::json::print(&d);
+        }
     }
     result
 }
@@ -176,7 +240,7 @@ fn insert(domain: &str, shm_dir: Option<&Path>, index: u64) -> Result<ExitCode, 
     for k in index * KEYS_PER..(index + 1) * KEYS_PER {
         lock_map(map)?.try_insert(k, splitmix(k))?;
     }
-    println!("[inserter pid {}] inserted {KEYS_PER} keys into the shared map; {:.1} ms", std::process::id(), ms(t));
+    outln!("[inserter pid {}] inserted {KEYS_PER} keys into the shared map; {:.1} ms", std::process::id(), ms(t));
     drop(heap);
     d.detach()?;
     Ok(ExitCode::SUCCESS)
@@ -191,7 +255,7 @@ fn lookup(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std:
     let total = INSERTERS * KEYS_PER;
     let found = (0..total).filter(|k| g.get(k) == Some(&splitmix(*k))).count() as u64;
     let stats = heap.stats()?;
-    println!(
+    outln!(
         "[reader   pid {}] found {found} of {total} keys with the right values; heap: {} KiB used in {} blocks, {} KiB committed; {:.1} ms",
         std::process::id(),
         stats.blocks.used_bytes / 1024,
@@ -234,7 +298,7 @@ fn build(domain: &str, shm_dir: Option<&Path>, nodes: u64) -> Result<ExitCode, B
         base.cast::<Header>().write(Header { magic: MAGIC, count: nodes, head: node_at(order[0]), checksum: h });
         h
     };
-    println!(
+    outln!(
         "[builder pid {}] section {SECTION:?} mapped at {:#x} ({} KiB); linked {nodes} nodes with plain pointers; checksum {checksum:#018x}; {:.1} ms",
         std::process::id(),
         base as usize,
@@ -283,7 +347,7 @@ fn walk(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn std::e
         "mapped eagerly at attach"
     };
     let verdict = if ok { "OK (matches the builder's)" } else { "MISMATCH" };
-    println!(
+    outln!(
         "[walker  pid {}] section {SECTION:?} mapped at {:#x} ({how}); followed {seen} pointers; checksum {h:#018x} {verdict}; {:.1} ms",
         std::process::id(),
         base as usize,
@@ -332,7 +396,7 @@ fn queue_recv(domain: &str, shm_dir: Option<&Path>) -> Result<ExitCode, Box<dyn 
         }
     }
     let secs = started.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(1e-9);
-    println!(
+    outln!(
         "[receiver pid {}] {next} messages in order in {:.1} ms: {:.1} M messages/s ({:.0} MB/s), then the sender left",
         std::process::id(),
         secs * 1e3,

@@ -1,6 +1,8 @@
 //! `shmgadget`: inspect and manage shmgadget shared-memory domains.
 
 mod demo;
+mod json;
+mod out;
 mod size;
 
 use std::path::PathBuf;
@@ -9,9 +11,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use shmgadget::inspect::{self, DomainEntry, DomainReport};
-use shmgadget::{Domain, DomainOptions, Lifetime, SectionInfo, SectionKind, SectionOptions};
+use shmgadget::{Domain, DomainOptions, Error, ErrorKind, Lifetime, SectionInfo, SectionKind, SectionOptions};
 
-use size::{format_size, parse_size};
+use out::{errln, outln};
+use size::{format_size, parse_section_size, parse_size};
 
 /// Shared memory at the same address in every process: list, inspect, create, remove and
 /// clean up shmgadget domains and sections.
@@ -45,12 +48,13 @@ enum Command {
         /// Section name.
         name: String,
     },
-    /// Create a section (persistent unless --transient).
+    /// Create a section (persistent unless --transient), and the domain if it does not exist
+    /// (announced on stderr).
     Create {
-        /// Section name: 1 to 63 characters of A-Z a-z 0-9 . _ -
+        /// Section name: 1 to 63 characters of A-Z a-z 0-9 . _ -, not starting with - or .
         name: String,
         /// Reserved size, e.g. 4096, 64K, 1M, 16G (binary units).
-        #[arg(long, short = 's', value_parser = parse_size)]
+        #[arg(long, short = 's', value_parser = parse_section_size)]
         size: u64,
         /// Delete the section when no process is attached to the domain any more (so, when
         /// nothing else is attached, as soon as this command exits).
@@ -62,7 +66,8 @@ enum Command {
         /// Bytes to commit up front (guaranteed backing).
         #[arg(long, value_parser = parse_size)]
         commit: Option<u64>,
-        /// What the section holds: raw bytes, or a shared heap.
+        /// What the section holds: raw bytes, a shared heap, or a byte queue (one sender, one
+        /// receiver; --size is its ring). --transient, --commit and --mode apply to raw only.
         #[arg(long, default_value = "raw", value_parser = ["raw", "heap", "queue"])]
         kind: String,
     },
@@ -77,10 +82,14 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Delete a section for every process.
+    /// Delete sections for every process (the domain goes with its last section).
     Rm {
-        /// Section name.
-        name: String,
+        /// Section names.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// A section (or domain) that does not exist is not an error.
+        #[arg(long, short = 'f')]
+        force: bool,
     },
     /// Remove what dead processes left behind: sections their creator died while making, their
     /// attachments, transient sections of domains with no live process, empty registries and
@@ -118,18 +127,49 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(&cli) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let code = match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("shmgadget: {e}");
+            if cli.json {
+                let kind = match e.downcast_ref::<shmgadget::Error>() {
+                    Some(e) => json::kind_name(e.kind()),
+                    None => "failed".to_owned(),
+                };
+                json::print(&json::ErrorOut { error: json::ErrorBody { kind, message: e.to_string() } });
+            }
+            errln!("shmgadget: {e}");
             ExitCode::FAILURE
         }
+    };
+    if out::failed() { ExitCode::FAILURE } else { code }
+}
+
+/// A command line clap rejected: exit status 2 (0 for `--help` and `--version`), and with
+/// `--json` anywhere on the line, the error as JSON on stdout too.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind as K;
+    if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion) {
+        outln!("{}", e.render().to_string().trim_end());
+        return ExitCode::SUCCESS;
     }
+    if std::env::args_os().skip(1).take_while(|a| a != "--").any(|a| a == "--json") {
+        let message = e.render().to_string().trim_end().to_owned();
+        json::print(&json::ErrorOut { error: json::ErrorBody { kind: "usage".to_owned(), message } });
+    }
+    let _ = e.print();
+    ExitCode::from(2)
 }
 
 fn options(cli: &Cli) -> DomainOptions {
     DomainOptions { shm_dir: cli.shm_dir.clone(), ..Default::default() }
+}
+
+fn existing(cli: &Cli) -> DomainOptions {
+    DomainOptions { must_exist: true, ..options(cli) }
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -137,107 +177,13 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Domains => cmd_domains(cli)?,
         Command::Ls => return cmd_ls(cli),
         Command::Info { name } => return cmd_info(cli, name),
-        Command::Create { name, size, kind, .. } if kind == "heap" => {
-            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
-            let heap = shmgadget::heap::Heap::create(&domain, name, *size)?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&heap.stats()?)?);
-            } else {
-                println!(
-                    "created heap {name:?} in domain {:?} at {:#x}, {} reserved",
-                    cli.domain,
-                    heap.section().as_ptr() as usize,
-                    format_size(heap.section().len() as u64)
-                );
-            }
+        Command::Create { name, size, transient, mode, commit, kind } => {
+            cmd_create(cli, name, *size, *transient, *mode, *commit, kind)?
         }
         Command::Heap { name, blocks, check } => return cmd_heap(cli, name, *blocks, *check),
-        Command::Create { name, size, kind, .. } if kind == "queue" => {
-            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
-            let q = shmgadget::queue::ByteQueue::create(&domain, name, *size)?;
-            println!(
-                "created byte queue {name:?} in domain {:?}: {} ring, messages up to {} bytes",
-                cli.domain,
-                format_size(q.capacity()),
-                q.max_message()
-            );
-        }
-        Command::Create { name, size, transient, mode, commit, .. } => {
-            let domain = Domain::attach_with(&cli.domain, &options(cli))?;
-            let mut opts = SectionOptions::new().mode(*mode).kind(SectionKind::Raw);
-            if *transient {
-                opts = opts.transient();
-            }
-            let section = domain.create_section(name, *size, &opts)?;
-            if let Some(len) = commit {
-                section.commit(*len)?;
-            }
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&section.info())?);
-            } else {
-                println!(
-                    "created section {name:?} in domain {:?} at {:#x}, {} reserved",
-                    cli.domain,
-                    section.as_ptr() as usize,
-                    format_size(section.len() as u64)
-                );
-            }
-        }
-        Command::Rm { name } => {
-            let opts = DomainOptions { must_exist: true, ..options(cli) };
-            let domain = Domain::attach_with(&cli.domain, &opts)?;
-            domain.delete_section(name)?;
-            domain.detach()?;
-            if !cli.json {
-                println!("removed section {name:?} from domain {:?}", cli.domain);
-            }
-        }
-        Command::Gc { all, force } => {
-            let domain = (!all).then_some(cli.domain.as_str());
-            let report = inspect::gc(domain, cli.shm_dir.as_deref(), *force)?;
-            for (d, what) in &report.damaged {
-                eprintln!("shmgadget: damage in domain {d:?}: {what}");
-            }
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                for (d, pid) in &report.dead_processes {
-                    println!("cleared dead process {pid} from domain {d:?}");
-                }
-                for (d, s, pid) in &report.removed_unfinished {
-                    println!(
-                        "removed unfinished section {s:?} of domain {d:?} (its creator, pid {pid}, died while creating it)"
-                    );
-                }
-                for (d, s) in &report.removed_sections {
-                    println!("removed transient section {s:?} of domain {d:?}");
-                }
-                for d in &report.removed_domains {
-                    println!("removed domain {d:?} (no live process, no persistent section)");
-                }
-                for o in &report.removed_orphans {
-                    println!("removed orphaned object {o:?}");
-                }
-                for (d, why) in &report.skipped {
-                    if !report.damaged.iter().any(|(dd, _)| dd == d) {
-                        println!("skipped domain {d:?}: {why}");
-                    }
-                }
-                let n = report.dead_processes.len()
-                    + report.removed_unfinished.len()
-                    + report.removed_sections.len()
-                    + report.removed_domains.len()
-                    + report.removed_orphans.len();
-                if n == 0 && report.skipped.is_empty() && report.damaged.is_empty() {
-                    println!("nothing to clean up");
-                }
-            }
-            if !report.damaged.is_empty() {
-                // Damage is not cleaned up: say so with the exit status too.
-                return Ok(ExitCode::from(1));
-            }
-        }
-        Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes),
+        Command::Rm { names, force } => return cmd_rm(cli, names, *force),
+        Command::Gc { all, force } => return cmd_gc(cli, *all, *force),
+        Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes, cli.json),
         Command::DemoWorker { role, nodes, index } => {
             return demo::worker(&cli.domain, cli.shm_dir.as_deref(), role, *nodes, *index);
         }
@@ -245,17 +191,221 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
+fn cmd_create(
+    cli: &Cli,
+    name: &str,
+    size: u64,
+    transient: bool,
+    mode: u32,
+    commit: Option<u64>,
+    kind: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if kind != "raw" && (transient || commit.is_some() || mode != 0o600) {
+        return Err(shmgadget::Error::new(
+            shmgadget::ErrorKind::InvalidArgument,
+            format!("--transient, --commit and --mode apply to raw sections only, not to a {kind}; drop them or use --kind raw"),
+        )
+        .into());
+    }
+    // Whether this command makes the domain too: said on stderr, so a mistyped -d is noticed.
+    let domain_created = match inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref()) {
+        Err(e) => e.kind() == shmgadget::ErrorKind::NotFound,
+        Ok(_) => false,
+    };
+    let domain = Domain::attach_with(&cli.domain, &options(cli))?;
+    if domain_created {
+        let (base, len) = domain.window();
+        errln!(
+            "shmgadget: created domain {:?} (window {:#x}-{:#x}, in {}); it goes away with its last section",
+            cli.domain,
+            base,
+            base + len,
+            shm_dir_shown(cli)
+        );
+    }
+    let (info, queue, what) = match kind {
+        "heap" => {
+            let heap = shmgadget::heap::Heap::create(&domain, name, size)?;
+            (heap.section().info(), None, String::new())
+        }
+        "queue" => {
+            let q = shmgadget::queue::ByteQueue::create(&domain, name, size)?;
+            let what = format!("{} ring, messages up to {} bytes", format_size(q.capacity()), q.max_message());
+            drop(q);
+            let section = domain.open_section(name)?;
+            (section.info(), shmgadget::queue::inspect(&section).ok(), what)
+        }
+        _ => {
+            let mut opts = SectionOptions::new().mode(mode).kind(SectionKind::Raw);
+            if transient {
+                opts = opts.transient();
+            }
+            let section = domain.create_section(name, size, &opts)?;
+            if let Some(len) = commit {
+                section.commit(len)?;
+            }
+            (section.info(), None, String::new())
+        }
+    };
+    domain.detach()?;
+    // A transient section lives while a process is attached: with nobody else attached it
+    // went away as we detached. Say what happened rather than "created".
+    let gone = transient
+        && inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())
+            .map(|r| !r.sections.iter().any(|s| s.name == name))
+            .unwrap_or(true);
+    if cli.json {
+        json::print(&json::Create {
+            domain: cli.domain.clone(),
+            domain_created,
+            section: json::Section::new(&cli.domain, &info, queue.as_ref()),
+            removed_on_exit: gone,
+        });
+    } else if gone {
+        outln!(
+            "created transient section {name:?} in domain {:?} at {:#x}, {} reserved, and removed it again on exit: \
+             no other process is attached to the domain (a transient section lives while one is)",
+            cli.domain,
+            info.address,
+            format_size(info.reserved)
+        );
+    } else {
+        let noun = match kind {
+            "heap" => "heap",
+            "queue" => "byte queue",
+            _ if transient => "transient section",
+            _ => "section",
+        };
+        let detail = if what.is_empty() { String::new() } else { format!("; {what}") };
+        outln!(
+            "created {noun} {name:?} in domain {:?} at {:#x}, {} reserved{detail}",
+            cli.domain,
+            info.address,
+            format_size(info.reserved)
+        );
+    }
+    Ok(())
+}
+
+fn cmd_rm(cli: &Cli, names: &[String], force: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let domain = match Domain::attach_with(&cli.domain, &existing(cli)) {
+        Err(e) if force && e.kind() == ErrorKind::NotFound => None,
+        d => Some(d?),
+    };
+    // Every name is checked first, so a typo among several removes nothing.
+    if domain.is_some() && !force {
+        let report = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
+        let missing: Vec<String> =
+            names.iter().filter(|n| !report.sections.iter().any(|s| &s.name == *n)).map(|n| format!("{n:?}")).collect();
+        if !missing.is_empty() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no section {} in domain {:?}, so nothing was removed; `shmgadget ls --domain {}` lists its sections, `rm -f` skips missing ones",
+                    missing.join(", "),
+                    cli.domain,
+                    cli.domain
+                ),
+            )
+            .into());
+        }
+    }
+    let mut removed = Vec::new();
+    let mut failure = None;
+    if let Some(domain) = &domain {
+        for name in names {
+            match domain.delete_section(name) {
+                Ok(()) => removed.push(name.clone()),
+                Err(e) if force && e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(d) = domain {
+        d.detach()?;
+    }
+    if let Some(e) = failure {
+        let done = if removed.is_empty() {
+            "nothing was removed".to_owned()
+        } else {
+            format!("removed before it: {}", removed.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "))
+        };
+        return Err(Error::new(e.kind(), format!("{e} ({done})")).into());
+    }
+    if cli.json {
+        json::print(&json::Rm {
+            domain: cli.domain.clone(),
+            removed: removed.iter().map(|n| json::Named { name: n.clone() }).collect(),
+        });
+    } else {
+        for name in &removed {
+            outln!("removed section {name:?} from domain {:?}", cli.domain);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let domain = (!all).then_some(cli.domain.as_str());
+    let report = inspect::gc(domain, cli.shm_dir.as_deref(), force)?;
+    for (d, what) in &report.damaged {
+        errln!("shmgadget: damage in domain {d:?}: {what}");
+    }
+    if cli.json {
+        json::print(&json::Gc::new(&report));
+    } else {
+        for (d, pid) in &report.dead_processes {
+            outln!("cleared dead process {pid} from domain {d:?}");
+        }
+        for (d, s, pid) in &report.removed_unfinished {
+            outln!("removed unfinished section {s:?} of domain {d:?} (its creator, pid {pid}, died while creating it)");
+        }
+        for (d, s) in &report.removed_sections {
+            outln!("removed transient section {s:?} of domain {d:?}");
+        }
+        for d in &report.removed_domains {
+            outln!("removed domain {d:?} (no live process, no persistent section)");
+        }
+        for o in &report.removed_orphans {
+            outln!("removed orphaned object {o:?}");
+        }
+        for (d, why) in &report.skipped {
+            if !report.damaged.iter().any(|(dd, _)| dd == d) {
+                outln!("skipped domain {d:?}: {why}");
+            }
+        }
+        let n = report.dead_processes.len()
+            + report.removed_unfinished.len()
+            + report.removed_sections.len()
+            + report.removed_domains.len()
+            + report.removed_orphans.len();
+        if n == 0 && report.skipped.is_empty() && report.damaged.is_empty() {
+            outln!("nothing to clean up");
+        }
+    }
+    // Damage is not cleaned up: say so with the exit status too.
+    Ok(if report.damaged.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let domains = inspect::list_domains(cli.shm_dir.as_deref())?;
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&domains)?);
+        json::print(&json::Domains {
+            shm_dir: shm_dir_shown(cli),
+            domains: domains.iter().map(json::Domain::new).collect(),
+        });
         return Ok(());
     }
     if domains.is_empty() {
-        println!("no domains in {}", shm_dir_shown(cli));
+        outln!("no domains in {}", shm_dir_shown(cli));
         return Ok(());
     }
     let mut t = table(&["domain", "window", "size", "sections", "reserved", "resident", "attached", "live"]);
+    let mut notes = Vec::new();
     for d in &domains {
         match d {
             DomainEntry::Ok(r) => {
@@ -272,15 +422,21 @@ fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     r.processes.iter().filter(|p| p.alive).count().to_string(),
                 ]);
                 if !r.damaged.is_empty() || !r.problems.is_empty() {
-                    t.add_row(vec![r.name.clone(), format!("damaged: {}", damage_lines(r).join("; "))]);
+                    t.add_row(vec![r.name.clone(), "DAMAGED (see below)".to_owned()]);
+                    notes.extend(damage_lines(r).into_iter().map(|l| format!("domain {:?} is damaged: {l}", r.name)));
                 }
             }
             DomainEntry::Unreadable { name, error } => {
-                t.add_row(vec![name.clone(), format!("unreadable: {error}")]);
+                t.add_row(vec![name.clone(), "UNREADABLE (see below)".to_owned()]);
+                notes.push(format!("domain {name:?} is unreadable: {error}"));
             }
         }
     }
-    println!("{t}");
+    outln!("{t}");
+    // Long explanations go under the table, one per line, not into a column.
+    for n in &notes {
+        outln!("{n}");
+    }
     Ok(())
 }
 
@@ -298,7 +454,7 @@ fn section_row(s: &SectionInfo) -> Vec<String> {
         s.resident.map(format_size).unwrap_or_else(|| "-".into()),
         s.lifetime.as_str().to_owned(),
         s.owner_uid.to_string(),
-        format!("{:o}", s.mode),
+        format!("{:04o}", s.mode),
     ]
 }
 
@@ -315,14 +471,15 @@ fn damage_lines(r: &DomainReport) -> Vec<String> {
 fn report_damage(r: &DomainReport) -> ExitCode {
     let lines = damage_lines(r);
     for l in &lines {
-        eprintln!("shmgadget: damaged entry in domain {:?}: {l}", r.name);
+        errln!("shmgadget: damaged entry in domain {:?}: {l}", r.name);
     }
     if lines.is_empty() {
         ExitCode::SUCCESS
     } else {
-        eprintln!(
+        errln!(
             "shmgadget: domain {:?}'s registry is damaged; `shmgadget gc` leaves it alone, `shmgadget gc --domain {} --force` removes only what is proven unused",
-            r.name, r.name
+            r.name,
+            r.name
         );
         ExitCode::from(1)
     }
@@ -331,19 +488,24 @@ fn report_damage(r: &DomainReport) -> ExitCode {
 fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let report: DomainReport = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
     if cli.json {
-        let mut list = serde_json::to_value(&report.sections)?;
-        if let Some(a) = list.as_array_mut() {
-            for e in &report.damaged {
-                let mut v = serde_json::to_value(e)?;
-                v["damaged"] = serde_json::Value::Bool(true);
-                a.push(v);
-            }
-        }
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        let sections = report
+            .sections
+            .iter()
+            .map(|s| {
+                let q = if s.kind == SectionKind::Queue { queue_info(cli, &s.name) } else { None };
+                json::Section::new(&report.name, s, q.as_ref())
+            })
+            .collect();
+        json::print(&json::Ls {
+            domain: report.name.clone(),
+            sections,
+            damaged: json::damaged(&report),
+            problems: report.problems.clone(),
+        });
         return Ok(report_damage(&report));
     }
     if report.sections.is_empty() && report.damaged.is_empty() {
-        println!("domain {:?} has no sections", report.name);
+        outln!("domain {:?} has no sections", report.name);
         return Ok(report_damage(&report));
     }
     let mut t =
@@ -358,10 +520,10 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             format!("slot {}, generation {}: {}", e.slot, e.generation, e.problem),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     for s in report.sections.iter().filter(|s| s.kind == SectionKind::Queue) {
         if let Some(q) = queue_info(cli, &s.name) {
-            println!("queue {}: {}", s.name, describe_queue(&q));
+            outln!("queue {}: {}", s.name, describe_queue(&q));
         }
     }
     Ok(report_damage(&report))
@@ -369,7 +531,7 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 /// A queue section's live state, if it can be read.
 fn queue_info(cli: &Cli, name: &str) -> Option<shmgadget::queue::QueueInfo> {
-    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) }).ok()?;
+    let domain = Domain::attach_with(&cli.domain, &existing(cli)).ok()?;
     let section = domain.open_section(name).ok()?;
     shmgadget::queue::inspect(&section).ok()
 }
@@ -402,34 +564,39 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
     let report = inspect::inspect_domain(&cli.domain, cli.shm_dir.as_deref())?;
     let Some(s) = report.sections.iter().find(|s| s.name == name) else {
         if let Some(e) = report.damaged.iter().find(|e| e.name == name) {
-            return Err(format!(
-                "section {name:?} of domain {:?} is damaged: slot {}, generation {}: {}",
-                cli.domain, e.slot, e.generation, e.problem
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "section {name:?} of domain {:?} is damaged: slot {}, generation {}: {}",
+                    cli.domain, e.slot, e.generation, e.problem
+                ),
             )
             .into());
         }
         if !report.damaged.is_empty() {
-            return Err(format!(
-                "no valid section {name:?} in domain {:?}, whose registry has {} damaged entries (`shmgadget ls --domain {}` lists them)",
-                cli.domain,
-                report.damaged.len(),
-                cli.domain
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no valid section {name:?} in domain {:?}, whose registry has {} damaged entries (`shmgadget ls --domain {}` lists them)",
+                    cli.domain,
+                    report.damaged.len(),
+                    cli.domain
+                ),
             )
             .into());
         }
-        return Err(format!(
-            "no section {name:?} in domain {:?}; `shmgadget ls --domain {}` lists its sections",
-            cli.domain, cli.domain
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no section {name:?} in domain {:?}; `shmgadget ls --domain {}` lists its sections",
+                cli.domain, cli.domain
+            ),
         )
         .into());
     };
     let queue = if s.kind == SectionKind::Queue { queue_info(cli, name) } else { None };
     if cli.json {
-        let mut v = serde_json::to_value(s)?;
-        if let Some(q) = &queue {
-            v["queue"] = serde_json::to_value(q)?;
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        json::print(&json::Section::new(&report.name, s, queue.as_ref()));
         return Ok(ExitCode::SUCCESS);
     }
     let lifetime = match s.lifetime {
@@ -446,37 +613,43 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
         ("resident", s.resident.map(|r| format!("{} ({r} bytes)", format_size(r))).unwrap_or_else(|| "unknown".into())),
         ("lifetime", lifetime.to_owned()),
         ("owner uid", s.owner_uid.to_string()),
-        ("mode", format!("{:o}", s.mode)),
+        ("mode", format!("{:04o}", s.mode)),
         ("generation", s.generation.to_string()),
         ("created by pid", s.creator_pid.to_string()),
         ("object", format!("{}/{}", shm_dir_shown(cli), s.object)),
     ];
     for (k, v) in rows {
-        println!("{k:>15}  {v}");
+        outln!("{k:>15}  {v}");
     }
     if let Some(q) = &queue {
-        println!("{:>15}  {}", "queue", describe_queue(q));
+        outln!("{:>15}  {}", "queue", describe_queue(q));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) })?;
+    let domain = Domain::attach_with(&cli.domain, &existing(cli))?;
     let heap = shmgadget::heap::Heap::open(&domain, name)?;
     let stats = heap.stats()?;
     let named = heap.named_objects()?;
     let dump = if blocks { heap.dump(100_000)? } else { Vec::new() };
     let verdict = if check { Some(heap.check()) } else { None };
     if cli.json {
-        let v = serde_json::json!({
-            "name": name,
-            "address": heap.section().as_ptr() as u64,
-            "stats": stats,
-            "named_objects": named,
-            "blocks": dump,
-            "check": verdict.as_ref().map(|r| match r { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() }),
+        json::print(&json::Heap {
+            name: name.to_owned(),
+            domain: cli.domain.clone(),
+            address: json::addr(heap.section().as_ptr() as u64),
+            stats,
+            named_objects: named.iter().map(json::NamedObject::new).collect(),
+            blocks: blocks.then(|| {
+                dump.iter()
+                    .map(|b| json::Block { offset: b.offset, size: b.size, state: block_state(b.free, b.cached) })
+                    .collect()
+            }),
+            check: verdict
+                .as_ref()
+                .map(|r| json::Check { ok: r.is_ok(), problem: r.as_ref().err().map(|e| e.to_string()) }),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let b = &stats.blocks;
         let rows = [
@@ -493,7 +666,7 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
             ("recoveries", stats.recoveries.to_string()),
         ];
         for (k, v) in rows {
-            println!("{k:>15}  {v}");
+            outln!("{k:>15}  {v}");
         }
         if !named.is_empty() {
             let mut t = table(&["named object", "kind", "address", "size", "state"]);
@@ -506,7 +679,7 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
                     o.state.map(describe_state).unwrap_or_default(),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         if blocks {
             let mut t = table(&["offset", "size", "state"]);
@@ -514,25 +687,28 @@ fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode
                 t.add_row(vec![
                     format!("{:#x}", blk.offset),
                     blk.size.to_string(),
-                    if blk.free {
-                        "free"
-                    } else if blk.cached {
-                        "cached"
-                    } else {
-                        "used"
-                    }
-                    .into(),
+                    block_state(blk.free, blk.cached).into(),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         match &verdict {
-            Some(Ok(())) => println!("check: every block and free list is consistent"),
-            Some(Err(e)) => println!("check FAILED: {e}"),
+            Some(Ok(())) => outln!("check: every block and free list is consistent"),
+            Some(Err(e)) => outln!("check FAILED: {e}"),
             None => {}
         }
     }
     Ok(if matches!(verdict, Some(Err(_))) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn block_state(free: bool, cached: bool) -> &'static str {
+    if free {
+        "free"
+    } else if cached {
+        "cached"
+    } else {
+        "used"
+    }
 }
 
 fn describe_state(s: shmgadget::heap::ObjectState) -> String {

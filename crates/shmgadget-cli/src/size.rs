@@ -28,6 +28,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v.round() as u64)
 }
 
+/// [`parse_size`] for a section's size, which cannot be 0 (a usage error, exit status 2).
+pub fn parse_section_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err(format!("{s:?}: a section needs at least 1 byte")),
+        n => Ok(n),
+    }
+}
+
 /// Formats a byte count with a binary unit, e.g. `1.5 GiB`, `4.0 KiB`, `512 B`.
 pub fn format_size(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

@@ -82,6 +82,12 @@ pub(crate) const fn layout_fingerprint(parts: &[u64]) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
+/// The README's Rust snippets, compiled as doc tests (`cargo test --doc -p shmgadget`), so they
+/// cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 /// Hooks for shmgadget's own crash tests. Not part of the API; do not use.
 #[doc(hidden)]
 pub mod __testing {

@@ -1,6 +1,8 @@
 //! Names of domains and sections, and the names of their backing objects.
 //!
-//! A user-visible name is 1 to 63 characters of `[A-Za-z0-9._-]`. Backing objects live in the
+//! A user-visible name is 1 to 63 characters of `[A-Za-z0-9._-]`, not starting with `-` (a
+//! command line would read it as an option: `shmgadget rm -dash` is `-d ash`) or `.` (a hidden
+//! file, and `.`/`..`). Backing objects live in the
 //! shm directory (`/dev/shm` unless `SHMGADGET_SHM_DIR` says otherwise):
 //!
 //! | object          | file name                                   |
@@ -22,8 +24,25 @@ pub const MAX_NAME_LEN: usize = 63;
 pub const OBJECT_PREFIX: &str = "shmgadget.";
 const REGISTRY_SUFFIX: &str = ":registry";
 
-/// Checks a domain or section name; `what` is "domain" or "section" for the message.
+/// Checks a domain or section name; `what` is "domain" or "section" for the message. The C
+/// interface, the Rust API and the CLI all check names here, so they accept the same ones.
 pub fn validate(name: &str, what: &str) -> Result<()> {
+    validate_chars(name, what)?;
+    if let Some(first @ ('-' | '.')) = name.chars().next() {
+        let why = if first == '-' { "a command line would read it as an option" } else { "it would be a hidden file" };
+        return Err(Error::new(
+            ErrorKind::InvalidName,
+            format!(
+                "invalid {what} name {name:?}: it starts with {first:?} ({why}); start it with a letter, a digit or '_'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The alphabet and length rules alone: what [`parse_object`] accepts, so that objects made
+/// before names could not start with `-` or `.` are still recognised (listed, cleaned up).
+fn validate_chars(name: &str, what: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(Error::new(
             ErrorKind::InvalidName,
@@ -70,17 +89,14 @@ pub enum ObjectName<'a> {
 pub fn parse_object(file: &str) -> Option<ObjectName<'_>> {
     let rest = file.strip_prefix(OBJECT_PREFIX)?;
     if let Some(domain) = rest.strip_suffix(REGISTRY_SUFFIX) {
-        return validate(domain, "domain").is_ok().then_some(ObjectName::Registry { domain });
+        return validate_chars(domain, "domain").is_ok().then_some(ObjectName::Registry { domain });
     }
     let mut parts = rest.splitn(3, ':');
     let domain = parts.next()?;
     let generation = parts.next()?.parse().ok()?;
     let section = parts.next()?;
-    (validate(domain, "domain").is_ok() && validate(section, "section").is_ok()).then_some(ObjectName::Section {
-        domain,
-        generation,
-        section,
-    })
+    (validate_chars(domain, "domain").is_ok() && validate_chars(section, "section").is_ok())
+        .then_some(ObjectName::Section { domain, generation, section })
 }
 
 #[cfg(test)]
@@ -89,10 +105,10 @@ mod tests {
 
     #[test]
     fn names_outside_the_alphabet_or_length_are_rejected() {
-        for bad in ["", "a/b", "a:b", "é", "with space", ".", "..", &"x".repeat(64)] {
+        for bad in ["", "a/b", "a:b", "é", "with space", ".", "..", "...", "-dash", ".hidden", "-", &"x".repeat(64)] {
             assert_eq!(validate(bad, "section").unwrap_err().kind(), ErrorKind::InvalidName, "{bad:?}");
         }
-        for good in ["a", "A.b-c_9", &"x".repeat(63), "..."] {
+        for good in ["a", "A.b-c_9", &"x".repeat(63), "_x", "9-.", "a..b"] {
             validate(good, "section").unwrap();
         }
     }

@@ -223,7 +223,15 @@ unsafe impl<T: ShmSafe + Send> Sync for Mutex<T> {}
 // SAFETY: as above.
 unsafe impl<T: ShmSafe + Send> Send for Mutex<T> {}
 
-/// Why [`Mutex::lock`] did not return a plain guard.
+/// Why [`Mutex::lock`] did not return a plain guard. It is a [`std::error::Error`] whose text is
+/// that of the [`Error`] it converts into.
+///
+/// ```
+/// use shmgadget::sync::LockError;
+/// let e = LockError::<u64>::Timeout;
+/// let text = (&e as &dyn std::error::Error).to_string();
+/// assert_eq!(text, shmgadget::Error::from(e).to_string());
+/// ```
 #[must_use]
 pub enum LockError<'a, T: ShmSafe> {
     /// The lock is held, but a previous holder died while holding it: repair the data through
@@ -240,13 +248,37 @@ pub enum LockError<'a, T: ShmSafe> {
 impl<T: ShmSafe> From<LockError<'_, T>> for Error {
     fn from(e: LockError<'_, T>) -> Error {
         match e {
-            LockError::OwnerDied(_) => Error::new(
-                ErrorKind::OwnerDied,
-                "a previous holder of the mutex died while holding it; the data may be inconsistent",
-            ),
-            LockError::WouldBlock => Error::new(ErrorKind::Timeout, "the mutex is held by someone else"),
-            LockError::Timeout => Error::new(ErrorKind::Timeout, "timed out waiting for the mutex"),
+            LockError::OwnerDied(_) => Error::new(ErrorKind::OwnerDied, OWNER_DIED),
+            LockError::WouldBlock => Error::new(ErrorKind::Timeout, WOULD_BLOCK),
+            LockError::Timeout => Error::new(ErrorKind::Timeout, TIMED_OUT),
             LockError::Failed(e) => e,
+        }
+    }
+}
+
+const OWNER_DIED: &str = "a previous holder of the mutex died while holding it; the data may be inconsistent";
+const WOULD_BLOCK: &str = "the mutex is held by someone else";
+const TIMED_OUT: &str = "timed out waiting for the mutex";
+
+/// The same text as the [`Error`] it converts into. (Returning it from a function whose error
+/// type is `Box<dyn std::error::Error>` needs `'static`: convert it first,
+/// `shmgadget::Error::from(e)`, which also drops the guard an `OwnerDied` carries.)
+impl<T: ShmSafe> std::fmt::Display for LockError<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::OwnerDied(_) => f.write_str(OWNER_DIED),
+            LockError::WouldBlock => f.write_str(WOULD_BLOCK),
+            LockError::Timeout => f.write_str(TIMED_OUT),
+            LockError::Failed(e) => std::fmt::Display::fmt(e, f),
+        }
+    }
+}
+
+impl<T: ShmSafe> std::error::Error for LockError<'_, T> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LockError::Failed(e) => Some(e),
+            _ => None,
         }
     }
 }
