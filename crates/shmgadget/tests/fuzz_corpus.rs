@@ -43,3 +43,15 @@ fn replay(target: &str, seeds: Vec<Vec<u8>>, run: fn(&[u8])) {
 fn tlsf_inputs_from_the_corpus_never_panic() {
     replay("tlsf", shmgadget::fuzzing::tlsf_seeds(), shmgadget::fuzzing::tlsf);
 }
+
+// Queue targets (kept in one block).
+
+#[test]
+fn queue_bytes_inputs_from_the_corpus_never_panic() {
+    replay("queue_bytes", shmgadget::fuzzing::queue_bytes_seeds(), shmgadget::fuzzing::queue_bytes);
+}
+
+#[test]
+fn queue_slots_inputs_from_the_corpus_never_panic() {
+    replay("queue_slots", shmgadget::fuzzing::queue_slots_seeds(), shmgadget::fuzzing::queue_slots);
+}
