@@ -307,18 +307,25 @@ fn cmd_ls(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("{t}");
     for s in report.sections.iter().filter(|s| s.kind == SectionKind::Queue) {
-        if let Some(q) = queue_info(cli, &s.name) {
-            println!("queue {}: {}", s.name, describe_queue(&q));
+        match queue_info(cli, &s.name) {
+            Ok(q) => println!("queue {}: {}", s.name, describe_queue(&q)),
+            Err(e) => println!("queue {}: {}", s.name, queue_trouble(&e)),
         }
     }
     Ok(())
 }
 
-/// A queue section's live state, if it can be read.
-fn queue_info(cli: &Cli, name: &str) -> Option<shmgadget::queue::QueueInfo> {
-    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) }).ok()?;
-    let section = domain.open_section(name).ok()?;
-    shmgadget::queue::inspect(&section).ok()
+/// A queue section's live state, or why it cannot be read (a damaged header or positions
+/// are `Corrupt`, saying what was found).
+fn queue_info(cli: &Cli, name: &str) -> Result<shmgadget::queue::QueueInfo, shmgadget::Error> {
+    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) })?;
+    let section = domain.open_section(name)?;
+    shmgadget::queue::inspect(&section)
+}
+
+/// How `ls` and `info` show a queue whose state cannot be read.
+fn queue_trouble(e: &shmgadget::Error) -> String {
+    if e.kind() == shmgadget::ErrorKind::Corrupt { format!("DAMAGED: {e}") } else { format!("cannot be read: {e}") }
 }
 
 fn describe_queue(q: &shmgadget::queue::QueueInfo) -> String {
@@ -354,14 +361,21 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     };
-    let queue = if s.kind == SectionKind::Queue { queue_info(cli, name) } else { None };
+    let queue = if s.kind == SectionKind::Queue { Some(queue_info(cli, name)) } else { None };
+    // A damaged queue is shown, then makes `info` fail (exit status 1).
+    let damage = match &queue {
+        Some(Err(e)) if e.kind() == shmgadget::ErrorKind::Corrupt => Some(e.to_string()),
+        _ => None,
+    };
     if cli.json {
         let mut v = serde_json::to_value(s)?;
-        if let Some(q) = &queue {
-            v["queue"] = serde_json::to_value(q)?;
+        match &queue {
+            Some(Ok(q)) => v["queue"] = serde_json::to_value(q)?,
+            Some(Err(e)) => v["queue_error"] = serde_json::Value::String(queue_trouble(e)),
+            None => {}
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return damage.map_or(Ok(()), |d| Err(d.into()));
     }
     let lifetime = match s.lifetime {
         Lifetime::Persistent => "persistent (until deleted)",
@@ -385,10 +399,12 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<(), Box<dyn std::error::Error>> {
     for (k, v) in rows {
         println!("{k:>15}  {v}");
     }
-    if let Some(q) = &queue {
-        println!("{:>15}  {}", "queue", describe_queue(q));
+    match &queue {
+        Some(Ok(q)) => println!("{:>15}  {}", "queue", describe_queue(q)),
+        Some(Err(e)) => println!("{:>15}  {}", "queue", queue_trouble(e)),
+        None => {}
     }
-    Ok(())
+    damage.map_or(Ok(()), |d| Err(d.into()))
 }
 
 fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {

@@ -377,7 +377,8 @@ pub fn queue_slots(data: &[u8]) {
             2 | 3 => {
                 if let Some(t) = txs[i].as_mut() {
                     next += 1;
-                    let _ = if kind % 8 == 2 { t.try_send(next) } else { t.send_timeout(next, std::time::Duration::ZERO) };
+                    let _ =
+                        if kind % 8 == 2 { t.try_send(next) } else { t.send_timeout(next, std::time::Duration::ZERO) };
                 }
             }
             4 | 5 => {
@@ -386,7 +387,11 @@ pub fn queue_slots(data: &[u8]) {
                 }
             }
             6 => {
-                if arg & 2 == 0 { rxs[i] = None } else { txs[i] = None }
+                if arg & 2 == 0 {
+                    rxs[i] = None
+                } else {
+                    txs[i] = None
+                }
             }
             _ => {
                 let _ = crate::queue::inspect_header(hdr, "(fuzz)", ring_len, &peer);
@@ -428,7 +433,8 @@ pub fn queue_bytes_seeds() -> Vec<Vec<u8>> {
         }
         // Ops: receiver, recv, sender, send, recv, send wrapped, recv_into, batch, send,
         // inspect, recv, detach, receiver, recv, recv_timeout, inspect.
-        let mut seed = vec![0, 0, 1, 0, 5, 0, 6, 20, 2, 0, 7, 90, 3, 40, 9, 4, 8, 3, 11, 0, 1, 0, 10, 0, 0, 0, 2, 0, 4, 0, 11, 0];
+        let mut seed =
+            vec![0, 0, 1, 0, 5, 0, 6, 20, 2, 0, 7, 90, 3, 40, 9, 4, 8, 3, 11, 0, 1, 0, 10, 0, 0, 0, 2, 0, 4, 0, 11, 0];
         // SAFETY: both buffers are valid for their lengths and no view writes them now.
         unsafe {
             seed.extend_from_slice(std::slice::from_raw_parts(hdr_mem.ptr, hdr_len));
@@ -469,7 +475,8 @@ pub fn queue_slots_seeds() -> Vec<Vec<u8>> {
         }
         // Ops: receiver, sender, send, send, recv, recv, sender 2, send 2, recv_timeout,
         // inspect, detach, receiver, recv, send_timeout, recv, inspect.
-        let mut seed = vec![0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 4, 0, 1, 1, 2, 1, 5, 0, 7, 0, 6, 0, 0, 0, 4, 0, 3, 1, 5, 0, 7, 0];
+        let mut seed =
+            vec![0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 4, 0, 1, 1, 2, 1, 5, 0, 7, 0, 6, 0, 0, 0, 4, 0, 3, 1, 5, 0, 7, 0];
         // SAFETY: both buffers are valid for their lengths and no view writes them now.
         unsafe {
             seed.extend_from_slice(std::slice::from_raw_parts(hdr_mem.ptr, hdr_len));

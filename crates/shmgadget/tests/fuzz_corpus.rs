@@ -55,3 +55,22 @@ fn queue_bytes_inputs_from_the_corpus_never_panic() {
 fn queue_slots_inputs_from_the_corpus_never_panic() {
     replay("queue_slots", shmgadget::fuzzing::queue_slots_seeds(), shmgadget::fuzzing::queue_slots);
 }
+
+/// With `SHMG_WRITE_QUEUE_SEEDS=1`, writes the queue targets' seeds (from real queues) into
+/// `fuzz/corpus/<target>/seed-<n>`, to start a fuzzer from them.
+#[test]
+fn queue_seeds_can_be_written_for_the_fuzzer() {
+    if std::env::var_os("SHMG_WRITE_QUEUE_SEEDS").is_none() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+    for (target, seeds) in [
+        ("queue_bytes", shmgadget::fuzzing::queue_bytes_seeds()),
+        ("queue_slots", shmgadget::fuzzing::queue_slots_seeds()),
+    ] {
+        std::fs::create_dir_all(root.join(target)).unwrap();
+        for (i, s) in seeds.iter().enumerate() {
+            std::fs::write(root.join(target).join(format!("seed-{i}")), s).unwrap();
+        }
+    }
+}

@@ -431,13 +431,15 @@ impl ByteSender<'_> {
         let off = self.pos & (q.cap - 1);
         let to_end = q.cap - off;
         let need = if rec <= to_end { rec } else { to_end + rec };
-        // `pos - cached_read <= cap` (checked when loaded) and `need <= cap`: no overflow.
-        if self.pos - self.cached_read + need > q.cap {
+        // `pos - cached_read <= cap` (checked when loaded) and `need <= cap`. Positions use
+        // wrapping arithmetic throughout: a damaged one near u64::MAX must not overflow (a
+        // healthy one never gets there); in release builds it is the same code.
+        if self.pos.wrapping_sub(self.cached_read) + need > q.cap {
             // Acquire: the receiver is done with the bytes it gave back.
             let read = q.h().recv.pos.load(Ordering::Acquire);
             check_read(q, self.pos, read)?;
             self.cached_read = read;
-            if self.pos - self.cached_read + need > q.cap {
+            if self.pos.wrapping_sub(self.cached_read) + need > q.cap {
                 // Full: the receiver must see what is pending before we wait for it.
                 self.flush();
                 return Ok(false);
@@ -448,7 +450,7 @@ impl ByteSender<'_> {
             // SAFETY: `off` is 8-aligned and below the capacity: room for the marker, in the
             // ring, which the receiver does not read until we publish.
             unsafe { q.data.add(off as usize).cast::<u64>().write(WRAP as u64) };
-            self.pos += to_end;
+            self.pos = self.pos.wrapping_add(to_end);
             at = 0;
         }
         // SAFETY: the record's `rec` bytes from `at` are inside the ring (it fits before the
@@ -459,9 +461,10 @@ impl ByteSender<'_> {
             p.cast::<u64>().write(msg.len() as u64);
             std::ptr::copy_nonoverlapping(msg.as_ptr(), p.add(REC_HEADER as usize), msg.len());
         }
-        self.pos += rec;
-        self.sent += 1;
-        if self.pos - self.published >= self.batch {
+        self.pos = self.pos.wrapping_add(rec);
+        // (Counts wrap too: they start from shared words.)
+        self.sent = self.sent.wrapping_add(1);
+        if self.pos.wrapping_sub(self.published) >= self.batch {
             self.flush();
         }
         Ok(true)
@@ -652,7 +655,7 @@ impl<'q> ByteReceiver<'q> {
                 ),
             ));
         }
-        Ok(Some((off + REC_HEADER, len as usize, self.pos + skip + rec)))
+        Ok(Some((off + REC_HEADER, len as usize, self.pos.wrapping_add(skip + rec))))
     }
 
     /// Done with the message ending at `next`: it is consumed at once (for a successor, see
@@ -661,14 +664,14 @@ impl<'q> ByteReceiver<'q> {
     /// space while the ring is, for us, empty.
     fn release(&mut self, next: u64) {
         self.pos = next;
-        self.received += 1;
+        self.received = self.received.wrapping_add(1);
         let c = &self.q.h().consumed;
         // Relaxed: read by nobody while we live; a successor's load is ordered after every
         // store of ours by the hand-over itself (see "Readers that die"). The sender never
         // reads it, so the line stays in our cache.
         c.pos.store(next, Ordering::Relaxed);
         c.count.store(self.received, Ordering::Relaxed);
-        if self.pos - self.published >= self.q.cap / 4 || self.pos == self.cached_write {
+        if self.pos.wrapping_sub(self.published) >= self.q.cap / 4 || self.pos == self.cached_write {
             self.publish();
         }
     }

@@ -151,7 +151,10 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
     fn checked(h: &QueueShared, name: &str, ring_bytes: u64) -> Result<(u64, u64)> {
         let (kind, cap, slot, elem) = h.validate(name, ring_bytes)?;
         if kind != KIND_SLOTS {
-            return Err(Error::new(ErrorKind::InvalidArgument, format!("queue {name:?} is a byte queue, not a slot queue")));
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("queue {name:?} is a byte queue, not a slot queue"),
+            ));
         }
         if elem != elem_code::<T>() || slot != Self::slot_size()? {
             return Err(Error::new(
