@@ -761,6 +761,40 @@ mod tests {
     }
 
     #[test]
+    fn damaged_send_and_receive_positions_are_reported_by_both_sides() {
+        let q = ByteQueue::in_memory(4096);
+        {
+            let mut tx = q.sender().unwrap();
+            tx.send(&[1; 16]).unwrap();
+        }
+        let h = q.h();
+        // An unaligned write position just before the end of the ring: a sender taking it
+        // would write its wrap marker past the ring; a receiver would read past it.
+        h.send.pos.store(4096 - 4, Ordering::Relaxed);
+        let err = q.sender().err().expect("an unaligned send position is refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let err = q.receiver().err().expect("an unaligned send position is refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        // Damage while both sides are attached is found where each side loads the other's
+        // position: the receiver when it looks for data, the sender when the ring looks full.
+        h.send.pos.store(24, Ordering::Relaxed);
+        let mut rx = q.receiver().unwrap();
+        let mut tx = q.sender().unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[1; 16]);
+        h.send.pos.store(24 + 8 * 1000, Ordering::Relaxed);
+        let err = rx.try_recv().err().expect("a position a ring ahead is refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        h.recv.pos.store(1 << 40, Ordering::Relaxed);
+        while let Ok(()) = tx.try_send(&[2; 100]) {}
+        let err = tx.try_send(&[2; 100]).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let err = tx.send_timeout(&[2; 100], Duration::from_secs(60)).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "a damaged position is no reason to wait: {err}");
+        let info = crate::queue::inspect_header(h, "(memory)", 4096, &|t| (t as u32, true));
+        assert_eq!(info.err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+    }
+
+    #[test]
     fn a_successor_gets_the_message_in_hand_and_none_consumed_and_the_space_back() {
         let q = ByteQueue::in_memory(4096);
         let mut tx = q.sender().unwrap();

@@ -501,7 +501,11 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                     // so the slot is at `lap` (its sender at work) or `lap + 1` (its value,
                     // perhaps being received); and no sender claims more than a lap ahead of
                     // the receivers. Anything else would make us wait for ever.
-                    if (seq != lap && seq != lap.wrapping_add(1)) || pos.wrapping_sub(read) as i64 > q.cap as i64 {
+                    // (On the first lap, `pos < cap`, there is no earlier lap: the slot is at `pos`.)
+                    if (seq != lap && seq != lap.wrapping_add(1))
+                        || pos < q.cap
+                        || pos.wrapping_sub(read) as i64 > q.cap as i64
+                    {
                         return Err(q.corrupt(format!(
                             "the slot of send position {pos:#x} has sequence {seq:#x} (expected {lap:#x} or {:#x}) with the receivers at {read:#x}",
                             lap.wrapping_add(1)
@@ -629,7 +633,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
                     // yet) or `pos` (free, or claimed by a sender); and the senders are not
                     // behind the receivers. Anything else would make us wait for ever.
                     let prev = pos.wrapping_sub(q.cap).wrapping_add(1);
-                    if (seq != pos && seq != prev) || (written.wrapping_sub(pos) as i64) < 0 {
+                    // (On the first lap, `pos < cap`, there is no earlier lap: the slot is at `pos`.)
+                    if (seq != pos && (seq != prev || pos < q.cap)) || (written.wrapping_sub(pos) as i64) < 0 {
                         return Err(q.corrupt(format!(
                             "the slot of receive position {pos:#x} has sequence {seq:#x} (expected {prev:#x} or {pos:#x}) with the senders at {written:#x}"
                         )));
@@ -677,6 +682,32 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::VecDeque;
+
+    #[test]
+    fn damaged_sequence_numbers_are_reported_not_waited_for() {
+        let q = SlotQueue::<u64>::in_memory(4);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        tx.send(7).unwrap();
+        // The slot of the next send position made to look a lap ahead: a sender would retry
+        // for ever ("another sender moved on").
+        q.head(1).seq.store(1 + 8, Ordering::Relaxed);
+        let err = tx.send_timeout(8, Duration::from_secs(60)).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        q.head(1).seq.store(1, Ordering::Relaxed);
+        // A receive position past the send position: a receiver would wait for ever.
+        assert_eq!(rx.recv().unwrap(), 7);
+        q.h().recv.pos.store(3, Ordering::Relaxed);
+        let err = rx.recv_timeout(Duration::from_secs(60)).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        // A sequence number no lap can have, at a full queue's next slot.
+        q.h().recv.pos.store(1, Ordering::Relaxed);
+        q.head(1).seq.store(u64::MAX - 2, Ordering::Relaxed);
+        let err = tx.try_send(9).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let info = crate::queue::inspect_header(q.h(), "(memory)", 4 * 32, &|t| (t as u32, true));
+        assert!(info.is_ok(), "positions are consistent again: {info:?}");
+    }
 
     proptest! {
         #[test]
