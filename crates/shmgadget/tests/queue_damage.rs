@@ -335,7 +335,7 @@ fn damage_queues(test: &str, slots: bool) {
         }
     };
     let cli = cli();
-    let (mut ok, mut errors, mut corrupt_seen) = (0u64, 0u64, 0u64);
+    let (mut ok, mut errors, mut corrupt_seen, mut cli_runs) = (0u64, 0u64, 0u64, 0u64);
     for seed in 0..seeds() {
         let name = format!("q{seed}");
         // The queue stays open here (a transient section lives while someone has it).
@@ -379,16 +379,28 @@ fn damage_queues(test: &str, slots: bool) {
             // SAFETY: as above.
             unsafe { std::ptr::write_volatile(section.as_ptr().add(off as usize).cast::<u32>(), v) };
         }
-        if let Err(e) = timed("inspect (damager)", || shmgadget::queue::inspect(&section)) {
+        // The victim is idle now (it waits for GO): inspection and the CLI see the same bytes.
+        let inspected = timed("inspect (damager)", || shmgadget::queue::inspect(&section));
+        let damaged = inspected.as_ref().is_err_and(|e| e.kind() == ErrorKind::Corrupt);
+        if let Err(e) = &inspected {
             assert!(acceptable(e.kind()), "seed {seed}: inspect: {e}");
-            corrupt_seen += (e.kind() == ErrorKind::Corrupt) as u64;
+            corrupt_seen += damaged as u64;
         }
-        if let Some(bin) = cli.as_ref().filter(|_| seed % 10 == 0) {
+        if let Some(bin) = cli.as_ref().filter(|_| damaged || seed % 10 == 0) {
             let out = timed("shmgadget info", || {
                 std::process::Command::new(bin).args(["--domain", &domain, "info", &name]).output().unwrap()
             });
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
             assert!(out.status.code().is_some(), "seed {seed}: `shmgadget info` died: {:?}", out.status);
-            assert!(matches!(out.status.code(), Some(0 | 1)), "seed {seed}: `shmgadget info` failed: {out:?}");
+            // A damaged queue is reported as such (exit status 1), a healthy one with its state.
+            let want = if damaged { (1, "DAMAGED") } else { (0, " queue, ") };
+            assert!(
+                out.status.code() == Some(want.0) && text.contains(want.1),
+                "seed {seed}: `shmgadget info` on a {} queue: {:?}\n{text}",
+                if damaged { "damaged" } else { "healthy" },
+                out.status
+            );
+            cli_runs += 1;
         }
         writeln!(stdin, "GO").unwrap();
         let done = expect(&mut child, "DONE", seed);
@@ -405,7 +417,7 @@ fn damage_queues(test: &str, slots: bool) {
     let status = wait(&mut child, LIMIT);
     assert!(status.success(), "victim: {status}");
     eprintln!(
-        "{} seeds: {ok} correct results, {errors} errors, {corrupt_seen} damaged queues inspected as Corrupt",
+        "{} seeds: {ok} correct results, {errors} errors, {corrupt_seen} damaged queues inspected as Corrupt, {cli_runs} `shmgadget info` runs",
         seeds()
     );
     assert!(ok > 0 && errors > 0 && corrupt_seen > 0, "the damage never showed, or nothing ever worked");

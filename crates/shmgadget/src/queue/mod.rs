@@ -47,6 +47,32 @@
 //! draining what is left; a sender does the same for receivers. Sleepers wake at least every
 //! 50 ms to check liveness, because a killed peer cannot wake them.
 
+//! # Damage (validate, then trust)
+//! Another process may be buggy or hostile and write anything into a queue's header or ring.
+//! Nothing read from the section is used before it is checked, and a check that fails is
+//! [`ErrorKind::Corrupt`], saying what was expected and what was found; never a read or write
+//! outside the ring, a panic, or a wait that cannot end:
+//! - on open: the header's constants (magic, layout, kind, capacity a power of two, slot
+//!   size, ring inside the section), in `validate`;
+//! - byte queue: each side checks the other's position whenever it loads it (on attach, and
+//!   when the ring looks empty or full: no extra shared load per message), for alignment and
+//!   range (`recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`), and every record
+//!   length and wrap marker against the ring and the published bytes before it reads the
+//!   record (`ring.rs`);
+//! - slot queue: whenever a sender or receiver finds its slot not ready, on the checks it
+//!   makes before it sleeps and after every wake-up, the slot's sequence number against the
+//!   values a healthy queue can hold there, and the other side's position against its own; a
+//!   slot stuck with no peer working on it is reported rather than waited for (`slots.rs`).
+//!   Slot indices are positions masked by the validated capacity, so always in range;
+//! - positions and counts use wrapping arithmetic, so a damaged value near `u64::MAX`
+//!   cannot overflow;
+//! - inspection (`shmgadget ls`/`info`) checks the positions the same way and reports a
+//!   damaged queue instead of its state.
+//!
+//! A queue has no checksums: a position damaged to another value a healthy queue could hold
+//! (a real record boundary, say) cannot be told from the truth; the receiver then gets the
+//! record found there, which is a record a sender wrote. Payload bytes are the senders'.
+
 mod ring;
 mod slots;
 
