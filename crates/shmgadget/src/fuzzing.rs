@@ -466,10 +466,8 @@ pub fn queue_slots_seeds() -> Vec<Vec<u8>> {
             let mut rx = q.receiver().expect("first receiver");
             let mut received = 0;
             for i in 0..sends {
-                if tx.try_send(i).is_err() || (received < recvs && i % 3 == 0) {
-                    if rx.try_recv().is_ok() {
-                        received += 1;
-                    }
+                if (tx.try_send(i).is_err() || (received < recvs && i % 3 == 0)) && rx.try_recv().is_ok() {
+                    received += 1;
                 }
             }
         }
