@@ -69,7 +69,8 @@ fn word(msg: u32, i: u32) -> u64 {
 }
 
 fn message(msg: u32) -> Vec<u8> {
-    let words = 1 + msg % 13;
+    // Only the low 16 bits of the number are in the payload: the length depends on them alone.
+    let words = 1 + (msg & 0xFFFF) % 13;
     (0..words).flat_map(|i| word(msg, i).to_le_bytes()).collect()
 }
 
