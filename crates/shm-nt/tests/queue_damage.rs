@@ -7,8 +7,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use shmgadget::Domain;
 use shmgadget::queue::ByteQueue;
-use shmgadget::{Domain, DomainOptions};
 
 const ROLE: &str = "SHM_NT_QDMG_ROLE";
 const TEST: &str = "shm_q_read_and_write_on_damaged_positions_return_codes_not_signals";
