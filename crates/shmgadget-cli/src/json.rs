@@ -43,10 +43,13 @@ pub struct Section {
     pub object: String,
     /// The queue's live figures, for a queue section that could be read; else `null`.
     pub queue: Option<Queue>,
+    /// Why a queue section's figures could not be read (`DAMAGED: ...` for a damaged
+    /// header or positions); `null` otherwise.
+    pub queue_error: Option<String>,
 }
 
 impl Section {
-    pub fn new(domain: &str, s: &SectionInfo, queue: Option<&QueueInfo>) -> Section {
+    pub fn new(domain: &str, s: &SectionInfo, queue: Option<&Result<QueueInfo, shmgadget::Error>>) -> Section {
         Section {
             name: s.name.clone(),
             domain: domain.to_owned(),
@@ -63,7 +66,8 @@ impl Section {
             created_at: s.created_at,
             creator_pid: s.creator_pid,
             object: s.object.clone(),
-            queue: queue.map(Queue::new),
+            queue: queue.and_then(|q| q.as_ref().ok()).map(Queue::new),
+            queue_error: queue.and_then(|q| q.as_ref().err()).map(crate::queue_trouble),
         }
     }
 }

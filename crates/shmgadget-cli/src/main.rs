@@ -234,7 +234,7 @@ fn cmd_create(
             let what = format!("{} ring, messages up to {} bytes", format_size(q.capacity()), q.max_message());
             drop(q);
             let section = domain.open_section(name)?;
-            (section.info(), shmgadget::queue::inspect(&section).ok(), what)
+            (section.info(), Some(shmgadget::queue::inspect(&section)), what)
         }
         _ => {
             let mut opts = SectionOptions::new().mode(mode).kind(SectionKind::Raw);
@@ -492,7 +492,7 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             .sections
             .iter()
             .map(|s| {
-                let q = if s.kind == SectionKind::Queue { queue_info(cli, &s.name) } else { None };
+                let q = (s.kind == SectionKind::Queue).then(|| queue_info(cli, &s.name));
                 json::Section::new(&report.name, s, q.as_ref())
             })
             .collect();
@@ -522,18 +522,25 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     outln!("{t}");
     for s in report.sections.iter().filter(|s| s.kind == SectionKind::Queue) {
-        if let Some(q) = queue_info(cli, &s.name) {
-            outln!("queue {}: {}", s.name, describe_queue(&q));
+        match queue_info(cli, &s.name) {
+            Ok(q) => outln!("queue {}: {}", s.name, describe_queue(&q)),
+            Err(e) => outln!("queue {}: {}", s.name, queue_trouble(&e)),
         }
     }
     Ok(report_damage(&report))
 }
 
-/// A queue section's live state, if it can be read.
-fn queue_info(cli: &Cli, name: &str) -> Option<shmgadget::queue::QueueInfo> {
-    let domain = Domain::attach_with(&cli.domain, &existing(cli)).ok()?;
-    let section = domain.open_section(name).ok()?;
-    shmgadget::queue::inspect(&section).ok()
+/// A queue section's live state, or why it cannot be read (a damaged header or positions
+/// are `Corrupt`, saying what was found).
+fn queue_info(cli: &Cli, name: &str) -> Result<shmgadget::queue::QueueInfo, shmgadget::Error> {
+    let domain = Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) })?;
+    let section = domain.open_section(name)?;
+    shmgadget::queue::inspect(&section)
+}
+
+/// How `ls` and `info` show a queue whose state cannot be read.
+fn queue_trouble(e: &shmgadget::Error) -> String {
+    if e.kind() == shmgadget::ErrorKind::Corrupt { format!("DAMAGED: {e}") } else { format!("cannot be read: {e}") }
 }
 
 fn describe_queue(q: &shmgadget::queue::QueueInfo) -> String {
@@ -594,10 +601,15 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
         )
         .into());
     };
-    let queue = if s.kind == SectionKind::Queue { queue_info(cli, name) } else { None };
+    let queue = if s.kind == SectionKind::Queue { Some(queue_info(cli, name)) } else { None };
+    // A damaged queue is shown, then makes `info` fail (exit status 1).
+    let damage = match &queue {
+        Some(Err(e)) if e.kind() == shmgadget::ErrorKind::Corrupt => Some(e.to_string()),
+        _ => None,
+    };
     if cli.json {
         json::print(&json::Section::new(&report.name, s, queue.as_ref()));
-        return Ok(ExitCode::SUCCESS);
+        return Ok(if damage.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS });
     }
     let lifetime = match s.lifetime {
         Lifetime::Persistent => "persistent (until deleted)",
@@ -621,10 +633,12 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
     for (k, v) in rows {
         outln!("{k:>15}  {v}");
     }
-    if let Some(q) = &queue {
-        outln!("{:>15}  {}", "queue", describe_queue(q));
+    match &queue {
+        Some(Ok(q)) => outln!("{:>15}  {}", "queue", describe_queue(q)),
+        Some(Err(e)) => outln!("{:>15}  {}", "queue", queue_trouble(e)),
+        None => {}
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if damage.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn cmd_heap(cli: &Cli, name: &str, blocks: bool, check: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {

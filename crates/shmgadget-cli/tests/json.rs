@@ -172,6 +172,7 @@ const SECTION: Shape = &[
     ("creator_pid", T::U64),
     ("object", T::Str),
     ("queue", T::Opt(&T::Obj(QUEUE))),
+    ("queue_error", T::Opt(&T::Str)),
 ];
 const DAMAGED: Shape = &[("slot", T::U64), ("name", T::Str), ("generation", T::U64), ("problem", T::Str)];
 const LS: Shape =

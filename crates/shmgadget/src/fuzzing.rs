@@ -369,3 +369,322 @@ pub fn heap_seeds() -> Vec<Vec<u8>> {
     }
     seeds
 }
+
+// ------------------------------------------------------------------ queues
+// (The queue targets: `queue_bytes`, `queue_slots` and their seeds. Kept in one block.)
+
+use crate::error::ErrorKind;
+use crate::queue::{ByteQueue, QueueShared, SlotQueue};
+
+/// Bytes at the start of a queue input that choose operations.
+const QUEUE_OPS: usize = 32;
+/// Largest ring a queue input gets (keeps each run fast).
+const QUEUE_MAX_RING: usize = 1 << 16;
+
+impl Aligned {
+    /// Like [`Aligned::new`], aligned to `align` (a power of two, at least 16).
+    fn with_align(bytes: &[u8], len: usize, align: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len.max(16).next_multiple_of(align), align)
+            .expect("fuzz buffers are small");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        let n = bytes.len().min(layout.size());
+        // SAFETY: as in `new`.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, n) };
+        Aligned { ptr, layout }
+    }
+}
+
+/// A queue header and ring from `data` (first [`QUEUE_OPS`] bytes choose operations, then the
+/// header, then the ring, at most [`QUEUE_MAX_RING`] bytes).
+fn queue_parts(data: &[u8]) -> (&[u8], Aligned, Aligned, u64) {
+    let hdr_len = size_of::<QueueShared>();
+    let ops = &data[..data.len().min(QUEUE_OPS)];
+    let rest = data.get(QUEUE_OPS..).unwrap_or(&[]);
+    let hdr = Aligned::with_align(rest, hdr_len, align_of::<QueueShared>());
+    let ring_bytes = rest.get(hdr_len..).unwrap_or(&[]);
+    let ring_len = ring_bytes.len().clamp(64, QUEUE_MAX_RING).next_multiple_of(16);
+    let ring = Aligned::new(ring_bytes, ring_len);
+    (ops, hdr, ring, ring_len as u64)
+}
+
+/// A byte queue over arbitrary header and ring bytes, through the code the library and the
+/// CLI run on a section: validation on open, inspection, the receiver's and sender's attach
+/// checks, `try_recv`, `recv_timeout`, `recv_into`, `try_send`, `send_timeout`, batching and
+/// detaching, in an order the input chooses.
+///
+/// Asserted, besides "no panic, no wild access, no hang": once the receiver has found the
+/// queue empty with the sender attached (everything published), the two agree on the
+/// positions, and from then on every message received is the next one sent, byte for byte,
+/// and no call reports damage.
+pub fn queue_bytes(data: &[u8]) {
+    let (ops, hdr_mem, ring, ring_len) = queue_parts(data);
+    let hdr_ptr = std::ptr::NonNull::new(hdr_mem.ptr.cast::<QueueShared>()).expect("allocated");
+    // SAFETY: `hdr_mem` is aligned for QueueShared and at least its size; atomics only, so any
+    // bytes are a value; it outlives every use here.
+    let hdr = unsafe { hdr_ptr.as_ref() };
+    let peer = |t: u64| (t as u32, t != 0);
+    let _ = crate::queue::inspect_header(hdr, "(fuzz)", ring_len, &peer);
+    // SAFETY: both buffers are valid, aligned, alive until the end of this function (after
+    // `q`), and touched only through `q`.
+    let Ok(q) = (unsafe { ByteQueue::from_raw(hdr_ptr, ring.ptr, ring_len) }) else { return };
+    let mut tx: Option<crate::queue::ByteSender<'_>> = None;
+    let mut rx: Option<crate::queue::ByteReceiver<'_>> = None;
+    // Messages sent since the two sides agreed, not yet received (None: not agreed yet).
+    let mut model: Option<std::collections::VecDeque<Vec<u8>>> = None;
+    let mut n = 0u8;
+    let healthy = |model: &Option<_>, what: &str, e: &crate::Error| {
+        assert!(model.is_none() || e.kind() != ErrorKind::Corrupt, "{what} on a healthy queue: {e}");
+    };
+    for op in ops.chunks(2) {
+        let [kind, arg] = <[u8; 2]>::try_from(op).unwrap_or([op[0], 0]);
+        match kind % 12 {
+            0 if rx.is_none() => match q.receiver() {
+                Ok(r) => rx = Some(r),
+                Err(e) => healthy(&model, "receiver", &e),
+            },
+            1 | 2 => {
+                let Some(r) = rx.as_mut() else { continue };
+                let mut got = r.try_recv().map(|m| m.to_vec());
+                if got.as_ref().is_err_and(|e| e.kind() == ErrorKind::WouldBlock)
+                    && let Some(t) = tx.as_mut()
+                {
+                    t.flush();
+                    got = r.try_recv().map(|m| m.to_vec());
+                    if got.as_ref().is_err_and(|e| e.kind() == ErrorKind::WouldBlock) {
+                        // Empty with everything published: from here on the two sides agree.
+                        if let Some(m) = &model {
+                            assert!(m.is_empty(), "{} messages sent and lost", m.len());
+                        }
+                        model = Some(Default::default());
+                    }
+                }
+                match got {
+                    Ok(m) => {
+                        assert!(m.len() <= q.max_message());
+                        if let Some(model) = &mut model {
+                            let want = model.pop_front().expect("a message nobody sent");
+                            assert_eq!(m, want, "a message changed in the ring");
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        healthy(&model, "try_recv", &e);
+                        model = None;
+                    }
+                }
+            }
+            3 => {
+                let Some(r) = rx.as_mut() else { continue };
+                let mut buf = vec![0u8; arg as usize * 8];
+                match r.recv_into(&mut buf, Some(std::time::Duration::ZERO)) {
+                    Ok(len) => {
+                        if let Some(model) = &mut model {
+                            let want = model.pop_front().expect("a message nobody sent");
+                            assert_eq!(&buf[..len], &want[..], "a message changed in the ring");
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::Timeout | ErrorKind::InvalidSize) => {}
+                    Err(e) => {
+                        healthy(&model, "recv_into", &e);
+                        model = None;
+                    }
+                }
+            }
+            4 => {
+                let Some(r) = rx.as_mut() else { continue };
+                match r.recv_timeout(std::time::Duration::ZERO) {
+                    Ok(m) => {
+                        if let Some(model) = &mut model {
+                            let want = model.pop_front().expect("a message nobody sent");
+                            assert_eq!(&*m, &want[..], "a message changed in the ring");
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Timeout => {}
+                    Err(e) => {
+                        healthy(&model, "recv_timeout", &e);
+                        model = None;
+                    }
+                }
+            }
+            5 if tx.is_none() => match q.sender() {
+                Ok(t) => tx = Some(t),
+                Err(e) => healthy(&model, "sender", &e),
+            },
+            6..=8 => {
+                let Some(t) = tx.as_mut() else { continue };
+                n = n.wrapping_add(1);
+                let msg = vec![n; arg as usize * (1 + kind as usize % 3)];
+                let r = if kind % 12 == 8 { t.send_timeout(&msg, std::time::Duration::ZERO) } else { t.try_send(&msg) };
+                match r {
+                    Ok(()) => {
+                        if let Some(model) = &mut model {
+                            model.push_back(msg);
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Timeout) => {}
+                    Err(e) if e.kind() == ErrorKind::InvalidSize => assert!(msg.len() > q.max_message()),
+                    Err(e) => {
+                        healthy(&model, "send", &e);
+                        model = None;
+                    }
+                }
+            }
+            9 => {
+                if let Some(t) = tx.as_mut() {
+                    t.set_batch(arg as u64 * 16);
+                }
+            }
+            10 => {
+                // Detach one side (the next attach checks the positions again).
+                if arg % 2 == 0 { rx = None } else { tx = None }
+            }
+            _ => {
+                let r = crate::queue::inspect_header(hdr, "(fuzz)", ring_len, &peer);
+                if let Err(e) = &r {
+                    healthy(&model, "inspect", e);
+                }
+            }
+        }
+    }
+    drop(rx);
+    drop(tx);
+    let _ = crate::queue::inspect_header(hdr, "(fuzz)", ring_len, &peer);
+}
+
+/// A slot queue of `u64` over arbitrary header and slot bytes, through the code the library
+/// and the CLI run on a section: validation on open, inspection, attach, `try_send`,
+/// `send_timeout`, `try_recv`, `recv_timeout` and detaching, with up to two senders and two
+/// receivers, in an order the input chooses. Asserted: no panic, no wild access, no hang; and
+/// once the queue was seen empty and consistent, every value received was sent, in order.
+pub fn queue_slots(data: &[u8]) {
+    let (ops, hdr_mem, ring, ring_len) = queue_parts(data);
+    let hdr_ptr = std::ptr::NonNull::new(hdr_mem.ptr.cast::<QueueShared>()).expect("allocated");
+    // SAFETY: as in `queue_bytes`.
+    let hdr = unsafe { hdr_ptr.as_ref() };
+    let peer = |t: u64| (t as u32, t != 0);
+    let _ = crate::queue::inspect_header(hdr, "(fuzz)", ring_len, &peer);
+    // SAFETY: as in `queue_bytes`; the ring is 16-aligned.
+    let Ok(q) = (unsafe { SlotQueue::<u64>::from_raw(hdr_ptr, ring.ptr, ring_len) }) else { return };
+    let mut txs = [None, None];
+    let mut rxs = [None, None];
+    let mut next = 0u64;
+    for op in ops.chunks(2) {
+        let [kind, arg] = <[u8; 2]>::try_from(op).unwrap_or([op[0], 0]);
+        let i = arg as usize % 2;
+        match kind % 8 {
+            0 if rxs[i].is_none() => rxs[i] = q.receiver().ok(),
+            1 if txs[i].is_none() => txs[i] = q.sender().ok(),
+            2 | 3 => {
+                if let Some(t) = txs[i].as_mut() {
+                    next += 1;
+                    let _ =
+                        if kind % 8 == 2 { t.try_send(next) } else { t.send_timeout(next, std::time::Duration::ZERO) };
+                }
+            }
+            4 | 5 => {
+                if let Some(r) = rxs[i].as_mut() {
+                    let _ = if kind % 8 == 4 { r.try_recv() } else { r.recv_timeout(std::time::Duration::ZERO) };
+                }
+            }
+            6 => {
+                if arg & 2 == 0 {
+                    rxs[i] = None
+                } else {
+                    txs[i] = None
+                }
+            }
+            _ => {
+                let _ = crate::queue::inspect_header(hdr, "(fuzz)", ring_len, &peer);
+            }
+        }
+    }
+    drop(rxs);
+    drop(txs);
+    let _ = crate::queue::inspect_header(hdr, "(fuzz)", ring_len, &peer);
+}
+
+/// Inputs for [`queue_bytes`] from real byte queues: empty, with messages waiting (one
+/// wrapped), and after a receiver left holding one; each with an operation mix.
+pub fn queue_bytes_seeds() -> Vec<Vec<u8>> {
+    let hdr_len = size_of::<QueueShared>();
+    let mut seeds = Vec::new();
+    for (cap, msgs, recvs) in [(4096u64, 0usize, 0usize), (4096, 30, 10), (8192, 200, 150), (1024, 12, 3)] {
+        let hdr_mem = Aligned::with_align(&[], hdr_len, align_of::<QueueShared>());
+        let ring = Aligned::new(&[], cap as usize);
+        let hdr_ptr = std::ptr::NonNull::new(hdr_mem.ptr.cast::<QueueShared>()).expect("allocated");
+        // SAFETY: as in `queue_bytes`.
+        ByteQueue::init_raw(unsafe { hdr_ptr.as_ref() }, cap);
+        {
+            // SAFETY: as in `queue_bytes`.
+            let q = unsafe { ByteQueue::from_raw(hdr_ptr, ring.ptr, cap) }.expect("a fresh header validates");
+            let mut tx = q.sender().expect("first sender");
+            let mut rx = q.receiver().expect("first receiver");
+            for i in 0..msgs {
+                if tx.try_send(&vec![i as u8; 1 + (i * 37) % 100]).is_err() {
+                    let _ = rx.try_recv();
+                }
+                if i < recvs {
+                    let _ = rx.try_recv();
+                }
+            }
+            if msgs > 0 {
+                std::mem::forget(rx.try_recv()); // held when the receiver left
+            }
+        }
+        // Ops: receiver, recv, sender, send, recv, send wrapped, recv_into, batch, send,
+        // inspect, recv, detach, receiver, recv, recv_timeout, inspect.
+        let mut seed =
+            vec![0, 0, 1, 0, 5, 0, 6, 20, 2, 0, 7, 90, 3, 40, 9, 4, 8, 3, 11, 0, 1, 0, 10, 0, 0, 0, 2, 0, 4, 0, 11, 0];
+        // SAFETY: both buffers are valid for their lengths and no view writes them now.
+        unsafe {
+            seed.extend_from_slice(std::slice::from_raw_parts(hdr_mem.ptr, hdr_len));
+            seed.extend_from_slice(std::slice::from_raw_parts(ring.ptr, cap as usize));
+        }
+        seeds.push(seed);
+    }
+    seeds
+}
+
+/// Inputs for [`queue_slots`] from real slot queues of `u64`: empty, partly full, full, and
+/// after several laps.
+pub fn queue_slots_seeds() -> Vec<Vec<u8>> {
+    let hdr_len = size_of::<QueueShared>();
+    let slot = SlotQueue::<u64>::slot_bytes().expect("u64 fits a slot");
+    let mut seeds = Vec::new();
+    for (cap, sends, recvs) in [(4u64, 0u64, 0u64), (16, 10, 3), (8, 8, 0), (32, 200, 190)] {
+        let ring_len = (cap * slot) as usize;
+        let hdr_mem = Aligned::with_align(&[], hdr_len, align_of::<QueueShared>());
+        let ring = Aligned::new(&[], ring_len);
+        let hdr_ptr = std::ptr::NonNull::new(hdr_mem.ptr.cast::<QueueShared>()).expect("allocated");
+        // SAFETY: as in `queue_bytes`; the ring holds `cap` slots.
+        unsafe { SlotQueue::<u64>::init_raw(hdr_ptr.as_ref(), ring.ptr, cap) }.expect("u64 fits a slot");
+        {
+            // SAFETY: as in `queue_bytes`.
+            let q = unsafe { SlotQueue::<u64>::from_raw(hdr_ptr, ring.ptr, ring_len as u64) }
+                .expect("a fresh header validates");
+            let mut tx = q.sender().expect("first sender");
+            let mut rx = q.receiver().expect("first receiver");
+            let mut received = 0;
+            for i in 0..sends {
+                if (tx.try_send(i).is_err() || (received < recvs && i % 3 == 0)) && rx.try_recv().is_ok() {
+                    received += 1;
+                }
+            }
+        }
+        // Ops: receiver, sender, send, send, recv, recv, sender 2, send 2, recv_timeout,
+        // inspect, detach, receiver, recv, send_timeout, recv, inspect.
+        let mut seed =
+            vec![0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 4, 0, 1, 1, 2, 1, 5, 0, 7, 0, 6, 0, 0, 0, 4, 0, 3, 1, 5, 0, 7, 0];
+        // SAFETY: both buffers are valid for their lengths and no view writes them now.
+        unsafe {
+            seed.extend_from_slice(std::slice::from_raw_parts(hdr_mem.ptr, hdr_len));
+            seed.extend_from_slice(std::slice::from_raw_parts(ring.ptr, ring_len));
+        }
+        seeds.push(seed);
+    }
+    seeds
+}

@@ -69,6 +69,8 @@ fn write_seeds() {
         ("tlsf", shmgadget::fuzzing::tlsf_seeds()),
         ("registry", shmgadget::fuzzing::registry_seeds()),
         ("heap", shmgadget::fuzzing::heap_seeds()),
+        ("queue_bytes", shmgadget::fuzzing::queue_bytes_seeds()),
+        ("queue_slots", shmgadget::fuzzing::queue_slots_seeds()),
     ] {
         let d = Path::new(&dir).join(target);
         std::fs::create_dir_all(&d).unwrap();
@@ -76,4 +78,14 @@ fn write_seeds() {
             std::fs::write(d.join(format!("seed-{i}")), s).unwrap();
         }
     }
+}
+
+#[test]
+fn queue_bytes_inputs_from_the_corpus_never_panic() {
+    replay("queue_bytes", shmgadget::fuzzing::queue_bytes_seeds(), shmgadget::fuzzing::queue_bytes);
+}
+
+#[test]
+fn queue_slots_inputs_from_the_corpus_never_panic() {
+    replay("queue_slots", shmgadget::fuzzing::queue_slots_seeds(), shmgadget::fuzzing::queue_slots);
 }

@@ -47,6 +47,32 @@
 //! draining what is left; a sender does the same for receivers. Sleepers wake at least every
 //! 50 ms to check liveness, because a killed peer cannot wake them.
 
+//! # Damage (validate, then trust)
+//! Another process may be buggy or hostile and write anything into a queue's header or ring.
+//! Nothing read from the section is used before it is checked, and a check that fails is
+//! [`ErrorKind::Corrupt`], saying what was expected and what was found; never a read or write
+//! outside the ring, a panic, or a wait that cannot end:
+//! - on open: the header's constants (magic, layout, kind, capacity a power of two, slot
+//!   size, ring inside the section), in `validate`;
+//! - byte queue: each side checks the other's position whenever it loads it (on attach, and
+//!   when the ring looks empty or full: no extra shared load per message), for alignment and
+//!   range (`recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`), and every record
+//!   length and wrap marker against the ring and the published bytes before it reads the
+//!   record (`ring.rs`);
+//! - slot queue: whenever a sender or receiver finds its slot not ready, on the checks it
+//!   makes before it sleeps and after every wake-up, the slot's sequence number against the
+//!   values a healthy queue can hold there, and the other side's position against its own; a
+//!   slot stuck with no peer working on it is reported rather than waited for (`slots.rs`).
+//!   Slot indices are positions masked by the validated capacity, so always in range;
+//! - positions and counts use wrapping arithmetic, so a damaged value near `u64::MAX`
+//!   cannot overflow;
+//! - inspection (`shmgadget ls`/`info`) checks the positions the same way and reports a
+//!   damaged queue instead of its state.
+//!
+//! A queue has no checksums: a position damaged to another value a healthy queue could hold
+//! (a real record boundary, say) cannot be told from the truth; the receiver then gets the
+//! record found there, which is a record a sender wrote. Payload bytes are the senders'.
+
 mod ring;
 mod slots;
 
@@ -76,6 +102,8 @@ const LAYOUT_VERSION: u32 = 2;
 const READY: u32 = 0x5155_4555; // "QUEU"
 const KIND_BYTES: u32 = 1;
 const KIND_SLOTS: u32 = 2;
+/// The smallest byte ring a header may record (in-memory test queues go down to it).
+const MIN_RING: u64 = 64;
 /// Longest a sleeper sleeps before it checks that its peers are alive.
 const LIVENESS_PERIOD: Duration = Duration::from_millis(50);
 /// A peer that is doing nothing that others must repair.
@@ -268,12 +296,20 @@ impl QueueShared {
             c.slot_size.load(Ordering::Relaxed),
             c.elem.load(Ordering::Relaxed),
         );
+        // What a creator can have written: a byte ring of at least MIN_RING bytes (so a
+        // message of half the ring has room for its record header); slots of whole 16-byte
+        // units holding at least a slot head; at least 2 slots; and a ring inside the section.
+        let shape_ok = match kind {
+            KIND_BYTES => cap >= MIN_RING && slot == 0,
+            KIND_SLOTS => cap >= 2 && slot >= 16 && slot % 16 == 0,
+            _ => false,
+        };
         let bytes = if kind == KIND_SLOTS { cap.checked_mul(slot) } else { Some(cap) };
-        if !cap.is_power_of_two() || !matches!(kind, KIND_BYTES | KIND_SLOTS) || bytes.is_none_or(|b| b > ring_bytes) {
+        if !cap.is_power_of_two() || !shape_ok || bytes.is_none_or(|b| b > ring_bytes) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
-                    "queue {name:?} records kind {kind}, capacity {cap}, slot size {slot}, which do not fit its section"
+                    "queue {name:?} is damaged: its header records kind {kind}, capacity {cap}, slot size {slot}; expected kind {KIND_BYTES} (bytes: a power of two from {MIN_RING}, slot size 0) or {KIND_SLOTS} (slots: a power of two from 2, slot size a multiple of 16), with a ring of at most the section's {ring_bytes} bytes after the {DATA_OFFSET}-byte header; delete it and create it again"
                 ),
             ));
         }
@@ -496,33 +532,73 @@ pub struct QueueInfo {
     pub receivers: Vec<(u32, bool)>,
 }
 
-/// Reads a queue section's state (for inspection).
+/// Reads a queue section's state (for inspection). A damaged header or positions that no
+/// live queue can have are [`ErrorKind::Corrupt`], saying what was found.
 pub fn inspect(section: &crate::Section) -> Result<QueueInfo> {
     if section.kind() != crate::SectionKind::Queue {
         return Err(Error::new(ErrorKind::InvalidArgument, format!("section {:?} is not a queue", section.name())));
     }
     let h = header_of(section)?;
-    let (kind, cap, _, _) = h.validate(section.name(), section.len() as u64 - DATA_OFFSET)?;
     let d = section.domain();
-    let peers = |t: &PeerTable| peers_of(t).into_iter().map(|tok| (d.peer_pid(tok), d.peer_alive(tok))).collect();
-    // Relaxed: a snapshot.
-    let (w, mut r) = (h.send.pos.load(Ordering::Relaxed), h.recv.pos.load(Ordering::Relaxed));
-    let mut received = h.recv.count.load(Ordering::Relaxed);
-    if kind == KIND_BYTES {
-        // The byte-queue receiver gives space back in batches; what it has consumed is exact.
-        // Relaxed: a snapshot.
-        r = r.max(h.consumed.pos.load(Ordering::Relaxed));
-        received = received.max(h.consumed.count.load(Ordering::Relaxed));
+    inspect_header(h, section.name(), section.len() as u64 - DATA_OFFSET, &|tok| (d.peer_pid(tok), d.peer_alive(tok)))
+}
+
+/// [`inspect`] of a header (also for the fuzz targets): `peer` gives a token's pid and liveness.
+pub(crate) fn inspect_header(
+    h: &QueueShared,
+    name: &str,
+    ring_bytes: u64,
+    peer: &dyn Fn(u64) -> (u32, bool),
+) -> Result<QueueInfo> {
+    let (kind, cap, _, _) = h.validate(name, ring_bytes)?;
+    let peers = |t: &PeerTable| peers_of(t).into_iter().map(peer).collect();
+    // The positions are read while the queue may be in use, in an order that makes every
+    // healthy snapshot satisfy the checks below (each position only grows): given back
+    // first, then consumed, then written, then given back again. A snapshot that fails is
+    // taken again a few times, in case a peer was preempted between our loads (it cannot
+    // fail twice in a row for a healthy queue unless the peers are extraordinarily busy);
+    // only one that keeps failing is reported.
+    let mut last = String::new();
+    for _ in 0..4 {
+        // Acquire (all four): each pairs with its writer's Release, so a later load here sees
+        // positions at least as new as the ones the writer had seen (see the order above).
+        let r1 = h.recv.pos.load(Ordering::Acquire);
+        let c = if kind == KIND_BYTES { h.consumed.pos.load(Ordering::Acquire) } else { r1 };
+        let w = h.send.pos.load(Ordering::Acquire);
+        let r2 = h.recv.pos.load(Ordering::Acquire);
+        let aligned = kind != KIND_BYTES || (r1 | c | w) % 8 == 0;
+        if aligned && r1 <= c && c <= w && w - r2.min(w) <= cap {
+            // Relaxed: statistics.
+            let mut received = h.recv.count.load(Ordering::Relaxed);
+            if kind == KIND_BYTES {
+                // The byte-queue receiver gives space back in batches; what it consumed is exact.
+                received = received.max(h.consumed.count.load(Ordering::Relaxed));
+            }
+            return Ok(QueueInfo {
+                kind: if kind == KIND_BYTES { "bytes" } else { "slots" },
+                capacity: cap,
+                fill: w - c.max(r2).min(w),
+                sent: h.send.count.load(Ordering::Relaxed),
+                received,
+                senders: peers(&h.senders),
+                receivers: peers(&h.receivers),
+            });
+        }
+        last = if kind == KIND_BYTES {
+            format!(
+                "given back {r1:#x}, consumed {c:#x}, written {w:#x}; expected multiples of 8 with given back <= consumed <= written <= given back + {cap}"
+            )
+        } else {
+            format!("received {r1:#x}, sent {w:#x}; expected received <= sent <= received + {cap}")
+        };
+        for _ in 0..1000 {
+            std::hint::spin_loop();
+        }
     }
-    Ok(QueueInfo {
-        kind: if kind == KIND_BYTES { "bytes" } else { "slots" },
-        capacity: cap,
-        fill: w.saturating_sub(r),
-        sent: h.send.count.load(Ordering::Relaxed),
-        received,
-        senders: peers(&h.senders),
-        receivers: peers(&h.receivers),
-    })
+    Err(Error::new(
+        ErrorKind::Corrupt,
+        format!("queue {name:?} is damaged: its positions are {last}; delete it and create it again"),
+    ))
 }
 
 fn header_of(section: &crate::Section) -> Result<&QueueShared> {

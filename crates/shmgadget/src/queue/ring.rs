@@ -114,13 +114,7 @@ impl ByteQueue {
 
     fn attach(section: crate::Section) -> Result<ByteQueue> {
         let h = header_of(&section)?;
-        let (kind, cap, _, _) = h.validate(section.name(), section.len() as u64 - DATA_OFFSET)?;
-        if kind != KIND_BYTES {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("queue {:?} is a slot queue, not a byte queue", section.name()),
-            ));
-        }
+        let cap = Self::checked(h, section.name(), section.len() as u64 - DATA_OFFSET)?;
         // SAFETY: DATA_OFFSET + cap bytes are inside the section (checked by `validate`).
         let data = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
         Ok(ByteQueue {
@@ -131,6 +125,45 @@ impl ByteQueue {
             #[cfg(any(test, loom))]
             _mem: None,
         })
+    }
+
+    /// The ring capacity `h` records, once its header is validated as a byte queue's.
+    fn checked(h: &QueueShared, name: &str, ring_bytes: u64) -> Result<u64> {
+        let (kind, cap, _, _) = h.validate(name, ring_bytes)?;
+        if kind != KIND_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("queue {name:?} is a slot queue, not a byte queue"),
+            ));
+        }
+        Ok(cap)
+    }
+
+    /// A queue over a header and ring someone else wrote (the fuzz targets): validated as
+    /// [`open`](ByteQueue::open) validates a section. In-memory liveness: a token is alive
+    /// when it is not 0.
+    ///
+    /// # Safety
+    /// `hdr` must be valid for reads and writes (through atomics) and `data` for `ring_bytes`
+    /// bytes of reads and writes, 8-aligned, both for as long as the queue and its handles
+    /// live, and touched by nothing else meanwhile but through this queue.
+    pub(crate) unsafe fn from_raw(hdr: NonNull<QueueShared>, data: *mut u8, ring_bytes: u64) -> Result<ByteQueue> {
+        // SAFETY: valid for reads (the caller's contract); atomics only, any bytes are a value.
+        let cap = Self::checked(unsafe { hdr.as_ref() }, "(memory)", ring_bytes)?;
+        Ok(ByteQueue {
+            hdr,
+            data,
+            cap,
+            section: None,
+            #[cfg(any(test, loom))]
+            _mem: None,
+        })
+    }
+
+    /// Writes a fresh header for a ring of `cap` bytes, as [`create`](ByteQueue::create) does
+    /// (the fuzz targets' seeds).
+    pub(crate) fn init_raw(hdr: &QueueShared, cap: u64) {
+        hdr.init(KIND_BYTES, cap, 0, 0);
     }
 
     /// A queue in process memory (for model checking and property tests).
@@ -197,6 +230,11 @@ impl ByteQueue {
         let pos = h.send.pos.load(Ordering::Acquire);
         let read = h.recv.pos.load(Ordering::Acquire);
         let sent = h.send.count.load(Ordering::Relaxed);
+        if let Err(e) = check_read(self, pos, read) {
+            // Release: gives the entry back (pairs with the next attacher's CAS), as `Drop`.
+            h.senders.peers[0].token.store(0, Ordering::Release);
+            return Err(e);
+        }
         Ok(ByteSender { q: self, pos, published: pos, batch: 0, cached_read: read, sent, mode })
     }
 
@@ -234,8 +272,7 @@ impl ByteQueue {
         // written).
         let write = h.send.pos.load(Ordering::Acquire);
         let cap = self.cap;
-        if pos % 8 != 0
-            || published % 8 != 0
+        if (pos | published | write) % 8 != 0
             || pos.wrapping_sub(published) > cap
             || write.wrapping_sub(pos) > cap
             || write.wrapping_sub(published) > cap
@@ -254,6 +291,25 @@ impl ByteQueue {
         rx.publish();
         Ok(rx)
     }
+}
+
+/// Checks the receiver's position `read` as the sender at `pos` loads it (on attach, and
+/// whenever the ring looks full): 8-aligned, at most a ring behind. The receiver never gives
+/// back more than was written, so `pos - read` is at most the capacity in a healthy ring; a
+/// damaged one is an error, never a write out of place or a wait for space that never comes.
+#[inline]
+fn check_read(q: &ByteQueue, pos: u64, read: u64) -> Result<()> {
+    if (pos | read) % 8 != 0 || pos.wrapping_sub(read) > q.cap {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "byte queue {:?} is damaged: the sender is at {pos:#x} and the receiver has given back up to {read:#x}; expected multiples of 8 with given back <= written <= given back + {}; delete it and create it again",
+                q.name(),
+                q.cap
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn ring_capacity(name: &str, capacity: u64) -> Result<u64> {
@@ -317,7 +373,7 @@ impl ByteSender<'_> {
     /// Sends `msg` if there is room now; `WouldBlock` if not.
     pub fn try_send(&mut self, msg: &[u8]) -> Result<()> {
         self.check_size(msg.len())?;
-        if self.try_put(msg) {
+        if self.try_put(msg)? {
             return Ok(());
         }
         if self.receiver_gone(true) {
@@ -342,13 +398,13 @@ impl ByteSender<'_> {
 
     fn send_inner(&mut self, msg: &[u8], timeout: Option<Duration>) -> Result<()> {
         self.check_size(msg.len())?;
-        if self.try_put(msg) {
+        if self.try_put(msg)? {
             return Ok(());
         }
         let h = self.q.h();
         let mode = self.mode;
         wait_until(&h.events.space_seq, &h.events.space_waiters, mode, timeout, |thorough| {
-            if self.try_put(msg) {
+            if self.try_put(msg)? {
                 return Ok(Some(()));
             }
             if self.receiver_gone(thorough) {
@@ -366,20 +422,27 @@ impl ByteSender<'_> {
         Error::new(ErrorKind::Disconnected, format!("byte queue {:?}: the receiver is gone", self.q.name()))
     }
 
-    /// Writes the record if it fits; publishes it and wakes the receiver.
-    fn try_put(&mut self, msg: &[u8]) -> bool {
+    /// Writes the record if it fits (`true`); publishes it and wakes the receiver. A damaged
+    /// receiver position (checked whenever it is loaded) is an error.
+    fn try_put(&mut self, msg: &[u8]) -> Result<bool> {
         let q = self.q;
         let rec = REC_HEADER + (msg.len() as u64).next_multiple_of(8);
+        // `self.pos` is 8-aligned: checked on attach, and records are multiples of 8.
         let off = self.pos & (q.cap - 1);
         let to_end = q.cap - off;
         let need = if rec <= to_end { rec } else { to_end + rec };
-        if self.pos + need - self.cached_read > q.cap {
+        // `pos - cached_read <= cap` (checked when loaded) and `need <= cap`. Positions use
+        // wrapping arithmetic throughout: a damaged one near u64::MAX must not overflow (a
+        // healthy one never gets there); in release builds it is the same code.
+        if self.pos.wrapping_sub(self.cached_read) + need > q.cap {
             // Acquire: the receiver is done with the bytes it gave back.
-            self.cached_read = q.h().recv.pos.load(Ordering::Acquire);
-            if self.pos + need - self.cached_read > q.cap {
+            let read = q.h().recv.pos.load(Ordering::Acquire);
+            check_read(q, self.pos, read)?;
+            self.cached_read = read;
+            if self.pos.wrapping_sub(self.cached_read) + need > q.cap {
                 // Full: the receiver must see what is pending before we wait for it.
                 self.flush();
-                return false;
+                return Ok(false);
             }
         }
         let mut at = off;
@@ -387,7 +450,7 @@ impl ByteSender<'_> {
             // SAFETY: `off` is 8-aligned and below the capacity: room for the marker, in the
             // ring, which the receiver does not read until we publish.
             unsafe { q.data.add(off as usize).cast::<u64>().write(WRAP as u64) };
-            self.pos += to_end;
+            self.pos = self.pos.wrapping_add(to_end);
             at = 0;
         }
         // SAFETY: the record's `rec` bytes from `at` are inside the ring (it fits before the
@@ -398,12 +461,13 @@ impl ByteSender<'_> {
             p.cast::<u64>().write(msg.len() as u64);
             std::ptr::copy_nonoverlapping(msg.as_ptr(), p.add(REC_HEADER as usize), msg.len());
         }
-        self.pos += rec;
-        self.sent += 1;
-        if self.pos - self.published >= self.batch {
+        self.pos = self.pos.wrapping_add(rec);
+        // (Counts wrap too: they start from shared words.)
+        self.sent = self.sent.wrapping_add(1);
+        if self.pos.wrapping_sub(self.published) >= self.batch {
             self.flush();
         }
-        true
+        Ok(true)
     }
 }
 
@@ -553,20 +617,36 @@ impl<'q> ByteReceiver<'q> {
             }
         }
         let avail = self.cached_write.wrapping_sub(self.pos);
-        let mut pos = self.pos;
-        let mut off = pos & (q.cap - 1);
-        // SAFETY: `off` is 8-aligned (records are) and below the capacity; the word was
-        // published (Acquire above).
+        if avail > q.cap || avail % 8 != 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "byte queue {:?} is damaged: the sender's position {:#x} is not a multiple of 8 at most {} bytes ahead of the receiver's {:#x}; delete it and create it again",
+                    q.name(),
+                    self.cached_write,
+                    q.cap,
+                    self.pos
+                ),
+            ));
+        }
+        // `self.pos` is 8-aligned (checked on attach, records are multiples of 8), so `off` is
+        // too, and below the capacity: the 8 bytes at `off` are inside the ring.
+        let mut skip = 0;
+        let mut off = self.pos & (q.cap - 1);
+        // SAFETY: `off` is 8-aligned and `off + 8 <= cap` (above); the word was published
+        // (Acquire above).
         let mut head = unsafe { q.data.add(off as usize).cast::<u64>().read() };
         if head == WRAP as u64 {
-            pos += q.cap - off;
+            skip = q.cap - off;
             off = 0;
             // SAFETY: as above, at offset 0.
             head = unsafe { q.data.cast::<u64>().read() };
         }
         let len = head;
-        let rec = REC_HEADER + len.next_multiple_of(8);
-        if avail > q.cap || len > q.cap / 2 || off + rec > q.cap || pos + rec - self.pos > avail {
+        // `len <= cap / 2` is checked before `rec` is trusted; `wrapping_add` keeps a huge `len`
+        // from overflowing first.
+        let rec = REC_HEADER.wrapping_add(len.wrapping_add(7) & !7);
+        if len > q.cap / 2 || off + rec > q.cap || skip + rec > avail {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
@@ -575,7 +655,7 @@ impl<'q> ByteReceiver<'q> {
                 ),
             ));
         }
-        Ok(Some((off + REC_HEADER, len as usize, pos + rec)))
+        Ok(Some((off + REC_HEADER, len as usize, self.pos.wrapping_add(skip + rec))))
     }
 
     /// Done with the message ending at `next`: it is consumed at once (for a successor, see
@@ -584,14 +664,14 @@ impl<'q> ByteReceiver<'q> {
     /// space while the ring is, for us, empty.
     fn release(&mut self, next: u64) {
         self.pos = next;
-        self.received += 1;
+        self.received = self.received.wrapping_add(1);
         let c = &self.q.h().consumed;
         // Relaxed: read by nobody while we live; a successor's load is ordered after every
         // store of ours by the hand-over itself (see "Readers that die"). The sender never
         // reads it, so the line stays in our cache.
         c.pos.store(next, Ordering::Relaxed);
         c.count.store(self.received, Ordering::Relaxed);
-        if self.pos - self.published >= self.q.cap / 4 || self.pos == self.cached_write {
+        if self.pos.wrapping_sub(self.published) >= self.q.cap / 4 || self.pos == self.cached_write {
             self.publish();
         }
     }
@@ -678,6 +758,40 @@ mod tests {
         c.pos.store(32, Ordering::Relaxed);
         let mut rx = q.receiver().unwrap();
         assert_eq!(&*rx.try_recv().unwrap(), &[5; 20], "starts after the first (consumed) message");
+    }
+
+    #[test]
+    fn damaged_send_and_receive_positions_are_reported_by_both_sides() {
+        let q = ByteQueue::in_memory(4096);
+        {
+            let mut tx = q.sender().unwrap();
+            tx.send(&[1; 16]).unwrap();
+        }
+        let h = q.h();
+        // An unaligned write position just before the end of the ring: a sender taking it
+        // would write its wrap marker past the ring; a receiver would read past it.
+        h.send.pos.store(4096 - 4, Ordering::Relaxed);
+        let err = q.sender().err().expect("an unaligned send position is refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let err = q.receiver().err().expect("an unaligned send position is refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        // Damage while both sides are attached is found where each side loads the other's
+        // position: the receiver when it looks for data, the sender when the ring looks full.
+        h.send.pos.store(24, Ordering::Relaxed);
+        let mut rx = q.receiver().unwrap();
+        let mut tx = q.sender().unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[1; 16]);
+        h.send.pos.store(24 + 8 * 1000, Ordering::Relaxed);
+        let err = rx.try_recv().err().expect("a position a ring ahead is refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        h.recv.pos.store(1 << 40, Ordering::Relaxed);
+        while let Ok(()) = tx.try_send(&[2; 100]) {}
+        let err = tx.try_send(&[2; 100]).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let err = tx.send_timeout(&[2; 100], Duration::from_secs(60)).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "a damaged position is no reason to wait: {err}");
+        let info = crate::queue::inspect_header(h, "(memory)", 4096, &|t| (t as u32, true));
+        assert_eq!(info.err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
     }
 
     #[test]

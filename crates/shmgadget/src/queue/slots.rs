@@ -149,21 +149,20 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         Ok((SlotQueue::attach(section)?, created))
     }
 
-    fn attach(section: crate::Section) -> Result<Self> {
-        let h = header_of(&section)?;
-        let (kind, cap, slot, elem) = h.validate(section.name(), section.len() as u64 - DATA_OFFSET)?;
+    /// The capacity and slot size `h` records, once validated as a slot queue of `T`.
+    fn checked(h: &QueueShared, name: &str, ring_bytes: u64) -> Result<(u64, u64)> {
+        let (kind, cap, slot, elem) = h.validate(name, ring_bytes)?;
         if kind != KIND_SLOTS {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("queue {:?} is a byte queue, not a slot queue", section.name()),
+                format!("queue {name:?} is a byte queue, not a slot queue"),
             ));
         }
         if elem != elem_code::<T>() || slot != Self::slot_size()? {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!(
-                    "slot queue {:?} holds values of {} bytes (alignment {}), not {} ({} bytes)",
-                    section.name(),
+                    "slot queue {name:?} holds values of {} bytes (alignment {}) in {slot}-byte slots, not {} ({} bytes)",
                     elem & 0xFFFF_FFFF_FFFF,
                     elem >> 48,
                     std::any::type_name::<T>(),
@@ -171,6 +170,63 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
                 ),
             ));
         }
+        Ok((cap, slot))
+    }
+
+    /// A queue over a header and slots someone else wrote (the fuzz targets): validated as
+    /// [`open`](SlotQueue::open) validates a section. In-memory liveness: a token is alive
+    /// when it is not 0.
+    ///
+    /// # Safety
+    /// `hdr` must be valid for reads and writes (through atomics) and `slots` for `ring_bytes`
+    /// bytes of reads and writes, 16-aligned, both for as long as the queue and its handles
+    /// live, and touched by nothing else meanwhile but through this queue.
+    pub(crate) unsafe fn from_raw(hdr: NonNull<QueueShared>, slots: *mut u8, ring_bytes: u64) -> Result<Self> {
+        // SAFETY: valid for reads (the caller's contract); atomics only, any bytes are a value.
+        let (cap, slot_size) = Self::checked(unsafe { hdr.as_ref() }, "(memory)", ring_bytes)?;
+        Ok(SlotQueue {
+            hdr,
+            slots,
+            cap,
+            slot_size,
+            section: None,
+            #[cfg(any(test, loom))]
+            _mem: None,
+            _t: PhantomData,
+        })
+    }
+
+    /// Writes a fresh header and slot heads for `cap` slots (a power of two) of
+    /// [`slot_size`](Self::slot_size) bytes, as [`create`](SlotQueue::create) does (the fuzz
+    /// targets' seeds).
+    ///
+    /// # Safety
+    /// `slots` must be valid for writes of `cap` slots and 16-aligned, and nobody else may use
+    /// the queue yet.
+    pub(crate) unsafe fn init_raw(hdr: &QueueShared, slots: *mut u8, cap: u64) -> Result<()> {
+        let slot = Self::slot_size()?;
+        for i in 0..cap {
+            // SAFETY: slot `i`'s head lies inside the ring (i < cap), 16-aligned (the caller's
+            // contract); constructed in place.
+            unsafe {
+                slots
+                    .add((i * slot) as usize)
+                    .cast::<SlotShared>()
+                    .write(SlotShared { seq: AtomicU64::new(i), state: AtomicU64::new(0) })
+            };
+        }
+        hdr.init(KIND_SLOTS, cap, slot, elem_code::<T>());
+        Ok(())
+    }
+
+    /// Bytes per slot for `T`.
+    pub(crate) fn slot_bytes() -> Result<u64> {
+        Self::slot_size()
+    }
+
+    fn attach(section: crate::Section) -> Result<Self> {
+        let h = header_of(&section)?;
+        let (cap, slot) = Self::checked(h, section.name(), section.len() as u64 - DATA_OFFSET)?;
         // SAFETY: the ring lies inside the section (checked by `validate`).
         let slots = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
         Ok(SlotQueue {
@@ -285,8 +341,11 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
     }
 
     /// Repairs the slot at `pos` if a dead peer of `table` had claimed it and left it at
-    /// `stuck_seq`, moving it to `fixed_seq` (with `hole` state for a sender's slot).
-    fn repair(&self, senders: bool, pos: u64, stuck_seq: u64, fixed_seq: u64) -> bool {
+    /// `stuck_seq`, moving it to `fixed_seq` (with `hole` state for a sender's slot); `true`
+    /// if it did. A slot stuck at `stuck_seq` with no peer at all working on it (a live one
+    /// keeps `inflight == pos` until it has moved the slot on) is damage: `Corrupt`, rather
+    /// than a wait for ever.
+    fn repair(&self, senders: bool, pos: u64, stuck_seq: u64, fixed_seq: u64) -> Result<bool> {
         let h = self.h();
         let (table, side) = if senders { (&h.senders, &h.send) } else { (&h.receivers, &h.recv) };
         // A dead peer's intent alone does not prove it made the claim: it may have died just
@@ -302,12 +361,17 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
             tok != 0 && p.inflight.load(Ordering::Relaxed) == pos && self.alive(tok)
         });
         if live_intent {
-            return false;
+            return Ok(false);
         }
+        let mut busy = false;
         for p in &table.peers {
             // Relaxed: tokens and intents are single words; liveness comes from the kernel.
             let tok = p.token.load(Ordering::Relaxed);
-            if tok == 0 || p.inflight.load(Ordering::Acquire) != pos || self.alive(tok) {
+            if tok == 0 || p.inflight.load(Ordering::Acquire) != pos {
+                continue;
+            }
+            if self.alive(tok) {
+                busy = true;
                 continue;
             }
             let head = self.head(pos);
@@ -319,9 +383,27 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
             p.inflight.store(IDLE, Ordering::Relaxed);
             // The dead peer's entry is free again.
             let _ = p.token.compare_exchange(tok, 0, Ordering::AcqRel, Ordering::Relaxed);
-            return ok;
+            return Ok(ok);
         }
-        false
+        // Acquire: a peer that finished `pos` moved the slot on before it cleared its intent
+        // (Release), which the Acquire loads above saw; so a slot still at `stuck_seq` now,
+        // with no peer on it, is one nobody will ever move.
+        if !busy && self.head(pos).seq.load(Ordering::Acquire) == stuck_seq {
+            return Err(self.corrupt(format!(
+                "the slot of position {pos:#x} is stuck at sequence {stuck_seq:#x} and no {} is working on it",
+                if senders { "sender" } else { "receiver" }
+            )));
+        }
+        Ok(false)
+    }
+
+    /// A damaged queue, with what was found.
+    #[cold]
+    fn corrupt(&self, what: String) -> Error {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("slot queue {:?} is damaged: {what}; delete it and create it again", self.name()),
+        )
     }
 }
 
@@ -395,7 +477,10 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                 // Record the intent before claiming (see "Dead peers"). Relaxed: the Release of
                 // the claim below orders it, for a repairer that Acquires `send.pos`.
                 me.inflight.store(pos, Ordering::Relaxed);
-                if h.send.pos.compare_exchange(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
+                // (Positions and sequence numbers use wrapping arithmetic: a damaged one near
+                // u64::MAX must not overflow; a healthy one never gets there.)
+                if h.send.pos.compare_exchange(pos, pos.wrapping_add(1), Ordering::Release, Ordering::Relaxed).is_err()
+                {
                     // Not ours: drop the intent, or a repairer would take us for its claimer.
                     me.inflight.store(IDLE, Ordering::Relaxed);
                     retry_hint();
@@ -407,7 +492,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                 head.state.store(0, Ordering::Relaxed);
                 // Release: publishes the value. A repairer may have made it a hole meanwhile
                 // (it thought us dead): then this position is lost to us; use another.
-                let published = head.seq.compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+                let published =
+                    head.seq.compare_exchange(pos, pos.wrapping_add(1), Ordering::AcqRel, Ordering::Relaxed).is_ok();
                 me.inflight.store(IDLE, Ordering::Release);
                 if !published {
                     continue;
@@ -427,11 +513,26 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                             format!("slot queue {:?}: every receiver is gone", q.name()),
                         ));
                     }
-                    let lap = pos - q.cap;
+                    let lap = pos.wrapping_sub(q.cap);
                     // Acquire: pairs with the receivers' Release claims, so a dead receiver's
                     // intent (written before its claim) is visible to `repair`.
-                    if seq == lap + 1 && h.recv.pos.load(Ordering::Acquire) > lap {
-                        if self.stuck == Some(lap) && q.repair(false, lap, lap + 1, lap + q.cap) {
+                    let read = h.recv.pos.load(Ordering::Acquire);
+                    // Healthy, with `pos` as loaded (perhaps stale): position `lap` was claimed,
+                    // so the slot is at `lap` (its sender at work) or `lap + 1` (its value,
+                    // perhaps being received); and no sender claims more than a lap ahead of
+                    // the receivers. Anything else would make us wait for ever.
+                    // (On the first lap, `pos < cap`, there is no earlier lap: the slot is at `pos`.)
+                    if (seq != lap && seq != lap.wrapping_add(1))
+                        || pos < q.cap
+                        || pos.wrapping_sub(read) as i64 > q.cap as i64
+                    {
+                        return Err(q.corrupt(format!(
+                            "the slot of send position {pos:#x} has sequence {seq:#x} (expected {lap:#x} or {:#x}) with the receivers at {read:#x}",
+                            lap.wrapping_add(1)
+                        )));
+                    }
+                    if seq == lap.wrapping_add(1) && (read.wrapping_sub(lap) as i64) > 0 {
+                        if self.stuck == Some(lap) && q.repair(false, lap, seq, pos)? {
                             continue;
                         }
                         self.stuck = Some(lap);
@@ -439,7 +540,13 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                 }
                 return Ok(false);
             }
-            // Another sender moved on: retry with the new position.
+            // Another sender moved on: retry with the new position. A slot is ahead of `pos`
+            // only once position `pos` was claimed, which happens before our Acquire of its
+            // sequence: so `send.pos` has moved on unless the words are damaged (then we would
+            // spin here for ever).
+            if h.send.pos.load(Ordering::Relaxed) == pos {
+                return Err(q.corrupt(format!("the slot of send position {pos:#x} is ahead of it, at {seq:#x}")));
+            }
             retry_hint();
         }
     }
@@ -507,17 +614,18 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
             let head = q.head(pos);
             // Acquire: pairs with the sender's publication.
             let seq = head.seq.load(Ordering::Acquire);
-            if seq == pos + 1 {
-                // Relaxed + Release claim: as in `SlotSender::try_put`.
+            let next = pos.wrapping_add(1);
+            if seq == next {
+                // Relaxed + Release claim: as in `SlotSender::try_put` (wrapping arithmetic too).
                 me.inflight.store(pos, Ordering::Relaxed);
-                if h.recv.pos.compare_exchange(pos, pos + 1, Ordering::Release, Ordering::Relaxed).is_err() {
+                if h.recv.pos.compare_exchange(pos, next, Ordering::Release, Ordering::Relaxed).is_err() {
                     // Not ours: drop the intent (see `SlotSender::try_put`).
                     me.inflight.store(IDLE, Ordering::Relaxed);
                     retry_hint();
                     continue;
                 }
                 // A long queue's slots are cold by the time we reach them: ask for a few ahead.
-                prefetch(q.head(pos + PREFETCH_AHEAD) as *const SlotShared as *const u8);
+                prefetch(q.head(pos.wrapping_add(PREFETCH_AHEAD)) as *const SlotShared as *const u8);
                 // Relaxed: ordered by the Acquire of `seq`.
                 let hole = head.state.load(Ordering::Relaxed) == HOLE;
                 // SAFETY: position `pos` is ours (CAS above) and published: the value was
@@ -525,7 +633,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
                 let value = (!hole).then(|| unsafe { q.value_ptr(pos).read() });
                 head.state.store(0, Ordering::Relaxed);
                 // Release: we are done with the slot; the next lap's sender may write it.
-                let _ = head.seq.compare_exchange(pos + 1, pos + q.cap, Ordering::AcqRel, Ordering::Relaxed);
+                let _ = head.seq.compare_exchange(next, pos.wrapping_add(q.cap), Ordering::AcqRel, Ordering::Relaxed);
                 me.inflight.store(IDLE, Ordering::Release);
                 wake(&h.events.space_seq, &h.events.space_waiters, 1);
                 self.stuck = None;
@@ -537,19 +645,31 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
                     None => continue, // a dead sender's hole: skip it
                 }
             }
-            if (seq.wrapping_sub(pos + 1) as i64) < 0 {
+            if (seq.wrapping_sub(next) as i64) < 0 {
                 // Nothing published at this position yet.
                 if thorough {
                     // Acquire: pairs with the senders' Release claims (see above).
-                    if seq == pos && h.send.pos.load(Ordering::Acquire) > pos {
+                    let written = h.send.pos.load(Ordering::Acquire);
+                    // Healthy, with `pos` as loaded (perhaps stale): the receiver of the last lap
+                    // claimed its position, so the slot is at `pos - cap + 1` (not given back
+                    // yet) or `pos` (free, or claimed by a sender); and the senders are not
+                    // behind the receivers. Anything else would make us wait for ever.
+                    let prev = pos.wrapping_sub(q.cap).wrapping_add(1);
+                    // (On the first lap, `pos < cap`, there is no earlier lap: the slot is at `pos`.)
+                    if (seq != pos && (seq != prev || pos < q.cap)) || (written.wrapping_sub(pos) as i64) < 0 {
+                        return Err(q.corrupt(format!(
+                            "the slot of receive position {pos:#x} has sequence {seq:#x} (expected {prev:#x} or {pos:#x}) with the senders at {written:#x}"
+                        )));
+                    }
+                    if seq == pos && written != pos {
                         // Claimed but not published: a sender at work, or one that died.
-                        if self.stuck == Some(pos) && q.repair(true, pos, pos, pos + 1) {
+                        if self.stuck == Some(pos) && q.repair(true, pos, pos, next)? {
                             continue;
                         }
                         self.stuck = Some(pos);
                     } else if side_gone(&h.senders, true, &|t| q.alive(t)) {
                         // Gone, and nothing left (re-checked: a last message may have landed).
-                        if head.seq.load(Ordering::Acquire) == pos + 1 {
+                        if head.seq.load(Ordering::Acquire) == next {
                             continue;
                         }
                         return Err(Error::new(
@@ -560,7 +680,11 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
                 }
                 return Ok(None);
             }
-            // Another receiver moved on: retry.
+            // Another receiver moved on: retry. As for senders (`try_put`), `recv.pos` has then
+            // moved on too, unless the words are damaged.
+            if h.recv.pos.load(Ordering::Relaxed) == pos {
+                return Err(q.corrupt(format!("the slot of receive position {pos:#x} is ahead of it, at {seq:#x}")));
+            }
             retry_hint();
         }
     }
@@ -580,6 +704,32 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::VecDeque;
+
+    #[test]
+    fn damaged_sequence_numbers_are_reported_not_waited_for() {
+        let q = SlotQueue::<u64>::in_memory(4);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        tx.send(7).unwrap();
+        // The slot of the next send position made to look a lap ahead: a sender would retry
+        // for ever ("another sender moved on").
+        q.head(1).seq.store(1 + 8, Ordering::Relaxed);
+        let err = tx.send_timeout(8, Duration::from_secs(60)).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        q.head(1).seq.store(1, Ordering::Relaxed);
+        // A receive position past the send position: a receiver would wait for ever.
+        assert_eq!(rx.recv().unwrap(), 7);
+        q.h().recv.pos.store(3, Ordering::Relaxed);
+        let err = rx.recv_timeout(Duration::from_secs(60)).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        // A sequence number no lap can have, at a full queue's next slot.
+        q.h().recv.pos.store(1, Ordering::Relaxed);
+        q.head(1).seq.store(u64::MAX - 2, Ordering::Relaxed);
+        let err = tx.try_send(9).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let info = crate::queue::inspect_header(q.h(), "(memory)", 4 * 32, &|t| (t as u32, true));
+        assert!(info.is_ok(), "positions are consistent again: {info:?}");
+    }
 
     proptest! {
         #[test]
