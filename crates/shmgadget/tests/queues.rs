@@ -349,6 +349,50 @@ fn a_sender_killed_between_claiming_a_slot_and_filling_it_leaves_a_hole_that_is_
 }
 
 #[test]
+fn a_receiver_killed_holding_a_claimed_slot_is_settled_when_its_successor_takes_its_place() {
+    const TEST: &str = "a_receiver_killed_holding_a_claimed_slot_is_settled_when_its_successor_takes_its_place";
+    match role().as_deref() {
+        Some("staller") => {
+            let d = child();
+            let q = SlotQueue::<u64>::open(&d, "claims").unwrap();
+            let mut rx = q.receiver().unwrap();
+            assert_eq!(rx.recv().unwrap(), 0);
+            let pos = rx.__claim_and_stall();
+            println!("STALLED={pos}");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        _ => {
+            let domain = unique_domain("qclaim");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = SlotQueue::<u64>::create(&d, "claims", 4).unwrap();
+            let mut tx = q.sender().unwrap();
+            tx.send(0).unwrap();
+            tx.send(1).unwrap();
+            let mut staller = spawn(TEST, "staller", &domain, &[]);
+            wait_for_line(&mut staller, "STALLED=1");
+            kill9(&mut staller);
+            // The successor takes the dead receiver's place in the peer table. Before, that
+            // erased the record of its claim on position 1, and the slot stayed full for ever:
+            // the fourth send below (position 5, the same slot) never got its space.
+            let mut rx = q.receiver().unwrap();
+            for v in 2..6 {
+                tx.send_timeout(v, Duration::from_secs(10)).unwrap_or_else(|e| panic!("send {v}: {e}"));
+            }
+            for v in 2..6 {
+                assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), v, "value 1 died with its receiver");
+            }
+            drop(tx);
+            assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Disconnected);
+            drop(rx);
+            drop(q);
+            d.delete_section("claims").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
 fn a_slow_reader_killed_25_times_hands_its_successor_nothing_it_had_returned_and_nothing_is_lost() {
     const TEST: &str = "a_slow_reader_killed_25_times_hands_its_successor_nothing_it_had_returned_and_nothing_is_lost";
     const KILLS: usize = 25;

@@ -322,7 +322,11 @@ fn attach_peer(table: &PeerTable, token: u64, max: usize, alive: &dyn Fn(u64) ->
     for (i, p) in table.peers.iter().enumerate().take(max) {
         // Relaxed: the CAS decides; the entry carries no data besides itself.
         let cur = p.token.load(Ordering::Relaxed);
-        if (cur == 0 || !alive(cur))
+        // A dead peer's entry still recording an intent is left to the repairer (slot queue):
+        // resetting the intent would erase the only trace of a position it claimed.
+        // Relaxed: the slot queue settles dead intents before attaching (`settle_dead`).
+        let unsettled = cur != 0 && p.inflight.load(Ordering::Relaxed) != IDLE;
+        if (cur == 0 || (!alive(cur) && !unsettled))
             && p.token.compare_exchange(cur, token, Ordering::AcqRel, Ordering::Relaxed).is_ok()
         {
             // Relaxed: the entry is ours now (CAS above); repairers read it only for dead peers.

@@ -298,6 +298,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
 
     /// Like [`sender`](SlotQueue::sender), waiting in `mode` when the queue is full.
     pub fn sender_with(&self, mode: WaitMode) -> Result<SlotSender<'_, T>> {
+        self.settle_dead(true);
         let idx = attach_peer(&self.h().senders, self.token(), MAX_PEERS, &|t| self.alive(t)).ok_or_else(|| {
             Error::new(ErrorKind::RegistryFull, format!("slot queue {:?} has {MAX_PEERS} live senders", self.name()))
         })?;
@@ -311,10 +312,44 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
 
     /// Like [`receiver`](SlotQueue::receiver), waiting in `mode` when the queue is empty.
     pub fn receiver_with(&self, mode: WaitMode) -> Result<SlotReceiver<'_, T>> {
+        self.settle_dead(false);
         let idx = attach_peer(&self.h().receivers, self.token(), MAX_PEERS, &|t| self.alive(t)).ok_or_else(|| {
             Error::new(ErrorKind::RegistryFull, format!("slot queue {:?} has {MAX_PEERS} live receivers", self.name()))
         })?;
         Ok(SlotReceiver { q: self, idx, mode, stuck: None })
+    }
+
+    /// Settles the claims of dead peers of one side before a new peer may take over their
+    /// entries (which resets the recorded intent, the only trace of a dead peer's claim): a
+    /// position it had claimed and left stuck is repaired now, as a stuck waiter would; an
+    /// intent that never became a claim, or whose claim was finished, is forgotten. An intent
+    /// that a live peer shares is left alone (`attach_peer` does not reuse its entry).
+    fn settle_dead(&self, senders: bool) {
+        let h = self.h();
+        let (table, side) = if senders { (&h.senders, &h.send) } else { (&h.receivers, &h.recv) };
+        for p in &table.peers {
+            // Relaxed: tokens are single words; liveness comes from the kernel.
+            let tok = p.token.load(Ordering::Relaxed);
+            // Acquire: pairs with the Release that clears a finished claimer's intent.
+            let pos = p.inflight.load(Ordering::Acquire);
+            if tok == 0 || pos == IDLE || self.alive(tok) {
+                continue;
+            }
+            // Acquire: pairs with the claim CAS (Release) on the side's position.
+            let claimed = (side.pos.load(Ordering::Acquire).wrapping_sub(pos) as i64) > 0;
+            let (stuck, fixed) =
+                if senders { (pos, pos.wrapping_add(1)) } else { (pos.wrapping_add(1), pos.wrapping_add(self.cap)) };
+            // Acquire: pairs with the publication or give-back of the slot.
+            if claimed && self.head(pos).seq.load(Ordering::Acquire) == stuck {
+                // Repairs it unless a live peer may be the claimer; a damaged slot is reported
+                // to whoever waits on it.
+                let _ = self.repair(senders, pos, stuck, fixed);
+            } else {
+                // Never claimed by it, or finished: nothing to repair. Relaxed: the CAS only
+                // clears this dead entry's own word.
+                let _ = p.inflight.compare_exchange(pos, IDLE, Ordering::Relaxed, Ordering::Relaxed);
+            }
+        }
     }
 
     fn h(&self) -> &QueueShared {
@@ -570,6 +605,24 @@ pub struct SlotReceiver<'q, T: crate::ShmSafe + Copy + Send> {
 }
 
 impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
+    /// Claims the next published position and stops there, as a receiver killed mid-receive
+    /// would: for crash tests only.
+    #[doc(hidden)]
+    pub fn __claim_and_stall(&mut self) -> u64 {
+        let h = self.q.h();
+        loop {
+            // Relaxed/SeqCst: as in `try_take`.
+            let pos = h.recv.pos.load(Ordering::Relaxed);
+            h.receivers.peers[self.idx].inflight.store(pos, Ordering::SeqCst);
+            if self.q.head(pos).seq.load(Ordering::Acquire) == pos.wrapping_add(1)
+                && h.recv.pos.compare_exchange(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed).is_ok()
+            {
+                return pos;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Receives a value, waiting while the queue is empty; `Disconnected` once it is empty and
     /// every sender is gone.
     ///
