@@ -325,6 +325,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
     /// intent that never became a claim, or whose claim was finished, is forgotten. An intent
     /// that a live peer shares is left alone (`attach_peer` does not reuse its entry).
     fn settle_dead(&self, senders: bool) {
+        if self.section.is_none() {
+            return; // a queue in plain memory (tests, models): its peers are threads, none dies
+        }
         let h = self.h();
         let (table, side) = if senders { (&h.senders, &h.send) } else { (&h.receivers, &h.recv) };
         for p in &table.peers {
