@@ -191,7 +191,9 @@ impl<'a> Locked<'a> {
     /// `shared` must be the control block at the start of the heap section at `section`, whose
     /// committed part stays mapped for `'a`.
     pub(crate) unsafe fn acquire(shared: &'a HeapShared, section: *mut u8, name: &str) -> Result<Self> {
-        let acquired = shared.lock.lock()?;
+        // Bounded: a lock word that names no live holder must not hang `heap --check`,
+        // `shm_alloc` or any other heap call (see `sync::RawMutex::lock_bounded`).
+        let acquired = shared.lock.lock_bounded(|| format!("the lock of heap {name:?}"), crate::sync::LOCK_PATIENCE)?;
         let locked = Locked { shared, section };
         if acquired == Acquired::OwnerDied {
             // A holder died mid-operation: rebuild everything but the block chain.
