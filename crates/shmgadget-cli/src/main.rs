@@ -201,6 +201,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
+                for (d, what) in &report.broken_locks {
+                    println!("broke a lock of domain {d:?}: {what}");
+                }
                 for (d, pid) in &report.dead_processes {
                     println!("cleared dead process {pid} from domain {d:?}");
                 }
@@ -224,6 +227,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     }
                 }
                 let n = report.dead_processes.len()
+                    + report.broken_locks.len()
                     + report.removed_unfinished.len()
                     + report.removed_sections.len()
                     + report.removed_domains.len()

@@ -97,6 +97,9 @@ const _: () = assert!(size_of::<NamedEntry>() == 96);
 
 const _: () = assert!(size_of::<HeapShared>() as u64 <= AREA_OFFSET);
 const _: () = assert!(std::mem::offset_of!(HeapShared, lock) == 128);
+/// Where a heap's lock lives in its section (for `gc`, which looks at heaps of domains it has
+/// not joined).
+pub(crate) const LOCK_OFFSET: usize = std::mem::offset_of!(HeapShared, lock);
 
 const FINGERPRINT: u32 = {
     let parts = [

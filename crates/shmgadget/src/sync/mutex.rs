@@ -242,29 +242,30 @@ pub(crate) fn lock_patiently(
     }
 }
 
-/// Why the thread named by lock word `word` cannot be a live holder, given the recorded
-/// holder token's liveness (`token_alive`: `None` when no token is recorded or it cannot be
-/// asked) and how to name the holder (`who`). `None`: it may be alive.
+/// Why the holder named by lock word `word` cannot be alive, given its recorded token's
+/// liveness (`token_alive`: `None` when no token is recorded or it cannot be asked) and its
+/// description (`who`, from [`describe_holder`]). `None`: it may be alive.
 pub(crate) fn holder_gone(word: u32, token_alive: Option<bool>, who: &str) -> Option<String> {
     let tid = RawRobustMutex::owner_tid(word);
     if token_alive == Some(false) {
         return Some(format!("{who}, which is not alive"));
     }
     if tid == 0 {
-        return Some(format!("lock word {word:#010x}, which names no thread (the word is damaged)"));
+        return Some(format!("nobody: its lock word {word:#010x} names no thread (the word is damaged)"));
     }
     if !os::thread_exists(tid) {
-        return Some(format!("thread {tid} ({who}), which does not exist"));
+        return Some(format!("{who}, which does not exist"));
     }
     None
 }
 
-/// A holder's description for messages: its slot and pid from its token when recorded, else
-/// the lock word's thread and that thread's process.
+/// A holder's description for messages: its slot and pid from its token when one is recorded,
+/// else the lock word's thread (and that thread's process, if it exists).
 pub(crate) fn describe_holder(word: u32, token: u64, pid: u32) -> String {
     let tid = RawRobustMutex::owner_tid(word);
     match crate::registry::token_slot(token) {
-        Some(slot) => format!("slot {slot}, pid {pid}"),
+        Some(slot) if pid != 0 => format!("slot {slot}, pid {pid} (thread {tid})"),
+        Some(slot) => format!("slot {slot} (thread {tid})"),
         None => match os::thread_group(tid) {
             Some(p) => format!("thread {tid} of pid {p} (no registration recorded)"),
             None => format!("thread {tid} (no registration recorded)"),
