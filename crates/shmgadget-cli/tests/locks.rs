@@ -23,7 +23,9 @@ const ABSENT_TID: u32 = 0x3fff_fff0;
 const DEAD_TOKEN: (u32, u32) = (1, 8);
 
 /// The cases: (name, lock word, a recorded owner token, what the report says of the holder).
-fn cases() -> Vec<(&'static str, u32, Option<(u32, u32)>, String)> {
+type Case = (&'static str, u32, Option<(u32, u32)>, String);
+
+fn cases() -> Vec<Case> {
     let dead = dead_pid();
     let me = std::process::id();
     vec![
@@ -225,7 +227,8 @@ fn a_heap_lock_word_naming_a_dead_or_absent_holder_is_reported_and_gc_force_repa
             poke(&dir.0, &heap, HEAP_LOCK_OWNER + 4, hi);
         }
         let start = Instant::now();
-        let (code, so, se) = run_bounded(cli(&dir.0, &domain, &["heap", "h", "--check"]), &format!("{case}: heap --check"));
+        let (code, so, se) =
+            run_bounded(cli(&dir.0, &domain, &["heap", "h", "--check"]), &format!("{case}: heap --check"));
         assert_ne!(code, 0, "{case}: heap --check on a stuck lock exits non-zero: {so}{se}");
         assert!(
             se.contains(&format!("the lock of heap \"h\" is held by {holder}")),
@@ -234,7 +237,10 @@ fn a_heap_lock_word_naming_a_dead_or_absent_holder_is_reported_and_gc_force_repa
         assert!(start.elapsed() < Duration::from_secs(10));
         let (code, so, se) = run_bounded(cli(&dir.0, &domain, &["gc"]), &format!("{case}: gc"));
         assert_ne!(code, 0, "{case}: plain gc reports the stuck heap lock: {so}{se}");
-        assert!(se.contains(&format!("the lock of heap \"h\" is held by {holder}")) && se.contains("--force"), "{case}: {se}");
+        assert!(
+            se.contains(&format!("the lock of heap \"h\" is held by {holder}")) && se.contains("--force"),
+            "{case}: {se}"
+        );
         assert_eq!(objects(&dir.0, &domain), before, "{case}: plain gc removes nothing");
         let start = Instant::now();
         let (code, so, se) = run_bounded(cli(&dir.0, &domain, &["gc", "--force"]), &format!("{case}: gc --force"));

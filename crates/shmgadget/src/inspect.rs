@@ -398,7 +398,14 @@ fn gc_domain(
 /// proven gone (see `sync::RawMutex::lock_bounded`) is reported, and with `force` broken: re-
 /// initialised in place and marked inconsistent, so its next locker recovers the heap as after
 /// a holder's death. The caller holds the directory lock and the registry lock.
-fn check_heap_lock(dir_fd: &std::os::fd::OwnedFd, reg: &Registry, d: &str, rec: &registry::SectionRecord, force: bool, out: &mut GcReport) {
+fn check_heap_lock(
+    dir_fd: &std::os::fd::OwnedFd,
+    reg: &Registry,
+    d: &str,
+    rec: &registry::SectionRecord,
+    force: bool,
+    out: &mut GcReport,
+) {
     let name = rec.name.as_str();
     let object = names::section_object(d, rec.generation, name);
     let Ok(fd) = os::open_object(os::borrow(dir_fd), &object, true) else { return };
@@ -442,7 +449,9 @@ fn check_heap_lock(dir_fd: &std::os::fd::OwnedFd, reg: &Registry, d: &str, rec: 
             // SAFETY: the holder is proven gone and we hold the directory lock (no process can
             // attach); a bounded waiter retries within LOOK_EVERY.
             match unsafe { lock.break_lock() } {
-                Ok(()) => out.broken_locks.push((d.to_owned(), format!("{what}; broken (its next user recovers the heap)"))),
+                Ok(()) => {
+                    out.broken_locks.push((d.to_owned(), format!("{what}; broken (its next user recovers the heap)")))
+                }
                 Err(e) => out.damaged.push((d.to_owned(), format!("{what}; breaking it failed: {e}"))),
             }
         }

@@ -1497,7 +1497,11 @@ impl Registry {
         unsafe { h.lock.init() }.map_err(|e| Error::from_io("cannot re-initialise the registry lock", e))?;
         let outcome = h.lock.try_lock().map_err(|e| self.unusable(e))?;
         if outcome.is_none() {
-            bail!(Timeout, "the registry lock of domain {:?} was taken by another process while it was rebuilt", self.domain);
+            bail!(
+                Timeout,
+                "the registry lock of domain {:?} was taken by another process while it was rebuilt",
+                self.domain
+            );
         }
         // Relaxed: as in `lock_inner`.
         h.lock_owner.store(os::token_for_address(self.window_base as usize), Ordering::Relaxed);

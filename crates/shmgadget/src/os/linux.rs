@@ -723,7 +723,7 @@ impl RawRobustMutex {
 
     /// The holder's thread id from [`word`](Self::word) (0: the word names no thread).
     pub fn owner_tid(word: u32) -> u32 {
-        word & libc::FUTEX_TID_MASK as u32
+        word & libc::FUTEX_TID_MASK
     }
 
     /// Marks the protected state repaired after [`LockOutcome::OwnerDied`]
