@@ -252,3 +252,34 @@ fn a_heap_lock_word_naming_a_dead_or_absent_holder_is_reported_and_gc_force_repa
         clean(&dir.0, &domain);
     }
 }
+
+/// A heap lock word naming a live thread (this test's) with no registration recorded: not
+/// proven gone, so `heap --check` waits its bound and reports a live holder (`Timeout`), and
+/// neither `gc` nor `gc --force` breaks the lock; once the "holder" lets go, all works.
+#[test]
+fn a_heap_lock_held_by_a_live_thread_times_out_and_gc_force_leaves_it_alone() {
+    if skip_in_role() {
+        return;
+    }
+    let dir = ShmDir::new("locks-live");
+    let domain = "lk-live";
+    let heap = setup(&dir.0, domain);
+    let me = std::process::id();
+    poke(&dir.0, &heap, HEAP_LOCK_WORD, me);
+    let start = Instant::now();
+    let (code, so, se) = run_bounded(cli(&dir.0, domain, &["heap", "h", "--check"]), "heap --check");
+    assert_ne!(code, 0, "{so}{se}");
+    assert!(
+        se.contains(&format!("the lock of heap \"h\" is held by thread {me} of pid {me}"))
+            && se.contains("(alive) for more than"),
+        "heap --check reports a live holder: {se}"
+    );
+    assert!(start.elapsed() >= Duration::from_secs(4), "it waited its bound: {:?}", start.elapsed());
+    let (_, so, se) = run_bounded(cli(&dir.0, domain, &["gc", "--force"]), "gc --force");
+    assert!(!so.contains("broke a lock"), "gc --force breaks no live holder's lock: {so}{se}");
+    let (code, _, _) = run_bounded(cli(&dir.0, domain, &["heap", "h", "--check"]), "heap --check again");
+    assert_ne!(code, 0, "the lock is still held");
+    poke(&dir.0, &heap, HEAP_LOCK_WORD, 0);
+    domain_works(&dir.0, domain, "released");
+    clean(&dir.0, domain);
+}

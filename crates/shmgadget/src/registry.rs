@@ -52,6 +52,20 @@
 //! `DELETING` (or with an odd `seq`) has its object unlinked and its slot and chunks freed; a
 //! `LIVE` entry with an odd `seq` only gets `seq` made even. It then marks the mutex consistent.
 //!
+//! # Bounded waits on the lock
+//! Every wait for `lock` is bounded ([`crate::sync::LOCK_PATIENCE`], or the caller's bound):
+//! a lock word damaged by a stray write must not hang `create`, `rm`, `gc` or an attach. The
+//! holder writes its token (`lock_owner`, its registration in this domain, found from the
+//! window's address without a system call; 0 for an unattached tool or a process registering)
+//! right after locking and clears it before unlocking; both Relaxed, written by the holder only
+//! and read by waiters as a snapshot. A waiter that cannot get the lock looks, every 200 ms, at
+//! the holder's thread id in the glibc lock word and at `lock_owner`: no thread, a thread that
+//! does not exist, or a token whose registration is not alive, seen twice with the same lock
+//! word, is `Corrupt` ("held by slot N, pid P, which is not alive; run `shmgadget gc --domain D
+//! --force`"); a live holder past the bound is `Timeout`. `gc --force`, holding the shm
+//! directory's lock, looks again and re-initialises the lock in place
+//! ([`Registry::break_lock`]), then repairs as after `EOWNERDEAD`.
+//!
 //! # Process entries and liveness tokens
 //! An attached process holds an OFD write lock on the byte at its process entry's offset (its
 //! liveness token); the kernel drops it when the process dies, so a dead attachment is
