@@ -274,6 +274,8 @@ pub struct Gc {
     pub removed_orphans: Vec<GcObject>,
     pub skipped: Vec<GcDomainWhy>,
     pub damaged: Vec<GcDomainWhy>,
+    /// Locks whose holder was proven gone, broken by `gc --force`.
+    pub broken_locks: Vec<GcDomainWhy>,
 }
 
 #[derive(Serialize)]
@@ -327,6 +329,7 @@ impl Gc {
             removed_orphans: r.removed_orphans.iter().map(|o| GcObject { object: o.clone() }).collect(),
             skipped: why(&r.skipped),
             damaged: why(&r.damaged),
+            broken_locks: why(&r.broken_locks),
         }
     }
 }

@@ -358,6 +358,9 @@ fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::er
     if cli.json {
         json::print(&json::Gc::new(&report));
     } else {
+        for (d, what) in &report.broken_locks {
+            outln!("broke a lock of domain {d:?}: {what}");
+        }
         for (d, pid) in &report.dead_processes {
             outln!("cleared dead process {pid} from domain {d:?}");
         }
@@ -379,6 +382,7 @@ fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::er
             }
         }
         let n = report.dead_processes.len()
+            + report.broken_locks.len()
             + report.removed_unfinished.len()
             + report.removed_sections.len()
             + report.removed_domains.len()

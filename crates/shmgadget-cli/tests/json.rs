@@ -210,6 +210,7 @@ const GC: Shape = &[
     ("removed_orphans", T::List(&[("object", T::Str)])),
     ("skipped", T::List(GC_WHY)),
     ("damaged", T::List(GC_WHY)),
+    ("broken_locks", T::List(GC_WHY)),
 ];
 const NAMED: Shape =
     &[("name", T::Str), ("kind", T::Str), ("address", T::Addr), ("size", T::U64), ("state", T::Opt(&T::AnyObj))];

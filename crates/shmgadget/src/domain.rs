@@ -1106,6 +1106,11 @@ pub(crate) fn attachment_covering(addr: usize) -> Option<Arc<DomainInner>> {
         .cloned()
 }
 
+/// The name of the attached domain whose window holds `addr` (for messages).
+pub(crate) fn domain_name_at(addr: usize) -> Option<String> {
+    attachment_covering(addr).map(|inner| inner.name.clone())
+}
+
 /// This process's token in the domain whose window holds `addr`, 0 if none does (lock-free,
 /// no system call: lock owners record it on every lock).
 #[inline]

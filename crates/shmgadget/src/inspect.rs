@@ -20,7 +20,7 @@ use crate::domain::resolve_shm_dir;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::{self, ObjectName};
 use crate::os;
-use crate::registry::{self, DamagedEntry, Lifetime, ProcRecord, Registry};
+use crate::registry::{self, DamagedEntry, Lifetime, ProcRecord, Registry, SectionKind};
 use crate::section::SectionInfo;
 
 /// A process attached to a domain.
@@ -153,6 +153,9 @@ pub struct GcReport {
     pub removed_orphans: Vec<String>,
     /// `(domain, reason)` of domains left alone.
     pub skipped: Vec<(String, String)>,
+    /// `(domain, what)` of locks whose holder was proven gone and that `--force` broke (the
+    /// registry then repaired; a heap is recovered by its next locker).
+    pub broken_locks: Vec<(String, String)>,
     /// `(domain, what failed)` for every piece of damage found: a registry, entry or table
     /// that fails validation, a lock not released in time, an object with no registry. Plain
     /// `gc` leaves such a domain's objects alone; non-empty means the caller should exit
@@ -293,9 +296,30 @@ fn gc_domain(
     let guard = match reg.lock_within(GC_LOCK_WAIT) {
         Ok(g) => g,
         Err(e) => {
-            out.damaged.push((d.to_owned(), e.to_string()));
-            out.skipped.push((d.to_owned(), e.to_string()));
-            return Ok(Verdict::Protected);
+            // --force breaks a lock whose holder is proven gone (looked at again here, under
+            // the directory lock, so no process can attach meanwhile).
+            let gone = if force && e.kind() == ErrorKind::Corrupt { reg.lock_holder_gone() } else { None };
+            // SAFETY: we hold the shm directory's lock and the holder is proven gone, which is
+            // `break_lock`'s contract.
+            match gone.map(|why| (why, unsafe { reg.break_lock() })) {
+                Some((why, Ok(g))) => {
+                    out.broken_locks.push((
+                        d.to_owned(),
+                        format!("the registry lock was held by {why}; broken and the registry repaired"),
+                    ));
+                    g
+                }
+                Some((_, Err(e2))) => {
+                    out.damaged.push((d.to_owned(), format!("{e}; breaking it failed: {e2}")));
+                    out.skipped.push((d.to_owned(), e2.to_string()));
+                    return Ok(Verdict::Protected);
+                }
+                None => {
+                    out.damaged.push((d.to_owned(), e.to_string()));
+                    out.skipped.push((d.to_owned(), e.to_string()));
+                    return Ok(Verdict::Protected);
+                }
+            }
         }
     };
     let mut scan = reg.scan(true);
@@ -338,6 +362,9 @@ fn gc_domain(
             out.removed_unfinished.push((d.to_owned(), rec.name.as_str().to_owned(), rec.creator_pid));
         }
     }
+    for rec in scan.entries.iter().filter(|r| r.state == registry::LIVE && r.ready && r.kind == SectionKind::Heap) {
+        check_heap_lock(dir_fd, &reg, d, rec, force, out);
+    }
     for pid in guard.reap_dead_procs() {
         out.dead_processes.push((d.to_owned(), pid));
     }
@@ -365,6 +392,72 @@ fn gc_domain(
     let mut gens: Vec<u64> = guard.all_entries().iter().map(|r| r.generation).collect();
     gens.extend(scan.damaged.iter().map(|e| e.generation));
     Ok(Verdict::Sound(gens))
+}
+
+/// Looks at the lock of heap `rec` (plain `gc` and `--force`): one that is held by a holder
+/// proven gone (see `sync::RawMutex::lock_bounded`) is reported, and with `force` broken: re-
+/// initialised in place and marked inconsistent, so its next locker recovers the heap as after
+/// a holder's death. The caller holds the directory lock and the registry lock.
+fn check_heap_lock(
+    dir_fd: &std::os::fd::OwnedFd,
+    reg: &Registry,
+    d: &str,
+    rec: &registry::SectionRecord,
+    force: bool,
+    out: &mut GcReport,
+) {
+    let name = rec.name.as_str();
+    let object = names::section_object(d, rec.generation, name);
+    let Ok(fd) = os::open_object(os::borrow(dir_fd), &object, true) else { return };
+    let len = os::page_size();
+    // A heap object smaller than its control block is damage that `heap --check` reports.
+    if os::stat_object(os::borrow(&fd)).map_or(true, |st| st.size < len as u64) {
+        return;
+    }
+    let Ok(base) = os::map_shared(os::borrow(&fd), len, true) else { return };
+    // SAFETY: the page is mapped (just above) and stays so until the unmap below; a RawMutex
+    // is atomics and a glibc mutex's bytes, valid for any bit pattern (its own header check
+    // rejects memory that is not a mutex), and at LOCK_OFFSET (< a page) in a heap section.
+    let lock = unsafe { &*(base.as_ptr().add(crate::heap::LOCK_OFFSET) as *const crate::sync::RawMutex) };
+    let verdict = (|| {
+        match lock.try_lock() {
+            Ok(Some(_)) => {
+                // SAFETY: we took it just above.
+                unsafe { lock.unlock() };
+                return None;
+            }
+            Ok(None) => {}
+            Err(_) => return None, // not a working mutex: `heap --check` reports it
+        }
+        let look = || {
+            let (word, token, pid) = lock.holder_snapshot();
+            let who = crate::sync::describe_holder(word, token, pid);
+            let alive = (token != 0).then(|| reg.proc_alive(token));
+            (word, crate::sync::holder_gone(word, alive, &who))
+        };
+        let (first, why) = look();
+        why?;
+        std::thread::sleep(crate::sync::LOOK_EVERY);
+        let (second, why) = look();
+        (second == first).then_some(why).flatten()
+    })();
+    if let Some(why) = verdict {
+        let what = format!("the lock of heap {name:?} is held by {why}");
+        if !force {
+            out.damaged.push((d.to_owned(), format!("{what}; `shmgadget gc --domain {d} --force` breaks it")));
+        } else {
+            // SAFETY: the holder is proven gone and we hold the directory lock (no process can
+            // attach); a bounded waiter retries within LOOK_EVERY.
+            match unsafe { lock.break_lock() } {
+                Ok(()) => {
+                    out.broken_locks.push((d.to_owned(), format!("{what}; broken (its next user recovers the heap)")))
+                }
+                Err(e) => out.damaged.push((d.to_owned(), format!("{what}; breaking it failed: {e}"))),
+            }
+        }
+    }
+    // SAFETY: mapped above; `lock` is not used after this.
+    let _ = unsafe { os::unmap(base.as_ptr() as usize, len) };
 }
 
 fn remove_registry(dir_fd: &std::os::fd::OwnedFd, d: &str) -> Result<()> {

@@ -52,6 +52,20 @@
 //! `DELETING` (or with an odd `seq`) has its object unlinked and its slot and chunks freed; a
 //! `LIVE` entry with an odd `seq` only gets `seq` made even. It then marks the mutex consistent.
 //!
+//! # Bounded waits on the lock
+//! Every wait for `lock` is bounded ([`crate::sync::LOCK_PATIENCE`], or the caller's bound):
+//! a lock word damaged by a stray write must not hang `create`, `rm`, `gc` or an attach. The
+//! holder writes its token (`lock_owner`, its registration in this domain, found from the
+//! window's address without a system call; 0 for an unattached tool or a process registering)
+//! right after locking and clears it before unlocking; both Relaxed, written by the holder only
+//! and read by waiters as a snapshot. A waiter that cannot get the lock looks, every 200 ms, at
+//! the holder's thread id in the glibc lock word and at `lock_owner`: no thread, a thread that
+//! does not exist, or a token whose registration is not alive, seen twice with the same lock
+//! word, is `Corrupt` ("held by slot N, pid P, which is not alive; run `shmgadget gc --domain D
+//! --force`"); a live holder past the bound is `Timeout`. `gc --force`, holding the shm
+//! directory's lock, looks again and re-initialises the lock in place
+//! ([`Registry::break_lock`]), then repairs as after `EOWNERDEAD`.
+//!
 //! # Process entries and liveness tokens
 //! An attached process holds an OFD write lock on the byte at its process entry's offset (its
 //! liveness token); the kernel drops it when the process dies, so a dead attachment is
@@ -130,7 +144,7 @@ pub const MAX_TABLE_ENTRIES: u32 = 1 << 16;
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
 /// 2: process entries carry an `incarnation`, and tokens are `(slot, incarnation)`.
 /// 3: section entries carry their creator's token and a ready word (all-or-nothing creation).
-const LAYOUT_VERSION: u32 = 3;
+const LAYOUT_VERSION: u32 = 4;
 const READY: u32 = 0x5244_5921; // "RDY!"
 const TOMBSTONE: u32 = u32::MAX;
 
@@ -242,12 +256,14 @@ pub(crate) struct RegistryShared {
     next_generation: AtomicU64,
     place_cursor: AtomicU64,
     name_tombs: AtomicU32,
-    _pad1: AtomicU32,
+    domain_len: AtomicU32,
     created_at: AtomicU64,
     slots_high: AtomicU32,
     procs_high: AtomicU32,
-    domain_len: AtomicU32,
-    _pad0: AtomicU32,
+    /// The registry lock's holder's token (its registration in this domain), written right
+    /// after a successful lock and cleared before unlock; 0 when free or when the holder is
+    /// not attached (a tool such as `gc`, or a process registering). See "Bounded waits".
+    lock_owner: AtomicU64,
     domain: [AtomicU64; 8],
     lock: RawRobustMutex,
 }
@@ -295,6 +311,7 @@ const _: () = {
     assert!(size_of::<RegistryShared>() == 256);
     assert!(offset_of!(RegistryShared, domain) == 128);
     assert!(offset_of!(RegistryShared, lock) == 192);
+    assert!(offset_of!(RegistryShared, lock_owner) == 120);
     assert!(size_of::<SectionEntryShared>() == 160);
     assert!(offset_of!(SectionEntryShared, name) == 80);
     assert!(offset_of!(SectionEntryShared, creator_token) == 144);
@@ -306,8 +323,9 @@ const _: () = {
 /// A hash of everything that decides the shared layout, so two builds that disagree on it
 /// refuse each other's registries instead of misreading them.
 const ABI_FINGERPRINT: u32 = {
-    let parts: [u64; 13] = [
+    let parts: [u64; 14] = [
         LAYOUT_VERSION as u64,
+        offset_of!(RegistryShared, lock_owner) as u64,
         size_of::<RegistryShared>() as u64,
         size_of::<SectionEntryShared>() as u64,
         size_of::<ProcEntryShared>() as u64,
@@ -426,6 +444,11 @@ impl SectionRecord {
 /// A process registration's liveness token: `(slot + 1) << 32 | incarnation`, never 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ProcToken(pub u64);
+
+/// The process slot a token names, if the value is a token at all (for messages).
+pub(crate) fn token_slot(token: u64) -> Option<u32> {
+    ProcToken(token).parts().map(|(slot, _)| slot)
+}
 
 impl ProcToken {
     fn new(slot: u32, incarnation: u32) -> ProcToken {
@@ -1390,29 +1413,16 @@ impl Registry {
         if self.private.is_some() {
             bail!(InvalidArgument, "a private copy of domain {:?}'s registry cannot be locked", self.domain);
         }
-        let unusable = |e: std::io::Error| {
-            Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "the lock of domain {:?}'s registry is unusable ({e}); run `shmgadget gc --domain {} --force` once no process uses it",
-                    self.domain, self.domain
-                ),
-            )
-        };
         let lock = &self.header().lock;
-        let outcome = match timeout {
-            None => lock.lock().map_err(unusable)?,
-            Some(t) => match lock.lock_timeout(t).map_err(unusable)? {
-                Some(outcome) => outcome,
-                None => bail!(
-                    Timeout,
-                    "the lock of domain {:?}'s registry was not released within {} s (a process holds it and hangs, or the lock word is damaged);                      if no process uses the domain, `shmgadget gc --domain {} --force` removes it",
-                    self.domain,
-                    t.as_secs(),
-                    self.domain
-                ),
-            },
+        // The uncontended path: one trylock.
+        let outcome = match lock.try_lock().map_err(|e| self.unusable(e))? {
+            Some(outcome) => outcome,
+            None => self.lock_slow(timeout.unwrap_or(crate::sync::LOCK_PATIENCE))?,
         };
+        // Relaxed: the holder's own record, ordered for later lockers by the pthread lock and
+        // only a snapshot for diagnosing waiters; the token is this process's registration in
+        // this domain if it is attached (found from the window's address, no system call).
+        self.header().lock_owner.store(os::token_for_address(self.window_base as usize), Ordering::Relaxed);
         let guard = RegistryGuard { reg: self };
         if outcome == LockOutcome::OwnerDied {
             guard.repair();
@@ -1420,6 +1430,98 @@ impl Registry {
             unsafe { self.header().lock.make_consistent() }
                 .map_err(|e| Error::from_io("cannot mark the registry lock consistent", e))?;
         }
+        Ok(guard)
+    }
+
+    fn unusable(&self, e: std::io::Error) -> Error {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "the registry lock of domain {:?} is unusable ({e}); run `shmgadget gc --domain {} --force` once no process uses it",
+                self.domain, self.domain
+            ),
+        )
+    }
+
+    /// Why the registry lock's holder, named by lock word `word`, is not alive (`None`: it
+    /// may be), and how to name it.
+    fn lock_holder(&self, word: u32) -> (Option<String>, String) {
+        // Relaxed: a snapshot, for diagnosis.
+        let token = self.header().lock_owner.load(Ordering::Relaxed);
+        let pid = self.proc_pid(token).unwrap_or(0);
+        let who = crate::sync::describe_holder(word, token, pid);
+        let alive = (token != 0).then(|| self.proc_alive(token));
+        (crate::sync::holder_gone(word, alive, &who), who)
+    }
+
+    #[cold]
+    fn lock_slow(&self, patience: std::time::Duration) -> Result<LockOutcome> {
+        let lock = &self.header().lock;
+        let waited = crate::sync::lock_patiently(lock, patience, |word| self.lock_holder(word).0)
+            .map_err(|e| self.unusable(e))?;
+        let d = &self.domain;
+        match waited {
+            Ok(outcome) => Ok(outcome),
+            Err(crate::sync::Stuck::Gone(why)) => bail!(
+                Corrupt,
+                "the registry lock of domain {d} is held by {why}; run `shmgadget gc --domain {d} --force`"
+            ),
+            Err(crate::sync::Stuck::Slow(word)) => bail!(
+                Timeout,
+                "the registry lock of domain {d} is held by {} (alive) for more than {} s; if that process hangs, \
+                 stop it (or, once no process uses the domain, `shmgadget gc --domain {d} --force` breaks the lock)",
+                self.lock_holder(word).1,
+                patience.as_secs()
+            ),
+        }
+    }
+
+    /// Why the registry lock cannot be had, when its holder is proven gone (the lock word
+    /// names no live holder at two looks [`crate::sync::LOOK_EVERY`] apart); `None` when it is
+    /// free, held by a holder that may be alive, or changes.
+    pub(crate) fn lock_holder_gone(&self) -> Option<String> {
+        let lock = &self.header().lock;
+        let first = lock.word();
+        if first == 0 {
+            return None;
+        }
+        self.lock_holder(first).0?;
+        std::thread::sleep(crate::sync::LOOK_EVERY);
+        let second = lock.word();
+        if second != first {
+            return None;
+        }
+        self.lock_holder(second).0
+    }
+
+    /// Re-initialises the registry lock in place, abandoning its holder, then takes it and
+    /// repairs the registry as after a holder's death. For `gc --force` only.
+    ///
+    /// # Safety
+    /// The caller holds the shm directory's lock (no process can attach or create the domain
+    /// meanwhile) and has proven the lock's holder gone ([`Registry::lock_holder_gone`]), so
+    /// no thread holds the lock or is inside a lock or unlock call other than a bounded wait,
+    /// which retries within [`crate::sync::LOOK_EVERY`].
+    pub(crate) unsafe fn break_lock(&self) -> Result<RegistryGuard<'_>> {
+        if self.private.is_some() {
+            bail!(InvalidArgument, "a private copy of domain {:?}'s registry cannot be locked", self.domain);
+        }
+        let h = self.header();
+        // SAFETY: forwarded from the caller (see above); the mapping stays while `self` lives.
+        unsafe { h.lock.init() }.map_err(|e| Error::from_io("cannot re-initialise the registry lock", e))?;
+        let outcome = h.lock.try_lock().map_err(|e| self.unusable(e))?;
+        if outcome.is_none() {
+            bail!(
+                Timeout,
+                "the registry lock of domain {:?} was taken by another process while it was rebuilt",
+                self.domain
+            );
+        }
+        // Relaxed: as in `lock_inner`.
+        h.lock_owner.store(os::token_for_address(self.window_base as usize), Ordering::Relaxed);
+        let guard = RegistryGuard { reg: self };
+        // The abandoned holder may have died mid-write: repair as after EOWNERDEAD.
+        guard.repair();
         Ok(guard)
     }
 }
@@ -1445,6 +1547,8 @@ pub(crate) struct RegistryGuard<'a> {
 
 impl Drop for RegistryGuard<'_> {
     fn drop(&mut self) {
+        // Relaxed: cleared by the holder before unlocking (see `lock_owner`).
+        self.reg.header().lock_owner.store(0, Ordering::Relaxed);
         // SAFETY: a guard exists only while its thread holds the lock.
         unsafe { self.reg.header().lock.unlock() }
     }

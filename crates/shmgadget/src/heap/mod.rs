@@ -107,6 +107,9 @@ const _: () = assert!(size_of::<NamedEntry>() == 96);
 
 const _: () = assert!(size_of::<HeapShared>() as u64 <= AREA_OFFSET);
 const _: () = assert!(std::mem::offset_of!(HeapShared, lock) == 128);
+/// Where a heap's lock lives in its section (for `gc`, which looks at heaps of domains it has
+/// not joined).
+pub(crate) const LOCK_OFFSET: usize = std::mem::offset_of!(HeapShared, lock);
 
 const FINGERPRINT: u32 = {
     let parts = [
@@ -233,7 +236,9 @@ impl<'a> Locked<'a> {
     /// length, or `u64::MAX` when the caller knows only its address and trusts `reserved`,
     /// checked when the heap was opened).
     pub(crate) unsafe fn acquire(shared: &'a HeapShared, section: *mut u8, mapped: u64, name: &str) -> Result<Self> {
-        let acquired = shared.lock.lock()?;
+        // Bounded: a lock word that names no live holder must not hang `heap --check`,
+        // `shm_alloc` or any other heap call (see `sync::RawMutex::lock_bounded`).
+        let acquired = shared.lock.lock_bounded(|| format!("the lock of heap {name:?}"), crate::sync::LOCK_PATIENCE)?;
         let locked = Locked { shared, section, mapped };
         if acquired == Acquired::OwnerDied {
             // A holder died mid-operation: rebuild everything but the block chain.

@@ -709,6 +709,23 @@ impl RawRobustMutex {
         }
     }
 
+    /// The lock word: glibc keeps a robust mutex's holder's thread id in the first 32-bit word
+    /// (`__lock`), with `FUTEX_WAITERS` and `FUTEX_OWNER_DIED` in the top two bits; 0 when free.
+    /// A snapshot, for diagnosing a lock that cannot be had.
+    pub fn word(&self) -> u32 {
+        // SAFETY: the cell is 64 bytes, 16-aligned, so its first 4 bytes are a valid, aligned
+        // u32; glibc and the kernel only ever access that word atomically, so an atomic load
+        // of it is no data race.
+        let word = unsafe { &*(self.cell.get() as *const std::sync::atomic::AtomicU32) };
+        // Relaxed: a snapshot; nothing is read through it.
+        word.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The holder's thread id from [`word`](Self::word) (0: the word names no thread).
+    pub fn owner_tid(word: u32) -> u32 {
+        word & libc::FUTEX_TID_MASK
+    }
+
     /// Marks the protected state repaired after [`LockOutcome::OwnerDied`]
     /// (`pthread_mutex_consistent(3)`).
     ///
@@ -729,6 +746,27 @@ impl RawRobustMutex {
         let rc = unsafe { libc::pthread_mutex_unlock(self.raw()) };
         debug_assert_eq!(rc, 0, "pthread_mutex_unlock failed: {rc}");
     }
+}
+
+/// Whether thread `tid` exists in this process's pid namespace (`/proc/<tid>` exists: every
+/// thread of every process has one there, hidden from listings but reachable). An error other
+/// than "not found" counts as existing, so a thread is never declared gone by mistake.
+pub fn thread_exists(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    match std::fs::metadata(format!("/proc/{tid}")) {
+        Ok(_) => true,
+        Err(e) => e.kind() != io::ErrorKind::NotFound,
+    }
+}
+
+/// The process (thread group) thread `tid` belongs to, from `/proc/<tid>/status`; `None` if
+/// it does not exist or cannot be read. For display and to match a lock word's thread with a
+/// recorded holder pid.
+pub fn thread_group(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
 }
 
 unsafe extern "C" {

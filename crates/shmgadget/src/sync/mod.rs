@@ -39,7 +39,8 @@ pub(crate) mod shim;
 
 pub use condvar::Condvar;
 pub use event::{Event, EventMode};
-pub use mutex::{Acquired, LockError, Mutex, MutexGuard, RawMutex};
+pub use mutex::{Acquired, LOCK_PATIENCE, LockError, Mutex, MutexGuard, RawMutex};
+pub(crate) use mutex::{LOOK_EVERY, Stuck, describe_holder, holder_gone, lock_patiently};
 pub use semaphore::{SEMAPHORE_MAX, Semaphore};
 
 use shim::{AtomicU32, Ordering};

@@ -25,12 +25,24 @@
 //! with it ([`crate::heap::ObjectState::Mutex`]), never of a pid. `owner_pid` is for display.
 //! Recording it costs a lock-free scan of this process's few token cells (`os::token_for_address`),
 //! no lock and no system call.
+//!
+//! # Bounded waits ([`RawMutex::lock_bounded`], [`lock_patiently`])
+//! A lock word damaged by a stray write (or a holder that hangs) must not hang the tools that
+//! repair it. A bounded waiter first spins exactly as [`RawMutex::lock`] does (the uncontended
+//! and briefly contended paths are unchanged), then sleeps in slices of [`LOOK_EVERY`] and,
+//! after each slice, looks at who holds the lock: the thread id glibc keeps in the lock word
+//! and the holder's recorded token. A word that names no thread, a thread that does not exist,
+//! or a recorded token whose registration is not alive is "no live holder". Seen twice in a
+//! row with the same lock word (so a holder that has just taken the lock and not yet recorded
+//! its token is never mistaken for it), it is reported as `Corrupt` at once; a holder that is
+//! alive but keeps the lock past the patience is reported as `Timeout`. Neither changes the
+//! lock: breaking it is the operator's `gc --force`.
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::ObjectHeader;
 use crate::error::{Error, ErrorKind, Result};
@@ -185,6 +197,159 @@ impl RawMutex {
     pub fn is_inconsistent(&self) -> bool {
         // Relaxed: a snapshot.
         self.inconsistent.load(Ordering::Relaxed) == 1
+    }
+}
+
+/// How often a bounded waiter wakes up to look at who holds the lock.
+pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(200);
+
+/// How long the library's bounded waits (registry, heaps) let a live holder keep a lock.
+pub const LOCK_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Why [`lock_patiently`] gave up.
+pub(crate) enum Stuck {
+    /// The lock word names no live holder (the reason, from the `gone` callback), seen twice.
+    Gone(String),
+    /// Held past the patience by a holder not proven gone (its lock word).
+    Slow(u32),
+}
+
+/// Locks `lock`, sleeping at most `patience` (see "Bounded waits"). `gone(word)` says why the
+/// holder named by the lock word `word` is not alive, or `None` if it may be. Call it after the
+/// caller's own spinning: it sleeps from the start.
+pub(crate) fn lock_patiently(
+    lock: &RawRobustMutex,
+    patience: Duration,
+    mut gone: impl FnMut(u32) -> Option<String>,
+) -> std::io::Result<std::result::Result<LockOutcome, Stuck>> {
+    let start = Instant::now();
+    let mut suspect: Option<u32> = None;
+    loop {
+        let slice = patience.saturating_sub(start.elapsed()).clamp(Duration::from_millis(1), LOOK_EVERY);
+        if let Some(outcome) = lock.lock_timeout(slice)? {
+            return Ok(Ok(outcome));
+        }
+        let word = lock.word();
+        match gone(word) {
+            Some(why) if suspect == Some(word) => return Ok(Err(Stuck::Gone(why))),
+            Some(_) => suspect = Some(word),
+            None => suspect = None,
+        }
+        // A suspect gets its second look even past the patience.
+        if start.elapsed() >= patience && suspect.is_none() {
+            return Ok(Err(Stuck::Slow(word)));
+        }
+    }
+}
+
+/// Why the holder named by lock word `word` cannot be alive, given its recorded token's
+/// liveness (`token_alive`: `None` when no token is recorded or it cannot be asked) and its
+/// description (`who`, from [`describe_holder`]). `None`: it may be alive.
+pub(crate) fn holder_gone(word: u32, token_alive: Option<bool>, who: &str) -> Option<String> {
+    let tid = RawRobustMutex::owner_tid(word);
+    if token_alive == Some(false) {
+        return Some(format!("{who}, which is not alive"));
+    }
+    if tid == 0 {
+        return Some(format!("nobody: its lock word {word:#010x} names no thread (the word is damaged)"));
+    }
+    if !os::thread_exists(tid) {
+        return Some(format!("{who}, which does not exist"));
+    }
+    None
+}
+
+/// A holder's description for messages: its slot and pid from its token when one is recorded,
+/// else the lock word's thread (and that thread's process, if it exists).
+pub(crate) fn describe_holder(word: u32, token: u64, pid: u32) -> String {
+    let tid = RawRobustMutex::owner_tid(word);
+    match crate::registry::token_slot(token) {
+        Some(slot) if pid != 0 => format!("slot {slot}, pid {pid} (thread {tid})"),
+        Some(slot) => format!("slot {slot} (thread {tid})"),
+        None => match os::thread_group(tid) {
+            Some(p) => format!("thread {tid} of pid {p} (no registration recorded)"),
+            None => format!("thread {tid} (no registration recorded)"),
+        },
+    }
+}
+
+impl RawMutex {
+    /// [`lock`](Self::lock), bounded (see "Bounded waits"): a lock word that names no live
+    /// holder is `Corrupt` within about a second, a live holder that keeps it past `patience`
+    /// is `Timeout`. `what` names the lock in messages ("the lock of heap \"h\""); it is only
+    /// called when the wait fails.
+    #[inline]
+    pub fn lock_bounded(&self, what: impl FnOnce() -> String, patience: Duration) -> Result<Acquired> {
+        self.header.check(MAGIC, WHAT)?;
+        for _ in 0..LOCK_SPINS {
+            if let Some(outcome) = self.lock.try_lock().map_err(|e| self.lock_error(e))? {
+                return self.after_lock(outcome);
+            }
+            for _ in 0..8 {
+                std::hint::spin_loop();
+            }
+        }
+        self.lock_bounded_slow(what, patience)
+    }
+
+    #[cold]
+    fn lock_bounded_slow(&self, what: impl FnOnce() -> String, patience: Duration) -> Result<Acquired> {
+        let addr = self as *const Self as usize;
+        let holder = || {
+            // Relaxed: snapshots, for diagnosis only.
+            (self.owner_token.load(Ordering::Relaxed), self.owner_pid.load(Ordering::Relaxed))
+        };
+        let waited = lock_patiently(&self.lock, patience, |word| {
+            let (token, pid) = holder();
+            let alive = if token == 0 { None } else { crate::domain::token_alive_at(addr, token) };
+            holder_gone(word, alive, &describe_holder(word, token, pid))
+        })
+        .map_err(|e| self.lock_error(e))?;
+        let domain = crate::domain::domain_name_at(addr);
+        let fix = match &domain {
+            Some(d) => format!("`shmgadget gc --domain {d} --force` breaks it and recovers the heap"),
+            None => "`shmgadget gc --domain <its domain> --force` breaks it".to_owned(),
+        };
+        match waited {
+            Ok(outcome) => self.after_lock(outcome),
+            Err(Stuck::Gone(why)) => Err(Error::new(ErrorKind::Corrupt, format!("{} is held by {why}; {fix}", what()))),
+            Err(Stuck::Slow(word)) => {
+                let (token, pid) = holder();
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "{} is held by {} (alive) for more than {} s; if that process hangs, stop it",
+                        what(),
+                        describe_holder(word, token, pid),
+                        patience.as_secs()
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Re-initialises the lock in place, abandoning whoever holds it, and marks the data
+    /// inconsistent so the next locker recovers it (`Acquired::OwnerDied`).
+    ///
+    /// # Safety
+    /// No thread of any process may hold the lock or be inside a lock or unlock call on it:
+    /// the caller has proven its holder gone (a bounded lock said `Corrupt`) and holds what
+    /// excludes new users (`gc --force` holds the shm directory's lock).
+    pub(crate) unsafe fn break_lock(&self) -> Result<()> {
+        self.header.check(MAGIC, WHAT)?;
+        // SAFETY: forwarded from the caller: nobody uses the lock while it is rebuilt.
+        unsafe { self.lock.init() }.map_err(|e| Error::from_io("cannot re-initialise a robust mutex", e))?;
+        // Relaxed: the next locker's pthread lock orders these before its reads.
+        self.owner_pid.store(0, Ordering::Relaxed);
+        self.owner_token.store(0, Ordering::Relaxed);
+        self.inconsistent.store(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The lock word and the holder recorded for it (for diagnosis).
+    pub(crate) fn holder_snapshot(&self) -> (u32, u64, u32) {
+        // Relaxed: snapshots.
+        (self.lock.word(), self.owner_token.load(Ordering::Relaxed), self.owner_pid.load(Ordering::Relaxed))
     }
 }
 

@@ -1,0 +1,285 @@
+//! A lock word (the registry's, a heap's) set to a holder that is dead or never existed, as an
+//! operator's stray write would: `gc`, `create`, `rm` and `heap --check` report it within
+//! 10 s instead of hanging, plain `gc` removes nothing, and `gc --force` breaks the lock
+//! within 10 s, after which the domain works (create, open, alloc) in separate processes.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The registry lock's first word (glibc `__lock`, the holder's tid) at offset 192.
+const REGISTRY_LOCK_WORD: usize = 192;
+/// A heap's lock word: the control block's `RawMutex` at 128, its glibc mutex 32 bytes in.
+const HEAP_LOCK_WORD: usize = 128 + 32;
+/// The registry's lock-owner token word (offset 120; low half the incarnation, high half the
+/// slot + 1).
+const REGISTRY_LOCK_OWNER: usize = 120;
+/// A heap lock's recorded owner token (the `RawMutex`'s `owner_token`, 24 bytes in).
+const HEAP_LOCK_OWNER: usize = 128 + 24;
+/// No such thread can exist (above any pid_max, inside the tid mask).
+const ABSENT_TID: u32 = 0x3fff_fff0;
+/// A token for process slot 7, incarnation 1: a registration nobody holds.
+const DEAD_TOKEN: (u32, u32) = (1, 8);
+
+/// The cases: (name, lock word, a recorded owner token, what the report says of the holder).
+type Case = (&'static str, u32, Option<(u32, u32)>, String);
+
+fn cases() -> Vec<Case> {
+    let dead = dead_pid();
+    let me = std::process::id();
+    vec![
+        ("absent", ABSENT_TID, None, format!("thread {ABSENT_TID} (no registration recorded), which does not exist")),
+        ("dead", dead, None, format!("thread {dead} (no registration recorded), which does not exist")),
+        // A live thread (this test's) in the word, but the recorded holder's registration is dead.
+        ("token", me, Some(DEAD_TOKEN), format!("slot 7 (thread {me}), which is not alive")),
+    ]
+}
+
+/// A private shm directory under /dev/shm, removed on drop.
+struct ShmDir(PathBuf);
+
+impl ShmDir {
+    fn new(tag: &str) -> ShmDir {
+        let p = PathBuf::from(format!("/dev/shm/sgtest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).unwrap();
+        ShmDir(p)
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `cmd` with a 10 s bound; returns (exit code, stdout, stderr). Fails the test on a
+/// signal, a panic or a timeout.
+fn run_bounded(mut cmd: Command, what: &str) -> (i32, String, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = child.wait_with_output().unwrap();
+    let (so, se) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(status.signal().is_none(), "{what}: killed by signal {:?}\n{se}", status.signal());
+    assert!(!se.contains("panicked") && status.code() != Some(101), "{what}: panicked\n{se}");
+    (status.code().unwrap_or(-1), so, se)
+}
+
+fn cli(dir: &Path, domain: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shmgadget"));
+    c.args(["--domain", domain]).args(args).env("SHMGADGET_SHM_DIR", dir).env_remove("SHMGADGET_DOMAIN");
+    c
+}
+
+fn objects(dir: &Path, domain: &str) -> Vec<String> {
+    let prefix = format!("shmgadget.{domain}:");
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The pid of a process that has exited and been reaped (a dead holder).
+fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+/// Writes `word` at `at` of object `object`, as a stray write would.
+fn poke(dir: &Path, object: &str, at: usize, word: u32) {
+    let path = dir.join(object);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at..at + 4].copy_from_slice(&word.to_le_bytes());
+    // Write in place (the object keeps its identity and its other pages).
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&bytes[at..at + 4], at as u64).unwrap();
+}
+
+/// A domain with a persistent raw section `keep` and a persistent heap `h`; returns the heap's
+/// object name.
+fn setup(dir: &Path, domain: &str) -> String {
+    let (code, _, se) = run_bounded(cli(dir, domain, &["create", "keep", "--size", "4K"]), "setup create");
+    assert_eq!(code, 0, "{se}");
+    let (code, _, se) = run_bounded(cli(dir, domain, &["create", "h", "--size", "1M", "--kind", "heap"]), "setup heap");
+    assert_eq!(code, 0, "{se}");
+    objects(dir, domain).into_iter().find(|o| o.ends_with(":h")).expect("the heap's object")
+}
+
+/// After the repair: create, open and alloc work (CLI and the library, in other processes).
+fn domain_works(dir: &Path, domain: &str, what: &str) {
+    let (code, _, se) = run_bounded(cli(dir, domain, &["create", "n", "--size", "4K"]), &format!("{what}: create"));
+    assert_eq!(code, 0, "{what}: create after the repair: {se}");
+    let (code, _, se) = run_bounded(cli(dir, domain, &["rm", "n"]), &format!("{what}: rm"));
+    assert_eq!(code, 0, "{what}: rm after the repair: {se}");
+    let (code, so, se) = run_bounded(cli(dir, domain, &["heap", "h", "--check"]), &format!("{what}: heap --check"));
+    assert_eq!(code, 0, "{what}: heap --check after the repair: {so}{se}");
+    let mut lib = Command::new(std::env::current_exe().unwrap());
+    lib.args(["--exact", "alloc_role", "--nocapture", "--test-threads=1"])
+        .env("SHMGADGET_LOCKS_ROLE", domain)
+        .env("SHMGADGET_SHM_DIR", dir);
+    let (code, so, se) = run_bounded(lib, &format!("{what}: library calls"));
+    assert!(so.contains("alloc role done"), "{what}: the library role failed ({code}): {so}{se}");
+}
+
+/// Removes whatever is left of the domain.
+fn clean(dir: &Path, domain: &str) {
+    run_bounded(cli(dir, domain, &["gc", "--force"]), "cleanup gc --force");
+    for o in objects(dir, domain) {
+        let _ = std::fs::remove_file(dir.join(o));
+    }
+}
+
+/// Not a test of its own: the child process of `domain_works` that opens and allocates.
+#[test]
+fn alloc_role() {
+    let Ok(domain) = std::env::var("SHMGADGET_LOCKS_ROLE") else { return };
+    use shmgadget::{Domain, DomainOptions};
+    let opts = DomainOptions { must_exist: true, ..Default::default() };
+    let d = Domain::attach_with(&domain, &opts).expect("attach");
+    let s = d.open_section("keep").expect("open keep");
+    // SAFETY: a live section's mapping covers its length.
+    let _ = unsafe { std::ptr::read_volatile(s.as_ptr()) };
+    let h = shmgadget::heap::Heap::open(&d, "h").expect("open the heap");
+    let layout = std::alloc::Layout::from_size_align(1000, 8).unwrap();
+    let p = h.alloc(layout).expect("alloc");
+    // SAFETY: `p` came from this heap and is not used after.
+    unsafe { h.free(p) }.expect("free");
+    h.check().expect("check");
+    d.detach().expect("detach");
+    println!("alloc role done");
+}
+
+fn skip_in_role() -> bool {
+    std::env::var_os("SHMGADGET_LOCKS_ROLE").is_some()
+}
+
+#[test]
+fn a_registry_lock_word_naming_a_dead_or_absent_holder_is_reported_and_gc_force_repairs_it() {
+    if skip_in_role() {
+        return;
+    }
+    let dir = ShmDir::new("locks-reg");
+    for (case, tid, token, holder) in cases() {
+        let domain = format!("lk-reg-{case}");
+        let registry = format!("shmgadget.{domain}:registry");
+        setup(&dir.0, &domain);
+        let before = objects(&dir.0, &domain);
+        poke(&dir.0, &registry, REGISTRY_LOCK_WORD, tid);
+        if let Some((lo, hi)) = token {
+            poke(&dir.0, &registry, REGISTRY_LOCK_OWNER, lo);
+            poke(&dir.0, &registry, REGISTRY_LOCK_OWNER + 4, hi);
+        }
+        for args in [&["gc"][..], &["create", "n2", "--size", "4K"], &["rm", "keep"]] {
+            let start = Instant::now();
+            let (code, so, se) = run_bounded(cli(&dir.0, &domain, args), &format!("{case}: {args:?}"));
+            assert_ne!(code, 0, "{case}: {args:?} on a stuck registry lock exits non-zero: {so}{se}");
+            assert!(
+                se.contains(&format!("registry lock of domain {domain} is held by {holder}")),
+                "{case}: {args:?} names the lock and its holder: {se}"
+            );
+            assert!(se.contains("gc --domain") && se.contains("--force"), "{case}: {args:?} says what to do: {se}");
+            assert!(start.elapsed() < Duration::from_secs(10), "{case}: {args:?} took {:?}", start.elapsed());
+        }
+        assert_eq!(objects(&dir.0, &domain), before, "{case}: nothing removed while the lock is stuck");
+        let start = Instant::now();
+        let (code, so, se) = run_bounded(cli(&dir.0, &domain, &["gc", "--force"]), &format!("{case}: gc --force"));
+        assert_eq!(code, 0, "{case}: gc --force: {so}{se}");
+        assert!(so.contains("broke a lock"), "{case}: gc --force says it broke the lock: {so}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(objects(&dir.0, &domain), before, "{case}: gc --force keeps the persistent sections");
+        domain_works(&dir.0, &domain, case);
+        clean(&dir.0, &domain);
+    }
+}
+
+#[test]
+fn a_heap_lock_word_naming_a_dead_or_absent_holder_is_reported_and_gc_force_repairs_it() {
+    if skip_in_role() {
+        return;
+    }
+    let dir = ShmDir::new("locks-heap");
+    for (case, tid, token, holder) in cases() {
+        let domain = format!("lk-heap-{case}");
+        let heap = setup(&dir.0, &domain);
+        let before = objects(&dir.0, &domain);
+        poke(&dir.0, &heap, HEAP_LOCK_WORD, tid);
+        if let Some((lo, hi)) = token {
+            poke(&dir.0, &heap, HEAP_LOCK_OWNER, lo);
+            poke(&dir.0, &heap, HEAP_LOCK_OWNER + 4, hi);
+        }
+        let start = Instant::now();
+        let (code, so, se) =
+            run_bounded(cli(&dir.0, &domain, &["heap", "h", "--check"]), &format!("{case}: heap --check"));
+        assert_ne!(code, 0, "{case}: heap --check on a stuck lock exits non-zero: {so}{se}");
+        assert!(
+            se.contains(&format!("the lock of heap \"h\" is held by {holder}")),
+            "{case}: heap --check names the lock and its holder: {se}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(10));
+        let (code, so, se) = run_bounded(cli(&dir.0, &domain, &["gc"]), &format!("{case}: gc"));
+        assert_ne!(code, 0, "{case}: plain gc reports the stuck heap lock: {so}{se}");
+        assert!(
+            se.contains(&format!("the lock of heap \"h\" is held by {holder}")) && se.contains("--force"),
+            "{case}: {se}"
+        );
+        assert_eq!(objects(&dir.0, &domain), before, "{case}: plain gc removes nothing");
+        let start = Instant::now();
+        let (code, so, se) = run_bounded(cli(&dir.0, &domain, &["gc", "--force"]), &format!("{case}: gc --force"));
+        assert_eq!(code, 0, "{case}: gc --force: {so}{se}");
+        assert!(so.contains("broke a lock") && so.contains("heap"), "{case}: {so}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(objects(&dir.0, &domain), before, "{case}: gc --force keeps the persistent sections");
+        domain_works(&dir.0, &domain, case);
+        clean(&dir.0, &domain);
+    }
+}
+
+/// A heap lock word naming a live thread (this test's) with no registration recorded: not
+/// proven gone, so `heap --check` waits its bound and reports a live holder (`Timeout`), and
+/// neither `gc` nor `gc --force` breaks the lock; once the "holder" lets go, all works.
+#[test]
+fn a_heap_lock_held_by_a_live_thread_times_out_and_gc_force_leaves_it_alone() {
+    if skip_in_role() {
+        return;
+    }
+    let dir = ShmDir::new("locks-live");
+    let domain = "lk-live";
+    let heap = setup(&dir.0, domain);
+    let me = std::process::id();
+    poke(&dir.0, &heap, HEAP_LOCK_WORD, me);
+    let start = Instant::now();
+    let (code, so, se) = run_bounded(cli(&dir.0, domain, &["heap", "h", "--check"]), "heap --check");
+    assert_ne!(code, 0, "{so}{se}");
+    assert!(
+        se.contains(&format!("the lock of heap \"h\" is held by thread {me} of pid {me}"))
+            && se.contains("(alive) for more than"),
+        "heap --check reports a live holder: {se}"
+    );
+    assert!(start.elapsed() >= Duration::from_secs(4), "it waited its bound: {:?}", start.elapsed());
+    let (_, so, se) = run_bounded(cli(&dir.0, domain, &["gc", "--force"]), "gc --force");
+    assert!(!so.contains("broke a lock"), "gc --force breaks no live holder's lock: {so}{se}");
+    let (code, _, _) = run_bounded(cli(&dir.0, domain, &["heap", "h", "--check"]), "heap --check again");
+    assert_ne!(code, 0, "the lock is still held");
+    poke(&dir.0, &heap, HEAP_LOCK_WORD, 0);
+    domain_works(&dir.0, domain, "released");
+    clean(&dir.0, domain);
+}
