@@ -612,6 +612,38 @@ fn corrupt(domain: &str, what: String) -> Error {
     )
 }
 
+/// Opens domain `domain`'s registry object in `dir` and checks what any reader must before
+/// looking inside: a regular file, owned by this user unless `allow_foreign`.
+fn open_object_checked(
+    dir: &OwnedFd,
+    domain: &str,
+    writable: bool,
+    allow_foreign: bool,
+) -> Result<(OwnedFd, os::ObjectStat)> {
+    let object = names::registry_object(domain);
+    let fd = os::open_object(os::borrow(dir), &object, writable).map_err(|e| {
+            if e.raw_os_error() == Some(2) {
+                Error::new(ErrorKind::NotFound, format!("domain {domain:?} does not exist (no registry object {object:?}); `shmgadget domains` lists the existing ones"))
+            } else {
+                Error::from_io(format!("cannot open the registry of domain {domain:?}"), e)
+            }
+        })?;
+    let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
+    if !st.is_regular {
+        return Err(corrupt(domain, "the registry object is not a regular file".into()));
+    }
+    if st.uid != os::effective_uid() && !allow_foreign {
+        bail!(
+            PermissionDenied,
+            "the registry of domain {domain:?} belongs to uid {} but this process runs as uid {}; \
+                 refusing to trust it (opt in with allow_foreign_owner / --allow-foreign-owner if that user is trusted)",
+            st.uid,
+            os::effective_uid()
+        );
+    }
+    Ok((fd, st))
+}
+
 impl Registry {
     /// Creates and initialises a registry. The caller holds the shm directory's lock.
     pub fn create(dir: OwnedFd, domain: &str, p: &CreateParams) -> Result<Registry> {
@@ -729,27 +761,7 @@ impl Registry {
 
     /// Opens and validates an existing registry. `writable` is false for inspection.
     pub fn open(dir: OwnedFd, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
-        let object = names::registry_object(domain);
-        let fd = os::open_object(os::borrow(&dir), &object, writable).map_err(|e| {
-            if e.raw_os_error() == Some(2) {
-                Error::new(ErrorKind::NotFound, format!("domain {domain:?} does not exist (no registry object {object:?}); `shmgadget domains` lists the existing ones"))
-            } else {
-                Error::from_io(format!("cannot open the registry of domain {domain:?}"), e)
-            }
-        })?;
-        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
-        if !st.is_regular {
-            return Err(corrupt(domain, "the registry object is not a regular file".into()));
-        }
-        if st.uid != os::effective_uid() && !allow_foreign {
-            bail!(
-                PermissionDenied,
-                "the registry of domain {domain:?} belongs to uid {} but this process runs as uid {}; \
-                 refusing to trust it (opt in with allow_foreign_owner / --allow-foreign-owner if that user is trusted)",
-                st.uid,
-                os::effective_uid()
-            );
-        }
+        let (fd, st) = open_object_checked(&dir, domain, writable, allow_foreign)?;
         if st.size < size_of::<RegistryShared>() as u64 {
             return Err(corrupt(
                 domain,
@@ -797,27 +809,7 @@ impl Registry {
     /// it is never locked or written. Liveness of its process entries is still asked of the
     /// kernel through the open descriptor.
     pub fn snapshot(dir: OwnedFd, domain: &str, allow_foreign: bool, tables: bool) -> Result<Registry> {
-        let object = names::registry_object(domain);
-        let fd = os::open_object(os::borrow(&dir), &object, false).map_err(|e| {
-            if e.raw_os_error() == Some(2) {
-                Error::new(ErrorKind::NotFound, format!("domain {domain:?} does not exist (no registry object {object:?}); `shmgadget domains` lists the existing ones"))
-            } else {
-                Error::from_io(format!("cannot open the registry of domain {domain:?}"), e)
-            }
-        })?;
-        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
-        if !st.is_regular {
-            return Err(corrupt(domain, "the registry object is not a regular file".into()));
-        }
-        if st.uid != os::effective_uid() && !allow_foreign {
-            bail!(
-                PermissionDenied,
-                "the registry of domain {domain:?} belongs to uid {} but this process runs as uid {}; \
-                 refusing to trust it (opt in with allow_foreign_owner / --allow-foreign-owner if that user is trusted)",
-                st.uid,
-                os::effective_uid()
-            );
-        }
+        let (fd, st) = open_object_checked(&dir, domain, false, allow_foreign)?;
         let header_len = size_of::<RegistryShared>();
         let mut reg = Registry::private_copy(dir, fd, domain, header_len)?;
         reg.fill_from_object(header_len)?;
