@@ -1,40 +1,12 @@
 //! C and C++ programs against `shm_nt.h` and `libshm_nt`, compiled with the system compilers
 //! (`cc -std=c11 -Wall -Wextra -Werror`, `c++`) and run as separate processes.
 
+mod common;
+
+use common::{compile, launch};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn lib_dir() -> PathBuf {
-    // The test binary lives in target/<profile>/deps, next to libshm_nt.so.
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn compile(compiler: &str, std: &str, src: &str, out: &Path) {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let lib = lib_dir();
-    assert!(lib.join("libshm_nt.so").exists(), "libshm_nt.so not built in {}", lib.display());
-    let o = Command::new(compiler)
-        .args([std, "-Wall", "-Wextra", "-Werror", "-O1"])
-        .arg(format!("-I{dir}/include"))
-        .arg(format!("{dir}/tests/c/{src}"))
-        .arg("-o")
-        .arg(out)
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lshm_nt")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{compiler} {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
-}
-
-/// A command running a compiled C program against the `libshm_nt.so` built next to this test.
-/// The rpath alone is not enough: cargo puts `target/<profile>` first on `LD_LIBRARY_PATH`,
-/// and a `libshm_nt.so` left there by an earlier `cargo build` would win over it.
-fn launch(exe: &Path) -> Command {
-    let mut c = Command::new(exe);
-    c.env("LD_LIBRARY_PATH", lib_dir());
-    c
-}
 
 fn run(exe: &Path, domain: &str, args: &[&str]) -> Output {
     let o = launch(exe).args(args).env("SHMGADGET_DOMAIN", domain).output().unwrap();

@@ -3,10 +3,11 @@
 //! or correct results: no signal, no internal error, no wait over 10 s.
 //! `SHMGADGET_DAMAGE_SEEDS` sets the number of seeds (default 60).
 
+mod common;
+
 use std::alloc::Layout;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use shmgadget::heap::{AREA_OFFSET, Heap};
@@ -22,24 +23,6 @@ fn rng(s: &mut u64) -> u64 {
     *s ^= *s >> 7;
     *s ^= *s << 17;
     *s
-}
-
-fn compile(src: &str, out: &Path) {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let lib: PathBuf = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
-    assert!(lib.join("libshm_nt.so").exists(), "libshm_nt.so not built in {}", lib.display());
-    let o = Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1"])
-        .arg(format!("-I{dir}/include"))
-        .arg(format!("{dir}/tests/c/{src}"))
-        .arg("-o")
-        .arg(out)
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lshm_nt")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "cc {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// 1 to 6 random values in the header (not the lock word) or the first 64 KiB of blocks.
@@ -87,7 +70,7 @@ fn damage(base: *mut u8, seed: u64) -> String {
 fn the_c_interface_on_a_damaged_heap_returns_errors_never_crashes() {
     let seeds: u64 = std::env::var("SHMGADGET_DAMAGE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let exe = std::env::temp_dir().join(format!("shm_nt_damaged_heap_{}", std::process::id()));
-    compile("damaged_heap.c", &exe);
+    common::compile_c("damaged_heap.c", &exe);
     let domain = format!("cnt-dmg-{}", std::process::id());
     let d = Domain::attach_with(&domain, &DomainOptions { window_size: 1 << 30, ..Default::default() }).unwrap();
     let mut errors = 0;
@@ -103,7 +86,7 @@ fn the_c_interface_on_a_damaged_heap_returns_errors_never_crashes() {
             unsafe { heap.free(p).unwrap() };
         }
         let what = damage(heap.section().as_ptr(), seed);
-        let mut child = Command::new(&exe)
+        let mut child = common::launch(&exe)
             .args(["victim", &RESERVED.to_string()])
             .env("SHMGADGET_DOMAIN", &domain)
             .stdout(Stdio::piped())

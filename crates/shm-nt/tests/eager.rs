@@ -1,36 +1,14 @@
 //! Eager mode through the C interface: a C program attached with `SHMGADGET_EAGER=1` frees and
 //! reallocates blocks of a heap that another process created after it attached.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use shmgadget::heap::Heap;
 use shmgadget::{Domain, DomainOptions};
-
-fn lib_dir() -> PathBuf {
-    // The test binary lives in target/<profile>/deps, next to libshm_nt.so.
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn compile(src: &str, out: &Path) {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let lib = lib_dir();
-    assert!(lib.join("libshm_nt.so").exists(), "libshm_nt.so not built in {}", lib.display());
-    let o = Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1"])
-        .arg(format!("-I{dir}/include"))
-        .arg(format!("{dir}/tests/c/{src}"))
-        .arg("-o")
-        .arg(out)
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lshm_nt")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "cc {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
-}
 
 /// Deletes what the test left in its domain and checks the shm directory holds nothing of it.
 fn clean(domain: &str) {
@@ -54,14 +32,11 @@ fn clean(domain: &str) {
 fn an_eager_c_program_frees_and_reallocs_blocks_of_a_heap_created_after_it_attached() {
     const LEN: usize = 1000;
     let exe = std::env::temp_dir().join(format!("shm_nt_eager_{}", std::process::id()));
-    compile("eager.c", &exe);
+    common::compile_c("eager.c", &exe);
     let domain = format!("cnt-eager-{}", std::process::id());
     let d = Domain::attach(&domain).unwrap();
 
-    let mut child = Command::new(&exe)
-        // The library next to this test binary, not an older copy that cargo's
-        // LD_LIBRARY_PATH (which outranks the rpath) may find first in target/<profile>.
-        .env("LD_LIBRARY_PATH", lib_dir())
+    let mut child = common::launch(&exe)
         .env("SHMGADGET_DOMAIN", &domain)
         .env("SHMGADGET_EAGER", "1")
         .stdin(Stdio::piped())

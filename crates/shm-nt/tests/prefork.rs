@@ -2,45 +2,17 @@
 //! own, a killed worker is seen dead by its partner only, and the parent's `shm_exit` while they
 //! run disturbs nothing.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
 use std::time::{Duration, Instant};
-
-fn lib_dir() -> PathBuf {
-    // The test binary lives in target/<profile>/deps, next to libshm_nt.so.
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn compile(src: &str, out: &Path) {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let lib = lib_dir();
-    assert!(lib.join("libshm_nt.so").exists(), "libshm_nt.so not built in {}", lib.display());
-    let o = Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1"])
-        .arg(format!("-I{dir}/include"))
-        .arg(format!("{dir}/tests/c/{src}"))
-        .arg("-o")
-        .arg(out)
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lshm_nt")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "cc {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
-}
 
 #[test]
 fn a_c_prefork_server_with_four_workers_survives_a_killed_worker_and_its_own_exit() {
     let exe = std::env::temp_dir().join(format!("shm_nt_prefork_{}", std::process::id()));
-    compile("prefork.c", &exe);
+    common::compile_c("prefork.c", &exe);
     let domain = format!("cnt-prefork-{}", std::process::id());
-    let mut child = Command::new(&exe)
-        .env("SHMGADGET_DOMAIN", &domain)
-        // The library next to this test binary, not a stale copy one directory up.
-        .env("LD_LIBRARY_PATH", lib_dir())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        common::launch(&exe).env("SHMGADGET_DOMAIN", &domain).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {

@@ -354,7 +354,7 @@ const ABI_FINGERPRINT: u32 = {
 };
 
 /// Where the tables sit, derived from the three sizing parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub sections_offset: u64,
     pub procs_offset: u64,
@@ -782,14 +782,7 @@ impl Registry {
             base,
             map_len,
             private: None,
-            layout: Layout {
-                sections_offset: 0,
-                procs_offset: 0,
-                chunks_offset: 0,
-                total_size: 0,
-                names_offset: 0,
-                name_buckets: 0,
-            },
+            layout: Layout::default(),
             window_base: 0,
             window_size: 0,
             max_sections: 0,
@@ -857,14 +850,7 @@ impl Registry {
             base,
             map_len: layout.size(),
             private: Some(layout),
-            layout: Layout {
-                sections_offset: 0,
-                procs_offset: 0,
-                chunks_offset: 0,
-                total_size: 0,
-                names_offset: 0,
-                name_buckets: 0,
-            },
+            layout: Layout::default(),
             window_base: 0,
             window_size: 0,
             max_sections: 0,

@@ -1,0 +1,46 @@
+//! Helpers shared by the tests that compile C and C++ programs against `shm_nt.h` and run them.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where the freshly built `libshm_nt.so` is: the test binary lives in `target/<profile>/deps`,
+/// next to it.
+pub fn lib_dir() -> PathBuf {
+    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// Compiles `tests/c/<src>` with `compiler` and language standard `std` (warnings are errors)
+/// into `out`, linked against the freshly built `libshm_nt`.
+pub fn compile(compiler: &str, std: &str, src: &str, out: &Path) {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let lib = lib_dir();
+    assert!(lib.join("libshm_nt.so").exists(), "libshm_nt.so not built in {}", lib.display());
+    let o = Command::new(compiler)
+        .args([std, "-Wall", "-Wextra", "-Werror", "-O1"])
+        .arg(format!("-I{dir}/include"))
+        .arg(format!("{dir}/tests/c/{src}"))
+        .arg("-o")
+        .arg(out)
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lshm_nt")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{compiler} {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// [`compile`] as C11 with `cc`.
+pub fn compile_c(src: &str, out: &Path) {
+    compile("cc", "-std=c11", src, out);
+}
+
+/// A command running a compiled program against the `libshm_nt.so` built next to this test.
+/// The rpath alone is not enough: cargo puts `target/<profile>` first on `LD_LIBRARY_PATH`,
+/// and a `libshm_nt.so` left there by an earlier `cargo build` would win over it.
+pub fn launch(exe: &Path) -> Command {
+    let mut c = Command::new(exe);
+    c.env("LD_LIBRARY_PATH", lib_dir());
+    c
+}
