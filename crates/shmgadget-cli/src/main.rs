@@ -1,6 +1,7 @@
 //! `shmgadget`: inspect and manage shmgadget shared-memory domains.
 
 mod demo;
+mod domain_cmd;
 mod json;
 mod out;
 mod size;
@@ -20,18 +21,23 @@ use size::{format_size, parse_section_size, parse_size};
 /// clean up shmgadget domains and sections.
 #[derive(Parser)]
 #[command(name = "shmgadget", version, about, long_about = None)]
-struct Cli {
+pub(crate) struct Cli {
     /// Domain to work on.
     #[arg(long, short = 'd', global = true, env = "SHMGADGET_DOMAIN", default_value = "default")]
-    domain: String,
+    pub(crate) domain: String,
 
     /// Directory of the backing objects (a tmpfs or hugetlbfs mount).
     #[arg(long, global = true, env = "SHMGADGET_SHM_DIR")]
-    shm_dir: Option<PathBuf>,
+    pub(crate) shm_dir: Option<PathBuf>,
 
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
+
+    /// Work on domains and sections owned by another user (root cleaning up after others, or
+    /// joining a domain shared with `domain create --mode 666`); refused by default.
+    #[arg(long, global = true)]
+    pub(crate) allow_foreign_owner: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -43,10 +49,16 @@ enum Command {
     Domains,
     /// List the sections of a domain.
     Ls,
-    /// Show one section in detail.
+    /// Show one section in detail, or without a name the domain: creation time, creator, mode
+    /// and limits.
     Info {
-        /// Section name.
-        name: String,
+        /// Section name (none: the domain itself).
+        name: Option<String>,
+    },
+    /// Create or remove a whole domain (one shared by a group or everyone, for instance).
+    Domain {
+        #[command(subcommand)]
+        action: domain_cmd::DomainAction,
     },
     /// Create a section (persistent unless --transient), and the domain if it does not exist
     /// (announced on stderr).
@@ -60,9 +72,10 @@ enum Command {
         /// nothing else is attached, as soon as this command exits).
         #[arg(long)]
         transient: bool,
-        /// Permission bits, in octal.
-        #[arg(long, default_value = "600", value_parser = parse_mode)]
-        mode: u32,
+        /// Permission bits, in octal (default: the domain's mode, 600 unless made by
+        /// `domain create --mode`).
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<u32>,
         /// Bytes to commit up front (guaranteed backing).
         #[arg(long, value_parser = parse_size)]
         commit: Option<u64>,
@@ -119,7 +132,7 @@ enum Command {
     },
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777)
@@ -164,8 +177,8 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn options(cli: &Cli) -> DomainOptions {
-    DomainOptions { shm_dir: cli.shm_dir.clone(), ..Default::default() }
+pub(crate) fn options(cli: &Cli) -> DomainOptions {
+    DomainOptions { shm_dir: cli.shm_dir.clone(), allow_foreign_owner: cli.allow_foreign_owner, ..Default::default() }
 }
 
 fn existing(cli: &Cli) -> DomainOptions {
@@ -176,7 +189,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match &cli.command {
         Command::Domains => cmd_domains(cli)?,
         Command::Ls => return cmd_ls(cli),
-        Command::Info { name } => return cmd_info(cli, name),
+        Command::Info { name: Some(name) } => return cmd_info(cli, name),
+        Command::Info { name: None } => return domain_cmd::info(cli),
+        Command::Domain { action } => return domain_cmd::run(cli, action),
         Command::Create { name, size, transient, mode, commit, kind } => {
             cmd_create(cli, name, *size, *transient, *mode, *commit, kind)?
         }
@@ -197,11 +212,11 @@ fn cmd_create(
     name: &str,
     size: u64,
     transient: bool,
-    mode: u32,
+    mode: Option<u32>,
     commit: Option<u64>,
     kind: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    if kind != "raw" && (transient || commit.is_some() || mode != 0o600) {
+    if kind != "raw" && (transient || commit.is_some() || mode.is_some()) {
         return Err(shmgadget::Error::new(
             shmgadget::ErrorKind::InvalidArgument,
             format!("--transient, --commit and --mode apply to raw sections only, not to a {kind}; drop them or use --kind raw"),
@@ -237,7 +252,10 @@ fn cmd_create(
             (section.info(), Some(shmgadget::queue::inspect(&section)), what)
         }
         _ => {
-            let mut opts = SectionOptions::new().mode(mode).kind(SectionKind::Raw);
+            let mut opts = SectionOptions::new().kind(SectionKind::Raw);
+            if let Some(mode) = mode {
+                opts = opts.mode(mode);
+            }
             if transient {
                 opts = opts.transient();
             }
@@ -351,7 +369,7 @@ fn cmd_rm(cli: &Cli, names: &[String], force: bool) -> Result<ExitCode, Box<dyn 
 
 fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let domain = (!all).then_some(cli.domain.as_str());
-    let report = inspect::gc(domain, cli.shm_dir.as_deref(), force)?;
+    let report = inspect::gc_with(domain, cli.shm_dir.as_deref(), force, cli.allow_foreign_owner)?;
     for (d, what) in &report.damaged {
         errln!("shmgadget: damage in domain {d:?}: {what}");
     }
@@ -391,8 +409,10 @@ fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::er
             outln!("nothing to clean up");
         }
     }
-    // Damage is not cleaned up: say so with the exit status too.
-    Ok(if report.damaged.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    // Damage is not cleaned up, and a domain asked for by name but skipped was not cleaned:
+    // say so with the exit status too.
+    let skipped_asked = !all && report.skipped.iter().any(|(d, _)| d == &cli.domain);
+    Ok(if report.damaged.is_empty() && !skipped_asked { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
