@@ -4,6 +4,7 @@ mod demo;
 mod domain_cmd;
 mod json;
 mod out;
+mod ps;
 mod size;
 
 use std::path::PathBuf;
@@ -55,6 +56,8 @@ enum Command {
         /// Section name (none: the domain itself).
         name: Option<String>,
     },
+    /// List the processes attached to a domain: pid, command, liveness, attach time.
+    Ps,
     /// Create or remove a whole domain (one shared by a group or everyone, for instance).
     Domain {
         #[command(subcommand)]
@@ -192,6 +195,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Info { name: Some(name) } => return cmd_info(cli, name),
         Command::Info { name: None } => return domain_cmd::info(cli),
         Command::Domain { action } => return domain_cmd::run(cli, action),
+        Command::Ps => return ps::run(cli),
         Command::Create { name, size, transient, mode, commit, kind } => {
             cmd_create(cli, name, *size, *transient, *mode, *commit, kind)?
         }
@@ -766,7 +770,7 @@ fn describe_state(s: shmgadget::heap::ObjectState) -> String {
     }
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(header.to_vec());

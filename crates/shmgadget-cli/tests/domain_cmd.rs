@@ -166,6 +166,16 @@ fn domain_rm_is_refused_while_a_live_process_is_attached_unless_forced() {
     let child = attach_in_child(&dir, "busy");
     let pid = child.id();
     dir.1.push(child);
+    // ps shows it: pid, command name, alive.
+    let o = run(&d, &["-d", "busy", "ps", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)));
+    let p = &v["processes"][0];
+    assert_eq!((p["pid"].as_u64(), p["alive"].as_bool()), (Some(pid as u64), Some(true)), "{v}");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(p["command"], comm.trim_end(), "{v}");
+    let o = run(&d, &["-d", "busy", "ps"]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains(&pid.to_string()) && table.contains("alive"), "{table}");
     let o = run(&d, &["domain", "rm", "busy"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -181,6 +191,27 @@ fn domain_rm_is_refused_while_a_live_process_is_attached_unless_forced() {
         c.kill().unwrap();
         c.wait().unwrap();
     }
+    dir.1.clear();
+    assert!(dir.files().is_empty(), "left behind: {:?}", dir.files());
+}
+
+#[test]
+fn ps_shows_a_process_killed_without_detaching_as_dead() {
+    let mut dir = Dir::new("domps");
+    let d = dir.0.clone();
+    let o = run(&d, &["-d", "psd", "create", "s", "--size", "4K"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut child = attach_in_child(&dir, "psd");
+    let pid = child.id();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let o = run(&d, &["-d", "psd", "ps", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)));
+    let p = &v["processes"][0];
+    assert_eq!((p["pid"].as_u64(), p["alive"].as_bool()), (Some(pid as u64), Some(false)), "{v}");
+    assert!(p["command"].is_null(), "a dead pid's name is not shown: {v}");
+    let o = run(&d, &["domain", "rm", "psd"]);
+    assert!(o.status.success(), "a dead process does not block domain rm: {}", text(&o));
     dir.1.clear();
     assert!(dir.files().is_empty(), "left behind: {:?}", dir.files());
 }

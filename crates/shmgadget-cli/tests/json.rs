@@ -253,6 +253,9 @@ const DOMAIN_RM: Shape = &[
     ("objects", T::List(&[("object", T::Str)])),
     ("attached", T::List(&[("pid", T::U64)])),
 ];
+const PROC: Shape =
+    &[("pid", T::U64), ("uid", T::U64), ("command", T::Opt(&T::Str)), ("alive", T::Bool), ("attached_at", T::U64)];
+const PS: Shape = &[("domain", T::Str), ("processes", T::List(PROC))];
 const ERROR: Shape = &[("error", T::Obj(&[("kind", T::Str), ("message", T::Str)]))];
 
 /// Runs `shmgadget args --json`; checks the exit status and that stdout is one JSON value of
@@ -298,6 +301,7 @@ fn every_command_prints_json_of_the_documented_schema_errors_included() {
     let v = json(d, &["-d", "j", "info", "q"], 0, SECTION);
     assert_eq!(v, *q, "ls and info show a section the same way");
     json(d, &["-d", "j", "info", "raw"], 0, SECTION);
+    json(d, &["-d", "j", "ps"], 0, PS);
     let v = json(d, &["-d", "j", "info"], 0, DOMAIN_INFO);
     assert_eq!(v["sections"], 3);
     let v = json(d, &["domain", "create", "jd", "--mode", "660", "--max-procs", "8"], 0, DOMAIN_INFO);
