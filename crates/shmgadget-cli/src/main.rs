@@ -2,6 +2,7 @@
 
 mod demo;
 mod domain_cmd;
+mod extras;
 mod json;
 mod out;
 mod ps;
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use comfy_table::Table;
 use shmgadget::inspect::{self, DomainEntry, DomainReport};
 use shmgadget::{Domain, DomainOptions, Error, ErrorKind, Lifetime, SectionInfo, SectionKind, SectionOptions};
 
@@ -58,6 +59,14 @@ enum Command {
     },
     /// List the processes attached to a domain: pid, command, liveness, attach time.
     Ps,
+    /// Print a shell completion script, e.g. `shmgadget completions bash > /etc/bash_completion.d/shmgadget`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: extras::Shell,
+    },
+    /// Print the man page (roff), e.g. `shmgadget man | man -l -`.
+    Man,
     /// Create or remove a whole domain (one shared by a group or everyone, for instance).
     Domain {
         #[command(subcommand)]
@@ -196,6 +205,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Info { name: None } => return domain_cmd::info(cli),
         Command::Domain { action } => return domain_cmd::run(cli, action),
         Command::Ps => return ps::run(cli),
+        Command::Completions { shell } => return extras::completions(cli.json, *shell),
+        Command::Man => return extras::man(cli.json),
         Command::Create { name, size, transient, mode, commit, kind } => {
             cmd_create(cli, name, *size, *transient, *mode, *commit, kind)?
         }
@@ -772,7 +783,7 @@ fn describe_state(s: shmgadget::heap::ObjectState) -> String {
 
 pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
+    t.load_preset(extras::table_preset());
     t.set_header(header.to_vec());
     t
 }

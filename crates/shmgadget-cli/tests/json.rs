@@ -302,6 +302,8 @@ fn every_command_prints_json_of_the_documented_schema_errors_included() {
     assert_eq!(v, *q, "ls and info show a section the same way");
     json(d, &["-d", "j", "info", "raw"], 0, SECTION);
     json(d, &["-d", "j", "ps"], 0, PS);
+    json(d, &["completions", "fish"], 0, &[("what", T::Str), ("text", T::Str)]);
+    json(d, &["man"], 0, &[("what", T::Str), ("text", T::Str)]);
     let v = json(d, &["-d", "j", "info"], 0, DOMAIN_INFO);
     assert_eq!(v["sections"], 3);
     let v = json(d, &["domain", "create", "jd", "--mode", "660", "--max-procs", "8"], 0, DOMAIN_INFO);
