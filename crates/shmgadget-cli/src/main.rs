@@ -7,6 +7,7 @@ mod json;
 mod out;
 mod ps;
 mod size;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +60,13 @@ enum Command {
     },
     /// List the processes attached to a domain: pid, command, liveness, attach time.
     Ps,
+    /// A live view of a domain, refreshed every second (q quits): processes, sections, heaps,
+    /// queues and named sync objects, with rates. Attaches to the domain to read them.
+    Top {
+        /// Sample twice, a second apart, print one frame as text (or JSON) and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Print a shell completion script, e.g. `shmgadget completions bash > /etc/bash_completion.d/shmgadget`.
     Completions {
         /// The shell.
@@ -193,7 +201,7 @@ pub(crate) fn options(cli: &Cli) -> DomainOptions {
     DomainOptions { shm_dir: cli.shm_dir.clone(), allow_foreign_owner: cli.allow_foreign_owner, ..Default::default() }
 }
 
-fn existing(cli: &Cli) -> DomainOptions {
+pub(crate) fn existing(cli: &Cli) -> DomainOptions {
     DomainOptions { must_exist: true, ..options(cli) }
 }
 
@@ -205,6 +213,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Info { name: None } => return domain_cmd::info(cli),
         Command::Domain { action } => return domain_cmd::run(cli, action),
         Command::Ps => return ps::run(cli),
+        Command::Top { once } => return top::run(cli, *once),
         Command::Completions { shell } => return extras::completions(cli.json, *shell),
         Command::Man => return extras::man(cli.json),
         Command::Create { name, size, transient, mode, commit, kind } => {
@@ -764,7 +773,7 @@ fn block_state(free: bool, cached: bool) -> &'static str {
     }
 }
 
-fn describe_state(s: shmgadget::heap::ObjectState) -> String {
+pub(crate) fn describe_state(s: shmgadget::heap::ObjectState) -> String {
     use shmgadget::heap::ObjectState;
     match s {
         ObjectState::Semaphore { count, waiters } => format!("count {count}, {waiters} waiting"),

@@ -154,6 +154,8 @@ const QUEUE: Shape = &[
     ("received", T::U64),
     ("senders", T::List(PEER)),
     ("receivers", T::List(PEER)),
+    ("blocked_senders", T::U64),
+    ("blocked_receivers", T::U64),
 ];
 const SECTION: Shape = &[
     ("name", T::Str),
@@ -256,6 +258,61 @@ const DOMAIN_RM: Shape = &[
 const PROC: Shape =
     &[("pid", T::U64), ("uid", T::U64), ("command", T::Opt(&T::Str)), ("alive", T::Bool), ("attached_at", T::U64)];
 const PS: Shape = &[("domain", T::Str), ("processes", T::List(PROC))];
+const TOP: Shape = &[
+    ("domain", T::Str),
+    ("interval_ms", T::U64),
+    ("processes", T::List(PROC)),
+    (
+        "sections",
+        T::List(&[
+            ("name", T::Str),
+            ("kind", T::Str),
+            ("reserved", T::U64),
+            ("committed", T::U64),
+            ("resident", T::Opt(&T::U64)),
+        ]),
+    ),
+    (
+        "heaps",
+        T::List(&[
+            ("name", T::Str),
+            ("used", T::Opt(&T::U64)),
+            ("free", T::Opt(&T::U64)),
+            ("fragmentation", T::Opt(&T::F64)),
+            ("allocs_per_s", T::Opt(&T::F64)),
+            ("frees_per_s", T::Opt(&T::F64)),
+            ("error", T::Opt(&T::Str)),
+        ]),
+    ),
+    (
+        "queues",
+        T::List(&[
+            ("name", T::Str),
+            ("kind", T::Opt(&T::Str)),
+            ("capacity", T::Opt(&T::U64)),
+            ("fill", T::Opt(&T::U64)),
+            ("sent_per_s", T::Opt(&T::F64)),
+            ("received_per_s", T::Opt(&T::F64)),
+            ("senders", T::List(PEER)),
+            ("receivers", T::List(PEER)),
+            ("blocked_senders", T::Opt(&T::U64)),
+            ("blocked_receivers", T::Opt(&T::U64)),
+            ("error", T::Opt(&T::Str)),
+        ]),
+    ),
+    (
+        "sync_objects",
+        T::List(&[
+            ("heap", T::Str),
+            ("name", T::Str),
+            ("kind", T::Str),
+            ("holder_pid", T::Opt(&T::U64)),
+            ("holder_alive", T::Opt(&T::Bool)),
+            ("waiters", T::Opt(&T::U64)),
+            ("state", T::Str),
+        ]),
+    ),
+];
 const ERROR: Shape = &[("error", T::Obj(&[("kind", T::Str), ("message", T::Str)]))];
 
 /// Runs `shmgadget args --json`; checks the exit status and that stdout is one JSON value of
@@ -302,6 +359,9 @@ fn every_command_prints_json_of_the_documented_schema_errors_included() {
     assert_eq!(v, *q, "ls and info show a section the same way");
     json(d, &["-d", "j", "info", "raw"], 0, SECTION);
     json(d, &["-d", "j", "ps"], 0, PS);
+    let v = json(d, &["-d", "j", "top", "--once"], 0, TOP);
+    assert_eq!((v["heaps"][0]["name"].as_str(), v["queues"][0]["name"].as_str()), (Some("h"), Some("q")));
+    json(d, &["-d", "j", "top"], 1, ERROR);
     json(d, &["completions", "fish"], 0, &[("what", T::Str), ("text", T::Str)]);
     json(d, &["man"], 0, &[("what", T::Str), ("text", T::Str)]);
     let v = json(d, &["-d", "j", "info"], 0, DOMAIN_INFO);
