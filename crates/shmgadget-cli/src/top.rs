@@ -64,6 +64,9 @@ fn sample(cli: &crate::Cli, domain: &Domain) -> Result<Sample, shmgadget::Error>
     Ok(Sample { at, report, heaps, queues })
 }
 
+/// One table of a frame: title, column headers, rows of cells.
+pub type TextTable = (String, Vec<&'static str>, Vec<Vec<String>>);
+
 #[derive(Serialize)]
 pub struct Frame {
     pub domain: String,
@@ -243,7 +246,7 @@ impl Frame {
     }
 
     /// The five tables, `(title, header, rows)`, as both views draw them.
-    pub fn tables(&self) -> Vec<(String, Vec<&'static str>, Vec<Vec<String>>)> {
+    pub fn tables(&self) -> Vec<TextTable> {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let per_s = |v: Option<f64>| opt(v.map(|r| format!("{r:.0}")));
         let me = std::process::id();
