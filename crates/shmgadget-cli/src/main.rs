@@ -167,6 +167,7 @@ fn main() -> ExitCode {
     let code = match run(&cli) {
         Ok(code) => code,
         Err(e) => {
+            let e = with_cli_advice(e);
             if cli.json {
                 let kind = match e.downcast_ref::<shmgadget::Error>() {
                     Some(e) => json::kind_name(e.kind()),
@@ -179,6 +180,21 @@ fn main() -> ExitCode {
         }
     };
     if out::failed() { ExitCode::FAILURE } else { code }
+}
+
+/// The library's advice in the CLI's words: an object of another user is accepted with the
+/// `--allow-foreign-owner` flag (the library calls the option `allow_foreign_owner`).
+fn with_cli_advice(e: Box<dyn std::error::Error>) -> Box<dyn std::error::Error> {
+    match e.downcast_ref::<Error>() {
+        Some(le)
+            if le.kind() == ErrorKind::PermissionDenied
+                && le.to_string().contains("allow_foreign_owner")
+                && !le.to_string().contains("--allow-foreign-owner") =>
+        {
+            Error::new(le.kind(), format!("{le}; from the command line: --allow-foreign-owner")).into()
+        }
+        _ => e,
+    }
 }
 
 /// A command line clap rejected: exit status 2 (0 for `--help` and `--version`), and with

@@ -246,7 +246,11 @@ fn a_0666_domain_created_by_root_is_used_by_uid_65534() {
     assert!(o.status.success(), "{}", text(&o));
     let o = as_nobody(d, &["-d", "shared", "--allow-foreign-owner", "rm", "s"]);
     assert!(o.status.success(), "{}", text(&o));
-    // Root opens the stranger's heap in its own domain, then removes the whole domain.
+    // Root opens the stranger's heap in its own domain (told the flag's name without it),
+    // then removes the whole domain.
+    let o = run(d, &["-d", "shared", "heap", "h"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--allow-foreign-owner"), "{}", text(&o));
     let o = run(d, &["-d", "shared", "--allow-foreign-owner", "heap", "h"]);
     assert!(o.status.success(), "{}", text(&o));
     let o = run(d, &["domain", "rm", "shared"]);
