@@ -115,7 +115,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Delete sections for every process (the domain goes with its last section).
+    /// Delete sections for every process (the domain goes with its last section, unless it was
+    /// made by `domain create`).
     Rm {
         /// Section names.
         #[arg(required = true)]
@@ -619,8 +620,13 @@ fn describe_queue(q: &shmgadget::queue::QueueInfo) -> String {
         }
     };
     let unit = if q.kind == "bytes" { "bytes" } else { "messages" };
+    let blocked = if q.blocked_senders + q.blocked_receivers == 0 {
+        String::new()
+    } else {
+        format!("; asleep: {} senders, {} receivers", q.blocked_senders, q.blocked_receivers)
+    };
     format!(
-        "{} queue, {} of {} {unit} waiting, {} sent, {} received; senders: {}; receivers: {}",
+        "{} queue, {} of {} {unit} waiting, {} sent, {} received; senders: {}; receivers: {}{blocked}",
         q.kind,
         q.fill,
         q.capacity,
