@@ -83,9 +83,11 @@ pub struct Queue {
     pub received: u64,
     pub senders: Vec<Peer>,
     pub receivers: Vec<Peer>,
+    pub blocked_senders: u32,
+    pub blocked_receivers: u32,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 pub struct Peer {
     pub pid: u32,
     pub alive: bool,
@@ -102,6 +104,8 @@ impl Queue {
             received: q.received,
             senders: peers(&q.senders),
             receivers: peers(&q.receivers),
+            blocked_senders: q.blocked_senders,
+            blocked_receivers: q.blocked_receivers,
         }
     }
 }

@@ -1,15 +1,19 @@
 //! `shmgadget`: inspect and manage shmgadget shared-memory domains.
 
 mod demo;
+mod domain_cmd;
+mod extras;
 mod json;
 mod out;
+mod ps;
 mod size;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use comfy_table::Table;
 use shmgadget::inspect::{self, DomainEntry, DomainReport};
 use shmgadget::{Domain, DomainOptions, Error, ErrorKind, Lifetime, SectionInfo, SectionKind, SectionOptions};
 
@@ -20,18 +24,23 @@ use size::{format_size, parse_section_size, parse_size};
 /// clean up shmgadget domains and sections.
 #[derive(Parser)]
 #[command(name = "shmgadget", version, about, long_about = None)]
-struct Cli {
+pub(crate) struct Cli {
     /// Domain to work on.
     #[arg(long, short = 'd', global = true, env = "SHMGADGET_DOMAIN", default_value = "default")]
-    domain: String,
+    pub(crate) domain: String,
 
     /// Directory of the backing objects (a tmpfs or hugetlbfs mount).
     #[arg(long, global = true, env = "SHMGADGET_SHM_DIR")]
-    shm_dir: Option<PathBuf>,
+    pub(crate) shm_dir: Option<PathBuf>,
 
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
+
+    /// Work on domains and sections owned by another user (root cleaning up after others, or
+    /// joining a domain shared with `domain create --mode 666`); refused by default.
+    #[arg(long, global = true)]
+    pub(crate) allow_foreign_owner: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -43,10 +52,33 @@ enum Command {
     Domains,
     /// List the sections of a domain.
     Ls,
-    /// Show one section in detail.
+    /// Show one section in detail, or without a name the domain: creation time, creator, mode
+    /// and limits.
     Info {
-        /// Section name.
-        name: String,
+        /// Section name (none: the domain itself).
+        name: Option<String>,
+    },
+    /// List the processes attached to a domain: pid, command, liveness, attach time.
+    Ps,
+    /// A live view of a domain, refreshed every second (q quits): processes, sections, heaps,
+    /// queues and named sync objects, with rates. Attaches to the domain to read them.
+    Top {
+        /// Sample twice, a second apart, print one frame as text (or JSON) and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Print a shell completion script, e.g. `shmgadget completions bash > /etc/bash_completion.d/shmgadget`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: extras::Shell,
+    },
+    /// Print the man page (roff), e.g. `shmgadget man | man -l -`.
+    Man,
+    /// Create or remove a whole domain (one shared by a group or everyone, for instance).
+    Domain {
+        #[command(subcommand)]
+        action: domain_cmd::DomainAction,
     },
     /// Create a section (persistent unless --transient), and the domain if it does not exist
     /// (announced on stderr).
@@ -60,9 +92,10 @@ enum Command {
         /// nothing else is attached, as soon as this command exits).
         #[arg(long)]
         transient: bool,
-        /// Permission bits, in octal.
-        #[arg(long, default_value = "600", value_parser = parse_mode)]
-        mode: u32,
+        /// Permission bits, in octal (default: the domain's mode, 600 unless made by
+        /// `domain create --mode`).
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<u32>,
         /// Bytes to commit up front (guaranteed backing).
         #[arg(long, value_parser = parse_size)]
         commit: Option<u64>,
@@ -82,7 +115,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Delete sections for every process (the domain goes with its last section).
+    /// Delete sections for every process (the domain goes with its last section, unless it was
+    /// made by `domain create`).
     Rm {
         /// Section names.
         #[arg(required = true)]
@@ -119,7 +153,7 @@ enum Command {
     },
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777)
@@ -134,6 +168,7 @@ fn main() -> ExitCode {
     let code = match run(&cli) {
         Ok(code) => code,
         Err(e) => {
+            let e = with_cli_advice(e);
             if cli.json {
                 let kind = match e.downcast_ref::<shmgadget::Error>() {
                     Some(e) => json::kind_name(e.kind()),
@@ -146,6 +181,21 @@ fn main() -> ExitCode {
         }
     };
     if out::failed() { ExitCode::FAILURE } else { code }
+}
+
+/// The library's advice in the CLI's words: an object of another user is accepted with the
+/// `--allow-foreign-owner` flag (the library calls the option `allow_foreign_owner`).
+fn with_cli_advice(e: Box<dyn std::error::Error>) -> Box<dyn std::error::Error> {
+    match e.downcast_ref::<Error>() {
+        Some(le)
+            if le.kind() == ErrorKind::PermissionDenied
+                && le.to_string().contains("allow_foreign_owner")
+                && !le.to_string().contains("--allow-foreign-owner") =>
+        {
+            Error::new(le.kind(), format!("{le}; from the command line: --allow-foreign-owner")).into()
+        }
+        _ => e,
+    }
 }
 
 /// A command line clap rejected: exit status 2 (0 for `--help` and `--version`), and with
@@ -164,11 +214,11 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn options(cli: &Cli) -> DomainOptions {
-    DomainOptions { shm_dir: cli.shm_dir.clone(), ..Default::default() }
+pub(crate) fn options(cli: &Cli) -> DomainOptions {
+    DomainOptions { shm_dir: cli.shm_dir.clone(), allow_foreign_owner: cli.allow_foreign_owner, ..Default::default() }
 }
 
-fn existing(cli: &Cli) -> DomainOptions {
+pub(crate) fn existing(cli: &Cli) -> DomainOptions {
     DomainOptions { must_exist: true, ..options(cli) }
 }
 
@@ -176,7 +226,13 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match &cli.command {
         Command::Domains => cmd_domains(cli)?,
         Command::Ls => return cmd_ls(cli),
-        Command::Info { name } => return cmd_info(cli, name),
+        Command::Info { name: Some(name) } => return cmd_info(cli, name),
+        Command::Info { name: None } => return domain_cmd::info(cli),
+        Command::Domain { action } => return domain_cmd::run(cli, action),
+        Command::Ps => return ps::run(cli),
+        Command::Top { once } => return top::run(cli, *once),
+        Command::Completions { shell } => return extras::completions(cli.json, *shell),
+        Command::Man => return extras::man(cli.json),
         Command::Create { name, size, transient, mode, commit, kind } => {
             cmd_create(cli, name, *size, *transient, *mode, *commit, kind)?
         }
@@ -197,11 +253,11 @@ fn cmd_create(
     name: &str,
     size: u64,
     transient: bool,
-    mode: u32,
+    mode: Option<u32>,
     commit: Option<u64>,
     kind: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    if kind != "raw" && (transient || commit.is_some() || mode != 0o600) {
+    if kind != "raw" && (transient || commit.is_some() || mode.is_some()) {
         return Err(shmgadget::Error::new(
             shmgadget::ErrorKind::InvalidArgument,
             format!("--transient, --commit and --mode apply to raw sections only, not to a {kind}; drop them or use --kind raw"),
@@ -237,7 +293,10 @@ fn cmd_create(
             (section.info(), Some(shmgadget::queue::inspect(&section)), what)
         }
         _ => {
-            let mut opts = SectionOptions::new().mode(mode).kind(SectionKind::Raw);
+            let mut opts = SectionOptions::new().kind(SectionKind::Raw);
+            if let Some(mode) = mode {
+                opts = opts.mode(mode);
+            }
             if transient {
                 opts = opts.transient();
             }
@@ -351,7 +410,7 @@ fn cmd_rm(cli: &Cli, names: &[String], force: bool) -> Result<ExitCode, Box<dyn 
 
 fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let domain = (!all).then_some(cli.domain.as_str());
-    let report = inspect::gc(domain, cli.shm_dir.as_deref(), force)?;
+    let report = inspect::gc_with(domain, cli.shm_dir.as_deref(), force, cli.allow_foreign_owner)?;
     for (d, what) in &report.damaged {
         errln!("shmgadget: damage in domain {d:?}: {what}");
     }
@@ -391,8 +450,10 @@ fn cmd_gc(cli: &Cli, all: bool, force: bool) -> Result<ExitCode, Box<dyn std::er
             outln!("nothing to clean up");
         }
     }
-    // Damage is not cleaned up: say so with the exit status too.
-    Ok(if report.damaged.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    // Damage is not cleaned up, and a domain asked for by name but skipped was not cleaned:
+    // say so with the exit status too.
+    let skipped_asked = !all && report.skipped.iter().any(|(d, _)| d == &cli.domain);
+    Ok(if report.damaged.is_empty() && !skipped_asked { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -559,8 +620,13 @@ fn describe_queue(q: &shmgadget::queue::QueueInfo) -> String {
         }
     };
     let unit = if q.kind == "bytes" { "bytes" } else { "messages" };
+    let blocked = if q.blocked_senders + q.blocked_receivers == 0 {
+        String::new()
+    } else {
+        format!("; asleep: {} senders, {} receivers", q.blocked_senders, q.blocked_receivers)
+    };
     format!(
-        "{} queue, {} of {} {unit} waiting, {} sent, {} received; senders: {}; receivers: {}",
+        "{} queue, {} of {} {unit} waiting, {} sent, {} received; senders: {}; receivers: {}{blocked}",
         q.kind,
         q.fill,
         q.capacity,
@@ -729,7 +795,7 @@ fn block_state(free: bool, cached: bool) -> &'static str {
     }
 }
 
-fn describe_state(s: shmgadget::heap::ObjectState) -> String {
+pub(crate) fn describe_state(s: shmgadget::heap::ObjectState) -> String {
     use shmgadget::heap::ObjectState;
     match s {
         ObjectState::Semaphore { count, waiters } => format!("count {count}, {waiters} waiting"),
@@ -746,9 +812,9 @@ fn describe_state(s: shmgadget::heap::ObjectState) -> String {
     }
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
+    t.load_preset(extras::table_preset());
     t.set_header(header.to_vec());
     t
 }

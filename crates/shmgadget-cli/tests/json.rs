@@ -154,6 +154,8 @@ const QUEUE: Shape = &[
     ("received", T::U64),
     ("senders", T::List(PEER)),
     ("receivers", T::List(PEER)),
+    ("blocked_senders", T::U64),
+    ("blocked_receivers", T::U64),
 ];
 const SECTION: Shape = &[
     ("name", T::Str),
@@ -231,6 +233,86 @@ const DEMO: Shape = &[
     ("total_ms", T::F64),
     ("ok", T::Bool),
 ];
+const DOMAIN_INFO: Shape = &[
+    ("name", T::Str),
+    ("window_base", T::Addr),
+    ("window_end", T::Addr),
+    ("window_size", T::U64),
+    ("mode", T::Mode),
+    ("owner_uid", T::U64),
+    ("created_at", T::U64),
+    ("kept", T::Bool),
+    ("max_sections", T::U64),
+    ("max_procs", T::U64),
+    ("sections", T::U64),
+    ("processes", T::U64),
+    ("live_processes", T::U64),
+    ("registry_bytes", T::U64),
+];
+const DOMAIN_RM: Shape = &[
+    ("domain", T::Str),
+    ("sections", T::List(&[("name", T::Str)])),
+    ("objects", T::List(&[("object", T::Str)])),
+    ("attached", T::List(&[("pid", T::U64)])),
+];
+const PROC: Shape =
+    &[("pid", T::U64), ("uid", T::U64), ("command", T::Opt(&T::Str)), ("alive", T::Bool), ("attached_at", T::U64)];
+const PS: Shape = &[("domain", T::Str), ("processes", T::List(PROC))];
+const TOP: Shape = &[
+    ("domain", T::Str),
+    ("interval_ms", T::U64),
+    ("processes", T::List(PROC)),
+    (
+        "sections",
+        T::List(&[
+            ("name", T::Str),
+            ("kind", T::Str),
+            ("reserved", T::U64),
+            ("committed", T::U64),
+            ("resident", T::Opt(&T::U64)),
+        ]),
+    ),
+    (
+        "heaps",
+        T::List(&[
+            ("name", T::Str),
+            ("used", T::Opt(&T::U64)),
+            ("free", T::Opt(&T::U64)),
+            ("fragmentation", T::Opt(&T::F64)),
+            ("allocs_per_s", T::Opt(&T::F64)),
+            ("frees_per_s", T::Opt(&T::F64)),
+            ("error", T::Opt(&T::Str)),
+        ]),
+    ),
+    (
+        "queues",
+        T::List(&[
+            ("name", T::Str),
+            ("kind", T::Opt(&T::Str)),
+            ("capacity", T::Opt(&T::U64)),
+            ("fill", T::Opt(&T::U64)),
+            ("sent_per_s", T::Opt(&T::F64)),
+            ("received_per_s", T::Opt(&T::F64)),
+            ("senders", T::List(PEER)),
+            ("receivers", T::List(PEER)),
+            ("blocked_senders", T::Opt(&T::U64)),
+            ("blocked_receivers", T::Opt(&T::U64)),
+            ("error", T::Opt(&T::Str)),
+        ]),
+    ),
+    (
+        "sync_objects",
+        T::List(&[
+            ("heap", T::Str),
+            ("name", T::Str),
+            ("kind", T::Str),
+            ("holder_pid", T::Opt(&T::U64)),
+            ("holder_alive", T::Opt(&T::Bool)),
+            ("waiters", T::Opt(&T::U64)),
+            ("state", T::Str),
+        ]),
+    ),
+];
 const ERROR: Shape = &[("error", T::Obj(&[("kind", T::Str), ("message", T::Str)]))];
 
 /// Runs `shmgadget args --json`; checks the exit status and that stdout is one JSON value of
@@ -276,6 +358,21 @@ fn every_command_prints_json_of_the_documented_schema_errors_included() {
     let v = json(d, &["-d", "j", "info", "q"], 0, SECTION);
     assert_eq!(v, *q, "ls and info show a section the same way");
     json(d, &["-d", "j", "info", "raw"], 0, SECTION);
+    json(d, &["-d", "j", "ps"], 0, PS);
+    let v = json(d, &["-d", "j", "top", "--once"], 0, TOP);
+    assert_eq!((v["heaps"][0]["name"].as_str(), v["queues"][0]["name"].as_str()), (Some("h"), Some("q")));
+    json(d, &["-d", "j", "top"], 1, ERROR);
+    json(d, &["completions", "fish"], 0, &[("what", T::Str), ("text", T::Str)]);
+    json(d, &["man"], 0, &[("what", T::Str), ("text", T::Str)]);
+    let v = json(d, &["-d", "j", "info"], 0, DOMAIN_INFO);
+    assert_eq!(v["sections"], 3);
+    let v = json(d, &["domain", "create", "jd", "--mode", "660", "--max-procs", "8"], 0, DOMAIN_INFO);
+    assert_eq!((v["mode"].as_str(), v["max_procs"].as_u64(), v["kept"].as_bool()), (Some("0660"), Some(8), Some(true)));
+    let v = json(d, &["domain", "create", "jd"], 1, ERROR);
+    assert_eq!(v["error"]["kind"], "already_exists");
+    json(d, &["-d", "jd", "create", "x", "--size", "4K"], 0, CREATE);
+    let v = json(d, &["domain", "rm", "jd"], 0, DOMAIN_RM);
+    assert_eq!(v["sections"][0]["name"], "x");
     let v = json(d, &["domains"], 0, DOMAINS);
     assert_eq!(v["domains"][0]["mode"], "0600");
     let v = json(d, &["-d", "j", "heap", "h", "--blocks", "--check"], 0, HEAP);

@@ -585,7 +585,7 @@ impl Domain {
                 self.inner.window_size
             );
         }
-        if opts.mode & !0o777 != 0 {
+        if opts.mode != SectionOptions::DOMAIN_MODE && opts.mode & !0o777 != 0 {
             bail!(InvalidArgument, "section {name:?}: mode {:#o} has bits outside 0o777", opts.mode);
         }
         Ok(reserved)
@@ -601,16 +601,17 @@ impl Domain {
         ready: bool,
     ) -> Result<(SectionRecord, OwnedFd)> {
         let creator = registry::Creator { token: self.peer_token(), ready };
-        let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.mode, reserved, creator)?;
+        let mode = if opts.mode == SectionOptions::DOMAIN_MODE { self.inner.registry.mode & 0o777 } else { opts.mode };
+        let rec = guard.begin_create(name, opts.kind, opts.lifetime, mode, reserved, creator)?;
         let dir = self.inner.registry.dir();
         let object = names::section_object(&self.inner.name, rec.generation, name);
-        let made = os::create_object(os::borrow(dir), &object, opts.mode)
+        let made = os::create_object(os::borrow(dir), &object, mode)
             .or_else(|e| {
                 // A leftover from a crash with the same generation cannot normally exist (the
                 // counter only grows), but if one does it is garbage: replace it.
                 if e.raw_os_error() == Some(17) {
                     let _ = os::unlink_object(os::borrow(dir), &object);
-                    os::create_object(os::borrow(dir), &object, opts.mode)
+                    os::create_object(os::borrow(dir), &object, mode)
                 } else {
                     Err(e)
                 }
@@ -865,8 +866,8 @@ impl DomainInner {
             }
         }
         // Any slot in use, even a damaged one, keeps the registry: removing it would orphan
-        // the objects that slot may refer to.
-        if !guard.any_slot_used() {
+        // the objects that slot may refer to. So does a domain made to last (`admin`).
+        if !guard.any_slot_used() && !crate::admin::is_kept(self.registry.dir(), &self.name) {
             let object = names::registry_object(&self.name);
             if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
                 first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));

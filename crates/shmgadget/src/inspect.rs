@@ -191,6 +191,17 @@ enum Verdict {
 /// processes, unfinished and transient sections) but keeps its damaged entries, and the
 /// objects they may refer to; objects of domains without a registry are removed.
 pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<GcReport> {
+    gc_with(domain, shm_dir, force, false)
+}
+
+/// [`gc`], and with `allow_foreign_owner` also the domains of other users (whose registries
+/// this process can write: root's `gc --allow-foreign-owner`) instead of skipping them.
+pub fn gc_with(
+    domain: Option<&str>,
+    shm_dir: Option<&Path>,
+    force: bool,
+    allow_foreign_owner: bool,
+) -> Result<GcReport> {
     if let Some(d) = domain {
         names::validate(d, "domain")?;
     }
@@ -210,7 +221,7 @@ pub fn gc(domain: Option<&str>, shm_dir: Option<&Path>, force: bool) -> Result<G
     registries.sort();
     let mut verdicts: Vec<(String, Verdict)> = Vec::new();
     for d in &registries {
-        let verdict = gc_domain(&dir, &dir_fd, &files, d, force, &mut out)?;
+        let verdict = gc_domain(&dir, &dir_fd, &files, d, force, allow_foreign_owner, &mut out)?;
         verdicts.push((d.clone(), verdict));
     }
     // Objects that no sound registry records. Creation happens under the registry lock after
@@ -258,9 +269,10 @@ fn gc_domain(
     files: &[String],
     d: &str,
     force: bool,
+    allow_foreign_owner: bool,
     out: &mut GcReport,
 ) -> Result<Verdict> {
-    let reg = match Registry::open(open_dir(dir)?, d, true, false) {
+    let reg = match Registry::open(open_dir(dir)?, d, true, allow_foreign_owner) {
         Ok(reg) => reg,
         // Unfinished: its creator died while creating it (we hold the directory lock every
         // creator holds), so it never recorded a section.
@@ -381,7 +393,7 @@ fn gc_domain(
             }
         }
     }
-    if sound && !guard.any_slot_used() && !guard.others_alive() {
+    if sound && !guard.any_slot_used() && !guard.others_alive() && !crate::admin::is_kept(dir_fd, d) {
         remove_registry(dir_fd, d)?;
         out.removed_domains.push(d.to_owned());
         return Ok(Verdict::Gone { remove: true });

@@ -46,6 +46,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod admin;
 mod domain;
 mod error;
 mod fault;

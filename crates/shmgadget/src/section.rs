@@ -35,18 +35,24 @@ pub struct SectionOptions {
     pub kind: SectionKind,
     /// Persistent (default) or transient.
     pub lifetime: Lifetime,
-    /// Permission bits of the backing object. Default `0o600`.
+    /// Permission bits of the backing object. Default [`SectionOptions::DOMAIN_MODE`]: the
+    /// domain's (its registry object's) bits, `0o600` unless the domain was made with another
+    /// [`crate::DomainOptions::mode`].
     pub mode: u32,
 }
 
 impl Default for SectionOptions {
     fn default() -> Self {
-        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, mode: 0o600 }
+        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, mode: SectionOptions::DOMAIN_MODE }
     }
 }
 
 impl SectionOptions {
-    /// Default options: raw, persistent, mode `0o600`.
+    /// A `mode` that means "the domain's mode": a section of a domain shared with the group
+    /// (`0o660`) or everyone (`0o666`) is shared the same way unless it asks otherwise.
+    pub const DOMAIN_MODE: u32 = u32::MAX;
+
+    /// Default options: raw, persistent, the domain's mode.
     pub fn new() -> Self {
         Self::default()
     }

@@ -81,6 +81,11 @@ pub fn create_object(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<O
     Ok(fd)
 }
 
+/// Sets an object's permission bits and sticky bit (`mode & 0o1777`), `fchmod(2)`.
+pub fn set_object_mode(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    Ok(rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o1777))?)
+}
+
 /// Opens an existing object, `openat(2)` with `O_NOFOLLOW | O_CLOEXEC` and `O_RDWR` or
 /// `O_RDONLY`.
 pub fn open_object(dir: BorrowedFd<'_>, name: &str, writable: bool) -> io::Result<OwnedFd> {
@@ -104,6 +109,8 @@ pub struct ObjectStat {
     pub uid: u32,
     /// Whether it is a regular file.
     pub is_regular: bool,
+    /// Permission bits and the sticky bit (`st_mode & 0o7777`).
+    pub mode: u32,
     /// Which object this is: equal identities mean the same object.
     pub identity: ObjectId,
 }
@@ -117,6 +124,7 @@ pub fn stat_object(fd: BorrowedFd<'_>) -> io::Result<ObjectStat> {
         allocated: (st.st_blocks as u64).saturating_mul(512),
         uid: st.st_uid,
         is_regular: file_type == rustix::fs::FileType::RegularFile,
+        mode: st.st_mode & 0o7777,
         identity: ObjectId { dev: st.st_dev, ino: st.st_ino },
     })
 }

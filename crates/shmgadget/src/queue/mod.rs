@@ -534,6 +534,11 @@ pub struct QueueInfo {
     pub senders: Vec<(u32, bool)>,
     /// Pids of attached receivers, with liveness.
     pub receivers: Vec<(u32, bool)>,
+    /// Senders counted as asleep waiting for space (`space_waiters`: a waiter counts itself
+    /// just before it sleeps and uncounts itself after it wakes, so this is an upper bound).
+    pub blocked_senders: u32,
+    /// Receivers counted as asleep waiting for data (`data_waiters`, as above).
+    pub blocked_receivers: u32,
 }
 
 /// Reads a queue section's state (for inspection). A damaged header or positions that no
@@ -586,6 +591,9 @@ pub(crate) fn inspect_header(
                 received,
                 senders: peers(&h.senders),
                 receivers: peers(&h.receivers),
+                // Relaxed: statistics.
+                blocked_senders: h.events.space_waiters.load(Ordering::Relaxed),
+                blocked_receivers: h.events.data_waiters.load(Ordering::Relaxed),
             });
         }
         last = if kind == KIND_BYTES {
