@@ -9,7 +9,7 @@
 //! detached when the last [`Domain`] handle (sections hold one) is dropped or detached.
 //!
 //! Lock order: this process's attachment table → an attachment's `ident_lock` → shm-directory
-//! `flock` → registry lock. The directory lock serialises creating, joining and deleting
+//! lock ([`os::DirLock`]) → registry lock. The directory lock serialises creating, joining and deleting
 //! registries, so a registry is never unlinked while someone is joining it and two new domains
 //! never pick the same window.
 //!
@@ -21,7 +21,7 @@
 //!
 //! A forked child must not share its parent's identity (DESIGN, "Pitfalls": it would keep the
 //! parent "alive", and its exit would release the parent's token). So before every `fork(2)`
-//! the `pthread_atfork` prepare hook ([`before_fork`]) registers one new slot per attached
+//! the fork prepare hook ([`before_fork`], registered with [`os::install_fork_handlers`]) registers one new slot per attached
 //! domain with a new descriptor and hands it to the token cell as *pending*; the parent
 //! handler closes the parent's copy (the child's copy alone now holds that lock), and the child
 //! handler closes the inherited descriptors of the parent's tokens and adopts the pending ones
@@ -35,7 +35,6 @@
 //! fork wait for attach/detach in other threads, but not for other private locks.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
@@ -43,7 +42,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use crate::error::{Error, ErrorKind, Result, bail};
 use crate::fault;
 use crate::names;
-use crate::os;
+use crate::os::{self, ErrorExt};
 use crate::registry::{self, CreateParams, Lifetime, Registry, SectionRecord};
 use crate::section::{Section, SectionInfo, SectionOptions};
 
@@ -188,13 +187,10 @@ fn attached() -> MutexGuard<'static, HashMap<Key, Arc<DomainInner>>> {
     ATTACHED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-struct DirLock(#[allow(dead_code)] OwnedFd);
-
-fn lock_dir(dir: &Path) -> Result<DirLock> {
-    let fd = os::open_dir(dir).map_err(|e| dir_error(dir, e))?;
-    os::lock_exclusive(os::borrow(&fd))
-        .map_err(|e| Error::from_io(format!("cannot lock the shm directory {}", dir.display()), e))?;
-    Ok(DirLock(fd))
+fn lock_dir(dir: &Path) -> Result<os::DirLock> {
+    let handle = os::Dir::open(dir).map_err(|e| dir_error(dir, e))?;
+    os::DirLock::acquire(handle)
+        .map_err(|e| Error::from_io(format!("cannot lock the shm directory {}", dir.display()), e))
 }
 
 fn dir_error(dir: &Path, e: std::io::Error) -> Error {
@@ -238,8 +234,8 @@ impl Domain {
             return Ok(Domain { inner: inner.clone() });
         }
         let dir_lock = lock_dir(&shm_dir)?;
-        let dir = os::open_dir(&shm_dir).map_err(|e| dir_error(&shm_dir, e))?;
-        let registry = match Registry::open(clone_fd(&dir)?, name, true, opts.allow_foreign_owner) {
+        let dir = os::Dir::open(&shm_dir).map_err(|e| dir_error(&shm_dir, e))?;
+        let registry = match Registry::open(clone_dir(&dir)?, name, os::Access::ReadWrite, opts.allow_foreign_owner) {
             Ok(reg) => {
                 claim_window(name, reg.window_base, reg.window_size)?;
                 reg
@@ -248,7 +244,7 @@ impl Domain {
                 if e.kind() != ErrorKind::NotFound {
                     // Its creator died while making it (we hold the directory lock it held):
                     // all or nothing, so it is made anew.
-                    let _ = os::unlink_object(os::borrow(&dir), &names::registry_object(name));
+                    let _ = dir.unlink_object(&names::registry_object(name));
                 }
                 let (base, size) = choose_window(&shm_dir, &dir, name, opts)?;
                 let params = CreateParams {
@@ -258,7 +254,7 @@ impl Domain {
                     max_procs: opts.max_procs,
                     mode: opts.mode,
                 };
-                Registry::create(clone_fd(&dir)?, name, &params).inspect_err(|_| release_window(base, size))?
+                Registry::create(clone_dir(&dir)?, name, &params).inspect_err(|_| release_window(base, size))?
             }
             Err(e) => return Err(e),
         };
@@ -548,7 +544,7 @@ impl Domain {
     }
 
     /// Maps a section this call just created; if that fails, removes it again.
-    fn map_created(&self, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
+    fn map_created(&self, rec: SectionRecord, fd: os::Object) -> Result<Section> {
         Section::map_new(self.clone(), rec, fd).inspect_err(|_| {
             if let Ok(guard) = self.inner.registry.lock() {
                 if let Some(live) = guard.same_entry(&rec) {
@@ -599,23 +595,24 @@ impl Domain {
         reserved: u64,
         opts: &SectionOptions,
         ready: bool,
-    ) -> Result<(SectionRecord, OwnedFd)> {
+    ) -> Result<(SectionRecord, os::Object)> {
         let creator = registry::Creator { token: self.peer_token(), ready };
         let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.mode, reserved, creator)?;
         let dir = self.inner.registry.dir();
         let object = names::section_object(&self.inner.name, rec.generation, name);
-        let made = os::create_object(os::borrow(dir), &object, opts.mode)
+        let made = dir
+            .create_object(&object, opts.mode)
             .or_else(|e| {
                 // A leftover from a crash with the same generation cannot normally exist (the
                 // counter only grows), but if one does it is garbage: replace it.
-                if e.raw_os_error() == Some(17) {
-                    let _ = os::unlink_object(os::borrow(dir), &object);
-                    os::create_object(os::borrow(dir), &object, opts.mode)
+                if e.is_exists() {
+                    let _ = dir.unlink_object(&object);
+                    dir.create_object(&object, opts.mode)
                 } else {
                     Err(e)
                 }
             })
-            .and_then(|fd| os::set_size(os::borrow(&fd), reserved).map(|()| fd));
+            .and_then(|fd| fd.set_size(reserved).map(|()| fd));
         match made {
             Ok(fd) => {
                 guard.finish_create(rec.slot);
@@ -733,7 +730,7 @@ impl Domain {
 /// register (the registry is full or gone), so peers see it as gone rather than as someone else.
 pub(crate) const NO_TOKEN: u64 = u64::MAX;
 
-/// The `pthread_atfork` prepare hook: makes a registration for the child in every attached
+/// The fork prepare hook (see [`os::install_fork_handlers`]): makes a registration for the child in every attached
 /// domain (see the module docs).
 fn before_fork() {
     let table = attached();
@@ -868,7 +865,7 @@ impl DomainInner {
         // the objects that slot may refer to.
         if !guard.any_slot_used() {
             let object = names::registry_object(&self.name);
-            if let Err(e) = os::unlink_object(os::borrow(self.registry.dir()), &object) {
+            if let Err(e) = self.registry.dir().unlink_object(&object) {
                 first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));
             }
         }
@@ -876,8 +873,8 @@ impl DomainInner {
     }
 }
 
-fn clone_fd(fd: &OwnedFd) -> Result<OwnedFd> {
-    fd.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))
+fn clone_dir(dir: &os::Dir) -> Result<os::Dir> {
+    dir.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))
 }
 
 fn not_found(domain: &Domain, name: &str) -> Error {
@@ -1000,7 +997,7 @@ fn release_window(base: u64, size: u64) {
 /// `WINDOW_ALIGN`-aligned range at or above the default base that no other domain's registry
 /// records and that is free in this process. The caller holds the directory lock, so no other
 /// domain can be created meanwhile.
-fn choose_window(shm_dir: &Path, dir: &OwnedFd, name: &str, opts: &DomainOptions) -> Result<(u64, u64)> {
+fn choose_window(shm_dir: &Path, dir: &os::Dir, name: &str, opts: &DomainOptions) -> Result<(u64, u64)> {
     let size = opts.window_size;
     let mut taken: Vec<(u64, u64, String)> = Vec::new();
     for file in os::list_dir(shm_dir).map_err(|e| dir_error(shm_dir, e))? {
@@ -1010,7 +1007,7 @@ fn choose_window(shm_dir: &Path, dir: &OwnedFd, name: &str, opts: &DomainOptions
             }
             // A private copy of the header, not a mapping: another user may shrink their
             // registry while we read it (see the registry's "Strangers").
-            if let Ok(reg) = Registry::snapshot(clone_fd(dir)?, domain, true, false) {
+            if let Ok(reg) = Registry::snapshot(clone_dir(dir)?, domain, true, false) {
                 taken.push((reg.window_base, reg.window_base + reg.window_size, domain.to_owned()));
             }
         }

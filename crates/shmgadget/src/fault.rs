@@ -66,7 +66,7 @@ use crate::domain::DomainInner;
 use crate::error::{Error, ErrorKind, Result};
 #[cfg(doc)]
 use crate::heap::ShmAlloc;
-use crate::os::{self, FaultSignal};
+use crate::os::{self, ErrorExt, FaultSignal};
 use crate::registry::SectionRecord;
 
 /// Most domains one process can have attached at once.
@@ -310,8 +310,8 @@ impl DomainInner {
         let mut buf = [0u8; 256];
         let name =
             object_name_cstr(&mut buf, &self.name, rec.generation, rec.name.as_str()).ok_or(Failure::NameTooLong)?;
-        let fd = os::open_object_cstr(os::borrow(self.registry.dir()), name).map_err(Failure::Open)?;
-        let st = os::stat_object(os::borrow(&fd)).map_err(Failure::Stat)?;
+        let fd = self.registry.dir().open_object_cstr(name).map_err(Failure::Open)?;
+        let st = fd.stat().map_err(Failure::Stat)?;
         if !st.is_regular {
             return Err(Failure::NotRegular);
         }
@@ -326,7 +326,7 @@ impl DomainInner {
         // against the window size when the record was read); nothing else is mapped there in
         // this process (the fault proves the page was not mapped, and the slot's BUSY/mapped
         // word keeps other threads of this process from mapping it concurrently).
-        unsafe { os::map_shared_fixed(os::borrow(&fd), addr, rec.reserved as usize, true) }.map_err(Failure::Map)
+        unsafe { os::map_shared_fixed(&fd, addr, rec.reserved as usize, os::Access::ReadWrite) }.map_err(Failure::Map)
         // `fd` is closed here: the mapping keeps the object alive.
     }
 
@@ -371,12 +371,12 @@ impl DomainInner {
                 let object = rec
                     .and_then(|r| object_name_cstr(&mut obj, &self.name, r.generation, r.name.as_str()))
                     .map_or(&b"?"[..], |c| c.to_bytes());
-                let errno = |line: &mut Line, e: &std::io::Error| match os::errno_name(e) {
+                let errno = |line: &mut Line, e: &std::io::Error| match e.describe() {
                     Some((name, text)) => {
                         line.push(name.as_bytes()).push(b" (").push(text.as_bytes()).push(b")");
                     }
                     None => {
-                        line.push(b"os error ").dec(e.raw_os_error().unwrap_or(0) as u64);
+                        line.push(b"os error ").dec(e.code());
                     }
                 };
                 match why {

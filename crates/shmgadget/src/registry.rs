@@ -12,7 +12,7 @@
 //! ([`Layout::compute`]); an opener recomputes them and refuses a registry that disagrees.
 //!
 //! # Synchronisation
-//! * **Creation.** The creator holds the shm directory's `flock` (as does every opener), fills
+//! * **Creation.** The creator holds the shm directory's lock ([`os::DirLock`], as does every opener), fills
 //!   the header and publishes it with a Release store of `ready = READY`. Fields written before
 //!   that store are frozen: `magic`, `layout_version`, `abi_fingerprint`, `max_*`, `mode`,
 //!   `total_size`, `window_*`, the offsets, `created_at` and the domain name. An opener that finds
@@ -47,8 +47,8 @@
 //! A creator whose initialisation fails removes the section itself before returning the error.
 //!
 //! # Crashes
-//! A writer that dies holding `lock` makes the next locker's `pthread_mutex_lock` return
-//! `EOWNERDEAD`. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
+//! A writer that dies holding `lock` makes the next locker's lock call report
+//! [`LockOutcome::OwnerDied`]. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
 //! `DELETING` (or with an odd `seq`) has its object unlinked and its slot and chunks freed; a
 //! `LIVE` entry with an odd `seq` only gets `seq` made even. It then marks the mutex consistent.
 //!
@@ -112,13 +112,12 @@
 //! validation, reported as such.
 
 use std::mem::{offset_of, size_of};
-use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use crate::error::{Error, ErrorKind, Result, bail};
 use crate::names;
-use crate::os::{self, LockOutcome, RawRobustMutex};
+use crate::os::{self, ErrorExt, LockOutcome, RawRobustMutex};
 
 /// Default base of the first domain's window.
 pub const DEFAULT_WINDOW_BASE: u64 = 0x2000_0000_0000;
@@ -539,8 +538,8 @@ pub(crate) struct CreateParams {
 /// This process's mapping of a domain's registry.
 pub(crate) struct Registry {
     domain: String,
-    dir: OwnedFd,
-    fd: OwnedFd,
+    dir: os::Dir,
+    fd: os::Object,
     base: NonNull<u8>,
     /// Bytes valid at `base`: the mapping's length, or the private copy's.
     map_len: usize,
@@ -615,20 +614,20 @@ fn corrupt(domain: &str, what: String) -> Error {
 /// Opens domain `domain`'s registry object in `dir` and checks what any reader must before
 /// looking inside: a regular file, owned by this user unless `allow_foreign`.
 fn open_object_checked(
-    dir: &OwnedFd,
+    dir: &os::Dir,
     domain: &str,
-    writable: bool,
+    access: os::Access,
     allow_foreign: bool,
-) -> Result<(OwnedFd, os::ObjectStat)> {
+) -> Result<(os::Object, os::ObjectStat)> {
     let object = names::registry_object(domain);
-    let fd = os::open_object(os::borrow(dir), &object, writable).map_err(|e| {
-            if e.raw_os_error() == Some(2) {
+    let fd = dir.open_object(&object, access).map_err(|e| {
+            if e.is_not_found() {
                 Error::new(ErrorKind::NotFound, format!("domain {domain:?} does not exist (no registry object {object:?}); `shmgadget domains` lists the existing ones"))
             } else {
                 Error::from_io(format!("cannot open the registry of domain {domain:?}"), e)
             }
         })?;
-    let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
+    let st = fd.stat().map_err(|e| Error::from_io("cannot stat the registry", e))?;
     if !st.is_regular {
         return Err(corrupt(domain, "the registry object is not a regular file".into()));
     }
@@ -646,23 +645,24 @@ fn open_object_checked(
 
 impl Registry {
     /// Creates and initialises a registry. The caller holds the shm directory's lock.
-    pub fn create(dir: OwnedFd, domain: &str, p: &CreateParams) -> Result<Registry> {
+    pub fn create(dir: os::Dir, domain: &str, p: &CreateParams) -> Result<Registry> {
         let layout = Layout::compute(p.max_sections, p.max_procs, p.window_size)
             .ok_or_else(|| Error::new(ErrorKind::InvalidSize, "registry size overflows"))?;
         let object = names::registry_object(domain);
-        let fd = os::create_object(os::borrow(&dir), &object, p.mode)
+        let fd = dir
+            .create_object(&object, p.mode)
             .map_err(|e| Error::from_io(format!("cannot create the registry of domain {domain:?}"), e))?;
         let cleanup = |e: Error| {
-            let _ = os::unlink_object(os::borrow(&dir), &object);
+            let _ = dir.unlink_object(&object);
             e
         };
-        if let Err(e) = os::set_size(os::borrow(&fd), layout.total_size) {
+        if let Err(e) = fd.set_size(layout.total_size) {
             return Err(cleanup(Error::from_io(format!("cannot size the registry of domain {domain:?}"), e)));
         }
         // Commit every page before anything is written or read: a sparse registry on a full
         // tmpfs makes the first touch of a hole (even a read) SIGBUS in whichever process
         // comes first, and a repair would write into holes too. Committed, it never faults.
-        if let Err(e) = os::allocate(os::borrow(&fd), 0, layout.total_size) {
+        if let Err(e) = fd.allocate(0, layout.total_size) {
             return Err(cleanup(Error::from_io(
                 format!(
                     "cannot commit the {} bytes of domain {domain:?}'s registry (is the shm file system full?)",
@@ -671,7 +671,7 @@ impl Registry {
                 e,
             )));
         }
-        let base = match os::map_shared(os::borrow(&fd), layout.total_size as usize, true) {
+        let base = match os::map_shared(&fd, layout.total_size as usize, os::Access::ReadWrite) {
             Ok(base) => base,
             Err(e) => {
                 return Err(cleanup(Error::from_io(format!("cannot map the registry of domain {domain:?}"), e)));
@@ -715,7 +715,7 @@ impl Registry {
         // (openers wait on the directory lock we hold), and the mapping stays put while
         // `reg` lives.
         if let Err(e) = unsafe { h.lock.init() } {
-            let _ = os::unlink_object(os::borrow(&reg.dir), &object);
+            let _ = reg.dir.unlink_object(&object);
             return Err(Error::from_io("cannot initialise the registry lock", e));
         }
         // Release: publishes every field above; pairs with the Acquire load in `open`.
@@ -731,10 +731,10 @@ impl Registry {
     /// creator holds from creating the object until it is ready: a caller holding that lock
     /// that finds one knows its creator died. Read with `pread`: an unfinished registry may
     /// be sparse, and touching a hole of a full tmpfs through a mapping would SIGBUS.
-    pub fn is_unfinished(dir: &OwnedFd, domain: &str) -> bool {
+    pub fn is_unfinished(dir: &os::Dir, domain: &str) -> bool {
         let object = names::registry_object(domain);
-        let Ok(fd) = os::open_object(os::borrow(dir), &object, false) else { return false };
-        let Ok(st) = os::stat_object(os::borrow(&fd)) else { return false };
+        let Ok(fd) = dir.open_object(&object, os::Access::Read) else { return false };
+        let Ok(st) = fd.stat() else { return false };
         if !st.is_regular || st.uid != os::effective_uid() {
             return false;
         }
@@ -759,9 +759,9 @@ impl Registry {
         ready != READY && (magic == MAGIC || magic == 0) && untouched
     }
 
-    /// Opens and validates an existing registry. `writable` is false for inspection.
-    pub fn open(dir: OwnedFd, domain: &str, writable: bool, allow_foreign: bool) -> Result<Registry> {
-        let (fd, st) = open_object_checked(&dir, domain, writable, allow_foreign)?;
+    /// Opens and validates an existing registry. `access` is `Read` for inspection.
+    pub fn open(dir: os::Dir, domain: &str, access: os::Access, allow_foreign: bool) -> Result<Registry> {
+        let (fd, st) = open_object_checked(&dir, domain, access, allow_foreign)?;
         if st.size < size_of::<RegistryShared>() as u64 {
             return Err(corrupt(
                 domain,
@@ -773,7 +773,7 @@ impl Registry {
             ));
         }
         let map_len = st.size as usize;
-        let base = os::map_shared(os::borrow(&fd), map_len, writable)
+        let base = os::map_shared(&fd, map_len, access)
             .map_err(|e| Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))?;
         let mut reg = Registry {
             domain: domain.to_owned(),
@@ -801,8 +801,8 @@ impl Registry {
     /// only. The copy is validated as a mapping would be and read through the same readers;
     /// it is never locked or written. Liveness of its process entries is still asked of the
     /// kernel through the open descriptor.
-    pub fn snapshot(dir: OwnedFd, domain: &str, allow_foreign: bool, tables: bool) -> Result<Registry> {
-        let (fd, st) = open_object_checked(&dir, domain, false, allow_foreign)?;
+    pub fn snapshot(dir: os::Dir, domain: &str, allow_foreign: bool, tables: bool) -> Result<Registry> {
+        let (fd, st) = open_object_checked(&dir, domain, os::Access::Read, allow_foreign)?;
         let header_len = size_of::<RegistryShared>();
         let mut reg = Registry::private_copy(dir, fd, domain, header_len)?;
         reg.fill_from_object(header_len)?;
@@ -827,7 +827,8 @@ impl Registry {
     /// A registry over `bytes` (as if they were a registry object's contents) in private
     /// memory, for the fuzz target: validated like [`Registry::open`], with `bytes.len()` as
     /// the object's size.
-    pub(crate) fn from_bytes(dir: OwnedFd, fd: OwnedFd, domain: &str, bytes: &[u8]) -> Result<Registry> {
+    pub(crate) fn from_bytes(dir: os::Dir, domain: &str, bytes: &[u8]) -> Result<Registry> {
+        let fd = dir.open_self().map_err(|e| Error::from_io("cannot open a stand-in object", e))?;
         let mut reg = Registry::private_copy(dir, fd, domain, bytes.len().max(size_of::<RegistryShared>()))?;
         // SAFETY: the copy is at least `bytes.len()` bytes, freshly allocated, and no reference
         // into it exists yet.
@@ -837,7 +838,7 @@ impl Registry {
     }
 
     /// A handle over `len` zeroed private bytes, not yet validated.
-    fn private_copy(dir: OwnedFd, fd: OwnedFd, domain: &str, len: usize) -> Result<Registry> {
+    fn private_copy(dir: os::Dir, fd: os::Object, domain: &str, len: usize) -> Result<Registry> {
         let layout = std::alloc::Layout::from_size_align(len.max(size_of::<RegistryShared>()), 64)
             .map_err(|_| Error::new(ErrorKind::InvalidSize, "registry copy size overflows"))?;
         // SAFETY: the layout has a non-zero size.
@@ -867,13 +868,14 @@ impl Registry {
         // SAFETY: the private copy is `map_len >= len` bytes, owned by this handle, and no
         // reference into it is alive (we hold `&mut self`).
         let buf = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), len) };
-        os::read_at(os::borrow(&self.fd), 0, buf)
+        self.fd
+            .read_at(0, buf)
             .map_err(|e| Error::from_io(format!("cannot read the registry of domain {:?}", self.domain), e))?;
         Ok(())
     }
 
     /// Moves the descriptors out of a private copy about to be replaced.
-    fn take_fds(self) -> Result<(OwnedFd, OwnedFd)> {
+    fn take_fds(self) -> Result<(os::Dir, os::Object)> {
         let dir = self.dir.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))?;
         let fd = self.fd.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))?;
         Ok((dir, fd))
@@ -974,7 +976,7 @@ impl Registry {
         &self.domain
     }
 
-    pub fn dir(&self) -> &OwnedFd {
+    pub fn dir(&self) -> &os::Dir {
         &self.dir
     }
 
@@ -1318,7 +1320,7 @@ impl Registry {
     /// token descriptors included: `fd` never holds a lock). An error counts as locked, so a
     /// failing query never declares a live process dead.
     fn proc_locked(&self, slot: u32) -> bool {
-        os::byte_is_locked(os::borrow(&self.fd), self.proc_offset(slot)).unwrap_or(true)
+        self.fd.byte_is_locked(self.proc_offset(slot)).unwrap_or(true)
     }
 
     /// Every process entry in use, with its liveness (from the kernel's lock table).
@@ -1397,7 +1399,7 @@ impl Registry {
             Some(outcome) => outcome,
             None => self.lock_slow(timeout.unwrap_or(crate::sync::LOCK_PATIENCE))?,
         };
-        // Relaxed: the holder's own record, ordered for later lockers by the pthread lock and
+        // Relaxed: the holder's own record, ordered for later lockers by the robust lock and
         // only a snapshot for diagnosing waiters; the token is this process's registration in
         // this domain if it is attached (found from the window's address, no system call).
         self.header().lock_owner.store(os::token_for_address(self.window_base as usize), Ordering::Relaxed);
@@ -1815,9 +1817,9 @@ impl RegistryGuard<'_> {
         self.index_remove(rec.name.as_str(), rec.slot);
         self.write_entry(rec.slot, |e| e.state.store(DELETING, Ordering::Relaxed));
         let object = names::section_object(&self.reg.domain, rec.generation, rec.name.as_str());
-        let unlinked = match os::unlink_object(os::borrow(&self.reg.dir), &object) {
+        let unlinked = match self.reg.dir.unlink_object(&object) {
             Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(2) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             Err(e) => {
                 Err(Error::from_io(format!("cannot remove section {:?}'s object {object:?}", rec.name.as_str()), e))
             }
@@ -1859,15 +1861,15 @@ impl RegistryGuard<'_> {
     /// Claims a process slot and takes its liveness token through a new open file description
     /// of the registry object. Returns the token and the descriptor holding its lock (closing
     /// every descriptor of that description releases it). `pid` is recorded for display.
-    pub fn register_proc(&self, pid: u32) -> Result<(ProcToken, OwnedFd)> {
+    pub fn register_proc(&self, pid: u32) -> Result<(ProcToken, os::Object)> {
         let reg = self.reg;
         let h = reg.header();
         let object = names::registry_object(&reg.domain);
-        let fd = os::open_object(os::borrow(&reg.dir), &object, true).map_err(|e| {
+        let fd = reg.dir.open_object(&object, os::Access::ReadWrite).map_err(|e| {
             Error::from_io(format!("cannot open the registry of domain {:?} for a liveness token", reg.domain), e)
         })?;
         // The name could now belong to a re-created registry: lock bytes of ours only.
-        let same = match (os::stat_object(os::borrow(&fd)), os::stat_object(os::borrow(&reg.fd))) {
+        let same = match (fd.stat(), reg.fd.stat()) {
             (Ok(a), Ok(b)) => a.identity == b.identity,
             _ => false,
         };
@@ -1893,7 +1895,7 @@ impl RegistryGuard<'_> {
             };
             p.incarnation.store(incarnation, Ordering::Release);
             p.state.store(1, Ordering::Release);
-            match os::try_lock_byte(os::borrow(&fd), reg.proc_offset(slot)) {
+            match fd.try_lock_byte(reg.proc_offset(slot)) {
                 Ok(true) => {}
                 Ok(false) => {
                     p.state.store(0, Ordering::Relaxed);

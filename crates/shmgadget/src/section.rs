@@ -15,7 +15,6 @@
 //! A section deleted meanwhile cannot be committed any more (`NotFound`); one whose object was
 //! replaced behind the registry's back is refused (`Corrupt`).
 
-use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
@@ -24,7 +23,7 @@ use serde::Serialize;
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result, bail};
 use crate::names;
-use crate::os;
+use crate::os::{self, ErrorExt};
 use crate::registry::{self, Lifetime, Registry, SectionKind, SectionRecord};
 use crate::shm_safe::ShmSafe;
 
@@ -86,8 +85,9 @@ unsafe impl Sync for Section {}
 
 impl Section {
     /// Maps a section this process just created (and closes `fd`).
-    pub(crate) fn map_new(domain: Domain, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
-        let id = os::stat_object(os::borrow(&fd))
+    pub(crate) fn map_new(domain: Domain, rec: SectionRecord, fd: os::Object) -> Result<Section> {
+        let id = fd
+            .stat()
             .map(|st| st.identity)
             .map_err(|e| Error::from_io(format!("cannot stat section {:?}'s new object", rec.name.as_str()), e))?;
         Section::map(domain, rec, fd, id)
@@ -97,14 +97,14 @@ impl Section {
     pub(crate) fn open_record(domain: Domain, rec: SectionRecord) -> Result<Section> {
         let object = names::section_object(&domain.inner.name, rec.generation, rec.name.as_str());
         let name = rec.name.as_str();
-        let fd = os::open_object(os::borrow(domain.inner.registry.dir()), &object, true).map_err(|e| {
-            if e.raw_os_error() == Some(2) {
+        let fd = domain.inner.registry.dir().open_object(&object, os::Access::ReadWrite).map_err(|e| {
+            if e.is_not_found() {
                 Error::new(ErrorKind::NotFound, format!("section {name:?} was deleted (its object {object:?} is gone)"))
             } else {
                 Error::from_io(format!("cannot open section {name:?}"), e)
             }
         })?;
-        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat a section", e))?;
+        let st = fd.stat().map_err(|e| Error::from_io("cannot stat a section", e))?;
         let id = st.identity;
         if st.uid != os::effective_uid() && !domain.inner.allow_foreign_owner {
             bail!(
@@ -129,7 +129,7 @@ impl Section {
 
     /// Maps the object behind `fd` at the section's place (unless this process has it mapped
     /// already) and closes `fd`: the mapping keeps the object alive, the handle keeps `id`.
-    fn map(domain: Domain, rec: SectionRecord, fd: OwnedFd, id: os::ObjectId) -> Result<Section> {
+    fn map(domain: Domain, rec: SectionRecord, fd: os::Object, id: os::ObjectId) -> Result<Section> {
         let addr = domain.inner.window_base + rec.offset;
         let _guard = domain.inner.map_lock.lock().unwrap_or_else(|p| p.into_inner());
         if !domain.inner.is_mapped(&rec) {
@@ -138,7 +138,7 @@ impl Section {
             // section alone, so MAP_FIXED replaces only our own reservation or an older mapping
             // of this same slot, which no Rust reference can point into (section memory is
             // reached through raw pointers only).
-            unsafe { os::map_shared_fixed(os::borrow(&fd), addr as usize, rec.reserved as usize, true) }
+            unsafe { os::map_shared_fixed(&fd, addr as usize, rec.reserved as usize, os::Access::ReadWrite) }
                 .map_err(|e| Error::from_io(format!("cannot map section {:?}", rec.name.as_str()), e))?;
             domain.inner.note_mapped(&rec);
         }
@@ -153,11 +153,11 @@ impl Section {
     /// Reopens the section's object by name for a call that needs a descriptor (`what` says
     /// which, for errors), and checks that it is still the object this process mapped. Returns
     /// the descriptor, which the caller closes when done (drop), and what `fstat` said.
-    fn reopen(&self, writable: bool, what: &str) -> Result<(OwnedFd, os::ObjectStat)> {
+    fn reopen(&self, access: os::Access, what: &str) -> Result<(os::Object, os::ObjectStat)> {
         let name = self.name();
         let object = names::section_object(&self.domain.inner.name, self.rec.generation, name);
-        let fd = os::open_object(os::borrow(self.domain.inner.registry.dir()), &object, writable).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
+        let fd = self.domain.inner.registry.dir().open_object(&object, access).map_err(|e| {
+            if e.is_not_found() {
                 Error::new(
                     ErrorKind::NotFound,
                     format!("cannot {what} section {name:?}: it was deleted (its object {object:?} is gone)"),
@@ -166,7 +166,8 @@ impl Section {
                 Error::from_io(format!("cannot {what} section {name:?}: cannot reopen its object {object:?}"), e)
             }
         })?;
-        let st = os::stat_object(os::borrow(&fd))
+        let st = fd
+            .stat()
             .map_err(|e| Error::from_io(format!("cannot {what} section {name:?}: cannot stat its object"), e))?;
         if st.identity != self.object || !st.is_regular || st.size != self.rec.reserved {
             bail!(
@@ -257,8 +258,8 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        let (fd, _) = self.reopen(true, "commit")?;
-        os::allocate(os::borrow(&fd), 0, len)
+        let (fd, _) = self.reopen(os::Access::ReadWrite, "commit")?;
+        fd.allocate(0, len)
             .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
         drop(fd);
         registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, len, true);
@@ -291,8 +292,8 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        let (fd, _) = self.reopen(true, "decommit")?;
-        os::punch_hole(os::borrow(&fd), offset, len)
+        let (fd, _) = self.reopen(os::Access::ReadWrite, "decommit")?;
+        fd.punch_hole(offset, len)
             .map_err(|e| Error::from_io(format!("cannot decommit section {:?}", self.name()), e))?;
         drop(fd);
         registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, offset, false);
@@ -311,7 +312,7 @@ impl Section {
             .unwrap_or(self.rec);
         rec.state = registry::LIVE;
         let mut info = SectionInfo::from_record(&self.domain.inner.registry, &rec);
-        info.resident = self.reopen(false, "inspect").ok().map(|(_, st)| st.allocated);
+        info.resident = self.reopen(os::Access::Read, "inspect").ok().map(|(_, st)| st.allocated);
         info
     }
 }
@@ -373,10 +374,8 @@ pub struct SectionInfo {
 impl SectionInfo {
     pub(crate) fn from_record(reg: &Registry, rec: &SectionRecord) -> SectionInfo {
         let object = names::section_object(reg.domain(), rec.generation, rec.name.as_str());
-        let resident = os::open_object(os::borrow(reg.dir()), &object, false)
-            .ok()
-            .and_then(|fd| os::stat_object(os::borrow(&fd)).ok())
-            .map(|s| s.allocated);
+        let resident =
+            reg.dir().open_object(&object, os::Access::Read).ok().and_then(|fd| fd.stat().ok()).map(|s| s.allocated);
         SectionInfo {
             name: rec.name.as_str().to_owned(),
             kind: rec.kind,
@@ -403,7 +402,7 @@ impl SectionInfo {
 /// Implement only for types meeting exactly that.
 pub unsafe trait InPlace: Sync {}
 
-// SAFETY: each is repr(C) atomics (plus a pthread mutex behind the robust-lock protocol),
+// SAFETY: each is repr(C) atomics (plus a robust mutex behind the robust-lock protocol),
 // valid for any bit pattern, validated by its header before use.
 unsafe impl InPlace for crate::sync::Semaphore {}
 // SAFETY: as above.
