@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::domain::resolve_shm_dir;
+use crate::attachment::resolve_shm_dir;
+use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::{self, ObjectName};
 use crate::os::{self, ErrorExt};
@@ -39,6 +40,15 @@ pub struct ProcessInfo {
 impl ProcessInfo {
     pub(crate) fn from_record(p: &ProcRecord) -> ProcessInfo {
         ProcessInfo { pid: p.pid, uid: p.uid, attached_at: p.attached_at, alive: p.alive }
+    }
+}
+
+impl Domain {
+    /// The processes attached to the domain, with their liveness.
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        // Registers a forked child that is not yet, so it lists itself.
+        self.inner.token();
+        self.inner.registry.procs().iter().map(ProcessInfo::from_record).collect()
     }
 }
 
