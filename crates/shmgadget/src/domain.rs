@@ -27,6 +27,7 @@ use crate::fault;
 use crate::names;
 use crate::os;
 use crate::registry::{self, CreateParams, Registry};
+use crate::sharing::Sharing;
 
 /// Settings for [`Domain::attach_with`]. The window and table sizes only matter when the call
 /// creates the domain; an existing domain keeps the ones it was created with.
@@ -41,8 +42,8 @@ pub struct DomainOptions {
     pub max_sections: u32,
     /// Number of attached-process entries. Default 1024.
     pub max_procs: u32,
-    /// Permission bits of the registry object (who may attach). Default `0o600`.
-    pub mode: u32,
+    /// Who may attach (the registry object's access). Default [`Sharing::owner_only`].
+    pub sharing: Sharing,
     /// Directory holding the backing objects; default `SHMGADGET_SHM_DIR` or `/dev/shm`.
     pub shm_dir: Option<PathBuf>,
     /// Accept registries and sections owned by another user (default: refuse them).
@@ -63,7 +64,7 @@ impl Default for DomainOptions {
             window_size: registry::DEFAULT_WINDOW_SIZE,
             max_sections: registry::DEFAULT_MAX_SECTIONS,
             max_procs: registry::DEFAULT_MAX_PROCS,
-            mode: 0o600,
+            sharing: Sharing::owner_only(),
             shm_dir: None,
             allow_foreign_owner: false,
             must_exist: false,
@@ -104,8 +105,8 @@ impl DomainOptions {
                 bail!(InvalidArgument, "{what} = {v} is out of range: expected 1 to {}", registry::MAX_TABLE_ENTRIES);
             }
         }
-        if self.mode & !0o777 != 0 {
-            bail!(InvalidArgument, "mode {:#o} has bits outside 0o777", self.mode);
+        if self.sharing.posix_mode() & !0o777 != 0 {
+            bail!(InvalidArgument, "mode {:#o} has bits outside 0o777", self.sharing.posix_mode());
         }
         Ok(())
     }
@@ -176,7 +177,7 @@ impl Domain {
                     window_size: size,
                     max_sections: opts.max_sections,
                     max_procs: opts.max_procs,
-                    mode: opts.mode,
+                    mode: opts.sharing.posix_mode(),
                 };
                 Registry::create(clone_dir(&dir)?, name, &params).inspect_err(|_| release_window(base, size))?
             }

@@ -59,6 +59,7 @@ mod os;
 pub mod queue;
 mod registry;
 mod section;
+mod sharing;
 mod shm_safe;
 pub mod sync;
 
@@ -68,6 +69,7 @@ pub use fault::{MAX_ATTACHED_DOMAINS, first_touch_maps, handler_installed};
 pub use names::MAX_NAME_LEN;
 pub use registry::{CHUNK, DEFAULT_WINDOW_BASE, DEFAULT_WINDOW_SIZE, Lifetime, SectionKind};
 pub use section::{AnyBitPattern, InPlace, Section, SectionInfo, SectionOptions};
+pub use sharing::Sharing;
 pub use shm_safe::ShmSafe;
 
 /// A 32-bit fingerprint of a shared layout (sizes, offsets, constants), FNV-1a over the words:

@@ -33,6 +33,7 @@ use crate::error::{Error, ErrorKind, Result, bail};
 use crate::names;
 use crate::os::{self, ErrorExt};
 use crate::registry::{self, Lifetime, Registry, SectionKind, SectionRecord};
+use crate::sharing::Sharing;
 use crate::shm_safe::ShmSafe;
 
 /// How to create a section.
@@ -42,18 +43,18 @@ pub struct SectionOptions {
     pub kind: SectionKind,
     /// Persistent (default) or transient.
     pub lifetime: Lifetime,
-    /// Permission bits of the backing object. Default `0o600`.
-    pub mode: u32,
+    /// Who may open and map it. Default [`Sharing::owner_only`].
+    pub sharing: Sharing,
 }
 
 impl Default for SectionOptions {
     fn default() -> Self {
-        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, mode: 0o600 }
+        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, sharing: Sharing::owner_only() }
     }
 }
 
 impl SectionOptions {
-    /// Default options: raw, persistent, mode `0o600`.
+    /// Default options: raw, persistent, owner only.
     pub fn new() -> Self {
         Self::default()
     }
@@ -62,10 +63,15 @@ impl SectionOptions {
         self.lifetime = Lifetime::Transient;
         self
     }
-    /// Sets the permission bits (for example `0o660` to share with the group).
-    pub fn mode(mut self, mode: u32) -> Self {
-        self.mode = mode;
+    /// Sets who may open and map it ([`Sharing::group`] to share with the group).
+    pub fn sharing(mut self, sharing: Sharing) -> Self {
+        self.sharing = sharing;
         self
+    }
+    /// Sets the POSIX permission bits (for example `0o660` to share with the group): shorthand
+    /// for [`SectionOptions::sharing`] with [`Sharing::from_posix_mode`].
+    pub fn mode(self, mode: u32) -> Self {
+        self.sharing(Sharing::from_posix_mode(mode))
     }
     /// Sets the kind.
     pub fn kind(mut self, kind: SectionKind) -> Self {
@@ -508,8 +514,8 @@ impl Domain {
                 self.inner.window_size
             );
         }
-        if opts.mode & !0o777 != 0 {
-            bail!(InvalidArgument, "section {name:?}: mode {:#o} has bits outside 0o777", opts.mode);
+        if opts.sharing.posix_mode() & !0o777 != 0 {
+            bail!(InvalidArgument, "section {name:?}: mode {:#o} has bits outside 0o777", opts.sharing.posix_mode());
         }
         Ok(reserved)
     }
@@ -524,17 +530,17 @@ impl Domain {
         ready: bool,
     ) -> Result<(SectionRecord, os::Object)> {
         let creator = registry::Creator { token: self.peer_token(), ready };
-        let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.mode, reserved, creator)?;
+        let rec = guard.begin_create(name, opts.kind, opts.lifetime, opts.sharing.posix_mode(), reserved, creator)?;
         let dir = self.inner.registry.dir();
         let object = names::section_object(&self.inner.name, rec.generation, name);
         let made = dir
-            .create_object(&object, opts.mode)
+            .create_object(&object, opts.sharing.posix_mode())
             .or_else(|e| {
                 // A leftover from a crash with the same generation cannot normally exist (the
                 // counter only grows), but if one does it is garbage: replace it.
                 if e.is_exists() {
                     let _ = dir.unlink_object(&object);
-                    dir.create_object(&object, opts.mode)
+                    dir.create_object(&object, opts.sharing.posix_mode())
                 } else {
                     Err(e)
                 }
