@@ -217,3 +217,59 @@ impl Mapping {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_thread_maps_a_section_however_many_fault_on_it_at_once() {
+        let m = Mapping::new(1 << 40, 4);
+        let rec = SectionRecord::for_test(2, 7);
+        let calls = AtomicU32::new(0);
+        let mapped: u32 = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let outcome = m.fault_in(&rec, || {
+                            calls.fetch_add(1, Ordering::Relaxed);
+                            std::thread::yield_now();
+                            Ok::<(), ()>(())
+                        });
+                        match outcome {
+                            FaultIn::Mapped => 1,
+                            FaultIn::AlreadyMapped => 0,
+                            FaultIn::Wedged | FaultIn::Failed(()) => panic!("no fault-in may fail here"),
+                        }
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 1, "mapped once");
+        assert_eq!(mapped, 1, "one thread says it mapped, the others find it mapped");
+        assert!(m.is_mapped(&rec));
+    }
+
+    #[test]
+    fn a_failed_first_touch_leaves_the_word_as_it_was_so_the_next_one_retries() {
+        let m = Mapping::new(1 << 40, 4);
+        let rec = SectionRecord::for_test(1, 3);
+        assert!(matches!(m.fault_in(&rec, || Err("no")), FaultIn::Failed("no")));
+        assert!(!m.is_mapped(&rec));
+        assert!(matches!(m.fault_in(&rec, || Ok::<(), ()>(())), FaultIn::Mapped));
+        assert!(m.is_mapped(&rec));
+        assert!(matches!(m.fault_in(&rec, || -> Result<(), ()> { panic!("not again") }), FaultIn::AlreadyMapped));
+    }
+
+    #[test]
+    fn a_later_generation_in_the_same_slot_is_not_mapped_until_faulted_in() {
+        let m = Mapping::new(1 << 40, 4);
+        let old = SectionRecord::for_test(0, 5);
+        let new = SectionRecord::for_test(0, 6);
+        assert!(matches!(m.fault_in(&old, || Ok::<(), ()>(())), FaultIn::Mapped));
+        assert!(!m.is_mapped(&new), "the slot holds another generation");
+        assert!(matches!(m.fault_in(&new, || Ok::<(), ()>(())), FaultIn::Mapped));
+        assert!(m.is_mapped(&new) && !m.is_mapped(&old));
+    }
+}

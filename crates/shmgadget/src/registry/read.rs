@@ -30,6 +30,31 @@ pub struct SectionRecord {
 }
 
 impl SectionRecord {
+    /// A live raw section record in `slot` with `generation`, at offset 0, one page: for unit
+    /// tests of code that only looks at those fields.
+    #[cfg(test)]
+    pub(crate) fn for_test(slot: u32, generation: u64) -> SectionRecord {
+        let words: [std::sync::atomic::AtomicU64; 8] = Default::default();
+        pack_name(&words, "t");
+        SectionRecord {
+            slot,
+            state: LIVE,
+            name: unpack_name(&words, 1).expect("a valid name"),
+            kind: SectionKind::Raw,
+            lifetime: Lifetime::Persistent,
+            mode: 0o600,
+            owner_uid: 0,
+            generation,
+            offset: 0,
+            reserved: 4096,
+            committed: 0,
+            created_at: 0,
+            creator_pid: 0,
+            creator_token: 0,
+            ready: true,
+        }
+    }
+
     /// Bytes of window this section occupies (its reserved size rounded up to the chunk).
     pub(crate) fn span(&self) -> u64 {
         self.reserved.div_ceil(CHUNK) * CHUNK
