@@ -105,7 +105,7 @@ pub fn run(cli: &crate::Cli, action: &DomainAction) -> Result<ExitCode, Box<dyn 
         DomainAction::Create { name, mode, window_size, max_sections, max_procs } => {
             let d = DomainOptions::default();
             let opts = DomainOptions {
-                mode: *mode,
+                sharing: shmgadget::Sharing::from_posix_mode(*mode),
                 window_size: window_size.unwrap_or(d.window_size),
                 max_sections: max_sections.unwrap_or(d.max_sections),
                 max_procs: max_procs.unwrap_or(d.max_procs),

@@ -21,31 +21,20 @@
 //! process that is still attached (only with `force`) keeps what it has mapped; the domain's
 //! names are gone, so nothing new can join it, and a process attaching later makes a new one.
 
-use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::domain::resolve_shm_dir;
+use crate::attachment::resolve_shm_dir;
 use crate::error::{Error, ErrorKind, Result};
 use crate::inspect::{self, DomainReport};
 use crate::names::{self, ObjectName};
-use crate::os;
-use crate::registry::Registry;
+use crate::os::{self, ErrorExt};
+use crate::registry::{KEEP_BIT, Registry};
 use crate::{Domain, DomainOptions};
-
-/// The sticky bit of the registry object: the domain is kept while empty (see "Kept domains").
-const KEEP_BIT: u32 = 0o1000;
 
 /// How long [`remove_domain`] waits for the registry lock before giving up.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Whether domain `domain`'s registry object in `dir` is marked kept. Unreadable: not kept.
-pub(crate) fn is_kept(dir: &OwnedFd, domain: &str) -> bool {
-    os::open_object(os::borrow(dir), &names::registry_object(domain), false)
-        .and_then(|fd| os::stat_object(os::borrow(&fd)))
-        .is_ok_and(|st| st.mode & KEEP_BIT != 0)
-}
 
 /// What the registry object itself says about a domain (beyond [`DomainReport`]).
 #[derive(Debug, Clone, Serialize)]
@@ -60,8 +49,8 @@ pub struct DomainDetails {
     pub registry_bytes: u64,
 }
 
-fn open_dir(dir: &Path) -> Result<OwnedFd> {
-    os::open_dir(dir).map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))
+fn open_dir(dir: &Path) -> Result<os::Dir> {
+    os::Dir::open(dir).map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))
 }
 
 /// Describes domain `name` without attaching: [`inspect::inspect_domain`] plus its owner, its
@@ -69,9 +58,10 @@ fn open_dir(dir: &Path) -> Result<OwnedFd> {
 pub fn domain_details(name: &str, shm_dir: Option<&Path>) -> Result<DomainDetails> {
     let report = inspect::inspect_domain(name, shm_dir)?;
     let dir = open_dir(&resolve_shm_dir(shm_dir))?;
-    let fd = os::open_object(os::borrow(&dir), &names::registry_object(name), false)
+    let fd = dir
+        .open_object(&names::registry_object(name), os::Access::Read)
         .map_err(|e| Error::from_io(format!("cannot open the registry of domain {name:?}"), e))?;
-    let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat the registry", e))?;
+    let st = fd.stat().map_err(|e| Error::from_io("cannot stat the registry", e))?;
     Ok(DomainDetails { report, owner_uid: st.uid, kept: st.mode & KEEP_BIT != 0, registry_bytes: st.size })
 }
 
@@ -83,7 +73,7 @@ pub fn create_domain(name: &str, opts: &DomainOptions) -> Result<DomainDetails> 
     names::validate(name, "domain")?;
     let shm_dir = opts.resolved_shm_dir();
     let dir = open_dir(&shm_dir)?;
-    let exists = || os::open_object(os::borrow(&dir), &names::registry_object(name), false).is_ok();
+    let exists = || dir.open_object(&names::registry_object(name), os::Access::Read).is_ok();
     let taken = || {
         Error::new(
             ErrorKind::AlreadyExists,
@@ -100,8 +90,9 @@ pub fn create_domain(name: &str, opts: &DomainOptions) -> Result<DomainDetails> 
     // The kept mark, set while this process is attached (so no detach can remove the empty
     // registry meanwhile) and before anyone is told the domain exists.
     let object = names::registry_object(name);
-    let marked = os::open_object(os::borrow(&dir), &object, true)
-        .and_then(|fd| os::set_object_mode(os::borrow(&fd), (opts.mode & 0o777) | KEEP_BIT))
+    let marked = dir
+        .open_object(&object, os::Access::ReadWrite)
+        .and_then(|fd| fd.set_mode((opts.sharing.posix_mode() & 0o777) | KEEP_BIT))
         .map_err(|e| Error::from_io(format!("cannot mark domain {name:?} as kept"), e));
     let fresh = domain.processes().len() == 1 && domain.sections().is_empty();
     let detached = domain.detach();
@@ -137,10 +128,10 @@ pub fn remove_domain(
 ) -> Result<RemovedDomain> {
     names::validate(name, "domain")?;
     let path = resolve_shm_dir(shm_dir);
-    let lock_fd = open_dir(&path)?;
-    os::lock_exclusive(os::borrow(&lock_fd)).map_err(|e| Error::from_io("cannot lock the shm directory", e))?;
+    let _dir_lock =
+        os::DirLock::acquire(open_dir(&path)?).map_err(|e| Error::from_io("cannot lock the shm directory", e))?;
     let dir = open_dir(&path)?;
-    let reg = Registry::open(open_dir(&path)?, name, true, allow_foreign_owner).map_err(|e| {
+    let reg = Registry::open(open_dir(&path)?, name, os::Access::ReadWrite, allow_foreign_owner).map_err(|e| {
         if e.kind() == ErrorKind::Corrupt {
             Error::new(
                 ErrorKind::Corrupt,
@@ -180,16 +171,16 @@ pub fn remove_domain(
     for f in &files {
         if let Some(ObjectName::Section { domain, .. }) = names::parse_object(f) {
             if domain == name && !out.objects.contains(f) {
-                match os::unlink_object(os::borrow(&dir), f) {
+                match dir.unlink_object(f) {
                     Ok(()) => out.objects.push(f.clone()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) if e.is_not_found() => {}
                     Err(e) => return Err(Error::from_io(format!("cannot remove object {f:?} of domain {name:?}"), e)),
                 }
             }
         }
     }
     let object = names::registry_object(name);
-    os::unlink_object(os::borrow(&dir), &object)
+    dir.unlink_object(&object)
         .map_err(|e| Error::from_io(format!("cannot remove the registry of domain {name:?}"), e))?;
     out.objects.push(object);
     Ok(out)

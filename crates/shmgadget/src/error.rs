@@ -6,6 +6,8 @@
 use std::fmt;
 use std::io;
 
+use crate::os::ErrorExt;
+
 /// What went wrong, for callers that want to react to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -62,16 +64,20 @@ impl Error {
         Error { kind, message: message.into(), source: None }
     }
 
-    /// Builds an error from an OS error, classifying common `errno` values (`EACCES`/`EPERM`
-    /// as permission, `ENOSPC` as out of space, `ENOENT` as not found, `EEXIST` as already
-    /// exists). `context` says what was being attempted.
+    /// Builds an error from an OS error, classified by the `os` layer's predicates (refused
+    /// permission, a full backing store, not found, already exists; on Linux `EACCES`/`EPERM`,
+    /// `ENOSPC`, `ENOENT`, `EEXIST`). `context` says what was being attempted.
     pub fn from_io(context: impl Into<String>, err: io::Error) -> Self {
-        let kind = match err.raw_os_error() {
-            Some(libc_errno::EACCES) | Some(libc_errno::EPERM) => ErrorKind::PermissionDenied,
-            Some(libc_errno::ENOSPC) => ErrorKind::OutOfSpace,
-            Some(libc_errno::ENOENT) => ErrorKind::NotFound,
-            Some(libc_errno::EEXIST) => ErrorKind::AlreadyExists,
-            _ => ErrorKind::Os,
+        let kind = if err.is_permission_denied() {
+            ErrorKind::PermissionDenied
+        } else if err.is_no_space() {
+            ErrorKind::OutOfSpace
+        } else if err.is_not_found() {
+            ErrorKind::NotFound
+        } else if err.is_exists() {
+            ErrorKind::AlreadyExists
+        } else {
+            ErrorKind::Os
         };
         let mut message = context.into();
         message.push_str(": ");
@@ -84,13 +90,13 @@ impl Error {
                 " (the backing store is full: free sections with `shmgadget rm`/`gc`, or set \
                  SHMGADGET_SHM_DIR to a larger tmpfs)",
             ),
-            _ if err.raw_os_error() == Some(libc_errno::ENOMEM) => message
+            _ if err.is_out_of_memory() => message
                 .push_str(" (out of memory, or this process has too many mappings: see /proc/sys/vm/max_map_count)"),
-            _ if err.raw_os_error() == Some(libc_errno::EMFILE) => message.push_str(
+            _ if err.is_too_many_open() => message.push_str(
                 " (this process has as many descriptors open as its limit RLIMIT_NOFILE allows: raise it with \
                  `ulimit -n` or setrlimit(2), or close descriptors it does not need)",
             ),
-            _ if err.raw_os_error() == Some(libc_errno::ENFILE) => {
+            _ if err.is_system_table_full() => {
                 message.push_str(" (the system-wide table of open files is full: see /proc/sys/fs/file-max)")
             }
             _ => {}
@@ -107,18 +113,6 @@ impl Error {
     pub fn os_error(&self) -> Option<&io::Error> {
         self.source.as_ref()
     }
-}
-
-/// The few errno values the classifier needs, kept here so `error` does not depend on `os`.
-mod libc_errno {
-    pub const EPERM: i32 = 1;
-    pub const ENOENT: i32 = 2;
-    pub const ENOMEM: i32 = 12;
-    pub const EACCES: i32 = 13;
-    pub const EEXIST: i32 = 17;
-    pub const ENFILE: i32 = 23;
-    pub const EMFILE: i32 = 24;
-    pub const ENOSPC: i32 = 28;
 }
 
 impl fmt::Display for Error {

@@ -24,7 +24,7 @@
 //! ```
 //!
 //! The line is built in a stack buffer and written with one `write(2)` (`os::write_stderr`):
-//! no allocation, no lock. [`ensure_mapped`] reports the same failures as an [`Error`].
+//! no allocation, no lock. [`ensure_mapped`](crate::ensure_mapped) reports the same failures as an [`Error`].
 //!
 //! # Protocols
 //! * **Domain table.** `DOMAINS` holds pointers to attached domains. A handler increments
@@ -33,25 +33,16 @@
 //!   SeqCst: each stores one variable and then loads the other (a store-load pattern that
 //!   weaker orderings do not forbid from reordering), so either the handler sees the cleared
 //!   entry or the detacher sees the handler active.
-//! * **Per-slot mapping word** (`DomainInner::mapped[slot]`):
-//!
-//!   | value          | meaning                                   | next                 |
-//!   |----------------|-------------------------------------------|----------------------|
-//!   | `g` (not `gen`) | another generation, or 0: not mapped here | `gen \| BUSY` (CAS)  |
-//!   | `gen \| BUSY`   | one thread is mapping generation `gen`    | `gen`, or back to `g` on failure |
-//!   | `gen`          | mapped                                    | (stays)              |
-//!
-//!   The thread that wins the CAS maps; others that fault on the same section meanwhile spin
-//!   until the word leaves `BUSY` and then retry their instruction, so each section is mapped
-//!   once however many threads touch it at the same time.
+//! * **Per-slot mapping word**: owned by `attachment::mapping` ([`Mapping::fault_in`] is the
+//!   first-touch transition: one thread maps, the others spin until it is done, then retry).
 //!
 //! # What it does not cover
 //! * System calls: the kernel never raises `SIGSEGV` for a bad buffer, it returns `EFAULT`.
-//!   Call [`ensure_mapped`] before passing section memory to the kernel (shmgadget does so
+//!   Call [`ensure_mapped`](crate::ensure_mapped) before passing section memory to the kernel (shmgadget does so
 //!   itself).
 //! * Threads that block `SIGSEGV`, and hosts that own it: attach with `eager` mode
 //!   (`SHMGADGET_EAGER=1`), which installs no handler and maps every section at attach; new
-//!   sections are then reached through [`ensure_mapped`] or `Domain::map_all`. shmgadget's own
+//!   sections are then reached through [`ensure_mapped`](crate::ensure_mapped) or `Domain::map_all`. shmgadget's own
 //!   calls that start from a bare address (`heap::free`, `heap::realloc`, a [`ShmAlloc`] read
 //!   from shared memory, `BlockAddr::into_box`) map the section they reach themselves.
 //! * Debuggers stop at every first touch: in gdb, `handle SIGSEGV nostop noprint pass`.
@@ -62,19 +53,19 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
-use crate::domain::DomainInner;
+#[cfg(doc)]
+use crate::attachment::Mapping;
+use crate::attachment::{Attachment, FaultIn};
 use crate::error::{Error, ErrorKind, Result};
 #[cfg(doc)]
 use crate::heap::ShmAlloc;
-use crate::os::{self, FaultSignal};
+use crate::os::{self, ErrorExt, FaultSignal};
 use crate::registry::SectionRecord;
 
 /// Most domains one process can have attached at once.
 pub const MAX_ATTACHED_DOMAINS: usize = 64;
 
-const BUSY: u64 = 1 << 63;
-
-static DOMAINS: [AtomicPtr<DomainInner>; MAX_ATTACHED_DOMAINS] =
+static DOMAINS: [AtomicPtr<Attachment>; MAX_ATTACHED_DOMAINS] =
     [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_ATTACHED_DOMAINS];
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 static FIRST_TOUCH_MAPS: AtomicU64 = AtomicU64::new(0);
@@ -117,8 +108,8 @@ pub(crate) fn eager_domains_attached() -> bool {
     EAGER_DOMAINS.load(Ordering::Relaxed) != 0
 }
 
-/// Makes an attached domain visible to the handler and to [`ensure_mapped`].
-pub(crate) fn register(inner: &Arc<DomainInner>) -> Result<()> {
+/// Makes an attached domain visible to the handler and to [`ensure_mapped`](crate::ensure_mapped).
+pub(crate) fn register(inner: &Arc<Attachment>) -> Result<()> {
     let ptr = Arc::as_ptr(inner).cast_mut();
     for slot in &DOMAINS {
         // SeqCst: see the domain-table protocol in the module docs.
@@ -137,8 +128,8 @@ pub(crate) fn register(inner: &Arc<DomainInner>) -> Result<()> {
 }
 
 /// Removes a domain from the table and waits until no handler can still be using it.
-pub(crate) fn unregister(inner: &DomainInner) {
-    let ptr = (inner as *const DomainInner).cast_mut();
+pub(crate) fn unregister(inner: &Attachment) {
+    let ptr = (inner as *const Attachment).cast_mut();
     for slot in &DOMAINS {
         // SeqCst: see the domain-table protocol in the module docs.
         if slot.compare_exchange(ptr, std::ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst).is_ok()
@@ -155,7 +146,7 @@ pub(crate) fn unregister(inner: &DomainInner) {
 }
 
 /// Runs `f` on the attached domain whose window contains `addr`. Async-signal-safe.
-fn with_domain<R>(addr: usize, f: impl FnOnce(&DomainInner) -> R) -> Option<R> {
+fn with_domain<R>(addr: usize, f: impl FnOnce(&Attachment) -> R) -> Option<R> {
     // SeqCst: see the domain-table protocol in the module docs.
     ACTIVE.fetch_add(1, Ordering::SeqCst);
     let mut out = None;
@@ -169,7 +160,7 @@ fn with_domain<R>(addr: usize, f: impl FnOnce(&DomainInner) -> R) -> Option<R> {
         // as ACTIVE counts us (`unregister` clears the entry, then waits for ACTIVE == 0,
         // before the domain can be dropped).
         let d = unsafe { &*p };
-        if addr >= d.window_base as usize && addr - (d.window_base as usize) < d.window_size as usize {
+        if d.contains(addr) {
             out = Some(f(d));
             break;
         }
@@ -190,7 +181,7 @@ pub(crate) fn range_mapped(start: usize, len: usize) -> bool {
     while at < end {
         let next = with_domain(at, |d| {
             let rec = d.registry.lookup_offset((at - d.window_base as usize) as u64)?;
-            d.is_mapped(&rec).then_some((d.window_base + rec.offset + rec.reserved) as usize)
+            d.mapping.is_mapped(&rec).then_some((d.window_base + rec.offset + rec.reserved) as usize)
         });
         match next.flatten() {
             Some(n) => at = n,
@@ -202,7 +193,7 @@ pub(crate) fn range_mapped(start: usize, len: usize) -> bool {
 
 /// The fault hook. Async-signal-safe.
 fn on_fault(sig: FaultSignal, addr: usize) -> bool {
-    with_domain(addr, |d| d.on_fault(sig, addr)).unwrap_or(false)
+    with_domain(addr, |d| Handler(d).on_fault(sig, addr)).unwrap_or(false)
 }
 
 /// Why a fault in a domain's window could not be repaired.
@@ -229,7 +220,17 @@ enum Failure {
     Map(std::io::Error),
 }
 
-impl DomainInner {
+/// The fault handler's view of one attachment.
+struct Handler<'a>(&'a Attachment);
+
+impl std::ops::Deref for Handler<'_> {
+    type Target = Attachment;
+    fn deref(&self) -> &Attachment {
+        self.0
+    }
+}
+
+impl Handler<'_> {
     /// Repairs a fault at `addr` inside this domain's window, or says why not (on stderr) and
     /// returns false. Async-signal-safe.
     fn on_fault(&self, sig: FaultSignal, addr: usize) -> bool {
@@ -253,37 +254,19 @@ impl DomainInner {
         }
     }
 
-    /// Maps section `rec`, which covers `addr`. Async-signal-safe.
+    /// Maps section `rec`, which covers `addr`, through the mapping's first-touch transition
+    /// (see `attachment::mapping`). Async-signal-safe.
     fn fault_in(&self, addr: usize, rec: &SectionRecord) -> Result<(), Failure> {
-        let word = &self.mapped[rec.slot as usize];
-        let mut spins = 0u64;
-        loop {
-            // Acquire: pairs with the Release store that ends a mapping, so a thread that sees
-            // `gen` retries its access after the mapping exists.
-            let cur = word.load(Ordering::Acquire);
-            if cur == rec.generation {
-                return self.already_mapped(addr, rec);
+        match self.mapping.fault_in(rec, || self.map_signal_safe(rec)) {
+            FaultIn::Mapped => {
+                // Relaxed: a statistic.
+                FIRST_TOUCH_MAPS.fetch_add(1, Ordering::Relaxed);
+                REPEAT.with(|r| r.set((0, 0)));
+                Ok(())
             }
-            if cur == rec.generation | BUSY {
-                spins += 1;
-                if spins > 1 << 26 {
-                    return Err(Failure::Wedged); // crash rather than hang
-                }
-                std::hint::spin_loop();
-                continue;
-            }
-            // Acquire on success: orders our mapping after the previous owner's (see table).
-            if word.compare_exchange(cur, rec.generation | BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                let mapped = self.map_signal_safe(rec);
-                // Release: publishes the new mapping to threads that read `gen`.
-                word.store(if mapped.is_ok() { rec.generation } else { cur }, Ordering::Release);
-                if mapped.is_ok() {
-                    // Relaxed: a statistic.
-                    FIRST_TOUCH_MAPS.fetch_add(1, Ordering::Relaxed);
-                    REPEAT.with(|r| r.set((0, 0)));
-                }
-                return mapped;
-            }
+            FaultIn::AlreadyMapped => self.already_mapped(addr, rec),
+            FaultIn::Wedged => Err(Failure::Wedged),
+            FaultIn::Failed(why) => Err(why),
         }
     }
 
@@ -310,8 +293,8 @@ impl DomainInner {
         let mut buf = [0u8; 256];
         let name =
             object_name_cstr(&mut buf, &self.name, rec.generation, rec.name.as_str()).ok_or(Failure::NameTooLong)?;
-        let fd = os::open_object_cstr(os::borrow(self.registry.dir()), name).map_err(Failure::Open)?;
-        let st = os::stat_object(os::borrow(&fd)).map_err(Failure::Stat)?;
+        let fd = self.registry.dir().open_object_cstr(name).map_err(Failure::Open)?;
+        let st = fd.stat().map_err(Failure::Stat)?;
         if !st.is_regular {
             return Err(Failure::NotRegular);
         }
@@ -325,8 +308,9 @@ impl DomainInner {
         // SAFETY: the range is this section's place inside our window reservation (validated
         // against the window size when the record was read); nothing else is mapped there in
         // this process (the fault proves the page was not mapped, and the slot's BUSY/mapped
-        // word keeps other threads of this process from mapping it concurrently).
-        unsafe { os::map_shared_fixed(os::borrow(&fd), addr, rec.reserved as usize, true) }.map_err(Failure::Map)
+        // word, see `Mapping::fault_in`, keeps other threads of this process from mapping it
+        // concurrently).
+        unsafe { os::map_shared_fixed(&fd, addr, rec.reserved as usize, os::Access::ReadWrite) }.map_err(Failure::Map)
         // `fd` is closed here: the mapping keeps the object alive.
     }
 
@@ -371,12 +355,12 @@ impl DomainInner {
                 let object = rec
                     .and_then(|r| object_name_cstr(&mut obj, &self.name, r.generation, r.name.as_str()))
                     .map_or(&b"?"[..], |c| c.to_bytes());
-                let errno = |line: &mut Line, e: &std::io::Error| match os::errno_name(e) {
+                let errno = |line: &mut Line, e: &std::io::Error| match e.describe() {
                     Some((name, text)) => {
                         line.push(name.as_bytes()).push(b" (").push(text.as_bytes()).push(b")");
                     }
                     None => {
-                        line.push(b"os error ").dec(e.raw_os_error().unwrap_or(0) as u64);
+                        line.push(b"os error ").dec(e.code());
                     }
                 };
                 match why {
@@ -505,17 +489,6 @@ fn object_name_cstr<'a>(buf: &'a mut [u8; 256], domain: &str, generation: u64, s
     }
     *buf.get_mut(at)? = 0;
     CStr::from_bytes_with_nul(&buf[..=at]).ok()
-}
-
-/// Makes sure every section overlapping `[ptr, ptr + len)` is mapped in this process, for code
-/// about to hand that memory to the kernel (a system call never faults, it fails with
-/// `EFAULT`). Fails with `InvalidArgument` if the range leaves the attached domains' windows,
-/// `NotFound` if part of it lies where no live section is (or a section's object is gone),
-/// and with the reason a section could not be mapped otherwise: `PermissionDenied` (mode,
-/// foreign owner), `Corrupt` (object truncated or resized), `Os` (descriptor limit
-/// `EMFILE`, `ENOMEM` at `vm.max_map_count`, ...), each with a message saying what to do.
-pub fn ensure_mapped(ptr: *const u8, len: usize) -> Result<()> {
-    crate::domain::ensure_mapped(ptr as usize, len)
 }
 
 #[cfg(test)]

@@ -211,12 +211,8 @@ fn seeds_cached() -> &'static [Vec<u8>] {
 
 fn registry_bytes(data: &[u8]) {
     use crate::registry::{LIVE, Registry};
-    let (Ok(dir), Ok(fd)) =
-        (crate::os::open_dir(std::path::Path::new("/")), crate::os::open_dir(std::path::Path::new("/")))
-    else {
-        return;
-    };
-    let Ok(reg) = Registry::from_bytes(dir, fd, REGISTRY_DOMAIN, data) else { return };
+    let Ok(dir) = crate::os::Dir::open(std::path::Path::new("/")) else { return };
+    let Ok(reg) = Registry::from_bytes(dir, REGISTRY_DOMAIN, data) else { return };
     let scan = reg.scan(true);
     let loose = reg.scan(false);
     for rec in scan.entries.iter().chain(&loose.entries).chain(&reg.entries()) {
@@ -265,7 +261,7 @@ pub fn registry_seeds() -> Vec<Vec<u8>> {
     std::fs::create_dir_all(&tmp).expect("a private temporary directory");
     let mut seeds = Vec::new();
     for (sections, deletes) in [(0usize, 0usize), (5, 0), (7, 3)] {
-        let dir = crate::os::open_dir(&tmp).expect("the temporary directory opens");
+        let dir = crate::os::Dir::open(&tmp).expect("the temporary directory opens");
         let params = CreateParams {
             window_base: MIN_WINDOW_BASE,
             window_size: MIN_WINDOW_SIZE,
@@ -305,12 +301,8 @@ pub fn registry_seeds() -> Vec<Vec<u8>> {
 /// Whether `data` parses as a registry whose full (locked) scan finds no damage: the seeds
 /// must, or the scan would call real registries damaged.
 pub fn registry_is_sound(data: &[u8]) -> bool {
-    let (Ok(dir), Ok(fd)) =
-        (crate::os::open_dir(std::path::Path::new("/")), crate::os::open_dir(std::path::Path::new("/")))
-    else {
-        return false;
-    };
-    crate::registry::Registry::from_bytes(dir, fd, REGISTRY_DOMAIN, data).is_ok_and(|r| {
+    let Ok(dir) = crate::os::Dir::open(std::path::Path::new("/")) else { return false };
+    crate::registry::Registry::from_bytes(dir, REGISTRY_DOMAIN, data).is_ok_and(|r| {
         let scan = r.scan(true);
         assert!(scan.is_sound(), "{:?}", scan.describe());
         scan.is_sound()

@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::domain::resolve_shm_dir;
+use crate::attachment::resolve_shm_dir;
+use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::{self, ObjectName};
-use crate::os;
+use crate::os::{self, ErrorExt};
 use crate::registry::{self, DamagedEntry, Lifetime, ProcRecord, Registry, SectionKind};
 use crate::section::SectionInfo;
 
@@ -39,6 +40,15 @@ pub struct ProcessInfo {
 impl ProcessInfo {
     pub(crate) fn from_record(p: &ProcRecord) -> ProcessInfo {
         ProcessInfo { pid: p.pid, uid: p.uid, attached_at: p.attached_at, alive: p.alive }
+    }
+}
+
+impl Domain {
+    /// The processes attached to the domain, with their liveness.
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        // Registers a forked child that is not yet, so it lists itself.
+        self.inner.token();
+        self.inner.registry.procs().iter().map(ProcessInfo::from_record).collect()
     }
 }
 
@@ -87,8 +97,8 @@ pub enum DomainEntry {
 /// How long `gc` waits for a registry lock before reporting the domain instead of hanging.
 const GC_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn open_dir(dir: &Path) -> Result<std::os::fd::OwnedFd> {
-    os::open_dir(dir).map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))
+fn open_dir(dir: &Path) -> Result<os::Dir> {
+    os::Dir::open(dir).map_err(|e| Error::from_io(format!("cannot open the shm directory {}", dir.display()), e))
 }
 
 fn report(reg: &Registry) -> DomainReport {
@@ -206,8 +216,8 @@ pub fn gc_with(
         names::validate(d, "domain")?;
     }
     let dir: PathBuf = resolve_shm_dir(shm_dir);
-    let lock_fd = open_dir(&dir)?;
-    os::lock_exclusive(os::borrow(&lock_fd)).map_err(|e| Error::from_io("cannot lock the shm directory", e))?;
+    let _dir_lock =
+        os::DirLock::acquire(open_dir(&dir)?).map_err(|e| Error::from_io("cannot lock the shm directory", e))?;
     let dir_fd = open_dir(&dir)?;
     let files = os::list_dir(&dir).map_err(|e| Error::from_io(format!("cannot list {}", dir.display()), e))?;
     let mut out = GcReport::default();
@@ -252,9 +262,9 @@ pub fn gc_with(
             }
         };
         if remove {
-            match os::unlink_object(os::borrow(&dir_fd), f) {
+            match dir_fd.unlink_object(f) {
                 Ok(()) => out.removed_orphans.push(f.clone()),
-                Err(e) if e.raw_os_error() == Some(2) => {}
+                Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(Error::from_io(format!("cannot remove orphan object {f:?}"), e)),
             }
         }
@@ -265,14 +275,14 @@ pub fn gc_with(
 /// One domain's part of [`gc`]; the caller holds the directory lock.
 fn gc_domain(
     dir: &Path,
-    dir_fd: &std::os::fd::OwnedFd,
+    dir_fd: &os::Dir,
     files: &[String],
     d: &str,
     force: bool,
     allow_foreign_owner: bool,
     out: &mut GcReport,
 ) -> Result<Verdict> {
-    let reg = match Registry::open(open_dir(dir)?, d, true, allow_foreign_owner) {
+    let reg = match Registry::open(open_dir(dir)?, d, os::Access::ReadWrite, allow_foreign_owner) {
         Ok(reg) => reg,
         // Unfinished: its creator died while creating it (we hold the directory lock every
         // creator holds), so it never recorded a section.
@@ -284,8 +294,9 @@ fn gc_domain(
         Err(e) if e.kind() == ErrorKind::Corrupt => {
             if force {
                 // Proven unused: no process holds a liveness token (a lock) on it.
-                let in_use = os::open_object(os::borrow(dir_fd), &names::registry_object(d), false)
-                    .and_then(|fd| os::any_byte_locked(os::borrow(&fd)))
+                let in_use = dir_fd
+                    .open_object(&names::registry_object(d), os::Access::Read)
+                    .and_then(|fd| fd.any_byte_locked())
                     .unwrap_or(true);
                 if !in_use {
                     remove_registry(dir_fd, d)?;
@@ -393,7 +404,8 @@ fn gc_domain(
             }
         }
     }
-    if sound && !guard.any_slot_used() && !guard.others_alive() && !crate::admin::is_kept(dir_fd, d) {
+    // A domain made to last (`domain create`) stays while empty, until `domain rm`.
+    if sound && !guard.any_slot_used() && !guard.others_alive() && !registry::is_kept(dir_fd, d) {
         remove_registry(dir_fd, d)?;
         out.removed_domains.push(d.to_owned());
         return Ok(Verdict::Gone { remove: true });
@@ -411,7 +423,7 @@ fn gc_domain(
 /// initialised in place and marked inconsistent, so its next locker recovers the heap as after
 /// a holder's death. The caller holds the directory lock and the registry lock.
 fn check_heap_lock(
-    dir_fd: &std::os::fd::OwnedFd,
+    dir_fd: &os::Dir,
     reg: &Registry,
     d: &str,
     rec: &registry::SectionRecord,
@@ -420,13 +432,13 @@ fn check_heap_lock(
 ) {
     let name = rec.name.as_str();
     let object = names::section_object(d, rec.generation, name);
-    let Ok(fd) = os::open_object(os::borrow(dir_fd), &object, true) else { return };
+    let Ok(fd) = dir_fd.open_object(&object, os::Access::ReadWrite) else { return };
     let len = os::page_size();
     // A heap object smaller than its control block is damage that `heap --check` reports.
-    if os::stat_object(os::borrow(&fd)).map_or(true, |st| st.size < len as u64) {
+    if fd.stat().map_or(true, |st| st.size < len as u64) {
         return;
     }
-    let Ok(base) = os::map_shared(os::borrow(&fd), len, true) else { return };
+    let Ok(base) = os::map_shared(&fd, len, os::Access::ReadWrite) else { return };
     // SAFETY: the page is mapped (just above) and stays so until the unmap below; a RawMutex
     // is atomics and a glibc mutex's bytes, valid for any bit pattern (its own header check
     // rejects memory that is not a mutex), and at LOCK_OFFSET (< a page) in a heap section.
@@ -472,7 +484,8 @@ fn check_heap_lock(
     let _ = unsafe { os::unmap(base.as_ptr() as usize, len) };
 }
 
-fn remove_registry(dir_fd: &std::os::fd::OwnedFd, d: &str) -> Result<()> {
-    os::unlink_object(os::borrow(dir_fd), &names::registry_object(d))
+fn remove_registry(dir_fd: &os::Dir, d: &str) -> Result<()> {
+    dir_fd
+        .unlink_object(&names::registry_object(d))
         .map_err(|e| Error::from_io(format!("cannot remove the registry of domain {d:?}"), e))
 }

@@ -47,6 +47,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod attachment;
 mod domain;
 mod error;
 mod fault;
@@ -59,15 +60,17 @@ mod os;
 pub mod queue;
 mod registry;
 mod section;
+mod sharing;
 mod shm_safe;
 pub mod sync;
 
-pub use domain::{DEFAULT_SHM_DIR, Domain, DomainOptions, default_domain_name};
+pub use domain::{DEFAULT_SHM_DIR, Domain, DomainOptions, default_domain_name, ensure_mapped};
 pub use error::{Error, ErrorKind, Result};
-pub use fault::{MAX_ATTACHED_DOMAINS, ensure_mapped, first_touch_maps, handler_installed};
+pub use fault::{MAX_ATTACHED_DOMAINS, first_touch_maps, handler_installed};
 pub use names::MAX_NAME_LEN;
 pub use registry::{CHUNK, DEFAULT_WINDOW_BASE, DEFAULT_WINDOW_SIZE, Lifetime, SectionKind};
 pub use section::{AnyBitPattern, InPlace, Section, SectionInfo, SectionOptions};
+pub use sharing::Sharing;
 pub use shm_safe::ShmSafe;
 
 /// A 32-bit fingerprint of a shared layout (sizes, offsets, constants), FNV-1a over the words:
@@ -122,7 +125,7 @@ pub mod __testing {
     /// Sets how long create-or-open waits for a live creator (default 10 s), for this process.
     pub fn set_creator_wait(wait: std::time::Duration) {
         // Relaxed: a setting, read on its own.
-        crate::domain::CREATOR_WAIT_MS.store(wait.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        crate::section::CREATOR_WAIT_MS.store(wait.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Marks a section made by [`create_unfinished`] ready.

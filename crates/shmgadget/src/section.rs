@@ -14,18 +14,26 @@
 //! call and close it: an open and a close more per call, in exchange for no descriptor at rest.
 //! A section deleted meanwhile cannot be committed any more (`NotFound`); one whose object was
 //! replaced behind the registry's back is refused (`Corrupt`).
+//!
+//! # The sections of a domain
+//! The [`Domain`] methods that create, open, create-or-open and delete sections live here
+//! (an `impl Domain` block below): they run the registry's readiness protocol (a section still
+//! being initialised by a live creator is waited for, one whose creator died is removed) and
+//! hand out [`Section`] handles. Mapping itself, and the handle count that decides when a
+//! deleted section is unmapped, belong to the attachment's `Mapping` (`attachment::mapping`);
+//! a handle takes one on creation and releases it on drop.
 
-use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result, bail};
 use crate::names;
-use crate::os;
+use crate::os::{self, ErrorExt};
 use crate::registry::{self, Lifetime, Registry, SectionKind, SectionRecord};
+use crate::sharing::Sharing;
 use crate::shm_safe::ShmSafe;
 
 /// How to create a section.
@@ -35,24 +43,19 @@ pub struct SectionOptions {
     pub kind: SectionKind,
     /// Persistent (default) or transient.
     pub lifetime: Lifetime,
-    /// Permission bits of the backing object. Default [`SectionOptions::DOMAIN_MODE`]: the
-    /// domain's (its registry object's) bits, `0o600` unless the domain was made with another
-    /// [`crate::DomainOptions::mode`].
-    pub mode: u32,
+    /// Who may open and map it. Default `None`: as the domain is shared (its registry object's
+    /// access: owner only unless the domain was made with another [`crate::DomainOptions::sharing`]).
+    pub sharing: Option<Sharing>,
 }
 
 impl Default for SectionOptions {
     fn default() -> Self {
-        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, mode: SectionOptions::DOMAIN_MODE }
+        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, sharing: None }
     }
 }
 
 impl SectionOptions {
-    /// A `mode` that means "the domain's mode": a section of a domain shared with the group
-    /// (`0o660`) or everyone (`0o666`) is shared the same way unless it asks otherwise.
-    pub const DOMAIN_MODE: u32 = u32::MAX;
-
-    /// Default options: raw, persistent, the domain's mode.
+    /// Default options: raw, persistent, shared as the domain is.
     pub fn new() -> Self {
         Self::default()
     }
@@ -61,10 +64,15 @@ impl SectionOptions {
         self.lifetime = Lifetime::Transient;
         self
     }
-    /// Sets the permission bits (for example `0o660` to share with the group).
-    pub fn mode(mut self, mode: u32) -> Self {
-        self.mode = mode;
+    /// Sets who may open and map it ([`Sharing::group`] to share with the group).
+    pub fn sharing(mut self, sharing: Sharing) -> Self {
+        self.sharing = Some(sharing);
         self
+    }
+    /// Sets the POSIX permission bits (for example `0o660` to share with the group): shorthand
+    /// for [`SectionOptions::sharing`] with [`Sharing::from_posix_mode`].
+    pub fn mode(self, mode: u32) -> Self {
+        self.sharing(Sharing::from_posix_mode(mode))
     }
     /// Sets the kind.
     pub fn kind(mut self, kind: SectionKind) -> Self {
@@ -91,79 +99,32 @@ unsafe impl Send for Section {}
 unsafe impl Sync for Section {}
 
 impl Section {
-    /// Maps a section this process just created (and closes `fd`).
-    pub(crate) fn map_new(domain: Domain, rec: SectionRecord, fd: OwnedFd) -> Result<Section> {
-        let id = os::stat_object(os::borrow(&fd))
-            .map(|st| st.identity)
-            .map_err(|e| Error::from_io(format!("cannot stat section {:?}'s new object", rec.name.as_str()), e))?;
-        Section::map(domain, rec, fd, id)
+    /// Maps a section this process just created (and closes `object`).
+    pub(crate) fn map_new(domain: Domain, rec: SectionRecord, object: os::Object) -> Result<Section> {
+        let id = domain.inner.map_new_held(&rec, object)?;
+        Ok(Section::held(domain, rec, id))
     }
 
     /// Opens and maps an existing section from its registry record.
     pub(crate) fn open_record(domain: Domain, rec: SectionRecord) -> Result<Section> {
-        let object = names::section_object(&domain.inner.name, rec.generation, rec.name.as_str());
-        let name = rec.name.as_str();
-        let fd = os::open_object(os::borrow(domain.inner.registry.dir()), &object, true).map_err(|e| {
-            if e.raw_os_error() == Some(2) {
-                Error::new(ErrorKind::NotFound, format!("section {name:?} was deleted (its object {object:?} is gone)"))
-            } else {
-                Error::from_io(format!("cannot open section {name:?}"), e)
-            }
-        })?;
-        let st = os::stat_object(os::borrow(&fd)).map_err(|e| Error::from_io("cannot stat a section", e))?;
-        let id = st.identity;
-        if st.uid != os::effective_uid() && !domain.inner.allow_foreign_owner {
-            bail!(
-                PermissionDenied,
-                "section {name:?} belongs to uid {} but this process runs as uid {}; refusing to map it \
-                 (attach with allow_foreign_owner if that user is trusted)",
-                st.uid,
-                os::effective_uid()
-            );
-        }
-        if !st.is_regular || st.size != rec.reserved {
-            bail!(
-                Corrupt,
-                "section {name:?}'s object {object:?} is {} bytes but the registry records {}; \
-                 mapping it could fault, so it is refused (remove it with `shmgadget rm`)",
-                st.size,
-                rec.reserved
-            );
-        }
-        Section::map(domain, rec, fd, id)
+        let id = domain.inner.open_held(&rec)?;
+        Ok(Section::held(domain, rec, id))
     }
 
-    /// Maps the object behind `fd` at the section's place (unless this process has it mapped
-    /// already) and closes `fd`: the mapping keeps the object alive, the handle keeps `id`.
-    fn map(domain: Domain, rec: SectionRecord, fd: OwnedFd, id: os::ObjectId) -> Result<Section> {
-        let addr = domain.inner.window_base + rec.offset;
-        let _guard = domain.inner.map_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if !domain.inner.is_mapped(&rec) {
-            // SAFETY: `[addr, addr + reserved)` lies inside this process's reservation of the
-            // window (the record was validated against the window size) and belongs to this
-            // section alone, so MAP_FIXED replaces only our own reservation or an older mapping
-            // of this same slot, which no Rust reference can point into (section memory is
-            // reached through raw pointers only).
-            unsafe { os::map_shared_fixed(os::borrow(&fd), addr as usize, rec.reserved as usize, true) }
-                .map_err(|e| Error::from_io(format!("cannot map section {:?}", rec.name.as_str()), e))?;
-            domain.inner.note_mapped(&rec);
-        }
-        // Release: pairs with the Acquire loads in `delete_section`/`unmap_deleted`.
-        domain.inner.handles[rec.slot as usize].fetch_add(1, Ordering::Release);
-        drop(_guard);
-        drop(fd);
-        let addr = NonNull::new(addr as *mut u8).expect("window base is never null");
-        Ok(Section { domain, rec, object: id, addr })
+    /// The handle over a section mapped with one handle taken for it (released on drop).
+    fn held(domain: Domain, rec: SectionRecord, object: os::ObjectId) -> Section {
+        let addr = NonNull::new((domain.inner.window_base + rec.offset) as *mut u8).expect("window base is never null");
+        Section { domain, rec, object, addr }
     }
 
-    /// Reopens the section's object by name for a call that needs a descriptor (`what` says
-    /// which, for errors), and checks that it is still the object this process mapped. Returns
-    /// the descriptor, which the caller closes when done (drop), and what `fstat` said.
-    fn reopen(&self, writable: bool, what: &str) -> Result<(OwnedFd, os::ObjectStat)> {
+    /// Reopens the section's object by name for a call that needs it (`what` says which, for
+    /// errors), and checks that it is still the object this process mapped. Returns the
+    /// object, which the caller closes when done (drop), and what `fstat` said.
+    fn reopen(&self, access: os::Access, what: &str) -> Result<(os::Object, os::ObjectStat)> {
         let name = self.name();
         let object = names::section_object(&self.domain.inner.name, self.rec.generation, name);
-        let fd = os::open_object(os::borrow(self.domain.inner.registry.dir()), &object, writable).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
+        let fd = self.domain.inner.registry.dir().open_object(&object, access).map_err(|e| {
+            if e.is_not_found() {
                 Error::new(
                     ErrorKind::NotFound,
                     format!("cannot {what} section {name:?}: it was deleted (its object {object:?} is gone)"),
@@ -172,7 +133,8 @@ impl Section {
                 Error::from_io(format!("cannot {what} section {name:?}: cannot reopen its object {object:?}"), e)
             }
         })?;
-        let st = os::stat_object(os::borrow(&fd))
+        let st = fd
+            .stat()
             .map_err(|e| Error::from_io(format!("cannot {what} section {name:?}: cannot stat its object"), e))?;
         if st.identity != self.object || !st.is_regular || st.size != self.rec.reserved {
             bail!(
@@ -263,8 +225,8 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        let (fd, _) = self.reopen(true, "commit")?;
-        os::allocate(os::borrow(&fd), 0, len)
+        let (fd, _) = self.reopen(os::Access::ReadWrite, "commit")?;
+        fd.allocate(0, len)
             .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
         drop(fd);
         registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, len, true);
@@ -297,8 +259,8 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        let (fd, _) = self.reopen(true, "decommit")?;
-        os::punch_hole(os::borrow(&fd), offset, len)
+        let (fd, _) = self.reopen(os::Access::ReadWrite, "decommit")?;
+        fd.punch_hole(offset, len)
             .map_err(|e| Error::from_io(format!("cannot decommit section {:?}", self.name()), e))?;
         drop(fd);
         registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, offset, false);
@@ -317,19 +279,14 @@ impl Section {
             .unwrap_or(self.rec);
         rec.state = registry::LIVE;
         let mut info = SectionInfo::from_record(&self.domain.inner.registry, &rec);
-        info.resident = self.reopen(false, "inspect").ok().map(|(_, st)| st.allocated);
+        info.resident = self.reopen(os::Access::Read, "inspect").ok().map(|(_, st)| st.allocated);
         info
     }
 }
 
 impl Drop for Section {
     fn drop(&mut self) {
-        let inner = &self.domain.inner;
-        // AcqRel: the last handle's decrement must see a concurrent `delete_section`'s flag
-        // (checked again under `map_lock` in `unmap_deleted`).
-        if inner.handles[self.rec.slot as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
-            inner.unmap_deleted(&self.rec);
-        }
+        self.domain.inner.release_handle(&self.rec);
     }
 }
 
@@ -342,6 +299,427 @@ impl std::fmt::Debug for Section {
             .field("len", &self.rec.reserved)
             .finish()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sections of a domain: create, open, create-or-open, delete (the readiness protocol of
+// the registry, seen from this process)
+// ---------------------------------------------------------------------------------------------
+
+impl Domain {
+    /// Creates a section. Fails with `AlreadyExists` if the name is taken.
+    pub fn create_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<Section> {
+        self.create_section_as(name, size, opts, true).map(|(s, _)| s)
+    }
+
+    /// [`Domain::create_section`], with readiness chosen by the caller: `ready` false makes the
+    /// section `LIVE` but unready until [`Domain::finish_init`] (heaps and queues initialise
+    /// their header first). Returns the new entry too.
+    pub(crate) fn create_section_as(
+        &self,
+        name: &str,
+        size: u64,
+        opts: &SectionOptions,
+        ready: bool,
+    ) -> Result<(Section, SectionRecord)> {
+        let reserved = self.check_new_section(name, size, opts)?;
+        let guard = self.inner.registry.lock()?;
+        let abandoned = match self.settle(&guard, name) {
+            Found::Ready(rec) | Found::Pending(rec) => return Err(already_exists(self, &rec)),
+            Found::Absent(abandoned) => abandoned,
+        };
+        let made = self.create_locked(&guard, name, reserved, opts, ready);
+        drop(guard);
+        if let Some(old) = abandoned {
+            self.forget_removed(&old);
+        }
+        let (rec, fd) = made?;
+        self.map_created(rec, fd).map(|s| (s, rec))
+    }
+
+    /// Opens an existing section by name. A section still being initialised by its (live)
+    /// creator is waited for; one whose creator died before finishing it is removed and
+    /// reported as not found.
+    pub fn open_section(&self, name: &str) -> Result<Section> {
+        names::validate(name, "section")?;
+        let mut wait = CreatorWait::new();
+        let mut vanished = 0;
+        loop {
+            let guard = self.inner.registry.lock()?;
+            let found = self.settle(&guard, name);
+            drop(guard);
+            let rec = match found {
+                Found::Ready(rec) => rec,
+                Found::Pending(rec) => {
+                    wait.pause(self, &rec)?;
+                    continue;
+                }
+                Found::Absent(Some(old)) => {
+                    self.forget_removed(&old);
+                    bail!(
+                        NotFound,
+                        "no section {name:?} in domain {:?}: its creator (pid {}) died before initialising it, so the \
+                         unfinished section was removed; create it again",
+                        self.inner.name,
+                        old.creator_pid
+                    );
+                }
+                Found::Absent(None) => return Err(not_found(self, name)),
+            };
+            match Section::open_record(self.clone(), rec) {
+                // Deleted between the lookup and the open: look again.
+                Err(e) if e.kind() == ErrorKind::NotFound && vanished < 8 => vanished += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// Opens section `name` if it exists (its reserved size must be at least `size` and its
+    /// kind `opts.kind`), otherwise creates it. Returns the section and whether this call
+    /// created it. When several processes race, exactly one creates it; the others wait until
+    /// the creator has initialised it. A section left unfinished by a creator that died is
+    /// removed and created anew.
+    pub fn create_or_open_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<(Section, bool)> {
+        self.create_or_open_section_as(name, size, opts, true).map(|(s, created, _)| (s, created))
+    }
+
+    /// [`Domain::create_or_open_section`] with readiness chosen by the caller (see
+    /// [`Domain::create_section_as`]); also returns the entry.
+    pub(crate) fn create_or_open_section_as(
+        &self,
+        name: &str,
+        size: u64,
+        opts: &SectionOptions,
+        ready: bool,
+    ) -> Result<(Section, bool, SectionRecord)> {
+        let reserved = self.check_new_section(name, size, opts)?;
+        let mut wait = CreatorWait::new();
+        let mut vanished = 0;
+        loop {
+            let guard = self.inner.registry.lock()?;
+            let rec = match self.settle(&guard, name) {
+                Found::Ready(rec) => rec,
+                Found::Pending(rec) => {
+                    drop(guard);
+                    wait.pause(self, &rec)?;
+                    continue;
+                }
+                Found::Absent(abandoned) => {
+                    let made = self.create_locked(&guard, name, reserved, opts, ready);
+                    drop(guard);
+                    if let Some(old) = abandoned {
+                        self.forget_removed(&old);
+                    }
+                    let (rec, fd) = made?;
+                    return self.map_created(rec, fd).map(|s| (s, true, rec));
+                }
+            };
+            drop(guard);
+            if rec.kind != opts.kind {
+                bail!(
+                    InvalidArgument,
+                    "section {name:?} exists as a {} section, not {}",
+                    rec.kind.as_str(),
+                    opts.kind.as_str()
+                );
+            }
+            if rec.reserved < size {
+                bail!(
+                    InvalidSize,
+                    "section {name:?} exists with {} bytes reserved, less than the {size} requested",
+                    rec.reserved
+                );
+            }
+            match Section::open_record(self.clone(), rec) {
+                // Deleted between the lookup and the open: look again.
+                Err(e) if e.kind() == ErrorKind::NotFound && vanished < 8 => vanished += 1,
+                other => return other.map(|s| (s, false, rec)),
+            }
+        }
+    }
+
+    /// Looks `name` up under the lock. An unready entry whose creator is dead (by its peer
+    /// token) can never become ready: it is removed here, under the same lock, and reported
+    /// as `Absent(Some(removed))` so the caller can create the name anew atomically.
+    fn settle(&self, guard: &registry::RegistryGuard<'_>, name: &str) -> Found {
+        let Some(rec) = guard.find_live(name) else { return Found::Absent(None) };
+        if rec.ready {
+            return Found::Ready(rec);
+        }
+        if self.peer_alive(rec.creator_token) {
+            return Found::Pending(rec);
+        }
+        // The creator is gone and nobody else may finish its work: remove what it left.
+        // A failed unlink leaves an orphan object for `gc`; the entry is freed regardless.
+        let _ = guard.remove(&rec);
+        Found::Absent(Some(rec))
+    }
+
+    /// Marks a section created unready (by `create_section_as`/`create_or_open_section_as`)
+    /// ready, once its creator has initialised it. Fails if it was deleted meanwhile.
+    pub(crate) fn finish_init(&self, rec: &SectionRecord) -> Result<()> {
+        let guard = self.inner.registry.lock()?;
+        if guard.mark_ready(rec) {
+            return Ok(());
+        }
+        bail!(
+            NotFound,
+            "section {:?} of domain {:?} was deleted while this process was initialising it",
+            rec.name.as_str(),
+            self.inner.name
+        )
+    }
+
+    /// Removes a section this process created but could not initialise (all-or-nothing
+    /// creation): nobody may see it half-made. `section` is this process's handle to it.
+    pub(crate) fn abandon_created(&self, section: Section, rec: &SectionRecord) {
+        if let Ok(guard) = self.inner.registry.lock() {
+            if let Some(live) = guard.same_entry(rec) {
+                let _ = guard.remove(&live);
+            }
+        }
+        self.forget_removed(rec);
+        drop(section);
+    }
+
+    /// Maps a section this call just created; if that fails, removes it again.
+    fn map_created(&self, rec: SectionRecord, fd: os::Object) -> Result<Section> {
+        Section::map_new(self.clone(), rec, fd).inspect_err(|_| {
+            if let Ok(guard) = self.inner.registry.lock() {
+                if let Some(live) = guard.same_entry(&rec) {
+                    let _ = guard.remove(&live);
+                }
+            }
+            self.forget_removed(&rec);
+        })
+    }
+
+    /// After `rec` was removed from the registry: unmaps it from this process now, or when
+    /// this process's last handle to it drops (as `delete_section` does).
+    fn forget_removed(&self, rec: &SectionRecord) {
+        self.inner.forget_removed(rec);
+    }
+
+    fn check_new_section(&self, name: &str, size: u64, opts: &SectionOptions) -> Result<u64> {
+        names::validate(name, "section")?;
+        if size == 0 {
+            bail!(InvalidSize, "section {name:?}: size 0 is invalid; expected at least 1 byte");
+        }
+        let page = os::page_size() as u64;
+        let reserved = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
+        if reserved > self.inner.window_size {
+            bail!(
+                InvalidSize,
+                "section {name:?}: {size} bytes cannot fit in domain {:?}'s window of {} bytes",
+                self.inner.name,
+                self.inner.window_size
+            );
+        }
+        if let Some(sharing) = opts.sharing
+            && sharing.posix_mode() & !0o777 != 0
+        {
+            bail!(InvalidArgument, "section {name:?}: mode {:#o} has bits outside 0o777", sharing.posix_mode());
+        }
+        Ok(reserved)
+    }
+
+    /// Creates the entry and the backing object; the caller holds the registry lock.
+    fn create_locked(
+        &self,
+        guard: &registry::RegistryGuard<'_>,
+        name: &str,
+        reserved: u64,
+        opts: &SectionOptions,
+        ready: bool,
+    ) -> Result<(SectionRecord, os::Object)> {
+        let creator = registry::Creator { token: self.peer_token(), ready };
+        // No sharing given: as the domain's registry object is shared.
+        let mode = opts.sharing.map_or(self.inner.registry.mode & 0o777, Sharing::posix_mode);
+        let rec = guard.begin_create(name, opts.kind, opts.lifetime, mode, reserved, creator)?;
+        let dir = self.inner.registry.dir();
+        let object = names::section_object(&self.inner.name, rec.generation, name);
+        let made = dir
+            .create_object(&object, mode)
+            .or_else(|e| {
+                // A leftover from a crash with the same generation cannot normally exist (the
+                // counter only grows), but if one does it is garbage: replace it.
+                if e.is_exists() {
+                    let _ = dir.unlink_object(&object);
+                    dir.create_object(&object, mode)
+                } else {
+                    Err(e)
+                }
+            })
+            .and_then(|fd| fd.set_size(reserved).map(|()| fd));
+        match made {
+            Ok(fd) => {
+                guard.finish_create(rec.slot);
+                let rec = guard.same_entry(&rec).expect("entry made LIVE just above, under the lock");
+                Ok((rec, fd))
+            }
+            Err(e) => {
+                let _ = guard.remove(&rec);
+                Err(Error::from_io(format!("cannot create section {name:?} (object {object:?})"), e))
+            }
+        }
+    }
+
+    /// Deletes a section for everyone; nobody can open it any more. Other processes that map
+    /// it keep their mapping until they detach. This process unmaps it now, or, if it still
+    /// holds [`Section`] handles to it, when the last of them is dropped.
+    pub fn delete_section(&self, name: &str) -> Result<()> {
+        names::validate(name, "section")?;
+        let guard = self.inner.registry.lock()?;
+        let rec = guard.find_live(name).ok_or_else(|| not_found(self, name))?;
+        let removed = guard.remove(&rec);
+        drop(guard);
+        self.forget_removed(&rec);
+        removed
+    }
+
+    /// Information about every section of the domain.
+    pub fn sections(&self) -> Vec<SectionInfo> {
+        self.inner
+            .registry
+            .entries()
+            .iter()
+            .filter(|r| r.state == registry::LIVE)
+            .map(|r| SectionInfo::from_record(&self.inner.registry, r))
+            .collect()
+    }
+
+    /// Information about one section.
+    pub fn section_info(&self, name: &str) -> Result<SectionInfo> {
+        names::validate(name, "section")?;
+        let guard = self.inner.registry.lock()?;
+        let rec = guard.find_live(name).ok_or_else(|| not_found(self, name))?;
+        drop(guard);
+        Ok(SectionInfo::from_record(&self.inner.registry, &rec))
+    }
+
+    /// Maps every section of the domain that this process has not mapped yet (the classic
+    /// `shm_map_all`). Returns how many it mapped. Sections that cannot be mapped (deleted
+    /// meanwhile, permission) are skipped; the first such error is returned after the rest are
+    /// mapped.
+    pub fn map_all(&self) -> Result<usize> {
+        let mut mapped = 0;
+        let mut first_err = None;
+        for rec in self.inner.registry.entries() {
+            if rec.state != registry::LIVE || self.inner.mapping.is_mapped(&rec) {
+                continue;
+            }
+            match Section::open_record(self.clone(), rec) {
+                Ok(_) => mapped += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(mapped), Err)
+    }
+
+    /// See `__testing::forget_mapping`.
+    pub(crate) fn forget_mapping(&self, name: &str) -> Result<()> {
+        let rec = self.inner.registry.lock()?.find_live(name).ok_or_else(|| not_found(self, name))?;
+        match self.inner.mapping.forget(&rec) {
+            Ok(true) => Ok(()),
+            Ok(false) => bail!(InvalidArgument, "section {name:?} still has handles in this process"),
+            Err(e) => Err(Error::from_io("cannot unmap", e)),
+        }
+    }
+}
+
+fn not_found(domain: &Domain, name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "no section {name:?} in domain {:?}; `shmgadget ls --domain {}` lists its sections",
+            domain.inner.name, domain.inner.name
+        ),
+    )
+}
+
+fn already_exists(domain: &Domain, rec: &SectionRecord) -> Error {
+    Error::new(
+        ErrorKind::AlreadyExists,
+        format!(
+            "section {:?} already exists in domain {:?} (created by pid {}); open it instead, or remove it with `shmgadget rm --domain {} {}`",
+            rec.name.as_str(),
+            domain.inner.name,
+            rec.creator_pid,
+            domain.inner.name,
+            rec.name.as_str()
+        ),
+    )
+}
+
+/// What a name lookup found (see `Domain::settle`).
+enum Found {
+    /// A usable section.
+    Ready(SectionRecord),
+    /// A section whose live creator has not finished initialising it.
+    Pending(SectionRecord),
+    /// No section; `Some` when an unfinished section of a dead creator was just removed.
+    Absent(Option<SectionRecord>),
+}
+
+/// Longest wait for a live creator to finish initialising a section (a heap's header takes
+/// microseconds; this bounds a creator that is stopped or stuck).
+pub(crate) const CREATOR_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`CREATOR_WAIT`] in milliseconds, or a shorter bound set by a test
+/// (`__testing::set_creator_wait`).
+pub(crate) static CREATOR_WAIT_MS: AtomicU64 = AtomicU64::new(CREATOR_WAIT.as_millis() as u64);
+
+/// Waiting for a section's creator, bounded by [`CREATOR_WAIT`].
+struct CreatorWait {
+    start: std::time::Instant,
+    pause: std::time::Duration,
+}
+
+impl CreatorWait {
+    fn new() -> Self {
+        CreatorWait { start: std::time::Instant::now(), pause: std::time::Duration::from_micros(50) }
+    }
+
+    /// Sleeps a little (growing to 5 ms), or fails with `Timeout` once the bound is reached.
+    fn pause(&mut self, domain: &Domain, rec: &SectionRecord) -> Result<()> {
+        // Relaxed: a setting, read on its own.
+        let limit = std::time::Duration::from_millis(CREATOR_WAIT_MS.load(Ordering::Relaxed));
+        if self.start.elapsed() > limit {
+            bail!(
+                Timeout,
+                "section {:?} of domain {:?} is still being initialised by its creator, pid {} (alive), after {:?}; \
+                 that process may be stopped or stuck: resume or kill it, or remove the section with `shmgadget rm --domain {} {}`",
+                rec.name.as_str(),
+                domain.inner.name,
+                rec.creator_pid,
+                limit,
+                domain.inner.name,
+                rec.name.as_str()
+            );
+        }
+        std::thread::sleep(self.pause);
+        self.pause = (self.pause * 2).min(std::time::Duration::from_millis(5));
+        Ok(())
+    }
+}
+
+/// The section covering `addr` in a domain attached by this process, opened (and mapped).
+pub(crate) fn section_at(addr: usize) -> Result<Section> {
+    let domains = crate::domain::attached_domains();
+    let Some(domain) = domains.iter().find(|d| d.contains(addr)) else {
+        bail!(InvalidArgument, "address {addr:#x} is not inside the window of any domain attached in this process");
+    };
+    let off = (addr - domain.inner.window_base as usize) as u64;
+    let rec = domain.inner.registry.lookup_offset(off).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("no live section of domain {:?} covers address {addr:#x}", domain.inner.name),
+        )
+    })?;
+    Section::open_record(domain.clone(), rec)
 }
 
 /// A description of a section, copied out of the registry.
@@ -379,10 +757,8 @@ pub struct SectionInfo {
 impl SectionInfo {
     pub(crate) fn from_record(reg: &Registry, rec: &SectionRecord) -> SectionInfo {
         let object = names::section_object(reg.domain(), rec.generation, rec.name.as_str());
-        let resident = os::open_object(os::borrow(reg.dir()), &object, false)
-            .ok()
-            .and_then(|fd| os::stat_object(os::borrow(&fd)).ok())
-            .map(|s| s.allocated);
+        let resident =
+            reg.dir().open_object(&object, os::Access::Read).ok().and_then(|fd| fd.stat().ok()).map(|s| s.allocated);
         SectionInfo {
             name: rec.name.as_str().to_owned(),
             kind: rec.kind,
@@ -409,7 +785,7 @@ impl SectionInfo {
 /// Implement only for types meeting exactly that.
 pub unsafe trait InPlace: Sync {}
 
-// SAFETY: each is repr(C) atomics (plus a pthread mutex behind the robust-lock protocol),
+// SAFETY: each is repr(C) atomics (plus a robust mutex behind the robust-lock protocol),
 // valid for any bit pattern, validated by its header before use.
 unsafe impl InPlace for crate::sync::Semaphore {}
 // SAFETY: as above.

@@ -85,7 +85,7 @@ impl ShmAlloc {
     }
 
     fn commit(&self, len: u64) -> Result<()> {
-        crate::domain::section_at(self.section as usize)?.commit(len)
+        crate::section::section_at(self.section as usize)?.commit(len)
     }
 
     /// Allocates like [`Heap::alloc`], returning errors instead of `AllocError`.

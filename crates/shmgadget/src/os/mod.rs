@@ -1,15 +1,122 @@
 //! The operating-system layer: the only module that makes system calls.
 //!
-//! Everything above this module speaks in typed wrappers (`OwnedFd`, `io::Result`, small
-//! structs); no `libc::` or `rustix::` name appears outside `os`. Porting shmgadget to another
-//! platform means writing one more file next to `linux.rs` with the same functions.
+//! Everything above this module speaks in the typed handles and small structs listed below;
+//! no file descriptor, errno number, `libc::`/`rustix::` name, `flock` or pthread type appears
+//! outside `os` (`.ci/check-seam` greps for them). Each wrapper names the call it makes.
 //!
-//! Each wrapper names the C call it makes and its man page.
+//! # The platform contract
+//! A platform is one folder, `os/<platform>/`, with one file per subsystem, that provides
+//! every item re-exported below with the same signatures (the `contract` block at the end of
+//! this file pins the most used ones, so a port that drifts fails to compile here rather than
+//! at a call site). Linux is `os/linux/`.
+//!
+//! | subsystem | items | what the rest of shmgadget relies on |
+//! |---|---|---|
+//! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`); an identity that tells a replaced object from the original |
+//! | mapping (`map`) | [`map_shared_fixed`], [`map_shared`], [`unmap`], [`page_size`], [`mappings_overlapping`], [`USER_ADDRESS_LIMIT`] | an object mapped shared at an exact address inside our own reservation |
+//! | reservation (`reserve`) | [`reserve_fixed`], [`restore_reservation`], [`ReserveError`] | an address range held without memory, never replacing someone else's mapping, and given back to that state |
+//! | locks (`lock`, `robust_mutex`) | [`DirLock`] (the global lock of one shm directory, released by the kernel when its holder dies), [`RawRobustMutex`], [`LockOutcome`] | |
+//! | liveness (`liveness`) | [`TokenCell`], [`Object::try_lock_byte`], [`Object::byte_is_locked`], [`Object::any_byte_locked`], [`install_fork_handlers`], [`fork_generation`], [`token_for_address`] | a token per registration that the kernel drops when its process dies, that a forked child does not inherit, and that any process can test |
+//! | process (`process`) | [`current_pid`], [`effective_uid`], [`thread_exists`], [`thread_group`] | |
+//! | waiting on a shared word (`wait`) | [`futex_wait`], [`futex_wake`], [`FutexWait`] | sleep while a 32-bit word in shared memory holds a value; wake sleepers in any process |
+//! | faults (`fault`) | [`install_fault_hook`], [`fault_hook_installed`], [`FaultHook`], [`FaultSignal`], [`write_stderr`] | a hook run on an access to an unmapped page of our window that may map it and retry the access; everything else chained to the previous handler; one async-signal-safe line on stderr |
+//! | time (`time`) | [`monotonic_now`] | a clock that never goes back |
+//! | errors (`error`) | [`ErrorExt`] on `io::Error` | the predicates callers react to (`is_not_found`, `is_exists`, `is_no_space`, `is_permission_denied`, ...), a display code and a signal-safe description; never an errno number above `os` |
 
 #[cfg(target_os = "linux")]
 mod linux;
+
 #[cfg(target_os = "linux")]
-pub use linux::*;
+pub use linux::{
+    // objects
+    Access,
+    Dir,
+    // locks
+    DirLock,
+    // errors
+    ErrorExt,
+    // faults
+    FaultHook,
+    FaultSignal,
+    // waiting on a shared word
+    FutexWait,
+    LockOutcome,
+    Object,
+    ObjectId,
+    ObjectStat,
+    RawRobustMutex,
+    // reservation
+    ReserveError,
+    // liveness
+    TokenCell,
+    // mapping
+    USER_ADDRESS_LIMIT,
+    // process
+    current_pid,
+    effective_uid,
+    fault_hook_installed,
+    fork_generation,
+    futex_wait,
+    futex_wake,
+    install_fault_hook,
+    install_fork_handlers,
+    list_dir,
+    map_shared,
+    map_shared_fixed,
+    mappings_overlapping,
+    // time
+    monotonic_now,
+    page_size,
+    reserve_fixed,
+    restore_reservation,
+    thread_exists,
+    thread_group,
+    token_for_address,
+    unmap,
+    write_stderr,
+};
 
 #[cfg(not(target_os = "linux"))]
-compile_error!("shmgadget supports Linux only for now; another platform is one new file in src/os/");
+compile_error!("shmgadget supports Linux only for now; another platform is one new folder in src/os/");
+
+/// The contract's signatures, pinned: a platform whose items drift from them fails here.
+#[allow(dead_code)]
+mod contract {
+    use std::io;
+    use std::path::Path;
+
+    use super::*;
+
+    const _: fn(&Path) -> io::Result<Dir> = Dir::open;
+    const _: fn(&Dir) -> io::Result<Dir> = Dir::try_clone;
+    const _: fn(&Dir, &str, u32) -> io::Result<Object> = Dir::create_object;
+    const _: fn(&Dir, &str, Access) -> io::Result<Object> = Dir::open_object;
+    const _: fn(&Dir, &std::ffi::CStr) -> io::Result<Object> = Dir::open_object_cstr;
+    const _: fn(&Dir, &str) -> io::Result<()> = Dir::unlink_object;
+    const _: fn(&Path) -> io::Result<Vec<String>> = list_dir;
+    const _: fn(&Object) -> io::Result<ObjectStat> = Object::stat;
+    const _: fn(&Object, u64) -> io::Result<()> = Object::set_size;
+    const _: fn(&Object, u64, u64) -> io::Result<()> = Object::allocate;
+    const _: fn(&Object, u64, u64) -> io::Result<()> = Object::punch_hole;
+    const _: fn(&Object, u64, &mut [u8]) -> io::Result<usize> = Object::read_at;
+    const _: fn(&Object, u64) -> io::Result<bool> = Object::try_lock_byte;
+    const _: fn(&Object, u64) -> io::Result<bool> = Object::byte_is_locked;
+    const _: fn(&Object) -> io::Result<bool> = Object::any_byte_locked;
+    const _: fn(Dir) -> io::Result<DirLock> = DirLock::acquire;
+    const _: unsafe fn(&Object, usize, usize, Access) -> io::Result<()> = map_shared_fixed;
+    const _: fn(&Object, usize, Access) -> io::Result<std::ptr::NonNull<u8>> = map_shared;
+    const _: unsafe fn(usize, usize) -> io::Result<()> = unmap;
+    const _: fn(usize, usize) -> Result<(), ReserveError> = reserve_fixed;
+    const _: unsafe fn(usize, usize) -> io::Result<()> = restore_reservation;
+    const _: fn() -> usize = page_size;
+    const _: fn() -> u32 = current_pid;
+    const _: fn() -> u32 = effective_uid;
+    const _: fn(fn()) = install_fork_handlers;
+    const _: fn() -> u64 = fork_generation;
+    const _: fn(usize) -> u64 = token_for_address;
+    const _: fn(&std::sync::atomic::AtomicU32, u32, Option<std::time::Duration>) -> io::Result<FutexWait> = futex_wait;
+    const _: fn(&std::sync::atomic::AtomicU32, u32) -> usize = futex_wake;
+    const _: fn(FaultHook) -> io::Result<bool> = install_fault_hook;
+    const _: fn(&[u8]) = write_stderr;
+    const _: fn() -> std::time::Duration = monotonic_now;
+}

@@ -1,0 +1,275 @@
+//! How sections get mapped in this process: the per-slot words and every transition on them.
+//!
+//! One [`Mapping`] per attachment holds, per registry slot, which generation of a section is
+//! mapped here, how many [`Section`](crate::Section) handles this process holds to it, and
+//! whether this process deleted it while holding handles. Nothing else writes these words:
+//! `section` (handles), `fault` (first touch), `domain` (map all, ensure mapped, the testing
+//! hook) and `attachment` call the methods below.
+//!
+//! # Per-slot mapping word (`mapped[slot]`)
+//!
+//! | value          | meaning                                   | next                 |
+//! |----------------|-------------------------------------------|----------------------|
+//! | `g` (not `gen`) | another generation, or 0: not mapped here | `gen \| BUSY` (CAS, [`Mapping::fault_in`]) or `gen` (under `lock`, [`Mapping::map_held`]) |
+//! | `gen \| BUSY`   | one thread is mapping generation `gen` on a fault | `gen`, or back to `g` on failure |
+//! | `gen`          | mapped                                    | 0 when unmapped ([`Mapping::release`], [`Mapping::forget_removed`], [`Mapping::forget`]) |
+//!
+//! The thread that wins the CAS maps; others that fault on the same section meanwhile spin
+//! until the word leaves `BUSY` and then retry their instruction, so each section is mapped
+//! once however many threads touch it at the same time. Explicit maps and unmaps (not in a
+//! signal handler) are serialised by `lock`; a mapping word read outside it is a hint
+//! (mapping the same object at the same place twice is harmless).
+//!
+//! # Handles and unmapping a deleted section
+//! * `handles[slot]` counts live `Section` handles. [`Mapping::map_held`] increments it
+//!   (Release, under `lock`); [`Mapping::release`] decrements it (AcqRel).
+//! * `unmap_when_unused[slot]` is the generation this process deleted (or saw removed) while
+//!   handles were held. The last handle's release, or the removal itself when no handle is
+//!   held, gives the range back to a bare reservation ([`Mapping::forget_removed`]); the flag
+//!   and the mapping word are re-checked under `lock`, so a handle taken meanwhile keeps it.
+//!
+//! Every unmapping bumps [`UNMAP_EPOCH`] (heap thread caches watch it).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::os;
+use crate::registry::{Registry, SectionRecord};
+
+const BUSY: u64 = 1 << 63;
+
+/// Counts unmappings of section memory in this process. Thread caches of heap blocks
+/// (`heap/cache.rs`) remember it, and one that finds it changed does not touch its heap again
+/// (the heap may be gone from this process).
+pub(crate) static UNMAP_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn note_unmap() {
+    // Relaxed: a counter compared for equality only.
+    UNMAP_EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What [`Mapping::fault_in`] did.
+pub(crate) enum FaultIn<E> {
+    /// This thread mapped the section.
+    Mapped,
+    /// The word says the section is mapped already (another thread finished just after we
+    /// faulted, or the mapping was removed behind our back).
+    AlreadyMapped,
+    /// Another thread of this process started mapping it and never finished.
+    Wedged,
+    /// Mapping failed; the word is back to what it was.
+    Failed(E),
+}
+
+/// The per-slot mapping words of one attachment (see the module docs).
+pub(crate) struct Mapping {
+    window_base: u64,
+    /// Per registry slot: the generation of the section mapped there in this process (0: none).
+    mapped: Box<[AtomicU64]>,
+    /// Per registry slot: live `Section` handles in this process.
+    handles: Box<[AtomicU32]>,
+    /// Per registry slot: generation this process deleted while holding handles; unmapped when
+    /// the last handle drops.
+    unmap_when_unused: Box<[AtomicU64]>,
+    /// Serialises explicit map and unmap calls in this process.
+    lock: Mutex<()>,
+}
+
+impl Mapping {
+    pub(crate) fn new(window_base: u64, slots: u32) -> Mapping {
+        Mapping {
+            window_base,
+            mapped: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            handles: (0..slots).map(|_| AtomicU32::new(0)).collect(),
+            unmap_when_unused: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether generation `rec.generation` of the section is mapped in this process. A hint:
+    /// one relaxed load, lock-free and async-signal-safe.
+    #[inline]
+    pub(crate) fn is_mapped(&self, rec: &SectionRecord) -> bool {
+        // Relaxed: a hint only; mapping the same object at the same place twice is harmless.
+        self.mapped[rec.slot as usize].load(Ordering::Relaxed) == rec.generation
+    }
+
+    /// Maps `object` at the section's place unless this process has it mapped already, and
+    /// takes one handle on it (released with [`Mapping::release`]). `object` may be closed
+    /// afterwards: the mapping keeps the object alive.
+    pub(crate) fn map_held(&self, rec: &SectionRecord, object: &os::Object) -> std::io::Result<()> {
+        let _guard = self.guard();
+        if !self.is_mapped(rec) {
+            let addr = (self.window_base + rec.offset) as usize;
+            // SAFETY: `[addr, addr + reserved)` lies inside this process's reservation of the
+            // window (the record was validated against the window size) and belongs to this
+            // section alone, so MAP_FIXED replaces only our own reservation or an older mapping
+            // of this same slot, which no Rust reference can point into (section memory is
+            // reached through raw pointers only).
+            unsafe { os::map_shared_fixed(object, addr, rec.reserved as usize, os::Access::ReadWrite) }?;
+            // Relaxed: see `is_mapped`.
+            self.mapped[rec.slot as usize].store(rec.generation, Ordering::Relaxed);
+        }
+        // Release: pairs with the Acquire loads in `forget_removed`/`unmap_deleted`.
+        self.handles[rec.slot as usize].fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Maps section `rec` from the fault handler with `map` (which maps it at its place),
+    /// unless another thread has or is doing so. Async-signal-safe (atomics only, plus `map`).
+    pub(crate) fn fault_in<E>(&self, rec: &SectionRecord, map: impl FnOnce() -> Result<(), E>) -> FaultIn<E> {
+        let word = &self.mapped[rec.slot as usize];
+        let mut spins = 0u64;
+        loop {
+            // Acquire: pairs with the Release store that ends a mapping, so a thread that sees
+            // `gen` retries its access after the mapping exists.
+            let cur = word.load(Ordering::Acquire);
+            if cur == rec.generation {
+                return FaultIn::AlreadyMapped;
+            }
+            if cur == rec.generation | BUSY {
+                spins += 1;
+                if spins > 1 << 26 {
+                    return FaultIn::Wedged; // crash rather than hang
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            // Acquire on success: orders our mapping after the previous owner's (see table).
+            if word.compare_exchange(cur, rec.generation | BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                let mapped = map();
+                // Release: publishes the new mapping to threads that read `gen`; pairs with
+                // the Acquire load above.
+                word.store(if mapped.is_ok() { rec.generation } else { cur }, Ordering::Release);
+                return match mapped {
+                    Ok(()) => FaultIn::Mapped,
+                    Err(e) => FaultIn::Failed(e),
+                };
+            }
+        }
+    }
+
+    /// Releases one handle taken by [`Mapping::map_held`]. The last handle to a section this
+    /// process removed meanwhile unmaps it.
+    pub(crate) fn release(&self, rec: &SectionRecord, registry: &Registry) {
+        // AcqRel: the last handle's decrement must see a concurrent removal's flag (checked
+        // again under `lock` in `unmap_deleted`).
+        if self.handles[rec.slot as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.unmap_deleted(rec, registry);
+        }
+    }
+
+    /// After `rec` was removed from the registry: unmaps it from this process now, or when
+    /// this process's last handle to it is released.
+    pub(crate) fn forget_removed(&self, rec: &SectionRecord, registry: &Registry) {
+        let slot = rec.slot as usize;
+        // Relaxed: the flag is re-checked under `lock` by the last handle's release.
+        self.unmap_when_unused[slot].store(rec.generation, Ordering::Relaxed);
+        // Acquire: pairs with the Release increment in `map_held`.
+        if self.handles[slot].load(Ordering::Acquire) == 0 {
+            self.unmap_deleted(rec, registry);
+        }
+    }
+
+    /// Gives back the window range of a section this process removed: every chunk of it that
+    /// the registry has not handed to another section since becomes a bare reservation again.
+    fn unmap_deleted(&self, rec: &SectionRecord, registry: &Registry) {
+        let _guard = self.guard();
+        let slot = rec.slot as usize;
+        // Relaxed: both words are only changed under `lock` (or are hints).
+        if self.unmap_when_unused[slot].load(Ordering::Relaxed) != rec.generation
+            || self.mapped[slot].load(Ordering::Relaxed) != rec.generation
+            || self.handles[slot].load(Ordering::Acquire) != 0
+        {
+            return;
+        }
+        self.unmap_when_unused[slot].store(0, Ordering::Relaxed);
+        self.mapped[slot].store(0, Ordering::Relaxed);
+        note_unmap();
+        for (off, len) in registry.free_runs(rec.offset, rec.span()) {
+            // SAFETY: the range lies inside this process's window reservation, belongs to a
+            // section that is deleted and no longer handed out by the registry, and this
+            // process holds no `Section` handle to it (checked above under `lock`).
+            let _ = unsafe { os::restore_reservation((self.window_base + off) as usize, len as usize) };
+        }
+    }
+
+    /// Unmaps a live section from this process (back to a bare reservation) so the next touch
+    /// is a first touch again (`__testing::forget_mapping`). `Ok(false)` if this process holds
+    /// a handle to it.
+    pub(crate) fn forget(&self, rec: &SectionRecord) -> std::io::Result<bool> {
+        let _guard = self.guard();
+        // Acquire: pairs with the Release increment in `map_held`.
+        if self.handles[rec.slot as usize].load(Ordering::Acquire) != 0 {
+            return Ok(false);
+        }
+        // Relaxed: changed under `lock`; the handler only maps on a fault, which cannot
+        // happen for this range while it is still mapped.
+        self.mapped[rec.slot as usize].store(0, Ordering::Relaxed);
+        note_unmap();
+        // SAFETY: the range is this section's place in our reservation and no handle to it
+        // exists in this process; callers (tests, benchmarks) hold no pointers into it.
+        unsafe { os::restore_reservation((self.window_base + rec.offset) as usize, rec.reserved as usize) }?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_thread_maps_a_section_however_many_fault_on_it_at_once() {
+        let m = Mapping::new(1 << 40, 4);
+        let rec = SectionRecord::for_test(2, 7);
+        let calls = AtomicU32::new(0);
+        let mapped: u32 = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let outcome = m.fault_in(&rec, || {
+                            calls.fetch_add(1, Ordering::Relaxed);
+                            std::thread::yield_now();
+                            Ok::<(), ()>(())
+                        });
+                        match outcome {
+                            FaultIn::Mapped => 1,
+                            FaultIn::AlreadyMapped => 0,
+                            FaultIn::Wedged | FaultIn::Failed(()) => panic!("no fault-in may fail here"),
+                        }
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 1, "mapped once");
+        assert_eq!(mapped, 1, "one thread says it mapped, the others find it mapped");
+        assert!(m.is_mapped(&rec));
+    }
+
+    #[test]
+    fn a_failed_first_touch_leaves_the_word_as_it_was_so_the_next_one_retries() {
+        let m = Mapping::new(1 << 40, 4);
+        let rec = SectionRecord::for_test(1, 3);
+        assert!(matches!(m.fault_in(&rec, || Err("no")), FaultIn::Failed("no")));
+        assert!(!m.is_mapped(&rec));
+        assert!(matches!(m.fault_in(&rec, || Ok::<(), ()>(())), FaultIn::Mapped));
+        assert!(m.is_mapped(&rec));
+        assert!(matches!(m.fault_in(&rec, || -> Result<(), ()> { panic!("not again") }), FaultIn::AlreadyMapped));
+    }
+
+    #[test]
+    fn a_later_generation_in_the_same_slot_is_not_mapped_until_faulted_in() {
+        let m = Mapping::new(1 << 40, 4);
+        let old = SectionRecord::for_test(0, 5);
+        let new = SectionRecord::for_test(0, 6);
+        assert!(matches!(m.fault_in(&old, || Ok::<(), ()>(())), FaultIn::Mapped));
+        assert!(!m.is_mapped(&new), "the slot holds another generation");
+        assert!(matches!(m.fault_in(&new, || Ok::<(), ()>(())), FaultIn::Mapped));
+        assert!(m.is_mapped(&new) && !m.is_mapped(&old));
+    }
+}

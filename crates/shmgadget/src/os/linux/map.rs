@@ -1,0 +1,79 @@
+//! Mapping objects into the address space, and what the address space looks like. Linux:
+//! `mmap(2)`, `munmap(2)`, `/proc/self/maps`.
+
+use std::ffi::c_void;
+use std::io;
+use std::ptr::NonNull;
+
+use rustix::mm::{MapFlags, ProtFlags};
+
+use super::object::{Access, Object};
+
+/// The size of a page, from `getauxval(AT_PAGESZ)` (see `getpagesize(2)`).
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+fn prot(access: Access) -> ProtFlags {
+    match access {
+        Access::Read => ProtFlags::READ,
+        Access::ReadWrite => ProtFlags::READ | ProtFlags::WRITE,
+    }
+}
+
+/// Unmaps `[addr, addr + len)`, `munmap(2)`.
+///
+/// # Safety
+/// The range must be a mapping owned by the caller, and no live Rust reference may point
+/// into it.
+pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { rustix::mm::munmap(addr as *mut c_void, len)? };
+    Ok(())
+}
+
+/// Maps `len` bytes of `object` at exactly `addr`, shared: `mmap(2)` with
+/// `MAP_SHARED | MAP_FIXED`.
+///
+/// # Safety
+/// The range must lie inside a reservation owned by the caller (so `MAP_FIXED` replaces only
+/// the caller's own pages), and no live Rust reference may point into memory it replaces.
+pub unsafe fn map_shared_fixed(object: &Object, addr: usize, len: usize, access: Access) -> io::Result<()> {
+    let (prot, fd) = (prot(access), &object.0);
+    // SAFETY: forwarded from the caller.
+    let p = unsafe { rustix::mm::mmap(addr as *mut c_void, len, prot, MapFlags::SHARED | MapFlags::FIXED, fd, 0)? };
+    debug_assert_eq!(p as usize, addr);
+    Ok(())
+}
+
+/// Maps `len` bytes of `object` wherever the kernel likes, shared: `mmap(2)` with
+/// `MAP_SHARED`.
+pub fn map_shared(object: &Object, len: usize, access: Access) -> io::Result<NonNull<u8>> {
+    let (prot, fd) = (prot(access), &object.0);
+    // SAFETY: without MAP_FIXED the kernel picks an unused range, so no existing memory is
+    // affected.
+    let p = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
+    NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
+/// The lines of `/proc/self/maps` that overlap `[addr, addr + len)`, for error messages.
+pub fn mappings_overlapping(addr: usize, len: usize) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    let end = addr.saturating_add(len);
+    text.lines()
+        .filter(|line| {
+            let range = line.split_whitespace().next().unwrap_or("");
+            let mut parts = range.split('-');
+            let lo = parts.next().and_then(|s| usize::from_str_radix(s, 16).ok());
+            let hi = parts.next().and_then(|s| usize::from_str_radix(s, 16).ok());
+            matches!((lo, hi), (Some(lo), Some(hi)) if lo < end && hi > addr)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The highest user-space address plus one on this machine (47-bit on x86_64 without 5-level
+/// paging hints).
+pub const USER_ADDRESS_LIMIT: u64 = 0x7fff_ffff_f000;

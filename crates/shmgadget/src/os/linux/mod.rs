@@ -1,0 +1,27 @@
+//! The Linux platform: rustix first, libc where rustix stops (OFD byte locks, signal actions,
+//! robust pthread mutexes). One file per subsystem of the contract in `os/mod.rs`; each
+//! wrapper names the system call it makes.
+
+mod error;
+mod fault;
+mod liveness;
+mod lock;
+mod map;
+mod object;
+mod process;
+mod reserve;
+mod robust_mutex;
+mod time;
+mod wait;
+
+pub use error::ErrorExt;
+pub use fault::{FaultHook, FaultSignal, fault_hook_installed, install_fault_hook, write_stderr};
+pub use liveness::{TokenCell, fork_generation, install_fork_handlers, token_for_address};
+pub use lock::DirLock;
+pub use map::{USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, unmap};
+pub use object::{Access, Dir, Object, ObjectId, ObjectStat, list_dir};
+pub use process::{current_pid, effective_uid, thread_exists, thread_group};
+pub use reserve::{ReserveError, reserve_fixed, restore_reservation};
+pub use robust_mutex::{LockOutcome, RawRobustMutex};
+pub use time::monotonic_now;
+pub use wait::{FutexWait, futex_wait, futex_wake};

@@ -1,0 +1,57 @@
+//! This process and its threads: ids, and whether a thread still exists.
+
+use std::io;
+
+/// This process's id: `getpid(2)` once, then cached (a forked child refreshes the cache in a
+/// `pthread_atfork(3)` handler), because hot paths such as locking record it.
+#[inline]
+pub fn current_pid() -> u32 {
+    // Relaxed: the value is the same whichever thread stored it.
+    match PID.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => refresh_pid(),
+        pid => pid,
+    }
+}
+
+pub(super) static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn refresh_pid() -> u32 {
+    static ATFORK: std::sync::Once = std::sync::Once::new();
+    ATFORK.call_once(|| {
+        extern "C" fn forget_pid() {
+            // Relaxed: the child has a single thread right after fork.
+            PID.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: registers a handler with no preconditions; it only stores to an atomic.
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) };
+    });
+    let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    // Relaxed: see `current_pid`.
+    PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+    pid
+}
+
+/// This process's effective user id, `geteuid(2)`.
+pub fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+/// Whether thread `tid` exists in this process's pid namespace (`/proc/<tid>` exists: every
+/// thread of every process has one there, hidden from listings but reachable). An error other
+/// than "not found" counts as existing, so a thread is never declared gone by mistake.
+pub fn thread_exists(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    match std::fs::metadata(format!("/proc/{tid}")) {
+        Ok(_) => true,
+        Err(e) => e.kind() != io::ErrorKind::NotFound,
+    }
+}
+
+/// The process (thread group) thread `tid` belongs to, from `/proc/<tid>/status`; `None` if
+/// it does not exist or cannot be read. For display and to match a lock word's thread with a
+/// recorded holder pid.
+pub fn thread_group(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}

@@ -1,0 +1,331 @@
+//! The registry's shared layout: every structure that lives in the registry object, its
+//! constants, the fingerprint that makes builds that disagree refuse each other, where the
+//! tables sit ([`Layout`]), and the inline format of a section name.
+
+use std::mem::{offset_of, size_of};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::names;
+use crate::os::{self, RawRobustMutex};
+
+/// Default base of the first domain's window.
+pub const DEFAULT_WINDOW_BASE: u64 = 0x2000_0000_0000;
+/// Default window size: 1 TiB.
+pub const DEFAULT_WINDOW_SIZE: u64 = 1 << 40;
+/// Placement granule: sections start at multiples of 2 MiB inside the window.
+pub const CHUNK: u64 = 2 << 20;
+/// Alignment of window bases chosen automatically for new domains.
+pub const WINDOW_ALIGN: u64 = 1 << 30;
+/// Smallest window a domain may have.
+pub const MIN_WINDOW_SIZE: u64 = 16 << 20;
+/// Largest window a domain may have (its chunk table is then 128 MiB, sparse).
+pub const MAX_WINDOW_SIZE: u64 = 64 << 40;
+/// Lowest window base accepted.
+pub const MIN_WINDOW_BASE: u64 = 1 << 32;
+/// Default number of section entries.
+pub const DEFAULT_MAX_SECTIONS: u32 = 4096;
+/// Default number of process entries.
+pub const DEFAULT_MAX_PROCS: u32 = 1024;
+/// Upper bound for both table sizes.
+pub const MAX_TABLE_ENTRIES: u32 = 1 << 16;
+
+pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
+/// 2: process entries carry an `incarnation`, and tokens are `(slot, incarnation)`.
+/// 3: section entries carry their creator's token and a ready word (all-or-nothing creation).
+pub(super) const LAYOUT_VERSION: u32 = 4;
+pub(super) const READY: u32 = 0x5244_5921; // "RDY!"
+
+/// Entry states (see the table in the module docs).
+pub(crate) const FREE: u32 = 0;
+pub(crate) const CREATING: u32 = 1;
+pub(crate) const LIVE: u32 = 2;
+pub(crate) const DELETING: u32 = 3;
+
+/// Value of a section entry's `ready` word once its contents are initialised.
+pub(super) const READY_SECTION: u32 = 0x5345_4321; // "SEC!"
+
+/// What a section holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SectionKind {
+    /// Plain bytes.
+    Raw,
+    /// A shared heap.
+    Heap,
+    /// A message queue.
+    Queue,
+}
+
+impl SectionKind {
+    pub(super) fn to_raw(self) -> u32 {
+        match self {
+            SectionKind::Raw => 1,
+            SectionKind::Heap => 2,
+            SectionKind::Queue => 3,
+        }
+    }
+    pub(super) fn from_raw(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => SectionKind::Raw,
+            2 => SectionKind::Heap,
+            3 => SectionKind::Queue,
+            _ => return None,
+        })
+    }
+    /// Lower-case name, as the CLI prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SectionKind::Raw => "raw",
+            SectionKind::Heap => "heap",
+            SectionKind::Queue => "queue",
+        }
+    }
+}
+
+/// How long a section lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lifetime {
+    /// Until deleted explicitly.
+    Persistent,
+    /// Until no process is attached to the domain any more.
+    Transient,
+}
+
+impl Lifetime {
+    pub(super) fn to_raw(self) -> u32 {
+        match self {
+            Lifetime::Persistent => 1,
+            Lifetime::Transient => 2,
+        }
+    }
+    pub(super) fn from_raw(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Lifetime::Persistent,
+            2 => Lifetime::Transient,
+            _ => return None,
+        })
+    }
+    /// Lower-case name, as the CLI prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifetime::Persistent => "persistent",
+            Lifetime::Transient => "transient",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared structures
+// ---------------------------------------------------------------------------------------------
+
+/// Registry header, at offset 0 of the registry object.
+#[repr(C)]
+pub(crate) struct RegistryShared {
+    pub(super) magic: AtomicU64,
+    pub(super) layout_version: AtomicU32,
+    pub(super) abi_fingerprint: AtomicU32,
+    pub(super) ready: AtomicU32,
+    pub(super) max_sections: AtomicU32,
+    pub(super) max_procs: AtomicU32,
+    pub(super) mode: AtomicU32,
+    pub(super) total_size: AtomicU64,
+    pub(super) window_base: AtomicU64,
+    pub(super) window_size: AtomicU64,
+    pub(super) sections_offset: AtomicU64,
+    pub(super) procs_offset: AtomicU64,
+    pub(super) chunks_offset: AtomicU64,
+    pub(super) next_generation: AtomicU64,
+    pub(super) place_cursor: AtomicU64,
+    pub(super) name_tombs: AtomicU32,
+    pub(super) domain_len: AtomicU32,
+    pub(super) created_at: AtomicU64,
+    pub(super) slots_high: AtomicU32,
+    pub(super) procs_high: AtomicU32,
+    /// The registry lock's holder's token (its registration in this domain), written right
+    /// after a successful lock and cleared before unlock; 0 when free or when the holder is
+    /// not attached (a tool such as `gc`, or a process registering). See "Bounded waits".
+    pub(super) lock_owner: AtomicU64,
+    pub(super) domain: [AtomicU64; 8],
+    pub(super) lock: RawRobustMutex,
+}
+
+/// One section slot.
+#[repr(C)]
+pub(crate) struct SectionEntryShared {
+    pub(super) seq: AtomicU64,
+    pub(super) state: AtomicU32,
+    pub(super) kind: AtomicU32,
+    pub(super) lifetime: AtomicU32,
+    pub(super) mode: AtomicU32,
+    pub(super) owner_uid: AtomicU32,
+    pub(super) name_len: AtomicU32,
+    pub(super) generation: AtomicU64,
+    pub(super) offset: AtomicU64,
+    pub(super) reserved: AtomicU64,
+    pub(super) committed: AtomicU64,
+    pub(super) created_at: AtomicU64,
+    pub(super) creator_pid: AtomicU32,
+    _pad0: AtomicU32,
+    pub(super) name: [AtomicU64; 8],
+    /// The creator's peer token (`Domain::peer_token`): decides whether a section that never
+    /// became ready still has a creator that may finish it.
+    pub(super) creator_token: AtomicU64,
+    /// `READY_SECTION` once the section's contents are initialised (see "Readiness").
+    pub(super) ready: AtomicU32,
+    _pad1: AtomicU32,
+}
+
+/// One attached-process slot. Its byte offset in the registry object is also the byte the
+/// process locks as its liveness token.
+#[repr(C)]
+pub(crate) struct ProcEntryShared {
+    pub(super) state: AtomicU32,
+    pub(super) pid: AtomicU32,
+    pub(super) uid: AtomicU32,
+    /// Bumped (never to 0) at each registration of this slot.
+    pub(super) incarnation: AtomicU32,
+    pub(super) attached_at: AtomicU64,
+    pub(super) _reserved: [AtomicU64; 5],
+}
+
+const _: () = {
+    assert!(size_of::<RegistryShared>() == 256);
+    assert!(offset_of!(RegistryShared, domain) == 128);
+    assert!(offset_of!(RegistryShared, lock) == 192);
+    assert!(offset_of!(RegistryShared, lock_owner) == 120);
+    assert!(size_of::<SectionEntryShared>() == 160);
+    assert!(offset_of!(SectionEntryShared, name) == 80);
+    assert!(offset_of!(SectionEntryShared, creator_token) == 144);
+    assert!(offset_of!(SectionEntryShared, ready) == 152);
+    assert!(size_of::<ProcEntryShared>() == 64);
+    assert!(offset_of!(ProcEntryShared, incarnation) == 12);
+};
+
+/// A hash of everything that decides the shared layout, so two builds that disagree on it
+/// refuse each other's registries instead of misreading them.
+pub(super) const ABI_FINGERPRINT: u32 = {
+    let parts: [u64; 14] = [
+        LAYOUT_VERSION as u64,
+        offset_of!(RegistryShared, lock_owner) as u64,
+        size_of::<RegistryShared>() as u64,
+        size_of::<SectionEntryShared>() as u64,
+        size_of::<ProcEntryShared>() as u64,
+        offset_of!(RegistryShared, lock) as u64,
+        offset_of!(RegistryShared, domain) as u64,
+        offset_of!(SectionEntryShared, name) as u64,
+        offset_of!(SectionEntryShared, committed) as u64,
+        offset_of!(SectionEntryShared, creator_token) as u64,
+        offset_of!(ProcEntryShared, attached_at) as u64,
+        size_of::<RawRobustMutex>() as u64,
+        CHUNK,
+        2, // name index: 2 buckets per section slot, linear probing, FNV-1a
+    ];
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < parts.len() {
+        let mut b = 0;
+        while b < 8 {
+            h ^= (parts[i] >> (b * 8)) & 0xff;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            b += 1;
+        }
+        i += 1;
+    }
+    (h ^ (h >> 32)) as u32
+};
+
+/// Where the tables sit, derived from the three sizing parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub sections_offset: u64,
+    pub procs_offset: u64,
+    pub chunks_offset: u64,
+    pub total_size: u64,
+    /// Derived, not stored: follows the chunk table (covered by `total_size`).
+    pub names_offset: u64,
+    /// Buckets of the name index (a power of two, at least twice `max_sections`).
+    pub name_buckets: u64,
+}
+
+impl Layout {
+    pub fn compute(max_sections: u32, max_procs: u32, window_size: u64) -> Option<Layout> {
+        let sections_offset = size_of::<RegistryShared>() as u64;
+        let procs_offset = sections_offset + max_sections as u64 * size_of::<SectionEntryShared>() as u64;
+        let chunks_offset = procs_offset + max_procs as u64 * size_of::<ProcEntryShared>() as u64;
+        let chunks = window_size / CHUNK;
+        let names_offset = chunks_offset.checked_add(chunks.checked_mul(4)?)?;
+        let name_buckets = (2 * max_sections as u64).next_power_of_two();
+        let total = names_offset.checked_add(name_buckets * 4)?;
+        let page = os::page_size() as u64;
+        Some(Layout {
+            sections_offset,
+            procs_offset,
+            chunks_offset,
+            total_size: total.div_ceil(page) * page,
+            names_offset,
+            name_buckets,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process-local copies
+// ---------------------------------------------------------------------------------------------
+
+/// A section name stored inline, so records can be copied without allocating (the fault
+/// handler copies them inside a signal handler).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct InlineName {
+    pub(super) len: u8,
+    bytes: [u8; 64],
+}
+
+impl InlineName {
+    /// The name. Records are validated when read, so this is always `[A-Za-z0-9._-]+`.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
+    }
+}
+
+impl std::fmt::Debug for InlineName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+pub(super) fn pack_name(dst: &[AtomicU64; 8], name: &str) {
+    let mut buf = [0u8; 64];
+    buf[..name.len()].copy_from_slice(name.as_bytes());
+    for (i, word) in dst.iter().enumerate() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+        // Relaxed: published by the enclosing seqlock write or the `ready` Release store.
+        word.store(u64::from_le_bytes(w), Ordering::Relaxed);
+    }
+}
+
+pub(super) fn unpack_name(src: &[AtomicU64; 8], len: u32) -> Option<InlineName> {
+    if len == 0 || len as usize > names::MAX_NAME_LEN {
+        return None;
+    }
+    let mut bytes = [0u8; 64];
+    for (i, word) in src.iter().enumerate() {
+        // Relaxed: the caller validates consistency (seqlock or `ready`).
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+    }
+    let name = InlineName { len: len as u8, bytes };
+    let valid = name.bytes[..len as usize].iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    valid.then_some(name)
+}
+
+/// A name field as stored, made printable (for reports of damaged entries).
+pub(super) fn raw_name(src: &[AtomicU64; 8], len: u32) -> String {
+    let mut bytes = [0u8; 64];
+    for (i, word) in src.iter().enumerate() {
+        // Relaxed: diagnostic copy.
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+    }
+    let n = (len as usize).min(64);
+    bytes[..n].iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '?' }).collect()
+}
