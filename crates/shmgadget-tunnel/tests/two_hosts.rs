@@ -190,3 +190,71 @@ fn every_message_crosses_once_in_order_while_both_tunnel_ends_are_killed() {
     assert!(res.contains(&format!("last={n} lost=0 dup=0 ")), "{res}");
     assert!(lines.iter().any(|l| l == "EXTRA None"), "a message after the last one: {lines:?}");
 }
+
+const DEAD_TEST: &str = "a_killed_tunnel_end_is_a_dead_peer_to_its_local_queue";
+
+#[test]
+fn a_killed_tunnel_end_is_a_dead_peer_to_its_local_queue() {
+    if let Some(r) = role() {
+        let d = Domain::attach(DOMAIN).unwrap();
+        match r.as_str() {
+            "exporter" => shmgadget_tunnel::export(&d, &tunnel_opts(false)).unwrap(),
+            "importer" => shmgadget_tunnel::import(&d, &tunnel_opts(true)).unwrap(),
+            other => panic!("unknown role {other}"),
+        }
+        return;
+    }
+    let hosts = match Hosts::make("d") {
+        Ok(h) => h,
+        Err(why) => {
+            println!("skipped: cannot make two network namespaces: {why}");
+            return;
+        }
+    };
+    let at = |shm: &str| {
+        let opts = shmgadget::DomainOptions { shm_dir: Some(shm.into()), ..Default::default() };
+        Domain::attach_with(DOMAIN, &opts).unwrap()
+    };
+    // Host B: the importer is the queue's sender; the consumer is told when it dies.
+    let b = at(&hosts.b.shm);
+    let mut importer = hosts.spawn(&hosts.b, DEAD_TEST, "importer", &[]);
+    let start = Instant::now();
+    let q = loop {
+        match ByteQueue::open(&b, QUEUE) {
+            Ok(q) => break q,
+            Err(_) if start.elapsed() < Duration::from_secs(20) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the importer did not create the queue: {e}"),
+        }
+    };
+    let mut rx = q.receiver().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(rx.try_recv().err().unwrap().kind(), ErrorKind::WouldBlock, "the importer is a live sender");
+    kill9(&mut importer);
+    let err = rx.recv_timeout(Duration::from_secs(5)).err().expect("nothing was sent");
+    assert_eq!(err.kind(), ErrorKind::Disconnected, "{err}");
+
+    // Host A: the exporter is the queue's receiver; with no importer it acknowledges nothing,
+    // so the ring fills (nothing is dropped) and the blocked producer is told when it dies.
+    let a = at(&hosts.a.shm);
+    let qa = ByteQueue::create(&a, QUEUE, 64 * 1024).unwrap();
+    let mut tx = qa.sender().unwrap();
+    let mut exporter = hosts.spawn(&hosts.a, DEAD_TEST, "exporter", &[]);
+    let mut sent = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tx.send_timeout(&[7; 64], Duration::from_millis(500)) {
+            Ok(()) => sent += 1,
+            Err(e) if e.kind() == ErrorKind::Timeout => break,
+            Err(e) => panic!("before the exporter died: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the ring never filled");
+    }
+    assert!(sent >= 64 * 1024 / 72 - 1, "the ring holds what was not acknowledged ({sent} sent)");
+    kill9(&mut exporter);
+    let err = tx.send_timeout(&[7; 64], Duration::from_secs(5)).err().expect("the ring is full");
+    assert_eq!(err.kind(), ErrorKind::Disconnected, "{err}");
+    drop((rx, tx));
+    drop((q, qa));
+    b.detach().unwrap();
+    a.detach().unwrap();
+}
