@@ -38,6 +38,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cli;
 mod export;
 mod import;
 pub mod record;
