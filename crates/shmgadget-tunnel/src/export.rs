@@ -26,10 +26,19 @@ struct Batch {
     sent: Instant,
 }
 
-/// Runs the exporter of `opts.queue` in `domain` until `opts.stop` is set. The queue must
-/// exist (its producer creates it); the exporter becomes its receiver.
+/// Runs the exporter of `opts.queue` in `domain` until `opts.stop` is set. Waits for the
+/// queue to exist (its producer creates it); the exporter becomes its receiver.
 pub fn export(domain: &Domain, opts: &Options) -> Result<()> {
-    let q = ByteQueue::open(domain, &opts.queue)?;
+    // The producer creates the queue; wait for it.
+    let q = loop {
+        match ByteQueue::open(domain, &opts.queue) {
+            Ok(q) => break q,
+            Err(e) if e.kind() == ErrorKind::NotFound && !opts.stopped() => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let mut rx = loop {
         match q.receiver() {
             Ok(rx) => break rx,
