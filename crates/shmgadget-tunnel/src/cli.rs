@@ -72,7 +72,8 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
 
 /// Runs a tunnel end in domain `domain` (shm directory `shm_dir`, else the default).
 pub fn run(domain: &str, shm_dir: Option<&Path>, args: &TunnelArgs) -> Result<()> {
-    let d = Domain::attach_with(domain, &DomainOptions { shm_dir: shm_dir.map(Path::to_path_buf), ..Default::default() })?;
+    let d =
+        Domain::attach_with(domain, &DomainOptions { shm_dir: shm_dir.map(Path::to_path_buf), ..Default::default() })?;
     let (export, a) = match &args.end {
         End::Export(a) => (true, a),
         End::Import(a) => (false, a),

@@ -123,8 +123,11 @@ impl Options {
         if self.zenoh_config.is_none() {
             // zenoh waits 1 s and more between attempts to reconnect: a tunnel end restarted
             // after a crash should be found again within a tenth of that.
-            c.insert_json5("connect/retry", r#"{"period_init_ms": 50, "period_max_ms": 500, "period_increase_factor": 1.5}"#)
-                .map_err(|e| Error(format!("zenoh config connect/retry: {e}")))?;
+            c.insert_json5(
+                "connect/retry",
+                r#"{"period_init_ms": 50, "period_max_ms": 500, "period_increase_factor": 1.5}"#,
+            )
+            .map_err(|e| Error(format!("zenoh config connect/retry: {e}")))?;
         }
         let json = |v: &[String]| format!("[{}]", v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(","));
         let set = |c: &mut zenoh::Config, k: &str, v: String| {

@@ -99,7 +99,10 @@ fn child(role: &str) {
                     Err(e) => panic!("consumer: {e}"),
                 }
             }
-            println!("RESULT last={last} lost={lost} dup={dup} disconnects={disconnects} max_wait_ms={}", max_wait.as_millis());
+            println!(
+                "RESULT last={last} lost={lost} dup={dup} disconnects={disconnects} max_wait_ms={}",
+                max_wait.as_millis()
+            );
             // Anything more would be a duplicate: look for one a little longer.
             let extra = rx.recv_timeout(Duration::from_millis(300)).map(|m| m.len()).ok();
             println!("EXTRA {extra:?}");
@@ -160,7 +163,11 @@ fn every_message_crosses_once_in_order_while_both_tunnel_ends_are_killed() {
     for k in 0..2 * kills {
         let at = n * (k + 1) / (2 * kills + 1);
         while progress.load(Ordering::Relaxed) < at {
-            assert!(Instant::now() < deadline, "no progress past {} (waiting for {at})", progress.load(Ordering::Relaxed));
+            assert!(
+                Instant::now() < deadline,
+                "no progress past {} (waiting for {at})",
+                progress.load(Ordering::Relaxed)
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         std::thread::sleep(Duration::from_micros(rng.next() % 20_000));

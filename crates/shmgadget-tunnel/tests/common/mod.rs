@@ -55,8 +55,16 @@ impl Hosts {
         }
         let pid = std::process::id();
         let n = (pid % 200) + 20;
-        let a = Host { ns: format!("sg{tag}a{pid}"), addr: format!("10.77.{n}.1"), shm: format!("/dev/shm/sgt-{tag}-{pid}-a") };
-        let b = Host { ns: format!("sg{tag}b{pid}"), addr: format!("10.77.{n}.2"), shm: format!("/dev/shm/sgt-{tag}-{pid}-b") };
+        let a = Host {
+            ns: format!("sg{tag}a{pid}"),
+            addr: format!("10.77.{n}.1"),
+            shm: format!("/dev/shm/sgt-{tag}-{pid}-a"),
+        };
+        let b = Host {
+            ns: format!("sg{tag}b{pid}"),
+            addr: format!("10.77.{n}.2"),
+            shm: format!("/dev/shm/sgt-{tag}-{pid}-b"),
+        };
         let (va, vb) = (format!("v{tag}a{pid}"), format!("v{tag}b{pid}"));
         let hosts = Hosts { a, b };
         ip(&["netns", "add", &hosts.a.ns])?;

@@ -860,7 +860,11 @@ mod tests {
         }
         assert_eq!(kept.iter().map(Kept::seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
         assert_eq!(rx.try_recv().err().unwrap().kind(), ErrorKind::WouldBlock);
-        assert_eq!(tx.try_send(&[9; 504]).err().unwrap().kind(), ErrorKind::WouldBlock, "kept bytes are not given back");
+        assert_eq!(
+            tx.try_send(&[9; 504]).err().unwrap().kind(),
+            ErrorKind::WouldBlock,
+            "kept bytes are not given back"
+        );
         rx.commit(kept[7]).unwrap();
         assert!(rx.commit(kept[7]).is_err(), "a mark commits once");
         let mut rx = {
