@@ -13,7 +13,7 @@ use crate::wire::{self, DATA_HEADER};
 use crate::{DEFAULT_WINDOW, Error, Options, Result, fnv, zerr};
 
 /// Largest data frame (messages are never split: a larger message goes alone).
-const FRAME: usize = 64 * 1024;
+const FRAME: usize = 256 * 1024;
 /// With no ack at all for this long, everything unacknowledged is sent again.
 const SILENCE: Duration = Duration::from_millis(1000);
 /// At most one rewind per this long (a burst of NACKs asks once).

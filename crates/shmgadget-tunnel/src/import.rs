@@ -20,7 +20,14 @@ const FRAMES: usize = 64;
 /// Runs the importer of `opts.queue` in `domain` until `opts.stop` is set. Creates the queue
 /// with `opts.capacity` bytes if it does not exist, and becomes its sender.
 pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
-    let (q, _) = ByteQueue::create_or_open(domain, &opts.queue, opts.capacity.max(4096))?;
+    // An existing queue is used as it is, whatever its capacity.
+    let q = match ByteQueue::open(domain, &opts.queue) {
+        Ok(q) => q,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            ByteQueue::create_or_open(domain, &opts.queue, opts.capacity.max(4096))?.0
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut tx = loop {
         match q.sender() {
             Ok(tx) => break tx,
@@ -84,9 +91,8 @@ pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
             last = frame.floor;
             record.store(stream, last, tx.position());
         }
-        let mut seq = frame.first;
         let mut gap = false;
-        for m in frame.messages() {
+        for (seq, m) in (frame.first..).zip(frame.messages()) {
             if seq > last + 1 {
                 gap = true;
                 break;
@@ -98,7 +104,6 @@ pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
                 last = seq;
                 record.store(stream, last, tx.position());
             }
-            seq += 1;
         }
         if gap && last_nack.elapsed() >= IDLE / 2 {
             ack(stream, last, NACK)?;

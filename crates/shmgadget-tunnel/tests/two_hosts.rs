@@ -71,9 +71,9 @@ fn child(role: &str) {
             let (mut last, mut lost, mut dup, mut disconnects) = (0u64, 0u64, 0u64, 0u64);
             let mut max_wait = Duration::ZERO;
             let mut since = Instant::now();
-            let deadline = Instant::now() + Duration::from_secs(240);
-            while last < n {
-                assert!(Instant::now() < deadline, "consumer: stuck at {last} of {n}");
+            // A restart takes well under a second: 15 s without a message is a stuck tunnel
+            // (a lost message: the importer never writes past a gap).
+            while last < n && since.elapsed() < Duration::from_secs(15) {
                 match rx.recv_timeout(Duration::from_millis(100)) {
                     Ok(m) => {
                         assert_eq!(m.len(), 64, "message size");
@@ -160,9 +160,12 @@ fn every_message_crosses_once_in_order_while_both_tunnel_ends_are_killed() {
     println!("kill seed {seed:#x}, {n} messages, {kills} kills of each end");
     let mut rng = Rng(seed);
     let deadline = Instant::now() + Duration::from_secs(200);
-    for k in 0..2 * kills {
+    'kills: for k in 0..2 * kills {
         let at = n * (k + 1) / (2 * kills + 1);
         while progress.load(Ordering::Relaxed) < at {
+            if consumer.try_wait().unwrap().is_some() {
+                break 'kills; // it gave up: the assertions below say why
+            }
             assert!(
                 Instant::now() < deadline,
                 "no progress past {} (waiting for {at})",
@@ -184,9 +187,8 @@ fn every_message_crosses_once_in_order_while_both_tunnel_ends_are_killed() {
     let done = consumer.wait().unwrap();
     reader.join().unwrap();
     let elapsed = t0.elapsed();
-    let _ = wait_for_line(&mut pout, "SENT", Duration::from_secs(5));
-    drop(producer.stdin.take());
-    let _ = producer.wait();
+    drop((pout, producer.stdin.take()));
+    kill9(&mut producer);
     kill9(&mut exporter);
     kill9(&mut importer);
     let lines = result.lock().unwrap().clone();
@@ -258,7 +260,7 @@ fn a_killed_tunnel_end_is_a_dead_peer_to_its_local_queue() {
     }
     assert!(sent >= 64 * 1024 / 72 - 1, "the ring holds what was not acknowledged ({sent} sent)");
     kill9(&mut exporter);
-    let err = tx.send_timeout(&[7; 64], Duration::from_secs(5)).err().expect("the ring is full");
+    let err = tx.send_timeout(&[7; 64], Duration::from_secs(5)).expect_err("the ring is full");
     assert_eq!(err.kind(), ErrorKind::Disconnected, "{err}");
     drop((rx, tx));
     drop((q, qa));
