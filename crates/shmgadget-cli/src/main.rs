@@ -142,6 +142,9 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         nodes: u64,
     },
+    /// Continue a queue on another host over zenoh (export here, import there).
+    #[cfg(feature = "tunnel")]
+    Tunnel(shmgadget_tunnel::cli::TunnelArgs),
     /// Internal: one process of the demo.
     #[command(hide = true)]
     DemoWorker {
@@ -240,6 +243,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Rm { names, force } => return cmd_rm(cli, names, *force),
         Command::Gc { all, force } => return cmd_gc(cli, *all, *force),
         Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes, cli.json),
+        #[cfg(feature = "tunnel")]
+        Command::Tunnel(args) => shmgadget_tunnel::cli::run(&cli.domain, cli.shm_dir.as_deref(), args)?,
         Command::DemoWorker { role, nodes, index } => {
             return demo::worker(&cli.domain, cli.shm_dir.as_deref(), role, *nodes, *index);
         }

@@ -76,7 +76,7 @@
 mod ring;
 mod slots;
 
-pub use ring::{ByteQueue, ByteReceiver, ByteSender, Message};
+pub use ring::{ByteQueue, ByteReceiver, ByteSender, Kept, Message};
 pub use slots::{SlotQueue, SlotReceiver, SlotSender};
 
 use std::time::{Duration, Instant};

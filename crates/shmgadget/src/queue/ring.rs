@@ -51,6 +51,18 @@
 //!   one message without ever having had it. Use `recv` and drop the `Message` once the work
 //!   is done for "a message I did not finish is redelivered".
 //!
+//! # Reading ahead (release later)
+//! A receiver that forwards messages elsewhere (the tunnel to another host) must not consume a
+//! message before the far side has it. [`Message::keep`] moves the receiver past a message
+//! *without* consuming it: the next receive returns the message after it, but `consumed.pos`
+//! and `recv.pos` stay where they were, so the sender cannot overwrite the kept bytes and a
+//! receiver taking over (after this one dies) receives every kept message again, from the
+//! first. [`ByteReceiver::commit`] later consumes every message up to a kept one, in order.
+//! The receiver's `committed` position is what it publishes: `recv.pos <= consumed.pos =
+//! committed <= pos`, so the positions table above holds unchanged; a ring whose messages are
+//! all kept is full for the sender, which is how a slow far side slows the sender down.
+//! Dropping a [`Message`] after keeping others consumes it and every kept one before it.
+//!
 //! Why the successor sees the dead receiver's last `consumed.pos` although the store is
 //! Relaxed: a receiver that left cleared its peer token with a Release store after its last
 //! store, and the successor's CAS on that token (`attach_peer`, AcqRel) Acquires it; a receiver
@@ -285,7 +297,8 @@ impl ByteQueue {
                 ),
             ));
         }
-        let mut rx = ByteReceiver { q: self, pos, published, cached_write: write, received, mode };
+        let mut rx =
+            ByteReceiver { q: self, pos, committed: pos, published, cached_write: write, received, held: 0, mode };
         // What the previous receiver consumed but had not given back yet: give it back now,
         // a sender may be waiting for it.
         rx.publish();
@@ -334,6 +347,16 @@ pub struct ByteSender<'q> {
 }
 
 impl ByteSender<'_> {
+    /// The queue's write position after the last message this sender wrote: it grows by each
+    /// message's record (8-byte header, payload rounded up to 8, and any wrap padding). With
+    /// no batching (the default) every message is published when `send` returns, and a
+    /// sender that takes over starts at the last published position. A process that records,
+    /// next to the queue, the position after each message it sent can tell after a crash
+    /// whether its last message went in (the tunnel importer does).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
     /// Publishes messages only once `bytes` are pending (0, the default, publishes each
     /// message at once). Pending messages are published when the ring is full, on
     /// [`flush`](ByteSender::flush) and when the sender is dropped; the receiver does not see
@@ -505,24 +528,97 @@ impl std::ops::Deref for Message<'_, '_> {
     }
 }
 
+impl Message<'_, '_> {
+    /// Moves the receiver past this message without consuming it (see "Reading ahead" in the
+    /// module docs): the next receive returns the following message, while this one's bytes
+    /// stay in the ring and a receiver taking over after this one dies receives it again.
+    /// Consume it later with [`ByteReceiver::commit`] and the returned mark.
+    pub fn keep(self) -> Kept {
+        let next = self.next;
+        let rx = &mut *self.rx;
+        rx.pos = next;
+        rx.held += 1;
+        let kept = Kept { pos: next, count: rx.received.wrapping_add(rx.held) };
+        std::mem::forget(self);
+        kept
+    }
+}
+
 impl Drop for Message<'_, '_> {
     fn drop(&mut self) {
         self.rx.release(self.next);
     }
 }
 
+/// A message kept unconsumed by [`Message::keep`], to consume later with
+/// [`ByteReceiver::commit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pos: u64,
+    count: u64,
+}
+
+impl Kept {
+    /// The message's number in the queue's history: 1 for the first message ever sent, and
+    /// so on. It stays the same when a receiver that takes over receives it again, so it
+    /// serves as a sequence number.
+    pub fn seq(&self) -> u64 {
+        self.count
+    }
+}
+
 /// The receiving side of a [`ByteQueue`].
 pub struct ByteReceiver<'q> {
     q: &'q ByteQueue,
+    /// Where the next message is read.
     pos: u64,
+    /// The end of the last consumed message: `pos` unless messages are kept.
+    committed: u64,
     /// The read position last published; consumed space is given back in batches.
     published: u64,
     cached_write: u64,
+    /// Messages consumed (the queue's history, predecessors included).
     received: u64,
+    /// Messages kept (read but not consumed) after `committed`.
+    held: u64,
     mode: WaitMode,
 }
 
 impl<'q> ByteReceiver<'q> {
+    /// Messages consumed from this queue so far, by this receiver and every one before it;
+    /// the [`Kept::seq`] of the next message received is at least one more.
+    pub fn consumed(&self) -> u64 {
+        self.received
+    }
+
+    /// Consumes every kept message up to and including `kept` (see "Reading ahead" in the
+    /// module docs). Fails with `InvalidArgument` for a mark that is not one of this
+    /// receiver's kept, not yet committed messages.
+    pub fn commit(&mut self, kept: Kept) -> Result<()> {
+        let n = kept.count.wrapping_sub(self.received);
+        let ahead = kept.pos.wrapping_sub(self.committed);
+        if n == 0 || n > self.held || ahead == 0 || ahead > self.pos.wrapping_sub(self.committed) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "byte queue {:?}: message {} is not kept by this receiver (consumed {}, kept {}); commit only marks returned by Message::keep, once each, in order",
+                    self.q.name(),
+                    kept.count,
+                    self.received,
+                    self.held
+                ),
+            ));
+        }
+        self.held -= n;
+        self.received = kept.count;
+        self.committed = kept.pos;
+        self.store_consumed();
+        if self.committed.wrapping_sub(self.published) >= self.q.cap / 4 || self.committed == self.pos {
+            self.publish();
+        }
+        Ok(())
+    }
+
     /// Receives the next message, in place: no copy. Waits while the queue is empty; fails with
     /// `Disconnected` once it is empty and the sender is gone.
     ///
@@ -664,26 +760,34 @@ impl<'q> ByteReceiver<'q> {
     /// space while the ring is, for us, empty.
     fn release(&mut self, next: u64) {
         self.pos = next;
-        self.received = self.received.wrapping_add(1);
-        let c = &self.q.h().consumed;
-        // Relaxed: read by nobody while we live; a successor's load is ordered after every
-        // store of ours by the hand-over itself (see "Readers that die"). The sender never
-        // reads it, so the line stays in our cache.
-        c.pos.store(next, Ordering::Relaxed);
-        c.count.store(self.received, Ordering::Relaxed);
+        self.committed = next;
+        // This message and every kept one before it.
+        self.received = self.received.wrapping_add(1 + self.held);
+        self.held = 0;
+        self.store_consumed();
         if self.pos.wrapping_sub(self.published) >= self.q.cap / 4 || self.pos == self.cached_write {
             self.publish();
         }
     }
 
+    fn store_consumed(&self) {
+        let c = &self.q.h().consumed;
+        // Relaxed: read by nobody while we live; a successor's load is ordered after every
+        // store of ours by the hand-over itself (see "Readers that die"). The sender never
+        // reads it, so the line stays in our cache.
+        c.pos.store(self.committed, Ordering::Relaxed);
+        c.count.store(self.received, Ordering::Relaxed);
+    }
+
+    /// Gives back the space of every consumed message (up to `committed`, never a kept one).
     fn publish(&mut self) {
-        if self.published == self.pos {
+        if self.published == self.committed {
             return;
         }
-        self.published = self.pos;
+        self.published = self.committed;
         let h = self.q.h();
         // Release: we are done reading the bytes we give back.
-        h.recv.pos.store(self.pos, Ordering::Release);
+        h.recv.pos.store(self.committed, Ordering::Release);
         // Relaxed: a statistic on our own line.
         h.recv.count.store(self.received, Ordering::Relaxed);
         wake(&h.events.space_seq, &h.events.space_waiters, 1);
@@ -736,6 +840,60 @@ mod tests {
             8 => Just(Op::Recv),
             1 => any::<bool>().prop_map(Op::Die),
         ]
+    }
+
+    #[test]
+    fn kept_messages_hold_their_space_until_committed_and_a_successor_receives_them_again() {
+        let q = ByteQueue::in_memory(4096);
+        let mut tx = q.sender().unwrap();
+        // 8 records of 512 bytes fill the ring.
+        for i in 0..8u8 {
+            tx.send(&[i; 504]).unwrap();
+        }
+        let mut rx = q.receiver().unwrap();
+        assert_eq!(rx.consumed(), 0);
+        let mut kept = Vec::new();
+        for i in 0..8u8 {
+            let m = rx.try_recv().unwrap();
+            assert_eq!(m[0], i, "read ahead in order");
+            kept.push(m.keep());
+        }
+        assert_eq!(kept.iter().map(Kept::seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+        assert_eq!(rx.try_recv().err().unwrap().kind(), ErrorKind::WouldBlock);
+        assert_eq!(
+            tx.try_send(&[9; 504]).err().unwrap().kind(),
+            ErrorKind::WouldBlock,
+            "kept bytes are not given back"
+        );
+        rx.commit(kept[7]).unwrap();
+        assert!(rx.commit(kept[7]).is_err(), "a mark commits once");
+        let mut rx = {
+            // Commit the first three only, then die: the successor starts at message 4.
+            let q2 = ByteQueue::in_memory(4096);
+            let mut tx2 = q2.sender().unwrap();
+            for i in 0..6u8 {
+                tx2.send(&[i; 100]).unwrap();
+            }
+            drop(tx2);
+            let mut rx2 = q2.receiver().unwrap();
+            let marks: Vec<Kept> = (0..5).map(|_| rx2.try_recv().unwrap().keep()).collect();
+            rx2.commit(marks[2]).unwrap();
+            assert_eq!(rx2.consumed(), 3);
+            rx2.__die();
+            let mut rx3 = q2.receiver().unwrap();
+            assert_eq!(rx3.consumed(), 3);
+            let m = rx3.try_recv().unwrap();
+            assert_eq!(m[0], 3, "the first kept, uncommitted message comes again");
+            drop(m);
+            assert_eq!(rx3.consumed(), 4);
+            drop(rx3);
+            rx
+        };
+        // Everything was committed: the sender has the whole ring again.
+        for i in 0..8u8 {
+            tx.try_send(&[i; 504]).unwrap();
+        }
+        assert_eq!(rx.try_recv().unwrap()[0], 0);
     }
 
     #[test]
