@@ -4,6 +4,7 @@
 
 mod error;
 mod fault;
+mod file;
 mod liveness;
 mod lock;
 mod map;
@@ -17,6 +18,7 @@ mod wait;
 
 pub use error::ErrorExt;
 pub use fault::{FaultHook, FaultSignal, fault_hook_installed, install_fault_hook, write_stderr};
+pub use file::{OpenFile, map_file_fixed, open_file};
 pub use liveness::{TokenCell, fork_generation, install_fork_handlers, token_for_address};
 pub use lock::DirLock;
 pub use map::{USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, unmap};
