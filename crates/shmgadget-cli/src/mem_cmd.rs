@@ -115,7 +115,7 @@ pub fn cmd_where(cli: &Cli, address: &str) -> Result<ExitCode, Box<dyn std::erro
             addr(info.free_end.unwrap_or(0)),
             format_size(info.free_end.unwrap_or(0) - info.free_start.unwrap_or(0)),
         ),
-        Place::View | Place::NotOurs => outln!(
+        Place::View | Place::MappedFile | Place::NotOurs => outln!(
             "{} is not ours: no {} window holds it",
             addr(a),
             match domain_given(cli) {

@@ -380,6 +380,12 @@ impl std::fmt::Debug for MappedFile {
     }
 }
 
+/// The mapped file of this process whose reserved range holds `addr`, as
+/// `(base, capacity, path)`, for [`crate::query`].
+pub(crate) fn file_at(addr: usize) -> Option<(usize, usize, PathBuf)> {
+    open_files().iter().find(|(b, c, _)| addr >= *b && addr - b < *c).cloned()
+}
+
 /// The mapped files open in this process, `(base, capacity, path)`: to name an occupant.
 fn open_files() -> std::sync::MutexGuard<'static, Vec<(usize, usize, PathBuf)>> {
     static OPEN: std::sync::Mutex<Vec<(usize, usize, PathBuf)>> = std::sync::Mutex::new(Vec::new());

@@ -2,8 +2,8 @@
 //!
 //! [`query`] answers for this process: a section of an attached domain (which one, the
 //! offset, whether the page is committed and resident, whether this process has it mapped and
-//! with which protection), a view ([`crate::View`]), a free part of a window, or memory that is
-//! not ours (with what `/proc/self/maps` says is there). [`query_domains`] answers the same
+//! with which protection), a view ([`crate::View`]), a [`crate::MappedFile`] (its path and the
+//! offset in its data), a free part of a window, or memory that is not ours (with what `/proc/self/maps` says is there). [`query_domains`] answers the same
 //! from outside, for the `shmgadget where` command, from registry snapshots (protection and
 //! "mapped here" are per process and unknown there). [`window_map`] lists a domain's window
 //! as sections and holes with their committed and resident bytes (`shmgadget map`).
@@ -38,7 +38,9 @@ pub enum Place {
     View,
     /// Inside a domain's window where no section is.
     Free,
-    /// Outside every domain window (and every view).
+    /// Inside the reserved range of a [`crate::MappedFile`] of this process.
+    MappedFile,
+    /// Outside every domain window, view and mapped file.
     NotOurs,
 }
 
@@ -80,6 +82,8 @@ pub struct AddressInfo {
     pub free_start: Option<u64>,
     /// See `free_start`.
     pub free_end: Option<u64>,
+    /// For a mapped file: its path.
+    pub file: Option<String>,
     /// For a place that is not ours, asked in-process: what `/proc/self/maps` says is there
     /// (a path, `[heap]`, `[stack]`, `"anonymous"`), or `None` if nothing is mapped.
     pub mapping: Option<String>,
@@ -120,6 +124,7 @@ impl AddressInfo {
             view_address: None,
             free_start: None,
             free_end: None,
+            file: None,
             mapping: None,
         }
     }
@@ -219,6 +224,15 @@ pub fn query(addr: usize) -> AddressInfo {
                 info.resident = object_has_data(reg, r.generation, r.name.as_str(), offset);
             }
         }
+        return info;
+    }
+    if let Some((base, _capacity, path)) = crate::mapped_file::file_at(addr) {
+        let mut info = AddressInfo::empty(a, Place::MappedFile);
+        info.offset = Some(a - base as u64);
+        info.file = Some(path.display().to_string());
+        info.mapped = Some(region.as_ref().is_some_and(|r| r.protection != Protection::None));
+        info.reserved = true;
+        info.protection = region.map(|r| protection_name(r.protection));
         return info;
     }
     let mut info = AddressInfo::empty(a, Place::NotOurs);

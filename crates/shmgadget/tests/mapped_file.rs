@@ -118,6 +118,12 @@ fn bytes_flushed_synchronously_are_in_the_file_when_the_writer_is_killed_at_once
             // The kernel released the dead writer's lock: the file opens again.
             let f = MappedFile::open(&path).unwrap();
             assert_eq!(f.as_ptr() as usize, 0x3200_0000_0000);
+            let q = shmgadget::query(f.as_ptr() as usize + PAGE + 5);
+            assert_eq!(q.place, shmgadget::Place::MappedFile);
+            assert_eq!((q.offset, q.file.as_deref()), (Some(PAGE as u64 + 5), Some(path.to_str().unwrap())));
+            assert_eq!((q.mapped, q.protection), (Some(true), Some("read_write")));
+            let q = shmgadget::query(f.as_ptr() as usize + 4 * PAGE);
+            assert_eq!((q.place, q.mapped), (shmgadget::Place::MappedFile, Some(false)), "reserved beyond the data");
             drop(f);
             cleanup(&path);
         }

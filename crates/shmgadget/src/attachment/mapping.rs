@@ -28,6 +28,12 @@
 //!   held, gives the range back to a bare reservation ([`Mapping::forget_removed`]); the flag
 //!   and the mapping word are re-checked under `lock`, so a handle taken meanwhile keeps it.
 //!
+//! # Protection changed by this process (`protected[slot]`)
+//! The generation whose protection `Section::protect` changed here (0: none), stored under
+//! `lock` before the `mprotect` ([`Mapping::protect`]) and cleared with the mapping word when
+//! the slot is unmapped. The fault handler reads it (relaxed) and passes a fault on a marked,
+//! mapped section on instead of mapping it again, which would undo the protection.
+//!
 //! Every unmapping bumps [`UNMAP_EPOCH`] (heap thread caches watch it).
 
 use std::sync::Mutex;
