@@ -20,8 +20,9 @@
 //! view an address belongs to. The protocol is the domain table's (`fault.rs`): a handler
 //! increments `ACTIVE` before reading the table and decrements it after; dropping a view clears
 //! its entry, then waits for `ACTIVE` to reach zero before freeing the meta. Both sides SeqCst
-//! (a store then a load of the other variable). When the table is full a view still works;
-//! only its fault message is the generic one.
+//! (a store then a load of the other variable). When the table is full (256 live views) a
+//! view still works; only its fault message is the generic one, and [`crate::query`] reports
+//! its address as not ours.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
