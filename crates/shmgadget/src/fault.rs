@@ -23,6 +23,11 @@
 //! shmgadget: first touch of 0x200000200010 in section "data" of domain "app" cannot map it: cannot open its object "shmgadget.app:7:data": EMFILE (this process has as many descriptors open as RLIMIT_NOFILE allows: raise `ulimit -n`); the access crashes
 //! ```
 //!
+//! A fault on a section this process protected with `Section::protect` is never "repaired"
+//! by mapping it again (that would undo the protection): it is reported the same way, naming
+//! the section and offset. A fault outside every window is never ours; if it lies in a view
+//! (`view.rs`) the line names the view, its section and the offset, then the fault goes on.
+//!
 //! The line is built in a stack buffer and written with one `write(2)` (`os::write_stderr`):
 //! no allocation, no lock. [`ensure_mapped`](crate::ensure_mapped) reports the same failures as an [`Error`].
 //!
@@ -249,10 +254,11 @@ impl Handler<'_> {
             // cannot help.
             (_, FaultSignal::Bus) => Err(Failure::Bus),
             (None, _) => Err(Failure::NoSection),
-            (Some(_), _) if !self.first_touch => Err(Failure::Eager),
+            // Before the eager check: a protected section is mapped, in either mode.
             (Some(rec), FaultSignal::Segv) if self.mapping.is_mapped(rec) && self.mapping.is_protected(rec) => {
                 Err(Failure::Protected)
             }
+            (Some(_), _) if !self.first_touch => Err(Failure::Eager),
             (Some(rec), FaultSignal::Segv) => self.fault_in(addr, rec),
         };
         match result {
