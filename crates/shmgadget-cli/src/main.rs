@@ -4,6 +4,7 @@ mod demo;
 mod domain_cmd;
 mod extras;
 mod json;
+mod mem_cmd;
 mod out;
 mod ps;
 mod size;
@@ -136,6 +137,10 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// What is at an address: domain, section, offset, committed, resident, or free / not ours.
+    Where { address: String },
+    /// Draw a domain's window: sections and holes, committed and resident per section.
+    Map,
     /// Show shmgadget at work: two separate processes share a pointer-linked structure.
     Demo {
         /// Number of nodes in the linked structure.
@@ -242,6 +247,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Heap { name, blocks, check } => return cmd_heap(cli, name, *blocks, *check),
         Command::Rm { names, force } => return cmd_rm(cli, names, *force),
         Command::Gc { all, force } => return cmd_gc(cli, *all, *force),
+        Command::Where { address } => return mem_cmd::cmd_where(cli, address),
+        Command::Map => return mem_cmd::cmd_map(cli),
         Command::Demo { nodes } => return demo::run(cli.shm_dir.as_deref(), *nodes, cli.json),
         #[cfg(feature = "tunnel")]
         Command::Tunnel(args) => shmgadget_tunnel::cli::run(&cli.domain, cli.shm_dir.as_deref(), args)?,

@@ -23,6 +23,11 @@
 //! shmgadget: first touch of 0x200000200010 in section "data" of domain "app" cannot map it: cannot open its object "shmgadget.app:7:data": EMFILE (this process has as many descriptors open as RLIMIT_NOFILE allows: raise `ulimit -n`); the access crashes
 //! ```
 //!
+//! A fault on a section this process protected with `Section::protect` is never "repaired"
+//! by mapping it again (that would undo the protection): it is reported the same way, naming
+//! the section and offset. A fault outside every window is never ours; if it lies in a view
+//! (`view.rs`) the line names the view, its section and the offset, then the fault goes on.
+//!
 //! The line is built in a stack buffer and written with one `write(2)` (`os::write_stderr`):
 //! no allocation, no lock. [`ensure_mapped`](crate::ensure_mapped) reports the same failures as an [`Error`].
 //!
@@ -193,7 +198,11 @@ pub(crate) fn range_mapped(start: usize, len: usize) -> bool {
 
 /// The fault hook. Async-signal-safe.
 fn on_fault(sig: FaultSignal, addr: usize) -> bool {
-    with_domain(addr, |d| Handler(d).on_fault(sig, addr)).unwrap_or(false)
+    with_domain(addr, |d| Handler(d).on_fault(sig, addr)).unwrap_or_else(|| {
+        // Outside every window: never ours to repair. A view says what the access did.
+        crate::view::report_fault(sig, addr);
+        false
+    })
 }
 
 /// Why a fault in a domain's window could not be repaired.
@@ -208,6 +217,9 @@ enum Failure {
     Wedged,
     /// The section is recorded as mapped, mapping it again did not help.
     StillFaulting,
+    /// The section is mapped and this process changed its protection (`Section::protect`):
+    /// the access broke that protection, and mapping again would undo it.
+    Protected,
     /// The object name did not fit the stack buffer (cannot happen with valid names).
     NameTooLong,
     Open(std::io::Error),
@@ -242,6 +254,10 @@ impl Handler<'_> {
             // cannot help.
             (_, FaultSignal::Bus) => Err(Failure::Bus),
             (None, _) => Err(Failure::NoSection),
+            // Before the eager check: a protected section is mapped, in either mode.
+            (Some(rec), FaultSignal::Segv) if self.mapping.is_mapped(rec) && self.mapping.is_protected(rec) => {
+                Err(Failure::Protected)
+            }
             (Some(_), _) if !self.first_touch => Err(Failure::Eager),
             (Some(rec), FaultSignal::Segv) => self.fault_in(addr, rec),
         };
@@ -339,6 +355,12 @@ impl Handler<'_> {
                       for it (full? commit memory before touching it)",
                 );
             }
+            Failure::Protected => {
+                line.push(b"access to ").hex(addr as u64).push(b" (offset ");
+                line.dec(rec.map_or(0, |r| (addr as u64 - self.window_base) - r.offset)).push(b") ");
+                section(&mut line);
+                line.push(b", a range this process protected with Section::protect; nothing is remapped");
+            }
             Failure::Eager => {
                 line.push(b"fault at ").hex(addr as u64).push(b" ");
                 section(&mut line);
@@ -402,7 +424,7 @@ impl Handler<'_> {
                         line.push(b"mmap failed: ");
                         errno(&mut line, e);
                     }
-                    Failure::NoSection | Failure::Bus | Failure::Eager => {}
+                    Failure::NoSection | Failure::Bus | Failure::Eager | Failure::Protected => {}
                 }
             }
         }
@@ -413,17 +435,17 @@ impl Handler<'_> {
 
 /// One line of text built without allocating (for the signal handler); silently truncated at
 /// its capacity, always ending in a newline.
-struct Line {
+pub(crate) struct Line {
     buf: [u8; 768],
     len: usize,
 }
 
 impl Line {
-    fn new() -> Line {
+    pub(crate) fn new() -> Line {
         Line { buf: [0; 768], len: 0 }
     }
 
-    fn push(&mut self, bytes: &[u8]) -> &mut Line {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> &mut Line {
         // One byte stays free for the newline.
         let n = bytes.len().min(self.buf.len() - 1 - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
@@ -431,13 +453,13 @@ impl Line {
         self
     }
 
-    fn dec(&mut self, v: u64) -> &mut Line {
+    pub(crate) fn dec(&mut self, v: u64) -> &mut Line {
         let mut digits = [0u8; 20];
         let used = decimal(&mut digits, v);
         self.push(used)
     }
 
-    fn hex(&mut self, v: u64) -> &mut Line {
+    pub(crate) fn hex(&mut self, v: u64) -> &mut Line {
         let mut digits = [0u8; 18];
         let mut i = digits.len();
         let mut n = v;
@@ -455,7 +477,7 @@ impl Line {
         self.push(&digits[i..])
     }
 
-    fn finish(&mut self) -> &[u8] {
+    pub(crate) fn finish(&mut self) -> &[u8] {
         self.buf[self.len] = b'\n';
         &self.buf[..=self.len]
     }

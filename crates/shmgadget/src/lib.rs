@@ -55,23 +55,31 @@ mod fault;
 pub mod fuzzing;
 pub mod heap;
 pub mod inspect;
+pub mod mapped_file;
 mod names;
 mod os;
+mod protect;
+pub mod query;
 pub mod queue;
 mod registry;
 mod section;
 mod sharing;
 mod shm_safe;
 pub mod sync;
+mod view;
 
 pub use domain::{DEFAULT_SHM_DIR, Domain, DomainOptions, default_domain_name, ensure_mapped};
 pub use error::{Error, ErrorKind, Result};
 pub use fault::{MAX_ATTACHED_DOMAINS, first_touch_maps, handler_installed};
+pub use mapped_file::{FlushMode, MappedFile};
 pub use names::MAX_NAME_LEN;
+pub use protect::Protection;
+pub use query::{AddressInfo, Place, query};
 pub use registry::{CHUNK, DEFAULT_WINDOW_BASE, DEFAULT_WINDOW_SIZE, Lifetime, SectionKind};
 pub use section::{AnyBitPattern, InPlace, Section, SectionInfo, SectionOptions};
 pub use sharing::Sharing;
 pub use shm_safe::ShmSafe;
+pub use view::{View, ViewKind};
 
 /// A 32-bit fingerprint of a shared layout (sizes, offsets, constants), FNV-1a over the words:
 /// stored in a shared header by its creator and compared by every opener, so builds that

@@ -120,7 +120,7 @@ impl Section {
     /// Reopens the section's object by name for a call that needs it (`what` says which, for
     /// errors), and checks that it is still the object this process mapped. Returns the
     /// object, which the caller closes when done (drop), and what `fstat` said.
-    fn reopen(&self, access: os::Access, what: &str) -> Result<(os::Object, os::ObjectStat)> {
+    pub(crate) fn reopen(&self, access: os::Access, what: &str) -> Result<(os::Object, os::ObjectStat)> {
         let name = self.name();
         let object = names::section_object(&self.domain.inner.name, self.rec.generation, name);
         let fd = self.domain.inner.registry.dir().open_object(&object, access).map_err(|e| {
@@ -149,6 +149,11 @@ impl Section {
             );
         }
         Ok((fd, st))
+    }
+
+    /// Its registry record, as this handle opened it.
+    pub(crate) fn record(&self) -> &SectionRecord {
+        &self.rec
     }
 
     /// The section's name.

@@ -28,6 +28,12 @@
 //!   held, gives the range back to a bare reservation ([`Mapping::forget_removed`]); the flag
 //!   and the mapping word are re-checked under `lock`, so a handle taken meanwhile keeps it.
 //!
+//! # Protection changed by this process (`protected[slot]`)
+//! The generation whose protection `Section::protect` changed here (0: none), stored under
+//! `lock` before the `mprotect` ([`Mapping::protect`]) and cleared with the mapping word when
+//! the slot is unmapped. The fault handler reads it (relaxed) and passes a fault on a marked,
+//! mapped section on instead of mapping it again, which would undo the protection.
+//!
 //! Every unmapping bumps [`UNMAP_EPOCH`] (heap thread caches watch it).
 
 use std::sync::Mutex;
@@ -71,6 +77,10 @@ pub(crate) struct Mapping {
     /// Per registry slot: generation this process deleted while holding handles; unmapped when
     /// the last handle drops.
     unmap_when_unused: Box<[AtomicU64]>,
+    /// Per registry slot: the generation whose protection this process changed with
+    /// `Section::protect` (0: none). The fault handler then passes faults in it on instead of
+    /// remapping (which would undo the protection). Cleared when the slot is unmapped.
+    protected: Box<[AtomicU64]>,
     /// Serialises explicit map and unmap calls in this process.
     lock: Mutex<()>,
 }
@@ -82,6 +92,7 @@ impl Mapping {
             mapped: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             handles: (0..slots).map(|_| AtomicU32::new(0)).collect(),
             unmap_when_unused: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            protected: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             lock: Mutex::new(()),
         }
     }
@@ -96,6 +107,35 @@ impl Mapping {
     pub(crate) fn is_mapped(&self, rec: &SectionRecord) -> bool {
         // Relaxed: a hint only; mapping the same object at the same place twice is harmless.
         self.mapped[rec.slot as usize].load(Ordering::Relaxed) == rec.generation
+    }
+
+    /// Whether this process changed the protection of generation `rec.generation` of the
+    /// section. One relaxed load, async-signal-safe.
+    #[inline]
+    pub(crate) fn is_protected(&self, rec: &SectionRecord) -> bool {
+        // Relaxed: set by this process before the `mprotect` whose faults it explains (program
+        // order on the protecting thread; another thread's access races with `protect` anyway).
+        self.protected[rec.slot as usize].load(Ordering::Relaxed) == rec.generation
+    }
+
+    /// Changes this process's protection of `[addr, addr + len)` of mapped section `rec`, and
+    /// notes it for the fault handler.
+    ///
+    /// # Safety
+    /// The range must lie inside the section's mapping, which the caller keeps mapped (holds a
+    /// handle), and no live Rust reference may point into it.
+    pub(crate) unsafe fn protect(
+        &self,
+        rec: &SectionRecord,
+        addr: usize,
+        len: usize,
+        protection: os::Protection,
+    ) -> std::io::Result<()> {
+        let _guard = self.guard();
+        // Relaxed: see `is_protected`.
+        self.protected[rec.slot as usize].store(rec.generation, Ordering::Relaxed);
+        // SAFETY: forwarded from the caller.
+        unsafe { os::protect(addr, len, protection) }
     }
 
     /// Maps `object` at the section's place unless this process has it mapped already, and
@@ -189,6 +229,7 @@ impl Mapping {
         }
         self.unmap_when_unused[slot].store(0, Ordering::Relaxed);
         self.mapped[slot].store(0, Ordering::Relaxed);
+        self.protected[slot].store(0, Ordering::Relaxed);
         note_unmap();
         for (off, len) in registry.free_runs(rec.offset, rec.span()) {
             // SAFETY: the range lies inside this process's window reservation, belongs to a
@@ -210,6 +251,7 @@ impl Mapping {
         // Relaxed: changed under `lock`; the handler only maps on a fault, which cannot
         // happen for this range while it is still mapped.
         self.mapped[rec.slot as usize].store(0, Ordering::Relaxed);
+        self.protected[rec.slot as usize].store(0, Ordering::Relaxed);
         note_unmap();
         // SAFETY: the range is this section's place in our reservation and no handle to it
         // exists in this process; callers (tests, benchmarks) hold no pointers into it.

@@ -14,6 +14,8 @@
 //! |---|---|---|
 //! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`); an identity that tells a replaced object from the original |
 //! | mapping (`map`) | [`map_shared_fixed`], [`map_shared`], [`unmap`], [`page_size`], [`mappings_overlapping`], [`USER_ADDRESS_LIMIT`] | an object mapped shared at an exact address inside our own reservation |
+//! | memory (`memory`) | [`map_view`], [`ViewKind`], [`protect`], [`Protection`], [`flush`], [`FlushMode`], [`resident_pages`], [`region_at`], [`Region`], [`Object::page_resident`] | part of an object mapped anywhere outside our reservations, read-only or copy-on-write; this process's protection of a range changed; a shared range written back to its file; which pages are resident, whether an object has a page at an offset, and what this process has mapped at an address |
+//! | files (`file`) | [`open_file`], [`OpenFile`], [`map_file_fixed`], [`Object::write_at`] | a regular file the user names, opened without following a link, written at an offset, mapped shared from a file offset at an exact address inside our reservation |
 //! | reservation (`reserve`) | [`reserve_fixed`], [`restore_reservation`], [`ReserveError`] | an address range held without memory, never replacing someone else's mapping, and given back to that state |
 //! | locks (`lock`, `robust_mutex`) | [`DirLock`] (the global lock of one shm directory, released by the kernel when its holder dies), [`RawRobustMutex`], [`LockOutcome`] | |
 //! | liveness (`liveness`) | [`TokenCell`], [`Object::try_lock_byte`], [`Object::byte_is_locked`], [`Object::any_byte_locked`], [`install_fork_handlers`], [`fork_generation`], [`token_for_address`] | a token per registration that the kernel drops when its process dies, that a forked child does not inherit, and that any process can test |
@@ -38,36 +40,50 @@ pub use linux::{
     // faults
     FaultHook,
     FaultSignal,
+    // memory
+    FlushMode,
     // waiting on a shared word
     FutexWait,
     LockOutcome,
     Object,
     ObjectId,
     ObjectStat,
+    // files
+    OpenFile,
+    Protection,
     RawRobustMutex,
+    Region,
     // reservation
     ReserveError,
     // liveness
     TokenCell,
     // mapping
     USER_ADDRESS_LIMIT,
+    ViewKind,
     // process
     current_pid,
     effective_uid,
     fault_hook_installed,
+    flush,
     fork_generation,
     futex_wait,
     futex_wake,
     install_fault_hook,
     install_fork_handlers,
     list_dir,
+    map_file_fixed,
     map_shared,
     map_shared_fixed,
+    map_view,
     mappings_overlapping,
     // time
     monotonic_now,
+    open_file,
     page_size,
+    protect,
+    region_at,
     reserve_fixed,
+    resident_pages,
     restore_reservation,
     thread_exists,
     thread_group,
@@ -119,4 +135,13 @@ mod contract {
     const _: fn(FaultHook) -> io::Result<bool> = install_fault_hook;
     const _: fn(&[u8]) = write_stderr;
     const _: fn() -> std::time::Duration = monotonic_now;
+    const _: fn(&Object, u64, usize, ViewKind) -> io::Result<std::ptr::NonNull<u8>> = map_view;
+    const _: unsafe fn(usize, usize, Protection) -> io::Result<()> = protect;
+    const _: fn(usize, usize, FlushMode) -> io::Result<()> = flush;
+    const _: fn(usize, usize) -> io::Result<usize> = resident_pages;
+    const _: fn(usize) -> Option<Region> = region_at;
+    const _: fn(&Object, u64) -> io::Result<bool> = Object::page_resident;
+    const _: fn(&Path, OpenFile) -> io::Result<Object> = open_file;
+    const _: fn(&Object, u64, &[u8]) -> io::Result<()> = Object::write_at;
+    const _: unsafe fn(&Object, usize, usize, u64) -> io::Result<()> = map_file_fixed;
 }

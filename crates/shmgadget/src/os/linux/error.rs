@@ -20,6 +20,10 @@ pub trait ErrorExt {
     fn is_too_many_open(&self) -> bool;
     /// The system-wide table of open files is full (`ENFILE`).
     fn is_system_table_full(&self) -> bool;
+    /// The last component of a path is a symbolic link, refused (`ELOOP` with `O_NOFOLLOW`).
+    fn is_symlink(&self) -> bool;
+    /// The path names a directory where a file was expected (`EISDIR`).
+    fn is_directory(&self) -> bool;
     /// The platform's number for the error, for display only (0 if it has none).
     fn code(&self) -> u64;
     /// The error's symbolic name (`"EMFILE"`) and a few words on what it means for mapping a
@@ -37,6 +41,12 @@ impl ErrorExt for io::Error {
     }
     fn is_no_space(&self) -> bool {
         self.raw_os_error() == Some(libc::ENOSPC)
+    }
+    fn is_symlink(&self) -> bool {
+        self.raw_os_error() == Some(libc::ELOOP)
+    }
+    fn is_directory(&self) -> bool {
+        self.raw_os_error() == Some(libc::EISDIR)
     }
     fn is_permission_denied(&self) -> bool {
         matches!(self.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))

@@ -4,9 +4,11 @@
 
 mod error;
 mod fault;
+mod file;
 mod liveness;
 mod lock;
 mod map;
+mod memory;
 mod object;
 mod process;
 mod reserve;
@@ -16,9 +18,11 @@ mod wait;
 
 pub use error::ErrorExt;
 pub use fault::{FaultHook, FaultSignal, fault_hook_installed, install_fault_hook, write_stderr};
+pub use file::{OpenFile, map_file_fixed, open_file};
 pub use liveness::{TokenCell, fork_generation, install_fork_handlers, token_for_address};
 pub use lock::DirLock;
 pub use map::{USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, unmap};
+pub use memory::{FlushMode, Protection, Region, ViewKind, flush, map_view, protect, region_at, resident_pages};
 pub use object::{Access, Dir, Object, ObjectId, ObjectStat, list_dir};
 pub use process::{current_pid, effective_uid, thread_exists, thread_group};
 pub use reserve::{ReserveError, reserve_fixed, restore_reservation};

@@ -1,0 +1,122 @@
+//! `shmgadget where ADDR` and `shmgadget map`: what they say, in text and in the JSON of
+//! docs/cli-json.md (keys, their order, types).
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn run(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shmgadget"))
+        .args(args)
+        .env("SHMGADGET_SHM_DIR", dir)
+        .env_remove("SHMGADGET_DOMAIN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(dir: &Path, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let (code, so, se) = run(dir, &a);
+    assert_eq!(code, 0, "{args:?}\n{so}\n{se}");
+    serde_json::from_str(&so).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {so}"))
+}
+
+/// The keys of a JSON object (as a set: that every documented key is there and nothing
+/// else).
+fn object_keys(v: &Value) -> Vec<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+const WHERE_KEYS: [&str; 15] = [
+    "address",
+    "place",
+    "domain",
+    "section",
+    "section_kind",
+    "section_address",
+    "offset",
+    "reserved",
+    "committed",
+    "resident",
+    "mapped",
+    "protection",
+    "page_size",
+    "free_start",
+    "free_end",
+];
+
+fn is_addr(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| s.strip_prefix("0x").is_some_and(|h| u64::from_str_radix(h, 16).is_ok()))
+}
+
+#[test]
+fn where_names_the_section_and_offset_or_the_hole_and_map_draws_sections_and_holes() {
+    let dir = std::env::temp_dir().join(format!("shmgadget-memcmd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = &dir;
+    let c = json(d, &["-d", "w", "create", "a", "--size", "1M", "--commit", "64K"]);
+    let base = u64::from_str_radix(c["section"]["address"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    json(d, &["-d", "w", "create", "b", "--size", "4M"]);
+
+    let at = format!("{:#x}", base + 0x1010);
+    let v = json(d, &["where", &at]);
+    let mut keys = object_keys(&v);
+    keys.sort();
+    let mut want: Vec<String> = WHERE_KEYS.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(keys, want, "every documented key, nothing else");
+    assert_eq!(v["place"], "section");
+    assert_eq!((v["domain"].as_str(), v["section"].as_str()), (Some("w"), Some("a")));
+    assert_eq!(v["offset"], 0x1010);
+    assert_eq!((v["reserved"].as_bool(), v["committed"].as_bool()), (Some(true), Some(true)));
+    assert!(is_addr(&v["address"]) && is_addr(&v["section_address"]));
+    assert!(v["mapped"].is_null() && v["protection"].is_null(), "per-process facts are unknown from outside");
+    assert_eq!(v["page_size"], 4096);
+    let (code, text, _) = run(d, &["-d", "w", "where", &at]);
+    assert_eq!(code, 0);
+    assert!(text.contains("is offset 4112 (0x1010) of section \"a\" (raw) of domain \"w\""), "{text}");
+
+    let hole = format!("{:#x}", base + (1 << 20) + 5);
+    let v = json(d, &["where", &hole]);
+    assert_eq!(v["place"], "free");
+    assert_eq!(v["free_start"], format!("{:#x}", base + (1 << 20)));
+    assert_eq!(v["free_end"], format!("{:#x}", base + (2 << 20)));
+    let v = json(d, &["where", "0x1000"]);
+    assert_eq!(v["place"], "not_ours");
+    let (code, _, err) = run(d, &["where", "nonsense"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not an address"), "{err}");
+
+    let m = json(d, &["-d", "w", "map"]);
+    let regions = m["regions"].as_array().unwrap();
+    let kinds: Vec<&str> = regions.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["section", "hole", "section", "hole"]);
+    assert_eq!(regions[0]["name"], "a");
+    assert_eq!(regions[0]["committed"], 65536);
+    assert_eq!(regions[1]["size"], 1 << 20);
+    let total: u64 = regions.iter().map(|r| r["size"].as_u64().unwrap()).sum();
+    assert_eq!(total, m["window_size"].as_u64().unwrap(), "the regions cover the window exactly");
+    for r in regions {
+        let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = ["kind", "address", "end", "size", "name", "section_kind", "committed", "resident"];
+        want.sort();
+        let mut keys = keys.clone();
+        keys.sort();
+        assert_eq!(keys, want);
+        assert!(is_addr(&r["address"]) && is_addr(&r["end"]));
+    }
+    let (_, text, _) = run(d, &["-d", "w", "map"]);
+    assert!(text.contains("a (raw)") && text.contains("(hole)") && text.contains("b (raw)"), "{text}");
+
+    run(d, &["-d", "w", "rm", "a", "b"]);
+    let left: Vec<_> = std::fs::read_dir(d).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    std::fs::remove_dir(d).unwrap();
+}
