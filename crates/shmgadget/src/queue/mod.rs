@@ -568,10 +568,6 @@ fn woke_a_peer_recently() -> bool {
 #[cfg(loom)]
 fn note_woke_a_peer() {}
 
-#[cfg(loom)]
-fn woke_a_peer_recently() -> bool {
-    false
-}
 
 /// The address of a heap block in flight through a queue ([`SlotQueue<BlockAddr>`]): the
 /// sender gives the block up, the receiver takes it over. Nothing is copied, whatever the

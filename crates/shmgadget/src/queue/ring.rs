@@ -252,12 +252,15 @@ impl ByteQueue {
         attach_peer(&h.senders, self.token(), 1, &|t| self.alive(t)).ok_or_else(|| {
             Error::new(ErrorKind::AlreadyExists, format!("byte queue {:?} already has a live sender", self.name()))
         })?;
-        // Acquire: the positions of a previous sender/receiver.
+        // Acquire (both): `send.pos` pairs with the Release in a previous sender's
+        // `ByteSender::flush` (we continue after its records), `recv.pos` with the Release in
+        // `ByteReceiver::publish` (the receiver is done with the bytes before it).
         let pos = h.send.pos.load(Ordering::Acquire);
         let read = h.recv.pos.load(Ordering::Acquire);
         let sent = h.send.count.load(Ordering::Relaxed);
         if let Err(e) = check_read(self, pos, read) {
-            // Release: gives the entry back (pairs with the next attacher's CAS), as `Drop`.
+            // Release: gives the entry back; pairs with the AcqRel CAS in the next
+            // `attach_peer` and the Acquire in `side_gone`, as in `Drop`.
             h.senders.peers[0].token.store(0, Ordering::Release);
             return Err(e);
         }
@@ -277,7 +280,8 @@ impl ByteQueue {
             Error::new(ErrorKind::AlreadyExists, format!("byte queue {:?} already has a live receiver", self.name()))
         })?;
         self.resume(mode).inspect_err(|_| {
-            // Release: gives the entry back (pairs with the next attacher's CAS), as `Drop`.
+            // Release: gives the entry back; pairs with the AcqRel CAS in the next
+            // `attach_peer` and the Acquire in `side_gone`, as in `Drop`.
             h.receivers.peers[0].token.store(0, Ordering::Release);
         })
     }
@@ -286,15 +290,15 @@ impl ByteQueue {
     /// receiver stopped consuming (see "Readers that die" in the module docs).
     fn resume(&self, mode: WaitMode) -> Result<ByteReceiver<'_>> {
         let h = self.h();
-        // Acquire: pairs with the previous receiver's Release of `recv.pos` (the bytes before it
-        // were read by a receiver that is gone, the sender may reuse them).
+        // Acquire: pairs with the Release in the previous receiver's `ByteReceiver::publish` (the
+        // bytes before it were read by a receiver that is gone, the sender may reuse them).
         let published = h.recv.pos.load(Ordering::Acquire);
         // Relaxed: written only by previous receivers, all of whose stores happen before this
         // load (their Release of the token, or the kernel's release of their liveness lock, both
         // observed by `attach_peer`; see the module docs).
         let pos = h.consumed.pos.load(Ordering::Relaxed);
         let received = h.consumed.count.load(Ordering::Relaxed);
-        // Acquire: pairs with the sender's Release of its position (the records before it are
+        // Acquire: pairs with the Release in `ByteSender::flush` (the records before it are
         // written).
         let write = h.send.pos.load(Ordering::Acquire);
         let cap = self.cap;
@@ -393,7 +397,8 @@ impl ByteSender<'_> {
         }
         self.published = self.pos;
         let h = self.q.h();
-        // Release: publishes the records.
+        // Release: publishes the records; pairs with the Acquire in `ByteReceiver::peek` (and
+        // in `resume`, and a successor sender's in `sender_with`).
         h.send.pos.store(self.pos, Ordering::Release);
         // Relaxed: a statistic on our own line.
         h.send.count.store(self.sent, Ordering::Relaxed);
@@ -476,7 +481,8 @@ impl ByteSender<'_> {
         // wrapping arithmetic throughout: a damaged one near u64::MAX must not overflow (a
         // healthy one never gets there); in release builds it is the same code.
         if self.pos.wrapping_sub(self.cached_read) + need > q.cap {
-            // Acquire: the receiver is done with the bytes it gave back.
+            // Acquire: pairs with the Release in `ByteReceiver::publish`: the receiver is done
+            // with the bytes it gave back, which we now overwrite.
             let read = q.h().recv.pos.load(Ordering::Acquire);
             check_read(q, self.pos, read)?;
             self.cached_read = read;
@@ -516,7 +522,8 @@ impl Drop for ByteSender<'_> {
     fn drop(&mut self) {
         self.flush();
         let h = self.q.h();
-        // Release: after our last message.
+        // Release: after our last message; pairs with the Acquire in `side_gone` (a receiver
+        // that sees us gone sees our last `flush`) and the AcqRel CAS in `attach_peer`.
         h.senders.peers[0].token.store(0, Ordering::Release);
         // The receiver may be asleep waiting for us: tell it we left.
         wake(&h.events.data_seq, &h.events.data_waiters, u32::MAX);
@@ -651,7 +658,7 @@ impl<'q> ByteReceiver<'q> {
     fn peek(&mut self) -> Result<Option<(u64, usize, u64)>> {
         let q = self.q;
         if self.pos == self.cached_write {
-            // Acquire: pairs with the sender's Release of its position.
+            // Acquire: pairs with the Release in `ByteSender::flush` (the records are written).
             self.cached_write = q.h().send.pos.load(Ordering::Acquire);
             if self.pos == self.cached_write {
                 return Ok(None);
@@ -723,7 +730,8 @@ impl<'q> ByteReceiver<'q> {
         }
         self.published = self.pos;
         let h = self.q.h();
-        // Release: we are done reading the bytes we give back.
+        // Release: we are done reading the bytes we give back; pairs with the Acquire in
+        // `ByteSender::try_put` (and `sender_with`, and a successor receiver's `resume`).
         h.recv.pos.store(self.pos, Ordering::Release);
         // Relaxed: a statistic on our own line.
         h.recv.count.store(self.received, Ordering::Relaxed);
@@ -750,7 +758,8 @@ impl Drop for ByteReceiver<'_> {
     fn drop(&mut self) {
         self.publish();
         let h = self.q.h();
-        // Release: after our last message.
+        // Release: after our last `publish` and `consumed` stores; pairs with the AcqRel CAS in
+        // a successor's `attach_peer` (see "Readers that die") and the Acquire in `side_gone`.
         h.receivers.peers[0].token.store(0, Ordering::Release);
         wake(&h.events.space_seq, &h.events.space_waiters, u32::MAX);
     }
