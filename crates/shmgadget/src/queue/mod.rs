@@ -568,7 +568,6 @@ fn woke_a_peer_recently() -> bool {
 #[cfg(loom)]
 fn note_woke_a_peer() {}
 
-
 /// The address of a heap block in flight through a queue ([`SlotQueue<BlockAddr>`]): the
 /// sender gives the block up, the receiver takes it over. Nothing is copied, whatever the
 /// block's size: the block is at the same address in every process.
