@@ -47,7 +47,7 @@
 //! it armed (and its bump makes the futex wait return at once). A waiter arms after reading
 //! `*_seq`, so a waker that disarms it bumps `*_seq` after that read; a waiter that leaves
 //! while others are counted arms again for them. After waking a peer, a waiter spins only
-//! 2 µs before it yields: the peer needs a core. A spin-only mode never sleeps, for users
+//! 2 µs and sleeps without yielding: the peer needs a core. A spin-only mode never sleeps, for users
 //! who dedicate cores.
 //!
 //! # Peers
@@ -108,7 +108,7 @@ const SPIN_FOR: Duration = Duration::from_micros(20);
 #[cfg(not(loom))]
 const YIELD_UNTIL: Duration = Duration::from_micros(100);
 /// Right after this thread woke a sleeping peer (see `wait_until`), the answer needs that
-/// peer to be scheduled first: the waiter checks this long only, then yields and sleeps.
+/// peer to be scheduled first: the waiter checks this long only, then sleeps.
 #[cfg(not(loom))]
 const WOKE_SPIN_FOR: Duration = Duration::from_micros(2);
 /// Checks between two looks at the clock while spinning.
@@ -471,10 +471,13 @@ fn spin_then_yield<T>(
     deadline: Option<Instant>,
     attempt: &mut impl FnMut(bool) -> Result<Option<T>>,
 ) -> Result<Option<T>> {
-    // If this thread has just woken a sleeping peer, spinning long would keep our core busy
+    // If this thread has just woken a sleeping peer, spinning (or yielding: the woken peer is
+    // queued on another core, `sched_yield` does not bring it here) would keep our core busy
     // and, on an idle machine (a VM above all), make the peer wait for another core to wake
-    // up: yield soon instead, so the peer can run where we are.
-    let spin_for = if woke_a_peer_recently() { WOKE_SPIN_FOR } else { SPIN_FOR };
+    // up: sleep soon instead, so the peer can run where we were (measured: the round trip
+    // after a pause took 1.5-1.8x as long with a yield phase here).
+    let woke = woke_a_peer_recently();
+    let spin_for = if woke { WOKE_SPIN_FOR } else { SPIN_FOR };
     let start = Instant::now();
     let end = |limit: Duration| {
         let t = start + limit;
@@ -492,7 +495,7 @@ fn spin_then_yield<T>(
         }
         std::hint::spin_loop();
     }
-    if mode == WaitMode::Spin {
+    if mode == WaitMode::Spin || woke {
         return Ok(None);
     }
     while Instant::now() < yield_end {
