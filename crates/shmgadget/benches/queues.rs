@@ -24,7 +24,14 @@ use shmgadget::{Domain, DomainOptions, SectionOptions};
 const ROLE: &str = "SHMG_QBENCH_ROLE";
 const SIZES: [usize; 5] = [8, 64, 1024, 64 << 10, 1 << 20];
 const CAPACITIES: [u64; 7] = [16, 64, 256, 1024, 4096, 16384, 65536];
-const RINGS: [u64; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
+/// Message sizes of the byte queue's capacity sweep (over `CAPACITIES` messages).
+const RING_SIZES: [usize; 2] = [64, 1024];
+
+/// The ring a byte queue needs for `msgs` messages of `size` bytes (8-byte record headers,
+/// records padded to 8; `ByteQueue::create` rounds up to a power of two of at least 4 KiB).
+fn ring_for(msgs: u64, size: usize) -> u64 {
+    msgs * (8 + (size as u64).next_multiple_of(8))
+}
 const PAUSE: Duration = Duration::from_micros(300);
 
 fn opts(must_exist: bool) -> DomainOptions {
@@ -505,13 +512,16 @@ fn print_table(r: &Results) {
     for (c, x) in CAPACITIES.iter().zip(&rates) {
         println!("| {c} | {} | {:.2} |", fmt_rate(*x, 64), x / best);
     }
-    println!("\n## Throughput against capacity (64-byte messages, byte queue)\n");
-    println!("| ring | throughput | vs best |");
-    println!("|---|---|---|");
-    let rates: Vec<f64> = RINGS.iter().map(|r| rate(&format!("ring/{r}"))).collect();
-    let best = rates.iter().cloned().fold(0.0, f64::max);
-    for (ring, x) in RINGS.iter().zip(&rates) {
-        println!("| {} KiB | {} | {:.2} |", ring >> 10, fmt_rate(*x, 64), x / best);
+    for size in RING_SIZES {
+        println!("\n## Throughput against capacity ({size}-byte messages, byte queue)\n");
+        println!("| capacity (messages) | ring | throughput | vs best |");
+        println!("|---|---|---|---|");
+        let rates: Vec<f64> = CAPACITIES.iter().map(|c| rate(&format!("ring{size}/{c}"))).collect();
+        let best = rates.iter().cloned().fold(0.0, f64::max);
+        for (c, x) in CAPACITIES.iter().zip(&rates) {
+            let ring = ring_for(*c, size).next_power_of_two().max(4096);
+            println!("| {c} | {} KiB | {} | {:.2} |", ring >> 10, fmt_rate(*x, size), x / best);
+        }
     }
     println!("\n## Round-trip latency (median / 99th percentile)\n");
     println!("| message | blocking | spin | pipe | bare cache-line ping-pong |");
@@ -572,9 +582,11 @@ fn main() {
     for capacity in CAPACITIES {
         bench_slots(&mut b, capacity);
     }
-    for ring in RINGS {
-        let id = BenchmarkId::new("byte_queue_64B_ring", ring);
-        bench_bytes(&mut b, "capacity", id, &format!("ring/{ring}"), 64, ring);
+    for size in RING_SIZES {
+        for msgs in CAPACITIES {
+            let id = BenchmarkId::new(format!("byte_queue_{size}B_messages"), msgs);
+            bench_bytes(&mut b, "capacity", id, &format!("ring{size}/{msgs}"), size, ring_for(msgs, size));
+        }
     }
     bench_line_rtt(&mut b);
     for size in [8usize, 1024] {

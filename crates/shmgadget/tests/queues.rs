@@ -245,6 +245,68 @@ fn a_blocked_receiver_sleeps_without_burning_cpu_and_wakes_on_send() {
     }
 }
 
+/// The round-trip pattern of the latency benchmark, then pauses: the echo side, blocked in
+/// the default mode while its peer pauses 100 ms between messages, must sleep (under a tenth
+/// of the pauses in CPU) whatever its spin policy, although it was answering round trips
+/// back to back just before.
+#[test]
+fn a_byte_queue_echo_whose_peer_pauses_100_ms_sleeps_between_round_trips() {
+    const TEST: &str = "a_byte_queue_echo_whose_peer_pauses_100_ms_sleeps_between_round_trips";
+    const FAST: u32 = 20_000;
+    const PAUSES: u32 = 5;
+    match role().as_deref() {
+        Some("echo") => {
+            let d = child();
+            let (ping, pong) = (ByteQueue::open(&d, "ping").unwrap(), ByteQueue::open(&d, "pong").unwrap());
+            let mut rx = ping.receiver().unwrap();
+            let mut tx = pong.sender().unwrap();
+            for _ in 0..FAST {
+                let m = rx.recv().unwrap().to_vec();
+                tx.send(&m).unwrap();
+            }
+            // The paused phase: CPU time of this process from here to the end.
+            let (cpu0, t0) = (cpu_time(), Instant::now());
+            for _ in 0..PAUSES {
+                let m = rx.recv().unwrap().to_vec();
+                tx.send(&m).unwrap();
+            }
+            println!("PAUSED_MS={}", t0.elapsed().as_millis());
+            println!("CPU_US={}", (cpu_time() - cpu0).as_micros());
+        }
+        _ => {
+            let domain = unique_domain("qpause");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let ping = ByteQueue::create(&d, "ping", 64 << 10).unwrap();
+            let pong = ByteQueue::create(&d, "pong", 64 << 10).unwrap();
+            let mut tx = ping.sender().unwrap();
+            let mut rx = pong.receiver().unwrap();
+            let child = {
+                let domain = domain.clone();
+                std::thread::spawn(move || run(TEST, "echo", &domain, &[]))
+            };
+            for i in 0..FAST + PAUSES {
+                if i >= FAST {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                tx.send(&i.to_le_bytes()).unwrap();
+                assert_eq!(&*rx.recv().unwrap(), &i.to_le_bytes());
+            }
+            let r = child.join().unwrap();
+            let paused: u64 = r["PAUSED_MS"].parse().unwrap();
+            let cpu_us: u64 = r["CPU_US"].parse().unwrap();
+            eprintln!("echo: paused {paused} ms, cpu {cpu_us} us");
+            assert!(paused >= 400, "the echo should have waited through the pauses: {paused} ms");
+            assert!(cpu_us / 100 < paused, "an echo blocked for {paused} ms used {cpu_us} µs of CPU");
+            drop((tx, rx));
+            drop((ping, pong));
+            d.delete_section("ping").unwrap();
+            d.delete_section("pong").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
 fn cpu_time() -> Duration {
     let mut ru: libc::rusage = unsafe_zeroed();
     // SAFETY: getrusage writes into the struct we pass.

@@ -32,13 +32,23 @@
 //!   `slots.rs`.
 //!
 //! # Blocking without burning CPU (an eventcount)
-//! A waiter spins a little, then counts itself in `*_waiters`, issues a SeqCst fence, reads
-//! `*_seq`, re-checks its condition, and sleeps on the shared futex `*_seq` only if the
+//! A waiter first checks its condition in a spin for 20 µs (by the clock: a check costs from
+//! a few nanoseconds to hundreds when its line bounces, so a count of checks is no measure of
+//! time), then between `sched_yield`s up to 100 µs, so a running peer that answers late (an
+//! interrupt, a page fault, a short preemption) costs no futex round trip. Then it counts
+//! itself in `*_waiters`, reads `*_seq`, sets the `ARMED` bit of `*_waiters`, issues a SeqCst
+//! fence, re-checks its condition, and sleeps on the shared futex `*_seq` only if the
 //! condition still fails. A side that makes progress publishes its position, issues a SeqCst
-//! fence, and only if `*_waiters` is non-zero bumps `*_seq` and wakes: no system call when
-//! nobody sleeps. The two fences make a Dekker pair: either the waiter sees the new position, or
-//! the waker sees the waiter (and its bump makes the futex wait return at once). A spin-only
-//! mode never sleeps, for users who dedicate cores.
+//! fence, and only if a waiter is armed clears the bit, bumps `*_seq` and wakes: no system
+//! call when nobody sleeps, and one per sleep however often the waker makes progress before
+//! the sleeper runs again (it takes a sleeper tens of microseconds on a VM to run again, and
+//! a sender that woke it for every message meanwhile paid a system call per message). The
+//! two fences make a Dekker pair: either the waiter sees the new position, or the waker sees
+//! it armed (and its bump makes the futex wait return at once). A waiter arms after reading
+//! `*_seq`, so a waker that disarms it bumps `*_seq` after that read; a waiter that leaves
+//! while others are counted arms again for them. After waking a peer, a waiter spins only
+//! 2 µs and sleeps without yielding: the peer needs a core. A spin-only mode never sleeps, for users
+//! who dedicate cores.
 //!
 //! # Peers
 //! A sender or receiver handle records the process's peer token (registry slot + pid) in the
@@ -84,13 +94,33 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sync::shim::{AtomicU32, AtomicU64, Ordering, fence, futex_wait, futex_wake};
 
-/// How many times a waiter checks before it sleeps (a few microseconds; once under loom).
+/// How long a waiter spins (checking its condition) before it sleeps. Time, not a count of
+/// checks: a check costs from a few nanoseconds (the line is in our cache) to hundreds (it
+/// bounces between cores), so a count means anything from 10 µs to 500 µs. 20 µs covers a
+/// peer that is running and answers late (an interrupt, a page fault, a short preemption)
+/// without a futex sleep and wake-up, which cost 20-80 µs on a VM; it is 0.02% of a core
+/// when the peer pauses for 100 ms.
 #[cfg(not(loom))]
-const SPINS: u32 = 2000;
+const SPIN_FOR: Duration = Duration::from_micros(20);
+/// After the spin, how long a waiter keeps checking between `sched_yield`s before it sleeps:
+/// others runnable on this core go first (a woken peer may be one), and the waiter still
+/// answers without a futex round trip when the peer comes back within this time.
+#[cfg(not(loom))]
+const YIELD_UNTIL: Duration = Duration::from_micros(100);
+/// Right after this thread woke a sleeping peer (see `wait_until`), the answer needs that
+/// peer to be scheduled first: the waiter checks this long only, then sleeps.
+#[cfg(not(loom))]
+const WOKE_SPIN_FOR: Duration = Duration::from_micros(2);
+/// Checks between two looks at the clock while spinning.
+#[cfg(not(loom))]
+const CLOCK_EVERY: u32 = 16;
+/// Under loom (no time): one check, then the eventcount.
 #[cfg(loom)]
 const SPINS: u32 = 1;
-/// Checks before sleeping right after this thread woke a peer (see `wait_until`).
-const SHORT_SPINS: u32 = 50;
+/// In `*_waiters`: set by a waiter about to sleep, cleared by the one waker that wakes it, so
+/// a waker makes the system call only once per sleep however many times it makes progress
+/// before the sleeper runs again (the rest of the word counts waiters).
+const ARMED: u32 = 1 << 31;
 
 /// Where the ring starts in a queue section.
 pub const DATA_OFFSET: u64 = 4096;
@@ -370,20 +400,12 @@ fn wait_until<T>(
     timeout: Option<Duration>,
     mut attempt: impl FnMut(bool) -> Result<Option<T>>,
 ) -> Result<T> {
-    // If this thread has just woken a sleeping peer, the answer needs that peer to be
-    // scheduled first: spinning here would keep our core busy and, on an idle machine (a VM
-    // above all), make the peer wait for another core to wake up. Sleep at once instead, as
-    // a pipe reader does, so the peer can run where we were.
-    let spins = if woke_a_peer_recently() { SHORT_SPINS } else { SPINS };
-    for _ in 0..spins {
-        if let Some(v) = attempt(false)? {
-            return Ok(v);
-        }
-        crate::sync::shim::retry_hint();
-    }
     let deadline = timeout.map(|t| Instant::now() + t);
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
     let timed_out = || Error::new(ErrorKind::Timeout, format!("queue wait timed out after {timeout:?}"));
+    if let Some(v) = spin_then_yield(mode, deadline, &mut attempt)? {
+        return Ok(v);
+    }
     if mode == WaitMode::Spin {
         let mut i = 0u32;
         loop {
@@ -398,16 +420,27 @@ fn wait_until<T>(
             std::hint::spin_loop();
         }
     }
+    // Leaving the sleep loop: if other waiters are still counted, re-arm for them (the waker
+    // that woke us may have disarmed the word they sleep on). RMW (SeqCst) as the others.
+    let leave = || {
+        if waiters.fetch_sub(1, Ordering::SeqCst) & !ARMED > 1 {
+            waiters.fetch_or(ARMED, Ordering::SeqCst);
+        }
+    };
     loop {
-        // SeqCst (+ fence): the waiter's half of the Dekker pair (see the module docs).
+        // SeqCst: the waiter's half of the Dekker pair (see the module docs). Count ourselves,
+        // read the sequence we will sleep on, and only then arm: a waker that disarms after
+        // our arming bumps the sequence after our read (the SeqCst order of these RMWs and
+        // loads), so our sleep on `s` cannot miss it.
         waiters.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
         let s = seq.load(Ordering::SeqCst);
+        waiters.fetch_or(ARMED, Ordering::SeqCst);
+        // Pairs with the fence in `wake`: either `attempt` sees the waker's progress, or the
+        // waker sees us armed.
+        fence(Ordering::SeqCst);
         let r = attempt(true);
         if !matches!(r, Ok(None)) {
-            // Relaxed (every decrement here): a waker that still sees us counted only makes a
-            // spurious wake-up.
-            waiters.fetch_sub(1, Ordering::Relaxed);
+            leave();
             return r.map(|v| v.expect("matched Some"));
         }
         // Wake up at least every LIVENESS_PERIOD to check the peers. (Under loom, whose
@@ -417,23 +450,98 @@ fn wait_until<T>(
         if let Some(d) = deadline {
             let now = Instant::now();
             if now >= d {
-                waiters.fetch_sub(1, Ordering::Relaxed);
+                leave();
                 return Err(timed_out());
             }
             nap = Some(nap.map_or(d - now, |n| n.min(d - now)));
         }
         let slept = futex_wait(seq, s, nap);
-        waiters.fetch_sub(1, Ordering::Relaxed);
+        leave();
         slept.map_err(|e| Error::from_io("cannot wait on a queue", e))?;
     }
 }
 
-/// The waker's half: after publishing progress, wakes sleepers if there are any.
+/// The waiter's first phases, before the eventcount: checks `attempt` in a spin for
+/// [`SPIN_FOR`] (or [`WOKE_SPIN_FOR`] right after waking a peer), then between
+/// `sched_yield`s until [`YIELD_UNTIL`] (a spin-mode waiter keeps spinning instead, in the
+/// caller). `None` when the condition still fails.
+#[cfg(not(loom))]
+fn spin_then_yield<T>(
+    mode: WaitMode,
+    deadline: Option<Instant>,
+    attempt: &mut impl FnMut(bool) -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    // If this thread has just woken a sleeping peer, spinning (or yielding: the woken peer is
+    // queued on another core, `sched_yield` does not bring it here) would keep our core busy
+    // and, on an idle machine (a VM above all), make the peer wait for another core to wake
+    // up: sleep soon instead, so the peer can run where we were (measured: the round trip
+    // after a pause took 1.5-1.8x as long with a yield phase here).
+    let woke = woke_a_peer_recently();
+    let spin_for = if woke { WOKE_SPIN_FOR } else { SPIN_FOR };
+    let start = Instant::now();
+    let end = |limit: Duration| {
+        let t = start + limit;
+        deadline.map_or(t, |d| d.min(t))
+    };
+    let (spin_end, yield_end) = (end(spin_for), end(YIELD_UNTIL));
+    let mut i = 0u32;
+    loop {
+        if let Some(v) = attempt(false)? {
+            return Ok(Some(v));
+        }
+        i = i.wrapping_add(1);
+        if i % CLOCK_EVERY == 0 && Instant::now() >= spin_end {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    if mode == WaitMode::Spin || woke {
+        return Ok(None);
+    }
+    while Instant::now() < yield_end {
+        std::thread::yield_now();
+        if let Some(v) = attempt(false)? {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// Under loom: [`SPINS`] checks (time is not modelled).
+#[cfg(loom)]
+fn spin_then_yield<T>(
+    _mode: WaitMode,
+    _deadline: Option<Instant>,
+    attempt: &mut impl FnMut(bool) -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    for _ in 0..SPINS {
+        if let Some(v) = attempt(false)? {
+            return Ok(Some(v));
+        }
+        crate::sync::shim::retry_hint();
+    }
+    Ok(None)
+}
+
+/// The waker's half: after publishing progress, wakes a sleeper if one is armed (`n` is 1),
+/// or every counted waiter (`n` larger: a side leaving). A waiter armed once is woken once:
+/// progress made again before it runs costs no system call.
 #[inline]
 fn wake(seq: &AtomicU32, waiters: &AtomicU32, n: u32) {
+    // Pairs with the fence in `wait_until` (Dekker pair): after it, either the waiter's
+    // `attempt` sees our progress or we see its count and arming.
     fence(Ordering::SeqCst);
-    // Relaxed: ordered by the fence above (Dekker pair with `wait_until`).
-    if waiters.load(Ordering::Relaxed) > 0 {
+    // Relaxed: ordered by the fence above; the RMW below decides.
+    let w = waiters.load(Ordering::Relaxed);
+    let go = if n == 1 {
+        // SeqCst: ordered with the waiter's read of `seq` and arming (see `wait_until`).
+        w & ARMED != 0 && waiters.fetch_and(!ARMED, Ordering::SeqCst) & ARMED != 0
+    } else {
+        w != 0
+    };
+    if go {
+        // SeqCst: after the disarming, so a waiter that read `seq` before arming sees it
+        // changed (its futex wait returns at once) or is woken below.
         seq.fetch_add(1, Ordering::SeqCst);
         futex_wake(seq, n);
         note_woke_a_peer();
@@ -462,11 +570,6 @@ fn woke_a_peer_recently() -> bool {
 
 #[cfg(loom)]
 fn note_woke_a_peer() {}
-
-#[cfg(loom)]
-fn woke_a_peer_recently() -> bool {
-    false
-}
 
 /// The address of a heap block in flight through a queue ([`SlotQueue<BlockAddr>`]): the
 /// sender gives the block up, the receiver takes it over. Nothing is copied, whatever the

@@ -13,13 +13,30 @@
 //! the ring looks full (or empty). A sender killed mid-message never published it: the
 //! receiver sees every message that was sent completely and nothing else.
 //!
-//! The receiver gives space back in batches of a quarter of the ring, and at once whenever it
+//! The receiver gives space back in batches of a quarter of the ring (of the hot window, in a
+//! large ring: see below), and at once whenever it
 //! has read everything it knows of (so a sender never waits while the ring is empty for the
 //! receiver). The sender's publication can be batched too (as PostgreSQL's `shm_mq` does): with
 //! [`ByteSender::set_batch`], the sender publishes only once that many bytes are pending, when
 //! the ring is full, on [`ByteSender::flush`], and when it is dropped. Streams then move one
 //! cache line per batch instead of one per message; each message still costs the same
 //! whatever the ring's size.
+//!
+//! # Large rings
+//! A ring larger than the caches costs DRAM traffic when the receiver reads far behind the
+//! sender: what it reads was written long ago and left the caches. So, in any ring, the
+//! receiver follows closely: the sender's batches ([`ByteSender::set_batch`]) are capped at
+//! a quarter of a [`HOT_WINDOW`] (256 KiB, a quarter of this machine's L2 per core), and the
+//! receiver gives space back every quarter of the window (or of the ring, if smaller). A
+//! receiver that keeps up then reads lines still in the sender's cache; the rest of the ring
+//! only absorbs bursts, and a stalled receiver lets the sender fill all of it.
+//!
+//! Not done, on purpose: an early wrap (the sender going back to offset 0 at the window's
+//! end whenever the receiver has given the start back) would reuse the same lines lap after
+//! lap, but a receiver that stalls before it reads the wrap marker would leave the sender
+//! only the window, not the capacity: the skipped bytes count as unread until the receiver
+//! passes the marker, and a ring cannot write past its own marker. Resetting the positions of
+//! an empty ring would need both sides to agree (a protocol change).
 //!
 //! # Positions
 //! | word | meaning | written by | read by |
@@ -81,6 +98,10 @@ use crate::sync::shim::Ordering;
 
 const WRAP: u32 = u32::MAX;
 const REC_HEADER: u64 = 8;
+/// How closely the receiver follows the sender in a large ring (see "Large rings"): a quarter
+/// of this machine's 1 MiB L2 per core, so what the receiver has yet to read stays in the
+/// caches.
+const HOT_WINDOW: u64 = 256 << 10;
 
 /// A byte queue (one sender and one receiver at a time; any processes). Create or open it by
 /// name, then take its [`sender`](ByteQueue::sender) in one process and its
@@ -89,6 +110,9 @@ pub struct ByteQueue {
     hdr: NonNull<QueueShared>,
     data: *mut u8,
     cap: u64,
+    /// The hot window: what the receiver follows the sender within (see "Large rings");
+    /// `cap` for a ring smaller than four windows.
+    hot: u64,
     section: Option<crate::Section>,
     #[cfg(any(test, loom))]
     _mem: Option<(Box<QueueShared>, Vec<u64>)>,
@@ -133,6 +157,7 @@ impl ByteQueue {
             hdr: NonNull::from(h),
             data,
             cap,
+            hot: hot_window(cap),
             section: Some(section),
             #[cfg(any(test, loom))]
             _mem: None,
@@ -166,6 +191,7 @@ impl ByteQueue {
             hdr,
             data,
             cap,
+            hot: hot_window(cap),
             section: None,
             #[cfg(any(test, loom))]
             _mem: None,
@@ -187,7 +213,7 @@ impl ByteQueue {
         hdr.init(KIND_BYTES, cap, 0, 0);
         let mut mem = vec![0u64; (cap / 8) as usize];
         let data = mem.as_mut_ptr().cast::<u8>();
-        ByteQueue { hdr: NonNull::from(&*hdr), data, cap, section: None, _mem: Some((hdr, mem)) }
+        ByteQueue { hdr: NonNull::from(&*hdr), data, cap, hot: hot_window(cap), section: None, _mem: Some((hdr, mem)) }
     }
 
     fn h(&self) -> &QueueShared {
@@ -238,12 +264,15 @@ impl ByteQueue {
         attach_peer(&h.senders, self.token(), 1, &|t| self.alive(t)).ok_or_else(|| {
             Error::new(ErrorKind::AlreadyExists, format!("byte queue {:?} already has a live sender", self.name()))
         })?;
-        // Acquire: the positions of a previous sender/receiver.
+        // Acquire (both): `send.pos` pairs with the Release in a previous sender's
+        // `ByteSender::flush` (we continue after its records), `recv.pos` with the Release in
+        // `ByteReceiver::publish` (the receiver is done with the bytes before it).
         let pos = h.send.pos.load(Ordering::Acquire);
         let read = h.recv.pos.load(Ordering::Acquire);
         let sent = h.send.count.load(Ordering::Relaxed);
         if let Err(e) = check_read(self, pos, read) {
-            // Release: gives the entry back (pairs with the next attacher's CAS), as `Drop`.
+            // Release: gives the entry back; pairs with the AcqRel CAS in the next
+            // `attach_peer` and the Acquire in `side_gone`, as in `Drop`.
             h.senders.peers[0].token.store(0, Ordering::Release);
             return Err(e);
         }
@@ -263,7 +292,8 @@ impl ByteQueue {
             Error::new(ErrorKind::AlreadyExists, format!("byte queue {:?} already has a live receiver", self.name()))
         })?;
         self.resume(mode).inspect_err(|_| {
-            // Release: gives the entry back (pairs with the next attacher's CAS), as `Drop`.
+            // Release: gives the entry back; pairs with the AcqRel CAS in the next
+            // `attach_peer` and the Acquire in `side_gone`, as in `Drop`.
             h.receivers.peers[0].token.store(0, Ordering::Release);
         })
     }
@@ -272,15 +302,15 @@ impl ByteQueue {
     /// receiver stopped consuming (see "Readers that die" in the module docs).
     fn resume(&self, mode: WaitMode) -> Result<ByteReceiver<'_>> {
         let h = self.h();
-        // Acquire: pairs with the previous receiver's Release of `recv.pos` (the bytes before it
-        // were read by a receiver that is gone, the sender may reuse them).
+        // Acquire: pairs with the Release in the previous receiver's `ByteReceiver::publish` (the
+        // bytes before it were read by a receiver that is gone, the sender may reuse them).
         let published = h.recv.pos.load(Ordering::Acquire);
         // Relaxed: written only by previous receivers, all of whose stores happen before this
         // load (their Release of the token, or the kernel's release of their liveness lock, both
         // observed by `attach_peer`; see the module docs).
         let pos = h.consumed.pos.load(Ordering::Relaxed);
         let received = h.consumed.count.load(Ordering::Relaxed);
-        // Acquire: pairs with the sender's Release of its position (the records before it are
+        // Acquire: pairs with the Release in `ByteSender::flush` (the records before it are
         // written).
         let write = h.send.pos.load(Ordering::Acquire);
         let cap = self.cap;
@@ -325,6 +355,19 @@ fn check_read(q: &ByteQueue, pos: u64, read: u64) -> Result<()> {
     Ok(())
 }
 
+/// The hot window for a ring of `cap` bytes: [`HOT_WINDOW`] for rings of at least four times
+/// that, else the whole ring.
+fn hot_window(cap: u64) -> u64 {
+    if cap >= 4 * HOT_WINDOW { HOT_WINDOW } else { cap }
+}
+
+/// How many bytes a receiver reads before it gives them back (it also gives back whenever it
+/// has read everything it knows of): a quarter of the hot window, so that a sender filling a
+/// large ring learns of the space the receiver gave back before it reaches the cold part.
+fn give_back_every(q: &ByteQueue) -> u64 {
+    q.hot / 4
+}
+
 fn ring_capacity(name: &str, capacity: u64) -> Result<u64> {
     if capacity == 0 || capacity > 1 << 40 {
         return Err(Error::new(
@@ -361,8 +404,10 @@ impl ByteSender<'_> {
     /// message at once). Pending messages are published when the ring is full, on
     /// [`flush`](ByteSender::flush) and when the sender is dropped; the receiver does not see
     /// them before. For streams, where it saves a cache-line transfer per message.
+    /// A batch is at most half the ring, and a quarter of the hot window (see the module
+    /// docs): a receiver must be able to follow a sender closely for the ring to stay hot.
     pub fn set_batch(&mut self, bytes: u64) {
-        self.batch = bytes.min(self.q.cap / 2);
+        self.batch = bytes.min(self.q.cap / 2).min(self.q.hot / 4);
         if self.batch == 0 {
             self.flush();
         }
@@ -375,7 +420,8 @@ impl ByteSender<'_> {
         }
         self.published = self.pos;
         let h = self.q.h();
-        // Release: publishes the records.
+        // Release: publishes the records; pairs with the Acquire in `ByteReceiver::peek` (and
+        // in `resume`, and a successor sender's in `sender_with`).
         h.send.pos.store(self.pos, Ordering::Release);
         // Relaxed: a statistic on our own line.
         h.send.count.store(self.sent, Ordering::Relaxed);
@@ -458,7 +504,8 @@ impl ByteSender<'_> {
         // wrapping arithmetic throughout: a damaged one near u64::MAX must not overflow (a
         // healthy one never gets there); in release builds it is the same code.
         if self.pos.wrapping_sub(self.cached_read) + need > q.cap {
-            // Acquire: the receiver is done with the bytes it gave back.
+            // Acquire: pairs with the Release in `ByteReceiver::publish`: the receiver is done
+            // with the bytes it gave back, which we now overwrite.
             let read = q.h().recv.pos.load(Ordering::Acquire);
             check_read(q, self.pos, read)?;
             self.cached_read = read;
@@ -498,7 +545,8 @@ impl Drop for ByteSender<'_> {
     fn drop(&mut self) {
         self.flush();
         let h = self.q.h();
-        // Release: after our last message.
+        // Release: after our last message; pairs with the Acquire in `side_gone` (a receiver
+        // that sees us gone sees our last `flush`) and the AcqRel CAS in `attach_peer`.
         h.senders.peers[0].token.store(0, Ordering::Release);
         // The receiver may be asleep waiting for us: tell it we left.
         wake(&h.events.data_seq, &h.events.data_waiters, u32::MAX);
@@ -706,7 +754,7 @@ impl<'q> ByteReceiver<'q> {
     fn peek(&mut self) -> Result<Option<(u64, usize, u64)>> {
         let q = self.q;
         if self.pos == self.cached_write {
-            // Acquire: pairs with the sender's Release of its position.
+            // Acquire: pairs with the Release in `ByteSender::flush` (the records are written).
             self.cached_write = q.h().send.pos.load(Ordering::Acquire);
             if self.pos == self.cached_write {
                 return Ok(None);
@@ -765,7 +813,7 @@ impl<'q> ByteReceiver<'q> {
         self.received = self.received.wrapping_add(1 + self.held);
         self.held = 0;
         self.store_consumed();
-        if self.pos.wrapping_sub(self.published) >= self.q.cap / 4 || self.pos == self.cached_write {
+        if self.pos.wrapping_sub(self.published) >= give_back_every(self.q) || self.pos == self.cached_write {
             self.publish();
         }
     }
@@ -786,7 +834,8 @@ impl<'q> ByteReceiver<'q> {
         }
         self.published = self.committed;
         let h = self.q.h();
-        // Release: we are done reading the bytes we give back.
+        // Release: we are done reading the bytes we give back; pairs with the Acquire in
+        // `ByteSender::try_put` (and `sender_with`, and a successor receiver's `resume`).
         h.recv.pos.store(self.committed, Ordering::Release);
         // Relaxed: a statistic on our own line.
         h.recv.count.store(self.received, Ordering::Relaxed);
@@ -813,7 +862,8 @@ impl Drop for ByteReceiver<'_> {
     fn drop(&mut self) {
         self.publish();
         let h = self.q.h();
-        // Release: after our last message.
+        // Release: after our last `publish` and `consumed` stores; pairs with the AcqRel CAS in
+        // a successor's `attach_peer` (see "Readers that die") and the Acquire in `side_gone`.
         h.receivers.peers[0].token.store(0, Ordering::Release);
         wake(&h.events.space_seq, &h.events.space_waiters, u32::MAX);
     }
@@ -974,6 +1024,57 @@ mod tests {
         for want in 6..=i {
             assert_eq!(&*rx.try_recv().unwrap(), &[want; 24]);
         }
+    }
+
+    #[test]
+    fn a_large_rings_receiver_follows_within_the_hot_window() {
+        let q = ByteQueue::in_memory(4 << 20);
+        assert_eq!(q.hot, HOT_WINDOW);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        // A batch of the whole ring asked for: capped, so the receiver sees messages soon.
+        tx.set_batch(q.cap);
+        let msg = [3u8; 1000];
+        let mut sent = 0;
+        while rx.try_recv().is_err() {
+            tx.send(&msg).unwrap();
+            sent += 1;
+        }
+        assert!(sent * 1008 <= HOT_WINDOW / 4 + 1008, "{sent} messages before the first was published");
+        // The receiver gives space back every quarter window although it never catches up.
+        for _ in 0..HOT_WINDOW / 1008 {
+            tx.send(&msg).unwrap();
+        }
+        tx.flush();
+        let before = q.h().recv.pos.load(Ordering::Relaxed);
+        for _ in 0..(HOT_WINDOW / 4) / 1008 + 1 {
+            drop(rx.try_recv().unwrap());
+        }
+        assert!(q.h().recv.pos.load(Ordering::Relaxed) > before, "space given back within a quarter window");
+    }
+
+    #[test]
+    fn with_a_stalled_receiver_the_sender_fills_the_whole_ring_past_the_window() {
+        let q = ByteQueue::in_memory(1 << 20);
+        assert_eq!(q.hot, HOT_WINDOW);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        // Keep up for a while, then stall.
+        for i in 0..2000u32 {
+            tx.send(&i.to_le_bytes()).unwrap();
+            assert_eq!(&*rx.try_recv().unwrap(), &i.to_le_bytes());
+        }
+        let mut n = 0u32;
+        while tx.try_send(&[n as u8; 1016]).is_ok() {
+            n += 1;
+        }
+        assert_eq!(tx.try_send(&[0; 1016]).err().map(|e| e.kind()), Some(ErrorKind::WouldBlock));
+        // 1024-byte records: all of the ring but the one a wrap may have cut short.
+        assert!(u64::from(n) * 1024 >= q.cap - 1024, "{n} records filled a {}-byte ring", q.cap);
+        for i in 0..n {
+            assert_eq!(&*rx.try_recv().unwrap(), &[i as u8; 1016], "message {i} of {n}");
+        }
+        assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::WouldBlock));
     }
 
     #[test]

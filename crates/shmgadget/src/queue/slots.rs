@@ -333,16 +333,21 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         for p in &table.peers {
             // Relaxed: tokens are single words; liveness comes from the kernel.
             let tok = p.token.load(Ordering::Relaxed);
-            // Acquire: pairs with the Release that clears a finished claimer's intent.
+            // Acquire: pairs with the Release that clears a finished claimer's intent (the
+            // `inflight.store(IDLE, Release)` in `SlotSender::try_put` and
+            // `SlotReceiver::try_take`), after which its slot has moved on.
             let pos = p.inflight.load(Ordering::Acquire);
             if tok == 0 || pos == IDLE || self.alive(tok) {
                 continue;
             }
-            // Acquire: pairs with the claim CAS (Release) on the side's position.
+            // Acquire: pairs with the claim CAS (Release) on the side's position in
+            // `SlotSender::try_put` / `SlotReceiver::try_take`.
             let claimed = (side.pos.load(Ordering::Acquire).wrapping_sub(pos) as i64) > 0;
             let (stuck, fixed) =
                 if senders { (pos, pos.wrapping_add(1)) } else { (pos.wrapping_add(1), pos.wrapping_add(self.cap)) };
-            // Acquire: pairs with the publication or give-back of the slot.
+            // Acquire: pairs with the AcqRel `seq` CAS that publishes the slot
+            // (`SlotSender::try_put`) or gives it back (`SlotReceiver::try_take`), or a
+            // repairer's in `repair`.
             if claimed && self.head(pos).seq.load(Ordering::Acquire) == stuck {
                 // Repairs it unless a live peer may be the claimer; a damaged slot is reported
                 // to whoever waits on it.
@@ -390,8 +395,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         // before its CAS, and a live peer then claimed the same position (and may be
         // descheduled before finishing). Every claimer records its intent before its CAS, so a
         // live peer with this intent may be the claimer: leave the slot alone while one exists.
-        // Acquire: pairs with the claimers' Release CAS on the position, after which their
-        // intent stores are visible.
+        // Acquire: pairs with the claimers' Release CAS on the position (in
+        // `SlotSender::try_put` / `SlotReceiver::try_take`), after which their intent stores
+        // are visible.
         let _ = side.pos.load(Ordering::Acquire);
         let live_intent = table.peers.iter().any(|p| {
             // Relaxed: ordered by the Acquire load above.
@@ -405,6 +411,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         for p in &table.peers {
             // Relaxed: tokens and intents are single words; liveness comes from the kernel.
             let tok = p.token.load(Ordering::Relaxed);
+            // Acquire: as in `settle_dead` (pairs with the Release clearing a finished intent).
             if tok == 0 || p.inflight.load(Ordering::Acquire) != pos {
                 continue;
             }
@@ -416,15 +423,19 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
             if senders {
                 head.state.store(HOLE, Ordering::Relaxed);
             }
-            // AcqRel: publishes the hole (or the given-back slot) like a normal completion.
+            // AcqRel: publishes the hole (or the given-back slot) like a normal completion:
+            // pairs with the Acquire loads of `seq` in `try_take` (a hole) or `try_put` (a
+            // slot given back), and Acquires a racing finisher's CAS if it lost to one.
             let ok = head.seq.compare_exchange(stuck_seq, fixed_seq, Ordering::AcqRel, Ordering::Relaxed).is_ok();
             p.inflight.store(IDLE, Ordering::Relaxed);
-            // The dead peer's entry is free again.
+            // The dead peer's entry is free again. AcqRel: as the CAS in `attach_peer` it
+            // races with (pairs with its Acquire of a free entry).
             let _ = p.token.compare_exchange(tok, 0, Ordering::AcqRel, Ordering::Relaxed);
             return Ok(ok);
         }
-        // Acquire: a peer that finished `pos` moved the slot on before it cleared its intent
-        // (Release), which the Acquire loads above saw; so a slot still at `stuck_seq` now,
+        // Acquire: a peer that finished `pos` moved the slot on (the AcqRel `seq` CAS in
+        // `try_put` / `try_take`) before it cleared its intent (Release), which the Acquire
+        // loads above saw; so a slot still at `stuck_seq` now,
         // with no peer on it, is one nobody will ever move.
         if !busy && self.head(pos).seq.load(Ordering::Acquire) == stuck_seq {
             return Err(self.corrupt(format!(
@@ -509,7 +520,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
             // Relaxed: the slot's sequence word orders the data.
             let pos = h.send.pos.load(Ordering::Relaxed);
             let head = q.head(pos);
-            // Acquire: the receiver that gave the slot back finished reading it.
+            // Acquire: pairs with the AcqRel CAS that gave the slot back in
+            // `SlotReceiver::try_take` (or `repair`): that receiver finished reading it.
             let seq = head.seq.load(Ordering::Acquire);
             if seq == pos {
                 // Record the intent before claiming (see "Dead peers"). Relaxed: the Release of
@@ -528,10 +540,13 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                 // is inside the slot and aligned for T.
                 unsafe { q.value_ptr(pos).write(value) };
                 head.state.store(0, Ordering::Relaxed);
-                // Release: publishes the value. A repairer may have made it a hole meanwhile
-                // (it thought us dead): then this position is lost to us; use another.
+                // Release: publishes the value; pairs with the Acquire of `seq` in
+                // `SlotReceiver::try_take`. A repairer may have made it a hole meanwhile (it
+                // thought us dead): then this position is lost to us; use another.
                 let published =
                     head.seq.compare_exchange(pos, pos.wrapping_add(1), Ordering::AcqRel, Ordering::Relaxed).is_ok();
+                // Release: after the slot moved on; pairs with the Acquire loads of `inflight`
+                // in `settle_dead` and `repair`.
                 me.inflight.store(IDLE, Ordering::Release);
                 if !published {
                     continue;
@@ -552,8 +567,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
                         ));
                     }
                     let lap = pos.wrapping_sub(q.cap);
-                    // Acquire: pairs with the receivers' Release claims, so a dead receiver's
-                    // intent (written before its claim) is visible to `repair`.
+                    // Acquire: pairs with the receivers' Release claims (the `recv.pos` CAS in
+                    // `SlotReceiver::try_take`), so a dead receiver's intent (written before its
+                    // claim) is visible to `repair`.
                     let read = h.recv.pos.load(Ordering::Acquire);
                     // Healthy, with `pos` as loaded (perhaps stale): position `lap` was claimed,
                     // so the slot is at `lap` (its sender at work) or `lap + 1` (its value,
@@ -593,7 +609,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
 impl<T: crate::ShmSafe + Copy + Send> Drop for SlotSender<'_, T> {
     fn drop(&mut self) {
         let h = self.q.h();
-        // Release: after our last message.
+        // Release: after our last message; pairs with the Acquire in `side_gone` (a receiver
+        // that sees every sender gone sees their last publications) and the AcqRel CAS in
+        // `attach_peer`.
         h.senders.peers[self.idx].token.store(0, Ordering::Release);
         wake(&h.events.data_seq, &h.events.data_waiters, u32::MAX);
     }
@@ -668,7 +686,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
             // Relaxed: the slot's sequence word orders the data.
             let pos = h.recv.pos.load(Ordering::Relaxed);
             let head = q.head(pos);
-            // Acquire: pairs with the sender's publication.
+            // Acquire: pairs with the AcqRel CAS that publishes the value in
+            // `SlotSender::try_put` (or makes it a hole in `repair`).
             let seq = head.seq.load(Ordering::Acquire);
             let next = pos.wrapping_add(1);
             if seq == next {
@@ -688,8 +707,11 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
                 // written before the Release we Acquired. T is Copy and ShmSafe.
                 let value = (!hole).then(|| unsafe { q.value_ptr(pos).read() });
                 head.state.store(0, Ordering::Relaxed);
-                // Release: we are done with the slot; the next lap's sender may write it.
+                // Release: we are done with the slot; the next lap's sender may write it. Pairs
+                // with the Acquire of `seq` in `SlotSender::try_put`.
                 let _ = head.seq.compare_exchange(next, pos.wrapping_add(q.cap), Ordering::AcqRel, Ordering::Relaxed);
+                // Release: after the slot moved on; pairs with the Acquire loads of `inflight`
+                // in `settle_dead` and `repair`.
                 me.inflight.store(IDLE, Ordering::Release);
                 wake(&h.events.space_seq, &h.events.space_waiters, 1);
                 self.stuck = None;
@@ -704,7 +726,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
             if (seq.wrapping_sub(next) as i64) < 0 {
                 // Nothing published at this position yet.
                 if thorough {
-                    // Acquire: pairs with the senders' Release claims (see above).
+                    // Acquire: pairs with the senders' Release claims (the `send.pos` CAS in
+                    // `SlotSender::try_put`; see above).
                     let written = h.send.pos.load(Ordering::Acquire);
                     // Healthy, with `pos` as loaded (perhaps stale): the receiver of the last lap
                     // claimed its position, so the slot is at `pos - cap + 1` (not given back
@@ -725,6 +748,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
                         self.stuck = Some(pos);
                     } else if side_gone(&h.senders, true, &|t| q.alive(t)) {
                         // Gone, and nothing left (re-checked: a last message may have landed).
+                        // Acquire: pairs with the publishing CAS in `SlotSender::try_put`.
                         if head.seq.load(Ordering::Acquire) == next {
                             continue;
                         }
@@ -749,7 +773,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
 impl<T: crate::ShmSafe + Copy + Send> Drop for SlotReceiver<'_, T> {
     fn drop(&mut self) {
         let h = self.q.h();
-        // Release: after our last message.
+        // Release: after our last receive; pairs with the Acquire in `side_gone` and the AcqRel
+        // CAS in `attach_peer`.
         h.receivers.peers[self.idx].token.store(0, Ordering::Release);
         wake(&h.events.space_seq, &h.events.space_waiters, u32::MAX);
     }
