@@ -102,7 +102,8 @@ impl std::fmt::Display for Mismatch {
         match *self {
             Mismatch::TooSmall { what, available, needed } => write!(
                 f,
-                "it is truncated to {available} bytes, too small for a {what} header ({needed} bytes at least)"
+                "its {available} bytes are too few for a {what} header ({needed} bytes at least): it was truncated, \
+                 or never made as a {what}"
             ),
             Mismatch::NotReady { what, found, expected } => {
                 write!(
@@ -278,7 +279,7 @@ mod tests {
         // SAFETY: `validate` returns before dereferencing when `available` is too small.
         let e = unsafe { validate::<Toy>(std::ptr::null(), 63) }.map(|_| ()).unwrap_err();
         assert_eq!(e, Mismatch::TooSmall { what: "toy", available: 63, needed: 64 });
-        assert!(e.to_string().contains("truncated to 63 bytes"), "{e}");
+        assert!(e.to_string().contains("its 63 bytes are too few for a toy header (64 bytes at least)"), "{e}");
     }
 
     #[test]
