@@ -201,6 +201,7 @@ pub(crate) unsafe fn validate<'a, T: SharedHeader>(base: *const u8, available: u
 ///
 /// # Safety
 /// As for [`validate`].
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) unsafe fn unpublished<'a, T: SharedHeader>(base: *const u8, available: u64) -> Result<&'a T, Mismatch> {
     check_size::<T>(available)?;
     // SAFETY: as in `validate`.
@@ -209,6 +210,7 @@ pub(crate) unsafe fn unpublished<'a, T: SharedHeader>(base: *const u8, available
 
 /// [`validate`]'s prefix checks on a header already in hand (a private copy the caller sized,
 /// as the fuzz targets make).
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn check_ref<T: SharedHeader>(header: &T) -> Result<(), Mismatch> {
     // SAFETY: a live `&T`: aligned, and all its bytes (the prefix among them) readable.
     unsafe { check_prefix::<T>((header as *const T).cast()) }

@@ -22,12 +22,14 @@
 //!   block the dead process had just allocated is leaked, one it was freeing is either freed or
 //!   still allocated.
 //! * Validate, then trust: everything in the section is written by processes that may be
-//!   buggy, crashed or hostile. `attach` checks the section is large enough for the header and
-//!   that `reserved`/`committed` match it; the allocator's area is bounded by the *mapped*
+//!   buggy, crashed or hostile. `attach` runs the one header check (`crate::header::validate`:
+//!   the section holds at least `MIN_HEAP` bytes, then ready, magic, layout version and
+//!   fingerprint) before any reference to `HeapShared` exists, then checks that
+//!   `reserved`/`committed` match the section; the allocator's area is bounded by the *mapped*
 //!   length, not only by `reserved`; `committed` is re-checked under the lock before it is
-//!   used; a named entry's offset must be a used block large enough for it; a cache slot's
-//!   store must be a used block large enough for a store, and every count and listed entry is
-//!   range-checked before use. A violation is a `Corrupt` error saying what was expected and
+//!   used; a named entry's offset must be a used block large enough for it (`named.rs`); a
+//!   cache slot's store must be a used block large enough for a store, and every count and
+//!   listed entry is range-checked before use. A violation is a `Corrupt` error saying what was expected and
 //!   found; `check` reports the first one in the block chain, the named-object table or the
 //!   caches.
 //! * Growth: the heap commits its section lazily. When no free block fits, the lock holder

@@ -52,8 +52,11 @@
 //! Nothing read from the section is used before it is checked, and a check that fails is
 //! [`ErrorKind::Corrupt`], saying what was expected and what was found; never a read or write
 //! outside the ring, a panic, or a wait that cannot end:
-//! - on open: the header's constants (magic, layout, kind, capacity a power of two, slot
-//!   size, ring inside the section), in `validate`;
+//! - on open: the one header check shared with heaps and the registry
+//!   (`crate::header::validate`: the section's size, then ready, magic, layout version and
+//!   fingerprint, before any reference to the header exists, in `header_of`), then the
+//!   queue's own constants (kind, capacity a power of two, slot size, ring inside the
+//!   section), in `validate`;
 //! - byte queue: each side checks the other's position whenever it loads it (on attach, and
 //!   when the ring looks empty or full: no extra shared load per message), for alignment and
 //!   range (`recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`), and every record
@@ -204,11 +207,15 @@ const FINGERPRINT: u32 = {
     crate::fnv::layout_fingerprint(&parts)
 };
 
+// Under loom the atomics are loom's (another size): only in-memory queues exist there, whose
+// headers `in_memory` builds itself, so the shared-header check is left out.
+#[cfg(not(loom))]
 header::assert_prefix!(Constant, magic, layout_version, fingerprint, ready);
 const _: () = assert!(std::mem::offset_of!(QueueShared, constant) == 0);
 
 // SAFETY: repr(C), atomics only; its first member is `Constant`, whose prefix is asserted
 // above; `min_size` (the header's page plus a page of ring) exceeds its size.
+#[cfg(not(loom))]
 unsafe impl header::SharedHeader for QueueShared {
     const EXPECTED: header::Expected = header::Expected {
         what: "queue",
@@ -285,6 +292,7 @@ impl QueueShared {
         // already when the header came from a section (`header_of`); a header in private
         // memory (the fuzz targets) is checked here. A queue section is handed out only once
         // its registry entry is ready, which its creator marks after `init`, so no wait is needed.
+        #[cfg(not(loom))]
         header::check_ref(self).map_err(|m| header_error(name, m))?;
         let c = &self.constant;
         // Relaxed: frozen, made visible by the Acquire load of `ready` in the check above.
@@ -612,6 +620,7 @@ pub(crate) fn inspect_header(
 }
 
 /// Why queue `name`'s header was refused, as an error that says what to do.
+#[cfg_attr(loom, allow(dead_code))]
 fn header_error(name: &str, m: header::Mismatch) -> Error {
     let msg = match m {
         header::Mismatch::NotReady { .. } => format!(
@@ -625,6 +634,7 @@ fn header_error(name: &str, m: header::Mismatch) -> Error {
 
 /// The header of an existing queue section, after the one header check (size, ready, magic,
 /// version, fingerprint), which runs before any reference to it is formed.
+#[cfg(not(loom))]
 fn header_of(section: &crate::Section) -> Result<&QueueShared> {
     // SAFETY: the section is page-aligned and its `len()` bytes stay mapped while `section`
     // lives (the mapping was checked against the object's size when it was made);
@@ -635,11 +645,24 @@ fn header_of(section: &crate::Section) -> Result<&QueueShared> {
 
 /// The header of a queue section this process just created, for its `init` (only the size is
 /// checked: nothing is published yet).
+#[cfg(not(loom))]
 fn new_header(section: &crate::Section) -> Result<&QueueShared> {
     // SAFETY: as in `header_of`.
     unsafe { header::unpublished::<QueueShared>(section.as_ptr(), section.len() as u64) }
         .map_err(|m| header_error(section.name(), m))
 }
+
+/// Queue sections are not modelled under loom (its atomics are not the layout of a section).
+#[cfg(loom)]
+fn header_of(section: &crate::Section) -> Result<&QueueShared> {
+    Err(Error::new(
+        ErrorKind::InvalidArgument,
+        format!("queue {:?}: sections are not modelled under loom", section.name()),
+    ))
+}
+
+#[cfg(loom)]
+use header_of as new_header;
 
 /// Creates (`create` `Some(true)`), creates or opens (`Some(false)`) or opens (`None`) the
 /// queue section `name` with `ring` bytes after the header. A section this call creates is
