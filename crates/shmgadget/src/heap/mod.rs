@@ -17,7 +17,7 @@
 //!   acquire/release orders all writes to the control block and block headers between
 //!   processes. `committed` grows only under the lock.
 //! * A holder that dies leaves the next locker an `OwnerDied` report: it runs
-//!   [`Tlsf::recover`] (the block chain survives any crash point, see `tlsf.rs`), counts the
+//!   `Tlsf::recover` (the block chain survives any crash point, see `tlsf.rs`), counts the
 //!   recovery in `recoveries`, and marks the lock consistent. No block is handed out twice; a
 //!   block the dead process had just allocated is leaked, one it was freeing is either freed or
 //!   still allocated.

@@ -81,7 +81,7 @@ pub enum ObjectKind {
     Event = 2,
     /// A [`Condvar`](crate::sync::Condvar).
     Condvar = 3,
-    /// A [`RawMutex`] or a [`Mutex<T>`](crate::sync::Mutex) (whose raw
+    /// A [`RawMutex`](crate::sync::RawMutex) or a [`Mutex<T>`](crate::sync::Mutex) (whose raw
     /// mutex comes first).
     Mutex = 4,
 }
