@@ -51,8 +51,10 @@ mod attachment;
 mod domain;
 mod error;
 mod fault;
+mod fnv;
 #[doc(hidden)]
 pub mod fuzzing;
+mod header;
 pub mod heap;
 pub mod inspect;
 pub mod mapped_file;
@@ -80,19 +82,6 @@ pub use section::{AnyBitPattern, InPlace, Section, SectionInfo, SectionOptions};
 pub use sharing::Sharing;
 pub use shm_safe::ShmSafe;
 pub use view::{View, ViewKind};
-
-/// A 32-bit fingerprint of a shared layout (sizes, offsets, constants), FNV-1a over the words:
-/// stored in a shared header by its creator and compared by every opener, so builds that
-/// disagree on the layout refuse each other's objects instead of misreading them.
-pub(crate) const fn layout_fingerprint(parts: &[u64]) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut i = 0;
-    while i < parts.len() {
-        h = (h ^ parts[i]).wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
-    }
-    (h ^ (h >> 32)) as u32
-}
 
 /// The README's Rust snippets, compiled as doc tests (`cargo test --doc -p shmgadget`), so they
 /// cannot drift from the API.

@@ -15,6 +15,8 @@
 //! re-created under the same name is a different object and a stale opener can never reach
 //! the new one by accident.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::error::{Error, ErrorKind, Result};
 
 /// Longest allowed name, in bytes.
@@ -64,6 +66,31 @@ fn validate_chars(name: &str, what: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A name as stored in shared memory: up to 64 bytes in eight little-endian words, zero-padded,
+/// its length kept elsewhere by the owner (registry entries, the registry's domain name, a
+/// heap's named objects). Words, so a record can be copied atomically word by word.
+pub(crate) type PackedName = [AtomicU64; 8];
+
+/// Stores `name` (at most 64 bytes; callers validated it) into `dst`, zero-padded.
+/// Relaxed stores: every owner publishes the words with its own release (a seqlock's closing
+/// `seq`, a header's `ready`, a heap lock's unlock).
+pub(crate) fn pack(dst: &PackedName, name: &str) {
+    let mut bytes = [0u8; 64];
+    bytes[..name.len()].copy_from_slice(name.as_bytes());
+    for (word, chunk) in dst.iter().zip(bytes.chunks_exact(8)) {
+        word.store(u64::from_le_bytes(chunk.try_into().expect("8 bytes")), Ordering::Relaxed);
+    }
+}
+
+/// The 64 bytes of `src` (Relaxed loads: the owner's seqlock, `ready` or lock orders them).
+pub(crate) fn unpack(src: &PackedName) -> [u8; 64] {
+    let mut bytes = [0u8; 64];
+    for (word, chunk) in src.iter().zip(bytes.chunks_exact_mut(8)) {
+        chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+    }
+    bytes
 }
 
 /// File name of a domain's registry.

@@ -12,7 +12,17 @@
 /// 3. are accessed concurrently only through atomics or under a shared lock's guard
 ///    (`&mut T` exists only under the guard);
 /// 4. need no `Drop` to clean up across processes (a crashed process skips it).
-pub unsafe trait ShmSafe {}
+///
+/// Leave [`KIND`](ShmSafe::KIND) at its default: shmgadget's synchronisation types set it.
+pub unsafe trait ShmSafe {
+    /// What a heap records about a named object of this type ([`Heap::named_objects`] and
+    /// `shmgadget heap` show a sync object's state by it). A constant of the type, so no type
+    /// names are compared.
+    ///
+    /// [`Heap::named_objects`]: crate::heap::Heap::named_objects
+    #[doc(hidden)]
+    const KIND: crate::heap::ObjectKind = crate::heap::ObjectKind::Data;
+}
 
 macro_rules! shm_safe {
     ($($t:ty),* $(,)?) => { $(
@@ -46,16 +56,32 @@ shm_safe!(
     std::sync::atomic::AtomicI32,
     std::sync::atomic::AtomicI64,
     std::sync::atomic::AtomicBool,
-    crate::sync::Semaphore,
-    crate::sync::Event,
-    crate::sync::Condvar,
-    crate::sync::RawMutex,
+);
+
+macro_rules! shm_safe_sync {
+    ($($t:ty => $kind:ident),* $(,)?) => { $(
+        // SAFETY: repr(C) atomics (and a robust mutex behind the robust-lock protocol), no
+        // pointers, validated by its header before use.
+        unsafe impl ShmSafe for $t {
+            const KIND: crate::heap::ObjectKind = crate::heap::ObjectKind::$kind;
+        }
+    )* };
+}
+
+shm_safe_sync!(
+    crate::sync::Semaphore => Semaphore,
+    crate::sync::Event => Event,
+    crate::sync::Condvar => Condvar,
+    crate::sync::RawMutex => Mutex,
 );
 
 // SAFETY: an array of shared-memory-safe elements is laid out contiguously with no pointers.
 unsafe impl<T: ShmSafe, const N: usize> ShmSafe for [T; N] {}
 // SAFETY: the mutex is repr(C) atomics + a robust pthread mutex + `T`, itself ShmSafe.
-unsafe impl<T: ShmSafe> ShmSafe for crate::sync::Mutex<T> {}
+unsafe impl<T: ShmSafe> ShmSafe for crate::sync::Mutex<T> {
+    // Its raw mutex comes first, so inspectors read it as one.
+    const KIND: crate::heap::ObjectKind = crate::heap::ObjectKind::Mutex;
+}
 
 /// Defines a `#[repr(C)]` struct that may live in shared memory and implements [`ShmSafe`]
 /// for it, after checking at compile time that every field's type is `ShmSafe` itself. This is

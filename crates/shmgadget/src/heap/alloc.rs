@@ -16,11 +16,10 @@
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::atomic::Ordering;
 
 use allocator_api2::alloc::{AllocError, Allocator};
 
-use super::{AREA_OFFSET, HeapShared, Locked, MAGIC, READY};
+use super::{AREA_OFFSET, HeapShared, Locked, MIN_HEAP};
 use crate::error::{Error, ErrorKind, Result};
 use crate::heap::Heap;
 
@@ -56,17 +55,13 @@ impl ShmAlloc {
         // An eager process may never have mapped this heap (the allocator can come from shared
         // memory): map it first. One relaxed load when no eager domain is attached.
         crate::domain::map_for_address(self.section as usize, size_of::<HeapShared>())?;
-        let p = self.section as *const HeapShared;
         // SAFETY: `section` came from a live `Heap` (or a copy of such a ShmAlloc stored in
-        // shared memory): the start of a heap section in an attached domain's window, mapped
-        // in this process (just above, in eager mode) or mapped on first touch by the fault
-        // handler. HeapShared is atomics and the robust mutex, so a shared reference is sound;
-        // it is validated just below.
-        let shared = unsafe { &*p };
-        // Acquire: pairs with the Release store of `ready` when the heap was created.
-        if shared.ready.load(Ordering::Acquire) != READY || shared.magic.load(Ordering::Relaxed) != MAGIC {
-            return Err(Error::new(ErrorKind::Corrupt, format!("no valid heap at {:#x}", self.section)));
-        }
+        // shared memory): the start of a heap section in an attached domain's window, page-
+        // aligned, at least MIN_HEAP bytes (checked when that heap was created or opened),
+        // mapped in this process (just above, in eager mode) or mapped on first touch by the
+        // fault handler. The one header check runs before the reference is formed.
+        let shared = unsafe { crate::header::validate::<HeapShared>(self.section as *const u8, MIN_HEAP) }
+            .map_err(|m| Error::new(ErrorKind::Corrupt, format!("no valid heap at {:#x}: {m}", self.section)))?;
         Ok(shared)
     }
 

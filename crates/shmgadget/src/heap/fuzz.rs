@@ -5,10 +5,8 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{
-    AREA_OFFSET, FINGERPRINT, HeapShared, LAYOUT_VERSION, Locked, MAGIC, MIN_HEAP, NAMED_READY, READY, cache,
-    entry_name,
-};
+use super::named::{NAMED_READY, entry_name};
+use super::{AREA_OFFSET, FINGERPRINT, HeapShared, LAYOUT_VERSION, Locked, MAGIC, MIN_HEAP, READY, cache};
 use crate::error::Result;
 
 /// Size of the header the fuzzer writes (the rest up to `AREA_OFFSET` is zero).
@@ -170,11 +168,7 @@ pub(crate) unsafe fn build(section: *mut u8, mapped: u64, named: usize, cached: 
         let size = 8 + 8 * i as u64;
         let off = t.alloc(size, 16).expect("room for a named object");
         let nm = format!("obj{i}");
-        let mut bytes = [0u8; 64];
-        bytes[..nm.len()].copy_from_slice(nm.as_bytes());
-        for (k, w) in e.name.iter().enumerate() {
-            w.store(u64::from_le_bytes(bytes[k * 8..k * 8 + 8].try_into().expect("8 bytes")), Ordering::Relaxed);
-        }
+        crate::names::pack(&e.name, &nm);
         e.name_len.store(nm.len() as u16, Ordering::Relaxed);
         e.kind.store(0, Ordering::Relaxed);
         e.offset.store(off, Ordering::Relaxed);

@@ -17,17 +17,19 @@
 //!   acquire/release orders all writes to the control block and block headers between
 //!   processes. `committed` grows only under the lock.
 //! * A holder that dies leaves the next locker an `OwnerDied` report: it runs
-//!   [`Tlsf::recover`] (the block chain survives any crash point, see `tlsf.rs`), counts the
+//!   `Tlsf::recover` (the block chain survives any crash point, see `tlsf.rs`), counts the
 //!   recovery in `recoveries`, and marks the lock consistent. No block is handed out twice; a
 //!   block the dead process had just allocated is leaked, one it was freeing is either freed or
 //!   still allocated.
 //! * Validate, then trust: everything in the section is written by processes that may be
-//!   buggy, crashed or hostile. `attach` checks the section is large enough for the header and
-//!   that `reserved`/`committed` match it; the allocator's area is bounded by the *mapped*
+//!   buggy, crashed or hostile. `attach` runs the one header check (`crate::header::validate`:
+//!   the section holds at least `MIN_HEAP` bytes, then ready, magic, layout version and
+//!   fingerprint) before any reference to `HeapShared` exists, then checks that
+//!   `reserved`/`committed` match the section; the allocator's area is bounded by the *mapped*
 //!   length, not only by `reserved`; `committed` is re-checked under the lock before it is
-//!   used; a named entry's offset must be a used block large enough for it; a cache slot's
-//!   store must be a used block large enough for a store, and every count and listed entry is
-//!   range-checked before use. A violation is a `Corrupt` error saying what was expected and
+//!   used; a named entry's offset must be a used block large enough for it (`named.rs`); a
+//!   cache slot's store must be a used block large enough for a store, and every count and
+//!   listed entry is range-checked before use. A violation is a `Corrupt` error saying what was expected and
 //!   found; `check` reports the first one in the block chain, the named-object table or the
 //!   caches.
 //! * Growth: the heap commits its section lazily. When no free block fits, the lock holder
@@ -37,20 +39,25 @@
 mod alloc;
 mod cache;
 pub(crate) mod fuzz;
-pub mod tlsf;
+mod named;
+pub(crate) mod tlsf;
 
 pub use alloc::{ShmAlloc, ShmBox, ShmHashMap, ShmHasher, ShmString, ShmVec, ShmVecExt, free, realloc};
+pub use named::{MAX_NAMED, NamedObject, ObjectKind, ObjectState};
+pub use tlsf::{BlockInfo, TlsfStats};
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result, bail};
+use crate::header;
 use crate::registry::SectionKind;
 use crate::section::{Section, SectionOptions};
 use crate::sync::{Acquired, RawMutex};
-use tlsf::{BlockInfo, Tlsf, TlsfControl, TlsfError, TlsfStats};
+use named::NamedEntry;
+use tlsf::{Tlsf, TlsfControl, TlsfError};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMHEAP1");
 /// 3: cache slots name their owner by process token and thread serial (24 bytes).
@@ -84,28 +91,23 @@ pub(crate) struct HeapShared {
     caches: [cache::CacheSlotShared; cache::MAX_CACHES],
 }
 
-/// Named objects a heap can hold.
-pub const MAX_NAMED: usize = 64;
-const NAMED_READY: u32 = 1;
-const NAMED_INIT: u32 = 2;
+crate::header::assert_prefix!(HeapShared, magic, layout_version, fingerprint, ready);
 
-/// One named object: a block of the heap found by name. Written under the heap lock; fields are
-/// atomics so inspection can copy them out.
-#[repr(C)]
-struct NamedEntry {
-    state: AtomicU32,
-    name_len: AtomicU16,
-    /// [`ObjectKind`] as a number, so inspectors can show a sync object's state.
-    kind: AtomicU16,
-    offset: AtomicU64,
-    size: AtomicU64,
-    type_tag: AtomicU64,
-    name: [AtomicU64; 8],
+// SAFETY: repr(C), atomics and the robust mutex (operated in place, valid for any bytes until
+// checked), its prefix asserted above; `MIN_HEAP` exceeds its size (asserted below).
+unsafe impl crate::header::SharedHeader for HeapShared {
+    const EXPECTED: crate::header::Expected = crate::header::Expected {
+        what: "heap",
+        magic: MAGIC,
+        layout_version: LAYOUT_VERSION,
+        fingerprint: FINGERPRINT,
+        ready: READY,
+        min_size: MIN_HEAP,
+    };
 }
 
-const _: () = assert!(size_of::<NamedEntry>() == 96);
-
 const _: () = assert!(size_of::<HeapShared>() as u64 <= AREA_OFFSET);
+const _: () = assert!(AREA_OFFSET < MIN_HEAP);
 const _: () = assert!(std::mem::offset_of!(HeapShared, lock) == 128);
 /// Where a heap's lock lives in its section (for `gc`, which looks at heaps of domains it has
 /// not joined).
@@ -123,7 +125,7 @@ const FINGERPRINT: u32 = {
         size_of::<NamedEntry>() as u64,
         cache::MAX_CACHES as u64,
     ];
-    crate::layout_fingerprint(&parts)
+    crate::fnv::layout_fingerprint(&parts)
 };
 
 /// Heap statistics.
@@ -404,38 +406,34 @@ impl Heap {
         if section.kind() != SectionKind::Heap {
             bail!(InvalidArgument, "section {name:?} is a {} section, not a heap", section.kind().as_str());
         }
-        if (section.len() as u64) < MIN_HEAP {
-            bail!(
-                Corrupt,
-                "section {name:?} is a heap of {} bytes, too small for a heap header ({MIN_HEAP} bytes at least): it \
-                 was damaged or not made by Heap::create; delete it with `shmgadget rm {name}`",
-                section.len()
-            );
+        // The one header check (size first, then ready, magic, version, fingerprint), before
+        // any reference to the header exists. A section handed out is ready in the registry,
+        // which `Heap::create` marks only after publishing the header, so an unpublished
+        // header means it was not made by `Heap::create` (no wait is needed).
+        // SAFETY: the section is page-aligned and its `len()` bytes stay mapped while `section`
+        // lives (the mapping was checked against the object's size when it was made); others
+        // write the header only through atomics and the lock.
+        let checked = unsafe { header::validate::<HeapShared>(section.as_ptr(), section.len() as u64) };
+        if let Err(m) = checked {
+            match m {
+                header::Mismatch::TooSmall { .. } => bail!(
+                    Corrupt,
+                    "section {name:?} is a heap of {} bytes, too small for a heap header ({MIN_HEAP} bytes at least): it \
+                     was damaged or not made by Heap::create; delete it with `shmgadget rm {name}`",
+                    section.len()
+                ),
+                header::Mismatch::NotReady { .. } => bail!(
+                    Corrupt,
+                    "heap {name:?} has no initialised header although its section is ready ({m}): it was created as a \
+                     plain section of kind heap rather than by Heap::create, or it was damaged; delete it with \
+                     `shmgadget rm {name}`"
+                ),
+                _ => bail!(Corrupt, "heap {name:?} is corrupt: {m}; delete it with `shmgadget rm {name}`"),
+            }
         }
         let heap = Heap { section };
         let s = heap.shared();
-        // Acquire: pairs with the Release store of `ready` in `init`. Sections are handed out
-        // only once their registry entry is ready, which `Heap::create` marks after that store,
-        // so no wait is needed: an unset word means the section was not made by `Heap::create`.
-        if s.ready.load(Ordering::Acquire) != READY {
-            bail!(
-                Corrupt,
-                "heap {name:?} has no initialised header although its section is ready: it was created as a plain \
-                 section of kind heap rather than by Heap::create, or it was damaged; delete it with `shmgadget rm {name}`"
-            );
-        }
-        // Relaxed: frozen fields, made visible by the Acquire above.
-        let (magic, version, fp) = (
-            s.magic.load(Ordering::Relaxed),
-            s.layout_version.load(Ordering::Relaxed),
-            s.fingerprint.load(Ordering::Relaxed),
-        );
-        if magic != MAGIC || version != LAYOUT_VERSION || fp != FINGERPRINT {
-            bail!(
-                Corrupt,
-                "heap {name:?} has header magic {magic:#x} / version {version} / fingerprint {fp:#x}, expected {MAGIC:#x} / {LAYOUT_VERSION} / {FINGERPRINT:#x}"
-            );
-        }
+        // Relaxed: frozen fields, made visible by the Acquire load of `ready` in `validate`.
         let (reserved, committed) = (s.reserved.load(Ordering::Relaxed), s.committed.load(Ordering::Relaxed));
         if reserved != heap.section.len() as u64 || committed > reserved || committed < MIN_HEAP.min(reserved) {
             bail!(
@@ -448,9 +446,9 @@ impl Heap {
     }
 
     fn shared(&self) -> &HeapShared {
-        // SAFETY: the section is at least MIN_HEAP bytes (checked at creation and by `attach`
-        // before any call of this), page-aligned, mapped while
-        // `self.section` lives, and HeapShared is atomics plus the robust mutex.
+        // SAFETY: the section is at least MIN_HEAP bytes (`check_size` at creation,
+        // `header::validate` in `attach`, both before any call of this), page-aligned, mapped
+        // while `self.section` lives, and HeapShared is atomics plus the robust mutex.
         unsafe { &*self.section.as_ptr().cast::<HeapShared>() }
     }
 
@@ -611,353 +609,6 @@ impl Heap {
     }
 }
 
-/// A named object, as listed by [`Heap::named_objects`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NamedObject {
-    /// Its name.
-    pub name: String,
-    /// Its address (the same in every process).
-    pub address: u64,
-    /// Its size in bytes.
-    pub size: u64,
-    /// What it is.
-    pub kind: ObjectKind,
-    /// For a synchronisation object, its state now (a snapshot).
-    pub state: Option<ObjectState>,
-}
-
-/// What a named object is, recorded when it is created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-#[repr(u16)]
-pub enum ObjectKind {
-    /// Any other type.
-    Data = 0,
-    /// A [`Semaphore`](crate::sync::Semaphore).
-    Semaphore = 1,
-    /// An [`Event`](crate::sync::Event).
-    Event = 2,
-    /// A [`Condvar`](crate::sync::Condvar).
-    Condvar = 3,
-    /// A [`RawMutex`] or a [`Mutex<T>`](crate::sync::Mutex) (whose raw
-    /// mutex comes first).
-    Mutex = 4,
-}
-
-impl ObjectKind {
-    fn of<T>() -> ObjectKind {
-        let n = std::any::type_name::<T>();
-        if n == std::any::type_name::<crate::sync::Semaphore>() {
-            ObjectKind::Semaphore
-        } else if n == std::any::type_name::<crate::sync::Event>() {
-            ObjectKind::Event
-        } else if n == std::any::type_name::<crate::sync::Condvar>() {
-            ObjectKind::Condvar
-        } else if n == std::any::type_name::<crate::sync::RawMutex>()
-            || n.starts_with(std::any::type_name::<crate::sync::Mutex<()>>().trim_end_matches("<()>"))
-        {
-            ObjectKind::Mutex
-        } else {
-            ObjectKind::Data
-        }
-    }
-
-    fn from_u16(v: u16) -> ObjectKind {
-        match v {
-            1 => ObjectKind::Semaphore,
-            2 => ObjectKind::Event,
-            3 => ObjectKind::Condvar,
-            4 => ObjectKind::Mutex,
-            _ => ObjectKind::Data,
-        }
-    }
-
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ObjectKind::Data => "data",
-            ObjectKind::Semaphore => "semaphore",
-            ObjectKind::Event => "event",
-            ObjectKind::Condvar => "condvar",
-            ObjectKind::Mutex => "mutex",
-        }
-    }
-}
-
-/// The state of a named synchronisation object (a snapshot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase", tag = "kind")]
-pub enum ObjectState {
-    /// Units available and possible sleepers.
-    Semaphore {
-        /// Units available.
-        count: u32,
-        /// Processes that may be asleep in `wait`.
-        waiters: u32,
-    },
-    /// Whether it is set, and possible sleepers.
-    Event {
-        /// Set (signalled).
-        set: bool,
-        /// Processes that may be asleep in `wait`.
-        waiters: u32,
-    },
-    /// Possible sleepers.
-    Condvar {
-        /// Processes that may be asleep in `wait`.
-        waiters: u32,
-    },
-    /// Who holds it, and whether that process is still alive.
-    Mutex {
-        /// Pid of the holder, if held.
-        owner: Option<u32>,
-        /// Whether the holder's process is alive, by its liveness token (a dead holder's lock
-        /// is recovered by the next locker, who is told `OwnerDied`).
-        owner_alive: Option<bool>,
-        /// A holder died and the data was not marked consistent since.
-        inconsistent: bool,
-    },
-}
-
-/// The state of the object of `kind` at `addr`, if it is a sync object of the right size.
-fn object_state(kind: ObjectKind, addr: u64, size: u64) -> Option<ObjectState> {
-    fn at<T>(addr: u64, size: u64) -> Option<&'static T> {
-        // SAFETY: the caller found a named object of this kind at `addr` (inside the mapped heap,
-        // aligned, `size` bytes, checked by `named_objects`), created as a T (its kind says so);
-        // sync objects are atomics only, read here as snapshots while the heap stays mapped.
-        (size >= size_of::<T>() as u64 && addr % align_of::<T>() as u64 == 0).then(|| unsafe { &*(addr as *const T) })
-    }
-    match kind {
-        ObjectKind::Data => None,
-        ObjectKind::Semaphore => {
-            let s = at::<crate::sync::Semaphore>(addr, size)?;
-            Some(ObjectState::Semaphore { count: s.count().ok()?, waiters: s.waiters() })
-        }
-        ObjectKind::Event => {
-            let e = at::<crate::sync::Event>(addr, size)?;
-            Some(ObjectState::Event { set: e.is_set().ok()?, waiters: e.waiters() })
-        }
-        ObjectKind::Condvar => {
-            Some(ObjectState::Condvar { waiters: at::<crate::sync::Condvar>(addr, size)?.waiters() })
-        }
-        ObjectKind::Mutex => {
-            let m = at::<crate::sync::RawMutex>(addr, size)?;
-            let owner = Some(m.owner_pid()).filter(|&p| p != 0);
-            Some(ObjectState::Mutex {
-                owner,
-                owner_alive: owner.and_then(|_| m.owner_alive()),
-                inconsistent: m.is_inconsistent(),
-            })
-        }
-    }
-}
-
-fn type_tag<T>() -> u64 {
-    let name = std::any::type_name::<T>();
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
-    h ^ ((size_of::<T>() as u64) << 32) ^ align_of::<T>() as u64
-}
-
-fn entry_name(e: &NamedEntry) -> Option<String> {
-    // Relaxed: read under the heap lock (or as a snapshot for listing).
-    let len = e.name_len.load(Ordering::Relaxed) as usize;
-    if len == 0 || len > crate::MAX_NAME_LEN {
-        return None;
-    }
-    let mut bytes = [0u8; 64];
-    for (i, w) in e.name.iter().enumerate() {
-        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
-    }
-    String::from_utf8(bytes[..len].to_vec()).ok()
-}
-
-impl Heap {
-    /// The entry called `name`, published or still being initialised by its creator (so that a
-    /// second creator waits instead of creating a duplicate).
-    fn named_slot(&self, name: &str) -> Option<&NamedEntry> {
-        // Relaxed: under the heap lock.
-        self.shared().names.iter().find(|e| {
-            matches!(e.state.load(Ordering::Relaxed), NAMED_READY | NAMED_INIT)
-                && entry_name(e).as_deref() == Some(name)
-        })
-    }
-
-    fn named_ref<T>(&self, locked: &Locked<'_>, e: &NamedEntry, name: &str) -> Result<&T> {
-        // Relaxed: under the heap lock.
-        let (size, tag) = (e.size.load(Ordering::Relaxed), e.type_tag.load(Ordering::Relaxed));
-        if tag != type_tag::<T>() || size != size_of::<T>() as u64 {
-            bail!(
-                InvalidArgument,
-                "named object {name:?} in heap {:?} holds another type ({size} bytes), not {} ({} bytes)",
-                self.name(),
-                std::any::type_name::<T>(),
-                size_of::<T>()
-            );
-        }
-        let addr = locked.named_block(e, name)?;
-        if addr % align_of::<T>() as u64 != 0 {
-            bail!(Corrupt, "named object {name:?} in heap {:?} is at {addr:#x}, misaligned for its type", self.name());
-        }
-        // SAFETY: the block is a used block of the mapped heap of at least `size` bytes (checked
-        // by `named_block`), is aligned for T, was
-        // allocated for a T (type tag and size match) and initialised before the entry was
-        // published under the lock; it stays allocated until `remove_named`, whose contract forbids
-        // outstanding references.
-        Ok(unsafe { &*(addr as *const T) })
-    }
-
-    /// Finds the object called `name`, or creates it with `init()`. Exactly one process creates
-    /// it however many race; the others wait for its `init` to finish. `init` runs without the
-    /// heap lock, so it may allocate from this heap (a collection's first buffer). Returns the
-    /// object and whether this call created it. The type must match the one it was created with.
-    pub fn find_or_init<T: crate::ShmSafe + Sync>(&self, name: &str, init: impl FnOnce() -> T) -> Result<(&T, bool)> {
-        self.find_or_create_raw::<T>(name, |p| {
-            // SAFETY: `p` is a fresh, aligned block for a T, ours alone until published.
-            unsafe { p.write(init()) };
-            Ok(())
-        })
-    }
-
-    /// Finds or creates a zero-initialised object for types that are initialised in place
-    /// after creation, such as [`Semaphore`](crate::sync::Semaphore) (call its `init` next;
-    /// that is safe when several processes race).
-    pub fn find_or_zeroed<T: crate::InPlace>(&self, name: &str) -> Result<(&T, bool)> {
-        self.find_or_create_raw::<T>(name, |p| {
-            // SAFETY: `p` is a fresh, aligned block for a T; `InPlace` types are valid all-zero.
-            unsafe { p.cast::<u8>().write_bytes(0, size_of::<T>()) };
-            Ok(())
-        })
-    }
-
-    /// Finds or creates a [`Mutex`](crate::sync::Mutex) holding `init()`, the way to share a
-    /// collection between processes: every access goes through the robust lock.
-    pub fn find_or_init_mutex<T: crate::ShmSafe + Send>(
-        &self,
-        name: &str,
-        init: impl FnOnce() -> T,
-    ) -> Result<(&crate::sync::Mutex<T>, bool)> {
-        self.find_or_create_raw::<crate::sync::Mutex<T>>(name, |p| {
-            // SAFETY: `p` is a fresh, aligned block for a Mutex<T>, ours alone until published;
-            // all-zero bytes are an uninitialised mutex, which `init` then initialises in place
-            // (the block never moves).
-            unsafe {
-                p.cast::<u8>().write_bytes(0, size_of::<crate::sync::Mutex<T>>());
-                (*p).init(init())?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Named-entry states: 0 free, `NAMED_INIT` reserved while its creator runs `init`,
-    /// `NAMED_READY` published.
-    fn find_or_create_raw<T: Sync>(&self, name: &str, write: impl FnOnce(*mut T) -> Result<()>) -> Result<(&T, bool)> {
-        crate::names::validate(name, "object")?;
-        let deadline = std::time::Instant::now() + crate::sync::INIT_WAIT;
-        let (entry, off) = loop {
-            let locked = self.lock()?;
-            if let Some(e) = self.named_slot(name) {
-                // Relaxed: under the heap lock.
-                if e.state.load(Ordering::Relaxed) == NAMED_READY {
-                    return self.named_ref(&locked, e, name).map(|r| (r, false));
-                }
-                drop(locked);
-                if std::time::Instant::now() > deadline {
-                    bail!(
-                        Timeout,
-                        "named object {name:?} in heap {:?} is still being created after {:?}; its creator probably died \
-                         (remove it with remove_named)",
-                        self.name(),
-                        crate::sync::INIT_WAIT
-                    );
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
-                continue;
-            }
-            // Relaxed: under the heap lock.
-            let Some(e) = self.shared().names.iter().find(|e| e.state.load(Ordering::Relaxed) == 0) else {
-                bail!(RegistryFull, "heap {:?} already holds {MAX_NAMED} named objects; remove one first", self.name());
-            };
-            let layout = Layout::new::<T>();
-            let size = (layout.size() as u64).max(1);
-            let off = locked.alloc(size, (layout.align() as u64).max(16), self.name(), &mut self.commit_fn())?;
-            let mut bytes = [0u8; 64];
-            bytes[..name.len()].copy_from_slice(name.as_bytes());
-            // Relaxed: under the heap lock; published to others by its release.
-            for (i, w) in e.name.iter().enumerate() {
-                w.store(u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes")), Ordering::Relaxed);
-            }
-            e.name_len.store(name.len() as u16, Ordering::Relaxed);
-            e.kind.store(ObjectKind::of::<T>() as u16, Ordering::Relaxed);
-            e.offset.store(off, Ordering::Relaxed);
-            e.size.store(size_of::<T>() as u64, Ordering::Relaxed);
-            e.type_tag.store(type_tag::<T>(), Ordering::Relaxed);
-            e.state.store(NAMED_INIT, Ordering::Relaxed);
-            break (e, off);
-        };
-        // Initialise without the heap lock; give the reservation back if `write` fails or
-        // panics, so nobody waits for an object that will never exist.
-        struct Undo<'h> {
-            heap: &'h Heap,
-            entry: &'h NamedEntry,
-            off: u64,
-            armed: bool,
-        }
-        impl Drop for Undo<'_> {
-            fn drop(&mut self) {
-                if self.armed {
-                    if let Ok(locked) = self.heap.lock() {
-                        // Relaxed: under the heap lock.
-                        self.entry.state.store(0, Ordering::Relaxed);
-                        let _ = locked.free(self.off, self.heap.name());
-                    }
-                }
-            }
-        }
-        let mut undo = Undo { heap: self, entry, off, armed: true };
-        write((self.base() + off) as *mut T)?;
-        undo.armed = false;
-        let locked = self.lock()?;
-        // Relaxed: under the heap lock; its release publishes the initialised object.
-        entry.state.store(NAMED_READY, Ordering::Relaxed);
-        let r = self.named_ref(&locked, entry, name);
-        drop(locked);
-        r.map(|r| (r, true))
-    }
-
-    /// The object called `name`; `NotFound` if there is none.
-    pub fn find<T: crate::ShmSafe + Sync>(&self, name: &str) -> Result<&T> {
-        crate::names::validate(name, "object")?;
-        let locked = self.lock()?;
-        // Relaxed: under the heap lock. An object still being created is not found yet.
-        let e = self.named_slot(name).filter(|e| e.state.load(Ordering::Relaxed) == NAMED_READY).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("heap {:?} has no named object {name:?}", self.name()))
-        })?;
-        let r = self.named_ref(&locked, e, name);
-        drop(locked);
-        r
-    }
-
-    /// Every named object (the classic region list). An entry whose name or block is damaged
-    /// is left out (`check` reports it).
-    pub fn named_objects(&self) -> Result<Vec<NamedObject>> {
-        Ok(self.lock()?.named_objects())
-    }
-
-    /// Removes the object called `name` and frees its block.
-    ///
-    /// # Safety
-    /// No process may still use a reference to it.
-    pub unsafe fn remove_named(&self, name: &str) -> Result<()> {
-        let locked = self.lock()?;
-        let e = self.named_slot(name).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("heap {:?} has no named object {name:?}", self.name()))
-        })?;
-        // Relaxed: under the heap lock.
-        e.state.store(0, Ordering::Relaxed);
-        locked.tlsf().free(e.offset.load(Ordering::Relaxed)).map_err(|err| map_tlsf(err, self.name()))
-    }
-}
-
 impl Locked<'_> {
     fn cache_ref(&self) -> cache::HeapRef<'_> {
         cache::HeapRef { shared: self.shared, section: self.section, mapped: self.mapped, handle: None }
@@ -1006,10 +657,7 @@ impl Locked<'_> {
         let s = self.shared;
         let committed = committed_checked(s, self.mapped, heap)?;
         self.tlsf().init(committed - AREA_OFFSET).map_err(|e| map_tlsf(e, heap))?;
-        for e in &s.names {
-            // Relaxed: under the lock.
-            e.state.store(0, Ordering::Relaxed);
-        }
+        named::forget_all(&s.names);
         cache::forget_all(s);
         // A new instance: thread caches made for the old contents are never used again.
         // Relaxed: under the lock.
@@ -1030,76 +678,6 @@ impl Locked<'_> {
         self.tlsf().check().map_err(|e| map_tlsf(e, heap))?;
         self.check_named().map_err(wrap)?;
         cache::check(self).map_err(wrap)
-    }
-
-    /// The address of named entry `e`'s block, after checking that its offset is a used block
-    /// of the heap with room for the entry's size (a damaged entry is `Corrupt`).
-    fn named_block(&self, e: &NamedEntry, name: &str) -> Result<u64> {
-        // Relaxed: under the heap lock.
-        let (off, size) = (e.offset.load(Ordering::Relaxed), e.size.load(Ordering::Relaxed));
-        match self.tlsf().usable_size(off) {
-            Ok(usable) if usable >= size => Ok(self.section as u64 + AREA_OFFSET + off),
-            Ok(usable) => bail!(
-                Corrupt,
-                "named object {name:?} records {size} bytes at offset {off:#x}, but the block there has {usable} usable bytes"
-            ),
-            Err(e) => bail!(
-                Corrupt,
-                "named object {name:?} records offset {off:#x}, which is not a used block of the heap ({})",
-                tlsf_reason(&e)
-            ),
-        }
-    }
-
-    /// Every named object whose entry is intact (under the lock).
-    pub(crate) fn named_objects(&self) -> Vec<NamedObject> {
-        self.shared
-            .names
-            .iter()
-            // Relaxed: under the heap lock.
-            .filter(|e| e.state.load(Ordering::Relaxed) == NAMED_READY)
-            .filter_map(|e| {
-                let name = entry_name(e)?;
-                let address = self.named_block(e, &name).ok()?;
-                // Relaxed: under the heap lock.
-                let size = e.size.load(Ordering::Relaxed);
-                let kind = ObjectKind::from_u16(e.kind.load(Ordering::Relaxed));
-                Some(NamedObject { name, address, size, kind, state: object_state(kind, address, size) })
-            })
-            .collect()
-    }
-
-    /// Checks the named-object table: every entry is free, or names a valid name and a used
-    /// block large enough; no two blocks are shared. Returns the first violation.
-    pub(crate) fn check_named(&self) -> Result<()> {
-        let mut seen: Vec<u64> = Vec::new();
-        for (i, e) in self.shared.names.iter().enumerate() {
-            // Relaxed: under the heap lock.
-            let state = e.state.load(Ordering::Relaxed);
-            if state == 0 {
-                continue;
-            }
-            if state != NAMED_READY && state != NAMED_INIT {
-                bail!(Corrupt, "named-object entry {i} has state {state}, expected 0, {NAMED_INIT} or {NAMED_READY}");
-            }
-            let Some(name) = entry_name(e) else {
-                // Relaxed: as above.
-                let len = e.name_len.load(Ordering::Relaxed);
-                bail!(
-                    Corrupt,
-                    "named-object entry {i} has no valid name (length {len}, at most {}, UTF-8)",
-                    crate::MAX_NAME_LEN
-                );
-            };
-            let addr = self
-                .named_block(e, &name)
-                .map_err(|err| Error::new(ErrorKind::Corrupt, format!("named-object entry {i}: {err}")))?;
-            if seen.contains(&addr) {
-                bail!(Corrupt, "named-object entry {i} ({name:?}) shares its block at {addr:#x} with another entry");
-            }
-            seen.push(addr);
-        }
-        Ok(())
     }
 }
 

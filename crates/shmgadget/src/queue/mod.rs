@@ -62,8 +62,11 @@
 //! Nothing read from the section is used before it is checked, and a check that fails is
 //! [`ErrorKind::Corrupt`], saying what was expected and what was found; never a read or write
 //! outside the ring, a panic, or a wait that cannot end:
-//! - on open: the header's constants (magic, layout, kind, capacity a power of two, slot
-//!   size, ring inside the section), in `validate`;
+//! - on open: the one header check shared with heaps and the registry
+//!   (`crate::header::validate`: the section's size, then ready, magic, layout version and
+//!   fingerprint, before any reference to the header exists, in `header_of`), then the
+//!   queue's own constants (kind, capacity a power of two, slot size, ring inside the
+//!   section), in `validate`;
 //! - byte queue: each side checks the other's position whenever it loads it (on attach, and
 //!   when the ring looks empty or full: no extra shared load per message), for alignment and
 //!   range (`recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`), and every record
@@ -92,6 +95,7 @@ pub use slots::{SlotQueue, SlotReceiver, SlotSender};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::header;
 use crate::sync::shim::{AtomicU32, AtomicU64, Ordering, fence, futex_wait, futex_wake};
 
 /// How long a waiter spins (checking its condition) before it sleeps. Time, not a count of
@@ -230,8 +234,28 @@ const FINGERPRINT: u32 = {
         MAX_PEERS as u64,
         DATA_OFFSET,
     ];
-    crate::layout_fingerprint(&parts)
+    crate::fnv::layout_fingerprint(&parts)
 };
+
+// Under loom the atomics are loom's (another size): only in-memory queues exist there, whose
+// headers `in_memory` builds itself, so the shared-header check is left out.
+#[cfg(not(loom))]
+header::assert_prefix!(Constant, magic, layout_version, fingerprint, ready);
+const _: () = assert!(std::mem::offset_of!(QueueShared, constant) == 0);
+
+// SAFETY: repr(C), atomics only; its first member is `Constant`, whose prefix is asserted
+// above; `min_size` (the header's page plus a page of ring) exceeds its size.
+#[cfg(not(loom))]
+unsafe impl header::SharedHeader for QueueShared {
+    const EXPECTED: header::Expected = header::Expected {
+        what: "queue",
+        magic: MAGIC,
+        layout_version: LAYOUT_VERSION,
+        fingerprint: FINGERPRINT,
+        ready: READY,
+        min_size: DATA_OFFSET * 2,
+    };
+}
 
 impl QueueShared {
     #[cfg(any(test, loom))]
@@ -288,38 +312,20 @@ impl QueueShared {
         c.magic.store(MAGIC, Ordering::Relaxed);
         c.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
         c.fingerprint.store(FINGERPRINT, Ordering::Relaxed);
-        // Release: pairs with the Acquire in `validate`.
+        // Release: pairs with the Acquire in `header::validate` (or `header::check_ref`).
         c.ready.store(READY, Ordering::Release);
     }
 
     /// Checks an opened header; returns (kind, capacity, slot size, elem).
     fn validate(&self, name: &str, ring_bytes: u64) -> Result<(u32, u64, u64, u64)> {
+        // The prefix (ready, magic, version, fingerprint): `header::validate` ran on it
+        // already when the header came from a section (`header_of`); a header in private
+        // memory (the fuzz targets) is checked here. A queue section is handed out only once
+        // its registry entry is ready, which its creator marks after `init`, so no wait is needed.
+        #[cfg(not(loom))]
+        header::check_ref(self).map_err(|m| header_error(name, m))?;
         let c = &self.constant;
-        // Acquire: pairs with the Release in `init`. A queue section is handed out only once its
-        // registry entry is ready, which its creator marks after `init`, so no wait is needed.
-        if c.ready.load(Ordering::Acquire) != READY {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "queue {name:?} has no initialised header: it was created as a plain section of kind queue, \
-                     or is still being created (inspection), or was damaged; delete it with `shmgadget rm {name}` if unused"
-                ),
-            ));
-        }
-        // Relaxed: frozen, made visible by the Acquire above.
-        let (magic, version, fp) = (
-            c.magic.load(Ordering::Relaxed),
-            c.layout_version.load(Ordering::Relaxed),
-            c.fingerprint.load(Ordering::Relaxed),
-        );
-        if magic != MAGIC || version != LAYOUT_VERSION || fp != FINGERPRINT {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "queue {name:?} has header magic {magic:#x} / version {version} / fingerprint {fp:#x}, expected {MAGIC:#x} / {LAYOUT_VERSION} / {FINGERPRINT:#x}"
-                ),
-            ));
-        }
+        // Relaxed: frozen, made visible by the Acquire load of `ready` in the check above.
         let (kind, cap, slot, elem) = (
             c.kind.load(Ordering::Relaxed),
             c.capacity.load(Ordering::Relaxed),
@@ -716,15 +722,50 @@ pub(crate) fn inspect_header(
     ))
 }
 
-fn header_of(section: &crate::Section) -> Result<&QueueShared> {
-    if (section.len() as u64) < DATA_OFFSET * 2 {
-        return Err(Error::new(ErrorKind::Corrupt, format!("queue {:?} is too small", section.name())));
-    }
-    // SAFETY: the section is mapped for as long as `section` lives, page-aligned and at least
-    // DATA_OFFSET bytes; QueueShared is atomics only, so any bytes are a valid value and a
-    // shared reference is sound.
-    Ok(unsafe { &*section.as_ptr().cast::<QueueShared>() })
+/// Why queue `name`'s header was refused, as an error that says what to do.
+#[cfg_attr(loom, allow(dead_code))]
+fn header_error(name: &str, m: header::Mismatch) -> Error {
+    let msg = match m {
+        header::Mismatch::NotReady { .. } => format!(
+            "queue {name:?} has no initialised header ({m}): it was created as a plain section of kind queue, \
+             or is still being created (inspection), or was damaged; delete it with `shmgadget rm {name}` if unused"
+        ),
+        _ => format!("queue {name:?} is damaged: {m}; delete it with `shmgadget rm {name}` and create it again"),
+    };
+    Error::new(ErrorKind::Corrupt, msg)
 }
+
+/// The header of an existing queue section, after the one header check (size, ready, magic,
+/// version, fingerprint), which runs before any reference to it is formed.
+#[cfg(not(loom))]
+fn header_of(section: &crate::Section) -> Result<&QueueShared> {
+    // SAFETY: the section is page-aligned and its `len()` bytes stay mapped while `section`
+    // lives (the mapping was checked against the object's size when it was made);
+    // QueueShared is atomics only, written by others only through atomics.
+    unsafe { header::validate::<QueueShared>(section.as_ptr(), section.len() as u64) }
+        .map_err(|m| header_error(section.name(), m))
+}
+
+/// The header of a queue section this process just created, for its `init` (only the size is
+/// checked: nothing is published yet).
+#[cfg(not(loom))]
+fn new_header(section: &crate::Section) -> Result<&QueueShared> {
+    // SAFETY: as in `header_of`.
+    unsafe { header::unpublished::<QueueShared>(section.as_ptr(), section.len() as u64) }
+        .map_err(|m| header_error(section.name(), m))
+}
+
+/// Queue sections are not modelled under loom (its atomics are not the layout of a section).
+#[cfg(loom)]
+fn header_of(section: &crate::Section) -> Result<&QueueShared> {
+    Err(Error::new(
+        ErrorKind::InvalidArgument,
+        format!("queue {:?}: sections are not modelled under loom", section.name()),
+    ))
+}
+
+#[cfg(loom)]
+use header_of as new_header;
 
 /// Creates (`create` `Some(true)`), creates or opens (`Some(false)`) or opens (`None`) the
 /// queue section `name` with `ring` bytes after the header. A section this call creates is

@@ -91,7 +91,8 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use super::{
-    DATA_OFFSET, KIND_BYTES, QueueShared, WaitMode, attach_peer, header_of, queue_section, side_gone, wait_until, wake,
+    DATA_OFFSET, KIND_BYTES, QueueShared, WaitMode, attach_peer, header_of, new_header, queue_section, side_gone,
+    wait_until, wake,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::sync::shim::Ordering;
@@ -129,7 +130,7 @@ impl ByteQueue {
     /// two, at least 4 KiB). Messages may be up to half the ring.
     pub fn create(domain: &crate::Domain, name: &str, capacity: u64) -> Result<ByteQueue> {
         let cap = ring_capacity(name, capacity)?;
-        let init = |s: &crate::Section| header_of(s).map(|h| h.init(KIND_BYTES, cap, 0, 0));
+        let init = |s: &crate::Section| new_header(s).map(|h| h.init(KIND_BYTES, cap, 0, 0));
         let (section, _) = queue_section(domain, name, cap, Some(true), init)?;
         ByteQueue::attach(section)
     }
@@ -143,7 +144,7 @@ impl ByteQueue {
     /// Opens queue `name`, creating it if needed; returns whether this call created it.
     pub fn create_or_open(domain: &crate::Domain, name: &str, capacity: u64) -> Result<(ByteQueue, bool)> {
         let cap = ring_capacity(name, capacity)?;
-        let init = |s: &crate::Section| header_of(s).map(|h| h.init(KIND_BYTES, cap, 0, 0));
+        let init = |s: &crate::Section| new_header(s).map(|h| h.init(KIND_BYTES, cap, 0, 0));
         let (section, created) = queue_section(domain, name, cap, Some(false), init)?;
         Ok((ByteQueue::attach(section)?, created))
     }

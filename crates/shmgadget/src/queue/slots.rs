@@ -42,8 +42,8 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use super::{
-    DATA_OFFSET, IDLE, KIND_SLOTS, MAX_PEERS, QueueShared, WaitMode, attach_peer, header_of, queue_section, side_gone,
-    wait_until, wake,
+    DATA_OFFSET, IDLE, KIND_SLOTS, MAX_PEERS, QueueShared, WaitMode, attach_peer, header_of, new_header, queue_section,
+    side_gone, wait_until, wake,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::sync::shim::{AtomicU64, Ordering, retry_hint};
@@ -131,7 +131,7 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         let cap = capacity.next_power_of_two().max(2);
         let slot = Self::slot_size()?;
         let init = |section: &crate::Section| {
-            let h = header_of(section)?;
+            let h = new_header(section)?;
             // SAFETY: a fresh section of DATA_OFFSET + cap * slot bytes, ours until `init`
             // publishes it; slot heads are atomics.
             let heads = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };

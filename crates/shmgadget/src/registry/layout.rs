@@ -3,7 +3,7 @@
 //! tables sit ([`Layout`]), and the inline format of a section name.
 
 use std::mem::{offset_of, size_of};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::names;
 use crate::os::{self, RawRobustMutex};
@@ -202,6 +202,21 @@ const _: () = {
     assert!(offset_of!(ProcEntryShared, incarnation) == 12);
 };
 
+crate::header::assert_prefix!(RegistryShared, magic, layout_version, abi_fingerprint, ready);
+
+// SAFETY: repr(C), atomics and the process-shared robust lock (operated in place, valid for
+// any bytes until checked), its prefix asserted above; `min_size` is its size.
+unsafe impl crate::header::SharedHeader for RegistryShared {
+    const EXPECTED: crate::header::Expected = crate::header::Expected {
+        what: "registry",
+        magic: MAGIC,
+        layout_version: LAYOUT_VERSION,
+        fingerprint: ABI_FINGERPRINT,
+        ready: READY,
+        min_size: size_of::<RegistryShared>() as u64,
+    };
+}
+
 /// A hash of everything that decides the shared layout, so two builds that disagree on it
 /// refuse each other's registries instead of misreading them.
 pub(super) const ABI_FINGERPRINT: u32 = {
@@ -221,18 +236,7 @@ pub(super) const ABI_FINGERPRINT: u32 = {
         CHUNK,
         2, // name index: 2 buckets per section slot, linear probing, FNV-1a
     ];
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut i = 0;
-    while i < parts.len() {
-        let mut b = 0;
-        while b < 8 {
-            h ^= (parts[i] >> (b * 8)) & 0xff;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            b += 1;
-        }
-        i += 1;
-    }
-    (h ^ (h >> 32)) as u32
+    crate::fnv::layout_fingerprint(&parts)
 };
 
 /// Where the tables sit, derived from the three sizing parameters.
@@ -294,38 +298,25 @@ impl std::fmt::Debug for InlineName {
     }
 }
 
-pub(super) fn pack_name(dst: &[AtomicU64; 8], name: &str) {
-    let mut buf = [0u8; 64];
-    buf[..name.len()].copy_from_slice(name.as_bytes());
-    for (i, word) in dst.iter().enumerate() {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&buf[i * 8..i * 8 + 8]);
-        // Relaxed: published by the enclosing seqlock write or the `ready` Release store.
-        word.store(u64::from_le_bytes(w), Ordering::Relaxed);
-    }
+pub(super) fn pack_name(dst: &names::PackedName, name: &str) {
+    // Published by the enclosing seqlock write or the `ready` Release store.
+    names::pack(dst, name);
 }
 
-pub(super) fn unpack_name(src: &[AtomicU64; 8], len: u32) -> Option<InlineName> {
+pub(super) fn unpack_name(src: &names::PackedName, len: u32) -> Option<InlineName> {
     if len == 0 || len as usize > names::MAX_NAME_LEN {
         return None;
     }
-    let mut bytes = [0u8; 64];
-    for (i, word) in src.iter().enumerate() {
-        // Relaxed: the caller validates consistency (seqlock or `ready`).
-        bytes[i * 8..i * 8 + 8].copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
-    }
-    let name = InlineName { len: len as u8, bytes };
+    // The caller validates consistency (seqlock or `ready`).
+    let name = InlineName { len: len as u8, bytes: names::unpack(src) };
     let valid = name.bytes[..len as usize].iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
     valid.then_some(name)
 }
 
 /// A name field as stored, made printable (for reports of damaged entries).
-pub(super) fn raw_name(src: &[AtomicU64; 8], len: u32) -> String {
-    let mut bytes = [0u8; 64];
-    for (i, word) in src.iter().enumerate() {
-        // Relaxed: diagnostic copy.
-        bytes[i * 8..i * 8 + 8].copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
-    }
+pub(super) fn raw_name(src: &names::PackedName, len: u32) -> String {
+    // A diagnostic copy.
+    let bytes = names::unpack(src);
     let n = (len as usize).min(64);
     bytes[..n].iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '?' }).collect()
 }

@@ -130,6 +130,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, ErrorKind, Result, bail};
+use crate::header;
 use crate::names as object_names;
 use crate::os::{self, ErrorExt};
 
@@ -361,16 +362,8 @@ impl Registry {
     /// Opens and validates an existing registry. `access` is `Read` for inspection.
     pub fn open(dir: os::Dir, domain: &str, access: os::Access, allow_foreign: bool) -> Result<Registry> {
         let (fd, st) = open_object_checked(&dir, domain, access, allow_foreign)?;
-        if st.size < size_of::<RegistryShared>() as u64 {
-            return Err(corrupt(
-                domain,
-                format!(
-                    "the object is truncated to {} bytes, expected at least {}",
-                    st.size,
-                    size_of::<RegistryShared>()
-                ),
-            ));
-        }
+        // Before mapping: an empty object cannot be mapped, and a short one would fault.
+        header::check_size::<RegistryShared>(st.size).map_err(|m| corrupt(domain, m.to_string()))?;
         let map_len = st.size as usize;
         let base = os::map_shared(&fd, map_len, access)
             .map_err(|e| Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))?;
@@ -480,39 +473,29 @@ impl Registry {
         Ok((dir, fd))
     }
 
-    /// Checks the header and fills in the cached frozen fields.
+    /// Checks the header and fills in the cached frozen fields. `object_size` is the object's
+    /// size (a private copy may be longer than the object it copies, zero-filled).
     fn validate(&mut self, object_size: u64) -> Result<()> {
         let d = self.domain.clone();
-        let h = self.header();
-        let magic = h.magic.load(Ordering::Relaxed);
-        if magic != MAGIC {
-            return Err(corrupt(&d, format!("bad magic {magic:#018x}, expected {MAGIC:#018x}")));
-        }
-        let version = h.layout_version.load(Ordering::Relaxed);
-        if version != LAYOUT_VERSION {
-            return Err(corrupt(
-                &d,
-                format!(
-                    "layout version {version}, expected {LAYOUT_VERSION} (a different shmgadget version created it)"
-                ),
-            ));
-        }
-        let fp = h.abi_fingerprint.load(Ordering::Relaxed);
-        if fp != ABI_FINGERPRINT {
-            return Err(corrupt(
-                &d,
-                format!("ABI fingerprint {fp:#010x}, expected {ABI_FINGERPRINT:#010x} (built with a different layout)"),
-            ));
-        }
-        // Acquire: pairs with the Release store in `create`; makes the frozen fields visible.
-        if h.ready.load(Ordering::Acquire) != READY {
-            // Attaching and `gc` look only under the directory lock, where this means the creator
-            // died (and they make or remove it anew); an inspector may also catch a creator at work.
-            return Err(corrupt(
-                &d,
-                "it is not finished (its creator died while creating it, or is creating it right now)".into(),
-            ));
-        }
+        let available = object_size.min(self.map_len as u64);
+        // SAFETY: `base` is page-aligned (a mapping) or 64-aligned (a private copy), its first
+        // `map_len >= available` bytes stay valid while `self` lives, and others write them only
+        // through atomics and the lock.
+        let h = unsafe { header::validate::<RegistryShared>(self.base.as_ptr(), available) }.map_err(|m| {
+            if let header::Mismatch::NotReady { .. } = m {
+                // Attaching and `gc` look only under the directory lock, where this means the
+                // creator died (and they make or remove it anew); an inspector may also catch a
+                // creator at work.
+                corrupt(
+                    &d,
+                    format!(
+                        "{m}: it is not finished (its creator died while creating it, or is creating it right now)"
+                    ),
+                )
+            } else {
+                corrupt(&d, m.to_string())
+            }
+        })?;
         let max_sections = h.max_sections.load(Ordering::Relaxed);
         let max_procs = h.max_procs.load(Ordering::Relaxed);
         let window_base = h.window_base.load(Ordering::Relaxed);

@@ -17,7 +17,7 @@ const TOMBSTONE: u32 = u32::MAX;
 
 /// FNV-1a over the name's bytes, for the name index.
 fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    crate::fnv::fnv1a(name.as_bytes())
 }
 
 /// The name index over `buckets` (a power of two of them) and its tombstone count. Every
