@@ -12,7 +12,7 @@
 //!
 //! | subsystem | items | what the rest of shmgadget relies on |
 //! |---|---|---|
-//! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`); an identity that tells a replaced object from the original |
+//! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`), stated by name without opening (`stat_object`); an identity that tells a replaced object from the original |
 //! | mapping (`map`) | [`map_shared_fixed`], [`map_shared`], [`unmap`], [`page_size`], [`mappings_overlapping`], [`USER_ADDRESS_LIMIT`] | an object mapped shared at an exact address inside our own reservation |
 //! | reservation (`reserve`) | [`reserve_fixed`], [`restore_reservation`], [`ReserveError`] | an address range held without memory, never replacing someone else's mapping, and given back to that state |
 //! | locks (`lock`, `robust_mutex`) | [`DirLock`] (the global lock of one shm directory, released by the kernel when its holder dies), [`RawRobustMutex`], [`LockOutcome`] | |
@@ -93,6 +93,7 @@ mod contract {
     const _: fn(&Dir, &str, Access) -> io::Result<Object> = Dir::open_object;
     const _: fn(&Dir, &std::ffi::CStr) -> io::Result<Object> = Dir::open_object_cstr;
     const _: fn(&Dir, &str) -> io::Result<()> = Dir::unlink_object;
+    const _: fn(&Dir, &str) -> io::Result<ObjectStat> = Dir::stat_object;
     const _: fn(&Path) -> io::Result<Vec<String>> = list_dir;
     const _: fn(&Object) -> io::Result<ObjectStat> = Object::stat;
     const _: fn(&Object, u64) -> io::Result<()> = Object::set_size;
