@@ -106,10 +106,8 @@ fn the_registry_grows_with_sections_processes_and_the_window_and_other_processes
             assert!(after_sections > after_big, "600 sections grew the registry: {after_big} -> {after_sections}");
             writeln!(child.stdin.as_mut().unwrap(), "{}", big.as_ptr() as usize).unwrap();
             let status = wait(&mut child, Duration::from_secs(60));
-            let out: std::collections::HashMap<String, String> = lines
-                .try_iter()
-                .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-                .collect();
+            let out: std::collections::HashMap<String, String> =
+                lines.try_iter().filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))).collect();
             assert!(status.success(), "the reader failed: {out:?}");
             assert_eq!(out["BIG"], "0xfeedbeef");
             for i in [0, 255, 256, 511, SECTIONS - 1] {

@@ -767,13 +767,22 @@ mod tests {
 
     #[test]
     fn every_slot_and_chunk_lies_in_its_own_segment() {
-        for (s, p, w) in [(4096, 1024, DEFAULT_WINDOW_SIZE), (8, 4, MIN_WINDOW_SIZE), (65536, 65536, MAX_WINDOW_SIZE), (1, 1, 1 << 30), (300, 3, 64 << 30)] {
+        for (s, p, w) in [
+            (4096, 1024, DEFAULT_WINDOW_SIZE),
+            (8, 4, MIN_WINDOW_SIZE),
+            (65536, 65536, MAX_WINDOW_SIZE),
+            (1, 1, 1 << 30),
+            (300, 3, 64 << 30),
+        ] {
             let l = Layout::compute(s, p, w).unwrap();
             let seg = |off: u64| (off - l.sections_offset) / l.segment_size;
             for slot in [0, s / 2, s - 1] {
                 assert_eq!(seg(l.section_at(slot)) + 1, l.segments_for_slot(slot) as u64);
                 assert!(slot < l.slots_in(l.segments_for_slot(slot)));
-                assert!(l.section_at(slot) + size_of::<SectionEntryShared>() as u64 <= l.backed_len(l.segments_for_slot(slot)));
+                assert!(
+                    l.section_at(slot) + size_of::<SectionEntryShared>() as u64
+                        <= l.backed_len(l.segments_for_slot(slot))
+                );
             }
             for slot in [0, p / 2, p - 1] {
                 assert_eq!(seg(l.proc_at(slot)) + 1, l.segments_for_proc(slot) as u64);

@@ -339,7 +339,10 @@ impl RegistryGuard<'_> {
             return Ok(());
         }
         if segments > reg.layout.segments {
-            return Err(corrupt(&reg.domain, format!("{segments} segments wanted, the layout has {}", reg.layout.segments)));
+            return Err(corrupt(
+                &reg.domain,
+                format!("{segments} segments wanted, the layout has {}", reg.layout.segments),
+            ));
         }
         let (old_len, new_len) = (reg.layout.backed_len(have), reg.layout.backed_len(segments));
         if let Err(e) = reg.fd.allocate(old_len, new_len - old_len) {
