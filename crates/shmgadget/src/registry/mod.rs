@@ -36,8 +36,8 @@
 //!   `total_size`, `window_*`, the offsets, `created_at` and the domain name. An opener that finds
 //!   `ready != READY` while holding the directory lock knows the creator died mid-way.
 //! * **Writers** of section entries, process entries and the chunk table hold `lock`, a glibc
-//!   robust process-shared mutex. `next_generation`, `place_cursor`, `slots_high` and
-//!   `procs_high` are written only under it.
+//!   robust process-shared mutex. `next_generation`, `place_cursor`, `slots_high`,
+//!   `procs_high` and `segments_backed` are written only under it.
 //! * **Readers without the lock** (the first-touch fault handler, `ls`): each section entry
 //!   is a seqlock. `seq` is even when the entry is stable and odd while a writer changes it;
 //!   a reader copies the fields, then re-reads `seq` and retries if it moved
@@ -115,8 +115,9 @@
 //! nothing), checks generations against `next_generation` and each other, and, under the
 //! lock, the high-water marks, overlapping ranges and the chunk table. Inspection lists what
 //! it finds; `gc` removes nothing of a domain whose scan is not clean (see `inspect`). A
-//! registry is committed (`fallocate`) when created, so no reader or repair ever touches a
-//! hole, which on a full tmpfs would be a SIGBUS.
+//! registry's backed segments are committed (`fallocate`) before they are published (see
+//! "Growth"), so no reader or repair ever touches a hole, which on a full tmpfs would be a
+//! SIGBUS.
 //!
 //! # Strangers
 //! Trust follows attachment. A process that has joined a domain maps its registry shared and
@@ -657,15 +658,17 @@ impl Registry {
     }
 
     /// How many segments this process may touch (see "Growth"): the published count, clamped
-    /// by what the object (or this private copy) was checked to hold. Async-signal-safe: a load,
-    /// and an `fstat` the first time a higher count is seen.
+    /// by what the object (or this private copy) was checked to hold, and never less than a
+    /// count this process already checked (the object never shrinks, so a count lowered by a
+    /// stray write hides nothing and cannot make a bound computed earlier unsafe). Async-signal-
+    /// safe: a load, and an `fstat` the first time a higher count is seen.
     pub(super) fn segments(&self) -> u32 {
-        // Acquire: pairs with the Release store in `grow`, made after the object was extended.
-        let published = self.header().segments_backed.load(Ordering::Acquire).min(self.layout.segments);
         // Relaxed: a process-local cache.
         let verified = self.verified_segments.load(Ordering::Relaxed);
+        // Acquire: pairs with the Release store in `grow`, made after the object was extended.
+        let published = self.header().segments_backed.load(Ordering::Acquire).min(self.layout.segments);
         if published <= verified || self.private.is_some() {
-            return published.min(verified);
+            return verified;
         }
         let size = self.fd.stat().map(|st| st.size).unwrap_or(0);
         let ok = published.min(self.layout.segments_within(size));
