@@ -27,6 +27,10 @@ pub enum DomainAction {
         /// Size of the address window, e.g. 64G, 1T (a multiple of 2 MiB, 16 MiB to 64 TiB).
         #[arg(long, value_parser = parse_size)]
         window_size: Option<u64>,
+        /// Base address of the window, in hex (e.g. 0x300000000000; a multiple of 2 MiB).
+        /// Default: the first free window, avoiding every other domain's, other users' too.
+        #[arg(long, value_parser = parse_address)]
+        window_base: Option<u64>,
         /// Number of sections the domain can hold.
         #[arg(long)]
         max_sections: Option<u32>,
@@ -100,13 +104,24 @@ struct Pid {
     pid: u32,
 }
 
+/// An address in hex (`0x` optional) or decimal.
+fn parse_address(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
+        None => t.replace('_', "").parse(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not an address (write it in hex, e.g. 0x300000000000)"))
+}
+
 pub fn run(cli: &crate::Cli, action: &DomainAction) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match action {
-        DomainAction::Create { name, mode, window_size, max_sections, max_procs } => {
+        DomainAction::Create { name, mode, window_size, window_base, max_sections, max_procs } => {
             let d = DomainOptions::default();
             let opts = DomainOptions {
                 sharing: shmgadget::Sharing::from_posix_mode(*mode),
                 window_size: window_size.unwrap_or(d.window_size),
+                window_base: *window_base,
                 max_sections: max_sections.unwrap_or(d.max_sections),
                 max_procs: max_procs.unwrap_or(d.max_procs),
                 ..crate::options(cli)

@@ -187,6 +187,16 @@ pub struct Domain {
     pub processes: Vec<Process>,
     pub damaged: Vec<Damaged>,
     pub problems: Vec<String>,
+    /// Other domains whose windows overlap this one's (no process can attach both).
+    pub overlaps: Vec<Overlap>,
+}
+
+/// One entry of a domain's `overlaps`.
+#[derive(Serialize)]
+pub struct Overlap {
+    pub domain: String,
+    pub window_base: String,
+    pub window_end: String,
 }
 
 impl Domain {
@@ -210,6 +220,7 @@ impl Domain {
                 processes: Vec::new(),
                 damaged: Vec::new(),
                 problems: Vec::new(),
+                overlaps: Vec::new(),
             },
         }
     }
@@ -233,6 +244,15 @@ impl Domain {
             processes: r.processes.iter().map(Process::new).collect(),
             damaged: damaged(r),
             problems: r.problems.clone(),
+            overlaps: r
+                .overlaps
+                .iter()
+                .map(|o| Overlap {
+                    domain: o.domain.clone(),
+                    window_base: addr(o.window_base),
+                    window_end: addr(o.window_base + o.window_size),
+                })
+                .collect(),
         }
     }
 }

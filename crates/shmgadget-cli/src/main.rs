@@ -502,6 +502,21 @@ fn cmd_domains(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     t.add_row(vec![r.name.clone(), "DAMAGED (see below)".to_owned()]);
                     notes.extend(damage_lines(r).into_iter().map(|l| format!("domain {:?} is damaged: {l}", r.name)));
                 }
+                if !r.overlaps.is_empty() {
+                    t.add_row(vec![r.name.clone(), "OVERLAPS (see below)".to_owned()]);
+                    for o in &r.overlaps {
+                        notes.push(format!(
+                            "domain {:?}'s window {:#x}-{:#x} overlaps domain {:?}'s window {:#x}-{:#x}: no process can \
+                             attach both; recreate one with another `--window-base` (`shmgadget domain create`)",
+                            r.name,
+                            r.window_base,
+                            r.window_base + r.window_size,
+                            o.domain,
+                            o.window_base,
+                            o.window_base + o.window_size
+                        ));
+                    }
+                }
             }
             DomainEntry::Unreadable { name, error } => {
                 t.add_row(vec![name.clone(), "UNREADABLE (see below)".to_owned()]);

@@ -92,6 +92,18 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
 }
 
+fn read_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+}
+
+/// Offsets of the first section entry, process entry and chunk-table entry: segment 0's
+/// (header offset 56), plus the in-segment offsets of the process entries and chunk table
+/// (header offsets 64 and 68).
+fn table_offsets(bytes: &[u8]) -> (usize, usize, usize) {
+    let seg0 = read_u64(bytes, 56) as usize;
+    (seg0, seg0 + read_u32(bytes, 64) as usize, seg0 + read_u32(bytes, 68) as usize)
+}
+
 /// A domain with a persistent raw section `keep` and a persistent heap `h`; returns their
 /// objects and the registry path.
 fn setup(dir: &Path, domain: &str) -> (Vec<String>, PathBuf) {
@@ -184,7 +196,7 @@ fn random_registry_damage_never_crashes_a_command_and_plain_gc_keeps_persistent_
         let domain = format!("dmg{seed}");
         let (persistent, reg) = setup(&dir.0, &domain);
         let mut bytes = std::fs::read(&reg).unwrap();
-        let (procs, chunks) = (read_u64(&bytes, 64) as usize, read_u64(&bytes, 72) as usize);
+        let (sections, procs, chunks) = table_offsets(&bytes);
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let mut hits = Vec::new();
         for _ in 0..1 + rng.below(3) {
@@ -192,7 +204,10 @@ fn random_registry_damage_never_crashes_a_command_and_plain_gc_keeps_persistent_
             // the used process entries, the chunk table's first chunks.
             let at = loop {
                 let at = match rng.below(8) {
-                    0..=3 => rng.below(256 + 160 * 3),
+                    0..=3 => match rng.below(256 + 160 * 3) {
+                        at if at < 256 => at,
+                        at => sections as u64 + at - 256,
+                    },
                     4 => LOCK.start - 3 + rng.below(LOCK.end - LOCK.start + 3),
                     5 | 6 => procs as u64 + rng.below(64 * 3),
                     _ => chunks as u64 + rng.below(4 * 8),
@@ -222,10 +237,12 @@ fn a_damaged_name_or_high_water_mark_is_listed_as_damage_and_plain_gc_keeps_ever
         return;
     }
     let dir = ShmDir::new("damage-named");
-    for (case, at, value) in [("name", 256 + 80, b"!".to_vec()), ("slots_high", 112, 0u32.to_le_bytes().to_vec())] {
+    for (case, at, value) in [("name", 80, b"!".to_vec()), ("slots_high", 112, 0u32.to_le_bytes().to_vec())] {
         let domain = format!("dmg-{case}");
         let (persistent, reg) = setup(&dir.0, &domain);
         let mut bytes = std::fs::read(&reg).unwrap();
+        // The name is a field of section entry 0, at the start of segment 0.
+        let at = if case == "name" { table_offsets(&bytes).0 + at } else { at };
         bytes[at..at + value.len()].copy_from_slice(&value);
         std::fs::write(&reg, &bytes).unwrap();
         let (code, so, se) = run_bounded(cli(&dir.0, &domain, &["ls"]), "ls");

@@ -197,6 +197,7 @@ const DOMAIN: Shape = &[
     ("processes", T::List(PROCESS)),
     ("damaged", T::List(DAMAGED)),
     ("problems", T::Strs),
+    ("overlaps", T::List(&[("domain", T::Str), ("window_base", T::Addr), ("window_end", T::Addr)])),
 ];
 const DOMAINS: Shape = &[("shm_dir", T::Str), ("domains", T::List(DOMAIN))];
 const CREATE: Shape =

@@ -33,8 +33,10 @@ use crate::sharing::Sharing;
 /// creates the domain; an existing domain keeps the ones it was created with.
 #[derive(Debug, Clone)]
 pub struct DomainOptions {
-    /// Window base; `None` picks the first free 1 GiB-aligned window at or above
-    /// `0x2000_0000_0000` that no other domain on this machine uses.
+    /// Window base; `None` picks the first free 1 GiB-aligned window that no other domain on
+    /// this machine uses, whoever made it: from `0x2000_0000_0000` for root, from a band of
+    /// 4 TiB per uid above it for other users (so users who cannot read each other's
+    /// registries still get disjoint windows).
     pub window_base: Option<u64>,
     /// Window size in bytes (a multiple of 2 MiB, 16 MiB to 64 TiB). Default 1 TiB.
     pub window_size: u64,
@@ -162,7 +164,15 @@ impl Domain {
         let dir = os::Dir::open(&shm_dir).map_err(|e| dir_error(&shm_dir, e))?;
         let registry = match Registry::open(clone_dir(&dir)?, name, os::Access::ReadWrite, opts.allow_foreign_owner) {
             Ok(reg) => {
-                claim_window(name, reg.window_base, reg.window_size)?;
+                claim_window(name, reg.window_base, reg.window_size).map_err(|e| {
+                    if e.kind() != ErrorKind::WindowUnavailable {
+                        return e;
+                    }
+                    match explain_overlap(&shm_dir, &dir, name, reg.window_base, reg.window_size) {
+                        Some(why) => Error::new(ErrorKind::WindowUnavailable, format!("{e}; {why}")),
+                        None => e,
+                    }
+                })?;
                 reg
             }
             Err(e) if !opts.must_exist && (e.kind() == ErrorKind::NotFound || Registry::is_unfinished(&dir, name)) => {
@@ -320,28 +330,84 @@ fn clone_dir(dir: &os::Dir) -> Result<os::Dir> {
     dir.try_clone().map_err(|e| Error::from_io("cannot duplicate a descriptor", e))
 }
 
-/// Picks and reserves a window for a new domain: the requested base, or the first
-/// `WINDOW_ALIGN`-aligned range at or above the default base that no other domain's registry
-/// records and that is free in this process. The caller holds the directory lock, so no other
-/// domain can be created meanwhile.
-fn choose_window(shm_dir: &Path, dir: &os::Dir, name: &str, opts: &DomainOptions) -> Result<(u64, u64)> {
-    let size = opts.window_size;
-    let mut taken: Vec<(u64, u64, String)> = Vec::new();
-    for file in os::list_dir(shm_dir).map_err(|e| dir_error(shm_dir, e))? {
-        if let Some(names::ObjectName::Registry { domain }) = names::parse_object(&file) {
-            if domain == name {
+/// Width of a user's band of the address space: automatically chosen windows start at the
+/// band of the creating user (see [`uid_window_base`]), so users who cannot read each other's
+/// registries still pick disjoint windows.
+const WINDOW_BAND: u64 = 4 << 40;
+
+/// The base from which windows for uid `uid`'s new domains are looked for: root's band starts
+/// at the default base, every other uid's at one of the next bands (`uid` modulo their count,
+/// so up to that many consecutive uids never share one).
+fn uid_window_base(uid: u32) -> u64 {
+    let bands = (os::USER_ADDRESS_LIMIT - registry::DEFAULT_WINDOW_BASE) / WINDOW_BAND;
+    if uid == 0 || bands < 2 {
+        return registry::DEFAULT_WINDOW_BASE;
+    }
+    registry::DEFAULT_WINDOW_BASE + (1 + uid as u64 % (bands - 1)) * WINDOW_BAND
+}
+
+/// What the shm directory says about the windows in use, except domain `except`'s.
+#[derive(Debug, Default)]
+struct KnownWindows {
+    /// `(base, end, domain)` of every registry this process could read.
+    windows: Vec<(u64, u64, String)>,
+    /// `(owner uid, domain)` of registries of other users it could not read (their window is
+    /// unknown; most likely inside their owner's band).
+    unknown: Vec<(u32, String)>,
+}
+
+impl KnownWindows {
+    fn read(shm_dir: &Path, dir: &os::Dir, except: &str) -> Result<KnownWindows> {
+        let mut known = KnownWindows::default();
+        for file in os::list_dir(shm_dir).map_err(|e| dir_error(shm_dir, e))? {
+            let Some(names::ObjectName::Registry { domain }) = names::parse_object(&file) else { continue };
+            if domain == except {
                 continue;
             }
             // A private copy of the header, not a mapping: another user may shrink their
-            // registry while we read it (see the registry's "Strangers").
-            if let Ok(reg) = Registry::snapshot(clone_dir(dir)?, domain, true, false) {
-                taken.push((reg.window_base, reg.window_base + reg.window_size, domain.to_owned()));
+            // registry while we read it (see the registry's "Strangers"). Also other users'.
+            match Registry::snapshot(clone_dir(dir)?, domain, true, false) {
+                Ok(reg) => known.windows.push((reg.window_base, reg.window_base + reg.window_size, domain.to_owned())),
+                Err(_) => {
+                    if let Ok(st) = dir.stat_object(&file) {
+                        if st.uid != os::effective_uid() {
+                            known.unknown.push((st.uid, domain.to_owned()));
+                        }
+                    }
+                }
             }
         }
+        Ok(known)
     }
-    let overlapping = |lo: u64| taken.iter().find(|(b, e, _)| *b < lo + size && *e > lo).cloned();
+
+    /// A known window overlapping `[lo, lo + size)`.
+    fn overlapping(&self, lo: u64, size: u64) -> Option<&(u64, u64, String)> {
+        self.windows.iter().find(|(b, e, _)| *b < lo + size && *e > lo)
+    }
+
+    /// The band of an unreadable registry's owner overlapping `[lo, lo + size)`: `(band end,
+    /// domain)`.
+    fn band_overlapping(&self, lo: u64, size: u64) -> Option<(u64, &str)> {
+        self.unknown.iter().find_map(|(uid, d)| {
+            let b = uid_window_base(*uid);
+            (b < lo + size && b + WINDOW_BAND > lo).then_some((b + WINDOW_BAND, d.as_str()))
+        })
+    }
+}
+
+/// Picks and reserves a window for a new domain: the requested base, or the first
+/// `WINDOW_ALIGN`-aligned range from this user's band on ([`uid_window_base`], wrapping around
+/// to the default base) that no other domain's registry records, that is not in the band of
+/// another user whose registry we cannot read, and that is free in this process. Every
+/// registry is read, other users' too (as a `pread` snapshot), so domains never overlap
+/// whoever made them, unless a registry cannot be read and its window lies outside its
+/// owner's band (an explicit `window_base`); `domains` flags such overlaps. The caller holds
+/// the directory lock, so no other domain can be created meanwhile.
+fn choose_window(shm_dir: &Path, dir: &os::Dir, name: &str, opts: &DomainOptions) -> Result<(u64, u64)> {
+    let size = opts.window_size;
+    let known = KnownWindows::read(shm_dir, dir, name)?;
     if let Some(base) = opts.window_base {
-        if let Some((b, e, other)) = overlapping(base) {
+        if let Some((b, e, other)) = known.overlapping(base, size) {
             bail!(
                 WindowUnavailable,
                 "window {base:#x}-{:#x} overlaps domain {other:?}'s window {b:#x}-{e:#x}; choose another base or let shmgadget pick one",
@@ -351,26 +417,58 @@ fn choose_window(shm_dir: &Path, dir: &os::Dir, name: &str, opts: &DomainOptions
         claim_window(name, base, size)?;
         return Ok((base, size));
     }
-    let mut base = registry::DEFAULT_WINDOW_BASE;
-    while base + size <= os::USER_ADDRESS_LIMIT {
-        if let Some((_, end, _)) = overlapping(base) {
-            base = end.next_multiple_of(registry::WINDOW_ALIGN);
-            continue;
-        }
-        match os::reserve_fixed(base as usize, size as usize) {
-            Ok(()) => return Ok((base, size)),
-            Err(os::ReserveError::Occupied) => base += registry::WINDOW_ALIGN,
-            Err(os::ReserveError::Os(e)) => {
-                return Err(Error::from_io("cannot reserve an address window", e));
+    let start = uid_window_base(os::effective_uid());
+    // From this user's band to the top, then from the default base up to the band.
+    for (from, to) in [(start, os::USER_ADDRESS_LIMIT), (registry::DEFAULT_WINDOW_BASE, start + size)] {
+        let mut base = from;
+        while base + size <= to.min(os::USER_ADDRESS_LIMIT) {
+            if let Some((_, end, _)) = known.overlapping(base, size) {
+                base = end.next_multiple_of(registry::WINDOW_ALIGN);
+                continue;
+            }
+            if let Some((end, _)) = known.band_overlapping(base, size) {
+                base = end.next_multiple_of(registry::WINDOW_ALIGN);
+                continue;
+            }
+            match os::reserve_fixed(base as usize, size as usize) {
+                Ok(()) => return Ok((base, size)),
+                Err(os::ReserveError::Occupied) => base += registry::WINDOW_ALIGN,
+                Err(os::ReserveError::Os(e)) => {
+                    return Err(Error::from_io("cannot reserve an address window", e));
+                }
             }
         }
     }
     bail!(
         WindowUnavailable,
-        "no free window of {size} bytes above {:#x} for domain {name:?} ({} other domains exist); remove unused domains with `shmgadget gc`, or use smaller windows",
+        "no free window of {size} bytes above {:#x} for domain {name:?} ({} other domains exist, {} of them unreadable); \
+         remove unused domains with `shmgadget gc`, or use smaller windows",
         registry::DEFAULT_WINDOW_BASE,
-        taken.len()
+        known.windows.len() + known.unknown.len(),
+        known.unknown.len()
     )
+}
+
+/// Why domain `name`'s window `[base, base + size)` may be occupied in this process: the other
+/// domains of the shm directory whose windows overlap it (for the message of a failed attach).
+fn explain_overlap(shm_dir: &Path, dir: &os::Dir, name: &str, base: u64, size: u64) -> Option<String> {
+    let known = KnownWindows::read(shm_dir, dir, name).ok()?;
+    let others: Vec<String> = known
+        .windows
+        .iter()
+        .filter(|(b, e, _)| *b < base + size && *e > base)
+        .map(|(b, e, d)| format!("{d:?} ({b:#x}-{e:#x})"))
+        .collect();
+    if others.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "domain {name:?}'s window overlaps the window of domain {}: two domains with overlapping windows \
+         cannot be attached by one process (they were given overlapping windows by an explicit window_base, \
+         or by users who could not read each other's registries; `shmgadget domains` flags it); recreate one \
+         of them with another `--window-base`",
+        others.join(", ")
+    ))
 }
 
 /// Makes sure every section overlapping `[ptr, ptr + len)` is mapped in this process, for code

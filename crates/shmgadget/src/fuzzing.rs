@@ -252,7 +252,8 @@ fn registry_bytes(data: &[u8]) {
 
 /// Inputs for [`registry`] from real registries (made in a private temporary directory, not
 /// in any shm directory): an empty one, one with sections of every kind and state and
-/// attached processes, and one after deletions (free slots, tombstones, a freed range).
+/// attached processes, one after deletions (free slots, tombstones, a freed range), and one
+/// grown to a second segment.
 pub fn registry_seeds() -> Vec<Vec<u8>> {
     use crate::registry::{
         CHUNK, CreateParams, Creator, Lifetime, MIN_WINDOW_BASE, MIN_WINDOW_SIZE, Registry, SectionKind,
@@ -260,12 +261,14 @@ pub fn registry_seeds() -> Vec<Vec<u8>> {
     let tmp = std::env::temp_dir().join(format!("shmgadget-fuzz-seeds-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("a private temporary directory");
     let mut seeds = Vec::new();
-    for (sections, deletes) in [(0usize, 0usize), (5, 0), (7, 3)] {
+    // The last one has two segments (300 section slots, four chunks each), the second backed
+    // because its fifth section's chunk lies there.
+    for (sections, deletes, max_sections) in [(0usize, 0usize, 8), (5, 0, 8), (7, 3, 8), (6, 1, 300)] {
         let dir = crate::os::Dir::open(&tmp).expect("the temporary directory opens");
         let params = CreateParams {
             window_base: MIN_WINDOW_BASE,
             window_size: MIN_WINDOW_SIZE,
-            max_sections: 8,
+            max_sections,
             max_procs: 4,
             mode: 0o600,
         };

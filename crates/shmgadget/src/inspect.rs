@@ -77,6 +77,20 @@ pub struct DomainReport {
     pub damaged: Vec<DamagedEntry>,
     /// Damage to the registry as a whole.
     pub problems: Vec<String>,
+    /// Other domains of the same shm directory whose windows overlap this one's (filled by
+    /// [`list_domains`]; a process can attach only one of them). Empty from [`inspect_domain`].
+    pub overlaps: Vec<WindowOverlap>,
+}
+
+/// Another domain whose window overlaps a domain's (see [`DomainReport::overlaps`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowOverlap {
+    /// Its name.
+    pub domain: String,
+    /// Its window base address.
+    pub window_base: u64,
+    /// Its window size in bytes.
+    pub window_size: u64,
 }
 
 /// One line of [`list_domains`]: a domain, or a registry that could not be read.
@@ -120,6 +134,7 @@ fn report(reg: &Registry) -> DomainReport {
         processes: reg.procs().iter().map(ProcessInfo::from_record).collect(),
         damaged: scan.damaged,
         problems: scan.problems,
+        overlaps: Vec::new(),
     }
 }
 
@@ -143,6 +158,24 @@ pub fn list_domains(shm_dir: Option<&Path>) -> Result<Vec<DomainEntry>> {
             Ok(reg) => DomainEntry::Ok(report(&reg)),
             Err(e) => DomainEntry::Unreadable { name: domain.to_owned(), error: e.to_string() },
         });
+    }
+    // Windows that overlap (an explicit window_base, or users who could not read each other's
+    // registries): a process attaching both gets `WindowUnavailable`, so say it here.
+    let windows: Vec<(String, u64, u64)> = out
+        .iter()
+        .filter_map(|e| match e {
+            DomainEntry::Ok(r) => Some((r.name.clone(), r.window_base, r.window_size)),
+            DomainEntry::Unreadable { .. } => None,
+        })
+        .collect();
+    for e in &mut out {
+        if let DomainEntry::Ok(r) = e {
+            r.overlaps = windows
+                .iter()
+                .filter(|(n, b, sz)| *n != r.name && *b < r.window_base + r.window_size && b + sz > r.window_base)
+                .map(|(n, b, sz)| WindowOverlap { domain: n.clone(), window_base: *b, window_size: *sz })
+                .collect();
+        }
     }
     Ok(out)
 }

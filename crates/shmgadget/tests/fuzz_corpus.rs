@@ -48,7 +48,9 @@ fn tlsf_inputs_from_the_corpus_never_panic() {
 fn registry_inputs_from_the_corpus_never_panic() {
     let seeds = shmgadget::fuzzing::registry_seeds();
     // The seeds are real registries: each must parse, or the target fuzzes nothing.
-    assert_eq!(seeds.len(), 3);
+    assert_eq!(seeds.len(), 4);
+    // The last seed has grown: two segments backed (`segments_backed`, header offset 76).
+    assert_eq!(u32::from_le_bytes(seeds[3][76..80].try_into().unwrap()), 2, "the last seed grew");
     assert!(seeds.iter().all(|s| shmgadget::fuzzing::registry_is_sound(s)), "a real registry scans as damaged");
     replay("registry", seeds, shmgadget::fuzzing::registry);
 }

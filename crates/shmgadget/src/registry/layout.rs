@@ -32,7 +32,8 @@ pub const MAX_TABLE_ENTRIES: u32 = 1 << 16;
 pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
 /// 2: process entries carry an `incarnation`, and tokens are `(slot, incarnation)`.
 /// 3: section entries carry their creator's token and a ready word (all-or-nothing creation).
-pub(super) const LAYOUT_VERSION: u32 = 4;
+/// 5: the tables live in segments backed one by one as the domain grows (`segments_backed`).
+pub(super) const LAYOUT_VERSION: u32 = 5;
 pub(super) const READY: u32 = 0x5244_5921; // "RDY!"
 
 /// Entry states (see the table in the module docs).
@@ -132,9 +133,17 @@ pub(crate) struct RegistryShared {
     pub(super) total_size: AtomicU64,
     pub(super) window_base: AtomicU64,
     pub(super) window_size: AtomicU64,
+    /// Offset of segment 0 (see [`Layout`]).
     pub(super) sections_offset: AtomicU64,
-    pub(super) procs_offset: AtomicU64,
-    pub(super) chunks_offset: AtomicU64,
+    /// Offset of the process entries inside a segment.
+    pub(super) procs_offset: AtomicU32,
+    /// Offset of the chunk table's slice inside a segment.
+    pub(super) chunks_offset: AtomicU32,
+    /// Bytes per segment (a page multiple).
+    pub(super) segment_size: AtomicU32,
+    /// How many segments, from 0, the object backs: the only header field that grows. Raised
+    /// under `lock` after the object was extended and committed (see "Growth").
+    pub(super) segments_backed: AtomicU32,
     pub(super) next_generation: AtomicU64,
     pub(super) place_cursor: AtomicU64,
     pub(super) name_tombs: AtomicU32,
@@ -217,11 +226,27 @@ unsafe impl crate::header::SharedHeader for RegistryShared {
     };
 }
 
+const _: () = {
+    assert!(offset_of!(RegistryShared, segments_backed) == 76);
+    assert!(offset_of!(RegistryShared, next_generation) == 80);
+};
+
+/// A segment holds at most this many chunk-table entries (128 KiB of table, 64 GiB of window)...
+pub(super) const SEGMENT_CHUNKS: u64 = 32 * 1024;
+/// ... this many section entries ...
+pub(super) const SEGMENT_SECTIONS: u32 = 256;
+/// ... and this many process entries.
+pub(super) const SEGMENT_PROCS: u32 = 64;
+
 /// A hash of everything that decides the shared layout, so two builds that disagree on it
 /// refuse each other's registries instead of misreading them.
 pub(super) const ABI_FINGERPRINT: u32 = {
-    let parts: [u64; 14] = [
+    let parts: [u64; 18] = [
         LAYOUT_VERSION as u64,
+        offset_of!(RegistryShared, segments_backed) as u64,
+        SEGMENT_CHUNKS,
+        SEGMENT_SECTIONS as u64,
+        SEGMENT_PROCS as u64,
         offset_of!(RegistryShared, lock_owner) as u64,
         size_of::<RegistryShared>() as u64,
         size_of::<SectionEntryShared>() as u64,
@@ -239,37 +264,129 @@ pub(super) const ABI_FINGERPRINT: u32 = {
     crate::fnv::layout_fingerprint(&parts)
 };
 
-/// Where the tables sit, derived from the three sizing parameters.
+/// Where the tables sit, derived from the three sizing parameters (see "Layout" in the module
+/// docs): the header, the name index (sized for `max_sections`), then `segments` segments of
+/// `segment_size` bytes, each holding the next `sections_per_segment` section entries, the next
+/// `procs_per_segment` process entries and the next `chunks_per_segment` chunk-table entries.
+/// Only a prefix of the segments is backed by the object at a time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Layout {
+    /// Offset of segment 0.
     pub sections_offset: u64,
+    /// Offset of the process entries inside a segment.
     pub procs_offset: u64,
+    /// Offset of the chunk-table slice inside a segment.
     pub chunks_offset: u64,
+    /// Length of the object with every segment backed (the registry's largest size).
     pub total_size: u64,
-    /// Derived, not stored: follows the chunk table (covered by `total_size`).
+    /// Derived, not stored: follows the header.
     pub names_offset: u64,
     /// Buckets of the name index (a power of two, at least twice `max_sections`).
     pub name_buckets: u64,
+    /// Bytes per segment, a page multiple.
+    pub segment_size: u64,
+    pub segments: u32,
+    pub sections_per_segment: u32,
+    pub procs_per_segment: u32,
+    pub chunks_per_segment: u64,
+    /// Copied from the parameters, for the bounds below.
+    pub max_sections: u32,
+    pub max_procs: u32,
+    pub window_chunks: u64,
 }
 
 impl Layout {
     pub fn compute(max_sections: u32, max_procs: u32, window_size: u64) -> Option<Layout> {
-        let sections_offset = size_of::<RegistryShared>() as u64;
-        let procs_offset = sections_offset + max_sections as u64 * size_of::<SectionEntryShared>() as u64;
-        let chunks_offset = procs_offset + max_procs as u64 * size_of::<ProcEntryShared>() as u64;
-        let chunks = window_size / CHUNK;
-        let names_offset = chunks_offset.checked_add(chunks.checked_mul(4)?)?;
-        let name_buckets = (2 * max_sections as u64).next_power_of_two();
-        let total = names_offset.checked_add(name_buckets * 4)?;
         let page = os::page_size() as u64;
+        let chunks = window_size / CHUNK;
+        if max_sections == 0 || max_procs == 0 || chunks == 0 {
+            return None;
+        }
+        let segments = chunks
+            .div_ceil(SEGMENT_CHUNKS)
+            .max(max_sections.div_ceil(SEGMENT_SECTIONS) as u64)
+            .max(max_procs.div_ceil(SEGMENT_PROCS) as u64);
+        let segments = u32::try_from(segments).ok()?;
+        let sections_per_segment = max_sections.div_ceil(segments);
+        let procs_per_segment = max_procs.div_ceil(segments);
+        let chunks_per_segment = chunks.div_ceil(segments as u64);
+        let procs_offset = sections_per_segment as u64 * size_of::<SectionEntryShared>() as u64;
+        let chunks_offset = procs_offset + procs_per_segment as u64 * size_of::<ProcEntryShared>() as u64;
+        let segment_size = (chunks_offset + chunks_per_segment * 4).div_ceil(page) * page;
+        let names_offset = size_of::<RegistryShared>() as u64;
+        let name_buckets = (2 * max_sections as u64).next_power_of_two();
+        let sections_offset = (names_offset + name_buckets * 4).div_ceil(page) * page;
+        let total_size = sections_offset.checked_add(segment_size.checked_mul(segments as u64)?)?;
+        // Stored in u32 header fields.
+        if segment_size > u32::MAX as u64 {
+            return None;
+        }
         Some(Layout {
             sections_offset,
             procs_offset,
             chunks_offset,
-            total_size: total.div_ceil(page) * page,
+            total_size,
             names_offset,
             name_buckets,
+            segment_size,
+            segments,
+            sections_per_segment,
+            procs_per_segment,
+            chunks_per_segment,
+            max_sections,
+            max_procs,
+            window_chunks: chunks,
         })
+    }
+
+    /// Length of the object when its first `segments` segments are backed.
+    pub fn backed_len(&self, segments: u32) -> u64 {
+        self.sections_offset + segments.min(self.segments) as u64 * self.segment_size
+    }
+
+    /// How many whole segments `len` bytes of object hold.
+    pub fn segments_within(&self, len: u64) -> u32 {
+        (len.saturating_sub(self.sections_offset) / self.segment_size.max(1)).min(self.segments as u64) as u32
+    }
+
+    /// Section slots, process slots and chunks that `segments` backed segments hold.
+    pub fn slots_in(&self, segments: u32) -> u32 {
+        (segments as u64 * self.sections_per_segment as u64).min(self.max_sections as u64) as u32
+    }
+    pub fn procs_in(&self, segments: u32) -> u32 {
+        (segments as u64 * self.procs_per_segment as u64).min(self.max_procs as u64) as u32
+    }
+    pub fn chunks_in(&self, segments: u32) -> u64 {
+        (segments as u64 * self.chunks_per_segment).min(self.window_chunks)
+    }
+
+    /// The segments that must be backed for section slot `slot` / process slot `slot` /
+    /// chunk `chunk` to exist.
+    pub fn segments_for_slot(&self, slot: u32) -> u32 {
+        slot / self.sections_per_segment + 1
+    }
+    pub fn segments_for_proc(&self, slot: u32) -> u32 {
+        slot / self.procs_per_segment + 1
+    }
+    pub fn segments_for_chunk(&self, chunk: u64) -> u32 {
+        (chunk / self.chunks_per_segment) as u32 + 1
+    }
+
+    /// Byte offsets of section entry `slot`, process entry `slot` and chunk-table entry `chunk`.
+    pub fn section_at(&self, slot: u32) -> u64 {
+        let (seg, i) = (slot / self.sections_per_segment, slot % self.sections_per_segment);
+        self.sections_offset + seg as u64 * self.segment_size + i as u64 * size_of::<SectionEntryShared>() as u64
+    }
+    pub fn proc_at(&self, slot: u32) -> u64 {
+        let (seg, i) = (slot / self.procs_per_segment, slot % self.procs_per_segment);
+        self.sections_offset
+            + seg as u64 * self.segment_size
+            + self.procs_offset
+            + i as u64 * size_of::<ProcEntryShared>() as u64
+    }
+    pub fn chunk_at(&self, chunk: u64) -> u64 {
+        let (seg, i) = (chunk / self.chunks_per_segment, chunk % self.chunks_per_segment);
+        self.sections_offset + seg * self.segment_size + self.chunks_offset + i * 4
     }
 }
 

@@ -4,13 +4,31 @@
 //! # Layout
 //! ```text
 //! 0        RegistryShared     header: identity, window, table sizes, counters, robust lock
-//! S        SectionEntryShared [max_sections]   one entry per section slot
-//! P        ProcEntryShared    [max_procs]      one entry per attached process
-//! C        AtomicU32          [window / 2 MiB] chunk table: slot + 1 owning each 2 MiB chunk
+//! 256      AtomicU32          [name_buckets]   the name index (see `names.rs`), sized for max_sections
+//! S        segment 0          SectionEntryShared [sps]   section slots 0..sps
+//!                             ProcEntryShared    [pps]   process slots 0..pps
+//!                             AtomicU32          [cps]   chunk table: slot + 1 owning each 2 MiB chunk
+//! S + Z    segment 1          the next sps section slots, pps process slots, cps chunks
+//! ...      up to `segments` segments of Z bytes each
 //! ```
-//! `S`, `P`, `C` and the total size follow from `max_sections`, `max_procs` and `window_size`
-//! ([`Layout::compute`]); an opener recomputes them and refuses a registry that disagrees.
+//! Every offset follows from `max_sections`, `max_procs` and `window_size` ([`Layout::compute`]:
+//! at most 256 sections, 64 processes and 32 Ki chunks (64 GiB of window) per segment, 16
+//! segments with the defaults); an opener recomputes them and refuses a registry that disagrees.
 //!
+//! # Growth
+//! The object is only as long as the segments it backs: header, name index and
+//! `segments_backed` segments (one at creation: 208 KiB with the defaults, against 2.8 MiB for
+//! every segment). A writer that needs a section slot, a process slot or a chunk of a segment
+//! not backed yet extends the object under `lock` ([`RegistryGuard::grow`]): `fallocate` of the
+//! new segments first (so they are committed: a full tmpfs fails the operation with
+//! `OutOfSpace` instead of a later SIGBUS), then a Release store of the new `segments_backed`.
+//! Segments are never given back. Every process maps the object once at its largest length
+//! (`total_size`; mapping past the end of a file is allowed, only touching those pages faults)
+//! and never touches a slot, process entry or chunk of a segment at or beyond the count it read
+//! with Acquire ([`Registry::segments`]), further clamped by the object's size as `fstat` reports
+//! it the first time a count is seen (so a damaged count cannot send a reader past the end) and,
+//! for a private copy, by the bytes copied. A slot or chunk beyond the backed segments is free.
+
 //! # Synchronisation
 //! * **Creation.** The creator holds the shm directory's lock ([`os::DirLock`], as does every opener), fills
 //!   the header and publishes it with a Release store of `ready = READY`. Fields written before
@@ -18,8 +36,8 @@
 //!   `total_size`, `window_*`, the offsets, `created_at` and the domain name. An opener that finds
 //!   `ready != READY` while holding the directory lock knows the creator died mid-way.
 //! * **Writers** of section entries, process entries and the chunk table hold `lock`, a glibc
-//!   robust process-shared mutex. `next_generation`, `place_cursor`, `slots_high` and
-//!   `procs_high` are written only under it.
+//!   robust process-shared mutex. `next_generation`, `place_cursor`, `slots_high`,
+//!   `procs_high` and `segments_backed` are written only under it.
 //! * **Readers without the lock** (the first-touch fault handler, `ls`): each section entry
 //!   is a seqlock. `seq` is even when the entry is stable and odd while a writer changes it;
 //!   a reader copies the fields, then re-reads `seq` and retries if it moved
@@ -97,8 +115,9 @@
 //! nothing), checks generations against `next_generation` and each other, and, under the
 //! lock, the high-water marks, overlapping ranges and the chunk table. Inspection lists what
 //! it finds; `gc` removes nothing of a domain whose scan is not clean (see `inspect`). A
-//! registry is committed (`fallocate`) when created, so no reader or repair ever touches a
-//! hole, which on a full tmpfs would be a SIGBUS.
+//! registry's backed segments are committed (`fallocate`) before they are published (see
+//! "Growth"), so no reader or repair ever touches a hole, which on a full tmpfs would be a
+//! SIGBUS.
 //!
 //! # Strangers
 //! Trust follows attachment. A process that has joined a domain maps its registry shared and
@@ -170,6 +189,9 @@ pub(crate) struct Registry {
     /// instead of a shared mapping: read-only in spirit, never locked, freed on drop.
     private: Option<std::alloc::Layout>,
     layout: Layout,
+    /// The most segments this process has checked the object really holds (see "Growth"):
+    /// process-local, a cache of `fstat` (or, for a private copy, of its length).
+    verified_segments: AtomicU32,
     pub window_base: u64,
     pub window_size: u64,
     pub max_sections: u32,
@@ -256,17 +278,18 @@ impl Registry {
             let _ = dir.unlink_object(&object);
             e
         };
-        if let Err(e) = fd.set_size(layout.total_size) {
+        // One segment to begin with (see "Growth"); the rest is mapped but not backed.
+        let initial = layout.backed_len(1);
+        if let Err(e) = fd.set_size(initial) {
             return Err(cleanup(Error::from_io(format!("cannot size the registry of domain {domain:?}"), e)));
         }
-        // Commit every page before anything is written or read: a sparse registry on a full
-        // tmpfs makes the first touch of a hole (even a read) SIGBUS in whichever process
+        // Commit every backed page before anything is written or read: a sparse registry on a
+        // full tmpfs makes the first touch of a hole (even a read) SIGBUS in whichever process
         // comes first, and a repair would write into holes too. Committed, it never faults.
-        if let Err(e) = fd.allocate(0, layout.total_size) {
+        if let Err(e) = fd.allocate(0, initial) {
             return Err(cleanup(Error::from_io(
                 format!(
-                    "cannot commit the {} bytes of domain {domain:?}'s registry (is the shm file system full?)",
-                    layout.total_size
+                    "cannot commit the {initial} bytes of domain {domain:?}'s registry (is the shm file system full?)"
                 ),
                 e,
             )));
@@ -285,6 +308,7 @@ impl Registry {
             map_len: layout.total_size as usize,
             private: None,
             layout,
+            verified_segments: AtomicU32::new(1),
             window_base: p.window_base,
             window_size: p.window_size,
             max_sections: p.max_sections,
@@ -305,8 +329,10 @@ impl Registry {
         h.window_base.store(p.window_base, Ordering::Relaxed);
         h.window_size.store(p.window_size, Ordering::Relaxed);
         h.sections_offset.store(layout.sections_offset, Ordering::Relaxed);
-        h.procs_offset.store(layout.procs_offset, Ordering::Relaxed);
-        h.chunks_offset.store(layout.chunks_offset, Ordering::Relaxed);
+        h.procs_offset.store(layout.procs_offset as u32, Ordering::Relaxed);
+        h.chunks_offset.store(layout.chunks_offset as u32, Ordering::Relaxed);
+        h.segment_size.store(layout.segment_size as u32, Ordering::Relaxed);
+        h.segments_backed.store(1, Ordering::Relaxed);
         h.next_generation.store(1, Ordering::Relaxed);
         h.created_at.store(reg.created_at, Ordering::Relaxed);
         h.domain_len.store(domain.len() as u32, Ordering::Relaxed);
@@ -364,17 +390,20 @@ impl Registry {
         let (fd, st) = open_object_checked(&dir, domain, access, allow_foreign)?;
         // Before mapping: an empty object cannot be mapped, and a short one would fault.
         header::check_size::<RegistryShared>(st.size).map_err(|m| corrupt(domain, m.to_string()))?;
-        let map_len = st.size as usize;
-        let base = os::map_shared(&fd, map_len, access)
+        // The header's page alone first, to learn the layout; then the whole registry at its
+        // largest length (see "Growth").
+        let page = os::page_size();
+        let base = os::map_shared(&fd, page, access)
             .map_err(|e| Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))?;
         let mut reg = Registry {
             domain: domain.to_owned(),
             dir,
             fd,
             base,
-            map_len,
+            map_len: page,
             private: None,
             layout: Layout::default(),
+            verified_segments: AtomicU32::new(0),
             window_base: 0,
             window_size: 0,
             max_sections: 0,
@@ -382,35 +411,51 @@ impl Registry {
             mode: 0,
             created_at: 0,
         };
-        reg.validate(st.size)?;
+        reg.validate(None)?;
+        let full = reg.layout.total_size as usize;
+        let base = os::map_shared(&reg.fd, full, access)
+            .map_err(|e| Error::from_io(format!("cannot map the registry of domain {domain:?}"), e))?;
+        // SAFETY: the header mapping is this handle's own and no reference into it is alive
+        // (`validate` returned; we hold `&mut`).
+        let _ = unsafe { os::unmap(reg.base.as_ptr() as usize, reg.map_len) };
+        reg.base = base;
+        reg.map_len = full;
+        // The frozen fields read again through the full mapping (they cannot have changed).
+        reg.validate(None)?;
         Ok(reg)
     }
 
     /// Reads a registry into private memory with `pread` instead of mapping it: the copy is
     /// immune to its owner truncating, regrowing or rewriting the object meanwhile (see
-    /// "Strangers"). With `tables`, the section and process tables are copied too (not the
-    /// chunk table or name index, which only attached processes use); without, the header
-    /// only. The copy is validated as a mapping would be and read through the same readers;
+    /// "Strangers"). With `tables`, every backed segment is copied too (section and process
+    /// entries, the chunk table) with the name index; without, the header only. The copy is validated as a mapping would be and read through the same readers;
     /// it is never locked or written. Liveness of its process entries is still asked of the
     /// kernel through the open descriptor.
     pub fn snapshot(dir: os::Dir, domain: &str, allow_foreign: bool, tables: bool) -> Result<Registry> {
-        let (fd, st) = open_object_checked(&dir, domain, os::Access::Read, allow_foreign)?;
+        let (fd, _) = open_object_checked(&dir, domain, os::Access::Read, allow_foreign)?;
         let header_len = size_of::<RegistryShared>();
         let mut reg = Registry::private_copy(dir, fd, domain, header_len)?;
         reg.fill_from_object(header_len)?;
-        reg.validate(st.size)?;
+        reg.validate(None)?;
         if !tables {
             return Ok(reg);
         }
-        let len = reg.layout.chunks_offset as usize;
+        // Every backed segment (the chunk table and name index come along; they are small).
+        // Relaxed: a private copy nobody else writes.
+        let backed = reg.header().segments_backed.load(Ordering::Relaxed);
+        let len = reg.layout.backed_len(backed) as usize;
+        let layout = reg.layout;
         let (dir, fd) = reg.take_fds()?;
         let mut reg = Registry::private_copy(dir, fd, domain, len)?;
-        reg.fill_from_object(len)?;
+        let got = reg.fill_from_object(len)?;
+        if got < len {
+            return Err(corrupt(domain, format!("the object is truncated to {got} bytes, expected {len}")));
+        }
         // The header is read again with the tables; validate what this copy holds, which must
         // still be the layout we sized the copy for (its owner may have rewritten it between
-        // the two reads).
-        reg.validate(st.size)?;
-        if reg.layout.chunks_offset as usize != len {
+        // the two reads). A count of segments grown meanwhile is clamped to the copy.
+        reg.validate(None)?;
+        if reg.layout != layout {
             return Err(corrupt(domain, "its table sizes changed while it was being read".into()));
         }
         Ok(reg)
@@ -425,7 +470,7 @@ impl Registry {
         // SAFETY: the copy is at least `bytes.len()` bytes, freshly allocated, and no reference
         // into it exists yet.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), reg.base.as_ptr(), bytes.len()) };
-        reg.validate(bytes.len() as u64)?;
+        reg.validate(Some(bytes.len() as u64))?;
         Ok(reg)
     }
 
@@ -444,6 +489,7 @@ impl Registry {
             map_len: layout.size(),
             private: Some(layout),
             layout: Layout::default(),
+            verified_segments: AtomicU32::new(0),
             window_base: 0,
             window_size: 0,
             max_sections: 0,
@@ -455,15 +501,15 @@ impl Registry {
 
     /// Copies the object's first `len` bytes into this private copy; a shorter object leaves
     /// the rest zero (a truncation racing with us reads as free slots or fails validation).
-    fn fill_from_object(&mut self, len: usize) -> Result<()> {
+    /// Returns how many bytes the object had.
+    fn fill_from_object(&mut self, len: usize) -> Result<usize> {
         debug_assert!(self.private.is_some() && len <= self.map_len);
         // SAFETY: the private copy is `map_len >= len` bytes, owned by this handle, and no
         // reference into it is alive (we hold `&mut self`).
         let buf = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), len) };
         self.fd
             .read_at(0, buf)
-            .map_err(|e| Error::from_io(format!("cannot read the registry of domain {:?}", self.domain), e))?;
-        Ok(())
+            .map_err(|e| Error::from_io(format!("cannot read the registry of domain {:?}", self.domain), e))
     }
 
     /// Moves the descriptors out of a private copy about to be replaced.
@@ -473,11 +519,14 @@ impl Registry {
         Ok((dir, fd))
     }
 
-    /// Checks the header and fills in the cached frozen fields. `object_size` is the object's
-    /// size (a private copy may be longer than the object it copies, zero-filled).
-    fn validate(&mut self, object_size: u64) -> Result<()> {
+    /// Checks the header and fills in the cached frozen fields. `object_size` is the size of
+    /// the object the bytes stand for; `None` asks `fstat` after reading the header's count of
+    /// backed segments (the object grows before its count is raised, so a size read after the
+    /// count covers it, even while a writer grows it).
+    fn validate(&mut self, object_size: Option<u64>) -> Result<()> {
         let d = self.domain.clone();
-        let available = object_size.min(self.map_len as u64);
+        // `None` (a mapping of our own): `open` checked the object holds at least a header.
+        let available = object_size.unwrap_or(self.map_len as u64).min(self.map_len as u64);
         // SAFETY: `base` is page-aligned (a mapping) or 64-aligned (a private copy), its first
         // `map_len >= available` bytes stay valid while `self` lives, and others write them only
         // through atomics and the lock.
@@ -521,21 +570,41 @@ impl Registry {
         }
         let layout = Layout::compute(max_sections, max_procs, window_size)
             .ok_or_else(|| corrupt(&d, "layout overflows".into()))?;
-        let found = Layout {
-            sections_offset: h.sections_offset.load(Ordering::Relaxed),
-            procs_offset: h.procs_offset.load(Ordering::Relaxed),
-            chunks_offset: h.chunks_offset.load(Ordering::Relaxed),
-            total_size: h.total_size.load(Ordering::Relaxed),
-            names_offset: layout.names_offset,
-            name_buckets: layout.name_buckets,
-        };
-        if found != layout {
-            return Err(corrupt(&d, format!("table offsets {found:?} disagree with the sizes, expected {layout:?}")));
-        }
-        if object_size < layout.total_size {
+        let found = (
+            h.sections_offset.load(Ordering::Relaxed),
+            h.procs_offset.load(Ordering::Relaxed) as u64,
+            h.chunks_offset.load(Ordering::Relaxed) as u64,
+            h.segment_size.load(Ordering::Relaxed) as u64,
+            h.total_size.load(Ordering::Relaxed),
+        );
+        let expected =
+            (layout.sections_offset, layout.procs_offset, layout.chunks_offset, layout.segment_size, layout.total_size);
+        if found != expected {
             return Err(corrupt(
                 &d,
-                format!("the object is truncated to {object_size} bytes, expected {}", layout.total_size),
+                format!(
+                    "table offsets (segments at, processes at, chunks at, segment size, total) {found:?} disagree \
+                     with the sizes, expected {expected:?}"
+                ),
+            ));
+        }
+        // Acquire: pairs with the Release store in `grow`, made after the object was extended,
+        // so the size read below covers what the count says.
+        let backed = h.segments_backed.load(Ordering::Acquire);
+        if !(1..=layout.segments).contains(&backed) {
+            return Err(corrupt(&d, format!("segments_backed {backed} is out of range 1..={}", layout.segments)));
+        }
+        let object_size = match object_size {
+            Some(n) => n,
+            None => self.fd.stat().map_err(|e| Error::from_io("cannot stat the registry", e))?.size,
+        };
+        if object_size < layout.backed_len(backed) {
+            return Err(corrupt(
+                &d,
+                format!(
+                    "the object is truncated to {object_size} bytes, expected {} ({backed} segments)",
+                    layout.backed_len(backed)
+                ),
             ));
         }
         let name_ok = unpack_name(&h.domain, h.domain_len.load(Ordering::Relaxed)).is_some_and(|n| n.as_str() == d);
@@ -551,6 +620,8 @@ impl Registry {
         self.window_size = window_size;
         self.max_sections = max_sections;
         self.max_procs = max_procs;
+        let held = if self.private.is_some() { layout.segments_within(self.map_len as u64) } else { layout.segments };
+        self.verified_segments.store(backed.min(held), Ordering::Relaxed);
         Ok(())
     }
 
@@ -569,31 +640,78 @@ impl Registry {
         unsafe { &*self.base.as_ptr().cast::<RegistryShared>() }
     }
 
+    /// How many segments this process may touch (see "Growth"): the published count, clamped
+    /// by what the object (or this private copy) was checked to hold, and never less than a
+    /// count this process already checked (the object never shrinks, so a count lowered by a
+    /// stray write hides nothing and cannot make a bound computed earlier unsafe). Async-signal-
+    /// safe: a load, and an `fstat` the first time a higher count is seen.
+    pub(super) fn segments(&self) -> u32 {
+        // Relaxed: a process-local cache.
+        let verified = self.verified_segments.load(Ordering::Relaxed);
+        // Acquire: pairs with the Release store in `grow`, made after the object was extended.
+        let published = self.header().segments_backed.load(Ordering::Acquire).min(self.layout.segments);
+        if published <= verified || self.private.is_some() {
+            return verified;
+        }
+        let size = self.fd.stat().map(|st| st.size).unwrap_or(0);
+        let ok = published.min(self.layout.segments_within(size));
+        // Relaxed: as above.
+        self.verified_segments.fetch_max(ok, Ordering::Relaxed);
+        ok.max(verified)
+    }
+
+    /// Section slots, process slots and chunks of the backed segments (see "Growth").
+    pub(super) fn backed_slots(&self) -> u32 {
+        self.layout.slots_in(self.segments())
+    }
+    pub(super) fn backed_procs(&self) -> u32 {
+        self.layout.procs_in(self.segments())
+    }
+    pub(super) fn backed_chunks(&self) -> u64 {
+        self.layout.chunks_in(self.segments())
+    }
+
+    /// Section entry `slot`, which must be below [`Registry::backed_slots`].
     fn entry(&self, slot: u32) -> &SectionEntryShared {
-        assert!(slot < self.max_sections);
-        let off = self.layout.sections_offset as usize + slot as usize * size_of::<SectionEntryShared>();
+        assert!(slot < self.max_sections && slot < self.backed_slots(), "section slot {slot} is not backed");
+        let off = self.layout.section_at(slot) as usize;
         assert!(off + size_of::<SectionEntryShared>() <= self.map_len, "entry outside the registry copy");
-        // SAFETY: `validate`/`create` checked that the whole layout lies inside the mapping and
-        // `slot < max_sections`; offsets are multiples of 8; all fields are atomics.
+        // SAFETY: the slot lies in a backed segment (checked just above: the object holds it,
+        // so touching it cannot fault), inside the mapping or copy; offsets are multiples of 8;
+        // all fields are atomics.
         unsafe { &*self.base.as_ptr().add(off).cast::<SectionEntryShared>() }
     }
 
+    /// Process entry `slot`, which must be below [`Registry::backed_procs`].
     fn proc_entry(&self, slot: u32) -> &ProcEntryShared {
-        assert!(slot < self.max_procs);
+        assert!(slot < self.max_procs && slot < self.backed_procs(), "process slot {slot} is not backed");
         assert!(self.proc_offset(slot) as usize + size_of::<ProcEntryShared>() <= self.map_len);
         // SAFETY: as in `entry`.
         unsafe { &*self.base.as_ptr().add(self.proc_offset(slot) as usize).cast::<ProcEntryShared>() }
     }
 
+    /// The byte offset of process entry `slot` (also its liveness token's byte).
     fn proc_offset(&self, slot: u32) -> u64 {
-        self.layout.procs_offset + slot as u64 * size_of::<ProcEntryShared>() as u64
+        self.layout.proc_at(slot)
     }
 
+    /// Chunk-table entry `index`, which must be below [`Registry::backed_chunks`].
     fn chunk(&self, index: u64) -> &AtomicU32 {
-        assert!(index < self.window_size / CHUNK);
-        assert!((self.layout.chunks_offset + index * 4 + 4) as usize <= self.map_len, "chunk table not in this copy");
-        // SAFETY: as in `entry`; the chunk table holds `window_size / CHUNK` u32s.
-        unsafe { &*self.base.as_ptr().add((self.layout.chunks_offset + index * 4) as usize).cast::<AtomicU32>() }
+        assert!(index < self.window_size / CHUNK && index < self.backed_chunks(), "chunk {index} is not backed");
+        let off = self.layout.chunk_at(index) as usize;
+        assert!(off + 4 <= self.map_len, "chunk table not in this copy");
+        // SAFETY: as in `entry`; 4-aligned.
+        unsafe { &*self.base.as_ptr().add(off).cast::<AtomicU32>() }
+    }
+
+    /// The slot + 1 owning chunk `index`, 0 for none; a chunk of a segment not backed yet has
+    /// never been handed out.
+    pub(super) fn chunk_owner(&self, index: u64) -> u32 {
+        if index >= self.backed_chunks() {
+            return 0;
+        }
+        // Relaxed: callers validate through the entry's seqlock, or hold the lock.
+        self.chunk(index).load(Ordering::Relaxed)
     }
 }
 
@@ -618,10 +736,54 @@ mod tests {
     #[test]
     fn layout_is_page_rounded_and_ordered() {
         let l = Layout::compute(4096, 1024, DEFAULT_WINDOW_SIZE).unwrap();
-        assert_eq!(l.sections_offset, 256);
-        assert!(l.procs_offset > l.sections_offset && l.chunks_offset > l.procs_offset);
-        assert_eq!(l.total_size % os::page_size() as u64, 0);
-        assert!(l.total_size >= l.chunks_offset + (DEFAULT_WINDOW_SIZE / CHUNK) * 4);
+        let page = os::page_size() as u64;
+        assert_eq!(l.names_offset, 256);
+        assert!(l.sections_offset >= l.names_offset + l.name_buckets * 4);
+        assert_eq!(l.sections_offset % page, 0);
+        assert_eq!(l.segment_size % page, 0);
+        assert!(l.procs_offset >= l.sections_per_segment as u64 * size_of::<SectionEntryShared>() as u64);
+        assert!(l.chunks_offset >= l.procs_offset + l.procs_per_segment as u64 * size_of::<ProcEntryShared>() as u64);
+        assert!(l.segment_size >= l.chunks_offset + l.chunks_per_segment * 4);
+        assert_eq!(l.total_size, l.backed_len(l.segments));
+        assert!(l.slots_in(l.segments) == 4096 && l.procs_in(l.segments) == 1024);
+        assert_eq!(l.chunks_in(l.segments), DEFAULT_WINDOW_SIZE / CHUNK);
+        // One segment with the defaults stays far below 512 KiB.
+        assert!(l.backed_len(1) <= 256 << 10, "{l:?}");
+    }
+
+    #[test]
+    fn every_slot_and_chunk_lies_in_its_own_segment() {
+        for (s, p, w) in [
+            (4096, 1024, DEFAULT_WINDOW_SIZE),
+            (8, 4, MIN_WINDOW_SIZE),
+            (65536, 65536, MAX_WINDOW_SIZE),
+            (1, 1, 1 << 30),
+            (300, 3, 64 << 30),
+        ] {
+            let l = Layout::compute(s, p, w).unwrap();
+            let seg = |off: u64| (off - l.sections_offset) / l.segment_size;
+            for slot in [0, s / 2, s - 1] {
+                assert_eq!(seg(l.section_at(slot)) + 1, l.segments_for_slot(slot) as u64);
+                assert!(slot < l.slots_in(l.segments_for_slot(slot)));
+                assert!(
+                    l.section_at(slot) + size_of::<SectionEntryShared>() as u64
+                        <= l.backed_len(l.segments_for_slot(slot))
+                );
+            }
+            for slot in [0, p / 2, p - 1] {
+                assert_eq!(seg(l.proc_at(slot)) + 1, l.segments_for_proc(slot) as u64);
+                assert!(slot < l.procs_in(l.segments_for_proc(slot)));
+                assert!(l.proc_at(slot) + 64 <= l.backed_len(l.segments_for_proc(slot)));
+            }
+            let chunks = w / CHUNK;
+            for c in [0, chunks / 2, chunks - 1] {
+                assert_eq!(seg(l.chunk_at(c)) + 1, l.segments_for_chunk(c) as u64);
+                assert!(c < l.chunks_in(l.segments_for_chunk(c)));
+                assert!(l.chunk_at(c) + 4 <= l.backed_len(l.segments_for_chunk(c)));
+            }
+            assert_eq!(l.segments_within(l.backed_len(3)), 3.min(l.segments));
+            assert_eq!(l.segments_within(l.backed_len(1) - 1), 0);
+        }
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl RegistryGuard<'_> {
     pub(super) fn rebuild_index(&self) {
         let index = self.index();
         index.clear();
-        for slot in 0..self.reg.max_sections {
+        for slot in 0..self.reg.backed_slots() {
             if let Some(rec) = self.locked_entry(slot) {
                 if rec.state == CREATING || rec.state == LIVE {
                     index.insert(rec.name.as_str(), slot);
@@ -146,7 +146,7 @@ impl RegistryGuard<'_> {
 
     /// The live section called `name`, through the name index.
     pub fn find_live(&self, name: &str) -> Option<SectionRecord> {
-        let found = self.index().find(name, self.reg.max_sections, |slot| {
+        let found = self.index().find(name, self.reg.backed_slots(), |slot| {
             let rec = self.locked_entry(slot)?;
             (rec.name.as_str() == name).then(|| (rec.state == LIVE).then_some(rec))
         });

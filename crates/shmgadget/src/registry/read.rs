@@ -138,6 +138,9 @@ impl Registry {
     /// is invalid, or it kept changing (a writer died mid-update; the next locker repairs it).
     /// Allocation-free and async-signal-safe.
     pub fn read_entry(&self, slot: u32) -> Option<SectionRecord> {
+        if slot >= self.backed_slots() {
+            return None;
+        }
         let e = self.entry(slot);
         for _ in 0..1000 {
             // Acquire: pairs with the writer's final Release store of `seq`.
@@ -275,6 +278,7 @@ impl Registry {
         // Relaxed: written under the lock; only compared when the caller holds it.
         let slots_high = if locked { h.slots_high.load(Ordering::Relaxed) } else { u32::MAX };
         let procs_high = if locked { h.procs_high.load(Ordering::Relaxed) } else { u32::MAX };
+        let (backed_slots, backed_procs) = (self.backed_slots(), self.backed_procs());
         if locked && slots_high > self.max_sections {
             out.problems.push(format!("slots_high {slots_high} exceeds max_sections {}", self.max_sections));
         }
@@ -282,7 +286,7 @@ impl Registry {
             out.problems.push(format!("procs_high {procs_high} exceeds max_procs {}", self.max_procs));
         }
         let mut found: Vec<SectionRecord> = Vec::new();
-        for slot in 0..self.max_sections {
+        for slot in 0..backed_slots {
             let e = self.entry(slot);
             // Relaxed: a cheap pre-check; the slot is read properly below.
             if e.state.load(Ordering::Relaxed) == FREE && e.seq.load(Ordering::Relaxed) & 1 == 0 {
@@ -330,10 +334,7 @@ impl Registry {
                 out.entries.push(rec);
             }
         }
-        for slot in procs_high.min(self.max_procs)..self.max_procs {
-            if (self.proc_offset(slot) as usize) + size_of::<ProcEntryShared>() > self.map_len {
-                break;
-            }
+        for slot in procs_high.min(backed_procs)..backed_procs {
             // Relaxed: diagnostic.
             if self.proc_entry(slot).state.load(Ordering::Relaxed) != 0 {
                 out.problems.push(format!("process slot {slot} is in use above procs_high {procs_high}"));
@@ -351,8 +352,8 @@ impl Registry {
                 out.problems.push(format!("the window ranges of slots {} and {} overlap", w[0].2, w[1].2));
             }
         }
-        let table_here = (self.layout.chunks_offset + (self.window_size / CHUNK) * 4) as usize <= self.map_len;
-        if table_here {
+        // Every backed chunk is in this mapping or copy (see "Growth").
+        {
             // Per slot: the range a valid entry covers, or anything for a damaged one (whose
             // range is unknown and already reported).
             let mut by_slot: Vec<Option<(u64, u64)>> = vec![None; self.max_sections as usize];
@@ -362,9 +363,9 @@ impl Registry {
             for d in &out.damaged {
                 by_slot[d.slot as usize] = Some((0, u64::MAX));
             }
-            for c in 0..self.window_size / CHUNK {
-                // Relaxed: under the lock (the caller's promise with `locked`).
-                let v = self.chunk(c).load(Ordering::Relaxed);
+            for c in 0..self.backed_chunks() {
+                // Under the lock (the caller's promise with `locked`).
+                let v = self.chunk_owner(c);
                 if v == 0 {
                     continue;
                 }
@@ -382,8 +383,7 @@ impl Registry {
                 }
             }
             for r in out.entries.iter().filter(|r| r.state == LIVE) {
-                // Relaxed: as above.
-                if self.chunk(r.offset / CHUNK).load(Ordering::Relaxed) != r.slot + 1 {
+                if self.chunk_owner(r.offset / CHUNK) != r.slot + 1 {
                     out.problems.push(format!(
                         "the chunk table does not record section {:?} (slot {}) at its offset",
                         r.name.as_str(),
@@ -401,10 +401,10 @@ impl Registry {
         if offset >= self.window_size {
             return None;
         }
-        // Relaxed: the entry read below is validated by its own seqlock, and the range check
-        // rejects a stale table value.
-        let v = self.chunk(offset / CHUNK).load(Ordering::Relaxed);
-        if v == 0 || v > self.max_sections {
+        // The entry read below is validated by its own seqlock, and the range check rejects a
+        // stale table value.
+        let v = self.chunk_owner(offset / CHUNK);
+        if v == 0 || v > self.backed_slots() {
             return None;
         }
         let rec = self.read_entry(v - 1)?;
@@ -416,9 +416,9 @@ impl Registry {
     pub fn free_runs(&self, offset: u64, span: u64) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for c in offset / CHUNK..(offset + span).min(self.window_size) / CHUNK {
-            // Relaxed: a chunk handed out after this read is mapped by its new owner's own
-            // open, which takes the same per-process `map_lock` the caller holds.
-            if self.chunk(c).load(Ordering::Relaxed) != 0 {
+            // A chunk handed out after this read is mapped by its new owner's own open, which
+            // takes the same per-process `map_lock` the caller holds.
+            if self.chunk_owner(c) != 0 {
                 continue;
             }
             match runs.last_mut() {
@@ -431,9 +431,9 @@ impl Registry {
 
     /// Every entry in use, read without the lock (for inspection).
     pub fn entries(&self) -> Vec<SectionRecord> {
-        // Every slot, not only those below `slots_high`: a damaged high-water mark must not
-        // hide sections (a free slot costs one load).
-        (0..self.max_sections)
+        // Every backed slot, not only those below `slots_high`: a damaged high-water mark must
+        // not hide sections (a free slot costs one load).
+        (0..self.backed_slots())
             // Relaxed: a pre-check; the entry is read through its seqlock.
             .filter(|&s| self.entry(s).state.load(Ordering::Relaxed) != FREE)
             .filter_map(|s| self.read_entry(s))
@@ -450,7 +450,7 @@ impl Registry {
     /// Every process entry in use, with its liveness (from the kernel's lock table).
     pub fn procs(&self) -> Vec<ProcRecord> {
         // Relaxed: an upper bound only.
-        let high = self.header().procs_high.load(Ordering::Relaxed).min(self.max_procs);
+        let high = self.header().procs_high.load(Ordering::Relaxed).min(self.backed_procs());
         (0..high)
             .filter_map(|slot| {
                 let p = self.proc_entry(slot);
@@ -475,7 +475,7 @@ impl Registry {
     /// its liveness lock). 0, or anything that is not a token of this registry, is nobody.
     pub fn proc_alive(&self, token: u64) -> bool {
         let Some((slot, incarnation)) = ProcToken(token).parts() else { return false };
-        if slot >= self.max_procs || !self.proc_locked(slot) {
+        if slot >= self.backed_procs() || !self.proc_locked(slot) {
             return false;
         }
         let p = self.proc_entry(slot);
@@ -488,7 +488,7 @@ impl Registry {
     /// The pid recorded for the registration `token` names (for display), if it is in place.
     pub fn proc_pid(&self, token: u64) -> Option<u32> {
         let (slot, incarnation) = ProcToken(token).parts()?;
-        if slot >= self.max_procs {
+        if slot >= self.backed_procs() {
             return None;
         }
         let p = self.proc_entry(slot);
@@ -499,6 +499,6 @@ impl Registry {
     /// The pid word of process slot `slot` (a forked child writes its pid there).
     pub(crate) fn proc_pid_word(&self, token: u64) -> Option<&AtomicU32> {
         let (slot, _) = ProcToken(token).parts()?;
-        (slot < self.max_procs).then(|| &self.proc_entry(slot).pid)
+        (slot < self.backed_procs()).then(|| &self.proc_entry(slot).pid)
     }
 }

@@ -191,14 +191,14 @@ impl RegistryGuard<'_> {
 
     /// Every valid entry in use, over all slots (a damaged `slots_high` hides nothing).
     pub fn all_entries(&self) -> Vec<SectionRecord> {
-        (0..self.reg.max_sections).filter_map(|s| self.locked_entry(s)).collect()
+        (0..self.reg.backed_slots()).filter_map(|s| self.locked_entry(s)).collect()
     }
 
     /// Whether any slot is in use, valid or not: a registry with damaged entries is never
     /// "empty" (removing it would orphan their objects).
     pub fn any_slot_used(&self) -> bool {
         // Relaxed: under the lock.
-        (0..self.reg.max_sections).any(|s| self.reg.entry(s).state.load(Ordering::Relaxed) != FREE)
+        (0..self.reg.backed_slots()).any(|s| self.reg.entry(s).state.load(Ordering::Relaxed) != FREE)
     }
 
     /// Reserves a slot and a window range for a new section, recording it as `CREATING`.
@@ -214,9 +214,10 @@ impl RegistryGuard<'_> {
         let reg = self.reg;
         // Never-used slots first (O(1) while the table grows), then any freed one.
         let high = self.slots_high();
+        let backed = reg.backed_slots();
         let Some(slot) = (high..reg.max_sections).take(1).chain(0..high).find(|&s| {
-            // Relaxed: under the lock.
-            reg.entry(s).state.load(Ordering::Relaxed) == FREE
+            // Relaxed: under the lock. A slot of a segment not backed yet is free.
+            s >= backed || reg.entry(s).state.load(Ordering::Relaxed) == FREE
         }) else {
             bail!(
                 RegistryFull,
@@ -227,6 +228,10 @@ impl RegistryGuard<'_> {
         };
         let span = reserved.div_ceil(CHUNK) * CHUNK;
         let offset = self.place(span)?;
+        // Back the segments holding the slot and the range's chunks before writing either; a
+        // full file system fails the creation here, with nothing written.
+        let needed = reg.layout.segments_for_slot(slot).max(reg.layout.segments_for_chunk((offset + span) / CHUNK - 1));
+        self.grow(needed, || format!("section {name:?}"))?;
         let h = reg.header();
         // Relaxed: under the lock.
         let generation = h.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -299,7 +304,7 @@ impl RegistryGuard<'_> {
         let cursor = if cursor % CHUNK == 0 && cursor <= reg.window_size { cursor } else { 0 };
         if cursor.checked_add(span).is_some_and(|end| end <= reg.window_size)
             // Relaxed: the chunk table is written only under the lock, which we hold.
-            && (cursor / CHUNK..(cursor + span) / CHUNK).all(|c| reg.chunk(c).load(Ordering::Relaxed) == 0)
+            && (cursor / CHUNK..(cursor + span) / CHUNK).all(|c| reg.chunk_owner(c) == 0)
         {
             return Ok(cursor);
         }
@@ -318,6 +323,45 @@ impl RegistryGuard<'_> {
             reg.window_base,
             used.len()
         )
+    }
+
+    /// Makes sure the first `segments` segments are backed (see "Growth" in the module docs):
+    /// extends the object with `fallocate` (committed, so no reader can fault on it later),
+    /// then publishes the new count. On a full file system, an `OutOfSpace` error naming `what`
+    /// needed the room; the count and everything it covers are unchanged, and the object is cut
+    /// back to them.
+    pub(super) fn grow(&self, segments: u32, what: impl FnOnce() -> String) -> Result<()> {
+        let reg = self.reg;
+        let h = reg.header();
+        // Relaxed: written only under the lock, which we hold.
+        let have = h.segments_backed.load(Ordering::Relaxed);
+        if segments <= have {
+            return Ok(());
+        }
+        if segments > reg.layout.segments {
+            return Err(corrupt(
+                &reg.domain,
+                format!("{segments} segments wanted, the layout has {}", reg.layout.segments),
+            ));
+        }
+        let (old_len, new_len) = (reg.layout.backed_len(have), reg.layout.backed_len(segments));
+        if let Err(e) = reg.fd.allocate(old_len, new_len - old_len) {
+            // Nobody touches bytes past the published count, so cutting them off is safe (and
+            // gives back what a partial allocation took).
+            let _ = reg.fd.set_size(old_len);
+            return Err(Error::from_io(
+                format!(
+                    "cannot grow the registry of domain {:?} from {old_len} to {new_len} bytes for {}",
+                    reg.domain,
+                    what()
+                ),
+                e,
+            ));
+        }
+        // Release: pairs with the Acquire loads in `Registry::segments` and `validate`; the
+        // object was extended and committed above.
+        h.segments_backed.store(segments, Ordering::Release);
+        Ok(())
     }
 
     /// Marks a `CREATING` entry `LIVE`.
@@ -357,7 +401,7 @@ impl RegistryGuard<'_> {
         };
         for c in rec.offset / CHUNK..(rec.offset + rec.span()) / CHUNK {
             // Relaxed: the entry is no longer LIVE, which readers check after the table.
-            if self.reg.chunk(c).load(Ordering::Relaxed) == rec.slot + 1 {
+            if self.reg.chunk_owner(c) == rec.slot + 1 {
                 self.reg.chunk(c).store(0, Ordering::Relaxed);
             }
         }
@@ -368,7 +412,7 @@ impl RegistryGuard<'_> {
     /// Repairs what a writer that died holding the lock left behind.
     pub(super) fn repair(&self) {
         let reg = self.reg;
-        for slot in 0..reg.max_sections {
+        for slot in 0..reg.backed_slots() {
             let e = reg.entry(slot);
             // Relaxed: under the lock; the dead writer can no longer race with us.
             let seq = e.seq.load(Ordering::Relaxed);
@@ -412,12 +456,14 @@ impl RegistryGuard<'_> {
             );
         }
         for slot in 0..reg.max_procs {
-            let p = reg.proc_entry(slot);
             // Locked: a live process holds it, or (state 0) its previous owner has not closed
             // its token descriptor yet.
             if reg.proc_locked(slot) {
                 continue;
             }
+            // Every backed slot is taken: back the next segment (see "Growth").
+            self.grow(reg.layout.segments_for_proc(slot), || "a process registration".to_owned())?;
+            let p = reg.proc_entry(slot);
             // The new incarnation before the lock (see `Registry::proc_alive`). Relaxed: the
             // byte lock below publishes it (the kernel orders lock-table operations).
             let incarnation = match p.incarnation.load(Ordering::Relaxed).wrapping_add(1) {
@@ -457,7 +503,7 @@ impl RegistryGuard<'_> {
     /// caller then closes the token's descriptor, which releases the lock.
     pub fn unregister_proc(&self, token: ProcToken) {
         let Some((slot, incarnation)) = token.parts() else { return };
-        if slot >= self.reg.max_procs {
+        if slot >= self.reg.backed_procs() {
             return;
         }
         let p = self.reg.proc_entry(slot);

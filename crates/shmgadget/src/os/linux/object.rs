@@ -81,6 +81,13 @@ impl Dir {
         Ok(Object(rustix::fs::openat(&self.0, ".", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?))
     }
 
+    /// What `fstatat(2)` (with `AT_SYMLINK_NOFOLLOW`) says about object `name`, without
+    /// opening it: works for an object this process may not read (its owner is still known).
+    pub fn stat_object(&self, name: &str) -> io::Result<ObjectStat> {
+        let st = rustix::fs::statat(&self.0, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(ObjectStat::from_raw(&st))
+    }
+
     /// Removes an object's name, `unlinkat(2)`. Processes that map it keep their mapping.
     pub fn unlink_object(&self, name: &str) -> io::Result<()> {
         Ok(rustix::fs::unlinkat(&self.0, name, AtFlags::empty())?)
@@ -131,18 +138,25 @@ impl Object {
 
     /// `fstat(2)`. Async-signal-safe (one system call).
     pub fn stat(&self) -> io::Result<ObjectStat> {
-        let st = rustix::fs::fstat(&self.0)?;
+        Ok(ObjectStat::from_raw(&rustix::fs::fstat(&self.0)?))
+    }
+}
+
+impl ObjectStat {
+    fn from_raw(st: &rustix::fs::Stat) -> ObjectStat {
         let file_type = rustix::fs::FileType::from_raw_mode(st.st_mode);
-        Ok(ObjectStat {
+        ObjectStat {
             size: st.st_size as u64,
             allocated: (st.st_blocks as u64).saturating_mul(512),
             uid: st.st_uid,
             is_regular: file_type == rustix::fs::FileType::RegularFile,
             mode: st.st_mode & 0o7777,
             identity: ObjectId { dev: st.st_dev, ino: st.st_ino },
-        })
+        }
     }
+}
 
+impl Object {
     /// Sets the object's permission bits and sticky bit (`mode & 0o1777`), `fchmod(2)`.
     pub fn set_mode(&self, mode: u32) -> io::Result<()> {
         Ok(rustix::fs::fchmod(&self.0, rustix::fs::Mode::from_raw_mode(mode & 0o1777))?)
