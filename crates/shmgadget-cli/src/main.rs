@@ -314,7 +314,7 @@ fn cmd_create(
             }
             let section = domain.create_section(name, size, &opts)?;
             if let Some(len) = commit {
-                section.commit(len)?;
+                commit_with_bar(&section, len, cli.json)?;
             }
             (section.info(), None, String::new())
         }
@@ -844,4 +844,22 @@ pub(crate) fn table(header: &[&str]) -> Table {
     t.load_preset(extras::table_preset());
     t.set_header(header.to_vec());
     t
+}
+
+/// Commits `len` bytes of `section`; from 1 GiB on, with a progress bar on stderr when stderr
+/// is a terminal (and the output is not JSON), since committing gigabytes takes seconds.
+fn commit_with_bar(section: &shmgadget::Section, len: u64, json: bool) -> shmgadget::Result<()> {
+    use std::io::IsTerminal;
+    const BAR_FROM: u64 = 1 << 30;
+    if len < BAR_FROM || json || !std::io::stderr().is_terminal() {
+        return section.commit(len);
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("committing {bar:40} {binary_bytes}/{binary_total_bytes} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let result = section.commit_with_progress(len, 64 << 20, |done| bar.set_position(done));
+    bar.finish_and_clear();
+    result
 }

@@ -106,3 +106,27 @@ fn tables_use_box_drawing_only_on_a_utf8_terminal() {
     }
     assert!(shmgadget(&["--domain", &domain, "rm", "s"]).status.success());
 }
+
+#[test]
+fn committing_a_gigabyte_on_a_terminal_shows_a_progress_bar_and_a_pipe_does_not() {
+    if !have("script") {
+        eprintln!("script(1) is not installed: the progress bar is not checked");
+        return;
+    }
+    let domain = format!("bar-{}", std::process::id());
+    let exe = env!("CARGO_BIN_EXE_shmgadget");
+    let create = format!("{exe} --domain {domain} create big --size 1G --commit 1G");
+    // script(1) gives the command a terminal for stderr too, and copies what it wrote.
+    let tty = Command::new("script").args(["-qec", &create, "/dev/null"]).output().unwrap();
+    let text = String::from_utf8_lossy(&tty.stdout).into_owned();
+    assert!(tty.status.success(), "{text}");
+    assert!(text.contains("committing"), "a terminal gets a progress bar: {text}");
+    let info = shmgadget(&["--domain", &domain, "--json", "info", "big"]);
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    assert!(info.contains("\"committed\": 1073741824"), "everything committed: {info}");
+    assert!(shmgadget(&["--domain", &domain, "rm", "big"]).status.success());
+    let piped = shmgadget(&["--domain", &domain, "create", "big", "--size", "1G", "--commit", "1G"]);
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("committing"), "no bar into a pipe");
+    assert!(shmgadget(&["--domain", &domain, "rm", "big"]).status.success());
+}

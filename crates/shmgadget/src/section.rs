@@ -217,6 +217,13 @@ impl Section {
     /// [`ErrorKind::OutOfSpace`] when the backing store is full; the process keeps running and
     /// nothing already committed is lost.
     pub fn commit(&self, len: u64) -> Result<()> {
+        self.commit_with_progress(len, u64::MAX, |_| {})
+    }
+
+    /// [`Section::commit`] in steps of `step` bytes (rounded up to whole pages), calling
+    /// `progress(committed_so_far)` after each: for a progress bar while gigabytes are committed.
+    /// A failure part-way keeps what was committed before it.
+    pub fn commit_with_progress(&self, len: u64, step: u64, mut progress: impl FnMut(u64)) -> Result<()> {
         if len > self.rec.reserved {
             bail!(
                 InvalidSize,
@@ -230,11 +237,17 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
+        let step = step.clamp(1, len).next_multiple_of(page);
         let (fd, _) = self.reopen(os::Access::ReadWrite, "commit")?;
-        fd.allocate(0, len)
-            .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
-        drop(fd);
-        registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, len, true);
+        let mut done = 0;
+        while done < len {
+            let n = step.min(len - done);
+            fd.allocate(done, n)
+                .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
+            done += n;
+            registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, done, true);
+            progress(done);
+        }
         Ok(())
     }
 
