@@ -17,8 +17,8 @@
 //!   that store are frozen: `magic`, `layout_version`, `abi_fingerprint`, `max_*`, `mode`,
 //!   `total_size`, `window_*`, the offsets, `created_at` and the domain name. An opener that finds
 //!   `ready != READY` while holding the directory lock knows the creator died mid-way.
-//! * **Writers** of section entries, process entries and the chunk table hold `lock`, a glibc
-//!   robust process-shared mutex. `next_generation`, `place_cursor`, `slots_high` and
+//! * **Writers** of section entries, process entries and the chunk table hold `lock`,
+//!   shmgadget's own robust process-shared lock (`sync::robust`). `next_generation`, `place_cursor`, `slots_high` and
 //!   `procs_high` are written only under it.
 //! * **Readers without the lock** (the first-touch fault handler, `ls`): each section entry
 //!   is a seqlock. `seq` is even when the entry is stable and odd while a writer changes it;
@@ -47,8 +47,8 @@
 //! A creator whose initialisation fails removes the section itself before returning the error.
 //!
 //! # Crashes
-//! A writer that dies holding `lock` makes the next locker's `pthread_mutex_lock` return
-//! `EOWNERDEAD`. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
+//! A writer that dies holding `lock` (shmgadget's own robust lock, `sync::robust`) makes the
+//! next locker's lock call return `OwnerDied`. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
 //! `DELETING` (or with an odd `seq`) has its object unlinked and its slot and chunks freed; a
 //! `LIVE` entry with an odd `seq` only gets `seq` made even. It then marks the mutex consistent.
 //!
@@ -59,12 +59,12 @@
 //! window's address without a system call; 0 for an unattached tool or a process registering)
 //! right after locking and clears it before unlocking; both Relaxed, written by the holder only
 //! and read by waiters as a snapshot. A waiter that cannot get the lock looks, every 200 ms, at
-//! the holder's thread id in the glibc lock word and at `lock_owner`: no thread, a thread that
+//! the holder's thread id in the lock word and at `lock_owner`: no thread, a thread that
 //! does not exist, or a token whose registration is not alive, seen twice with the same lock
 //! word, is `Corrupt` ("held by slot N, pid P, which is not alive; run `shmgadget gc --domain D
 //! --force`"); a live holder past the bound is `Timeout`. `gc --force`, holding the shm
 //! directory's lock, looks again and re-initialises the lock in place
-//! ([`Registry::break_lock`]), then repairs as after `EOWNERDEAD`.
+//! ([`Registry::break_lock`]), then repairs as after `OwnerDied`.
 //!
 //! # Process entries and liveness tokens
 //! An attached process holds an OFD write lock on the byte at its process entry's offset (its
@@ -118,7 +118,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use crate::error::{Error, ErrorKind, Result, bail};
 use crate::names;
-use crate::os::{self, LockOutcome, RawRobustMutex};
+use crate::os;
+use crate::sync::{LockOutcome, RobustLock};
 
 /// Default base of the first domain's window.
 pub const DEFAULT_WINDOW_BASE: u64 = 0x2000_0000_0000;
@@ -144,7 +145,8 @@ pub const MAX_TABLE_ENTRIES: u32 = 1 << 16;
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
 /// 2: process entries carry an `incarnation`, and tokens are `(slot, incarnation)`.
 /// 3: section entries carry their creator's token and a ready word (all-or-nothing creation).
-const LAYOUT_VERSION: u32 = 4;
+/// 5: the lock is shmgadget's own robust lock (`sync::robust`), not a glibc mutex.
+const LAYOUT_VERSION: u32 = 5;
 const READY: u32 = 0x5244_5921; // "RDY!"
 const TOMBSTONE: u32 = u32::MAX;
 
@@ -265,7 +267,7 @@ pub(crate) struct RegistryShared {
     /// not attached (a tool such as `gc`, or a process registering). See "Bounded waits".
     lock_owner: AtomicU64,
     domain: [AtomicU64; 8],
-    lock: RawRobustMutex,
+    lock: RobustLock,
 }
 
 /// One section slot.
@@ -335,7 +337,7 @@ const ABI_FINGERPRINT: u32 = {
         offset_of!(SectionEntryShared, committed) as u64,
         offset_of!(SectionEntryShared, creator_token) as u64,
         offset_of!(ProcEntryShared, attached_at) as u64,
-        size_of::<RawRobustMutex>() as u64,
+        size_of::<RobustLock>() as u64,
         CHUNK,
         2, // name index: 2 buckets per section slot, linear probing, FNV-1a
     ];
@@ -1392,15 +1394,17 @@ impl Registry {
             bail!(InvalidArgument, "a private copy of domain {:?}'s registry cannot be locked", self.domain);
         }
         let lock = &self.header().lock;
-        // The uncontended path: one trylock.
-        let outcome = match lock.try_lock().map_err(|e| self.unusable(e))? {
+        // This process's registration in this domain if it is attached (found from the
+        // window's address, no system call), recorded as the holder's.
+        let token = os::token_for_address(self.window_base as usize);
+        // The uncontended path: one try_lock.
+        let outcome = match lock.try_lock(token).map_err(|e| self.unusable(e))? {
             Some(outcome) => outcome,
-            None => self.lock_slow(timeout.unwrap_or(crate::sync::LOCK_PATIENCE))?,
+            None => self.lock_slow(token, timeout.unwrap_or(crate::sync::LOCK_PATIENCE))?,
         };
-        // Relaxed: the holder's own record, ordered for later lockers by the pthread lock and
-        // only a snapshot for diagnosing waiters; the token is this process's registration in
-        // this domain if it is attached (found from the window's address, no system call).
-        self.header().lock_owner.store(os::token_for_address(self.window_base as usize), Ordering::Relaxed);
+        // Relaxed: the holder's own record, ordered for later lockers by the lock word and
+        // only a snapshot for diagnosing waiters.
+        self.header().lock_owner.store(token, Ordering::Relaxed);
         let guard = RegistryGuard { reg: self };
         if outcome == LockOutcome::OwnerDied {
             guard.repair();
@@ -1433,9 +1437,10 @@ impl Registry {
     }
 
     #[cold]
-    fn lock_slow(&self, patience: std::time::Duration) -> Result<LockOutcome> {
+    fn lock_slow(&self, token: u64, patience: std::time::Duration) -> Result<LockOutcome> {
         let lock = &self.header().lock;
-        let waited = crate::sync::lock_patiently(lock, patience, |word| self.lock_holder(word).0)
+        let alive = |t| Some(self.proc_alive(t));
+        let waited = crate::sync::lock_patiently(lock, token, &alive, patience, |word| self.lock_holder(word).0)
             .map_err(|e| self.unusable(e))?;
         let d = &self.domain;
         match waited {
@@ -1487,7 +1492,8 @@ impl Registry {
         let h = self.header();
         // SAFETY: forwarded from the caller (see above); the mapping stays while `self` lives.
         unsafe { h.lock.init() }.map_err(|e| Error::from_io("cannot re-initialise the registry lock", e))?;
-        let outcome = h.lock.try_lock().map_err(|e| self.unusable(e))?;
+        let token = os::token_for_address(self.window_base as usize);
+        let outcome = h.lock.try_lock(token).map_err(|e| self.unusable(e))?;
         if outcome.is_none() {
             bail!(
                 Timeout,
@@ -1496,9 +1502,9 @@ impl Registry {
             );
         }
         // Relaxed: as in `lock_inner`.
-        h.lock_owner.store(os::token_for_address(self.window_base as usize), Ordering::Relaxed);
+        h.lock_owner.store(token, Ordering::Relaxed);
         let guard = RegistryGuard { reg: self };
-        // The abandoned holder may have died mid-write: repair as after EOWNERDEAD.
+        // The abandoned holder may have died mid-write: repair as after `OwnerDied`.
         guard.repair();
         Ok(guard)
     }

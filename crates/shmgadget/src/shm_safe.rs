@@ -54,7 +54,7 @@ shm_safe!(
 
 // SAFETY: an array of shared-memory-safe elements is laid out contiguously with no pointers.
 unsafe impl<T: ShmSafe, const N: usize> ShmSafe for [T; N] {}
-// SAFETY: the mutex is repr(C) atomics + a robust pthread mutex + `T`, itself ShmSafe.
+// SAFETY: the mutex is repr(C) atomics (its robust lock too) + `T`, itself ShmSafe.
 unsafe impl<T: ShmSafe> ShmSafe for crate::sync::Mutex<T> {}
 
 /// Defines a `#[repr(C)]` struct that may live in shared memory and implements [`ShmSafe`]

@@ -1,0 +1,350 @@
+//! shmgadget's own robust lock: a lock word plus an owner record, every byte defined here, so
+//! a Linux and a Windows build of the same version agree on it (64 bytes). [`RawMutex`] and the
+//! registry embed it.
+//!
+//! [`RawMutex`]: super::RawMutex
+//!
+//! # Protocol
+//! | field         | value                                           | written by                |
+//! |---------------|-------------------------------------------------|---------------------------|
+//! | `word`        | 0 free; else holder's thread id \| `WAITERS`    | CAS to take, swap to free |
+//! | `owner_tid`   | the holder's thread id, once it has recorded    | the holder                |
+//! | `owner_token` | holder's process token in the lock's domain (0: none) | the holder          |
+//! | `owner_pid`   | holder's pid (display, and "same process?")     | the holder                |
+//! | `died`        | 1: a holder died, not yet made consistent       | holders / a dying thread  |
+//!
+//! * Taking: `CAS(word, 0, tid)` (Acquire), then the record: `owner_token`, `owner_pid`
+//!   (Relaxed), `owner_tid` last (Release, pairs with the Acquire load of `owner_tid` in
+//!   `holder_dead`), and the lock's address goes into this thread's held list.
+//! * Releasing: out of the held list, the record cleared (Relaxed), then `swap(word, 0)`
+//!   (Release; pairs with the next taker's Acquire CAS, so the cleared record and everything
+//!   written under the lock is visible to it). If the old word had `WAITERS`, one sleeper is
+//!   woken (`futex_wake`).
+//! * Waiting: a waiter sets `WAITERS` in the word (CAS), then sleeps on the word with that
+//!   value expected, so an unlock in between changes the word and the sleep returns at once
+//!   (no lost wake-up). A waiter that takes the lock from the slow path sets `WAITERS` itself,
+//!   since other sleepers may remain. Sleeps last at most [`DEATH_LOOK`] (10 ms), so a
+//!   contended wait costs one wake-up per 10 ms, not CPU.
+//! * Owner death, process: after a sleep that timed out on an unchanged word, the waiter looks
+//!   at the record. Only a record that agrees with the word (`owner_tid` == the word's thread,
+//!   and the word unchanged after reading it) is trusted: a word damaged by a stray write, or a
+//!   holder that died between its CAS and its record, is not taken over (bounded waits report
+//!   it as `Corrupt`, and `gc --force` breaks it, as before). A trusted record whose token is
+//!   no longer alive in the registry (the OFD lock on its byte dropped by the kernel at exit),
+//!   or, for a holder in this very process, whose thread no longer exists, is a dead holder:
+//!   the waiter takes the lock with `CAS(word, seen, tid | WAITERS)` (only one waiter can
+//!   win), sets `died` and is told [`LockOutcome::OwnerDied`]. A `kill -9` is seen within one
+//!   sleep, about 10 ms.
+//! * Owner death, thread: each thread keeps a list of the locks it holds (a thread-local, at
+//!   most [`MAX_HELD`]; more are held unlisted, then only the same-process thread check above
+//!   sees its death). Its destructor, run when the thread exits, releases every listed lock the
+//!   word still says this thread holds, with `died = 1` set first, and wakes a sleeper. A forked
+//!   child inherits the list but not the locks: the word names the parent's thread, so the
+//!   child's destructor leaves them alone.
+//! * `died` is sticky: every taker is told `OwnerDied` until a holder calls
+//!   [`RobustLock::make_consistent`] (so a repairer that dies mid-repair makes the next one
+//!   repair again). It is written only while holding the lock (Relaxed; the word orders it).
+//!
+//! Why not the kernel's robust list: the kernel keeps one robust-list head per thread
+//! (`set_robust_list(2)`), and glibc owns it (registered at thread start, entries linked
+//! through glibc's own mutex layout and its `list_op_pending`). Registering our own head would
+//! silently disable glibc's robust mutexes in the process; linking our words into glibc's list
+//! would make our layout follow glibc's private one and race its `list_op_pending` protocol.
+//! Neither is "without disturbing glibc's list", so death is found by the liveness token.
+//!
+//! Memory holding a lock that a thread holds must stay mapped until that thread releases it
+//! or exits (its exit releases it, writing to it).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::os;
+
+/// A holder's thread id occupies the low 30 bits of the word.
+pub(crate) const TID_MASK: u32 = 0x3fff_ffff;
+/// Someone may be asleep on the word.
+const WAITERS: u32 = 0x8000_0000;
+/// The longest a waiter sleeps before looking at whether the holder is alive.
+pub(crate) const DEATH_LOOK: Duration = Duration::from_millis(10);
+/// How many locks a thread's held list records.
+pub(crate) const MAX_HELD: usize = 16;
+
+/// How a lock was acquired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// Acquired normally.
+    Acquired,
+    /// Acquired, but a previous holder died while holding it and nobody has called
+    /// `make_consistent` since.
+    OwnerDied,
+}
+
+/// The lock word and the owner record (64 bytes, 16-aligned like the glibc mutex it replaced,
+/// so the layouts around it keep their offsets; see the module docs). All-zero is a free,
+/// consistent lock.
+#[repr(C, align(16))]
+pub struct RobustLock {
+    word: AtomicU32,
+    owner_tid: AtomicU32,
+    owner_token: AtomicU64,
+    owner_pid: AtomicU32,
+    died: AtomicU32,
+    _reserved: [AtomicU64; 5],
+}
+
+const _: () = assert!(size_of::<RobustLock>() == 64 && align_of::<RobustLock>() == 16);
+const _: () = assert!(std::mem::offset_of!(RobustLock, word) == 0);
+
+/// This thread's id (cached, refreshed after a fork) and the locks it holds.
+struct ThreadLocks {
+    tid: Cell<u32>,
+    pid: Cell<u32>,
+    len: Cell<usize>,
+    held: [Cell<usize>; MAX_HELD],
+}
+
+impl Drop for ThreadLocks {
+    fn drop(&mut self) {
+        // The real thread id, not the cache: a forked child's cache may still name its parent.
+        let me = os::current_tid();
+        for i in 0..self.len.get() {
+            let addr = self.held[i].get();
+            // SAFETY: listed by `remember` while this thread held the lock at `addr` and not
+            // yet removed by `forget`, so the lock is still held by this thread (or, in a
+            // forked child, by the parent, which `abandon` checks); its memory stays mapped
+            // while held (module docs).
+            unsafe { &*(addr as *const RobustLock) }.abandon(me);
+        }
+        self.len.set(0);
+    }
+}
+
+thread_local! {
+    static LOCKS: ThreadLocks = const {
+        ThreadLocks {
+            tid: Cell::new(0),
+            pid: Cell::new(0),
+            len: Cell::new(0),
+            held: [const { Cell::new(0) }; MAX_HELD],
+        }
+    };
+}
+
+impl ThreadLocks {
+    #[inline]
+    fn tid(&self) -> u32 {
+        let pid = os::current_pid();
+        if self.pid.get() != pid {
+            self.tid.set(os::current_tid() & TID_MASK);
+            self.pid.set(pid);
+        }
+        self.tid.get()
+    }
+}
+
+/// This thread's id, for the lock word.
+#[inline]
+fn my_tid() -> u32 {
+    // Past this thread's destructor (another thread-local's destructor locking), ask the OS.
+    LOCKS.try_with(|t| t.tid()).unwrap_or_else(|_| os::current_tid() & TID_MASK)
+}
+
+impl RobustLock {
+    /// Initialises (or re-initialises) the lock: free, consistent, no holder.
+    ///
+    /// # Safety
+    /// No thread of any process may hold the lock or be inside a call on it, other than a
+    /// waiter that will find the word changed.
+    pub unsafe fn init(&self) -> std::io::Result<()> {
+        // Relaxed: published by whatever publishes the lock (an object header's READY, the
+        // registry's ready word), or, for a break, by the word's next CAS.
+        self.owner_tid.store(0, Ordering::Relaxed);
+        self.owner_token.store(0, Ordering::Relaxed);
+        self.owner_pid.store(0, Ordering::Relaxed);
+        self.died.store(0, Ordering::Relaxed);
+        // Release: a waiter that sees 0 sees the cleared record.
+        self.word.store(0, Ordering::Release);
+        os::futex_wake(&self.word, u32::MAX);
+        Ok(())
+    }
+
+    /// The lock word (for diagnosis).
+    pub fn word(&self) -> u32 {
+        // Relaxed: a snapshot.
+        self.word.load(Ordering::Relaxed)
+    }
+
+    /// The thread a lock word names (0: none).
+    pub fn owner_tid(word: u32) -> u32 {
+        word & TID_MASK
+    }
+
+    /// Takes the lock if free, recording `token` (the caller's process token in the lock's
+    /// domain, 0 if none) as the holder's; `Ok(None)` if held.
+    #[inline]
+    pub fn try_lock(&self, token: u64) -> std::io::Result<Option<LockOutcome>> {
+        let me = my_tid();
+        // Acquire: pairs with the Release swap in `release`.
+        if self.word.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(self.acquired(me, token)))
+    }
+
+    #[inline]
+    fn acquired(&self, me: u32, token: u64) -> LockOutcome {
+        // Relaxed: published by the Release store of `owner_tid` just below.
+        self.owner_token.store(token, Ordering::Relaxed);
+        self.owner_pid.store(os::current_pid(), Ordering::Relaxed);
+        // Release: pairs with the Acquire load in `holder_dead`.
+        self.owner_tid.store(me, Ordering::Release);
+        self.remember();
+        // Relaxed: written only under the lock, which our Acquire CAS ordered.
+        if self.died.load(Ordering::Relaxed) != 0 { LockOutcome::OwnerDied } else { LockOutcome::Acquired }
+    }
+
+    #[inline]
+    fn remember(&self) {
+        let addr = self as *const Self as usize;
+        let _ = LOCKS.try_with(|t| {
+            let n = t.len.get();
+            if n < MAX_HELD {
+                t.held[n].set(addr);
+                t.len.set(n + 1);
+            }
+        });
+    }
+
+    #[inline]
+    fn forget(&self) {
+        let addr = self as *const Self as usize;
+        let _ = LOCKS.try_with(|t| {
+            let n = t.len.get();
+            // Usually the last one taken.
+            let mut i = n;
+            while i > 0 {
+                i -= 1;
+                if t.held[i].get() == addr {
+                    t.held[i].set(t.held[n - 1].get());
+                    t.len.set(n - 1);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Takes the lock, sleeping until `timeout` (`None`: for ever); `Ok(None)` on timeout. A
+    /// holder found dead (see the module docs; `alive` answers whether a process token is
+    /// alive, `None` when it cannot tell) is taken over with [`LockOutcome::OwnerDied`].
+    pub fn lock_timeout(
+        &self,
+        token: u64,
+        timeout: Option<Duration>,
+        alive: &dyn Fn(u64) -> Option<bool>,
+    ) -> std::io::Result<Option<LockOutcome>> {
+        if let Some(o) = self.try_lock(token)? {
+            return Ok(Some(o));
+        }
+        let deadline = super::deadline(timeout);
+        let me = my_tid();
+        loop {
+            // Relaxed: only a guess for the CAS, which orders.
+            let w = self.word.load(Ordering::Relaxed);
+            if w == 0 {
+                // Acquire: as in `try_lock`. WAITERS: other sleepers may remain.
+                if self.word.compare_exchange(0, me | WAITERS, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                    return Ok(Some(self.acquired(me, token)));
+                }
+                continue;
+            }
+            let expect = w | WAITERS;
+            // Relaxed: the word's value is all that matters; the sleep re-checks it.
+            if w != expect && self.word.compare_exchange(w, expect, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+                continue;
+            }
+            let left = super::remaining(deadline);
+            if left == Some(Duration::ZERO) {
+                return Ok(None);
+            }
+            let slice = left.map_or(DEATH_LOOK, |l| l.min(DEATH_LOOK));
+            if os::futex_wait(&self.word, expect, Some(slice))? == os::FutexWait::TimedOut
+                && self.holder_dead(expect, alive)
+                // Acquire: the dead holder's writes (whatever it got done) become visible.
+                && self.word.compare_exchange(expect, me | WAITERS, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            {
+                // Relaxed: we hold the lock; the word orders it for the next holder.
+                self.died.store(1, Ordering::Relaxed);
+                return Ok(Some(self.acquired(me, token)));
+            }
+        }
+    }
+
+    /// Whether the holder named by `word` is proven dead (see the module docs).
+    #[cold]
+    fn holder_dead(&self, word: u32, alive: &dyn Fn(u64) -> Option<bool>) -> bool {
+        let tid = word & TID_MASK;
+        // Acquire: pairs with the Release store in `acquired`, so the token and pid read
+        // below are the ones this holder recorded (or a later holder's, which the re-read of
+        // the word excludes).
+        if tid == 0 || self.owner_tid.load(Ordering::Acquire) != tid {
+            return false;
+        }
+        // Relaxed: ordered by the Acquire above.
+        let token = self.owner_token.load(Ordering::Relaxed);
+        let pid = self.owner_pid.load(Ordering::Relaxed);
+        // Relaxed: the record read above belongs to this word's holder only if the word has
+        // not changed meanwhile (the CAS that takes over re-checks it too).
+        if self.word.load(Ordering::Relaxed) != word {
+            return false;
+        }
+        if token != 0 && alive(token) == Some(false) {
+            return true;
+        }
+        pid == os::current_pid() && !os::thread_exists(tid)
+    }
+
+    /// Releases the lock.
+    ///
+    /// # Safety
+    /// The calling thread must hold the lock.
+    #[inline]
+    pub unsafe fn unlock(&self) {
+        self.forget();
+        self.release();
+    }
+
+    #[inline]
+    fn release(&self) {
+        // Relaxed: published by the Release swap below.
+        self.owner_tid.store(0, Ordering::Relaxed);
+        self.owner_token.store(0, Ordering::Relaxed);
+        self.owner_pid.store(0, Ordering::Relaxed);
+        // Release: pairs with the Acquire CAS of the next taker.
+        if self.word.swap(0, Ordering::Release) & WAITERS != 0 {
+            os::futex_wake(&self.word, 1);
+        }
+    }
+
+    /// A thread exiting with the lock listed as held: release it as a dead holder would be
+    /// taken over, if the word says thread `me` holds it.
+    fn abandon(&self, me: u32) {
+        // Relaxed: our own earlier CAS wrote it if we hold it.
+        if self.word.load(Ordering::Relaxed) & TID_MASK != me & TID_MASK {
+            return;
+        }
+        // Relaxed: we hold the lock; the Release swap in `release` publishes it.
+        self.died.store(1, Ordering::Relaxed);
+        self.release();
+    }
+
+    /// Declares the protected data repaired after [`LockOutcome::OwnerDied`].
+    ///
+    /// # Safety
+    /// The calling thread must hold the lock.
+    pub unsafe fn make_consistent(&self) -> std::io::Result<()> {
+        // Relaxed: written under the lock.
+        self.died.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+}
