@@ -56,10 +56,70 @@
 //! or exits (its exit releases it, writing to it).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::os;
+
+/// The lock word's operations: std's atomic and the kernel futex in every build, loom's atomic
+/// and the model futex (`shim.rs`) in loom models, so the models check this very code.
+pub trait Word32: Sync {
+    fn load(&self, o: Ordering) -> u32;
+    fn store(&self, v: u32, o: Ordering);
+    fn cas(&self, cur: u32, new: u32, ok: Ordering, fail: Ordering) -> Result<u32, u32>;
+    fn swap(&self, v: u32, o: Ordering) -> u32;
+    fn wait(&self, expected: u32, timeout: Option<Duration>) -> std::io::Result<os::FutexWait>;
+    fn wake(&self, n: u32);
+}
+
+/// The record's 64-bit words.
+pub trait Word64: Sync {
+    fn load(&self, o: Ordering) -> u64;
+    fn store(&self, v: u64, o: Ordering);
+}
+
+macro_rules! words {
+    ($u32:ty, $u64:ty, $wait:path, $wake:path) => {
+        impl Word32 for $u32 {
+            #[inline]
+            fn load(&self, o: Ordering) -> u32 {
+                <$u32>::load(self, o)
+            }
+            #[inline]
+            fn store(&self, v: u32, o: Ordering) {
+                <$u32>::store(self, v, o)
+            }
+            #[inline]
+            fn cas(&self, cur: u32, new: u32, ok: Ordering, fail: Ordering) -> Result<u32, u32> {
+                <$u32>::compare_exchange(self, cur, new, ok, fail)
+            }
+            #[inline]
+            fn swap(&self, v: u32, o: Ordering) -> u32 {
+                <$u32>::swap(self, v, o)
+            }
+            fn wait(&self, expected: u32, timeout: Option<Duration>) -> std::io::Result<os::FutexWait> {
+                $wait(self, expected, timeout)
+            }
+            fn wake(&self, n: u32) {
+                $wake(self, n);
+            }
+        }
+        impl Word64 for $u64 {
+            #[inline]
+            fn load(&self, o: Ordering) -> u64 {
+                <$u64>::load(self, o)
+            }
+            #[inline]
+            fn store(&self, v: u64, o: Ordering) {
+                <$u64>::store(self, v, o)
+            }
+        }
+    };
+}
+
+words!(std::sync::atomic::AtomicU32, std::sync::atomic::AtomicU64, os::futex_wait, os::futex_wake);
+#[cfg(loom)]
+words!(loom::sync::atomic::AtomicU32, loom::sync::atomic::AtomicU64, super::shim::futex_wait, super::shim::futex_wake);
 
 /// A holder's thread id occupies the low 30 bits of the word.
 pub(crate) const TID_MASK: u32 = 0x3fff_ffff;
@@ -84,19 +144,44 @@ pub enum LockOutcome {
 /// so the layouts around it keep their offsets; see the module docs). All-zero is a free,
 /// consistent lock.
 #[repr(C, align(16))]
-pub struct RobustLock {
-    word: AtomicU32,
-    owner_tid: AtomicU32,
-    owner_token: AtomicU64,
-    owner_pid: AtomicU32,
-    died: AtomicU32,
-    _reserved: [AtomicU64; 5],
+pub struct RobustLockOf<A: Word32, B: Word64> {
+    word: A,
+    owner_tid: A,
+    owner_token: B,
+    owner_pid: A,
+    died: A,
+    _reserved: [B; 5],
 }
+
+/// The lock in a loom model: the same code on loom's atomics.
+#[cfg(loom)]
+pub type ModelRobustLock = RobustLockOf<loom::sync::atomic::AtomicU32, loom::sync::atomic::AtomicU64>;
+
+#[cfg(loom)]
+impl ModelRobustLock {
+    /// A free lock outside shared memory, for loom models.
+    pub fn new_model() -> Self {
+        use loom::sync::atomic::{AtomicU32, AtomicU64};
+        RobustLockOf {
+            word: AtomicU32::new(0),
+            owner_tid: AtomicU32::new(0),
+            owner_token: AtomicU64::new(0),
+            owner_pid: AtomicU32::new(0),
+            died: AtomicU32::new(0),
+            _reserved: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// The lock as it lives in shared memory.
+pub type RobustLock = RobustLockOf<std::sync::atomic::AtomicU32, std::sync::atomic::AtomicU64>;
 
 const _: () = assert!(size_of::<RobustLock>() == 64 && align_of::<RobustLock>() == 16);
 const _: () = assert!(std::mem::offset_of!(RobustLock, word) == 0);
+const _: () = assert!(std::mem::offset_of!(RobustLock, owner_token) == 8);
 
 /// This thread's id (cached, refreshed after a fork) and the locks it holds.
+#[cfg_attr(loom, allow(dead_code))]
 struct ThreadLocks {
     tid: Cell<u32>,
     pid: Cell<u32>,
@@ -131,6 +216,7 @@ thread_local! {
     };
 }
 
+#[cfg_attr(loom, allow(dead_code))]
 impl ThreadLocks {
     #[inline]
     fn tid(&self) -> u32 {
@@ -144,13 +230,24 @@ impl ThreadLocks {
 }
 
 /// This thread's id, for the lock word.
+#[cfg(not(loom))]
 #[inline]
 fn my_tid() -> u32 {
     // Past this thread's destructor (another thread-local's destructor locking), ask the OS.
     LOCKS.try_with(|t| t.tid()).unwrap_or_else(|_| os::current_tid() & TID_MASK)
 }
 
-impl RobustLock {
+/// Under loom every model thread runs on one OS thread: number them instead.
+#[cfg(loom)]
+fn my_tid() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    loom::thread_local! {
+        static TID: u32 = NEXT.fetch_add(1, Ordering::Relaxed) & TID_MASK;
+    }
+    TID.with(|t| *t)
+}
+
+impl<A: Word32, B: Word64> RobustLockOf<A, B> {
     /// Initialises (or re-initialises) the lock: free, consistent, no holder.
     ///
     /// # Safety
@@ -165,7 +262,7 @@ impl RobustLock {
         self.died.store(0, Ordering::Relaxed);
         // Release: a waiter that sees 0 sees the cleared record.
         self.word.store(0, Ordering::Release);
-        os::futex_wake(&self.word, u32::MAX);
+        self.word.wake(u32::MAX);
         Ok(())
     }
 
@@ -186,7 +283,7 @@ impl RobustLock {
     pub fn try_lock(&self, token: u64) -> std::io::Result<Option<LockOutcome>> {
         let me = my_tid();
         // Acquire: pairs with the Release swap in `release`.
-        if self.word.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        if self.word.cas(0, me, Ordering::Acquire, Ordering::Relaxed).is_err() {
             return Ok(None);
         }
         Ok(Some(self.acquired(me, token)))
@@ -206,6 +303,11 @@ impl RobustLock {
 
     #[inline]
     fn remember(&self) {
+        // Under loom: no list (model threads share one OS thread); death is modelled
+        // through `alive`.
+        if cfg!(loom) {
+            return;
+        }
         let addr = self as *const Self as usize;
         let _ = LOCKS.try_with(|t| {
             let n = t.len.get();
@@ -218,6 +320,9 @@ impl RobustLock {
 
     #[inline]
     fn forget(&self) {
+        if cfg!(loom) {
+            return;
+        }
         let addr = self as *const Self as usize;
         let _ = LOCKS.try_with(|t| {
             let n = t.len.get();
@@ -243,6 +348,19 @@ impl RobustLock {
         timeout: Option<Duration>,
         alive: &dyn Fn(u64) -> Option<bool>,
     ) -> std::io::Result<Option<LockOutcome>> {
+        self.lock_looking(token, timeout, Some(DEATH_LOOK), alive)
+    }
+
+    /// [`lock_timeout`](Self::lock_timeout), sleeping at most `look` between looks at the
+    /// holder (`None`: until woken, only for the loom model of wake-ups, where a lost wake-up
+    /// must show up as a deadlock).
+    pub fn lock_looking(
+        &self,
+        token: u64,
+        timeout: Option<Duration>,
+        look: Option<Duration>,
+        alive: &dyn Fn(u64) -> Option<bool>,
+    ) -> std::io::Result<Option<LockOutcome>> {
         if let Some(o) = self.try_lock(token)? {
             return Ok(Some(o));
         }
@@ -253,25 +371,28 @@ impl RobustLock {
             let w = self.word.load(Ordering::Relaxed);
             if w == 0 {
                 // Acquire: as in `try_lock`. WAITERS: other sleepers may remain.
-                if self.word.compare_exchange(0, me | WAITERS, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                if self.word.cas(0, me | WAITERS, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                     return Ok(Some(self.acquired(me, token)));
                 }
                 continue;
             }
             let expect = w | WAITERS;
             // Relaxed: the word's value is all that matters; the sleep re-checks it.
-            if w != expect && self.word.compare_exchange(w, expect, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            if w != expect && self.word.cas(w, expect, Ordering::Relaxed, Ordering::Relaxed).is_err() {
                 continue;
             }
             let left = super::remaining(deadline);
             if left == Some(Duration::ZERO) {
                 return Ok(None);
             }
-            let slice = left.map_or(DEATH_LOOK, |l| l.min(DEATH_LOOK));
-            if os::futex_wait(&self.word, expect, Some(slice))? == os::FutexWait::TimedOut
+            let slice = match (left, look) {
+                (Some(l), Some(k)) => Some(l.min(k)),
+                (l, k) => l.or(k),
+            };
+            if self.word.wait(expect, slice)? == os::FutexWait::TimedOut
                 && self.holder_dead(expect, alive)
                 // Acquire: the dead holder's writes (whatever it got done) become visible.
-                && self.word.compare_exchange(expect, me | WAITERS, Ordering::Acquire, Ordering::Relaxed).is_ok()
+                && self.word.cas(expect, me | WAITERS, Ordering::Acquire, Ordering::Relaxed).is_ok()
             {
                 // Relaxed: we hold the lock; the word orders it for the next holder.
                 self.died.store(1, Ordering::Relaxed);
@@ -301,7 +422,9 @@ impl RobustLock {
         if token != 0 && alive(token) == Some(false) {
             return true;
         }
-        pid == os::current_pid() && !os::thread_exists(tid)
+        // A thread of this very process that is gone (one that held more locks than its list
+        // records). Not under loom, where all model threads share one OS thread.
+        !cfg!(loom) && pid == os::current_pid() && !os::thread_exists(tid)
     }
 
     /// Releases the lock.
@@ -322,7 +445,7 @@ impl RobustLock {
         self.owner_pid.store(0, Ordering::Relaxed);
         // Release: pairs with the Acquire CAS of the next taker.
         if self.word.swap(0, Ordering::Release) & WAITERS != 0 {
-            os::futex_wake(&self.word, 1);
+            self.word.wake(1);
         }
     }
 
