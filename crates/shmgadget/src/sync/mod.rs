@@ -42,9 +42,9 @@ pub use condvar::Condvar;
 pub use event::{Event, EventMode};
 pub use mutex::{Acquired, LOCK_PATIENCE, LockError, Mutex, MutexGuard, RawMutex};
 pub(crate) use mutex::{LOOK_EVERY, Stuck, describe_holder, holder_gone, lock_patiently};
-pub(crate) use robust::{LockOutcome, RobustLock};
 #[cfg(loom)]
 pub use robust::{LockOutcome as ModelLockOutcome, ModelRobustLock};
+pub(crate) use robust::{LockOutcome, RobustLock};
 pub use semaphore::{SEMAPHORE_MAX, Semaphore};
 
 use shim::{AtomicU32, Ordering};

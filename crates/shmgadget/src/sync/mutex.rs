@@ -43,8 +43,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::ObjectHeader;
-use crate::error::{Error, ErrorKind, Result};
 use super::robust::{LockOutcome, RobustLock};
+use crate::error::{Error, ErrorKind, Result};
 use crate::os;
 use crate::shm_safe::ShmSafe;
 
@@ -113,7 +113,8 @@ impl RawMutex {
             // The lock's own flag is cleared at once; the death is remembered in our own word
             // until the caller repairs (see the module docs).
             // SAFETY: we hold the lock (the outcome says acquired).
-            unsafe { self.lock.make_consistent() }.map_err(|e| Error::from_io("cannot clear the lock's owner-died flag", e))?;
+            unsafe { self.lock.make_consistent() }
+                .map_err(|e| Error::from_io("cannot clear the lock's owner-died flag", e))?;
             // Relaxed: only the holder writes it; the lock word orders it.
             self.inconsistent.store(1, Ordering::Relaxed);
         }
