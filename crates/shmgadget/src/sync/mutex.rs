@@ -165,11 +165,18 @@ impl RawMutex {
         }
     }
 
-    /// Locks if free; `Ok(None)` if another thread or process holds it.
+    /// Locks if free, or if its holder is proven dead (`OwnerDied`); `Ok(None)` if another
+    /// thread or process holds it.
     pub fn try_lock(&self) -> Result<Option<Acquired>> {
+        self.try_lock_with(&self.token_alive())
+    }
+
+    /// [`try_lock`](Self::try_lock), asking `alive` whether a holder's token is alive (for a
+    /// tool that has not attached the lock's domain: `gc` asks the registry it opened).
+    pub(crate) fn try_lock_with(&self, alive: &dyn Fn(u64) -> Option<bool>) -> Result<Option<Acquired>> {
         self.header.check(MAGIC, WHAT)?;
         let token = self.my_token();
-        match self.lock.try_lock(token).map_err(|e| self.lock_error(e))? {
+        match self.lock.try_lock_or_take_over(token, alive).map_err(|e| self.lock_error(e))? {
             Some(outcome) => self.after_lock(outcome, token).map(Some),
             None => Ok(None),
         }

@@ -31,13 +31,12 @@
 //!   holder that died between its CAS and its record, is not taken over (bounded waits report
 //!   it as `Corrupt`, and `gc --force` breaks it, as before). A trusted record whose token is
 //!   no longer alive in the registry (the OFD lock on its byte dropped by the kernel at exit),
-//!   or, for a holder in this very process, whose thread no longer exists, is a dead holder:
+//!   is a dead holder:
 //!   the waiter takes the lock with `CAS(word, seen, tid | WAITERS)` (only one waiter can
 //!   win), sets `died` and is told [`LockOutcome::OwnerDied`]. A `kill -9` is seen within one
 //!   sleep, about 10 ms.
-//! * Owner death, thread: each thread keeps a list of the locks it holds (a thread-local, at
-//!   most [`MAX_HELD`]; more are held unlisted, then only the same-process thread check above
-//!   sees its death). Its destructor, run when the thread exits, releases every listed lock the
+//! * Owner death, thread: each thread keeps a list of the locks it holds (a thread-local;
+//!   [`MAX_HELD`] inline, any more in a vector). Its destructor, run when the thread exits, releases every listed lock the
 //!   word still says this thread holds, with `died = 1` set first, and wakes a sleeper. A forked
 //!   child inherits the list but not the locks: the word names the parent's thread, so the
 //!   child's destructor leaves them alone.
@@ -140,8 +139,8 @@ pub enum LockOutcome {
     OwnerDied,
 }
 
-/// The lock word and the owner record (64 bytes, 16-aligned like the glibc mutex it replaced,
-/// so the layouts around it keep their offsets; see the module docs). All-zero is a free,
+/// The lock word and the owner record (64 bytes, 16-aligned like the mutex it replaced, so
+/// the layouts around it keep their offsets; see the module docs). All-zero is a free,
 /// consistent lock.
 #[repr(C, align(16))]
 pub struct RobustLockOf<A: Word32, B: Word64> {
@@ -180,13 +179,15 @@ const _: () = assert!(size_of::<RobustLock>() == 64 && align_of::<RobustLock>() 
 const _: () = assert!(std::mem::offset_of!(RobustLock, word) == 0);
 const _: () = assert!(std::mem::offset_of!(RobustLock, owner_token) == 8);
 
-/// This thread's id (cached, refreshed after a fork) and the locks it holds.
+/// This thread's id (cached, refreshed after a fork) and the locks it holds: the first
+/// [`MAX_HELD`] in `held`, any more in `more` (allocated only then).
 #[cfg_attr(loom, allow(dead_code))]
 struct ThreadLocks {
     tid: Cell<u32>,
     pid: Cell<u32>,
     len: Cell<usize>,
     held: [Cell<usize>; MAX_HELD],
+    more: std::cell::RefCell<Vec<usize>>,
 }
 
 impl Drop for ThreadLocks {
@@ -202,6 +203,10 @@ impl Drop for ThreadLocks {
             unsafe { &*(addr as *const RobustLock) }.abandon(me);
         }
         self.len.set(0);
+        for addr in self.more.take() {
+            // SAFETY: as above.
+            unsafe { &*(addr as *const RobustLock) }.abandon(me);
+        }
     }
 }
 
@@ -212,6 +217,7 @@ thread_local! {
             pid: Cell::new(0),
             len: Cell::new(0),
             held: [const { Cell::new(0) }; MAX_HELD],
+            more: std::cell::RefCell::new(Vec::new()),
         }
     };
 }
@@ -289,6 +295,31 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         Ok(Some(self.acquired(me, token)))
     }
 
+    /// [`try_lock`](Self::try_lock), and if the lock is held by a holder proven dead (one
+    /// look, see the module docs), takes it over: `OwnerDied`. `Ok(None)`: held by a holder
+    /// that may be alive.
+    pub fn try_lock_or_take_over(
+        &self,
+        token: u64,
+        alive: &dyn Fn(u64) -> Option<bool>,
+    ) -> std::io::Result<Option<LockOutcome>> {
+        if let Some(o) = self.try_lock(token)? {
+            return Ok(Some(o));
+        }
+        let w = self.word.load(Ordering::Relaxed);
+        let me = my_tid();
+        if w != 0
+            && self.holder_dead(w, alive)
+            // Acquire: as in `lock_looking`. Keep `WAITERS`: sleepers may remain.
+            && self.word.cas(w, me | (w & WAITERS), Ordering::Acquire, Ordering::Relaxed).is_ok()
+        {
+            // Relaxed: we hold the lock; the word orders it for the next holder.
+            self.died.store(1, Ordering::Relaxed);
+            return Ok(Some(self.acquired(me, token)));
+        }
+        Ok(None)
+    }
+
     #[inline]
     fn acquired(&self, me: u32, token: u64) -> LockOutcome {
         // Relaxed: published by the Release store of `owner_tid` just below.
@@ -314,8 +345,15 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
             if n < MAX_HELD {
                 t.held[n].set(addr);
                 t.len.set(n + 1);
+            } else {
+                Self::remember_more(t, addr);
             }
         });
+    }
+
+    #[cold]
+    fn remember_more(t: &ThreadLocks, addr: usize) {
+        t.more.borrow_mut().push(addr);
     }
 
     #[inline]
@@ -336,7 +374,16 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
                     return;
                 }
             }
+            Self::forget_more(t, addr);
         });
+    }
+
+    #[cold]
+    fn forget_more(t: &ThreadLocks, addr: usize) {
+        let mut more = t.more.borrow_mut();
+        if let Some(i) = more.iter().rposition(|&a| a == addr) {
+            more.swap_remove(i);
+        }
     }
 
     /// Takes the lock, sleeping until `timeout` (`None`: for ever); `Ok(None)` on timeout. A
@@ -405,26 +452,25 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
     #[cold]
     fn holder_dead(&self, word: u32, alive: &dyn Fn(u64) -> Option<bool>) -> bool {
         let tid = word & TID_MASK;
-        // Acquire: pairs with the Release store in `acquired`, so the token and pid read
-        // below are the ones this holder recorded (or a later holder's, which the re-read of
+        // Acquire: pairs with the Release store in `acquired`, so the token read below is
+        // the one this holder recorded (or a later holder's, which the re-read of
         // the word excludes).
         if tid == 0 || self.owner_tid.load(Ordering::Acquire) != tid {
             return false;
         }
         // Relaxed: ordered by the Acquire above.
         let token = self.owner_token.load(Ordering::Relaxed);
-        let pid = self.owner_pid.load(Ordering::Relaxed);
         // Relaxed: the record read above belongs to this word's holder only if the word has
         // not changed meanwhile (the CAS that takes over re-checks it too).
         if self.word.load(Ordering::Relaxed) != word {
             return false;
         }
-        if token != 0 && alive(token) == Some(false) {
-            return true;
-        }
-        // A thread of this very process that is gone (one that held more locks than its list
-        // records). Not under loom, where all model threads share one OS thread.
-        !cfg!(loom) && pid == os::current_pid() && !os::thread_exists(tid)
+        // A thread of this process that exits is seen by its own destructor, never here:
+        // asking `/proc` whether a thread id exists is wrong in a pid namespace whose `/proc`
+        // is another namespace's (`unshare --pid` without a new mount), where it would take a
+        // live holder's lock. So a holder without a token (a lock outside any attached
+        // domain) is only ever released by itself or by its thread's exit.
+        token != 0 && alive(token) == Some(false)
     }
 
     /// Releases the lock.
@@ -434,6 +480,12 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
     #[inline]
     pub unsafe fn unlock(&self) {
         self.forget();
+        // Relaxed: our own CAS wrote it. A word naming another thread means a forked child
+        // dropping its copy of its parent's guard: the parent's lock is not the child's to
+        // release (as a glibc robust mutex refused it with EPERM).
+        if self.word.load(Ordering::Relaxed) & TID_MASK != my_tid() {
+            return;
+        }
         self.release();
     }
 
