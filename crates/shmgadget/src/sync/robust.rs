@@ -10,7 +10,7 @@
 //! | `word`        | 0 free; else holder's thread id \| `WAITERS`    | CAS to take, swap to free |
 //! | `owner_tid`   | the holder's thread id, once it has recorded    | the holder                |
 //! | `owner_token` | holder's process token in the lock's domain (0: none) | the holder          |
-//! | `owner_pid`   | holder's pid (display, and "same process?")     | the holder                |
+//! | `owner_pid`   | holder's pid (display only)                     | the holder                |
 //! | `died`        | 1: a holder died, not yet made consistent       | holders / a dying thread  |
 //!
 //! * Taking: `CAS(word, 0, tid)` (Acquire), then the record: `owner_token`, `owner_pid`
@@ -30,16 +30,17 @@
 //!   and the word unchanged after reading it) is trusted: a word damaged by a stray write, or a
 //!   holder that died between its CAS and its record, is not taken over (bounded waits report
 //!   it as `Corrupt`, and `gc --force` breaks it, as before). A trusted record whose token is
-//!   no longer alive in the registry (the OFD lock on its byte dropped by the kernel at exit),
-//!   is a dead holder:
-//!   the waiter takes the lock with `CAS(word, seen, tid | WAITERS)` (only one waiter can
-//!   win), sets `died` and is told [`LockOutcome::OwnerDied`]. A `kill -9` is seen within one
-//!   sleep, about 10 ms.
+//!   no longer alive in the registry (the OFD lock on its byte, dropped by the kernel when the
+//!   process dies) is a dead holder: the waiter takes the lock with `CAS(word, seen, tid |
+//!   WAITERS)` (only one waiter can win), sets `died` and is told [`LockOutcome::OwnerDied`].
+//!   A `kill -9` is seen within one sleep, about 10 ms. `try_lock_or_take_over` does the same
+//!   in one look. Thread ids and pids are never asked of `/proc`: they repeat across pid
+//!   namespaces, and a namespace may see another's `/proc`; tokens do not.
 //! * Owner death, thread: each thread keeps a list of the locks it holds (a thread-local;
-//!   [`MAX_HELD`] inline, any more in a vector). Its destructor, run when the thread exits, releases every listed lock the
-//!   word still says this thread holds, with `died = 1` set first, and wakes a sleeper. A forked
-//!   child inherits the list but not the locks: the word names the parent's thread, so the
-//!   child's destructor leaves them alone.
+//!   [`MAX_HELD`] inline, any more in a vector). Its destructor, run when the thread exits,
+//!   releases every listed lock the word still says this thread holds, with `died = 1` set
+//!   first, and wakes a sleeper. A forked child inherits the list but not the locks: the word
+//!   names the parent's thread, so the child's destructor (and `unlock`) leaves them alone.
 //! * `died` is sticky: every taker is told `OwnerDied` until a holder calls
 //!   [`RobustLock::make_consistent`] (so a repairer that dies mid-repair makes the next one
 //!   repair again). It is written only while holding the lock (Relaxed; the word orders it).
@@ -306,6 +307,7 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         if let Some(o) = self.try_lock(token)? {
             return Ok(Some(o));
         }
+        // Relaxed: a guess; `holder_dead` re-reads it and the CAS decides.
         let w = self.word.load(Ordering::Relaxed);
         let me = my_tid();
         if w != 0
