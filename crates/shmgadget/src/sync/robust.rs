@@ -12,6 +12,7 @@
 //! | `owner_token` | holder's process token in the lock's domain (0: none) | the holder          |
 //! | `owner_pid`   | holder's pid (display only)                     | the holder                |
 //! | `died`        | 1: a holder died, not yet made consistent       | holders / a dying thread  |
+//! | `owner_ns`    | holder's pid namespace, when it has no token    | the holder                |
 //!
 //! * Taking: `CAS(word, 0, tid)` (Acquire), then the record: `owner_token`, `owner_pid`
 //!   (Relaxed), `owner_tid` last (Release, pairs with the Acquire load of `owner_tid` in
@@ -34,8 +35,11 @@
 //!   process dies) is a dead holder: the waiter takes the lock with `CAS(word, seen, tid |
 //!   WAITERS)` (only one waiter can win), sets `died` and is told [`LockOutcome::OwnerDied`].
 //!   A `kill -9` is seen within one sleep, about 10 ms. `try_lock_or_take_over` does the same
-//!   in one look. Thread ids and pids are never asked of `/proc`: they repeat across pid
-//!   namespaces, and a namespace may see another's `/proc`; tokens do not.
+//!   in one look. A holder without a token (a process registering in the registry, a tool
+//!   that has not attached, a lock outside any domain) records `owner_ns`, its pid namespace
+//!   when its `/proc` is that namespace's (else 0); a waiter of the same namespace judges it
+//!   by `/proc/<tid>` (gone, or a zombie: dead). Thread ids mean nothing across namespaces, so
+//!   with `owner_ns` 0 or different, only a token decides.
 //! * Owner death, thread: each thread keeps a list of the locks it holds (a thread-local;
 //!   [`MAX_HELD`] inline, any more in a vector). Its destructor, run when the thread exits,
 //!   releases every listed lock the word still says this thread holds, with `died = 1` set
@@ -150,7 +154,8 @@ pub struct RobustLockOf<A: Word32, B: Word64> {
     owner_token: B,
     owner_pid: A,
     died: A,
-    _reserved: [B; 5],
+    owner_ns: B,
+    _reserved: [B; 4],
 }
 
 /// The lock in a loom model: the same code on loom's atomics.
@@ -168,6 +173,7 @@ impl ModelRobustLock {
             owner_token: AtomicU64::new(0),
             owner_pid: AtomicU32::new(0),
             died: AtomicU32::new(0),
+            owner_ns: AtomicU64::new(0),
             _reserved: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -179,6 +185,28 @@ pub type RobustLock = RobustLockOf<std::sync::atomic::AtomicU32, std::sync::atom
 const _: () = assert!(size_of::<RobustLock>() == 64 && align_of::<RobustLock>() == 16);
 const _: () = assert!(std::mem::offset_of!(RobustLock, word) == 0);
 const _: () = assert!(std::mem::offset_of!(RobustLock, owner_token) == 8);
+const _: () = assert!(std::mem::offset_of!(RobustLock, owner_ns) == 24);
+
+/// This process's pid namespace for holders without a token (`os::proc_pid_namespace`, 0:
+/// unknown), cached with the pid it was computed for (a forked child computes its own).
+#[cfg(not(loom))]
+fn my_namespace() -> u64 {
+    static CACHE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let pid = os::current_pid();
+    // Relaxed: a per-process cache of a constant; a race computes it twice.
+    let c = CACHE.load(Ordering::Relaxed);
+    if c >> 32 == pid as u64 && c != 0 {
+        return c & 0xffff_ffff;
+    }
+    let ns = os::proc_pid_namespace() & 0xffff_ffff;
+    CACHE.store((pid as u64) << 32 | ns, Ordering::Relaxed);
+    ns
+}
+
+#[cfg(loom)]
+fn my_namespace() -> u64 {
+    0
+}
 
 /// This thread's id (cached, refreshed after a fork) and the locks it holds: the first
 /// [`MAX_HELD`] in `held`, any more in `more` (allocated only then).
@@ -267,6 +295,7 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         self.owner_token.store(0, Ordering::Relaxed);
         self.owner_pid.store(0, Ordering::Relaxed);
         self.died.store(0, Ordering::Relaxed);
+        self.owner_ns.store(0, Ordering::Relaxed);
         // Release: a waiter that sees 0 sees the cleared record.
         self.word.store(0, Ordering::Release);
         self.word.wake(u32::MAX);
@@ -326,6 +355,10 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
     fn acquired(&self, me: u32, token: u64) -> LockOutcome {
         // Relaxed: published by the Release store of `owner_tid` just below.
         self.owner_token.store(token, Ordering::Relaxed);
+        if token == 0 {
+            // Relaxed: as above. Only a holder without a token is judged by its thread.
+            self.owner_ns.store(my_namespace(), Ordering::Relaxed);
+        }
         self.owner_pid.store(os::current_pid(), Ordering::Relaxed);
         // Release: pairs with the Acquire load in `holder_dead`.
         self.owner_tid.store(me, Ordering::Release);
@@ -462,17 +495,21 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         }
         // Relaxed: ordered by the Acquire above.
         let token = self.owner_token.load(Ordering::Relaxed);
+        let ns = self.owner_ns.load(Ordering::Relaxed);
         // Relaxed: the record read above belongs to this word's holder only if the word has
         // not changed meanwhile (the CAS that takes over re-checks it too).
         if self.word.load(Ordering::Relaxed) != word {
             return false;
         }
-        // A thread of this process that exits is seen by its own destructor, never here:
-        // asking `/proc` whether a thread id exists is wrong in a pid namespace whose `/proc`
-        // is another namespace's (`unshare --pid` without a new mount), where it would take a
-        // live holder's lock. So a holder without a token (a lock outside any attached
-        // domain) is only ever released by itself or by its thread's exit.
-        token != 0 && alive(token) == Some(false)
+        if token != 0 {
+            return alive(token) == Some(false);
+        }
+        // A holder without a token (a process registering, a tool that has not attached, a
+        // lock outside any domain): judged by its thread, only when it recorded the pid
+        // namespace whose `/proc` we both see (thread ids repeat across namespaces, and a
+        // namespace may see another's `/proc`). A thread of this process that exits is seen by
+        // its own destructor.
+        !cfg!(loom) && ns != 0 && ns == my_namespace() && !os::thread_alive(tid)
     }
 
     /// Releases the lock.
@@ -497,6 +534,7 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         self.owner_tid.store(0, Ordering::Relaxed);
         self.owner_token.store(0, Ordering::Relaxed);
         self.owner_pid.store(0, Ordering::Relaxed);
+        self.owner_ns.store(0, Ordering::Relaxed);
         // Release: pairs with the Acquire CAS of the next taker.
         if self.word.swap(0, Ordering::Release) & WAITERS != 0 {
             self.word.wake(1);
