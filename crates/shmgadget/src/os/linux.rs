@@ -612,6 +612,7 @@ pub fn current_tid() -> u32 {
 /// cannot be known or when the mounted `/proc` belongs to another namespace (`/proc/self`,
 /// `readlink(2)`, does not name this process by its own pid): then thread ids in `/proc` are
 /// not ours to interpret.
+#[cfg_attr(loom, allow(dead_code))]
 pub fn proc_pid_namespace() -> u64 {
     use std::os::unix::fs::MetadataExt;
     let me = std::fs::read_link("/proc/self").ok().and_then(|p| p.to_str()?.parse::<u32>().ok());
