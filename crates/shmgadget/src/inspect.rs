@@ -473,11 +473,13 @@ fn check_heap_lock(
     }
     let Ok(base) = os::map_shared(&fd, len, os::Access::ReadWrite) else { return };
     // SAFETY: the page is mapped (just above) and stays so until the unmap below; a RawMutex
-    // is atomics and a glibc mutex's bytes, valid for any bit pattern (its own header check
+    // is atomics only (its robust lock too), valid for any bit pattern (its own header check
     // rejects memory that is not a mutex), and at LOCK_OFFSET (< a page) in a heap section.
     let lock = unsafe { &*(base.as_ptr().add(crate::heap::LOCK_OFFSET) as *const crate::sync::RawMutex) };
     let verdict = (|| {
-        match lock.try_lock() {
+        // A holder proven dead by the registry is taken over (`OwnerDied`: its next user
+        // recovers the heap), as a robust lock's next locker would.
+        match lock.try_lock_with(&|t| Some(reg.proc_alive(t))) {
             Ok(Some(_)) => {
                 // SAFETY: we took it just above.
                 unsafe { lock.unlock() };

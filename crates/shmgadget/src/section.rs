@@ -803,7 +803,7 @@ impl SectionInfo {
 /// Implement only for types meeting exactly that.
 pub unsafe trait InPlace: Sync {}
 
-// SAFETY: each is repr(C) atomics (plus a robust mutex behind the robust-lock protocol),
+// SAFETY: each is repr(C) atomics (the mutex's lock too: `sync::robust`),
 // valid for any bit pattern, validated by its header before use.
 unsafe impl InPlace for crate::sync::Semaphore {}
 // SAFETY: as above.

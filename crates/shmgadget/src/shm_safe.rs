@@ -77,7 +77,7 @@ shm_safe_sync!(
 
 // SAFETY: an array of shared-memory-safe elements is laid out contiguously with no pointers.
 unsafe impl<T: ShmSafe, const N: usize> ShmSafe for [T; N] {}
-// SAFETY: the mutex is repr(C) atomics + a robust pthread mutex + `T`, itself ShmSafe.
+// SAFETY: the mutex is repr(C) atomics (its robust lock too) + `T`, itself ShmSafe.
 unsafe impl<T: ShmSafe> ShmSafe for crate::sync::Mutex<T> {
     // Its raw mutex comes first, so inspectors read it as one.
     const KIND: crate::heap::ObjectKind = crate::heap::ObjectKind::Mutex;

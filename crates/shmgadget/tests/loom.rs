@@ -208,3 +208,123 @@ fn a_byte_queue_receiver_taking_over_from_a_dead_one_starts_with_the_message_it_
         assert!(rx.recv().is_err());
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// shmgadget's own robust lock (`sync/robust.rs`), the lock of `Mutex<T>` and the registry
+// ---------------------------------------------------------------------------------------------
+
+mod robust_lock {
+    use loom::sync::Arc;
+    use loom::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use loom::thread;
+    use shmgadget::sync::{ModelLockOutcome as Outcome, ModelRobustLock as Lock};
+
+    /// Every holder is alive: `alive` answers for the tokens 1 and 2 of the model's two
+    /// "processes".
+    fn all_alive(_: u64) -> Option<bool> {
+        Some(true)
+    }
+
+    /// Two threads each take the lock twice and increment a counter in two non-atomic steps
+    /// (a load, then a store): with mutual exclusion no increment is lost.
+    #[test]
+    fn robust_lock_excludes_and_loses_no_increment() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(2);
+        builder.check(|| {
+            let lock = Arc::new(Lock::new_model());
+            let count = Arc::new(AtomicU32::new(0));
+            let worker = |token: u64, lock: Arc<Lock>, count: Arc<AtomicU32>| {
+                move || {
+                    for _ in 0..2 {
+                        let got = lock.lock_looking(token, None, None, &all_alive).unwrap();
+                        assert_eq!(got, Some(Outcome::Acquired));
+                        // Relaxed: the lock orders it (a lost increment shows up below).
+                        let v = count.load(Ordering::Relaxed);
+                        count.store(v + 1, Ordering::Relaxed);
+                        // SAFETY: taken just above by this thread.
+                        unsafe { lock.unlock() };
+                    }
+                }
+            };
+            let t = thread::spawn(worker(1, lock.clone(), count.clone()));
+            worker(2, lock.clone(), count.clone())();
+            t.join().unwrap();
+            assert_eq!(count.load(Ordering::Relaxed), 4);
+        });
+    }
+
+    /// A waiter that sleeps on the lock with no timeout (every sleep until woken) is woken by
+    /// the unlock: a lost wake-up would leave it asleep for ever, which loom reports as a
+    /// deadlock.
+    #[test]
+    fn robust_lock_waiter_is_always_woken_by_the_unlock() {
+        loom::model(|| {
+            let lock = Arc::new(Lock::new_model());
+            assert_eq!(lock.try_lock(1).unwrap(), Some(Outcome::Acquired));
+            let waiter = {
+                let lock = lock.clone();
+                thread::spawn(move || {
+                    let got = lock.lock_looking(2, None, None, &all_alive).unwrap();
+                    assert_eq!(got, Some(Outcome::Acquired));
+                    // SAFETY: taken just above by this thread.
+                    unsafe { lock.unlock() };
+                })
+            };
+            // SAFETY: taken by this thread at the start.
+            unsafe { lock.unlock() };
+            waiter.join().unwrap();
+            assert_eq!(lock.word(), 0, "free at the end");
+        });
+    }
+
+    /// The holder "dies" (its process's token stops being alive; it never unlocks) while
+    /// another waits on the lock: the waiter is told `OwnerDied` and sees what the dead holder
+    /// wrote; every locker after it is told `OwnerDied` too until one calls `make_consistent`.
+    #[test]
+    fn robust_lock_owner_death_is_handed_to_the_next_locker_until_made_consistent() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(2);
+        builder.check(|| {
+            let lock = Arc::new(Lock::new_model());
+            let has_it = Arc::new(AtomicBool::new(false));
+            let dead = Arc::new(AtomicBool::new(false));
+            let data = Arc::new(AtomicU32::new(0));
+            let holder = {
+                let (lock, has_it, dead, data) = (lock.clone(), has_it.clone(), dead.clone(), data.clone());
+                thread::spawn(move || {
+                    assert_eq!(lock.try_lock(1).unwrap(), Some(Outcome::Acquired));
+                    // Relaxed: the model's own signal, ordered by nothing it checks.
+                    has_it.store(true, Ordering::Relaxed);
+                    // Relaxed: under the lock.
+                    data.store(41, Ordering::Relaxed);
+                    // Dies holding it: its token stops being alive; nothing is unlocked.
+                    dead.store(true, Ordering::Release);
+                })
+            };
+            // Relaxed: only to start waiting once the holder has the lock.
+            while !has_it.load(Ordering::Relaxed) {
+                thread::yield_now();
+            }
+            // Acquire: pairs with the holder's Release store of `dead` (as the kernel's lock
+            // table orders a dead process's writes before its token reads as dead).
+            let alive = |t: u64| Some(!(t == 1 && dead.load(Ordering::Acquire)));
+            // Timed sleeps (the model's timeouts expire at once) so the waiter looks at the
+            // holder, as the real 10 ms looks do.
+            let look = Some(std::time::Duration::from_millis(10));
+            let got = lock.lock_looking(2, None, look, &alive).unwrap();
+            holder.join().unwrap();
+            assert_eq!(got, Some(Outcome::OwnerDied));
+            // Relaxed: the takeover came after `dead` was seen (Acquire) or through the word.
+            assert_eq!(data.load(Ordering::Relaxed), 41, "the dead holder's write is there to repair");
+            // SAFETY: we hold it.
+            unsafe { lock.unlock() };
+            assert_eq!(lock.try_lock(2).unwrap(), Some(Outcome::OwnerDied), "sticky until repaired");
+            // SAFETY: we hold it.
+            unsafe { lock.make_consistent() }.unwrap();
+            // SAFETY: we hold it.
+            unsafe { lock.unlock() };
+            assert_eq!(lock.try_lock(2).unwrap(), Some(Outcome::Acquired), "repaired");
+        });
+    }
+}

@@ -364,3 +364,123 @@ fn uninitialised_corrupt_and_destroyed_objects_are_errors_not_hangs() {
     assert_eq!(sem2.count().unwrap(), 0);
     finish(domain, d, s);
 }
+
+/// A holder killed with SIGKILL while the next locker already sleeps on the lock: the sleeper
+/// is told `OwnerDied` (the delay from the kill is printed; the only bound is a generous
+/// watchdog, the lock's own 10 s timeout).
+#[test]
+fn a_sleeping_locker_is_told_owner_died_soon_after_the_holder_is_sigkilled() {
+    const TEST: &str = "a_sleeping_locker_is_told_owner_died_soon_after_the_holder_is_sigkilled";
+    match role().as_deref() {
+        Some("holder") => {
+            let (_d, s) = open("m");
+            let m = s.at::<Mutex<u64>>(0).unwrap();
+            let mut g = m.lock().unwrap();
+            *g = 99;
+            println!("HOLDING");
+            std::thread::sleep(Duration::from_secs(120));
+        }
+        _ => {
+            let (domain, d, s) = setup("mutex-sigkill", "m");
+            let m = s.at::<Mutex<u64>>(0).unwrap();
+            assert!(m.init(1).unwrap());
+            let mut holder = spawn(TEST, "holder", &domain, &[]);
+            wait_for_line(&mut holder, "HOLDING");
+            let killed_at = std::sync::Mutex::new(None::<Instant>);
+            let delay = std::thread::scope(|sc| {
+                let waiter = sc.spawn(|| {
+                    let got = m.lock_timeout(Duration::from_secs(10));
+                    let at = Instant::now();
+                    match got {
+                        Err(LockError::OwnerDied(mut g)) => {
+                            assert_eq!(*g, 99, "the dead holder's write is visible");
+                            *g = 1;
+                            g.make_consistent();
+                        }
+                        other => panic!("expected OwnerDied, got {other:?}"),
+                    }
+                    at
+                });
+                // Let the waiter fall asleep on the lock first.
+                std::thread::sleep(Duration::from_millis(100));
+                // SAFETY: plain kill(2) on a child we spawned and have not reaped yet.
+                assert_eq!(unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) }, 0);
+                *killed_at.lock().unwrap() = Some(Instant::now());
+                let got_at = waiter.join().unwrap();
+                got_at.saturating_duration_since(killed_at.lock().unwrap().unwrap())
+            });
+            eprintln!("owner death reported to a sleeping locker {delay:?} after SIGKILL (no reap first)");
+            let _ = holder.wait();
+            assert_eq!(*m.lock().unwrap_or_else(|e| panic!("repaired, expected a plain guard: {e:?}")), 1);
+            finish(domain, d, s);
+        }
+    }
+}
+
+/// A thread that exits holding the lock while its process lives counts as dead: the next
+/// locker in the same process and one in another process (already asleep on the lock) are
+/// told `OwnerDied`, and the data the thread wrote is there to repair.
+#[test]
+fn a_thread_that_exits_holding_the_lock_is_reported_in_its_own_and_other_processes() {
+    const TEST: &str = "a_thread_that_exits_holding_the_lock_is_reported_in_its_own_and_other_processes";
+    match role().as_deref() {
+        Some("exiter") => {
+            let (_d, s) = open("m");
+            let m = s.at::<Mutex<u64>>(0).unwrap();
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    let mut g = m.lock().unwrap();
+                    *g = 5;
+                    println!("HOLDING");
+                    // Give the other process time to fall asleep on the lock.
+                    std::thread::sleep(Duration::from_millis(300));
+                    std::mem::forget(g); // the thread ends holding it
+                });
+            });
+            println!("THREAD EXITED");
+            // The process lives on; the parent kills it when done.
+            std::thread::sleep(Duration::from_secs(120));
+        }
+        _ => {
+            let (domain, d, s) = setup("mutex-thread-exit", "m");
+            let m = s.at::<Mutex<u64>>(0).unwrap();
+            assert!(m.init(0).unwrap());
+
+            // Same process: a thread locks, forgets its guard and exits.
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    let mut g = m.lock().unwrap();
+                    *g = 3;
+                    std::mem::forget(g);
+                });
+            });
+            match m.lock_timeout(Duration::from_secs(10)) {
+                Err(LockError::OwnerDied(mut g)) => {
+                    assert_eq!(*g, 3);
+                    *g = 0;
+                    g.make_consistent();
+                }
+                other => panic!("same process: expected OwnerDied, got {other:?}"),
+            }
+            assert!(m.lock().is_ok(), "repaired");
+
+            // Another process: its thread exits holding the lock while we sleep on it.
+            let mut exiter = spawn(TEST, "exiter", &domain, &[]);
+            wait_for_line(&mut exiter, "HOLDING");
+            let start = Instant::now();
+            match m.lock_timeout(Duration::from_secs(10)) {
+                Err(LockError::OwnerDied(mut g)) => {
+                    assert_eq!(*g, 5);
+                    *g = 0;
+                    g.make_consistent();
+                }
+                other => panic!("other process: expected OwnerDied, got {other:?}"),
+            }
+            eprintln!("a thread's exit in another process reported after {:?} of waiting", start.elapsed());
+            assert!(exiter.try_wait().unwrap().is_none(), "the exiting thread's process is still alive");
+            assert!(m.lock().is_ok(), "repaired");
+            kill9(&mut exiter);
+            finish(domain, d, s);
+        }
+    }
+}

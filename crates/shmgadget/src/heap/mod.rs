@@ -61,7 +61,8 @@ use tlsf::{Tlsf, TlsfControl, TlsfError};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMHEAP1");
 /// 3: cache slots name their owner by process token and thread serial (24 bytes).
-const LAYOUT_VERSION: u32 = 3;
+/// 4: the lock is shmgadget's own robust lock (`sync::robust`), not a glibc mutex.
+const LAYOUT_VERSION: u32 = 4;
 const READY: u32 = 0x4845_4150; // "HEAP"
 /// Where the block area starts in the section.
 pub const AREA_OFFSET: u64 = 16 << 10;

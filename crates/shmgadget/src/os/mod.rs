@@ -17,9 +17,9 @@
 //! | memory (`memory`) | [`map_view`], [`ViewKind`], [`protect`], [`Protection`], [`flush`], [`FlushMode`], [`resident_pages`], [`region_at`], [`Region`], [`Object::page_resident`] | part of an object mapped anywhere outside our reservations, read-only or copy-on-write; this process's protection of a range changed; a shared range written back to its file; which pages are resident, whether an object has a page at an offset, and what this process has mapped at an address |
 //! | files (`file`) | [`open_file`], [`OpenFile`], [`map_file_fixed`], [`Object::write_at`] | a regular file the user names, opened without following a link, written at an offset, mapped shared from a file offset at an exact address inside our reservation |
 //! | reservation (`reserve`) | [`reserve_fixed`], [`restore_reservation`], [`ReserveError`] | an address range held without memory, never replacing someone else's mapping, and given back to that state |
-//! | locks (`lock`, `robust_mutex`) | [`DirLock`] (the global lock of one shm directory, released by the kernel when its holder dies), [`RawRobustMutex`], [`LockOutcome`] | |
+//! | locks (`lock`) | [`DirLock`] (the global lock of one shm directory, released by the kernel when its holder dies) | the locks inside shared memory are shmgadget's own (`sync::robust`), built on waiting on a shared word |
 //! | liveness (`liveness`) | [`TokenCell`], [`Object::try_lock_byte`], [`Object::byte_is_locked`], [`Object::any_byte_locked`], [`install_fork_handlers`], [`fork_generation`], [`token_for_address`] | a token per registration that the kernel drops when its process dies, that a forked child does not inherit, and that any process can test |
-//! | process (`process`) | [`current_pid`], [`effective_uid`], [`thread_exists`], [`thread_group`] | |
+//! | process (`process`) | [`current_pid`], [`current_tid`], [`effective_uid`], [`thread_exists`], [`thread_alive`], [`thread_group`], [`proc_pid_namespace`] | ids a lock holder records about itself, and whether a thread still runs |
 //! | waiting on a shared word (`wait`) | [`futex_wait`], [`futex_wake`], [`FutexWait`] | sleep while a 32-bit word in shared memory holds a value; wake sleepers in any process |
 //! | faults (`fault`) | [`install_fault_hook`], [`fault_hook_installed`], [`FaultHook`], [`FaultSignal`], [`write_stderr`] | a hook run on an access to an unmapped page of our window that may map it and retry the access; everything else chained to the previous handler; one async-signal-safe line on stderr |
 //! | time (`time`) | [`monotonic_now`] | a clock that never goes back |
@@ -44,14 +44,12 @@ pub use linux::{
     FlushMode,
     // waiting on a shared word
     FutexWait,
-    LockOutcome,
     Object,
     ObjectId,
     ObjectStat,
     // files
     OpenFile,
     Protection,
-    RawRobustMutex,
     Region,
     // reservation
     ReserveError,
@@ -62,6 +60,7 @@ pub use linux::{
     ViewKind,
     // process
     current_pid,
+    current_tid,
     effective_uid,
     fault_hook_installed,
     flush,
@@ -80,11 +79,13 @@ pub use linux::{
     monotonic_now,
     open_file,
     page_size,
+    proc_pid_namespace,
     protect,
     region_at,
     reserve_fixed,
     resident_pages,
     restore_reservation,
+    thread_alive,
     thread_exists,
     thread_group,
     token_for_address,

@@ -6,7 +6,8 @@ use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::names;
-use crate::os::{self, RawRobustMutex};
+use crate::os;
+use crate::sync::RobustLock;
 
 /// Default base of the first domain's window.
 pub const DEFAULT_WINDOW_BASE: u64 = 0x2000_0000_0000;
@@ -33,7 +34,8 @@ pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
 /// 2: process entries carry an `incarnation`, and tokens are `(slot, incarnation)`.
 /// 3: section entries carry their creator's token and a ready word (all-or-nothing creation).
 /// 5: the tables live in segments backed one by one as the domain grows (`segments_backed`).
-pub(super) const LAYOUT_VERSION: u32 = 5;
+/// 6: the lock is shmgadget's own robust lock (`sync::robust`), not a glibc mutex.
+pub(super) const LAYOUT_VERSION: u32 = 6;
 pub(super) const READY: u32 = 0x5244_5921; // "RDY!"
 
 /// Entry states (see the table in the module docs).
@@ -156,7 +158,7 @@ pub(crate) struct RegistryShared {
     /// not attached (a tool such as `gc`, or a process registering). See "Bounded waits".
     pub(super) lock_owner: AtomicU64,
     pub(super) domain: [AtomicU64; 8],
-    pub(super) lock: RawRobustMutex,
+    pub(super) lock: RobustLock,
 }
 
 /// One section slot.
@@ -257,7 +259,7 @@ pub(super) const ABI_FINGERPRINT: u32 = {
         offset_of!(SectionEntryShared, committed) as u64,
         offset_of!(SectionEntryShared, creator_token) as u64,
         offset_of!(ProcEntryShared, attached_at) as u64,
-        size_of::<RawRobustMutex>() as u64,
+        size_of::<RobustLock>() as u64,
         CHUNK,
         2, // name index: 2 buckets per section slot, linear probing, FNV-1a
     ];

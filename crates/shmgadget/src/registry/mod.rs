@@ -35,8 +35,8 @@
 //!   that store are frozen: `magic`, `layout_version`, `abi_fingerprint`, `max_*`, `mode`,
 //!   `total_size`, `window_*`, the offsets, `created_at` and the domain name. An opener that finds
 //!   `ready != READY` while holding the directory lock knows the creator died mid-way.
-//! * **Writers** of section entries, process entries and the chunk table hold `lock`, a glibc
-//!   robust process-shared mutex. `next_generation`, `place_cursor`, `slots_high`,
+//! * **Writers** of section entries, process entries and the chunk table hold `lock`,
+//!   shmgadget's own robust process-shared lock (`sync::robust`). `next_generation`, `place_cursor`, `slots_high`,
 //!   `procs_high` and `segments_backed` are written only under it.
 //! * **Readers without the lock** (the first-touch fault handler, `ls`): each section entry
 //!   is a seqlock. `seq` is even when the entry is stable and odd while a writer changes it;
@@ -66,7 +66,7 @@
 //!
 //! # Crashes
 //! A writer that dies holding `lock` makes the next locker's lock call report
-//! [`LockOutcome::OwnerDied`]. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
+//! `LockOutcome::OwnerDied`. That locker repairs ([`Registry::repair`]): an entry left `CREATING` or
 //! `DELETING` (or with an odd `seq`) has its object unlinked and its slot and chunks freed; a
 //! `LIVE` entry with an odd `seq` only gets `seq` made even. It then marks the mutex consistent.
 //!
@@ -77,12 +77,12 @@
 //! window's address without a system call; 0 for an unattached tool or a process registering)
 //! right after locking and clears it before unlocking; both Relaxed, written by the holder only
 //! and read by waiters as a snapshot. A waiter that cannot get the lock looks, every 200 ms, at
-//! the holder's thread id in the glibc lock word and at `lock_owner`: no thread, a thread that
+//! the holder's thread id in the lock word and at `lock_owner`: no thread, a thread that
 //! does not exist, or a token whose registration is not alive, seen twice with the same lock
 //! word, is `Corrupt` ("held by slot N, pid P, which is not alive; run `shmgadget gc --domain D
 //! --force`"); a live holder past the bound is `Timeout`. `gc --force`, holding the shm
 //! directory's lock, looks again and re-initialises the lock in place
-//! ([`Registry::break_lock`]), then repairs as after `EOWNERDEAD`.
+//! ([`Registry::break_lock`]), then repairs as after `OwnerDied`.
 //!
 //! # Process entries and liveness tokens
 //! An attached process holds an OFD write lock on the byte at its process entry's offset (its

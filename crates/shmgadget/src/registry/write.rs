@@ -10,7 +10,8 @@ use super::read::{ProcRecord, ProcToken, SectionRecord};
 use super::{Registry, corrupt, now_secs};
 use crate::error::{Error, ErrorKind, Result, bail};
 use crate::names;
-use crate::os::{self, ErrorExt, LockOutcome};
+use crate::os::{self, ErrorExt};
+use crate::sync::LockOutcome;
 
 /// Who creates a section entry, and whether it is ready at once (see "Readiness").
 #[derive(Debug, Clone, Copy)]
@@ -38,15 +39,17 @@ impl Registry {
             bail!(InvalidArgument, "a private copy of domain {:?}'s registry cannot be locked", self.domain);
         }
         let lock = &self.header().lock;
-        // The uncontended path: one trylock.
-        let outcome = match lock.try_lock().map_err(|e| self.unusable(e))? {
+        // This process's registration in this domain if it is attached (found from the
+        // window's address, no system call), recorded as the holder's.
+        let token = os::token_for_address(self.window_base as usize);
+        // The uncontended path: one try_lock.
+        let outcome = match lock.try_lock(token).map_err(|e| self.unusable(e))? {
             Some(outcome) => outcome,
-            None => self.lock_slow(timeout.unwrap_or(crate::sync::LOCK_PATIENCE))?,
+            None => self.lock_slow(token, timeout.unwrap_or(crate::sync::LOCK_PATIENCE))?,
         };
-        // Relaxed: the holder's own record, ordered for later lockers by the robust lock and
-        // only a snapshot for diagnosing waiters; the token is this process's registration in
-        // this domain if it is attached (found from the window's address, no system call).
-        self.header().lock_owner.store(os::token_for_address(self.window_base as usize), Ordering::Relaxed);
+        // Relaxed: the holder's own record, ordered for later lockers by the lock word and
+        // only a snapshot for diagnosing waiters.
+        self.header().lock_owner.store(token, Ordering::Relaxed);
         let guard = RegistryGuard { reg: self };
         if outcome == LockOutcome::OwnerDied {
             guard.repair();
@@ -79,9 +82,10 @@ impl Registry {
     }
 
     #[cold]
-    pub(super) fn lock_slow(&self, patience: std::time::Duration) -> Result<LockOutcome> {
+    pub(super) fn lock_slow(&self, token: u64, patience: std::time::Duration) -> Result<LockOutcome> {
         let lock = &self.header().lock;
-        let waited = crate::sync::lock_patiently(lock, patience, |word| self.lock_holder(word).0)
+        let alive = |t| Some(self.proc_alive(t));
+        let waited = crate::sync::lock_patiently(lock, token, &alive, patience, |word| self.lock_holder(word).0)
             .map_err(|e| self.unusable(e))?;
         let d = &self.domain;
         match waited {
@@ -133,7 +137,8 @@ impl Registry {
         let h = self.header();
         // SAFETY: forwarded from the caller (see above); the mapping stays while `self` lives.
         unsafe { h.lock.init() }.map_err(|e| Error::from_io("cannot re-initialise the registry lock", e))?;
-        let outcome = h.lock.try_lock().map_err(|e| self.unusable(e))?;
+        let token = os::token_for_address(self.window_base as usize);
+        let outcome = h.lock.try_lock(token).map_err(|e| self.unusable(e))?;
         if outcome.is_none() {
             bail!(
                 Timeout,
@@ -142,9 +147,9 @@ impl Registry {
             );
         }
         // Relaxed: as in `lock_inner`.
-        h.lock_owner.store(os::token_for_address(self.window_base as usize), Ordering::Relaxed);
+        h.lock_owner.store(token, Ordering::Relaxed);
         let guard = RegistryGuard { reg: self };
-        // The abandoned holder may have died mid-write: repair as after EOWNERDEAD.
+        // The abandoned holder may have died mid-write: repair as after `OwnerDied`.
         guard.repair();
         Ok(guard)
     }

@@ -1,13 +1,13 @@
 //! Process-shared synchronisation that survives crashed processes.
 //!
-//! Every primitive here is a `#[repr(C)]` value made of atomics (and, for the mutex, a glibc
-//! robust `pthread_mutex_t`) that lives *in shared memory*: in a section at any offset, or as a
+//! Every primitive here is a `#[repr(C)]` value made of atomics, every byte defined by
+//! shmgadget (the mutex's robust lock too, `robust.rs`), that lives *in shared memory*: in a section at any offset, or as a
 //! field of a struct that lives there. All-zero bytes mean "not initialised"; `init` turns them
 //! into a working object, safely even when several processes race to do it.
 //!
 //! | type          | built on                                  | a holder/waiter that dies           |
 //! |---------------|-------------------------------------------|-------------------------------------|
-//! | [`Mutex<T>`]  | glibc robust process-shared mutex         | next locker gets `OwnerDied(guard)` |
+//! | [`Mutex<T>`]  | our robust lock: word + owner record      | next locker gets `OwnerDied(guard)` |
 //! | [`Semaphore`] | shared futex word, waiter count           | counts are untouched (no owner)     |
 //! | [`Event`]     | shared futex word, manual or auto reset   | (no owner)                          |
 //! | [`Condvar`]   | shared futex sequence word                | waiters re-lock the robust mutex    |
@@ -34,6 +34,7 @@
 mod condvar;
 mod event;
 mod mutex;
+pub(crate) mod robust;
 mod semaphore;
 pub(crate) mod shim;
 
@@ -41,6 +42,9 @@ pub use condvar::Condvar;
 pub use event::{Event, EventMode};
 pub use mutex::{Acquired, LOCK_PATIENCE, LockError, Mutex, MutexGuard, RawMutex};
 pub(crate) use mutex::{LOOK_EVERY, Stuck, describe_holder, holder_gone, lock_patiently};
+#[cfg(loom)]
+pub use robust::{LockOutcome as ModelLockOutcome, ModelRobustLock};
+pub(crate) use robust::{LockOutcome, RobustLock};
 pub use semaphore::{SEMAPHORE_MAX, Semaphore};
 
 use shim::{AtomicU32, Ordering};

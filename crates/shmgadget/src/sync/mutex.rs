@@ -2,36 +2,34 @@
 //! ([`Mutex<T>`]) whose guard reports when the previous holder died.
 //!
 //! # Protocol
-//! The lock itself is a glibc `pthread_mutex_t` initialised `PTHREAD_PROCESS_SHARED |
-//! PTHREAD_MUTEX_ROBUST`: when a holder dies, the kernel marks it and the next
-//! `pthread_mutex_lock` returns `EOWNERDEAD`.
-//!
-//! glibc makes such a mutex permanently unusable (`ENOTRECOVERABLE`) if it is unlocked without
-//! `pthread_mutex_consistent`. We never let that happen: on `EOWNERDEAD` we call
-//! `pthread_mutex_consistent` at once and record the fact in our own `inconsistent` word. Every
-//! locker that finds `inconsistent == 1` is told `OwnerDied`, until one calls
-//! [`MutexGuard::make_consistent`] after repairing the data. So owner death is reported until
-//! someone repairs, and the lock is never dead.
+//! The lock itself is shmgadget's own [`RobustLock`] (`robust.rs`: a lock word and an owner
+//! record, every byte ours). When a holder dies (its process, or its thread alone), the next
+//! locker takes the lock over and is told [`LockOutcome::OwnerDied`]. We clear the lock's own
+//! sticky flag at once (`RobustLock::make_consistent`) and record the fact in our own
+//! `inconsistent` word, as before. Every locker that finds `inconsistent == 1` is told
+//! `OwnerDied`, until one calls [`MutexGuard::make_consistent`] after repairing the data. So
+//! owner death is reported until someone repairs, and the lock is never dead.
 //!
 //! | `inconsistent` | set by                                   | cleared by                    |
 //! |----------------|------------------------------------------|-------------------------------|
 //! | 0              | init, `make_consistent`                  |                               |
-//! | 1              | a locker that got `EOWNERDEAD`           | `make_consistent` (lock held) |
+//! | 1              | a locker told `OwnerDied` by the lock    | `make_consistent` (lock held) |
 //!
 //! `inconsistent`, `owner_pid` and `owner_token` are written only by the lock holder, so
-//! Relaxed suffices: the pthread lock's acquire/release orders them. `owner_token` is the
+//! Relaxed suffices: the lock word's acquire/release orders them. `owner_token` is the
 //! holder's registration token in the domain holding the lock (0 when free, or when the lock
 //! is not in an attached domain's window): whether the holder is alive is asked of the registry
 //! with it ([`crate::heap::ObjectState::Mutex`]), never of a pid. `owner_pid` is for display.
 //! Recording it costs a lock-free scan of this process's few token cells (`os::token_for_address`),
-//! no lock and no system call.
+//! no lock and no system call. (The lock keeps its own copy of the record, which is what it
+//! trusts to take over from a dead holder; these two are what diagnosis and inspection read.)
 //!
 //! # Bounded waits ([`RawMutex::lock_bounded`], [`lock_patiently`])
 //! A lock word damaged by a stray write (or a holder that hangs) must not hang the tools that
 //! repair it. A bounded waiter first spins exactly as [`RawMutex::lock`] does (the uncontended
 //! and briefly contended paths are unchanged), then sleeps in slices of [`LOOK_EVERY`] and,
-//! after each slice, looks at who holds the lock: the thread id glibc keeps in the lock word
-//! and the holder's recorded token. A word that names no thread, a thread that does not exist,
+//! after each slice, looks at who holds the lock: the thread id in the lock word and the
+//! holder's recorded token. A word that names no thread, a thread that does not exist,
 //! or a recorded token whose registration is not alive is "no live holder". Seen twice in a
 //! row with the same lock word (so a holder that has just taken the lock and not yet recorded
 //! its token is never mistaken for it), it is reported as `Corrupt` at once; a holder that is
@@ -45,23 +43,26 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::ObjectHeader;
+use super::robust::{LockOutcome, RobustLock};
 use crate::error::{Error, ErrorKind, Result};
-use crate::os::{self, LockOutcome, RawRobustMutex};
+use crate::os;
 use crate::shm_safe::ShmSafe;
 
-const MAGIC: u32 = u32::from_le_bytes(*b"MTX1");
-/// `trylock` attempts before sleeping in `lock` (about 1–2 µs of spinning in all).
+/// "MTX2": shmgadget's own lock (version 1 held a glibc mutex); an older build refuses it.
+const MAGIC: u32 = u32::from_le_bytes(*b"MTX2");
+/// `try_lock` attempts before sleeping in `lock` (about 1–2 µs of spinning in all).
 const LOCK_SPINS: u32 = 64;
 const WHAT: &str = "mutex";
 
-/// The raw lock: no data, just the robust process-shared lock and its bookkeeping (96 bytes).
+/// The raw lock: no data, just the robust process-shared lock and its bookkeeping (96 bytes;
+/// the lock word at offset 32).
 #[repr(C)]
 pub struct RawMutex {
     header: ObjectHeader,
     inconsistent: AtomicU32,
     owner_pid: AtomicU32,
     owner_token: AtomicU64,
-    lock: RawRobustMutex,
+    lock: RobustLock,
 }
 
 #[cfg(not(loom))]
@@ -95,19 +96,31 @@ impl RawMutex {
         })
     }
 
+    /// This process's token in the domain holding the lock (0: none), recorded by each holder.
     #[inline]
-    fn after_lock(&self, outcome: LockOutcome) -> Result<Acquired> {
+    fn my_token(&self) -> u64 {
+        crate::domain::token_at(self as *const Self as usize)
+    }
+
+    /// Whether a holder's token is alive, asked of the domain holding the lock.
+    fn token_alive(&self) -> impl Fn(u64) -> Option<bool> + '_ {
+        move |t| crate::domain::token_alive_at(self as *const Self as usize, t)
+    }
+
+    #[inline]
+    fn after_lock(&self, outcome: LockOutcome, token: u64) -> Result<Acquired> {
         if outcome == LockOutcome::OwnerDied {
-            // Keep glibc's mutex recoverable whatever the caller does; remember the death in
-            // our own word instead (see the module docs).
-            // SAFETY: we hold the lock (pthread returned EOWNERDEAD, which means acquired).
-            unsafe { self.lock.make_consistent() }.map_err(|e| Error::from_io("pthread_mutex_consistent failed", e))?;
-            // Relaxed: only the holder writes it; the pthread lock orders it.
+            // The lock's own flag is cleared at once; the death is remembered in our own word
+            // until the caller repairs (see the module docs).
+            // SAFETY: we hold the lock (the outcome says acquired).
+            unsafe { self.lock.make_consistent() }
+                .map_err(|e| Error::from_io("cannot clear the lock's owner-died flag", e))?;
+            // Relaxed: only the holder writes it; the lock word orders it.
             self.inconsistent.store(1, Ordering::Relaxed);
         }
         // Relaxed: informational, written by the holder only.
         self.owner_pid.store(os::current_pid(), Ordering::Relaxed);
-        self.owner_token.store(crate::domain::token_at(self as *const Self as usize), Ordering::Relaxed);
+        self.owner_token.store(token, Ordering::Relaxed);
         // Relaxed: as above.
         Ok(if self.inconsistent.load(Ordering::Relaxed) == 1 { Acquired::OwnerDied } else { Acquired::Clean })
     }
@@ -116,29 +129,55 @@ impl RawMutex {
         Error::from_io(format!("locking the mutex at {:p} failed (its memory may be corrupt)", self), e)
     }
 
-    /// Locks, waiting as long as needed. Critical sections in shared memory are usually short,
-    /// so it first spins on `trylock` for a moment (glibc's robust mutexes never spin) and only
-    /// then sleeps in the kernel: a futex round trip costs ~15 µs, far more than the wait.
+    /// Spins on `try_lock` for a moment; the outcome if it got the lock.
     #[inline]
-    pub fn lock(&self) -> Result<Acquired> {
-        self.header.check(MAGIC, WHAT)?;
+    fn spin(&self, token: u64) -> Result<Option<LockOutcome>> {
         for _ in 0..LOCK_SPINS {
-            if let Some(outcome) = self.lock.try_lock().map_err(|e| self.lock_error(e))? {
-                return self.after_lock(outcome);
+            if let Some(outcome) = self.lock.try_lock(token).map_err(|e| self.lock_error(e))? {
+                return Ok(Some(outcome));
             }
             for _ in 0..8 {
                 std::hint::spin_loop();
             }
         }
-        let outcome = self.lock.lock().map_err(|e| self.lock_error(e))?;
-        self.after_lock(outcome)
+        Ok(None)
     }
 
-    /// Locks if free; `Ok(None)` if another thread or process holds it.
-    pub fn try_lock(&self) -> Result<Option<Acquired>> {
+    /// Locks, waiting as long as needed (a dead holder is taken over: `OwnerDied`). Critical
+    /// sections in shared memory are usually short, so it first spins on `try_lock` for a
+    /// moment and only then sleeps in the kernel: a futex round trip costs ~15 µs, far more
+    /// than the wait.
+    #[inline]
+    pub fn lock(&self) -> Result<Acquired> {
         self.header.check(MAGIC, WHAT)?;
-        match self.lock.try_lock().map_err(|e| self.lock_error(e))? {
-            Some(outcome) => self.after_lock(outcome).map(Some),
+        let token = self.my_token();
+        if let Some(outcome) = self.spin(token)? {
+            return self.after_lock(outcome, token);
+        }
+        self.lock_slow(token)
+    }
+
+    #[cold]
+    fn lock_slow(&self, token: u64) -> Result<Acquired> {
+        match self.lock.lock_timeout(token, None, &self.token_alive()).map_err(|e| self.lock_error(e))? {
+            Some(outcome) => self.after_lock(outcome, token),
+            None => unreachable!("a wait without a timeout does not time out"),
+        }
+    }
+
+    /// Locks if free, or if its holder is proven dead (`OwnerDied`); `Ok(None)` if another
+    /// thread or process holds it.
+    pub fn try_lock(&self) -> Result<Option<Acquired>> {
+        self.try_lock_with(&self.token_alive())
+    }
+
+    /// [`try_lock`](Self::try_lock), asking `alive` whether a holder's token is alive (for a
+    /// tool that has not attached the lock's domain: `gc` asks the registry it opened).
+    pub(crate) fn try_lock_with(&self, alive: &dyn Fn(u64) -> Option<bool>) -> Result<Option<Acquired>> {
+        self.header.check(MAGIC, WHAT)?;
+        let token = self.my_token();
+        match self.lock.try_lock_or_take_over(token, alive).map_err(|e| self.lock_error(e))? {
+            Some(outcome) => self.after_lock(outcome, token).map(Some),
             None => Ok(None),
         }
     }
@@ -146,8 +185,9 @@ impl RawMutex {
     /// Locks, waiting at most `timeout`; `Ok(None)` on timeout.
     pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<Acquired>> {
         self.header.check(MAGIC, WHAT)?;
-        match self.lock.lock_timeout(timeout).map_err(|e| self.lock_error(e))? {
-            Some(outcome) => self.after_lock(outcome).map(Some),
+        let token = self.my_token();
+        match self.lock.lock_timeout(token, Some(timeout), &self.token_alive()).map_err(|e| self.lock_error(e))? {
+            Some(outcome) => self.after_lock(outcome, token).map(Some),
             None => Ok(None),
         }
     }
@@ -177,6 +217,10 @@ impl RawMutex {
     /// Pid of the current holder, 0 if free (a snapshot, for display: a pid says nothing about
     /// life or death).
     pub fn owner_pid(&self) -> u32 {
+        // A thread that exits holding the lock releases it without clearing our record.
+        if self.lock.word() == 0 {
+            return 0;
+        }
         // Relaxed: a snapshot.
         self.owner_pid.load(Ordering::Relaxed)
     }
@@ -217,8 +261,12 @@ pub(crate) enum Stuck {
 /// Locks `lock`, sleeping at most `patience` (see "Bounded waits"). `gone(word)` says why the
 /// holder named by the lock word `word` is not alive, or `None` if it may be. Call it after the
 /// caller's own spinning: it sleeps from the start.
+/// `token` is the caller's process token recorded as the holder's; `alive` answers whether a
+/// holder's token is alive (so a dead holder is taken over with `OwnerDied`, see `robust.rs`).
 pub(crate) fn lock_patiently(
-    lock: &RawRobustMutex,
+    lock: &RobustLock,
+    token: u64,
+    alive: &dyn Fn(u64) -> Option<bool>,
     patience: Duration,
     mut gone: impl FnMut(u32) -> Option<String>,
 ) -> std::io::Result<std::result::Result<LockOutcome, Stuck>> {
@@ -226,7 +274,7 @@ pub(crate) fn lock_patiently(
     let mut suspect: Option<u32> = None;
     loop {
         let slice = patience.saturating_sub(start.elapsed()).clamp(Duration::from_millis(1), LOOK_EVERY);
-        if let Some(outcome) = lock.lock_timeout(slice)? {
+        if let Some(outcome) = lock.lock_timeout(token, Some(slice), alive)? {
             return Ok(Ok(outcome));
         }
         let word = lock.word();
@@ -246,7 +294,7 @@ pub(crate) fn lock_patiently(
 /// liveness (`token_alive`: `None` when no token is recorded or it cannot be asked) and its
 /// description (`who`, from [`describe_holder`]). `None`: it may be alive.
 pub(crate) fn holder_gone(word: u32, token_alive: Option<bool>, who: &str) -> Option<String> {
-    let tid = RawRobustMutex::owner_tid(word);
+    let tid = RobustLock::owner_tid(word);
     if token_alive == Some(false) {
         return Some(format!("{who}, which is not alive"));
     }
@@ -262,7 +310,7 @@ pub(crate) fn holder_gone(word: u32, token_alive: Option<bool>, who: &str) -> Op
 /// A holder's description for messages: its slot and pid from its token when one is recorded,
 /// else the lock word's thread (and that thread's process, if it exists).
 pub(crate) fn describe_holder(word: u32, token: u64, pid: u32) -> String {
-    let tid = RawRobustMutex::owner_tid(word);
+    let tid = RobustLock::owner_tid(word);
     match crate::registry::token_slot(token) {
         Some(slot) if pid != 0 => format!("slot {slot}, pid {pid} (thread {tid})"),
         Some(slot) => format!("slot {slot} (thread {tid})"),
@@ -281,25 +329,21 @@ impl RawMutex {
     #[inline]
     pub fn lock_bounded(&self, what: impl FnOnce() -> String, patience: Duration) -> Result<Acquired> {
         self.header.check(MAGIC, WHAT)?;
-        for _ in 0..LOCK_SPINS {
-            if let Some(outcome) = self.lock.try_lock().map_err(|e| self.lock_error(e))? {
-                return self.after_lock(outcome);
-            }
-            for _ in 0..8 {
-                std::hint::spin_loop();
-            }
+        let token = self.my_token();
+        if let Some(outcome) = self.spin(token)? {
+            return self.after_lock(outcome, token);
         }
-        self.lock_bounded_slow(what, patience)
+        self.lock_bounded_slow(what, patience, token)
     }
 
     #[cold]
-    fn lock_bounded_slow(&self, what: impl FnOnce() -> String, patience: Duration) -> Result<Acquired> {
+    fn lock_bounded_slow(&self, what: impl FnOnce() -> String, patience: Duration, token: u64) -> Result<Acquired> {
         let addr = self as *const Self as usize;
         let holder = || {
             // Relaxed: snapshots, for diagnosis only.
             (self.owner_token.load(Ordering::Relaxed), self.owner_pid.load(Ordering::Relaxed))
         };
-        let waited = lock_patiently(&self.lock, patience, |word| {
+        let waited = lock_patiently(&self.lock, token, &self.token_alive(), patience, |word| {
             let (token, pid) = holder();
             let alive = if token == 0 { None } else { crate::domain::token_alive_at(addr, token) };
             holder_gone(word, alive, &describe_holder(word, token, pid))
@@ -311,7 +355,7 @@ impl RawMutex {
             None => "`shmgadget gc --domain <its domain> --force` breaks it".to_owned(),
         };
         match waited {
-            Ok(outcome) => self.after_lock(outcome),
+            Ok(outcome) => self.after_lock(outcome, token),
             Err(Stuck::Gone(why)) => Err(Error::new(ErrorKind::Corrupt, format!("{} is held by {why}; {fix}", what()))),
             Err(Stuck::Slow(word)) => {
                 let (token, pid) = holder();
@@ -337,12 +381,13 @@ impl RawMutex {
     /// excludes new users (`gc --force` holds the shm directory's lock).
     pub(crate) unsafe fn break_lock(&self) -> Result<()> {
         self.header.check(MAGIC, WHAT)?;
-        // SAFETY: forwarded from the caller: nobody uses the lock while it is rebuilt.
-        unsafe { self.lock.init() }.map_err(|e| Error::from_io("cannot re-initialise a robust mutex", e))?;
-        // Relaxed: the next locker's pthread lock orders these before its reads.
+        // Relaxed: published by the Release store of the free word in `init` below, which the
+        // next locker's CAS reads.
         self.owner_pid.store(0, Ordering::Relaxed);
         self.owner_token.store(0, Ordering::Relaxed);
         self.inconsistent.store(1, Ordering::Relaxed);
+        // SAFETY: forwarded from the caller: nobody uses the lock while it is rebuilt.
+        unsafe { self.lock.init() }.map_err(|e| Error::from_io("cannot re-initialise a robust mutex", e))?;
         Ok(())
     }
 
@@ -512,7 +557,8 @@ impl<T: ShmSafe> Mutex<T> {
 #[must_use = "the mutex unlocks as soon as the guard is dropped"]
 pub struct MutexGuard<'a, T: ShmSafe> {
     mutex: &'a Mutex<T>,
-    /// pthread mutexes must be unlocked by the thread that locked them.
+    /// The lock is released by the thread that took it (the word and this thread's held list
+    /// name that thread).
     _not_send: PhantomData<*const ()>,
 }
 

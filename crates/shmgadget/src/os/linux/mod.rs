@@ -1,5 +1,5 @@
 //! The Linux platform: rustix first, libc where rustix stops (OFD byte locks, signal actions,
-//! robust pthread mutexes). One file per subsystem of the contract in `os/mod.rs`; each
+//! fork handlers). One file per subsystem of the contract in `os/mod.rs`; each
 //! wrapper names the system call it makes.
 
 mod error;
@@ -12,7 +12,6 @@ mod memory;
 mod object;
 mod process;
 mod reserve;
-mod robust_mutex;
 mod time;
 mod wait;
 
@@ -24,8 +23,9 @@ pub use lock::DirLock;
 pub use map::{USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, unmap};
 pub use memory::{FlushMode, Protection, Region, ViewKind, flush, map_view, protect, region_at, resident_pages};
 pub use object::{Access, Dir, Object, ObjectId, ObjectStat, list_dir};
-pub use process::{current_pid, effective_uid, thread_exists, thread_group};
+pub use process::{
+    current_pid, current_tid, effective_uid, proc_pid_namespace, thread_alive, thread_exists, thread_group,
+};
 pub use reserve::{ReserveError, reserve_fixed, restore_reservation};
-pub use robust_mutex::{LockOutcome, RawRobustMutex};
 pub use time::monotonic_now;
 pub use wait::{FutexWait, futex_wait, futex_wake};

@@ -55,3 +55,39 @@ pub fn thread_group(tid: u32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
 }
+
+/// This thread's id (`gettid(2)`), as the kernel numbers threads in this pid namespace.
+pub fn current_tid() -> u32 {
+    rustix::thread::gettid().as_raw_nonzero().get() as u32
+}
+
+/// This process's pid namespace (the inode of `/proc/self/ns/pid`, `stat(2)`), or 0 when it
+/// cannot be known or when the mounted `/proc` belongs to another namespace (`/proc/self`,
+/// `readlink(2)`, does not name this process by its own pid): then thread ids in `/proc` are
+/// not ours to interpret.
+#[cfg_attr(loom, allow(dead_code))]
+pub fn proc_pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::read_link("/proc/self").ok().and_then(|p| p.to_str()?.parse::<u32>().ok());
+    if me != Some(current_pid()) {
+        return 0;
+    }
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
+}
+
+/// Whether thread `tid` of this pid namespace is alive: `/proc/<tid>/stat` exists and its state
+/// is not zombie or dead (a killed process's main thread stays a zombie until reaped). An
+/// error other than "not found" counts as alive, so a thread is never declared dead by mistake.
+pub fn thread_alive(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{tid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain any byte.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_none_or(|c| c != 'Z' && c != 'X'),
+        Err(e) => e.kind() != io::ErrorKind::NotFound,
+    }
+}
