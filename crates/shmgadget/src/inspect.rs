@@ -490,7 +490,7 @@ fn check_heap_lock(
         }
         let look = || {
             let (word, token, pid) = lock.holder_snapshot();
-            let who = crate::sync::describe_holder(word, token, pid);
+            let who = crate::sync::describe_holder(word, crate::registry::token_slot(token), pid);
             let alive = (token != 0).then(|| reg.proc_alive(token));
             (word, crate::sync::holder_gone(word, alive, &who))
         };

@@ -76,7 +76,7 @@ impl Registry {
         // Relaxed: a snapshot, for diagnosis.
         let token = self.header().lock_owner.load(Ordering::Relaxed);
         let pid = self.proc_pid(token).unwrap_or(0);
-        let who = crate::sync::describe_holder(word, token, pid);
+        let who = crate::sync::describe_holder(word, crate::registry::token_slot(token), pid);
         let alive = (token != 0).then(|| self.proc_alive(token));
         (crate::sync::holder_gone(word, alive, &who), who)
     }

@@ -34,14 +34,16 @@
 mod condvar;
 mod event;
 mod mutex;
+mod patience;
 pub(crate) mod robust;
 mod semaphore;
 pub(crate) mod shim;
 
 pub use condvar::Condvar;
 pub use event::{Event, EventMode};
-pub use mutex::{Acquired, LOCK_PATIENCE, LockError, Mutex, MutexGuard, RawMutex};
-pub(crate) use mutex::{LOOK_EVERY, Stuck, describe_holder, holder_gone, lock_patiently};
+pub use mutex::{Acquired, LockError, Mutex, MutexGuard, RawMutex};
+pub use patience::LOCK_PATIENCE;
+pub(crate) use patience::{LOOK_EVERY, Stuck, describe_holder, holder_gone, lock_patiently};
 #[cfg(loom)]
 pub use robust::{LockOutcome as ModelLockOutcome, ModelRobustLock};
 pub(crate) use robust::{LockOutcome, RobustLock};

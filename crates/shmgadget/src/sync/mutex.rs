@@ -24,10 +24,10 @@
 //! no lock and no system call. (The lock keeps its own copy of the record, which is what it
 //! trusts to take over from a dead holder; these two are what diagnosis and inspection read.)
 //!
-//! # Bounded waits ([`RawMutex::lock_bounded`], [`lock_patiently`])
+//! # Bounded waits ([`RawMutex::lock_bounded`], [`lock_patiently`](super::patience::lock_patiently))
 //! A lock word damaged by a stray write (or a holder that hangs) must not hang the tools that
 //! repair it. A bounded waiter first spins exactly as [`RawMutex::lock`] does (the uncontended
-//! and briefly contended paths are unchanged), then sleeps in slices of [`LOOK_EVERY`] and,
+//! and briefly contended paths are unchanged), then sleeps in slices of [`LOOK_EVERY`](super::patience::LOOK_EVERY) and,
 //! after each slice, looks at who holds the lock: the thread id in the lock word and the
 //! holder's recorded token. A word that names no thread, a thread that does not exist,
 //! or a recorded token whose registration is not alive is "no live holder". Seen twice in a
@@ -40,9 +40,10 @@ use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::ObjectHeader;
+use super::patience::{Stuck, describe_holder, holder_gone, lock_patiently};
 use super::robust::{LockOutcome, RobustLock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::os;
@@ -244,83 +245,6 @@ impl RawMutex {
     }
 }
 
-/// How often a bounded waiter wakes up to look at who holds the lock.
-pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(200);
-
-/// How long the library's bounded waits (registry, heaps) let a live holder keep a lock.
-pub const LOCK_PATIENCE: Duration = Duration::from_secs(5);
-
-/// Why [`lock_patiently`] gave up.
-pub(crate) enum Stuck {
-    /// The lock word names no live holder (the reason, from the `gone` callback), seen twice.
-    Gone(String),
-    /// Held past the patience by a holder not proven gone (its lock word).
-    Slow(u32),
-}
-
-/// Locks `lock`, sleeping at most `patience` (see "Bounded waits"). `gone(word)` says why the
-/// holder named by the lock word `word` is not alive, or `None` if it may be. Call it after the
-/// caller's own spinning: it sleeps from the start.
-/// `token` is the caller's process token recorded as the holder's; `alive` answers whether a
-/// holder's token is alive (so a dead holder is taken over with `OwnerDied`, see `robust.rs`).
-pub(crate) fn lock_patiently(
-    lock: &RobustLock,
-    token: u64,
-    alive: &dyn Fn(u64) -> Option<bool>,
-    patience: Duration,
-    mut gone: impl FnMut(u32) -> Option<String>,
-) -> std::io::Result<std::result::Result<LockOutcome, Stuck>> {
-    let start = Instant::now();
-    let mut suspect: Option<u32> = None;
-    loop {
-        let slice = patience.saturating_sub(start.elapsed()).clamp(Duration::from_millis(1), LOOK_EVERY);
-        if let Some(outcome) = lock.lock_timeout(token, Some(slice), alive)? {
-            return Ok(Ok(outcome));
-        }
-        let word = lock.word();
-        match gone(word) {
-            Some(why) if suspect == Some(word) => return Ok(Err(Stuck::Gone(why))),
-            Some(_) => suspect = Some(word),
-            None => suspect = None,
-        }
-        // A suspect gets its second look even past the patience.
-        if start.elapsed() >= patience && suspect.is_none() {
-            return Ok(Err(Stuck::Slow(word)));
-        }
-    }
-}
-
-/// Why the holder named by lock word `word` cannot be alive, given its recorded token's
-/// liveness (`token_alive`: `None` when no token is recorded or it cannot be asked) and its
-/// description (`who`, from [`describe_holder`]). `None`: it may be alive.
-pub(crate) fn holder_gone(word: u32, token_alive: Option<bool>, who: &str) -> Option<String> {
-    let tid = RobustLock::owner_tid(word);
-    if token_alive == Some(false) {
-        return Some(format!("{who}, which is not alive"));
-    }
-    if tid == 0 {
-        return Some(format!("nobody: its lock word {word:#010x} names no thread (the word is damaged)"));
-    }
-    if !os::thread_exists(tid) {
-        return Some(format!("{who}, which does not exist"));
-    }
-    None
-}
-
-/// A holder's description for messages: its slot and pid from its token when one is recorded,
-/// else the lock word's thread (and that thread's process, if it exists).
-pub(crate) fn describe_holder(word: u32, token: u64, pid: u32) -> String {
-    let tid = RobustLock::owner_tid(word);
-    match crate::registry::token_slot(token) {
-        Some(slot) if pid != 0 => format!("slot {slot}, pid {pid} (thread {tid})"),
-        Some(slot) => format!("slot {slot} (thread {tid})"),
-        None => match os::thread_group(tid) {
-            Some(p) => format!("thread {tid} of pid {p} (no registration recorded)"),
-            None => format!("thread {tid} (no registration recorded)"),
-        },
-    }
-}
-
 impl RawMutex {
     /// [`lock`](Self::lock), bounded (see "Bounded waits"): a lock word that names no live
     /// holder is `Corrupt` within about a second, a live holder that keeps it past `patience`
@@ -346,7 +270,7 @@ impl RawMutex {
         let waited = lock_patiently(&self.lock, token, &self.token_alive(), patience, |word| {
             let (token, pid) = holder();
             let alive = if token == 0 { None } else { crate::domain::token_alive_at(addr, token) };
-            holder_gone(word, alive, &describe_holder(word, token, pid))
+            holder_gone(word, alive, &describe_holder(word, crate::registry::token_slot(token), pid))
         })
         .map_err(|e| self.lock_error(e))?;
         let domain = crate::domain::domain_name_at(addr);
@@ -364,7 +288,7 @@ impl RawMutex {
                     format!(
                         "{} is held by {} (alive) for more than {} s; if that process hangs, stop it",
                         what(),
-                        describe_holder(word, token, pid),
+                        describe_holder(word, crate::registry::token_slot(token), pid),
                         patience.as_secs()
                     ),
                 ))
