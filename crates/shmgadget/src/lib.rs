@@ -55,6 +55,7 @@ mod fault;
 pub mod fuzzing;
 pub mod heap;
 pub mod inspect;
+mod file_section;
 pub mod mapped_file;
 mod names;
 mod os;
