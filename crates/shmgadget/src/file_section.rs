@@ -168,14 +168,14 @@ impl Prepared {
             page_size: page as u32,
             base,
             capacity,
-            created_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         let mut header_page = vec![0u8; page];
         header_page[..HEADER_LEN].copy_from_slice(&h.encode());
         let p = self.path.display();
-        self.object.write_at(0, &header_page).map_err(|e| Error::from_io(format!("cannot write the header of {p}"), e))?;
+        self.object
+            .write_at(0, &header_page)
+            .map_err(|e| Error::from_io(format!("cannot write the header of {p}"), e))?;
         self.object
             .set_size(page as u64 + capacity)
             .map_err(|e| Error::from_io(format!("cannot size {p} to {capacity} bytes of data"), e))
@@ -193,7 +193,13 @@ impl Prepared {
 
 /// The window offset at which an existing file must be placed: its recorded address, which
 /// must lie inside the window `[window_base, window_base + window_size)`, chunk-aligned.
-pub(crate) fn recorded_offset(h: &Header, path: &Path, domain: &str, window_base: u64, window_size: u64) -> Result<u64> {
+pub(crate) fn recorded_offset(
+    h: &Header,
+    path: &Path,
+    domain: &str,
+    window_base: u64,
+    window_size: u64,
+) -> Result<u64> {
     let (b, c) = (h.base, h.capacity);
     let inside = b >= window_base && b - window_base + c <= window_size;
     if !inside || (b - window_base) % crate::CHUNK != 0 {

@@ -51,11 +51,11 @@ mod attachment;
 mod domain;
 mod error;
 mod fault;
+mod file_section;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod heap;
 pub mod inspect;
-mod file_section;
 pub mod mapped_file;
 mod names;
 mod os;

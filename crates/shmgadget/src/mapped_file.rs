@@ -397,6 +397,64 @@ fn open_error(path: &Path, e: std::io::Error, creating: bool) -> Error {
     }
 }
 
+/// Opens an existing mapped file, takes its exclusive lock and validates it (everything
+/// [`MappedFile::open`] refuses, except the placement): returns the open file, its header and
+/// its bytes of data (length minus the header page). Shared with file-backed sections.
+pub(crate) fn open_checked(path: &Path, exclusive: bool) -> Result<(os::Object, Header, u64)> {
+    let object = os::open_file(path, os::OpenFile::Existing).map_err(|e| open_error(path, e, false))?;
+    let st = object.stat().map_err(|e| Error::from_io(format!("cannot stat {}", path.display()), e))?;
+    if !st.is_regular {
+        bail!(InvalidArgument, "{} is not a regular file; a mapped file must be one", path.display());
+    }
+    if st.uid != os::effective_uid() {
+        bail!(
+            PermissionDenied,
+            "{} belongs to uid {}, not to this process's uid {}; refusing to map another user's file \
+         (its owner can open it, or chown it)",
+            path.display(),
+            st.uid,
+            os::effective_uid()
+        );
+    }
+    if exclusive {
+        lock(path, &object)?;
+    } else {
+        share_lock(path, &object)?;
+    }
+    let page = os::page_size() as u64;
+    if st.size < page {
+        bail!(
+            Corrupt,
+            "{} is {} bytes, shorter than its {page}-byte header page: not a shmgadget mapped file (or truncated)",
+            path.display(),
+            st.size
+        );
+    }
+    let mut raw = [0u8; HEADER_LEN];
+    object.read_at(0, &mut raw).map_err(|e| Error::from_io(format!("cannot read {}", path.display()), e))?;
+    let h = Header::decode(&raw).map_err(|why| {
+        Error::new(ErrorKind::Corrupt, format!("{} has a damaged or foreign header: {why}", path.display()))
+    })?;
+    let data = st.size - page;
+    if data % page != 0 || data > h.capacity {
+        bail!(
+            Corrupt,
+            "{} holds {data} bytes of data, but its header records a capacity of {} in whole pages; \
+         it was truncated or extended by something else",
+            path.display(),
+            h.capacity
+        );
+    }
+    Ok((object, h, data))
+}
+
+/// Creates `path` (which must not exist) read-write, mode 0600, and takes its exclusive lock.
+pub(crate) fn create_locked(path: &Path) -> Result<os::Object> {
+    let object = os::open_file(path, os::OpenFile::CreateNew).map_err(|e| open_error(path, e, true))?;
+    lock(path, &object)?;
+    Ok(object)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,62 +470,4 @@ mod tests {
             assert!(Header::decode(&bad).is_err(), "byte {i} flipped");
         }
     }
-}
-
-/// Opens an existing mapped file, takes its exclusive lock and validates it (everything
-/// [`MappedFile::open`] refuses, except the placement): returns the open file, its header and
-/// its bytes of data (length minus the header page). Shared with file-backed sections.
-pub(crate) fn open_checked(path: &Path, exclusive: bool) -> Result<(os::Object, Header, u64)> {
-    let object = os::open_file(path, os::OpenFile::Existing).map_err(|e| open_error(path, e, false))?;
-    let st = object.stat().map_err(|e| Error::from_io(format!("cannot stat {}", path.display()), e))?;
-    if !st.is_regular {
-        bail!(InvalidArgument, "{} is not a regular file; a mapped file must be one", path.display());
-    }
-    if st.uid != os::effective_uid() {
-        bail!(
-        PermissionDenied,
-        "{} belongs to uid {}, not to this process's uid {}; refusing to map another user's file \
-         (its owner can open it, or chown it)",
-        path.display(),
-        st.uid,
-        os::effective_uid()
-        );
-    }
-    if exclusive {
-        lock(path, &object)?;
-    } else {
-        share_lock(path, &object)?;
-    }
-    let page = os::page_size() as u64;
-    if st.size < page {
-        bail!(
-        Corrupt,
-        "{} is {} bytes, shorter than its {page}-byte header page: not a shmgadget mapped file (or truncated)",
-        path.display(),
-        st.size
-        );
-    }
-    let mut raw = [0u8; HEADER_LEN];
-    object.read_at(0, &mut raw).map_err(|e| Error::from_io(format!("cannot read {}", path.display()), e))?;
-    let h = Header::decode(&raw).map_err(|why| {
-        Error::new(ErrorKind::Corrupt, format!("{} has a damaged or foreign header: {why}", path.display()))
-    })?;
-    let data = st.size - page;
-    if data % page != 0 || data > h.capacity {
-        bail!(
-        Corrupt,
-        "{} holds {data} bytes of data, but its header records a capacity of {} in whole pages; \
-         it was truncated or extended by something else",
-        path.display(),
-        h.capacity
-        );
-    }
-    Ok((object, h, data))
-}
-
-/// Creates `path` (which must not exist) read-write, mode 0600, and takes its exclusive lock.
-pub(crate) fn create_locked(path: &Path) -> Result<os::Object> {
-    let object = os::open_file(path, os::OpenFile::CreateNew).map_err(|e| open_error(path, e, true))?;
-    lock(path, &object)?;
-    Ok(object)
 }

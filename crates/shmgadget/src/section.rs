@@ -159,9 +159,8 @@ impl Section {
             .stat()
             .map_err(|e| Error::from_io(format!("cannot {what} section {name:?}: cannot stat its object"), e))?;
         let (fd, st, data_offset) = if file_section::is_link(&st) {
-            let b = file_section::resolve(name, &fd, &st).map_err(|e| {
-                Error::new(e.kind(), format!("cannot {what} section {name:?}: {e}"))
-            })?;
+            let b = file_section::resolve(name, &fd, &st)
+                .map_err(|e| Error::new(e.kind(), format!("cannot {what} section {name:?}: {e}")))?;
             (b.object, b.stat, file_section::data_offset())
         } else {
             (fd, st, 0)

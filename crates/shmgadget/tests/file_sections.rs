@@ -296,9 +296,8 @@ fn committing_a_file_section_on_a_full_filesystem_is_out_of_space_not_sigbus() {
             let file = mnt.join("grow.shmg");
             let name = unique_domain("fsf");
             // `run` fails the test if the child dies (a SIGBUS would).
-            let result = std::panic::catch_unwind(|| {
-                run(TEST, "grower", &name, &[("FILE", file.display().to_string())])
-            });
+            let result =
+                std::panic::catch_unwind(|| run(TEST, "grower", &name, &[("FILE", file.display().to_string())]));
             let _ = std::fs::remove_file(&file);
             let _ = std::process::Command::new("umount").arg(&mnt).status();
             let _ = std::fs::remove_dir(&mnt);

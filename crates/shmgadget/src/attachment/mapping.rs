@@ -151,8 +151,10 @@ impl Mapping {
             // window (the record was validated against the window size) and belongs to this
             // section alone, so MAP_FIXED replaces only our own reservation or an older mapping
             // of this same slot, which no Rust reference can point into (section memory is
-            // reached through raw pointers only).
+            // reached through raw pointers only). A file-backed section's file is at least
+            // `data_offset + reserved` bytes long (checked when it was opened).
             if data_offset == 0 {
+                // SAFETY: as above.
                 unsafe { os::map_shared_fixed(object, addr, rec.reserved as usize, os::Access::ReadWrite) }?;
             } else {
                 // SAFETY: as above.

@@ -215,7 +215,12 @@ impl Attachment {
 
     /// Maps the object of a section this process just created and takes one handle on it;
     /// returns the object's identity.
-    pub(crate) fn map_new_held(&self, rec: &SectionRecord, object: os::Object, data_offset: u64) -> Result<os::ObjectId> {
+    pub(crate) fn map_new_held(
+        &self,
+        rec: &SectionRecord,
+        object: os::Object,
+        data_offset: u64,
+    ) -> Result<os::ObjectId> {
         let id = object
             .stat()
             .map(|st| st.identity)
