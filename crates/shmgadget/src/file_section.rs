@@ -51,6 +51,7 @@ pub(crate) fn data_offset() -> u64 {
 }
 
 /// Whether a section object with this `fstat` is a link (see the module docs).
+/// Async-signal-safe (the fault handler calls it): arithmetic on the page size from auxv.
 pub(crate) fn is_link(st: &os::ObjectStat) -> bool {
     let page = os::page_size() as u64;
     st.is_regular && st.size % page != 0 && st.size < page

@@ -308,3 +308,47 @@ fn committing_a_file_section_on_a_full_filesystem_is_out_of_space_not_sigbus() {
         }
     }
 }
+
+#[test]
+fn a_first_touch_of_a_file_section_not_opened_here_is_reported_not_repaired() {
+    const TEST: &str = "a_first_touch_of_a_file_section_not_opened_here_is_reported_not_repaired";
+    const BASE: u64 = 0x3f40_0000_0000;
+    match role().as_deref() {
+        Some("toucher") => {
+            let _d = Domain::attach_with(&child_domain(), &at(BASE)).unwrap();
+            let addr: usize = std::env::var("ADDR").unwrap().parse().unwrap();
+            // SAFETY: none: the read is expected to fault (the handler reports it).
+            let v = unsafe { (addr as *const u64).read_volatile() };
+            println!("READ={v}");
+        }
+        _ => {
+            let path = file_path("touch");
+            let name = unique_domain("fst");
+            let d = Domain::attach_with(&name, &at(BASE)).unwrap();
+            let s = d.create_section("data", 1 << 20, &SectionOptions::new().file(&path)).unwrap();
+            s.commit(4096).unwrap();
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([TEST, "--exact", "--nocapture", "--test-threads=1", "-q"])
+                .env(ROLE, "toucher")
+                .env(DOMAIN, &name)
+                .env("ADDR", (s.as_ptr() as usize).to_string())
+                .env_remove("SHMGADGET_EAGER")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+            let status = wait(&mut child, std::time::Duration::from_secs(60));
+            let err = reader.join().unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(libc::SIGSEGV), "{status:?}\n{err}");
+            assert!(err.contains("file-backed section"), "{err}");
+            drop(s);
+            d.delete_section("data").unwrap();
+            d.detach().unwrap();
+            assert_clean(&name);
+            cleanup(&path);
+        }
+    }
+}
