@@ -41,6 +41,8 @@ pub struct Section {
     pub created_at: u64,
     pub creator_pid: u32,
     pub object: String,
+    /// The file backing a file-backed section (its object is then a link to it); else `null`.
+    pub file: Option<String>,
     /// The queue's live figures, for a queue section that could be read; else `null`.
     pub queue: Option<Queue>,
     /// Why a queue section's figures could not be read (`DAMAGED: ...` for a damaged
@@ -66,6 +68,7 @@ impl Section {
             created_at: s.created_at,
             creator_pid: s.creator_pid,
             object: s.object.clone(),
+            file: s.file.as_ref().map(|p| p.display().to_string()),
             queue: queue.and_then(|q| q.as_ref().ok()).map(Queue::new),
             queue_error: queue.and_then(|q| q.as_ref().err()).map(crate::queue_trouble),
         }

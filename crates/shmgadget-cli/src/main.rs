@@ -104,6 +104,10 @@ enum Command {
         /// receiver; --size is its ring). --transient, --commit and --mode apply to raw only.
         #[arg(long, default_value = "raw", value_parser = ["raw", "heap", "queue"])]
         kind: String,
+        /// Back the section (raw or heap) by this regular file: created with a header page if
+        /// missing, else placed at the address it records (its size then is the file's).
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
     },
     /// Show a heap: statistics, named objects, and optionally its blocks or a full check.
     Heap {
@@ -241,8 +245,11 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Top { once } => return top::run(cli, *once),
         Command::Completions { shell } => return extras::completions(cli.json, *shell),
         Command::Man => return extras::man(cli.json),
-        Command::Create { name, size, transient, mode, commit, kind } => {
-            cmd_create(cli, name, *size, *transient, *mode, *commit, kind)?
+        Command::Create { name, size, transient, mode, commit, kind, file } => {
+            if file.is_some() {
+                mem_cmd::check_file_create(*transient, kind)?;
+            }
+            cmd_create(cli, name, *size, *transient, *mode, *commit, kind, file.as_ref())?
         }
         Command::Heap { name, blocks, check } => return cmd_heap(cli, name, *blocks, *check),
         Command::Rm { names, force } => return cmd_rm(cli, names, *force),
@@ -268,6 +275,7 @@ fn cmd_create(
     mode: Option<u32>,
     commit: Option<u64>,
     kind: &str,
+    file: Option<&std::path::PathBuf>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     if kind != "raw" && (transient || commit.is_some() || mode.is_some()) {
         return Err(shmgadget::Error::new(
@@ -293,6 +301,10 @@ fn cmd_create(
         );
     }
     let (info, queue, what) = match kind {
+        "heap" if file.is_some() => {
+            let (heap, _) = shmgadget::heap::Heap::create_in_file(&domain, name, file.expect("matched"), size)?;
+            (heap.section().info(), None, String::new())
+        }
         "heap" => {
             let heap = shmgadget::heap::Heap::create(&domain, name, size)?;
             (heap.section().info(), None, String::new())
@@ -311,6 +323,9 @@ fn cmd_create(
             }
             if transient {
                 opts = opts.transient();
+            }
+            if let Some(path) = file {
+                opts = opts.file(path);
             }
             let section = domain.create_section(name, size, &opts)?;
             if let Some(len) = commit {
@@ -539,7 +554,7 @@ fn shm_dir_shown(cli: &Cli) -> String {
 fn section_row(s: &SectionInfo) -> Vec<String> {
     vec![
         s.name.clone(),
-        s.kind.as_str().to_owned(),
+        mem_cmd::kind_label(s),
         format!("{:#x}-{:#x}", s.address, s.address + s.reserved),
         format_size(s.reserved),
         format_size(s.committed),
@@ -726,6 +741,7 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
         ("generation", s.generation.to_string()),
         ("created by pid", s.creator_pid.to_string()),
         ("object", format!("{}/{}", shm_dir_shown(cli), s.object)),
+        ("file", s.file.as_ref().map_or_else(|| "-".to_owned(), |p| p.display().to_string())),
     ];
     for (k, v) in rows {
         outln!("{k:>15}  {v}");

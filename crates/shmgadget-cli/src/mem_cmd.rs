@@ -219,3 +219,22 @@ pub fn cmd_map(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     outln!("{t}");
     Ok(ExitCode::SUCCESS)
 }
+
+/// `create --file`: a file backs raw and heap sections only, and is never transient.
+pub fn check_file_create(transient: bool, kind: &str) -> Result<(), shmgadget::Error> {
+    if transient || kind == "queue" {
+        return Err(shmgadget::Error::new(
+            shmgadget::ErrorKind::InvalidArgument,
+            "--file backs raw and heap sections that outlive their domain: it takes neither --transient nor --kind queue",
+        ));
+    }
+    Ok(())
+}
+
+/// The kind column of `ls`: the kind, and the file of a file-backed section.
+pub fn kind_label(s: &shmgadget::SectionInfo) -> String {
+    match &s.file {
+        Some(p) => format!("{} in {}", s.kind.as_str(), p.display()),
+        None => s.kind.as_str().to_owned(),
+    }
+}

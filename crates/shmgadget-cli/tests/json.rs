@@ -173,6 +173,7 @@ const SECTION: Shape = &[
     ("created_at", T::U64),
     ("creator_pid", T::U64),
     ("object", T::Str),
+    ("file", T::Opt(&T::Str)),
     ("queue", T::Opt(&T::Obj(QUEUE))),
     ("queue_error", T::Opt(&T::Str)),
 ];

@@ -120,3 +120,39 @@ fn where_names_the_section_and_offset_or_the_hole_and_map_draws_sections_and_hol
     assert!(left.is_empty(), "left behind: {left:?}");
     std::fs::remove_dir(d).unwrap();
 }
+
+#[test]
+fn create_file_puts_a_section_in_a_file_that_ls_and_info_name_and_a_new_domain_places_it_again() {
+    let dir = std::env::temp_dir().join(format!("shmgadget-filesec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("data.shmg");
+    let f = file.to_str().unwrap();
+    let d = dir.to_str().unwrap();
+    let made = json(&dir, &["-d", "fsa", "create", "keep", "--size", "1M", "--file", f]);
+    assert_eq!(made["section"]["file"], f, "{made}");
+    let ls = json(&dir, &["-d", "fsa", "ls"]);
+    assert_eq!(ls["sections"][0]["file"], f, "{ls}");
+    let (code, out, err) = run(&dir, &["-d", "fsa", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("raw in {f}")), "{out}");
+    let (code, out, err) = run(&dir, &["-d", "fsa", "info", "keep"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("file") && l.contains(f)), "{out}");
+    let address = ls["sections"][0]["address"].clone();
+    // The domain goes, the file stays; a new domain places it at the same address.
+    let (code, _, err) = run(&dir, &["domain", "rm", "fsa"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(file.exists());
+    let again = json(&dir, &["-d", "fsb", "create", "back", "--size", "4K", "--file", f]);
+    assert_eq!(again["section"]["address"], address, "{again}");
+    assert_eq!(again["section"]["reserved"], 1 << 20, "the file's size, not --size");
+    let (code, _, err) = run(&dir, &["-d", "fsb", "create", "q", "--size", "64K", "--kind", "queue", "--file", f]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--file"), "{err}");
+    let (code, _, err) = run(&dir, &["domain", "rm", "fsb"]);
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_file(&file);
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "{left:?} in {d}");
+    let _ = std::fs::remove_dir(&dir);
+}

@@ -227,6 +227,9 @@ enum Failure {
     NotRegular,
     /// The object's size differs from the section's reserved size.
     Size(u64),
+    /// The object is a link to a file-backed section's file (`crate::file_section`), which the
+    /// handler does not follow (a path and a header to read in a signal handler).
+    FileBacked,
     /// The object belongs to this uid, and foreign owners are not accepted.
     Owner(u32),
     Map(std::io::Error),
@@ -313,6 +316,9 @@ impl Handler<'_> {
         let st = fd.stat().map_err(Failure::Stat)?;
         if !st.is_regular {
             return Err(Failure::NotRegular);
+        }
+        if crate::file_section::is_link(&st) {
+            return Err(Failure::FileBacked);
         }
         if st.size != rec.reserved {
             return Err(Failure::Size(st.size));
@@ -415,6 +421,12 @@ impl Handler<'_> {
                             .dec(*size)
                             .push(b" bytes but the section has ");
                         line.dec(rec.map_or(0, |r| r.reserved)).push(b" (truncated? remove it with `shmgadget rm`)");
+                    }
+                    Failure::FileBacked => {
+                        line.push(
+                            b"it is a file-backed section, which first touch does not map: open it \
+                                    (Domain::open_section, Domain::map_all) in this process before using its memory",
+                        );
                     }
                     Failure::Owner(uid) => {
                         line.push(b"its object \"").push(object).push(b"\" belongs to uid ").dec(*uid as u64);

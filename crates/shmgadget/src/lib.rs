@@ -51,6 +51,7 @@ mod attachment;
 mod domain;
 mod error;
 mod fault;
+mod file_section;
 mod fnv;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -47,19 +47,19 @@ use crate::os::{self, ErrorExt};
 const MAGIC: [u8; 8] = *b"SHMGFILE";
 const VERSION: u32 = 1;
 /// Bytes of the header that are meaningful (the rest of the page is zero).
-const HEADER_LEN: usize = 48;
+pub(crate) const HEADER_LEN: usize = 48;
 
 /// The fields of the header page (see the module docs), little-endian on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Header {
-    page_size: u32,
-    base: u64,
-    capacity: u64,
-    created_at: u64,
+pub(crate) struct Header {
+    pub(crate) page_size: u32,
+    pub(crate) base: u64,
+    pub(crate) capacity: u64,
+    pub(crate) created_at: u64,
 }
 
 impl Header {
-    fn encode(&self) -> [u8; HEADER_LEN] {
+    pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -73,7 +73,7 @@ impl Header {
     }
 
     /// Decodes and validates a header; `Err(what is wrong)`.
-    fn decode(b: &[u8; HEADER_LEN]) -> std::result::Result<Header, String> {
+    pub(crate) fn decode(b: &[u8; HEADER_LEN]) -> std::result::Result<Header, String> {
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         if b[0..8] != MAGIC {
@@ -175,46 +175,7 @@ impl MappedFile {
     /// process), and a recorded range that something in this process occupies (named in the
     /// message).
     pub fn open(path: &Path) -> Result<MappedFile> {
-        let object = os::open_file(path, os::OpenFile::Existing).map_err(|e| open_error(path, e, false))?;
-        let st = object.stat().map_err(|e| Error::from_io(format!("cannot stat {}", path.display()), e))?;
-        if !st.is_regular {
-            bail!(InvalidArgument, "{} is not a regular file; a mapped file must be one", path.display());
-        }
-        if st.uid != os::effective_uid() {
-            bail!(
-                PermissionDenied,
-                "{} belongs to uid {}, not to this process's uid {}; refusing to map another user's file \
-                 (its owner can open it, or chown it)",
-                path.display(),
-                st.uid,
-                os::effective_uid()
-            );
-        }
-        lock(path, &object)?;
-        let page = os::page_size() as u64;
-        if st.size < page {
-            bail!(
-                Corrupt,
-                "{} is {} bytes, shorter than its {page}-byte header page: not a shmgadget mapped file (or truncated)",
-                path.display(),
-                st.size
-            );
-        }
-        let mut raw = [0u8; HEADER_LEN];
-        object.read_at(0, &mut raw).map_err(|e| Error::from_io(format!("cannot read {}", path.display()), e))?;
-        let h = Header::decode(&raw).map_err(|why| {
-            Error::new(ErrorKind::Corrupt, format!("{} has a damaged or foreign header: {why}", path.display()))
-        })?;
-        let data = st.size - page;
-        if data % page != 0 || data > h.capacity {
-            bail!(
-                Corrupt,
-                "{} holds {data} bytes of data, but its header records a capacity of {} in whole pages; \
-                 it was truncated or extended by something else",
-                path.display(),
-                h.capacity
-            );
-        }
+        let (object, h, data) = open_checked(path, true)?;
         MappedFile::place(path.to_owned(), object, &h, data as usize)
     }
 
@@ -397,8 +358,21 @@ fn lock(path: &Path, object: &os::Object) -> Result<()> {
         Ok(true) => Ok(()),
         Ok(false) => bail!(
             WouldBlock,
-            "{} is mapped by another live handle (in this or another process, which holds its lock); \
-             close it there first",
+            "{} is mapped by another live handle or by a section of a live domain (in this or another \
+             process, which holds its lock); close it or detach there first",
+            path.display()
+        ),
+        Err(e) => Err(Error::from_io(format!("cannot lock {}", path.display()), e)),
+    }
+}
+
+/// A shared lock, as every process mapping a file-backed section holds (see `file_section`).
+fn share_lock(path: &Path, object: &os::Object) -> Result<()> {
+    match object.try_share_lock_byte(0) {
+        Ok(true) => Ok(()),
+        Ok(false) => bail!(
+            WouldBlock,
+            "{} is held exclusively by a MappedFile handle or by a domain placing it right now; close it there first",
             path.display()
         ),
         Err(e) => Err(Error::from_io(format!("cannot lock {}", path.display()), e)),
@@ -421,6 +395,64 @@ fn open_error(path: &Path, e: std::io::Error, creating: bool) -> Error {
     } else {
         Error::from_io(format!("cannot open {p}"), e)
     }
+}
+
+/// Opens an existing mapped file, takes its exclusive lock and validates it (everything
+/// [`MappedFile::open`] refuses, except the placement): returns the open file, its header and
+/// its bytes of data (length minus the header page). Shared with file-backed sections.
+pub(crate) fn open_checked(path: &Path, exclusive: bool) -> Result<(os::Object, Header, u64)> {
+    let object = os::open_file(path, os::OpenFile::Existing).map_err(|e| open_error(path, e, false))?;
+    let st = object.stat().map_err(|e| Error::from_io(format!("cannot stat {}", path.display()), e))?;
+    if !st.is_regular {
+        bail!(InvalidArgument, "{} is not a regular file; a mapped file must be one", path.display());
+    }
+    if st.uid != os::effective_uid() {
+        bail!(
+            PermissionDenied,
+            "{} belongs to uid {}, not to this process's uid {}; refusing to map another user's file \
+         (its owner can open it, or chown it)",
+            path.display(),
+            st.uid,
+            os::effective_uid()
+        );
+    }
+    if exclusive {
+        lock(path, &object)?;
+    } else {
+        share_lock(path, &object)?;
+    }
+    let page = os::page_size() as u64;
+    if st.size < page {
+        bail!(
+            Corrupt,
+            "{} is {} bytes, shorter than its {page}-byte header page: not a shmgadget mapped file (or truncated)",
+            path.display(),
+            st.size
+        );
+    }
+    let mut raw = [0u8; HEADER_LEN];
+    object.read_at(0, &mut raw).map_err(|e| Error::from_io(format!("cannot read {}", path.display()), e))?;
+    let h = Header::decode(&raw).map_err(|why| {
+        Error::new(ErrorKind::Corrupt, format!("{} has a damaged or foreign header: {why}", path.display()))
+    })?;
+    let data = st.size - page;
+    if data % page != 0 || data > h.capacity {
+        bail!(
+            Corrupt,
+            "{} holds {data} bytes of data, but its header records a capacity of {} in whole pages; \
+         it was truncated or extended by something else",
+            path.display(),
+            h.capacity
+        );
+    }
+    Ok((object, h, data))
+}
+
+/// Creates `path` (which must not exist) read-write, mode 0600, and takes its exclusive lock.
+pub(crate) fn create_locked(path: &Path) -> Result<os::Object> {
+    let object = os::open_file(path, os::OpenFile::CreateNew).map_err(|e| open_error(path, e, true))?;
+    lock(path, &object)?;
+    Ok(object)
 }
 
 #[cfg(test)]

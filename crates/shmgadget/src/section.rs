@@ -23,6 +23,7 @@
 //! deleted section is unmapped, belong to the attachment's `Mapping` (`attachment::mapping`);
 //! a handle takes one on creation and releases it on drop.
 
+use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,6 +31,7 @@ use serde::Serialize;
 
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result, bail};
+use crate::file_section;
 use crate::names;
 use crate::os::{self, ErrorExt};
 use crate::registry::{self, Lifetime, Registry, SectionKind, SectionRecord};
@@ -46,11 +48,14 @@ pub struct SectionOptions {
     /// Who may open and map it. Default `None`: as the domain is shared (its registry object's
     /// access: owner only unless the domain was made with another [`crate::DomainOptions::sharing`]).
     pub sharing: Option<Sharing>,
+    /// A regular file to back the section (see [`SectionOptions::file`]). Default `None`: an
+    /// object in the domain's shm directory.
+    pub file: Option<PathBuf>,
 }
 
 impl Default for SectionOptions {
     fn default() -> Self {
-        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, sharing: None }
+        SectionOptions { kind: SectionKind::Raw, lifetime: Lifetime::Persistent, sharing: None, file: None }
     }
 }
 
@@ -79,6 +84,19 @@ impl SectionOptions {
         self.kind = kind;
         self
     }
+    /// Backs the section by the regular file `path`, mapped shared at the section's place
+    /// (file-backed section; see the module docs of `file_section`). A file that does not
+    /// exist is created (mode 0600) with a header page recording the section's address and
+    /// size. An existing file (made so before, for example by a process of a domain long
+    /// gone) is placed at the address it records, or creating the section fails: its size is
+    /// the file's, the `size` argument is ignored, and its contents are kept. Deleting the
+    /// section, or the domain, leaves the file. Refused: a symbolic link, a directory, a file
+    /// of another user, one with a damaged header, one that a live process of another domain
+    /// maps.
+    pub fn file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.file = Some(path.into());
+        self
+    }
 }
 
 /// A section mapped into this process. Its memory is at [`Section::as_ptr`] in every process
@@ -100,8 +118,9 @@ unsafe impl Sync for Section {}
 
 impl Section {
     /// Maps a section this process just created (and closes `object`).
-    pub(crate) fn map_new(domain: Domain, rec: SectionRecord, object: os::Object) -> Result<Section> {
-        let id = domain.inner.map_new_held(&rec, object)?;
+    /// `data_offset`: where the section's bytes start in `object` (a file's header page).
+    pub(crate) fn map_new(domain: Domain, rec: SectionRecord, object: os::Object, data_offset: u64) -> Result<Section> {
+        let id = domain.inner.map_new_held(&rec, object, data_offset)?;
         Ok(Section::held(domain, rec, id))
     }
 
@@ -120,7 +139,10 @@ impl Section {
     /// Reopens the section's object by name for a call that needs it (`what` says which, for
     /// errors), and checks that it is still the object this process mapped. Returns the
     /// object, which the caller closes when done (drop), and what `fstat` said.
-    pub(crate) fn reopen(&self, access: os::Access, what: &str) -> Result<(os::Object, os::ObjectStat)> {
+    ///
+    /// For a file-backed section, the object is its file and `fstat` describes its data; the
+    /// third value is where the data starts in the object (0, or the file's header page).
+    pub(crate) fn reopen(&self, access: os::Access, what: &str) -> Result<(os::Object, os::ObjectStat, u64)> {
         let name = self.name();
         let object = names::section_object(&self.domain.inner.name, self.rec.generation, name);
         let fd = self.domain.inner.registry.dir().open_object(&object, access).map_err(|e| {
@@ -136,6 +158,13 @@ impl Section {
         let st = fd
             .stat()
             .map_err(|e| Error::from_io(format!("cannot {what} section {name:?}: cannot stat its object"), e))?;
+        let (fd, st, data_offset) = if file_section::is_link(&st) {
+            let b = file_section::resolve(name, &fd, &st)
+                .map_err(|e| Error::new(e.kind(), format!("cannot {what} section {name:?}: {e}")))?;
+            (b.object, b.stat, file_section::data_offset())
+        } else {
+            (fd, st, 0)
+        };
         if st.identity != self.object || !st.is_regular || st.size != self.rec.reserved {
             bail!(
                 Corrupt,
@@ -148,7 +177,7 @@ impl Section {
                 }
             );
         }
-        Ok((fd, st))
+        Ok((fd, st, data_offset))
     }
 
     /// Its registry record, as this handle opened it.
@@ -238,11 +267,11 @@ impl Section {
             return Ok(());
         }
         let step = step.clamp(1, len).next_multiple_of(page);
-        let (fd, _) = self.reopen(os::Access::ReadWrite, "commit")?;
+        let (fd, _, at) = self.reopen(os::Access::ReadWrite, "commit")?;
         let mut done = 0;
         while done < len {
             let n = step.min(len - done);
-            fd.allocate(done, n)
+            fd.allocate(at + done, n)
                 .map_err(|e| Error::from_io(format!("cannot commit {len} bytes of section {:?}", self.name()), e))?;
             done += n;
             registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, done, true);
@@ -277,8 +306,8 @@ impl Section {
         if len == 0 {
             return Ok(());
         }
-        let (fd, _) = self.reopen(os::Access::ReadWrite, "decommit")?;
-        fd.punch_hole(offset, len)
+        let (fd, _, at) = self.reopen(os::Access::ReadWrite, "decommit")?;
+        fd.punch_hole(at + offset, len)
             .map_err(|e| Error::from_io(format!("cannot decommit section {:?}", self.name()), e))?;
         drop(fd);
         registry::note_committed(&self.domain.inner.registry, self.rec.slot, self.rec.generation, offset, false);
@@ -297,7 +326,7 @@ impl Section {
             .unwrap_or(self.rec);
         rec.state = registry::LIVE;
         let mut info = SectionInfo::from_record(&self.domain.inner.registry, &rec);
-        info.resident = self.reopen(os::Access::Read, "inspect").ok().map(|(_, st)| st.allocated);
+        info.resident = self.reopen(os::Access::Read, "inspect").ok().map(|(_, st, _)| st.allocated);
         info
     }
 }
@@ -340,19 +369,41 @@ impl Domain {
         opts: &SectionOptions,
         ready: bool,
     ) -> Result<(Section, SectionRecord)> {
-        let reserved = self.check_new_section(name, size, opts)?;
-        let guard = self.inner.registry.lock()?;
-        let abandoned = match self.settle(&guard, name) {
-            Found::Ready(rec) | Found::Pending(rec) => return Err(already_exists(self, &rec)),
-            Found::Absent(abandoned) => abandoned,
+        names::validate(name, "section")?;
+        let file = match &opts.file {
+            Some(path) => Some(file_section::Prepared::open_or_create(path, name)?),
+            None => None,
         };
-        let made = self.create_locked(&guard, name, reserved, opts, ready);
-        drop(guard);
-        if let Some(old) = abandoned {
-            self.forget_removed(&old);
+        // A file made before keeps its size (its capacity); a new one may not be left behind.
+        let (size, new_file) = match &file {
+            Some(f) => match f.header {
+                Some(h) => (h.capacity, None),
+                None => (size, Some(f.path.clone())),
+            },
+            None => (size, None),
+        };
+        let made = (|| {
+            let reserved = self.check_new_section(name, size, opts)?;
+            let guard = self.inner.registry.lock()?;
+            let abandoned = match self.settle(&guard, name) {
+                Found::Ready(rec) | Found::Pending(rec) => return Err(already_exists(self, &rec)),
+                Found::Absent(abandoned) => abandoned,
+            };
+            let data_offset = if file.is_some() { file_section::data_offset() } else { 0 };
+            let made = self.create_locked(&guard, name, reserved, opts, ready, file);
+            drop(guard);
+            if let Some(old) = abandoned {
+                self.forget_removed(&old);
+            }
+            let (rec, fd) = made?;
+            self.map_created(rec, fd, data_offset).map(|s| (s, rec))
+        })();
+        if made.is_err()
+            && let Some(path) = new_file
+        {
+            let _ = std::fs::remove_file(path);
         }
-        let (rec, fd) = made?;
-        self.map_created(rec, fd).map(|s| (s, rec))
+        made
     }
 
     /// Opens an existing section by name. A section still being initialised by its (live)
@@ -410,6 +461,14 @@ impl Domain {
         opts: &SectionOptions,
         ready: bool,
     ) -> Result<(Section, bool, SectionRecord)> {
+        if let Some(path) = &opts.file {
+            bail!(
+                InvalidArgument,
+                "section {name:?}: create-or-open does not take a file ({}); use create_section with \
+                 SectionOptions::file, which opens an existing file as well",
+                path.display()
+            );
+        }
         let reserved = self.check_new_section(name, size, opts)?;
         let mut wait = CreatorWait::new();
         let mut vanished = 0;
@@ -423,13 +482,13 @@ impl Domain {
                     continue;
                 }
                 Found::Absent(abandoned) => {
-                    let made = self.create_locked(&guard, name, reserved, opts, ready);
+                    let made = self.create_locked(&guard, name, reserved, opts, ready, None);
                     drop(guard);
                     if let Some(old) = abandoned {
                         self.forget_removed(&old);
                     }
                     let (rec, fd) = made?;
-                    return self.map_created(rec, fd).map(|s| (s, true, rec));
+                    return self.map_created(rec, fd, 0).map(|s| (s, true, rec));
                 }
             };
             drop(guard);
@@ -491,18 +550,23 @@ impl Domain {
     /// Removes a section this process created but could not initialise (all-or-nothing
     /// creation): nobody may see it half-made. `section` is this process's handle to it.
     pub(crate) fn abandon_created(&self, section: Section, rec: &SectionRecord) {
+        self.abandon_record(rec);
+        drop(section);
+    }
+
+    /// [`Domain::abandon_created`] once this process's handle to it is gone already.
+    pub(crate) fn abandon_record(&self, rec: &SectionRecord) {
         if let Ok(guard) = self.inner.registry.lock() {
             if let Some(live) = guard.same_entry(rec) {
                 let _ = guard.remove(&live);
             }
         }
         self.forget_removed(rec);
-        drop(section);
     }
 
     /// Maps a section this call just created; if that fails, removes it again.
-    fn map_created(&self, rec: SectionRecord, fd: os::Object) -> Result<Section> {
-        Section::map_new(self.clone(), rec, fd).inspect_err(|_| {
+    fn map_created(&self, rec: SectionRecord, fd: os::Object, data_offset: u64) -> Result<Section> {
+        Section::map_new(self.clone(), rec, fd, data_offset).inspect_err(|_| {
             if let Ok(guard) = self.inner.registry.lock() {
                 if let Some(live) = guard.same_entry(&rec) {
                     let _ = guard.remove(&live);
@@ -549,11 +613,20 @@ impl Domain {
         reserved: u64,
         opts: &SectionOptions,
         ready: bool,
+        file: Option<file_section::Prepared>,
     ) -> Result<(SectionRecord, os::Object)> {
         let creator = registry::Creator { token: self.peer_token(), ready };
         // No sharing given: as the domain's registry object is shared.
         let mode = opts.sharing.map_or(self.inner.registry.mode & 0o777, Sharing::posix_mode);
-        let rec = guard.begin_create(name, opts.kind, opts.lifetime, mode, reserved, creator)?;
+        let (base, size) = (self.inner.window_base, self.inner.window_size);
+        let at = match &file {
+            Some(f) => match &f.header {
+                Some(h) => Some(file_section::recorded_offset(h, &f.path, &self.inner.name, base, size)?),
+                None => None,
+            },
+            None => None,
+        };
+        let rec = guard.begin_create_at(name, opts.kind, opts.lifetime, mode, reserved, creator, at)?;
         let dir = self.inner.registry.dir();
         let object = names::section_object(&self.inner.name, rec.generation, name);
         let made = dir
@@ -568,7 +641,23 @@ impl Domain {
                     Err(e)
                 }
             })
-            .and_then(|fd| fd.set_size(reserved).map(|()| fd));
+            .map_err(|e| Error::from_io(format!("cannot create section {name:?} (object {object:?})"), e));
+        let made = match file {
+            None => made.and_then(|fd| {
+                fd.set_size(reserved)
+                    .map(|()| fd)
+                    .map_err(|e| Error::from_io(format!("cannot create section {name:?} (object {object:?})"), e))
+            }),
+            Some(file) => made.and_then(|link| {
+                if file.header.is_none() {
+                    file.write_new(base + rec.offset, reserved)?;
+                }
+                file_section::write_link(&link, &file.path).map_err(|e| {
+                    Error::from_io(format!("cannot write section {name:?}'s link object {object:?}"), e)
+                })?;
+                file.share()
+            }),
+        };
         match made {
             Ok(fd) => {
                 guard.finish_create(rec.slot);
@@ -577,7 +666,7 @@ impl Domain {
             }
             Err(e) => {
                 let _ = guard.remove(&rec);
-                Err(Error::from_io(format!("cannot create section {name:?} (object {object:?})"), e))
+                Err(e)
             }
         }
     }
@@ -770,13 +859,27 @@ pub struct SectionInfo {
     pub creator_pid: u32,
     /// File name of the backing object in the shm directory.
     pub object: String,
+    /// The file backing a file-backed section (its object is then a link naming it).
+    pub file: Option<PathBuf>,
 }
 
 impl SectionInfo {
     pub(crate) fn from_record(reg: &Registry, rec: &SectionRecord) -> SectionInfo {
         let object = names::section_object(reg.domain(), rec.generation, rec.name.as_str());
-        let resident =
-            reg.dir().open_object(&object, os::Access::Read).ok().and_then(|fd| fd.stat().ok()).map(|s| s.allocated);
+        let (resident, file) = match reg.dir().open_object(&object, os::Access::Read) {
+            Err(_) => (None, None),
+            Ok(fd) => match fd.stat() {
+                Err(_) => (None, None),
+                Ok(st) if file_section::is_link(&st) => {
+                    let name = rec.name.as_str();
+                    match file_section::resolve(name, &fd, &st) {
+                        Ok(b) => (Some(b.stat.allocated), Some(b.path)),
+                        Err(_) => (None, file_section::read_link(&fd, &st)),
+                    }
+                }
+                Ok(st) => (Some(st.allocated), None),
+            },
+        };
         SectionInfo {
             name: rec.name.as_str().to_owned(),
             kind: rec.kind,
@@ -791,6 +894,7 @@ impl SectionInfo {
             created_at: rec.created_at,
             creator_pid: rec.creator_pid,
             object,
+            file,
         }
     }
 }

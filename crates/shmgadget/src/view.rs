@@ -157,8 +157,8 @@ impl Section {
             );
         }
         // MAP_PRIVATE with PROT_WRITE needs only a read-only descriptor: writes never reach it.
-        let (object, _) = self.reopen(os::Access::Read, "view")?;
-        let ptr = os::map_view(&object, offset, len, kind)
+        let (object, _, at) = self.reopen(os::Access::Read, "view")?;
+        let ptr = os::map_view(&object, at + offset, len, kind)
             .map_err(|e| Error::from_io(format!("cannot map a view of section {:?}", self.name()), e))?;
         let meta = Box::new(ViewMeta {
             start: ptr.as_ptr() as usize,

@@ -141,7 +141,9 @@ impl Mapping {
     /// Maps `object` at the section's place unless this process has it mapped already, and
     /// takes one handle on it (released with [`Mapping::release`]). `object` may be closed
     /// afterwards: the mapping keeps the object alive.
-    pub(crate) fn map_held(&self, rec: &SectionRecord, object: &os::Object) -> std::io::Result<()> {
+    /// `data_offset`: where the section's bytes start in `object` (0, or a file-backed
+    /// section's header page).
+    pub(crate) fn map_held(&self, rec: &SectionRecord, object: &os::Object, data_offset: u64) -> std::io::Result<()> {
         let _guard = self.guard();
         if !self.is_mapped(rec) {
             let addr = (self.window_base + rec.offset) as usize;
@@ -149,8 +151,15 @@ impl Mapping {
             // window (the record was validated against the window size) and belongs to this
             // section alone, so MAP_FIXED replaces only our own reservation or an older mapping
             // of this same slot, which no Rust reference can point into (section memory is
-            // reached through raw pointers only).
-            unsafe { os::map_shared_fixed(object, addr, rec.reserved as usize, os::Access::ReadWrite) }?;
+            // reached through raw pointers only). A file-backed section's file is at least
+            // `data_offset + reserved` bytes long (checked when it was opened).
+            if data_offset == 0 {
+                // SAFETY: as above.
+                unsafe { os::map_shared_fixed(object, addr, rec.reserved as usize, os::Access::ReadWrite) }?;
+            } else {
+                // SAFETY: as above.
+                unsafe { os::map_file_fixed(object, addr, rec.reserved as usize, data_offset) }?;
+            }
             // Relaxed: see `is_mapped`.
             self.mapped[rec.slot as usize].store(rec.generation, Ordering::Relaxed);
         }

@@ -163,8 +163,10 @@ impl Attachment {
     }
 
     /// Opens section `rec`'s object and checks it is the one to map (a regular file of the
-    /// recorded size, owned by this user unless foreign owners are accepted).
-    fn open_section_object(&self, rec: &SectionRecord) -> Result<(os::Object, os::ObjectId)> {
+    /// recorded size, owned by this user unless foreign owners are accepted). A link object
+    /// (file-backed section) is followed to its file, share-locked (`crate::file_section`);
+    /// the third value is where the section's bytes start in the returned object.
+    fn open_section_object(&self, rec: &SectionRecord) -> Result<(os::Object, os::ObjectId, u64)> {
         let object = names::section_object(&self.name, rec.generation, rec.name.as_str());
         let name = rec.name.as_str();
         let obj = self.registry.dir().open_object(&object, os::Access::ReadWrite).map_err(|e| {
@@ -175,6 +177,12 @@ impl Attachment {
             }
         })?;
         let st = obj.stat().map_err(|e| Error::from_io("cannot stat a section", e))?;
+        let (obj, st, data_offset) = if crate::file_section::is_link(&st) {
+            let b = crate::file_section::resolve(name, &obj, &st)?;
+            (b.object, b.stat, crate::file_section::data_offset())
+        } else {
+            (obj, st, 0)
+        };
         if st.uid != os::effective_uid() && !self.allow_foreign_owner {
             bail!(
                 PermissionDenied,
@@ -193,34 +201,39 @@ impl Attachment {
                 rec.reserved
             );
         }
-        Ok((obj, st.identity))
+        Ok((obj, st.identity, data_offset))
     }
 
     /// Maps `object` at section `rec`'s place unless it is mapped already, takes one handle on
     /// it (released with [`Attachment::release_handle`]) and closes `object`: the mapping keeps
     /// the object alive.
-    fn map_object_held(&self, rec: &SectionRecord, object: os::Object) -> Result<()> {
+    fn map_object_held(&self, rec: &SectionRecord, object: os::Object, data_offset: u64) -> Result<()> {
         self.mapping
-            .map_held(rec, &object)
+            .map_held(rec, &object, data_offset)
             .map_err(|e| Error::from_io(format!("cannot map section {:?}", rec.name.as_str()), e))
     }
 
     /// Maps the object of a section this process just created and takes one handle on it;
     /// returns the object's identity.
-    pub(crate) fn map_new_held(&self, rec: &SectionRecord, object: os::Object) -> Result<os::ObjectId> {
+    pub(crate) fn map_new_held(
+        &self,
+        rec: &SectionRecord,
+        object: os::Object,
+        data_offset: u64,
+    ) -> Result<os::ObjectId> {
         let id = object
             .stat()
             .map(|st| st.identity)
             .map_err(|e| Error::from_io(format!("cannot stat section {:?}'s new object", rec.name.as_str()), e))?;
-        self.map_object_held(rec, object)?;
+        self.map_object_held(rec, object, data_offset)?;
         Ok(id)
     }
 
     /// Opens, checks and maps an existing section and takes one handle on it; returns its
     /// object's identity.
     pub(crate) fn open_held(&self, rec: &SectionRecord) -> Result<os::ObjectId> {
-        let (object, id) = self.open_section_object(rec)?;
-        self.map_object_held(rec, object)?;
+        let (object, id, data_offset) = self.open_section_object(rec)?;
+        self.map_object_held(rec, object, data_offset)?;
         Ok(id)
     }
 

@@ -323,6 +323,31 @@ impl Heap {
         Heap::init_created(domain, section, &rec)
     }
 
+    /// Creates a heap in a file-backed section ([`SectionOptions::file`]), or adopts the heap
+    /// already in `path`: a file made by an earlier call (perhaps by a process of a domain long
+    /// gone) is placed at the address it records and its initialised heap is used as it is,
+    /// raw pointers included. Returns whether this call created the heap (false: adopted).
+    pub fn create_in_file(domain: &Domain, name: &str, path: &std::path::Path, reserved: u64) -> Result<(Heap, bool)> {
+        let existed = path.symlink_metadata().is_ok();
+        if !existed {
+            Heap::check_size(name, reserved)?;
+        }
+        let opts = SectionOptions::new().kind(SectionKind::Heap).file(path);
+        let (section, rec) = domain.create_section_as(name, reserved, &opts, false)?;
+        if !existed {
+            return Heap::init_created(domain, section, &rec).map(|h| (h, true));
+        }
+        // Adopt: the header must be a heap's (checked as an open does), then mark it ready.
+        // Nobody else can use it meanwhile: openers wait for readiness.
+        let adopted = Heap::attach(section)
+            .map_err(|e| Error::new(e.kind(), format!("cannot adopt the heap in {}: {e}", path.display())))
+            .and_then(|heap| domain.finish_init(&rec).map(|()| heap));
+        if adopted.is_err() {
+            domain.abandon_record(&rec);
+        }
+        adopted.map(|h| (h, false))
+    }
+
     /// Opens an existing heap (waiting while its creator is still initialising it).
     pub fn open(domain: &Domain, name: &str) -> Result<Heap> {
         let section = domain.open_section(name)?;

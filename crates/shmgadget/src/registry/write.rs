@@ -216,6 +216,22 @@ impl RegistryGuard<'_> {
         reserved: u64,
         creator: Creator,
     ) -> Result<SectionRecord> {
+        self.begin_create_at(name, kind, lifetime, mode, reserved, creator, None)
+    }
+
+    /// [`RegistryGuard::begin_create`], at window offset `at` if given (a file-backed section's
+    /// recorded address: that range or an error naming what occupies it, never elsewhere).
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin_create_at(
+        &self,
+        name: &str,
+        kind: SectionKind,
+        lifetime: Lifetime,
+        mode: u32,
+        reserved: u64,
+        creator: Creator,
+        at: Option<u64>,
+    ) -> Result<SectionRecord> {
         let reg = self.reg;
         // Never-used slots first (O(1) while the table grows), then any freed one.
         let high = self.slots_high();
@@ -232,7 +248,10 @@ impl RegistryGuard<'_> {
             );
         };
         let span = reserved.div_ceil(CHUNK) * CHUNK;
-        let offset = self.place(span)?;
+        let offset = match at {
+            None => self.place(span)?,
+            Some(at) => self.place_at(at, span)?,
+        };
         // Back the segments holding the slot and the range's chunks before writing either; a
         // full file system fails the creation here, with nothing written.
         let needed = reg.layout.segments_for_slot(slot).max(reg.layout.segments_for_chunk((offset + span) / CHUNK - 1));
@@ -367,6 +386,37 @@ impl RegistryGuard<'_> {
         // object was extended and committed above.
         h.segments_backed.store(segments, Ordering::Release);
         Ok(())
+    }
+
+    /// Checks that the window range `[at, at + span)` is free (for a file-backed section's
+    /// recorded address); the error names the section occupying it.
+    fn place_at(&self, at: u64, span: u64) -> Result<u64> {
+        let reg = self.reg;
+        if at % CHUNK != 0 || at.checked_add(span).is_none_or(|end| end > reg.window_size) {
+            bail!(
+                WindowUnavailable,
+                "window offset {at:#x}+{span:#x} is not a chunk-aligned range inside domain {:?}'s window of {} bytes",
+                reg.domain,
+                reg.window_size
+            );
+        }
+        // The chunk table is written only under the lock, which we hold; a chunk of a segment
+        // not backed yet is free.
+        if let Some(slot) = (at / CHUNK..(at + span) / CHUNK).map(|c| reg.chunk_owner(c)).find(|&s| s != 0) {
+            let who = self.locked_entry(slot - 1).map_or_else(
+                || format!("slot {}", slot - 1),
+                |r| format!("section {:?} ({:#x}+{:#x})", r.name.as_str(), reg.window_base + r.offset, r.span()),
+            );
+            bail!(
+                WindowUnavailable,
+                "the range {:#x}-{:#x} of domain {:?} is occupied by {who}; delete that section first (it is never \
+                 placed elsewhere)",
+                reg.window_base + at,
+                reg.window_base + at + span,
+                reg.domain
+            );
+        }
+        Ok(at)
     }
 
     /// Marks a `CREATING` entry `LIVE`.

@@ -35,6 +35,17 @@ impl Object {
         }
     }
 
+    /// Turns this open file description's lock on one byte into a shared one (or takes a
+    /// shared one), `fcntl(2)` `F_OFD_SETLK` with `F_RDLCK`; the change from exclusive is
+    /// atomic. Returns `false` if someone else holds it exclusively.
+    pub fn try_share_lock_byte(&self, offset: u64) -> io::Result<bool> {
+        match ofd_lock_call(self.borrow(), libc::F_OFD_SETLK, libc::F_RDLCK, offset) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether another open file description holds a lock on the byte, `fcntl(2)` `F_OFD_GETLK`.
     /// A lock held through `fd` itself does not count: query through a descriptor that never
     /// takes locks to see every token.
