@@ -225,14 +225,18 @@ impl Domain {
     /// for the registry (this process's entry is released; if no other live process is
     /// attached, transient sections and an empty registry are deleted), but nothing is
     /// unmapped and the attachment's memory is never freed, so a thread still touching section
-    /// memory while the process ends cannot fault. Does nothing if other handles to the
-    /// attachment exist in this process. Never call it in a process that goes on running.
+    /// memory while the process ends cannot fault. Other handles in this process (a thread's
+    /// heap cache, a call in progress on another thread) do not keep the entry: the process is
+    /// ending, and those threads end with it; when they drop their handles nothing is torn down.
+    /// Never call it in a process that goes on running.
     pub fn detach_at_exit(self) -> Result<()> {
         let mut table = attached();
-        if Arc::strong_count(&self.inner) != 2 {
+        let key = (self.inner.shm_dir.clone(), self.inner.name.clone());
+        // Only the attachment the table holds, and only once.
+        if !table.get(&key).is_some_and(|a| Arc::ptr_eq(a, &self.inner)) {
             return Ok(());
         }
-        table.remove(&(self.inner.shm_dir.clone(), self.inner.name.clone()));
+        table.remove(&key);
         drop(table);
         let result = self.inner.leave_registry();
         // Keeps the attachment (registry mapping, fault-handler registration) alive until the
@@ -243,10 +247,14 @@ impl Domain {
 
     fn release(&self, table: &mut HashMap<Key, Arc<Attachment>>) -> Result<()> {
         // Our handle plus the table's: nobody else can clone it now (cloning needs a handle,
-        // attaching needs the table lock we hold).
+        // attaching needs the table lock we hold). An attachment the table no longer holds was
+        // left at exit (`detach_at_exit`): its memory stays.
         if Arc::strong_count(&self.inner) == 2 {
-            table.remove(&(self.inner.shm_dir.clone(), self.inner.name.clone()));
-            return teardown(&self.inner);
+            let key = (self.inner.shm_dir.clone(), self.inner.name.clone());
+            if table.get(&key).is_some_and(|a| Arc::ptr_eq(a, &self.inner)) {
+                table.remove(&key);
+                return teardown(&self.inner);
+            }
         }
         Ok(())
     }
