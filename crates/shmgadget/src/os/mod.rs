@@ -29,6 +29,8 @@
 mod linux;
 
 #[cfg(target_os = "linux")]
+// Under loom some items (the pid namespace of token-less lock holders) go unused.
+#[cfg_attr(loom, allow(unused_imports))]
 pub use linux::{
     // objects
     Access,
