@@ -23,6 +23,9 @@
 //! shmgadget: first touch of 0x200000200010 in section "data" of domain "app" cannot map it: cannot open its object "shmgadget.app:7:data": EMFILE (this process has as many descriptors open as RLIMIT_NOFILE allows: raise `ulimit -n`); the access crashes
 //! ```
 //!
+//! A fault on a heap block's guard page (guard mode, `heap/guard.rs`) is never mapped over
+//! either: it is reported as an overrun naming the block's address and size, then passed on.
+//!
 //! A fault on a section this process protected with `Section::protect` is never "repaired"
 //! by mapping it again (that would undo the protection): it is reported the same way, naming
 //! the section and offset. A fault outside every window is never ours; if it lies in a view
@@ -220,6 +223,13 @@ enum Failure {
     /// The section is mapped and this process changed its protection (`Section::protect`):
     /// the access broke that protection, and mapping again would undo it.
     Protected,
+    /// A guard page after a heap block (guard mode): the access went `past` bytes beyond the
+    /// end of the block of `size` bytes at `block`.
+    Overrun {
+        block: usize,
+        size: u64,
+        past: u64,
+    },
     /// The object name did not fit the stack buffer (cannot happen with valid names).
     NameTooLong,
     Open(std::io::Error),
@@ -251,7 +261,32 @@ impl Handler<'_> {
     fn on_fault(&self, sig: FaultSignal, addr: usize) -> bool {
         let offset = (addr - self.window_base as usize) as u64;
         let rec = self.registry.lookup_offset(offset);
-        let result = match (&rec, sig) {
+        // A guard page of a heap block (`heap/guard.rs`) is never mapped over: a live one is
+        // an overrun, reported and passed on; a stale one (its block freed by another process)
+        // is made ordinary memory again and the access retried.
+        let guard = match (&rec, sig) {
+            (Some(rec), FaultSignal::Segv) if self.mapping.is_mapped(rec) => crate::heap::guard::lookup(addr),
+            _ => None,
+        };
+        let result = match (&rec, sig, guard) {
+            (_, _, Some(crate::heap::guard::GuardHit::Lifted)) => Ok(()),
+            (_, _, Some(crate::heap::guard::GuardHit::Overrun { block, size, past })) => {
+                Err(Failure::Overrun { block, size, past })
+            }
+            (rec, sig, None) => self.classify(rec, sig, addr),
+        };
+        match result {
+            Ok(()) => true,
+            Err(why) => {
+                self.report(addr, rec.as_ref(), &why);
+                false
+            }
+        }
+    }
+
+    /// The first-touch decision for a fault that is not a guard page's.
+    fn classify(&self, rec: &Option<SectionRecord>, sig: FaultSignal, addr: usize) -> Result<(), Failure> {
+        match (rec, sig) {
             // SIGBUS inside a mapped section means its object is shorter than the mapping
             // (truncated by someone) or the backing store had no page for it: mapping again
             // cannot help.
@@ -263,13 +298,6 @@ impl Handler<'_> {
             }
             (Some(_), _) if !self.first_touch => Err(Failure::Eager),
             (Some(rec), FaultSignal::Segv) => self.fault_in(addr, rec),
-        };
-        match result {
-            Ok(()) => true,
-            Err(why) => {
-                self.report(addr, rec.as_ref(), &why);
-                false
-            }
         }
     }
 
@@ -367,6 +395,13 @@ impl Handler<'_> {
                 section(&mut line);
                 line.push(b", a range this process protected with Section::protect; nothing is remapped");
             }
+            Failure::Overrun { block, size, past } => {
+                line.push(b"heap overrun: access to ").hex(addr as u64).push(b", ").dec(*past);
+                line.push(b" bytes past the end of the block at ").hex(*block as u64).push(b" (");
+                line.dec(*size).push(b" bytes) ");
+                section(&mut line);
+                line.push(b", into its guard page (SHMGADGET_HEAP_GUARD / guard mode); nothing is remapped");
+            }
             Failure::Eager => {
                 line.push(b"fault at ").hex(addr as u64).push(b" ");
                 section(&mut line);
@@ -436,7 +471,11 @@ impl Handler<'_> {
                         line.push(b"mmap failed: ");
                         errno(&mut line, e);
                     }
-                    Failure::NoSection | Failure::Bus | Failure::Eager | Failure::Protected => {}
+                    Failure::NoSection
+                    | Failure::Bus
+                    | Failure::Eager
+                    | Failure::Protected
+                    | Failure::Overrun { .. } => {}
                 }
             }
         }

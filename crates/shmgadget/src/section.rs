@@ -215,6 +215,18 @@ impl Section {
         self.rec.reserved as usize
     }
 
+    /// The size of the pages backing the section: the system page size, or the huge page size
+    /// when the section lives on a hugetlbfs shm directory. Commit, decommit and protection
+    /// work in whole pages of this size.
+    pub fn page_size(&self) -> u64 {
+        os::page_size() as u64
+    }
+
+    /// Whether the section is backed by pages larger than the system page size.
+    pub fn is_huge(&self) -> bool {
+        self.page_size() > os::page_size() as u64
+    }
+
     /// Never true: sections have at least one page.
     pub fn is_empty(&self) -> bool {
         false

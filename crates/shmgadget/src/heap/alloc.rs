@@ -108,6 +108,10 @@ impl Heap {
             return unsafe { self.realloc(ptr, new_size) };
         }
         let off = self.offset_of(ptr)?;
+        if self.guarded(off).is_some() {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.realloc(ptr, new_size) };
+        }
         let shared = self.shared();
         // SAFETY: the block area starts AREA_OFFSET into this mapped section (as for
         // `Locked::tlsf`). Without the lock we only call `cache_probe`, which the allocator
@@ -166,7 +170,13 @@ impl ShmAlloc {
 /// No process may use the memory after this call.
 pub unsafe fn free(ptr: NonNull<u8>) -> Result<()> {
     let (a, len) = ShmAlloc::of(ptr)?;
-    super::cache::free(&a.cache_ref(len)?, a.offset(ptr))
+    let h = a.cache_ref(len)?;
+    // Guard mode (`guard.rs`): a guarded block is freed whole, whoever allocated it.
+    // SAFETY: `h` names a validated heap section mapped with `len` bytes.
+    if unsafe { super::guard::recognise(h.shared, h.section, len, a.offset(ptr)) }.is_some() {
+        return super::guard::free(&a.lock(len)?, a.offset(ptr), "(heap)");
+    }
+    super::cache::free(&h, a.offset(ptr))
 }
 
 /// Resizes a block of any heap of an attached domain, found from its address alone (the
@@ -179,6 +189,14 @@ pub unsafe fn realloc(ptr: NonNull<u8>, new_size: usize) -> Result<NonNull<u8>> 
     let (a, len) = ShmAlloc::of(ptr)?;
     let off = a.offset(ptr);
     let locked = a.lock(len)?;
+    // SAFETY: `locked` holds a validated heap section mapped with `len` bytes.
+    if unsafe { super::guard::recognise(locked.shared, locked.section, len, off) }.is_some() {
+        // A guarded block moves (`Heap::realloc` does the same).
+        drop(locked);
+        let h = crate::section::section_at(a.section as usize).and_then(Heap::attach)?;
+        // SAFETY: forwarded from the caller.
+        return unsafe { h.realloc(ptr, new_size) };
+    }
     let t = locked.tlsf();
     if t.resize_in_place(off, new_size as u64).map_err(|e| super::map_tlsf(e, "(heap)"))? {
         return Ok(ptr);

@@ -39,6 +39,7 @@
 mod alloc;
 mod cache;
 pub(crate) mod fuzz;
+pub(crate) mod guard;
 mod named;
 pub(crate) mod tlsf;
 
@@ -85,6 +86,8 @@ pub(crate) struct HeapShared {
     /// A number drawn when the heap was created: thread caches check it, so a cache made for a
     /// deleted heap is never used on a new heap at the same address.
     instance: AtomicU64,
+    /// `_reserved[0]`: live guarded blocks (`guard.rs`), changed under the lock. The others
+    /// are unused (zero).
     _reserved: [AtomicU64; 8],
     lock: RawMutex,
     tlsf: TlsfControl,
@@ -129,6 +132,35 @@ const FINGERPRINT: u32 = {
     crate::fnv::layout_fingerprint(&parts)
 };
 
+impl HeapShared {
+    /// Live guarded blocks (see `guard.rs`): a spare header word, so the layout is unchanged
+    /// and heaps made before guard pages existed read 0.
+    pub(crate) fn guarded_blocks(&self) -> &AtomicU64 {
+        &self._reserved[0]
+    }
+}
+
+/// Options for a heap handle (this process's use of the heap; nothing here is shared).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeapOptions {
+    /// Guard pages after allocations of a page or more (a debug mode, see
+    /// [`Heap::set_guard_pages`]). `None`: from `SHMGADGET_HEAP_GUARD=1` in the environment.
+    pub guard_pages: Option<bool>,
+}
+
+impl HeapOptions {
+    /// Default options: guard pages as `SHMGADGET_HEAP_GUARD` says.
+    pub fn new() -> HeapOptions {
+        HeapOptions::default()
+    }
+
+    /// Turns guard pages on or off for the handle, whatever the environment says.
+    pub fn guard_pages(mut self, on: bool) -> HeapOptions {
+        self.guard_pages = Some(on);
+        self
+    }
+}
+
 /// Heap statistics.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct HeapStats {
@@ -155,6 +187,8 @@ pub struct HeapStats {
 /// domain at once. Pointers it returns are valid in every process.
 pub struct Heap {
     section: Section,
+    /// Guard mode (`guard.rs`): this handle's allocations of a page or more get a guard page.
+    guard: bool,
 }
 
 pub(crate) fn map_tlsf(e: TlsfError, heap: &str) -> Error {
@@ -256,6 +290,11 @@ impl<'a> Locked<'a> {
         Ok(locked)
     }
 
+    /// The block area's address.
+    pub(crate) fn area(&self) -> *mut u8 {
+        self.section.wrapping_add(AREA_OFFSET as usize)
+    }
+
     pub(crate) fn tlsf(&self) -> Tlsf<'_> {
         // SAFETY: the block area starts AREA_OFFSET into the section (16 KiB, so 16-aligned)
         // and runs to the end of the section, which the contract of `acquire` keeps mapped
@@ -348,6 +387,39 @@ impl Heap {
         adopted.map(|h| (h, false))
     }
 
+    /// [`create`](Heap::create) with handle options (guard pages).
+    pub fn create_with(domain: &Domain, name: &str, reserved: u64, options: HeapOptions) -> Result<Heap> {
+        Heap::create(domain, name, reserved).map(|h| h.with_options(options))
+    }
+
+    /// [`open`](Heap::open) with handle options (guard pages).
+    pub fn open_with(domain: &Domain, name: &str, options: HeapOptions) -> Result<Heap> {
+        Heap::open(domain, name).map(|h| h.with_options(options))
+    }
+
+    fn with_options(mut self, options: HeapOptions) -> Heap {
+        if let Some(on) = options.guard_pages {
+            self.set_guard_pages(on);
+        }
+        self
+    }
+
+    /// Turns guard pages on or off for this handle's future allocations (a debug mode): each
+    /// allocation of a page or more then ends exactly at a page end, followed by a page this
+    /// process cannot access, so a write one byte past the end crashes at once with a line
+    /// naming the heap and the block (see `heap/guard.rs`). Blocks already allocated keep
+    /// what they have; any process may free a guarded block. Costs about two pages and two
+    /// `mprotect` calls per large allocation. Sections on huge pages get no guard pages.
+    /// `SHMGADGET_HEAP_GUARD=1` turns it on for every handle made afterwards.
+    pub fn set_guard_pages(&mut self, on: bool) {
+        self.guard = on;
+    }
+
+    /// Whether this handle puts guard pages after large allocations.
+    pub fn guard_pages(&self) -> bool {
+        self.guard
+    }
+
     /// Opens an existing heap (waiting while its creator is still initialising it).
     pub fn open(domain: &Domain, name: &str) -> Result<Heap> {
         let section = domain.open_section(name)?;
@@ -378,7 +450,7 @@ impl Heap {
     /// failure (or a panic) removes it again. Nobody else can have used it meanwhile: openers
     /// wait for readiness.
     fn init_created(domain: &Domain, section: Section, rec: &crate::registry::SectionRecord) -> Result<Heap> {
-        let heap = Heap { section };
+        let heap = Heap { section, guard: guard::env_guard() };
         let inited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| heap.init()));
         match inited {
             Ok(Ok(())) => match domain.finish_init(rec) {
@@ -457,7 +529,7 @@ impl Heap {
                 _ => bail!(Corrupt, "heap {name:?} is corrupt: {m}; delete it with `shmgadget rm {name}`"),
             }
         }
-        let heap = Heap { section };
+        let heap = Heap { section, guard: guard::env_guard() };
         let s = heap.shared();
         // Relaxed: frozen fields, made visible by the Acquire load of `ready` in `validate`.
         let (reserved, committed) = (s.reserved.load(Ordering::Relaxed), s.committed.load(Ordering::Relaxed));
@@ -531,8 +603,19 @@ impl Heap {
                 self.section.len()
             );
         }
-        let off = cache::alloc(&self.cache_ref(), size, align, &mut self.commit_fn())?;
+        let off = if self.guard && size >= guard::min_guarded() && !self.section.is_huge() && size > 0 {
+            crate::fault::install()?;
+            guard::alloc(&self.lock()?, size, align, self.name(), &mut self.commit_fn())?
+        } else {
+            cache::alloc(&self.cache_ref(), size, align, &mut self.commit_fn())?
+        };
         Ok(NonNull::new((self.base() + off) as *mut u8).expect("heap addresses are never null"))
+    }
+
+    /// The guarded block at payload offset `off`, if it is one (`guard.rs`).
+    fn guarded(&self, off: u64) -> Option<guard::Guarded> {
+        // SAFETY: this handle's section is mapped with `len()` bytes while `self` lives.
+        unsafe { guard::recognise(self.shared(), self.section.as_ptr(), self.section.len() as u64, off) }
     }
 
     /// Like [`alloc`](Heap::alloc), with the memory zeroed.
@@ -559,6 +642,9 @@ impl Heap {
     /// No process may use the memory after this call (as with `free(3)`).
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<()> {
         let off = self.offset_of(ptr)?;
+        if self.guarded(off).is_some() {
+            return guard::free(&self.lock()?, off, self.name());
+        }
         cache::free(&self.cache_ref(), off)
     }
 
@@ -571,10 +657,15 @@ impl Heap {
         let off = self.offset_of(ptr)?;
         let locked = self.lock()?;
         let t = locked.tlsf();
-        if t.resize_in_place(off, new_size as u64).map_err(|e| map_tlsf(e, self.name()))? {
-            return Ok(ptr);
-        }
-        let old = t.usable_size(off).map_err(|e| map_tlsf(e, self.name()))?;
+        let old = if let Some(g) = self.guarded(off) {
+            // A guarded block always moves (its end is pinned to its guard page).
+            g.size
+        } else {
+            if t.resize_in_place(off, new_size as u64).map_err(|e| map_tlsf(e, self.name()))? {
+                return Ok(ptr);
+            }
+            t.usable_size(off).map_err(|e| map_tlsf(e, self.name()))?
+        };
         drop(locked);
         let layout =
             Layout::from_size_align(new_size, 16).map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))?;
@@ -590,6 +681,9 @@ impl Heap {
     /// Usable bytes of an allocation.
     pub fn usable_size(&self, ptr: NonNull<u8>) -> Result<usize> {
         let off = self.offset_of(ptr)?;
+        if let Some(g) = self.guarded(off) {
+            return Ok(g.size as usize);
+        }
         let locked = self.lock()?;
         locked.tlsf().usable_size(off).map(|s| s as usize).map_err(|e| map_tlsf(e, self.name()))
     }
