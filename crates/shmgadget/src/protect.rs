@@ -16,26 +16,28 @@
 //! and mapped again (deleted and recreated, `forget_mapping`) starts read-write.
 
 use crate::error::{Error, Result, bail};
-use crate::os;
 pub use crate::os::Protection;
 use crate::section::Section;
 
 impl Section {
     /// Changes this process's protection of `[offset, offset + len)` of the section (see
-    /// [`Protection`]). `offset` must be a multiple of the page size; `len` is rounded up to
-    /// whole pages; the range must lie inside the section. Other processes are not affected.
+    /// [`Protection`]). `offset` must be a multiple of the section's
+    /// [page size](Section::page_size) (a huge page on hugetlbfs); `len` is rounded up to
+    /// whole pages of that size; the range must lie inside the section. Other processes are
+    /// not affected.
     ///
     /// Memory made inaccessible must not be reached meanwhile through references this process
     /// holds (a heap's or queue's header, a `&T` from [`Section::at`]): protect only ranges
     /// that only raw pointers reach.
     pub fn protect(&self, offset: u64, len: u64, protection: Protection) -> Result<()> {
-        let page = os::page_size() as u64;
+        let page = self.page_size();
         let reserved = self.len() as u64;
         if offset % page != 0 {
             bail!(
                 InvalidArgument,
-                "protect offset {offset} of section {:?} is not a multiple of the page size {page}; round it down",
-                self.name()
+                "protect offset {offset} of section {:?} is not a multiple of the page size {page}{}; round it down",
+                self.name(),
+                if self.is_huge() { " (it is backed by huge pages)" } else { "" }
             );
         }
         let end = offset.checked_add(len).filter(|&e| len > 0 && e <= reserved).ok_or_else(|| {

@@ -148,8 +148,10 @@ fn describe_in_window(
         sections.iter().find(|s| addr >= s.3 && addr < s.3 + s.4)
     {
         let offset = addr - start;
-        let page = os::page_size() as u64;
+        // The section's pages: huge on a hugetlbfs shm directory.
+        let page = crate::section::section_page_size(reg.dir());
         let mut info = AddressInfo::empty(addr, Place::Section);
+        info.page_size = page;
         info.domain = Some(reg.domain().to_owned());
         info.section = Some(name.clone());
         info.section_kind = Some(*kind);
@@ -217,7 +219,8 @@ pub fn query(addr: usize) -> AddressInfo {
             let live = reg.entries().into_iter().find(|r| r.state == crate::registry::LIVE && r.name.as_str() == name);
             if let Some(r) = live {
                 let offset = info.offset.unwrap_or(0);
-                let page = os::page_size() as u64;
+                let page = crate::section::section_page_size(reg.dir());
+                info.page_size = page;
                 info.section_kind = Some(r.kind);
                 info.section_address = Some(reg.window_base + r.offset);
                 info.committed = Some(offset - offset % page < r.committed);

@@ -108,6 +108,9 @@ pub struct Section {
     /// The object this process mapped: a reopen by name must find this one.
     object: os::ObjectId,
     addr: NonNull<u8>,
+    /// The size of the pages backing it (`os::Dir::page_size` of the shm directory: huge on
+    /// hugetlbfs).
+    page: u64,
 }
 
 // SAFETY: the handle only holds an address into a shared mapping that lives as long as the
@@ -133,7 +136,8 @@ impl Section {
     /// The handle over a section mapped with one handle taken for it (released on drop).
     fn held(domain: Domain, rec: SectionRecord, object: os::ObjectId) -> Section {
         let addr = NonNull::new((domain.inner.window_base + rec.offset) as *mut u8).expect("window base is never null");
-        Section { domain, rec, object, addr }
+        let page = section_page_size(domain.inner.registry.dir());
+        Section { domain, rec, object, addr, page }
     }
 
     /// Reopens the section's object by name for a call that needs it (`what` says which, for
@@ -219,7 +223,7 @@ impl Section {
     /// when the section lives on a hugetlbfs shm directory. Commit, decommit and protection
     /// work in whole pages of this size.
     pub fn page_size(&self) -> u64 {
-        os::page_size() as u64
+        self.page
     }
 
     /// Whether the section is backed by pages larger than the system page size.
@@ -273,8 +277,10 @@ impl Section {
                 self.rec.reserved
             );
         }
-        let page = os::page_size() as u64;
-        let len = len.next_multiple_of(page);
+        // Whole pages of the section's size (huge pages on hugetlbfs): never past `reserved`,
+        // which is a multiple of it.
+        let page = self.page;
+        let len = len.next_multiple_of(page).min(self.rec.reserved);
         if len == 0 {
             return Ok(());
         }
@@ -293,15 +299,17 @@ impl Section {
     }
 
     /// Gives the pages of `[offset, offset + len)` back, for every process (`fallocate` with
-    /// `PUNCH_HOLE`). The range reads as zeros afterwards. `offset` must be page-aligned; `len`
-    /// is rounded up to whole pages.
+    /// `PUNCH_HOLE`). The range reads as zeros afterwards. `offset` must be a multiple of the
+    /// section's [page size](Section::page_size) (a huge page on hugetlbfs); `len` is rounded
+    /// up to whole pages of that size.
     pub fn decommit(&self, offset: u64, len: u64) -> Result<()> {
-        let page = os::page_size() as u64;
+        let page = self.page;
         if offset % page != 0 {
             bail!(
                 InvalidArgument,
-                "decommit offset {offset} of section {:?} is not a multiple of the page size {page}",
-                self.name()
+                "decommit offset {offset} of section {:?} is not a multiple of its page size {page}{}",
+                self.name(),
+                if self.is_huge() { " (it is backed by huge pages)" } else { "" }
             );
         }
         let end = offset.checked_add(len).filter(|&e| e <= self.rec.reserved).ok_or_else(|| {
@@ -599,7 +607,10 @@ impl Domain {
         if size == 0 {
             bail!(InvalidSize, "section {name:?}: size 0 is invalid; expected at least 1 byte");
         }
-        let page = os::page_size() as u64;
+        // Whole pages of the directory's size: huge pages on hugetlbfs (file-backed sections
+        // are files elsewhere, in pages of the system's size).
+        let page =
+            if opts.file.is_some() { os::page_size() as u64 } else { section_page_size(self.inner.registry.dir()) };
         let reserved = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
         if reserved > self.inner.window_size {
             bail!(
@@ -873,23 +884,32 @@ pub struct SectionInfo {
     pub object: String,
     /// The file backing a file-backed section (its object is then a link naming it).
     pub file: Option<PathBuf>,
+    /// The size of the pages backing it: the system page size, or the huge page size on a
+    /// hugetlbfs shm directory.
+    pub page_size: u64,
+}
+
+/// The page size of sections in shm directory `dir` (the system's if it cannot be asked).
+pub(crate) fn section_page_size(dir: &os::Dir) -> u64 {
+    dir.page_size().unwrap_or_else(|_| os::page_size()) as u64
 }
 
 impl SectionInfo {
     pub(crate) fn from_record(reg: &Registry, rec: &SectionRecord) -> SectionInfo {
         let object = names::section_object(reg.domain(), rec.generation, rec.name.as_str());
-        let (resident, file) = match reg.dir().open_object(&object, os::Access::Read) {
-            Err(_) => (None, None),
+        let sys = os::page_size() as u64;
+        let (resident, file, page_size) = match reg.dir().open_object(&object, os::Access::Read) {
+            Err(_) => (None, None, section_page_size(reg.dir())),
             Ok(fd) => match fd.stat() {
-                Err(_) => (None, None),
+                Err(_) => (None, None, section_page_size(reg.dir())),
                 Ok(st) if file_section::is_link(&st) => {
                     let name = rec.name.as_str();
                     match file_section::resolve(name, &fd, &st) {
-                        Ok(b) => (Some(b.stat.allocated), Some(b.path)),
-                        Err(_) => (None, file_section::read_link(&fd, &st)),
+                        Ok(b) => (Some(b.stat.allocated), Some(b.path), b.object.page_size().map_or(sys, |p| p as u64)),
+                        Err(_) => (None, file_section::read_link(&fd, &st), sys),
                     }
                 }
-                Ok(st) => (Some(st.allocated), None),
+                Ok(st) => (Some(st.allocated), None, fd.page_size().map_or(sys, |p| p as u64)),
             },
         };
         SectionInfo {
@@ -907,6 +927,7 @@ impl SectionInfo {
             creator_pid: rec.creator_pid,
             object,
             file,
+            page_size,
         }
     }
 }

@@ -695,8 +695,16 @@ impl Heap {
         let locked = self.lock()?;
         match locked.trim(self.name())? {
             Some((at, len)) => {
-                self.section.decommit(at, len)?;
-                Ok(len)
+                // Whole pages of the section's size only (huge pages on hugetlbfs): the
+                // partial page at `at` stays committed.
+                let page = self.section.page_size();
+                let start = at.next_multiple_of(page);
+                let end = at + len;
+                if start >= end {
+                    return Ok(0);
+                }
+                self.section.decommit(start, end - start)?;
+                Ok(end - start)
             }
             None => Ok(0),
         }

@@ -12,7 +12,7 @@
 //!
 //! | subsystem | items | what the rest of shmgadget relies on |
 //! |---|---|---|
-//! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`), stated by name without opening (`stat_object`); an identity that tells a replaced object from the original |
+//! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, in pages of the directory's size ([`Dir::page_size`], [`Object::page_size`]: huge pages on hugetlbfs, where sizes round up to them), opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`), stated by name without opening (`stat_object`); an identity that tells a replaced object from the original |
 //! | mapping (`map`) | [`map_shared_fixed`], [`map_shared`], [`unmap`], [`page_size`], [`mappings_overlapping`], [`USER_ADDRESS_LIMIT`] | an object mapped shared at an exact address inside our own reservation |
 //! | memory (`memory`) | [`map_view`], [`ViewKind`], [`protect`], [`Protection`], [`flush`], [`FlushMode`], [`resident_pages`], [`region_at`], [`Region`], [`Object::page_resident`] | part of an object mapped anywhere outside our reservations, read-only or copy-on-write; this process's protection of a range changed; a shared range written back to its file; which pages are resident, whether an object has a page at an offset, and what this process has mapped at an address |
 //! | files (`file`) | [`open_file`], [`OpenFile`], [`map_file_fixed`], [`Object::write_at`] | a regular file the user names, opened without following a link, written at an offset, mapped shared from a file offset at an exact address inside our reservation |
@@ -115,6 +115,8 @@ mod contract {
     const _: fn(&Dir, &str) -> io::Result<ObjectStat> = Dir::stat_object;
     const _: fn(&Path) -> io::Result<Vec<String>> = list_dir;
     const _: fn(&Object) -> io::Result<ObjectStat> = Object::stat;
+    const _: fn(&Dir) -> io::Result<usize> = Dir::page_size;
+    const _: fn(&Object) -> io::Result<usize> = Object::page_size;
     const _: fn(&Object, u64) -> io::Result<()> = Object::set_size;
     const _: fn(&Object, u64, u64) -> io::Result<()> = Object::allocate;
     const _: fn(&Object, u64, u64) -> io::Result<()> = Object::punch_hole;

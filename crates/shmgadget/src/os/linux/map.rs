@@ -26,14 +26,34 @@ fn prot(access: Access) -> ProtFlags {
 /// # Safety
 /// The range must be a mapping owned by the caller, and no live Rust reference may point
 /// into it.
+///
+/// A mapping of a hugetlbfs object is unmapped only in whole huge pages: the kernel made it
+/// `len` rounded up to its huge page, and refuses (`EINVAL`) a shorter `munmap`. So on `EINVAL`
+/// the call is retried with `len` rounded up to 2 MiB, then to 1 GiB (the huge page sizes of
+/// x86_64): each retry covers exactly the mapping the kernel made, never a neighbour.
 pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: forwarded from the caller.
-    unsafe { rustix::mm::munmap(addr as *mut c_void, len)? };
-    Ok(())
+    let mut last = None;
+    for round in [page_size(), 2 << 20, 1 << 30] {
+        if addr % round != 0 {
+            break;
+        }
+        // SAFETY: forwarded from the caller; a rounded length covers only the rest of the
+        // caller's own huge-page mapping (see above).
+        match unsafe { rustix::mm::munmap(addr as *mut c_void, len.next_multiple_of(round)) } {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INVAL) => last = Some(rustix::io::Errno::INVAL),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.unwrap_or(rustix::io::Errno::INVAL).into())
 }
 
 /// Maps `len` bytes of `object` at exactly `addr`, shared: `mmap(2)` with
-/// `MAP_SHARED | MAP_FIXED`.
+/// `MAP_SHARED | MAP_FIXED | MAP_NORESERVE`. `MAP_NORESERVE` matters on hugetlbfs only: the
+/// mapping does not reserve the object's huge pages up front, so a section larger than the
+/// free pool can be mapped, and pages are taken by `fallocate` (commit, a clean `ENOSPC`) or
+/// on first write (`SIGBUS` when the pool is empty: commit before touching). On tmpfs it
+/// changes nothing (shared file mappings are not charged at map time).
 ///
 /// # Safety
 /// The range must lie inside a reservation owned by the caller (so `MAP_FIXED` replaces only
@@ -41,18 +61,20 @@ pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
 pub unsafe fn map_shared_fixed(object: &Object, addr: usize, len: usize, access: Access) -> io::Result<()> {
     let (prot, fd) = (prot(access), &object.0);
     // SAFETY: forwarded from the caller.
-    let p = unsafe { rustix::mm::mmap(addr as *mut c_void, len, prot, MapFlags::SHARED | MapFlags::FIXED, fd, 0)? };
+    let flags = MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE;
+    let p = unsafe { rustix::mm::mmap(addr as *mut c_void, len, prot, flags, fd, 0)? };
     debug_assert_eq!(p as usize, addr);
     Ok(())
 }
 
 /// Maps `len` bytes of `object` wherever the kernel likes, shared: `mmap(2)` with
-/// `MAP_SHARED`.
+/// `MAP_SHARED | MAP_NORESERVE` (see [`map_shared_fixed`]).
 pub fn map_shared(object: &Object, len: usize, access: Access) -> io::Result<NonNull<u8>> {
     let (prot, fd) = (prot(access), &object.0);
     // SAFETY: without MAP_FIXED the kernel picks an unused range, so no existing memory is
     // affected.
-    let p = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
+    let p =
+        unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED | MapFlags::NORESERVE, fd, 0)? };
     NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))
 }
 

@@ -144,13 +144,15 @@ impl Object {
     /// memory but not yet in the page cache, so it reports false): maps that one page read-only anywhere (`mmap(2)`), asks `mincore(2)`
     /// (which for a shared file mapping reports the page cache, pages never touched by this
     /// mapping included) and unmaps it. `offset` must be below the object's size.
+    /// On hugetlbfs the page is the object's huge page ([`Object::page_size`]).
     pub fn page_resident(&self, offset: u64) -> io::Result<bool> {
-        let page = super::map::page_size();
+        let page = self.page_size()?;
         let start = offset - offset % page as u64;
         // SAFETY: without MAP_FIXED the kernel picks an unused range; nothing else is affected.
-        let p =
-            unsafe { rustix::mm::mmap(std::ptr::null_mut(), page, ProtFlags::READ, MapFlags::SHARED, &self.0, start)? };
-        let resident = resident_pages(p as usize, page);
+        // NORESERVE: a hugetlbfs page is only looked at, never reserved.
+        let flags = MapFlags::SHARED | MapFlags::NORESERVE;
+        let p = unsafe { rustix::mm::mmap(std::ptr::null_mut(), page, ProtFlags::READ, flags, &self.0, start)? };
+        let resident = resident_pages(p as usize, super::map::page_size()).map(|n| n.min(1));
         // SAFETY: `p` is the one-page mapping made above, referenced by nothing.
         let _ = unsafe { rustix::mm::munmap(p, page) };
         Ok(resident? == 1)

@@ -88,9 +88,28 @@ impl Dir {
         Ok(ObjectStat::from_raw(&st))
     }
 
+    /// The size of the pages backing objects made in this directory: the huge page size on a
+    /// hugetlbfs mount, else the system page size (`fstatfs(2)`, see [`Object::page_size`]).
+    pub fn page_size(&self) -> io::Result<usize> {
+        let st = rustix::fs::fstatfs(&self.0)?;
+        Ok(fs_page_size(st.f_type as u64, st.f_bsize as u64))
+    }
+
     /// Removes an object's name, `unlinkat(2)`. Processes that map it keep their mapping.
     pub fn unlink_object(&self, name: &str) -> io::Result<()> {
         Ok(rustix::fs::unlinkat(&self.0, name, AtFlags::empty())?)
+    }
+}
+
+/// `statfs(2)`'s `f_type` of hugetlbfs (`linux/magic.h`).
+const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+
+fn fs_page_size(f_type: u64, f_bsize: u64) -> usize {
+    let base = super::map::page_size();
+    if f_type == HUGETLBFS_MAGIC && f_bsize as usize > base && f_bsize.is_power_of_two() {
+        f_bsize as usize
+    } else {
+        base
     }
 }
 
@@ -163,9 +182,20 @@ impl Object {
     }
 
     /// Sets the object's size, `ftruncate(2)`. Growing it makes a sparse hole that costs
-    /// nothing.
+    /// nothing. On hugetlbfs, which takes whole huge pages only, `len` is rounded up to the
+    /// object's page size ([`Object::page_size`]).
     pub fn set_size(&self, len: u64) -> io::Result<()> {
+        let page = self.page_size()? as u64;
+        let len = if page > super::map::page_size() as u64 { len.next_multiple_of(page) } else { len };
         Ok(rustix::fs::ftruncate(&self.0, len)?)
+    }
+
+    /// The size of the pages backing the object: the huge page size when it lives on a
+    /// hugetlbfs mount (`fstatfs(2)`: `f_type == HUGETLBFS_MAGIC`, then `f_bsize`), the system
+    /// page size otherwise. Async-signal-safe (one system call).
+    pub fn page_size(&self) -> io::Result<usize> {
+        let st = rustix::fs::fstatfs(&self.0)?;
+        Ok(fs_page_size(st.f_type as u64, st.f_bsize as u64))
     }
 
     /// Guarantees backing for `[offset, offset + len)`, `fallocate(2)` with mode 0. On a full
