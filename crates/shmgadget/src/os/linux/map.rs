@@ -60,8 +60,8 @@ pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
 /// the caller's own pages), and no live Rust reference may point into memory it replaces.
 pub unsafe fn map_shared_fixed(object: &Object, addr: usize, len: usize, access: Access) -> io::Result<()> {
     let (prot, fd) = (prot(access), &object.0);
-    // SAFETY: forwarded from the caller.
     let flags = MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE;
+    // SAFETY: forwarded from the caller.
     let p = unsafe { rustix::mm::mmap(addr as *mut c_void, len, prot, flags, fd, 0)? };
     debug_assert_eq!(p as usize, addr);
     Ok(())

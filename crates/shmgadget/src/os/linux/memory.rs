@@ -148,9 +148,9 @@ impl Object {
     pub fn page_resident(&self, offset: u64) -> io::Result<bool> {
         let page = self.page_size()?;
         let start = offset - offset % page as u64;
-        // SAFETY: without MAP_FIXED the kernel picks an unused range; nothing else is affected.
         // NORESERVE: a hugetlbfs page is only looked at, never reserved.
         let flags = MapFlags::SHARED | MapFlags::NORESERVE;
+        // SAFETY: without MAP_FIXED the kernel picks an unused range; nothing else is affected.
         let p = unsafe { rustix::mm::mmap(std::ptr::null_mut(), page, ProtFlags::READ, flags, &self.0, start)? };
         let resident = resident_pages(p as usize, super::map::page_size()).map(|n| n.min(1));
         // SAFETY: `p` is the one-page mapping made above, referenced by nothing.
