@@ -43,6 +43,8 @@ pub struct Section {
     pub object: String,
     /// The file backing a file-backed section (its object is then a link to it); else `null`.
     pub file: Option<String>,
+    /// The size of the pages backing it (huge on a hugetlbfs shm directory).
+    pub page_size: u64,
     /// The queue's live figures, for a queue section that could be read; else `null`.
     pub queue: Option<Queue>,
     /// Why a queue section's figures could not be read (`DAMAGED: ...` for a damaged
@@ -69,6 +71,7 @@ impl Section {
             creator_pid: s.creator_pid,
             object: s.object.clone(),
             file: s.file.as_ref().map(|p| p.display().to_string()),
+            page_size: s.page_size,
             queue: queue.and_then(|q| q.as_ref().ok()).map(Queue::new),
             queue_error: queue.and_then(|q| q.as_ref().err()).map(crate::queue_trouble),
         }

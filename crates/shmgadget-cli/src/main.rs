@@ -742,6 +742,7 @@ fn cmd_info(cli: &Cli, name: &str) -> Result<ExitCode, Box<dyn std::error::Error
         ("created by pid", s.creator_pid.to_string()),
         ("object", format!("{}/{}", shm_dir_shown(cli), s.object)),
         ("file", s.file.as_ref().map_or_else(|| "-".to_owned(), |p| p.display().to_string())),
+        ("page size", crate::mem_cmd::page_label(s.page_size)),
     ];
     for (k, v) in rows {
         outln!("{k:>15}  {v}");

@@ -146,6 +146,7 @@ struct RegionOut {
     section_kind: Option<&'static str>,
     committed: Option<u64>,
     resident: Option<u64>,
+    page_size: u64,
 }
 
 /// `shmgadget map`.
@@ -169,6 +170,7 @@ pub fn cmd_map(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     section_kind: r.section_kind.map(|k| k.as_str()),
                     committed: r.committed,
                     resident: r.resident,
+                    page_size: r.page_size,
                 })
                 .collect(),
         });
@@ -184,6 +186,9 @@ pub fn cmd_map(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut t = table(&["address range", "size", "what", "committed", "resident", "bar"]);
     for r in &m.regions {
         let what = match &r.name {
+            Some(n) if r.page_size > system_page() => {
+                format!("{n} ({}, {} pages)", r.section_kind.map_or("?", |k| k.as_str()), format_size(r.page_size))
+            }
             Some(n) => format!("{n} ({})", r.section_kind.map_or("?", |k| k.as_str())),
             None => "(hole)".to_owned(),
         };
@@ -231,10 +236,22 @@ pub fn check_file_create(transient: bool, kind: &str) -> Result<(), shmgadget::E
     Ok(())
 }
 
-/// The kind column of `ls`: the kind, and the file of a file-backed section.
+/// The kind column of `ls`: the kind, the file of a file-backed section, and the page size of
+/// a section on huge pages.
 pub fn kind_label(s: &shmgadget::SectionInfo) -> String {
+    let huge =
+        if s.page_size > system_page() { format!(", {} pages", format_size(s.page_size)) } else { String::new() };
     match &s.file {
-        Some(p) => format!("{} in {}", s.kind.as_str(), p.display()),
-        None => s.kind.as_str().to_owned(),
+        Some(p) => format!("{} in {}{huge}", s.kind.as_str(), p.display()),
+        None => format!("{}{huge}", s.kind.as_str()),
     }
+}
+
+fn system_page() -> u64 {
+    query::system_page_size()
+}
+
+/// `info`'s page size line: "4.0 KiB", or "2.0 MiB (huge pages)".
+pub fn page_label(page: u64) -> String {
+    if page > system_page() { format!("{} (huge pages)", format_size(page)) } else { format_size(page) }
 }

@@ -174,6 +174,7 @@ const SECTION: Shape = &[
     ("creator_pid", T::U64),
     ("object", T::Str),
     ("file", T::Opt(&T::Str)),
+    ("page_size", T::U64),
     ("queue", T::Opt(&T::Obj(QUEUE))),
     ("queue_error", T::Opt(&T::Str)),
 ];

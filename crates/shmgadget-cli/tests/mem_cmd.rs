@@ -105,7 +105,7 @@ fn where_names_the_section_and_offset_or_the_hole_and_map_draws_sections_and_hol
     assert_eq!(total, m["window_size"].as_u64().unwrap(), "the regions cover the window exactly");
     for r in regions {
         let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
-        let mut want = ["kind", "address", "end", "size", "name", "section_kind", "committed", "resident"];
+        let mut want = ["kind", "address", "end", "size", "name", "section_kind", "committed", "resident", "page_size"];
         want.sort();
         let mut keys = keys.clone();
         keys.sort();
@@ -119,6 +119,40 @@ fn where_names_the_section_and_offset_or_the_hole_and_map_draws_sections_and_hol
     let left: Vec<_> = std::fs::read_dir(d).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     std::fs::remove_dir(d).unwrap();
+}
+
+#[test]
+fn where_and_map_report_a_file_sections_residency_from_its_file_not_from_its_link() {
+    let dir = std::env::temp_dir().join(format!("shmgadget-fileres-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("res.shmg");
+    let f = file.to_str().unwrap();
+    let made = json(&dir, &["-d", "fres", "create", "fs", "--size", "8M", "--file", f]);
+    let base = u64::from_str_radix(made["section"]["address"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    let at = |off: u64| format!("{:#x}", base + off);
+    // Nothing of the data was touched: the link object's page is resident, the data is not.
+    assert_eq!(json(&dir, &["where", &at(0)])["resident"], false);
+    let m = json(&dir, &["-d", "fres", "map"]);
+    assert_eq!(m["regions"][0]["resident"], 0, "{m}");
+    // Three pages of data written through the file (after its header page).
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut fh = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        fh.seek(SeekFrom::Start(4096)).unwrap();
+        fh.write_all(&[7u8; 3 * 4096]).unwrap();
+    }
+    assert_eq!(json(&dir, &["where", &at(0)])["resident"], true);
+    assert_eq!(json(&dir, &["where", &at(2 * 4096 + 100)])["resident"], true);
+    assert_eq!(json(&dir, &["where", &at(5 * 4096)])["resident"], false);
+    let m = json(&dir, &["-d", "fres", "map"]);
+    assert_eq!(m["regions"][0]["resident"], 3 * 4096, "the file's pages in the page cache: {m}");
+    assert_eq!(m["regions"][0]["page_size"], 4096);
+    let (code, _, err) = run(&dir, &["domain", "rm", "fres"]);
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_file(&file);
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_dir(&dir);
 }
 
 #[test]

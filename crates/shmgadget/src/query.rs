@@ -130,11 +130,36 @@ impl AddressInfo {
     }
 }
 
-/// Whether the section's object has a page at `offset` (None if it cannot be examined).
+/// Whether the section's object has a page at `offset` (None if it cannot be examined). For a
+/// file-backed section, the file's page (its object in the shm directory is only a link).
 fn object_has_data(reg: &Registry, generation: u64, section: &str, offset: u64) -> Option<bool> {
     let object = names::section_object(reg.domain(), generation, section);
-    let fd = reg.dir().open_object(&object, os::Access::Read).ok()?;
-    fd.page_resident(offset).ok()
+    let (fd, at) = section_data(reg.dir(), &object, section)?;
+    fd.page_resident(at + offset).ok()
+}
+
+/// The object holding a section's bytes and where they start in it: the section object
+/// itself, or the file a file-backed section's link names (after its header page).
+fn section_data(dir: &os::Dir, object: &str, section: &str) -> Option<(os::Object, u64)> {
+    let fd = dir.open_object(object, os::Access::Read).ok()?;
+    let st = fd.stat().ok()?;
+    if crate::file_section::is_link(&st) {
+        let b = crate::file_section::resolve(section, &fd, &st).ok()?;
+        return Some((b.object, crate::file_section::data_offset()));
+    }
+    Some((fd, 0))
+}
+
+/// Bytes of a file-backed section's data in the page cache now (`mincore` over a read-only
+/// view of the file): what "resident" means for it, as for a section object (whose block
+/// count is its memory).
+fn file_resident(dir: &os::Dir, object: &str, section: &str, len: u64) -> Option<u64> {
+    let (fd, at) = section_data(dir, object, section)?;
+    let p = os::map_view(&fd, at, len as usize, os::ViewKind::ReadOnly).ok()?;
+    let pages = os::resident_pages(p.as_ptr() as usize, len as usize);
+    // SAFETY: the view made just above, referenced by nothing.
+    let _ = unsafe { os::unmap(p.as_ptr() as usize, len as usize) };
+    pages.ok().map(|n| n as u64 * os::page_size() as u64)
 }
 
 /// Fills the section fields from a domain's view of the address: a section or a hole.
@@ -170,6 +195,12 @@ fn describe_in_window(
     info.free_start = Some(free_start);
     info.free_end = Some(free_end);
     info
+}
+
+/// The system's page size (sections on a hugetlbfs shm directory have larger pages: see
+/// [`crate::Section::page_size`] and [`AddressInfo::page_size`]).
+pub fn system_page_size() -> u64 {
+    os::page_size() as u64
 }
 
 /// What is at `addr` in this process (see the module docs). Never faults, never maps a
@@ -293,8 +324,11 @@ pub struct WindowRegion {
     pub section_kind: Option<SectionKind>,
     /// The section's committed prefix.
     pub committed: Option<u64>,
-    /// The section's bytes backed by memory now (`None` if its object cannot be examined).
+    /// The section's bytes backed by memory now (`None` if its object cannot be examined;
+    /// for a file-backed section, its data in the page cache).
     pub resident: Option<u64>,
+    /// The size of the section's pages (huge on a hugetlbfs shm directory; 0 for a hole).
+    pub page_size: u64,
 }
 
 /// A domain's window as sections and holes, in address order.
@@ -313,6 +347,7 @@ pub struct WindowMap {
 /// Draws `domain`'s window from outside (no attach).
 pub fn window_map(domain: &str, shm_dir: Option<&Path>) -> Result<WindowMap> {
     let report = crate::inspect::inspect_domain(domain, shm_dir)?;
+    let dir = os::Dir::open(&resolve_shm_dir(shm_dir)).ok();
     let mut sections = report.sections.clone();
     sections.sort_by_key(|s| s.address);
     let end = report.window_base + report.window_size;
@@ -327,6 +362,7 @@ pub fn window_map(domain: &str, shm_dir: Option<&Path>) -> Result<WindowMap> {
         section_kind: None,
         committed: None,
         resident: None,
+        page_size: 0,
     };
     for s in &sections {
         if s.address > at {
@@ -340,7 +376,13 @@ pub fn window_map(domain: &str, shm_dir: Option<&Path>) -> Result<WindowMap> {
             name: Some(s.name.clone()),
             section_kind: Some(s.kind),
             committed: Some(s.committed),
-            resident: s.resident,
+            // A file's blocks are on disk: its residency is the page cache's.
+            resident: match (&s.file, &dir) {
+                (Some(_), Some(dir)) => file_resident(dir, &s.object, &s.name, s.reserved),
+                (Some(_), None) => None,
+                (None, _) => s.resident,
+            },
+            page_size: s.page_size,
         });
         at = at.max(s.address + s.reserved);
     }
