@@ -10,7 +10,12 @@
 //! # What runs in the signal handler
 //! Only async-signal-safe work: atomic loads of this module's domain table, the registry's
 //! seqlocked entry read (no locks, no allocation), building the object name in a stack buffer,
-//! and `openat`/`fstat`/`mmap`/`close` as raw system calls. errno is saved and restored.
+//! and `openat`/`fstat`/`mmap`/`close` as raw system calls. errno is saved and restored. A
+//! file-backed section's link is followed the same way (`pread` of the link into a stack
+//! buffer, `open` of the file, `fstat`, `fcntl` for the shared lock, `pread` of its header,
+//! `mmap`); that needs more signal stack than Rust gives a thread (8 KiB), so `install` gives
+//! the attaching thread 64 KiB (`os::ensure_signal_stack`), and on a thread with too little
+//! room left the fault is reported, not repaired.
 //!
 //! # When it cannot map
 //! A fault inside an attached domain's window that the handler cannot repair (no live section
@@ -98,8 +103,16 @@ pub fn handler_installed() -> bool {
     os::fault_hook_installed()
 }
 
-/// Installs (or re-installs, if replaced) the handler.
+/// Signal stack the handler wants on threads that attach (`os::ensure_signal_stack`).
+const SIGNAL_STACK: usize = 64 << 10;
+/// Signal stack room below which first touch does not follow a file-backed section's link
+/// (measured: about 5 KiB in a debug build, far less optimised).
+const FILE_MAP_STACK: usize = if cfg!(debug_assertions) { 12 << 10 } else { 6 << 10 };
+
+/// Installs (or re-installs, if replaced) the handler, and gives the calling thread a signal
+/// stack large enough for it.
 pub(crate) fn install() -> Result<()> {
+    os::ensure_signal_stack(SIGNAL_STACK);
     os::install_fault_hook(on_fault)
         .map(|_| ())
         .map_err(|e| Error::from_io("cannot install the first-touch fault handler", e))
@@ -237,9 +250,20 @@ enum Failure {
     NotRegular,
     /// The object's size differs from the section's reserved size.
     Size(u64),
-    /// The object is a link to a file-backed section's file (`crate::file_section`), which the
-    /// handler does not follow (a path and a header to read in a signal handler).
+    /// The object is a link to a file-backed section's file (`crate::file_section`) that the
+    /// handler cannot follow: not a well-formed link, or a path longer than the handler's
+    /// stack buffer (`file_section::SIGNAL_SAFE_PATH_MAX`).
     FileBacked,
+    /// Too little signal stack left (bytes) to follow a file-backed section's link.
+    SignalStack(usize),
+    /// The file a link names cannot be opened (gone, a symbolic link, a directory, ...).
+    FileOpen(std::io::Error),
+    /// The file belongs to another user.
+    FileOwner(u32),
+    /// Someone holds the file's lock exclusively (a `MappedFile`, or a domain placing it).
+    FileLocked,
+    /// The file's header does not record this section's address and size.
+    FileHeader,
     /// The object belongs to this uid, and foreign owners are not accepted.
     Owner(u32),
     Map(std::io::Error),
@@ -346,7 +370,12 @@ impl Handler<'_> {
             return Err(Failure::NotRegular);
         }
         if crate::file_section::is_link(&st) {
-            return Err(Failure::FileBacked);
+            // Following the link takes more stack than Rust's 8 KiB signal stack has left in a
+            // debug build: a thread that attached has ours (`install`); any other reports.
+            if let Some(room) = os::signal_stack_room().filter(|&r| r < FILE_MAP_STACK) {
+                return Err(Failure::SignalStack(room));
+            }
+            return self.map_file_signal_safe(rec, &fd, &st);
         }
         if st.size != rec.reserved {
             return Err(Failure::Size(st.size));
@@ -362,6 +391,45 @@ impl Handler<'_> {
         // concurrently).
         unsafe { os::map_shared_fixed(&fd, addr, rec.reserved as usize, os::Access::ReadWrite) }.map_err(Failure::Map)
         // `fd` is closed here: the mapping keeps the object alive.
+    }
+
+    /// Maps a file-backed section (its object `link` names the file, `crate::file_section`)
+    /// with the checks `Domain::open_section` makes: the link read into a stack buffer, the
+    /// file opened without following a symbolic link, a regular file of this user, as long as
+    /// the header page plus the section, its header recording this very address and size,
+    /// share-locked like every mapper's. Async-signal-safe: `pread`, `open`, `fstat`, `fcntl`,
+    /// `mmap`, `close`; no allocation.
+    fn map_file_signal_safe(&self, rec: &SectionRecord, link: &os::Object, st: &os::ObjectStat) -> Result<(), Failure> {
+        use crate::file_section::{LinkBuf, data_offset, read_link_cstr};
+        let mut buf: LinkBuf = [0; std::mem::size_of::<LinkBuf>()];
+        let path = read_link_cstr(link, st, &mut buf).ok_or(Failure::FileBacked)?;
+        let file = os::open_file_cstr(path).map_err(Failure::FileOpen)?;
+        let fst = file.stat().map_err(Failure::Stat)?;
+        if !fst.is_regular {
+            return Err(Failure::NotRegular);
+        }
+        if fst.uid != os::effective_uid() {
+            return Err(Failure::FileOwner(fst.uid));
+        }
+        if fst.size != data_offset() + rec.reserved {
+            return Err(Failure::Size(fst.size.saturating_sub(data_offset())));
+        }
+        match file.try_share_lock_byte(0) {
+            Ok(true) => {}
+            Ok(false) => return Err(Failure::FileLocked),
+            Err(e) => return Err(Failure::FileOpen(e)),
+        }
+        let addr = (self.window_base + rec.offset) as usize;
+        let mut header = [0u8; crate::mapped_file::HEADER_LEN];
+        let n = file.read_at(0, &mut header).map_err(Failure::FileOpen)?;
+        if n != header.len() || !crate::mapped_file::header_matches(&header, addr as u64, rec.reserved) {
+            return Err(Failure::FileHeader);
+        }
+        // SAFETY: as in `map_signal_safe`: the section's place inside our window reservation,
+        // not mapped in this process, kept from other threads by the slot's mapping word.
+        unsafe { os::map_file_fixed(&file, addr, rec.reserved as usize, data_offset()) }.map_err(Failure::Map)
+        // `file` is closed here: the mapping keeps its open file description, and the shared
+        // lock with it, until the section is unmapped or the process ends.
     }
 
     /// Writes one line to stderr saying why the fault at `addr` was not repaired.
@@ -459,8 +527,37 @@ impl Handler<'_> {
                     }
                     Failure::FileBacked => {
                         line.push(
-                            b"it is a file-backed section, which first touch does not map: open it \
-                                    (Domain::open_section, Domain::map_all) in this process before using its memory",
+                            b"it is a file-backed section whose link first touch cannot follow (damaged, or a path \
+                              longer than 1024 bytes): open it (Domain::open_section, Domain::map_all) in this \
+                              process before using its memory",
+                        );
+                    }
+                    Failure::SignalStack(room) => {
+                        line.push(b"it is a file-backed section, and this thread's signal stack has only ");
+                        line.dec(*room as u64).push(
+                            b" bytes left, too few to follow its link: open the section in this process first \
+                              (Domain::open_section, Domain::map_all), or attach from this thread",
+                        );
+                    }
+                    Failure::FileOpen(e) => {
+                        line.push(
+                            b"cannot open or read the file of this file-backed section (`shmgadget info` names it): ",
+                        );
+                        errno(&mut line, e);
+                    }
+                    Failure::FileOwner(uid) => {
+                        line.push(b"the file of this file-backed section belongs to uid ").dec(*uid as u64);
+                        line.push(b", not to this process's user");
+                    }
+                    Failure::FileLocked => {
+                        line.push(
+                            b"the file of this file-backed section is locked exclusively (a MappedFile holds it?)",
+                        );
+                    }
+                    Failure::FileHeader => {
+                        line.push(
+                            b"the header of this file-backed section's file does not record this address and size \
+                              (damaged or replaced?)",
                         );
                     }
                     Failure::Owner(uid) => {

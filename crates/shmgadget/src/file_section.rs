@@ -12,10 +12,13 @@
 //! `fstat` it makes anyway. Whoever opens a section object and finds a link opens the file
 //! instead (never following a symbolic link), checks its owner and header, and maps it from
 //! file offset one page ([`data_offset`]); commit, decommit and views are offset the same way.
-//! The fault handler's first-touch map does not follow links (that needs a path and reading
-//! a header in a signal handler): a file-backed section is mapped when it is created or
-//! opened in a process ([`crate::Domain::open_section`], `map_all`), and a first touch without
-//! that is reported, not repaired.
+//! The fault handler's first-touch map follows links too, with the same checks and without
+//! allocating ([`read_link_cstr`] into a stack buffer, `open`, `fstat`, the shared lock, the
+//! header compared with `mapped_file::header_matches`, `mmap`): a pointer into a file-backed
+//! section works in a process that never opened it. Paths longer than
+//! [`SIGNAL_SAFE_PATH_MAX`], and threads whose signal stack is too small for it (a thread that
+//! attached gets a 64 KiB one; Rust's default is 8 KiB), get a report naming the cause instead:
+//! open the section first there.
 //!
 //! # The file
 //! The header is [`crate::MappedFile`]'s: base address (the section's address in the window),
@@ -68,6 +71,35 @@ pub(crate) fn write_link(object: &os::Object, path: &Path) -> std::io::Result<()
         bytes.push(0);
     }
     object.write_at(0, &bytes)
+}
+
+/// Longest file path the fault handler follows (longer ones: open the section first).
+pub(crate) const SIGNAL_SAFE_PATH_MAX: usize = 1024;
+/// A stack buffer for a link read in the fault handler: magic, length, path, NUL.
+pub(crate) type LinkBuf = [u8; 12 + SIGNAL_SAFE_PATH_MAX + 1];
+
+/// Reads link object `object` (whose `fstat` is `st`) into `buf` and returns the absolute path
+/// it names, NUL-terminated in place. Async-signal-safe: `pread(2)` into the caller's stack
+/// buffer, no allocation. `None`: not a well-formed link, or a path longer than
+/// [`SIGNAL_SAFE_PATH_MAX`].
+pub(crate) fn read_link_cstr<'a>(
+    object: &os::Object,
+    st: &os::ObjectStat,
+    buf: &'a mut LinkBuf,
+) -> Option<&'a std::ffi::CStr> {
+    if !is_link(st) || st.size as usize > buf.len() - 1 {
+        return None;
+    }
+    let n = object.read_at(0, &mut buf[..st.size as usize]).ok()?;
+    if n < 12 || buf[..8] != LINK_MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+    if len == 0 || len > SIGNAL_SAFE_PATH_MAX || 12 + len > n || buf[12] != b'/' {
+        return None;
+    }
+    buf[12 + len] = 0;
+    std::ffi::CStr::from_bytes_with_nul(&buf[12..=12 + len]).ok()
 }
 
 /// The path a link object names, if it is a well-formed link.

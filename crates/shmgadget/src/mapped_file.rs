@@ -103,6 +103,24 @@ impl Header {
     }
 }
 
+/// Whether `b` is a sound header recording exactly `base` and `capacity` (what
+/// [`Header::decode`] accepts, for those values). Async-signal-safe: no allocation (the fault
+/// handler checks a file-backed section's file with it).
+pub(crate) fn header_matches(b: &[u8; HEADER_LEN], base: u64, capacity: u64) -> bool {
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    b[0..8] == MAGIC
+        && u32_at(8) == VERSION
+        && u64_at(40) == fnv(&b[..40])
+        && u32_at(12) as usize == os::page_size()
+        && u64_at(16) == base
+        && u64_at(24) == capacity
+}
+
 fn fnv(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {

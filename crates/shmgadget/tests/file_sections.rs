@@ -310,16 +310,32 @@ fn committing_a_file_section_on_a_full_filesystem_is_out_of_space_not_sigbus() {
 }
 
 #[test]
-fn a_first_touch_of_a_file_section_not_opened_here_is_reported_not_repaired() {
-    const TEST: &str = "a_first_touch_of_a_file_section_not_opened_here_is_reported_not_repaired";
+fn a_first_touch_of_a_file_section_not_opened_here_maps_it_from_its_file_after_the_same_checks() {
+    const TEST: &str = "a_first_touch_of_a_file_section_not_opened_here_maps_it_from_its_file_after_the_same_checks";
     const BASE: u64 = 0x3f40_0000_0000;
     match role().as_deref() {
         Some("toucher") => {
             let _d = Domain::attach_with(&child_domain(), &at(BASE)).unwrap();
             let addr: usize = std::env::var("ADDR").unwrap().parse().unwrap();
-            // SAFETY: none: the read is expected to fault (the handler reports it).
+            if std::env::var_os("OTHER_THREAD").is_some() {
+                // A thread that never attached has only Rust's small signal stack: the handler
+                // reports instead of following the link (in a debug build at least).
+                let v = std::thread::spawn(move || {
+                    // SAFETY: inside the section (see above).
+                    unsafe { (addr as *const u64).read_volatile() }
+                })
+                .join()
+                .unwrap();
+                println!("READ={v:#x}");
+                return;
+            }
+            // SAFETY: inside the file-backed section; the first touch maps it (or, in the
+            // damaged case, the handler reports and the process dies).
             let v = unsafe { (addr as *const u64).read_volatile() };
-            println!("READ={v}");
+            // SAFETY: as above, now mapped.
+            unsafe { (addr as *mut u64).add(1).write_volatile(v + 1) };
+            println!("READ={v:#x}");
+            println!("MAPS={}", shmgadget::first_touch_maps());
         }
         _ => {
             let path = file_path("touch");
@@ -327,23 +343,55 @@ fn a_first_touch_of_a_file_section_not_opened_here_is_reported_not_repaired() {
             let d = Domain::attach_with(&name, &at(BASE)).unwrap();
             let s = d.create_section("data", 1 << 20, &SectionOptions::new().file(&path)).unwrap();
             s.commit(4096).unwrap();
-            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([TEST, "--exact", "--nocapture", "--test-threads=1", "-q"])
-                .env(ROLE, "toucher")
-                .env(DOMAIN, &name)
-                .env("ADDR", (s.as_ptr() as usize).to_string())
-                .env_remove("SHMGADGET_EAGER")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stderr = child.stderr.take().unwrap();
-            let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-            let status = wait(&mut child, std::time::Duration::from_secs(60));
-            let err = reader.join().unwrap();
+            // SAFETY: inside the committed section.
+            unsafe { s.as_ptr().cast::<u64>().write_volatile(0xf11e) };
+            let spawn_with = |other_thread: bool| {
+                let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+                if other_thread {
+                    cmd.env("OTHER_THREAD", "1");
+                }
+                let mut child = cmd
+                    .args([TEST, "--exact", "--nocapture", "--test-threads=1", "-q"])
+                    .env(ROLE, "toucher")
+                    .env(DOMAIN, &name)
+                    .env("ADDR", (s.as_ptr() as usize).to_string())
+                    .env_remove("SHMGADGET_EAGER")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let (so, se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+                let so = std::thread::spawn(move || std::io::read_to_string(so).unwrap_or_default());
+                let se = std::thread::spawn(move || std::io::read_to_string(se).unwrap_or_default());
+                let status = wait(&mut child, std::time::Duration::from_secs(60));
+                (status, so.join().unwrap(), se.join().unwrap())
+            };
+            let spawn = || spawn_with(false);
+            if cfg!(debug_assertions) {
+                use std::os::unix::process::ExitStatusExt;
+                let (status, out, err) = spawn_with(true);
+                assert_eq!(status.signal(), Some(libc::SIGSEGV), "{status:?}\n{out}\n{err}");
+                assert!(err.contains("signal stack has only"), "a clear report, not a crash in the handler: {err}");
+            }
+            let (status, out, err) = spawn();
+            assert!(status.success(), "{status:?}\n{out}\n{err}");
+            assert!(out.contains("READ=0xf11e") && out.contains("MAPS=1"), "mapped on first touch: {out}\n{err}");
+            // SAFETY: inside the section; the child has exited.
+            assert_eq!(unsafe { s.as_ptr().cast::<u64>().add(1).read_volatile() }, 0xf11f, "its write is shared");
+            let on_disk = std::fs::read(&path).unwrap();
+            assert_eq!(u64::from_le_bytes(on_disk[4096 + 8..4096 + 16].try_into().unwrap()), 0xf11f, "in the file");
+
+            // The handler checks the file as an open does: a header that no longer records
+            // this address is refused (reported, then the fault goes on), not mapped.
+            {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.write_all_at(&0x1000u64.to_le_bytes(), 16).unwrap();
+            }
+            let (status, out, err) = spawn();
             use std::os::unix::process::ExitStatusExt;
-            assert_eq!(status.signal(), Some(libc::SIGSEGV), "{status:?}\n{err}");
-            assert!(err.contains("file-backed section"), "{err}");
+            assert_eq!(status.signal(), Some(libc::SIGSEGV), "{status:?}\n{out}\n{err}");
+            assert!(err.contains("does not record this address and size"), "{err}");
             drop(s);
             d.delete_section("data").unwrap();
             d.detach().unwrap();

@@ -15,13 +15,13 @@
 //! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, in pages of the directory's size ([`Dir::page_size`], [`Object::page_size`]: huge pages on hugetlbfs, where sizes round up to them), opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`), stated by name without opening (`stat_object`); an identity that tells a replaced object from the original |
 //! | mapping (`map`) | [`map_shared_fixed`], [`map_shared`], [`unmap`], [`page_size`], [`mappings_overlapping`], [`USER_ADDRESS_LIMIT`] | an object mapped shared at an exact address inside our own reservation |
 //! | memory (`memory`) | [`map_view`], [`ViewKind`], [`protect`], [`Protection`], [`flush`], [`FlushMode`], [`resident_pages`], [`region_at`], [`Region`], [`Object::page_resident`] | part of an object mapped anywhere outside our reservations, read-only or copy-on-write; this process's protection of a range changed; a shared range written back to its file; which pages are resident, whether an object has a page at an offset, and what this process has mapped at an address |
-//! | files (`file`) | [`open_file`], [`OpenFile`], [`map_file_fixed`], [`Object::write_at`] | a regular file the user names, opened without following a link, written at an offset, mapped shared from a file offset at an exact address inside our reservation |
+//! | files (`file`) | [`open_file`], [`open_file_cstr`] (async-signal-safe), [`OpenFile`], [`map_file_fixed`], [`Object::write_at`] | a regular file the user names, opened without following a link, written at an offset, mapped shared from a file offset at an exact address inside our reservation |
 //! | reservation (`reserve`) | [`reserve_fixed`], [`restore_reservation`], [`ReserveError`] | an address range held without memory, never replacing someone else's mapping, and given back to that state |
 //! | locks (`lock`) | [`DirLock`] (the global lock of one shm directory, released by the kernel when its holder dies) | the locks inside shared memory are shmgadget's own (`sync::robust`), built on waiting on a shared word |
 //! | liveness (`liveness`) | [`TokenCell`], [`Object::try_lock_byte`], [`Object::byte_is_locked`], [`Object::any_byte_locked`], [`install_fork_handlers`], [`fork_generation`], [`token_for_address`] | a token per registration that the kernel drops when its process dies, that a forked child does not inherit, and that any process can test |
 //! | process (`process`) | [`current_pid`], [`current_tid`], [`effective_uid`], [`thread_exists`], [`thread_alive`], [`thread_group`], [`proc_pid_namespace`] | ids a lock holder records about itself, and whether a thread still runs |
 //! | waiting on a shared word (`wait`) | [`futex_wait`], [`futex_wake`], [`FutexWait`] | sleep while a 32-bit word in shared memory holds a value; wake sleepers in any process |
-//! | faults (`fault`) | [`install_fault_hook`], [`fault_hook_installed`], [`FaultHook`], [`FaultSignal`], [`write_stderr`] | a hook run on an access to an unmapped page of our window that may map it and retry the access; everything else chained to the previous handler; one async-signal-safe line on stderr |
+//! | faults (`fault`) | [`install_fault_hook`], [`fault_hook_installed`], [`FaultHook`], [`FaultSignal`], [`write_stderr`], [`ensure_signal_stack`], [`signal_stack_room`] | a hook run on an access to an unmapped page of our window that may map it and retry the access; everything else chained to the previous handler; one async-signal-safe line on stderr |
 //! | time (`time`) | [`monotonic_now`] | a clock that never goes back |
 //! | errors (`error`) | [`ErrorExt`] on `io::Error` | the predicates callers react to (`is_not_found`, `is_exists`, `is_no_space`, `is_permission_denied`, ...), a display code and a signal-safe description; never an errno number above `os` |
 
@@ -64,6 +64,7 @@ pub use linux::{
     current_pid,
     current_tid,
     effective_uid,
+    ensure_signal_stack,
     fault_hook_installed,
     flush,
     fork_generation,
@@ -80,6 +81,7 @@ pub use linux::{
     // time
     monotonic_now,
     open_file,
+    open_file_cstr,
     page_size,
     proc_pid_namespace,
     protect,
@@ -87,6 +89,7 @@ pub use linux::{
     reserve_fixed,
     resident_pages,
     restore_reservation,
+    signal_stack_room,
     thread_alive,
     thread_exists,
     thread_group,
@@ -140,6 +143,8 @@ mod contract {
     const _: fn(&std::sync::atomic::AtomicU32, u32) -> usize = futex_wake;
     const _: fn(FaultHook) -> io::Result<bool> = install_fault_hook;
     const _: fn(&[u8]) = write_stderr;
+    const _: fn(usize) = ensure_signal_stack;
+    const _: fn() -> Option<usize> = signal_stack_room;
     const _: fn() -> std::time::Duration = monotonic_now;
     const _: fn(&Object, u64, usize, ViewKind) -> io::Result<std::ptr::NonNull<u8>> = map_view;
     const _: unsafe fn(usize, usize, Protection) -> io::Result<()> = protect;
@@ -148,6 +153,7 @@ mod contract {
     const _: fn(usize) -> Option<Region> = region_at;
     const _: fn(&Object, u64) -> io::Result<bool> = Object::page_resident;
     const _: fn(&Path, OpenFile) -> io::Result<Object> = open_file;
+    const _: fn(&std::ffi::CStr) -> io::Result<Object> = open_file_cstr;
     const _: fn(&Object, u64, &[u8]) -> io::Result<()> = Object::write_at;
     const _: unsafe fn(&Object, usize, usize, u64) -> io::Result<()> = map_file_fixed;
 }

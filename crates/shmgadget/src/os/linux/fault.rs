@@ -183,6 +183,105 @@ fn reset_default(sig: libc::c_int) {
     }
 }
 
+/// A signal stack of ours for one thread (see [`ensure_signal_stack`]); on thread exit the
+/// previous one goes back if ours is still installed, then ours is unmapped.
+struct OwnStack {
+    base: usize,
+    len: usize,
+    previous: libc::stack_t,
+}
+
+impl Drop for OwnStack {
+    fn drop(&mut self) {
+        // SAFETY: reads the current alternate stack into a valid struct.
+        let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) } != 0 {
+            return; // unknown: leak rather than unmap a stack that may be in use
+        }
+        if cur.ss_sp as usize == self.base + page() {
+            if cur.ss_flags & libc::SS_ONSTACK != 0 {
+                return; // running on it (not at thread exit): leak
+            }
+            // SAFETY: puts back the stack installed before ours (std's, still mapped: std
+            // disables the current stack before unmapping its own, and then ours would not be
+            // current here).
+            unsafe { libc::sigaltstack(&self.previous, std::ptr::null_mut()) };
+        }
+        // SAFETY: our own mapping, no longer this thread's alternate stack.
+        unsafe { libc::munmap(self.base as *mut c_void, self.len) };
+    }
+}
+
+fn page() -> usize {
+    super::map::page_size()
+}
+
+thread_local! {
+    static OWN_STACK: std::cell::RefCell<Option<OwnStack>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes sure the calling thread's alternate signal stack (`sigaltstack(2)`) has at least
+/// `min` bytes: if it has less (Rust gives each thread 8 KiB), installs one of `min` bytes
+/// (`mmap(2)`, with a guard page below it) for the rest of the thread's life. The fault hook
+/// runs on that stack, and some of its work (first touch of a file-backed section) needs more
+/// than 8 KiB in a debug build. Never fails: without it the handler reports instead of mapping.
+pub fn ensure_signal_stack(min: usize) {
+    let _ = OWN_STACK.try_with(|own| {
+        let Ok(mut own) = own.try_borrow_mut() else { return };
+        if own.is_some() {
+            return;
+        }
+        // SAFETY: reads the current alternate stack into a valid struct.
+        let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) } != 0
+            || cur.ss_flags & libc::SS_ONSTACK != 0
+            || (cur.ss_flags & libc::SS_DISABLE == 0 && cur.ss_size >= min)
+        {
+            return;
+        }
+        let len = min.next_multiple_of(page()) + page();
+        // SAFETY: a fresh anonymous mapping; nothing else is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return;
+        }
+        // SAFETY: the lowest page of our own mapping becomes its guard.
+        unsafe { libc::mprotect(p, page(), libc::PROT_NONE) };
+        let new = libc::stack_t { ss_sp: (p as usize + page()) as *mut c_void, ss_flags: 0, ss_size: len - page() };
+        // SAFETY: `new` describes our mapping above its guard page.
+        if unsafe { libc::sigaltstack(&new, std::ptr::null_mut()) } != 0 {
+            // SAFETY: our own mapping, never installed.
+            unsafe { libc::munmap(p, len) };
+            return;
+        }
+        *own = Some(OwnStack { base: p as usize, len, previous: cur });
+    });
+}
+
+/// Bytes left below the stack pointer on the alternate signal stack, when the caller runs on
+/// it (`None`: on the thread's ordinary stack). Async-signal-safe: one `sigaltstack(2)`.
+pub fn signal_stack_room() -> Option<usize> {
+    // SAFETY: reads the current alternate stack into a valid struct.
+    let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) } != 0 || cur.ss_flags & libc::SS_ONSTACK == 0 {
+        return None;
+    }
+    let here = &cur as *const libc::stack_t as usize;
+    Some(here.saturating_sub(cur.ss_sp as usize))
+}
+
 /// Writes `msg` to standard error (descriptor 2) with `write(2)`, retrying on `EINTR` and
 /// short writes, ignoring failure. Async-signal-safe: no allocation and no lock (unlike
 /// `eprintln!`, which takes the lock of `std::io::stderr()`), so the fault handler may use it.

@@ -32,6 +32,13 @@ pub fn open_file(path: &Path, how: OpenFile) -> io::Result<Object> {
     Ok(Object(rustix::fs::open(path, flags, Mode::from_raw_mode(0o600))?))
 }
 
+/// Opens an existing regular file read-write by a NUL-terminated path, `open(2)` with
+/// `O_RDWR | O_NOFOLLOW | O_CLOEXEC` (as [`open_file`] with [`OpenFile::Existing`]).
+/// Async-signal-safe: one raw system call, no allocation (the fault handler uses it).
+pub fn open_file_cstr(path: &std::ffi::CStr) -> io::Result<Object> {
+    Ok(Object(rustix::fs::open(path, OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?))
+}
+
 impl Object {
     /// Writes all of `buf` at `offset`, `pwrite(2)`, retrying on `EINTR` and short writes.
     pub fn write_at(&self, mut offset: u64, buf: &[u8]) -> io::Result<()> {
