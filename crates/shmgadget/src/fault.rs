@@ -131,6 +131,11 @@ pub(crate) fn eager_domains_attached() -> bool {
 
 /// Makes an attached domain visible to the handler and to [`ensure_mapped`](crate::ensure_mapped).
 pub(crate) fn register(inner: &Arc<Attachment>) -> Result<()> {
+    // Transparent huge pages for section mappings, if asked (`os::set_huge_advice`): set here,
+    // outside any signal handler, before this domain's first mapping.
+    if std::env::var_os("SHMGADGET_THP").is_some_and(|v| v == "1") {
+        os::set_huge_advice(true);
+    }
     let ptr = Arc::as_ptr(inner).cast_mut();
     for slot in &DOMAINS {
         // SeqCst: see the domain-table protocol in the module docs.

@@ -245,3 +245,89 @@ fn committing_more_than_the_reserved_huge_pages_is_out_of_space_never_a_sigbus()
     d.detach().unwrap();
     assert_eq!(std::fs::read_dir(&huge.dir).unwrap().count(), 0, "nothing left in the hugetlbfs");
 }
+
+/// `ShmemPmdMapped` (bytes) of this process's mapping at `addr`: shared memory mapped with
+/// transparent huge pages.
+fn pmd_mapped(addr: usize) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            inside = lo <= addr && addr < hi;
+            continue;
+        }
+        if inside && let Some(v) = line.strip_prefix("ShmemPmdMapped:") {
+            return v.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k * 1024);
+        }
+    }
+    None
+}
+
+#[test]
+fn shmgadget_thp_asks_a_huge_advise_tmpfs_for_transparent_huge_pages() {
+    const TEST: &str = "shmgadget_thp_asks_a_huge_advise_tmpfs_for_transparent_huge_pages";
+    if role().is_some() {
+        let d = Domain::attach_with(&child_domain(), &small(1 << 30)).unwrap();
+        let s = d.create_section("thp", 8 << 20, &SectionOptions::new().transient()).unwrap();
+        for off in (0..8 << 20).step_by(4096) {
+            // SAFETY: inside the section (tmpfs: pages come on first write).
+            unsafe { s.as_ptr().add(off).write_volatile(1) };
+        }
+        println!("PMD={}", pmd_mapped(s.as_ptr() as usize).unwrap_or(0));
+        println!("PAGE={}", s.page_size());
+        drop(s);
+        d.detach().unwrap();
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED {TEST}: not root: cannot mount a tmpfs");
+        return;
+    }
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("shmg-thp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m,huge=advise,mode=0700", "none"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        let _ = std::fs::remove_dir(&dir);
+        println!("SKIPPED {TEST}: mount -t tmpfs -o huge=advise failed (a kernel without shmem THP?)");
+        return;
+    }
+    let result = std::panic::catch_unwind(|| {
+        let run_thp = |thp: bool| {
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args([TEST, "--exact", "--nocapture", "--test-threads=1", "-q"])
+                .env(ROLE, "child")
+                .env(DOMAIN, unique_domain("thp"))
+                .env("SHMGADGET_SHM_DIR", &dir)
+                .env("SHMGADGET_THP", if thp { "1" } else { "0" })
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = std::io::read_to_string(child.stdout.take().unwrap()).unwrap();
+            assert!(wait(&mut child, Duration::from_secs(60)).success(), "{out}");
+            out
+        };
+        let with = run_thp(true);
+        let without = run_thp(false);
+        let pmd = |out: &str| -> u64 { out.lines().find_map(|l| l.strip_prefix("PMD=")).unwrap().parse().unwrap() };
+        (pmd(&with), pmd(&without), with)
+    });
+    let _ = Command::new("umount").arg(&dir).status();
+    let _ = std::fs::remove_dir(&dir);
+    let (with, without, out) = result.unwrap();
+    if with == 0 && without == 0 {
+        println!("SKIPPED {TEST}: the kernel gave no transparent huge page even when asked ({out})");
+        return;
+    }
+    assert!(with >= 2 << 20, "advised: huge pages map the section ({with} bytes)");
+    assert_eq!(without, 0, "not advised: a huge=advise tmpfs uses small pages");
+    assert!(out.contains("PAGE=4096"), "commit granularity stays the system page: {out}");
+}

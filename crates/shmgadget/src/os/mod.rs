@@ -13,7 +13,7 @@
 //! | subsystem | items | what the rest of shmgadget relies on |
 //! |---|---|---|
 //! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, in pages of the directory's size ([`Dir::page_size`], [`Object::page_size`]: huge pages on hugetlbfs, where sizes round up to them), opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`), stated by name without opening (`stat_object`); an identity that tells a replaced object from the original |
-//! | mapping (`map`) | [`map_shared_fixed`], [`map_shared`], [`unmap`], [`page_size`], [`mappings_overlapping`], [`USER_ADDRESS_LIMIT`] | an object mapped shared at an exact address inside our own reservation |
+//! | mapping (`map`) | [`map_shared_fixed`], [`map_shared`], [`unmap`], [`page_size`], [`mappings_overlapping`], [`USER_ADDRESS_LIMIT`], [`set_huge_advice`] | an object mapped shared at an exact address inside our own reservation (optionally advised to use transparent huge pages) |
 //! | memory (`memory`) | [`map_view`], [`ViewKind`], [`protect`], [`Protection`], [`flush`], [`FlushMode`], [`resident_pages`], [`region_at`], [`Region`], [`Object::page_resident`] | part of an object mapped anywhere outside our reservations, read-only or copy-on-write; this process's protection of a range changed; a shared range written back to its file; which pages are resident, whether an object has a page at an offset, and what this process has mapped at an address |
 //! | files (`file`) | [`open_file`], [`open_file_cstr`] (async-signal-safe), [`OpenFile`], [`map_file_fixed`], [`Object::write_at`] | a regular file the user names, opened without following a link, written at an offset, mapped shared from a file offset at an exact address inside our reservation |
 //! | reservation (`reserve`) | [`reserve_fixed`], [`restore_reservation`], [`ReserveError`] | an address range held without memory, never replacing someone else's mapping, and given back to that state |
@@ -89,6 +89,7 @@ pub use linux::{
     reserve_fixed,
     resident_pages,
     restore_reservation,
+    set_huge_advice,
     signal_stack_room,
     thread_alive,
     thread_exists,
@@ -132,6 +133,7 @@ mod contract {
     const _: fn(&Object, usize, Access) -> io::Result<std::ptr::NonNull<u8>> = map_shared;
     const _: unsafe fn(usize, usize) -> io::Result<()> = unmap;
     const _: fn(usize, usize) -> Result<(), ReserveError> = reserve_fixed;
+    const _: fn(bool) = set_huge_advice;
     const _: unsafe fn(usize, usize) -> io::Result<()> = restore_reservation;
     const _: fn() -> usize = page_size;
     const _: fn() -> u32 = current_pid;

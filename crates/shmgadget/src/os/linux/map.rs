@@ -48,6 +48,19 @@ pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
     Err(last.unwrap_or(rustix::io::Errno::INVAL).into())
 }
 
+/// Whether section mappings ask for transparent huge pages (see [`set_huge_advice`]).
+static HUGE_ADVICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`map_shared_fixed`] follow each mapping of 2 MiB or more with
+/// `madvise(MADV_HUGEPAGE)`: on a tmpfs mounted `huge=advise` (or shared memory where
+/// `/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `advise`) the kernel then backs the
+/// section with transparent huge pages where it can; elsewhere the advice changes nothing.
+/// Process-wide; set at attach from `SHMGADGET_THP=1`.
+pub fn set_huge_advice(on: bool) {
+    // Relaxed: a setting read by later mappings of this process; no data is published with it.
+    HUGE_ADVICE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Maps `len` bytes of `object` at exactly `addr`, shared: `mmap(2)` with
 /// `MAP_SHARED | MAP_FIXED | MAP_NORESERVE`. `MAP_NORESERVE` matters on hugetlbfs only: the
 /// mapping does not reserve the object's huge pages up front, so a section larger than the
@@ -64,6 +77,12 @@ pub unsafe fn map_shared_fixed(object: &Object, addr: usize, len: usize, access:
     // SAFETY: forwarded from the caller.
     let p = unsafe { rustix::mm::mmap(addr as *mut c_void, len, prot, flags, fd, 0)? };
     debug_assert_eq!(p as usize, addr);
+    // Relaxed: see `set_huge_advice`.
+    if len >= 2 << 20 && HUGE_ADVICE.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: advice about the mapping made just above; it changes no contents. A kernel
+        // without THP refuses it (EINVAL), which changes nothing either.
+        let _ = unsafe { rustix::mm::madvise(p, len, rustix::mm::Advice::LinuxHugepage) };
+    }
     Ok(())
 }
 

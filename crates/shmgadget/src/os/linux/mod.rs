@@ -23,7 +23,9 @@ pub use fault::{
 pub use file::{OpenFile, map_file_fixed, open_file, open_file_cstr};
 pub use liveness::{TokenCell, fork_generation, install_fork_handlers, token_for_address};
 pub use lock::DirLock;
-pub use map::{USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, unmap};
+pub use map::{
+    USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, set_huge_advice, unmap,
+};
 pub use memory::{FlushMode, Protection, Region, ViewKind, flush, map_view, protect, region_at, resident_pages};
 pub use object::{Access, Dir, Object, ObjectId, ObjectStat, list_dir};
 pub use process::{
