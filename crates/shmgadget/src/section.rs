@@ -609,8 +609,17 @@ impl Domain {
         }
         // Whole pages of the directory's size: huge pages on hugetlbfs (file-backed sections
         // are files elsewhere, in pages of the system's size).
-        let page =
-            if opts.file.is_some() { os::page_size() as u64 } else { section_page_size(self.inner.registry.dir()) };
+        let dir_page = section_page_size(self.inner.registry.dir());
+        if opts.file.is_some() && dir_page > os::page_size() as u64 {
+            bail!(
+                InvalidArgument,
+                "section {name:?}: a file-backed section needs a link object in the shm directory, and {} is a \
+                 hugetlbfs (huge pages) where such objects cannot be written; use a tmpfs shm directory for file-backed \
+                 sections",
+                self.inner.shm_dir.display()
+            );
+        }
+        let page = if opts.file.is_some() { os::page_size() as u64 } else { dir_page };
         let reserved = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
         if reserved > self.inner.window_size {
             bail!(

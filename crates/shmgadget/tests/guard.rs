@@ -117,6 +117,12 @@ fn a_guarded_block_freed_gives_its_guard_page_back_and_the_heap_stays_sound() {
     let guard = p.as_ptr().wrapping_add(2 * PAGE);
     assert_eq!(shmgadget::query(guard as usize).protection, Some("none"), "the page after it is a guard");
     assert_eq!(shmgadget::query(p.as_ptr() as usize).protection, Some("read_write"));
+    // A size whose record lands right at the block's start (span - data = 40 bytes) is still
+    // recognised as guarded when freed.
+    let tight = h.alloc(Layout::from_size_align(2 * PAGE - 40, 1).unwrap()).unwrap();
+    assert_eq!(shmgadget::query(tight.as_ptr() as usize + 2 * PAGE - 40).protection, Some("none"));
+    // SAFETY: from this heap, not used afterwards.
+    unsafe { h.free(tight).unwrap() };
     // Small blocks are not guarded.
     let small_block = h.alloc(Layout::from_size_align(64, 8).unwrap()).unwrap();
     h.check().unwrap();

@@ -195,6 +195,12 @@ fn a_section_on_a_hugetlbfs_directory_is_backed_by_huge_pages_in_every_process()
     s.decommit(HUGE, 1).unwrap();
     // SAFETY: inside the section: decommitted pages read as zero.
     assert_eq!(unsafe { p.add(HUGE as usize + 8).cast::<u64>().read_volatile() }, 0);
+    // File-backed sections need a link object, which hugetlbfs cannot hold: a clear refusal.
+    let file = std::env::temp_dir().join(format!("shmg-huge-file-{}.shmg", std::process::id()));
+    let e = d.create_section("f", 4 << 20, &SectionOptions::new().file(&file)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("hugetlbfs"), "{e}");
+    assert!(!file.exists(), "the refused file is not left behind");
     drop(s);
     d.detach().unwrap();
     assert_eq!(std::fs::read_dir(&huge.dir).unwrap().count(), 0, "the transient domain left nothing");

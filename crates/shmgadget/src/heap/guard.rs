@@ -145,7 +145,8 @@ unsafe fn read_record(area: *mut u8, limit: u64, off: u64) -> Option<Guarded> {
     let ok = block % page == 0
         && guard % page == 0
         && block >= base
-        && block + RECORD as u64 <= r as u64
+        && block <= r as u64
+        && r as u64 + RECORD as u64 <= p
         && guard > p
         && guard - p >= size
         && guard - p < size + page
