@@ -5,6 +5,9 @@
  *
  *   malloc SECS START_NS             glibc malloc/free pairs, 16 B-4 KiB mix, 64 live blocks
  *   malloc_threads SECS N            the same loop in N threads of one process (total pairs/s)
+ *   mimalloc SECS START_NS           the same loop through mi_malloc/mi_free of the system's
+ *                                    libmimalloc.so.2 (Debian libmimalloc2.0), loaded with dlopen;
+ *                                    prints `mimalloc_missing 1` when it is not installed
  *   alloc SECS START_NS              shm_alloc/shm_free pairs, same mix, in heap "bench"
  *   realloc SECS START_NS            shm_realloc of a live block to the next size of the mix
  *   pipe_send SIZE COUNT / (forks)   COUNT messages of SIZE bytes through a pipe, write/read
@@ -18,6 +21,7 @@
  * overlap exactly) and run for SECS seconds; the driver adds up their pairs per second.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -103,6 +107,26 @@ static void *m_alloc(void *ctx, size_t size) {
 static void m_free(void *ctx, void *p) {
     (void)ctx;
     free(p);
+}
+static void *(*mi_malloc_fn)(size_t);
+static void (*mi_free_fn)(void *);
+static void *mi_alloc(void *ctx, size_t size) {
+    (void)ctx;
+    void *p = mi_malloc_fn(size);
+    if (!p) die("mi_malloc");
+    return p;
+}
+static void mi_free(void *ctx, void *p) {
+    (void)ctx;
+    mi_free_fn(p);
+}
+/* mimalloc's own entry points (not an override of malloc): 0 when it is not installed. */
+static int load_mimalloc(void) {
+    void *lib = dlopen("libmimalloc.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return 0;
+    mi_malloc_fn = (void *(*)(size_t))dlsym(lib, "mi_malloc");
+    mi_free_fn = (void (*)(void *))dlsym(lib, "mi_free");
+    return mi_malloc_fn && mi_free_fn;
 }
 static void *s_alloc(void *ctx, size_t size) {
     void *p = shm_alloc(*(unsigned long *)ctx, size);
@@ -302,6 +326,13 @@ int main(int argc, char **argv) {
     uint64_t start = argc > 3 ? strtoull(argv[3], NULL, 10) : 0;
     if (!strcmp(m, "malloc")) {
         printf("pairs_per_s %.0f\n", run_pairs(secs, start, m_alloc, m_free, NULL));
+        printf("pairs_per_cpu_s %.0f\n", cpu_rate);
+    } else if (!strcmp(m, "mimalloc")) {
+        if (!load_mimalloc()) {
+            printf("mimalloc_missing 1\npairs_per_s 0\npairs_per_cpu_s 0\n");
+            return 0;
+        }
+        printf("pairs_per_s %.0f\n", run_pairs(secs, start, mi_alloc, mi_free, NULL));
         printf("pairs_per_cpu_s %.0f\n", cpu_rate);
     } else if (!strcmp(m, "malloc_threads")) {
         int n = (int)start;
