@@ -10,6 +10,9 @@
  *                                    prints `mimalloc_missing 1` when it is not installed
  *   alloc SECS START_NS              shm_alloc/shm_free pairs, same mix, in heap "bench"
  *   realloc SECS START_NS            shm_realloc of a live block to the next size of the mix
+ *   count_alloc N / count_malloc N   exactly N pairs (after the same warm-up) in counted_pairs(),
+ *                                    for instruction counts: valgrind --tool=callgrind
+ *                                    --toggle-collect=counted_pairs (see BENCHMARKS.md)
  *   pipe_send SIZE COUNT / (forks)   COUNT messages of SIZE bytes through a pipe, write/read
  *   q_send NAME SIZE COUNT           shm_q_write COUNT messages of SIZE bytes to queue NAME
  *   q_recv NAME SIZE COUNT           shm_q_read them; prints the receiver's messages/s
@@ -96,6 +99,28 @@ static double run_pairs(double secs, uint64_t start, alloc_fn a, free_fn f, void
     cpu_rate = (double)n / ((double)(now_ns(CLOCK_THREAD_CPUTIME_ID) - c0) / 1e9);
     for (int i = 0; i < LIVE; i++) f(ctx, live[i]);
     return (double)n / ((double)(t - t0) / 1e9);
+}
+
+/* Exactly `count` pairs on `live`: the loop of run_pairs without the clock, kept out of line
+ * so that callgrind can count only it. */
+__attribute__((noinline)) void counted_pairs(uint64_t count, void **live, alloc_fn a, free_fn f, void *ctx) {
+    for (uint64_t n = 0; n < count; n++) {
+        f(ctx, live[n % LIVE]);
+        live[n % LIVE] = a(ctx, sizes[n % NSIZES]);
+        __asm__ volatile("" ::"r"(live[n % LIVE]) : "memory");
+    }
+}
+
+static void count_pairs(uint64_t count, alloc_fn a, free_fn f, void *ctx) {
+    void *live[LIVE];
+    for (int i = 0; i < LIVE; i++) live[i] = a(ctx, sizes[i]);
+    for (uint64_t i = 0; i < 100000; i++) {
+        f(ctx, live[i % LIVE]);
+        live[i % LIVE] = a(ctx, sizes[i % NSIZES]);
+    }
+    counted_pairs(count, live, a, f, ctx);
+    for (int i = 0; i < LIVE; i++) f(ctx, live[i]);
+    printf("pairs %llu\n", (unsigned long long)count);
 }
 
 static void *m_alloc(void *ctx, size_t size) {
@@ -354,6 +379,12 @@ int main(int argc, char **argv) {
         unsigned long h = bench_heap();
         printf("pairs_per_s %.0f\n", run_pairs(secs, start, s_alloc, s_free, &h));
         printf("pairs_per_cpu_s %.0f\n", cpu_rate);
+        shm_exit();
+    } else if (!strcmp(m, "count_malloc") && argc > 2) {
+        count_pairs(strtoull(argv[2], NULL, 10), m_alloc, m_free, NULL);
+    } else if (!strcmp(m, "count_alloc") && argc > 2) {
+        unsigned long h = bench_heap();
+        count_pairs(strtoull(argv[2], NULL, 10), s_alloc, s_free, &h);
         shm_exit();
     } else if (!strcmp(m, "realloc")) {
         realloc_loop(secs, start);

@@ -45,6 +45,18 @@
 //! one a crash can leave unmarked); any other unmarked entry is damage and stays alone, so a
 //! damaged store never frees a block a program holds.
 //!
+//! # The hot path
+//! `alloc` and `free` of a cached class run `LocalCache::pop_fast` / `push_fast` and the
+//! allocator's `cache_probe_fast` / `cache_mark_fast` / `cache_unmark_fast`: the same checks as
+//! the full methods (area bounds, tag, size, the next block's back size, `FREE`/`CACHED`, the
+//! store's count, the budget), with the bounds computed once and no error text built. Any
+//! failed check, and every refill or give-back, falls to the `*_slow` functions, which run the
+//! full methods from the start: they decide and describe the error. The fast path changes
+//! nothing before its checks pass (a failed mark is undone), so the slow path sees the same
+//! state. What remains per pair is inherent to this design: the thread-local lookup, two
+//! atomic read-modify-writes of block headers (the lock holder may flip `PREV_FREE` on them
+//! concurrently), and the read of the freed block's end (the back-size check).
+//!
 //! # What is not cached
 //! Payloads above 4 KiB, alignments above 16, and calls from a thread whose cache is being
 //! torn down go straight to the allocator under the lock. A process holds at most `budget` bytes
