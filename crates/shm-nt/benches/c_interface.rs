@@ -2,8 +2,9 @@
 //!
 //! Compiles `benches/c/bench.c` with `cc -O2` against the `libshm_nt.so` built with this
 //! benchmark and runs it as processes (see the comment at the top of bench.c for the modes):
-//! glibc `malloc`/`free` against `shm_alloc`/`shm_free` on the 16 B-4 KiB mix with 64 live
-//! blocks (the loop of `crates/shmgadget/benches/heap.rs`), two processes on one heap against
+//! glibc `malloc`/`free` (and mimalloc's `mi_malloc`/`mi_free` when the system has
+//! `libmimalloc.so.2`, Debian package `libmimalloc2.0`) against `shm_alloc`/`shm_free` on the
+//! 16 B-4 KiB mix with 64 live blocks (the loop of `crates/shmgadget/benches/heap.rs`), two processes on one heap against
 //! one (and glibc in two threads), `shm_q_write`/`shm_q_read` against a pipe, an 8-byte round
 //! trip through two queues, semaphore post+wait, and `memcpy`. Every measurement is repeated
 //! (`SHMG_CBENCH_REPS`, default 5), the repetitions interleaved so subject and reference see
@@ -38,7 +39,7 @@ fn compile() -> PathBuf {
         .arg(&exe)
         .arg(format!("-L{}", lib.display()))
         .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .args(["-lshm_nt", "-lpthread"])
+        .args(["-lshm_nt", "-lpthread", "-ldl"])
         .output()
         .unwrap();
     assert!(o.status.success(), "cc bench.c failed:\n{}", String::from_utf8_lossy(&o.stderr));
@@ -112,7 +113,7 @@ fn pairs(b: &mut Bench, mode: &str, procs: usize) -> f64 {
 
 fn pairs_cpu(b: &mut Bench, mode: &str, procs: usize) -> (f64, f64) {
     let d = b.domain();
-    if mode != "malloc" {
+    if mode != "malloc" && mode != "mimalloc" {
         // Create the heap first so the processes start together on a ready heap.
         let o = b.command(&d, &args(&[&mode, &0.01, &0])).output().unwrap();
         value(&o, if mode == "realloc" { "realloc_per_s" } else { "pairs_per_s" });
@@ -202,6 +203,7 @@ fn main() {
         for (key, cpu_key, (wall, cpu)) in [
             ("malloc", "cpu_malloc", pairs_cpu(&mut b, "malloc", 1)),
             ("malloc_2t", "cpu_malloc_2t", malloc_threads(&mut b, 2)),
+            ("mimalloc", "cpu_mimalloc", pairs_cpu(&mut b, "mimalloc", 1)),
             ("alloc", "cpu_alloc", pairs_cpu(&mut b, "alloc", 1)),
             ("alloc_2p", "cpu_alloc_2p", pairs_cpu(&mut b, "alloc", 2)),
         ] {
@@ -253,6 +255,18 @@ fn main() {
         ns(g("malloc")),
         ns(g("alloc")) / ns(g("malloc"))
     );
+    // mimalloc (the system's libmimalloc.so.2, when installed): the stretch reference.
+    let mimalloc = m["mimalloc"].iter().all(|&v| v > 0.0);
+    if mimalloc {
+        println!(
+            "| the same pair | {:.0} ns | mimalloc mi_malloc+mi_free {:.0} ns | {:.2}x mimalloc |",
+            ns(g("alloc")),
+            ns(g("mimalloc")),
+            ns(g("alloc")) / ns(g("mimalloc"))
+        );
+    } else {
+        println!("| the same pair | | mimalloc: not installed (Debian package libmimalloc2.0) | |");
+    }
     println!(
         "| two processes on one heap, total pairs/s | {:.1} M/s | one process {:.1} M/s (glibc, two threads: {:.2}x one) | {:.2}x one process |",
         g("alloc_2p") / 1e6,
@@ -286,6 +300,9 @@ fn main() {
     let per_rep = |num: &str, den: &str| median(&m[num].iter().zip(&m[den]).map(|(a, b)| a / b).collect::<Vec<_>>());
     println!("\nMedian of the per-repetition ratios:");
     println!("  shm_alloc+shm_free pair / glibc pair (time): {:.2}x", per_rep("malloc", "alloc"));
+    if mimalloc {
+        println!("  shm_alloc+shm_free pair / mimalloc pair (time): {:.2}x", per_rep("mimalloc", "alloc"));
+    }
     println!("  two processes / one process (pairs/s): {:.2}x", per_rep("alloc_2p", "alloc"));
     println!("  glibc two threads / one thread (pairs/s): {:.2}x", per_rep("malloc_2t", "malloc"));
     println!("  queue 64 B / pipe 64 B: {:.1}x", per_rep("q64", "pipe64"));
@@ -296,6 +313,14 @@ fn main() {
         ns(g("cpu_malloc")),
         per_rep("cpu_malloc", "cpu_alloc")
     );
+    if mimalloc {
+        println!(
+            "  shm_alloc+shm_free pair {:.0} ns, mimalloc pair {:.0} ns: {:.2}x mimalloc (median of per-repetition ratios)",
+            ns(g("cpu_alloc")),
+            ns(g("cpu_mimalloc")),
+            per_rep("cpu_mimalloc", "cpu_alloc")
+        );
+    }
     println!(
         "  two processes / one process (pairs per CPU second, summed): {:.2}x; glibc two threads / one: {:.2}x",
         per_rep("cpu_alloc_2p", "cpu_alloc"),

@@ -679,3 +679,51 @@ fn a_reserved_size_and_capacity_damaged_after_open_are_reported_and_every_call_r
     d.detach().unwrap();
     assert_clean(&domain);
 }
+
+#[test]
+fn a_block_header_trampled_in_or_out_of_the_thread_cache_is_reported_and_never_handed_out() {
+    let domain = unique_domain("heaptramp");
+    let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+    let heap = Heap::create(&d, "h", 8 * MIB).unwrap();
+    let layout = Layout::from_size_align(100, 16).unwrap();
+    let header = |p: NonNull<u8>| {
+        // SAFETY: the 8-byte size word of a block's header, 8 bytes before its payload.
+        unsafe { p.as_ptr().sub(8).cast::<u64>() }
+    };
+    // Parked in this thread's cache (freed, top of its class), then trampled: the next
+    // allocation of that class says so and does not hand the block out.
+    let parked = heap.alloc(layout).unwrap();
+    // SAFETY: ours, not used again before it is handed out anew.
+    unsafe { heap.free(parked).unwrap() };
+    // SAFETY: the block's header word, in the mapped heap: the damage a stray write does.
+    let saved = unsafe { header(parked).read_volatile() };
+    // SAFETY: as above.
+    unsafe { header(parked).write_volatile(0x4141_4141_4141_4141) };
+    let e = heap.alloc(layout).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    for _ in 0..64 {
+        let p = heap.alloc(layout).unwrap();
+        assert_ne!(p, parked, "a trampled block was handed out");
+    }
+    // SAFETY: the original header back (the block stays out of every list: leaked).
+    unsafe { header(parked).write_volatile(saved) };
+    // A used block whose header was trampled is refused by free and not parked either.
+    let used = heap.alloc(layout).unwrap();
+    // SAFETY: as above, on a block we hold.
+    let saved = unsafe { header(used).read_volatile() };
+    for damage in [0, saved ^ 0xffff << 48, saved | 1, saved | 4, saved + (1 << 20)] {
+        // SAFETY: as above.
+        unsafe { header(used).write_volatile(damage) };
+        // SAFETY: the heap validates the block and refuses it.
+        let e = unsafe { heap.free(used) }.unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::Corrupt), "{damage:#x}: {e}");
+    }
+    // SAFETY: as above.
+    unsafe { header(used).write_volatile(saved) };
+    // SAFETY: intact again: a normal free.
+    unsafe { heap.free(used).unwrap() };
+    drop(heap);
+    d.delete_section("h").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}

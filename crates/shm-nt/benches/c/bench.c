@@ -5,8 +5,14 @@
  *
  *   malloc SECS START_NS             glibc malloc/free pairs, 16 B-4 KiB mix, 64 live blocks
  *   malloc_threads SECS N            the same loop in N threads of one process (total pairs/s)
+ *   mimalloc SECS START_NS           the same loop through mi_malloc/mi_free of the system's
+ *                                    libmimalloc.so.2 (Debian libmimalloc2.0), loaded with dlopen;
+ *                                    prints `mimalloc_missing 1` when it is not installed
  *   alloc SECS START_NS              shm_alloc/shm_free pairs, same mix, in heap "bench"
  *   realloc SECS START_NS            shm_realloc of a live block to the next size of the mix
+ *   count_alloc N / count_malloc N   exactly N pairs (after the same warm-up) in counted_pairs(),
+ *                                    for instruction counts: valgrind --tool=callgrind
+ *                                    --toggle-collect=counted_pairs (see BENCHMARKS.md)
  *   pipe_send SIZE COUNT / (forks)   COUNT messages of SIZE bytes through a pipe, write/read
  *   q_send NAME SIZE COUNT           shm_q_write COUNT messages of SIZE bytes to queue NAME
  *   q_recv NAME SIZE COUNT           shm_q_read them; prints the receiver's messages/s
@@ -18,6 +24,7 @@
  * overlap exactly) and run for SECS seconds; the driver adds up their pairs per second.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -94,6 +101,28 @@ static double run_pairs(double secs, uint64_t start, alloc_fn a, free_fn f, void
     return (double)n / ((double)(t - t0) / 1e9);
 }
 
+/* Exactly `count` pairs on `live`: the loop of run_pairs without the clock, kept out of line
+ * so that callgrind can count only it. */
+__attribute__((noinline)) void counted_pairs(uint64_t count, void **live, alloc_fn a, free_fn f, void *ctx) {
+    for (uint64_t n = 0; n < count; n++) {
+        f(ctx, live[n % LIVE]);
+        live[n % LIVE] = a(ctx, sizes[n % NSIZES]);
+        __asm__ volatile("" ::"r"(live[n % LIVE]) : "memory");
+    }
+}
+
+static void count_pairs(uint64_t count, alloc_fn a, free_fn f, void *ctx) {
+    void *live[LIVE];
+    for (int i = 0; i < LIVE; i++) live[i] = a(ctx, sizes[i]);
+    for (uint64_t i = 0; i < 100000; i++) {
+        f(ctx, live[i % LIVE]);
+        live[i % LIVE] = a(ctx, sizes[i % NSIZES]);
+    }
+    counted_pairs(count, live, a, f, ctx);
+    for (int i = 0; i < LIVE; i++) f(ctx, live[i]);
+    printf("pairs %llu\n", (unsigned long long)count);
+}
+
 static void *m_alloc(void *ctx, size_t size) {
     (void)ctx;
     void *p = malloc(size);
@@ -103,6 +132,26 @@ static void *m_alloc(void *ctx, size_t size) {
 static void m_free(void *ctx, void *p) {
     (void)ctx;
     free(p);
+}
+static void *(*mi_malloc_fn)(size_t);
+static void (*mi_free_fn)(void *);
+static void *mi_alloc(void *ctx, size_t size) {
+    (void)ctx;
+    void *p = mi_malloc_fn(size);
+    if (!p) die("mi_malloc");
+    return p;
+}
+static void mi_free(void *ctx, void *p) {
+    (void)ctx;
+    mi_free_fn(p);
+}
+/* mimalloc's own entry points (not an override of malloc): 0 when it is not installed. */
+static int load_mimalloc(void) {
+    void *lib = dlopen("libmimalloc.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return 0;
+    mi_malloc_fn = (void *(*)(size_t))dlsym(lib, "mi_malloc");
+    mi_free_fn = (void (*)(void *))dlsym(lib, "mi_free");
+    return mi_malloc_fn && mi_free_fn;
 }
 static void *s_alloc(void *ctx, size_t size) {
     void *p = shm_alloc(*(unsigned long *)ctx, size);
@@ -303,6 +352,13 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "malloc")) {
         printf("pairs_per_s %.0f\n", run_pairs(secs, start, m_alloc, m_free, NULL));
         printf("pairs_per_cpu_s %.0f\n", cpu_rate);
+    } else if (!strcmp(m, "mimalloc")) {
+        if (!load_mimalloc()) {
+            printf("mimalloc_missing 1\npairs_per_s 0\npairs_per_cpu_s 0\n");
+            return 0;
+        }
+        printf("pairs_per_s %.0f\n", run_pairs(secs, start, mi_alloc, mi_free, NULL));
+        printf("pairs_per_cpu_s %.0f\n", cpu_rate);
     } else if (!strcmp(m, "malloc_threads")) {
         int n = (int)start;
         pthread_t t[16];
@@ -323,6 +379,12 @@ int main(int argc, char **argv) {
         unsigned long h = bench_heap();
         printf("pairs_per_s %.0f\n", run_pairs(secs, start, s_alloc, s_free, &h));
         printf("pairs_per_cpu_s %.0f\n", cpu_rate);
+        shm_exit();
+    } else if (!strcmp(m, "count_malloc") && argc > 2) {
+        count_pairs(strtoull(argv[2], NULL, 10), m_alloc, m_free, NULL);
+    } else if (!strcmp(m, "count_alloc") && argc > 2) {
+        unsigned long h = bench_heap();
+        count_pairs(strtoull(argv[2], NULL, 10), s_alloc, s_free, &h);
         shm_exit();
     } else if (!strcmp(m, "realloc")) {
         realloc_loop(secs, start);

@@ -169,6 +169,15 @@ static void errors(void) {
     EXPECT(c != NULL && strcmp(c, "shm_nt") == 0);
     EXPECT(shm_free(c) == SHM_OK);
     EXPECT(shm_free(c) == SHM_ERR_INVALID); /* double free */
+    /* A size the thread cache serves: an interior pointer and a double free (of a block now
+     * parked in the cache) are refused too, and the heap stays consistent. */
+    char *blk = shm_alloc(heap, 100);
+    EXPECT(blk != NULL);
+    memset(blk, 0, 100);
+    EXPECT(shm_free(blk + 16) == SHM_ERR_INVALID);
+    EXPECT(shm_free(blk) == SHM_OK);
+    EXPECT(shm_free(blk) == SHM_ERR_INVALID);
+    EXPECT(shm_heap_check(heap) == SHM_OK);
     /* commit / decommit. */
     EXPECT(shm_section("sparse", 1UL << 30, &s) == SHM_OK);
     EXPECT(shm_commit(s, 1 << 20) == SHM_OK);

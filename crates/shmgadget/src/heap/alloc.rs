@@ -124,7 +124,12 @@ impl Heap {
             )
         };
         let max = super::cache::MAX_CACHED + super::cache::MAX_CACHED / 4;
-        let Some(usable) = t.cache_probe(off, max).map_err(|e| super::map_tlsf(e, self.name()))? else {
+        // The common case without error text; any failed check takes the full probe's verdict.
+        let probed = match t.cache_probe_fast(off) {
+            Some(usable) => (usable <= max).then_some(usable),
+            None => t.cache_probe(off, max).map_err(|e| super::map_tlsf(e, self.name()))?,
+        };
+        let Some(usable) = probed else {
             // SAFETY: forwarded from the caller.
             return unsafe { self.realloc(ptr, new_size) };
         };

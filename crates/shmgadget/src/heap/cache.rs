@@ -45,6 +45,18 @@
 //! one a crash can leave unmarked); any other unmarked entry is damage and stays alone, so a
 //! damaged store never frees a block a program holds.
 //!
+//! # The hot path
+//! `alloc` and `free` of a cached class run `LocalCache::pop_fast` / `push_fast` and the
+//! allocator's `cache_probe_fast` / `cache_mark_fast` / `cache_unmark_fast`: the same checks as
+//! the full methods (area bounds, tag, size, the next block's back size, `FREE`/`CACHED`, the
+//! store's count, the budget), with the bounds computed once and no error text built. Any
+//! failed check, and every refill or give-back, falls to the `*_slow` functions, which run the
+//! full methods from the start: they decide and describe the error. The fast path changes
+//! nothing before its checks pass (a failed mark is undone), so the slow path sees the same
+//! state. What remains per pair is inherent to this design: the thread-local lookup, two
+//! atomic read-modify-writes of block headers (the lock holder may flip `PREV_FREE` on them
+//! concurrently), and the read of the freed block's end (the back-size check).
+//!
 //! # What is not cached
 //! Payloads above 4 KiB, alignments above 16, and calls from a thread whose cache is being
 //! torn down go straight to the allocator under the lock. A process holds at most `budget` bytes
@@ -91,6 +103,7 @@ struct CacheStoreShared {
 
 /// The class serving a request of `size` bytes (1..=MAX_CACHED): the smallest class whose
 /// payload is at least `size`. Classes: 16..=256 in steps of 16, then four per power of two.
+#[inline]
 fn class_for_request(size: u64) -> usize {
     if size <= 256 {
         (size.max(16).div_ceil(16) - 1) as usize
@@ -103,6 +116,7 @@ fn class_for_request(size: u64) -> usize {
 
 /// The class a block of `usable` bytes can serve: the largest class whose payload is at most
 /// `usable` (None when that is beyond the cached classes).
+#[inline]
 fn class_for_block(usable: u64) -> Option<usize> {
     let c = if usable < 16 {
         return None;
@@ -116,6 +130,7 @@ fn class_for_block(usable: u64) -> Option<usize> {
 }
 
 /// The payload of class `c`.
+#[inline]
 fn class_payload(c: usize) -> u64 {
     if c < 16 {
         16 * (c as u64 + 1)
@@ -193,6 +208,7 @@ impl<'a> HeapRef<'a> {
 
     /// The allocator, for the two calls allowed without the lock (`cache_mark`/`cache_unmark`)
     /// and read-only validation of a used block of our own.
+    #[inline]
     fn unlocked(&self) -> Tlsf<'a> {
         // SAFETY: as for `Locked::tlsf`: the block area starts AREA_OFFSET into the mapped
         // section. Without the lock we only call `cache_probe`, `cache_mark` and
@@ -252,6 +268,7 @@ fn process_ident(h: &HeapRef<'_>) -> Option<(u64, std::sync::Arc<crate::domain::
 impl LocalCache {
     /// The store, with a lifetime chosen by the caller (it is shared memory, not ours): callers
     /// use it only within one call.
+    #[inline]
     fn store<'x>(&self) -> Option<&'x CacheStoreShared> {
         // SAFETY: `store` points at our slot's store block inside the heap, which stays
         // allocated while we own the slot and mapped while the domain is attached (callers
@@ -261,7 +278,41 @@ impl LocalCache {
     }
 
     /// Serves a request of class `class` from the stock, refilling it if empty.
+    #[inline]
     fn alloc(&mut self, h: &HeapRef<'_>, class: usize, commit: &mut dyn FnMut(u64) -> Result<()>) -> Result<u64> {
+        match self.pop_fast(h, class) {
+            Some(off) => Ok(off),
+            None => self.alloc_slow(h, class, commit),
+        }
+    }
+
+    /// The common case of [`alloc`](LocalCache::alloc): the class's top block, unmarked and
+    /// taken off the list. None when the class is empty, or its count or the block's header
+    /// is not as expected (then `alloc_slow` looks again and says what is wrong).
+    #[inline]
+    fn pop_fast(&mut self, h: &HeapRef<'_>, class: usize) -> Option<u64> {
+        let store = self.store()?;
+        let count = store.counts.get(class)?;
+        // Relaxed: only this thread writes its store.
+        let n = count.load(Ordering::Relaxed);
+        if n == 0 || n as usize > DEPTH {
+            return None;
+        }
+        // Relaxed: as above.
+        let off = store.entries[class][n as usize - 1].load(Ordering::Relaxed);
+        if !h.unlocked().cache_unmark_fast(off) {
+            return None;
+        }
+        // Release: the block leaves the list after it is unmarked (see "Crash consistency").
+        count.store(n - 1, Ordering::Release);
+        self.bytes = self.bytes.saturating_sub(class_payload(class));
+        Some(off)
+    }
+
+    /// [`alloc`](LocalCache::alloc) when `pop_fast` could not serve: refills an empty class,
+    /// or reports a damaged entry.
+    #[inline(never)]
+    fn alloc_slow(&mut self, h: &HeapRef<'_>, class: usize, commit: &mut dyn FnMut(u64) -> Result<()>) -> Result<u64> {
         let store = self.store().expect("only called with a store");
         // Relaxed: only this thread writes its store.
         let n = store.counts[class].load(Ordering::Relaxed) as usize;
@@ -323,7 +374,41 @@ impl LocalCache {
     }
 
     /// Frees block `off` (validated by `cache_probe`, serving `class`) into the stock.
+    #[inline]
     fn free(&mut self, h: &HeapRef<'_>, off: u64, class: usize) -> Result<()> {
+        if self.push_fast(h, off, class) { Ok(()) } else { self.free_slow(h, off, class) }
+    }
+
+    /// The common case of [`free`](LocalCache::free): room in the class and in the budget, and
+    /// the block marked parked. False when any of that is not so (nothing changed: `free_slow`
+    /// then gives back, or reports the error).
+    #[inline]
+    fn push_fast(&mut self, h: &HeapRef<'_>, off: u64, class: usize) -> bool {
+        let Some(store) = self.store() else { return false };
+        let Some(count) = store.counts.get(class) else { return false };
+        let payload = class_payload(class);
+        // Relaxed: only this thread writes its store.
+        let n = count.load(Ordering::Relaxed);
+        if n as usize >= DEPTH || self.bytes + payload > self.budget {
+            return false;
+        }
+        // Relaxed: the count below publishes it.
+        store.entries[class][n as usize].store(off, Ordering::Relaxed);
+        // Release: the entry is written before the count covers it (see "Crash consistency").
+        count.store(n + 1, Ordering::Release);
+        if !h.unlocked().cache_mark_fast(off) {
+            // Release: as above; the block stays the program's (free_slow reports why).
+            count.store(n, Ordering::Release);
+            return false;
+        }
+        self.bytes += payload;
+        true
+    }
+
+    /// [`free`](LocalCache::free) when `push_fast` could not: gives back a full class or an
+    /// over-budget stock, or reports why the block cannot be parked.
+    #[inline(never)]
+    fn free_slow(&mut self, h: &HeapRef<'_>, off: u64, class: usize) -> Result<()> {
         let store = self.store().expect("only called with a store");
         // Relaxed: only this thread writes its store.
         if store.counts[class].load(Ordering::Relaxed) as usize >= DEPTH {
@@ -416,6 +501,7 @@ impl Drop for LocalCache {
 
 /// Runs `f` with this thread's cache for heap `h`, claiming a slot on first use. None when
 /// the thread has no usable cache for it (no slot, TLS being destroyed, re-entered).
+#[inline]
 fn with_cache<T>(h: &HeapRef<'_>, f: impl FnOnce(&mut LocalCache) -> T) -> Option<T> {
     CACHES
         .try_with(|caches| {
@@ -611,6 +697,7 @@ pub(crate) fn parked(h: &HeapRef<'_>, locked: &Locked<'_>) -> (u64, u64) {
 
 /// Allocates `size` bytes aligned to `align` from heap `h`, from this thread's cache when it
 /// can. Returns the payload's offset in the block area.
+#[inline]
 pub(crate) fn alloc(h: &HeapRef<'_>, size: u64, align: u64, commit: &mut dyn FnMut(u64) -> Result<()>) -> Result<u64> {
     if size != 0 && size <= MAX_CACHED && align <= tlsf::ALIGN {
         let class = class_for_request(size);
@@ -622,7 +709,23 @@ pub(crate) fn alloc(h: &HeapRef<'_>, size: u64, align: u64, commit: &mut dyn FnM
 }
 
 /// Frees the block at payload offset `off` of heap `h`, into this thread's cache when it can.
+#[inline]
 pub(crate) fn free(h: &HeapRef<'_>, off: u64) -> Result<()> {
+    // The common case: a valid used block of a cached class (every check of `cache_probe`).
+    if let Some(class) =
+        h.unlocked().cache_probe_fast(off).filter(|&u| u <= MAX_CACHED + MAX_CACHED / 4).and_then(class_for_block)
+    {
+        if let Some(r) = with_cache(h, |c| c.free(h, off, class)) {
+            return r;
+        }
+    }
+    free_slow(h, off)
+}
+
+/// [`free`] when the fast probe did not pass: the full validation (and its error), and the
+/// lock for blocks the caches do not take.
+#[inline(never)]
+fn free_slow(h: &HeapRef<'_>, off: u64) -> Result<()> {
     // Only blocks of a cached class go through the cache (no slot is claimed for others).
     let probe = h.unlocked().cache_probe(off, MAX_CACHED + MAX_CACHED / 4).map_err(|e| map_tlsf(e, h.name()))?;
     if let Some(class) = probe.and_then(class_for_block) {

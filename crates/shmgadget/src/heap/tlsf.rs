@@ -557,6 +557,86 @@ impl<'a> Tlsf<'a> {
         Ok((size - HEADER <= max_usable).then_some(size - HEADER))
     }
 
+    // ------------------------------------------------------------ thread caches' hot path
+    //
+    // The three functions below are the thread cache's common case: the same checks as
+    // `used_block`, `cache_mark` and `cache_unmark`, with the area's bounds computed once and
+    // no error text. Each answers `None`/`false` whenever any check fails (or the case is not
+    // the common one); the caller then runs the full method, which gives the verdict and the
+    // error. So a bad pointer or a damaged header costs a second look, never a missed check.
+
+    /// The end of the sentinel's header, if the recorded capacity is valid (as `valid_cap`):
+    /// every block header and back size below it lies in valid memory.
+    #[inline]
+    fn sentinel_fast(&self) -> Option<u64> {
+        let cap = self.cap();
+        (cap % ALIGN == 0 && cap >= MIN_BLOCK + HEADER && cap <= self.limit).then_some(cap - HEADER)
+    }
+
+    /// The header word of the block whose payload is at `payload`, if that is a 16-aligned
+    /// payload offset below the sentinel.
+    #[inline]
+    fn header_word(&self, payload: u64, sentinel: u64) -> Option<&AtomicU64> {
+        if payload % ALIGN != 0 || payload < HEADER || payload >= sentinel {
+            return None;
+        }
+        // SAFETY: `payload - 8 + 8 <= sentinel < cap <= limit` (checked by the caller's
+        // `sentinel_fast`) and 8-aligned: inside the valid memory of `new`'s contract; all
+        // access is atomic.
+        Some(unsafe { &*self.base.add(payload as usize - 8).cast::<AtomicU64>() })
+    }
+
+    /// [`cache_probe`](Tlsf::cache_probe)'s success case: the usable size of the used block at
+    /// `payload` (tag, size, chaining to the next block's back size, neither free nor parked),
+    /// `None` if anything is off. Callable without the lock, like `cache_probe`.
+    #[inline]
+    pub fn cache_probe_fast(&self, payload: u64) -> Option<u64> {
+        let sentinel = self.sentinel_fast()?;
+        // Relaxed: see `get`; the block is the caller's, its header does not change (but for
+        // PREV_FREE, which this does not read).
+        let sf = self.header_word(payload, sentinel)?.load(Ordering::Relaxed);
+        let (off, size) = (payload - HEADER, sf & SIZE_MASK);
+        if sf & (TAG_MASK | FREE | CACHED) != TAG || size < MIN_BLOCK || size > sentinel - off {
+            return None;
+        }
+        // SAFETY: `off + size <= sentinel`, so the word lies below `cap <= limit`; `size` is a
+        // multiple of 16, so it is 8-aligned.
+        let back = unsafe { &*self.base.add((off + size) as usize).cast::<AtomicU64>() };
+        // Relaxed: as above (the successor's back size does not change while we are used).
+        (back.load(Ordering::Relaxed) == size).then_some(size - HEADER)
+    }
+
+    /// [`cache_mark`](Tlsf::cache_mark)'s success case: sets `CACHED` on the used block at
+    /// `payload` and returns true; false (nothing changed) if it is not a used, unparked block.
+    #[inline]
+    pub fn cache_mark_fast(&self, payload: u64) -> bool {
+        let Some(w) = self.sentinel_fast().and_then(|s| self.header_word(payload, s)) else { return false };
+        // Relaxed: see `cache_mark`.
+        let old = w.fetch_or(CACHED, Ordering::Relaxed);
+        if old & (TAG_MASK | CACHED | FREE) != TAG {
+            if old & CACHED == 0 {
+                // Relaxed: see `cache_mark`.
+                w.fetch_and(!CACHED, Ordering::Relaxed);
+            }
+            return false;
+        }
+        true
+    }
+
+    /// [`cache_unmark`](Tlsf::cache_unmark)'s success case: clears `CACHED` of the parked block
+    /// at `payload` and returns true; false (nothing changed) if it is not a parked block.
+    #[inline]
+    pub fn cache_unmark_fast(&self, payload: u64) -> bool {
+        let Some(w) = self.sentinel_fast().and_then(|s| self.header_word(payload, s)) else { return false };
+        // Relaxed: see `cache_mark`.
+        if w.load(Ordering::Relaxed) & (TAG_MASK | FREE | CACHED) != TAG | CACHED {
+            return false;
+        }
+        // Relaxed: see `cache_mark`.
+        w.fetch_and(!CACHED, Ordering::Relaxed);
+        true
+    }
+
     /// Marks the used block at `payload` as parked in a thread cache (sets `CACHED`, atomically;
     /// callable without the lock). Fails with `DoubleFree` if it is free or already parked.
     /// The caller validated the block with [`cache_probe`](Tlsf::cache_probe) (or allocated it).
