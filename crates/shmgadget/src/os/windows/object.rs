@@ -344,14 +344,62 @@ impl Object {
         Ok(())
     }
 
-    /// Freeing pages of an object for every process is not supported by this backend (a file
-    /// mapping's pages are freed with the whole file): `ErrorKind::Unsupported`.
+    /// Frees the pages of `[offset, offset + len)` for every process: marks the file sparse
+    /// (`FSCTL_SET_SPARSE`) and deallocates the range (`FSCTL_SET_ZERO_DATA`), which then
+    /// reads as zeros. Where the file system refuses either (or ignores them, which is seen by
+    /// the allocated size not dropping), it is `ErrorKind::Unsupported`: memory is then freed
+    /// only with the whole section.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let _ = (offset, len);
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "decommit is not supported on Windows: a section's memory is freed with the whole section",
-        ))
+        use windows_sys::Win32::System::IO::DeviceIoControl;
+        use windows_sys::Win32::System::Ioctl::{FILE_ZERO_DATA_INFORMATION, FSCTL_SET_SPARSE, FSCTL_SET_ZERO_DATA};
+        let unsupported = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "decommit is not supported on Windows here ({why}): a section's memory is freed with the whole section"
+                ),
+            )
+        };
+        let before = self.stat()?.allocated;
+        let mut got = 0u32;
+        // SAFETY: no input or output buffers; a synchronous handle.
+        let ok = unsafe {
+            DeviceIoControl(
+                self.0.as_raw_handle(),
+                FSCTL_SET_SPARSE,
+                std::ptr::null(),
+                0,
+                std::ptr::null_mut(),
+                0,
+                &mut got,
+                std::ptr::null_mut(),
+            )
+        };
+        if ok == 0 {
+            return Err(unsupported(&format!("FSCTL_SET_SPARSE failed: {}", last_error())));
+        }
+        let end = offset.saturating_add(len);
+        let info = FILE_ZERO_DATA_INFORMATION { FileOffset: offset as i64, BeyondFinalZero: end as i64 };
+        // SAFETY: `info` is a valid input buffer of the size passed; no output buffer.
+        let ok = unsafe {
+            DeviceIoControl(
+                self.0.as_raw_handle(),
+                FSCTL_SET_ZERO_DATA,
+                (&info as *const FILE_ZERO_DATA_INFORMATION).cast(),
+                size_of::<FILE_ZERO_DATA_INFORMATION>() as u32,
+                std::ptr::null_mut(),
+                0,
+                &mut got,
+                std::ptr::null_mut(),
+            )
+        };
+        if ok == 0 {
+            return Err(unsupported(&format!("FSCTL_SET_ZERO_DATA failed: {}", last_error())));
+        }
+        if before > 0 && self.stat()?.allocated >= before && len >= 64 << 10 {
+            return Err(unsupported("the file system kept the pages"));
+        }
+        Ok(())
     }
 
     /// Reads up to `buf.len()` bytes at `offset`, `ReadFile` with the offset in an

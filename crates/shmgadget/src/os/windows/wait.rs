@@ -11,12 +11,14 @@
 //! * A waiter counts itself in (SeqCst), re-checks the word, and sleeps on the semaphore for
 //!   at most [`SLICE`]; it counts itself out when it wakes.
 //! * A waker, after changing the word, reads the count (SeqCst): 0 means nobody sleeps and it
-//!   makes no system call. Otherwise it posts one unit per sleeper of the bucket (words that
-//!   share a bucket wake each other spuriously; callers re-check). The SeqCst pair means that
-//!   either the waiter sees the new word, or the waker sees the waiter.
-//! * A post that finds its sleeper gone (timed out meanwhile) leaves a unit behind: a later
-//!   waiter of that bucket returns once at once, spuriously. Sleeps are sliced so that even a
-//!   unit taken by the wrong sleeper costs at most one slice.
+//!   makes no system call. Otherwise it posts as many units as it wakes sleepers, at most the
+//!   count. The SeqCst pair means that either the waiter sees the new word, or the waker sees
+//!   the waiter.
+//! * Words that share a bucket can take each other's units: the sleeper that gets one returns
+//!   `Woken` and its caller re-checks and sleeps again, while the intended sleeper notices the
+//!   changed word at the end of its slice ([`SLICE`]). A process that dies asleep leaves the
+//!   count one too high: later wakes of that bucket post a spare unit, which makes one later
+//!   sleep return at once (spurious, harmless).
 
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -73,16 +75,20 @@ fn table() -> io::Result<&'static [Bucket; BUCKETS]> {
         // SAFETY: `h` is the mapping opened above; the view is never unmapped (the table lives
         // as long as the process).
         let v = unsafe { MapViewOfFile(h, FILE_MAP_ALL_ACCESS, 0, 0, size as usize) };
-        // SAFETY: the view keeps the mapping; the handle is closed once.
-        unsafe { CloseHandle(h) };
+        // The handle stays open for the life of the process: under Wine a view does not keep a
+        // named mapping's name alive, so closing it would let the next process create a fresh,
+        // unshared table.
         if v.Value.is_null() {
             return Err(io::Error::last_os_error());
         }
         match TABLE.compare_exchange(0, v.Value as usize, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => p = v.Value as usize,
             Err(existing) => {
-                // SAFETY: our duplicate view, referenced by nothing.
-                unsafe { windows_sys::Win32::System::Memory::UnmapViewOfFile(v) };
+                // SAFETY: our duplicate view and handle, referenced by nothing.
+                unsafe {
+                    windows_sys::Win32::System::Memory::UnmapViewOfFile(v);
+                    CloseHandle(h);
+                }
                 p = existing;
             }
         }
@@ -154,9 +160,9 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
     outcome
 }
 
-/// Wakes sleepers of `word` in any process: if its bucket counts sleepers, posts one unit per
-/// sleeper (`ReleaseSemaphore`); otherwise no system call. Returns how many were posted, at
-/// most `n`'s worth counted as woken.
+/// Wakes up to `n` sleepers of `word` in any process: if its bucket counts sleepers, posts
+/// `min(n, sleepers)` units (`ReleaseSemaphore`); otherwise no system call. Returns how many
+/// units were posted.
 pub fn futex_wake(word: &AtomicU32, n: u32) -> usize {
     let i = bucket_of(word);
     let Ok(table) = table() else { return 0 };
@@ -165,7 +171,8 @@ pub fn futex_wake(word: &AtomicU32, n: u32) -> usize {
         return 0;
     }
     let Ok(sem) = semaphore(i) else { return 0 };
+    let units = sleepers.min(n).min(i32::MAX as u32);
     // SAFETY: `sem` is a valid semaphore handle; the previous count is not wanted.
-    unsafe { ReleaseSemaphore(sem, sleepers.min(i32::MAX as u32) as i32, std::ptr::null_mut()) };
-    sleepers.min(n) as usize
+    unsafe { ReleaseSemaphore(sem, units as i32, std::ptr::null_mut()) };
+    units as usize
 }
