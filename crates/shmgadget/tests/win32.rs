@@ -487,3 +487,189 @@ fn placeholders_are_reported_where_they_exist() {
     }
     eprintln!("not under Wine: placeholders would be available; the backend still reserves in 64 MiB pieces");
 }
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// The figures of the issue, measured in one run under Wine (`.ci/windows cargo test -p
+/// shmgadget --release --test win32 -- --ignored --nocapture figures`): section create+map,
+/// first touch, lock, and between the same two processes a semaphore round trip vs a pipe
+/// round trip, and 64-byte queue messages vs 64-byte pipe writes. Medians of 5 repeats.
+/// Absolute numbers under Wine do not predict Windows; the ratios are what we track.
+#[test]
+#[ignore]
+fn figures() {
+    const TEST: &str = "figures";
+    const RT: u32 = 2_000;
+    const MSGS: u32 = 200_000;
+    // A 64-byte write to a pipe costs a wineserver round trip under Wine: fewer of them.
+    const PIPE_MSGS: u32 = 5_000;
+    match role().as_deref() {
+        Some("peer") => {
+            use std::io::{Read, Write};
+            let (d, s) = open_child("sems");
+            let q = ByteQueue::open(&d, "bytes").unwrap();
+            let mut rx = q.receiver().unwrap();
+            let (ping, pong) = (s.at::<Semaphore>(0).unwrap(), s.at::<Semaphore>(64).unwrap());
+            let (mut stdin, mut stdout) = (std::io::stdin().lock(), std::io::stdout().lock());
+            let mut cmd = [0u8; 1];
+            while stdin.read_exact(&mut cmd).is_ok() {
+                match cmd[0] {
+                    b'p' => {
+                        // Pipe round trips: one byte back for each byte.
+                        let mut b = [0u8; 1];
+                        for _ in 0..RT {
+                            stdin.read_exact(&mut b).unwrap();
+                            stdout.write_all(&b).unwrap();
+                            stdout.flush().unwrap();
+                        }
+                    }
+                    b's' => {
+                        for _ in 0..RT {
+                            ping.wait().unwrap();
+                            pong.post().unwrap();
+                        }
+                    }
+                    b'm' => {
+                        // 64-byte messages through the pipe, then one byte back.
+                        let mut buf = vec![0u8; 64];
+                        for _ in 0..PIPE_MSGS {
+                            stdin.read_exact(&mut buf).unwrap();
+                        }
+                        stdout.write_all(b"k").unwrap();
+                        stdout.flush().unwrap();
+                    }
+                    b'q' => {
+                        for _ in 0..MSGS {
+                            let m = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+                            assert_eq!(m.len(), 64);
+                        }
+                        stdout.write_all(b"k").unwrap();
+                        stdout.flush().unwrap();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        _ => {
+            use std::io::{Read, Write};
+            let (domain, d, s) = setup("figures", "sems");
+            let (ping, pong) = (s.at::<Semaphore>(0).unwrap(), s.at::<Semaphore>(64).unwrap());
+            ping.init(0).unwrap();
+            pong.init(0).unwrap();
+            let q = ByteQueue::create(&d, "bytes", 256 << 10).unwrap();
+            let mut tx = q.sender().unwrap();
+
+            // In this process: section create+map (and delete), first touch, lock.
+            let (mut create, mut touch, mut lock) = (vec![], vec![], vec![]);
+            let m = s.at::<Mutex<u64>>(256).unwrap();
+            m.init(0).unwrap();
+            for r in 0..5 {
+                let t = Instant::now();
+                for i in 0..100 {
+                    let name = format!("c{r}-{i}");
+                    drop(d.create_section(&name, 64 << 10, &SectionOptions::new()).unwrap());
+                    d.delete_section(&name).unwrap();
+                }
+                create.push(t.elapsed() / 100);
+                let names: Vec<String> = (0..50).map(|i| format!("t{r}-{i}")).collect();
+                let addrs: Vec<usize> = names
+                    .iter()
+                    .map(|n| {
+                        let s = d.create_section(n, 64 << 10, &SectionOptions::new()).unwrap();
+                        s.as_ptr() as usize
+                    })
+                    .collect();
+                for n in &names {
+                    shmgadget::__testing::forget_mapping(&d, n).unwrap();
+                }
+                let t = Instant::now();
+                for &a in &addrs {
+                    // SAFETY: a live section of ours, unmapped above: the read maps it.
+                    unsafe { (a as *const u8).read_volatile() };
+                }
+                touch.push(t.elapsed() / 50);
+                for n in &names {
+                    d.delete_section(n).unwrap();
+                }
+                let t = Instant::now();
+                for _ in 0..100_000 {
+                    *m.lock().unwrap() += 1;
+                }
+                lock.push(t.elapsed() / 100_000);
+            }
+
+            // Between two processes: pipe vs semaphore round trips, pipe vs queue messages.
+            let mut child = spawn(TEST, "peer", &domain, &[]);
+            let mut cin = child.stdin.take().unwrap();
+            let mut cout = child.stdout.take().unwrap();
+            let (mut pipe_rt, mut sem_rt, mut pipe_msg, mut queue_msg) = (vec![], vec![], vec![], vec![]);
+            for _ in 0..5 {
+                cin.write_all(b"p").unwrap();
+                let mut b = [7u8; 1];
+                let t = Instant::now();
+                for _ in 0..RT {
+                    cin.write_all(&b).unwrap();
+                    cin.flush().unwrap();
+                    cout.read_exact(&mut b).unwrap();
+                }
+                pipe_rt.push(t.elapsed() / RT);
+
+                cin.write_all(b"s").unwrap();
+                cin.flush().unwrap();
+                let t = Instant::now();
+                for _ in 0..RT {
+                    ping.post().unwrap();
+                    pong.wait().unwrap();
+                }
+                sem_rt.push(t.elapsed() / RT);
+
+                cin.write_all(b"m").unwrap();
+                let msg = [5u8; 64];
+                let t = Instant::now();
+                for _ in 0..PIPE_MSGS {
+                    cin.write_all(&msg).unwrap();
+                }
+                cin.flush().unwrap();
+                cout.read_exact(&mut b).unwrap();
+                pipe_msg.push(t.elapsed() / PIPE_MSGS);
+
+                cin.write_all(b"q").unwrap();
+                cin.flush().unwrap();
+                let t = Instant::now();
+                for _ in 0..MSGS {
+                    tx.send(&msg).unwrap();
+                }
+                cout.read_exact(&mut b).unwrap();
+                queue_msg.push(t.elapsed() / MSGS);
+            }
+            drop(cin);
+            assert!(wait(&mut child, Duration::from_secs(120)).success());
+            let (create, touch, lock) = (median(create), median(touch), median(lock));
+            let (pipe_rt, sem_rt, pipe_msg, queue_msg) =
+                (median(pipe_rt), median(sem_rt), median(pipe_msg), median(queue_msg));
+            let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+            eprintln!("FIGURES (medians of 5; Wine {}):", under_wine());
+            eprintln!("  section create+map+delete (64 KiB): {create:?}");
+            eprintln!("  first touch (vectored handler maps a 64 KiB section): {touch:?}");
+            eprintln!("  uncontended lock+unlock: {lock:?}");
+            eprintln!(
+                "  round trip, semaphore {sem_rt:?} vs pipe {pipe_rt:?}: pipe/semaphore = {:.1}",
+                ratio(pipe_rt, sem_rt)
+            );
+            eprintln!(
+                "  64 B message, queue {queue_msg:?} vs pipe {pipe_msg:?}: queue throughput = {:.0} x the pipe's \
+                 ({:.2} M/s vs {:.4} M/s)",
+                ratio(pipe_msg, queue_msg),
+                1e-6 / queue_msg.as_secs_f64(),
+                1e-6 / pipe_msg.as_secs_f64()
+            );
+            drop(tx);
+            drop(q);
+            d.delete_section("bytes").unwrap();
+            finish(domain, d, s);
+        }
+    }
+}

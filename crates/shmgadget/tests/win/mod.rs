@@ -51,10 +51,12 @@ pub fn child_domain() -> String {
     std::env::var(DOMAIN).expect("child started without a domain")
 }
 
-/// A domain name unique to this test and process.
+/// A domain name unique to this test and process. Wine numbers processes from 32 again with
+/// every new wineserver, so the pid alone would repeat between runs: the clock is added.
 pub fn unique_domain(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("w-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("w-{tag}-{}-{:x}-{}", std::process::id(), now.as_micros() % 0xff_ffff, N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Small windows: Wine reserves them piece by piece in every process.
@@ -65,7 +67,7 @@ pub fn small(window: u64) -> DomainOptions {
 /// Starts this test binary as a child playing `role` in test `test`.
 pub fn spawn(test: &str, role: &str, domain: &str, extra_env: &[(&str, String)]) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
+        .args([test, "--exact", "--include-ignored", "--nocapture", "--test-threads=1", "-q"])
         .env(ROLE, role)
         .env(DOMAIN, domain)
         .envs(extra_env.iter().map(|(k, v)| (*k, v.clone())))
