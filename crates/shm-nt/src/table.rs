@@ -222,7 +222,9 @@ fn record() -> Option<&'static Record> {
 /// Whether the writer's heavy barrier is `membarrier` (then readers need only a compiler fence).
 static ASYMMETRIC: AtomicBool = AtomicBool::new(false);
 
+#[cfg(target_os = "linux")]
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+#[cfg(target_os = "linux")]
 const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
 
 /// Registers this process for expedited membarrier (once, before any entry is inserted).
@@ -230,7 +232,11 @@ pub(crate) fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: membarrier(2) with a command and no pointer arguments.
+        #[cfg(target_os = "linux")]
         let ok = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) } == 0;
+        // Elsewhere (Windows) readers use full fences.
+        #[cfg(not(target_os = "linux"))]
+        let ok = false;
         // Relaxed: published to readers by the Release stores that insert entries (a reader
         // reads it only after Acquiring an entry from a slot).
         ASYMMETRIC.store(ok, Ordering::Relaxed);
@@ -250,6 +256,7 @@ fn light_fence() {
 fn heavy_fence() {
     fence(Ordering::SeqCst);
     // Relaxed: see `init`.
+    #[cfg(target_os = "linux")]
     if ASYMMETRIC.load(Ordering::Relaxed) {
         // SAFETY: membarrier(2) with a command and no pointer arguments.
         let mut rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };

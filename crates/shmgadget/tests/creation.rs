@@ -1,6 +1,7 @@
 //! All-or-nothing creation: a section is usable by others only once its creator finished it;
 //! a creator that dies half-way leaves nothing the next create-or-open (or `gc`) cannot undo,
 //! and a create that fails leaves nothing at all.
+#![cfg(unix)]
 
 mod common;
 

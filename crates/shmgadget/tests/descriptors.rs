@@ -1,5 +1,6 @@
 //! Sections keep no file descriptor: thousands of them work at a small `ulimit -n`, and the
 //! calls that need the object (commit, decommit, info) reopen it by name, in any process.
+#![cfg(unix)]
 
 mod common;
 

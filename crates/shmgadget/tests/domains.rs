@@ -1,4 +1,5 @@
 //! Domains, windows, the registry and sections, exercised across real processes.
+#![cfg(unix)]
 
 mod common;
 

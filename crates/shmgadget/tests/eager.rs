@@ -1,6 +1,7 @@
 //! Eager mode (no fault handler): every call that starts from a bare address maps the section
 //! it reaches, so blocks of a heap created after this process attached can be freed,
 //! reallocated and handed over without a crash.
+#![cfg(unix)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! every process and the domain's removal, and is adopted and walked by pointer in a new
 //! domain; bad files are refused with clear errors; a full filesystem is `OutOfSpace`.
 //! Real separate processes throughout.
+#![cfg(unix)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Map on first touch, across real processes: pointers into sections a process never opened.
+#![cfg(unix)]
 
 mod common;
 

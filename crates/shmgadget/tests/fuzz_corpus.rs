@@ -2,6 +2,7 @@
 //! the same entry points the fuzzer calls, so CI checks without a fuzzer that no input that
 //! was ever interesting (or once crashed) panics again. Run the fuzzers themselves with
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run <target>` from the repository root (see fuzz/README.md).
+#![cfg(unix)]
 
 use std::path::Path;
 

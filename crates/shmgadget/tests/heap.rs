@@ -1,4 +1,5 @@
 //! Shared heaps across real processes, including processes killed mid-allocation.
+#![cfg(unix)]
 
 mod common;
 

@@ -4,6 +4,7 @@
 //!
 //! `fork()` happens only inside role processes (never in the multi-threaded test harness); a
 //! forked child ends with `_exit`, so it never runs the harness's code.
+#![cfg(unix)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Data files mapped at the address they record (issue 16, the base of file-backed
 //! sections), across real processes.
+#![cfg(unix)]
 
 mod common;
 

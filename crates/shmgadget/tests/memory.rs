@@ -1,4 +1,5 @@
 //! Views, protection and the address query (issue 16), across real processes.
+#![cfg(unix)]
 
 mod common;
 

@@ -16,6 +16,7 @@
 //! non-zero upper half (so a damaged position that lands inside a payload reads a record
 //! length over the limit, and is reported), and the victim first runs the ring through a
 //! full lap (so no zeroed, never-written record is left to find).
+#![cfg(unix)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Queues between real processes: exactly-once delivery, ordering, killed peers, sleeping
 //! waiters, zero-copy hand-over of heap blocks.
+#![cfg(unix)]
 
 mod common;
 

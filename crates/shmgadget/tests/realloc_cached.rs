@@ -1,5 +1,6 @@
 //! `Heap::realloc_cached` (the C library's `shm_realloc`): small blocks resize through the
 //! thread cache, keep their contents, and leave the heap exactly accounted for.
+#![cfg(unix)]
 
 mod common;
 

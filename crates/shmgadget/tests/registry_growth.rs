@@ -2,6 +2,7 @@
 //! grows (sections, processes, window chunks) while other processes are attached and they see
 //! what was created beyond the slots they first saw, and growing on a full tmpfs is a clean
 //! `OutOfSpace` that leaves the domain usable.
+#![cfg(unix)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! `Sharing`: the platform-neutral access classes become the objects' permission bits.
+#![cfg(unix)]
 
 mod common;
 

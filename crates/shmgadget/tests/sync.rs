@@ -1,4 +1,5 @@
 //! Process-shared synchronisation across real processes, with `kill -9` where crashes matter.
+#![cfg(unix)]
 
 mod common;
 

@@ -7,6 +7,7 @@
 //! it got. A child killed by a signal fails the test (`run` asserts a successful exit), as does
 //! any error kind other than `Corrupt`. The same is checked for sections too small for their
 //! kind's header from the start (a one-page section of kind heap or queue).
+#![cfg(unix)]
 
 mod common;
 

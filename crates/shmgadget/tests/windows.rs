@@ -2,6 +2,7 @@
 //! read root's registries) get disjoint windows whatever the order, and an overlap made on
 //! purpose (an explicit window base the other user could not check) is flagged by
 //! `list_domains` and explained by the failing attach.
+#![cfg(unix)]
 
 mod common;
 

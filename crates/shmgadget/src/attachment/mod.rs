@@ -40,8 +40,8 @@ use crate::registry::{self, Lifetime, Registry, SectionRecord};
 
 pub(crate) use mapping::{FaultIn, Mapping, UNMAP_EPOCH, note_unmap};
 
-/// Default shm directory.
-pub const DEFAULT_SHM_DIR: &str = "/dev/shm";
+/// Default shm directory (`/dev/shm` on Linux, `C:\\ProgramData\\shmgadget` on Windows).
+pub const DEFAULT_SHM_DIR: &str = os::DEFAULT_SHM_DIR;
 
 /// A token that is never alive: what [`Attachment::token`] returns when this process cannot
 /// register (the registry is full or gone), so peers see it as gone rather than as someone else.

@@ -8,7 +8,8 @@
 //! A platform is one folder, `os/<platform>/`, with one file per subsystem, that provides
 //! every item re-exported below with the same signatures (the `contract` block at the end of
 //! this file pins the most used ones, so a port that drifts fails to compile here rather than
-//! at a call site). Linux is `os/linux/`.
+//! at a call site). Linux is `os/linux/`; Windows is `os/windows/` (windows-sys; built for
+//! `x86_64-pc-windows-gnu` and tested under Wine, see `.ci/windows`).
 //!
 //! | subsystem | items | what the rest of shmgadget relies on |
 //! |---|---|---|
@@ -27,11 +28,20 @@
 
 #[cfg(target_os = "linux")]
 mod linux;
+#[cfg(windows)]
+mod windows;
 
 #[cfg(target_os = "linux")]
+use linux as platform;
+#[cfg(windows)]
+use windows as platform;
+
+/// Default shm directory of the platform (`/dev/shm` on Linux).
+pub use platform::DEFAULT_SHM_DIR;
+
 // Under loom some items (the pid namespace of token-less lock holders) go unused.
 #[cfg_attr(loom, allow(unused_imports))]
-pub use linux::{
+pub use platform::{
     // objects
     Access,
     Dir,
@@ -99,8 +109,8 @@ pub use linux::{
     write_stderr,
 };
 
-#[cfg(not(target_os = "linux"))]
-compile_error!("shmgadget supports Linux only for now; another platform is one new folder in src/os/");
+#[cfg(not(any(target_os = "linux", windows)))]
+compile_error!("shmgadget supports Linux and Windows; another platform is one new folder in src/os/");
 
 /// The contract's signatures, pinned: a platform whose items drift from them fails here.
 #[allow(dead_code)]

@@ -34,3 +34,6 @@ pub use process::{
 pub use reserve::{ReserveError, reserve_fixed, restore_reservation};
 pub use time::monotonic_now;
 pub use wait::{FutexWait, futex_wait, futex_wake};
+
+/// Default shm directory: the tmpfs at `/dev/shm`.
+pub const DEFAULT_SHM_DIR: &str = "/dev/shm";
