@@ -64,6 +64,16 @@
 //! passes the marker, and a ring cannot write past its own marker. Resetting the positions of
 //! an empty ring would need both sides to agree (a protocol change).
 //!
+//! Also not done yet: a ring of fixed segments chained by links, free segments on a stack the
+//! receiver pushes and the sender pops (one each: no ABA), so that the same few segments cycle
+//! while the receiver keeps up and a stalled receiver still leaves the sender every segment.
+//! What it must solve besides the links: a message may be up to half the ring, so a record
+//! larger than a segment needs a run of physically adjacent free segments (which exists once
+//! the ring drains: with one segment in use, the larger free side holds half the ring); a
+//! sender killed between popping a segment and linking it must not leak it (the successor can
+//! rebuild the free set from the chain between the two positions); and a receiver taking over
+//! needs the segment of `consumed.pos`, which positions alone no longer give.
+//!
 //! # Positions
 //! | word | meaning | written by | read by |
 //! |---|---|---|---|
