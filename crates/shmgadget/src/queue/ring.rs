@@ -1150,6 +1150,29 @@ mod tests {
         ]
     }
 
+    /// Operations of a batching sender that may be killed (and replaced), against one
+    /// receiver.
+    #[derive(Debug, Clone)]
+    enum SenderOp {
+        Send(usize),
+        Recv,
+        Batch(u64),
+        Flush,
+        /// The sender dies and a new one takes over: between `flush`'s two stores (`true`:
+        /// what was pending is published) or anywhere else (`false`: it is lost).
+        Die(bool),
+    }
+
+    fn sender_op() -> impl Strategy<Value = SenderOp> {
+        prop_oneof![
+            8 => (0usize..200).prop_map(SenderOp::Send),
+            8 => Just(SenderOp::Recv),
+            1 => (0u64..600).prop_map(SenderOp::Batch),
+            1 => Just(SenderOp::Flush),
+            1 => any::<bool>().prop_map(SenderOp::Die),
+        ]
+    }
+
     #[test]
     fn kept_messages_hold_their_space_until_committed_and_a_successor_receives_them_again() {
         let q = ByteQueue::in_memory(4096);
@@ -1436,6 +1459,72 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_batching_sender_killed_anywhere_loses_only_what_it_had_not_published(
+            ops in proptest::collection::vec(sender_op(), 1..400),
+            cap in 6u32..10,
+        ) {
+            let q = ByteQueue::in_memory(1 << cap);
+            let mut tx = q.sender().unwrap();
+            let mut rx = q.receiver().unwrap();
+            // Messages sent, not lost and not received, in order; the last `pending` of them
+            // are not published yet.
+            let mut model: VecDeque<Vec<u8>> = VecDeque::new();
+            let mut pending = 0usize;
+            let mut n = 0u8;
+            for op in ops {
+                match op {
+                    SenderOp::Send(len) => {
+                        n = n.wrapping_add(1);
+                        let msg = vec![n; len];
+                        match tx.try_send(&msg) {
+                            Ok(()) => {
+                                model.push_back(msg);
+                                pending += 1;
+                            }
+                            Err(e) if e.kind() == ErrorKind::InvalidSize => prop_assert!(len > q.max_message()),
+                            Err(e) => {
+                                prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                                prop_assert!(!model.is_empty(), "an empty ring refused a message that fits");
+                            }
+                        }
+                    }
+                    SenderOp::Recv => match rx.try_recv() {
+                        Ok(m) => {
+                            prop_assert!(model.len() > pending, "an unpublished message was received");
+                            prop_assert_eq!(Some(m.to_vec()), model.pop_front());
+                        }
+                        Err(e) => {
+                            prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                            prop_assert_eq!(model.len(), pending, "a published message was not received");
+                        }
+                    },
+                    SenderOp::Batch(b) => tx.set_batch(b),
+                    SenderOp::Flush => tx.flush(),
+                    SenderOp::Die(mid_flush) => {
+                        if mid_flush {
+                            tx.__die_mid_flush();
+                        } else {
+                            std::mem::forget(tx);
+                            q.h().senders.peers[0].token.store(0, Ordering::Relaxed);
+                            model.truncate(model.len() - pending);
+                        }
+                        pending = 0;
+                        tx = q.sender().unwrap();
+                    }
+                }
+                // Whatever published the pending messages (a full batch, a full ring, a flush).
+                if tx.published == tx.pos {
+                    pending = 0;
+                }
+            }
+            drop(tx);
+            while let Some(want) = model.pop_front() {
+                prop_assert_eq!(rx.try_recv().unwrap().to_vec(), want);
+            }
+            prop_assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
+        }
+
         #[test]
         fn the_ring_behaves_like_a_vecdeque(ops in proptest::collection::vec(op(), 1..400), cap in 6u32..10) {
             let q = ByteQueue::in_memory(1 << cap);
