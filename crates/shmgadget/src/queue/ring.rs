@@ -146,6 +146,9 @@ const REC_HEADER: u64 = 8;
 /// there before publishing, so the receiver finds 0, not a stale record, where the sender
 /// stopped.
 const END_SLOT: u64 = 8;
+/// A cache line (the ring starts on a page boundary in a section, so ring offsets and line
+/// boundaries agree).
+const LINE: u64 = 64;
 /// How closely the receiver follows the sender in a large ring (see "Large rings"): a quarter
 /// of this machine's 1 MiB L2 per core, so what the receiver has yet to read stays in the
 /// caches.
@@ -707,13 +710,21 @@ impl ByteSender<'_> {
             self.pos = self.pos.wrapping_add(to_end);
             at = 0;
         }
+        // The payload's part in the header word's cache line goes in last, just before the
+        // header: a receiver waiting for this record polls that line, and every store into it
+        // while the receiver looks takes the line back from the receiver's core. Written last,
+        // the line moves once per record, as the position line did when receivers polled it.
+        let payload = at + REC_HEADER;
+        let head_part = ((LINE - payload % LINE) % LINE).min(msg.len() as u64) as usize;
         // SAFETY: the payload's bytes after the header word at `at` are inside the ring (the
         // record fits before the end) and free (checked against the receiver's position
         // above); the receiver reads them only after the Release store of the batch's first
-        // header in `flush`. Header words are written through `put_head` only.
+        // header in `flush`. Header words are written through `put_head` only. The two copies
+        // split the payload at `head_part <= msg.len()`.
         unsafe {
-            let p = q.data.add(at as usize);
-            std::ptr::copy_nonoverlapping(msg.as_ptr(), p.add(REC_HEADER as usize), msg.len());
+            let p = q.data.add(payload as usize);
+            std::ptr::copy_nonoverlapping(msg.as_ptr().add(head_part), p.add(head_part), msg.len() - head_part);
+            std::ptr::copy_nonoverlapping(msg.as_ptr(), p, head_part);
         }
         self.put_head(msg.len() as u64 + 1);
         self.pos = self.pos.wrapping_add(rec);
