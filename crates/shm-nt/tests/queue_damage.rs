@@ -12,7 +12,7 @@ use shmgadget::queue::ByteQueue;
 
 const ROLE: &str = "SHM_NT_QDMG_ROLE";
 const TEST: &str = "shm_q_read_and_write_on_damaged_positions_return_codes_not_signals";
-/// Header offsets (layout version 3, as in 2): send position, receive position, consumed position.
+/// Header offsets (layout version 2): send position, receive position, consumed position.
 const SEND_POS: usize = 128;
 const RECV_POS: usize = 256;
 const CONSUMED_POS: usize = 2688;
@@ -133,10 +133,6 @@ fn shm_q_read_and_write_on_damaged_positions_return_codes_not_signals() {
             // SAFETY: as above.
             unsafe { word(w).write_volatile(top) };
         }
-        // And the ring's header word there reads 0, as an empty queue's does (layout 3: the
-        // receiver and a sender taking over read records by their header words).
-        // SAFETY: an 8-aligned word inside the ring (4096 bytes after the 4096-byte header).
-        unsafe { word(4096 + (top % 4096) as usize).write_volatile(0) };
     }
     eprintln!("{} damages, results: {codes:?}", damages.len());
     assert!(

@@ -68,11 +68,10 @@
 //!   queue's own constants (kind, capacity a power of two, slot size, ring inside the
 //!   section), in `validate`;
 //! - byte queue: each side checks the other's position whenever it loads it (on attach, and
-//!   when the ring looks full, or empty on the receiver's thorough checks: no extra shared
-//!   load per message), for alignment and range (`recv.pos <= consumed.pos <= end <= recv.pos
-//!   + capacity`, `end` the published records' end), and every record header and wrap marker
-//!   against the ring and the space the receiver gave back before it reads the record
-//!   (`ring.rs`);
+//!   when the ring looks empty or full: no extra shared load per message), for alignment and
+//!   range (`recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`), and every record
+//!   length and wrap marker against the ring and the published bytes before it reads the
+//!   record (`ring.rs`);
 //! - slot queue: whenever a sender or receiver finds its slot not ready, on the checks it
 //!   makes before it sleeps and after every wake-up, the slot's sequence number against the
 //!   values a healthy queue can hold there, and the other side's position against its own; a
@@ -133,10 +132,7 @@ pub const DATA_OFFSET: u64 = 4096;
 pub const MAX_PEERS: usize = 64;
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMQUEU1");
 /// 2: the byte-queue receiver's consumed line (a version-1 receiver would not maintain it).
-/// 3: byte-queue records signal themselves (header word = length + 1, written last; 0 = not
-/// yet): a version-2 receiver would read records by `send.pos` alone and wrap markers of
-/// another value.
-const LAYOUT_VERSION: u32 = 3;
+const LAYOUT_VERSION: u32 = 2;
 const READY: u32 = 0x5155_4555; // "QUEU"
 const KIND_BYTES: u32 = 1;
 const KIND_SLOTS: u32 = 2;
@@ -688,9 +684,6 @@ pub(crate) fn inspect_header(
         let c = if kind == KIND_BYTES { h.consumed.pos.load(Ordering::Acquire) } else { r1 };
         let w = h.send.pos.load(Ordering::Acquire);
         let r2 = h.recv.pos.load(Ordering::Acquire);
-        // A byte-queue receiver may have consumed records whose headers are published while
-        // `send.pos` still lags them by a batch (`ring.rs`, "Records that signal themselves").
-        let w = if kind == KIND_BYTES && c.wrapping_sub(w) <= cap { c } else { w };
         let aligned = kind != KIND_BYTES || (r1 | c | w) % 8 == 0;
         if aligned && r1 <= c && c <= w && w - r2.min(w) <= cap {
             // Relaxed: statistics.
