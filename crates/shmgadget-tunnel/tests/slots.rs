@@ -277,3 +277,74 @@ fn heap_blocks_cross_as_bytes_are_freed_at_the_source_and_reallocated_far_away()
     }
     drop(hosts);
 }
+
+const IDLE_TEST: &str = "an_idle_exporter_sleeps_on_its_queue";
+
+/// CPU time (user + system) of process `pid` so far.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest.split(' ').skip(11).take(2).map(|x| x.parse().unwrap()).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis((f[0] + f[1]) * 1000 / hz)
+}
+
+#[test]
+fn an_idle_exporter_sleeps_on_its_queue() {
+    if let Some(r) = role() {
+        let d = Domain::attach(DOMAIN).unwrap();
+        match r.as_str() {
+            "producer" => {
+                let q = shmgadget::queue::ByteQueue::create(&d, "quiet", 1 << 16).unwrap();
+                let mut tx = q.sender().unwrap();
+                for i in 0..100u64 {
+                    tx.send(&i.to_le_bytes()).unwrap();
+                }
+                println!("SENT");
+                let _ = std::io::stdin().read(&mut [0]);
+            }
+            "consumer" => {
+                let q = shmgadget::queue::ByteQueue::create_or_open(&d, "quiet", 1 << 16).unwrap().0;
+                let mut rx = q.receiver().unwrap();
+                for _ in 0..100 {
+                    rx.recv_timeout(Duration::from_secs(20)).unwrap();
+                }
+                println!("GOT");
+                let _ = std::io::stdin().read(&mut [0]);
+            }
+            "exporter" => shmgadget_tunnel::export(&d, &opts("quiet", false, 0)).unwrap(),
+            "importer" => shmgadget_tunnel::import(&d, &opts("quiet", true, 1 << 16)).unwrap(),
+            other => panic!("unknown role {other}"),
+        }
+        return;
+    }
+    let hosts = match Hosts::make("i") {
+        Ok(h) => h,
+        Err(why) => {
+            println!("skipped: cannot make two network namespaces: {why}");
+            return;
+        }
+    };
+    let mut producer = hosts.spawn(&hosts.a, IDLE_TEST, "producer", &[]);
+    let mut consumer = hosts.spawn(&hosts.b, IDLE_TEST, "consumer", &[]);
+    let mut exporter = hosts.spawn(&hosts.a, IDLE_TEST, "exporter", &[]);
+    let mut importer = hosts.spawn(&hosts.b, IDLE_TEST, "importer", &[]);
+    let mut cout = BufReader::new(consumer.stdout.take().unwrap());
+    wait_for_line(&mut cout, "GOT", Duration::from_secs(60));
+    // Everything crossed; let the last acks land, then measure a second of idling.
+    std::thread::sleep(Duration::from_millis(300));
+    let (c0, t0) = (cpu_of(exporter.id()), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let (used, wall) = (cpu_of(exporter.id()) - c0, t0.elapsed());
+    println!("idle exporter: {used:?} of CPU in {wall:?}");
+    for c in [&mut producer, &mut consumer, &mut exporter, &mut importer] {
+        drop(c.stdin.take());
+        kill9(c);
+    }
+    drop(hosts);
+    // Clock ticks are 10 ms: a sleeping exporter (zenoh's own timers included) shows 0-20 ms;
+    // one that polls its queue every millisecond shows far more.
+    assert!(used <= Duration::from_millis(40), "an idle exporter used {used:?} of CPU in {wall:?}");
+}
