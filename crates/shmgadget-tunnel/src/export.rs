@@ -106,6 +106,7 @@ fn run(domain: &Domain, opts: &Options, src: &mut dyn Source) -> Result<()> {
         .map_err(|e| zerr("declare subscriber", e))?;
 
     let mut acked = src.consumed();
+    let started_at = acked;
     let mut window = DEFAULT_WINDOW;
     let mut next_seq = acked + 1;
     let mut batches: VecDeque<Batch> = VecDeque::new();
@@ -166,7 +167,7 @@ fn run(domain: &Domain, opts: &Options, src: &mut dyn Source) -> Result<()> {
             b.sent = Instant::now();
             resend_from += 1;
         }
-        stats.update(acked, next_seq - 1 - acked);
+        stats.update(acked - started_at, next_seq - 1 - acked);
         // 3. New messages, within the credit.
         if next_seq > acked + window {
             // Out of credit: wait for an ack.

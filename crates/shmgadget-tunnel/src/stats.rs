@@ -8,7 +8,7 @@
 //! | `version`, `end` | layout version 1; 1 exporter, 2 importer | the creator, once |
 //! | `token` | the running end's peer token (its registration in the domain), 0 when it stopped | the end: Release, after the key |
 //! | `pid` | the running end's pid (for display) | the end, before `token` |
-//! | `forwarded` | messages acknowledged by the importer (exporter) / written into the queue (importer) | the end: Relaxed |
+//! | `forwarded` | messages acknowledged by the importer (exporter) / written into the queue (importer), since this end started | the end: Relaxed |
 //! | `in_flight` | messages sent and not yet acknowledged (exporter), 0 (importer) | the end: Relaxed |
 //! | `rate_bits` | messages per second over the last second (an f64's bits) | the end: Relaxed, each second |
 //! | `key_len`, `key` | the zenoh key prefix (at most 256 bytes) | the end, before `token` |

@@ -696,7 +696,19 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
         // Relaxed: only this sender changes either word.
         let pending = h.senders.peers[self.idx].inflight.load(Ordering::Relaxed);
         let pos = h.send.pos.load(Ordering::Relaxed);
-        if self.exclusive && pending != IDLE && pending < pos { pending } else { pos }
+        // Claimed and still unpublished: the predecessor was killed between its claim and its
+        // publication (one killed after publishing, before clearing its intent, did send: the
+        // slot has moved on). Nobody else moves that slot (`repair` leaves it alone) and we
+        // have not sent since adopting it. Acquire: pairs with the publishing CAS.
+        if self.exclusive
+            && pending != IDLE
+            && pending < pos
+            && self.q.head(pending).seq.load(Ordering::Acquire) == pending
+        {
+            pending
+        } else {
+            pos
+        }
     }
 
     /// Exclusive sender: finishes the adopted unfinished send of a dead predecessor with
