@@ -156,6 +156,8 @@ pub struct Ls {
     pub sections: Vec<Section>,
     pub damaged: Vec<Damaged>,
     pub problems: Vec<String>,
+    /// Tunnel ends (`shmgadget tunnel`) with their stats.
+    pub tunnels: Vec<crate::tunnel_rows::TunnelEnd>,
 }
 
 #[derive(Serialize)]

@@ -9,6 +9,7 @@ mod out;
 mod ps;
 mod size;
 mod top;
+mod tunnel_rows;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -608,6 +609,7 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             sections,
             damaged: json::damaged(&report),
             problems: report.problems.clone(),
+            tunnels: ls_tunnels(cli, &report),
         });
         return Ok(report_damage(&report));
     }
@@ -634,7 +636,22 @@ fn cmd_ls(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Err(e) => outln!("queue {}: {}", s.name, queue_trouble(&e)),
         }
     }
+    for t in ls_tunnels(cli, &report) {
+        outln!("{}", tunnel_rows::describe(&t));
+    }
     Ok(report_damage(&report))
+}
+
+/// The tunnel ends of the domain (none without the `tunnel` feature, or if it cannot be
+/// attached: the rest of `ls` says why).
+fn ls_tunnels(cli: &Cli, report: &DomainReport) -> Vec<tunnel_rows::TunnelEnd> {
+    if !report.sections.iter().any(|s| s.name.contains(".tunnel-")) {
+        return Vec::new();
+    }
+    match Domain::attach_with(&cli.domain, &DomainOptions { must_exist: true, ..options(cli) }) {
+        Ok(d) => tunnel_rows::ends(&d, report),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// A queue section's live state, or why it cannot be read (a damaged header or positions

@@ -39,6 +39,7 @@ struct Sample {
     report: DomainReport,
     heaps: Vec<HeapSample>,
     queues: Vec<(String, Result<QueueInfo, String>)>,
+    tunnels: Vec<crate::tunnel_rows::TunnelEnd>,
 }
 
 fn sample(cli: &crate::Cli, domain: &Domain) -> Result<Sample, shmgadget::Error> {
@@ -61,7 +62,8 @@ fn sample(cli: &crate::Cli, domain: &Domain) -> Result<Sample, shmgadget::Error>
             _ => {}
         }
     }
-    Ok(Sample { at, report, heaps, queues })
+    let tunnels = crate::tunnel_rows::ends(domain, &report);
+    Ok(Sample { at, report, heaps, queues, tunnels })
 }
 
 /// One table of a frame: title, column headers, rows of cells.
@@ -77,6 +79,8 @@ pub struct Frame {
     pub heaps: Vec<FrameHeap>,
     pub queues: Vec<FrameQueue>,
     pub sync_objects: Vec<FrameSync>,
+    /// Tunnel ends; `per_s` here is from the two samples' counters.
+    pub tunnels: Vec<crate::tunnel_rows::TunnelEnd>,
 }
 
 #[derive(Serialize)]
@@ -224,7 +228,20 @@ impl Frame {
                 });
             }
         }
+        let tunnels = now
+            .tunnels
+            .iter()
+            .map(|t| {
+                let prev = before.tunnels.iter().find(|p| p.section == t.section && p.pid == t.pid);
+                let mut t = t.clone();
+                if let Some(f) = t.forwarded {
+                    t.per_s = rate(f, prev.and_then(|p| p.forwarded), secs).or(t.per_s);
+                }
+                t
+            })
+            .collect();
         Frame {
+            tunnels,
             domain: r.name.clone(),
             interval_ms: (secs * 1000.0).round() as u64,
             processes: r.processes.iter().map(Proc::new).collect(),
@@ -245,7 +262,7 @@ impl Frame {
         }
     }
 
-    /// The five tables, `(title, header, rows)`, as both views draw them.
+    /// The six tables, `(title, header, rows)`, as both views draw them.
     pub fn tables(&self) -> Vec<TextTable> {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let per_s = |v: Option<f64>| opt(v.map(|r| format!("{r:.0}")));
@@ -337,12 +354,30 @@ impl Frame {
                 ]
             })
             .collect();
+        let tunnels = self
+            .tunnels
+            .iter()
+            .map(|t| match (&t.error, t.pid) {
+                (Some(e), _) => vec![t.section.clone(), format!("unreadable: {e}")],
+                (None, None) => vec![t.section.clone(), t.end.to_owned(), t.key.clone(), "DEAD".into()],
+                (None, Some(pid)) => vec![
+                    t.section.clone(),
+                    t.end.to_owned(),
+                    t.key.clone(),
+                    pid.to_string(),
+                    opt(t.forwarded.map(|f| f.to_string())),
+                    per_s(t.per_s),
+                    opt(t.in_flight.map(|f| f.to_string())),
+                ],
+            })
+            .collect();
         vec![
             ("PROCESSES".into(), vec!["PID", "COMMAND", "UID", "STATE"], procs),
             ("SECTIONS".into(), vec!["NAME", "KIND", "RESERVED", "COMMITTED", "RESIDENT"], sections),
             ("HEAPS".into(), vec!["NAME", "USED", "FREE", "FRAG", "ALLOCS/S", "FREES/S"], heaps),
             ("QUEUES".into(), vec!["NAME", "KIND", "FILL", "IN/S", "OUT/S", "SENDERS", "RECEIVERS", "BLOCKED"], queues),
             ("SYNC OBJECTS".into(), vec!["HEAP", "NAME", "KIND", "HOLDER", "WAITERS", "STATE"], sync),
+            ("TUNNELS".into(), vec!["SECTION", "END", "KEY", "PID", "FORWARDED", "MSG/S", "IN FLIGHT"], tunnels),
         ]
     }
 

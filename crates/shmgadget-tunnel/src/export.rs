@@ -1,14 +1,17 @@
-//! The exporter: the receiver of a local byte queue, publishing to `<key>/data`.
+//! The exporter: the receiver of a local queue, publishing to `<key>/data`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use shmgadget::queue::{ByteQueue, Kept};
+use shmgadget::heap::Heap;
+use shmgadget::queue::{BlockAddr, ByteQueue, SlotQueue};
 use shmgadget::{Domain, ErrorKind};
 use zenoh::Wait;
 use zenoh::bytes::ZBytes;
 use zenoh::qos::CongestionControl;
 
+use crate::ends::{BlockSource, ByteSource, Plain, Read, SlotSource, Source};
+use crate::stats::Stats;
 use crate::wire::{self, DATA_HEADER};
 use crate::{DEFAULT_WINDOW, Error, Options, Result, fnv, zerr};
 
@@ -21,37 +24,75 @@ const REWIND_GAP: Duration = Duration::from_millis(100);
 
 struct Batch {
     last: u64,
-    mark: Kept,
     frame: ZBytes,
     sent: Instant,
 }
 
-/// Runs the exporter of `opts.queue` in `domain` until `opts.stop` is set. Waits for the
-/// queue to exist (its producer creates it); the exporter becomes its receiver.
+/// Longest an exporter with nothing in flight sleeps on its local queue (it has no resend or
+/// ack duties then; a new importer's hello finds nothing to resend).
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// Runs the exporter of byte queue `opts.queue` in `domain` until `opts.stop` is set. Waits
+/// for the queue to exist (its producer creates it); the exporter becomes its receiver.
 pub fn export(domain: &Domain, opts: &Options) -> Result<()> {
-    // The producer creates the queue; wait for it.
-    let q = loop {
-        match ByteQueue::open(domain, &opts.queue) {
-            Ok(q) => break q,
+    let q = wait_open(opts, || ByteQueue::open(domain, &opts.queue))?;
+    let rx = wait_attach(opts, || q.receiver())?;
+    let mut src = ByteSource { rx, marks: VecDeque::new() };
+    run(domain, opts, &mut src)
+}
+
+/// Runs the exporter of slot queue `opts.queue` of `T` values (see [`export`]); the exporter
+/// becomes its exclusive receiver (no other receiver may attach while it runs).
+pub fn export_slots<T: Plain>(domain: &Domain, opts: &Options) -> Result<()> {
+    let q = wait_open(opts, || SlotQueue::<T>::open(domain, &opts.queue))?;
+    let rx = wait_attach(opts, || q.exclusive_receiver())?;
+    run(domain, opts, &mut SlotSource(rx))
+}
+
+/// Runs the exporter of slot queue `opts.queue` of heap blocks ([`BlockAddr`]) of heap
+/// `heap`: each block crosses as its bytes (its usable size) and is freed here once the far
+/// side has written it (see [`export`]).
+pub fn export_blocks(domain: &Domain, heap: &str, opts: &Options) -> Result<()> {
+    let q = wait_open(opts, || SlotQueue::<BlockAddr>::open(domain, &opts.queue))?;
+    let heap = Heap::open(domain, heap)?;
+    let rx = wait_attach(opts, || q.exclusive_receiver())?;
+    run(domain, opts, &mut BlockSource { rx, heap, blocks: VecDeque::new(), pending: None })
+}
+
+/// The producer creates the queue; wait for it.
+pub(crate) fn wait_open<Q>(opts: &Options, open: impl Fn() -> shmgadget::Result<Q>) -> Result<Q> {
+    loop {
+        match open() {
+            Ok(q) => return Ok(q),
             Err(e) if e.kind() == ErrorKind::NotFound && !opts.stopped() => {
                 std::thread::sleep(Duration::from_millis(20))
             }
             Err(e) => return Err(e.into()),
         }
-    };
-    let mut rx = loop {
-        match q.receiver() {
-            Ok(rx) => break rx,
-            // A receiver killed a moment ago may not be seen dead yet: retry briefly.
-            Err(e) if e.kind() == ErrorKind::AlreadyExists && !opts.stopped() => {
+    }
+}
+
+/// A peer killed a moment ago may not be seen dead yet: retry briefly.
+pub(crate) fn wait_attach<P>(opts: &Options, attach: impl Fn() -> shmgadget::Result<P>) -> Result<P> {
+    let t = Instant::now();
+    loop {
+        match attach() {
+            Ok(p) => return Ok(p),
+            Err(e)
+                if e.kind() == ErrorKind::AlreadyExists && !opts.stopped() && t.elapsed() < Duration::from_secs(5) =>
+            {
                 std::thread::sleep(Duration::from_millis(20))
             }
             Err(e) => return Err(e.into()),
         }
-    };
+    }
+}
+
+fn run(domain: &Domain, opts: &Options, src: &mut dyn Source) -> Result<()> {
     let info = domain.section_info(&opts.queue)?;
     let stream = fnv(&[domain.name().as_bytes(), opts.queue.as_bytes(), &info.generation.to_le_bytes()]);
     let key = opts.key_prefix(domain.name());
+    let mut stats = Stats::open(domain, &opts.queue, true, &key)?;
     let session = zenoh::open(opts.zenoh_config()?).wait().map_err(|e| zerr("open session", e))?;
     let publisher = session
         .declare_publisher(format!("{key}/data"))
@@ -64,7 +105,8 @@ pub fn export(domain: &Domain, opts: &Options) -> Result<()> {
         .wait()
         .map_err(|e| zerr("declare subscriber", e))?;
 
-    let mut acked = rx.consumed();
+    let mut acked = src.consumed();
+    let started_at = acked;
     let mut window = DEFAULT_WINDOW;
     let mut next_seq = acked + 1;
     let mut batches: VecDeque<Batch> = VecDeque::new();
@@ -92,10 +134,13 @@ pub fn export(domain: &Domain, opts: &Options) -> Result<()> {
                 rewind_to = Some(a.acked);
             }
         }
+        let mut committed = None;
         while batches.front().is_some_and(|b| b.last <= acked) {
-            let b = batches.pop_front().unwrap();
-            rx.commit(b.mark)?;
+            committed = Some(batches.pop_front().unwrap().last);
             resend_from = resend_from.saturating_sub(1);
+        }
+        if let Some(last) = committed {
+            src.commit(last)?;
         }
         if last_ack.elapsed() > SILENCE && !batches.is_empty() {
             rewind_to = Some(acked);
@@ -122,6 +167,7 @@ pub fn export(domain: &Domain, opts: &Options) -> Result<()> {
             b.sent = Instant::now();
             resend_from += 1;
         }
+        stats.update(acked - started_at, next_seq - 1 - acked);
         // 3. New messages, within the credit.
         if next_seq > acked + window {
             // Out of credit: wait for an ack.
@@ -136,41 +182,47 @@ pub fn export(domain: &Domain, opts: &Options) -> Result<()> {
             }
             continue;
         }
+        // Nothing in flight: nothing to resend or commit, so sleep on the local queue.
+        let first_wait = if batches.is_empty() { IDLE_WAIT } else { Duration::from_millis(1) };
         wire::data_header(&mut frame, stream, acked, next_seq);
+        let first = next_seq;
         let mut n = 0u32;
-        let mut mark = None;
         while frame.len() < FRAME && next_seq <= acked + window {
-            let r = if n == 0 { rx.recv_timeout(Duration::from_millis(1)) } else { rx.try_recv() };
-            match r {
-                Ok(m) => {
-                    if n > 0 && frame.len() + 4 + m.len() > FRAME {
-                        // Leave it for the next frame (it was not kept).
-                        std::mem::forget(m);
-                        break;
-                    }
-                    wire::data_push(&mut frame, &m);
-                    let k = m.keep();
-                    debug_assert_eq!(k.seq(), next_seq);
-                    mark = Some(k);
+            let room = if n == 0 { usize::MAX } else { FRAME.saturating_sub(frame.len() + 4) };
+            let timeout = if n == 0 { Some(first_wait) } else { None };
+            let mut push = |seq: u64, m: &[u8]| {
+                // A dead sender's holes (slot queues) keep their numbers.
+                while next_seq < seq {
+                    wire::data_push_hole(&mut frame);
                     next_seq += 1;
                     n += 1;
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Timeout) => break,
-                Err(e) if e.kind() == ErrorKind::Disconnected => {
+                wire::data_push(&mut frame, m);
+                next_seq += 1;
+                n += 1;
+            };
+            match src.read(timeout, room, &mut push)? {
+                Read::Msg => {}
+                Read::TooBig | Read::Nothing => break,
+                Read::Gone => {
                     // No producer now; one may come back.
                     if n == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
+                        std::thread::sleep(if batches.is_empty() {
+                            Duration::from_millis(20)
+                        } else {
+                            Duration::from_millis(1)
+                        });
                     }
                     break;
                 }
-                Err(e) => return Err(e.into()),
             }
         }
-        if let Some(mark) = mark {
+        if n > 0 {
+            debug_assert_eq!(first + n as u64, next_seq);
             wire::data_finish(&mut frame, n);
             let bytes = ZBytes::from(std::mem::replace(&mut frame, Vec::with_capacity(FRAME + 64)));
             publisher.put(bytes.clone()).wait().map_err(|e| zerr("put", e))?;
-            batches.push_back(Batch { last: next_seq - 1, mark, frame: bytes, sent: Instant::now() });
+            batches.push_back(Batch { last: next_seq - 1, frame: bytes, sent: Instant::now() });
             resend_from = batches.len();
         }
         if opts.verbose && stat_t.elapsed() >= Duration::from_secs(1) {

@@ -1,13 +1,17 @@
-//! The importer: subscribes to `<key>/data` and is the sender of a local byte queue.
+//! The importer: subscribes to `<key>/data` and is the sender of a local queue.
 
 use std::time::{Duration, Instant};
 
-use shmgadget::queue::{ByteQueue, ByteSender};
+use shmgadget::heap::Heap;
+use shmgadget::queue::{BlockAddr, ByteQueue, SlotQueue};
 use shmgadget::{Domain, ErrorKind};
 use zenoh::Wait;
 use zenoh::qos::CongestionControl;
 
+use crate::ends::{BlockSink, ByteSink, Plain, Sink, SlotSink};
+use crate::export::wait_attach;
 use crate::record::Record;
+use crate::stats::Stats;
 use crate::wire::{self, NACK};
 use crate::{DEFAULT_WINDOW, Options, Result, zerr};
 
@@ -17,8 +21,8 @@ const IDLE: Duration = Duration::from_millis(100);
 /// then TCP's) holds the exporter back.
 const FRAMES: usize = 64;
 
-/// Runs the importer of `opts.queue` in `domain` until `opts.stop` is set. Creates the queue
-/// with `opts.capacity` bytes if it does not exist, and becomes its sender.
+/// Runs the importer of byte queue `opts.queue` in `domain` until `opts.stop` is set. Creates
+/// the queue with `opts.capacity` bytes if it does not exist, and becomes its sender.
 pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
     // An existing queue is used as it is, whatever its capacity.
     let q = match ByteQueue::open(domain, &opts.queue) {
@@ -28,25 +32,40 @@ pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    let mut tx = loop {
-        match q.sender() {
-            Ok(tx) => break tx,
-            // A sender killed a moment ago may not be seen dead yet: retry briefly.
-            Err(e) if e.kind() == ErrorKind::AlreadyExists && !opts.stopped() => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let tx = wait_attach(opts, || q.sender())?;
+    run(domain, opts, &mut ByteSink(tx))
+}
+
+/// Runs the importer of slot queue `opts.queue` of `T` values (see [`import`]): creates it
+/// with `opts.capacity` values if missing, and becomes its exclusive sender (no other sender
+/// may attach while it runs).
+pub fn import_slots<T: Plain>(domain: &Domain, opts: &Options) -> Result<()> {
+    let q = SlotQueue::<T>::create_or_open(domain, &opts.queue, opts.capacity.max(2))?.0;
+    let tx = wait_attach(opts, || q.exclusive_sender())?;
+    run(domain, opts, &mut SlotSink(tx))
+}
+
+/// Runs the importer of slot queue `opts.queue` of heap blocks ([`BlockAddr`]): each message
+/// is copied into a new block of heap `heap` (created with `heap_bytes` reserved if missing)
+/// whose address is sent into the queue (see [`import_slots`]).
+pub fn import_blocks(domain: &Domain, heap: &str, heap_bytes: u64, opts: &Options) -> Result<()> {
+    let heap = Heap::create_or_open(domain, heap, heap_bytes)?.0;
+    let q = SlotQueue::<BlockAddr>::create_or_open(domain, &opts.queue, opts.capacity.max(2))?.0;
+    let tx = wait_attach(opts, || q.exclusive_sender())?;
+    run(domain, opts, &mut BlockSink { tx, heap, pending: None })
+}
+
+fn run(domain: &Domain, opts: &Options, sink: &mut dyn Sink) -> Result<()> {
     let record = Record::open(domain, &opts.queue)?;
-    let p = record.load(tx.position());
+    let p = record.load(sink.position());
     let (mut stream, mut last) = (p.stream, p.last);
     // Bring the record up to date (a message written just before a kill).
     if stream != 0 {
-        record.store(stream, last, tx.position());
+        record.store(stream, last, sink.position());
     }
     let window = if opts.window == 0 { DEFAULT_WINDOW } else { opts.window };
     let key = opts.key_prefix(domain.name());
+    let mut stats = Stats::open(domain, &opts.queue, false, &key)?;
     let session = zenoh::open(opts.zenoh_config()?).wait().map_err(|e| zerr("open session", e))?;
     let acks = session
         .declare_publisher(format!("{key}/ack"))
@@ -67,7 +86,9 @@ pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
     let mut acked = last;
     let mut last_nack = Instant::now();
     let (mut stat_t, mut stat_n) = (Instant::now(), last);
+    let mut written = 0u64;
     while !opts.stopped() {
+        stats.update(written, 0);
         let sample = match data.recv_timeout(IDLE).map_err(|e| zerr("receive", e))? {
             Some(s) => s,
             None => {
@@ -89,7 +110,7 @@ pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
             }
             stream = frame.stream;
             last = frame.floor;
-            record.store(stream, last, tx.position());
+            record.store(stream, last, sink.position());
         }
         let mut gap = false;
         for (seq, m) in (frame.first..).zip(frame.messages()) {
@@ -98,11 +119,15 @@ pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
                 break;
             }
             if seq == last + 1 {
-                if !write(&mut tx, m, opts, || ack(stream, last, 0))? {
-                    return Ok(());
+                if let Some(m) = m {
+                    if !write(sink, m, opts, || ack(stream, last, 0))? {
+                        return Ok(());
+                    }
+                    written += 1;
                 }
+                // (A hole is only a number: nothing to write.)
                 last = seq;
-                record.store(stream, last, tx.position());
+                record.store(stream, last, sink.position());
             }
         }
         if gap && last_nack.elapsed() >= IDLE / 2 {
@@ -131,9 +156,9 @@ pub fn import(domain: &Domain, opts: &Options) -> Result<()> {
 
 /// Writes `m`, waiting while the queue is full (saying where we are every so often, so the
 /// exporter knows we are alive) and while it has no receiver. `false` if stopped.
-fn write(tx: &mut ByteSender<'_>, m: &[u8], opts: &Options, heartbeat: impl Fn() -> Result<()>) -> Result<bool> {
+fn write(sink: &mut dyn Sink, m: &[u8], opts: &Options, heartbeat: impl Fn() -> Result<()>) -> Result<bool> {
     loop {
-        match tx.send_timeout(m, IDLE) {
+        match sink.write(m, IDLE) {
             Ok(()) => return Ok(true),
             Err(e) if e.kind() == ErrorKind::Timeout => heartbeat()?,
             Err(e) if e.kind() == ErrorKind::Disconnected => {

@@ -39,17 +39,20 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+mod ends;
 mod export;
 mod import;
 pub mod record;
+pub mod stats;
 mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-pub use export::export;
-pub use import::import;
+pub use ends::Plain;
+pub use export::{export, export_blocks, export_slots};
+pub use import::{import, import_blocks, import_slots};
 pub use shmgadget::queue::Kept;
 
 /// Where a tunnel end connects and what it carries.

@@ -27,6 +27,14 @@ pub(crate) fn data_push(buf: &mut Vec<u8>, msg: &[u8]) {
     buf.extend_from_slice(msg);
 }
 
+/// A length that marks a hole: a sequence number with no message (a slot queue's dead
+/// sender's), skipped by the importer.
+pub(crate) const HOLE: u32 = u32::MAX;
+
+pub(crate) fn data_push_hole(buf: &mut Vec<u8>) {
+    buf.extend_from_slice(&HOLE.to_le_bytes());
+}
+
 pub(crate) struct Data<'a> {
     pub stream: u64,
     pub floor: u64,
@@ -51,13 +59,18 @@ pub(crate) fn parse_data(b: &[u8]) -> Option<Data<'_>> {
 }
 
 impl<'a> Data<'a> {
-    /// The messages; stops at the first malformed record.
-    pub fn messages(&self) -> impl Iterator<Item = &'a [u8]> {
+    /// The messages (`None`: a hole); stops at the first malformed record.
+    pub fn messages(&self) -> impl Iterator<Item = Option<&'a [u8]>> {
         let mut rest = self.body;
         let mut left = self.n;
         std::iter::from_fn(move || {
             if left == 0 || rest.len() < 4 {
                 return None;
+            }
+            if u32_at(rest, 0) == HOLE {
+                rest = &rest[4..];
+                left -= 1;
+                return Some(None);
             }
             let len = u32_at(rest, 0) as usize;
             if rest.len() - 4 < len {
@@ -66,7 +79,7 @@ impl<'a> Data<'a> {
             let m = &rest[4..4 + len];
             rest = &rest[4 + len..];
             left -= 1;
-            Some(m)
+            Some(Some(m))
         })
     }
 }
@@ -106,14 +119,15 @@ mod tests {
         data_header(&mut b, 7, 10, 11);
         data_push(&mut b, b"hello");
         data_push(&mut b, b"");
+        data_push_hole(&mut b);
         data_push(&mut b, &[9; 300]);
-        data_finish(&mut b, 3);
+        data_finish(&mut b, 4);
         let d = parse_data(&b).unwrap();
-        assert_eq!((d.stream, d.floor, d.first, d.n), (7, 10, 11, 3));
-        let m: Vec<&[u8]> = d.messages().collect();
-        assert_eq!(m, vec![&b"hello"[..], &b""[..], &[9; 300][..]]);
+        assert_eq!((d.stream, d.floor, d.first, d.n), (7, 10, 11, 4));
+        let m: Vec<Option<&[u8]>> = d.messages().collect();
+        assert_eq!(m, vec![Some(&b"hello"[..]), Some(&b""[..]), None, Some(&[9; 300][..])]);
         let cut = parse_data(&b[..b.len() - 1]).unwrap();
-        assert_eq!(cut.messages().count(), 2);
+        assert_eq!(cut.messages().count(), 3);
         assert!(parse_data(&b[..20]).is_none());
         let a = parse_ack(&ack(7, 99, 5, NACK)).unwrap();
         assert_eq!((a.stream, a.acked, a.window, a.nack), (7, 99, 5, true));

@@ -207,7 +207,9 @@ struct Peer {
 struct PeerTable {
     /// Set once a peer of this side has ever attached.
     seen: AtomicU32,
-    _pad: AtomicU32,
+    /// Slot queue: 1 + the entry of this side's exclusive peer (a tunnel end, which must be
+    /// the side's only peer), 0 for none. Written by that peer (slots.rs, "Exclusive peers").
+    exclusive: AtomicU32,
     peers: [Peer; MAX_PEERS],
 }
 
@@ -266,7 +268,7 @@ impl QueueShared {
         fn table() -> PeerTable {
             PeerTable {
                 seen: AtomicU32::new(0),
-                _pad: AtomicU32::new(0),
+                exclusive: AtomicU32::new(0),
                 peers: std::array::from_fn(|_| Peer { token: AtomicU64::new(0), inflight: AtomicU64::new(IDLE) }),
             }
         }

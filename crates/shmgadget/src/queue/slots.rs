@@ -36,6 +36,28 @@
 //! takes one value at a time. (Redelivering it would mean sending it again at a new position,
 //! which the repairer may have no room for; the byte queue, with one receiver, redelivers
 //! instead.)
+//!
+//! # Exclusive peers (tunnel ends)
+//! A process that must forward every value exactly once, across its own `kill -9`, cannot
+//! use plain receives (a receive consumes at once) or plain sends (a sender killed mid-send
+//! leaves a hole, and its successor cannot tell whether the value went in). It attaches as
+//! the **exclusive** receiver (or sender) of its side instead: the side's `exclusive` word
+//! names its peer entry (1 + index), and no other peer may attach on that side while the
+//! exclusive one lives (each attacher, exclusive or not, stores its token or the exclusive
+//! word, then a SeqCst fence, then reads the other: of two racing attachers one sees the other
+//! and leaves, a Dekker pair).
+//! - The exclusive receiver **reads ahead** without claiming ([`SlotReceiver::peek_timeout`]:
+//!   a cursor past `recv.pos` that only reads published slots, skipping holes) and **commits**
+//!   later ([`SlotReceiver::commit`]): each position up to the one committed is claimed and
+//!   given back exactly as a plain receive does (intent, claim CAS, give-back), so a
+//!   receiver killed mid-commit is repaired as any dead receiver. Values read ahead and not
+//!   committed stay in the queue for a successor. Senders are held back by uncommitted
+//!   values as by unreceived ones.
+//! - The exclusive sender's unfinished send is **never made a hole**: `repair` leaves a
+//!   position whose dead claimer is the side's exclusive peer alone (receivers wait at it),
+//!   and the next exclusive sender adopts the dead one's entry, intent included, and fills
+//!   that position with its first value ([`SlotSender::sent_position`] counts it as not
+//!   sent). So "sent" is exactly "published", which a successor can tell from `send.pos`.
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -46,7 +68,7 @@ use super::{
     side_gone, wait_until, wake,
 };
 use crate::error::{Error, ErrorKind, Result};
-use crate::sync::shim::{AtomicU64, Ordering, retry_hint};
+use crate::sync::shim::{AtomicU64, Ordering, fence, retry_hint};
 
 const HOLE: u64 = 1;
 /// How many slots ahead a receiver prefetches.
@@ -302,7 +324,155 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         let idx = attach_peer(&self.h().senders, self.token(), MAX_PEERS, &|t| self.alive(t)).ok_or_else(|| {
             Error::new(ErrorKind::RegistryFull, format!("slot queue {:?} has {MAX_PEERS} live senders", self.name()))
         })?;
-        Ok(SlotSender { q: self, idx, mode, stuck: None })
+        self.not_excluded(true, idx)?;
+        Ok(SlotSender { q: self, idx, mode, stuck: None, exclusive: false })
+    }
+
+    /// Becomes the queue's only sender (a tunnel's importer): fails with `AlreadyExists` while
+    /// another sender lives, and no other sender can attach while this one lives. A dead
+    /// exclusive sender's unfinished send is finished by this one's first send (see
+    /// "Exclusive peers" in the module docs).
+    pub fn exclusive_sender(&self) -> Result<SlotSender<'_, T>> {
+        let idx = self.attach_exclusive(true)?;
+        Ok(SlotSender { q: self, idx, mode: WaitMode::Blocking, stuck: None, exclusive: true })
+    }
+
+    /// Becomes the queue's only receiver (a tunnel's exporter), which may read ahead and
+    /// commit later ([`SlotReceiver::peek_timeout`], [`SlotReceiver::commit`]): fails with
+    /// `AlreadyExists` while another receiver lives, and no other receiver can attach while
+    /// this one lives.
+    pub fn exclusive_receiver(&self) -> Result<SlotReceiver<'_, T>> {
+        let idx = self.attach_exclusive(false)?;
+        // Relaxed: we are the only receiver; the position moves only by us from now on.
+        let ahead = self.h().recv.pos.load(Ordering::Relaxed);
+        Ok(SlotReceiver { q: self, idx, mode: WaitMode::Blocking, stuck: None, exclusive: true, ahead })
+    }
+
+    fn side_name(senders: bool) -> &'static str {
+        if senders { "sender" } else { "receiver" }
+    }
+
+    /// A plain peer just attached at `idx`: leaves again if the side has a live exclusive
+    /// peer (see "Exclusive peers").
+    fn not_excluded(&self, senders: bool, idx: usize) -> Result<()> {
+        let h = self.h();
+        let table = if senders { &h.senders } else { &h.receivers };
+        // SeqCst: our token store (the attach CAS) before the read of the exclusive word; the
+        // exclusive attacher does the converse (Dekker pair).
+        fence(Ordering::SeqCst);
+        let ex = table.exclusive.load(Ordering::SeqCst) as usize;
+        if ex == 0 || ex > MAX_PEERS {
+            return Ok(());
+        }
+        if ex - 1 == idx {
+            // We took over the dead exclusive peer's entry: its exclusivity ended with it.
+            // Relaxed: a single word; only exclusive attachers act on it.
+            let _ = table.exclusive.compare_exchange(ex as u32, 0, Ordering::SeqCst, Ordering::Relaxed);
+            return Ok(());
+        }
+        // Relaxed: liveness comes from the kernel.
+        let tok = table.peers[ex - 1].token.load(Ordering::Relaxed);
+        if tok != 0 && self.alive(tok) {
+            // Release: as a leaving peer's (see the handles' `Drop`).
+            table.peers[idx].token.store(0, Ordering::Release);
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "slot queue {:?} has an exclusive {} (pid {}, a tunnel end): no other may attach while it runs",
+                    self.name(),
+                    Self::side_name(senders),
+                    tok as u32
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Attaches as the side's exclusive peer; its entry index.
+    fn attach_exclusive(&self, senders: bool) -> Result<usize> {
+        if self.section.is_none() {
+            return Err(Error::new(ErrorKind::InvalidArgument, "an in-memory slot queue has no exclusive peers"));
+        }
+        // Dead peers' claims first (a dead exclusive sender's unfinished send stays: `repair`
+        // leaves it alone, and we adopt it below).
+        self.settle_dead(senders);
+        let h = self.h();
+        let table = if senders { &h.senders } else { &h.receivers };
+        let me = self.token();
+        let busy = |tok: u64| {
+            Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "slot queue {:?} has a live {} (pid {}): an exclusive {} must be the only one",
+                    self.name(),
+                    Self::side_name(senders),
+                    tok as u32,
+                    Self::side_name(senders)
+                ),
+            )
+        };
+        // SeqCst: ordered with the plain attachers' fence (Dekker pair, see `not_excluded`).
+        let ex = table.exclusive.load(Ordering::SeqCst);
+        let mut adopted = None;
+        if ex != 0 && (ex as usize) <= MAX_PEERS {
+            let e = ex as usize - 1;
+            // Acquire: pairs with the Release of a leaving peer (its last publications).
+            let tok = table.peers[e].token.load(Ordering::Acquire);
+            if tok != 0 && self.alive(tok) {
+                return Err(busy(tok));
+            }
+            // A dead exclusive sender: take over its entry, with its intent (an unfinished
+            // send we finish). A receiver's intents were settled above. AcqRel: as in
+            // `attach_peer`.
+            if senders
+                && tok != 0
+                && table.peers[e].token.compare_exchange(tok, me, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            {
+                adopted = Some((e, tok));
+            }
+        }
+        let (idx, prev) = match adopted {
+            Some(a) => a,
+            None => {
+                let idx = attach_peer(table, me, MAX_PEERS, &|t| self.alive(t)).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::RegistryFull,
+                        format!("slot queue {:?} has {MAX_PEERS} live {}s", self.name(), Self::side_name(senders)),
+                    )
+                })?;
+                // SeqCst: the exclusive attacher's half of the Dekker pair.
+                if table.exclusive.compare_exchange(ex, idx as u32 + 1, Ordering::SeqCst, Ordering::Relaxed).is_err() {
+                    // Release: as a leaving peer's.
+                    table.peers[idx].token.store(0, Ordering::Release);
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "slot queue {:?}: another exclusive {} is attaching",
+                            self.name(),
+                            Self::side_name(senders)
+                        ),
+                    ));
+                }
+                (idx, 0)
+            }
+        };
+        // SeqCst: the exclusive word (above) before the other peers' tokens (Dekker pair).
+        fence(Ordering::SeqCst);
+        for (i, p) in table.peers.iter().enumerate() {
+            // Relaxed: ordered by the fence; liveness comes from the kernel.
+            let tok = p.token.load(Ordering::Relaxed);
+            if i != idx && tok != 0 && self.alive(tok) {
+                if prev == 0 {
+                    // Relaxed: our own claim of the word, undone.
+                    let _ = table.exclusive.compare_exchange(idx as u32 + 1, 0, Ordering::SeqCst, Ordering::Relaxed);
+                }
+                // Back as it was: free, or the dead predecessor's (with its intent).
+                // Release: as a leaving peer's.
+                table.peers[idx].token.store(prev, Ordering::Release);
+                return Err(busy(tok));
+            }
+        }
+        Ok(idx)
     }
 
     /// Becomes one of the queue's receivers (up to 64 live ones).
@@ -316,7 +486,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         let idx = attach_peer(&self.h().receivers, self.token(), MAX_PEERS, &|t| self.alive(t)).ok_or_else(|| {
             Error::new(ErrorKind::RegistryFull, format!("slot queue {:?} has {MAX_PEERS} live receivers", self.name()))
         })?;
-        Ok(SlotReceiver { q: self, idx, mode, stuck: None })
+        self.not_excluded(false, idx)?;
+        Ok(SlotReceiver { q: self, idx, mode, stuck: None, exclusive: false, ahead: 0 })
     }
 
     /// Settles the claims of dead peers of one side before a new peer may take over their
@@ -408,14 +579,18 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
             return Ok(false);
         }
         let mut busy = false;
-        for p in &table.peers {
+        // Relaxed: written once per exclusive attach; a stale value only delays a repair.
+        let exclusive = table.exclusive.load(Ordering::Relaxed) as usize;
+        for (i, p) in table.peers.iter().enumerate() {
             // Relaxed: tokens and intents are single words; liveness comes from the kernel.
             let tok = p.token.load(Ordering::Relaxed);
             // Acquire: as in `settle_dead` (pairs with the Release clearing a finished intent).
             if tok == 0 || p.inflight.load(Ordering::Acquire) != pos {
                 continue;
             }
-            if self.alive(tok) {
+            if self.alive(tok) || (senders && exclusive == i + 1) {
+                // A live claimer; or a dead exclusive sender, whose successor finishes the
+                // send (see "Exclusive peers").
                 busy = true;
                 continue;
             }
@@ -462,6 +637,7 @@ pub struct SlotSender<'q, T: crate::ShmSafe + Copy + Send> {
     idx: usize,
     mode: WaitMode,
     stuck: Option<u64>,
+    exclusive: bool,
 }
 
 impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
@@ -512,7 +688,68 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
         })
     }
 
+    /// Exclusive sender: positions sent into the queue so far, counting only finished sends
+    /// (a dead predecessor's unfinished one, which our next send finishes, is not counted).
+    /// Nobody else sends, so this moves only when this sender sends.
+    pub fn sent_position(&self) -> u64 {
+        let h = self.q.h();
+        // Relaxed: only this sender changes either word.
+        let pending = h.senders.peers[self.idx].inflight.load(Ordering::Relaxed);
+        let pos = h.send.pos.load(Ordering::Relaxed);
+        // Claimed and still unpublished: the predecessor was killed between its claim and its
+        // publication (one killed after publishing, before clearing its intent, did send: the
+        // slot has moved on). Nobody else moves that slot (`repair` leaves it alone) and we
+        // have not sent since adopting it. Acquire: pairs with the publishing CAS.
+        if self.exclusive
+            && pending != IDLE
+            && pending < pos
+            && self.q.head(pending).seq.load(Ordering::Acquire) == pending
+        {
+            pending
+        } else {
+            pos
+        }
+    }
+
+    /// Exclusive sender: finishes the adopted unfinished send of a dead predecessor with
+    /// `value`; `true` if there was one.
+    fn finish_adopted(&mut self, value: T) -> bool {
+        let q = self.q;
+        let h = q.h();
+        let me = &h.senders.peers[self.idx];
+        // Relaxed: our own entry (adopted with the token CAS, AcqRel).
+        let p = me.inflight.load(Ordering::Relaxed);
+        if p == IDLE {
+            return false;
+        }
+        let head = q.head(p);
+        // Acquire: the slot's last give-back. Claimed (send.pos past it) and not published: ours.
+        if h.send.pos.load(Ordering::Acquire) > p && head.seq.load(Ordering::Acquire) == p {
+            // SAFETY: position `p` was claimed by our predecessor (whose entry, intent included,
+            // we adopted) and nobody else writes it: `repair` leaves an exclusive sender's
+            // position alone. The value area is inside the slot and aligned for T.
+            unsafe { q.value_ptr(p).write(value) };
+            head.state.store(0, Ordering::Relaxed);
+            // AcqRel: publishes the value, as in `try_put`.
+            let ok = head.seq.compare_exchange(p, p.wrapping_add(1), Ordering::AcqRel, Ordering::Relaxed).is_ok();
+            // Release: as in `try_put`.
+            me.inflight.store(IDLE, Ordering::Release);
+            if ok {
+                h.send.count.fetch_add(1, Ordering::Relaxed);
+                wake(&h.events.data_seq, &h.events.data_waiters, 1);
+                return true;
+            }
+            return false;
+        }
+        // Never claimed, or finished after all: nothing to finish. Relaxed: our own word.
+        me.inflight.store(IDLE, Ordering::Relaxed);
+        false
+    }
+
     fn try_put(&mut self, value: T, thorough: bool) -> Result<bool> {
+        if self.exclusive && self.finish_adopted(value) {
+            return Ok(true);
+        }
         let q = self.q;
         let h = q.h();
         let me = &h.senders.peers[self.idx];
@@ -609,6 +846,10 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
 impl<T: crate::ShmSafe + Copy + Send> Drop for SlotSender<'_, T> {
     fn drop(&mut self) {
         let h = self.q.h();
+        if self.exclusive {
+            // SeqCst: as the word's other stores (see "Exclusive peers").
+            let _ = h.senders.exclusive.compare_exchange(self.idx as u32 + 1, 0, Ordering::SeqCst, Ordering::Relaxed);
+        }
         // Release: after our last message; pairs with the Acquire in `side_gone` (a receiver
         // that sees every sender gone sees their last publications) and the AcqRel CAS in
         // `attach_peer`.
@@ -623,6 +864,9 @@ pub struct SlotReceiver<'q, T: crate::ShmSafe + Copy + Send> {
     idx: usize,
     mode: WaitMode,
     stuck: Option<u64>,
+    exclusive: bool,
+    /// Exclusive receiver: the next position to read ahead.
+    ahead: u64,
 }
 
 impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
@@ -667,6 +911,142 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
             Some(v) => Ok(v),
             None => Err(Error::new(ErrorKind::WouldBlock, format!("slot queue {:?} is empty", self.q.name()))),
         }
+    }
+
+    /// Exclusive receiver: reads the next value ahead without consuming it, waiting up to
+    /// `timeout`; returns its sequence number (its position + 1; the numbers of a dead
+    /// sender's holes are skipped) and the value. `Timeout` if none came, `Disconnected` when
+    /// nothing is left and every sender is gone. The value stays in the queue (and holds its
+    /// slot) until [`commit`](SlotReceiver::commit).
+    pub fn peek_timeout(&mut self, timeout: Duration) -> Result<(u64, T)> {
+        self.need_exclusive()?;
+        // Relaxed: only we move it.
+        self.ahead = self.ahead.max(self.q.h().recv.pos.load(Ordering::Relaxed));
+        if let Some(v) = self.peek_once(false)? {
+            return Ok(v);
+        }
+        let q = self.q;
+        let h = q.h();
+        wait_until(&h.events.data_seq, &h.events.data_waiters, self.mode, Some(timeout), |thorough| {
+            self.peek_once(thorough)
+        })
+    }
+
+    fn peek_once(&mut self, thorough: bool) -> Result<Option<(u64, T)>> {
+        let q = self.q;
+        let h = q.h();
+        loop {
+            let c = self.ahead;
+            let head = q.head(c);
+            // Acquire: pairs with the publishing CAS in `try_put` (or `repair`'s hole).
+            let seq = head.seq.load(Ordering::Acquire);
+            if seq == c.wrapping_add(1) {
+                // Relaxed: ordered by the Acquire of `seq`.
+                let hole = head.state.load(Ordering::Relaxed) == HOLE;
+                // SAFETY: position `c` is published and not received (we are the only
+                // receiver and have not committed it), so no sender writes the slot until we
+                // give it back. T is Copy and ShmSafe.
+                let value = (!hole).then(|| unsafe { q.value_ptr(c).read() });
+                self.ahead = c.wrapping_add(1);
+                self.stuck = None;
+                match value {
+                    Some(v) => return Ok(Some((c.wrapping_add(1), v))),
+                    None => continue,
+                }
+            }
+            if thorough {
+                // Acquire: pairs with the senders' claim CAS (see `try_take`).
+                let written = h.send.pos.load(Ordering::Acquire);
+                if seq == c && written.wrapping_sub(c) as i64 > 0 {
+                    // Claimed, not published: a sender at work, or a dead one.
+                    if self.stuck == Some(c) && q.repair(true, c, c, c.wrapping_add(1))? {
+                        continue;
+                    }
+                    self.stuck = Some(c);
+                } else if written == c && side_gone(&h.senders, true, &|t| q.alive(t)) {
+                    // Acquire: a last message may have landed.
+                    if head.seq.load(Ordering::Acquire) == c.wrapping_add(1) {
+                        continue;
+                    }
+                    return Err(Error::new(
+                        ErrorKind::Disconnected,
+                        format!("slot queue {:?}: every sender is gone", q.name()),
+                    ));
+                }
+            }
+            return Ok(None);
+        }
+    }
+
+    /// Exclusive receiver: consumes every value read ahead up to sequence number `seq`
+    /// (as returned by [`peek_timeout`](SlotReceiver::peek_timeout)), giving their slots back
+    /// to the senders.
+    pub fn commit(&mut self, seq: u64) -> Result<()> {
+        self.need_exclusive()?;
+        let q = self.q;
+        let h = q.h();
+        let me = &h.receivers.peers[self.idx];
+        if seq > self.ahead {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("slot queue {:?}: commit up to {seq}, but only {} were read ahead", q.name(), self.ahead),
+            ));
+        }
+        let mut n = 0;
+        loop {
+            // Relaxed: only we move it.
+            let pos = h.recv.pos.load(Ordering::Relaxed);
+            if pos >= seq {
+                break;
+            }
+            // As a plain receive (`try_take`): intent, claim, give-back.
+            me.inflight.store(pos, Ordering::Relaxed);
+            if h.recv.pos.compare_exchange(pos, pos.wrapping_add(1), Ordering::Release, Ordering::Relaxed).is_err() {
+                me.inflight.store(IDLE, Ordering::Relaxed);
+                return Err(q.corrupt(format!("the receive position moved under its exclusive receiver at {pos:#x}")));
+            }
+            let head = q.head(pos);
+            // Relaxed: ordered by the Acquire of `seq` when it was read ahead.
+            let hole = head.state.load(Ordering::Relaxed) == HOLE;
+            head.state.store(0, Ordering::Relaxed);
+            // AcqRel: gives the slot back, as in `try_take`.
+            let _ = head.seq.compare_exchange(
+                pos.wrapping_add(1),
+                pos.wrapping_add(q.cap),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            // Release: as in `try_take`.
+            me.inflight.store(IDLE, Ordering::Release);
+            if !hole {
+                h.recv.count.fetch_add(1, Ordering::Relaxed);
+            }
+            n += 1;
+        }
+        if n > 0 {
+            wake(&h.events.space_seq, &h.events.space_waiters, u32::MAX);
+        }
+        Ok(())
+    }
+
+    /// Sequence number of the last value consumed (committed, or received), i.e. the
+    /// receive position.
+    pub fn consumed(&self) -> u64 {
+        // Relaxed: a position.
+        self.q.h().recv.pos.load(Ordering::Relaxed)
+    }
+
+    fn need_exclusive(&self) -> Result<()> {
+        if self.exclusive {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "slot queue {:?}: reading ahead needs the exclusive receiver (`exclusive_receiver`)",
+                self.q.name()
+            ),
+        ))
     }
 
     fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T> {
@@ -773,6 +1153,10 @@ impl<T: crate::ShmSafe + Copy + Send> SlotReceiver<'_, T> {
 impl<T: crate::ShmSafe + Copy + Send> Drop for SlotReceiver<'_, T> {
     fn drop(&mut self) {
         let h = self.q.h();
+        if self.exclusive {
+            // SeqCst: as the word's other stores (see "Exclusive peers").
+            let _ = h.receivers.exclusive.compare_exchange(self.idx as u32 + 1, 0, Ordering::SeqCst, Ordering::Relaxed);
+        }
         // Release: after our last receive; pairs with the Acquire in `side_gone` and the AcqRel
         // CAS in `attach_peer`.
         h.receivers.peers[self.idx].token.store(0, Ordering::Release);
