@@ -57,6 +57,11 @@
  */
 #define SHM_ERR_OS (-8)
 
+/*
+ The platform cannot do this (decommit where memory is freed only with the whole section).
+ */
+#define SHM_ERR_UNSUPPORTED (-9)
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

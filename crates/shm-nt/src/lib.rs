@@ -79,6 +79,8 @@ pub const SHM_ERR_TIMEOUT: c_int = -6;
 pub const SHM_ERR_DISCONNECTED: c_int = -7;
 /// Any other system error.
 pub const SHM_ERR_OS: c_int = -8;
+/// The platform cannot do this (decommit where memory is freed only with the whole section).
+pub const SHM_ERR_UNSUPPORTED: c_int = -9;
 
 const OBJECTS_HEAP: &str = "shm_nt.objects";
 const OBJECTS_HEAP_SIZE: u64 = 1 << 20;
@@ -117,6 +119,7 @@ fn code(kind: ErrorKind) -> c_int {
         ErrorKind::Corrupt => SHM_ERR_CORRUPT,
         ErrorKind::Timeout | ErrorKind::WouldBlock => SHM_ERR_TIMEOUT,
         ErrorKind::Disconnected => SHM_ERR_DISCONNECTED,
+        ErrorKind::Unsupported => SHM_ERR_UNSUPPORTED,
         _ => SHM_ERR_OS,
     }
 }

@@ -179,8 +179,24 @@ const SECTION: Shape = &[
     ("queue_error", T::Opt(&T::Str)),
 ];
 const DAMAGED: Shape = &[("slot", T::U64), ("name", T::Str), ("generation", T::U64), ("problem", T::Str)];
-const LS: Shape =
-    &[("domain", T::Str), ("sections", T::List(SECTION)), ("damaged", T::List(DAMAGED)), ("problems", T::Strs)];
+const TUNNEL: Shape = &[
+    ("section", T::Str),
+    ("end", T::Str),
+    ("key", T::Str),
+    ("alive", T::Bool),
+    ("pid", T::Opt(&T::U64)),
+    ("forwarded", T::Opt(&T::U64)),
+    ("per_s", T::Opt(&T::F64)),
+    ("in_flight", T::Opt(&T::U64)),
+    ("error", T::Opt(&T::Str)),
+];
+const LS: Shape = &[
+    ("domain", T::Str),
+    ("sections", T::List(SECTION)),
+    ("damaged", T::List(DAMAGED)),
+    ("problems", T::Strs),
+    ("tunnels", T::List(TUNNEL)),
+];
 const PROCESS: Shape = &[("pid", T::U64), ("uid", T::U64), ("attached_at", T::U64), ("alive", T::Bool)];
 const DOMAIN: Shape = &[
     ("name", T::Str),
@@ -315,6 +331,7 @@ const TOP: Shape = &[
             ("state", T::Str),
         ]),
     ),
+    ("tunnels", T::List(TUNNEL)),
 ];
 const ERROR: Shape = &[("error", T::Obj(&[("kind", T::Str), ("message", T::Str)]))];
 

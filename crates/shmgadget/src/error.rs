@@ -44,6 +44,9 @@ pub enum ErrorKind {
     WouldBlock,
     /// The other side of a queue is gone: every sender (or every receiver) detached or died.
     Disconnected,
+    /// The platform cannot do this (for example decommit of a section's pages under Wine,
+    /// where memory is freed only with the whole section).
+    Unsupported,
     /// Any other operating-system error.
     Os,
 }
@@ -76,6 +79,8 @@ impl Error {
             ErrorKind::NotFound
         } else if err.is_exists() {
             ErrorKind::AlreadyExists
+        } else if err.kind() == io::ErrorKind::Unsupported {
+            ErrorKind::Unsupported
         } else {
             ErrorKind::Os
         };

@@ -1,4 +1,5 @@
 //! Guard pages after large heap blocks (issue 16, guard mode), across real processes.
+#![cfg(unix)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! processes. Each test reserves the huge pages it needs (`/proc/sys/vm/nr_hugepages`), mounts
 //! a hugetlbfs in a temporary directory, and restores both afterwards. Where that cannot be
 //! done (not root, no hugetlbfs, the kernel gives fewer pages) the test prints why and skips.
+#![cfg(unix)]
 
 mod common;
 

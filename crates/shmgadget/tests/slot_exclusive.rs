@@ -1,6 +1,7 @@
 //! Exclusive slot-queue peers (tunnel ends) between real processes: read-ahead that survives
 //! `kill -9` of the reader, and a killed exclusive sender whose unfinished send is finished by
 //! its successor instead of becoming a hole.
+#![cfg(unix)]
 
 mod common;
 

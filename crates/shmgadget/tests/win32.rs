@@ -462,6 +462,7 @@ fn decommit_is_a_clear_error_and_commit_works() {
             eprintln!("decommit freed the range");
         }
         Err(err) => {
+            assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
             assert!(err.to_string().contains("not supported on Windows"), "{err}");
             eprintln!("decommit: {err}");
         }
