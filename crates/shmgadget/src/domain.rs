@@ -496,7 +496,10 @@ fn ensure_mapped_range(start: usize, len: usize) -> Result<()> {
     })?;
     // Real handles (not bare Arcs): if every other handle goes away meanwhile, dropping these
     // still detaches the domain properly.
-    let domains = attached_domains();
+    let domains = attached_domains_where(|a| {
+        let base = a.window_base as usize;
+        base < end && start < base + a.window_size as usize
+    });
     let mut at = start;
     loop {
         let Some(domain) = domains.iter().find(|d| d.contains(at)) else {
@@ -518,10 +521,13 @@ fn ensure_mapped_range(start: usize, len: usize) -> Result<()> {
     }
 }
 
-/// Real handles to every domain this process has attached (dropping them detaches properly
-/// if every other handle went away meanwhile).
-pub(crate) fn attached_domains() -> Vec<Domain> {
-    attached().values().map(|inner| Domain { inner: inner.clone() }).collect()
+/// Real handles to the domains this process has attached that `keep` selects (dropping them
+/// detaches properly if every other handle went away meanwhile). Only those are cloned: a
+/// handle held here, even for a moment, makes a concurrent `Domain::detach` of that domain on
+/// another thread leave the detaching to the last handle, so a lookup must never hold handles
+/// to domains it does not need.
+pub(crate) fn attached_domains_where(keep: impl Fn(&Attachment) -> bool) -> Vec<Domain> {
+    attached().values().filter(|inner| keep(inner)).map(|inner| Domain { inner: inner.clone() }).collect()
 }
 
 /// The attachment whose window holds `addr`, if this process has one (a bare `Arc`: dropping it

@@ -210,16 +210,15 @@ impl MappedFile {
                     .map(|(b, c, p)| format!("mapped file {} ({b:#x}-{:#x})", p.display(), b + c))
                     .collect();
                 shown.extend(
-                    crate::domain::attached_domains()
-                        .iter()
-                        .filter(|d| {
-                            let (b, len) = d.window();
-                            b < end && b + len > base
-                        })
-                        .map(|d| {
-                            let (b, len) = d.window();
-                            format!("the window of domain {:?} ({b:#x}-{:#x})", d.name(), b + len)
-                        }),
+                    crate::domain::attached_domains_where(|a| {
+                        let (b, len) = (a.window_base as usize, a.window_size as usize);
+                        b < end && b + len > base
+                    })
+                    .iter()
+                    .map(|d| {
+                        let (b, len) = d.window();
+                        format!("the window of domain {:?} ({b:#x}-{:#x})", d.name(), b + len)
+                    }),
                 );
                 if shown.is_empty() {
                     shown = os::mappings_overlapping(base, capacity).into_iter().take(5).collect();

@@ -20,7 +20,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::attachment::resolve_shm_dir;
-use crate::domain::attached_domains;
+use crate::domain::attached_domains_where;
 use crate::error::{Error, Result};
 use crate::inspect::{DomainEntry, DomainReport, list_domains};
 use crate::names;
@@ -208,7 +208,7 @@ pub fn system_page_size() -> u64 {
 pub fn query(addr: usize) -> AddressInfo {
     let a = addr as u64;
     let region = os::region_at(addr);
-    if let Some(domain) = attached_domains().into_iter().find(|d| d.contains(addr)) {
+    if let Some(domain) = attached_domains_where(|a| a.contains(addr)).into_iter().next() {
         let inner = &domain.inner;
         let reg = &inner.registry;
         let sections: Vec<_> = reg
@@ -244,7 +244,8 @@ pub fn query(addr: usize) -> AddressInfo {
     }) {
         info.protection = region.map(|r| protection_name(r.protection));
         // The section's own fields, if its domain is attached here.
-        if let Some(d) = attached_domains().into_iter().find(|d| Some(d.name()) == info.domain.as_deref()) {
+        if let Some(d) = attached_domains_where(|a| Some(a.name.as_str()) == info.domain.as_deref()).into_iter().next()
+        {
             let reg = &d.inner.registry;
             let name = info.section.clone().unwrap_or_default();
             let live = reg.entries().into_iter().find(|r| r.state == crate::registry::LIVE && r.name.as_str() == name);

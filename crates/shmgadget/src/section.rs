@@ -847,8 +847,8 @@ impl CreatorWait {
 
 /// The section covering `addr` in a domain attached by this process, opened (and mapped).
 pub(crate) fn section_at(addr: usize) -> Result<Section> {
-    let domains = crate::domain::attached_domains();
-    let Some(domain) = domains.iter().find(|d| d.contains(addr)) else {
+    let domains = crate::domain::attached_domains_where(|a| a.contains(addr));
+    let Some(domain) = domains.first() else {
         bail!(InvalidArgument, "address {addr:#x} is not inside the window of any domain attached in this process");
     };
     let off = (addr - domain.inner.window_base as usize) as u64;
