@@ -104,3 +104,13 @@ pub fn write_stderr(msg: &[u8]) {
         rest = &rest[n as usize..];
     }
 }
+
+/// Windows runs a vectored exception handler on the faulting thread's own stack: there is no
+/// alternate signal stack to give a thread.
+pub fn ensure_signal_stack(_min: usize) {}
+
+/// How much room the handler's stack has left, where an alternate stack is used: never on
+/// Windows (the faulting thread's own stack), so the handler need not refuse.
+pub fn signal_stack_room() -> Option<usize> {
+    None
+}

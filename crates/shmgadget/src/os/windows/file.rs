@@ -63,3 +63,9 @@ pub unsafe fn map_file_fixed(object: &Object, addr: usize, len: usize, file_offs
     // SAFETY: forwarded from the caller.
     unsafe { super::map::map_at(object, addr, len, file_offset, Access::ReadWrite) }
 }
+
+/// Opens a user's file from the fault handler (Linux maps a file-backed section on first
+/// touch). File-backed sections are not supported on Windows yet, so neither is this.
+pub fn open_file_cstr(_path: &std::ffi::CStr) -> io::Result<Object> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "file-backed sections are not supported on Windows yet"))
+}

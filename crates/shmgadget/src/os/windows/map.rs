@@ -211,3 +211,8 @@ pub fn mappings_overlapping(addr: usize, len: usize) -> Vec<String> {
 
 /// The highest user-space address plus one (Windows 8.1 and later, x86_64: 128 TiB).
 pub const USER_ADDRESS_LIMIT: u64 = 0x7fff_ffff_0000;
+
+/// Transparent huge pages have no Windows counterpart for shared views (large pages need
+/// `SeLockMemoryPrivilege` and `SEC_LARGE_PAGES` at creation): the setting is accepted and
+/// has no effect.
+pub fn set_huge_advice(_on: bool) {}

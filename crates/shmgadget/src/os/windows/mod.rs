@@ -26,11 +26,16 @@ mod wait;
 mod wide;
 
 pub use error::ErrorExt;
-pub use fault::{FaultHook, FaultSignal, fault_hook_installed, install_fault_hook, write_stderr};
-pub use file::{OpenFile, map_file_fixed, open_file};
+pub use fault::{
+    FaultHook, FaultSignal, ensure_signal_stack, fault_hook_installed, install_fault_hook, signal_stack_room,
+    write_stderr,
+};
+pub use file::{OpenFile, map_file_fixed, open_file, open_file_cstr};
 pub use liveness::{TokenCell, fork_generation, install_fork_handlers, token_for_address};
 pub use lock::DirLock;
-pub use map::{USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, unmap};
+pub use map::{
+    USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, set_huge_advice, unmap,
+};
 pub use memory::{FlushMode, Protection, Region, ViewKind, flush, map_view, protect, region_at, resident_pages};
 pub use object::{Access, Dir, Object, ObjectId, ObjectStat, list_dir};
 pub use process::{

@@ -121,6 +121,12 @@ fn file_info(h: &OwnedHandle) -> io::Result<BY_HANDLE_FILE_INFORMATION> {
 }
 
 impl Dir {
+    /// The page size objects in this directory are sized and committed in: the system page
+    /// (large pages need a privilege shmgadget does not ask for).
+    pub fn page_size(&self) -> io::Result<usize> {
+        Ok(super::map::page_size())
+    }
+
     /// Opens a directory: checks that it is one (`GetFileAttributesW`) and remembers its
     /// absolute path. The default shm directory is created if it does not exist yet.
     pub fn open(path: &Path) -> io::Result<Dir> {
@@ -300,6 +306,11 @@ pub(super) fn at_offset(offset: u64) -> OVERLAPPED {
 }
 
 impl Object {
+    /// The page size this object is sized and committed in: the system page.
+    pub fn page_size(&self) -> io::Result<usize> {
+        Ok(super::map::page_size())
+    }
+
     /// Another handle to the same open file (`DuplicateHandle`): it shares the file's byte
     /// locks, as a duplicated descriptor shares an open file description's.
     pub fn try_clone(&self) -> io::Result<Object> {
