@@ -5,12 +5,12 @@
 //! A domain made by [`Domain::attach_with`] lives while it has a section or an attached
 //! process: the last process to leave an empty domain removes its registry, and so does `gc`.
 //! A domain made by [`create_domain`] is *kept*: it stays, empty and unattached, until
-//! [`remove_domain`]. The mark is the sticky bit (`0o1000`) of the registry object's mode,
-//! set by the creator while it holds the shm directory's lock, before any other process can
-//! see the domain, and never cleared (the object goes as a whole). It is not part of the
-//! registry's shared layout: a reader that does not know it (an older build) sees an ordinary
-//! domain and may remove it once empty, which is what that build would do with any domain.
-//! The mode bits (`0o777`) of the registry are its permissions: who may attach. Sections made
+//! [`remove_domain`]. The mark is a flag in the registry header (`FLAG_KEPT`, registry
+//! layout 7), set under the registry lock by the creator while it is attached and before any
+//! other process is told the domain exists, and never cleared (the registry goes as a whole).
+//! Every decision to remove an empty registry (the last detach, `gc`) reads it under the same
+//! lock. (Until layout 6 the mark was the registry object's sticky bit, which Windows files do
+//! not have.) The mode bits (`0o777`) of the registry are its permissions: who may attach. Sections made
 //! later default to the same bits ([`crate::SectionOptions::DOMAIN_MODE`]).
 //!
 //! # Removal
@@ -30,7 +30,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::inspect::{self, DomainReport};
 use crate::names::{self, ObjectName};
 use crate::os::{self, ErrorExt};
-use crate::registry::{KEEP_BIT, Registry};
+use crate::registry::Registry;
 use crate::{Domain, DomainOptions};
 
 /// How long [`remove_domain`] waits for the registry lock before giving up.
@@ -62,7 +62,9 @@ pub fn domain_details(name: &str, shm_dir: Option<&Path>) -> Result<DomainDetail
         .open_object(&names::registry_object(name), os::Access::Read)
         .map_err(|e| Error::from_io(format!("cannot open the registry of domain {name:?}"), e))?;
     let st = fd.stat().map_err(|e| Error::from_io("cannot stat the registry", e))?;
-    Ok(DomainDetails { report, owner_uid: st.uid, kept: st.mode & KEEP_BIT != 0, registry_bytes: st.size })
+    // The header only (no tables); another user's domain is readable here as `ls` reads it.
+    let kept = Registry::snapshot(dir, name, true, false)?.is_kept();
+    Ok(DomainDetails { report, owner_uid: st.uid, kept, registry_bytes: st.size })
 }
 
 /// Creates domain `name` with `opts` (its `mode` decides who may attach and is the default
@@ -88,12 +90,14 @@ pub fn create_domain(name: &str, opts: &DomainOptions) -> Result<DomainDetails> 
     }
     let domain = Domain::attach_with(name, &DomainOptions { must_exist: false, ..opts.clone() })?;
     // The kept mark, set while this process is attached (so no detach can remove the empty
-    // registry meanwhile) and before anyone is told the domain exists.
+    // registry meanwhile) and before anyone is told the domain exists; and the registry's
+    // mode exactly as asked (the umask may have narrowed it at creation).
     let object = names::registry_object(name);
-    let marked = dir
-        .open_object(&object, os::Access::ReadWrite)
-        .and_then(|fd| fd.set_mode((opts.sharing.posix_mode() & 0o777) | KEEP_BIT))
-        .map_err(|e| Error::from_io(format!("cannot mark domain {name:?} as kept"), e));
+    let marked = domain.mark_kept().and_then(|()| {
+        dir.open_object(&object, os::Access::ReadWrite)
+            .and_then(|fd| fd.set_mode(opts.sharing.posix_mode() & 0o777))
+            .map_err(|e| Error::from_io(format!("cannot set the mode of domain {name:?}"), e))
+    });
     let fresh = domain.processes().len() == 1 && domain.sections().is_empty();
     let detached = domain.detach();
     marked?;

@@ -438,7 +438,7 @@ fn gc_domain(
         }
     }
     // A domain made to last (`domain create`) stays while empty, until `domain rm`.
-    if sound && !guard.any_slot_used() && !guard.others_alive() && !registry::is_kept(dir_fd, d) {
+    if sound && !guard.any_slot_used() && !guard.others_alive() && !reg.is_kept() {
         remove_registry(dir_fd, d)?;
         out.removed_domains.push(d.to_owned());
         return Ok(Verdict::Gone { remove: true });

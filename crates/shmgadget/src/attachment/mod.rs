@@ -288,7 +288,7 @@ impl Attachment {
         }
         // Any slot in use, even a damaged one, keeps the registry: removing it would orphan
         // the objects that slot may refer to. So does a domain made to last (`domain create`).
-        if !guard.any_slot_used() && !registry::is_kept(self.registry.dir(), &self.name) {
+        if !guard.any_slot_used() && !self.registry.is_kept() {
             let object = names::registry_object(&self.name);
             if let Err(e) = self.registry.dir().unlink_object(&object) {
                 first_err.get_or_insert(Error::from_io(format!("cannot remove registry {object:?}"), e));

@@ -35,7 +35,7 @@ pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
 /// 3: section entries carry their creator's token and a ready word (all-or-nothing creation).
 /// 5: the tables live in segments backed one by one as the domain grows (`segments_backed`).
 /// 6: the lock is shmgadget's own robust lock (`sync::robust`), not a glibc mutex.
-pub(super) const LAYOUT_VERSION: u32 = 6;
+pub(super) const LAYOUT_VERSION: u32 = 7;
 pub(super) const READY: u32 = 0x5244_5921; // "RDY!"
 
 /// Entry states (see the table in the module docs).
@@ -159,7 +159,15 @@ pub(crate) struct RegistryShared {
     pub(super) lock_owner: AtomicU64,
     pub(super) domain: [AtomicU64; 8],
     pub(super) lock: RobustLock,
+    /// Domain-wide marks ([`FLAG_KEPT`]); changed under `lock`.
+    pub(super) flags: AtomicU32,
+    _pad_flags: AtomicU32,
 }
+
+/// [`RegistryShared::flags`]: the domain was made to last (`shmgadget domain create`,
+/// [`crate::admin`]) and is not removed when it becomes empty (by the last detach or by `gc`),
+/// only by `domain rm`. A header field, so the mark means the same on every platform.
+pub(crate) const FLAG_KEPT: u32 = 1;
 
 /// One section slot.
 #[repr(C)]
@@ -201,7 +209,8 @@ pub(crate) struct ProcEntryShared {
 }
 
 const _: () = {
-    assert!(size_of::<RegistryShared>() == 256);
+    assert!(size_of::<RegistryShared>() == 272);
+    assert!(offset_of!(RegistryShared, flags) == 256);
     assert!(offset_of!(RegistryShared, domain) == 128);
     assert!(offset_of!(RegistryShared, lock) == 192);
     assert!(offset_of!(RegistryShared, lock_owner) == 120);
@@ -243,8 +252,9 @@ pub(super) const SEGMENT_PROCS: u32 = 64;
 /// A hash of everything that decides the shared layout, so two builds that disagree on it
 /// refuse each other's registries instead of misreading them.
 pub(super) const ABI_FINGERPRINT: u32 = {
-    let parts: [u64; 18] = [
+    let parts: [u64; 19] = [
         LAYOUT_VERSION as u64,
+        offset_of!(RegistryShared, flags) as u64,
         offset_of!(RegistryShared, segments_backed) as u64,
         SEGMENT_CHUNKS,
         SEGMENT_SECTIONS as u64,

@@ -206,19 +206,6 @@ unsafe impl Send for Registry {}
 // SAFETY: as above.
 unsafe impl Sync for Registry {}
 
-/// The mark of a domain made to last (`shmgadget domain create`, [`crate::admin`]): the
-/// registry object's sticky bit. Such a domain is not removed when it becomes empty (by the last
-/// detach or by `gc`), only by `domain rm`. A mode bit rather than a header field, so the mark
-/// needs no layout change and a build that does not know it sees an ordinary domain.
-pub(crate) const KEEP_BIT: u32 = 0o1000;
-
-/// Whether domain `domain`'s registry object in `dir` carries [`KEEP_BIT`]. Unreadable: not kept.
-pub(crate) fn is_kept(dir: &os::Dir, domain: &str) -> bool {
-    dir.open_object(&object_names::registry_object(domain), os::Access::Read)
-        .and_then(|o| o.stat())
-        .is_ok_and(|st| st.mode & KEEP_BIT != 0)
-}
-
 fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -633,6 +620,13 @@ impl Registry {
         &self.dir
     }
 
+    /// Whether the domain is made to last ([`FLAG_KEPT`]): kept while empty, until `domain rm`.
+    /// Decisions that depend on it (removing an empty registry) read it under the lock.
+    pub(crate) fn is_kept(&self) -> bool {
+        // Relaxed: changed and decided on under the registry lock (`RegistryGuard::mark_kept`).
+        self.header().flags.load(Ordering::Relaxed) & FLAG_KEPT != 0
+    }
+
     fn header(&self) -> &RegistryShared {
         // SAFETY: the mapping is at least `size_of::<RegistryShared>()` bytes (checked in
         // `open`, made so in `create`), page-aligned, lives as long as `self`, and every field
@@ -737,7 +731,7 @@ mod tests {
     fn layout_is_page_rounded_and_ordered() {
         let l = Layout::compute(4096, 1024, DEFAULT_WINDOW_SIZE).unwrap();
         let page = os::page_size() as u64;
-        assert_eq!(l.names_offset, 256);
+        assert_eq!(l.names_offset, size_of::<RegistryShared>() as u64);
         assert!(l.sections_offset >= l.names_offset + l.name_buckets * 4);
         assert_eq!(l.sections_offset % page, 0);
         assert_eq!(l.segment_size % page, 0);

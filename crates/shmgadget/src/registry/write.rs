@@ -199,6 +199,13 @@ impl RegistryGuard<'_> {
         (0..self.reg.backed_slots()).filter_map(|s| self.locked_entry(s)).collect()
     }
 
+    /// Marks the domain as made to last ([`super::FLAG_KEPT`]): an empty domain is then kept
+    /// until `domain rm` instead of being removed by its last detach or by `gc`.
+    pub fn mark_kept(&self) {
+        // Relaxed: under the lock, as every reader that decides on it.
+        self.reg.header().flags.fetch_or(super::FLAG_KEPT, Ordering::Relaxed);
+    }
+
     /// Whether any slot is in use, valid or not: a registry with damaged entries is never
     /// "empty" (removing it would orphan their objects).
     pub fn any_slot_used(&self) -> bool {

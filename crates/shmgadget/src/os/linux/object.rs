@@ -135,8 +135,6 @@ pub struct ObjectStat {
     pub uid: u32,
     /// Whether it is a regular file.
     pub is_regular: bool,
-    /// Permission bits and the sticky bit (`st_mode & 0o7777`).
-    pub mode: u32,
     /// Which object this is: equal identities mean the same object.
     pub identity: ObjectId,
 }
@@ -169,16 +167,15 @@ impl ObjectStat {
             allocated: (st.st_blocks as u64).saturating_mul(512),
             uid: st.st_uid,
             is_regular: file_type == rustix::fs::FileType::RegularFile,
-            mode: st.st_mode & 0o7777,
             identity: ObjectId { dev: st.st_dev, ino: st.st_ino },
         }
     }
 }
 
 impl Object {
-    /// Sets the object's permission bits and sticky bit (`mode & 0o1777`), `fchmod(2)`.
+    /// Sets the object's permission bits (`mode & 0o777`), `fchmod(2)`.
     pub fn set_mode(&self, mode: u32) -> io::Result<()> {
-        Ok(rustix::fs::fchmod(&self.0, rustix::fs::Mode::from_raw_mode(mode & 0o1777))?)
+        Ok(rustix::fs::fchmod(&self.0, rustix::fs::Mode::from_raw_mode(mode & 0o777))?)
     }
 
     /// Sets the object's size, `ftruncate(2)`. Growing it makes a sparse hole that costs

@@ -253,8 +253,6 @@ pub struct ObjectStat {
     pub uid: u32,
     /// Whether it is a regular file (not a directory or a reparse point).
     pub is_regular: bool,
-    /// Permission bits: 0o600 (0o400 when read-only); Windows keeps access in ACLs.
-    pub mode: u32,
     /// Which object this is: equal identities mean the same object.
     pub identity: ObjectId,
 }
@@ -287,7 +285,6 @@ fn stat_handle(h: &OwnedHandle) -> io::Result<ObjectStat> {
         allocated,
         uid: 0,
         is_regular: attrs & (FILE_ATTRIBUTE_DIRECTORY | FILE_ATTRIBUTE_REPARSE_POINT) == 0,
-        mode: if attrs & windows_sys::Win32::Storage::FileSystem::FILE_ATTRIBUTE_READONLY != 0 { 0o400 } else { 0o600 },
         identity: ObjectId {
             volume: info.dwVolumeSerialNumber,
             index: ((info.nFileIndexHigh as u64) << 32) | info.nFileIndexLow as u64,
