@@ -212,11 +212,14 @@ impl Domain {
         Ok(domain)
     }
 
-    /// Detaches this handle. When it is the process's last handle to the domain (sections hold
-    /// handles too), the domain is detached: every section is unmapped from this process; if
-    /// no other live process is attached, transient sections are deleted, and the registry too
-    /// when no persistent section remains. Dropping the last handle does the same, silently.
-    pub fn detach(self) -> Result<()> {
+    /// Detaches this handle. When it is the process's last handle to the domain (sections,
+    /// heaps, queues, sync objects and a thread's heap cache hold handles too), the domain is
+    /// detached: every section is unmapped from this process; if no other live process is
+    /// attached, transient sections are deleted, and the registry too when no persistent
+    /// section remains ([`Detached::Done`]). Otherwise nothing happens yet: the domain is
+    /// detached when the last of those handles is dropped, and [`Detached::Deferred`] says how
+    /// many there are. Dropping the last handle detaches too, silently.
+    pub fn detach(self) -> Result<Detached> {
         let mut table = attached();
         self.release(&mut table)
     }
@@ -245,17 +248,26 @@ impl Domain {
         result
     }
 
-    fn release(&self, table: &mut HashMap<Key, Arc<Attachment>>) -> Result<()> {
+    fn release(&self, table: &mut HashMap<Key, Arc<Attachment>>) -> Result<Detached> {
         // Our handle plus the table's: nobody else can clone it now (cloning needs a handle,
         // attaching needs the table lock we hold). An attachment the table no longer holds was
-        // left at exit (`detach_at_exit`): its memory stays.
-        if Arc::strong_count(&self.inner) == 2 {
-            let key = (self.inner.shm_dir.clone(), self.inner.name.clone());
-            if table.get(&key).is_some_and(|a| Arc::ptr_eq(a, &self.inner)) {
-                table.remove(&key);
-                return teardown(&self.inner);
-            }
+        // left at exit (`detach_at_exit`): its memory stays, and there is nothing left to do.
+        let key = (self.inner.shm_dir.clone(), self.inner.name.clone());
+        if !table.get(&key).is_some_and(|a| Arc::ptr_eq(a, &self.inner)) {
+            return Ok(Detached::Done);
         }
+        match Arc::strong_count(&self.inner) - 2 {
+            0 => {
+                table.remove(&key);
+                teardown(&self.inner).map(|()| Detached::Done)
+            }
+            handles => Ok(Detached::Deferred { handles }),
+        }
+    }
+
+    /// Marks the domain as made to last (see [`crate::admin::create_domain`]).
+    pub(crate) fn mark_kept(&self) -> Result<()> {
+        self.inner.registry.lock()?.mark_kept();
         Ok(())
     }
 
@@ -316,6 +328,20 @@ fn teardown(inner: &Attachment) -> Result<()> {
     let result = inner.leave_registry();
     release_window(inner.window_base, inner.window_size);
     result
+}
+
+/// What [`Domain::detach`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detached {
+    /// The handle was the process's last one: the domain is detached from this process.
+    Done,
+    /// Other handles of this process keep the domain attached (a [`crate::Section`], a heap,
+    /// a queue end, a thread's heap cache, a clone of the [`Domain`]); it is detached when the
+    /// last of them is dropped.
+    Deferred {
+        /// How many handles were left when this one was given up.
+        handles: usize,
+    },
 }
 
 impl Drop for Domain {
@@ -624,5 +650,25 @@ mod tests {
         assert_eq!(d.peer_pid(second), os::current_pid());
         d.delete_section("keep").unwrap();
         d.detach().unwrap();
+    }
+
+    #[test]
+    fn detach_says_whether_other_handles_keep_the_domain_attached() {
+        let name = format!("u-detach-{}", std::process::id());
+        let d = Domain::attach_with(&name, &opts()).unwrap();
+        let s = d.create_section("s", 4096, &SectionOptions::default()).unwrap();
+        let again = d.clone();
+        assert_eq!(d.detach().unwrap(), Detached::Deferred { handles: 2 }, "the section and the clone");
+        assert_eq!(again.detach().unwrap(), Detached::Deferred { handles: 1 }, "the section");
+        // The section's handle still works: the domain is still attached.
+        s.commit(4096).unwrap();
+        let d = s.domain().clone();
+        drop(s);
+        d.delete_section("s").unwrap();
+        assert_eq!(d.detach().unwrap(), Detached::Done);
+        assert!(
+            !attached().contains_key(&(PathBuf::from(DEFAULT_SHM_DIR), name.clone())),
+            "detached from this process"
+        );
     }
 }

@@ -71,7 +71,7 @@ mod shm_safe;
 pub mod sync;
 mod view;
 
-pub use domain::{DEFAULT_SHM_DIR, Domain, DomainOptions, default_domain_name, ensure_mapped};
+pub use domain::{DEFAULT_SHM_DIR, Detached, Domain, DomainOptions, default_domain_name, ensure_mapped};
 pub use error::{Error, ErrorKind, Result};
 pub use fault::{MAX_ATTACHED_DOMAINS, first_touch_maps, handler_installed};
 pub use mapped_file::{FlushMode, MappedFile};
