@@ -152,74 +152,54 @@ fn gc_removes_a_never_ready_section_whose_creator_died_and_keeps_one_whose_creat
 
 #[test]
 fn a_create_on_a_full_tmpfs_leaves_no_entry_and_no_object() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
-    let mnt = std::env::temp_dir().join(format!("shmg-full-{}", std::process::id()));
-    std::fs::create_dir_all(&mnt).unwrap();
     // 8 MiB and 4 inodes: the root, the registry, the filler and one more object.
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m,nr_inodes=4", "shmg-test"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let _ = std::fs::remove_dir(&mnt);
-        eprintln!("skipped: could not mount a tmpfs (no CAP_SYS_ADMIN in this container?)");
-        return;
+    let Some(fs) = Tmpfs::mount("full", "size=8m,nr_inodes=4") else { return };
+    let mnt = fs.path.clone();
+    let domain = unique_domain("full");
+    let opts = DomainOptions { shm_dir: Some(mnt.clone()), ..small(GIB) };
+    let d = Domain::attach_with(&domain, &opts).unwrap();
+    let files = || {
+        let mut v: Vec<String> =
+            std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    let fill = d.create_section("fill", 8 * MIB, &SectionOptions::new()).unwrap();
+    // Fill the store: commit as much as it takes.
+    let mut committed = 0;
+    while fill.commit(committed + 256 * 1024).is_ok() {
+        committed += 256 * 1024;
     }
-    let result = std::panic::catch_unwind(|| {
-        let domain = unique_domain("full");
-        let opts = DomainOptions { shm_dir: Some(mnt.clone()), ..small(GIB) };
-        let d = Domain::attach_with(&domain, &opts).unwrap();
-        let files = || {
-            let mut v: Vec<String> =
-                std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-            v.sort();
-            v
-        };
-        let fill = d.create_section("fill", 8 * MIB, &SectionOptions::new()).unwrap();
-        // Fill the store: commit as much as it takes.
-        let mut committed = 0;
-        while fill.commit(committed + 256 * 1024).is_ok() {
-            committed += 256 * 1024;
-        }
-        let before = files();
-        assert_eq!(before.len(), 2, "{before:?}");
-        // Heaps and queues fail at their first commit, after their object exists.
-        let err = Heap::create(&d, "heap", 4 * MIB).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
-        let err = Heap::create_or_open(&d, "heap2", 4 * MIB).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
-        let err = ByteQueue::create(&d, "queue", MIB).err().expect("no room for the ring");
-        assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
-        let err = SlotQueue::<u64>::create_or_open(&d, "slots", 1 << 16).err().expect("no room for the slots");
-        assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
-        // A raw section is sparse (nothing to commit), so it fails only for want of an inode.
-        let one = d.create_section("one-more", MIB, &SectionOptions::new()).unwrap();
-        let err = d.create_section("no-inode", MIB, &SectionOptions::new()).unwrap_err();
-        assert!(err.to_string().contains("no-inode"), "{err}");
-        drop(one);
-        d.delete_section("one-more").unwrap();
-        let names: Vec<String> = d.sections().into_iter().map(|s| s.name).collect();
-        assert_eq!(names, vec!["fill".to_owned()], "the registry has no entry of a failed create");
-        assert_eq!(files(), before, "no object of a failed create is left");
-        // Every name is free again once there is room.
-        fill.decommit(0, 8 * MIB).unwrap();
-        let heap = Heap::create(&d, "heap", 4 * MIB).unwrap();
-        heap.check().unwrap();
-        drop((heap, fill));
-        for s in d.sections() {
-            d.delete_section(&s.name).unwrap();
-        }
-        d.detach().unwrap();
-        assert!(files().is_empty(), "nothing left in the tmpfs: {:?}", files());
-    });
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
-    let _ = std::fs::remove_dir(&mnt);
-    result.unwrap();
+    let before = files();
+    assert_eq!(before.len(), 2, "{before:?}");
+    // Heaps and queues fail at their first commit, after their object exists.
+    let err = Heap::create(&d, "heap", 4 * MIB).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+    let err = Heap::create_or_open(&d, "heap2", 4 * MIB).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+    let err = ByteQueue::create(&d, "queue", MIB).err().expect("no room for the ring");
+    assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+    let err = SlotQueue::<u64>::create_or_open(&d, "slots", 1 << 16).err().expect("no room for the slots");
+    assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+    // A raw section is sparse (nothing to commit), so it fails only for want of an inode.
+    let one = d.create_section("one-more", MIB, &SectionOptions::new()).unwrap();
+    let err = d.create_section("no-inode", MIB, &SectionOptions::new()).unwrap_err();
+    assert!(err.to_string().contains("no-inode"), "{err}");
+    drop(one);
+    d.delete_section("one-more").unwrap();
+    let names: Vec<String> = d.sections().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, vec!["fill".to_owned()], "the registry has no entry of a failed create");
+    assert_eq!(files(), before, "no object of a failed create is left");
+    // Every name is free again once there is room.
+    fill.decommit(0, 8 * MIB).unwrap();
+    let heap = Heap::create(&d, "heap", 4 * MIB).unwrap();
+    heap.check().unwrap();
+    drop((heap, fill));
+    for s in d.sections() {
+        d.delete_section(&s.name).unwrap();
+    }
+    d.detach().unwrap();
+    assert!(files().is_empty(), "nothing left in the tmpfs: {:?}", files());
 }
 
 #[test]

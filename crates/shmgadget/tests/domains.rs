@@ -314,43 +314,23 @@ fn sparse_64gib_section_costs_only_what_is_written_and_decommit_frees_it_for_eve
 
 #[test]
 fn commit_past_a_full_tmpfs_is_a_clean_out_of_space_error() {
-    let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false) || unsafe_geteuid() == 0;
-    if !is_root {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
-    let mnt = std::env::temp_dir().join(format!("shmg-tmpfs-{}", std::process::id()));
-    std::fs::create_dir_all(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "shmg-test"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let _ = std::fs::remove_dir(&mnt);
-        eprintln!("skipped: could not mount a tmpfs (no CAP_SYS_ADMIN in this container?)");
-        return;
-    }
-    let result = std::panic::catch_unwind(|| {
-        let domain = unique_domain("enospc");
-        let opts = DomainOptions { shm_dir: Some(mnt.clone()), ..small(GIB) };
-        let d = Domain::attach_with(&domain, &opts).unwrap();
-        let s = d.create_section("fill", 64 * MIB, &SectionOptions::new()).unwrap();
-        let err = s.commit(32 * MIB).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
-        assert!(err.to_string().contains("full"), "message says what to do: {err}");
-        // The process keeps running and smaller commits still work.
-        s.commit(MIB).unwrap();
-        // SAFETY: the first MiB is committed, written by this thread only.
-        unsafe { s.as_ptr().write_bytes(1, MIB as usize) };
-        drop(s);
-        d.delete_section("fill").unwrap();
-        d.detach().unwrap();
-        assert!(std::fs::read_dir(&mnt).unwrap().next().is_none(), "nothing left in the tmpfs");
-    });
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
-    let _ = std::fs::remove_dir(&mnt);
-    result.unwrap();
+    let Some(fs) = Tmpfs::mount("tmpfs", "size=8m") else { return };
+    let mnt = fs.path.clone();
+    let domain = unique_domain("enospc");
+    let opts = DomainOptions { shm_dir: Some(mnt.clone()), ..small(GIB) };
+    let d = Domain::attach_with(&domain, &opts).unwrap();
+    let s = d.create_section("fill", 64 * MIB, &SectionOptions::new()).unwrap();
+    let err = s.commit(32 * MIB).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+    assert!(err.to_string().contains("full"), "message says what to do: {err}");
+    // The process keeps running and smaller commits still work.
+    s.commit(MIB).unwrap();
+    // SAFETY: the first MiB is committed, written by this thread only.
+    unsafe { s.as_ptr().write_bytes(1, MIB as usize) };
+    drop(s);
+    d.delete_section("fill").unwrap();
+    d.detach().unwrap();
+    assert!(std::fs::read_dir(&mnt).unwrap().next().is_none(), "nothing left in the tmpfs");
 }
 
 fn unsafe_geteuid() -> u32 {

@@ -277,32 +277,13 @@ fn committing_a_file_section_on_a_full_filesystem_is_out_of_space_not_sigbus() {
             d.detach().unwrap();
         }
         _ => {
-            // SAFETY: geteuid has no preconditions.
-            if unsafe { libc::geteuid() } != 0 {
-                eprintln!("skipped: mounting a small tmpfs needs root");
-                return;
-            }
-            let mnt = std::env::temp_dir().join(format!("shmg-fs-full-{}", std::process::id()));
-            std::fs::create_dir_all(&mnt).unwrap();
-            let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=4m", "shmg-fs-test"])
-                .arg(&mnt)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = std::fs::remove_dir(&mnt);
-                eprintln!("skipped: could not mount a tmpfs (no CAP_SYS_ADMIN in this container?)");
-                return;
-            }
+            let Some(fs) = Tmpfs::mount("fs-full", "size=4m") else { return };
+            let mnt = fs.path.clone();
             let file = mnt.join("grow.shmg");
             let name = unique_domain("fsf");
             // `run` fails the test if the child dies (a SIGBUS would).
-            let result =
-                std::panic::catch_unwind(|| run(TEST, "grower", &name, &[("FILE", file.display().to_string())]));
-            let _ = std::fs::remove_file(&file);
-            let _ = std::process::Command::new("umount").arg(&mnt).status();
-            let _ = std::fs::remove_dir(&mnt);
-            let r = result.unwrap();
+            let r = run(TEST, "grower", &name, &[("FILE", file.display().to_string())]);
+            drop(fs);
             assert_eq!(r["KIND"], "OutOfSpace", "{r:?}");
             assert_eq!(r["BYTE"], "0xab", "committed data intact");
             assert_clean(&name);

@@ -148,67 +148,47 @@ fn growing_the_registry_on_a_full_tmpfs_is_out_of_space_and_leaves_the_domain_us
         }
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
-    let mnt = std::env::temp_dir().join(format!("shmg-regfull-{}", std::process::id()));
-    std::fs::create_dir_all(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "shmg-test"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let _ = std::fs::remove_dir(&mnt);
-        eprintln!("skipped: could not mount a tmpfs (no CAP_SYS_ADMIN in this container?)");
-        return;
-    }
-    let result = std::panic::catch_unwind(|| {
-        let domain = unique_domain("regfull");
-        let d = Domain::attach_with(&domain, &opts(mnt.clone())).unwrap();
-        let fill = d.create_section("fill", 8 * MIB, &SectionOptions::new()).unwrap();
-        // Fill the store to the last page.
-        let mut committed = 0;
-        for step in [256 * KIB, 4 * KIB] {
-            while fill.commit(committed + step).is_ok() {
-                committed += step;
-            }
+    let Some(fs) = Tmpfs::mount("regfull", "size=4m,nr_inodes=64") else { return };
+    let mnt = fs.path.clone();
+    let domain = unique_domain("regfull");
+    let d = Domain::attach_with(&domain, &opts(mnt.clone())).unwrap();
+    let fill = d.create_section("fill", 8 * MIB, &SectionOptions::new()).unwrap();
+    // Fill the store to the last page.
+    let mut committed = 0;
+    for step in [256 * KIB, 4 * KIB] {
+        while fill.commit(committed + step).is_ok() {
+            committed += step;
         }
-        let before = registry_len(&mnt, &domain);
-        let env = [("MNT", mnt.display().to_string())];
-        // A section whose chunks lie in segments not backed yet: the registry must grow, and
-        // cannot.
-        let err = d.create_section("big", 512 * MIB, &SectionOptions::new()).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
-        assert!(err.to_string().contains("grow the registry") && err.to_string().contains("big"), "{err}");
-        // A second process needs a process slot of the next segment: its attach fails the same
-        // way (and it leaves nothing registered).
-        let r = run(TEST, "attacher", &domain, &env);
-        assert_eq!(r["ATTACH"], "OutOfSpace", "{r:?}");
-        assert!(r["MESSAGE"].contains("grow the registry"), "{r:?}");
-        assert_eq!(registry_len(&mnt, &domain), before, "a failed growth leaves the registry as it was");
-        assert_eq!(d.sections().len(), 1, "no entry of the failed create");
-        assert!(d.open_section("big").is_err());
-        assert_eq!(d.processes().len(), 1);
-        // Once there is room, the same operations succeed and everything is still there.
-        fill.decommit(0, 8 * MIB).unwrap();
-        let big = d.create_section("big", 512 * MIB, &SectionOptions::new()).unwrap();
-        assert!(registry_len(&mnt, &domain) > before);
-        let r = run(TEST, "attacher", &domain, &env);
-        assert_eq!(r["ATTACH"], "ok", "{r:?}");
-        assert_eq!(r["SECTIONS"], "2", "{r:?}");
-        d.open_section("fill").unwrap();
-        drop((big, fill));
-        for s in d.sections() {
-            d.delete_section(&s.name).unwrap();
-        }
-        d.detach().unwrap();
-        let left: Vec<_> = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert!(left.is_empty(), "nothing left in the tmpfs: {left:?}");
-    });
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
-    let _ = std::fs::remove_dir(&mnt);
-    result.unwrap();
+    }
+    let before = registry_len(&mnt, &domain);
+    let env = [("MNT", mnt.display().to_string())];
+    // A section whose chunks lie in segments not backed yet: the registry must grow, and
+    // cannot.
+    let err = d.create_section("big", 512 * MIB, &SectionOptions::new()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+    assert!(err.to_string().contains("grow the registry") && err.to_string().contains("big"), "{err}");
+    // A second process needs a process slot of the next segment: its attach fails the same
+    // way (and it leaves nothing registered).
+    let r = run(TEST, "attacher", &domain, &env);
+    assert_eq!(r["ATTACH"], "OutOfSpace", "{r:?}");
+    assert!(r["MESSAGE"].contains("grow the registry"), "{r:?}");
+    assert_eq!(registry_len(&mnt, &domain), before, "a failed growth leaves the registry as it was");
+    assert_eq!(d.sections().len(), 1, "no entry of the failed create");
+    assert!(d.open_section("big").is_err());
+    assert_eq!(d.processes().len(), 1);
+    // Once there is room, the same operations succeed and everything is still there.
+    fill.decommit(0, 8 * MIB).unwrap();
+    let big = d.create_section("big", 512 * MIB, &SectionOptions::new()).unwrap();
+    assert!(registry_len(&mnt, &domain) > before);
+    let r = run(TEST, "attacher", &domain, &env);
+    assert_eq!(r["ATTACH"], "ok", "{r:?}");
+    assert_eq!(r["SECTIONS"], "2", "{r:?}");
+    d.open_section("fill").unwrap();
+    drop((big, fill));
+    for s in d.sections() {
+        d.delete_section(&s.name).unwrap();
+    }
+    d.detach().unwrap();
+    let left: Vec<_> = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "nothing left in the tmpfs: {left:?}");
 }

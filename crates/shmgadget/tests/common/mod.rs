@@ -151,3 +151,42 @@ pub fn object_path(file: &str) -> String {
     let dir = std::env::var("SHMGADGET_SHM_DIR").unwrap_or_else(|_| "/dev/shm".into());
     format!("{dir}/{file}")
 }
+
+/// A small tmpfs mounted for one test, unmounted (and its directory removed) when dropped,
+/// also when the test panics: a filesystem that fills up, for out-of-space paths.
+pub struct Tmpfs {
+    pub path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs with mount `options` (`size=4m,nr_inodes=64`, ...) on a fresh directory
+    /// named after `tag`. `None`, after printing why the test is skipped, when this process is
+    /// not root or the mount fails (a container without `CAP_SYS_ADMIN`).
+    pub fn mount(tag: &str, options: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return None;
+        }
+        let path = std::env::temp_dir().join(format!("shmg-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, &format!("shmg-{tag}")])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::fs::remove_dir(&path);
+            eprintln!("skipped: could not mount a tmpfs (no CAP_SYS_ADMIN in this container?)");
+            return None;
+        }
+        Some(Tmpfs { path })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
