@@ -104,8 +104,9 @@ fn huge_dir(test: &str, pages: u64) -> Option<HugeDir> {
     }
 }
 
-/// The kernel page size of this process's mapping at `addr` (`KernelPageSize` in smaps).
-fn kernel_page_size(addr: usize) -> Option<u64> {
+/// Field `field` (a `kB` figure, in bytes) of this process's smaps entry for the mapping
+/// holding `addr`.
+fn smaps_field(addr: usize, field: &str) -> Option<u64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut inside = false;
     for line in smaps.lines() {
@@ -116,11 +117,16 @@ fn kernel_page_size(addr: usize) -> Option<u64> {
             inside = lo <= addr && addr < hi;
             continue;
         }
-        if inside && let Some(v) = line.strip_prefix("KernelPageSize:") {
+        if inside && let Some(v) = line.strip_prefix(field).and_then(|v| v.strip_prefix(':')) {
             return v.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k * 1024);
         }
     }
     None
+}
+
+/// The kernel page size of this process's mapping at `addr` (`KernelPageSize` in smaps).
+fn kernel_page_size(addr: usize) -> Option<u64> {
+    smaps_field(addr, "KernelPageSize")
 }
 
 fn run(test: &str, role: &str, domain: &str, dir: &Path) -> (std::process::ExitStatus, String, String) {
@@ -256,21 +262,7 @@ fn committing_more_than_the_reserved_huge_pages_is_out_of_space_never_a_sigbus()
 /// `ShmemPmdMapped` (bytes) of this process's mapping at `addr`: shared memory mapped with
 /// transparent huge pages.
 fn pmd_mapped(addr: usize) -> Option<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-    let mut inside = false;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ')
-            && let Some((lo, hi)) = range.split_once('-')
-            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-        {
-            inside = lo <= addr && addr < hi;
-            continue;
-        }
-        if inside && let Some(v) = line.strip_prefix("ShmemPmdMapped:") {
-            return v.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k * 1024);
-        }
-    }
-    None
+    smaps_field(addr, "ShmemPmdMapped")
 }
 
 #[test]
