@@ -129,16 +129,28 @@ fn class_for_block(usable: u64) -> Option<usize> {
     ((c as usize) < CLASSES).then_some(c as usize)
 }
 
-/// The payload of class `c`.
+/// The payload of class `c` (a table: this runs on every cached alloc and free).
 #[inline]
 fn class_payload(c: usize) -> u64 {
-    if c < 16 {
-        16 * (c as u64 + 1)
-    } else {
-        let j = (c - 16) as u64;
-        (5 + j % 4) << (8 + j / 4 - 2)
-    }
+    CLASS_PAYLOAD[c]
 }
+
+/// Class payloads: 16..=256 in steps of 16, then four per power of two up to 4 KiB.
+const CLASS_PAYLOAD: [u64; CLASSES] = {
+    let mut t = [0u64; CLASSES];
+    let mut c = 0;
+    while c < CLASSES {
+        t[c] = if c < 16 {
+            16 * (c as u64 + 1)
+        } else {
+            let j = (c - 16) as u64;
+            (5 + j % 4) << (8 + j / 4 - 2)
+        };
+        c += 1;
+    }
+    t
+};
+const _: () = assert!(CLASS_PAYLOAD[CLASSES - 1] == MAX_CACHED);
 
 const _: () = assert!(size_of::<CacheSlotShared>() == 24);
 

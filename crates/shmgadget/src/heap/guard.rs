@@ -160,11 +160,23 @@ unsafe fn read_record(area: *mut u8, limit: u64, off: u64) -> Option<Guarded> {
 /// # Safety
 /// `section` must be the mapped heap section whose control block is `shared`, with `mapped`
 /// bytes mapped (`u64::MAX`: trust the header's `reserved`).
+#[inline]
 pub(crate) unsafe fn recognise(shared: &HeapShared, section: *mut u8, mapped: u64, off: u64) -> Option<Guarded> {
     // Relaxed: see the module docs (shared part).
     if shared.guarded_blocks().load(Ordering::Relaxed) == 0 {
         return None;
     }
+    // SAFETY: the caller's contract, passed on.
+    unsafe { recognise_record(shared, section, mapped, off) }
+}
+
+/// [`recognise`] once the heap has guarded blocks: out of line, so a heap without any pays one
+/// load per free.
+///
+/// # Safety
+/// As for [`recognise`].
+#[inline(never)]
+unsafe fn recognise_record(shared: &HeapShared, section: *mut u8, mapped: u64, off: u64) -> Option<Guarded> {
     let limit = super::area_limit(shared, mapped);
     // SAFETY: the block area starts AREA_OFFSET into the mapped section and has `limit` bytes.
     unsafe { read_record(section.add(AREA_OFFSET as usize), limit, off) }
