@@ -29,6 +29,8 @@ fn opts(queue: &str, importer: bool, capacity: u64) -> Options {
         connect: if importer { vec![format!("tcp/{a}:{PORT}")] } else { vec![] },
         no_scouting: true,
         capacity,
+        // A line a second on stderr (shown if the test fails).
+        verbose: true,
         ..Default::default()
     }
 }
@@ -138,6 +140,15 @@ fn slot_values_cross_once_in_order_while_both_tunnel_ends_are_killed() {
         }
     }
     let _ = consumer.wait();
+    let expected = format!("RESULT last={n} lost=0 dup=0 extra=None");
+    if result.as_deref() != Some(expected.as_str()) {
+        // A stall: both queues' words while the tunnel ends still run, then their stderr.
+        eprintln!("{result:?} after {kills} kills (seed {seed:#x}); the queues now:");
+        for h in [&hosts.a, &hosts.b] {
+            eprintln!("{}: {}", h.ns, queue_state(&h.shm, "ticks"));
+        }
+        hosts.dump_logs();
+    }
     drop((pout, producer.stdin.take()));
     for c in [&mut producer, &mut exporter, &mut importer] {
         kill9(c);
@@ -145,7 +156,22 @@ fn slot_values_cross_once_in_order_while_both_tunnel_ends_are_killed() {
     drop(hosts);
     let result = result.expect("consumer result");
     assert_eq!(kills, 2, "{result}");
-    assert_eq!(result, format!("RESULT last={n} lost=0 dup=0 extra=None"));
+    assert_eq!(result, expected);
+}
+
+/// The words of slot queue `queue` of `Value`s in the test domain of the host whose shm
+/// directory is `shm` (attached for a moment: one domain name is at one address).
+fn queue_state(shm: &str, queue: &str) -> String {
+    let d = match Domain::attach_with(DOMAIN, &DomainOptions { shm_dir: Some(shm.into()), ..Default::default() }) {
+        Ok(d) => d,
+        Err(e) => return format!("cannot attach: {e}"),
+    };
+    let s = match SlotQueue::<Value>::open(&d, queue) {
+        Ok(q) => q.__debug_state(),
+        Err(e) => format!("cannot open {queue:?}: {e}"),
+    };
+    let _ = d.detach();
+    s
 }
 
 const BLOCK_TEST: &str = "heap_blocks_cross_as_bytes_are_freed_at_the_source_and_reallocated_far_away";
