@@ -120,7 +120,9 @@ impl Options {
         self.key.clone().unwrap_or_else(|| format!("shmgadget/{domain}/{}", self.queue))
     }
 
-    /// The zenoh configuration: the file, then mode, endpoints and scouting.
+    /// The zenoh configuration: the file, then mode, endpoints and scouting. Without a file,
+    /// zenoh's defaults with quick reconnection, 16 transmit batches and receive buffers kept
+    /// for reuse (see the README's tunnel section).
     pub fn zenoh_config(&self) -> Result<zenoh::Config> {
         let mut c = match &self.zenoh_config {
             Some(p) => zenoh::Config::from_file(p)
