@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p shmgadget-tunnel` (root: it makes two network namespaces). Every rate is
 //! measured by the receiving process, from its first message to its last.
-//! `T18_BENCH_N64` and `T18_BENCH_N4K` set the message counts.
+//! `T18_BENCH_N64` and `T18_BENCH_N4K` set the message counts, `T18_BENCH_REPS` the runs per
+//! measurement (medians are reported), `T18_BENCH_ONLY` the parts (`64,4096,rtt`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -355,7 +356,10 @@ fn main() {
         return; // `cargo test --benches` runs nothing here.
     }
     let hosts = match Hosts::make("b") {
-        Ok(h) => h,
+        Ok(mut h) => {
+            h.capture = false;
+            h
+        }
         Err(why) => {
             println!("skipped: cannot make two network namespaces: {why}");
             return;
@@ -363,18 +367,55 @@ fn main() {
     };
     let n64 = std::env::var("T18_BENCH_N64").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000u64);
     let n4k = std::env::var("T18_BENCH_N4K").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000u64);
-    println!("two namespaces over a veth pair; rates measured by the receiver\n");
+    // Runs per measurement (the median is reported) and which parts to run: sizes (`64`,
+    // `4096`) and `rtt`, comma separated (default: all).
+    let reps = std::env::var("T18_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3usize).max(1);
+    let only = std::env::var("T18_BENCH_ONLY").unwrap_or_else(|_| "64,4096,rtt".into());
+    let wanted = |w: &str| only.split(',').any(|x| x.trim() == w);
+    println!("two namespaces over a veth pair; rates measured by the receiver; median of {reps} runs\n");
+    let median = |mut v: Vec<Vec<f64>>| {
+        v.sort_by(|a, b| a[0].total_cmp(&b[0]));
+        v[v.len() / 2].clone()
+    };
     for (size, n) in [(64u64, n64), (4096, n4k)] {
-        let t = tunnel(&hosts, n, size);
-        let z = pair(&hosts, n, size, "zsub", "zpub");
-        let c = pair(&hosts, n, size, "tcp_server", "tcp_client");
+        if !wanted(&size.to_string()) {
+            continue;
+        }
+        let (mut ts, mut zs, mut cs) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..reps {
+            // Interleaved, so that a busy moment of the machine hits all three alike.
+            let t = tunnel(&hosts, n, size);
+            let z = pair(&hosts, n, size, "zsub", "zpub");
+            let c = pair(&hosts, n, size, "tcp_server", "tcp_client");
+            println!(
+                "{size:>5} B  run {rep}: tunnel {:>10.0} msg/s, zenoh {:>10.0} msg/s, TCP {:>10.0} msg/s: tunnel / zenoh = {:.2}, tunnel / TCP = {:.2}",
+                t[0],
+                z[0],
+                c[0],
+                t[0] / z[0],
+                t[0] / c[0]
+            );
+            ts.push(t);
+            zs.push(z);
+            cs.push(c);
+        }
+        let ratios = |r: &[Vec<f64>]| {
+            let mut v: Vec<f64> = ts.iter().zip(r).map(|(t, x)| t[0] / x[0]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (rz, rc) = (ratios(&zs), ratios(&cs));
+        let (t, z, c) = (median(ts), median(zs), median(cs));
         let line = |name: &str, v: &[f64]| {
-            println!("{size:>5} B  {name:<22} {:>12.0} msg/s {:>9.1} MB/s", v[0], v[1] / 1e6);
+            println!("{size:>5} B  {name:<22} {:>12.0} msg/s {:>9.1} MB/s (median)", v[0], v[1] / 1e6);
         };
         line("tunnel (acked)", &t);
         line("zenoh pub/sub, direct", &z);
         line("TCP stream, batched", &c);
-        println!("{size:>5} B  tunnel / zenoh = {:.2}, tunnel / TCP = {:.2}\n", t[0] / z[0], t[0] / c[0]);
+        println!("{size:>5} B  median of the per-run ratios: tunnel / zenoh = {rz:.2}, tunnel / TCP = {rc:.2}\n");
+    }
+    if !wanted("rtt") {
+        return;
     }
     let rt = round_trips(&hosts, 5000);
     let zr = zenoh_round_trips(&hosts, 5000);

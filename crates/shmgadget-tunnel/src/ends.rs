@@ -43,6 +43,13 @@ pub(crate) trait Source {
 pub(crate) trait Sink {
     /// The queue's write position by this (only) sender, for the record (see `record`).
     fn position(&self) -> u64;
+    /// A slot queue's position that a dead predecessor had claimed and that became a hole
+    /// (no value), until [`forget_hole`](Sink::forget_hole).
+    fn adopted_hole(&self) -> Option<u64> {
+        None
+    }
+    /// Forgets [`adopted_hole`](Sink::adopted_hole), once the record is up to date.
+    fn forget_hole(&mut self) {}
     /// Writes `m`, waiting up to `timeout`; `Timeout` or `Disconnected` (no consumer, queue
     /// full) to be retried with the same message.
     fn write(&mut self, m: &[u8], timeout: Duration) -> std::result::Result<(), ShmError>;
@@ -159,6 +166,14 @@ impl<T: Plain> Sink for SlotSink<'_, T> {
         self.0.sent_position()
     }
 
+    fn adopted_hole(&self) -> Option<u64> {
+        self.0.adopted_hole()
+    }
+
+    fn forget_hole(&mut self) {
+        self.0.forget_adopted_hole()
+    }
+
     fn write(&mut self, m: &[u8], timeout: Duration) -> std::result::Result<(), ShmError> {
         if m.len() != size_of::<T>() {
             return Err(ShmError::new(
@@ -260,6 +275,14 @@ pub(crate) struct BlockSink<'q> {
 impl Sink for BlockSink<'_> {
     fn position(&self) -> u64 {
         self.tx.sent_position()
+    }
+
+    fn adopted_hole(&self) -> Option<u64> {
+        self.tx.adopted_hole()
+    }
+
+    fn forget_hole(&mut self) {
+        self.tx.forget_adopted_hole()
     }
 
     fn write(&mut self, m: &[u8], timeout: Duration) -> std::result::Result<(), ShmError> {

@@ -15,8 +15,11 @@ use crate::stats::Stats;
 use crate::wire::{self, DATA_HEADER};
 use crate::{DEFAULT_WINDOW, Error, Options, Result, fnv, zerr};
 
-/// Largest data frame (messages are never split: a larger message goes alone).
-const FRAME: usize = 256 * 1024;
+/// Largest data frame (messages are never split: a larger message goes alone). It fits in one
+/// zenoh batch (at most 65535 bytes, `transport/link/tx/batch_size`) with room for zenoh's own
+/// headers: a larger frame is fragmented by zenoh and copied once more into a reassembly
+/// buffer on the far side.
+const FRAME: usize = 65535 - 512;
 /// With no ack at all for this long, everything unacknowledged is sent again.
 const SILENCE: Duration = Duration::from_millis(1000);
 /// At most one rewind per this long (a burst of NACKs asks once).
@@ -99,11 +102,23 @@ fn run(domain: &Domain, opts: &Options, src: &mut dyn Source) -> Result<()> {
         .congestion_control(CongestionControl::Block)
         .wait()
         .map_err(|e| zerr("declare publisher", e))?;
+    // Acks are parsed in zenoh's callback and their sample dropped at once: a sample holds
+    // its whole receive buffer (64 KiB), which zenoh reuses only once it is dropped.
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<wire::Ack>();
     let acks = session
         .declare_subscriber(format!("{key}/ack"))
-        .with(zenoh::handlers::FifoChannel::new(1024))
+        .callback(move |s| {
+            if let Some(a) = wire::parse_ack(&s.payload().to_bytes()) {
+                let _ = ack_tx.send(a);
+            }
+        })
         .wait()
         .map_err(|e| zerr("declare subscriber", e))?;
+    let ack_wait = |t: Duration| match ack_rx.recv_timeout(t) {
+        Ok(a) => Ok(Some(a)),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Error("zenoh: the ack subscriber is gone".into())),
+    };
 
     let mut acked = src.consumed();
     let started_at = acked;
@@ -115,11 +130,16 @@ fn run(domain: &Domain, opts: &Options, src: &mut dyn Source) -> Result<()> {
     let mut last_rewind = Instant::now() - REWIND_GAP;
     let mut frame = Vec::with_capacity(FRAME + 64);
     let (mut stat_t, mut stat_n) = (Instant::now(), acked);
+    // An ack waited for at the end of the last round (see there).
+    let mut waited = None;
     while !opts.stopped() {
         // 1. Acks: commit what the far side has written; rewind when asked.
         let mut rewind_to = None;
-        while let Some(s) = acks.try_recv().map_err(|e| zerr("receive ack", e))? {
-            let Some(a) = wire::parse_ack(&s.payload().to_bytes()) else { continue };
+        while let Some(s) = match waited.take() {
+            Some(s) => Some(s),
+            None => ack_rx.try_recv().ok(),
+        } {
+            let a = s;
             last_ack = Instant::now();
             if a.stream != stream {
                 // The importer knows another stream (or none): it needs us from the start.
@@ -171,25 +191,25 @@ fn run(domain: &Domain, opts: &Options, src: &mut dyn Source) -> Result<()> {
         // 3. New messages, within the credit.
         if next_seq > acked + window {
             // Out of credit: wait for an ack.
-            if let Some(s) = acks.recv_timeout(Duration::from_millis(1)).map_err(|e| zerr("receive ack", e))? {
-                if let Some(a) = wire::parse_ack(&s.payload().to_bytes()) {
-                    last_ack = Instant::now();
-                    if a.stream == stream && a.acked > acked && a.acked < next_seq {
-                        acked = a.acked;
-                        window = a.window.max(1);
-                    }
+            if let Some(a) = ack_wait(Duration::from_millis(1))? {
+                last_ack = Instant::now();
+                if a.stream == stream && a.acked > acked && a.acked < next_seq {
+                    acked = a.acked;
+                    window = a.window.max(1);
                 }
             }
             continue;
         }
-        // Nothing in flight: nothing to resend or commit, so sleep on the local queue.
-        let first_wait = if batches.is_empty() { IDLE_WAIT } else { Duration::from_millis(1) };
+        // Nothing in flight: nothing to resend or commit, so sleep on the local queue. With
+        // messages in flight only look (the wait is for their ack, below): they hold ring
+        // space the producer may be waiting for, which only their ack gives back.
+        let first_wait = if batches.is_empty() { Some(IDLE_WAIT) } else { None };
         wire::data_header(&mut frame, stream, acked, next_seq);
         let first = next_seq;
         let mut n = 0u32;
         while frame.len() < FRAME && next_seq <= acked + window {
             let room = if n == 0 { usize::MAX } else { FRAME.saturating_sub(frame.len() + 4) };
-            let timeout = if n == 0 { Some(first_wait) } else { None };
+            let timeout = if n == 0 { first_wait } else { None };
             let mut push = |seq: u64, m: &[u8]| {
                 // A dead sender's holes (slot queues) keep their numbers.
                 while next_seq < seq {
@@ -206,12 +226,8 @@ fn run(domain: &Domain, opts: &Options, src: &mut dyn Source) -> Result<()> {
                 Read::TooBig | Read::Nothing => break,
                 Read::Gone => {
                     // No producer now; one may come back.
-                    if n == 0 {
-                        std::thread::sleep(if batches.is_empty() {
-                            Duration::from_millis(20)
-                        } else {
-                            Duration::from_millis(1)
-                        });
+                    if n == 0 && batches.is_empty() {
+                        std::thread::sleep(Duration::from_millis(20));
                     }
                     break;
                 }
@@ -224,6 +240,10 @@ fn run(domain: &Domain, opts: &Options, src: &mut dyn Source) -> Result<()> {
             publisher.put(bytes.clone()).wait().map_err(|e| zerr("put", e))?;
             batches.push_back(Batch { last: next_seq - 1, frame: bytes, sent: Instant::now() });
             resend_from = batches.len();
+        } else if !batches.is_empty() {
+            // Nothing new, messages in flight: wait for their ack (it comes a round trip after
+            // their frame), up to a millisecond, then look at the local queue again.
+            waited = ack_wait(Duration::from_millis(1))?;
         }
         if opts.verbose && stat_t.elapsed() >= Duration::from_secs(1) {
             eprintln!(

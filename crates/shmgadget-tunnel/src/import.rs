@@ -19,7 +19,7 @@ use crate::{DEFAULT_WINDOW, Options, Result, zerr};
 const IDLE: Duration = Duration::from_millis(100);
 /// Frames buffered between zenoh and the importer; when full, zenoh's own flow control (and
 /// then TCP's) holds the exporter back.
-const FRAMES: usize = 64;
+pub(crate) const FRAMES: usize = 64;
 
 /// Runs the importer of byte queue `opts.queue` in `domain` until `opts.stop` is set. Creates
 /// the queue with `opts.capacity` bytes if it does not exist, and becomes its sender.
@@ -57,12 +57,15 @@ pub fn import_blocks(domain: &Domain, heap: &str, heap_bytes: u64, opts: &Option
 
 fn run(domain: &Domain, opts: &Options, sink: &mut dyn Sink) -> Result<()> {
     let record = Record::open(domain, &opts.queue)?;
-    let p = record.load(sink.position());
+    let p = record.load(sink.position(), sink.adopted_hole());
     let (mut stream, mut last) = (p.stream, p.last);
-    // Bring the record up to date (a message written just before a kill).
+    // Bring the record up to date (a message written just before a kill, or a dead
+    // predecessor's unfinished send that became a hole), then forget the hole: the record
+    // now says where the queue is.
     if stream != 0 {
         record.store(stream, last, sink.position());
     }
+    sink.forget_hole();
     let window = if opts.window == 0 { DEFAULT_WINDOW } else { opts.window };
     let key = opts.key_prefix(domain.name());
     let mut stats = Stats::open(domain, &opts.queue, false, &key)?;
@@ -134,8 +137,10 @@ fn run(domain: &Domain, opts: &Options, sink: &mut dyn Sink) -> Result<()> {
             ack(stream, last, NACK)?;
             last_nack = Instant::now();
         }
-        // Acknowledge promptly when caught up, at least every quarter window otherwise.
-        if last != acked && (data.is_empty() || last - acked >= window / 4) {
+        // Acknowledge every frame: the exporter keeps what is unacknowledged in its source
+        // ring, whose room (not the credit) bounds what is in flight; an ack (32 bytes) per
+        // frame (up to 64 KiB) costs little.
+        if last != acked {
             ack(stream, last, 0)?;
             acked = last;
         }

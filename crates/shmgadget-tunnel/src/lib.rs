@@ -82,6 +82,10 @@ pub struct Options {
     pub verbose: bool,
 }
 
+/// Receive buffers zenoh keeps for reuse per link (without a zenoh config file): the
+/// importer's channel of frames, plus the batch being read.
+pub(crate) const RX_BATCHES: usize = import::FRAMES + 4;
+
 /// The default credit, in messages.
 pub const DEFAULT_WINDOW: u64 = 65536;
 
@@ -116,7 +120,9 @@ impl Options {
         self.key.clone().unwrap_or_else(|| format!("shmgadget/{domain}/{}", self.queue))
     }
 
-    /// The zenoh configuration: the file, then mode, endpoints and scouting.
+    /// The zenoh configuration: the file, then mode, endpoints and scouting. Without a file,
+    /// zenoh's defaults with quick reconnection, 16 transmit batches and receive buffers kept
+    /// for reuse (see the README's tunnel section).
     pub fn zenoh_config(&self) -> Result<zenoh::Config> {
         let mut c = match &self.zenoh_config {
             Some(p) => zenoh::Config::from_file(p)
@@ -131,6 +137,15 @@ impl Options {
                 r#"{"period_init_ms": 50, "period_max_ms": 500, "period_increase_factor": 1.5}"#,
             )
             .map_err(|e| Error(format!("zenoh config connect/retry: {e}")))?;
+            // zenoh keeps `rx/buffer_size / batch_size` receive buffers for reuse (one by
+            // default) and allocates (and zeroes) a fresh one for every batch while a sample
+            // still holds the last: the importer holds up to its channel's worth of frames.
+            c.insert_json5("transport/link/rx/buffer_size", &(RX_BATCHES * 65535).to_string())
+                .map_err(|e| Error(format!("zenoh config transport/link/rx/buffer_size: {e}")))?;
+            // The transmit queue of data messages: 16 batches (zenoh's most; 2 by default), so
+            // that a sender blocks on the link less often while zenoh writes a batch.
+            c.insert_json5("transport/link/tx/queue/size/data", "16")
+                .map_err(|e| Error(format!("zenoh config transport/link/tx/queue/size/data: {e}")))?;
         }
         let json = |v: &[String]| format!("[{}]", v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(","));
         let set = |c: &mut zenoh::Config, k: &str, v: String| {

@@ -85,14 +85,17 @@ impl Record {
     }
 
     /// The progress recorded, given the destination queue's write position now (the
-    /// position the importer's sender starts at).
-    pub fn load(&self, queue_pos: u64) -> Progress {
+    /// position the importer's sender starts at) and the position of a dead predecessor's
+    /// unfinished send that became a hole, if any (a slot queue's
+    /// [`adopted_hole`](shmgadget::queue::SlotSender::adopted_hole)).
+    pub fn load(&self, queue_pos: u64, hole: Option<u64>) -> Progress {
         let (_, [stream, last, pos]) = self.slot();
         if stream == 0 {
             return Progress { stream: 0, last: 0 };
         }
-        // Killed between the write and the record: that one message went in.
-        let last = if pos == queue_pos { last } else { last + 1 };
+        // Killed between the write and the record: that one message went in. Killed while
+        // sending the message after it, at the recorded position: that position is a hole.
+        let last = if pos == queue_pos || hole == Some(pos) { last } else { last + 1 };
         Progress { stream, last }
     }
 

@@ -29,6 +29,8 @@ fn opts(queue: &str, importer: bool, capacity: u64) -> Options {
         connect: if importer { vec![format!("tcp/{a}:{PORT}")] } else { vec![] },
         no_scouting: true,
         capacity,
+        // A line a second on stderr (shown if the test fails).
+        verbose: true,
         ..Default::default()
     }
 }
@@ -53,7 +55,18 @@ fn slot_values_cross_once_in_order_while_both_tunnel_ends_are_killed() {
                 let mut tx = q.sender().unwrap();
                 println!("READY");
                 for seq in 1..=n {
-                    tx.send_timeout([seq, !seq, 0, 0], Duration::from_secs(30)).unwrap();
+                    loop {
+                        match tx.send_timeout([seq, !seq, 0, 0], Duration::from_secs(30)) {
+                            Ok(()) => break,
+                            // The exporter (the only receiver) was killed with the queue full,
+                            // and its successor has not attached yet: that is `Disconnected`,
+                            // as with any dead receiver. Wait for the successor.
+                            Err(e) if e.kind() == ErrorKind::Disconnected => {
+                                std::thread::sleep(Duration::from_millis(1))
+                            }
+                            Err(e) => panic!("producer: {e}"),
+                        }
+                    }
                 }
                 let _ = std::io::stdin().read(&mut [0]);
             }
@@ -138,6 +151,15 @@ fn slot_values_cross_once_in_order_while_both_tunnel_ends_are_killed() {
         }
     }
     let _ = consumer.wait();
+    let expected = format!("RESULT last={n} lost=0 dup=0 extra=None");
+    if result.as_deref() != Some(expected.as_str()) {
+        // A stall: both queues' words while the tunnel ends still run, then their stderr.
+        eprintln!("{result:?} after {kills} kills (seed {seed:#x}); the queues now:");
+        for h in [&hosts.a, &hosts.b] {
+            eprintln!("{}: {}", h.ns, queue_state(&h.shm, "ticks"));
+        }
+        hosts.dump_logs();
+    }
     drop((pout, producer.stdin.take()));
     for c in [&mut producer, &mut exporter, &mut importer] {
         kill9(c);
@@ -145,7 +167,22 @@ fn slot_values_cross_once_in_order_while_both_tunnel_ends_are_killed() {
     drop(hosts);
     let result = result.expect("consumer result");
     assert_eq!(kills, 2, "{result}");
-    assert_eq!(result, format!("RESULT last={n} lost=0 dup=0 extra=None"));
+    assert_eq!(result, expected);
+}
+
+/// The words of slot queue `queue` of `Value`s in the test domain of the host whose shm
+/// directory is `shm` (attached for a moment: one domain name is at one address).
+fn queue_state(shm: &str, queue: &str) -> String {
+    let d = match Domain::attach_with(DOMAIN, &DomainOptions { shm_dir: Some(shm.into()), ..Default::default() }) {
+        Ok(d) => d,
+        Err(e) => return format!("cannot attach: {e}"),
+    };
+    let s = match SlotQueue::<Value>::open(&d, queue) {
+        Ok(q) => q.__debug_state(),
+        Err(e) => format!("cannot open {queue:?}: {e}"),
+    };
+    let _ = d.detach();
+    s
 }
 
 const BLOCK_TEST: &str = "heap_blocks_cross_as_bytes_are_freed_at_the_source_and_reallocated_far_away";
@@ -347,4 +384,95 @@ fn an_idle_exporter_sleeps_on_its_queue() {
     // Clock ticks are 10 ms: a sleeping exporter (zenoh's own timers included) shows 0-20 ms;
     // one that polls its queue every millisecond shows far more.
     assert!(used <= Duration::from_millis(40), "an idle exporter used {used:?} of CPU in {wall:?}");
+}
+
+const DEAD_TEST: &str = "an_importer_killed_for_good_is_a_dead_sender_to_the_far_slot_queue";
+
+#[test]
+fn an_importer_killed_for_good_is_a_dead_sender_to_the_far_slot_queue() {
+    if let Some(r) = role() {
+        let d = Domain::attach(DOMAIN).unwrap();
+        match r.as_str() {
+            "producer" => {
+                let q = SlotQueue::<Value>::create(&d, "gone", 64).unwrap();
+                let mut tx = q.sender().unwrap();
+                for seq in 1..=env_u64("N") {
+                    if tx.send_timeout([seq, !seq, 0, 0], Duration::from_secs(30)).is_err() {
+                        break;
+                    }
+                }
+                let _ = std::io::stdin().read(&mut [0]);
+            }
+            "exporter" => shmgadget_tunnel::export_slots::<Value>(&d, &opts("gone", false, 0)).unwrap(),
+            "importer" => shmgadget_tunnel::import_slots::<Value>(&d, &opts("gone", true, 64)).unwrap(),
+            other => panic!("unknown role {other}"),
+        }
+        return;
+    }
+    let hosts = match Hosts::make("g") {
+        Ok(h) => h,
+        Err(why) => {
+            println!("skipped: cannot make two network namespaces: {why}");
+            return;
+        }
+    };
+    let env = [("N", 1_000_000.to_string())];
+    let mut producer = hosts.spawn(&hosts.a, DEAD_TEST, "producer", &env);
+    let mut exporter = hosts.spawn(&hosts.a, DEAD_TEST, "exporter", &env);
+    let mut importer = hosts.spawn(&hosts.b, DEAD_TEST, "importer", &env);
+    // The consumer: this process, on host B.
+    let b =
+        Domain::attach_with(DOMAIN, &DomainOptions { shm_dir: Some(hosts.b.shm.clone().into()), ..Default::default() })
+            .unwrap();
+    let t = Instant::now();
+    let q = loop {
+        match SlotQueue::<Value>::open(&b, "gone") {
+            Ok(q) => break q,
+            Err(_) if t.elapsed() < Duration::from_secs(20) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the importer made no queue: {e}"),
+        }
+    };
+    let mut rx = q.receiver().unwrap();
+    let mut last = 0u64;
+    fn take(
+        rx: &mut shmgadget::queue::SlotReceiver<'_, Value>,
+        last: &mut u64,
+        timeout: Duration,
+    ) -> shmgadget::Result<()> {
+        let v = rx.recv_timeout(timeout)?;
+        assert_eq!(v[1], !v[0], "value damaged");
+        assert_eq!(v[0], *last + 1, "in order, once");
+        *last = v[0];
+        Ok(())
+    }
+    while last < 2000 {
+        take(&mut rx, &mut last, Duration::from_secs(20)).unwrap();
+    }
+    // Killed in full flow (most likely in a send, the queue being full): it never comes back.
+    kill9(&mut importer);
+    let t = Instant::now();
+    let err = loop {
+        if let Err(e) = take(&mut rx, &mut last, Duration::from_secs(10)) {
+            break e;
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::Disconnected, "after {last} values: {err}");
+    println!("the consumer got {last} values, then Disconnected after {:?}", t.elapsed());
+    // A plain sender taking over is not stuck behind the dead importer's slot: more values
+    // than the queue holds, each received.
+    let mut tx = q.sender().unwrap();
+    for seq in last + 1..last + 200 {
+        tx.send_timeout([seq, !seq, 0, 0], Duration::from_secs(5)).unwrap();
+        take(&mut rx, &mut last, Duration::from_secs(5)).unwrap();
+    }
+    drop(tx);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap_err().kind(), ErrorKind::Disconnected);
+    drop(rx);
+    drop(q);
+    b.detach().unwrap();
+    for c in [&mut producer, &mut exporter] {
+        drop(c.stdin.take());
+        kill9(c);
+    }
+    drop(hosts);
 }

@@ -1,6 +1,6 @@
 //! Exclusive slot-queue peers (tunnel ends) between real processes: read-ahead that survives
-//! `kill -9` of the reader, and a killed exclusive sender whose unfinished send is finished by
-//! its successor instead of becoming a hole.
+//! `kill -9` of the reader, and a killed exclusive sender whose unfinished send becomes a hole
+//! that its successor can name (and that nobody waits at).
 #![cfg(unix)]
 
 mod common;
@@ -80,8 +80,8 @@ fn values_read_ahead_by_a_killed_exclusive_receiver_are_read_again_by_its_succes
 }
 
 #[test]
-fn an_exclusive_sender_killed_mid_send_leaves_no_hole_and_its_successor_fills_the_slot() {
-    const TEST: &str = "an_exclusive_sender_killed_mid_send_leaves_no_hole_and_its_successor_fills_the_slot";
+fn an_exclusive_sender_killed_mid_send_leaves_a_hole_that_says_so() {
+    const TEST: &str = "an_exclusive_sender_killed_mid_send_leaves_a_hole_that_says_so";
     match role().as_deref() {
         Some("staller") => {
             let d = child();
@@ -103,13 +103,16 @@ fn an_exclusive_sender_killed_mid_send_leaves_no_hole_and_its_successor_fills_th
             assert_eq!(q.sender().err().unwrap().kind(), ErrorKind::AlreadyExists);
             kill9(&mut staller);
             assert_eq!(rx.recv().unwrap(), 1);
-            // The dead exclusive sender's claimed slot is not made a hole: the receiver waits
-            // (well past the two liveness checks after which a plain sender's would be).
-            assert_eq!(rx.recv_timeout(Duration::from_millis(400)).unwrap_err().kind(), ErrorKind::Timeout);
+            // The dead exclusive sender's claimed slot becomes a hole, as any dead sender's:
+            // the receiver is told that every sender is gone instead of waiting for ever.
+            assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap_err().kind(), ErrorKind::Disconnected);
+            // Its successor adopts the entry and learns that position 1 holds no value.
             let mut tx = q.exclusive_sender().unwrap();
-            assert_eq!(tx.sent_position(), 1, "the unfinished send does not count as sent");
+            assert_eq!(tx.adopted_hole(), Some(1));
+            assert_eq!(tx.sent_position(), 2, "the hole counts as a position");
             tx.send(2).unwrap();
-            assert_eq!(tx.sent_position(), 2);
+            assert_eq!(tx.adopted_hole(), None, "the first send forgets it");
+            assert_eq!(tx.sent_position(), 3);
             tx.send(3).unwrap();
             assert_eq!(rx.recv().unwrap(), 2);
             assert_eq!(rx.recv().unwrap(), 3);
@@ -118,6 +121,46 @@ fn an_exclusive_sender_killed_mid_send_leaves_no_hole_and_its_successor_fills_th
             drop(rx);
             drop(q);
             d.delete_section("fill").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+#[test]
+fn a_plain_sender_after_a_dead_exclusive_one_is_not_stuck_behind_its_slot() {
+    const TEST: &str = "a_plain_sender_after_a_dead_exclusive_one_is_not_stuck_behind_its_slot";
+    match role().as_deref() {
+        Some("staller") => {
+            let d = child();
+            let q = SlotQueue::<u64>::open(&d, "after").unwrap();
+            let mut tx = q.exclusive_sender().unwrap();
+            tx.send(1).unwrap();
+            let pos = tx.__claim_and_stall();
+            println!("STALLED={pos}");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        _ => {
+            let domain = unique_domain("qexafter");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let q = SlotQueue::<u64>::create(&d, "after", 4).unwrap();
+            let mut staller = spawn(TEST, "staller", &domain, &[]);
+            wait_for_line(&mut staller, "STALLED=1");
+            kill9(&mut staller);
+            // No importer comes back: a plain sender takes over the queue, more values than it
+            // holds, and a receiver gets them all, in order, past the dead one's slot.
+            let mut tx = q.sender().unwrap();
+            let mut rx = q.receiver().unwrap();
+            assert_eq!(rx.recv().unwrap(), 1);
+            for v in 10..30u64 {
+                tx.send_timeout(v, Duration::from_secs(10)).unwrap();
+                assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), v);
+            }
+            drop(tx);
+            assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap_err().kind(), ErrorKind::Disconnected);
+            drop(rx);
+            drop(q);
+            d.delete_section("after").unwrap();
             d.detach().unwrap();
             assert_clean(&domain);
         }

@@ -31,10 +31,15 @@ pub struct Host {
     pub shm: String,
 }
 
-/// Two hosts joined by a veth pair; removed (namespaces, veth, shm directories) on drop.
+/// Two hosts joined by a veth pair; removed (namespaces, veth, shm directories, the
+/// children's stderr logs) on drop.
 pub struct Hosts {
     pub a: Host,
     pub b: Host,
+    /// Each child's stderr goes to a log file (role, path), shown by [`Hosts::dump_logs`];
+    /// `false`: children write to ours.
+    pub capture: bool,
+    logs: std::sync::Mutex<Vec<(String, std::path::PathBuf)>>,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -66,7 +71,7 @@ impl Hosts {
             shm: format!("/dev/shm/sgt-{tag}-{pid}-b"),
         };
         let (va, vb) = (format!("v{tag}a{pid}"), format!("v{tag}b{pid}"));
-        let hosts = Hosts { a, b };
+        let hosts = Hosts { a, b, capture: true, logs: Default::default() };
         ip(&["netns", "add", &hosts.a.ns])?;
         ip(&["netns", "add", &hosts.b.ns])?;
         ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
@@ -84,6 +89,15 @@ impl Hosts {
     /// Starts this test binary playing `role` of test `test` on `host`.
     pub fn spawn(&self, host: &Host, test: &str, role: &str, env: &[(&str, String)]) -> Child {
         let exe = std::env::current_exe().unwrap();
+        let stderr = if self.capture {
+            let mut logs = self.logs.lock().unwrap();
+            let path = std::env::temp_dir().join(format!("{}-{}-{role}.log", host.ns, logs.len()));
+            let file = std::fs::File::create(&path).expect("cannot create a child's log file");
+            logs.push((format!("{role} on {}", host.ns), path));
+            Stdio::from(file)
+        } else {
+            Stdio::inherit()
+        };
         Command::new("ip")
             .args(["netns", "exec", &host.ns])
             .arg(exe)
@@ -95,14 +109,32 @@ impl Hosts {
             .envs(env.iter().map(|(k, v)| (*k, v.clone())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("cannot spawn the test binary under ip netns exec")
     }
 }
 
+impl Hosts {
+    /// Prints every child's stderr so far (on a failure).
+    pub fn dump_logs(&self) {
+        for (who, path) in self.logs.lock().unwrap().iter() {
+            let text =
+                std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+            eprintln!("---- stderr of {who} ----\n{}", text.trim_end());
+        }
+    }
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A test failing: what its children said.
+            self.dump_logs();
+        }
+        for (_, path) in self.logs.lock().unwrap().drain(..) {
+            let _ = std::fs::remove_file(path);
+        }
         for h in [&self.a, &self.b] {
             // Deleting a namespace deletes its veth end, and the pair with it.
             let _ = ip(&["netns", "del", &h.ns]);

@@ -53,11 +53,17 @@
 //!   receiver killed mid-commit is repaired as any dead receiver. Values read ahead and not
 //!   committed stay in the queue for a successor. Senders are held back by uncommitted
 //!   values as by unreceived ones.
-//! - The exclusive sender's unfinished send is **never made a hole**: `repair` leaves a
-//!   position whose dead claimer is the side's exclusive peer alone (receivers wait at it),
-//!   and the next exclusive sender adopts the dead one's entry, intent included, and fills
-//!   that position with its first value ([`SlotSender::sent_position`] counts it as not
-//!   sent). So "sent" is exactly "published", which a successor can tell from `send.pos`.
+//! - A dead exclusive sender's unfinished send becomes a hole, as any dead sender's, but
+//!   **says so**: the hole is made by whoever wins a CAS of the dead entry's intent from `p`
+//!   to `p | HOLED` (a stuck receiver's `repair`, or the next exclusive sender when it attaches),
+//!   and the entry keeps that marked intent (it is not freed, and `attach_peer` does not reuse
+//!   an entry with an intent) until the next exclusive sender adopts it, intent included:
+//!   [`SlotSender::adopted_hole`] then names the position, which the sender's first send (or
+//!   [`SlotSender::forget_adopted_hole`]) forgets. So receivers and plain senders never wait
+//!   for an importer that does not come back (they get past the hole, and `Disconnected` once
+//!   the queue is empty), and a successor knows that position `p` holds no value of its
+//!   predecessor's: a tunnel importer's record (last value written, `send.pos` after it) then
+//!   tells exactly what was written.
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -71,6 +77,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::sync::shim::{AtomicU64, Ordering, fence, retry_hint};
 
 const HOLE: u64 = 1;
+/// Marks a dead exclusive sender's intent (`inflight`) whose position was made a hole: kept in
+/// its entry for the next exclusive sender ([`SlotSender::adopted_hole`]).
+const HOLED: u64 = 1 << 63;
 /// How many slots ahead a receiver prefetches.
 const PREFETCH_AHEAD: u64 = 4;
 
@@ -309,6 +318,47 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
         self.section.as_ref().map_or("(memory)", |s| s.name())
     }
 
+    /// The queue's words as they are now, for a test's report of a stall: positions, each
+    /// side's exclusive word and peers (pid, alive, recorded intent), and the slots from the
+    /// receive position to the send position (at most 8). Not a consistent snapshot.
+    #[doc(hidden)]
+    pub fn __debug_state(&self) -> String {
+        use std::fmt::Write;
+        let h = self.h();
+        let (r, w) = (h.recv.pos.load(Ordering::Relaxed), h.send.pos.load(Ordering::Relaxed));
+        let mut out = format!(
+            "slot queue {:?}: capacity {}, recv.pos {r}, send.pos {w}, sent {}, received {}\n",
+            self.name(),
+            self.cap,
+            h.send.count.load(Ordering::Relaxed),
+            h.recv.count.load(Ordering::Relaxed)
+        );
+        for (name, table) in [("senders", &h.senders), ("receivers", &h.receivers)] {
+            let _ = write!(out, "  {name}: exclusive {}", table.exclusive.load(Ordering::Relaxed));
+            for (i, p) in table.peers.iter().enumerate() {
+                let tok = p.token.load(Ordering::Relaxed);
+                let pos = p.inflight.load(Ordering::Relaxed);
+                if tok == 0 && pos == IDLE {
+                    continue;
+                }
+                let pid = self.section.as_ref().map_or(0, |s| s.domain().peer_pid(tok));
+                let intent = if pos == IDLE { "idle".to_owned() } else { pos.to_string() };
+                let _ = write!(out, "; [{i}] pid {pid} alive {} intent {intent}", tok != 0 && self.alive(tok));
+            }
+            out.push('\n');
+        }
+        for pos in r..w.min(r + 8) {
+            let head = self.head(pos);
+            let _ = writeln!(
+                out,
+                "  slot of position {pos}: seq {} state {}",
+                head.seq.load(Ordering::Relaxed),
+                head.state.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+
     fn token(&self) -> u64 {
         self.section.as_ref().map_or(1, |s| s.domain().peer_token())
     }
@@ -330,10 +380,32 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
 
     /// Becomes the queue's only sender (a tunnel's importer): fails with `AlreadyExists` while
     /// another sender lives, and no other sender can attach while this one lives. A dead
-    /// exclusive sender's unfinished send is finished by this one's first send (see
-    /// "Exclusive peers" in the module docs).
+    /// exclusive sender's unfinished send is a hole this one can name
+    /// ([`SlotSender::adopted_hole`]; see "Exclusive peers" in the module docs).
     pub fn exclusive_sender(&self) -> Result<SlotSender<'_, T>> {
         let idx = self.attach_exclusive(true)?;
+        let h = self.h();
+        let me = &h.senders.peers[idx];
+        // An adopted intent not marked yet: the predecessor's send, unfinished (claimed, not
+        // published) or not. Relaxed: our own entry (adopted with the token CAS, AcqRel).
+        let p = me.inflight.load(Ordering::Relaxed);
+        if p != IDLE && p & HOLED != 0 {
+            // Marked by a holer that may not have finished (killed between the two): finish.
+            self.make_hole(p & !HOLED);
+        } else if p != IDLE {
+            // Acquire: pairs with the claim CAS (Release) and the publishing CAS (AcqRel).
+            let claimed = h.send.pos.load(Ordering::Acquire).wrapping_sub(p) as i64 > 0;
+            if claimed && self.head(p).seq.load(Ordering::Acquire) == p {
+                // Unfinished: a hole, as a stuck receiver would make it (whoever wins the CAS
+                // makes it). AcqRel: as in `repair`.
+                if me.inflight.compare_exchange(p, p | HOLED, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    self.make_hole(p);
+                }
+            } else {
+                // Never claimed, or published before the kill: nothing to remember.
+                me.inflight.store(IDLE, Ordering::Relaxed);
+            }
+        }
         Ok(SlotSender { q: self, idx, mode: WaitMode::Blocking, stuck: None, exclusive: true })
     }
 
@@ -422,8 +494,8 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
                 return Err(busy(tok));
             }
             // A dead exclusive sender: take over its entry, with its intent (an unfinished
-            // send we finish). A receiver's intents were settled above. AcqRel: as in
-            // `attach_peer`.
+            // send, made a hole that says so: `exclusive_sender`). A receiver's intents were
+            // settled above. AcqRel: as in `attach_peer`.
             if senders
                 && tok != 0
                 && table.peers[e].token.compare_exchange(tok, me, Ordering::AcqRel, Ordering::Relaxed).is_ok()
@@ -508,7 +580,9 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
             // `inflight.store(IDLE, Release)` in `SlotSender::try_put` and
             // `SlotReceiver::try_take`), after which its slot has moved on.
             let pos = p.inflight.load(Ordering::Acquire);
-            if tok == 0 || pos == IDLE || self.alive(tok) {
+            if tok == 0 || pos == IDLE || pos & HOLED != 0 || self.alive(tok) {
+                // (A marked intent is settled: its hole is made, the mark is for the next
+                // exclusive sender.)
                 continue;
             }
             // Acquire: pairs with the claim CAS (Release) on the side's position in
@@ -585,14 +659,28 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
             // Relaxed: tokens and intents are single words; liveness comes from the kernel.
             let tok = p.token.load(Ordering::Relaxed);
             // Acquire: as in `settle_dead` (pairs with the Release clearing a finished intent).
-            if tok == 0 || p.inflight.load(Ordering::Acquire) != pos {
+            let intent = p.inflight.load(Ordering::Acquire);
+            if senders && tok != 0 && intent == pos | HOLED {
+                // A dead exclusive sender's position, marked by a holer that did not finish
+                // (killed between the mark and the hole): finish it.
+                return Ok(self.make_hole(pos));
+            }
+            if tok == 0 || intent != pos {
                 continue;
             }
-            if self.alive(tok) || (senders && exclusive == i + 1) {
-                // A live claimer; or a dead exclusive sender, whose successor finishes the
-                // send (see "Exclusive peers").
+            if self.alive(tok) {
                 busy = true;
                 continue;
+            }
+            if senders && exclusive == i + 1 {
+                // A dead exclusive sender: a hole that says so (see "Exclusive peers"). The
+                // entry keeps its token and the marked intent for the next exclusive sender.
+                // AcqRel: the one decision between holers (and the next exclusive sender).
+                if p.inflight.compare_exchange(pos, pos | HOLED, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                    busy = true;
+                    continue;
+                }
+                return Ok(self.make_hole(pos));
             }
             let head = self.head(pos);
             if senders {
@@ -619,6 +707,23 @@ impl<T: crate::ShmSafe + Copy + Send> SlotQueue<T> {
             )));
         }
         Ok(false)
+    }
+
+    /// Publishes the claimed, unpublished position `pos` as a hole; `true` if this call did.
+    fn make_hole(&self, pos: u64) -> bool {
+        let head = self.head(pos);
+        // Acquire: the slot's word; a hole made already (or given back since) is left alone.
+        if head.seq.load(Ordering::Acquire) != pos {
+            return false;
+        }
+        head.state.store(HOLE, Ordering::Relaxed);
+        // AcqRel: publishes the hole, as in `repair`.
+        let ok = head.seq.compare_exchange(pos, pos.wrapping_add(1), Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        if ok {
+            let h = self.h();
+            wake(&h.events.data_seq, &h.events.data_waiters, u32::MAX);
+        }
+        ok
     }
 
     /// A damaged queue, with what was found.
@@ -688,68 +793,36 @@ impl<T: crate::ShmSafe + Copy + Send> SlotSender<'_, T> {
         })
     }
 
-    /// Exclusive sender: positions sent into the queue so far, counting only finished sends
-    /// (a dead predecessor's unfinished one, which our next send finishes, is not counted).
-    /// Nobody else sends, so this moves only when this sender sends.
+    /// Exclusive sender: positions sent into the queue so far (the send position). Nobody
+    /// else sends, so this moves only when this sender sends. A dead predecessor's unfinished
+    /// send is a hole here, counted as a position: [`adopted_hole`](SlotSender::adopted_hole)
+    /// names it.
     pub fn sent_position(&self) -> u64 {
-        let h = self.q.h();
-        // Relaxed: only this sender changes either word.
-        let pending = h.senders.peers[self.idx].inflight.load(Ordering::Relaxed);
-        let pos = h.send.pos.load(Ordering::Relaxed);
-        // Claimed and still unpublished: the predecessor was killed between its claim and its
-        // publication (one killed after publishing, before clearing its intent, did send: the
-        // slot has moved on). Nobody else moves that slot (`repair` leaves it alone) and we
-        // have not sent since adopting it. Acquire: pairs with the publishing CAS.
-        if self.exclusive
-            && pending != IDLE
-            && pending < pos
-            && self.q.head(pending).seq.load(Ordering::Acquire) == pending
-        {
-            pending
-        } else {
-            pos
-        }
+        // Relaxed: only this sender changes it.
+        self.q.h().send.pos.load(Ordering::Relaxed)
     }
 
-    /// Exclusive sender: finishes the adopted unfinished send of a dead predecessor with
-    /// `value`; `true` if there was one.
-    fn finish_adopted(&mut self, value: T) -> bool {
-        let q = self.q;
-        let h = q.h();
-        let me = &h.senders.peers[self.idx];
-        // Relaxed: our own entry (adopted with the token CAS, AcqRel).
-        let p = me.inflight.load(Ordering::Relaxed);
-        if p == IDLE {
-            return false;
+    /// Exclusive sender: the position of the dead predecessor's unfinished send, which was
+    /// made a hole (by a receiver that could not wait for it, or when this sender attached),
+    /// until this sender's first send or [`forget_adopted_hole`](SlotSender::forget_adopted_hole).
+    /// A successor that records what it sent (a tunnel importer: the last value and the send
+    /// position after it) knows from it that this position holds no value.
+    pub fn adopted_hole(&self) -> Option<u64> {
+        // Relaxed: our own entry's word (adopted with the token CAS, AcqRel).
+        let p = self.q.h().senders.peers[self.idx].inflight.load(Ordering::Relaxed);
+        (self.exclusive && p != IDLE && p & HOLED != 0).then_some(p & !HOLED)
+    }
+
+    /// Exclusive sender: forgets [`adopted_hole`](SlotSender::adopted_hole) (after recording
+    /// it); the first send does too.
+    pub fn forget_adopted_hole(&mut self) {
+        if self.adopted_hole().is_some() {
+            // Relaxed: our own entry's word; the hole itself is published (`make_hole`).
+            self.q.h().senders.peers[self.idx].inflight.store(IDLE, Ordering::Relaxed);
         }
-        let head = q.head(p);
-        // Acquire: the slot's last give-back. Claimed (send.pos past it) and not published: ours.
-        if h.send.pos.load(Ordering::Acquire) > p && head.seq.load(Ordering::Acquire) == p {
-            // SAFETY: position `p` was claimed by our predecessor (whose entry, intent included,
-            // we adopted) and nobody else writes it: `repair` leaves an exclusive sender's
-            // position alone. The value area is inside the slot and aligned for T.
-            unsafe { q.value_ptr(p).write(value) };
-            head.state.store(0, Ordering::Relaxed);
-            // AcqRel: publishes the value, as in `try_put`.
-            let ok = head.seq.compare_exchange(p, p.wrapping_add(1), Ordering::AcqRel, Ordering::Relaxed).is_ok();
-            // Release: as in `try_put`.
-            me.inflight.store(IDLE, Ordering::Release);
-            if ok {
-                h.send.count.fetch_add(1, Ordering::Relaxed);
-                wake(&h.events.data_seq, &h.events.data_waiters, 1);
-                return true;
-            }
-            return false;
-        }
-        // Never claimed, or finished after all: nothing to finish. Relaxed: our own word.
-        me.inflight.store(IDLE, Ordering::Relaxed);
-        false
     }
 
     fn try_put(&mut self, value: T, thorough: bool) -> Result<bool> {
-        if self.exclusive && self.finish_adopted(value) {
-            return Ok(true);
-        }
         let q = self.q;
         let h = q.h();
         let me = &h.senders.peers[self.idx];
