@@ -128,14 +128,14 @@ const REC_HEADER: u64 = 8;
 /// caches.
 const HOT_WINDOW: u64 = 256 << 10;
 /// The hot lane of a ring of [`LANES_FROM`] bytes or more (see "Two lanes").
-pub(super) const HOT_LANE: u64 = 1 << 20;
+pub(super) const HOT_LANE: u64 = 2 << 20;
 /// The smallest ring that gets a hot lane.
-pub(super) const LANES_FROM: u64 = 4 * HOT_LANE;
+pub(super) const LANES_FROM: u64 = 2 * HOT_LANE;
 /// How long a sender whose hot lane is full waits for the receiver to give space back there
 /// before it overflows into the main lane (see "Two lanes"): a receiver that is running gives
 /// space back every quarter window, a few microseconds.
 #[cfg(not(loom))]
-const OVERFLOW_AFTER: Duration = Duration::from_micros(20);
+const OVERFLOW_AFTER: Duration = Duration::from_micros(50);
 /// Bytes a sender writes in the main lane between two looks at the receiver's position, to
 /// learn that the hot lane has room again.
 const LOOK_EVERY: u64 = HOT_WINDOW / 4;
@@ -690,11 +690,15 @@ impl ByteSender<'_> {
         }
         let h = self.q.h();
         let mode = self.mode;
-        let start = Instant::now();
+        // Overflow into the main lane only once the receiver has made no progress at all for
+        // a while (see "Two lanes"): a receiver that is slower than us but running gives
+        // space back every quarter window.
+        let (mut seen, mut since) = (self.cached_read, Instant::now());
         wait_until(&h.events.space_seq, &h.events.space_waiters, mode, timeout, |thorough| {
-            // Overflow into the main lane once the receiver has left the hot lane full for a
-            // while, and always before sleeping (see "Two lanes").
-            if self.try_put(msg, thorough || overflow_due(start))? {
+            if self.cached_read != seen {
+                (seen, since) = (self.cached_read, Instant::now());
+            }
+            if self.try_put(msg, overflow_due(since, thorough))? {
                 return Ok(Some(()));
             }
             if self.receiver_gone(thorough) {
@@ -844,16 +848,17 @@ impl ByteSender<'_> {
     }
 }
 
-/// Whether a sender that found the hot lane full at `start` may overflow into the main lane.
+/// Whether a sender waiting for room in the hot lane may overflow into the main lane: the
+/// receiver has given nothing back since `since`, for [`OVERFLOW_AFTER`].
 #[cfg(not(loom))]
-fn overflow_due(start: Instant) -> bool {
-    start.elapsed() >= OVERFLOW_AFTER
+fn overflow_due(since: Instant, _thorough: bool) -> bool {
+    since.elapsed() >= OVERFLOW_AFTER
 }
 
-/// Under loom (no time): at once.
+/// Under loom (no time): when the waiter is about to sleep.
 #[cfg(loom)]
-fn overflow_due(_start: Instant) -> bool {
-    true
+fn overflow_due(_since: Instant, thorough: bool) -> bool {
+    thorough
 }
 
 impl Drop for ByteSender<'_> {
