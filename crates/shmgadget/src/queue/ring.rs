@@ -1498,6 +1498,238 @@ mod tests {
         assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
     }
 
+    #[test]
+    fn a_large_ring_cycles_in_its_hot_lane_while_the_receiver_keeps_up_and_returns_there_after_a_burst() {
+        let q = ByteQueue::in_memory(4 << 20);
+        assert!(q.pk.two);
+        assert_eq!((q.lanes[HOT].cap, q.lanes[MAIN].cap, q.capacity()), (HOT_LANE, 4 << 20, 4 << 20));
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        // 12 MiB through, the receiver following closely: all of it in the hot lane.
+        let msg = [7u8; 1016];
+        for i in 0..12 * 1024u32 {
+            tx.send(&msg).unwrap();
+            if i % 4 == 3 {
+                for _ in 0..4 {
+                    assert_eq!(rx.try_recv().unwrap().len(), 1016);
+                }
+            }
+        }
+        assert_eq!(tx.pos[MAIN], 0, "the main lane was never written");
+        assert_eq!(tx.pos[HOT], 12 << 20, "the hot lane went round six times");
+        // A burst the hot lane cannot hold (the receiver stalls): it overflows into the main
+        // lane, in order.
+        let mut n = 0u32;
+        while tx.pos[MAIN] < 1 << 20 {
+            tx.try_send(&n.to_le_bytes().repeat(254)).unwrap();
+            n += 1;
+        }
+        for i in 0..n {
+            assert_eq!(&rx.try_recv().unwrap()[..4], &i.to_le_bytes(), "message {i} of the burst");
+        }
+        // Drained: the sender goes back to the hot lane (it looks at the receiver again within
+        // LOOK_EVERY bytes), and stays there.
+        let main_before = tx.pos[MAIN];
+        for _ in 0..4 * 1024 {
+            tx.send(&msg).unwrap();
+            assert_eq!(rx.try_recv().unwrap().len(), 1016);
+        }
+        assert!(tx.pos[MAIN] - main_before <= LOOK_EVERY + 1024, "{} bytes more in main", tx.pos[MAIN] - main_before);
+        assert_eq!(tx.lane, HOT);
+        let info = fill_of(q.h(), q.cap).unwrap();
+        assert_eq!(info, 0, "inspection sees both lanes empty");
+        tx.send(&msg).unwrap();
+        assert_eq!(fill_of(q.h(), q.cap).unwrap(), 1024);
+    }
+
+    #[test]
+    fn with_a_stalled_receiver_a_blocking_sender_fills_the_hot_lane_and_then_the_whole_main_lane() {
+        let q = ByteQueue::in_memory(4 << 20);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        // Keep up for a while (positions mid-lane), then stall.
+        for i in 0..3000u32 {
+            tx.send(&i.to_le_bytes()).unwrap();
+            assert_eq!(&*rx.try_recv().unwrap(), &i.to_le_bytes());
+        }
+        // A blocking sender waits OVERFLOW_AFTER for the stalled receiver, then uses the main
+        // lane; it times out only once both lanes are full.
+        let mut n = 0u32;
+        while tx.send_timeout(&[n as u8; 1016], Duration::from_millis(20)).is_ok() {
+            n += 1;
+        }
+        assert!(u64::from(n) * 1024 >= q.cap + HOT_LANE - 3 * 1024, "{n} records filled a {}-byte ring", q.cap);
+        assert_eq!(tx.try_send(&[0; 1016]).err().map(|e| e.kind()), Some(ErrorKind::WouldBlock));
+        for i in 0..n {
+            assert_eq!(&*rx.try_recv().unwrap(), &[i as u8; 1016], "message {i} of {n}");
+        }
+        assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::WouldBlock));
+        // A message over half the hot lane goes to the main lane at once, in order.
+        tx.send(&[1; 100]).unwrap();
+        let big = vec![2u8; q.max_message()];
+        tx.send(&big).unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[1; 100]);
+        assert_eq!(rx.try_recv().unwrap().len(), big.len());
+    }
+
+    #[test]
+    fn a_damaged_lane_is_reported() {
+        let q = ByteQueue::in_memory_lanes(256, 64);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        tx.send(&[1; 8]).unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[1; 8]);
+        rx.__die();
+        let c = &q.h().consumed;
+        c.lane.store(2, Ordering::Relaxed);
+        let err = q.receiver().err().expect("a lane that does not exist is refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        c.lane.store(0, Ordering::Relaxed);
+        c.pos1.store(8, Ordering::Relaxed);
+        let err = q.receiver().err().expect("consumed past what was written in lane 1");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        c.pos1.store(0, Ordering::Relaxed);
+        let mut rx = q.receiver().unwrap();
+        // A switch record in a ring with one lane is a damaged record.
+        let q1 = ByteQueue::in_memory(4096);
+        let mut tx1 = q1.sender().unwrap();
+        let mut rx1 = q1.receiver().unwrap();
+        tx1.send(&[3; 8]).unwrap();
+        // SAFETY: the record's header word, in the ring; nobody reads it concurrently.
+        unsafe { q1.lanes[0].data.cast::<u64>().write(SWITCH) };
+        assert_eq!(rx1.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+        // Positions packed for two lanes: an unaligned lane-0 field is refused.
+        q.h().send.pos.store(4 << 1, Ordering::Relaxed);
+        assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+    }
+
+    /// Operations on a ring with two lanes: sends (a blocking sender's first attempt, which may
+    /// not overflow, or `try_send`), receives, read-ahead and commits, and deaths of either side.
+    #[derive(Debug, Clone)]
+    enum LaneOp {
+        Send(usize, bool),
+        Recv,
+        Keep,
+        Commit(usize),
+        Batch(u64),
+        Flush,
+        KillRx(bool),
+        KillTx,
+    }
+
+    fn lane_op() -> impl Strategy<Value = LaneOp> {
+        prop_oneof![
+            10 => (0usize..120, any::<bool>()).prop_map(|(l, o)| LaneOp::Send(l, o)),
+            6 => Just(LaneOp::Recv),
+            2 => Just(LaneOp::Keep),
+            1 => (0usize..8).prop_map(LaneOp::Commit),
+            1 => (0u64..200).prop_map(LaneOp::Batch),
+            1 => Just(LaneOp::Flush),
+            1 => any::<bool>().prop_map(LaneOp::KillRx),
+            1 => Just(LaneOp::KillTx),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn two_lanes_behave_like_a_vecdeque_through_switches_keeps_and_deaths(
+            ops in proptest::collection::vec(lane_op(), 1..500),
+            cap in 7u32..10,
+            hot in 6u32..8,
+        ) {
+            let q = ByteQueue::in_memory_lanes(1 << cap, 1 << hot);
+            let mut tx = q.sender().unwrap();
+            let mut rx = q.receiver().unwrap();
+            // Messages sent and not consumed, in order: the first `kept` are read ahead (their
+            // marks in `marks`), the last `pending` not published yet.
+            let mut model: VecDeque<Vec<u8>> = VecDeque::new();
+            let (mut kept, mut pending) = (0usize, 0usize);
+            let mut marks: Vec<Kept> = Vec::new();
+            let mut n = 0u8;
+            for op in ops {
+                match op {
+                    LaneOp::Send(len, overflow) => {
+                        n = n.wrapping_add(1);
+                        let msg = vec![n; len];
+                        let before = tx.position();
+                        if len > q.max_message() {
+                            prop_assert_eq!(tx.try_send(&msg).err().map(|e| e.kind()), Some(ErrorKind::InvalidSize));
+                        } else if tx.try_put(&msg, overflow).unwrap() {
+                            prop_assert!(tx.position() > before, "the position grows");
+                            model.push_back(msg);
+                            pending += 1;
+                        } else if overflow {
+                            prop_assert!(!model.is_empty(), "an empty ring refused a message that fits");
+                        }
+                    }
+                    LaneOp::Recv | LaneOp::Keep => match rx.try_recv() {
+                        Ok(m) => {
+                            prop_assert!(model.len() - pending > kept, "an unpublished message was received");
+                            prop_assert_eq!(&m.to_vec(), &model[kept]);
+                            if matches!(op, LaneOp::Keep) {
+                                marks.push(m.keep());
+                                kept += 1;
+                            } else {
+                                drop(m);
+                                model.drain(..=kept);
+                                kept = 0;
+                                marks.clear();
+                            }
+                        }
+                        Err(e) => {
+                            prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                            prop_assert_eq!(model.len() - pending, kept, "a published message was not received");
+                        }
+                    },
+                    LaneOp::Commit(i) => {
+                        if !marks.is_empty() {
+                            let j = i % marks.len();
+                            rx.commit(marks[j]).unwrap();
+                            prop_assert!(rx.commit(marks[j]).is_err(), "a mark commits once");
+                            model.drain(..=j);
+                            marks.drain(..=j);
+                            kept -= j + 1;
+                        }
+                    }
+                    LaneOp::Batch(b) => tx.set_batch(b),
+                    LaneOp::Flush => tx.flush(),
+                    LaneOp::KillRx(hold) => {
+                        if hold && let Ok(m) = rx.try_recv() {
+                            // Received, not consumed: delivered again.
+                            prop_assert_eq!(&m.to_vec(), &model[kept]);
+                            std::mem::forget(m);
+                        }
+                        rx.__die();
+                        rx = q.receiver().unwrap();
+                        kept = 0;
+                        marks.clear();
+                    }
+                    LaneOp::KillTx => {
+                        let published = tx.published;
+                        std::mem::forget(tx);
+                        // Relaxed: same thread (the kernel orders a real death).
+                        q.h().senders.peers[0].token.store(0, Ordering::Relaxed);
+                        model.truncate(model.len() - pending);
+                        pending = 0;
+                        tx = q.sender().unwrap();
+                        prop_assert_eq!(tx.position(), published, "a successor starts at the published position");
+                    }
+                }
+                if !tx.pending() {
+                    pending = 0;
+                }
+            }
+            drop(tx);
+            // A successor receiver gets the kept messages again, then the rest.
+            rx.__die();
+            let mut rx = q.receiver().unwrap();
+            while let Some(want) = model.pop_front() {
+                prop_assert_eq!(rx.try_recv().unwrap().to_vec(), want);
+            }
+            prop_assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
+        }
+    }
+
     proptest! {
         #[test]
         fn a_batching_sender_killed_anywhere_loses_only_what_it_had_not_published(
