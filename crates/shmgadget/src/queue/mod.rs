@@ -274,11 +274,7 @@ impl QueueShared {
     #[cfg(any(test, loom))]
     fn new() -> Self {
         fn side() -> Side {
-            Side {
-                pos: AtomicU64::new(0),
-                count: AtomicU64::new(0),
-                full: [AtomicU64::new(0), AtomicU64::new(0)],
-            }
+            Side { pos: AtomicU64::new(0), count: AtomicU64::new(0), full: [AtomicU64::new(0), AtomicU64::new(0)] }
         }
         fn table() -> PeerTable {
             PeerTable {
