@@ -861,6 +861,20 @@ fn overflow_due(_since: Instant, thorough: bool) -> bool {
     thorough
 }
 
+impl ByteSender<'_> {
+    /// Stops being the sender as a killed process would (nothing pending is published), then
+    /// marks its entry dead (in-memory queues have no liveness locks). For model checks.
+    #[cfg(any(test, loom))]
+    #[doc(hidden)]
+    pub fn __die(self) {
+        let h = self.q.h();
+        std::mem::forget(self);
+        // Relaxed: the callers order the successor after this themselves (same thread, or a
+        // join), as the kernel does for a real death.
+        h.senders.peers[0].token.store(0, Ordering::Relaxed);
+    }
+}
+
 impl Drop for ByteSender<'_> {
     fn drop(&mut self) {
         self.flush();
