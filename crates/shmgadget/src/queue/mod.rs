@@ -12,6 +12,7 @@
 //! after    written by the byte-queue receiver only, read only by a receiver taking over from
 //!          it: consumed position (monotonic), messages consumed (unused by slot queues)
 //! 4096     the ring
+//! after    byte queues of 4 MiB or more: the hot lane, 2 MiB (`ring.rs`, "Two lanes")
 //! ```
 //! The creator commits the whole section, writes the header and publishes its `ready` word,
 //! and only then marks the section ready in the registry; until then openers wait (or, if the

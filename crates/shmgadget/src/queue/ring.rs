@@ -38,15 +38,53 @@
 //! passes the marker, and a ring cannot write past its own marker. Resetting the positions of
 //! an empty ring would need both sides to agree (a protocol change).
 //!
-//! Also not done yet: a ring of fixed segments chained by links, free segments on a stack the
-//! receiver pushes and the sender pops (one each: no ABA), so that the same few segments cycle
-//! while the receiver keeps up and a stalled receiver still leaves the sender every segment.
-//! What it must solve besides the links: a message may be up to half the ring, so a record
-//! larger than a segment needs a run of physically adjacent free segments (which exists once
-//! the ring drains: with one segment in use, the larger free side holds half the ring); a
-//! sender killed between popping a segment and linking it must not leak it (the successor can
-//! rebuild the free set from the chain between the two positions); and a receiver taking over
-//! needs the segment of `consumed.pos`, which positions alone no longer give.
+//! # Two lanes
+//! Following closely is not enough: the sender still writes lines last used a whole ring ago
+//! (every byte goes to DRAM and back), and a sender faster than its receiver keeps a large
+//! ring full, so the receiver reads what was written a ring ago. So a ring of [`LANES_FROM`]
+//! (4 MiB) or more gets, on top of the ring asked for (the *main lane*: `capacity()` and
+//! `max_message()` are unchanged), a *hot lane* of [`HOT_LANE`] (2 MiB, the best-measured
+//! ring size here) after it in the section. Smaller rings have one lane and behave as before
+//! lanes. Each lane is a ring of the protocol above (records, wrap markers), with its own
+//! positions. A *switch record* (`len = u32::MAX - 1`, 8 bytes) in the lane the sender
+//! leaves tells the receiver "continue in the other lane where you left it": each lane is
+//! FIFO, so the interleaving is the sender's order however often it switches.
+//! - The sender writes in the hot lane while the record fits (every lane always keeps 8 bytes
+//!   free, so a switch record always fits; a record over half the hot lane goes to the main
+//!   lane). When the hot lane is full it *waits* for the receiver as a 2 MiB ring would, and
+//!   overflows into the main lane only once the receiver has given nothing back for
+//!   `OVERFLOW_AFTER` (50 µs; at once for [`ByteSender::try_send`]): a stalled receiver lets
+//!   the sender fill the hot lane and then the whole main lane, at least the capacity asked
+//!   for. (The first version overflowed as soon as the hot lane was full, as the issue's
+//!   design suggested: a sender faster than its receiver then filled the main lane at every
+//!   burst and kept it full, and 1 KiB messages at 64 MiB ran at 0.31 of the best, as before.)
+//! - From the main lane it goes back to the hot lane once that is at most a quarter full
+//!   (the receiver gives a lane back when it leaves it), looking at the receiver's position
+//!   every `LOOK_EVERY` (64 KiB) bytes written in the main lane, not per message.
+//! - Both lanes' positions and the sender's lane are *one* shared word (`send.pos`): lane 1's
+//!   position modulo 2^41 in bits 23.., lane 0's modulo 2^22 in bits 1..23, the lane in bit 0
+//!   (a lane holds at most 2^40 and 2^21 bytes, so differences are exact). One Release store
+//!   publishes a switch record and the records after it in the other lane together. So no
+//!   switch count is needed (the issue suggested numbered switch records and a switch on every
+//!   takeover): a sender killed anywhere leaves a published word that says which lane it was
+//!   in and where each lane ends; its successor continues there, overwriting anything
+//!   unpublished, switch records included, and the receiver never meets a stale or duplicate
+//!   switch. `recv.pos` packs the given-back positions the same way.
+//! - [`ByteSender::position`] stays a monotone byte count, the sum of the lanes' positions:
+//!   the sender stores its full lane positions in `send.full` after each publication, and a
+//!   successor extends the packed fields from them (they lag by at most one publication).
+//!   The tunnel importer compares it across a takeover: it changes exactly when a message was
+//!   published.
+//! - The receiver records what it consumed in both lanes and the lane it is in
+//!   (`consumed.pos`, `consumed.pos1`, `consumed.lane`); a successor resumes there. A
+//!   [`Kept`] mark holds both lanes' positions; [`ByteReceiver::commit`] gives back both.
+//! - Wake-ups are unchanged: one `send.pos` word, one `recv.pos` word.
+//!
+//! Not done: a ring of fixed segments chained by links (a free stack of segments cycling while
+//! the receiver keeps up). Two lanes give the same cycling with positions alone; what segments
+//! would still have to solve (records up to half the ring over adjacent segments, a sender
+//! killed between popping and linking a segment, the segment of `consumed.pos` for a
+//! successor) is not needed.
 //!
 //! Tried and left out (branch `ring13`, commits 45614e0..fd56176, layout 3): records that
 //! signal themselves (a header word of 0 until the sender writes it, the first header of a
@@ -63,14 +101,16 @@
 //! # Positions
 //! | word | meaning | written by | read by |
 //! |---|---|---|---|
-//! | `send.pos` | bytes written and published | sender: Release, per message or per batch | receiver: Acquire, when the ring looks empty, and on attach |
-//! | `recv.pos` | bytes given back: the sender may overwrite what lies before | receiver: Release, per quarter ring or when it caught up; a receiver taking over, on attach | sender: Acquire, when the ring looks full, and on attach |
-//! | `consumed.pos` | bytes consumed: the end of the last message returned and given back by its reader | receiver: Relaxed, at every message | only a receiver taking over, on attach (and `inspect`) |
+//! | `send.pos` | bytes written and published (two lanes: both lanes' positions and the sender's lane, packed) | sender: Release, per message or per batch | receiver: Acquire, when its lane looks empty, and on attach |
+//! | `send.full` | two lanes: the sender's full lane positions | sender: Relaxed, after each publication | a sender taking over, on attach |
+//! | `recv.pos` | bytes given back: the sender may overwrite what lies before (two lanes: packed as `send.pos`) | receiver: Release, per quarter window, when it caught up or changed lanes; a receiver taking over, on attach | sender: Acquire, when a lane looks full, every 64 KiB in the main lane, and on attach |
+//! | `consumed.pos` | bytes consumed (two lanes: in the hot lane): the end of the last message returned and given back by its reader | receiver: Relaxed, at every message | only a receiver taking over, on attach (and `inspect`) |
+//! | `consumed.pos1`, `consumed.lane` | two lanes: bytes consumed in the main lane, and the lane of the last consumed message | as `consumed.pos` | as `consumed.pos` |
 //! | `consumed.count` | messages consumed | as `consumed.pos` | as `consumed.pos` |
 //! | `recv.count` | messages given back (a statistic) | receiver: Relaxed, with `recv.pos` | `inspect` |
 //!
-//! In a healthy ring `recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`, and all
-//! three are multiples of 8 (records are). A receiver checks this on attach: positions that
+//! In a healthy ring, in each lane, `recv.pos <= consumed.pos <= send.pos <= recv.pos +
+//! capacity` (of the lane), and all three are multiples of 8 (records are). A receiver checks this on attach: positions that
 //! break it are a damaged ring, reported as [`ErrorKind::Corrupt`], never a read out of place.
 //!
 //! # Readers that die
