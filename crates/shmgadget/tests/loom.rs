@@ -209,6 +209,98 @@ fn a_byte_queue_receiver_taking_over_from_a_dead_one_starts_with_the_message_it_
     });
 }
 
+#[test]
+fn a_byte_queue_with_two_lanes_keeps_order_through_switches_and_a_sender_taking_over() {
+    use shmgadget::ErrorKind;
+    use shmgadget::queue::ByteQueue;
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(2);
+    builder.check(|| {
+        // A 64-byte hot lane holds two 16-byte messages (24-byte records and the 8 bytes kept
+        // for a switch record): the third overflows into the 256-byte main lane when the
+        // sender would otherwise sleep, and the sender comes back once the hot lane drains.
+        // The first sender dies with its last message unpublished (a batch of 64 bytes: the
+        // message and a switch record are 32); its successor continues in the lane the
+        // published position names.
+        let q = Arc::new(ByteQueue::in_memory_lanes(256, 64));
+        let sender = {
+            let q = q.clone();
+            thread::spawn(move || {
+                let send = |tx: &mut shmgadget::queue::ByteSender<'_>, i: u8| loop {
+                    match tx.send(&[i; 16]) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == ErrorKind::Disconnected => thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                };
+                let mut tx = q.sender().unwrap();
+                for i in 0..3u8 {
+                    send(&mut tx, i);
+                }
+                tx.set_batch(64);
+                // Written, never published: lost with its sender.
+                tx.send(&[99; 16]).unwrap();
+                tx.__die();
+                let mut tx = q.sender().unwrap();
+                for i in 3..5u8 {
+                    send(&mut tx, i);
+                }
+            })
+        };
+        let mut rx = q.receiver().unwrap();
+        let mut i = 0u8;
+        while i < 5 {
+            match rx.recv() {
+                Ok(m) => {
+                    assert_eq!(&*m, &[i; 16], "in order, the unpublished message never seen");
+                    i += 1;
+                }
+                // Between the death and the takeover there is no sender.
+                Err(e) if e.kind() == ErrorKind::Disconnected => thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        sender.join().unwrap();
+        assert!(rx.recv().is_err());
+    });
+}
+
+#[test]
+fn a_byte_queue_receiver_taking_over_in_the_main_lane_resumes_in_the_right_lane() {
+    use shmgadget::queue::ByteQueue;
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(2);
+    builder.check(|| {
+        // Three 16-byte messages: the third goes to the main lane (the hot lane holds two).
+        // The receiver dies holding one of the first two, or after a switch, and its successor
+        // resumes from the consumed positions of both lanes and the lane it was in.
+        let q = Arc::new(ByteQueue::in_memory_lanes(128, 64));
+        let sender = {
+            let q = q.clone();
+            thread::spawn(move || {
+                let mut tx = q.sender().unwrap();
+                for i in 0..4u8 {
+                    tx.send(&[i; 16]).unwrap();
+                }
+            })
+        };
+        let mut rx = q.receiver().unwrap();
+        assert_eq!(&*rx.recv().unwrap(), &[0; 16]);
+        let kept = rx.recv().unwrap().keep();
+        let held = rx.recv().unwrap();
+        assert_eq!(&*held, &[2; 16]);
+        std::mem::forget(held);
+        let _ = kept;
+        rx.__die();
+        let mut rx = q.receiver().unwrap();
+        for i in 1..4u8 {
+            assert_eq!(&*rx.recv().unwrap(), &[i; 16], "the kept and the held message again, then the rest");
+        }
+        sender.join().unwrap();
+        assert!(rx.recv().is_err());
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // shmgadget's own robust lock (`sync/robust.rs`), the lock of `Mutex<T>` and the registry
 // ---------------------------------------------------------------------------------------------

@@ -682,3 +682,171 @@ fn a_slot_queue_reader_killed_10_times_never_hands_a_value_twice_and_loses_at_mo
         }
     }
 }
+
+/// The message `id` of the lanes test: its number, its complement, then filler, 16 to 2,015
+/// bytes long.
+fn lane_message(id: u64) -> Vec<u8> {
+    let mut m = vec![(id % 251) as u8; 16 + (id * 37 % 2000) as usize];
+    m[..8].copy_from_slice(&id.to_le_bytes());
+    m[8..16].copy_from_slice(&(!id).to_le_bytes());
+    m
+}
+
+#[test]
+fn a_large_ring_with_its_hot_lane_survives_senders_and_receivers_killed_mid_stream() {
+    const TEST: &str = "a_large_ring_with_its_hot_lane_survives_senders_and_receivers_killed_mid_stream";
+    const KILLS: u64 = 8;
+    const TOTAL: u64 = 40_000;
+    let read_ids = |path: &str| -> Vec<u64> {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    match role().as_deref() {
+        Some("sender") => {
+            use std::io::Write;
+            // Like the tunnel importer: after each message, one write(2) of (id, position)
+            // appended to a file shared by all senders; a successor whose queue position
+            // differs from the last record knows the message after it went in.
+            let path = std::env::var("SENT").unwrap();
+            let d = child();
+            let q = ByteQueue::open(&d, "lanes").unwrap();
+            let mut tx = q.sender().unwrap();
+            let rec = read_ids(&path);
+            let mut next = match rec.len() {
+                0 => u64::from(tx.position() != 0),
+                n => rec[n - 2] + if tx.position() == rec[n - 1] { 1 } else { 2 },
+            };
+            let mut out = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+            while next < TOTAL {
+                let t = Instant::now();
+                loop {
+                    match tx.send_timeout(&lane_message(next), Duration::from_secs(30)) {
+                        Ok(()) => break,
+                        // No receiver between a death and its successor: retried.
+                        Err(e) if e.kind() == ErrorKind::Disconnected && t.elapsed() < Duration::from_secs(30) => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Err(e) => panic!("message {next}: {e}"),
+                    }
+                }
+                let mut r = [0u8; 16];
+                r[..8].copy_from_slice(&next.to_le_bytes());
+                r[8..].copy_from_slice(&tx.position().to_le_bytes());
+                out.write_all(&r).unwrap();
+                next += 1;
+            }
+        }
+        Some("reader") => {
+            use std::io::Write;
+            let mut out = std::fs::OpenOptions::new().append(true).open(std::env::var("IDS").unwrap()).unwrap();
+            let done = std::env::var("DONE").unwrap();
+            let d = child();
+            let q = ByteQueue::open(&d, "lanes").unwrap();
+            let mut rx = q.receiver().unwrap();
+            let mut got = 0u64;
+            loop {
+                let m = match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(m) => m,
+                    // The sender died (a successor comes) or finished (the parent says so).
+                    Err(e) if e.kind() == ErrorKind::Disconnected => {
+                        if std::path::Path::new(&done).exists() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    Err(e) => panic!("{e}"),
+                };
+                let id = u64::from_le_bytes(m[..8].try_into().unwrap());
+                assert_eq!(&*m, &lane_message(id)[..], "message {id} is whole");
+                // Reported while in hand (see the byte-queue takeover test above).
+                out.write_all(&id.to_le_bytes()).unwrap();
+                drop(m);
+                got += 1;
+                // Stall now and then, so the sender overflows the hot lane into the main lane
+                // and comes back.
+                if got % 3000 == 0 {
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            }
+        }
+        _ => {
+            let domain = unique_domain("qlanes");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            // A 4 MiB ring: a 2 MiB hot lane on top.
+            let q = ByteQueue::create(&d, "lanes", 4 << 20).unwrap();
+            let tmp = |what: &str| std::env::temp_dir().join(format!("{domain}-{what}")).to_str().unwrap().to_owned();
+            let (sent, done) = (tmp("sent"), tmp("done"));
+            std::fs::write(&sent, b"").unwrap();
+            let reader_env = |k: u64| {
+                let ids = tmp(&format!("reader-{k}"));
+                std::fs::write(&ids, b"").unwrap();
+                (ids.clone(), vec![("IDS", ids), ("DONE", done.clone())])
+            };
+            let mut sender = spawn(TEST, "sender", &domain, &[("SENT", sent.clone())]);
+            let (mut ids, env) = reader_env(0);
+            let mut reader = spawn(TEST, "reader", &domain, &env);
+            let mut files = vec![ids.clone()];
+            let received =
+                |files: &[String]| files.iter().map(|f| std::fs::metadata(f).unwrap().len() / 8).sum::<u64>();
+            for k in 0..KILLS {
+                // Kill the sender or a reader in turn, every few thousand messages.
+                let at = (k + 1) * TOTAL / (KILLS + 2) + k * 97;
+                let t = Instant::now();
+                while received(&files) < at {
+                    assert!(t.elapsed() < Duration::from_secs(60), "stuck at {} messages", received(&files));
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+                if k % 2 == 0 {
+                    kill9(&mut sender);
+                    sender = spawn(TEST, "sender", &domain, &[("SENT", sent.clone())]);
+                } else {
+                    kill9(&mut reader);
+                    let env;
+                    (ids, env) = reader_env(k);
+                    files.push(ids.clone());
+                    reader = spawn(TEST, "reader", &domain, &env);
+                }
+            }
+            assert!(wait(&mut sender, Duration::from_secs(120)).success(), "the last sender failed");
+            std::fs::write(&done, b"").unwrap();
+            assert!(wait(&mut reader, Duration::from_secs(60)).success(), "the last reader failed");
+            // Each reader's ids are consecutive; a successor starts right after its
+            // predecessor's last report, or at it again (the message in hand when killed).
+            let mut next = 0u64;
+            let mut in_hand = 0;
+            for (k, f) in files.iter().enumerate() {
+                let s = read_ids(f);
+                std::fs::remove_file(f).unwrap();
+                assert!(!s.is_empty(), "reader {k} received nothing");
+                for w in s.windows(2) {
+                    assert_eq!(w[1], w[0] + 1, "reader {k}: ids in order, none lost or repeated");
+                }
+                if s[0] + 1 == next {
+                    in_hand += 1;
+                } else {
+                    assert_eq!(s[0], next, "reader {k} starts where its predecessor stopped");
+                }
+                next = *s.last().unwrap() + 1;
+            }
+            eprintln!("{} senders and {} readers killed: {in_hand} in-hand messages redelivered", KILLS / 2, KILLS / 2);
+            assert_eq!(next, TOTAL, "every message arrived");
+            std::fs::remove_file(&sent).unwrap();
+            std::fs::remove_file(&done).unwrap();
+            let info = shmgadget::queue::inspect(q.section().unwrap()).unwrap();
+            assert_eq!((info.sent, info.received, info.fill), (TOTAL, TOTAL, 0));
+            // The stalls made the sender use the main lane: its position (bits 23.. of the
+            // packed send position at offset 128 of the header) moved.
+            // SAFETY: an 8-aligned word inside the mapped header, read atomically.
+            let w = unsafe {
+                (*q.section().unwrap().as_ptr().add(128).cast::<std::sync::atomic::AtomicU64>())
+                    .load(std::sync::atomic::Ordering::Acquire)
+            };
+            assert!(w >> 23 > 0, "the main lane was never used: {w:#x}");
+            drop(q);
+            d.delete_section("lanes").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

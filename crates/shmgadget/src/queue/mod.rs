@@ -12,6 +12,7 @@
 //! after    written by the byte-queue receiver only, read only by a receiver taking over from
 //!          it: consumed position (monotonic), messages consumed (unused by slot queues)
 //! 4096     the ring
+//! after    byte queues of 4 MiB or more: the hot lane, 2 MiB (`ring.rs`, "Two lanes")
 //! ```
 //! The creator commits the whole section, writes the header and publishes its `ready` word,
 //! and only then marks the section ready in the registry; until then openers wait (or, if the
@@ -132,7 +133,9 @@ pub const DATA_OFFSET: u64 = 4096;
 pub const MAX_PEERS: usize = 64;
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMQUEU1");
 /// 2: the byte-queue receiver's consumed line (a version-1 receiver would not maintain it).
-const LAYOUT_VERSION: u32 = 2;
+/// 3: byte queues of at least `ring::LANES_FROM` bytes have a hot lane after the ring, and
+/// their positions are packed words of both lanes (`ring.rs`, "Two lanes").
+const LAYOUT_VERSION: u32 = 3;
 const READY: u32 = 0x5155_4555; // "QUEU"
 const KIND_BYTES: u32 = 1;
 const KIND_SLOTS: u32 = 2;
@@ -174,6 +177,9 @@ struct Side {
     pos: AtomicU64,
     /// Messages sent/received.
     count: AtomicU64,
+    /// Byte queue with two lanes, send side only: the sender's lane positions in full (`pos`
+    /// holds them modulo a power of two), stored after each publication (see `ring.rs`).
+    full: [AtomicU64; 2],
 }
 
 /// The byte-queue receiver's own line: how far it has consumed (messages it returned to its
@@ -185,6 +191,10 @@ struct Consumed {
     pos: AtomicU64,
     /// Messages consumed.
     count: AtomicU64,
+    /// Byte queue with two lanes: bytes consumed in lane 1 (`pos` is lane 0's), and the lane
+    /// the receiver reads next (see `ring.rs`, "Two lanes").
+    pos1: AtomicU64,
+    lane: AtomicU64,
 }
 
 #[repr(C, align(128))]
@@ -235,6 +245,8 @@ const FINGERPRINT: u32 = {
         std::mem::offset_of!(QueueShared, consumed) as u64,
         MAX_PEERS as u64,
         DATA_OFFSET,
+        ring::HOT_LANE,
+        ring::LANES_FROM,
     ];
     crate::fnv::layout_fingerprint(&parts)
 };
@@ -263,7 +275,7 @@ impl QueueShared {
     #[cfg(any(test, loom))]
     fn new() -> Self {
         fn side() -> Side {
-            Side { pos: AtomicU64::new(0), count: AtomicU64::new(0) }
+            Side { pos: AtomicU64::new(0), count: AtomicU64::new(0), full: [AtomicU64::new(0), AtomicU64::new(0)] }
         }
         fn table() -> PeerTable {
             PeerTable {
@@ -293,7 +305,12 @@ impl QueueShared {
             },
             senders: table(),
             receivers: table(),
-            consumed: Consumed { pos: AtomicU64::new(0), count: AtomicU64::new(0) },
+            consumed: Consumed {
+                pos: AtomicU64::new(0),
+                count: AtomicU64::new(0),
+                pos1: AtomicU64::new(0),
+                lane: AtomicU64::new(0),
+            },
         }
     }
 
@@ -342,7 +359,8 @@ impl QueueShared {
             KIND_SLOTS => cap >= 2 && slot >= 16 && slot % 16 == 0,
             _ => false,
         };
-        let bytes = if kind == KIND_SLOTS { cap.checked_mul(slot) } else { Some(cap) };
+        // A byte queue of `ring::LANES_FROM` bytes or more has its hot lane after the ring.
+        let bytes = if kind == KIND_SLOTS { cap.checked_mul(slot) } else { cap.checked_add(ring::lane_bytes(cap)) };
         if !cap.is_power_of_two() || !shape_ok || bytes.is_none_or(|b| b > ring_bytes) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -680,40 +698,31 @@ pub(crate) fn inspect_header(
     // only one that keeps failing is reported.
     let mut last = String::new();
     for _ in 0..4 {
-        // Acquire (all four): each pairs with its writer's Release, so a later load here sees
-        // positions at least as new as the ones the writer had seen (see the order above).
-        let r1 = h.recv.pos.load(Ordering::Acquire);
-        let c = if kind == KIND_BYTES { h.consumed.pos.load(Ordering::Acquire) } else { r1 };
-        let w = h.send.pos.load(Ordering::Acquire);
-        let r2 = h.recv.pos.load(Ordering::Acquire);
-        let aligned = kind != KIND_BYTES || (r1 | c | w) % 8 == 0;
-        if aligned && r1 <= c && c <= w && w - r2.min(w) <= cap {
-            // Relaxed: statistics.
-            let mut received = h.recv.count.load(Ordering::Relaxed);
-            if kind == KIND_BYTES {
-                // The byte-queue receiver gives space back in batches; what it consumed is exact.
-                received = received.max(h.consumed.count.load(Ordering::Relaxed));
-            }
-            return Ok(QueueInfo {
-                kind: if kind == KIND_BYTES { "bytes" } else { "slots" },
-                capacity: cap,
-                fill: w - c.max(r2).min(w),
-                sent: h.send.count.load(Ordering::Relaxed),
-                received,
-                senders: peers(&h.senders),
-                receivers: peers(&h.receivers),
+        let snap = if kind == KIND_BYTES { ring::fill_of(h, cap) } else { slot_fill(h, cap) };
+        match snap {
+            Ok(fill) => {
                 // Relaxed: statistics.
-                blocked_senders: h.events.space_waiters.load(Ordering::Relaxed),
-                blocked_receivers: h.events.data_waiters.load(Ordering::Relaxed),
-            });
+                let mut received = h.recv.count.load(Ordering::Relaxed);
+                if kind == KIND_BYTES {
+                    // The byte-queue receiver gives space back in batches; what it consumed is
+                    // exact.
+                    received = received.max(h.consumed.count.load(Ordering::Relaxed));
+                }
+                return Ok(QueueInfo {
+                    kind: if kind == KIND_BYTES { "bytes" } else { "slots" },
+                    capacity: cap,
+                    fill,
+                    sent: h.send.count.load(Ordering::Relaxed),
+                    received,
+                    senders: peers(&h.senders),
+                    receivers: peers(&h.receivers),
+                    // Relaxed: statistics.
+                    blocked_senders: h.events.space_waiters.load(Ordering::Relaxed),
+                    blocked_receivers: h.events.data_waiters.load(Ordering::Relaxed),
+                });
+            }
+            Err(found) => last = found,
         }
-        last = if kind == KIND_BYTES {
-            format!(
-                "given back {r1:#x}, consumed {c:#x}, written {w:#x}; expected multiples of 8 with given back <= consumed <= written <= given back + {cap}"
-            )
-        } else {
-            format!("received {r1:#x}, sent {w:#x}; expected received <= sent <= received + {cap}")
-        };
         for _ in 0..1000 {
             std::hint::spin_loop();
         }
@@ -722,6 +731,20 @@ pub(crate) fn inspect_header(
         ErrorKind::Corrupt,
         format!("queue {name:?} is damaged: its positions are {last}; delete it and create it again"),
     ))
+}
+
+/// A slot queue's fill from one snapshot of its positions (see `inspect_header`), or what
+/// was found if they break `received <= sent <= received + capacity`.
+fn slot_fill(h: &QueueShared, cap: u64) -> std::result::Result<u64, String> {
+    // Acquire (all three): each pairs with its writer's Release, so a later load here sees
+    // positions at least as new as the ones the writer had seen.
+    let r1 = h.recv.pos.load(Ordering::Acquire);
+    let w = h.send.pos.load(Ordering::Acquire);
+    let r2 = h.recv.pos.load(Ordering::Acquire);
+    if r1 <= w && w - r2.min(w) <= cap {
+        return Ok(w - r2.min(w));
+    }
+    Err(format!("received {r1:#x}, sent {w:#x}; expected received <= sent <= received + {cap}"))
 }
 
 /// Why queue `name`'s header was refused, as an error that says what to do.

@@ -38,15 +38,53 @@
 //! passes the marker, and a ring cannot write past its own marker. Resetting the positions of
 //! an empty ring would need both sides to agree (a protocol change).
 //!
-//! Also not done yet: a ring of fixed segments chained by links, free segments on a stack the
-//! receiver pushes and the sender pops (one each: no ABA), so that the same few segments cycle
-//! while the receiver keeps up and a stalled receiver still leaves the sender every segment.
-//! What it must solve besides the links: a message may be up to half the ring, so a record
-//! larger than a segment needs a run of physically adjacent free segments (which exists once
-//! the ring drains: with one segment in use, the larger free side holds half the ring); a
-//! sender killed between popping a segment and linking it must not leak it (the successor can
-//! rebuild the free set from the chain between the two positions); and a receiver taking over
-//! needs the segment of `consumed.pos`, which positions alone no longer give.
+//! # Two lanes
+//! Following closely is not enough: the sender still writes lines last used a whole ring ago
+//! (every byte goes to DRAM and back), and a sender faster than its receiver keeps a large
+//! ring full, so the receiver reads what was written a ring ago. So a ring of [`LANES_FROM`]
+//! (4 MiB) or more gets, on top of the ring asked for (the *main lane*: `capacity()` and
+//! `max_message()` are unchanged), a *hot lane* of [`HOT_LANE`] (2 MiB, the best-measured
+//! ring size here) after it in the section. Smaller rings have one lane and behave as before
+//! lanes. Each lane is a ring of the protocol above (records, wrap markers), with its own
+//! positions. A *switch record* (`len = u32::MAX - 1`, 8 bytes) in the lane the sender
+//! leaves tells the receiver "continue in the other lane where you left it": each lane is
+//! FIFO, so the interleaving is the sender's order however often it switches.
+//! - The sender writes in the hot lane while the record fits (every lane always keeps 8 bytes
+//!   free, so a switch record always fits; a record over half the hot lane goes to the main
+//!   lane). When the hot lane is full it *waits* for the receiver as a 2 MiB ring would, and
+//!   overflows into the main lane only once the receiver has given nothing back for
+//!   `OVERFLOW_AFTER` (50 µs; at once for [`ByteSender::try_send`]): a stalled receiver lets
+//!   the sender fill the hot lane and then the whole main lane, at least the capacity asked
+//!   for. (The first version overflowed as soon as the hot lane was full, as the issue's
+//!   design suggested: a sender faster than its receiver then filled the main lane at every
+//!   burst and kept it full, and 1 KiB messages at 64 MiB ran at 0.31 of the best, as before.)
+//! - From the main lane it goes back to the hot lane once that is at most a quarter full
+//!   (the receiver gives a lane back when it leaves it), looking at the receiver's position
+//!   every `LOOK_EVERY` (64 KiB) bytes written in the main lane, not per message.
+//! - Both lanes' positions and the sender's lane are *one* shared word (`send.pos`): lane 1's
+//!   position modulo 2^41 in bits 23.., lane 0's modulo 2^22 in bits 1..23, the lane in bit 0
+//!   (a lane holds at most 2^40 and 2^21 bytes, so differences are exact). One Release store
+//!   publishes a switch record and the records after it in the other lane together. So no
+//!   switch count is needed (the issue suggested numbered switch records and a switch on every
+//!   takeover): a sender killed anywhere leaves a published word that says which lane it was
+//!   in and where each lane ends; its successor continues there, overwriting anything
+//!   unpublished, switch records included, and the receiver never meets a stale or duplicate
+//!   switch. `recv.pos` packs the given-back positions the same way.
+//! - [`ByteSender::position`] stays a monotone byte count, the sum of the lanes' positions:
+//!   the sender stores its full lane positions in `send.full` after each publication, and a
+//!   successor extends the packed fields from them (they lag by at most one publication).
+//!   The tunnel importer compares it across a takeover: it changes exactly when a message was
+//!   published.
+//! - The receiver records what it consumed in both lanes and the lane it is in
+//!   (`consumed.pos`, `consumed.pos1`, `consumed.lane`); a successor resumes there. A
+//!   [`Kept`] mark holds both lanes' positions; [`ByteReceiver::commit`] gives back both.
+//! - Wake-ups are unchanged: one `send.pos` word, one `recv.pos` word.
+//!
+//! Not done: a ring of fixed segments chained by links (a free stack of segments cycling while
+//! the receiver keeps up). Two lanes give the same cycling with positions alone; what segments
+//! would still have to solve (records up to half the ring over adjacent segments, a sender
+//! killed between popping and linking a segment, the segment of `consumed.pos` for a
+//! successor) is not needed.
 //!
 //! Tried and left out (branch `ring13`, commits 45614e0..fd56176, layout 3): records that
 //! signal themselves (a header word of 0 until the sender writes it, the first header of a
@@ -63,14 +101,16 @@
 //! # Positions
 //! | word | meaning | written by | read by |
 //! |---|---|---|---|
-//! | `send.pos` | bytes written and published | sender: Release, per message or per batch | receiver: Acquire, when the ring looks empty, and on attach |
-//! | `recv.pos` | bytes given back: the sender may overwrite what lies before | receiver: Release, per quarter ring or when it caught up; a receiver taking over, on attach | sender: Acquire, when the ring looks full, and on attach |
-//! | `consumed.pos` | bytes consumed: the end of the last message returned and given back by its reader | receiver: Relaxed, at every message | only a receiver taking over, on attach (and `inspect`) |
+//! | `send.pos` | bytes written and published (two lanes: both lanes' positions and the sender's lane, packed) | sender: Release, per message or per batch | receiver: Acquire, when its lane looks empty, and on attach |
+//! | `send.full` | two lanes: the sender's full lane positions | sender: Relaxed, after each publication | a sender taking over, on attach |
+//! | `recv.pos` | bytes given back: the sender may overwrite what lies before (two lanes: packed as `send.pos`) | receiver: Release, per quarter window, when it caught up or changed lanes; a receiver taking over, on attach | sender: Acquire, when a lane looks full, every 64 KiB in the main lane, and on attach |
+//! | `consumed.pos` | bytes consumed (two lanes: in the hot lane): the end of the last message returned and given back by its reader | receiver: Relaxed, at every message | only a receiver taking over, on attach (and `inspect`) |
+//! | `consumed.pos1`, `consumed.lane` | two lanes: bytes consumed in the main lane, and the lane of the last consumed message | as `consumed.pos` | as `consumed.pos` |
 //! | `consumed.count` | messages consumed | as `consumed.pos` | as `consumed.pos` |
 //! | `recv.count` | messages given back (a statistic) | receiver: Relaxed, with `recv.pos` | `inspect` |
 //!
-//! In a healthy ring `recv.pos <= consumed.pos <= send.pos <= recv.pos + capacity`, and all
-//! three are multiples of 8 (records are). A receiver checks this on attach: positions that
+//! In a healthy ring, in each lane, `recv.pos <= consumed.pos <= send.pos <= recv.pos +
+//! capacity` (of the lane), and all three are multiples of 8 (records are). A receiver checks this on attach: positions that
 //! break it are a damaged ring, reported as [`ErrorKind::Corrupt`], never a read out of place.
 //!
 //! # Readers that die
@@ -110,7 +150,7 @@
 //! receiver's stores happen before the successor's loads.
 
 use std::ptr::NonNull;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{
     DATA_OFFSET, KIND_BYTES, QueueShared, WaitMode, attach_peer, header_of, new_header, queue_section, side_gone,
@@ -120,18 +160,91 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::sync::shim::Ordering;
 
 const WRAP: u32 = u32::MAX;
+/// A switch record's first word: "continue in the other lane" (see "Two lanes").
+const SWITCH: u64 = (u32::MAX - 1) as u64;
 const REC_HEADER: u64 = 8;
 /// How closely the receiver follows the sender in a large ring (see "Large rings"): a quarter
 /// of this machine's 1 MiB L2 per core, so what the receiver has yet to read stays in the
 /// caches.
 const HOT_WINDOW: u64 = 256 << 10;
+/// The hot lane of a ring of [`LANES_FROM`] bytes or more (see "Two lanes").
+pub(super) const HOT_LANE: u64 = 2 << 20;
+/// The smallest ring that gets a hot lane.
+pub(super) const LANES_FROM: u64 = 2 * HOT_LANE;
+/// How long a sender whose hot lane is full waits for the receiver to give space back there
+/// before it overflows into the main lane (see "Two lanes"): a receiver that is running gives
+/// space back every quarter window, a few microseconds.
+#[cfg(not(loom))]
+const OVERFLOW_AFTER: Duration = Duration::from_micros(50);
+/// Bytes a sender writes in the main lane between two looks at the receiver's position, to
+/// learn that the hot lane has room again.
+const LOOK_EVERY: u64 = HOT_WINDOW / 4;
+/// The lanes in a ring with two: the hot lane is lane 0 (where a fresh queue starts), the
+/// ring the user asked for is lane 1. A ring with one lane has only lane 0, the ring.
+const HOT: usize = 0;
+const MAIN: usize = 1;
+/// Packed positions of a ring with two lanes: lane 1's modulo 2^41 in bits 23..64, lane 0's
+/// modulo 2^22 in bits 1..23, and bit 0 the sender's lane (see "Two lanes").
+const MASK0: u64 = (1 << 22) - 1;
+const MASK1: u64 = (1 << 41) - 1;
+
+/// The hot lane's bytes for a ring of `cap` bytes (0: no hot lane).
+pub(super) fn lane_bytes(cap: u64) -> u64 {
+    if cap >= LANES_FROM { HOT_LANE } else { 0 }
+}
+
+/// How positions are shared: one lane (a plain byte count, as before lanes) or two (packed).
+#[derive(Clone, Copy)]
+struct Packing {
+    two: bool,
+}
+
+impl Packing {
+    fn lanes(self) -> usize {
+        if self.two { 2 } else { 1 }
+    }
+
+    /// The modulus mask of lane `l`'s positions in a shared word.
+    fn mask(self, l: usize) -> u64 {
+        match (self.two, l) {
+            (false, _) => u64::MAX,
+            (true, 0) => MASK0,
+            _ => MASK1,
+        }
+    }
+
+    /// Bytes from position `from` to `to` in lane `l` (either may be a full position or a
+    /// shared word's field).
+    fn dist(self, l: usize, from: u64, to: u64) -> u64 {
+        to.wrapping_sub(from) & self.mask(l)
+    }
+
+    /// A shared position word: each lane's position and the sender's lane.
+    fn unpack(self, w: u64) -> ([u64; 2], usize) {
+        if self.two { ([(w >> 1) & MASK0, w >> 23], (w & 1) as usize) } else { ([w, 0], 0) }
+    }
+
+    fn pack(self, p: [u64; 2], lane: usize) -> u64 {
+        if self.two { (p[1] & MASK1) << 23 | (p[0] & MASK0) << 1 | lane as u64 } else { p[0] }
+    }
+}
+
+/// One lane: a ring of bytes of its own.
+#[derive(Clone, Copy)]
+struct Lane {
+    data: *mut u8,
+    cap: u64,
+}
 
 /// A byte queue (one sender and one receiver at a time; any processes). Create or open it by
 /// name, then take its [`sender`](ByteQueue::sender) in one process and its
 /// [`receiver`](ByteQueue::receiver) in another.
 pub struct ByteQueue {
     hdr: NonNull<QueueShared>,
-    data: *mut u8,
+    /// Lane 0 and lane 1 (see [`HOT`], [`MAIN`]); lane 1 unused in a ring with one lane.
+    lanes: [Lane; 2],
+    pk: Packing,
+    /// The ring the user asked for (the main lane).
     cap: u64,
     /// The hot window: what the receiver follows the sender within (see "Large rings");
     /// `cap` for a ring smaller than four windows.
@@ -153,7 +266,7 @@ impl ByteQueue {
     pub fn create(domain: &crate::Domain, name: &str, capacity: u64) -> Result<ByteQueue> {
         let cap = ring_capacity(name, capacity)?;
         let init = |s: &crate::Section| new_header(s).map(|h| h.init(KIND_BYTES, cap, 0, 0));
-        let (section, _) = queue_section(domain, name, cap, Some(true), init)?;
+        let (section, _) = queue_section(domain, name, cap + lane_bytes(cap), Some(true), init)?;
         ByteQueue::attach(section)
     }
 
@@ -167,24 +280,45 @@ impl ByteQueue {
     pub fn create_or_open(domain: &crate::Domain, name: &str, capacity: u64) -> Result<(ByteQueue, bool)> {
         let cap = ring_capacity(name, capacity)?;
         let init = |s: &crate::Section| new_header(s).map(|h| h.init(KIND_BYTES, cap, 0, 0));
-        let (section, created) = queue_section(domain, name, cap, Some(false), init)?;
+        let (section, created) = queue_section(domain, name, cap + lane_bytes(cap), Some(false), init)?;
         Ok((ByteQueue::attach(section)?, created))
     }
 
     fn attach(section: crate::Section) -> Result<ByteQueue> {
         let h = header_of(&section)?;
         let cap = Self::checked(h, section.name(), section.len() as u64 - DATA_OFFSET)?;
-        // SAFETY: DATA_OFFSET + cap bytes are inside the section (checked by `validate`).
+        // SAFETY: DATA_OFFSET + cap + lane_bytes(cap) bytes are inside the section (checked by
+        // `validate`).
         let data = unsafe { section.as_ptr().add(DATA_OFFSET as usize) };
-        Ok(ByteQueue {
-            hdr: NonNull::from(h),
-            data,
+        Ok(ByteQueue::with_lanes(NonNull::from(h), data, cap, lane_bytes(cap), Some(section)))
+    }
+
+    /// The queue over a main ring of `cap` bytes at `data`, followed by a hot lane of
+    /// `hot_lane` bytes (0: none).
+    fn with_lanes(
+        hdr: NonNull<QueueShared>,
+        data: *mut u8,
+        cap: u64,
+        hot_lane: u64,
+        section: Option<crate::Section>,
+    ) -> ByteQueue {
+        let main = Lane { data, cap };
+        let lanes = if hot_lane == 0 {
+            [main, main]
+        } else {
+            // SAFETY: the caller's contract: `hot_lane` bytes follow the main ring.
+            [Lane { data: unsafe { data.add(cap as usize) }, cap: hot_lane }, main]
+        };
+        ByteQueue {
+            hdr,
+            lanes,
+            pk: Packing { two: hot_lane != 0 },
             cap,
             hot: hot_window(cap),
-            section: Some(section),
+            section,
             #[cfg(any(test, loom))]
             _mem: None,
-        })
+        }
     }
 
     /// The ring capacity `h` records, once its header is validated as a byte queue's.
@@ -210,15 +344,8 @@ impl ByteQueue {
     pub(crate) unsafe fn from_raw(hdr: NonNull<QueueShared>, data: *mut u8, ring_bytes: u64) -> Result<ByteQueue> {
         // SAFETY: valid for reads (the caller's contract); atomics only, any bytes are a value.
         let cap = Self::checked(unsafe { hdr.as_ref() }, "(memory)", ring_bytes)?;
-        Ok(ByteQueue {
-            hdr,
-            data,
-            cap,
-            hot: hot_window(cap),
-            section: None,
-            #[cfg(any(test, loom))]
-            _mem: None,
-        })
+        // `validate` checked `cap + lane_bytes(cap) <= ring_bytes`.
+        Ok(ByteQueue::with_lanes(hdr, data, cap, lane_bytes(cap), None))
     }
 
     /// Writes a fresh header for a ring of `cap` bytes, as [`create`](ByteQueue::create) does
@@ -227,16 +354,29 @@ impl ByteQueue {
         hdr.init(KIND_BYTES, cap, 0, 0);
     }
 
-    /// A queue in process memory (for model checking and property tests).
+    /// A queue in process memory (for model checking and property tests), with a hot lane
+    /// as a section of that capacity would have.
     #[cfg(any(test, loom))]
     #[doc(hidden)]
     pub fn in_memory(capacity: u64) -> ByteQueue {
         let cap = capacity.next_power_of_two().max(64);
+        Self::in_memory_lanes(cap, lane_bytes(cap))
+    }
+
+    /// A queue in process memory with a main ring of `capacity` bytes and a hot lane of
+    /// `hot_lane` bytes (0: none; else a power of two from 64): small lanes for model checks.
+    #[cfg(any(test, loom))]
+    #[doc(hidden)]
+    pub fn in_memory_lanes(capacity: u64, hot_lane: u64) -> ByteQueue {
+        let cap = capacity.next_power_of_two().max(64);
+        assert!(hot_lane == 0 || (hot_lane.is_power_of_two() && (64..=HOT_LANE).contains(&hot_lane)));
         let hdr = Box::new(QueueShared::new());
         hdr.init(KIND_BYTES, cap, 0, 0);
-        let mut mem = vec![0u64; (cap / 8) as usize];
+        let mut mem = vec![0u64; ((cap + hot_lane) / 8) as usize];
         let data = mem.as_mut_ptr().cast::<u8>();
-        ByteQueue { hdr: NonNull::from(&*hdr), data, cap, hot: hot_window(cap), section: None, _mem: Some((hdr, mem)) }
+        let mut q = ByteQueue::with_lanes(NonNull::from(&*hdr), data, cap, hot_lane, None);
+        q._mem = Some((hdr, mem));
+        q
     }
 
     fn h(&self) -> &QueueShared {
@@ -249,7 +389,7 @@ impl ByteQueue {
         self.section.as_ref()
     }
 
-    /// Ring bytes.
+    /// Ring bytes (the ring asked for; a large ring's hot lane comes on top, see "Two lanes").
     pub fn capacity(&self) -> u64 {
         self.cap
     }
@@ -290,8 +430,19 @@ impl ByteQueue {
         // Acquire (both): `send.pos` pairs with the Release in a previous sender's
         // `ByteSender::flush` (we continue after its records), `recv.pos` with the Release in
         // `ByteReceiver::publish` (the receiver is done with the bytes before it).
-        let pos = h.send.pos.load(Ordering::Acquire);
-        let read = h.recv.pos.load(Ordering::Acquire);
+        let (fields, lane) = self.pk.unpack(h.send.pos.load(Ordering::Acquire));
+        let (read, _) = self.pk.unpack(h.recv.pos.load(Ordering::Acquire));
+        let mut pos = fields;
+        if self.pk.two {
+            for (l, p) in pos.iter_mut().enumerate() {
+                // Relaxed: written by previous senders only, after their last publication; their
+                // stores happen before this load (the hand-over, as for the receiver's
+                // `consumed` line). The full position lags the packed one by at most one
+                // publication, less than the modulus: the packed field says where it ends.
+                let full = h.send.full[l].load(Ordering::Relaxed);
+                *p = full.wrapping_add(self.pk.dist(l, full, fields[l]));
+            }
+        }
         let sent = h.send.count.load(Ordering::Relaxed);
         if let Err(e) = check_read(self, pos, read) {
             // Release: gives the entry back; pairs with the AcqRel CAS in the next
@@ -299,7 +450,8 @@ impl ByteQueue {
             h.senders.peers[0].token.store(0, Ordering::Release);
             return Err(e);
         }
-        Ok(ByteSender { q: self, pos, published: pos, batch: 0, cached_read: read, sent, mode })
+        let published = pos[0].wrapping_add(pos[1]);
+        Ok(ByteSender { q: self, pos, lane, published, batch: 0, cached_read: read, sent, mode, since_look: 0 })
     }
 
     /// Becomes the queue's receiver. Fails with `AlreadyExists` while another live receiver is
@@ -325,33 +477,53 @@ impl ByteQueue {
     /// receiver stopped consuming (see "Readers that die" in the module docs).
     fn resume(&self, mode: WaitMode) -> Result<ByteReceiver<'_>> {
         let h = self.h();
+        let pk = self.pk;
         // Acquire: pairs with the Release in the previous receiver's `ByteReceiver::publish` (the
         // bytes before it were read by a receiver that is gone, the sender may reuse them).
-        let published = h.recv.pos.load(Ordering::Acquire);
+        let (published, _) = pk.unpack(h.recv.pos.load(Ordering::Acquire));
         // Relaxed: written only by previous receivers, all of whose stores happen before this
         // load (their Release of the token, or the kernel's release of their liveness lock, both
         // observed by `attach_peer`; see the module docs).
-        let pos = h.consumed.pos.load(Ordering::Relaxed);
-        let received = h.consumed.count.load(Ordering::Relaxed);
+        let c = &h.consumed;
+        let pos = [c.pos.load(Ordering::Relaxed), if pk.two { c.pos1.load(Ordering::Relaxed) } else { 0 }];
+        let lane = c.lane.load(Ordering::Relaxed);
+        let received = c.count.load(Ordering::Relaxed);
         // Acquire: pairs with the Release in `ByteSender::flush` (the records before it are
         // written).
-        let write = h.send.pos.load(Ordering::Acquire);
-        let cap = self.cap;
-        if (pos | published | write) % 8 != 0
-            || pos.wrapping_sub(published) > cap
-            || write.wrapping_sub(pos) > cap
-            || write.wrapping_sub(published) > cap
-        {
+        let (write, _) = pk.unpack(h.send.pos.load(Ordering::Acquire));
+        let mut bad = lane >= pk.lanes() as u64;
+        for l in 0..pk.lanes() {
+            let cap = self.lanes[l].cap;
+            bad |= (pos[l] | published[l] | write[l]) % 8 != 0
+                || pk.dist(l, published[l], pos[l]) > cap
+                || pk.dist(l, pos[l], write[l]) > cap
+                || pk.dist(l, published[l], write[l]) > cap;
+        }
+        if bad {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
-                    "byte queue {:?} is damaged: its positions (given back {published:#x}, consumed {pos:#x}, written {write:#x}) are not 8-aligned with given back <= consumed <= written <= given back + {cap}; delete it and create it again",
-                    self.name()
+                    "byte queue {:?} is damaged: its positions (given back {published:#x?}, consumed {pos:#x?} in lane {lane}, written {write:#x?}) are not 8-aligned with given back <= consumed <= written <= given back + {} in each of its {} lanes; delete it and create it again",
+                    self.name(),
+                    self.cap,
+                    pk.lanes()
                 ),
             ));
         }
-        let mut rx =
-            ByteReceiver { q: self, pos, committed: pos, published, cached_write: write, received, held: 0, mode };
+        let lane = lane as usize;
+        let mut rx = ByteReceiver {
+            q: self,
+            pos,
+            lane,
+            committed: pos,
+            committed_lane: lane,
+            published,
+            published_lane: lane,
+            cached_write: write,
+            received,
+            held: 0,
+            mode,
+        };
         // What the previous receiver consumed but had not given back yet: give it back now,
         // a sender may be waiting for it.
         rx.publish();
@@ -359,23 +531,64 @@ impl ByteQueue {
     }
 }
 
-/// Checks the receiver's position `read` as the sender at `pos` loads it (on attach, and
-/// whenever the ring looks full): 8-aligned, at most a ring behind. The receiver never gives
-/// back more than was written, so `pos - read` is at most the capacity in a healthy ring; a
-/// damaged one is an error, never a write out of place or a wait for space that never comes.
+/// Checks the receiver's positions `read` as the sender at `pos` loads them (on attach, and
+/// whenever a lane looks full): 8-aligned, at most a lane behind. The receiver never gives
+/// back more than was written, so `pos - read` is at most the lane's capacity in a healthy
+/// ring; a damaged one is an error, never a write out of place or a wait for space that
+/// never comes.
 #[inline]
-fn check_read(q: &ByteQueue, pos: u64, read: u64) -> Result<()> {
-    if (pos | read) % 8 != 0 || pos.wrapping_sub(read) > q.cap {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "byte queue {:?} is damaged: the sender is at {pos:#x} and the receiver has given back up to {read:#x}; expected multiples of 8 with given back <= written <= given back + {}; delete it and create it again",
-                q.name(),
-                q.cap
-            ),
-        ));
+fn check_read(q: &ByteQueue, pos: [u64; 2], read: [u64; 2]) -> Result<()> {
+    for l in 0..q.pk.lanes() {
+        if (pos[l] | read[l]) % 8 != 0 || q.pk.dist(l, read[l], pos[l]) > q.lanes[l].cap {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "byte queue {:?} is damaged: in lane {l} the sender is at {:#x} and the receiver has given back up to {:#x}; expected multiples of 8 with given back <= written <= given back + {}; delete it and create it again",
+                    q.name(),
+                    pos[l],
+                    read[l],
+                    q.lanes[l].cap
+                ),
+            ));
+        }
     }
     Ok(())
+}
+
+/// A byte queue's fill (bytes written and not consumed) from one snapshot of its positions
+/// (for inspection), or what was found if they break the invariants of "Positions" in a lane.
+pub(super) fn fill_of(h: &QueueShared, cap: u64) -> std::result::Result<u64, String> {
+    let pk = Packing { two: lane_bytes(cap) != 0 };
+    let caps = [if pk.two { lane_bytes(cap) } else { cap }, cap];
+    // Acquire (all): each pairs with its writer's Release, so a later load here sees positions
+    // at least as new as the ones the writer had seen: given back first, then consumed, then
+    // written, then given back again (each position only grows).
+    let (r1, _) = pk.unpack(h.recv.pos.load(Ordering::Acquire));
+    let c = [h.consumed.pos.load(Ordering::Acquire), h.consumed.pos1.load(Ordering::Acquire)];
+    let lane = h.consumed.lane.load(Ordering::Acquire);
+    let (w, _) = pk.unpack(h.send.pos.load(Ordering::Acquire));
+    let (r2, _) = pk.unpack(h.recv.pos.load(Ordering::Acquire));
+    let mut fill = 0u64;
+    let mut ok = lane < pk.lanes() as u64;
+    for l in 0..pk.lanes() {
+        let to_w = pk.dist(l, r1[l], w[l]);
+        // The newer of consumed and given back (a receiver taking over may have given back
+        // more than the consumed position we loaded).
+        let base = if pk.dist(l, r1[l], r2[l]) > pk.dist(l, r1[l], c[l]) { r2[l] } else { c[l] };
+        ok &= (r1[l] | c[l] | w[l]) % 8 == 0
+            && pk.dist(l, r1[l], c[l]) <= to_w
+            && (pk.dist(l, r1[l], r2[l]) > to_w || pk.dist(l, r2[l], w[l]) <= caps[l]);
+        if pk.dist(l, r1[l], base) <= to_w {
+            fill = fill.wrapping_add(pk.dist(l, base, w[l]));
+        }
+    }
+    if ok {
+        return Ok(fill);
+    }
+    Err(format!(
+        "given back {r1:#x?}, consumed {c:#x?} (lane {lane}), written {w:#x?}; expected multiples of 8 with given back <= consumed <= written <= given back + {cap} in each of {} lanes",
+        pk.lanes()
+    ))
 }
 
 /// The hot window for a ring of `cap` bytes: [`HOT_WINDOW`] for rings of at least four times
@@ -404,23 +617,37 @@ fn ring_capacity(name: &str, capacity: u64) -> Result<u64> {
 /// The sending side of a [`ByteQueue`].
 pub struct ByteSender<'q> {
     q: &'q ByteQueue,
-    pos: u64,
+    /// Where the next record goes in each lane (full positions).
+    pos: [u64; 2],
+    /// The lane being written.
+    lane: usize,
+    /// `pos[0] + pos[1]` when last published.
     published: u64,
     batch: u64,
-    cached_read: u64,
+    /// The receiver's given-back positions as last loaded (fields of its shared word).
+    cached_read: [u64; 2],
     sent: u64,
     mode: WaitMode,
+    /// Bytes written in the main lane since the receiver's position was last loaded.
+    since_look: u64,
 }
 
 impl ByteSender<'_> {
     /// The queue's write position after the last message this sender wrote: it grows by each
-    /// message's record (8-byte header, payload rounded up to 8, and any wrap padding). With
+    /// message's record (8-byte header, payload rounded up to 8, and any wrap padding or
+    /// switch record; in a ring with a hot lane it is the sum of both lanes' positions). With
     /// no batching (the default) every message is published when `send` returns, and a
     /// sender that takes over starts at the last published position. A process that records,
     /// next to the queue, the position after each message it sent can tell after a crash
     /// whether its last message went in (the tunnel importer does).
     pub fn position(&self) -> u64 {
-        self.pos
+        self.pos[0].wrapping_add(self.pos[1])
+    }
+
+    /// Whether messages are written but not published yet (tests).
+    #[cfg(test)]
+    fn pending(&self) -> bool {
+        self.published != self.position()
     }
 
     /// Publishes messages only once `bytes` are pending (0, the default, publishes each
@@ -438,14 +665,22 @@ impl ByteSender<'_> {
 
     /// Publishes every message sent so far.
     pub fn flush(&mut self) {
-        if self.published == self.pos {
+        let total = self.position();
+        if self.published == total {
             return;
         }
-        self.published = self.pos;
-        let h = self.q.h();
-        // Release: publishes the records; pairs with the Acquire in `ByteReceiver::peek` (and
-        // in `resume`, and a successor sender's in `sender_with`).
-        h.send.pos.store(self.pos, Ordering::Release);
+        self.published = total;
+        let q = self.q;
+        let h = q.h();
+        // Release: publishes the records (of both lanes, and the lane we are in, at once);
+        // pairs with the Acquire in `ByteReceiver::peek` (and in `resume`, and a successor
+        // sender's in `sender_with`).
+        h.send.pos.store(q.pk.pack(self.pos, self.lane), Ordering::Release);
+        if q.pk.two {
+            // Relaxed: read only by a successor sender (see `sender_with`), on our own line.
+            h.send.full[0].store(self.pos[0], Ordering::Relaxed);
+            h.send.full[1].store(self.pos[1], Ordering::Relaxed);
+        }
         // Relaxed: a statistic on our own line.
         h.send.count.store(self.sent, Ordering::Relaxed);
         wake(&h.events.data_seq, &h.events.data_waiters, 1);
@@ -465,7 +700,7 @@ impl ByteSender<'_> {
     /// Sends `msg` if there is room now; `WouldBlock` if not.
     pub fn try_send(&mut self, msg: &[u8]) -> Result<()> {
         self.check_size(msg.len())?;
-        if self.try_put(msg)? {
+        if self.try_put(msg, true)? {
             return Ok(());
         }
         if self.receiver_gone(true) {
@@ -490,13 +725,20 @@ impl ByteSender<'_> {
 
     fn send_inner(&mut self, msg: &[u8], timeout: Option<Duration>) -> Result<()> {
         self.check_size(msg.len())?;
-        if self.try_put(msg)? {
+        if self.try_put(msg, false)? {
             return Ok(());
         }
         let h = self.q.h();
         let mode = self.mode;
+        // Overflow into the main lane only once the receiver has made no progress at all for
+        // a while (see "Two lanes"): a receiver that is slower than us but running gives
+        // space back every quarter window.
+        let (mut seen, mut since) = (self.cached_read, Instant::now());
         wait_until(&h.events.space_seq, &h.events.space_waiters, mode, timeout, |thorough| {
-            if self.try_put(msg)? {
+            if self.cached_read != seen {
+                (seen, since) = (self.cached_read, Instant::now());
+            }
+            if self.try_put(msg, overflow_due(since, thorough))? {
                 return Ok(Some(()));
             }
             if self.receiver_gone(thorough) {
@@ -514,53 +756,162 @@ impl ByteSender<'_> {
         Error::new(ErrorKind::Disconnected, format!("byte queue {:?}: the receiver is gone", self.q.name()))
     }
 
-    /// Writes the record if it fits (`true`); publishes it and wakes the receiver. A damaged
-    /// receiver position (checked whenever it is loaded) is an error.
-    fn try_put(&mut self, msg: &[u8]) -> Result<bool> {
+    /// Loads the receiver's position (Acquire: pairs with the Release in
+    /// `ByteReceiver::publish`: the receiver is done with the bytes it gave back, which we may
+    /// now overwrite) and checks it.
+    fn refresh(&mut self) -> Result<()> {
         let q = self.q;
-        let rec = REC_HEADER + (msg.len() as u64).next_multiple_of(8);
-        // `self.pos` is 8-aligned: checked on attach, and records are multiples of 8.
-        let off = self.pos & (q.cap - 1);
-        let to_end = q.cap - off;
+        let (read, _) = q.pk.unpack(q.h().recv.pos.load(Ordering::Acquire));
+        check_read(q, self.pos, read)?;
+        self.cached_read = read;
+        self.since_look = 0;
+        Ok(())
+    }
+
+    /// Bytes a record of `rec` bytes takes in lane `l` at our position (with the padding
+    /// before a wrap), if it fits there by our cached view of the receiver: leaving room for
+    /// a switch record in a ring with two lanes; at most half the lane.
+    fn room(&self, l: usize, rec: u64) -> Option<u64> {
+        let q = self.q;
+        let cap = q.lanes[l].cap;
+        let off = self.pos[l] & (cap - 1);
+        let to_end = cap - off;
         let need = if rec <= to_end { rec } else { to_end + rec };
-        // `pos - cached_read <= cap` (checked when loaded) and `need <= cap`. Positions use
-        // wrapping arithmetic throughout: a damaged one near u64::MAX must not overflow (a
-        // healthy one never gets there); in release builds it is the same code.
-        if self.pos.wrapping_sub(self.cached_read) + need > q.cap {
-            // Acquire: pairs with the Release in `ByteReceiver::publish`: the receiver is done
-            // with the bytes it gave back, which we now overwrite.
-            let read = q.h().recv.pos.load(Ordering::Acquire);
-            check_read(q, self.pos, read)?;
-            self.cached_read = read;
-            if self.pos.wrapping_sub(self.cached_read) + need > q.cap {
-                // Full: the receiver must see what is pending before we wait for it.
-                self.flush();
-                return Ok(false);
+        let reserve = if q.pk.two { REC_HEADER } else { 0 };
+        // `pos - cached_read <= cap` (checked when loaded) and `need <= cap`.
+        (rec <= cap / 2 && q.pk.dist(l, self.cached_read[l], self.pos[l]) + need + reserve <= cap).then_some(need)
+    }
+
+    /// Whether the hot lane is nearly empty (by our cached view): the receiver has caught up
+    /// with it, so the sender goes back to it.
+    fn hot_drained(&self) -> bool {
+        self.q.pk.dist(HOT, self.cached_read[HOT], self.pos[HOT]) <= self.q.lanes[HOT].cap / 4
+    }
+
+    /// The lane a record of `rec` bytes goes to now, if any (see "Two lanes"); `overflow`
+    /// lets a record leave a full hot lane for the main lane.
+    fn choose(&mut self, rec: u64, overflow: bool) -> Result<Option<usize>> {
+        if !self.q.pk.two {
+            if self.room(0, rec).is_none() {
+                self.refresh()?;
+            }
+            return Ok(self.room(0, rec).map(|_| 0));
+        }
+        if self.lane == HOT {
+            if self.room(HOT, rec).is_some() {
+                return Ok(Some(HOT));
+            }
+            self.refresh()?;
+            if self.room(HOT, rec).is_some() {
+                return Ok(Some(HOT));
+            }
+            let main = overflow || rec > self.q.lanes[HOT].cap / 2;
+            return Ok((main && self.room(MAIN, rec).is_some()).then_some(MAIN));
+        }
+        if self.since_look >= LOOK_EVERY {
+            self.refresh()?;
+        }
+        for look in [false, true] {
+            if look {
+                self.refresh()?;
+            }
+            if self.hot_drained() && self.room(HOT, rec).is_some() {
+                return Ok(Some(HOT));
+            }
+            if self.room(MAIN, rec).is_some() {
+                return Ok(Some(MAIN));
             }
         }
+        Ok(None)
+    }
+
+    /// Writes the record if it fits (`true`); publishes it and wakes the receiver. A damaged
+    /// receiver position (checked whenever it is loaded) is an error.
+    fn try_put(&mut self, msg: &[u8], overflow: bool) -> Result<bool> {
+        let q = self.q;
+        let rec = REC_HEADER + (msg.len() as u64).next_multiple_of(8);
+        let Some(lane) = self.choose(rec, overflow)? else {
+            // Full: the receiver must see what is pending before we wait for it.
+            self.flush();
+            return Ok(false);
+        };
+        if lane != self.lane {
+            // Leave the current lane with a switch record, in the room every lane keeps for
+            // it (`room`), unless the receiver's position is damaged.
+            let (l, cap) = (self.lane, q.lanes[self.lane].cap);
+            if q.pk.dist(l, self.cached_read[l], self.pos[l]) + REC_HEADER > cap {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!("byte queue {:?} is damaged: no room left for a switch record in lane {l}", q.name()),
+                ));
+            }
+            let off = self.pos[l] & (cap - 1);
+            // SAFETY: `off` is 8-aligned and below the lane's capacity: room for the record, in
+            // the lane, which the receiver does not read until we publish.
+            unsafe { q.lanes[l].data.add(off as usize).cast::<u64>().write(SWITCH) };
+            self.pos[l] = self.pos[l].wrapping_add(REC_HEADER);
+            self.lane = lane;
+        }
+        let ln = q.lanes[lane];
+        // `self.pos` is 8-aligned: checked on attach, and records are multiples of 8.
+        let off = self.pos[lane] & (ln.cap - 1);
+        let to_end = ln.cap - off;
         let mut at = off;
         if rec > to_end {
             // SAFETY: `off` is 8-aligned and below the capacity: room for the marker, in the
-            // ring, which the receiver does not read until we publish.
-            unsafe { q.data.add(off as usize).cast::<u64>().write(WRAP as u64) };
-            self.pos = self.pos.wrapping_add(to_end);
+            // lane, which the receiver does not read until we publish.
+            unsafe { ln.data.add(off as usize).cast::<u64>().write(WRAP as u64) };
+            self.pos[lane] = self.pos[lane].wrapping_add(to_end);
+            if lane == MAIN {
+                self.since_look += to_end;
+            }
             at = 0;
         }
-        // SAFETY: the record's `rec` bytes from `at` are inside the ring (it fits before the
-        // end) and free (checked against the receiver's position above); the receiver reads
-        // them only after the Release store of the position below.
+        // SAFETY: the record's `rec` bytes from `at` are inside the lane (it fits before the
+        // end) and free (checked against the receiver's position in `choose`); the receiver
+        // reads them only after the Release store of the position in `flush`.
         unsafe {
-            let p = q.data.add(at as usize);
+            let p = ln.data.add(at as usize);
             p.cast::<u64>().write(msg.len() as u64);
             std::ptr::copy_nonoverlapping(msg.as_ptr(), p.add(REC_HEADER as usize), msg.len());
         }
-        self.pos = self.pos.wrapping_add(rec);
+        self.pos[lane] = self.pos[lane].wrapping_add(rec);
+        if q.pk.two && lane == MAIN {
+            self.since_look += rec;
+        }
         // (Counts wrap too: they start from shared words.)
         self.sent = self.sent.wrapping_add(1);
-        if self.pos.wrapping_sub(self.published) >= self.batch {
+        if self.position().wrapping_sub(self.published) >= self.batch {
             self.flush();
         }
         Ok(true)
+    }
+}
+
+/// Whether a sender waiting for room in the hot lane may overflow into the main lane: the
+/// receiver has given nothing back since `since`, for [`OVERFLOW_AFTER`].
+#[cfg(not(loom))]
+fn overflow_due(since: Instant, _thorough: bool) -> bool {
+    since.elapsed() >= OVERFLOW_AFTER
+}
+
+/// Under loom (no time): when the waiter is about to sleep.
+#[cfg(loom)]
+fn overflow_due(_since: Instant, thorough: bool) -> bool {
+    thorough
+}
+
+impl ByteSender<'_> {
+    /// Stops being the sender as a killed process would (nothing pending is published), then
+    /// marks its entry dead (in-memory queues have no liveness locks). For model checks.
+    #[cfg(any(test, loom))]
+    #[doc(hidden)]
+    pub fn __die(self) {
+        let h = self.q.h();
+        std::mem::forget(self);
+        // Relaxed: the callers order the successor after this themselves (same thread, or a
+        // join), as the kernel does for a real death.
+        h.senders.peers[0].token.store(0, Ordering::Relaxed);
     }
 }
 
@@ -591,11 +942,13 @@ pub struct Message<'r, 'q> {
 impl std::ops::Deref for Message<'_, '_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: the record at `start` was published by the sender (Acquire in `peek`) and
-        // validated to lie inside the ring; the sender does not reuse it until `recv.pos` is
-        // published past it: by us only in `drop`, by a successor only once our receiver is
-        // gone, which this borrow of it rules out while we live.
-        unsafe { std::slice::from_raw_parts(self.rx.q.data.add(self.start as usize), self.len) }
+        let data = self.rx.q.lanes[self.rx.lane].data;
+        // SAFETY: the record at `start` in the receiver's lane (the message's: `peek` moved the
+        // receiver to it) was published by the sender (Acquire in `peek`) and validated to lie
+        // inside the lane; the sender does not reuse it until `recv.pos` is published past
+        // it: by us only in `drop`, by a successor only once our receiver is gone, which this
+        // borrow of it rules out while we live.
+        unsafe { std::slice::from_raw_parts(data.add(self.start as usize), self.len) }
     }
 }
 
@@ -607,9 +960,9 @@ impl Message<'_, '_> {
     pub fn keep(self) -> Kept {
         let next = self.next;
         let rx = &mut *self.rx;
-        rx.pos = next;
+        rx.pos[rx.lane] = next;
         rx.held += 1;
-        let kept = Kept { pos: next, count: rx.received.wrapping_add(rx.held) };
+        let kept = Kept { pos: rx.pos, lane: rx.lane, count: rx.received.wrapping_add(rx.held) };
         std::mem::forget(self);
         kept
     }
@@ -625,7 +978,8 @@ impl Drop for Message<'_, '_> {
 /// [`ByteReceiver::commit`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kept {
-    pos: u64,
+    pos: [u64; 2],
+    lane: usize,
     count: u64,
 }
 
@@ -641,13 +995,18 @@ impl Kept {
 /// The receiving side of a [`ByteQueue`].
 pub struct ByteReceiver<'q> {
     q: &'q ByteQueue,
-    /// Where the next message is read.
-    pos: u64,
-    /// The end of the last consumed message: `pos` unless messages are kept.
-    committed: u64,
-    /// The read position last published; consumed space is given back in batches.
-    published: u64,
-    cached_write: u64,
+    /// Where the next message is read, in each lane, and the lane it is read from.
+    pos: [u64; 2],
+    lane: usize,
+    /// The end of the last consumed message: `pos`/`lane` unless messages are kept.
+    committed: [u64; 2],
+    committed_lane: usize,
+    /// The positions last published, and the lane we were in then; consumed space is given
+    /// back in batches.
+    published: [u64; 2],
+    published_lane: usize,
+    /// The sender's positions as last loaded (fields of its shared word).
+    cached_write: [u64; 2],
     /// Messages consumed (the queue's history, predecessors included).
     received: u64,
     /// Messages kept (read but not consumed) after `committed`.
@@ -667,8 +1026,14 @@ impl<'q> ByteReceiver<'q> {
     /// receiver's kept, not yet committed messages.
     pub fn commit(&mut self, kept: Kept) -> Result<()> {
         let n = kept.count.wrapping_sub(self.received);
-        let ahead = kept.pos.wrapping_sub(self.committed);
-        if n == 0 || n > self.held || ahead == 0 || ahead > self.pos.wrapping_sub(self.committed) {
+        let mut ahead = 0;
+        let mut within = kept.lane < self.q.pk.lanes();
+        for l in 0..self.q.pk.lanes() {
+            let a = kept.pos[l].wrapping_sub(self.committed[l]);
+            within &= a <= self.pos[l].wrapping_sub(self.committed[l]);
+            ahead |= a;
+        }
+        if n == 0 || n > self.held || ahead == 0 || !within {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!(
@@ -683,8 +1048,10 @@ impl<'q> ByteReceiver<'q> {
         self.held -= n;
         self.received = kept.count;
         self.committed = kept.pos;
+        self.committed_lane = kept.lane;
         self.store_consumed();
-        if self.committed.wrapping_sub(self.published) >= self.q.cap / 4 || self.committed == self.pos {
+        let caught_up = self.committed == self.pos && self.committed_lane == self.lane;
+        if self.progress() >= self.q.cap / 4 || caught_up {
             self.publish();
         }
         Ok(())
@@ -772,71 +1139,96 @@ impl<'q> ByteReceiver<'q> {
         Error::new(ErrorKind::Disconnected, format!("byte queue {:?}: the sender is gone", self.q.name()))
     }
 
-    /// The next record, if published: (payload offset, length, position after it). Skips a
-    /// wrap marker. Validates what it reads: a damaged ring is an error, never a wild read.
+    /// The next record, if published: (payload offset in the receiver's lane, length,
+    /// position after it in that lane). Skips a wrap marker, and follows a switch record to
+    /// the other lane (moving the receiver there: nothing is consumed by that). Validates
+    /// what it reads: a damaged ring is an error, never a wild read.
     fn peek(&mut self) -> Result<Option<(u64, usize, u64)>> {
         let q = self.q;
-        if self.pos == self.cached_write {
-            // Acquire: pairs with the Release in `ByteSender::flush` (the records are written).
-            self.cached_write = q.h().send.pos.load(Ordering::Acquire);
-            if self.pos == self.cached_write {
-                return Ok(None);
+        let pk = q.pk;
+        loop {
+            let l = self.lane;
+            let ln = q.lanes[l];
+            if pk.dist(l, self.pos[l], self.cached_write[l]) == 0 {
+                // Acquire: pairs with the Release in `ByteSender::flush` (the records are
+                // written).
+                self.cached_write = pk.unpack(q.h().send.pos.load(Ordering::Acquire)).0;
+                if pk.dist(l, self.pos[l], self.cached_write[l]) == 0 {
+                    return Ok(None);
+                }
             }
+            let avail = pk.dist(l, self.pos[l], self.cached_write[l]);
+            if avail > ln.cap || avail % 8 != 0 {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "byte queue {:?} is damaged: the sender's position {:#x} in lane {l} is not a multiple of 8 at most {} bytes ahead of the receiver's {:#x}; delete it and create it again",
+                        q.name(),
+                        self.cached_write[l],
+                        ln.cap,
+                        self.pos[l]
+                    ),
+                ));
+            }
+            // `self.pos` is 8-aligned (checked on attach, records are multiples of 8), so `off`
+            // is too, and below the capacity: the 8 bytes at `off` are inside the lane.
+            let mut skip = 0;
+            let mut off = self.pos[l] & (ln.cap - 1);
+            // SAFETY: `off` is 8-aligned and `off + 8 <= cap` (above); the word was published
+            // (Acquire above).
+            let mut head = unsafe { ln.data.add(off as usize).cast::<u64>().read() };
+            if head == SWITCH && pk.two {
+                // `avail >= 8`: the switch record was published. The other lane's records
+                // after it were published with it (one store of both positions).
+                self.pos[l] = self.pos[l].wrapping_add(REC_HEADER);
+                self.lane = 1 - l;
+                continue;
+            }
+            if head == WRAP as u64 {
+                skip = ln.cap - off;
+                off = 0;
+                // SAFETY: as above, at offset 0.
+                head = unsafe { ln.data.cast::<u64>().read() };
+            }
+            let len = head;
+            // `len <= cap / 2` is checked before `rec` is trusted; `wrapping_add` keeps a huge
+            // `len` from overflowing first.
+            let rec = REC_HEADER.wrapping_add(len.wrapping_add(7) & !7);
+            if len > ln.cap / 2 || off + rec > ln.cap || skip + rec > avail {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "byte queue {:?} is damaged: a record of {len} bytes at offset {off:#x} of lane {l} with {avail} bytes published",
+                        q.name()
+                    ),
+                ));
+            }
+            return Ok(Some((off + REC_HEADER, len as usize, self.pos[l].wrapping_add(skip + rec))));
         }
-        let avail = self.cached_write.wrapping_sub(self.pos);
-        if avail > q.cap || avail % 8 != 0 {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "byte queue {:?} is damaged: the sender's position {:#x} is not a multiple of 8 at most {} bytes ahead of the receiver's {:#x}; delete it and create it again",
-                    q.name(),
-                    self.cached_write,
-                    q.cap,
-                    self.pos
-                ),
-            ));
-        }
-        // `self.pos` is 8-aligned (checked on attach, records are multiples of 8), so `off` is
-        // too, and below the capacity: the 8 bytes at `off` are inside the ring.
-        let mut skip = 0;
-        let mut off = self.pos & (q.cap - 1);
-        // SAFETY: `off` is 8-aligned and `off + 8 <= cap` (above); the word was published
-        // (Acquire above).
-        let mut head = unsafe { q.data.add(off as usize).cast::<u64>().read() };
-        if head == WRAP as u64 {
-            skip = q.cap - off;
-            off = 0;
-            // SAFETY: as above, at offset 0.
-            head = unsafe { q.data.cast::<u64>().read() };
-        }
-        let len = head;
-        // `len <= cap / 2` is checked before `rec` is trusted; `wrapping_add` keeps a huge `len`
-        // from overflowing first.
-        let rec = REC_HEADER.wrapping_add(len.wrapping_add(7) & !7);
-        if len > q.cap / 2 || off + rec > q.cap || skip + rec > avail {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "byte queue {:?} is damaged: a record of {len} bytes at ring offset {off:#x} with {avail} bytes published",
-                    q.name()
-                ),
-            ));
-        }
-        Ok(Some((off + REC_HEADER, len as usize, self.pos.wrapping_add(skip + rec))))
     }
 
-    /// Done with the message ending at `next`: it is consumed at once (for a successor, see
-    /// the module docs). The space goes back to the sender in batches (a quarter of the ring),
-    /// and at once whenever we have read everything we know of, so a sender never waits for
-    /// space while the ring is, for us, empty.
+    /// Bytes consumed and not given back yet (all lanes).
+    fn progress(&self) -> u64 {
+        let pk = self.q.pk;
+        (0..pk.lanes()).fold(0u64, |s, l| s.wrapping_add(pk.dist(l, self.published[l], self.committed[l])))
+    }
+
+    /// Done with the message ending at `next` (in the receiver's lane): it is consumed at once
+    /// (for a successor, see the module docs). The space goes back to the sender in batches (a
+    /// quarter of the hot window), at once whenever we have read everything we know of, so a
+    /// sender never waits for space while the ring is, for us, empty, and when we have moved
+    /// to the other lane (so the sender learns that the lane we left is empty).
     fn release(&mut self, next: u64) {
-        self.pos = next;
-        self.committed = next;
+        let l = self.lane;
+        self.pos[l] = next;
+        self.committed = self.pos;
+        self.committed_lane = l;
         // This message and every kept one before it.
         self.received = self.received.wrapping_add(1 + self.held);
         self.held = 0;
         self.store_consumed();
-        if self.pos.wrapping_sub(self.published) >= give_back_every(self.q) || self.pos == self.cached_write {
+        let caught_up = self.q.pk.dist(l, next, self.cached_write[l]) == 0;
+        if caught_up || self.lane != self.published_lane || self.progress() >= give_back_every(self.q) {
             self.publish();
         }
     }
@@ -846,20 +1238,25 @@ impl<'q> ByteReceiver<'q> {
         // Relaxed: read by nobody while we live; a successor's load is ordered after every
         // store of ours by the hand-over itself (see "Readers that die"). The sender never
         // reads it, so the line stays in our cache.
-        c.pos.store(self.committed, Ordering::Relaxed);
+        c.pos.store(self.committed[0], Ordering::Relaxed);
+        if self.q.pk.two {
+            c.pos1.store(self.committed[1], Ordering::Relaxed);
+            c.lane.store(self.committed_lane as u64, Ordering::Relaxed);
+        }
         c.count.store(self.received, Ordering::Relaxed);
     }
 
     /// Gives back the space of every consumed message (up to `committed`, never a kept one).
     fn publish(&mut self) {
+        self.published_lane = self.committed_lane;
         if self.published == self.committed {
             return;
         }
         self.published = self.committed;
         let h = self.q.h();
         // Release: we are done reading the bytes we give back; pairs with the Acquire in
-        // `ByteSender::try_put` (and `sender_with`, and a successor receiver's `resume`).
-        h.recv.pos.store(self.committed, Ordering::Release);
+        // `ByteSender::refresh` (and `sender_with`, and a successor receiver's `resume`).
+        h.recv.pos.store(self.q.pk.pack(self.committed, 0), Ordering::Release);
         // Relaxed: a statistic on our own line.
         h.recv.count.store(self.received, Ordering::Relaxed);
         wake(&h.events.space_seq, &h.events.space_waiters, 1);
@@ -1155,6 +1552,238 @@ mod tests {
         assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
     }
 
+    #[test]
+    fn a_large_ring_cycles_in_its_hot_lane_while_the_receiver_keeps_up_and_returns_there_after_a_burst() {
+        let q = ByteQueue::in_memory(4 << 20);
+        assert!(q.pk.two);
+        assert_eq!((q.lanes[HOT].cap, q.lanes[MAIN].cap, q.capacity()), (HOT_LANE, 4 << 20, 4 << 20));
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        // 12 MiB through, the receiver following closely: all of it in the hot lane.
+        let msg = [7u8; 1016];
+        for i in 0..12 * 1024u32 {
+            tx.send(&msg).unwrap();
+            if i % 4 == 3 {
+                for _ in 0..4 {
+                    assert_eq!(rx.try_recv().unwrap().len(), 1016);
+                }
+            }
+        }
+        assert_eq!(tx.pos[MAIN], 0, "the main lane was never written");
+        assert_eq!(tx.pos[HOT], 12 << 20, "the hot lane went round six times");
+        // A burst the hot lane cannot hold (the receiver stalls): it overflows into the main
+        // lane, in order.
+        let mut n = 0u32;
+        while tx.pos[MAIN] < 1 << 20 {
+            tx.try_send(&n.to_le_bytes().repeat(254)).unwrap();
+            n += 1;
+        }
+        for i in 0..n {
+            assert_eq!(&rx.try_recv().unwrap()[..4], &i.to_le_bytes(), "message {i} of the burst");
+        }
+        // Drained: the sender goes back to the hot lane (it looks at the receiver again within
+        // LOOK_EVERY bytes), and stays there.
+        let main_before = tx.pos[MAIN];
+        for _ in 0..4 * 1024 {
+            tx.send(&msg).unwrap();
+            assert_eq!(rx.try_recv().unwrap().len(), 1016);
+        }
+        assert!(tx.pos[MAIN] - main_before <= LOOK_EVERY + 1024, "{} bytes more in main", tx.pos[MAIN] - main_before);
+        assert_eq!(tx.lane, HOT);
+        let info = fill_of(q.h(), q.cap).unwrap();
+        assert_eq!(info, 0, "inspection sees both lanes empty");
+        tx.send(&msg).unwrap();
+        assert_eq!(fill_of(q.h(), q.cap).unwrap(), 1024);
+    }
+
+    #[test]
+    fn with_a_stalled_receiver_a_blocking_sender_fills_the_hot_lane_and_then_the_whole_main_lane() {
+        let q = ByteQueue::in_memory(4 << 20);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        // Keep up for a while (positions mid-lane), then stall.
+        for i in 0..3000u32 {
+            tx.send(&i.to_le_bytes()).unwrap();
+            assert_eq!(&*rx.try_recv().unwrap(), &i.to_le_bytes());
+        }
+        // A blocking sender waits OVERFLOW_AFTER for the stalled receiver, then uses the main
+        // lane; it times out only once both lanes are full.
+        let mut n = 0u32;
+        while tx.send_timeout(&[n as u8; 1016], Duration::from_millis(20)).is_ok() {
+            n += 1;
+        }
+        assert!(u64::from(n) * 1024 >= q.cap + HOT_LANE - 3 * 1024, "{n} records filled a {}-byte ring", q.cap);
+        assert_eq!(tx.try_send(&[0; 1016]).err().map(|e| e.kind()), Some(ErrorKind::WouldBlock));
+        for i in 0..n {
+            assert_eq!(&*rx.try_recv().unwrap(), &[i as u8; 1016], "message {i} of {n}");
+        }
+        assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::WouldBlock));
+        // A message over half the hot lane goes to the main lane at once, in order.
+        tx.send(&[1; 100]).unwrap();
+        let big = vec![2u8; q.max_message()];
+        tx.send(&big).unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[1; 100]);
+        assert_eq!(rx.try_recv().unwrap().len(), big.len());
+    }
+
+    #[test]
+    fn a_damaged_lane_is_reported() {
+        let q = ByteQueue::in_memory_lanes(256, 64);
+        let mut tx = q.sender().unwrap();
+        let mut rx = q.receiver().unwrap();
+        tx.send(&[1; 8]).unwrap();
+        assert_eq!(&*rx.try_recv().unwrap(), &[1; 8]);
+        rx.__die();
+        let c = &q.h().consumed;
+        c.lane.store(2, Ordering::Relaxed);
+        let err = q.receiver().err().expect("a lane that does not exist is refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        c.lane.store(0, Ordering::Relaxed);
+        c.pos1.store(8, Ordering::Relaxed);
+        let err = q.receiver().err().expect("consumed past what was written in lane 1");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        c.pos1.store(0, Ordering::Relaxed);
+        let mut rx = q.receiver().unwrap();
+        // A switch record in a ring with one lane is a damaged record.
+        let q1 = ByteQueue::in_memory(4096);
+        let mut tx1 = q1.sender().unwrap();
+        let mut rx1 = q1.receiver().unwrap();
+        tx1.send(&[3; 8]).unwrap();
+        // SAFETY: the record's header word, in the ring; nobody reads it concurrently.
+        unsafe { q1.lanes[0].data.cast::<u64>().write(SWITCH) };
+        assert_eq!(rx1.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+        // Positions packed for two lanes: an unaligned lane-0 field is refused.
+        q.h().send.pos.store(4 << 1, Ordering::Relaxed);
+        assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+    }
+
+    /// Operations on a ring with two lanes: sends (a blocking sender's first attempt, which may
+    /// not overflow, or `try_send`), receives, read-ahead and commits, and deaths of either side.
+    #[derive(Debug, Clone)]
+    enum LaneOp {
+        Send(usize, bool),
+        Recv,
+        Keep,
+        Commit(usize),
+        Batch(u64),
+        Flush,
+        KillRx(bool),
+        KillTx,
+    }
+
+    fn lane_op() -> impl Strategy<Value = LaneOp> {
+        prop_oneof![
+            10 => (0usize..120, any::<bool>()).prop_map(|(l, o)| LaneOp::Send(l, o)),
+            6 => Just(LaneOp::Recv),
+            2 => Just(LaneOp::Keep),
+            1 => (0usize..8).prop_map(LaneOp::Commit),
+            1 => (0u64..200).prop_map(LaneOp::Batch),
+            1 => Just(LaneOp::Flush),
+            1 => any::<bool>().prop_map(LaneOp::KillRx),
+            1 => Just(LaneOp::KillTx),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn two_lanes_behave_like_a_vecdeque_through_switches_keeps_and_deaths(
+            ops in proptest::collection::vec(lane_op(), 1..500),
+            cap in 7u32..10,
+            hot in 6u32..8,
+        ) {
+            let q = ByteQueue::in_memory_lanes(1 << cap, 1 << hot);
+            let mut tx = q.sender().unwrap();
+            let mut rx = q.receiver().unwrap();
+            // Messages sent and not consumed, in order: the first `kept` are read ahead (their
+            // marks in `marks`), the last `pending` not published yet.
+            let mut model: VecDeque<Vec<u8>> = VecDeque::new();
+            let (mut kept, mut pending) = (0usize, 0usize);
+            let mut marks: Vec<Kept> = Vec::new();
+            let mut n = 0u8;
+            for op in ops {
+                match op {
+                    LaneOp::Send(len, overflow) => {
+                        n = n.wrapping_add(1);
+                        let msg = vec![n; len];
+                        let before = tx.position();
+                        if len > q.max_message() {
+                            prop_assert_eq!(tx.try_send(&msg).err().map(|e| e.kind()), Some(ErrorKind::InvalidSize));
+                        } else if tx.try_put(&msg, overflow).unwrap() {
+                            prop_assert!(tx.position() > before, "the position grows");
+                            model.push_back(msg);
+                            pending += 1;
+                        } else if overflow {
+                            prop_assert!(!model.is_empty(), "an empty ring refused a message that fits");
+                        }
+                    }
+                    LaneOp::Recv | LaneOp::Keep => match rx.try_recv() {
+                        Ok(m) => {
+                            prop_assert!(model.len() - pending > kept, "an unpublished message was received");
+                            prop_assert_eq!(&m.to_vec(), &model[kept]);
+                            if matches!(op, LaneOp::Keep) {
+                                marks.push(m.keep());
+                                kept += 1;
+                            } else {
+                                drop(m);
+                                model.drain(..=kept);
+                                kept = 0;
+                                marks.clear();
+                            }
+                        }
+                        Err(e) => {
+                            prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                            prop_assert_eq!(model.len() - pending, kept, "a published message was not received");
+                        }
+                    },
+                    LaneOp::Commit(i) => {
+                        if !marks.is_empty() {
+                            let j = i % marks.len();
+                            rx.commit(marks[j]).unwrap();
+                            prop_assert!(rx.commit(marks[j]).is_err(), "a mark commits once");
+                            model.drain(..=j);
+                            marks.drain(..=j);
+                            kept -= j + 1;
+                        }
+                    }
+                    LaneOp::Batch(b) => tx.set_batch(b),
+                    LaneOp::Flush => tx.flush(),
+                    LaneOp::KillRx(hold) => {
+                        if hold && let Ok(m) = rx.try_recv() {
+                            // Received, not consumed: delivered again.
+                            prop_assert_eq!(&m.to_vec(), &model[kept]);
+                            std::mem::forget(m);
+                        }
+                        rx.__die();
+                        rx = q.receiver().unwrap();
+                        kept = 0;
+                        marks.clear();
+                    }
+                    LaneOp::KillTx => {
+                        let published = tx.published;
+                        std::mem::forget(tx);
+                        // Relaxed: same thread (the kernel orders a real death).
+                        q.h().senders.peers[0].token.store(0, Ordering::Relaxed);
+                        model.truncate(model.len() - pending);
+                        pending = 0;
+                        tx = q.sender().unwrap();
+                        prop_assert_eq!(tx.position(), published, "a successor starts at the published position");
+                    }
+                }
+                if !tx.pending() {
+                    pending = 0;
+                }
+            }
+            drop(tx);
+            // A successor receiver gets the kept messages again, then the rest.
+            rx.__die();
+            let mut rx = q.receiver().unwrap();
+            while let Some(want) = model.pop_front() {
+                prop_assert_eq!(rx.try_recv().unwrap().to_vec(), want);
+            }
+            prop_assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
+        }
+    }
+
     proptest! {
         #[test]
         fn a_batching_sender_killed_anywhere_loses_only_what_it_had_not_published(
@@ -1208,7 +1837,7 @@ mod tests {
                     }
                 }
                 // Whatever published the pending messages (a full batch, a full ring, a flush).
-                if tx.published == tx.pos {
+                if !tx.pending() {
                     pending = 0;
                 }
             }
