@@ -39,14 +39,17 @@
 //! before sees the mark and opens (or creates) the next one instead of registering in a heap
 //! about to go; a mark whose deleter died before deleting is cleared by the next user.
 
-// `unsigned long` is 64 bits here but 32 on Windows (the next platform): keep the casts.
+// Handles are `uintptr_t` (`usize`) and sizes `size_t`: `unsigned long` is 32 bits on Windows,
+// while section addresses lie above 4 GiB. Some casts are no-ops on one platform only.
 #![allow(clippy::unnecessary_cast)]
 
 mod table;
 
 use std::cell::{RefCell, UnsafeCell};
 use std::collections::HashMap;
-use std::ffi::{CStr, CString, c_char, c_int, c_long, c_uint, c_ulong, c_void};
+use std::ffi::{CStr, CString, c_char, c_int, c_long, c_uint, c_void};
+
+use libc::size_t;
 use std::fmt::Write as _;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -301,7 +304,7 @@ fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T, Failure>) -> Result<T, 
 
 impl State {
     /// The heap whose section starts at `hdl` (opened on first use in this process).
-    fn heap(&mut self, hdl: c_ulong) -> Result<Arc<Heap>, Failure> {
+    fn heap(&mut self, hdl: usize) -> Result<Arc<Heap>, Failure> {
         let hdl = hdl as u64;
         match table::entry_covering(hdl).map(|e| (e.base, &e.obj)) {
             Some((base, Obj::Heap(h))) if base == hdl => return Ok(h.clone()),
@@ -543,7 +546,7 @@ fn leave(mut st: State, at_exit: bool) -> Result<(), Failure> {
 /// Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the raw section `name` of at least `rsize`
 /// bytes; its handle (address) goes to `*phdl`.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_section(name: *const c_char, rsize: c_ulong, phdl: *mut c_ulong) -> c_int {
+pub extern "C" fn shm_section(name: *const c_char, rsize: size_t, phdl: *mut usize) -> c_int {
     status(|| {
         let name = name_arg(name)?;
         let out = out_arg(phdl, "phdl")?;
@@ -558,7 +561,7 @@ pub extern "C" fn shm_section(name: *const c_char, rsize: c_ulong, phdl: *mut c_
             }
             let addr = s.as_ptr() as u64;
             st.sections.insert(addr, s);
-            *out = addr as c_ulong;
+            *out = addr as usize;
             Ok(if created { SHM_OK } else { SHM_EXISTS })
         })
     })
@@ -567,7 +570,7 @@ pub extern "C" fn shm_section(name: *const c_char, rsize: c_ulong, phdl: *mut c_
 /// Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the heap `name` reserving at least `rsize`
 /// bytes. `force_init` non-zero re-initialises an existing heap (all its blocks freed).
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_heap(name: *const c_char, rsize: c_ulong, phdl: *mut c_ulong, force_init: c_int) -> c_int {
+pub extern "C" fn shm_heap(name: *const c_char, rsize: size_t, phdl: *mut usize, force_init: c_int) -> c_int {
     status(|| {
         let name = name_arg(name)?;
         let out = out_arg(phdl, "phdl")?;
@@ -586,7 +589,7 @@ pub extern "C" fn shm_heap(name: *const c_char, rsize: c_ulong, phdl: *mut c_ulo
             }
             let addr = heap.section().as_ptr() as u64;
             insert_heap(heap);
-            *out = addr as c_ulong;
+            *out = addr as usize;
             Ok(if created { SHM_OK } else { SHM_EXISTS })
         })
     })
@@ -595,7 +598,7 @@ pub extern "C" fn shm_heap(name: *const c_char, rsize: c_ulong, phdl: *mut c_ulo
 /// Deletes the section (raw, heap or queue) whose handle is `hdl`. Other processes keep their
 /// mapping until they exit or call `shm_exit`.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_delete_section(hdl: c_ulong) -> c_int {
+pub extern "C" fn shm_delete_section(hdl: usize) -> c_int {
     status(|| {
         with_state(|st| {
             let hdl = hdl as u64;
@@ -615,7 +618,7 @@ pub extern "C" fn shm_delete_section(hdl: c_ulong) -> c_int {
 /// Runs `f` on the heap whose handle is `hdl`: lock-free through the table when this process
 /// knows it, else opened under the state lock first.
 #[inline]
-fn on_heap<T>(hdl: c_ulong, f: impl Fn(&Heap) -> Result<T, Failure>) -> Result<T, Failure> {
+fn on_heap<T>(hdl: usize, f: impl Fn(&Heap) -> Result<T, Failure>) -> Result<T, Failure> {
     let hdl = hdl as u64;
     let fast = table::with(hdl, |e| match &e.obj {
         Obj::Heap(h) if e.base == hdl => Some(f(h)),
@@ -624,7 +627,7 @@ fn on_heap<T>(hdl: c_ulong, f: impl Fn(&Heap) -> Result<T, Failure>) -> Result<T
     if let Some(Some(r)) = fast {
         return r;
     }
-    let heap = with_state(|st| st.heap(hdl as c_ulong))?;
+    let heap = with_state(|st| st.heap(hdl as usize))?;
     f(&heap)
 }
 
@@ -644,7 +647,7 @@ fn on_heap_covering<T>(addr: u64, f: impl Fn(&Heap) -> Result<T, Failure>) -> Re
 
 /// Allocates `size` bytes from the heap `hdl`; NULL on failure (see `shm_last_error`).
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_alloc(hdl: c_ulong, size: c_ulong) -> *mut c_void {
+pub extern "C" fn shm_alloc(hdl: usize, size: size_t) -> *mut c_void {
     guarded(
         |_| std::ptr::null_mut(),
         || {
@@ -673,7 +676,7 @@ pub extern "C" fn shm_free(addr: *mut c_void) -> c_int {
 /// Resizes a heap block found from its address; NULL on failure (the block is unchanged).
 /// Blocks up to 4 KiB move through the calling thread's block cache, without the heap lock.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_realloc(addr: *mut c_void, size: c_ulong) -> *mut c_void {
+pub extern "C" fn shm_realloc(addr: *mut c_void, size: size_t) -> *mut c_void {
     guarded(
         |_| std::ptr::null_mut(),
         || {
@@ -704,7 +707,7 @@ pub extern "C" fn shm_exit() -> c_int {
 /// Maps the existing section `name` and writes its address to `*paddr`. `rsize` 0 accepts any
 /// size; a larger `rsize` than the section's is `SHM_ERR_INVALID`.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_map(name: *const c_char, rsize: c_ulong, paddr: *mut c_ulong) -> c_int {
+pub extern "C" fn shm_map(name: *const c_char, rsize: size_t, paddr: *mut usize) -> c_int {
     status(|| {
         let name = name_arg(name)?;
         let out = out_arg(paddr, "paddr")?;
@@ -715,7 +718,7 @@ pub extern "C" fn shm_map(name: *const c_char, rsize: c_ulong, paddr: *mut c_ulo
             }
             let addr = s.as_ptr() as u64;
             st.sections.insert(addr, s);
-            *out = addr as c_ulong;
+            *out = addr as usize;
             Ok(SHM_OK)
         })
     })
@@ -827,7 +830,7 @@ pub extern "C" fn shm_last_error() -> *const c_char {
 /// Commits the first `len` bytes of section `hdl` (a full backing store is `SHM_ERR_NO_MEMORY`
 /// now, never a SIGBUS later).
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_commit(hdl: c_ulong, len: c_ulong) -> c_int {
+pub extern "C" fn shm_commit(hdl: usize, len: size_t) -> c_int {
     status(|| {
         with_state(|st| {
             let name = st.section_name(hdl as u64)?;
@@ -840,7 +843,7 @@ pub extern "C" fn shm_commit(hdl: c_ulong, len: c_ulong) -> c_int {
 /// Gives `len` bytes at `offset` of section `hdl` back (they read as zero afterwards, in every
 /// process).
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_decommit(hdl: c_ulong, offset: c_ulong, len: c_ulong) -> c_int {
+pub extern "C" fn shm_decommit(hdl: usize, offset: size_t, len: size_t) -> c_int {
     status(|| {
         with_state(|st| {
             let name = st.section_name(hdl as u64)?;
@@ -853,7 +856,7 @@ pub extern "C" fn shm_decommit(hdl: c_ulong, offset: c_ulong, len: c_ulong) -> c
 /// Checks every block of heap `hdl`: `SHM_OK`, or `SHM_ERR_CORRUPT` with the first violation
 /// in `shm_last_error`.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_heap_check(hdl: c_ulong) -> c_int {
+pub extern "C" fn shm_heap_check(hdl: usize) -> c_int {
     status(|| {
         let heap = with_state(|st| st.heap(hdl))?;
         heap.check()?;
@@ -865,14 +868,14 @@ pub extern "C" fn shm_heap_check(hdl: c_ulong) -> c_int {
 
 /// Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the counting semaphore `name`.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_sem(name: *const c_char, initial: c_uint, psem: *mut c_ulong) -> c_int {
+pub extern "C" fn shm_sem(name: *const c_char, initial: c_uint, psem: *mut usize) -> c_int {
     status(|| {
         let name = name_arg(name)?;
         let out = out_arg(psem, "psem")?;
         let heap = with_state(|st| st.objects())?;
         let (sem, created) = heap.find_or_zeroed::<Semaphore>(name)?;
         sem.init(initial)?;
-        *out = sem as *const Semaphore as c_ulong;
+        *out = sem as *const Semaphore as usize;
         Ok(if created { SHM_OK } else { SHM_EXISTS })
     })
 }
@@ -882,7 +885,7 @@ pub extern "C" fn shm_sem(name: *const c_char, initial: c_uint, psem: *mut c_ulo
 /// the objects heap first, under the state lock. A remembered semaphore that fails (deleted by
 /// another process: its header says destroyed) is validated again, so a deleted handle is
 /// reported as invalid.
-fn on_semaphore(sem: c_ulong, f: impl Fn(&Semaphore) -> Result<c_int, Failure>) -> Result<c_int, Failure> {
+fn on_semaphore(sem: usize, f: impl Fn(&Semaphore) -> Result<c_int, Failure>) -> Result<c_int, Failure> {
     let addr = sem as u64;
     let run = |f: &dyn Fn(&Semaphore) -> Result<c_int, Failure>| {
         // SAFETY: `addr` is a named Semaphore of the objects heap (validated by the caller),
@@ -925,7 +928,7 @@ fn on_semaphore(sem: c_ulong, f: impl Fn(&Semaphore) -> Result<c_int, Failure>) 
 }
 
 /// The name of the semaphore at `sem` in the objects heap.
-fn semaphore_name(heap: &Heap, sem: c_ulong) -> Result<String, Failure> {
+fn semaphore_name(heap: &Heap, sem: usize) -> Result<String, Failure> {
     heap.named_objects()?
         .into_iter()
         .find(|o| o.address == sem as u64 && o.kind == ObjectKind::Semaphore)
@@ -937,7 +940,7 @@ fn semaphore_name(heap: &Heap, sem: c_ulong) -> Result<String, Failure> {
 /// process may be waiting on it or use it afterwards). When it was the last semaphore and no
 /// other process uses the objects heap, that heap is deleted too.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_sem_delete(sem: c_ulong) -> c_int {
+pub extern "C" fn shm_sem_delete(sem: usize) -> c_int {
     status(|| {
         with_state(|st| {
             let heap = st.objects()?;
@@ -961,7 +964,7 @@ pub extern "C" fn shm_sem_delete(sem: c_ulong) -> c_int {
 
 /// Waits for a unit: `timeout_ms` -1 waits for ever, 0 only tries (`SHM_ERR_TIMEOUT` if none).
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_sem_wait(sem: c_ulong, timeout_ms: c_long) -> c_int {
+pub extern "C" fn shm_sem_wait(sem: usize, timeout_ms: c_long) -> c_int {
     status(|| {
         on_semaphore(sem, |s| {
             match timeout_ms {
@@ -980,7 +983,7 @@ pub extern "C" fn shm_sem_wait(sem: c_ulong, timeout_ms: c_long) -> c_int {
 
 /// Adds a unit, waking a waiter.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_sem_post(sem: c_ulong) -> c_int {
+pub extern "C" fn shm_sem_post(sem: usize) -> c_int {
     status(|| {
         on_semaphore(sem, |s| {
             s.post()?;
@@ -994,7 +997,7 @@ pub extern "C" fn shm_sem_post(sem: c_ulong) -> c_int {
 /// Creates (`SHM_OK`) or opens (`SHM_EXISTS`) the byte queue `name` with a ring of at least
 /// `capacity_bytes`.
 #[unsafe(no_mangle)]
-pub extern "C" fn shm_queue(name: *const c_char, capacity_bytes: c_ulong, pq: *mut c_ulong) -> c_int {
+pub extern "C" fn shm_queue(name: *const c_char, capacity_bytes: size_t, pq: *mut usize) -> c_int {
     status(|| {
         let name = name_arg(name)?;
         let out = out_arg(pq, "pq")?;
@@ -1005,7 +1008,7 @@ pub extern "C" fn shm_queue(name: *const c_char, capacity_bytes: c_ulong, pq: *m
             if !table::entry_at(addr).is_some_and(|e| matches!(e.obj, Obj::Queue(_))) {
                 insert_queue(q);
             }
-            *out = addr as c_ulong;
+            *out = addr as usize;
             Ok(if created { SHM_OK } else { SHM_EXISTS })
         })
     })
@@ -1014,7 +1017,7 @@ pub extern "C" fn shm_queue(name: *const c_char, capacity_bytes: c_ulong, pq: *m
 /// Runs `f` on the queue whose handle is `q`: lock-free through the table when this process
 /// knows it, else opened under the state lock first.
 #[inline]
-fn on_queue<T>(q: c_ulong, f: impl FnOnce(&QueueObj) -> Result<T, Failure>) -> Result<T, Failure> {
+fn on_queue<T>(q: usize, f: impl FnOnce(&QueueObj) -> Result<T, Failure>) -> Result<T, Failure> {
     let q = q as u64;
     let mut f = Some(f);
     let fast = table::with(q, |e| match &e.obj {
@@ -1037,7 +1040,7 @@ fn timeout_of(ms: c_long) -> Option<Duration> {
 /// # Safety
 /// `msg` must point to `len` readable bytes (it may be NULL when `len` is 0).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn shm_q_write(q: c_ulong, msg: *const c_void, len: c_ulong, timeout_ms: c_long) -> c_int {
+pub unsafe extern "C" fn shm_q_write(q: usize, msg: *const c_void, len: size_t, timeout_ms: c_long) -> c_int {
     status(|| {
         if msg.is_null() && len != 0 {
             return Err(invalid("msg is NULL"));
@@ -1073,9 +1076,9 @@ pub unsafe extern "C" fn shm_q_write(q: c_ulong, msg: *const c_void, len: c_ulon
 /// # Safety
 /// `buf` must point to `buflen` writable bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn shm_q_read(q: c_ulong, buf: *mut c_void, buflen: c_ulong, timeout_ms: c_long) -> c_long {
+pub unsafe extern "C" fn shm_q_read(q: usize, buf: *mut c_void, buflen: size_t, timeout_ms: c_long) -> isize {
     guarded(
-        |c| c as c_long,
+        |c| c as isize,
         || {
             if buf.is_null() && buflen != 0 {
                 return Err(invalid("buf is NULL"));
@@ -1105,7 +1108,7 @@ pub unsafe extern "C" fn shm_q_read(q: c_ulong, buf: *mut c_void, buflen: c_ulon
                 } else {
                     rx.recv_into(out, timeout_of(timeout_ms))?
                 };
-                Ok(n as c_long)
+                Ok(n as isize)
             })
         },
     )

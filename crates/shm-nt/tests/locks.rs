@@ -65,7 +65,7 @@ fn last_error() -> String {
 fn c_role() {
     let Ok(role) = std::env::var("SHM_NT_LOCKS_ROLE") else { return };
     let name = CString::new("h").unwrap();
-    let mut hdl: std::ffi::c_ulong = 0;
+    let mut hdl: usize = 0;
     let rc = shm_nt::shm_heap(name.as_ptr(), 1 << 20, &mut hdl, 0);
     match role.as_str() {
         "make" | "works" => {

@@ -21,7 +21,7 @@ const END: i64 = i64::MAX;
 
 fn reader() {
     let name = std::ffi::CString::new("cq").unwrap();
-    let mut q: std::ffi::c_ulong = 0;
+    let mut q: usize = 0;
     let rc = shm_nt::shm_queue(name.as_ptr(), 4096, &mut q);
     println!("queue={rc}");
     if rc < 0 {

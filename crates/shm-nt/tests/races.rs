@@ -9,7 +9,7 @@
 #![allow(clippy::unnecessary_cast)]
 
 use std::ffi::CStr;
-use std::os::raw::{c_ulong, c_void};
+use std::os::raw::c_void;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -102,7 +102,7 @@ fn worker(s: Arc<Shared>, writer: bool) {
     let mut held: Vec<*mut c_void> = Vec::new();
     let mut buf = [0u8; 64];
     while !s.stop.load(Ordering::Relaxed) {
-        let h = s.heap.load(Ordering::Acquire) as c_ulong;
+        let h = s.heap.load(Ordering::Acquire) as usize;
         let p = shm_alloc(h, 100);
         if !p.is_null() {
             held.push(p);
@@ -115,13 +115,13 @@ fn worker(s: Arc<Shared>, writer: bool) {
             let victim = if p2.is_null() { p } else { p2 };
             ok_or_clean(shm_free(victim), "shm_free");
         }
-        let q = s.queue.load(Ordering::Acquire) as c_ulong;
+        let q = s.queue.load(Ordering::Acquire) as usize;
         if writer {
             // SAFETY: `buf` is 64 readable bytes.
             ok_or_clean(unsafe { shm_q_write(q, buf.as_ptr().cast(), 16, 0) }, "shm_q_write");
         } else {
             // SAFETY: `buf` is 64 writable bytes.
-            let n = unsafe { shm_q_read(q, buf.as_mut_ptr().cast(), buf.len() as c_ulong, 0) };
+            let n = unsafe { shm_q_read(q, buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 ok_or_clean(n as i32, "shm_q_read");
             } else {
@@ -177,8 +177,8 @@ fn delete_while_in_use() {
         let (h, q) = (s.heap.load(Ordering::Relaxed), s.queue.load(Ordering::Relaxed));
         // Delete while the workers still use them; they go on using the old handles for a
         // while (errors), then get new ones.
-        assert_eq!(shm_delete_section(h as c_ulong), SHM_OK, "{}", last_error());
-        assert_eq!(shm_delete_section(q as c_ulong), SHM_OK, "{}", last_error());
+        assert_eq!(shm_delete_section(h as usize), SHM_OK, "{}", last_error());
+        assert_eq!(shm_delete_section(q as usize), SHM_OK, "{}", last_error());
         let_run(&s, 200);
         make("del", &s, round);
     }
@@ -186,8 +186,8 @@ fn delete_while_in_use() {
     for w in workers {
         w.join().unwrap();
     }
-    assert_eq!(shm_delete_section(s.heap.load(Ordering::Relaxed) as c_ulong), SHM_OK);
-    assert_eq!(shm_delete_section(s.queue.load(Ordering::Relaxed) as c_ulong), SHM_OK);
+    assert_eq!(shm_delete_section(s.heap.load(Ordering::Relaxed) as usize), SHM_OK);
+    assert_eq!(shm_delete_section(s.queue.load(Ordering::Relaxed) as usize), SHM_OK);
     assert_eq!(shm_exit(), SHM_OK);
     println!("delete races done: {} calls", s.calls.load(Ordering::Relaxed));
 }

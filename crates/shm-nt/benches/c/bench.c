@@ -154,7 +154,7 @@ static int load_mimalloc(void) {
     return mi_malloc_fn && mi_free_fn;
 }
 static void *s_alloc(void *ctx, size_t size) {
-    void *p = shm_alloc(*(unsigned long *)ctx, size);
+    void *p = shm_alloc(*(uintptr_t *)ctx, size);
     if (!p) die("shm_alloc");
     return p;
 }
@@ -176,15 +176,15 @@ static void *malloc_thread(void *p) {
     return NULL;
 }
 
-static unsigned long bench_heap(void) {
-    unsigned long h;
+static uintptr_t bench_heap(void) {
+    uintptr_t h;
     int rc = shm_heap("bench", 256UL << 20, &h, 0);
     if (rc < 0) die("shm_heap");
     return h;
 }
 
 static void realloc_loop(double secs, uint64_t start) {
-    unsigned long h = bench_heap();
+    uintptr_t h = bench_heap();
     void *live[LIVE];
     for (int i = 0; i < LIVE; i++) live[i] = s_alloc(&h, sizes[i]);
     wait_start(start);
@@ -242,14 +242,14 @@ static void pipe_rate(size_t size, uint64_t count) {
     printf("msgs_per_s %.0f\n", (double)count / ((double)t / 1e9));
 }
 
-static unsigned long open_queue(const char *name, unsigned long cap) {
-    unsigned long q;
+static uintptr_t open_queue(const char *name, size_t cap) {
+    uintptr_t q;
     if (shm_queue(name, cap, &q) < 0) die("shm_queue");
     return q;
 }
 
 static void q_send(const char *name, size_t size, uint64_t count) {
-    unsigned long q = open_queue(name, 1UL << 20);
+    uintptr_t q = open_queue(name, 1UL << 20);
     char *msg = calloc(1, size);
     for (uint64_t i = 0; i < count + 1; i++) {
         memcpy(msg, &i, sizeof i);
@@ -260,7 +260,7 @@ static void q_send(const char *name, size_t size, uint64_t count) {
 }
 
 static void q_recv(const char *name, size_t size, uint64_t count) {
-    unsigned long q = open_queue(name, 1UL << 20);
+    uintptr_t q = open_queue(name, 1UL << 20);
     char *buf = malloc(size);
     if (shm_q_read(q, buf, size, -1) != (long)size) die("shm_q_read");
     uint64_t t0 = now_ns(CLOCK_MONOTONIC);
@@ -285,7 +285,7 @@ static int cmp_u64(const void *a, const void *b) {
 }
 
 static void ping(uint64_t count) {
-    unsigned long to = open_queue("ping", 64 << 10), from = open_queue("pong", 64 << 10);
+    uintptr_t to = open_queue("ping", 64 << 10), from = open_queue("pong", 64 << 10);
     uint64_t *rtt = malloc(count * sizeof *rtt);
     char msg[8] = {0}, buf[8];
     for (uint64_t i = 0; i < count + 10000; i++) {
@@ -304,7 +304,7 @@ static void ping(uint64_t count) {
 }
 
 static void pong(void) {
-    unsigned long from = open_queue("ping", 64 << 10), to = open_queue("pong", 64 << 10);
+    uintptr_t from = open_queue("ping", 64 << 10), to = open_queue("pong", 64 << 10);
     char buf[8];
     for (;;) {
         if (shm_q_read(from, buf, 8, -1) != 8) die("shm_q_read");
@@ -315,7 +315,7 @@ static void pong(void) {
 }
 
 static void sem_pair(uint64_t count) {
-    unsigned long s;
+    uintptr_t s;
     if (shm_sem("bench.sem", 0, &s) < 0) die("shm_sem");
     uint64_t t0 = now_ns(CLOCK_MONOTONIC);
     for (uint64_t i = 0; i < count; i++) {
@@ -376,14 +376,14 @@ int main(int argc, char **argv) {
         }
         printf("pairs_per_s %.0f\npairs_per_cpu_s %.0f\n", total, cpu_total);
     } else if (!strcmp(m, "alloc")) {
-        unsigned long h = bench_heap();
+        uintptr_t h = bench_heap();
         printf("pairs_per_s %.0f\n", run_pairs(secs, start, s_alloc, s_free, &h));
         printf("pairs_per_cpu_s %.0f\n", cpu_rate);
         shm_exit();
     } else if (!strcmp(m, "count_malloc") && argc > 2) {
         count_pairs(strtoull(argv[2], NULL, 10), m_alloc, m_free, NULL);
     } else if (!strcmp(m, "count_alloc") && argc > 2) {
-        unsigned long h = bench_heap();
+        uintptr_t h = bench_heap();
         count_pairs(strtoull(argv[2], NULL, 10), s_alloc, s_free, &h);
         shm_exit();
     } else if (!strcmp(m, "realloc")) {

@@ -9,7 +9,7 @@ struct Point {
 };
 
 int main() {
-    unsigned long heap = 0;
+    uintptr_t heap = 0;
     if (shm_heap("cpp.heap", 1UL << 20, &heap, 0) != SHM_OK) {
         std::fprintf(stderr, "shm_heap: %s\n", shm_last_error());
         return 1;

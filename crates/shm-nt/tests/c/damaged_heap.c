@@ -18,7 +18,7 @@ int main(int argc, char **argv) {
     const char *name = argv[1];
     unsigned long rsize = 0;
     if (sscanf(argv[2], "%lu", &rsize) != 1) return 2;
-    unsigned long hdl = 0;
+    uintptr_t hdl = 0;
     int rc = shm_heap(name, rsize, &hdl, 0);
     if (rc != SHM_OK && rc != SHM_EXISTS) {
         report("shm_heap");

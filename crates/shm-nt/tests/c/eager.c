@@ -8,7 +8,7 @@
 #include "shm_nt.h"
 
 int main(void) {
-    unsigned long anchor = 0;
+    uintptr_t anchor = 0;
     /* The first call attaches the domain (eager, from the environment). */
     int rc = shm_section("anchor", 4096, &anchor);
     if (rc != SHM_OK && rc != SHM_EXISTS) {
@@ -18,17 +18,18 @@ int main(void) {
     printf("READY\n");
     fflush(stdout);
 
-    unsigned long a = 0, b = 0, len = 0;
-    if (scanf("%lx %lx %lu", &a, &b, &len) != 3) {
+    unsigned long long a = 0, b = 0;
+    unsigned long len = 0;
+    if (scanf("%llx %llx %lu", &a, &b, &len) != 3) {
         fprintf(stderr, "expected two addresses and a length on stdin\n");
         return 2;
     }
-    rc = shm_free((void *)a);
+    rc = shm_free((void *)(uintptr_t)a);
     if (rc != SHM_OK) {
         fprintf(stderr, "shm_free: %d %s\n", rc, shm_last_error());
         return 3;
     }
-    unsigned char *p = shm_realloc((void *)b, 100000);
+    unsigned char *p = shm_realloc((void *)(uintptr_t)b, 100000);
     if (p == NULL) {
         fprintf(stderr, "shm_realloc: %s\n", shm_last_error());
         return 4;

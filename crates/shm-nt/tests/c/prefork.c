@@ -25,7 +25,7 @@ struct msg {
     uint64_t addr, seq, size;
 };
 
-static unsigned long heap, sem, queue[4];
+static uintptr_t heap, sem, queue[4];
 static _Atomic unsigned *kill_seen;
 static int pipe_fds[2];
 
@@ -123,7 +123,7 @@ static int worker(int me) {
 }
 
 int main(void) {
-    unsigned long flags;
+    uintptr_t flags;
     int rc = shm_heap("heap", 256UL << 20, &heap, 0);
     if (rc < 0) fail("shm_heap", rc);
     rc = shm_sem("start", 0, &sem);

@@ -4,11 +4,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _WIN32
+/* Windows (mingw, run under Wine by .ci/windows): no fork, no uids; threads and the occupied
+ * window through the Win32 API. */
+#include <windows.h>
+#else
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#endif
 
 #include "shm_nt.h"
 
@@ -38,7 +44,7 @@ static int failures = 0;
 
 /* Builds a list of NODES nodes in a heap and publishes its head in a raw section. */
 static void build(void) {
-    unsigned long heap, sec;
+    uintptr_t heap, sec;
     EXPECT(shm_heap("list.heap", 64UL << 20, &heap, 0) == SHM_OK);
     EXPECT(shm_section("list.root", 4096, &sec) == SHM_OK);
     struct root *r = (struct root *)sec;
@@ -58,12 +64,12 @@ static void build(void) {
     r->head = head;
     r->count = NODES;
     r->sum = sum;
-    printf("built %lu nodes in heap %#lx, root in %#lx\n", NODES, heap, sec);
+    printf("built %lu nodes in heap %#llx, root in %#llx\n", NODES, (unsigned long long)heap, (unsigned long long)sec);
 }
 
 /* Walks the list through plain pointers (the heap is mapped on first touch), frees it. */
 static void walk(void) {
-    unsigned long sec, heap;
+    uintptr_t sec, heap;
     EXPECT(shm_map("list.root", 0, &sec) == SHM_OK);
     struct root *r = (struct root *)sec;
     unsigned long count = 0, sum = 0;
@@ -84,7 +90,7 @@ static void walk(void) {
 
 /* Receives messages until the writer is gone. */
 static void reader(void) {
-    unsigned long q, ready;
+    uintptr_t q, ready;
     int rc = shm_queue("msgs", 64 << 10, &q);
     EXPECT(rc == SHM_OK || rc == SHM_EXISTS);
     rc = shm_sem("ready", 0, &ready);
@@ -94,11 +100,12 @@ static void reader(void) {
     EXPECT(shm_sem_post(ready) == SHM_OK);
     /* Too small a buffer: an error, and the message stays queued. */
     EXPECT(shm_q_read(q, small, sizeof small, 10000) == SHM_ERR_INVALID);
-    long expected = 0, n;
+    long expected = 0;
+    intptr_t n;
     while ((n = shm_q_read(q, buf, sizeof buf, 10000)) >= 0) {
         char want[64];
         snprintf(want, sizeof want, "message %ld", expected);
-        EXPECT(n == (long)strlen(want) + 1 && strcmp(buf, want) == 0);
+        EXPECT(n == (intptr_t)strlen(want) + 1 && strcmp(buf, want) == 0);
         expected++;
     }
     EXPECT(n == SHM_ERR_DISCONNECTED);
@@ -106,7 +113,7 @@ static void reader(void) {
 }
 
 static void writer(void) {
-    unsigned long q, ready;
+    uintptr_t q, ready;
     int rc = shm_queue("msgs", 64 << 10, &q);
     EXPECT(rc == SHM_OK || rc == SHM_EXISTS);
     rc = shm_sem("ready", 0, &ready);
@@ -122,7 +129,7 @@ static void writer(void) {
 
 /* Every error code, from a C caller. */
 static void errors(void) {
-    unsigned long h, a, s, q, heap;
+    uintptr_t h, a, s, q, heap;
     /* SHM_ERR_INVALID: NULLs, bad names, bad handles, a too large rsize for shm_map. */
     EXPECT(shm_section(NULL, 4096, &h) == SHM_ERR_INVALID);
     EXPECT(shm_section("ok", 4096, NULL) == SHM_ERR_INVALID);
@@ -132,7 +139,7 @@ static void errors(void) {
     EXPECT(shm_alloc(12345, 16) == NULL);
     EXPECT(strlen(shm_last_error()) > 0);
     EXPECT(shm_section("small", 4096, &s) == SHM_OK);
-    printf("small at %#lx\n", s);
+    printf("small at %#llx\n", (unsigned long long)s);
     EXPECT(shm_section("small", 4096, &a) == SHM_EXISTS && a == s);
     EXPECT(shm_map("small", 1 << 20, &a) == SHM_ERR_INVALID);
     EXPECT(shm_heap_check(s) == SHM_ERR_INVALID); /* a raw section is not a heap */
@@ -141,9 +148,20 @@ static void errors(void) {
     /* SHM_ERR_NOT_FOUND. */
     EXPECT(shm_map("missing", 0, &a) == SHM_ERR_NOT_FOUND);
     /* SHM_ERR_NO_MEMORY: two sections of 700 GiB do not fit one 1 TiB window. */
-    EXPECT(shm_section("huge1", 700UL << 30, &a) == SHM_OK);
-    EXPECT(shm_section("huge2", 700UL << 30, &a) == SHM_ERR_NO_MEMORY);
-    EXPECT(shm_map("huge1", 0, &a) == SHM_OK && shm_delete_section(a) == SHM_OK);
+    int huge = shm_section("huge1", (size_t)700 << 30, &a);
+#ifdef _WIN32
+    /* Wine cannot map a 700 GiB view at all (ERROR_NOT_ENOUGH_MEMORY, reported as SHM_ERR_OS
+     * for now): the window-full case needs real Windows. */
+    if (huge != SHM_OK) {
+        printf("huge: skipped (code %d: a 700 GiB view cannot be mapped here: %s)\n", huge,
+               shm_last_error());
+    } else
+#endif
+    {
+        EXPECT(huge == SHM_OK);
+        EXPECT(shm_section("huge2", (size_t)700 << 30, &a) == SHM_ERR_NO_MEMORY);
+        EXPECT(shm_map("huge1", 0, &a) == SHM_OK && shm_delete_section(a) == SHM_OK);
+    }
     /* SHM_ERR_TIMEOUT. */
     EXPECT(shm_sem("empty", 0, &s) == SHM_OK);
     EXPECT(shm_sem_wait(s, 0) == SHM_ERR_TIMEOUT);
@@ -182,18 +200,31 @@ static void errors(void) {
     EXPECT(shm_section("sparse", 1UL << 30, &s) == SHM_OK);
     EXPECT(shm_commit(s, 1 << 20) == SHM_OK);
     ((char *)s)[100] = 5;
-    EXPECT(shm_decommit(s, 0, 1 << 20) == SHM_OK);
-    EXPECT(((char *)s)[100] == 0);
+    int dec = shm_decommit(s, 0, 1 << 20);
+#ifdef _WIN32
+    /* Where the platform cannot free part of a section (Wine): a clear code, data kept. */
+    if (dec == SHM_ERR_UNSUPPORTED) {
+        printf("decommit: unsupported here (%s)\n", shm_last_error());
+        EXPECT(((char *)s)[100] == 5);
+    } else
+#endif
+    {
+        EXPECT(dec == SHM_OK);
+        EXPECT(((char *)s)[100] == 0);
+    }
     shm_list_pools();
     shm_list_heap(stdout, "damaged");
     shm_list_heap(stdout, NULL); /* refused, nothing printed, no crash */
     EXPECT(shm_exit() == SHM_OK);
     /* SHM_ERR_PERMISSION: another user may not use this user's domain. */
+#ifdef _WIN32
+    printf("permission: skipped (Windows: no ACLs checked, every owner reads as uid 0)\n");
+#else
     if (geteuid() == 0) {
         pid_t pid = fork();
         if (pid == 0) {
             if (setuid(65534) != 0) _exit(3);
-            unsigned long x;
+            uintptr_t x;
             _exit(shm_map("small", 0, &x) == SHM_ERR_PERMISSION ? 0 : 1);
         }
         int st;
@@ -203,15 +234,21 @@ static void errors(void) {
     } else {
         printf("permission: skipped (needs root to switch users)\n");
     }
+#endif
     printf("errors done\n");
 }
 
 /* SHM_ERR_OS: the domain's window is occupied in this process, so it cannot attach. */
 static void os_error(const char *addr_text) {
-    unsigned long addr = strtoul(addr_text, NULL, 0);
+    uintptr_t addr = (uintptr_t)strtoull(addr_text, NULL, 0);
+#ifdef _WIN32
+    /* The window is reserved in pieces at attach: take its first piece first. */
+    void *p = VirtualAlloc((void *)addr, 1 << 20, MEM_RESERVE, PAGE_READONLY);
+#else
     void *p = mmap((void *)addr, 1 << 20, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+#endif
     EXPECT(p == (void *)addr);
-    unsigned long a;
+    uintptr_t a;
     EXPECT(shm_map("small", 0, &a) == SHM_ERR_OS);
     printf("os error: %s\n", shm_last_error());
 }
@@ -219,7 +256,7 @@ static void os_error(const char *addr_text) {
 /* Attaches, says so, then creates a heap, a queue and a section named after `tag`: the parent
  * kills it with SIGKILL somewhere in there. */
 static void create_names(const char *tag) {
-    unsigned long h, q, s, a;
+    uintptr_t h, q, s, a;
     EXPECT(shm_map("not-there", 0, &a) == SHM_ERR_NOT_FOUND); /* attaches */
     printf("ATTACHED\n");
     fflush(stdout);
@@ -238,7 +275,7 @@ static void delete_names(const char *tag) {
     const char *kinds[] = {"heap", "queue", "sec"};
     for (int i = 0; i < 3; i++) {
         char name[64];
-        unsigned long a;
+        uintptr_t a;
         snprintf(name, sizeof name, "%s.%s", tag, kinds[i]);
         EXPECT(shm_map(name, 0, &a) == SHM_OK && shm_delete_section(a) == SHM_OK);
     }
@@ -247,7 +284,7 @@ static void delete_names(const char *tag) {
 /* Creates sections, a heap, semaphores and queues, uses and deletes them all, and returns
  * from main without shm_exit: the exit handler must leave nothing of the domain. */
 static void tidy(void) {
-    unsigned long s1, s2, h, q1, q2, sem1, sem2, a;
+    uintptr_t s1, s2, h, q1, q2, sem1, sem2, a;
     EXPECT(shm_section("tidy.a", 4096, &s1) == SHM_OK);
     EXPECT(shm_section("tidy.b", 1UL << 20, &s2) == SHM_OK);
     ((char *)s2)[12345] = 7;
@@ -283,7 +320,7 @@ static void tidy(void) {
  * `sem_user second` (started after READY) posts u.a, waits on u.b, and after a line on stdin
  * deletes u.b, the last semaphore: the heap goes with it. */
 static void sem_user(const char *which) {
-    unsigned long sa, sb, a;
+    uintptr_t sa, sb, a;
     char line[16];
     if (strcmp(which, "first") == 0) {
         EXPECT(shm_sem("u.a", 0, &sa) == SHM_OK);
@@ -313,7 +350,11 @@ static void sem_user(const char *which) {
 /* A forked child returns from main (running the exit handler in a child): it must neither
  * crash nor release the parent's attachment. */
 static void fork_exit(void) {
-    unsigned long s, a;
+#ifdef _WIN32
+    printf("fork_exit: skipped (Windows has no fork)\n");
+    return;
+#else
+    uintptr_t s, a;
     EXPECT(shm_section("fork.sec", 4096, &s) == SHM_OK);
     fflush(stdout);
     pid_t pid = fork();
@@ -332,12 +373,17 @@ static void fork_exit(void) {
     EXPECT(shm_map("fork.sec", 0, &a) == SHM_OK && a == s);
     EXPECT(shm_delete_section(s) == SHM_OK);
     printf("fork done\n");
+#endif
 }
 
 /* A thread that keeps using shared memory while main returns: the exit handler runs under it. */
-static unsigned long busy_heap, busy_sec;
+static uintptr_t busy_heap, busy_sec;
 
+#ifdef _WIN32
+static DWORD WINAPI busy(void *arg) {
+#else
 static void *busy(void *arg) {
+#endif
     (void)arg;
     for (unsigned long i = 0;; i++) {
         ((volatile unsigned long *)busy_sec)[i % 512] = i;
@@ -347,15 +393,24 @@ static void *busy(void *arg) {
             shm_free(p);
         }
     }
+#ifdef _WIN32
+    return 0;
+#else
     return NULL;
+#endif
 }
 
 static void exit_while_busy(void) {
     EXPECT(shm_heap("busy.heap", 4UL << 20, &busy_heap, 0) == SHM_OK);
     EXPECT(shm_section("busy.sec", 4096, &busy_sec) == SHM_OK);
+#ifdef _WIN32
+    EXPECT(CreateThread(NULL, 0, busy, NULL, 0, NULL) != NULL);
+    Sleep(20);
+#else
     pthread_t t;
     EXPECT(pthread_create(&t, NULL, busy, NULL) == 0);
     usleep(20000);
+#endif
     printf("exiting while busy\n");
 }
 
