@@ -494,11 +494,23 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
     #[cold]
     fn holder_dead(&self, word: u32, alive: &dyn Fn(u64) -> Option<bool>) -> bool {
         let tid = word & TID_MASK;
+        if tid == 0 {
+            return false;
+        }
         // Acquire: pairs with the Release store in `acquired`, so the token read below is
         // the one this holder recorded (or a later holder's, which the re-read of
         // the word excludes).
-        if tid == 0 || self.owner_tid.load(Ordering::Acquire) != tid {
-            return false;
+        if self.owner_tid.load(Ordering::Acquire) != tid {
+            // The holder took the word but has not written its record: it is between its CAS
+            // and `acquired` (a few instructions), or it died there (a process killed at that
+            // moment). Where thread ids are machine-wide (Windows), a thread that no longer
+            // exists is dead, whoever it was; elsewhere a thread id alone proves nothing (it
+            // may be another pid namespace's), and such a lock waits for `gc --force`.
+            // Relaxed: the takeover CAS re-checks the word.
+            return os::THREAD_IDS_MACHINE_WIDE
+                && !cfg!(loom)
+                && self.word.load(Ordering::Relaxed) == word
+                && !os::thread_alive(tid);
         }
         // Relaxed: ordered by the Acquire above.
         let token = self.owner_token.load(Ordering::Relaxed);

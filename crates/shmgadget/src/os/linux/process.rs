@@ -61,6 +61,11 @@ pub fn current_tid() -> u32 {
     rustix::thread::gettid().as_raw_nonzero().get() as u32
 }
 
+/// Whether a thread id names the same thread for every process on the machine while that
+/// thread lives. Not on Linux: thread ids repeat across pid namespaces, and a lock word's
+/// thread id is the holder's own namespace's.
+pub const THREAD_IDS_MACHINE_WIDE: bool = false;
+
 /// This process's pid namespace (the inode of `/proc/self/ns/pid`, `stat(2)`), or 0 when it
 /// cannot be known or when the mounted `/proc` belongs to another namespace (`/proc/self`,
 /// `readlink(2)`, does not name this process by its own pid): then thread ids in `/proc` are

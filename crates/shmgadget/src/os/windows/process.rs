@@ -53,6 +53,10 @@ pub fn thread_group(tid: u32) -> Option<u32> {
     with_thread(tid, |h| unsafe { GetProcessIdOfThread(h) }).filter(|&p| p != 0)
 }
 
+/// Whether a thread id names the same thread for every process on the machine while that
+/// thread lives: yes on Windows (thread ids are machine-wide).
+pub const THREAD_IDS_MACHINE_WIDE: bool = true;
+
 /// One pid namespace per machine on Windows (thread ids are machine-wide): a constant that
 /// differs from every Linux namespace inode that could share a domain under Wine (inodes of
 /// `/proc/self/ns/pid` are large), so such a Linux waiter never judges our thread ids.
