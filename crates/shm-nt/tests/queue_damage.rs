@@ -12,7 +12,7 @@ use shmgadget::queue::ByteQueue;
 
 const ROLE: &str = "SHM_NT_QDMG_ROLE";
 const TEST: &str = "shm_q_read_and_write_on_damaged_positions_return_codes_not_signals";
-/// Header offsets (layout version 2): send position, receive position, consumed position.
+/// Header offsets (queue layout 3; unchanged since 2): send position, receive position, consumed position.
 const SEND_POS: usize = 128;
 const RECV_POS: usize = 256;
 const CONSUMED_POS: usize = 2688;

@@ -37,7 +37,7 @@ const BYTE_RING: u64 = 4096;
 const SLOTS: u64 = 16;
 /// The first bytes of a queue header hold every word but the peer tables.
 const HOT: u64 = 512;
-/// Offsets of the header's words (layout version 2): capacity, slot size, send position and
+/// Offsets of the header's words (queue layout 3; unchanged since 2): capacity, slot size, send position and
 /// count, receive position and count, the eventcounts, the first sender's and receiver's
 /// token and intent, and the byte-queue receiver's consumed position and count.
 const FIELDS: [u64; 16] = [24, 32, 128, 136, 256, 264, 384, 388, 392, 520, 528, 1552, 1560, 2688, 2696, 16];
