@@ -5,8 +5,6 @@ mod common;
 
 use std::alloc::Layout;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 use shmgadget::Domain;
@@ -15,23 +13,12 @@ use shmgadget::heap::{Heap, HeapOptions};
 const GIB: u64 = 1 << 30;
 const PAGE: usize = 4096;
 
-/// Runs a child (extra environment `env`) and returns its exit status, stdout and stderr.
+/// Runs a child (extra environment `env`, guard mode unset unless `env` sets it) and returns
+/// its exit status, stdout and stderr.
 fn run(test: &str, role: &str, domain: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String, String) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(ROLE, role)
-        .env(DOMAIN, domain)
-        .env_remove("SHMGADGET_HEAP_GUARD")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
-    let err = std::thread::spawn(move || std::io::read_to_string(err).unwrap_or_default());
-    let status = wait(&mut child, Duration::from_secs(60));
-    (status, out.join().unwrap(), err.join().unwrap())
+    run_capturing(test, role, domain, |c| {
+        c.env_remove("SHMGADGET_HEAP_GUARD").envs(env.iter().copied());
+    })
 }
 
 fn write_byte(p: *mut u8, v: u8) {

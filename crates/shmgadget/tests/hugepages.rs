@@ -130,20 +130,9 @@ fn kernel_page_size(addr: usize) -> Option<u64> {
 }
 
 fn run(test: &str, role: &str, domain: &str, dir: &Path) -> (std::process::ExitStatus, String, String) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(ROLE, role)
-        .env(DOMAIN, domain)
-        .env("SHMGADGET_SHM_DIR", dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
-    let err = std::thread::spawn(move || std::io::read_to_string(err).unwrap_or_default());
-    let status = wait(&mut child, Duration::from_secs(60));
-    (status, out.join().unwrap(), err.join().unwrap())
+    run_capturing(test, role, domain, |c| {
+        c.env("SHMGADGET_SHM_DIR", dir);
+    })
 }
 
 #[test]

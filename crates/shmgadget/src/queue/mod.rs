@@ -236,6 +236,8 @@ pub(crate) struct QueueShared {
 }
 
 const _: () = assert!(size_of::<QueueShared>() as u64 <= DATA_OFFSET);
+// One cache line pair each, whatever they hold (the lanes' words fit in the same 128 bytes).
+const _: () = assert!(size_of::<Side>() == 128 && size_of::<Consumed>() == 128);
 
 const FINGERPRINT: u32 = {
     let parts = [

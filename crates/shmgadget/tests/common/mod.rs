@@ -190,3 +190,27 @@ impl Drop for Tmpfs {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+
+/// Runs this test binary as a child playing `role` in `domain`, with its environment adjusted by
+/// `setup`, and returns its exit status, stdout and stderr (for children expected to die, or
+/// whose messages the test reads). The watchdog of [`wait`] applies.
+pub fn run_capturing(
+    test: &str,
+    role: &str,
+    domain: &str,
+    setup: impl FnOnce(&mut Command),
+) -> (ExitStatus, String, String) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
+        .env(ROLE, role)
+        .env(DOMAIN, domain)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    setup(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
+    let err = std::thread::spawn(move || std::io::read_to_string(err).unwrap_or_default());
+    let status = wait(&mut child, Duration::from_secs(60));
+    (status, out.join().unwrap(), err.join().unwrap())
+}
