@@ -24,28 +24,6 @@ fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Deletes what a test left in its domain and checks /dev/shm is clean.
-fn clean(domain: &str) {
-    let opts = shmgadget::DomainOptions { must_exist: true, ..Default::default() };
-    let attached = shmgadget::Domain::attach_with(domain, &opts);
-    if let Err(e) = &attached {
-        eprintln!("clean: {e}");
-    }
-    if let Ok(d) = attached {
-        for s in d.sections() {
-            d.delete_section(&s.name).unwrap();
-        }
-        d.detach().unwrap();
-    }
-    let prefix = format!("shmgadget.{domain}:");
-    let left: Vec<String> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
-}
-
 fn program(tag: &str) -> PathBuf {
     let exe = std::env::temp_dir().join(format!("shm_nt_{tag}_{}", std::process::id()));
     compile("cc", "-std=c11", "shm_test.c", &exe);
@@ -60,7 +38,7 @@ fn a_list_built_by_one_c_process_is_walked_and_freed_by_another() {
     assert!(b.status.success() && text(&b).contains("built 100000 nodes"));
     let w = run(&exe, &domain, &["walk"]);
     assert!(w.status.success() && text(&w).contains("walked 100000 nodes, sum ok, heap consistent"), "{}", text(&w));
-    clean(&domain);
+    common::clean(&domain);
     let _ = std::fs::remove_file(exe);
 }
 
@@ -73,7 +51,7 @@ fn two_c_processes_pass_messages_through_a_queue_with_a_semaphore() {
     assert!(w.status.success(), "writer failed");
     let r = reader.wait_with_output().unwrap();
     assert!(r.status.success(), "reader failed");
-    clean(&domain);
+    common::clean(&domain);
     let _ = std::fs::remove_file(exe);
 }
 
@@ -88,7 +66,7 @@ fn every_error_code_reaches_c_callers() {
     let small = out.lines().find_map(|l| l.strip_prefix("small at ")).unwrap().trim().to_owned();
     let o = run(&exe, &domain, &["os_error", &small]);
     assert!(o.status.success(), "{}", text(&o));
-    clean(&domain);
+    common::clean(&domain);
     let _ = std::fs::remove_file(exe);
 }
 
@@ -99,7 +77,7 @@ fn the_header_compiles_as_cpp_and_works() {
     let domain = format!("cnt-cpp-{}", std::process::id());
     let o = run(&exe, &domain, &[]);
     assert!(o.status.success() && text(&o).contains("c++ ok"));
-    clean(&domain);
+    common::clean(&domain);
     let _ = std::fs::remove_file(exe);
 }
 

@@ -124,11 +124,5 @@ fn the_c_interface_on_a_damaged_heap_returns_errors_never_crashes() {
     assert!(errors > 0, "the damage was never noticed");
     let _ = std::fs::remove_file(&exe);
     d.detach().unwrap();
-    let prefix = format!("shmgadget.{domain}:");
-    let left: Vec<String> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    common::assert_no_leftovers(&domain);
 }

@@ -7,26 +7,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use shmgadget::Domain;
 use shmgadget::heap::Heap;
-use shmgadget::{Domain, DomainOptions};
-
-/// Deletes what the test left in its domain and checks the shm directory holds nothing of it.
-fn clean(domain: &str) {
-    let opts = DomainOptions { must_exist: true, ..Default::default() };
-    if let Ok(d) = Domain::attach_with(domain, &opts) {
-        for s in d.sections() {
-            d.delete_section(&s.name).unwrap();
-        }
-        d.detach().unwrap();
-    }
-    let prefix = format!("shmgadget.{domain}:");
-    let left: Vec<String> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
-}
 
 #[test]
 fn an_eager_c_program_frees_and_reallocs_blocks_of_a_heap_created_after_it_attached() {
@@ -75,7 +57,7 @@ fn an_eager_c_program_frees_and_reallocs_blocks_of_a_heap_created_after_it_attac
     drop(heap);
     d.detach().unwrap();
     // Clean up before judging, so a failure leaves nothing behind either.
-    clean(&domain);
+    common::clean(&domain);
     let _ = std::fs::remove_file(&exe);
     assert!(status.success(), "the C program failed: {status}\nstdout: {rest:?}\nstderr: {stderr}");
     assert!(rest.iter().any(|l| l == "eager ok"), "{rest:?}\n{stderr}");

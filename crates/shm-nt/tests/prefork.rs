@@ -43,12 +43,6 @@ fn a_c_prefork_server_with_four_workers_survives_a_killed_worker_and_its_own_exi
         d.delete_section(&s.name).unwrap();
     }
     d.detach().unwrap();
-    let prefix = format!("shmgadget.{domain}:");
-    let left: Vec<String> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    common::assert_no_leftovers(&domain);
     let _ = std::fs::remove_file(exe);
 }

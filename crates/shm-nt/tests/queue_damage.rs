@@ -3,6 +3,8 @@
 //! `shm_q_read` read past the section's end) and never a wait over 10 s. Each damage is tried
 //! by a fresh process that calls the C interface (this test binary, re-executed in a role).
 
+mod common;
+
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -142,10 +144,5 @@ fn shm_q_read_and_write_on_damaged_positions_return_codes_not_signals() {
     drop(q);
     d.delete_section("cq").unwrap();
     d.detach().unwrap();
-    let left: Vec<String> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&format!("shmgadget.{domain}:")))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    common::assert_no_leftovers(&domain);
 }

@@ -44,3 +44,35 @@ pub fn launch(exe: &Path) -> Command {
     c.env("LD_LIBRARY_PATH", lib_dir());
     c
 }
+
+/// The objects of `domain` still in `/dev/shm`.
+pub fn leftovers(domain: &str) -> Vec<String> {
+    let prefix = format!("shmgadget.{domain}:");
+    std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+/// Checks `/dev/shm` holds nothing of `domain`.
+pub fn assert_no_leftovers(domain: &str) {
+    let left = leftovers(domain);
+    assert!(left.is_empty(), "left in /dev/shm: {left:?}");
+}
+
+/// Deletes every section a test left in `domain` (if it still exists), detaches, and checks
+/// `/dev/shm` holds nothing of it.
+pub fn clean(domain: &str) {
+    let opts = shmgadget::DomainOptions { must_exist: true, ..Default::default() };
+    match shmgadget::Domain::attach_with(domain, &opts) {
+        Ok(d) => {
+            for s in d.sections() {
+                d.delete_section(&s.name).unwrap();
+            }
+            d.detach().unwrap();
+        }
+        Err(e) => eprintln!("clean: {e}"),
+    }
+    assert_no_leftovers(domain);
+}
