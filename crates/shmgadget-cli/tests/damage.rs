@@ -5,74 +5,18 @@
 //! `SHMGADGET_DAMAGE_SEEDS=N` runs N random seeds instead of the default (sized for CI);
 //! `SHMGADGET_DAMAGE_FROM=S` starts at seed S (to replay a failure).
 
-use std::os::unix::process::ExitStatusExt;
+mod common;
+
+use common::{ShmDir, cli, objects, run_bounded};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const DEFAULT_SEEDS: u64 = 30;
 /// Bytes of the registry lock word (a glibc robust mutex at offset 192): damaged like any
 /// other bytes, since every wait for that lock is bounded.
 const LOCK: std::ops::Range<u64> = 192..232;
-
-/// A private shm directory under /dev/shm, removed on drop.
-struct ShmDir(PathBuf);
-
-impl ShmDir {
-    fn new(tag: &str) -> ShmDir {
-        let p = PathBuf::from(format!("/dev/shm/sgtest-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir(&p).unwrap();
-        ShmDir(p)
-    }
-}
-
-impl Drop for ShmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `cmd` with a 10 s bound; returns (exit code, stdout, stderr). Fails the test on a
-/// signal, a panic or a timeout.
-fn run_bounded(mut cmd: Command, what: &str) -> (i32, String, String) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what}: still running after 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let out = child.wait_with_output().unwrap();
-    let (so, se) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(status.signal().is_none(), "{what}: killed by signal {:?}\n{se}", status.signal());
-    assert!(!se.contains("panicked") && status.code() != Some(101), "{what}: panicked\n{se}");
-    (status.code().unwrap_or(-1), so, se)
-}
-
-fn cli(dir: &Path, domain: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shmgadget"));
-    c.args(["--domain", domain]).args(args).env("SHMGADGET_SHM_DIR", dir).env_remove("SHMGADGET_DOMAIN");
-    c
-}
-
-fn objects(dir: &Path, domain: &str) -> Vec<String> {
-    let prefix = format!("shmgadget.{domain}:");
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
-    v.sort();
-    v
-}
 
 /// xorshift64*: reproducible damage from a seed.
 struct Rng(u64);

@@ -2,6 +2,10 @@
 //! user's domain. The cross-user tests need root (they act as uid 65534) and are skipped
 //! otherwise, saying so.
 
+mod common;
+
+use common::shmgadget as cli;
+
 use std::io::BufRead;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -39,12 +43,6 @@ impl Drop for Dir {
         }
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn cli(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shmgadget"));
-    c.args(args).env("SHMGADGET_SHM_DIR", dir).env_remove("SHMGADGET_DOMAIN");
-    c
 }
 
 fn run(dir: &Path, args: &[&str]) -> Output {

@@ -2,19 +2,17 @@
 //! registry in a loop while root lists domains and creates new ones (which reads every
 //! registry to choose a window), 200 times, with zero crashes. Needs root; skipped otherwise.
 
+mod common;
+
+use common::cli;
+
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const NOBODY: u32 = 65534;
-
-fn cli(dir: &Path, domain: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shmgadget"));
-    c.args(["--domain", domain]).args(args).env("SHMGADGET_SHM_DIR", dir).env_remove("SHMGADGET_DOMAIN");
-    c
-}
 
 struct Cleanup(PathBuf, Option<Child>);
 

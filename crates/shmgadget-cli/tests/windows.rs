@@ -2,37 +2,14 @@
 //! check against root's unreadable registry), as text and as JSON, and automatic windows of
 //! two users do not overlap. Needs root (acts as uid 65534); skipped otherwise.
 
-use std::os::unix::fs::PermissionsExt;
+mod common;
+
+use common::{ShmDir, shmgadget as cli};
+
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 const NOBODY: u32 = 65534;
-
-/// A private shm directory (sticky, world-writable like /dev/shm), removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let dir = PathBuf::from(format!("/dev/shm/sgtest-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        Dir(dir)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn cli(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shmgadget"));
-    c.args(args).env("SHMGADGET_SHM_DIR", dir).env_remove("SHMGADGET_DOMAIN");
-    c
-}
 
 fn ok(o: Output) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
@@ -61,7 +38,7 @@ fn domains_flags_an_overlap_made_on_purpose_and_two_users_windows_are_disjoint()
         eprintln!("skipped: switching users needs root");
         return;
     }
-    let dir = Dir::new("winovl");
+    let dir = ShmDir::shared("winovl");
     let d = &dir.0;
     // Automatic windows: root's, then uid 65534's (who cannot read root's registry).
     ok(cli(d, &["domain", "create", "auto-root", "--window-size", "1G"]).output().unwrap());
