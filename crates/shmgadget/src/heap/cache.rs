@@ -624,26 +624,35 @@ fn with_cache<T>(h: &HeapRef<'_>, f: impl FnOnce(&mut LocalCache) -> T) -> Optio
             let instance = h.shared.instance.load(Ordering::Relaxed);
             let i = match caches.list.iter().position(|c| c.section == section) {
                 Some(i) if caches.list[i].fork_gen == fork_gen && caches.list[i].instance == instance => i,
-                found => {
-                    if let Some(i) = found {
-                        // Stale (forked child, or another heap now at this address): forget it
-                        // without touching its slot.
-                        let mut stale = caches.list.swap_remove(i);
-                        stale.store = std::ptr::null();
-                    }
-                    if caches.serial == 0 {
-                        caches.serial = take_serial();
-                    }
-                    let serial = caches.serial;
-                    caches.list.push(claim(h, instance, serial));
-                    caches.list.len() - 1
-                }
+                found => caches.install(h, found, instance),
             };
             let c = &mut caches.list[i];
             if c.store.is_null() { None } else { Some(f(c)) }
         })
         .ok()
         .flatten()
+}
+
+impl Caches {
+    /// [`with_cache`]'s first use of heap `h` by this thread (or after a fork or a reset):
+    /// drops the stale cache at `found`, if any, and claims a slot. Returns the new cache's
+    /// index. Out of line, to keep the hot path small.
+    #[cold]
+    #[inline(never)]
+    fn install(&mut self, h: &HeapRef<'_>, found: Option<usize>, instance: u64) -> usize {
+        if let Some(i) = found {
+            // Stale (forked child, or another heap now at this address): forget it without
+            // touching its slot.
+            let mut stale = self.list.swap_remove(i);
+            stale.store = std::ptr::null();
+        }
+        if self.serial == 0 {
+            self.serial = take_serial();
+        }
+        let serial = self.serial;
+        self.list.push(claim(h, instance, serial));
+        self.list.len() - 1
+    }
 }
 
 /// Claims a cache slot of heap `h` for this thread (reclaiming slots of exited threads on the
