@@ -1059,11 +1059,42 @@ pub(crate) fn seed_slot(locked: &Locked<'_>, slot: usize, owner: u64, blocks: &[
             store.counts[c].store(n as u32 + 1, Ordering::Relaxed);
         }
     }
+    // A chunk, as a refill leaves it: a parked block the store names (when room is left for
+    // more stores).
+    let chunk_size = 512 + 256 * (slot as u64 % 4);
+    if t.largest_request() >= chunk_size + 2 * size {
+        if let Ok(chunk) = t.alloc(chunk_size, tlsf::ALIGN) {
+            if t.cache_mark(chunk).is_ok() {
+                store.chunk.store(chunk, Ordering::Relaxed);
+            }
+        }
+    }
     let s = &locked.shared.caches[slot % MAX_CACHES];
     s.store.store(off, Ordering::Relaxed);
     s.thread.store(1 << 32 | 1, Ordering::Relaxed);
     s.owner.store(owner, Ordering::Relaxed);
     Ok(())
+}
+
+/// For the fuzz target: carves a block for `size` bytes from the chunk of cache slot `slot`,
+/// as a refill does (under the lock); the block is the caller's. None when the slot has no
+/// valid store or chunk, or the chunk is too small.
+pub(crate) fn carve_slot(locked: &Locked<'_>, slot: usize, size: u64) -> Option<u64> {
+    let s = &locked.shared.caches[slot % MAX_CACHES];
+    // Relaxed: under the lock.
+    let off = s.store.load(Ordering::Relaxed);
+    if off == 0 || !locked.tlsf().usable_size(off).is_ok_and(|n| n >= size_of::<CacheStoreShared>() as u64) {
+        return None;
+    }
+    // SAFETY: a used block of the mapped heap large enough for a store (checked just above);
+    // atomics only.
+    let store = unsafe { &*((locked.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
+    // Relaxed: under the lock.
+    let chunk = store.chunk.load(Ordering::Relaxed);
+    if chunk == 0 {
+        return None;
+    }
+    locked.tlsf().carve(chunk, size).ok().flatten()
 }
 
 /// Frees every cache slot (after the heap was re-initialised: the stores are gone with it).
