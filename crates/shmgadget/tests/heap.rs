@@ -728,3 +728,96 @@ fn a_block_header_trampled_in_or_out_of_the_thread_cache_is_reported_and_never_h
     d.detach().unwrap();
     assert_clean(&domain);
 }
+
+/// Reads a child's stdout up to the line `READY`, returning the line before it that starts
+/// with `ADDRS ` as numbers (the rest is drained in the background; watchdog 30 s).
+fn read_addresses(child: &mut std::process::Child) -> Vec<u64> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut addrs = Vec::new();
+        while let Some(Ok(l)) = lines.next() {
+            if let Some(list) = l.trim().strip_prefix("ADDRS ") {
+                addrs = list.split(',').map(|a| a.parse::<u64>().unwrap()).collect();
+            } else if l.trim() == "READY" {
+                let _ = tx.send(std::mem::take(&mut addrs));
+                for _ in lines.by_ref() {}
+                return;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).expect("child never reported its blocks")
+}
+
+#[test]
+fn each_process_carves_its_small_blocks_from_its_own_chunk_and_a_killed_holders_chunk_comes_back() {
+    const TEST: &str = "each_process_carves_its_small_blocks_from_its_own_chunk_and_a_killed_holders_chunk_comes_back";
+    match role().as_deref() {
+        Some("carver") => {
+            let (_d, heap) = open_child_heap("chunks");
+            let mut seed = std::process::id() as u64;
+            // Slowly, so that the two carvers' refills alternate under the heap lock.
+            let blocks: Vec<_> = (0..300)
+                .map(|_| {
+                    std::thread::sleep(Duration::from_micros(50));
+                    let size = 16 + (rng(&mut seed) % 2048) as usize;
+                    heap.alloc(Layout::from_size_align(size, 16).unwrap()).unwrap()
+                })
+                .collect();
+            let list: Vec<String> = blocks.iter().map(|p| (p.as_ptr() as u64).to_string()).collect();
+            println!("ADDRS {}", list.join(","));
+            for p in blocks {
+                // SAFETY: ours, unused after this.
+                unsafe { heap.free(p).unwrap() };
+            }
+            println!("READY");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        _ => {
+            let domain = unique_domain("heapchunks");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let heap = Heap::create(&d, "chunks", 64 * MIB).unwrap();
+            let mut a = spawn(TEST, "carver", &domain, &[]);
+            let mut b = spawn(TEST, "carver", &domain, &[]);
+            let (from_a, from_b) = (read_addresses(&mut a), read_addresses(&mut b));
+            assert_eq!((from_a.len(), from_b.len()), (300, 300));
+            // In address order, the owner changes only between chunks (128 KiB each; 300
+            // blocks of up to 2 KiB and the refill batches fill a few per process), not between
+            // refill batches as when both took blocks from the free lists.
+            let mut all: Vec<(u64, char)> =
+                from_a.iter().map(|&p| (p, 'a')).chain(from_b.iter().map(|&p| (p, 'b'))).collect();
+            all.sort_unstable();
+            let changes = all.windows(2).filter(|w| w[0].1 != w[1].1).count();
+            assert!(changes <= 16, "the two processes' blocks interleave {changes} times: {all:?}");
+            let s = heap.stats().unwrap();
+            assert!(s.cached_bytes >= 2 * 64 * 1024, "each keeps a chunk and its parked blocks: {s:?}");
+            assert_eq!(s.blocks.used_blocks, 0, "parked blocks and chunks are not counted as used: {s:?}");
+            heap.check().unwrap();
+            // A killed holder's chunk and parked blocks go back when the next thread claims a
+            // cache slot (this one, at its first allocation), the survivor's stay. (Our own
+            // stock is given back before looking; our store stays, 4 KiB.)
+            kill9(&mut a);
+            let p = heap.alloc(Layout::from_size_align(100, 16).unwrap()).unwrap();
+            heap.check().unwrap();
+            // SAFETY: ours, unused after this.
+            unsafe { heap.free(p).unwrap() };
+            heap.flush_thread_cache().unwrap();
+            let after = heap.stats().unwrap();
+            assert!(after.cached_bytes < s.cached_bytes, "the dead carver's stock came back: {s:?} then {after:?}");
+            assert!(after.cached_bytes >= 64 * 1024, "the live carver keeps its stock: {after:?}");
+            kill9(&mut b);
+            heap.flush_thread_cache().unwrap();
+            heap.trim().unwrap();
+            let s = heap.stats().unwrap();
+            assert_eq!((s.cached_blocks, s.blocks.used_blocks), (0, 0), "{s:?}");
+            assert_eq!(s.blocks.free_blocks, 1, "everything merged back into one free block: {s:?}");
+            heap.check().unwrap();
+            drop(heap);
+            d.delete_section("chunks").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

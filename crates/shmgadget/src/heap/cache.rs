@@ -33,6 +33,7 @@
 //! | `THREADS[i]` (process-local) | odd / even | serial index `i` in use with that generation / free | the thread taking it / its caches' destructor |
 //! | slot `store` | 0 / offset | no store yet / the store block (kept when the slot is freed) | claimer; `trim` |
 //! | store `counts[c]` | 0..=16 | entries `[0, n)` of class `c` are parked blocks | the owner only (or a reclaimer once it is dead) |
+//! | store `chunk` | 0 / offset | no chunk / the thread's chunk, a parked block | the owner under the heap lock (or a reclaimer) |
 //! | block `CACHED` flag | set / clear | parked / the program's (or the allocator's) | the owner, by atomic RMW |
 //!
 //! # Crash consistency
@@ -45,9 +46,27 @@
 //! one a crash can leave unmarked); any other unmarked entry is damage and stays alone, so a
 //! damaged store never frees a block a program holds.
 //!
+//! # Chunks
+//! Blocks next to each other share cache lines: a block's header lies in the line that ends
+//! its predecessor, and a free reads the successor's back size. When two processes' blocks
+//! alternate, every such line moves between their cores on each alloc and free. So a refill
+//! does not take its blocks from the free lists but *carves* them from its thread's chunk: a
+//! block of `CHUNK` bytes (128 KiB, or a quarter of the budget if less; none below
+//! `MIN_CHUNK`) taken from the free lists when the previous one is used up, parked like a
+//! cached block (`CACHED` set: a used block for the allocator, nobody's for the program), its
+//! offset in the store's `chunk` word. `Tlsf::carve` splits a block off its end under the heap
+//! lock (the new header first, inside the chunk, then the chunk's size: the same crash ordering
+//! as a split). A thread's small blocks thus lie together, away from other threads'. Freed
+//! blocks go back to the free lists as before (with the give-back of a full class), where
+//! any allocation may reuse them; when no free block is large enough for a chunk, refills take
+//! their blocks from the free lists as they did without chunks. A chunk is marked before the
+//! store lists it and leaves the store before it is freed, so it is never listed unmarked: a
+//! reclaimer frees a listed chunk only if it is marked, like any entry but a class's top.
+//!
 //! # The hot path
-//! `alloc` and `free` of a cached class run `LocalCache::pop_fast` / `push_fast` and the
-//! allocator's `cache_probe_fast` / `cache_mark_fast` / `cache_unmark_fast`: the same checks as
+//! `alloc` and `free` of a cached class run `alloc_fast` / `free_fast` (called first by
+//! `Heap::alloc` and `Heap::free`, which fall back to their full bodies), `LocalCache::pop_fast`
+//! / `push_word` and the allocator's `probe_fast` / `mark_word` / `cache_unmark_fast`: the same checks as
 //! the full methods (area bounds, tag, size, the next block's back size, `FREE`/`CACHED`, the
 //! store's count, the budget), with the bounds computed once and no error text built. Any
 //! failed check, and every refill or give-back, falls to the `*_slow` functions, which run the
@@ -60,7 +79,7 @@
 //! # What is not cached
 //! Payloads above 4 KiB, alignments above 16, and calls from a thread whose cache is being
 //! torn down go straight to the allocator under the lock. A process holds at most `budget` bytes
-//! per thread and heap (1 MiB, or a sixteenth of the heap if less).
+//! per thread and heap (1 MiB, or a sixteenth of the heap if less), and its chunk.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -80,6 +99,10 @@ const DEPTH: usize = 16;
 pub(crate) const MAX_CACHED: u64 = 4096;
 /// Most bytes one thread parks per heap.
 const BUDGET: u64 = 1 << 20;
+/// Bytes of a thread's chunk (header included), or a quarter of its budget if less; none
+/// below `MIN_CHUNK`.
+const CHUNK: u64 = 128 << 10;
+const MIN_CHUNK: u64 = 16 << 10;
 
 /// One cache slot in the heap header.
 #[repr(C)]
@@ -99,7 +122,16 @@ pub(crate) struct CacheSlotShared {
 struct CacheStoreShared {
     counts: [AtomicU32; CLASSES],
     entries: [[AtomicU64; DEPTH]; CLASSES],
+    /// Payload offset of the thread's chunk (a parked block that refills carve their blocks
+    /// from, see "Chunks"); 0 when none.
+    chunk: AtomicU64,
+    _reserved: AtomicU64,
 }
+
+const _: () = assert!(size_of::<CacheStoreShared>() == 4 * CLASSES + 8 * DEPTH * CLASSES + 16);
+const _: () = assert!(std::mem::offset_of!(CacheStoreShared, chunk) == 4 * CLASSES + 8 * DEPTH * CLASSES);
+/// Bytes of a store (for the heap's layout fingerprint).
+pub(crate) const STORE_SIZE: usize = size_of::<CacheStoreShared>();
 
 /// The class serving a request of `size` bytes (1..=MAX_CACHED): the smallest class whose
 /// payload is at least `size`. Classes: 16..=256 in steps of 16, then four per power of two.
@@ -249,6 +281,8 @@ struct LocalCache {
     mapped: u64,
     bytes: u64,
     budget: u64,
+    /// Bytes of a fresh chunk (0: this heap is too small for chunks).
+    chunk_size: u64,
 }
 
 /// This thread's caches and its serial. The caches drop (giving their stock back and leaving
@@ -344,16 +378,64 @@ impl LocalCache {
                 format!("heap {:?}: a thread cache lists {n} blocks in one class (at most {DEPTH})", h.name()),
             ));
         }
-        // Refill: one lock for a batch; hand out the first block, park the rest.
+        // Refill: one lock for a batch, carved from our chunk when we can have one; hand out
+        // the first block, park the rest.
         let payload = class_payload(class);
         let batch = (16384 / payload).clamp(1, DEPTH as u64 / 2) as usize;
         let locked = h.lock()?;
-        let first = locked.alloc(payload, tlsf::ALIGN, h.name(), commit)?;
+        let first = match self.carve(h, &locked, store, payload)? {
+            Some(off) => off,
+            None => locked.alloc(payload, tlsf::ALIGN, h.name(), commit)?,
+        };
         for _ in 1..batch {
-            let Ok(off) = locked.tlsf().alloc(payload, tlsf::ALIGN) else { break };
+            let off = match self.carve(h, &locked, store, payload)? {
+                Some(off) => off,
+                None => match locked.tlsf().alloc(payload, tlsf::ALIGN) {
+                    Ok(off) => off,
+                    Err(_) => break,
+                },
+            };
             self.park(h, store, class, off)?;
         }
         Ok(first)
+    }
+
+    /// A block of `payload` bytes carved from this thread's chunk (under the lock), taking a
+    /// fresh chunk from the free lists when the current one is used up (its remainder goes
+    /// back). None when there is no chunk to be had: the heap is too small for chunks, or no
+    /// free block is large enough for one (then the caller allocates from the free lists).
+    fn carve(
+        &mut self,
+        h: &HeapRef<'_>,
+        locked: &Locked<'_>,
+        store: &CacheStoreShared,
+        payload: u64,
+    ) -> Result<Option<u64>> {
+        if self.chunk_size == 0 {
+            return Ok(None);
+        }
+        let t = locked.tlsf();
+        // Relaxed: only this thread writes its store.
+        let current = store.chunk.load(Ordering::Relaxed);
+        if current != 0 {
+            let carved = t.carve(current, payload);
+            if let Ok(Some(off)) = carved {
+                return Ok(Some(off));
+            }
+            // Used up (or damaged: then it is left alone, and the error says why). It leaves
+            // the store before it is freed.
+            // Release: see "Crash consistency".
+            store.chunk.store(0, Ordering::Release);
+            carved.map_err(|e| map_tlsf(e, h.name()))?;
+            release_listed(locked, current, false, h.name())?;
+        }
+        // A fresh chunk is marked parked before the store lists it: a crash in between leaks
+        // it (as a refill's unlisted block), never leaves a listed block unmarked.
+        let Ok(fresh) = t.alloc(self.chunk_size - tlsf::HEADER, tlsf::ALIGN) else { return Ok(None) };
+        t.cache_mark(fresh).map_err(|e| map_tlsf(e, h.name()))?;
+        // Release: the block is marked before the store lists it.
+        store.chunk.store(fresh, Ordering::Release);
+        t.carve(fresh, payload).map_err(|e| map_tlsf(e, h.name()))
     }
 
     /// Lists block `off` in `class` and marks it parked.
@@ -396,6 +478,15 @@ impl LocalCache {
     /// then gives back, or reports the error).
     #[inline]
     fn push_fast(&mut self, h: &HeapRef<'_>, off: u64, class: usize) -> bool {
+        let t = h.unlocked();
+        let Some((w, _)) = t.probe_fast(off) else { return false };
+        self.push_word(w, off, class)
+    }
+
+    /// [`push_fast`](LocalCache::push_fast) with the block's header word from
+    /// `Tlsf::probe_fast` (the block validated by it, serving `class`).
+    #[inline]
+    fn push_word(&mut self, w: &std::sync::atomic::AtomicU64, off: u64, class: usize) -> bool {
         let Some(store) = self.store() else { return false };
         let Some(count) = store.counts.get(class) else { return false };
         let payload = class_payload(class);
@@ -408,7 +499,7 @@ impl LocalCache {
         store.entries[class][n as usize].store(off, Ordering::Relaxed);
         // Release: the entry is written before the count covers it (see "Crash consistency").
         count.store(n + 1, Ordering::Release);
-        if !h.unlocked().cache_mark_fast(off) {
+        if !Tlsf::mark_word(w) {
             // Release: as above; the block stays the program's (free_slow reports why).
             count.store(n, Ordering::Release);
             return false;
@@ -443,6 +534,15 @@ impl LocalCache {
         keep: usize,
     ) -> Result<()> {
         let locked = h.lock()?;
+        if class.is_none() {
+            // Relaxed: our own store.
+            let chunk = store.chunk.load(Ordering::Relaxed);
+            if chunk != 0 {
+                // Release: the chunk leaves the store before it is freed.
+                store.chunk.store(0, Ordering::Release);
+                release_listed(&locked, chunk, false, h.name())?;
+            }
+        }
         let classes = class.map_or(0..CLASSES, |c| c..c + 1);
         for c in classes {
             // Relaxed: our own store.
@@ -524,26 +624,35 @@ fn with_cache<T>(h: &HeapRef<'_>, f: impl FnOnce(&mut LocalCache) -> T) -> Optio
             let instance = h.shared.instance.load(Ordering::Relaxed);
             let i = match caches.list.iter().position(|c| c.section == section) {
                 Some(i) if caches.list[i].fork_gen == fork_gen && caches.list[i].instance == instance => i,
-                found => {
-                    if let Some(i) = found {
-                        // Stale (forked child, or another heap now at this address): forget it
-                        // without touching its slot.
-                        let mut stale = caches.list.swap_remove(i);
-                        stale.store = std::ptr::null();
-                    }
-                    if caches.serial == 0 {
-                        caches.serial = take_serial();
-                    }
-                    let serial = caches.serial;
-                    caches.list.push(claim(h, instance, serial));
-                    caches.list.len() - 1
-                }
+                found => caches.install(h, found, instance),
             };
             let c = &mut caches.list[i];
             if c.store.is_null() { None } else { Some(f(c)) }
         })
         .ok()
         .flatten()
+}
+
+impl Caches {
+    /// [`with_cache`]'s first use of heap `h` by this thread (or after a fork or a reset):
+    /// drops the stale cache at `found`, if any, and claims a slot. Returns the new cache's
+    /// index. Out of line, to keep the hot path small.
+    #[cold]
+    #[inline(never)]
+    fn install(&mut self, h: &HeapRef<'_>, found: Option<usize>, instance: u64) -> usize {
+        if let Some(i) = found {
+            // Stale (forked child, or another heap now at this address): forget it without
+            // touching its slot.
+            let mut stale = self.list.swap_remove(i);
+            stale.store = std::ptr::null();
+        }
+        if self.serial == 0 {
+            self.serial = take_serial();
+        }
+        let serial = self.serial;
+        self.list.push(claim(h, instance, serial));
+        self.list.len() - 1
+    }
 }
 
 /// Claims a cache slot of heap `h` for this thread (reclaiming slots of exited threads on the
@@ -563,7 +672,10 @@ fn claim(h: &HeapRef<'_>, instance: u64, serial: u64) -> LocalCache {
         bytes: 0,
         // Relaxed: frozen after creation.
         budget: BUDGET.min(h.shared.reserved.load(Ordering::Relaxed) / 16),
+        chunk_size: 0,
     };
+    let quarter = (cache.budget / 4) & !(tlsf::ALIGN - 1);
+    cache.chunk_size = if quarter >= MIN_CHUNK { CHUNK.min(quarter) } else { 0 };
     if serial == 0 {
         return cache;
     }
@@ -596,10 +708,21 @@ fn claim(h: &HeapRef<'_>, instance: u64, serial: u64) -> LocalCache {
         Ok(n) if n >= size_of::<CacheStoreShared>() as u64 => {}
         _ => return cache,
     }
+    let store = (h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared;
+    // SAFETY: a used block of the mapped heap large enough for a store (checked just above);
+    // its slot is free, so nobody else uses it while we hold the lock. Atomics only.
+    let chunk = unsafe { &(*store).chunk };
+    // Relaxed: under the lock, on a free slot's store. A free slot's store lists no chunk
+    // (its owner or reclaimer gave it back); one left there by damage goes if it is parked.
+    let stale = chunk.load(Ordering::Relaxed);
+    if stale != 0 {
+        chunk.store(0, Ordering::Relaxed);
+        let _ = release_listed(&locked, stale, false, h.name());
+    }
     s.owner.store(token, Ordering::Relaxed);
     s.thread.store(serial, Ordering::Relaxed);
     cache.slot = slot;
-    cache.store = (h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared;
+    cache.store = store;
     cache
 }
 
@@ -656,6 +779,15 @@ pub(crate) fn reclaim_if(h: &HeapRef<'_>, locked: &Locked<'_>, mut gone: impl Fn
             // SAFETY: the store block lies in the mapped heap (validated just above) and its
             // owner is gone, so only we (under the lock) touch it.
             let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
+            // Acquire: pairs with the owner's Release store listing it (after marking it).
+            let chunk = store.chunk.load(Ordering::Acquire);
+            if chunk != 0 {
+                store.chunk.store(0, Ordering::Relaxed);
+                // A chunk is listed only once marked: an unmarked one is damage, left alone.
+                if release_listed(locked, chunk, false, h.name()).is_ok() {
+                    reclaimed += 1;
+                }
+            }
             for c in 0..CLASSES {
                 // Acquire: pairs with the owner's Release stores of the count.
                 let listed = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
@@ -694,6 +826,12 @@ pub(crate) fn parked(h: &HeapRef<'_>, locked: &Locked<'_>) -> (u64, u64) {
         }
         // SAFETY: the store block lies in the mapped heap (validated above); we only read it.
         let store = unsafe { &*((h.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
+        // Acquire: pairs with the owner's Release stores.
+        let chunk = store.chunk.load(Ordering::Acquire);
+        if let Some(size) = (chunk != 0).then(|| locked.tlsf().block_size(chunk).ok()).flatten() {
+            blocks += 1;
+            bytes += size;
+        }
         for c in 0..CLASSES {
             let n = (store.counts[c].load(Ordering::Acquire) as usize).min(DEPTH);
             for e in &store.entries[c][..n] {
@@ -718,6 +856,31 @@ pub(crate) fn alloc(h: &HeapRef<'_>, size: u64, align: u64, commit: &mut dyn FnM
         }
     }
     h.lock()?.alloc(size, align, h.name(), commit)
+}
+
+/// The common case of [`alloc`]: a request of 1..=`MAX_CACHED` bytes (alignment 16, which
+/// the caller checked) served from this thread's stock. None when that is not the case
+/// (nothing changed: the caller then runs [`alloc`]).
+#[inline]
+pub(crate) fn alloc_fast(h: &HeapRef<'_>, size: u64) -> Option<u64> {
+    if size.wrapping_sub(1) >= MAX_CACHED {
+        return None;
+    }
+    let class = class_for_request(size);
+    with_cache(h, |c| c.pop_fast(h, class)).flatten()
+}
+
+/// The common case of [`free`]: a valid used block of a cached class parked in this thread's
+/// stock, every check of `free` made once. False when that is not the case (nothing changed:
+/// the caller then runs [`free`], which decides and reports).
+#[inline]
+pub(crate) fn free_fast(h: &HeapRef<'_>, off: u64) -> bool {
+    let Some((w, usable)) = h.unlocked().probe_fast(off) else { return false };
+    if usable > MAX_CACHED + MAX_CACHED / 4 {
+        return false;
+    }
+    let Some(class) = class_for_block(usable) else { return false };
+    with_cache(h, |c| c.push_word(w, off, class)).unwrap_or(false)
 }
 
 /// Frees the block at payload offset `off` of heap `h`, into this thread's cache when it can.
@@ -829,6 +992,16 @@ pub(crate) fn check(locked: &Locked<'_>) -> Result<()> {
         }
         // SAFETY: the store block lies in the mapped heap (validated just above); we only read it.
         let store = unsafe { &*((locked.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
+        // Acquire: pairs with the owner's Release store (a chunk is marked before it is listed).
+        let chunk = store.chunk.load(Ordering::Acquire);
+        if chunk != 0 {
+            if parked.binary_search(&chunk).is_err() {
+                return corrupt(format!(
+                    "cache slot {i} has its chunk at offset {chunk:#x}, which is not a block parked in a cache"
+                ));
+            }
+            listed.push(chunk);
+        }
         for c in 0..CLASSES {
             // Acquire: pairs with the owner's Release stores of the count.
             let n = store.counts[c].load(Ordering::Acquire) as usize;
@@ -886,11 +1059,42 @@ pub(crate) fn seed_slot(locked: &Locked<'_>, slot: usize, owner: u64, blocks: &[
             store.counts[c].store(n as u32 + 1, Ordering::Relaxed);
         }
     }
+    // A chunk, as a refill leaves it: a parked block the store names (when room is left for
+    // more stores).
+    let chunk_size = 512 + 256 * (slot as u64 % 4);
+    if t.largest_request() >= chunk_size + 2 * size {
+        if let Ok(chunk) = t.alloc(chunk_size, tlsf::ALIGN) {
+            if t.cache_mark(chunk).is_ok() {
+                store.chunk.store(chunk, Ordering::Relaxed);
+            }
+        }
+    }
     let s = &locked.shared.caches[slot % MAX_CACHES];
     s.store.store(off, Ordering::Relaxed);
     s.thread.store(1 << 32 | 1, Ordering::Relaxed);
     s.owner.store(owner, Ordering::Relaxed);
     Ok(())
+}
+
+/// For the fuzz target: carves a block for `size` bytes from the chunk of cache slot `slot`,
+/// as a refill does (under the lock); the block is the caller's. None when the slot has no
+/// valid store or chunk, or the chunk is too small.
+pub(crate) fn carve_slot(locked: &Locked<'_>, slot: usize, size: u64) -> Option<u64> {
+    let s = &locked.shared.caches[slot % MAX_CACHES];
+    // Relaxed: under the lock.
+    let off = s.store.load(Ordering::Relaxed);
+    if off == 0 || !locked.tlsf().usable_size(off).is_ok_and(|n| n >= size_of::<CacheStoreShared>() as u64) {
+        return None;
+    }
+    // SAFETY: a used block of the mapped heap large enough for a store (checked just above);
+    // atomics only.
+    let store = unsafe { &*((locked.section as u64 + AREA_OFFSET + off) as *const CacheStoreShared) };
+    // Relaxed: under the lock.
+    let chunk = store.chunk.load(Ordering::Relaxed);
+    if chunk == 0 {
+        return None;
+    }
+    locked.tlsf().carve(chunk, size).ok().flatten()
 }
 
 /// Frees every cache slot (after the heap was re-initialised: the stores are gone with it).

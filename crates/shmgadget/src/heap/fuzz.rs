@@ -1,7 +1,7 @@
 //! The heap's side of the `heap` fuzz target (see `crate::fuzzing`): a heap section image in
 //! private memory, run through the code the library and the CLI use on a real heap
 //! (statistics, the block dump, `check`, the named-object listing and lookup, cache reclaim
-//! and store release, alloc/free, trim, reset, recovery). Not part of the API.
+//! and store release, carving from a chunk, alloc/free, trim, reset, recovery). Not part of the API.
 
 use std::sync::atomic::Ordering;
 
@@ -118,6 +118,13 @@ pub(crate) unsafe fn exercise(section: *mut u8, mapped: u64, ops: &[u8]) {
             10 if !live.is_empty() => {
                 let p = live[c as usize % live.len()];
                 let _ = locked.tlsf().resize_in_place(p, n.max(1));
+            }
+            11 => {
+                // A refill carving from a slot's chunk (the block is then the program's).
+                if let Some(p) = cache::carve_slot(&locked, c as usize, n.max(1)) {
+                    live.push(p);
+                }
+                let _ = cache::parked(&locked.cache_ref(), &locked);
             }
             _ => {
                 let _ = cache::parked(&locked.cache_ref(), &locked);

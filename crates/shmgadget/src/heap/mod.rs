@@ -63,7 +63,8 @@ use tlsf::{Tlsf, TlsfControl, TlsfError};
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMHEAP1");
 /// 3: cache slots name their owner by process token and thread serial (24 bytes).
 /// 4: the lock is shmgadget's own robust lock (`sync::robust`), not a glibc mutex.
-const LAYOUT_VERSION: u32 = 4;
+/// 5: a cache store names its thread's chunk (`cache.rs`, "Chunks").
+const LAYOUT_VERSION: u32 = 5;
 const READY: u32 = 0x4845_4150; // "HEAP"
 /// Where the block area starts in the section.
 pub const AREA_OFFSET: u64 = 16 << 10;
@@ -128,6 +129,7 @@ const FINGERPRINT: u32 = {
         MAX_NAMED as u64,
         size_of::<NamedEntry>() as u64,
         cache::MAX_CACHES as u64,
+        cache::STORE_SIZE as u64,
     ];
     crate::fnv::layout_fingerprint(&parts)
 };
@@ -226,6 +228,7 @@ fn tlsf_reason(e: &TlsfError) -> String {
 /// checked against the section by `open`) past `AREA_OFFSET`, but never more than `mapped`, the
 /// section's length as this process knows it (`u64::MAX` when only the address is known): a
 /// `reserved` damaged after `open` cannot send the allocator past the mapping.
+#[inline]
 pub(crate) fn area_limit(shared: &HeapShared, mapped: u64) -> u64 {
     // Relaxed: frozen after creation.
     shared.reserved.load(Ordering::Relaxed).min(mapped).saturating_sub(AREA_OFFSET)
@@ -593,7 +596,22 @@ impl Heap {
     /// address in every process of the domain. Fails with `OutOfSpace` when the heap cannot
     /// grow, `InvalidSize` for more than the heap reserves, `InvalidArgument` for a zero size or an
     /// unsupported alignment; never aborts.
+    #[inline]
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>> {
+        // The common case first (a cached size from this thread's stock), without the error
+        // plumbing; anything else (and any check that fails) goes the whole way.
+        let size = layout.size() as u64;
+        if layout.align() as u64 <= tlsf::ALIGN && (!self.guard || size < guard::min_guarded()) {
+            if let Some(off) = cache::alloc_fast(&self.cache_ref(), size) {
+                return Ok(NonNull::new((self.base() + off) as *mut u8).expect("heap addresses are never null"));
+            }
+        }
+        self.alloc_slow(layout)
+    }
+
+    /// [`alloc`](Heap::alloc) when the thread's stock did not serve it.
+    #[inline(never)]
+    fn alloc_slow(&self, layout: Layout) -> Result<NonNull<u8>> {
         let (size, align) = (layout.size() as u64, layout.align() as u64);
         if size > self.section.len() as u64 - AREA_OFFSET {
             bail!(
@@ -640,7 +658,29 @@ impl Heap {
     ///
     /// # Safety
     /// No process may use the memory after this call (as with `free(3)`).
+    #[inline]
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<()> {
+        // The common case first: a block of a cached class into this thread's stock (no
+        // guarded block in the heap, so this one is not one either). Anything else, and any
+        // check that fails, goes the whole way.
+        let off = (ptr.as_ptr() as u64).wrapping_sub(self.base());
+        // Relaxed: see `guard::recognise`.
+        if off < self.section.len() as u64 - AREA_OFFSET
+            && self.shared().guarded_blocks().load(Ordering::Relaxed) == 0
+            && cache::free_fast(&self.cache_ref(), off)
+        {
+            return Ok(());
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.free_slow(ptr) }
+    }
+
+    /// [`free`](Heap::free) when the block did not go into the thread's stock.
+    ///
+    /// # Safety
+    /// As for [`free`](Heap::free).
+    #[inline(never)]
+    unsafe fn free_slow(&self, ptr: NonNull<u8>) -> Result<()> {
         let off = self.offset_of(ptr)?;
         if self.guarded(off).is_some() {
             return guard::free(&self.lock()?, off, self.name());

@@ -189,10 +189,12 @@ impl<'a> Tlsf<'a> {
     /// only through this allocator (or other `Tlsf` views under the same lock) while it is used,
     /// except for [`cache_mark`](Tlsf::cache_mark)/[`cache_unmark`](Tlsf::cache_unmark), which
     /// other threads may call on their own used blocks without the lock.
+    #[inline]
     pub unsafe fn new(ctl: &'a TlsfControl, base: *mut u8, limit: u64) -> Self {
         Tlsf { ctl, base, limit }
     }
 
+    #[inline]
     fn cap(&self) -> u64 {
         // Relaxed: written only by the lock holder, which is us.
         self.ctl.capacity.load(Ordering::Relaxed)
@@ -474,6 +476,16 @@ impl<'a> Tlsf<'a> {
 
     /// The used block whose payload starts at `payload`, validated.
     fn used_block(&self, payload: u64) -> R<(u64, u64, u64)> {
+        let (off, size, flags) = self.chained_block(payload)?;
+        if flags & (FREE | CACHED) != 0 {
+            return Err(TlsfError::DoubleFree(payload));
+        }
+        Ok((off, size, flags))
+    }
+
+    /// The block whose payload starts at `payload`, whatever its flags: header offset, size
+    /// and flags, validated (tag, size, chaining to the next block's back size).
+    fn chained_block(&self, payload: u64) -> R<(u64, u64, u64)> {
         let bad =
             |why: &str| Err(TlsfError::NotABlock(format!("offset {payload:#x} is not a block of this heap: {why}")));
         if payload % ALIGN != 0 || payload < HEADER || payload >= self.sentinel()? {
@@ -484,10 +496,40 @@ impl<'a> Tlsf<'a> {
         if size < MIN_BLOCK || off + size > self.sentinel()? || self.get(off + size).ok() != Some(size) {
             return bad("its header does not chain to the next block");
         }
-        if flags & (FREE | CACHED) != 0 {
-            return Err(TlsfError::DoubleFree(payload));
-        }
         Ok((off, size, flags))
+    }
+
+    /// Carves a used block for `size` payload bytes off the end of the *parked* block at
+    /// `payload` (a thread cache's chunk, see `heap/cache.rs`), which shrinks by as much and
+    /// stays parked. Returns the new block's payload offset (a used block, not parked), or None
+    /// when the chunk would keep less than a block. Crash ordering as for a split: the new
+    /// header is written inside the chunk's payload (invisible to a walk of the chain), then the
+    /// chunk's size shrinks (the commit point), then the successor's back size follows.
+    pub fn carve(&self, payload: u64, size: u64) -> R<Option<u64>> {
+        if size == 0 || size > MAX_BLOCK - HEADER {
+            return Err(TlsfError::BadLayout(format!("size {size}")));
+        }
+        let (off, chunk, flags) = self.chained_block(payload)?;
+        if flags & FREE != 0 || flags & CACHED == 0 {
+            return Err(TlsfError::NotABlock(format!("block at {payload:#x} is not parked in a cache")));
+        }
+        let block = (size.max(ALIGN) + HEADER).next_multiple_of(ALIGN);
+        if chunk < block + MIN_BLOCK {
+            return Ok(None);
+        }
+        let rest = chunk - block;
+        let tail = off + rest;
+        self.set(tail, rest)?;
+        self.write_header(tail, block, 0)?; // used, after a used block
+        // The chunk's flags stay: CACHED is ours (we are its owner), PREV_FREE the lock
+        // holder's (also us).
+        self.write_header(off, rest, flags)?; // commit: the chunk shrinks, the block exists
+        self.set(off + chunk, block)?;
+        let c = self.ctl;
+        // Relaxed: statistics, single writer under the lock.
+        c.used_blocks.fetch_add(1, Ordering::Relaxed);
+        c.allocs.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(tail + HEADER))
     }
 
     /// The usable size of the allocation at `payload`.
@@ -576,7 +618,7 @@ impl<'a> Tlsf<'a> {
     /// The header word of the block whose payload is at `payload`, if that is a 16-aligned
     /// payload offset below the sentinel.
     #[inline]
-    fn header_word(&self, payload: u64, sentinel: u64) -> Option<&AtomicU64> {
+    fn header_word(&self, payload: u64, sentinel: u64) -> Option<&'a AtomicU64> {
         if payload % ALIGN != 0 || payload < HEADER || payload >= sentinel {
             return None;
         }
@@ -591,10 +633,18 @@ impl<'a> Tlsf<'a> {
     /// `None` if anything is off. Callable without the lock, like `cache_probe`.
     #[inline]
     pub fn cache_probe_fast(&self, payload: u64) -> Option<u64> {
+        self.probe_fast(payload).map(|(_, usable)| usable)
+    }
+
+    /// [`cache_probe_fast`](Tlsf::cache_probe_fast), also giving the block's header word, for
+    /// [`mark_word`](Tlsf::mark_word) (so a free computes the bounds once).
+    #[inline]
+    pub fn probe_fast(&self, payload: u64) -> Option<(&'a AtomicU64, u64)> {
         let sentinel = self.sentinel_fast()?;
         // Relaxed: see `get`; the block is the caller's, its header does not change (but for
         // PREV_FREE, which this does not read).
-        let sf = self.header_word(payload, sentinel)?.load(Ordering::Relaxed);
+        let w = self.header_word(payload, sentinel)?;
+        let sf = w.load(Ordering::Relaxed);
         let (off, size) = (payload - HEADER, sf & SIZE_MASK);
         if sf & (TAG_MASK | FREE | CACHED) != TAG || size < MIN_BLOCK || size > sentinel - off {
             return None;
@@ -603,14 +653,14 @@ impl<'a> Tlsf<'a> {
         // multiple of 16, so it is 8-aligned.
         let back = unsafe { &*self.base.add((off + size) as usize).cast::<AtomicU64>() };
         // Relaxed: as above (the successor's back size does not change while we are used).
-        (back.load(Ordering::Relaxed) == size).then_some(size - HEADER)
+        (back.load(Ordering::Relaxed) == size).then_some((w, size - HEADER))
     }
 
-    /// [`cache_mark`](Tlsf::cache_mark)'s success case: sets `CACHED` on the used block at
-    /// `payload` and returns true; false (nothing changed) if it is not a used, unparked block.
+    /// [`cache_mark`](Tlsf::cache_mark)'s success case, on the header word `probe_fast` gave
+    /// for the block: sets `CACHED` and returns true; false (nothing changed) if the block is
+    /// not a used, unparked block.
     #[inline]
-    pub fn cache_mark_fast(&self, payload: u64) -> bool {
-        let Some(w) = self.sentinel_fast().and_then(|s| self.header_word(payload, s)) else { return false };
+    pub fn mark_word(w: &AtomicU64) -> bool {
         // Relaxed: see `cache_mark`.
         let old = w.fetch_or(CACHED, Ordering::Relaxed);
         if old & (TAG_MASK | CACHED | FREE) != TAG {
