@@ -16,7 +16,11 @@ pub trait ErrorExt {
     fn is_not_found(&self) -> bool;
     /// The object exists already (`ERROR_FILE_EXISTS`, `ERROR_ALREADY_EXISTS`).
     fn is_exists(&self) -> bool;
-    /// The backing store is full (`ERROR_DISK_FULL`, `ERROR_HANDLE_DISK_FULL`).
+    /// The backing store is full (`ERROR_DISK_FULL`, `ERROR_HANDLE_DISK_FULL`), or the memory
+    /// a view or reservation needs is not there (`ERROR_COMMITMENT_LIMIT`,
+    /// `ERROR_NOT_ENOUGH_MEMORY`, `ERROR_OUTOFMEMORY`): a section's backing on Windows is
+    /// memory and address space, so running out of either is what a full tmpfs is on Linux
+    /// (`ErrorKind::OutOfSpace`, `SHM_ERR_NO_MEMORY` in C).
     fn is_no_space(&self) -> bool;
     /// Permission refused (`ERROR_ACCESS_DENIED`, `ERROR_PRIVILEGE_NOT_HELD`).
     fn is_permission_denied(&self) -> bool;
@@ -51,7 +55,16 @@ impl ErrorExt for io::Error {
         matches!(code_of(self), Some(F::ERROR_FILE_EXISTS | F::ERROR_ALREADY_EXISTS))
     }
     fn is_no_space(&self) -> bool {
-        matches!(code_of(self), Some(F::ERROR_DISK_FULL | F::ERROR_HANDLE_DISK_FULL | F::ERROR_COMMITMENT_LIMIT))
+        matches!(
+            code_of(self),
+            Some(
+                F::ERROR_DISK_FULL
+                    | F::ERROR_HANDLE_DISK_FULL
+                    | F::ERROR_COMMITMENT_LIMIT
+                    | F::ERROR_NOT_ENOUGH_MEMORY
+                    | F::ERROR_OUTOFMEMORY
+            )
+        )
     }
     fn is_symlink(&self) -> bool {
         code_of(self) == Some(ERROR_SYMLINK)
