@@ -474,6 +474,109 @@ fn decommit_is_a_clear_error_and_commit_works() {
     assert_clean(&domain);
 }
 
+/// Every object of a domain (registry, sections) is a file created temporary
+/// (`FILE_ATTRIBUTE_TEMPORARY`), so that the cache manager keeps it in memory like pagefile
+/// memory; a user's data file (`MappedFile`) is not.
+#[test]
+fn domain_objects_are_temporary_files() {
+    use std::os::windows::fs::MetadataExt;
+    const FILE_ATTRIBUTE_TEMPORARY: u32 = 0x100;
+    let domain = unique_domain("temp");
+    let d = Domain::attach_with(&domain, &small(WINDOW)).unwrap();
+    let s = d.create_section("s", MIB, &SectionOptions::new()).unwrap();
+    let objects = leftovers(&domain);
+    assert!(objects.len() >= 2, "expected the registry and the section: {objects:?}");
+    let attrs: Vec<(String, u32)> =
+        objects.iter().map(|n| (n.clone(), std::fs::metadata(shm_dir().join(n)).unwrap().file_attributes())).collect();
+    let temporary = attrs.iter().filter(|(_, a)| a & FILE_ATTRIBUTE_TEMPORARY != 0).count();
+    if temporary == 0 && under_wine() {
+        skip(
+            "domain_objects_are_temporary_files",
+            "Wine stores only the hidden and system attributes of a file, not FILE_ATTRIBUTE_TEMPORARY",
+        );
+    } else {
+        assert_eq!(temporary, attrs.len(), "objects not created temporary: {attrs:?}");
+    }
+    drop(s);
+    d.delete_section("s").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
+
+/// A heap grown well past its initial commit, then emptied and trimmed: where decommit frees
+/// memory (real Windows on NTFS) the trim gives bytes back; where it cannot (Wine) the trim
+/// still succeeds, gives back 0 and says why. Either way the heap stays consistent, here and
+/// in another process, and the trimmed space can be allocated again.
+#[test]
+fn a_heap_trim_where_decommit_is_unsupported_gives_back_nothing_and_leaves_the_heap_whole() {
+    const TEST: &str = "a_heap_trim_where_decommit_is_unsupported_gives_back_nothing_and_leaves_the_heap_whole";
+    let big = Layout::from_size_align(12 * MIB as usize, 16).unwrap();
+    match role().as_deref() {
+        Some("checker") => {
+            let d = Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(WINDOW) }).unwrap();
+            let heap = Heap::open(&d, "trimmed").unwrap();
+            heap.check().unwrap();
+            let p = heap.alloc(big).unwrap();
+            // SAFETY: a fresh allocation of `big.size()` bytes, ours alone, freed right away.
+            unsafe {
+                p.as_ptr().write_bytes(0x5a, big.size());
+                heap.free(p).unwrap();
+            }
+            heap.check().unwrap();
+            println!("CHECKED=1");
+        }
+        _ => {
+            let domain = unique_domain("trim");
+            let d = Domain::attach_with(&domain, &small(WINDOW)).unwrap();
+            let heap = Heap::create(&d, "trimmed", 64 * MIB).unwrap();
+            let before = heap.stats().unwrap().committed;
+            let blocks: Vec<_> = (0..3).map(|_| heap.alloc(big).unwrap()).collect();
+            let grown = heap.stats().unwrap().committed;
+            assert!(grown >= before + 3 * big.size() as u64, "the heap did not grow: {before} -> {grown}");
+            for p in blocks {
+                // SAFETY: a live allocation of `big.size()` bytes; nobody uses it after this.
+                unsafe {
+                    p.as_ptr().write_bytes(0xa5, big.size());
+                    heap.free(p).unwrap();
+                }
+            }
+            let (given_back, reason) = heap.trim_report().unwrap();
+            let after = heap.stats().unwrap().committed;
+            assert!(after < grown, "trim did not shrink the heap's area: {grown} -> {after}");
+            match reason {
+                None => {
+                    assert!(given_back > 0, "trim gave nothing back and said nothing");
+                    eprintln!("trim gave back {given_back} bytes");
+                }
+                Some(why) => {
+                    assert_eq!(given_back, 0);
+                    assert_eq!(why.kind(), ErrorKind::Unsupported, "{why}");
+                    assert!(why.to_string().contains("not supported on Windows"), "{why}");
+                    if under_wine() {
+                        eprintln!("trim under Wine: 0 bytes given back: {why}");
+                    }
+                }
+            }
+            // `trim` itself is the same answer without the reason.
+            assert_eq!(heap.trim().unwrap(), 0);
+            heap.check().unwrap();
+            let report = run(TEST, "checker", &domain, &[]);
+            assert_eq!(report["CHECKED"], "1");
+            // The trimmed space is the heap's again: three big blocks fit as before.
+            let again: Vec<_> = (0..3).map(|_| heap.alloc(big).unwrap()).collect();
+            for p in again {
+                // SAFETY: fresh allocations, freed right away.
+                unsafe { heap.free(p).unwrap() };
+            }
+            heap.check().unwrap();
+            drop(heap);
+            d.delete_section("trimmed").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
 /// Placeholders (`VirtualAlloc2` with `MEM_RESERVE_PLACEHOLDER`) exist on Windows 10 1803 and
 /// later; Wine 8 fails the call with error 87. The backend does not use them yet; this test
 /// records whether the platform has them, so a run on real Windows says so.
