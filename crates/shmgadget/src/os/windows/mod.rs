@@ -39,6 +39,7 @@ mod lock;
 mod map;
 mod memory;
 mod object;
+mod placeholder;
 mod process;
 mod reserve;
 mod time;
