@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use shmgadget::heap::Heap;
 use shmgadget::queue::{ByteQueue, SlotQueue};
 use shmgadget::sync::{LockError, Mutex, Semaphore};
-use shmgadget::{Domain, DomainOptions, ErrorKind, Section, SectionOptions};
+use shmgadget::{Domain, DomainOptions, ErrorKind, FlushMode, MappedFile, Section, SectionOptions};
 use win::*;
 
 const MIB: u64 = 1 << 20;
@@ -573,6 +573,158 @@ fn a_heap_trim_where_decommit_is_unsupported_gives_back_nothing_and_leaves_the_h
             d.delete_section("trimmed").unwrap();
             d.detach().unwrap();
             assert_clean(&domain);
+        }
+    }
+}
+
+/// A folder for one test's data files, next to the shm directory (a tmpfs in CI).
+fn data_dir(tag: &str) -> std::path::PathBuf {
+    let dir = shm_dir().parent().unwrap().join(format!("data-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The checksum of a mapped file's header (FNV-1a of its first 40 bytes), to forge one.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Walks the list of `Node`s that starts at `head`; returns (count, sum of values).
+fn walk(mut p: *const Node) -> (u64, u64) {
+    let (mut n, mut sum) = (0, 0);
+    while !p.is_null() {
+        // SAFETY: the list was built inside mapped memory by a process that no longer writes it.
+        unsafe {
+            sum += (*p).value;
+            p = (*p).next;
+        }
+        n += 1;
+    }
+    (n, sum)
+}
+
+/// A `MappedFile` on Windows: its data starts 64 KiB into the file (views map only from
+/// multiples of the allocation granularity; the header records 65536 as the file's page). A
+/// pointer-linked list built by one process is walked by a later one at the same address after
+/// the builder is gone; it grows the data in 64 KiB units and the growth is seen on the next
+/// open. A file recording 4 KiB pages (as Linux makes them) is refused with a message saying so.
+#[test]
+fn a_mapped_file_keeps_its_data_64_kib_in_and_its_pointers_across_processes() {
+    const TEST: &str = "a_mapped_file_keeps_its_data_64_kib_in_and_its_pointers_across_processes";
+    const BASE: usize = 0x3100_0000_0000;
+    const GRAN: u64 = 64 << 10;
+    const N: u64 = 1000;
+    let path = || std::path::PathBuf::from(std::env::var("FILE").unwrap());
+    match role().as_deref() {
+        Some("builder") => {
+            let mut f = MappedFile::create(&path(), BASE, 16 * MIB, 0).unwrap();
+            f.commit(N * 16 + 8).unwrap();
+            println!("LEN={}", f.len());
+            let nodes = f.as_ptr().cast::<Node>();
+            let mut next: *const Node = std::ptr::null();
+            for i in (0..N).rev() {
+                // SAFETY: node slots lie inside the committed data, which only we use.
+                unsafe {
+                    let n = nodes.add(((i * 7) % N) as usize);
+                    n.write(Node { value: i, next });
+                    next = n;
+                }
+            }
+            // SAFETY: the head pointer goes right after the nodes, still inside the data.
+            unsafe { f.as_ptr().add((N * 16) as usize).cast::<*const Node>().write(next) };
+            f.flush(0, f.len() as u64, FlushMode::Sync).unwrap();
+        }
+        Some("walker") => {
+            let mut f = MappedFile::open(&path()).unwrap();
+            assert_eq!(f.as_ptr() as usize, BASE);
+            // SAFETY: the builder stored the head pointer after the nodes.
+            let head = unsafe { f.as_ptr().add((N * 16) as usize).cast::<*const Node>().read() };
+            let (n, sum) = walk(head);
+            println!("COUNT={n}");
+            println!("SUM={sum}");
+            f.commit(MIB + 1).unwrap();
+            println!("GROWN={}", f.len());
+            // SAFETY: the last byte of the grown data.
+            unsafe { f.as_ptr().add(f.len() - 1).write(77) };
+        }
+        _ => {
+            let dir = data_dir("mf");
+            let file = dir.join("list.shmg");
+            let env = [("FILE", file.to_str().unwrap().to_owned())];
+            let r = run(TEST, "builder", "none", &env);
+            assert_eq!(r["LEN"], GRAN.to_string(), "16 KiB of data is one 64 KiB unit");
+            assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 * GRAN, "a 64 KiB header, then the data");
+            let r = run(TEST, "walker", "none", &env);
+            assert_eq!((r["COUNT"].as_str(), r["SUM"].as_str()), ("1000", (N * (N - 1) / 2).to_string().as_str()));
+            let grown = (MIB + 1).next_multiple_of(GRAN);
+            assert_eq!(r["GROWN"], grown.to_string());
+            let f = MappedFile::open(&file).unwrap();
+            assert_eq!((f.as_ptr() as usize, f.len() as u64), (BASE, grown));
+            // SAFETY: the walker wrote the last byte of the data.
+            assert_eq!(unsafe { f.as_ptr().add(f.len() - 1).read() }, 77);
+            drop(f);
+            assert_eq!(std::fs::metadata(&file).unwrap().len(), GRAN + grown);
+            // The same header saying 4 KiB pages, with a right checksum: refused, and why.
+            let mut bytes = std::fs::read(&file).unwrap();
+            bytes[12..16].copy_from_slice(&4096u32.to_le_bytes());
+            let sum = fnv(&bytes[..40]);
+            bytes[40..48].copy_from_slice(&sum.to_le_bytes());
+            std::fs::write(&file, &bytes).unwrap();
+            let err = MappedFile::open(&file).err().expect("a 4 KiB-page file must be refused here");
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+            assert!(err.to_string().contains("4096 byte pages, this system has 65536"), "{err}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+/// A file-backed section on Windows: its file keeps the section's bytes 64 KiB in. A list
+/// built in it by one process is reached by another by first touch (the vectored handler
+/// follows the section's link to the file and maps it, never having opened the section), and
+/// by an explicit open; deleting the section leaves the file, whole.
+#[test]
+fn a_file_backed_section_is_reached_by_first_touch_in_another_process() {
+    const TEST: &str = "a_file_backed_section_is_reached_by_first_touch_in_another_process";
+    match role().as_deref() {
+        Some("touch") => {
+            let d = Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(WINDOW) }).unwrap();
+            let (n, sum) = walk(addr_env() as *const Node);
+            println!("COUNT={n}");
+            println!("SUM={sum}");
+            println!("MAPS={}", shmgadget::first_touch_maps());
+            let s = d.open_section("fb").unwrap();
+            println!("OPENED={:#x}", s.as_ptr() as usize);
+        }
+        _ => {
+            let domain = unique_domain("fb");
+            let dir = data_dir("fb");
+            let file = dir.join("fb.shmg");
+            let d = Domain::attach_with(&domain, &small(WINDOW)).unwrap();
+            let s = d.create_section("fb", 4 * MIB, &SectionOptions::new().file(&file)).unwrap();
+            s.commit(MIB).unwrap();
+            let base = s.as_ptr() as *mut Node;
+            for i in 0..100usize {
+                // SAFETY: 100 nodes of 16 bytes inside the committed first MiB of the section.
+                unsafe {
+                    let next = if i == 99 { std::ptr::null() } else { base.add(i + 1) as *const Node };
+                    base.add(i).write(Node { value: i as u64 + 1, next });
+                }
+            }
+            let r = run(TEST, "touch", &domain, &[("ADDR", format!("{:#x}", base as usize))]);
+            assert_eq!((r["COUNT"].as_str(), r["SUM"].as_str()), ("100", "5050"));
+            assert_eq!(r["MAPS"], "1", "exactly one first-touch mapping");
+            assert_eq!(r["OPENED"], format!("{:#x}", base as usize));
+            drop(s);
+            d.delete_section("fb").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+            // The file stays: a 64 KiB header page, then the section's 4 MiB, with the list in it.
+            let bytes = std::fs::read(&file).unwrap();
+            assert_eq!(bytes.len() as u64, (64 << 10) + 4 * MIB);
+            assert_eq!(&bytes[..8], b"SHMGFILE");
+            assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 64 << 10);
+            assert_eq!(u64::from_le_bytes(bytes[(64 << 10)..(64 << 10) + 8].try_into().unwrap()), 1);
+            std::fs::remove_dir_all(&dir).unwrap();
         }
     }
 }

@@ -51,7 +51,7 @@ pub use fault::{
     FaultHook, FaultSignal, ensure_signal_stack, fault_hook_installed, install_fault_hook, signal_stack_room,
     write_stderr,
 };
-pub use file::{OpenFile, map_file_fixed, open_file, open_file_cstr};
+pub use file::{OpenFile, file_map_unit, is_absolute_path, map_file_fixed, open_file, open_file_cstr};
 pub use liveness::{TokenCell, fork_generation, install_fork_handlers, token_for_address};
 pub use lock::DirLock;
 pub use map::{
