@@ -670,7 +670,7 @@ fn a_mapped_file_keeps_its_data_64_kib_in_and_its_pointers_across_processes() {
             let sum = fnv(&bytes[..40]);
             bytes[40..48].copy_from_slice(&sum.to_le_bytes());
             std::fs::write(&file, &bytes).unwrap();
-            let err = MappedFile::open(&file).err().expect("a 4 KiB-page file must be refused here");
+            let Err(err) = MappedFile::open(&file) else { panic!("a 4 KiB-page file must be refused here") };
             assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
             assert!(err.to_string().contains("4096 byte pages, this system has 65536"), "{err}");
             std::fs::remove_dir_all(&dir).unwrap();
