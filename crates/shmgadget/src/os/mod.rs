@@ -26,6 +26,11 @@
 //! | time (`time`) | [`monotonic_now`] | a clock that never goes back |
 //! | errors (`error`) | [`ErrorExt`] on `io::Error` | the predicates callers react to (`is_not_found`, `is_exists`, `is_no_space`, `is_permission_denied`, ...), a display code and a signal-safe description; never an errno number above `os` |
 
+mod error;
+mod memory;
+mod object;
+mod tokens;
+
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(windows)]
@@ -35,6 +40,11 @@ mod windows;
 use linux as platform;
 #[cfg(windows)]
 use windows as platform;
+
+pub use error::ErrorExt;
+pub use memory::{FlushMode, Protection, Region, ViewKind};
+pub use object::ObjectStat;
+pub use tokens::{TokenCell, token_for_address};
 
 /// Default shm directory of the platform (`/dev/shm` on Linux).
 pub use platform::DEFAULT_SHM_DIR;
@@ -47,31 +57,21 @@ pub use platform::{
     Dir,
     // locks
     DirLock,
-    // errors
-    ErrorExt,
     // faults
     FaultHook,
     FaultSignal,
-    // memory
-    FlushMode,
     // waiting on a shared word
     FutexWait,
     Object,
     ObjectId,
-    ObjectStat,
     // files
     OpenFile,
-    Protection,
-    Region,
     // reservation
     ReserveError,
     // process
     THREAD_IDS_MACHINE_WIDE,
-    // liveness
-    TokenCell,
     // mapping
     USER_ADDRESS_LIMIT,
-    ViewKind,
     // process
     current_pid,
     current_tid,
@@ -108,7 +108,6 @@ pub use platform::{
     thread_alive,
     thread_exists,
     thread_group,
-    token_for_address,
     unmap,
     write_stderr,
 };

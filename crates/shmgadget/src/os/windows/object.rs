@@ -19,6 +19,7 @@ use windows_sys::Win32::Storage::FileSystem::{
 use windows_sys::Win32::System::IO::OVERLAPPED;
 
 use super::wide;
+use crate::os::ObjectStat;
 
 /// How an object is opened or mapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,21 +244,6 @@ pub fn list_dir(path: &Path) -> io::Result<Vec<String>> {
         }
     }
     Ok(names)
-}
-
-/// What `GetFileInformationByHandle` says about an object.
-#[derive(Debug, Clone, Copy)]
-pub struct ObjectStat {
-    /// Apparent size in bytes.
-    pub size: u64,
-    /// Bytes allocated on the volume (`FILE_STANDARD_INFO::AllocationSize`).
-    pub allocated: u64,
-    /// Owner: Windows files have no uid; always 0, as [`super::effective_uid`] is.
-    pub uid: u32,
-    /// Whether it is a regular file (not a directory or a reparse point).
-    pub is_regular: bool,
-    /// Which object this is: equal identities mean the same object.
-    pub identity: ObjectId,
 }
 
 /// Which file a handle refers to (volume serial number, file index).
