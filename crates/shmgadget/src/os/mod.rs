@@ -6,9 +6,12 @@
 //!
 //! # The platform contract
 //! A platform is one folder, `os/<platform>/`, with one file per subsystem, that provides
-//! every item re-exported below with the same signatures (the `contract` block at the end of
-//! this file pins the most used ones, so a port that drifts fails to compile here rather than
-//! at a call site). Linux is `os/linux/`; Windows is `os/windows/` (windows-sys; built for
+//! every item re-exported below from `platform` with the same signatures; what is the same on
+//! every platform lives once, in the files of `os/` itself: the [`ErrorExt`] trait
+//! (`error.rs`), the memory and object types (`memory.rs`, `object.rs`) and the table of
+//! liveness-token cells (`tokens.rs`, over each platform's handles). The `contract` block at
+//! the end of this file pins the most used signatures, so a port that drifts fails to compile
+//! here rather than at a call site. Linux is `os/linux/`; Windows is `os/windows/` (windows-sys; built for
 //! `x86_64-pc-windows-gnu` and tested under Wine, see `.ci/windows`).
 //!
 //! | subsystem | items | what the rest of shmgadget relies on |
