@@ -474,6 +474,37 @@ fn decommit_is_a_clear_error_and_commit_works() {
     assert_clean(&domain);
 }
 
+/// Two sections of 700 GiB in a 1 TiB window: the second has no room (`WindowFull`, as on
+/// Linux). Where the system cannot map a 700 GiB view at all (Wine: `ERROR_NOT_ENOUGH_MEMORY`)
+/// the first is `OutOfSpace`, the kind of a full backing store, not a bare `Os` error, and it
+/// leaves nothing behind. (The C test checks the same as `SHM_ERR_NO_MEMORY`.)
+#[test]
+fn a_view_the_system_has_no_memory_for_is_out_of_space() {
+    const GIB: u64 = 1 << 30;
+    let domain = unique_domain("huge");
+    let d = Domain::attach_with(&domain, &small(1 << 40)).unwrap();
+    let opts = SectionOptions::new().transient();
+    match d.create_section("huge1", 700 * GIB, &opts) {
+        Ok(s) => {
+            let err = d.create_section("huge2", 700 * GIB, &opts).map(|_| ()).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::WindowFull, "{err}");
+            drop(s);
+            d.delete_section("huge1").unwrap();
+        }
+        Err(err) => {
+            assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+            assert!(err.to_string().contains("not enough memory or address space"), "{err}");
+            if under_wine() {
+                eprintln!("huge section under Wine: {err}");
+            }
+            let gone = d.open_section("huge1").map(|_| ()).unwrap_err();
+            assert_eq!(gone.kind(), ErrorKind::NotFound, "{gone}");
+        }
+    }
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
+
 /// Every object of a domain (registry, sections) is a file created temporary
 /// (`FILE_ATTRIBUTE_TEMPORARY`), so that the cache manager keeps it in memory like pagefile
 /// memory; a user's data file (`MappedFile`) is not.
