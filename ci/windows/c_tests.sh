@@ -67,6 +67,7 @@ echo "c_tests: queue: 1000 messages between two processes, then disconnected"
 run errors errors || { cat "$work/errors.errors.out"; fail "errors"; }
 expect errors.errors "errors done"
 expect errors.errors "corrupt: .*tag"
+grep "^huge:" "$work/errors.errors.out" || true
 grep "^permission:" "$work/errors.errors.out" || true
 small=$(sed -n 's/^small at //p' "$work/errors.errors.out")
 run errors os_error "$small" || { cat "$work/errors.os_error.out"; fail "os_error"; }

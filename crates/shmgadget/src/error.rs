@@ -91,6 +91,11 @@ impl Error {
             ErrorKind::PermissionDenied => {
                 message.push_str(" (check the object's owner and mode with `shmgadget ls`, or run as its owner)")
             }
+            // Windows: a view or reservation found no memory or address space.
+            ErrorKind::OutOfSpace if err.is_out_of_memory() => message.push_str(
+                " (not enough memory or address space for a mapping this large: free sections with \
+                 `shmgadget rm`/`gc`, or use smaller sections)",
+            ),
             ErrorKind::OutOfSpace => message.push_str(
                 " (the backing store is full: free sections with `shmgadget rm`/`gc`, or set \
                  SHMGADGET_SHM_DIR to a larger tmpfs)",

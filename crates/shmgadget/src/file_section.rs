@@ -48,9 +48,10 @@ use crate::os;
 
 const LINK_MAGIC: [u8; 8] = *b"SHMGLINK";
 
-/// Bytes before a file-backed section's data in its file: the header page.
+/// Bytes before a file-backed section's data in its file: the header page (one
+/// `os::file_map_unit`: a page on Linux, 64 KiB on Windows).
 pub(crate) fn data_offset() -> u64 {
-    os::page_size() as u64
+    os::file_map_unit() as u64
 }
 
 /// Whether a section object with this `fstat` is a link (see the module docs).
@@ -95,7 +96,7 @@ pub(crate) fn read_link_cstr<'a>(
         return None;
     }
     let len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
-    if len == 0 || len > SIGNAL_SAFE_PATH_MAX || 12 + len > n || buf[12] != b'/' {
+    if len == 0 || len > SIGNAL_SAFE_PATH_MAX || 12 + len > n || !os::is_absolute_path(&buf[12..12 + len]) {
         return None;
     }
     buf[12 + len] = 0;
@@ -198,7 +199,7 @@ impl Prepared {
 
     /// Records `base`/`capacity` in a new file's header and sizes it (sparse).
     pub(crate) fn write_new(&self, base: u64, capacity: u64) -> Result<()> {
-        let page = os::page_size();
+        let page = os::file_map_unit();
         let h = Header {
             page_size: page as u32,
             base,

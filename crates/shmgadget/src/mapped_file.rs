@@ -12,7 +12,12 @@
 //! ```
 //! The **header page** (ours, at the start of the file) records: magic `SHMGFILE`, layout
 //! version, the page size, the base address, the capacity (bytes of address space the data
-//! may grow to), the creation time and an FNV-1a checksum of those fields. A header in the file
+//! may grow to), the creation time and an FNV-1a checksum of those fields. "Page" here is the
+//! platform's unit for mapping a file at a fixed address (`os::file_map_unit`): the page on
+//! Linux (4 KiB), the allocation granularity on Windows (64 KiB, the only file offsets a view
+//! may start at). The header format is the same on both; a file records its unit, and is
+//! opened only where that is the unit (a Linux file's data, 4 KiB in, cannot be mapped on
+//! Windows). Base, capacity and commits are multiples of it. A header in the file
 //! rather than a sidecar: it travels with the file (copied, renamed, backed up, restored
 //! together), there is no second name that can go missing or describe another file, and one
 //! `msync`/`fsync` covers both. The cost is one page, and the data starting at file offset
@@ -86,7 +91,7 @@ impl Header {
             return Err("its header checksum does not match its fields".to_owned());
         }
         let h = Header { page_size: u32_at(12), base: u64_at(16), capacity: u64_at(24), created_at: u64_at(32) };
-        let page = os::page_size() as u64;
+        let page = os::file_map_unit() as u64;
         if h.page_size as u64 != page {
             return Err(format!("it was made with {} byte pages, this system has {page}", h.page_size));
         }
@@ -116,7 +121,7 @@ pub(crate) fn header_matches(b: &[u8; HEADER_LEN], base: u64, capacity: u64) -> 
     b[0..8] == MAGIC
         && u32_at(8) == VERSION
         && u64_at(40) == fnv(&b[..40])
-        && u32_at(12) as usize == os::page_size()
+        && u32_at(12) as usize == os::file_map_unit()
         && u64_at(16) == base
         && u64_at(24) == capacity
 }
@@ -150,7 +155,7 @@ impl MappedFile {
     /// `address` must be page-aligned and `[address, address + capacity)` free in this
     /// process.
     pub fn create(path: &Path, address: usize, capacity: u64, initial: u64) -> Result<MappedFile> {
-        let page = os::page_size() as u64;
+        let page = os::file_map_unit() as u64;
         let capacity = capacity.checked_next_multiple_of(page).unwrap_or(u64::MAX);
         let h = Header {
             page_size: page as u32,
@@ -248,7 +253,7 @@ impl MappedFile {
     }
 
     fn map_data(&self, from: usize, to: usize) -> Result<()> {
-        let page = os::page_size();
+        let page = os::file_map_unit();
         // SAFETY: `[base + from, base + to)` lies inside our own reservation of
         // `[base, base + capacity)` (to <= capacity) and holds only the reservation there, so
         // no Rust reference points into it.
@@ -281,7 +286,7 @@ impl MappedFile {
     /// `fallocate`, then maps the new pages. A full filesystem is [`ErrorKind::OutOfSpace`],
     /// with the file and the mapping as they were.
     pub fn commit(&mut self, len: u64) -> Result<()> {
-        let page = os::page_size() as u64;
+        let page = os::file_map_unit() as u64;
         if len > self.capacity as u64 {
             bail!(
                 InvalidSize,
@@ -438,7 +443,7 @@ pub(crate) fn open_checked(path: &Path, exclusive: bool) -> Result<(os::Object, 
     } else {
         share_lock(path, &object)?;
     }
-    let page = os::page_size() as u64;
+    let page = os::file_map_unit() as u64;
     if st.size < page {
         bail!(
             Corrupt,
@@ -478,7 +483,8 @@ mod tests {
 
     #[test]
     fn a_header_round_trips_and_any_flipped_byte_is_refused() {
-        let h = Header { page_size: os::page_size() as u32, base: 0x3000_0000_0000, capacity: 1 << 20, created_at: 7 };
+        let h =
+            Header { page_size: os::file_map_unit() as u32, base: 0x3000_0000_0000, capacity: 1 << 20, created_at: 7 };
         let b = h.encode();
         assert_eq!(Header::decode(&b), Ok(h));
         for i in 0..HEADER_LEN {

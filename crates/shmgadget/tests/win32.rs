@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use shmgadget::heap::Heap;
 use shmgadget::queue::{ByteQueue, SlotQueue};
 use shmgadget::sync::{LockError, Mutex, Semaphore};
-use shmgadget::{Domain, DomainOptions, ErrorKind, Section, SectionOptions};
+use shmgadget::{Domain, DomainOptions, ErrorKind, FlushMode, MappedFile, Section, SectionOptions};
 use win::*;
 
 const MIB: u64 = 1 << 20;
@@ -474,19 +474,408 @@ fn decommit_is_a_clear_error_and_commit_works() {
     assert_clean(&domain);
 }
 
-/// Placeholders (`VirtualAlloc2` with `MEM_RESERVE_PLACEHOLDER`) exist on Windows 10 1803 and
-/// later; Wine 8 fails the call with error 87. The backend does not use them yet; this test
-/// records whether the platform has them, so a run on real Windows says so.
+/// Two sections of 700 GiB in a 1 TiB window: the second has no room (`WindowFull`, as on
+/// Linux). Where the system cannot map a 700 GiB view at all (Wine: `ERROR_NOT_ENOUGH_MEMORY`)
+/// the first is `OutOfSpace`, the kind of a full backing store, not a bare `Os` error, and it
+/// leaves nothing behind. (The C test checks the same as `SHM_ERR_NO_MEMORY`.)
 #[test]
-fn placeholders_are_reported_where_they_exist() {
-    if under_wine() {
-        skip(
-            "placeholders_are_reported_where_they_exist",
-            "Wine 8 has no placeholders (VirtualAlloc2 fails, error 87)",
-        );
-        return;
+fn a_view_the_system_has_no_memory_for_is_out_of_space() {
+    const GIB: u64 = 1 << 30;
+    let domain = unique_domain("huge");
+    let d = Domain::attach_with(&domain, &small(1 << 40)).unwrap();
+    let opts = SectionOptions::new().transient();
+    match d.create_section("huge1", 700 * GIB, &opts) {
+        Ok(s) => {
+            let err = d.create_section("huge2", 700 * GIB, &opts).map(|_| ()).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::WindowFull, "{err}");
+            drop(s);
+            d.delete_section("huge1").unwrap();
+        }
+        Err(err) => {
+            assert_eq!(err.kind(), ErrorKind::OutOfSpace, "{err}");
+            assert!(err.to_string().contains("not enough memory or address space"), "{err}");
+            if under_wine() {
+                eprintln!("huge section under Wine: {err}");
+            }
+            let gone = d.open_section("huge1").map(|_| ()).unwrap_err();
+            assert_eq!(gone.kind(), ErrorKind::NotFound, "{gone}");
+        }
     }
-    eprintln!("not under Wine: placeholders would be available; the backend still reserves in 64 MiB pieces");
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
+
+/// Every object of a domain (registry, sections) is a file created temporary
+/// (`FILE_ATTRIBUTE_TEMPORARY`), so that the cache manager keeps it in memory like pagefile
+/// memory; a user's data file (`MappedFile`) is not.
+#[test]
+fn domain_objects_are_temporary_files() {
+    use std::os::windows::fs::MetadataExt;
+    const FILE_ATTRIBUTE_TEMPORARY: u32 = 0x100;
+    let domain = unique_domain("temp");
+    let d = Domain::attach_with(&domain, &small(WINDOW)).unwrap();
+    let s = d.create_section("s", MIB, &SectionOptions::new()).unwrap();
+    let objects = leftovers(&domain);
+    assert!(objects.len() >= 2, "expected the registry and the section: {objects:?}");
+    let attrs: Vec<(String, u32)> =
+        objects.iter().map(|n| (n.clone(), std::fs::metadata(shm_dir().join(n)).unwrap().file_attributes())).collect();
+    let temporary = attrs.iter().filter(|(_, a)| a & FILE_ATTRIBUTE_TEMPORARY != 0).count();
+    if temporary == 0 && under_wine() {
+        skip(
+            "domain_objects_are_temporary_files",
+            "Wine stores only the hidden and system attributes of a file, not FILE_ATTRIBUTE_TEMPORARY",
+        );
+    } else {
+        assert_eq!(temporary, attrs.len(), "objects not created temporary: {attrs:?}");
+    }
+    drop(s);
+    d.delete_section("s").unwrap();
+    d.detach().unwrap();
+    assert_clean(&domain);
+}
+
+/// A heap grown well past its initial commit, then emptied and trimmed: where decommit frees
+/// memory (real Windows on NTFS) the trim gives bytes back; where it cannot (Wine) the trim
+/// still succeeds, gives back 0 and says why. Either way the heap stays consistent, here and
+/// in another process, and the trimmed space can be allocated again.
+#[test]
+fn a_heap_trim_where_decommit_is_unsupported_gives_back_nothing_and_leaves_the_heap_whole() {
+    const TEST: &str = "a_heap_trim_where_decommit_is_unsupported_gives_back_nothing_and_leaves_the_heap_whole";
+    let big = Layout::from_size_align(12 * MIB as usize, 16).unwrap();
+    match role().as_deref() {
+        Some("checker") => {
+            let d = Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(WINDOW) }).unwrap();
+            let heap = Heap::open(&d, "trimmed").unwrap();
+            heap.check().unwrap();
+            let p = heap.alloc(big).unwrap();
+            // SAFETY: a fresh allocation of `big.size()` bytes, ours alone, freed right away.
+            unsafe {
+                p.as_ptr().write_bytes(0x5a, big.size());
+                heap.free(p).unwrap();
+            }
+            heap.check().unwrap();
+            println!("CHECKED=1");
+        }
+        _ => {
+            let domain = unique_domain("trim");
+            let d = Domain::attach_with(&domain, &small(WINDOW)).unwrap();
+            let heap = Heap::create(&d, "trimmed", 64 * MIB).unwrap();
+            let before = heap.stats().unwrap().committed;
+            let blocks: Vec<_> = (0..3).map(|_| heap.alloc(big).unwrap()).collect();
+            let grown = heap.stats().unwrap().committed;
+            assert!(grown >= before + 3 * big.size() as u64, "the heap did not grow: {before} -> {grown}");
+            for p in blocks {
+                // SAFETY: a live allocation of `big.size()` bytes; nobody uses it after this.
+                unsafe {
+                    p.as_ptr().write_bytes(0xa5, big.size());
+                    heap.free(p).unwrap();
+                }
+            }
+            let (given_back, reason) = heap.trim_report().unwrap();
+            let after = heap.stats().unwrap().committed;
+            assert!(after < grown, "trim did not shrink the heap's area: {grown} -> {after}");
+            match reason {
+                None => {
+                    assert!(given_back > 0, "trim gave nothing back and said nothing");
+                    eprintln!("trim gave back {given_back} bytes");
+                }
+                Some(why) => {
+                    assert_eq!(given_back, 0);
+                    assert_eq!(why.kind(), ErrorKind::Unsupported, "{why}");
+                    assert!(why.to_string().contains("not supported on Windows"), "{why}");
+                    if under_wine() {
+                        eprintln!("trim under Wine: 0 bytes given back: {why}");
+                    }
+                }
+            }
+            // `trim` itself is the same answer without the reason.
+            assert_eq!(heap.trim().unwrap(), 0);
+            heap.check().unwrap();
+            let report = run(TEST, "checker", &domain, &[]);
+            assert_eq!(report["CHECKED"], "1");
+            // The trimmed space is the heap's again: three big blocks fit as before.
+            let again: Vec<_> = (0..3).map(|_| heap.alloc(big).unwrap()).collect();
+            for p in again {
+                // SAFETY: fresh allocations, freed right away.
+                unsafe { heap.free(p).unwrap() };
+            }
+            heap.check().unwrap();
+            drop(heap);
+            d.delete_section("trimmed").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}
+
+/// A folder for one test's data files, next to the shm directory (a tmpfs in CI).
+fn data_dir(tag: &str) -> std::path::PathBuf {
+    let dir = shm_dir().parent().unwrap().join(format!("data-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The checksum of a mapped file's header (FNV-1a of its first 40 bytes), to forge one.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Walks the list of `Node`s that starts at `head`; returns (count, sum of values).
+fn walk(mut p: *const Node) -> (u64, u64) {
+    let (mut n, mut sum) = (0, 0);
+    while !p.is_null() {
+        // SAFETY: the list was built inside mapped memory by a process that no longer writes it.
+        unsafe {
+            sum += (*p).value;
+            p = (*p).next;
+        }
+        n += 1;
+    }
+    (n, sum)
+}
+
+/// A `MappedFile` on Windows: its data starts 64 KiB into the file (views map only from
+/// multiples of the allocation granularity; the header records 65536 as the file's page). A
+/// pointer-linked list built by one process is walked by a later one at the same address after
+/// the builder is gone; it grows the data in 64 KiB units and the growth is seen on the next
+/// open. A file recording 4 KiB pages (as Linux makes them) is refused with a message saying so.
+#[test]
+fn a_mapped_file_keeps_its_data_64_kib_in_and_its_pointers_across_processes() {
+    const TEST: &str = "a_mapped_file_keeps_its_data_64_kib_in_and_its_pointers_across_processes";
+    const BASE: usize = 0x3100_0000_0000;
+    const GRAN: u64 = 64 << 10;
+    const N: u64 = 1000;
+    let path = || std::path::PathBuf::from(std::env::var("FILE").unwrap());
+    match role().as_deref() {
+        Some("builder") => {
+            let mut f = MappedFile::create(&path(), BASE, 16 * MIB, 0).unwrap();
+            f.commit(N * 16 + 8).unwrap();
+            println!("LEN={}", f.len());
+            let nodes = f.as_ptr().cast::<Node>();
+            let mut next: *const Node = std::ptr::null();
+            for i in (0..N).rev() {
+                // SAFETY: node slots lie inside the committed data, which only we use.
+                unsafe {
+                    let n = nodes.add(((i * 7) % N) as usize);
+                    n.write(Node { value: i, next });
+                    next = n;
+                }
+            }
+            // SAFETY: the head pointer goes right after the nodes, still inside the data.
+            unsafe { f.as_ptr().add((N * 16) as usize).cast::<*const Node>().write(next) };
+            f.flush(0, f.len() as u64, FlushMode::Sync).unwrap();
+        }
+        Some("walker") => {
+            let mut f = MappedFile::open(&path()).unwrap();
+            assert_eq!(f.as_ptr() as usize, BASE);
+            // SAFETY: the builder stored the head pointer after the nodes.
+            let head = unsafe { f.as_ptr().add((N * 16) as usize).cast::<*const Node>().read() };
+            let (n, sum) = walk(head);
+            println!("COUNT={n}");
+            println!("SUM={sum}");
+            f.commit(MIB + 1).unwrap();
+            println!("GROWN={}", f.len());
+            // SAFETY: the last byte of the grown data.
+            unsafe { f.as_ptr().add(f.len() - 1).write(77) };
+        }
+        _ => {
+            let dir = data_dir("mf");
+            let file = dir.join("list.shmg");
+            let env = [("FILE", file.to_str().unwrap().to_owned())];
+            let r = run(TEST, "builder", "none", &env);
+            assert_eq!(r["LEN"], GRAN.to_string(), "16 KiB of data is one 64 KiB unit");
+            assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 * GRAN, "a 64 KiB header, then the data");
+            let r = run(TEST, "walker", "none", &env);
+            assert_eq!((r["COUNT"].as_str(), r["SUM"].as_str()), ("1000", (N * (N - 1) / 2).to_string().as_str()));
+            let grown = (MIB + 1).next_multiple_of(GRAN);
+            assert_eq!(r["GROWN"], grown.to_string());
+            let f = MappedFile::open(&file).unwrap();
+            assert_eq!((f.as_ptr() as usize, f.len() as u64), (BASE, grown));
+            // SAFETY: the walker wrote the last byte of the data.
+            assert_eq!(unsafe { f.as_ptr().add(f.len() - 1).read() }, 77);
+            drop(f);
+            assert_eq!(std::fs::metadata(&file).unwrap().len(), GRAN + grown);
+            // The same header saying 4 KiB pages, with a right checksum: refused, and why.
+            let mut bytes = std::fs::read(&file).unwrap();
+            bytes[12..16].copy_from_slice(&4096u32.to_le_bytes());
+            let sum = fnv(&bytes[..40]);
+            bytes[40..48].copy_from_slice(&sum.to_le_bytes());
+            std::fs::write(&file, &bytes).unwrap();
+            let Err(err) = MappedFile::open(&file) else { panic!("a 4 KiB-page file must be refused here") };
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+            assert!(err.to_string().contains("4096 byte pages, this system has 65536"), "{err}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+/// A file-backed section on Windows: its file keeps the section's bytes 64 KiB in. A list
+/// built in it by one process is reached by another by first touch (the vectored handler
+/// follows the section's link to the file and maps it, never having opened the section), and
+/// by an explicit open; deleting the section leaves the file, whole.
+#[test]
+fn a_file_backed_section_is_reached_by_first_touch_in_another_process() {
+    const TEST: &str = "a_file_backed_section_is_reached_by_first_touch_in_another_process";
+    match role().as_deref() {
+        Some("touch") => {
+            let d = Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(WINDOW) }).unwrap();
+            let (n, sum) = walk(addr_env() as *const Node);
+            println!("COUNT={n}");
+            println!("SUM={sum}");
+            println!("MAPS={}", shmgadget::first_touch_maps());
+            let s = d.open_section("fb").unwrap();
+            println!("OPENED={:#x}", s.as_ptr() as usize);
+        }
+        _ => {
+            let domain = unique_domain("fb");
+            let dir = data_dir("fb");
+            let file = dir.join("fb.shmg");
+            let d = Domain::attach_with(&domain, &small(WINDOW)).unwrap();
+            let s = d.create_section("fb", 4 * MIB, &SectionOptions::new().file(&file)).unwrap();
+            s.commit(MIB).unwrap();
+            let base = s.as_ptr() as *mut Node;
+            for i in 0..100usize {
+                // SAFETY: 100 nodes of 16 bytes inside the committed first MiB of the section.
+                unsafe {
+                    let next = if i == 99 { std::ptr::null() } else { base.add(i + 1) as *const Node };
+                    base.add(i).write(Node { value: i as u64 + 1, next });
+                }
+            }
+            let r = run(TEST, "touch", &domain, &[("ADDR", format!("{:#x}", base as usize))]);
+            assert_eq!((r["COUNT"].as_str(), r["SUM"].as_str()), ("100", "5050"));
+            assert_eq!(r["MAPS"], "1", "exactly one first-touch mapping");
+            assert_eq!(r["OPENED"], format!("{:#x}", base as usize));
+            drop(s);
+            d.delete_section("fb").unwrap();
+            d.detach().unwrap();
+            assert_clean(&domain);
+            // The file stays: a 64 KiB header page, then the section's 4 MiB, with the list in it.
+            let bytes = std::fs::read(&file).unwrap();
+            assert_eq!(bytes.len() as u64, (64 << 10) + 4 * MIB);
+            assert_eq!(&bytes[..8], b"SHMGFILE");
+            assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 64 << 10);
+            assert_eq!(u64::from_le_bytes(bytes[(64 << 10)..(64 << 10) + 8].try_into().unwrap()), 1);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+/// The region of this process's address space that holds `addr` (`VirtualQuery`):
+/// `(allocation base, region start, region size, state)`.
+fn region(addr: usize) -> (usize, usize, usize, u32) {
+    use windows_sys::Win32::System::Memory::{MEMORY_BASIC_INFORMATION, VirtualQuery};
+    // SAFETY: all-zero bytes are a valid MEMORY_BASIC_INFORMATION; the call only writes it.
+    let mut m: MEMORY_BASIC_INFORMATION = unsafe { std::mem::zeroed() };
+    // SAFETY: `m` is valid and writable for the size passed; any address may be queried.
+    let n = unsafe { VirtualQuery(addr as *const _, &mut m, size_of::<MEMORY_BASIC_INFORMATION>()) };
+    assert_ne!(n, 0, "VirtualQuery({addr:#x}) failed");
+    (m.AllocationBase as usize, m.BaseAddress as usize, m.RegionSize, m.State)
+}
+
+/// Whether kernelbase.dll exports `VirtualAlloc2` (Windows 10 1803 and later; Wine 8 exports it
+/// but fails every placeholder reservation, error 87).
+fn has_virtual_alloc2() -> bool {
+    use windows_sys::Win32::System::LibraryLoader::{GetModuleHandleA, GetProcAddress};
+    // SAFETY: NUL-terminated names; kernelbase is loaded in every process.
+    unsafe {
+        let m = GetModuleHandleA(c"kernelbase.dll".as_ptr().cast());
+        !m.is_null() && GetProcAddress(m, c"VirtualAlloc2".as_ptr().cast()).is_some()
+    }
+}
+
+/// The window is reserved as one placeholder where Windows has them (`VirtualAlloc2` with
+/// `MEM_RESERVE_PLACEHOLDER`, found at run time): a new window is one region of its whole
+/// size; elsewhere (Wine, older Windows) it is 64 MiB pieces. Either way sections are mapped
+/// at their addresses, deleted, and a section as large as three deleted ones is mapped where
+/// they were (with placeholders: the split placeholders are coalesced first), in this process
+/// and in another. The placeholder half needs real Windows and is skipped under Wine.
+#[test]
+fn the_window_is_one_placeholder_where_windows_has_them_and_pieces_elsewhere() {
+    const TEST: &str = "the_window_is_one_placeholder_where_windows_has_them_and_pieces_elsewhere";
+    const PIECE: usize = 64 << 20;
+    // Room for the three sections and little more: the joined one can only go where they were.
+    const SMALL: u64 = 128 * MIB;
+    match role().as_deref() {
+        Some("reader") => {
+            let d = Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(SMALL) }).unwrap();
+            let s = d.open_section("joined").unwrap();
+            // SAFETY: inside the section, written by the parent before it started us.
+            let last = unsafe { s.as_ptr().add(s.len() - 1).read_volatile() };
+            println!("ADDR={:x}", s.as_ptr() as usize);
+            println!("LAST={last}");
+        }
+        _ => {
+            let domain = unique_domain("ph");
+            let d = Domain::attach_with(&domain, &small(SMALL)).unwrap();
+            let (base, size) = d.window();
+            let (alloc, start, len, _) = region(base);
+            let one_placeholder = alloc == base && start == base && len == size;
+            let placeholders_expected = !under_wine() && has_virtual_alloc2();
+            if placeholders_expected {
+                assert!(
+                    one_placeholder,
+                    "window {base:#x}+{size:#x} is not one placeholder: region {start:#x}+{len:#x}"
+                );
+            } else {
+                assert!(
+                    len <= PIECE,
+                    "window {base:#x}+{size:#x}: a free region of {len:#x} bytes, larger than a piece"
+                );
+                skip(
+                    TEST,
+                    if under_wine() {
+                        "placeholders half: Wine 8 has no placeholders (VirtualAlloc2 fails, error 87); the window is in 64 MiB pieces here"
+                    } else {
+                        "placeholders half: this Windows has no VirtualAlloc2 (older than 10 1803); the window is in 64 MiB pieces"
+                    },
+                );
+            }
+            let opts = SectionOptions::new();
+            let parts: Vec<Section> =
+                ["p0", "p1", "p2"].iter().map(|n| d.create_section(n, 32 * MIB, &opts).unwrap()).collect();
+            let first = parts[0].as_ptr() as usize;
+            for (i, p) in parts.iter().enumerate() {
+                assert_eq!(p.as_ptr() as usize, first + i * 32 * MIB as usize, "sections not placed in a row");
+                // SAFETY: inside the section.
+                unsafe { p.as_ptr().write_volatile(i as u8 + 1) };
+                if one_placeholder {
+                    // The view replaced exactly its part of the placeholder.
+                    let (a, st, l, _) = region(p.as_ptr() as usize);
+                    assert_eq!((a, st), (p.as_ptr() as usize, p.as_ptr() as usize));
+                    assert!(l <= 32 * MIB as usize);
+                }
+            }
+            drop(parts);
+            for n in ["p0", "p1", "p2"] {
+                d.delete_section(n).unwrap();
+            }
+            let joined = d.create_section("joined", 96 * MIB, &opts).unwrap();
+            assert_eq!(joined.as_ptr() as usize, first, "the window was not reused after the deletes");
+            // SAFETY: inside the section (new, so it reads as zeros).
+            unsafe {
+                assert_eq!(joined.as_ptr().read_volatile(), 0);
+                joined.as_ptr().add(96 * MIB as usize - 1).write_volatile(42);
+            }
+            if one_placeholder {
+                let (a, _, _, _) = region(first + 64 * MIB as usize);
+                assert_eq!(a, first, "the joined section is not one view");
+            }
+            let report = run(TEST, "reader", &domain, &[]);
+            assert_eq!(report["ADDR"], format!("{first:x}"));
+            assert_eq!(report["LAST"], "42");
+            drop(joined);
+            d.delete_section("joined").unwrap();
+            // After every delete the window is whole again: nothing in it but reservations.
+            let mut at = base;
+            while at < base + size {
+                let (_, st, l, state) = region(at);
+                assert_eq!(state, windows_sys::Win32::System::Memory::MEM_RESERVE, "{st:#x}+{l:#x} is not reserved");
+                at = st + l;
+            }
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

@@ -150,11 +150,13 @@ static void errors(void) {
     /* SHM_ERR_NO_MEMORY: two sections of 700 GiB do not fit one 1 TiB window. */
     int huge = shm_section("huge1", (size_t)700 << 30, &a);
 #ifdef _WIN32
-    /* Wine cannot map a 700 GiB view at all (ERROR_NOT_ENOUGH_MEMORY, reported as SHM_ERR_OS
-     * for now): the window-full case needs real Windows. */
-    if (huge != SHM_OK) {
-        printf("huge: skipped (code %d: a 700 GiB view cannot be mapped here: %s)\n", huge,
-               shm_last_error());
+    /* Wine cannot map a 700 GiB view at all (ERROR_NOT_ENOUGH_MEMORY): no memory for it is
+     * the same code as no room in the window, and nothing of it is left behind. */
+    if (huge == SHM_ERR_NO_MEMORY) {
+        printf("huge: a 700 GiB view does not fit here: %s\n", shm_last_error());
+        EXPECT(shm_map("huge1", 0, &a) == SHM_ERR_NOT_FOUND);
+        EXPECT(shm_section("huge2", (size_t)700 << 30, &a) == SHM_ERR_NO_MEMORY);
+        EXPECT(shm_map("huge2", 0, &a) == SHM_ERR_NOT_FOUND);
     } else
 #endif
     {

@@ -729,8 +729,18 @@ impl Heap {
     }
 
     /// Gives free space at the end of the heap back to the system (decommits it for every
-    /// process), keeping at least the initial commit. Returns the bytes given back.
+    /// process), keeping at least the initial commit. Returns the bytes given back: 0 where the
+    /// platform frees a section's memory only with the whole section (Wine), and
+    /// [`Heap::trim_report`] says why.
     pub fn trim(&self) -> Result<u64> {
+        self.trim_report().map(|(given_back, _)| given_back)
+    }
+
+    /// [`Heap::trim`], with the reason nothing was given back where the platform cannot
+    /// decommit: `(bytes, None)`, or `(0, Some(error))` with an [`ErrorKind::Unsupported`]
+    /// error. The heap is trimmed either way (its free space at the end stays usable and is
+    /// committed again as it grows); only the memory stays with the section.
+    pub fn trim_report(&self) -> Result<(u64, Option<Error>)> {
         cache::release_all(&self.cache_ref())?;
         let locked = self.lock()?;
         match locked.trim(self.name())? {
@@ -741,12 +751,15 @@ impl Heap {
                 let start = at.next_multiple_of(page);
                 let end = at + len;
                 if start >= end {
-                    return Ok(0);
+                    return Ok((0, None));
                 }
-                self.section.decommit(start, end - start)?;
-                Ok(end - start)
+                match self.section.decommit(start, end - start) {
+                    Ok(()) => Ok((end - start, None)),
+                    Err(e) if e.kind() == ErrorKind::Unsupported => Ok((0, Some(e))),
+                    Err(e) => Err(e),
+                }
             }
-            None => Ok(0),
+            None => Ok((0, None)),
         }
     }
 

@@ -6,9 +6,12 @@
 //!
 //! # The platform contract
 //! A platform is one folder, `os/<platform>/`, with one file per subsystem, that provides
-//! every item re-exported below with the same signatures (the `contract` block at the end of
-//! this file pins the most used ones, so a port that drifts fails to compile here rather than
-//! at a call site). Linux is `os/linux/`; Windows is `os/windows/` (windows-sys; built for
+//! every item re-exported below from `platform` with the same signatures; what is the same on
+//! every platform lives once, in the files of `os/` itself: the [`ErrorExt`] trait
+//! (`error.rs`), the memory and object types (`memory.rs`, `object.rs`) and the table of
+//! liveness-token cells (`tokens.rs`, over each platform's handles). The `contract` block at
+//! the end of this file pins the most used signatures, so a port that drifts fails to compile
+//! here rather than at a call site. Linux is `os/linux/`; Windows is `os/windows/` (windows-sys; built for
 //! `x86_64-pc-windows-gnu` and tested under Wine, see `.ci/windows`).
 //!
 //! | subsystem | items | what the rest of shmgadget relies on |
@@ -16,7 +19,7 @@
 //! | objects (`object`) | [`Dir`], [`Object`], [`Access`], [`ObjectStat`], [`ObjectId`], [`list_dir`] | named objects in one directory, created with an exact mode, in pages of the directory's size ([`Dir::page_size`], [`Object::page_size`]: huge pages on hugetlbfs, where sizes round up to them), opened without following links, sized sparsely, committed (`allocate`) and decommitted (`punch_hole`) for every process, read without mapping (`read_at`), stated by name without opening (`stat_object`); an identity that tells a replaced object from the original |
 //! | mapping (`map`) | [`map_shared_fixed`], [`map_shared`], [`unmap`], [`page_size`], [`mappings_overlapping`], [`USER_ADDRESS_LIMIT`], [`set_huge_advice`] | an object mapped shared at an exact address inside our own reservation (optionally advised to use transparent huge pages) |
 //! | memory (`memory`) | [`map_view`], [`ViewKind`], [`protect`], [`Protection`], [`flush`], [`FlushMode`], [`resident_pages`], [`region_at`], [`Region`], [`Object::page_resident`] | part of an object mapped anywhere outside our reservations, read-only or copy-on-write; this process's protection of a range changed; a shared range written back to its file; which pages are resident, whether an object has a page at an offset, and what this process has mapped at an address |
-//! | files (`file`) | [`open_file`], [`open_file_cstr`] (async-signal-safe), [`OpenFile`], [`map_file_fixed`], [`Object::write_at`] | a regular file the user names, opened without following a link, written at an offset, mapped shared from a file offset at an exact address inside our reservation |
+//! | files (`file`) | [`open_file`], [`open_file_cstr`] (async-signal-safe), [`OpenFile`], [`map_file_fixed`], [`file_map_unit`], [`is_absolute_path`], [`Object::write_at`] | a regular file the user names, opened without following a link, written at an offset, mapped shared from a file offset (a multiple of [`file_map_unit`]: the page on Linux, 64 KiB on Windows) at an exact address inside our reservation |
 //! | reservation (`reserve`) | [`reserve_fixed`], [`restore_reservation`], [`ReserveError`] | an address range held without memory, never replacing someone else's mapping, and given back to that state |
 //! | locks (`lock`) | [`DirLock`] (the global lock of one shm directory, released by the kernel when its holder dies) | the locks inside shared memory are shmgadget's own (`sync::robust`), built on waiting on a shared word |
 //! | liveness (`liveness`) | [`TokenCell`], [`Object::try_lock_byte`], [`Object::byte_is_locked`], [`Object::any_byte_locked`], [`install_fork_handlers`], [`fork_generation`], [`token_for_address`] | a token per registration that the kernel drops when its process dies, that a forked child does not inherit, and that any process can test |
@@ -25,6 +28,11 @@
 //! | faults (`fault`) | [`install_fault_hook`], [`fault_hook_installed`], [`FaultHook`], [`FaultSignal`], [`write_stderr`], [`ensure_signal_stack`], [`signal_stack_room`] | a hook run on an access to an unmapped page of our window that may map it and retry the access; everything else chained to the previous handler; one async-signal-safe line on stderr |
 //! | time (`time`) | [`monotonic_now`] | a clock that never goes back |
 //! | errors (`error`) | [`ErrorExt`] on `io::Error` | the predicates callers react to (`is_not_found`, `is_exists`, `is_no_space`, `is_permission_denied`, ...), a display code and a signal-safe description; never an errno number above `os` |
+
+mod error;
+mod memory;
+mod object;
+mod tokens;
 
 #[cfg(target_os = "linux")]
 mod linux;
@@ -35,6 +43,11 @@ mod windows;
 use linux as platform;
 #[cfg(windows)]
 use windows as platform;
+
+pub use error::ErrorExt;
+pub use memory::{FlushMode, Protection, Region, ViewKind};
+pub use object::ObjectStat;
+pub use tokens::{TokenCell, token_for_address};
 
 /// Default shm directory of the platform (`/dev/shm` on Linux).
 pub use platform::DEFAULT_SHM_DIR;
@@ -47,43 +60,35 @@ pub use platform::{
     Dir,
     // locks
     DirLock,
-    // errors
-    ErrorExt,
     // faults
     FaultHook,
     FaultSignal,
-    // memory
-    FlushMode,
     // waiting on a shared word
     FutexWait,
     Object,
     ObjectId,
-    ObjectStat,
     // files
     OpenFile,
-    Protection,
-    Region,
     // reservation
     ReserveError,
     // process
     THREAD_IDS_MACHINE_WIDE,
-    // liveness
-    TokenCell,
     // mapping
     USER_ADDRESS_LIMIT,
-    ViewKind,
     // process
     current_pid,
     current_tid,
     effective_uid,
     ensure_signal_stack,
     fault_hook_installed,
+    file_map_unit,
     flush,
     fork_generation,
     futex_wait,
     futex_wake,
     install_fault_hook,
     install_fork_handlers,
+    is_absolute_path,
     list_dir,
     map_file_fixed,
     map_shared,
@@ -106,7 +111,6 @@ pub use platform::{
     thread_alive,
     thread_exists,
     thread_group,
-    token_for_address,
     unmap,
     write_stderr,
 };
@@ -171,4 +175,6 @@ mod contract {
     const _: fn(&std::ffi::CStr) -> io::Result<Object> = open_file_cstr;
     const _: fn(&Object, u64, &[u8]) -> io::Result<()> = Object::write_at;
     const _: unsafe fn(&Object, usize, usize, u64) -> io::Result<()> = map_file_fixed;
+    const _: fn() -> usize = file_map_unit;
+    const _: fn(&[u8]) -> bool = is_absolute_path;
 }

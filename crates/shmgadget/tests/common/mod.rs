@@ -1,22 +1,15 @@
-//! Helpers for multi-process tests.
-//!
-//! A test that needs other processes re-executes this test binary with `--exact <test name>`
-//! and the role in `SHMG_TEST_ROLE`; the same test function sees the role and plays it
-//! instead of orchestrating. Children report to the parent with `KEY=value` lines on stdout.
-//! Every blocking wait has a watchdog.
+//! Helpers for multi-process tests on Linux. The process protocol (re-executing this test
+//! binary as a child playing a role, `KEY=value` reports, watchdogs) is `process.rs`, shared
+//! with the Windows tests (`tests/win/`).
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use shmgadget::DomainOptions;
-
-pub const ROLE: &str = "SHMG_TEST_ROLE";
-pub const DOMAIN: &str = "SHMG_TEST_DOMAIN";
+mod process;
+pub use process::*;
 
 /// The role this process plays, if it is a child. A child dies with its parent (so a failed
 /// test never leaves processes behind) and after five minutes at the latest.
@@ -35,87 +28,10 @@ pub fn role() -> Option<String> {
     Some(role)
 }
 
-/// The domain the parent chose, in a child.
-pub fn child_domain() -> String {
-    std::env::var(DOMAIN).expect("child started without a domain")
-}
-
 /// A domain name unique to this test and process.
 pub fn unique_domain(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("t-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Small windows so parallel tests do not claim terabytes each.
-pub fn small(window: u64) -> DomainOptions {
-    DomainOptions { window_size: window, ..Default::default() }
-}
-
-/// Starts this test binary as a child playing `role` in test `test`.
-pub fn spawn(test: &str, role: &str, domain: &str, extra_env: &[(&str, String)]) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(ROLE, role)
-        .env(DOMAIN, domain)
-        .envs(extra_env.iter().map(|(k, v)| (*k, v.clone())))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("cannot spawn the test binary")
-}
-
-/// Waits for a child with a watchdog; kills it and panics after `limit`.
-pub fn wait(child: &mut Child, limit: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("child {} did not finish within {limit:?}", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Runs a child to completion and returns its `KEY=value` report; panics if it failed.
-pub fn run(test: &str, role: &str, domain: &str, extra_env: &[(&str, String)]) -> HashMap<String, String> {
-    let mut child = spawn(test, role, domain, extra_env);
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || parse_report(BufReader::new(stdout)));
-    let status = wait(&mut child, Duration::from_secs(60));
-    let report = reader.join().unwrap();
-    assert!(status.success(), "child role {role} failed: {status}; report {report:?}");
-    report
-}
-
-fn parse_report(r: impl BufRead) -> HashMap<String, String> {
-    r.lines()
-        .map_while(Result::ok)
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
-        .collect()
-}
-
-/// Reads lines from a running child until one equals `want` (watchdog: 30 s).
-pub fn wait_for_line(child: &mut Child, want: &str) {
-    let stdout = child.stdout.take().unwrap();
-    let want = want.to_owned();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        while let Some(Ok(l)) = lines.next() {
-            if l.trim() == want {
-                let _ = tx.send(());
-                // Keep draining so the child never blocks on a full pipe.
-                for _ in lines.by_ref() {}
-                return;
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30)).expect("child never reported readiness");
 }
 
 /// `kill -9`, then reap. Panics if the child had already died some other way (a panic in a
@@ -127,23 +43,6 @@ pub fn kill9(child: &mut Child) {
     assert_eq!(rc, 0);
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGKILL), "child {} had already exited: {status}", child.id());
-}
-
-/// Backing objects of `domain` still in the shm directory.
-pub fn leftovers(domain: &str) -> Vec<String> {
-    let dir = std::env::var("SHMGADGET_SHM_DIR").unwrap_or_else(|_| "/dev/shm".into());
-    let prefix = format!("shmgadget.{domain}:");
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Asserts the domain left nothing behind.
-pub fn assert_clean(domain: &str) {
-    let left = leftovers(domain);
-    assert!(left.is_empty(), "domain {domain} left objects behind: {left:?}");
 }
 
 /// The path of one of `domain`'s objects.
@@ -189,28 +88,4 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg(&self.path).status();
         let _ = std::fs::remove_dir(&self.path);
     }
-}
-
-/// Runs this test binary as a child playing `role` in `domain`, with its environment adjusted by
-/// `setup`, and returns its exit status, stdout and stderr (for children expected to die, or
-/// whose messages the test reads). The watchdog of [`wait`] applies.
-pub fn run_capturing(
-    test: &str,
-    role: &str,
-    domain: &str,
-    setup: impl FnOnce(&mut Command),
-) -> (ExitStatus, String, String) {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(ROLE, role)
-        .env(DOMAIN, domain)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    setup(&mut cmd);
-    let mut child = cmd.spawn().unwrap();
-    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
-    let err = std::thread::spawn(move || std::io::read_to_string(err).unwrap_or_default());
-    let status = wait(&mut child, Duration::from_secs(60));
-    (status, out.join().unwrap(), err.join().unwrap())
 }

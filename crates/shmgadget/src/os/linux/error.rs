@@ -1,36 +1,9 @@
-//! OS errors as `io::Error`, and the questions callers above `os` ask of them
-//! ([`ErrorExt`]), so no errno number appears outside this module.
+//! OS errors as `io::Error`, and Linux's answers to the questions callers above `os` ask of
+//! them ([`ErrorExt`], defined in `os/error.rs`), so no errno number appears outside `os`.
 
 use std::io;
 
-/// What callers above `os` may ask of an OS error: which of the few conditions they react to
-/// it is. Implemented for `io::Error`, the error type of every `os` call.
-pub trait ErrorExt {
-    /// No such object or directory (`ENOENT`).
-    fn is_not_found(&self) -> bool;
-    /// The object exists already (`EEXIST`).
-    fn is_exists(&self) -> bool;
-    /// The backing store is full (`ENOSPC`).
-    fn is_no_space(&self) -> bool;
-    /// Permission refused (`EACCES`, `EPERM`).
-    fn is_permission_denied(&self) -> bool;
-    /// Out of memory, or too many mappings (`ENOMEM`).
-    fn is_out_of_memory(&self) -> bool;
-    /// This process has as many descriptors (handles) open as it may (`EMFILE`).
-    fn is_too_many_open(&self) -> bool;
-    /// The system-wide table of open files is full (`ENFILE`).
-    fn is_system_table_full(&self) -> bool;
-    /// The last component of a path is a symbolic link, refused (`ELOOP` with `O_NOFOLLOW`).
-    fn is_symlink(&self) -> bool;
-    /// The path names a directory where a file was expected (`EISDIR`).
-    fn is_directory(&self) -> bool;
-    /// The platform's number for the error, for display only (0 if it has none).
-    fn code(&self) -> u64;
-    /// The error's symbolic name (`"EMFILE"`) and a few words on what it means for mapping a
-    /// section, for messages that cannot allocate (the fault handler). `None` for an error
-    /// that carries no platform number or one not in the table.
-    fn describe(&self) -> Option<(&'static str, &'static str)>;
-}
+use crate::os::ErrorExt;
 
 impl ErrorExt for io::Error {
     fn is_not_found(&self) -> bool {

@@ -32,6 +32,19 @@ pub fn open_file(path: &Path, how: OpenFile) -> io::Result<Object> {
     Ok(Object(rustix::fs::open(path, flags, Mode::from_raw_mode(0o600))?))
 }
 
+/// The unit of a data file's layout (`MappedFile`, file-backed sections): file offsets and
+/// lengths of a file mapped at a fixed address, and the size of its header page. Linux maps a
+/// file from any page: the page size.
+pub fn file_map_unit() -> usize {
+    super::map::page_size()
+}
+
+/// Whether the bytes of a path name an absolute path (`/...`). No allocation (the fault
+/// handler checks a link's target with it).
+pub fn is_absolute_path(path: &[u8]) -> bool {
+    path.first() == Some(&b'/')
+}
+
 /// Opens an existing regular file read-write by a NUL-terminated path, `open(2)` with
 /// `O_RDWR | O_NOFOLLOW | O_CLOEXEC` (as [`open_file`] with [`OpenFile::Existing`]).
 /// Async-signal-safe: one raw system call, no allocation (the fault handler uses it).

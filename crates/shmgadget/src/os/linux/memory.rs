@@ -10,27 +10,7 @@ use std::ptr::NonNull;
 use rustix::mm::{MapFlags, MprotectFlags, MsyncFlags, ProtFlags};
 
 use super::object::Object;
-
-/// Page protection of a range in this process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protection {
-    /// No access (`PROT_NONE`): any access faults.
-    None,
-    /// Read only (`PROT_READ`): a write faults.
-    Read,
-    /// Read and write (`PROT_READ | PROT_WRITE`).
-    ReadWrite,
-}
-
-/// How a view maps its object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ViewKind {
-    /// `MAP_SHARED`, `PROT_READ`: sees every process's writes; a write through it faults.
-    ReadOnly,
-    /// `MAP_PRIVATE`, `PROT_READ | PROT_WRITE`: this process's writes go to private copies of
-    /// the pages they touch; other processes and the object never see them.
-    CopyOnWrite,
-}
+use crate::os::{FlushMode, Protection, Region, ViewKind};
 
 /// Maps `len` bytes of `object` from `offset` (page-aligned) wherever the kernel likes:
 /// `mmap(2)` with `MAP_SHARED, PROT_READ` or `MAP_PRIVATE, PROT_READ | PROT_WRITE`. The
@@ -63,15 +43,6 @@ pub unsafe fn protect(addr: usize, len: usize, protection: Protection) -> io::Re
     Ok(())
 }
 
-/// How to flush a shared mapping to its file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FlushMode {
-    /// `MS_SYNC`: returns once the pages are written to the file's storage.
-    Sync,
-    /// `MS_ASYNC`: schedules the write and returns.
-    Async,
-}
-
 /// Writes the dirty pages of `[addr, addr + len)` back to the file it maps, `msync(2)`.
 /// `addr` must be page-aligned and the range mapped.
 pub fn flush(addr: usize, len: usize, mode: FlushMode) -> io::Result<()> {
@@ -98,21 +69,6 @@ pub fn resident_pages(addr: usize, len: usize) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(vec.iter().filter(|&&b| b & 1 != 0).count())
-}
-
-/// One mapping of this process, from `/proc/self/maps`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Region {
-    /// First byte.
-    pub start: usize,
-    /// One past the last byte.
-    pub end: usize,
-    /// Current protection (`PROT_EXEC` is not reported).
-    pub protection: Protection,
-    /// `MAP_SHARED` (else private).
-    pub shared: bool,
-    /// What is mapped: a path, `[heap]`, `[stack]`, or empty for anonymous memory.
-    pub path: String,
 }
 
 /// The mapping of this process that contains `addr`, if any (`/proc/self/maps`).

@@ -15,19 +15,19 @@ mod reserve;
 mod time;
 mod wait;
 
-pub use error::ErrorExt;
 pub use fault::{
     FaultHook, FaultSignal, ensure_signal_stack, fault_hook_installed, install_fault_hook, signal_stack_room,
     write_stderr,
 };
-pub use file::{OpenFile, map_file_fixed, open_file, open_file_cstr};
-pub use liveness::{TokenCell, fork_generation, install_fork_handlers, token_for_address};
+pub use file::{OpenFile, file_map_unit, is_absolute_path, map_file_fixed, open_file, open_file_cstr};
+pub(super) use liveness::{close_raw, raw_of};
+pub use liveness::{fork_generation, install_fork_handlers};
 pub use lock::DirLock;
 pub use map::{
     USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, set_huge_advice, unmap,
 };
-pub use memory::{FlushMode, Protection, Region, ViewKind, flush, map_view, protect, region_at, resident_pages};
-pub use object::{Access, Dir, Object, ObjectId, ObjectStat, list_dir};
+pub use memory::{flush, map_view, protect, region_at, resident_pages};
+pub use object::{Access, Dir, Object, ObjectId, list_dir};
 pub use process::{
     THREAD_IDS_MACHINE_WIDE, current_pid, current_tid, effective_uid, proc_pid_namespace, thread_alive, thread_exists,
     thread_group,

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags};
 
+use crate::os::ObjectStat;
+
 /// How an object is opened or mapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -122,21 +124,6 @@ pub fn list_dir(path: &Path) -> io::Result<Vec<String>> {
         }
     }
     Ok(names)
-}
-
-/// What `fstat(2)` says about an object.
-#[derive(Debug, Clone, Copy)]
-pub struct ObjectStat {
-    /// Apparent size in bytes (`st_size`).
-    pub size: u64,
-    /// Bytes backed by memory (`st_blocks * 512`).
-    pub allocated: u64,
-    /// Owner (`st_uid`).
-    pub uid: u32,
-    /// Whether it is a regular file.
-    pub is_regular: bool,
-    /// Which object this is: equal identities mean the same object.
-    pub identity: ObjectId,
 }
 
 /// Which object a handle refers to (`st_dev`, `st_ino`): the same for every handle of one

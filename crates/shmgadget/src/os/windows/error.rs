@@ -1,43 +1,16 @@
-//! OS errors as `io::Error` (Win32 error codes from `GetLastError`), and the questions callers
-//! above `os` ask of them ([`ErrorExt`]), so no error number appears outside this module.
+//! OS errors as `io::Error` (Win32 error codes from `GetLastError`), and Windows's answers to
+//! the questions callers above `os` ask of them ([`ErrorExt`], defined in `os/error.rs`), so
+//! no error number appears outside `os`.
 
 use std::io;
+
+use crate::os::ErrorExt;
 
 use windows_sys::Win32::Foundation as F;
 
 /// The code this backend uses for "the last component is a symbolic link (reparse point),
 /// refused" (`ERROR_CANT_RESOLVE_FILENAME`).
 pub(super) const ERROR_SYMLINK: u32 = F::ERROR_CANT_RESOLVE_FILENAME;
-
-/// What callers above `os` may ask of an OS error. Implemented for `io::Error`, the error type
-/// of every `os` call.
-pub trait ErrorExt {
-    /// No such object or directory (`ERROR_FILE_NOT_FOUND`, `ERROR_PATH_NOT_FOUND`).
-    fn is_not_found(&self) -> bool;
-    /// The object exists already (`ERROR_FILE_EXISTS`, `ERROR_ALREADY_EXISTS`).
-    fn is_exists(&self) -> bool;
-    /// The backing store is full (`ERROR_DISK_FULL`, `ERROR_HANDLE_DISK_FULL`).
-    fn is_no_space(&self) -> bool;
-    /// Permission refused (`ERROR_ACCESS_DENIED`, `ERROR_PRIVILEGE_NOT_HELD`).
-    fn is_permission_denied(&self) -> bool;
-    /// Out of memory or commit (`ERROR_NOT_ENOUGH_MEMORY`, `ERROR_OUTOFMEMORY`,
-    /// `ERROR_COMMITMENT_LIMIT`).
-    fn is_out_of_memory(&self) -> bool;
-    /// This process has as many handles open as it may (`ERROR_TOO_MANY_OPEN_FILES`).
-    fn is_too_many_open(&self) -> bool;
-    /// A system-wide table is full (`ERROR_NO_SYSTEM_RESOURCES`).
-    fn is_system_table_full(&self) -> bool;
-    /// The last component of a path is a symbolic link, refused.
-    fn is_symlink(&self) -> bool;
-    /// The path names a directory where a file was expected (`ERROR_DIRECTORY`).
-    fn is_directory(&self) -> bool;
-    /// The platform's number for the error, for display only (0 if it has none).
-    fn code(&self) -> u64;
-    /// The error's symbolic name and a few words on what it means for mapping a section, for
-    /// messages that cannot allocate (the fault handler). `None` for an error that carries no
-    /// platform number or one not in the table.
-    fn describe(&self) -> Option<(&'static str, &'static str)>;
-}
 
 fn code_of(e: &io::Error) -> Option<u32> {
     e.raw_os_error().map(|c| c as u32)
@@ -51,7 +24,16 @@ impl ErrorExt for io::Error {
         matches!(code_of(self), Some(F::ERROR_FILE_EXISTS | F::ERROR_ALREADY_EXISTS))
     }
     fn is_no_space(&self) -> bool {
-        matches!(code_of(self), Some(F::ERROR_DISK_FULL | F::ERROR_HANDLE_DISK_FULL | F::ERROR_COMMITMENT_LIMIT))
+        matches!(
+            code_of(self),
+            Some(
+                F::ERROR_DISK_FULL
+                    | F::ERROR_HANDLE_DISK_FULL
+                    | F::ERROR_COMMITMENT_LIMIT
+                    | F::ERROR_NOT_ENOUGH_MEMORY
+                    | F::ERROR_OUTOFMEMORY
+            )
+        )
     }
     fn is_symlink(&self) -> bool {
         code_of(self) == Some(ERROR_SYMLINK)

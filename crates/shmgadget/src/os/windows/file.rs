@@ -51,10 +51,28 @@ impl Object {
     }
 }
 
+/// The unit of a data file's layout (`MappedFile`, file-backed sections): file offsets and
+/// lengths of a file mapped at a fixed address, and the size of its header page. Windows maps
+/// views only at file offsets and addresses that are multiples of the allocation granularity,
+/// 64 KiB, so a data file made here keeps its data 64 KiB in (and records 65536 as its page
+/// size: a file made on Linux, 4 KiB in, cannot be mapped here, and says so on open).
+pub fn file_map_unit() -> usize {
+    super::map::ALLOCATION_GRANULARITY
+}
+
+/// Whether the bytes of a path (WTF-8, as `OsStr::as_encoded_bytes` gives them) name an
+/// absolute path: `X:\` or `X:/`, or a UNC path `\\server\share`. No allocation.
+pub fn is_absolute_path(path: &[u8]) -> bool {
+    match path {
+        [d, b':', b'\\' | b'/', ..] => d.is_ascii_alphabetic(),
+        [b'\\', b'\\', ..] => true,
+        _ => false,
+    }
+}
+
 /// Maps `len` bytes of `object` from `file_offset` at exactly `addr`, shared, read-write.
-/// Windows maps files only from offsets that are multiples of 64 KiB: another offset is
-/// `ERROR_MAPPED_ALIGNMENT` (file-backed sections keep their data one 4 KiB page in, so they
-/// are not supported on Windows yet).
+/// Windows maps files only from offsets that are multiples of 64 KiB ([`file_map_unit`]):
+/// another offset is `ERROR_MAPPED_ALIGNMENT`.
 ///
 /// # Safety
 /// The range must lie inside a reservation owned by the caller, and no live Rust reference may
@@ -64,8 +82,24 @@ pub unsafe fn map_file_fixed(object: &Object, addr: usize, len: usize, file_offs
     unsafe { super::map::map_at(object, addr, len, file_offset, Access::ReadWrite) }
 }
 
-/// Opens a user's file from the fault handler (Linux maps a file-backed section on first
-/// touch). File-backed sections are not supported on Windows yet, so neither is this.
-pub fn open_file_cstr(_path: &std::ffi::CStr) -> io::Result<Object> {
-    Err(io::Error::new(io::ErrorKind::Unsupported, "file-backed sections are not supported on Windows yet"))
+/// The longest path [`open_file_cstr`] converts on the stack, in UTF-16 units.
+const MAX_CSTR_PATH: usize = 1100;
+
+/// Opens an existing regular file read-write by a NUL-terminated UTF-8 path, as [`open_file`]
+/// with [`OpenFile::Existing`], converting the path to UTF-16 in a stack buffer: no
+/// allocation, so the fault handler may call it (a file-backed section mapped on first touch).
+pub fn open_file_cstr(path: &std::ffi::CStr) -> io::Result<Object> {
+    use windows_sys::Win32::Foundation::{ERROR_FILENAME_EXCED_RANGE, ERROR_INVALID_NAME};
+    let text = std::str::from_utf8(path.to_bytes()).map_err(|_| super::object::os_error(ERROR_INVALID_NAME))?;
+    let mut buf = [0u16; MAX_CSTR_PATH];
+    let mut n = 0;
+    for unit in text.encode_utf16() {
+        if n + 1 >= buf.len() {
+            return Err(super::object::os_error(ERROR_FILENAME_EXCED_RANGE));
+        }
+        buf[n] = unit;
+        n += 1;
+    }
+    buf[n] = 0;
+    Ok(Object(open_regular(&buf[..=n], GENERIC_READ | GENERIC_WRITE, OPEN_EXISTING)?))
 }

@@ -11,7 +11,6 @@
 
 use std::io;
 use std::os::windows::io::{AsRawHandle, IntoRawHandle};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use windows_sys::Win32::Foundation::{CloseHandle, ERROR_LOCK_VIOLATION, HANDLE};
 use windows_sys::Win32::Storage::FileSystem::{
@@ -19,6 +18,7 @@ use windows_sys::Win32::Storage::FileSystem::{
 };
 
 use super::object::{Object, at_offset, last_error};
+use crate::os::tokens::NO_HANDLE;
 
 /// Where byte 0's lock lies: 2^62.
 pub const LOCK_BASE: u64 = 1 << 62;
@@ -97,35 +97,20 @@ fn probe_own_shared(h: HANDLE, offset: u64) -> bool {
     }
 }
 
-/// Token cells a process can hold at once (one per attached domain).
-pub const MAX_TOKEN_CELLS: usize = 256;
+// The table of token cells (`TokenCell`, `token_for_address`) is `os/tokens.rs`, shared
+// with Linux; the handles in it are file `HANDLE`s here.
 
-struct TokenSlot {
-    used: AtomicBool,
-    /// The handle holding the current token's lock, 0 when none.
-    handle: AtomicUsize,
-    tag: AtomicU64,
-    window_base: AtomicUsize,
-    window_size: AtomicUsize,
-}
-
-#[allow(clippy::declare_interior_mutable_const)]
-const TOKEN_SLOT: TokenSlot = TokenSlot {
-    used: AtomicBool::new(false),
-    handle: AtomicUsize::new(0),
-    tag: AtomicU64::new(0),
-    window_base: AtomicUsize::new(0),
-    window_size: AtomicUsize::new(0),
-};
-
-static TOKENS: [TokenSlot; MAX_TOKEN_CELLS] = [TOKEN_SLOT; MAX_TOKEN_CELLS];
-static TOKENS_HIGH: AtomicUsize = AtomicUsize::new(0);
-
-fn close_raw(h: usize) {
-    if h != 0 {
+/// Closes a token handle taken out of the table ([`NO_HANDLE`]: none).
+pub(in crate::os) fn close_raw(h: usize) {
+    if h != NO_HANDLE {
         // SAFETY: `h` was taken out of a slot by an atomic swap, so we are its only closer.
         unsafe { CloseHandle(h as HANDLE) };
     }
+}
+
+/// The handle of a token object, for the table (the table closes it).
+pub(in crate::os) fn raw_of(token: Object) -> usize {
+    token.0.into_raw_handle() as usize
 }
 
 /// Always 0: Windows has no `fork`.
@@ -137,96 +122,4 @@ pub fn fork_generation() -> u64 {
 /// Nothing to register on Windows (no `fork`); `prepare` is never called.
 pub fn install_fork_handlers(prepare: fn()) {
     let _ = prepare;
-}
-
-/// The current token of the cell whose window holds `addr`, 0 if none does. Lock-free.
-#[inline]
-pub fn token_for_address(addr: usize) -> u64 {
-    // Relaxed: a hint validated by its users, as on Linux.
-    let high = TOKENS_HIGH.load(Ordering::Relaxed).min(MAX_TOKEN_CELLS);
-    for t in &TOKENS[..high] {
-        let size = t.window_size.load(Ordering::Relaxed);
-        if size != 0 && addr.wrapping_sub(t.window_base.load(Ordering::Relaxed)) < size {
-            return t.tag.load(Ordering::Acquire);
-        }
-    }
-    0
-}
-
-/// One slot of the token table, owned by one attachment: its current token handle. Dropping
-/// it closes the handle.
-#[derive(Debug)]
-pub struct TokenCell {
-    index: usize,
-}
-
-impl TokenCell {
-    /// Claims a free slot of the table.
-    pub fn new() -> io::Result<TokenCell> {
-        for (index, t) in TOKENS.iter().enumerate() {
-            // Acquire: pairs with the Release store in `Drop`.
-            if t.used.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                TOKENS_HIGH.fetch_max(index + 1, Ordering::Relaxed);
-                return Ok(TokenCell { index });
-            }
-        }
-        Err(io::Error::other(format!("more than {MAX_TOKEN_CELLS} liveness tokens in one process")))
-    }
-
-    fn slot(&self) -> &'static TokenSlot {
-        &TOKENS[self.index]
-    }
-
-    /// The current token's tag, 0 when there is none.
-    #[inline]
-    pub fn tag(&self) -> u64 {
-        // Acquire: pairs with the Release store in `install`.
-        self.slot().tag.load(Ordering::Acquire)
-    }
-
-    /// Makes `token` (whose file object holds the token's lock) and `tag` the current token,
-    /// closing the previous handle.
-    pub fn install(&self, token: Object, tag: u64) {
-        let h = token.0.into_raw_handle() as usize;
-        let t = self.slot();
-        // AcqRel: we become the closer of the previous handle.
-        close_raw(t.handle.swap(h, Ordering::AcqRel));
-        // Release: the handle is in place before the tag says so.
-        t.tag.store(tag, Ordering::Release);
-    }
-
-    /// Drops the current token: closes its handle, which releases the lock.
-    pub fn clear(&self) {
-        let t = self.slot();
-        t.tag.store(0, Ordering::Release);
-        close_raw(t.handle.swap(0, Ordering::AcqRel));
-    }
-
-    /// Says which address range (a domain's window) this cell's token stands for.
-    pub fn set_window(&self, base: usize, size: usize) {
-        let t = self.slot();
-        t.window_size.store(0, Ordering::Relaxed);
-        t.window_base.store(base, Ordering::Relaxed);
-        t.window_size.store(size, Ordering::Relaxed);
-    }
-
-    /// Never called on Windows (no `fork`): the token is dropped.
-    ///
-    /// # Safety
-    /// None beyond the Linux contract's.
-    pub unsafe fn set_pending(&self, token: Object, tag: u64, pid_word: &std::sync::atomic::AtomicU32) {
-        let _ = (tag, pid_word);
-        drop(token);
-    }
-}
-
-impl Drop for TokenCell {
-    fn drop(&mut self) {
-        let t = self.slot();
-        self.clear();
-        t.window_size.store(0, Ordering::Relaxed);
-        t.window_base.store(0, Ordering::Relaxed);
-        // Release: pairs with the Acquire CAS in `new`.
-        t.used.store(false, Ordering::Release);
-    }
 }

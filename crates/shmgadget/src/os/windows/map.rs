@@ -138,6 +138,17 @@ pub(super) unsafe fn map_at(object: &Object, addr: usize, len: usize, offset: u6
     let (protect, map_access) = protect_of(access);
     let size = if access == Access::ReadWrite { offset + len as u64 } else { 0 };
     let section = section_of(object, protect, size)?;
+    if let Some(p) = super::placeholder::get() {
+        // SAFETY: forwarded from the caller: the range lies in our window, which is made of
+        // placeholders in this process.
+        let placed = unsafe { p.carve(addr, len) }.and_then(|()| {
+            // SAFETY: `carve` made the range exactly one placeholder of ours.
+            unsafe { p.map(section, offset, len, addr, protect) }
+        });
+        // SAFETY: created above, closed once (the view keeps the section).
+        unsafe { CloseHandle(section) };
+        return placed;
+    }
     // SAFETY: forwarded from the caller.
     let leftovers = match unsafe { clear_for_view(addr, len) } {
         Ok(l) => l,

@@ -16,27 +16,7 @@ use windows_sys::Win32::System::Threading::GetCurrentProcess;
 
 use super::object::{Object, last_error};
 use super::reserve::query;
-
-/// Page protection of a range in this process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protection {
-    /// No access (`PAGE_NOACCESS`): any access faults.
-    None,
-    /// Read only (`PAGE_READONLY`): a write faults.
-    Read,
-    /// Read and write (`PAGE_READWRITE`, or `PAGE_WRITECOPY` in a copy-on-write view).
-    ReadWrite,
-}
-
-/// How a view maps its object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ViewKind {
-    /// `FILE_MAP_READ`: sees every process's writes; a write through it faults.
-    ReadOnly,
-    /// `FILE_MAP_COPY`: this process's writes go to private copies of the pages they touch;
-    /// other processes and the object never see them.
-    CopyOnWrite,
-}
+use crate::os::{FlushMode, Protection, Region, ViewKind};
 
 /// Maps `len` bytes of `object` from `offset` wherever the system likes (never inside a
 /// reservation, so never in a window).
@@ -63,16 +43,6 @@ pub unsafe fn protect(addr: usize, len: usize, protection: Protection) -> io::Re
         return Err(last_error());
     }
     Ok(())
-}
-
-/// How to flush a shared mapping to its file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FlushMode {
-    /// Returns once the dirty pages are handed to the file system (`FlushViewOfFile`; on
-    /// Windows the write to the device itself needs `FlushFileBuffers` on the file).
-    Sync,
-    /// Starts writing them back (`FlushViewOfFile`, which is asynchronous for the device).
-    Async,
 }
 
 /// Writes the dirty pages of `[addr, addr + len)` back to the file it maps, `FlushViewOfFile`.
@@ -122,21 +92,6 @@ pub fn resident_pages(addr: usize, len: usize) -> io::Result<usize> {
         first += n;
     }
     Ok(count)
-}
-
-/// One region of this process's address space, from `VirtualQuery`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Region {
-    /// First byte.
-    pub start: usize,
-    /// One past the last byte.
-    pub end: usize,
-    /// Current protection (execute is not reported).
-    pub protection: Protection,
-    /// A view of a file mapping (`MEM_MAPPED`; else private or image).
-    pub shared: bool,
-    /// Windows names no path here: always empty.
-    pub path: String,
 }
 
 /// The region of this process that contains `addr`, if anything is there (`VirtualQuery`).

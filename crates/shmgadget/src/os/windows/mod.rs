@@ -3,14 +3,34 @@
 //! Linux; each wrapper names the Win32 call it makes.
 //!
 //! The shm directory is a real directory (default `%ProgramData%\shmgadget`, or
-//! `SHMGADGET_SHM_DIR`), and every object is a file in it: the registry, heap and queues above
-//! `os` need named objects they can list, stat, read without mapping and lock byte by byte,
-//! with locks the kernel drops when their holder dies, and `LockFileEx` on files gives exactly
-//! that. Sections are file mappings (`CreateFileMappingW` on the object's file) mapped at the
-//! exact address with `MapViewOfFileEx` inside our own reservation (see `reserve.rs`).
+//! `SHMGADGET_SHM_DIR`), and every object is a file in it, created with
+//! `FILE_ATTRIBUTE_TEMPORARY` (the cache manager keeps its pages in memory and writes them to
+//! the volume only under memory pressure). Sections are file mappings (`CreateFileMappingW`
+//! on the object's file) mapped at the exact address with `MapViewOfFileEx` inside our own
+//! reservation (see `reserve.rs`; `placeholder.rs` where Windows has placeholders).
 //! Waiting on a shared word is a futex emulation (`wait.rs`), first touch a vectored exception
 //! handler (`fault.rs`).
-
+//!
+//! # Why files, not pagefile-backed named mappings
+//! Issue 15 asked for named `SEC_RESERVE` mappings of the pagefile
+//! (`CreateFileMappingW(INVALID_HANDLE_VALUE, SEC_RESERVE, name)`). They work under Wine and
+//! Windows, but the layers above `os` rely on five things, and such a section gives one:
+//!
+//! | need | pagefile named mapping | file in the shm directory |
+//! |---|---|---|
+//! | lifetime beyond the last handle (a domain outlives its processes, as `/dev/shm` objects do: `shmgadget ls`, `info`, `gc` between runs, a list built by one program and walked by the next) | no: the section is gone when its last handle or view closes | yes, until deleted |
+//! | listing the objects of a domain | only through the native `NtQueryDirectoryObject` on `BaseNamedObjects` | `FindFirstFileW` |
+//! | stat by name (size, allocation, identity) without opening a view | no size query in Win32 (`NtQuerySection` is native) | `GetFileInformationByHandle`, `FILE_STANDARD_INFO` |
+//! | byte locks the kernel drops when their holder dies (liveness tokens, `Object::try_lock_byte`) | none on sections | `LockFileEx` |
+//! | commit counted against the system's commit limit, a clean error past it | yes: `VirtualAlloc(MEM_COMMIT)` fails with `ERROR_COMMITMENT_LIMIT` | no: a file's pages are backed by the volume, so the limit is the volume (`ERROR_DISK_FULL` when the file grows, also `OutOfSpace`) |
+//!
+//! So objects are files, with `FILE_ATTRIBUTE_TEMPORARY` to keep them as close to pagefile
+//! memory as a file gets: their dirty pages stay in RAM instead of being written back every
+//! few seconds by the lazy writer. What they do not give is the commit limit: a machine can
+//! hold more section memory than RAM + pagefile, paged to the shm directory's volume instead,
+//! and a full volume, not the commit limit, is what `OutOfSpace` reports. Decommit is
+//! `FSCTL_SET_ZERO_DATA` on the sparse file; a pagefile view's pages cannot be decommitted at
+//! all (`VirtualFree(MEM_DECOMMIT)` refuses mapped views), only discarded.
 mod error;
 mod fault;
 mod file;
@@ -19,25 +39,26 @@ mod lock;
 mod map;
 mod memory;
 mod object;
+mod placeholder;
 mod process;
 mod reserve;
 mod time;
 mod wait;
 mod wide;
 
-pub use error::ErrorExt;
 pub use fault::{
     FaultHook, FaultSignal, ensure_signal_stack, fault_hook_installed, install_fault_hook, signal_stack_room,
     write_stderr,
 };
-pub use file::{OpenFile, map_file_fixed, open_file, open_file_cstr};
-pub use liveness::{TokenCell, fork_generation, install_fork_handlers, token_for_address};
+pub use file::{OpenFile, file_map_unit, is_absolute_path, map_file_fixed, open_file, open_file_cstr};
+pub(super) use liveness::{close_raw, raw_of};
+pub use liveness::{fork_generation, install_fork_handlers};
 pub use lock::DirLock;
 pub use map::{
     USER_ADDRESS_LIMIT, map_shared, map_shared_fixed, mappings_overlapping, page_size, set_huge_advice, unmap,
 };
-pub use memory::{FlushMode, Protection, Region, ViewKind, flush, map_view, protect, region_at, resident_pages};
-pub use object::{Access, Dir, Object, ObjectId, ObjectStat, list_dir};
+pub use memory::{flush, map_view, protect, region_at, resident_pages};
+pub use object::{Access, Dir, Object, ObjectId, list_dir};
 pub use process::{
     THREAD_IDS_MACHINE_WIDE, current_pid, current_tid, effective_uid, proc_pid_namespace, thread_alive, thread_exists,
     thread_group,

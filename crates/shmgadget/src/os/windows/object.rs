@@ -11,14 +11,15 @@ use windows_sys::Win32::Foundation::{
 };
 use windows_sys::Win32::Storage::FileSystem::{
     BY_HANDLE_FILE_INFORMATION, CREATE_NEW, CreateFileW, DeleteFileW, FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_NORMAL,
-    FILE_ATTRIBUTE_REPARSE_POINT, FILE_END_OF_FILE_INFO, FILE_FLAG_BACKUP_SEMANTICS, FILE_FLAG_OPEN_REPARSE_POINT,
-    FILE_READ_ATTRIBUTES, FILE_SHARE_DELETE, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_STANDARD_INFO, FileEndOfFileInfo,
-    FileStandardInfo, GetFileAttributesW, GetFileInformationByHandle, GetFileInformationByHandleEx,
-    INVALID_FILE_ATTRIBUTES, OPEN_EXISTING, ReadFile, SetFileInformationByHandle,
+    FILE_ATTRIBUTE_REPARSE_POINT, FILE_ATTRIBUTE_TEMPORARY, FILE_END_OF_FILE_INFO, FILE_FLAG_BACKUP_SEMANTICS,
+    FILE_FLAG_OPEN_REPARSE_POINT, FILE_READ_ATTRIBUTES, FILE_SHARE_DELETE, FILE_SHARE_READ, FILE_SHARE_WRITE,
+    FILE_STANDARD_INFO, FileEndOfFileInfo, FileStandardInfo, GetFileAttributesW, GetFileInformationByHandle,
+    GetFileInformationByHandleEx, INVALID_FILE_ATTRIBUTES, OPEN_EXISTING, ReadFile, SetFileInformationByHandle,
 };
 use windows_sys::Win32::System::IO::OVERLAPPED;
 
 use super::wide;
+use crate::os::ObjectStat;
 
 /// How an object is opened or mapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,15 +165,18 @@ impl Dir {
         p
     }
 
-    /// Creates a new object `name`, `CreateFileW` with `CREATE_NEW`. Windows has no mode bits:
-    /// `mode` is not stored (the directory's ACL decides who may open it).
+    /// Creates a new object `name`, `CreateFileW` with `CREATE_NEW` and
+    /// `FILE_ATTRIBUTE_TEMPORARY`: the cache manager keeps a temporary file's pages in memory
+    /// and does not write them to the volume unless memory runs short, so a section behaves
+    /// like pagefile-backed memory (see `mod.rs`). Windows has no mode bits: `mode` is not
+    /// stored (the directory's ACL decides who may open it).
     pub fn create_object(&self, name: &str, mode: u32) -> io::Result<Object> {
         let _ = mode;
         let h = create_file(
             &self.object_path(name),
             GENERIC_READ | GENERIC_WRITE,
             CREATE_NEW,
-            FILE_ATTRIBUTE_NORMAL | FILE_FLAG_OPEN_REPARSE_POINT,
+            FILE_ATTRIBUTE_TEMPORARY | FILE_FLAG_OPEN_REPARSE_POINT,
         )?;
         Ok(Object(h))
     }
@@ -240,21 +244,6 @@ pub fn list_dir(path: &Path) -> io::Result<Vec<String>> {
         }
     }
     Ok(names)
-}
-
-/// What `GetFileInformationByHandle` says about an object.
-#[derive(Debug, Clone, Copy)]
-pub struct ObjectStat {
-    /// Apparent size in bytes.
-    pub size: u64,
-    /// Bytes allocated on the volume (`FILE_STANDARD_INFO::AllocationSize`).
-    pub allocated: u64,
-    /// Owner: Windows files have no uid; always 0, as [`super::effective_uid`] is.
-    pub uid: u32,
-    /// Whether it is a regular file (not a directory or a reparse point).
-    pub is_regular: bool,
-    /// Which object this is: equal identities mean the same object.
-    pub identity: ObjectId,
 }
 
 /// Which file a handle refers to (volume serial number, file index).

@@ -1,9 +1,9 @@
 //! Reserving address ranges without committing memory, and placing a view at an exact address
 //! inside our reservation.
 //!
-//! Windows cannot map a view over part of a reservation (`MapViewOfFileEx` needs free
-//! addresses; placeholders, `VirtualAlloc2` with `MEM_RESERVE_PLACEHOLDER`, exist only on
-//! Windows 10 1803 and later and not under Wine). So a window is reserved in pieces of at most
+//! Windows cannot map a view over part of a plain reservation (`MapViewOfFileEx` needs free
+//! addresses). Where placeholders exist (Windows 10 1803 and later, not Wine), a window is one
+//! placeholder, split and replaced by views (`placeholder.rs`). Elsewhere it is reserved in pieces of at most
 //! [`PIECE`] (`VirtualAlloc(MEM_RESERVE)`); mapping a section releases the pieces its range
 //! touches, maps the view at the exact address (checking the address it got), and reserves
 //! again what the pieces held outside the view. Unmapping reserves the freed range again.
@@ -105,12 +105,19 @@ pub fn reserve_fixed(addr: usize, len: usize) -> Result<(), ReserveError> {
     if addr % gran != 0 || len % gran != 0 || len == 0 {
         return Err(ReserveError::Os(os_error(windows_sys::Win32::Foundation::ERROR_MAPPED_ALIGNMENT)));
     }
+    if let Some(p) = super::placeholder::get() {
+        return match p.reserve(addr, len) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(ERROR_INVALID_ADDRESS as i32) => Err(ReserveError::Occupied),
+            Err(e) => Err(ReserveError::Os(e)),
+        };
+    }
     reserve_pieces(addr, len)
 }
 
 /// The extent `[base, end)` of the allocation that starts at `base` (all the regions that
 /// share its allocation base).
-fn allocation_end(base: usize) -> usize {
+pub(super) fn allocation_end(base: usize) -> usize {
     let mut at = base;
     while let Some(mbi) = query(at) {
         if mbi.AllocationBase as usize != base || mbi.State == MEM_FREE {
@@ -200,6 +207,10 @@ pub(super) fn rereserve(parts: &[(usize, usize)]) {
 /// The range must lie inside a reservation owned by the caller, and no live Rust reference
 /// may point into it.
 pub unsafe fn restore_reservation(addr: usize, len: usize) -> io::Result<()> {
+    if let Some(p) = super::placeholder::get() {
+        // SAFETY: forwarded from the caller.
+        return unsafe { p.restore(addr, len) };
+    }
     let end = addr + len;
     let mut at = addr;
     while at < end {
