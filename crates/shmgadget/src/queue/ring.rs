@@ -104,7 +104,8 @@
 //! benchmark's stream (1 MiB ring, a receiver that copies each message out with `recv_into`:
 //! `cargo bench -p shm-nt --bench c_interface`, rows "the Rust API on the same stream"), the
 //! Rust API publishing every message ran about as fast as the Rust API publishing in 64 KiB
-//! batches, while `shm_q_write`/`shm_q_read` ran at about half the unbatched Rust API's rate;
+//! batches, while `shm_q_write`/`shm_q_read` ran at about half the unbatched Rust API's rate
+//! (0.53× at 64 B; 0.70× after the hot paths below);
 //! the Rust throughput rows' 40 M msg/s read one byte of each message in place. What the C
 //! path paid was instructions (723 per 64 B message through `shm_nt.h` against 395 for
 //! `send` + `recv_into`, callgrind), which the hot paths below cut, and, for 1 KiB, the copy
@@ -126,6 +127,10 @@
 //!   switch records and anything damaged go to `peek`, which decides and reports).
 //! - `recv_into` copies straight from the record and releases it, without building a
 //!   [`Message`] (the same steps: consumed once copied).
+//!
+//! With these, and `shm_q_write`/`shm_q_read` each compiled as one function (their queue-end
+//! closure inlined), the same count is 516; `send` + `recv_into` called from Rust take 267
+//! (BENCHMARKS.md, stop 23).
 //!
 //! # Positions
 //! | word | meaning | written by | read by |
