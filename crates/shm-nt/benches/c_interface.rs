@@ -153,6 +153,82 @@ fn queue(b: &mut Bench, size: usize) -> f64 {
     rate
 }
 
+/// The Rust API's byte queue on the same stream as `queue` (same domain setup, queue name,
+/// 1 MiB ring, counts, and a receiver that copies each message out with `recv_into` and checks
+/// its number): this binary re-executed as both processes. `batch` 0 publishes every message
+/// at once, as the C interface does; else the sender publishes every `batch` bytes and at the
+/// end (`ByteSender::set_batch`, `flush`). Splits the C queue's cost into the C layer (C row
+/// against this one unbatched) and the publication of each message (unbatched against
+/// batched).
+fn rust_queue(b: &mut Bench, size: usize, batch: u64) -> f64 {
+    let d = b.domain();
+    let role = |r: &str| {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.env(RUST_ROLE, r).env("SHMGADGET_DOMAIN", &d).env("ARG", format!("{size},{},{batch}", b.count));
+        c.stdout(Stdio::piped()).spawn().unwrap()
+    };
+    let rx = role("recv");
+    let tx = role("send");
+    let rate = value(&rx.wait_with_output().unwrap(), "msgs_per_s");
+    assert!(tx.wait_with_output().unwrap().status.success());
+    clean(&d);
+    rate
+}
+
+const RUST_ROLE: &str = "SHMG_CBENCH_RUST_ROLE";
+
+/// One process of `rust_queue`: what `q_send`/`q_recv` in bench.c do, through the Rust API.
+fn rust_queue_role(role: &str) {
+    let a: Vec<u64> = std::env::var("ARG").unwrap().split(',').map(|x| x.parse().unwrap()).collect();
+    let (size, count, batch) = (a[0] as usize, a[1], a[2]);
+    let d = shmgadget::Domain::attach(&std::env::var("SHMGADGET_DOMAIN").unwrap()).unwrap();
+    let (q, _) = shmgadget::queue::ByteQueue::create_or_open(&d, "q", 1 << 20).unwrap();
+    if role == "count" {
+        // One process, both ends: `count` sends each followed by its receive, for instruction
+        // counts (callgrind `--toggle-collect=*counted_rust_queue*`, as bench.c's count_queue).
+        let (mut tx, mut rx) = (q.sender().unwrap(), q.receiver().unwrap());
+        let (msg, mut buf) = (vec![0u8; size], vec![0u8; size]);
+        counted_rust_queue(&mut tx, &mut rx, &msg, &mut buf, 1000);
+        counted_rust_queue(&mut tx, &mut rx, &msg, &mut buf, count);
+        return;
+    }
+    if role == "send" {
+        let mut tx = q.sender().unwrap();
+        tx.set_batch(batch);
+        let mut msg = vec![0u8; size];
+        for i in 0..count + 1 {
+            msg[..8].copy_from_slice(&i.to_ne_bytes());
+            tx.send(&msg).unwrap();
+        }
+        // Dropping the sender publishes the rest; the receiver drains it after we are gone.
+        return;
+    }
+    let mut rx = q.receiver().unwrap();
+    let mut buf = vec![0u8; size];
+    assert_eq!(rx.recv_into(&mut buf, None).unwrap(), size);
+    let t0 = std::time::Instant::now();
+    for i in 1..=count {
+        assert_eq!(rx.recv_into(&mut buf, None).unwrap(), size);
+        let v = u64::from_ne_bytes(buf[..8].try_into().unwrap());
+        assert_eq!(v, i, "message {i} arrived as {v}");
+    }
+    println!("msgs_per_s {:.0}", count as f64 / t0.elapsed().as_secs_f64());
+}
+
+#[inline(never)]
+fn counted_rust_queue(
+    tx: &mut shmgadget::queue::ByteSender<'_>,
+    rx: &mut shmgadget::queue::ByteReceiver<'_>,
+    msg: &[u8],
+    buf: &mut [u8],
+    n: u64,
+) {
+    for _ in 0..n {
+        tx.send(msg).unwrap();
+        assert_eq!(rx.recv_into(buf, None).unwrap(), msg.len());
+    }
+}
+
 fn round_trip(b: &mut Bench) -> (f64, f64) {
     let d = b.domain();
     let pong = b.spawn(&d, &args(&[&"pong"]));
@@ -183,6 +259,10 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn main() {
+    if let Ok(role) = std::env::var(RUST_ROLE) {
+        rust_queue_role(&role);
+        return;
+    }
     // `cargo bench` passes `--bench`; a filter argument is accepted and ignored.
     let quick = std::env::var_os("SHMG_CBENCH_QUICK").is_some();
     let reps: usize = std::env::var("SHMG_CBENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
@@ -215,6 +295,13 @@ fn main() {
         m.entry("q64").or_default().push(queue(&mut b, 64));
         m.entry("pipe1k").or_default().push(pipe(&mut b, 1024));
         m.entry("q1k").or_default().push(queue(&mut b, 1024));
+        // The Rust API on the same streams (see `rust_queue`): unbatched, and batched at an
+        // eighth of the ring as the Rust throughput benchmark streams.
+        for (k, size, batch) in
+            [("rq64", 64, 0), ("rq1k", 1024, 0), ("rq64_batched", 64, 128 << 10), ("rq1k_batched", 1024, 128 << 10)]
+        {
+            m.entry(k).or_default().push(rust_queue(&mut b, size, batch));
+        }
         let (med, p99) = round_trip(&mut b);
         m.entry("rtt_med").or_default().push(med);
         m.entry("rtt_p99").or_default().push(p99);
@@ -246,6 +333,9 @@ fn main() {
         let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
         (lo, hi)
     };
+    // The machine may be shared: a ratio within each repetition (subject and reference measured
+    // back to back) resists drifting load better than a ratio of medians.
+    let per_rep = |num: &str, den: &str| median(&m[num].iter().zip(&m[den]).map(|(a, b)| a / b).collect::<Vec<_>>());
     println!("\n## The C interface from C ({reps} repetitions, medians; ratios within this run)\n");
     println!("| measured through `shm_nt.h` | C interface | same-run reference | ratio |");
     println!("|---|---|---|---|");
@@ -289,15 +379,22 @@ fn main() {
         g("memcpy1m") / 1e9,
         g("q1k") / g("pipe1k")
     );
+    for (size, k) in [("64 B", "64"), ("1 KiB", "1k")] {
+        println!(
+            "| the Rust API on the same stream, {size}: unbatched / batched | {:.1} / {:.1} M msg/s | C interface {:.1} M msg/s | C {:.2}x / {:.2}x the Rust API's rate |",
+            g(&format!("rq{k}")) / 1e6,
+            g(&format!("rq{k}_batched")) / 1e6,
+            g(&format!("q{k}")) / 1e6,
+            per_rep(&format!("q{k}"), &format!("rq{k}")),
+            per_rep(&format!("q{k}"), &format!("rq{k}_batched")),
+        );
+    }
     println!(
         "| round trip, 8 B, two queues: median / 99th percentile | {:.2} µs / {:.2} µs | | |",
         g("rtt_med") / 1e3,
         g("rtt_p99") / 1e3
     );
     println!("| `shm_sem_post`+`shm_sem_wait(0)` pair | {:.0} ns | | |", ns(g("sem")));
-    // The machine may be shared: a ratio within each repetition (subject and reference measured
-    // back to back) resists drifting load better than a ratio of medians.
-    let per_rep = |num: &str, den: &str| median(&m[num].iter().zip(&m[den]).map(|(a, b)| a / b).collect::<Vec<_>>());
     println!("\nMedian of the per-repetition ratios:");
     println!("  shm_alloc+shm_free pair / glibc pair (time): {:.2}x", per_rep("malloc", "alloc"));
     if mimalloc {

@@ -1051,22 +1051,27 @@ pub unsafe extern "C" fn shm_q_write(q: usize, msg: *const c_void, len: size_t, 
             // SAFETY: `msg` points to `len` readable bytes (the caller's contract; non-NULL).
             unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len as usize) }
         };
-        on_queue(q, |obj| {
-            let mut side = obj.tx.take();
-            let end = side.end();
-            if end.is_none() {
-                *end = Some(obj.queue().sender()?);
-            }
-            let tx = end.as_mut().expect("set above");
-            match timeout_ms {
-                0 => tx.try_send(bytes)?,
-                t => match timeout_of(t) {
-                    Some(d) => tx.send_timeout(bytes, d)?,
-                    None => tx.send(bytes)?,
-                },
-            }
-            Ok(SHM_OK)
-        })
+        // Inlined: one function boundary less per call (see "Hot paths" in queue/ring.rs).
+        on_queue(
+            q,
+            #[inline(always)]
+            |obj| {
+                let mut side = obj.tx.take();
+                let end = side.end();
+                if end.is_none() {
+                    *end = Some(obj.queue().sender()?);
+                }
+                let tx = end.as_mut().expect("set above");
+                match timeout_ms {
+                    0 => tx.try_send(bytes)?,
+                    t => match timeout_of(t) {
+                        Some(d) => tx.send_timeout(bytes, d)?,
+                        None => tx.send(bytes)?,
+                    },
+                }
+                Ok(SHM_OK)
+            },
+        )
     })
 }
 
@@ -1089,27 +1094,34 @@ pub unsafe extern "C" fn shm_q_read(q: usize, buf: *mut c_void, buflen: size_t, 
                 // SAFETY: `buf` points to `buflen` writable bytes (the caller's contract).
                 unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), buflen as usize) }
             };
-            on_queue(q, |obj| {
-                let mut side = obj.rx.take();
-                let end = side.end();
-                if end.is_none() {
-                    *end = Some(obj.queue().receiver()?);
-                }
-                let rx = end.as_mut().expect("set above");
-                let n = if timeout_ms == 0 {
-                    let m = rx.try_recv()?;
-                    if m.len() > out.len() {
-                        let len = m.len();
-                        std::mem::forget(m);
-                        return Err(invalid(format!("the next message has {len} bytes, more than buflen {buflen}")));
+            // Inlined, as in `shm_q_write`.
+            on_queue(
+                q,
+                #[inline(always)]
+                |obj| {
+                    let mut side = obj.rx.take();
+                    let end = side.end();
+                    if end.is_none() {
+                        *end = Some(obj.queue().receiver()?);
                     }
-                    out[..m.len()].copy_from_slice(&m);
-                    m.len()
-                } else {
-                    rx.recv_into(out, timeout_of(timeout_ms))?
-                };
-                Ok(n as isize)
-            })
+                    let rx = end.as_mut().expect("set above");
+                    let n = if timeout_ms == 0 {
+                        let m = rx.try_recv()?;
+                        if m.len() > out.len() {
+                            let len = m.len();
+                            std::mem::forget(m);
+                            return Err(invalid(format!(
+                                "the next message has {len} bytes, more than buflen {buflen}"
+                            )));
+                        }
+                        out[..m.len()].copy_from_slice(&m);
+                        m.len()
+                    } else {
+                        rx.recv_into(out, timeout_of(timeout_ms))?
+                    };
+                    Ok(n as isize)
+                },
+            )
         },
     )
 }

@@ -16,6 +16,9 @@
  *   pipe_send SIZE COUNT / (forks)   COUNT messages of SIZE bytes through a pipe, write/read
  *   q_send NAME SIZE COUNT           shm_q_write COUNT messages of SIZE bytes to queue NAME
  *   q_recv NAME SIZE COUNT           shm_q_read them; prints the receiver's messages/s
+ *   count_queue SIZE N               one process, both ends of queue "cq": N shm_q_write, each
+ *                                    followed by its shm_q_read, in counted_queue() (after 1000
+ *                                    more), for instruction counts as count_alloc
  *   ping COUNT / pong                8-byte round trips through queues "ping" and "pong"
  *   sem_pair COUNT                   shm_sem_post + shm_sem_wait(0) pairs, one process
  *   memcpy SIZE                      memcpy bandwidth over a buffer of SIZE bytes
@@ -279,6 +282,24 @@ static void q_recv(const char *name, size_t size, uint64_t count) {
     shm_exit();
 }
 
+/* `count` messages of `size` bytes written and each read back, one process at both ends: the
+ * calls' own instructions, without waiting (count_queue). */
+__attribute__((noinline)) void counted_queue(uintptr_t q, char *msg, char *buf, size_t size, uint64_t count) {
+    for (uint64_t i = 0; i < count; i++) {
+        if (shm_q_write(q, msg, size, -1) != SHM_OK) die("shm_q_write");
+        if (shm_q_read(q, buf, size, -1) != (long)size) die("shm_q_read");
+    }
+}
+
+static void count_queue(size_t size, uint64_t count) {
+    uintptr_t q = open_queue("cq", 1UL << 20);
+    char *msg = calloc(1, size), *buf = malloc(size);
+    counted_queue(q, msg, buf, size, 1000);
+    counted_queue(q, msg, buf, size, count);
+    printf("messages %llu\n", (unsigned long long)count);
+    shm_exit();
+}
+
 static int cmp_u64(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
@@ -395,6 +416,8 @@ int main(int argc, char **argv) {
         q_send(argv[2], (size_t)atol(argv[3]), strtoull(argv[4], NULL, 10));
     } else if (!strcmp(m, "q_recv") && argc > 4) {
         q_recv(argv[2], (size_t)atol(argv[3]), strtoull(argv[4], NULL, 10));
+    } else if (!strcmp(m, "count_queue") && argc > 3) {
+        count_queue((size_t)atol(argv[2]), strtoull(argv[3], NULL, 10));
     } else if (!strcmp(m, "ping") && argc > 2) {
         ping(strtoull(argv[2], NULL, 10));
     } else if (!strcmp(m, "pong")) {

@@ -98,6 +98,40 @@
 //! (so that a stalled receiver gives back everything it consumed), which costs a look at that
 //! same line. This protocol reads `send.pos` only when its cached copy runs out.
 //!
+//! Not done (issue 13, stop 23): headers tagged with their position as each record's commit
+//! mark, `send.pos` published lazily. It would remove the per-message publication, but that is
+//! not what keeps the C interface below the Rust throughput rows. Measured in one run on the C
+//! benchmark's stream (1 MiB ring, a receiver that copies each message out with `recv_into`:
+//! `cargo bench -p shm-nt --bench c_interface`, rows "the Rust API on the same stream"), the
+//! Rust API publishing every message ran about as fast as the Rust API publishing in 64 KiB
+//! batches, while `shm_q_write`/`shm_q_read` ran at about half the unbatched Rust API's rate
+//! (0.53× at 64 B; 0.70× after the hot paths below);
+//! the Rust throughput rows' 40 M msg/s read one byte of each message in place. What the C
+//! path paid was instructions (723 per 64 B message through `shm_nt.h` against 395 for
+//! `send` + `recv_into`, callgrind), which the hot paths below cut, and, for 1 KiB, the copy
+//! of every line from the sender's core. The tagged-header receiver would also poll the line
+//! the sender writes next, as the `ring13` receiver did.
+//!
+//! # Hot paths
+//! Through the C interface every message is one call on each side, so instructions per
+//! message count as much as cache lines: measured with callgrind (`bench.c` `count_queue`, one
+//! process writing then reading each 64 B message), `shm_q_write` + `shm_q_read` took 723
+//! instructions per message, of which `ByteSender::send` 179 and `ByteReceiver::recv_into` 216.
+//! So the common case of each side is a short inlined path that does exactly what the general
+//! one does in that case, and falls back to it for everything else, changing nothing first:
+//! - `ByteSender::put_now` (in `send`, `send_timeout`, `try_send`): the record fits in lane 0
+//!   (the ring, or the hot lane the sender is in) before the lane's end, by the cached view of
+//!   the receiver. No lane choice, no wrap, no switch record.
+//! - `ByteReceiver::peek_now` (in `recv_into` and the receives): the next item in the
+//!   receiver's lane is a published message record passing `peek`'s checks (wrap markers,
+//!   switch records and anything damaged go to `peek`, which decides and reports).
+//! - `recv_into` copies straight from the record and releases it, without building a
+//!   [`Message`] (the same steps: consumed once copied).
+//!
+//! With these, and `shm_q_write`/`shm_q_read` each compiled as one function (their queue-end
+//! closure inlined), the same count is 516; `send` + `recv_into` called from Rust take 267
+//! (BENCHMARKS.md, stop 23).
+//!
 //! # Positions
 //! | word | meaning | written by | read by |
 //! |---|---|---|---|
@@ -688,17 +722,75 @@ impl ByteSender<'_> {
 
     /// Sends `msg`, waiting while the ring is full. Fails with `Disconnected` when the
     /// receiver is gone, `InvalidSize` for a message over [`ByteQueue::max_message`].
+    #[inline]
     pub fn send(&mut self, msg: &[u8]) -> Result<()> {
+        if self.put_now(msg) {
+            return Ok(());
+        }
         self.send_inner(msg, None)
     }
 
     /// Like [`send`](ByteSender::send), failing with `Timeout` after `timeout`.
+    #[inline]
     pub fn send_timeout(&mut self, msg: &[u8], timeout: Duration) -> Result<()> {
+        if self.put_now(msg) {
+            return Ok(());
+        }
         self.send_inner(msg, Some(timeout))
     }
 
     /// Sends `msg` if there is room now; `WouldBlock` if not.
+    #[inline]
     pub fn try_send(&mut self, msg: &[u8]) -> Result<()> {
+        if self.put_now(msg) {
+            return Ok(());
+        }
+        self.try_send_slow(msg)
+    }
+
+    /// The common case of a send, inlined into the caller (see "Hot paths" in the module docs):
+    /// the record fits in lane 0 (a ring with one lane, or the hot lane the sender is in)
+    /// before the lane's end, by the cached view of the receiver. Writes it as
+    /// [`try_put`](ByteSender::try_put) would in that case and returns `true`; else changes
+    /// nothing and returns `false` (the caller takes the general path, which checks and
+    /// reports everything).
+    #[inline]
+    fn put_now(&mut self, msg: &[u8]) -> bool {
+        let q = self.q;
+        let len = msg.len() as u64;
+        let ln = q.lanes[HOT];
+        // `len` first: the record's size cannot overflow below half a lane.
+        if self.lane != HOT || len >= ln.cap / 2 || len >= SWITCH {
+            return false;
+        }
+        let rec = REC_HEADER + len.next_multiple_of(8);
+        let off = self.pos[HOT] & (ln.cap - 1);
+        let reserve = if q.pk.two { REC_HEADER } else { 0 };
+        // As `room(HOT, rec)` without a wrap; `len <= max_message` (a lane 0 record of at most
+        // half the lane is at most half the ring).
+        if rec > ln.cap - off
+            || rec > ln.cap / 2
+            || q.pk.dist(HOT, self.cached_read[HOT], self.pos[HOT]) + rec + reserve > ln.cap
+        {
+            return false;
+        }
+        // SAFETY: as in `try_put`: the record's `rec` bytes from `off` are inside the lane (it
+        // fits before the end) and free by the receiver's position (checked when loaded, and
+        // just above); the receiver reads them only after the Release store in `flush`.
+        unsafe {
+            let p = ln.data.add(off as usize);
+            p.cast::<u64>().write(len);
+            std::ptr::copy_nonoverlapping(msg.as_ptr(), p.add(REC_HEADER as usize), msg.len());
+        }
+        self.pos[HOT] = self.pos[HOT].wrapping_add(rec);
+        self.sent = self.sent.wrapping_add(1);
+        if self.position().wrapping_sub(self.published) >= self.batch {
+            self.flush();
+        }
+        true
+    }
+
+    fn try_send_slow(&mut self, msg: &[u8]) -> Result<()> {
         self.check_size(msg.len())?;
         if self.try_put(msg, true)? {
             return Ok(());
@@ -1097,20 +1189,37 @@ impl<'q> ByteReceiver<'q> {
     /// this call, after the copy, loses that one message; use [`recv`](ByteReceiver::recv)
     /// and drop the [`Message`] when done with it to have it redelivered instead.
     pub fn recv_into(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> Result<usize> {
-        let m = self.recv_inner(timeout)?;
-        if m.len() > buf.len() {
-            let len = m.len();
-            std::mem::forget(m);
+        // The record straight from `peek`, without a `Message` (same steps as receiving one,
+        // copying it and dropping it).
+        let (start, len, next) = match self.peek_now() {
+            Some(r) => r,
+            None => {
+                let m = self.recv_inner(timeout)?;
+                let r = (m.start, m.len, m.next);
+                std::mem::forget(m);
+                r
+            }
+        };
+        if len > buf.len() {
             return Err(Error::new(
                 ErrorKind::InvalidSize,
                 format!("the next message has {len} bytes, more than the {}-byte buffer; it stays queued", buf.len()),
             ));
         }
-        buf[..m.len()].copy_from_slice(&m);
-        Ok(m.len())
+        let data = self.q.lanes[self.lane].data;
+        // SAFETY: as in `Message::deref`: the record at `start` in the receiver's lane (`peek`
+        // moved the receiver to it) was published and validated to lie inside the lane; the
+        // sender does not reuse it before `release` below gives it back. `buf` holds `len`
+        // bytes (checked) and is not in the ring (we borrow it mutably, the ring only shared).
+        unsafe { std::ptr::copy_nonoverlapping(data.add(start as usize), buf.as_mut_ptr(), len) };
+        self.release(next);
+        Ok(len)
     }
 
     fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<Message<'_, 'q>> {
+        if let Some((start, len, next)) = self.peek_now() {
+            return Ok(Message { rx: self, start, len, next });
+        }
         if let Some((start, len, next)) = self.peek()? {
             return Ok(Message { rx: self, start, len, next });
         }
@@ -1137,6 +1246,41 @@ impl<'q> ByteReceiver<'q> {
 
     fn disconnected(&self) -> Error {
         Error::new(ErrorKind::Disconnected, format!("byte queue {:?}: the sender is gone", self.q.name()))
+    }
+
+    /// The common case of [`peek`](ByteReceiver::peek), inlined into the caller (see "Hot
+    /// paths" in the module docs): the next item in the receiver's lane is a published
+    /// message record (not a wrap marker or a switch record) that passes `peek`'s checks.
+    /// Then the same result as `peek`; else `None`, having changed nothing but the cached
+    /// copy of the sender's position (the caller then takes `peek`, which decides and
+    /// reports).
+    #[inline]
+    fn peek_now(&mut self) -> Option<(u64, usize, u64)> {
+        let q = self.q;
+        let pk = q.pk;
+        let l = self.lane;
+        let ln = q.lanes[l];
+        let mut avail = pk.dist(l, self.pos[l], self.cached_write[l]);
+        if avail == 0 {
+            // Acquire: as in `peek`.
+            self.cached_write = pk.unpack(q.h().send.pos.load(Ordering::Acquire)).0;
+            avail = pk.dist(l, self.pos[l], self.cached_write[l]);
+        }
+        if avail == 0 || avail > ln.cap || avail % 8 != 0 {
+            return None;
+        }
+        let off = self.pos[l] & (ln.cap - 1);
+        // SAFETY: as in `peek`: `off` is 8-aligned and `off + 8 <= cap`; the word was published.
+        let len = unsafe { ln.data.add(off as usize).cast::<u64>().read() };
+        // A wrap marker or a switch record (left to `peek`), or no record at all.
+        if len >= SWITCH || len > ln.cap / 2 {
+            return None;
+        }
+        let rec = REC_HEADER + len.next_multiple_of(8);
+        if off + rec > ln.cap || rec > avail {
+            return None;
+        }
+        Some((off + REC_HEADER, len as usize, self.pos[l].wrapping_add(rec)))
     }
 
     /// The next record, if published: (payload offset in the receiver's lane, length,
@@ -1781,6 +1925,71 @@ mod tests {
                 prop_assert_eq!(rx.try_recv().unwrap().to_vec(), want);
             }
             prop_assert_eq!(rx.try_recv().err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
+        }
+    }
+
+    proptest! {
+        /// The hot paths (`put_now`, `peek_now`, `recv_into` without a `Message`) against the
+        /// general ones, through wraps, switch records, full rings and buffers too small, in
+        /// rings of one and of two lanes: every message arrives once, in order, intact.
+        #[test]
+        fn recv_into_and_the_hot_paths_behave_like_a_vecdeque(
+            ops in proptest::collection::vec((0usize..140, 0u8..4, 0usize..160), 1..600),
+            cap in 7u32..10,
+            hot in prop_oneof![Just(0u64), Just(64u64), Just(128u64)],
+        ) {
+            let q = ByteQueue::in_memory_lanes(1 << cap, hot);
+            let mut tx = q.sender().unwrap();
+            let mut rx = q.receiver().unwrap();
+            let mut model: VecDeque<Vec<u8>> = VecDeque::new();
+            let mut n = 0u8;
+            for (len, what, buflen) in ops {
+                match what {
+                    0 | 1 => {
+                        n = n.wrapping_add(1);
+                        let msg: Vec<u8> = (0..len).map(|i| n.wrapping_add(i as u8)).collect();
+                        match tx.try_send(&msg) {
+                            Ok(()) => model.push_back(msg),
+                            Err(e) if e.kind() == ErrorKind::InvalidSize => prop_assert!(len > q.max_message()),
+                            Err(e) => {
+                                prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                                prop_assert!(!model.is_empty(), "an empty ring refused a message that fits");
+                            }
+                        }
+                    }
+                    2 => {
+                        let mut buf = vec![0xAAu8; buflen];
+                        match rx.recv_into(&mut buf, Some(Duration::ZERO)) {
+                            Ok(got) => {
+                                let want = model.pop_front();
+                                prop_assert_eq!(Some(&buf[..got]), want.as_deref());
+                                prop_assert!(buf[got..].iter().all(|&b| b == 0xAA), "wrote past the message");
+                            }
+                            Err(e) if e.kind() == ErrorKind::InvalidSize => {
+                                prop_assert!(model.front().is_some_and(|m| m.len() > buflen), "{}", e);
+                            }
+                            Err(e) => {
+                                prop_assert_eq!(e.kind(), ErrorKind::Timeout);
+                                prop_assert!(model.is_empty());
+                            }
+                        }
+                    }
+                    _ => match rx.try_recv() {
+                        Ok(m) => prop_assert_eq!(Some(m.to_vec()), model.pop_front()),
+                        Err(e) => {
+                            prop_assert_eq!(e.kind(), ErrorKind::WouldBlock);
+                            prop_assert!(model.is_empty());
+                        }
+                    },
+                }
+            }
+            drop(tx);
+            let mut buf = vec![0u8; q.max_message()];
+            while let Some(want) = model.pop_front() {
+                let got = rx.recv_into(&mut buf, Some(Duration::ZERO)).unwrap();
+                prop_assert_eq!(&buf[..got], &want[..]);
+            }
+            prop_assert_eq!(rx.recv_into(&mut buf, None).err().map(|e| e.kind()), Some(ErrorKind::Disconnected));
         }
     }
 
