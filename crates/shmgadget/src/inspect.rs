@@ -305,6 +305,27 @@ pub fn gc_with(
     Ok(out)
 }
 
+/// How long [`locked_for_good`] watches a lock before it believes it.
+const TRANSIENT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether `obj` has a byte lock that stays: one seen on every look for
+/// [`TRANSIENT_LOCK_WAIT`]. A process that detached a moment ago can still appear in it: a
+/// child that another of its threads is spawning holds copies of every descriptor, liveness
+/// tokens included, until it execs (`posix_spawn` runs no fork handlers), so the lock outlives
+/// its owner's `close` by that long. A token of a live process never goes away.
+fn locked_for_good(obj: &os::Object) -> std::io::Result<bool> {
+    let start = std::time::Instant::now();
+    loop {
+        if !obj.any_byte_locked()? {
+            return Ok(false);
+        }
+        if start.elapsed() >= TRANSIENT_LOCK_WAIT {
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 /// One domain's part of [`gc`]; the caller holds the directory lock.
 fn gc_domain(
     dir: &Path,
@@ -329,7 +350,7 @@ fn gc_domain(
                 // Proven unused: no process holds a liveness token (a lock) on it.
                 let in_use = dir_fd
                     .open_object(&names::registry_object(d), os::Access::Read)
-                    .and_then(|fd| fd.any_byte_locked())
+                    .and_then(|fd| locked_for_good(&fd))
                     .unwrap_or(true);
                 if !in_use {
                     remove_registry(dir_fd, d)?;
