@@ -607,6 +607,37 @@ pub(crate) fn section_covering(addr: usize) -> Result<(u64, crate::registry::Sec
     Ok((domain.inner.window_base + rec.offset, rec.kind, rec.reserved))
 }
 
+/// Keeps one section mapped in this process, and its domain attached, while it lives (see
+/// [`pin_section_at`]).
+pub(crate) struct SectionPin {
+    domain: Domain,
+    rec: crate::registry::SectionRecord,
+}
+
+impl Drop for SectionPin {
+    fn drop(&mut self) {
+        // The last handle to a section deleted meanwhile unmaps it here; then `domain` drops
+        // (and detaches the domain if it was the last handle).
+        self.domain.inner.mapping.release(&self.rec, &self.domain.inner.registry);
+    }
+}
+
+/// Pins the live section that starts at `addr` if this process has it mapped: until the pin
+/// drops, neither a `shm_delete_section`/`Section::delete` on another thread nor the last
+/// handle's drop unmaps it, and the domain stays attached. None when no attached domain has
+/// a live section starting at `addr` mapped here; nothing is mapped to make one.
+pub(crate) fn pin_section_at(addr: usize) -> Option<SectionPin> {
+    let (domain, rec) = {
+        let table = attached();
+        let inner = table.values().find(|d| d.contains(addr))?;
+        let off = (addr - inner.window_base as usize) as u64;
+        let rec = inner.registry.lookup_offset(off).filter(|rec| rec.offset == off)?;
+        // A real handle, dropped after the table lock (its drop may detach the domain).
+        (Domain { inner: inner.clone() }, rec)
+    };
+    domain.inner.mapping.hold_if_mapped(&rec).then_some(SectionPin { domain, rec })
+}
+
 /// For code that reads section memory found from a bare address (a heap header behind a
 /// `ShmAlloc` read from shared memory, a block handed over through a queue): makes sure
 /// `[addr, addr + len)` is mapped when this process has an eager domain attached, where no

@@ -168,6 +168,21 @@ impl Mapping {
         Ok(())
     }
 
+    /// Takes one handle on section `rec` (released with [`Mapping::release`]) if this process
+    /// has it mapped; false (nothing taken) otherwise. Never maps: for code that must not touch
+    /// a section unless it is still there, such as a thread cache's exit flush (`heap/cache.rs`).
+    pub(crate) fn hold_if_mapped(&self, rec: &SectionRecord) -> bool {
+        let _guard = self.guard();
+        // Relaxed: changed only under `lock`, which we hold.
+        if self.mapped[rec.slot as usize].load(Ordering::Relaxed) != rec.generation {
+            return false;
+        }
+        // Release: pairs with the Acquire loads in `forget_removed`/`unmap_deleted`, as in
+        // `map_held`.
+        self.handles[rec.slot as usize].fetch_add(1, Ordering::Release);
+        true
+    }
+
     /// Maps section `rec` from the fault handler with `map` (which maps it at its place),
     /// unless another thread has or is doing so. Async-signal-safe (atomics only, plus `map`).
     pub(crate) fn fault_in<E>(&self, rec: &SectionRecord, map: impl FnOnce() -> Result<(), E>) -> FaultIn<E> {

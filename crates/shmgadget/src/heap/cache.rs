@@ -583,14 +583,24 @@ impl Drop for LocalCache {
         // Thread exit (or a discarded cache): give the stock back, unless this process forked
         // since (the slot is the parent's) or unmapped section memory since (the heap may be
         // gone). In those cases the slot is reclaimed once its owner thread has exited.
-        // Relaxed: see `UNMAP_EPOCH`.
+        // Relaxed: see `UNMAP_EPOCH` (a quick refusal; the check that counts is below).
         if self.store.is_null()
             || self.fork_gen != os::fork_generation()
             || self.epoch != crate::domain::UNMAP_EPOCH.load(Ordering::Relaxed)
         {
             return;
         }
-        // SAFETY: the heap is still mapped (no unmapping since the cache was made) and
+        // No call into the heap protects us here (the thread is exiting): another thread may
+        // be deleting the heap, or dropping its last handle, right now. The pin keeps the
+        // section mapped until we are done (an unmapping meanwhile waits for our release).
+        let Some(_pin) = crate::domain::pin_section_at(self.section as usize) else { return };
+        // Relaxed: the pin took the mapping lock, under which every unmapping of a section
+        // bumps the epoch; unchanged, nothing was unmapped between the cache's making and the
+        // pin, so the section pinned is the mapping the cache was made on.
+        if self.epoch != crate::domain::UNMAP_EPOCH.load(Ordering::Relaxed) {
+            return;
+        }
+        // SAFETY: the heap is mapped (the pin, and no unmapping since the cache was made) and
         // `shared` is its control block.
         let shared = unsafe { &*self.shared };
         let h = HeapRef { shared, section: self.section as *mut u8, mapped: self.mapped, handle: None };
