@@ -318,7 +318,7 @@ impl LocalCache {
     fn store<'x>(&self) -> Option<&'x CacheStoreShared> {
         // SAFETY: `store` points at our slot's store block inside the heap, which stays
         // allocated while we own the slot and mapped while the domain is attached (callers
-        // come through a live heap; `Drop` checks the unmap epoch first). CacheStoreShared is
+        // come through a live heap; `Drop` pins the section first). CacheStoreShared is
         // atomics only, so shared references are sound.
         (!self.store.is_null()).then(|| unsafe { &*self.store })
     }
