@@ -416,6 +416,260 @@ static void exit_while_busy(void) {
     printf("exiting while busy\n");
 }
 
+#ifdef _WIN32
+/* The kill rounds where tests/c.rs uses kill(2) (run under Wine by ci/windows/c_tests.sh): this
+ * process starts itself as the victim and ends it with TerminateProcess, as Windows ends a
+ * process that crashed or was killed from outside. Nothing of the victim runs afterwards. */
+static uint64_t krng = 0x9e3779b97f4a7c15ull;
+
+static unsigned long next_rand(unsigned long bound) {
+    krng ^= krng << 13;
+    krng ^= krng >> 7;
+    krng ^= krng << 17;
+    return (unsigned long)(krng % bound);
+}
+
+static double now_ms(void) {
+    LARGE_INTEGER f, t;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&t);
+    return (double)t.QuadPart * 1000.0 / (double)f.QuadPart;
+}
+
+static void spin_us(unsigned long us) {
+    double end = now_ms() + us / 1000.0;
+    while (now_ms() < end) {
+    }
+}
+
+/* Starts this program with ARGS, its stdout to a pipe whose read end goes to *out. */
+static HANDLE spawn(const char *args, HANDLE *out) {
+    char exe[MAX_PATH], cmd[MAX_PATH + 128];
+    GetModuleFileNameA(NULL, exe, MAX_PATH);
+    snprintf(cmd, sizeof cmd, "\"%s\" %s", exe, args);
+    SECURITY_ATTRIBUTES sa = {sizeof sa, NULL, TRUE};
+    HANDLE rd, wr;
+    if (!CreatePipe(&rd, &wr, &sa, 0) || !SetHandleInformation(rd, HANDLE_FLAG_INHERIT, 0)) {
+        fprintf(stderr, "CreatePipe: %lu\n", GetLastError());
+        exit(1);
+    }
+    STARTUPINFOA si = {0};
+    si.cb = sizeof si;
+    si.dwFlags = STARTF_USESTDHANDLES;
+    si.hStdInput = GetStdHandle(STD_INPUT_HANDLE);
+    si.hStdOutput = wr;
+    si.hStdError = GetStdHandle(STD_ERROR_HANDLE);
+    PROCESS_INFORMATION pi;
+    BOOL ok = CreateProcessA(NULL, cmd, NULL, NULL, TRUE, 0, NULL, NULL, &si, &pi);
+    CloseHandle(wr);
+    if (!ok) {
+        fprintf(stderr, "CreateProcess %s: %lu\n", cmd, GetLastError());
+        exit(1);
+    }
+    CloseHandle(pi.hThread);
+    *out = rd;
+    return pi.hProcess;
+}
+
+/* Reads the child's stdout until the line WANT; 0 if the pipe ends first. */
+static int read_until(HANDLE rd, const char *want) {
+    char line[256];
+    size_t n = 0;
+    char c;
+    DWORD got;
+    while (ReadFile(rd, &c, 1, &got, NULL) && got == 1) {
+        if (c != '\n') {
+            if (n < sizeof line - 1) line[n++] = c;
+            continue;
+        }
+        if (n > 0 && line[n - 1] == '\r') n--;
+        line[n] = 0;
+        if (strcmp(line, want) == 0) return 1;
+        n = 0;
+    }
+    return 0;
+}
+
+/* Waits (10 s at most) for a child; its exit code, or -1 if it did not end. */
+static long reap(HANDLE h, HANDLE rd) {
+    DWORD code = 0;
+    long r = WaitForSingleObject(h, 10000) == WAIT_OBJECT_0 && GetExitCodeProcess(h, &code) ? (long)code : -1;
+    if (r == -1) TerminateProcess(h, 99);
+    CloseHandle(h);
+    CloseHandle(rd);
+    return r;
+}
+
+/* Ends the child, then waits for it: 1 if it was terminated, 0 if it had finished cleanly. */
+static int terminate(HANDLE h, HANDLE rd, int round) {
+    TerminateProcess(h, 137);
+    long code = reap(h, rd);
+    if (code != 137 && code != 0) {
+        fprintf(stderr, "round %d: the victim ended with %ld\n", round, code);
+        failures++;
+    }
+    return code == 137;
+}
+
+/* Names whose creator was terminated mid-create are usable at once (tests/c.rs's kill rounds):
+ * this process stays attached; each round a child creates a heap, a queue and a section and is
+ * terminated 0-3 ms after it attached; then this process uses (or makes) all three within 1 s
+ * and deletes them. */
+static void kill_rounds(const char *rounds_text) {
+    int rounds = atoi(rounds_text), killed = 0;
+    uintptr_t a;
+    double slowest = 0;
+    EXPECT(shm_map("not-there", 0, &a) == SHM_ERR_NOT_FOUND); /* attaches */
+    krng ^= GetCurrentProcessId();
+    for (int round = 0; round < rounds; round++) {
+        char args[64];
+        snprintf(args, sizeof args, "create_names r%d", round);
+        HANDLE rd, h = spawn(args, &rd);
+        EXPECT(read_until(rd, "ATTACHED"));
+        spin_us(next_rand(3000));
+        killed += terminate(h, rd, round);
+        double t = now_ms();
+        uintptr_t heap, q, sec;
+        char name[64];
+        snprintf(name, sizeof name, "r%d.heap", round);
+        EXPECT(shm_heap(name, 4UL << 20, &heap, 0) >= 0);
+        void *p = shm_alloc(heap, 64);
+        EXPECT(p != NULL && shm_heap_check(heap) == SHM_OK);
+        snprintf(name, sizeof name, "r%d.queue", round);
+        EXPECT(shm_queue(name, 8UL << 20, &q) >= 0);
+        EXPECT(shm_q_write(q, "ok", 3, 0) == SHM_OK);
+        snprintf(name, sizeof name, "r%d.sec", round);
+        EXPECT(shm_section(name, 1UL << 20, &sec) >= 0);
+        ((volatile char *)sec)[0] = 1;
+        double took = now_ms() - t;
+        if (took > slowest) slowest = took;
+        EXPECT(took < 1000);
+        EXPECT(shm_delete_section(heap) == SHM_OK);
+        EXPECT(shm_delete_section(q) == SHM_OK);
+        EXPECT(shm_delete_section(sec) == SHM_OK);
+    }
+    printf("kill rounds: %d rounds, %d creators terminated, slowest open %.1f ms\n", rounds, killed, slowest);
+    EXPECT(killed >= rounds / 5);
+    EXPECT(shm_exit() == SHM_OK);
+}
+
+/* Entries of the shm directory (SHMGADGET_SHM_DIR) other than . and .. */
+static int shm_dir_entries(void) {
+    char pattern[MAX_PATH];
+    snprintf(pattern, sizeof pattern, "%s\\*", getenv("SHMGADGET_SHM_DIR"));
+    WIN32_FIND_DATAA fd;
+    HANDLE f = FindFirstFileA(pattern, &fd);
+    if (f == INVALID_HANDLE_VALUE) return -1;
+    int n = 0;
+    do {
+        if (strcmp(fd.cFileName, ".") != 0 && strcmp(fd.cFileName, "..") != 0) n++;
+    } while (FindNextFileA(f, &fd));
+    FindClose(f);
+    return n;
+}
+
+/* A domain whose first process was terminated 0-4 ms after it started (anywhere in attaching
+ * or creating) is usable at once by the next, and the last to leave takes all of it. This
+ * process never uses the library: every step is a child. */
+static void first_kill(const char *rounds_text) {
+    int rounds = atoi(rounds_text), killed = 0;
+    double slowest = 0, slowest_all = 0;
+    krng ^= GetCurrentProcessId();
+    for (int round = 0; round < rounds; round++) {
+        HANDLE rd, h = spawn("create_names n", &rd);
+        spin_us(next_rand(4000));
+        killed += terminate(h, rd, round);
+        /* The next process's creations (after it attached) wait for nobody: 1 s at most, as
+         * on Linux. Its start and attach are bounded by 5 s: a Wine process takes 0.3-0.6 s
+         * to start on this machine, an attach that waited for the dead would take longer. */
+        double t = now_ms();
+        h = spawn("create_names n", &rd);
+        EXPECT(read_until(rd, "ATTACHED"));
+        double attached = now_ms();
+        EXPECT(read_until(rd, "CREATED"));
+        EXPECT(reap(h, rd) == 0);
+        double took = now_ms() - attached, all = now_ms() - t;
+        if (took > slowest) slowest = took;
+        if (all > slowest_all) slowest_all = all;
+        EXPECT(took < 1000);
+        EXPECT(all < 5000);
+        h = spawn("delete_names n", &rd);
+        EXPECT(reap(h, rd) == 0);
+        int left = shm_dir_entries();
+        if (left != 0) {
+            fprintf(stderr, "round %d: %d objects left in the shm directory\n", round, left);
+            failures++;
+        }
+    }
+    printf("first kill: %d rounds, %d first processes terminated; the next process: slowest creations %.1f ms, "
+           "slowest start to end %.0f ms\n",
+           rounds, killed, slowest, slowest_all);
+}
+
+/* The victim of kill_traffic: four threads allocate, write and free in the shared heap until
+ * the process is terminated. */
+static uintptr_t traffic_heap;
+
+static DWORD WINAPI traffic_thread(void *arg) {
+    uint64_t s = (uintptr_t)arg * 0x9e3779b97f4a7c15ull | 1;
+    unsigned char *live[8] = {0};
+    for (;;) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        unsigned slot = (unsigned)(s % 8);
+        if (live[slot] != NULL) shm_free(live[slot]);
+        size_t size = 1 + (size_t)(s >> 8) % 4000;
+        live[slot] = shm_alloc(traffic_heap, size);
+        if (live[slot] != NULL) memset(live[slot], (int)slot, size);
+    }
+    return 0;
+}
+
+static void traffic(void) {
+    EXPECT(shm_heap("traffic.heap", 64UL << 20, &traffic_heap, 0) == SHM_EXISTS);
+    for (uintptr_t i = 1; i < 4; i++) EXPECT(CreateThread(NULL, 0, traffic_thread, (void *)i, 0, NULL) != NULL);
+    printf("TRAFFIC\n");
+    fflush(stdout);
+    traffic_thread((void *)(uintptr_t)4);
+}
+
+/* A heap (64 MiB) shared with a process terminated mid-traffic (its lock possibly held): this
+ * process checks it (OwnerDied is repaired) and allocates 4 MiB, each round. The blocks and
+ * thread caches of the terminated process stay allocated (in a 16 MiB heap the largest
+ * possible allocation shrank by 0.8-1 MiB a round). */
+static void kill_traffic(const char *rounds_text) {
+    int rounds = atoi(rounds_text), killed = 0;
+    double slowest = 0;
+    uintptr_t heap;
+    EXPECT(shm_heap("traffic.heap", 64UL << 20, &heap, 0) == SHM_OK);
+    krng ^= GetCurrentProcessId();
+    for (int round = 0; round < rounds; round++) {
+        HANDLE rd, h = spawn("traffic", &rd);
+        EXPECT(read_until(rd, "TRAFFIC"));
+        spin_us(1000 + next_rand(20000));
+        killed += terminate(h, rd, round);
+        double t = now_ms();
+        int rc = shm_heap_check(heap);
+        if (rc != SHM_OK) {
+            fprintf(stderr, "round %d: shm_heap_check: %d %s\n", round, rc, shm_last_error());
+            failures++;
+        }
+        void *big = shm_alloc(heap, 4UL << 20);
+        EXPECT(big != NULL && shm_free(big) == SHM_OK);
+        double took = now_ms() - t;
+        if (took > slowest) slowest = took;
+    }
+    EXPECT(shm_heap_check(heap) == SHM_OK);
+    printf("kill traffic: %d rounds, %d terminated mid-traffic, heap consistent, 4 MiB allocated after each, slowest "
+           "check %.1f ms\n",
+           rounds, killed, slowest);
+    EXPECT(killed == rounds);
+    EXPECT(shm_delete_section(heap) == SHM_OK);
+    EXPECT(shm_exit() == SHM_OK);
+}
+#endif
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     if (strcmp(argv[1], "build") == 0) build();
@@ -430,6 +684,12 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "sem_user") == 0 && argc > 2) sem_user(argv[2]);
     else if (strcmp(argv[1], "fork_exit") == 0) fork_exit();
     else if (strcmp(argv[1], "exit_while_busy") == 0) exit_while_busy();
+#ifdef _WIN32
+    else if (strcmp(argv[1], "kill_rounds") == 0 && argc > 2) kill_rounds(argv[2]);
+    else if (strcmp(argv[1], "first_kill") == 0 && argc > 2) first_kill(argv[2]);
+    else if (strcmp(argv[1], "kill_traffic") == 0 && argc > 2) kill_traffic(argv[2]);
+    else if (strcmp(argv[1], "traffic") == 0) traffic();
+#endif
     else return 2;
     fflush(stdout);
     return failures == 0 ? 0 : 1;
