@@ -213,7 +213,10 @@ impl Drop for ReleaseOnExit {
 fn record() -> Option<&'static Record> {
     if let Some(tp) = thread_pointer() {
         let r = &RECORDS_TABLE[home(tp)];
-        // Acquire: pairs with the Release clear of a previous owner leaving (above).
+        // Acquire: a matching tag is our own store (the slow path's) or a dead thread's that
+        // no live thread clears; what makes a match ours is that live threads' thread pointers
+        // differ and a thread clears its tag (Release, above) before its thread pointer can be
+        // reused (thread exit and creation order the two).
         if r.tag.load(Ordering::Acquire) == tp {
             return Some(r);
         }
@@ -229,7 +232,7 @@ fn home(tp: usize) -> usize {
 }
 
 /// The calling thread's thread pointer (the x86_64 ELF TLS ABI keeps it at `%fs:0`).
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(target_arch = "x86_64", target_pointer_width = "64", target_os = "linux"))]
 #[inline(always)]
 fn thread_pointer() -> Option<usize> {
     let tp: usize;
@@ -241,7 +244,7 @@ fn thread_pointer() -> Option<usize> {
     (tp != 0).then_some(tp)
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[cfg(not(all(target_arch = "x86_64", target_pointer_width = "64", target_os = "linux")))]
 #[inline(always)]
 fn thread_pointer() -> Option<usize> {
     None
@@ -270,7 +273,8 @@ fn record_slow() -> Option<&'static Record> {
         // Acquire: pairs with the Release store of a previous owner leaving.
         if r.owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
             MINE.with(|m| m.set(r as *const Record as usize));
-            // Relaxed: only this thread compares it to its own thread pointer (see `record`).
+            // Relaxed: any thread with this home index reads it, but only one whose thread
+            // pointer is `tp` (this thread, while it lives) can find it equal (see `record`).
             r.tag.store(tp.unwrap_or(0), Ordering::Relaxed);
             return Some(r);
         }

@@ -21,12 +21,17 @@
 //! (mapping the same object at the same place twice is harmless).
 //!
 //! # Handles and unmapping a deleted section
-//! * `handles[slot]` counts live `Section` handles. [`Mapping::map_held`] increments it
-//!   (Release, under `lock`); [`Mapping::release`] decrements it (AcqRel).
+//! * `handles[slot]` counts live `Section` handles (and exit-flush pins,
+//!   [`Mapping::hold_if_mapped`]). [`Mapping::map_held`] increments it (Release, under
+//!   `lock`); [`Mapping::release`] decrements it (SeqCst).
 //! * `unmap_when_unused[slot]` is the generation this process deleted (or saw removed) while
 //!   handles were held. The last handle's release, or the removal itself when no handle is
 //!   held, gives the range back to a bare reservation ([`Mapping::forget_removed`]); the flag
 //!   and the mapping word are re-checked under `lock`, so a handle taken meanwhile keeps it.
+//!   The removal stores the flag then reads the count; the last release decrements the count
+//!   then reads the flag: all four SeqCst, so at least one of the two sees the other's write
+//!   and unmaps (with weaker orderings each could miss the other, the store still in its
+//!   core's store buffer, and the section would stay mapped until the detach).
 //!
 //! # Protection changed by this process (`protected[slot]`)
 //! The generation whose protection `Section::protect` changed here (0: none), stored under
@@ -48,6 +53,9 @@ const BUSY: u64 = 1 << 63;
 /// (`heap/cache.rs`) remember it, and one that finds it changed does not touch its heap again
 /// (the heap may be gone from this process).
 pub(crate) static UNMAP_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// How long [`Mapping::hold_if_mapped`] waits for the mapping lock before it gives up.
+const HOLD_PATIENCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub(crate) fn note_unmap() {
     // Relaxed: a counter compared for equality only.
@@ -99,6 +107,34 @@ impl Mapping {
 
     fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The mapping lock for a thread-exit path that touches section memory without a handle
+    /// (see [`crate::domain::if_still_mapped`]): while held, nothing of this attachment is
+    /// unmapped. None after `HOLD_PATIENCE` (as in [`Mapping::hold_if_mapped`]).
+    pub(crate) fn lock_for_exit(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.guard_within(HOLD_PATIENCE)
+    }
+
+    /// `lock`, if it can be had within `patience` (polled: std's mutex has no timed lock).
+    fn guard_within(&self, patience: std::time::Duration) -> Option<std::sync::MutexGuard<'_, ()>> {
+        let start = std::time::Instant::now();
+        let mut tries = 0u32;
+        loop {
+            match self.lock.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            tries += 1;
+            if tries < 64 {
+                std::thread::yield_now();
+            } else if start.elapsed() > patience {
+                return None;
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
     }
 
     /// Whether generation `rec.generation` of the section is mapped in this process. A hint:
@@ -171,9 +207,14 @@ impl Mapping {
     /// Takes one handle on section `rec` (released with [`Mapping::release`]) if this process
     /// has it mapped; false (nothing taken) otherwise. Never maps: for code that must not touch
     /// a section unless it is still there, such as a thread cache's exit flush (`heap/cache.rs`).
+    ///
+    /// Gives up (false) if `lock` stays taken for `HOLD_PATIENCE`: in a forked child it may be
+    /// held for good by a parent thread that does not exist there, and a thread exiting must
+    /// not hang on it (skipping the flush is always allowed).
     pub(crate) fn hold_if_mapped(&self, rec: &SectionRecord) -> bool {
-        let _guard = self.guard();
-        // Relaxed: changed only under `lock`, which we hold.
+        let Some(_guard) = self.guard_within(HOLD_PATIENCE) else { return false };
+        // Relaxed: only an unmapping (under `lock`, which we hold) moves the word away from
+        // `gen`; `fault_in` changes it lock-free only while it is not `gen`.
         if self.mapped[rec.slot as usize].load(Ordering::Relaxed) != rec.generation {
             return false;
         }
@@ -220,9 +261,9 @@ impl Mapping {
     /// Releases one handle taken by [`Mapping::map_held`]. The last handle to a section this
     /// process removed meanwhile unmaps it.
     pub(crate) fn release(&self, rec: &SectionRecord, registry: &Registry) {
-        // AcqRel: the last handle's decrement must see a concurrent removal's flag (checked
-        // again under `lock` in `unmap_deleted`).
-        if self.handles[rec.slot as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
+        // SeqCst: the last handle's decrement and its read of the flag (in `unmap_deleted`)
+        // against a concurrent removal's store of the flag and read of the count (module docs).
+        if self.handles[rec.slot as usize].fetch_sub(1, Ordering::SeqCst) == 1 {
             self.unmap_deleted(rec, registry);
         }
     }
@@ -231,10 +272,10 @@ impl Mapping {
     /// this process's last handle to it is released.
     pub(crate) fn forget_removed(&self, rec: &SectionRecord, registry: &Registry) {
         let slot = rec.slot as usize;
-        // Relaxed: the flag is re-checked under `lock` by the last handle's release.
-        self.unmap_when_unused[slot].store(rec.generation, Ordering::Relaxed);
-        // Acquire: pairs with the Release increment in `map_held`.
-        if self.handles[slot].load(Ordering::Acquire) == 0 {
+        // SeqCst: against the last handle's release (module docs, "Handles").
+        self.unmap_when_unused[slot].store(rec.generation, Ordering::SeqCst);
+        // SeqCst: as above; also pairs with the Release increment in `map_held`.
+        if self.handles[slot].load(Ordering::SeqCst) == 0 {
             self.unmap_deleted(rec, registry);
         }
     }
@@ -244,8 +285,9 @@ impl Mapping {
     fn unmap_deleted(&self, rec: &SectionRecord, registry: &Registry) {
         let _guard = self.guard();
         let slot = rec.slot as usize;
-        // Relaxed: both words are only changed under `lock` (or are hints).
-        if self.unmap_when_unused[slot].load(Ordering::Relaxed) != rec.generation
+        // SeqCst for the flag: a removal stores it without `lock` (module docs, "Handles");
+        // the mapping word is only changed under `lock` (or is a hint).
+        if self.unmap_when_unused[slot].load(Ordering::SeqCst) != rec.generation
             || self.mapped[slot].load(Ordering::Relaxed) != rec.generation
             || self.handles[slot].load(Ordering::Acquire) != 0
         {

@@ -595,8 +595,9 @@ impl Drop for LocalCache {
         // section mapped until we are done (an unmapping meanwhile waits for our release).
         let Some(_pin) = crate::domain::pin_section_at(self.section as usize) else { return };
         // Relaxed: the pin took the mapping lock, under which every unmapping of a section
-        // bumps the epoch; unchanged, nothing was unmapped between the cache's making and the
-        // pin, so the section pinned is the mapping the cache was made on.
+        // bumps the epoch; unchanged, nothing was unmapped here between the cache's making
+        // and the pin. (A later section of the same slot can still have been mapped over it
+        // in place, after another process deleted the heap: the instance check below tells.)
         if self.epoch != crate::domain::UNMAP_EPOCH.load(Ordering::Relaxed) {
             return;
         }
