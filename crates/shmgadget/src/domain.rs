@@ -638,6 +638,31 @@ pub(crate) fn pin_section_at(addr: usize) -> Option<SectionPin> {
     domain.inner.mapping.hold_if_mapped(&rec).then_some(SectionPin { domain, rec })
 }
 
+/// Runs `f`, which touches memory at `addr` that the caller holds no handle to (a lock that an
+/// exiting thread still holds because its guard was leaked), only if that memory is still
+/// mapped as it was at unmap epoch `since` (read when the caller last knew it mapped): nothing
+/// was unmapped in this process since. When `addr` lies in an attached domain's window, `f`
+/// runs under that attachment's mapping lock and with a handle on the domain, so no unmapping
+/// can start meanwhile. Returns whether `f` ran.
+pub(crate) fn if_still_mapped(addr: usize, since: u64, f: impl FnOnce()) -> bool {
+    // A real handle, dropped after the table lock (its drop may detach the domain).
+    let domain = attached().values().find(|d| d.contains(addr)).map(|inner| Domain { inner: inner.clone() });
+    let _guard = match &domain {
+        Some(d) => match d.inner.mapping.lock_for_exit() {
+            Some(g) => Some(g),
+            None => return false,
+        },
+        None => None,
+    };
+    // Relaxed: every unmapping of section memory bumps it under the mapping lock (held, in a
+    // window) or the attached table's lock (a window released; taken above).
+    if UNMAP_EPOCH.load(std::sync::atomic::Ordering::Relaxed) != since {
+        return false;
+    }
+    f();
+    true
+}
+
 /// For code that reads section memory found from a bare address (a heap header behind a
 /// `ShmAlloc` read from shared memory, a block handed over through a queue): makes sure
 /// `[addr, addr + len)` is mapped when this process has an eager domain attached, where no

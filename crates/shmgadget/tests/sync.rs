@@ -485,3 +485,64 @@ fn a_thread_that_exits_holding_the_lock_is_reported_in_its_own_and_other_process
         }
     }
 }
+
+/// A guard leaked with `mem::forget` keeps its lock until its thread exits, and the exit
+/// releases it as a dead holder's (the next locker gets `OwnerDied`). If the lock's section was deleted and unmapped
+/// meanwhile, the exit leaves the gone memory alone instead of writing to it (a SIGSEGV in the
+/// child before the thread-exit path checked).
+#[test]
+fn a_leaked_guard_is_released_at_thread_exit_unless_its_section_was_unmapped_first() {
+    const TEST: &str = "a_leaked_guard_is_released_at_thread_exit_unless_its_section_was_unmapped_first";
+    match role().as_deref() {
+        Some("leaker") => {
+            let d = Domain::attach_with(&child_domain(), &DomainOptions { must_exist: true, ..small(GIB) }).unwrap();
+            // One thread that takes the lock of section `name`, leaks its guard and drops its
+            // handle, then exits when told.
+            let leak = |name: &'static str| {
+                let (d, (held_tx, held_rx), (go_tx, go_rx)) =
+                    (d.clone(), std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+                let t = std::thread::spawn(move || {
+                    let s = d.open_section(name).unwrap();
+                    std::mem::forget(s.at::<Mutex<u64>>(0).unwrap().lock().unwrap());
+                    drop(s);
+                    held_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                });
+                held_rx.recv().unwrap();
+                (t, go_tx)
+            };
+            let opts = SectionOptions::new().transient();
+            // Still mapped at the exit: released.
+            let kept = d.create_section("kept", 1 << 20, &opts).unwrap();
+            let m = kept.at::<Mutex<u64>>(0).unwrap();
+            assert!(m.init(1).unwrap());
+            let (t, go) = leak("kept");
+            assert!(matches!(m.try_lock(), Err(LockError::WouldBlock)), "the leaked guard holds it");
+            go.send(()).unwrap();
+            t.join().unwrap();
+            match m.lock() {
+                Err(LockError::OwnerDied(g)) => assert_eq!(*g, 1),
+                other => panic!("the exit releases the lock as its holder's death: {other:?}"),
+            }
+            // Deleted and unmapped before the exit: left alone, and the process carries on.
+            let gone = d.create_section("gone", 1 << 20, &opts).unwrap();
+            assert!(gone.at::<Mutex<u64>>(0).unwrap().init(2).unwrap());
+            let (t, go) = leak("gone");
+            drop(gone);
+            d.delete_section("gone").unwrap();
+            go.send(()).unwrap();
+            t.join().unwrap();
+            drop(kept);
+            d.delete_section("kept").unwrap();
+            println!("EXITED=2");
+        }
+        _ => {
+            let domain = unique_domain("leakedguard");
+            let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+            let report = run(TEST, "leaker", &domain, &[]);
+            assert_eq!(report.get("EXITED").map(String::as_str), Some("2"));
+            d.detach().unwrap();
+            assert_clean(&domain);
+        }
+    }
+}

@@ -57,7 +57,14 @@
 //! Neither is "without disturbing glibc's list", so death is found by the liveness token.
 //!
 //! Memory holding a lock that a thread holds must stay mapped until that thread releases it
-//! or exits (its exit releases it, writing to it).
+//! or exits (its exit releases it, writing to it). Safe code can break this: a guard leaked
+//! with `mem::forget` holds the lock and borrows nothing, so the section can be unmapped before
+//! the thread exits. So the exit releases its locks only if nothing of this process's section
+//! memory was unmapped since the oldest of them was taken (the unmap epoch, recorded when the
+//! thread's list goes from empty to one lock), under the mapping lock of the domain whose
+//! window holds each ([`crate::domain::if_still_mapped`]); otherwise it leaves them held (the
+//! memory may be gone; a lock in a section that is still mapped elsewhere is then taken over
+//! when this process dies).
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -217,24 +224,21 @@ struct ThreadLocks {
     len: Cell<usize>,
     held: [Cell<usize>; MAX_HELD],
     more: std::cell::RefCell<Vec<usize>>,
+    /// The unmap epoch when the list last went from empty to one lock (see the module docs).
+    epoch: Cell<u64>,
 }
 
 impl Drop for ThreadLocks {
     fn drop(&mut self) {
         // The real thread id, not the cache: a forked child's cache may still name its parent.
         let me = os::current_tid();
+        let since = self.epoch.get();
         for i in 0..self.len.get() {
-            let addr = self.held[i].get();
-            // SAFETY: listed by `remember` while this thread held the lock at `addr` and not
-            // yet removed by `forget`, so the lock is still held by this thread (or, in a
-            // forked child, by the parent, which `abandon` checks); its memory stays mapped
-            // while held (module docs).
-            unsafe { &*(addr as *const RobustLock) }.abandon(me);
+            abandon_at(self.held[i].get(), since, me);
         }
         self.len.set(0);
         for addr in self.more.take() {
-            // SAFETY: as above.
-            unsafe { &*(addr as *const RobustLock) }.abandon(me);
+            abandon_at(addr, since, me);
         }
     }
 }
@@ -247,6 +251,7 @@ thread_local! {
             len: Cell::new(0),
             held: [const { Cell::new(0) }; MAX_HELD],
             more: std::cell::RefCell::new(Vec::new()),
+            epoch: Cell::new(0),
         }
     };
 }
@@ -262,6 +267,35 @@ impl ThreadLocks {
         }
         self.tid.get()
     }
+}
+
+/// Releases, at thread exit, the lock at `addr` that this thread still holds (thread `me`),
+/// if its memory is still mapped (module docs); `since`: the unmap epoch when it was taken or
+/// earlier.
+#[cfg(not(loom))]
+fn abandon_at(addr: usize, since: u64, me: u32) {
+    crate::domain::if_still_mapped(addr, since, || {
+        // SAFETY: listed by `remember` while this thread held the lock at `addr` and not yet
+        // removed by `forget`, so the lock is still held by this thread (or, in a forked
+        // child, by the parent, which `abandon` checks); nothing was unmapped since it was
+        // taken, and nothing can be while this runs (`if_still_mapped`), so it is mapped.
+        unsafe { &*(addr as *const RobustLock) }.abandon(me)
+    });
+}
+
+#[cfg(loom)]
+fn abandon_at(_addr: usize, _since: u64, _me: u32) {}
+
+#[cfg(not(loom))]
+#[inline]
+fn unmap_epoch() -> u64 {
+    // Relaxed: compared for equality at this thread's exit (see `if_still_mapped`).
+    crate::domain::UNMAP_EPOCH.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(loom)]
+fn unmap_epoch() -> u64 {
+    0
 }
 
 /// This thread's id, for the lock word.
@@ -384,6 +418,9 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         let addr = self as *const Self as usize;
         let _ = LOCKS.try_with(|t| {
             let n = t.len.get();
+            if n == 0 && t.more.borrow().is_empty() {
+                t.epoch.set(unmap_epoch());
+            }
             if n < MAX_HELD {
                 t.held[n].set(addr);
                 t.len.set(n + 1);
