@@ -39,7 +39,11 @@
 //! the slot is unmapped. The fault handler reads it (relaxed) and passes a fault on a marked,
 //! mapped section on instead of mapping it again, which would undo the protection.
 //!
-//! Every unmapping bumps [`UNMAP_EPOCH`] (heap thread caches watch it).
+//! Every unmapping, and every explicit map of a generation over an older one still mapped,
+//! bumps [`UNMAP_EPOCH`] (heap thread caches and the exit of a thread holding locks watch it).
+//! A first touch that maps a new generation over an older one (`fault_in`, lock-free) does not
+//! (a section re-created in the same slot by another process, larger, touched past the old end
+//! here while the old one is still mapped).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -50,8 +54,8 @@ use crate::registry::{Registry, SectionRecord};
 const BUSY: u64 = 1 << 63;
 
 /// Counts unmappings of section memory in this process. Thread caches of heap blocks
-/// (`heap/cache.rs`) remember it, and one that finds it changed does not touch its heap again
-/// (the heap may be gone from this process).
+/// (`heap/cache.rs`) and threads holding robust locks (`sync/robust.rs`) remember it, and one
+/// that finds it changed does not touch that memory again (it may be gone from this process).
 pub(crate) static UNMAP_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// How long [`Mapping::hold_if_mapped`] waits for the mapping lock before it gives up.
@@ -196,8 +200,13 @@ impl Mapping {
                 // SAFETY: as above.
                 unsafe { os::map_file_fixed(object, addr, rec.reserved as usize, data_offset) }?;
             }
-            // Relaxed: see `is_mapped`.
-            self.mapped[rec.slot as usize].store(rec.generation, Ordering::Relaxed);
+            // Relaxed: see `is_mapped`. Changed under `lock`, which we hold.
+            let before = self.mapped[rec.slot as usize].swap(rec.generation, Ordering::Relaxed);
+            if before != 0 {
+                // An older generation of the slot was mapped here and is now replaced: its
+                // memory is gone for whoever still used it (the epoch's watchers).
+                note_unmap();
+            }
         }
         // Release: pairs with the Acquire loads in `forget_removed`/`unmap_deleted`.
         self.handles[rec.slot as usize].fetch_add(1, Ordering::Release);

@@ -418,7 +418,8 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         let addr = self as *const Self as usize;
         let _ = LOCKS.try_with(|t| {
             let n = t.len.get();
-            if n == 0 && t.more.borrow().is_empty() {
+            // `more` is empty whenever `held` is not full (see `forget`).
+            if n == 0 {
                 t.epoch.set(unmap_epoch());
             }
             if n < MAX_HELD {
@@ -450,11 +451,24 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
                 if t.held[i].get() == addr {
                     t.held[i].set(t.held[n - 1].get());
                     t.len.set(n - 1);
+                    if n == MAX_HELD {
+                        Self::refill_from_more(t);
+                    }
                     return;
                 }
             }
             Self::forget_more(t, addr);
         });
+    }
+
+    /// Keeps `more` empty while `held` is not full: moves one of `more`'s locks into the slot
+    /// just freed (`remember` relies on it).
+    #[cold]
+    fn refill_from_more(t: &ThreadLocks) {
+        if let Some(addr) = t.more.borrow_mut().pop() {
+            t.held[MAX_HELD - 1].set(addr);
+            t.len.set(MAX_HELD);
+        }
     }
 
     #[cold]
@@ -617,5 +631,50 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         // Relaxed: written under the lock.
         self.died.store(0, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// This thread's held list, in no particular order, and whether `more` is in use.
+    fn listed() -> (Vec<usize>, usize) {
+        LOCKS.with(|t| {
+            let mut v: Vec<usize> = (0..t.len.get()).map(|i| t.held[i].get()).collect();
+            let more = t.more.borrow().len();
+            v.extend(t.more.borrow().iter().copied());
+            v.sort_unstable();
+            (v, more)
+        })
+    }
+
+    #[test]
+    fn the_held_list_names_exactly_the_locks_held_and_spills_only_when_full() {
+        // SAFETY: a lock is atomics only; all zero is a free, consistent lock.
+        let locks: Vec<RobustLock> = (0..3 * MAX_HELD).map(|_| unsafe { std::mem::zeroed() }).collect();
+        std::thread::spawn(move || {
+            for l in &locks {
+                assert!(l.try_lock(0).unwrap().is_some());
+            }
+            assert_eq!(listed().1, 2 * MAX_HELD, "past MAX_HELD the list spills");
+            // Unlock the first ones taken (in `held`): each frees a slot that `more` refills.
+            let mut held: Vec<usize> = locks.iter().map(|l| l as *const RobustLock as usize).collect();
+            for l in &locks[..2 * MAX_HELD + 3] {
+                // SAFETY: this thread holds it.
+                unsafe { l.unlock() };
+                held.retain(|&a| a != l as *const RobustLock as usize);
+                let (now, more) = listed();
+                assert_eq!(now, held, "the list is the locks still held");
+                assert!(more == 0 || now.len() > MAX_HELD, "`more` is used only while `held` is full");
+            }
+            for l in &locks[2 * MAX_HELD + 3..] {
+                // SAFETY: as above.
+                unsafe { l.unlock() };
+            }
+            assert_eq!(listed(), (Vec::new(), 0));
+        })
+        .join()
+        .unwrap();
     }
 }
