@@ -644,6 +644,7 @@ pub(crate) fn pin_section_at(addr: usize) -> Option<SectionPin> {
 /// was unmapped in this process since. When `addr` lies in an attached domain's window, `f`
 /// runs under that attachment's mapping lock and with a handle on the domain, so no unmapping
 /// can start meanwhile. Returns whether `f` ran.
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn if_still_mapped(addr: usize, since: u64, f: impl FnOnce()) -> bool {
     // A real handle, dropped after the table lock (its drop may detach the domain).
     let domain = attached().values().find(|d| d.contains(addr)).map(|inner| Domain { inner: inner.clone() });

@@ -116,6 +116,7 @@ impl Mapping {
     /// The mapping lock for a thread-exit path that touches section memory without a handle
     /// (see [`crate::domain::if_still_mapped`]): while held, nothing of this attachment is
     /// unmapped. None after `HOLD_PATIENCE` (as in [`Mapping::hold_if_mapped`]).
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn lock_for_exit(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
         self.guard_within(HOLD_PATIENCE)
     }
