@@ -627,15 +627,16 @@ impl Drop for SectionPin {
 /// handle's drop unmaps it, and the domain stays attached. None when no attached domain has
 /// a live section starting at `addr` mapped here; nothing is mapped to make one.
 pub(crate) fn pin_section_at(addr: usize) -> Option<SectionPin> {
-    let (domain, rec) = {
-        let table = attached();
-        let inner = table.values().find(|d| d.contains(addr))?;
-        let off = (addr - inner.window_base as usize) as u64;
-        let rec = inner.registry.lookup_offset(off).filter(|rec| rec.offset == off)?;
-        // A real handle, dropped after the table lock (its drop may detach the domain).
-        (Domain { inner: inner.clone() }, rec)
-    };
+    let domain = domain_covering(addr)?;
+    let off = (addr - domain.inner.window_base as usize) as u64;
+    let rec = domain.inner.registry.lookup_offset(off).filter(|rec| rec.offset == off)?;
     domain.inner.mapping.hold_if_mapped(&rec).then_some(SectionPin { domain, rec })
+}
+
+/// A handle on the attached domain whose window holds `addr`: while it lives the domain stays
+/// attached. Taken under the table lock and returned after it (its drop may detach the domain).
+fn domain_covering(addr: usize) -> Option<Domain> {
+    attached().values().find(|d| d.contains(addr)).map(|inner| Domain { inner: inner.clone() })
 }
 
 /// Runs `f`, which touches memory at `addr` that the caller holds no handle to (a lock that an
@@ -646,8 +647,7 @@ pub(crate) fn pin_section_at(addr: usize) -> Option<SectionPin> {
 /// can start meanwhile. Returns whether `f` ran.
 #[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn if_still_mapped(addr: usize, since: u64, f: impl FnOnce()) -> bool {
-    // A real handle, dropped after the table lock (its drop may detach the domain).
-    let domain = attached().values().find(|d| d.contains(addr)).map(|inner| Domain { inner: inner.clone() });
+    let domain = domain_covering(addr);
     let _guard = match &domain {
         Some(d) => match d.inner.mapping.lock_for_exit() {
             Some(g) => Some(g),
