@@ -8,7 +8,7 @@ mod common;
 use std::alloc::Layout;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shmgadget::heap::{AREA_OFFSET, Heap};
 use shmgadget::{Domain, DomainOptions};
@@ -93,18 +93,8 @@ fn the_c_interface_on_a_damaged_heap_returns_errors_never_crashes() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("seed {seed} ({what}): the C program did not finish within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
+        let status =
+            common::wait_bounded(&mut child, Duration::from_secs(10), &format!("seed {seed} ({what}): the C program"));
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(

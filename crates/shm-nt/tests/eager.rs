@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shmgadget::Domain;
 use shmgadget::heap::Heap;
@@ -39,17 +39,7 @@ fn an_eager_c_program_frees_and_reallocs_blocks_of_a_heap_created_after_it_attac
     unsafe { (0..LEN).for_each(|i| b.as_ptr().add(i).write((i % 251) as u8)) };
     writeln!(child.stdin.as_mut().unwrap(), "{:#x} {:#x} {LEN}", a.as_ptr() as usize, b.as_ptr() as usize).unwrap();
 
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("the C program did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = common::wait_bounded(&mut child, Duration::from_secs(60), "the C program");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap_or_default();
     let checked = heap.check();

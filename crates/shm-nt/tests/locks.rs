@@ -3,6 +3,8 @@
 //! (instead of waiting for ever), each naming the lock; after `gc --force` both work again.
 //! Every step runs in its own process.
 
+mod common;
+
 use std::ffi::{CStr, CString};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -33,18 +35,7 @@ fn role(dir: &ShmDir, domain: &str, role: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("role {role}: still running after 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = common::wait_bounded(&mut child, Duration::from_secs(10), &format!("role {role}"));
     let out = child.wait_with_output().unwrap();
     let so = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn a_c_prefork_server_with_four_workers_survives_a_killed_worker_and_its_own_exit() {
@@ -13,17 +13,7 @@ fn a_c_prefork_server_with_four_workers_survives_a_killed_worker_and_its_own_exi
     let domain = format!("cnt-prefork-{}", std::process::id());
     let mut child =
         common::launch(&exe).env("SHMGADGET_DOMAIN", &domain).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(240) {
-            let _ = child.kill();
-            panic!("the prefork server did not finish within 240 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_bounded(&mut child, Duration::from_secs(240), "the prefork server");
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(status.success(), "the prefork server failed: {status}; {text}");

@@ -8,6 +8,8 @@
 // `unsigned long` is 64 bits here but 32 on Windows: keep the casts.
 #![allow(clippy::unnecessary_cast)]
 
+mod common;
+
 use std::ffi::CStr;
 use std::os::raw::c_void;
 use std::process::Command;
@@ -32,23 +34,8 @@ fn run_child(role: &str) {
         .env("SHMGADGET_DOMAIN", &domain)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{role}: the child hung (watchdog)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let prefix = format!("shmgadget.{domain}:");
-    let left: Vec<String> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
+    let status = common::wait_bounded(&mut child, Duration::from_secs(120), &format!("{role}: the child"));
+    let left = common::leftovers(&domain);
     if !left.is_empty() {
         let opts = shmgadget::DomainOptions { must_exist: true, ..Default::default() };
         if let Ok(d) = shmgadget::Domain::attach_with(&domain, &opts) {

@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
 
 /// Where the freshly built `libshm_nt.so` is: the test binary lives in `target/<profile>/deps`,
 /// next to it.
@@ -43,6 +44,22 @@ pub fn launch(exe: &Path) -> Command {
     let mut c = Command::new(exe);
     c.env("LD_LIBRARY_PATH", lib_dir());
     c
+}
+
+/// Waits for `child`, at most `limit`: past it, kills it and fails the test naming `what`.
+pub fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The objects of `domain` still in `/dev/shm`.
