@@ -596,8 +596,9 @@ impl Drop for LocalCache {
         let Some(_pin) = crate::domain::pin_section_at(self.section as usize) else { return };
         // Relaxed: the pin took the mapping lock, under which every unmapping of a section
         // bumps the epoch; unchanged, nothing was unmapped here between the cache's making
-        // and the pin. (A later section of the same slot can still have been mapped over it
-        // in place, after another process deleted the heap: the instance check below tells.)
+        // and the pin. (A first touch can still have mapped a later section of the same slot
+        // over it in place, lock-free, after another process deleted the heap: see
+        // `attachment/mapping.rs`. The instance check below tells.)
         if self.epoch != crate::domain::UNMAP_EPOCH.load(Ordering::Relaxed) {
             return;
         }
