@@ -580,6 +580,14 @@ pub(crate) fn token_alive_at(addr: usize, token: u64) -> Option<bool> {
     attachment_covering(addr).map(|inner| inner.registry.proc_alive(token))
 }
 
+/// Whether every thread that may hold a lock in the window of the attached domain holding
+/// `addr` is a thread of this process's pid namespace ([`Registry::threads_visible`]): then a
+/// lock word naming a thread that does not exist here names a dead holder. `false` outside
+/// any attached domain. A slow path: scans the process table.
+pub(crate) fn threads_visible_at(addr: usize) -> bool {
+    attachment_covering(addr).is_some_and(|inner| inner.registry.threads_visible(crate::sync::robust::my_namespace()))
+}
+
 /// The start address, kind and reserved length of the live section covering `addr`, in a domain attached by
 /// this process, mapped in this process: if it is not yet, it is mapped now (in an eager domain
 /// nothing would map it on first touch, and mapping here turns any failure into an error

@@ -275,7 +275,7 @@ pub fn registry_seeds() -> Vec<Vec<u8>> {
         let reg = Registry::create(dir, REGISTRY_DOMAIN, &params).expect("a seed registry");
         {
             let g = reg.lock().expect("the seed registry's lock");
-            let _ = g.register_proc(4242);
+            let _ = g.register_proc(4242, 0);
             let kinds = [SectionKind::Raw, SectionKind::Heap, SectionKind::Queue];
             let mut recs = Vec::new();
             for i in 0..sections {

@@ -37,6 +37,7 @@ use crate::error::{Error, ErrorKind, Result, bail};
 use crate::names;
 use crate::os::{self, ErrorExt};
 use crate::registry::{self, Lifetime, Registry, SectionRecord};
+use crate::sync::robust::my_namespace;
 
 pub(crate) use mapping::{FaultIn, Mapping, UNMAP_EPOCH, note_unmap};
 
@@ -88,7 +89,7 @@ impl Attachment {
     ) -> Result<Attachment> {
         let registered = os::TokenCell::new()
             .map_err(|e| Error::from_io("cannot hold one more liveness token", e))
-            .and_then(|cell| registry.lock()?.register_proc(os::current_pid()).map(|t| (cell, t)));
+            .and_then(|cell| registry.lock()?.register_proc(os::current_pid(), my_namespace()).map(|t| (cell, t)));
         let ident = match registered {
             Ok((cell, (token, object))) => {
                 cell.install(object, token.0);
@@ -137,7 +138,7 @@ impl Attachment {
             return t;
         }
         let registered = lock_dir(&self.shm_dir).and_then(|_dir_lock| {
-            let (token, object) = self.registry.lock()?.register_proc(os::current_pid())?;
+            let (token, object) = self.registry.lock()?.register_proc(os::current_pid(), my_namespace())?;
             self.ident.install(object, token.0);
             Ok(token.0)
         });
@@ -151,8 +152,10 @@ impl Attachment {
     /// happen and hands it to the token cell as pending (see the module docs). Best effort.
     pub(crate) fn prepare_fork_child(&self) {
         let _ident = self.ident_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // The child's namespace is ours unless this process unshared a new one for children.
+        let child_ns = if os::children_share_pid_namespace() { my_namespace() } else { 0 };
         let Ok(guard) = self.registry.lock() else { return };
-        let Ok((token, object)) = guard.register_proc(os::current_pid()) else { return };
+        let Ok((token, object)) = guard.register_proc(os::current_pid(), child_ns) else { return };
         let Some(pid_word) = self.registry.proc_pid_word(token.0) else { return };
         // SAFETY: the pid word lies in the registry mapping. Before that mapping goes away the
         // pending token is cleared (teardown clears the cell, and `ident` is dropped before

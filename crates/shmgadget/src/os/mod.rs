@@ -23,7 +23,7 @@
 //! | reservation (`reserve`) | [`reserve_fixed`], [`restore_reservation`], [`ReserveError`] | an address range held without memory, never replacing someone else's mapping, and given back to that state |
 //! | locks (`lock`) | [`DirLock`] (the global lock of one shm directory, released by the kernel when its holder dies) | the locks inside shared memory are shmgadget's own (`sync::robust`), built on waiting on a shared word |
 //! | liveness (`liveness`) | [`TokenCell`], [`Object::try_lock_byte`], [`Object::byte_is_locked`], [`Object::any_byte_locked`], [`install_fork_handlers`], [`fork_generation`], [`token_for_address`] | a token per registration that the kernel drops when its process dies, that a forked child does not inherit, and that any process can test |
-//! | process (`process`) | [`current_pid`], [`current_tid`], [`effective_uid`], [`thread_exists`], [`thread_alive`], [`thread_group`], [`proc_pid_namespace`], [`THREAD_IDS_MACHINE_WIDE`] | ids a lock holder records about itself, and whether a thread still runs |
+//! | process (`process`) | [`current_pid`], [`current_tid`], [`effective_uid`], [`thread_exists`], [`thread_alive`], [`thread_group`], [`proc_pid_namespace`], [`children_share_pid_namespace`], [`THREAD_IDS_MACHINE_WIDE`] | ids a lock holder records about itself, and whether a thread still runs |
 //! | waiting on a shared word (`wait`) | [`futex_wait`], [`futex_wake`], [`FutexWait`] | sleep while a 32-bit word in shared memory holds a value; wake sleepers in any process |
 //! | faults (`fault`) | [`install_fault_hook`], [`fault_hook_installed`], [`FaultHook`], [`FaultSignal`], [`write_stderr`], [`ensure_signal_stack`], [`signal_stack_room`] | a hook run on an access to an unmapped page of our window that may map it and retry the access; everything else chained to the previous handler; one async-signal-safe line on stderr |
 //! | time (`time`) | [`monotonic_now`] | a clock that never goes back |
@@ -76,6 +76,7 @@ pub use platform::{
     // mapping
     USER_ADDRESS_LIMIT,
     // process
+    children_share_pid_namespace,
     current_pid,
     current_tid,
     effective_uid,

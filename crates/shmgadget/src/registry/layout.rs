@@ -35,7 +35,8 @@ pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"SHMGREG\x01");
 /// 3: section entries carry their creator's token and a ready word (all-or-nothing creation).
 /// 5: the tables live in segments backed one by one as the domain grows (`segments_backed`).
 /// 6: the lock is shmgadget's own robust lock (`sync::robust`), not a glibc mutex.
-pub(super) const LAYOUT_VERSION: u32 = 7;
+/// 8: process entries carry their pid namespace (`pid_ns`).
+pub(super) const LAYOUT_VERSION: u32 = 8;
 pub(super) const READY: u32 = 0x5244_5921; // "RDY!"
 
 /// Entry states (see the table in the module docs).
@@ -205,7 +206,10 @@ pub(crate) struct ProcEntryShared {
     /// Bumped (never to 0) at each registration of this slot.
     pub(super) incarnation: AtomicU32,
     pub(super) attached_at: AtomicU64,
-    pub(super) _reserved: [AtomicU64; 5],
+    /// The process's pid namespace (`sync::robust::my_namespace`; 0: unknown), written before
+    /// its liveness token is taken (see `Registry::threads_visible`).
+    pub(super) pid_ns: AtomicU64,
+    pub(super) _reserved: [AtomicU64; 4],
 }
 
 const _: () = {
@@ -220,6 +224,7 @@ const _: () = {
     assert!(offset_of!(SectionEntryShared, ready) == 152);
     assert!(size_of::<ProcEntryShared>() == 64);
     assert!(offset_of!(ProcEntryShared, incarnation) == 12);
+    assert!(offset_of!(ProcEntryShared, pid_ns) == 24);
 };
 
 crate::header::assert_prefix!(RegistryShared, magic, layout_version, abi_fingerprint, ready);
@@ -252,7 +257,7 @@ pub(super) const SEGMENT_PROCS: u32 = 64;
 /// A hash of everything that decides the shared layout, so two builds that disagree on it
 /// refuse each other's registries instead of misreading them.
 pub(super) const ABI_FINGERPRINT: u32 = {
-    let parts: [u64; 19] = [
+    let parts: [u64; 20] = [
         LAYOUT_VERSION as u64,
         offset_of!(RegistryShared, flags) as u64,
         offset_of!(RegistryShared, segments_backed) as u64,
@@ -269,6 +274,7 @@ pub(super) const ABI_FINGERPRINT: u32 = {
         offset_of!(SectionEntryShared, committed) as u64,
         offset_of!(SectionEntryShared, creator_token) as u64,
         offset_of!(ProcEntryShared, attached_at) as u64,
+        offset_of!(ProcEntryShared, pid_ns) as u64,
         size_of::<RobustLock>() as u64,
         CHUNK,
         2, // name index: 2 buckets per section slot, linear probing, FNV-1a

@@ -784,4 +784,52 @@ mod tests {
     fn fingerprint_is_stable_within_a_build() {
         assert_ne!(ABI_FINGERPRINT, 0);
     }
+
+    /// `threads_visible`: thread ids speak for every possible lock holder only while every
+    /// live registration recorded our pid namespace and the registry lock is free or held by
+    /// a holder recorded there.
+    #[test]
+    fn thread_ids_speak_for_holders_only_while_every_live_registration_is_in_our_namespace() {
+        let mine = crate::sync::robust::my_namespace();
+        if mine == 0 {
+            eprintln!("skipped: the mounted /proc is not this process's pid namespace's");
+            return;
+        }
+        let tmp = std::env::temp_dir().join(format!("shmgadget-threads-visible-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let params = CreateParams {
+            window_base: MIN_WINDOW_BASE,
+            window_size: MIN_WINDOW_SIZE,
+            max_sections: 8,
+            max_procs: 8,
+            mode: 0o600,
+        };
+        let reg = Registry::create(os::Dir::open(&tmp).unwrap(), "tv", &params).unwrap();
+        assert!(reg.threads_visible(mine), "nobody registered");
+        assert!(!reg.threads_visible(0), "an unknown namespace is never ours");
+        let register = |ns| reg.lock().unwrap().register_proc(1, ns).unwrap().1;
+        let _ours = register(mine);
+        assert!(reg.threads_visible(mine));
+        let foreign = register(mine ^ 1);
+        assert!(!reg.threads_visible(mine), "a live registration of another namespace");
+        drop(foreign);
+        assert!(reg.threads_visible(mine), "a dead registration's threads are gone");
+        let unknown = register(0);
+        assert!(!reg.threads_visible(mine), "a live registration of an unknown namespace");
+        drop(unknown);
+        {
+            let _guard = reg.lock().unwrap();
+            assert!(reg.threads_visible(mine), "the registry lock held here, recorded in our namespace");
+        }
+        // SAFETY: the lock word is an AtomicU32 at offset 0 of the lock (asserted in
+        // `sync::robust`), and no thread uses this registry's lock meanwhile.
+        let word = unsafe { &*(&reg.header().lock as *const crate::sync::RobustLock as *const AtomicU32) };
+        // A holder that took the word and died before writing its record.
+        word.store(0x3fff_fff0, Ordering::Relaxed);
+        assert!(!reg.threads_visible(mine), "a registry lock holder nobody can place");
+        word.store(0, Ordering::Relaxed);
+        assert!(reg.threads_visible(mine));
+        drop(reg);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 }

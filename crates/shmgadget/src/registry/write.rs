@@ -497,8 +497,9 @@ impl RegistryGuard<'_> {
 
     /// Claims a process slot and takes its liveness token through a new open file description
     /// of the registry object. Returns the token and the descriptor holding its lock (closing
-    /// every descriptor of that description releases it). `pid` is recorded for display.
-    pub fn register_proc(&self, pid: u32) -> Result<(ProcToken, os::Object)> {
+    /// every descriptor of that description releases it). `pid` is recorded for display,
+    /// `pid_ns` (the process's pid namespace, 0: unknown) for [`Registry::threads_visible`].
+    pub fn register_proc(&self, pid: u32, pid_ns: u64) -> Result<(ProcToken, os::Object)> {
         let reg = self.reg;
         let h = reg.header();
         let object = names::registry_object(&reg.domain);
@@ -533,6 +534,8 @@ impl RegistryGuard<'_> {
                 n => n,
             };
             p.incarnation.store(incarnation, Ordering::Release);
+            // Relaxed: published with the incarnation (a reader asks the lock first).
+            p.pid_ns.store(pid_ns, Ordering::Relaxed);
             p.state.store(1, Ordering::Release);
             match fd.try_lock_byte(reg.proc_offset(slot)) {
                 Ok(true) => {}

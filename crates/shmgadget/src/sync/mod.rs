@@ -45,7 +45,7 @@ pub use mutex::{Acquired, LockError, Mutex, MutexGuard, RawMutex};
 pub use patience::LOCK_PATIENCE;
 pub(crate) use patience::{LOOK_EVERY, Stuck, describe_holder, holder_gone, lock_patiently};
 #[cfg(loom)]
-pub use robust::{LockOutcome as ModelLockOutcome, ModelRobustLock};
+pub use robust::{Liveness as ModelLiveness, LockOutcome as ModelLockOutcome, ModelRobustLock};
 pub(crate) use robust::{LockOutcome, RobustLock};
 pub use semaphore::{SEMAPHORE_MAX, Semaphore};
 

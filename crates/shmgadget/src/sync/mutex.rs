@@ -34,7 +34,10 @@
 //! row with the same lock word (so a holder that has just taken the lock and not yet recorded
 //! its token is never mistaken for it), it is reported as `Corrupt` at once; a holder that is
 //! alive but keeps the lock past the patience is reported as `Timeout`. Neither changes the
-//! lock: breaking it is the operator's `gc --force`.
+//! lock: breaking it is the operator's `gc --force`. (Before any of this, the lock itself
+//! takes over from a holder it can prove dead, `OwnerDied`: one whose record names a dead
+//! registration, and, in a domain whose every process shares our pid namespace, one whose
+//! word names a thread that is gone even with no record; see `robust.rs`.)
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
@@ -78,6 +81,21 @@ pub enum Acquired {
     OwnerDied,
 }
 
+/// A lock's holders, as the domain whose window holds the lock at this address knows them:
+/// tokens by its registry, and whether thread ids speak for every possible holder (see
+/// [`crate::domain::threads_visible_at`]).
+struct DomainLiveness(usize);
+
+impl super::robust::Liveness for DomainLiveness {
+    fn token_alive(&self, token: u64) -> Option<bool> {
+        crate::domain::token_alive_at(self.0, token)
+    }
+
+    fn threads_visible(&self) -> bool {
+        crate::domain::threads_visible_at(self.0)
+    }
+}
+
 impl RawMutex {
     /// Initialises the lock unless another process already did; returns whether this call did.
     pub fn init(&self) -> Result<bool> {
@@ -103,9 +121,9 @@ impl RawMutex {
         crate::domain::token_at(self as *const Self as usize)
     }
 
-    /// Whether a holder's token is alive, asked of the domain holding the lock.
-    fn token_alive(&self) -> impl Fn(u64) -> Option<bool> + '_ {
-        move |t| crate::domain::token_alive_at(self as *const Self as usize, t)
+    /// Whether a holder is alive, asked of the domain holding the lock.
+    fn token_alive(&self) -> DomainLiveness {
+        DomainLiveness(self as *const Self as usize)
     }
 
     #[inline]
@@ -174,7 +192,7 @@ impl RawMutex {
 
     /// [`try_lock`](Self::try_lock), asking `alive` whether a holder's token is alive (for a
     /// tool that has not attached the lock's domain: `gc` asks the registry it opened).
-    pub(crate) fn try_lock_with(&self, alive: &dyn Fn(u64) -> Option<bool>) -> Result<Option<Acquired>> {
+    pub(crate) fn try_lock_with(&self, alive: &dyn super::robust::Liveness) -> Result<Option<Acquired>> {
         self.header.check(MAGIC, WHAT)?;
         let token = self.my_token();
         match self.lock.try_lock_or_take_over(token, alive).map_err(|e| self.lock_error(e))? {

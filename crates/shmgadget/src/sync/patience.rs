@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::robust::{LockOutcome, RobustLock};
+use super::robust::{Liveness, LockOutcome, RobustLock};
 use crate::os;
 
 /// How often a bounded waiter wakes up to look at who holds the lock.
@@ -26,11 +26,12 @@ pub(crate) enum Stuck {
 /// holder named by the lock word `word` is not alive, or `None` if it may be. Call it after the
 /// caller's own spinning: it sleeps from the start.
 /// `token` is the caller's process token recorded as the holder's; `alive` answers whether a
-/// holder's token is alive (so a dead holder is taken over with `OwnerDied`, see `robust.rs`).
+/// holder's token is alive, or its thread visible (so a dead holder is taken over with
+/// `OwnerDied`, see `robust.rs`).
 pub(crate) fn lock_patiently(
     lock: &RobustLock,
     token: u64,
-    alive: &dyn Fn(u64) -> Option<bool>,
+    alive: &dyn Liveness,
     patience: Duration,
     mut gone: impl FnMut(u32) -> Option<String>,
 ) -> std::io::Result<std::result::Result<LockOutcome, Stuck>> {

@@ -28,11 +28,17 @@
 //!   contended wait costs one wake-up per 10 ms, not CPU.
 //! * Owner death, process: after a sleep that timed out on an unchanged word, the waiter looks
 //!   at the record. Only a record that agrees with the word (`owner_tid` == the word's thread,
-//!   and the word unchanged after reading it) is trusted: a word damaged by a stray write, or a
-//!   holder that died between its CAS and its record, is not taken over (bounded waits report
-//!   it as `Corrupt`, and `gc --force` breaks it, as before). A trusted record whose token is
-//!   no longer alive in the registry (the OFD lock on its byte, dropped by the kernel when the
-//!   process dies) is a dead holder: the waiter takes the lock with `CAS(word, seen, tid |
+//!   and the word unchanged after reading it) is trusted. A word with no such record (a holder
+//!   killed between its CAS and its record, or between clearing its record and freeing the
+//!   word; or a stray write) is judged by its thread id alone where that id means one thread
+//!   to every possible holder: on Windows (machine-wide ids), and in a domain whose every
+//!   possible holder is in the waiter's pid namespace ([`Liveness::threads_visible`]: every
+//!   live registration recorded that namespace, and the registry lock, under which an
+//!   unattached `gc` takes the domain's locks, is free or held there). A thread id with no live
+//!   thread there is then a dead holder, taken over as below. Anywhere else it is not taken
+//!   over (bounded waits report it as `Corrupt`, and `gc --force` breaks it). A trusted
+//!   record whose token is no longer alive in the registry (the OFD lock on its byte,
+//!   dropped by the kernel when the process dies) is a dead holder: the waiter takes the lock with `CAS(word, seen, tid |
 //!   WAITERS)` (only one waiter can win), sets `died` and is told [`LockOutcome::OwnerDied`].
 //!   A `kill -9` is seen within one sleep, about 10 ms. `try_lock_or_take_over` does the same
 //!   in one look. A holder without a token (a process registering in the registry, a tool
@@ -132,6 +138,27 @@ words!(std::sync::atomic::AtomicU32, std::sync::atomic::AtomicU64, os::futex_wai
 #[cfg(loom)]
 words!(loom::sync::atomic::AtomicU32, loom::sync::atomic::AtomicU64, super::shim::futex_wait, super::shim::futex_wake);
 
+/// What a waiter may ask about the holder of a lock (see "Owner death, process").
+pub trait Liveness {
+    /// Whether the process registration `token` is alive (`None`: cannot tell).
+    fn token_alive(&self, token: u64) -> Option<bool>;
+
+    /// Whether every thread that may hold the lock is a thread of this process's pid namespace,
+    /// whose `/proc` we read: then a lock word naming no live thread there names a dead holder,
+    /// even one that died before writing its record. Only asked on a slow path (a holder not
+    /// proven alive after a sleep). Default: cannot tell.
+    fn threads_visible(&self) -> bool {
+        false
+    }
+}
+
+/// A closure answers for tokens only.
+impl<F: Fn(u64) -> Option<bool>> Liveness for F {
+    fn token_alive(&self, token: u64) -> Option<bool> {
+        self(token)
+    }
+}
+
 /// A holder's thread id occupies the low 30 bits of the word.
 pub(crate) const TID_MASK: u32 = 0x3fff_ffff;
 /// Someone may be asleep on the word.
@@ -140,6 +167,20 @@ const WAITERS: u32 = 0x8000_0000;
 pub(crate) const DEATH_LOOK: Duration = Duration::from_millis(10);
 /// How many locks a thread's held list records.
 pub(crate) const MAX_HELD: usize = 16;
+
+/// A lock's holder as its record names it ([`RobustLockOf::holder`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holder {
+    Free,
+    /// The record agrees with the word: the holder's token (0: none) and, without a token,
+    /// its pid namespace (0: unknown).
+    Recorded {
+        token: u64,
+        ns: u64,
+    },
+    /// Held, with no record that agrees with the word (a holder mid-way, or dead there).
+    Unrecorded,
+}
 
 /// How a lock was acquired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +238,7 @@ const _: () = assert!(std::mem::offset_of!(RobustLock, owner_ns) == 24);
 /// This process's pid namespace for holders without a token (`os::proc_pid_namespace`, 0:
 /// unknown), cached with the pid it was computed for (a forked child computes its own).
 #[cfg(not(loom))]
-fn my_namespace() -> u64 {
+pub(crate) fn my_namespace() -> u64 {
     static CACHE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let pid = os::current_pid();
     // Relaxed: a per-process cache of a constant; a race computes it twice.
@@ -211,7 +252,7 @@ fn my_namespace() -> u64 {
 }
 
 #[cfg(loom)]
-fn my_namespace() -> u64 {
+pub(crate) fn my_namespace() -> u64 {
     0
 }
 
@@ -354,6 +395,28 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         word & TID_MASK
     }
 
+    /// Who holds the lock, by its record (a snapshot, for a waiter's judgement of another
+    /// lock's holders: see `Registry::threads_visible`).
+    pub(crate) fn holder(&self) -> Holder {
+        // Relaxed: a snapshot; the re-read below excludes a record of another holder.
+        let word = self.word.load(Ordering::Relaxed);
+        let tid = word & TID_MASK;
+        if tid == 0 {
+            return if word == 0 { Holder::Free } else { Holder::Unrecorded };
+        }
+        // Acquire: as in `holder_dead`.
+        if self.owner_tid.load(Ordering::Acquire) != tid {
+            return Holder::Unrecorded;
+        }
+        // Relaxed: ordered by the Acquire above.
+        let (token, ns) = (self.owner_token.load(Ordering::Relaxed), self.owner_ns.load(Ordering::Relaxed));
+        // Relaxed: as in `holder_dead`.
+        if self.word.load(Ordering::Relaxed) != word {
+            return Holder::Unrecorded;
+        }
+        Holder::Recorded { token, ns }
+    }
+
     /// Takes the lock if free, recording `token` (the caller's process token in the lock's
     /// domain, 0 if none) as the holder's; `Ok(None)` if held.
     #[inline]
@@ -376,11 +439,7 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
     /// [`try_lock`](Self::try_lock), and if the lock is held by a holder proven dead (one
     /// look, see the module docs), takes it over: `OwnerDied`. `Ok(None)`: held by a holder
     /// that may be alive.
-    pub fn try_lock_or_take_over(
-        &self,
-        token: u64,
-        alive: &dyn Fn(u64) -> Option<bool>,
-    ) -> std::io::Result<Option<LockOutcome>> {
+    pub fn try_lock_or_take_over(&self, token: u64, alive: &dyn Liveness) -> std::io::Result<Option<LockOutcome>> {
         if let Some(o) = self.try_lock(token)? {
             return Ok(Some(o));
         }
@@ -493,7 +552,7 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         &self,
         token: u64,
         timeout: Option<Duration>,
-        alive: &dyn Fn(u64) -> Option<bool>,
+        alive: &dyn Liveness,
     ) -> std::io::Result<Option<LockOutcome>> {
         self.lock_looking(token, timeout, Some(DEATH_LOOK), alive)
     }
@@ -506,7 +565,7 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         token: u64,
         timeout: Option<Duration>,
         look: Option<Duration>,
-        alive: &dyn Fn(u64) -> Option<bool>,
+        alive: &dyn Liveness,
     ) -> std::io::Result<Option<LockOutcome>> {
         if let Some(o) = self.try_lock(token)? {
             return Ok(Some(o));
@@ -550,7 +609,7 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
 
     /// Whether the holder named by `word` is proven dead (see the module docs).
     #[cold]
-    fn holder_dead(&self, word: u32, alive: &dyn Fn(u64) -> Option<bool>) -> bool {
+    fn holder_dead(&self, word: u32, alive: &dyn Liveness) -> bool {
         let tid = word & TID_MASK;
         if tid == 0 {
             return false;
@@ -559,15 +618,18 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
         // the one this holder recorded (or a later holder's, which the re-read of
         // the word excludes).
         if self.owner_tid.load(Ordering::Acquire) != tid {
-            // The holder took the word but has not written its record: it is between its CAS
-            // and `acquired` (a few instructions), or it died there (a process killed at that
-            // moment). Where thread ids are machine-wide (Windows), a thread that no longer
-            // exists is dead, whoever it was; elsewhere a thread id alone proves nothing (it
-            // may be another pid namespace's), and such a lock waits for `gc --force`.
+            // No record agrees with the word: its holder is between its CAS and `acquired`, or
+            // between clearing the record and freeing the word in `release` (a few
+            // instructions each), or it died there (a process killed at that moment). Where
+            // thread ids are machine-wide (Windows), a thread that no longer exists is dead,
+            // whoever it was; elsewhere only when every thread that may hold this lock is one
+            // of our pid namespace's (`Liveness::threads_visible`). Otherwise a thread id alone
+            // proves nothing (it may be another namespace's), and the lock waits for
+            // `gc --force`.
             // Relaxed: the takeover CAS re-checks the word.
-            return os::THREAD_IDS_MACHINE_WIDE
-                && !cfg!(loom)
+            return !cfg!(loom)
                 && self.word.load(Ordering::Relaxed) == word
+                && (os::THREAD_IDS_MACHINE_WIDE || alive.threads_visible())
                 && !os::thread_alive(tid);
         }
         // Relaxed: ordered by the Acquire above.
@@ -579,7 +641,7 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
             return false;
         }
         if token != 0 {
-            return alive(token) == Some(false);
+            return alive.token_alive(token) == Some(false);
         }
         // A holder without a token (a process registering, a tool that has not attached, a
         // lock outside any domain): judged by its thread, only when it recorded the pid

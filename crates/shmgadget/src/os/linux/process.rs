@@ -80,6 +80,17 @@ pub fn proc_pid_namespace() -> u64 {
     std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
 }
 
+/// Whether the children this process forks are born in its own pid namespace
+/// (`/proc/self/ns/pid_for_children` is the same namespace as `/proc/self/ns/pid`; not after
+/// `unshare(CLONE_NEWPID)`). `false` when either cannot be read.
+pub fn children_share_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata("/proc/self/ns/pid"), std::fs::metadata("/proc/self/ns/pid_for_children")) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// Whether thread `tid` of this pid namespace is alive: `/proc/<tid>/stat` exists and its state
 /// is not zombie or dead (a killed process's main thread stays a zombie until reaped). An
 /// error other than "not found" counts as alive, so a thread is never declared dead by mistake.

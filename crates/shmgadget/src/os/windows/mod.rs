@@ -60,8 +60,8 @@ pub use map::{
 pub use memory::{flush, map_view, protect, region_at, resident_pages};
 pub use object::{Access, Dir, Object, ObjectId, list_dir};
 pub use process::{
-    THREAD_IDS_MACHINE_WIDE, current_pid, current_tid, effective_uid, proc_pid_namespace, thread_alive, thread_exists,
-    thread_group,
+    THREAD_IDS_MACHINE_WIDE, children_share_pid_namespace, current_pid, current_tid, effective_uid, proc_pid_namespace,
+    thread_alive, thread_exists, thread_group,
 };
 pub use reserve::{ReserveError, reserve_fixed, restore_reservation};
 pub use time::monotonic_now;

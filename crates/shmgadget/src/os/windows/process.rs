@@ -65,6 +65,11 @@ pub fn proc_pid_namespace() -> u64 {
     1
 }
 
+/// Children are born in the one namespace there is.
+pub fn children_share_pid_namespace() -> bool {
+    true
+}
+
 /// Whether thread `tid` still runs: `OpenThread` and `GetExitCodeThread` says `STILL_ACTIVE`.
 /// A thread that cannot be opened counts as gone.
 pub fn thread_alive(tid: u32) -> bool {
