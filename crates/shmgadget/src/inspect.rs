@@ -472,6 +472,20 @@ fn gc_domain(
     Ok(Verdict::Sound(gens))
 }
 
+/// A heap lock's holders as `gc`, holding the registry lock without attaching, knows them: by
+/// the registry it opened (tokens, and whether thread ids speak for every holder).
+struct GcLiveness<'a>(&'a Registry);
+
+impl crate::sync::robust::Liveness for GcLiveness<'_> {
+    fn token_alive(&self, token: u64) -> Option<bool> {
+        Some(self.0.proc_alive(token))
+    }
+
+    fn threads_visible(&self) -> bool {
+        self.0.threads_visible(crate::sync::robust::my_namespace())
+    }
+}
+
 /// Looks at the lock of heap `rec` (plain `gc` and `--force`): one that is held by a holder
 /// proven gone (see `sync::RawMutex::lock_bounded`) is reported, and with `force` broken: re-
 /// initialised in place and marked inconsistent, so its next locker recovers the heap as after
@@ -500,7 +514,7 @@ fn check_heap_lock(
     let verdict = (|| {
         // A holder proven dead by the registry is taken over (`OwnerDied`: its next user
         // recovers the heap), as a robust lock's next locker would.
-        match lock.try_lock_with(&|t| Some(reg.proc_alive(t))) {
+        match lock.try_lock_with(&GcLiveness(reg)) {
             Ok(Some(_)) => {
                 // SAFETY: we took it just above.
                 unsafe { lock.unlock() };

@@ -97,9 +97,13 @@
 //!   token is `(slot + 1) << 32 | incarnation` ([`ProcToken`]): it names one registration, never
 //!   a later user of the same slot. Liveness of a token = its byte is locked (checked first),
 //!   then (Acquire) the entry is in use with the same incarnation.
-//! * `state`, `pid`, `uid`, `incarnation` and `attached_at` are written under `lock`; `pid`
-//!   is also written once by a forked child's fork handler for the entry made for it just
-//!   before the fork (see `Domain`). `pid` and `uid` are for display only.
+//! * `state`, `pid`, `uid`, `incarnation`, `pid_ns` and `attached_at` are written under
+//!   `lock`; `pid` is also written once by a forked child's fork handler for the entry made
+//!   for it just before the fork (see `Domain`). `pid` and `uid` are for display only.
+//!   `pid_ns` is the process's pid namespace (0: unknown; for a forked child, the parent's
+//!   unless the parent unshared a new one for its children, or its kernel cannot tell, before
+//!   4.12), written before the token is taken: [`Registry::threads_visible`] asks it whether
+//!   a lock word's thread id speaks for every possible holder.
 //!
 //! | entry `state` | lock on its byte | meaning |
 //! |---|---|---|

@@ -487,46 +487,41 @@ impl Registry {
 
     /// Whether every thread that may hold a lock in this domain's memory belongs to pid
     /// namespace `ns` (0: unknown, never), so that a thread id with no live thread in our
-    /// `/proc` names a dead holder (see `sync::robust`, "Owner death"). Who may hold one: an
-    /// attached process (each records its namespace before taking its token, and registers
-    /// before it can map anything of the domain, so a live one is seen here), and a tool that
-    /// has not attached, which takes the domain's locks only while it holds the registry lock
-    /// (`gc`), so that lock must be free or its holder recorded in `ns`. A process whose token
-    /// is dead is not asked: its threads are gone. A slow path: one lock-table query per
-    /// process slot in use.
+    /// namespace names a dead holder (see `sync::robust`, "Owner death"). Who may hold one:
+    /// an attached process, and a tool that has not attached, which takes the domain's locks
+    /// only while it holds the registry lock (`gc`). So: the registry lock is free, or held by
+    /// a holder without a token that recorded `ns` (a holder with a token, or one not yet
+    /// recorded, cannot be placed here: `false` for this look, the waiter looks again), and
+    /// every slot whose token is held recorded `ns` (a process whose token is dead is not
+    /// asked: its threads are gone). A slow path: one lock-table query per process slot.
+    ///
+    /// Ordering: a process records its namespace before it takes its token
+    /// ([`RegistryGuard::register_proc`]), and takes its token (`fcntl`) and maps the domain
+    /// (`mmap`) before it can take any of the domain's locks; a waiter saw that lock word
+    /// before it asks the kernel's lock table here. The kernel's lock table orders the token
+    /// against the query (as in `proc_alive`), and the system calls in between are full
+    /// barriers on the machines this runs on, so a holder whose word we saw is found here.
     pub fn threads_visible(&self, ns: u64) -> bool {
         use crate::sync::robust::Holder;
         if ns == 0 {
             return false;
         }
-        let registry_lock_ours = match self.header().lock.holder() {
-            Holder::Free => true,
-            Holder::Recorded { token: 0, ns: holder_ns } => holder_ns == ns,
-            Holder::Recorded { token, .. } => self.proc_namespace(token) == Some(ns),
-            Holder::Unrecorded => false,
-        };
-        if !registry_lock_ours {
-            return false;
+        match self.header().lock.holder() {
+            Holder::Free => {}
+            Holder::Recorded { token: 0, ns: holder_ns } if holder_ns == ns => {}
+            _ => return false,
         }
-        // Relaxed: an upper bound only (a slot above it is free, or being registered under the
-        // registry lock, which is then held, and judged above).
-        let high = self.header().procs_high.load(Ordering::Relaxed).min(self.backed_procs());
+        // Acquire: a registration's slot is counted before its process can lock anything.
+        let high = self.header().procs_high.load(Ordering::Acquire).min(self.backed_procs());
         (0..high).all(|slot| {
             if !self.proc_locked(slot) {
                 return true;
             }
-            let p = self.proc_entry(slot);
-            // Acquire: after the lock query, as in `proc_alive`; the namespace was written
-            // before the token was taken. Relaxed for it: ordered by that Acquire.
-            p.state.load(Ordering::Acquire) == 0 || p.pid_ns.load(Ordering::Relaxed) == ns
+            // Ordered after the lock query by the kernel's lock table (see above). A slot
+            // locked with `state` 0 is a registration being released: its process may still
+            // run, so it must be in `ns` as well.
+            self.proc_entry(slot).pid_ns.load(Ordering::Acquire) == ns
         })
-    }
-
-    /// The pid namespace recorded for `token`'s registration, if it is in place and alive.
-    fn proc_namespace(&self, token: u64) -> Option<u64> {
-        let (slot, _) = ProcToken(token).parts()?;
-        // Relaxed: ordered after the liveness query's Acquire in `proc_alive`.
-        self.proc_alive(token).then(|| self.proc_entry(slot).pid_ns.load(Ordering::Relaxed))
     }
 
     /// The pid recorded for the registration `token` names (for display), if it is in place.

@@ -533,9 +533,10 @@ impl RegistryGuard<'_> {
                 0 => 1,
                 n => n,
             };
+            // Release: before the token, like the incarnation; a reader that finds the token
+            // held reads it (`Registry::threads_visible`).
+            p.pid_ns.store(pid_ns, Ordering::Release);
             p.incarnation.store(incarnation, Ordering::Release);
-            // Relaxed: published with the incarnation (a reader asks the lock first).
-            p.pid_ns.store(pid_ns, Ordering::Relaxed);
             p.state.store(1, Ordering::Release);
             match fd.try_lock_byte(reg.proc_offset(slot)) {
                 Ok(true) => {}

@@ -122,7 +122,7 @@ impl RawMutex {
     }
 
     /// Whether a holder is alive, asked of the domain holding the lock.
-    fn token_alive(&self) -> DomainLiveness {
+    fn liveness(&self) -> DomainLiveness {
         DomainLiveness(self as *const Self as usize)
     }
 
@@ -178,7 +178,7 @@ impl RawMutex {
 
     #[cold]
     fn lock_slow(&self, token: u64) -> Result<Acquired> {
-        match self.lock.lock_timeout(token, None, &self.token_alive()).map_err(|e| self.lock_error(e))? {
+        match self.lock.lock_timeout(token, None, &self.liveness()).map_err(|e| self.lock_error(e))? {
             Some(outcome) => self.after_lock(outcome, token),
             None => unreachable!("a wait without a timeout does not time out"),
         }
@@ -187,7 +187,7 @@ impl RawMutex {
     /// Locks if free, or if its holder is proven dead (`OwnerDied`); `Ok(None)` if another
     /// thread or process holds it.
     pub fn try_lock(&self) -> Result<Option<Acquired>> {
-        self.try_lock_with(&self.token_alive())
+        self.try_lock_with(&self.liveness())
     }
 
     /// [`try_lock`](Self::try_lock), asking `alive` whether a holder's token is alive (for a
@@ -205,7 +205,7 @@ impl RawMutex {
     pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<Acquired>> {
         self.header.check(MAGIC, WHAT)?;
         let token = self.my_token();
-        match self.lock.lock_timeout(token, Some(timeout), &self.token_alive()).map_err(|e| self.lock_error(e))? {
+        match self.lock.lock_timeout(token, Some(timeout), &self.liveness()).map_err(|e| self.lock_error(e))? {
             Some(outcome) => self.after_lock(outcome, token).map(Some),
             None => Ok(None),
         }
@@ -285,7 +285,7 @@ impl RawMutex {
             // Relaxed: snapshots, for diagnosis only.
             (self.owner_token.load(Ordering::Relaxed), self.owner_pid.load(Ordering::Relaxed))
         };
-        let waited = lock_patiently(&self.lock, token, &self.token_alive(), patience, |word| {
+        let waited = lock_patiently(&self.lock, token, &self.liveness(), patience, |word| {
             let (token, pid) = holder();
             let alive = if token == 0 { None } else { crate::domain::token_alive_at(addr, token) };
             holder_gone(word, alive, &describe_holder(word, crate::registry::token_slot(token), pid))

@@ -31,12 +31,18 @@
 //!   and the word unchanged after reading it) is trusted. A word with no such record (a holder
 //!   killed between its CAS and its record, or between clearing its record and freeing the
 //!   word; or a stray write) is judged by its thread id alone where that id means one thread
-//!   to every possible holder: on Windows (machine-wide ids), and in a domain whose every
-//!   possible holder is in the waiter's pid namespace ([`Liveness::threads_visible`]: every
-//!   live registration recorded that namespace, and the registry lock, under which an
-//!   unattached `gc` takes the domain's locks, is free or held there). A thread id with no live
-//!   thread there is then a dead holder, taken over as below. Anywhere else it is not taken
-//!   over (bounded waits report it as `Corrupt`, and `gc --force` breaks it). A trusted
+//!   to every possible holder: on Windows (machine-wide ids), and for a domain's mutexes (heap
+//!   locks, `Mutex<T>`; not the registry's own lock, which processes take before they are
+//!   registered) when every possible holder is in the waiter's pid namespace
+//!   ([`Liveness::threads_visible`]: every live registration recorded that namespace, and the
+//!   registry lock, under which an unattached `gc` takes the domain's locks, is free or held
+//!   there without a token). A thread id with no live thread there (`os::thread_alive`) is
+//!   then a dead holder, taken over as below. Anywhere else it is not taken over (bounded
+//!   waits report it as `Corrupt`, and `gc --force` breaks it). Not covered, so kept out of
+//!   the rule by nothing but rarity: a process of another namespace that keeps using a
+//!   domain's memory after it left the registry at exit (`Domain::detach_at_exit`), or a
+//!   forked child whose registration failed at the fork, caught between its CAS and its
+//!   record. A trusted
 //!   record whose token is no longer alive in the registry (the OFD lock on its byte,
 //!   dropped by the kernel when the process dies) is a dead holder: the waiter takes the lock with `CAS(word, seen, tid |
 //!   WAITERS)` (only one waiter can win), sets `died` and is told [`LockOutcome::OwnerDied`].
@@ -626,11 +632,19 @@ impl<A: Word32, B: Word64> RobustLockOf<A, B> {
             // of our pid namespace's (`Liveness::threads_visible`). Otherwise a thread id alone
             // proves nothing (it may be another namespace's), and the lock waits for
             // `gc --force`.
+            // The cheap question first: a live holder (the usual case) ends it.
             // Relaxed: the takeover CAS re-checks the word.
-            return !cfg!(loom)
-                && self.word.load(Ordering::Relaxed) == word
-                && (os::THREAD_IDS_MACHINE_WIDE || alive.threads_visible())
-                && !os::thread_alive(tid);
+            if cfg!(loom)
+                || self.word.load(Ordering::Relaxed) != word
+                || os::thread_alive(tid)
+                || !(os::THREAD_IDS_MACHINE_WIDE || alive.threads_visible())
+            {
+                return false;
+            }
+            // A holder that wrote its record meanwhile is judged by it at the next look (a
+            // thread proven gone cannot write one; this guards the proof's own blind spots).
+            // Acquire: as above.
+            return self.owner_tid.load(Ordering::Acquire) != tid;
         }
         // Relaxed: ordered by the Acquire above.
         let token = self.owner_token.load(Ordering::Relaxed);

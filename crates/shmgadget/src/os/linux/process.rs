@@ -91,11 +91,15 @@ pub fn children_share_pid_namespace() -> bool {
     }
 }
 
-/// Whether thread `tid` of this pid namespace is alive: `/proc/<tid>/stat` exists and its state
-/// is not zombie or dead (a killed process's main thread stays a zombie until reaped). An
-/// error other than "not found" counts as alive, so a thread is never declared dead by mistake.
+/// Whether thread `tid` of this pid namespace is alive: `kill(tid, 0)` finds it (the kernel
+/// looks the id up in our namespace, whatever the mounted `/proc` shows: `hidepid` makes other
+/// users' tasks read as "not found" there), and `/proc/<tid>/stat`, if readable, does not say
+/// zombie or dead (a killed process's main thread stays a zombie until reaped). Anything else
+/// counts as alive, so a thread is never declared dead by mistake.
 pub fn thread_alive(tid: u32) -> bool {
-    if tid == 0 {
+    let Some(pid) = rustix::process::Pid::from_raw(tid as i32) else { return false };
+    // ESRCH: no task has this id here. EPERM (not ours to signal) means it exists.
+    if rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH) {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{tid}/stat")) {
@@ -104,6 +108,6 @@ pub fn thread_alive(tid: u32) -> bool {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.trim_start().chars().next())
             .is_none_or(|c| c != 'Z' && c != 'X'),
-        Err(e) => e.kind() != io::ErrorKind::NotFound,
+        Err(_) => true,
     }
 }
