@@ -6,7 +6,9 @@
 //! trip timed.
 //!
 //! Run: `cargo bench -p shmgadget --bench queues` (`SHMG_BENCH_QUICK=1` for short runs; a
-//! criterion filter such as `-- latency` runs some groups only).
+//! criterion filter such as `-- latency` runs some groups only). The byte queue's capacity
+//! table comes from interleaved rounds outside criterion (`capacity_rounds`;
+//! `SHMG_BENCH_REPS`, default 5): `-- capacity/rounds` runs those alone.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -179,12 +181,20 @@ fn run_partner(role: &str) {
 
 // ------------------------------------------------------------------ measuring through criterion
 
+fn cleanup(d: &Domain, names: &[&str]) {
+    for n in names {
+        let _ = d.delete_section(n);
+    }
+}
+
 /// Results kept from the criterion samples, for the ratio table: each call's (iterations,
 /// time), and single round-trip times.
 #[derive(Default)]
 struct Results {
     rates: BTreeMap<String, Vec<(u64, Duration)>>,
     rtts: BTreeMap<String, Vec<Duration>>,
+    /// Rates measured once per round (`capacity_rounds`).
+    rounds: BTreeMap<String, Vec<f64>>,
 }
 
 impl Results {
@@ -250,29 +260,39 @@ impl Bench {
     }
 
     fn cleanup(&self, names: &[&str]) {
-        for n in names {
-            let _ = self.d.delete_section(n);
-        }
+        cleanup(&self.d, names);
     }
 }
 
 /// Streams messages of `size` bytes through a byte queue with a `ring`-byte ring.
 fn bench_bytes(b: &mut Bench, group: &str, id: BenchmarkId, key: &str, size: usize, ring: u64) {
     let d = b.d.clone();
-    let q = ByteQueue::create(&d, "data", ring).unwrap();
-    let ack = SlotQueue::<u64>::create(&d, "ack", 4).unwrap();
-    let ctl = SlotQueue::<u64>::create(&d, "ctl", 4).unwrap();
+    with_byte_stream(&d, size, ring, |run| b.rate(group, id, size as u64, key, run));
+}
+
+/// Sets up a stream of `size`-byte messages through a byte queue with a `ring`-byte ring to a
+/// partner process, and gives `body` a function that streams `n` messages and returns the
+/// time until the partner has them all.
+fn with_byte_stream<R>(
+    d: &Domain,
+    size: usize,
+    ring: u64,
+    body: impl FnOnce(&mut dyn FnMut(u64) -> Duration) -> R,
+) -> R {
+    let q = ByteQueue::create(d, "data", ring).unwrap();
+    let ack = SlotQueue::<u64>::create(d, "ack", 4).unwrap();
+    let ctl = SlotQueue::<u64>::create(d, "ctl", 4).unwrap();
     let mut p = partner("bytes-sink", d.name(), "0");
-    {
+    let r = {
         let mut tx = q.sender().unwrap();
         // A stream: publish in batches of an eighth of the ring, flushed after each burst.
         tx.set_batch(q.capacity() / 8);
         let (mut ack_rx, mut ctl_tx) = (ack.receiver().unwrap(), ctl.sender().unwrap());
         let msg = vec![1u8; size];
-        b.rate(group, id, size as u64, key, |iters| {
-            ctl_tx.send(iters).unwrap();
+        let r = body(&mut |n| {
+            ctl_tx.send(n).unwrap();
             let t = Instant::now();
-            for _ in 0..iters {
+            for _ in 0..n {
                 tx.send(&msg).unwrap();
             }
             tx.flush();
@@ -281,9 +301,44 @@ fn bench_bytes(b: &mut Bench, group: &str, id: BenchmarkId, key: &str, size: usi
         });
         ctl_tx.send(0).unwrap();
         p.wait().unwrap();
-    }
+        r
+    };
     drop((q, ack, ctl));
-    b.cleanup(&["data", "ack", "ctl"]);
+    cleanup(d, &["data", "ack", "ctl"]);
+    r
+}
+
+/// The byte queue's capacity sweep in interleaved rounds: every round streams through every
+/// capacity of `RING_SIZES` x `CAPACITIES` once (odd rounds in reverse order), so that a change
+/// of load, or of where the hypervisor runs our two vCPUs (a bare cache-line round trip here
+/// moves between about 100 and 250 ns from one second to the next), reaches every capacity
+/// alike. Each measurement streams two laps of the ring (at least) as a warm-up, then for
+/// `secs`; the table shows each capacity's median over the rounds.
+fn capacity_rounds(b: &mut Bench) {
+    let reps: usize = std::env::var("SHMG_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let secs = Duration::from_millis(if Bench::quick() { 60 } else { 200 });
+    let d = b.d.clone();
+    let mut order: Vec<(usize, u64)> = RING_SIZES.iter().flat_map(|&s| CAPACITIES.map(|c| (s, c))).collect();
+    for rep in 0..reps {
+        eprintln!("capacity sweep: round {} of {reps}", rep + 1);
+        for &(size, msgs) in &order {
+            let ring = ring_for(msgs, size);
+            // Chunks of about 4 MiB (one control round trip each, a few microseconds).
+            let chunk = (4u64 << 20) / size as u64;
+            let rate = with_byte_stream(&d, size, ring, |run| {
+                let lap = ring.next_power_of_two().max(4096) / (8 + size as u64);
+                run((2 * lap).max(chunk));
+                let (mut n, mut t) = (0u64, Duration::ZERO);
+                while t < secs {
+                    t += run(chunk);
+                    n += chunk;
+                }
+                n as f64 / t.as_secs_f64()
+            });
+            b.results.borrow_mut().rounds.entry(format!("ring{size}/{msgs}")).or_default().push(rate);
+        }
+        order.reverse();
+    }
 }
 
 fn bench_slots(b: &mut Bench, capacity: u64) {
@@ -470,6 +525,17 @@ fn bench_handover(b: &mut Bench, heap: &Heap, size: usize) {
 
 // ------------------------------------------------------------------ the table
 
+/// The median of `v` (NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn fmt_rate(r: f64, size: usize) -> String {
     format!("{:.2} M/s ({:.0} MB/s)", r / 1e6, r * size as f64 / 1e6)
 }
@@ -513,14 +579,34 @@ fn print_table(r: &Results) {
         println!("| {c} | {} | {:.2} |", fmt_rate(*x, 64), x / best);
     }
     for size in RING_SIZES {
-        println!("\n## Throughput against capacity ({size}-byte messages, byte queue)\n");
-        println!("| capacity (messages) | ring | throughput | vs best |");
-        println!("|---|---|---|---|");
-        let rates: Vec<f64> = CAPACITIES.iter().map(|c| rate(&format!("ring{size}/{c}"))).collect();
-        let best = rates.iter().cloned().fold(0.0, f64::max);
-        for (c, x) in CAPACITIES.iter().zip(&rates) {
+        let rounds = |c: &u64| r.rounds.get(&format!("ring{size}/{c}")).cloned().unwrap_or_default();
+        let n = rounds(&CAPACITIES[0]).len();
+        println!(
+            "\n## Throughput against capacity ({size}-byte messages, byte queue; medians of {n} interleaved rounds)\n"
+        );
+        println!(
+            "| capacity (messages) | ring | throughput | range over the rounds | vs best | median of the rounds' vs best |"
+        );
+        println!("|---|---|---|---|---|---|");
+        let medians: Vec<f64> = CAPACITIES.iter().map(|c| median(&rounds(c))).collect();
+        let best = medians.iter().cloned().fold(0.0, f64::max);
+        // Each round's best capacity, for the per-round ratios.
+        let round_best: Vec<f64> =
+            (0..n).map(|i| CAPACITIES.iter().map(|c| rounds(c)[i]).fold(0.0, f64::max)).collect();
+        for (c, x) in CAPACITIES.iter().zip(&medians) {
             let ring = ring_for(*c, size).next_power_of_two().max(4096);
-            println!("| {c} | {} KiB | {} | {:.2} |", ring >> 10, fmt_rate(*x, size), x / best);
+            let v = rounds(c);
+            let (lo, hi) = v.iter().fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            let per_round = median(&v.iter().zip(&round_best).map(|(x, b)| x / b).collect::<Vec<_>>());
+            println!(
+                "| {c} | {} KiB | {} | {:.1}-{:.1} M/s | {:.2} | {:.2} |",
+                ring >> 10,
+                fmt_rate(*x, size),
+                lo / 1e6,
+                hi / 1e6,
+                x / best,
+                per_round
+            );
         }
     }
     println!("\n## Round-trip latency (median / 99th percentile)\n");
@@ -587,6 +673,12 @@ fn main() {
             let id = BenchmarkId::new(format!("byte_queue_{size}B_messages"), msgs);
             bench_bytes(&mut b, "capacity", id, &format!("ring{size}/{msgs}"), size, ring_for(msgs, size));
         }
+    }
+    // The rounds are not criterion benchmarks: they run when no filter is given or when the
+    // filter is part of "capacity/rounds" (`-- capacity/rounds` runs them alone).
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if filter.is_none_or(|f| "capacity/rounds".contains(f.as_str())) {
+        capacity_rounds(&mut b);
     }
     bench_line_rtt(&mut b);
     for size in [8usize, 1024] {
