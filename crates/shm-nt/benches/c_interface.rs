@@ -6,7 +6,8 @@
 //! `libmimalloc.so.2`, Debian package `libmimalloc2.0`) against `shm_alloc`/`shm_free` on the
 //! 16 B-4 KiB mix with 64 live blocks (the loop of `crates/shmgadget/benches/heap.rs`), two processes on one heap against
 //! one (and glibc in two threads), `shm_q_write`/`shm_q_read` against a pipe, an 8-byte round
-//! trip through two queues, semaphore post+wait, and `memcpy`. Every measurement is repeated
+//! trip through two queues (and the CPU the echoing side uses while it waits 100 ms in
+//! `shm_q_read`), semaphore post+wait, and `memcpy`. Every measurement is repeated
 //! (`SHMG_CBENCH_REPS`, default 5), the repetitions interleaved so subject and reference see
 //! the same machine; the table shows medians, and each ratio is taken between medians of this
 //! run.
@@ -229,14 +230,17 @@ fn counted_rust_queue(
     }
 }
 
-fn round_trip(b: &mut Bench) -> (f64, f64) {
+/// 8-byte round trips through two queues, both processes running: (median, 99th percentile)
+/// in ns; then five more, each after the echoing process waited 100 ms in `shm_q_read`: the
+/// CPU it used meanwhile (% of one core) and the median round trip that woke it (ns).
+fn round_trip(b: &mut Bench) -> (f64, f64, f64, f64) {
     let d = b.domain();
     let pong = b.spawn(&d, &args(&[&"pong"]));
     let o = b.command(&d, &args(&[&"ping", &(b.count / 10)])).output().unwrap();
-    let r = (value(&o, "rtt_median_ns"), value(&o, "rtt_p99_ns"));
-    assert!(pong.wait_with_output().unwrap().status.success());
+    let (med, p99, woken) = (value(&o, "rtt_median_ns"), value(&o, "rtt_p99_ns"), value(&o, "woken_rtt_median_ns"));
+    let cpu = value(&pong.wait_with_output().unwrap(), "paused_cpu_percent");
     clean(&d);
-    r
+    (med, p99, cpu, woken)
 }
 
 fn sem(b: &mut Bench) -> f64 {
@@ -302,9 +306,11 @@ fn main() {
         {
             m.entry(k).or_default().push(rust_queue(&mut b, size, batch));
         }
-        let (med, p99) = round_trip(&mut b);
+        let (med, p99, cpu, woken) = round_trip(&mut b);
         m.entry("rtt_med").or_default().push(med);
         m.entry("rtt_p99").or_default().push(p99);
+        m.entry("rtt_paused_cpu").or_default().push(cpu);
+        m.entry("rtt_woken").or_default().push(woken);
         m.entry("sem").or_default().push(sem(&mut b));
         m.entry("memcpy1m").or_default().push(memcpy(&mut b, 1 << 20));
         if let Some(base) = &baseline {
@@ -318,7 +324,7 @@ fn main() {
             m.entry("b_realloc").or_default().push(pairs(&mut b, "realloc", 1));
             m.entry("b_q64").or_default().push(queue(&mut b, 64));
             m.entry("b_q1k").or_default().push(queue(&mut b, 1024));
-            let (med, p99) = round_trip(&mut b);
+            let (med, p99, _, _) = round_trip(&mut b);
             m.entry("b_rtt_med").or_default().push(med);
             m.entry("b_rtt_p99").or_default().push(p99);
             m.entry("b_sem").or_default().push(sem(&mut b));
@@ -393,6 +399,11 @@ fn main() {
         "| round trip, 8 B, two queues: median / 99th percentile | {:.2} µs / {:.2} µs | | |",
         g("rtt_med") / 1e3,
         g("rtt_p99") / 1e3
+    );
+    println!(
+        "| the echoing side waiting 100 ms in `shm_q_read` (5 pauses): its CPU / the round trip that wakes it | {:.2}% of a core / {:.1} µs | | |",
+        g("rtt_paused_cpu"),
+        g("rtt_woken") / 1e3
     );
     println!("| `shm_sem_post`+`shm_sem_wait(0)` pair | {:.0} ns | | |", ns(g("sem")));
     println!("\nMedian of the per-repetition ratios:");

@@ -19,7 +19,10 @@
  *   count_queue SIZE N               one process, both ends of queue "cq": N shm_q_write, each
  *                                    followed by its shm_q_read, in counted_queue() (after 1000
  *                                    more), for instruction counts as count_alloc
- *   ping COUNT / pong                8-byte round trips through queues "ping" and "pong"
+ *   ping COUNT / pong                8-byte round trips through queues "ping" and "pong"; then
+ *                                    PAUSES more, each after 100 ms of nothing: pong prints the
+ *                                    CPU it used meanwhile (waiting in shm_q_read), ping the
+ *                                    round trip that woke it
  *   sem_pair COUNT                   shm_sem_post + shm_sem_wait(0) pairs, one process
  *   memcpy SIZE                      memcpy bandwidth over a buffer of SIZE bytes
  *
@@ -305,6 +308,9 @@ static int cmp_u64(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* Round trips after a 100 ms pause, in `ping`. */
+#define PAUSES 5
+
 static void ping(uint64_t count) {
     uintptr_t to = open_queue("ping", 64 << 10), from = open_queue("pong", 64 << 10);
     uint64_t *rtt = malloc(count * sizeof *rtt);
@@ -316,21 +322,46 @@ static void ping(uint64_t count) {
         uint64_t t = now_ns(CLOCK_MONOTONIC) - t0;
         if (i >= 10000) rtt[i - 10000] = t;
     }
-    msg[0] = 1; /* stop */
-    if (shm_q_write(to, msg, 8, -1) != SHM_OK) die("shm_q_write");
     qsort(rtt, count, sizeof *rtt, cmp_u64);
     printf("rtt_median_ns %llu\nrtt_p99_ns %llu\n", (unsigned long long)rtt[count / 2],
            (unsigned long long)rtt[count * 99 / 100]);
+    /* The pauses: pong starts counting its CPU time (2), then PAUSES round trips each after
+     * 100 ms of nothing, in which pong waits in shm_q_read. */
+    msg[0] = 2;
+    if (shm_q_write(to, msg, 8, -1) != SHM_OK) die("shm_q_write");
+    if (shm_q_read(from, buf, 8, -1) != 8) die("shm_q_read");
+    msg[0] = 0;
+    uint64_t woke[PAUSES];
+    for (int i = 0; i < PAUSES; i++) {
+        usleep(100000);
+        uint64_t t0 = now_ns(CLOCK_MONOTONIC);
+        if (shm_q_write(to, msg, 8, -1) != SHM_OK) die("shm_q_write");
+        if (shm_q_read(from, buf, 8, -1) != 8) die("shm_q_read");
+        woke[i] = now_ns(CLOCK_MONOTONIC) - t0;
+    }
+    qsort(woke, PAUSES, sizeof *woke, cmp_u64);
+    printf("woken_rtt_median_ns %llu\n", (unsigned long long)woke[PAUSES / 2]);
+    msg[0] = 1; /* stop */
+    if (shm_q_write(to, msg, 8, -1) != SHM_OK) die("shm_q_write");
     shm_exit();
 }
 
 static void pong(void) {
     uintptr_t from = open_queue("ping", 64 << 10), to = open_queue("pong", 64 << 10);
     char buf[8];
+    uint64_t cpu0 = 0, wall0 = 0;
     for (;;) {
         if (shm_q_read(from, buf, 8, -1) != 8) die("shm_q_read");
-        if (buf[0]) break;
+        if (buf[0] == 1) break;
+        if (buf[0] == 2) { /* ping pauses from now on: count our CPU time until the stop */
+            cpu0 = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+            wall0 = now_ns(CLOCK_MONOTONIC);
+        }
         if (shm_q_write(to, buf, 8, -1) != SHM_OK) die("shm_q_write");
+    }
+    if (wall0) {
+        double cpu = (double)(now_ns(CLOCK_PROCESS_CPUTIME_ID) - cpu0), wall = (double)(now_ns(CLOCK_MONOTONIC) - wall0);
+        printf("paused_cpu_percent %.3f\n", 100.0 * cpu / wall);
     }
     shm_exit();
 }
