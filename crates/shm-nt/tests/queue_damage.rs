@@ -14,10 +14,12 @@ use shmgadget::queue::ByteQueue;
 
 const ROLE: &str = "SHM_NT_QDMG_ROLE";
 const TEST: &str = "shm_q_read_and_write_on_damaged_positions_return_codes_not_signals";
-/// Header offsets (queue layout 3; unchanged since 2): send position, receive position, consumed position.
+/// Header offsets (queue layout 4): send position, receive position, the consumed position
+/// in each of the receiver's two snapshots, the send position in each of the sender's two.
 const SEND_POS: usize = 128;
 const RECV_POS: usize = 256;
-const CONSUMED_POS: usize = 2688;
+const CONSUMED_POS: [usize; 2] = [2688, 2720];
+const SENT_SNAPSHOTS: [usize; 2] = [144, 176];
 /// A damage that sets a position to 4 bytes before the end of the ring (see below).
 const END: i64 = i64::MAX;
 
@@ -60,9 +62,22 @@ fn shm_q_read_and_write_on_damaged_positions_return_codes_not_signals() {
     let q = ByteQueue::create(&d, "cq", 4096).unwrap();
     let base = q.section().unwrap().as_ptr();
     let word = |off: usize| base.wrapping_add(off).cast::<u64>();
+    let read = |off: usize| {
+        // SAFETY: an 8-aligned word inside the mapped header; a racy read of shared memory, as
+        // a debugger's.
+        unsafe { word(off).read_volatile() }
+    };
+    let write = |offs: &[usize], v: u64| {
+        for &o in offs {
+            // SAFETY: an 8-aligned word inside the mapped header; a racy write into shared
+            // memory is the point of the test.
+            unsafe { word(o).write_volatile(v) }
+        }
+    };
     let mut codes = std::collections::BTreeMap::<String, u32>::new();
     // Damages: unaligned, far ahead, behind, near u64::MAX, for each position in turn.
-    let damages: Vec<(usize, i64)> = [SEND_POS, RECV_POS, CONSUMED_POS]
+    // A damaged consumed position is damaged in both snapshots (the receiver takes the newer).
+    let damages: Vec<(&[usize], i64)> = [&[SEND_POS][..], &[RECV_POS], &CONSUMED_POS]
         .into_iter()
         .flat_map(|at| {
             [4, -4, 4092, -4092, 8 * 1000, -8 * 1000, 1 << 40, i64::MIN, 12, -12, END].map(|delta| (at, delta))
@@ -76,23 +91,20 @@ fn shm_q_read_and_write_on_damaged_positions_return_codes_not_signals() {
                 tx.send(&vec![(n + 1) as u8; 8 + (n * 8) % 64]).unwrap();
             }
         }
-        // SAFETY: 8-aligned words inside the mapped header; a racy write into shared memory is
-        // the point of the test.
-        unsafe {
-            let v = if *delta == END {
-                // The receiver 8 bytes before the end of the ring, the sender 4 bytes after it:
-                // a sender there that trusted its position would write its wrap marker across
-                // the end of the section.
-                let r = (word(RECV_POS).read_volatile() | 4095) - 7;
-                word(RECV_POS).write_volatile(r);
-                word(CONSUMED_POS).write_volatile(r);
-                word(SEND_POS).write_volatile(r + 4);
-                word(*at).read_volatile()
-            } else {
-                word(*at).read_volatile().wrapping_add_signed(*delta)
-            };
-            word(*at).write_volatile(v)
+        let v = if *delta == END {
+            // The receiver 8 bytes before the end of the ring, the sender 4 bytes after it
+            // (in its snapshots too): a sender there that trusted its position would write its
+            // wrap marker across the end of the section.
+            let r = (read(RECV_POS) | 4095) - 7;
+            write(&[RECV_POS], r);
+            write(&CONSUMED_POS, r);
+            write(&[SEND_POS], r + 4);
+            write(&SENT_SNAPSHOTS, r + 4);
+            read(at[0])
+        } else {
+            read(at[0]).wrapping_add_signed(*delta)
         };
+        write(at, v);
         let start = Instant::now();
         let out = Command::new(std::env::current_exe().unwrap())
             .args([TEST, "--exact", "--nocapture", "-q", "--test-threads=1"])
@@ -105,36 +117,25 @@ fn shm_q_read_and_write_on_damaged_positions_return_codes_not_signals() {
         assert_eq!(
             out.status.signal(),
             None,
-            "damage {delta:+} at {at}: the C reader died of a signal\n{text}{}",
+            "damage {delta:+} at {at:?}: the C reader died of a signal\n{text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
             out.status.success(),
-            "damage {delta:+} at {at}: {:?}\n{text}{}",
+            "damage {delta:+} at {at:?}: {:?}\n{text}{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(took < Duration::from_secs(10), "damage {delta:+} at {at}: took {took:?}");
+        assert!(took < Duration::from_secs(10), "damage {delta:+} at {at:?}: took {took:?}");
         for l in text.lines().filter(|l| l.contains('=')) {
             let (k, v) = l.split_once('=').unwrap();
             let v: i64 = v.trim().parse().unwrap();
             *codes.entry(format!("{k}{}", if v >= 0 { ">=0".to_owned() } else { format!("={v}") })).or_default() += 1;
         }
         // Repair for the next round: an empty queue, all positions equal and aligned.
-        let top = [SEND_POS, RECV_POS, CONSUMED_POS]
-            .map(|w| {
-                // SAFETY: as above.
-                unsafe { word(w).read_volatile() }
-            })
-            .into_iter()
-            .max()
-            .unwrap()
-            .next_multiple_of(8)
-            .min(1 << 50);
-        for w in [SEND_POS, RECV_POS, CONSUMED_POS] {
-            // SAFETY: as above.
-            unsafe { word(w).write_volatile(top) };
-        }
+        let all = [SEND_POS, RECV_POS, CONSUMED_POS[0], CONSUMED_POS[1], SENT_SNAPSHOTS[0], SENT_SNAPSHOTS[1]];
+        let top = all.map(read).into_iter().max().unwrap().next_multiple_of(8).min(1 << 50);
+        write(&all, top);
     }
     eprintln!("{} damages, results: {codes:?}", damages.len());
     assert!(

@@ -37,10 +37,12 @@ const BYTE_RING: u64 = 4096;
 const SLOTS: u64 = 16;
 /// The first bytes of a queue header hold every word but the peer tables.
 const HOT: u64 = 512;
-/// Offsets of the header's words (queue layout 3; unchanged since 2): capacity, slot size, send position and
-/// count, receive position and count, the eventcounts, the first sender's and receiver's
-/// token and intent, and the byte-queue receiver's consumed position and count.
-const FIELDS: [u64; 16] = [24, 32, 128, 136, 256, 264, 384, 388, 392, 520, 528, 1552, 1560, 2688, 2696, 16];
+/// Offsets of the header's words (queue layout 4): capacity, slot size, send position and
+/// count, the byte-queue sender's two snapshots (position and count), receive position and
+/// count, the eventcounts, the first sender's and receiver's token and intent, the byte-queue
+/// receiver's two snapshots (consumed position and count), and the layout version.
+const FIELDS: [u64; 22] =
+    [24, 32, 128, 136, 144, 168, 176, 200, 256, 264, 384, 388, 392, 520, 528, 1552, 1560, 2688, 2712, 2720, 2744, 16];
 const SEND_POS: u64 = 128;
 const RECV_POS: u64 = 256;
 const DATA_OFFSET: u64 = shmgadget::queue::DATA_OFFSET;

@@ -850,3 +850,108 @@ fn a_large_ring_with_its_hot_lane_survives_senders_and_receivers_killed_mid_stre
         }
     }
 }
+
+/// A sender numbers its messages `sent() + 1`; a reader checks each against `consumed() + 1`.
+/// Both are killed at random moments of a tight loop, 60 times, in a ring of one lane and in
+/// one with a hot lane: each successor must resume both counts exactly where the queue's
+/// published and consumed messages stand, whatever instruction its predecessor died at.
+#[test]
+fn counts_resume_exactly_when_senders_and_receivers_are_killed_at_random_instructions() {
+    const TEST: &str = "counts_resume_exactly_when_senders_and_receivers_are_killed_at_random_instructions";
+    const KILLS: u64 = 60;
+    let retry = |e: shmgadget::Error, t: Instant| {
+        // No peer between a death and its successor: retried.
+        assert!(e.kind() == ErrorKind::Disconnected && t.elapsed() < Duration::from_secs(30), "{e}");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    match role().as_deref() {
+        Some("sender") => {
+            let d = child();
+            let q = ByteQueue::open(&d, "counts").unwrap();
+            let mut tx = q.sender().unwrap();
+            // Some senders batch: the count then moves once per publication.
+            tx.set_batch(env_u64("BATCH"));
+            println!("READY");
+            let mut t = Instant::now();
+            loop {
+                let id = tx.sent() + 1;
+                let len = 8 + (id % 5) as usize * 8;
+                let mut m = [0u8; 48];
+                m[..8].copy_from_slice(&id.to_le_bytes());
+                match tx.send_timeout(&m[..len], Duration::from_secs(30)) {
+                    Ok(()) => t = Instant::now(),
+                    Err(e) => retry(e, t),
+                }
+            }
+        }
+        Some("reader") => {
+            let d = child();
+            let q = ByteQueue::open(&d, "counts").unwrap();
+            let mut rx = q.receiver().unwrap();
+            println!("READY");
+            let mut t = Instant::now();
+            loop {
+                let before = rx.consumed();
+                match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(m) => {
+                        let id = u64::from_le_bytes(m[..8].try_into().unwrap());
+                        assert_eq!(id, before + 1, "the message after {before} consumed");
+                        t = Instant::now();
+                    }
+                    Err(e) => retry(e, t),
+                }
+            }
+        }
+        _ => {
+            for (ring, what) in [(64 << 10, "one lane"), (4 << 20, "a hot lane")] {
+                let domain = unique_domain("qcounts");
+                let d = Domain::attach_with(&domain, &small(GIB)).unwrap();
+                let q = ByteQueue::create(&d, "counts", ring).unwrap();
+                let start = |role: &str, k: u64| {
+                    let mut c = spawn(TEST, role, &domain, &[("BATCH", (k % 3 * 200).to_string())]);
+                    wait_for_line(&mut c, "READY");
+                    c
+                };
+                let mut sender = start("sender", 0);
+                let mut reader = start("reader", 0);
+                // A cheap generator of pauses from 0.5 to 8 ms, so kills land anywhere.
+                let mut seed = u64::from(std::process::id()) | 1;
+                for k in 0..KILLS {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    std::thread::sleep(Duration::from_micros(500 + seed % 7500));
+                    if seed >> 40 & 1 == 0 {
+                        kill9(&mut sender);
+                        sender = start("sender", k);
+                    } else {
+                        kill9(&mut reader);
+                        reader = start("reader", k);
+                    }
+                }
+                kill9(&mut sender);
+                kill9(&mut reader);
+                // What the last ones left: the published messages, numbered on from what was
+                // consumed, and a count of them a new sender continues.
+                let mut rx = q.receiver().unwrap();
+                let tx = q.sender().unwrap();
+                let sent = tx.sent();
+                loop {
+                    let before = rx.consumed();
+                    let Ok(m) = rx.try_recv() else { break };
+                    assert_eq!(u64::from_le_bytes(m[..8].try_into().unwrap()), before + 1, "{what}: drained in order");
+                }
+                assert_eq!(rx.consumed(), sent, "{what}: every published message counted once on each side");
+                assert!(sent > 1000, "{what}: only {sent} messages in {KILLS} lives");
+                let info = shmgadget::queue::inspect(q.section().unwrap()).unwrap();
+                assert_eq!((info.sent, info.received, info.fill), (sent, sent, 0), "{what}");
+                eprintln!("{what}: {sent} messages through {KILLS} deaths");
+                drop((tx, rx));
+                drop(q);
+                d.delete_section("counts").unwrap();
+                d.detach().unwrap();
+                assert_clean(&domain);
+            }
+        }
+    }
+}

@@ -135,7 +135,9 @@ const MAGIC: u64 = u64::from_le_bytes(*b"SHMQUEU1");
 /// 2: the byte-queue receiver's consumed line (a version-1 receiver would not maintain it).
 /// 3: byte queues of at least `ring::LANES_FROM` bytes have a hot lane after the ring, and
 /// their positions are packed words of both lanes (`ring.rs`, "Two lanes").
-const LAYOUT_VERSION: u32 = 3;
+/// 4: each byte-queue end keeps its state as two alternating snapshots, so that an end killed
+/// while it stores one leaves the other whole (`ring.rs`, "Ends killed between two stores").
+const LAYOUT_VERSION: u32 = 4;
 const READY: u32 = 0x5155_4555; // "QUEU"
 const KIND_BYTES: u32 = 1;
 const KIND_SLOTS: u32 = 2;
@@ -175,26 +177,41 @@ struct Constant {
 struct Side {
     /// Monotonic position: bytes written/read (byte queue) or slots claimed (slot queue).
     pos: AtomicU64,
-    /// Messages sent/received.
+    /// Messages sent/received (slot queues; for byte queues, `recv.count` is a statistic and
+    /// the counts that matter are in the snapshots).
     count: AtomicU64,
-    /// Byte queue with two lanes, send side only: the sender's lane positions in full (`pos`
-    /// holds them modulo a power of two), stored after each publication (see `ring.rs`).
-    full: [AtomicU64; 2],
+    /// Byte queue, send side only: the sender's state at its last two publications (see
+    /// [`Snapshot`]), the newest one written before `pos` is published.
+    snap: [Snapshot; 2],
+}
+
+/// A byte-queue end's state as a successor resumes it: its full position in each lane (lane
+/// 1's is 0 in a ring with one lane), the lane it is in (receiver only) and its count of
+/// messages. An end writes its two snapshots in turn, `count` last, each store Release, so a
+/// kill between two stores damages at most the one being written and leaves the other whole
+/// (`ring.rs`, "Ends killed between two stores").
+#[repr(C)]
+struct Snapshot {
+    pos: [AtomicU64; 2],
+    lane: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Snapshot {
+    #[cfg(any(test, loom))]
+    fn new() -> Self {
+        Snapshot { pos: [AtomicU64::new(0), AtomicU64::new(0)], lane: AtomicU64::new(0), count: AtomicU64::new(0) }
+    }
 }
 
 /// The byte-queue receiver's own line: how far it has consumed (messages it returned to its
-/// caller and got back). Only a receiver taking over reads it; the sender never does, so the
-/// receiver stores it at every message without moving a line to the sender's core.
+/// caller and got back), as two [`Snapshot`]s, the newer with the higher count. Only a
+/// receiver taking over reads it; the sender never does, so the receiver stores it at every
+/// message without moving a line to the sender's core. Bytes consumed are monotonic,
+/// `recv.pos <= consumed <= send.pos` in each lane, multiples of 8.
 #[repr(C, align(128))]
 struct Consumed {
-    /// Monotonic: bytes consumed, `recv.pos <= pos <= send.pos`, a multiple of 8.
-    pos: AtomicU64,
-    /// Messages consumed.
-    count: AtomicU64,
-    /// Byte queue with two lanes: bytes consumed in lane 1 (`pos` is lane 0's), and the lane
-    /// the receiver reads next (see `ring.rs`, "Two lanes").
-    pos1: AtomicU64,
-    lane: AtomicU64,
+    snap: [Snapshot; 2],
 }
 
 #[repr(C, align(128))]
@@ -245,6 +262,8 @@ const FINGERPRINT: u32 = {
         std::mem::offset_of!(QueueShared, events) as u64,
         std::mem::offset_of!(QueueShared, senders) as u64,
         std::mem::offset_of!(QueueShared, consumed) as u64,
+        std::mem::offset_of!(Side, snap) as u64,
+        size_of::<Snapshot>() as u64,
         MAX_PEERS as u64,
         DATA_OFFSET,
         ring::HOT_LANE,
@@ -277,7 +296,7 @@ impl QueueShared {
     #[cfg(any(test, loom))]
     fn new() -> Self {
         fn side() -> Side {
-            Side { pos: AtomicU64::new(0), count: AtomicU64::new(0), full: [AtomicU64::new(0), AtomicU64::new(0)] }
+            Side { pos: AtomicU64::new(0), count: AtomicU64::new(0), snap: [Snapshot::new(), Snapshot::new()] }
         }
         fn table() -> PeerTable {
             PeerTable {
@@ -307,12 +326,7 @@ impl QueueShared {
             },
             senders: table(),
             receivers: table(),
-            consumed: Consumed {
-                pos: AtomicU64::new(0),
-                count: AtomicU64::new(0),
-                pos1: AtomicU64::new(0),
-                lane: AtomicU64::new(0),
-            },
+            consumed: Consumed { snap: [Snapshot::new(), Snapshot::new()] },
         }
     }
 
@@ -703,18 +717,19 @@ pub(crate) fn inspect_header(
         let snap = if kind == KIND_BYTES { ring::fill_of(h, cap) } else { slot_fill(h, cap) };
         match snap {
             Ok(fill) => {
-                // Relaxed: statistics.
-                let mut received = h.recv.count.load(Ordering::Relaxed);
-                if kind == KIND_BYTES {
-                    // The byte-queue receiver gives space back in batches; what it consumed is
-                    // exact.
-                    received = received.max(h.consumed.count.load(Ordering::Relaxed));
-                }
+                let (sent, received) = if kind == KIND_BYTES {
+                    // What the ends' snapshots say (the receiver gives space back in batches;
+                    // what it consumed is exact).
+                    ring::counts_of(h, cap)
+                } else {
+                    // Relaxed: statistics.
+                    (h.send.count.load(Ordering::Relaxed), h.recv.count.load(Ordering::Relaxed))
+                };
                 return Ok(QueueInfo {
                     kind: if kind == KIND_BYTES { "bytes" } else { "slots" },
                     capacity: cap,
                     fill,
-                    sent: h.send.count.load(Ordering::Relaxed),
+                    sent,
                     received,
                     senders: peers(&h.senders),
                     receivers: peers(&h.receivers),

@@ -71,19 +71,19 @@
 //!   unpublished, switch records included, and the receiver never meets a stale or duplicate
 //!   switch. `recv.pos` packs the given-back positions the same way.
 //! - [`ByteSender::position`] stays a monotone byte count, the sum of the lanes' positions:
-//!   the sender stores its full lane positions in `send.full` after each publication, and a
-//!   successor extends the packed fields from them (they lag by at most one publication).
+//!   the sender's snapshots (below) hold its full lane positions, and a successor takes the
+//!   one whose positions the packed fields show.
 //!   The tunnel importer compares it across a takeover: it changes exactly when a message was
 //!   published.
-//! - The receiver records what it consumed in both lanes and the lane it is in
-//!   (`consumed.pos`, `consumed.pos1`, `consumed.lane`); a successor resumes there. A
+//! - The receiver records what it consumed in both lanes and the lane it is in (its
+//!   `consumed` snapshots); a successor resumes there. A
 //!   [`Kept`] mark holds both lanes' positions; [`ByteReceiver::commit`] gives back both.
 //! - Wake-ups are unchanged: one `send.pos` word, one `recv.pos` word.
 //!
 //! Not done: a ring of fixed segments chained by links (a free stack of segments cycling while
 //! the receiver keeps up). Two lanes give the same cycling with positions alone; what segments
 //! would still have to solve (records up to half the ring over adjacent segments, a sender
-//! killed between popping and linking a segment, the segment of `consumed.pos` for a
+//! killed between popping and linking a segment, the segment of the consumed position for a
 //! successor) is not needed.
 //!
 //! Tried and left out (branch `ring13`, commits 45614e0..fd56176, layout 3): records that
@@ -136,25 +136,22 @@
 //! | word | meaning | written by | read by |
 //! |---|---|---|---|
 //! | `send.pos` | bytes written and published (two lanes: both lanes' positions and the sender's lane, packed) | sender: Release, per message or per batch | receiver: Acquire, when its lane looks empty, and on attach |
-//! | `send.full` | two lanes: the sender's full lane positions | sender: Relaxed, after each publication | a sender taking over, on attach |
+//! | `send.snap` | two snapshots of the sender: full lane positions and messages sent | sender: Release, before each publication, in turn | a sender taking over, on attach (and `inspect`) |
 //! | `recv.pos` | bytes given back: the sender may overwrite what lies before (two lanes: packed as `send.pos`) | receiver: Release, per quarter window, when it caught up or changed lanes; a receiver taking over, on attach | sender: Acquire, when a lane looks full, every 64 KiB in the main lane, and on attach |
-//! | `consumed.pos` | bytes consumed (two lanes: in the hot lane): the end of the last message returned and given back by its reader | receiver: Relaxed, at every message | only a receiver taking over, on attach (and `inspect`) |
-//! | `consumed.pos1`, `consumed.lane` | two lanes: bytes consumed in the main lane, and the lane of the last consumed message | as `consumed.pos` | as `consumed.pos` |
-//! | `consumed.count` | messages consumed | as `consumed.pos` | as `consumed.pos` |
-//! | `recv.count` | messages given back (a statistic) | receiver: Relaxed, with `recv.pos` | `inspect` |
+//! | `consumed.snap` | two snapshots of the receiver: bytes consumed in each lane (the end of the last message returned and given back by its reader), the lane of that message, messages consumed | receiver: Release, at every message, in turn | only a receiver taking over, on attach (and `inspect`) |
 //!
-//! In a healthy ring, in each lane, `recv.pos <= consumed.pos <= send.pos <= recv.pos +
+//! In a healthy ring, in each lane, `recv.pos <= consumed <= send.pos <= recv.pos +
 //! capacity` (of the lane), and all three are multiples of 8 (records are). A receiver checks this on attach: positions that
 //! break it are a damaged ring, reported as [`ErrorKind::Corrupt`], never a read out of place.
 //!
 //! # Readers that die
 //! A message is *consumed* when its reader gives it back: when the [`Message`] returned by
 //! [`ByteReceiver::recv`] (or `try_recv`, `recv_timeout`) is dropped, or inside
-//! [`ByteReceiver::recv_into`] once the bytes are copied. The receiver then stores
-//! `consumed.pos` (and `consumed.count`) on its own line, which the sender never reads, so this
+//! [`ByteReceiver::recv_into`] once the bytes are copied. The receiver then stores a
+//! `consumed` snapshot on its own line, which the sender never reads, so this
 //! costs no cache-line transfer; `recv.pos` still lags behind in batches. A receiver that takes
 //! over a dead one's place (or a departed one's: its `Drop` publishes everything first) starts
-//! at `consumed.pos` and publishes it as `recv.pos` at once. So:
+//! at the consumed position and publishes it as `recv.pos` at once. So:
 //! - a message consumed is never delivered again, to anyone;
 //! - a message received but not consumed when its reader died (the [`Message`] in hand) is
 //!   delivered again, first, to the next receiver: at most one such message per death, since a
@@ -167,28 +164,49 @@
 //! # Reading ahead (release later)
 //! A receiver that forwards messages elsewhere (the tunnel to another host) must not consume a
 //! message before the far side has it. [`Message::keep`] moves the receiver past a message
-//! *without* consuming it: the next receive returns the message after it, but `consumed.pos`
-//! and `recv.pos` stay where they were, so the sender cannot overwrite the kept bytes and a
+//! *without* consuming it: the next receive returns the message after it, but the consumed
+//! position and `recv.pos` stay where they were, so the sender cannot overwrite the kept bytes and a
 //! receiver taking over (after this one dies) receives every kept message again, from the
 //! first. [`ByteReceiver::commit`] later consumes every message up to a kept one, in order.
-//! The receiver's `committed` position is what it publishes: `recv.pos <= consumed.pos =
+//! The receiver's `committed` position is what it publishes: `recv.pos <= consumed =
 //! committed <= pos`, so the positions table above holds unchanged; a ring whose messages are
 //! all kept is full for the sender, which is how a slow far side slows the sender down.
 //! Dropping a [`Message`] after keeping others consumes it and every kept one before it.
 //!
-//! Why the successor sees the dead receiver's last `consumed.pos` although the store is
-//! Relaxed: a receiver that left cleared its peer token with a Release store after its last
-//! store, and the successor's CAS on that token (`attach_peer`, AcqRel) Acquires it; a receiver
-//! that died stopped before the kernel released its liveness lock, and the successor's liveness
-//! check observes that release through a system call before its CAS. Either way the dead
-//! receiver's stores happen before the successor's loads.
+//! # Ends killed between two stores
+//! A successor resumes an end from several words: the receiver's consumed position in each
+//! lane, its lane and its count of messages; the sender's full lane positions and its count
+//! (`ByteSender::sent`, and the numbering of the messages a producer resumes from it). A kill
+//! lands between any two stores: written in place, the words would disagree (the CI run of
+//! stop 24 found a receiver killed after storing its position and before its count: the queue
+//! counted one message less than it delivered from then on, and every later `Kept::seq` was one
+//! off). So each end keeps two [`Snapshot`](super::Snapshot)s of those words and writes them in
+//! turn, the count last, every store Release (no store moves before an earlier one):
+//! - the one being written may be damaged by a kill; the other, the latest whole one, is
+//!   never touched while this one is written;
+//! - the receiver's latest is the one with the higher count: the count only grows (each
+//!   snapshot consumes at least one message), and one damaged by a kill still holds its
+//!   older count;
+//! - the sender writes its snapshot *before* it publishes `send.pos`, and its latest is the one
+//!   whose positions `send.pos` shows: the other is older, or newer and never published (the
+//!   messages in it were not sent, and a successor overwrites them). Where both show them (one
+//!   damaged in a way that left the same positions) the higher count wins.
+//!
+//! Why the successor sees the dead end's last stores: an end that left cleared its peer token
+//! with a Release store after its last store, and the successor's CAS on that token
+//! (`attach_peer`, AcqRel) Acquires it; an end that died stopped before the kernel released its
+//! liveness lock, and the successor's liveness check observes that release through a system
+//! call before its CAS. Either way the dead end's stores happen before the successor's loads.
+//! `inspect` reads snapshots that a live end may be writing: it loads the counts, the
+//! snapshot, then the counts again, and takes it only if they did not change (Acquire: a
+//! store of the next snapshot seen means the counts changed).
 
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use super::{
-    DATA_OFFSET, KIND_BYTES, QueueShared, WaitMode, attach_peer, header_of, new_header, queue_section, side_gone,
-    wait_until, wake,
+    DATA_OFFSET, KIND_BYTES, QueueShared, Snapshot, WaitMode, attach_peer, header_of, new_header, queue_section,
+    side_gone, wait_until, wake,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::sync::shim::Ordering;
@@ -466,26 +484,42 @@ impl ByteQueue {
         // `ByteReceiver::publish` (the receiver is done with the bytes before it).
         let (fields, lane) = self.pk.unpack(h.send.pos.load(Ordering::Acquire));
         let (read, _) = self.pk.unpack(h.recv.pos.load(Ordering::Acquire));
-        let mut pos = fields;
-        if self.pk.two {
-            for (l, p) in pos.iter_mut().enumerate() {
-                // Relaxed: written by previous senders only, after their last publication; their
-                // stores happen before this load (the hand-over, as for the receiver's
-                // `consumed` line). The full position lags the packed one by at most one
-                // publication, less than the modulus: the packed field says where it ends.
-                let full = h.send.full[l].load(Ordering::Relaxed);
-                *p = full.wrapping_add(self.pk.dist(l, full, fields[l]));
+        // Written by previous senders only; their stores happen before these loads (see "Ends
+        // killed between two stores").
+        let found = sent_snapshot(h, self.pk, fields).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "byte queue {:?} is damaged: its write position {fields:#x?} is in neither of its sender's snapshots {:#x?}; delete it and create it again",
+                    self.name(),
+                    [load_snapshot(&h.send.snap[0]), load_snapshot(&h.send.snap[1])]
+                ),
+            )
+        });
+        let checked = found.and_then(|(i, snap)| check_read(self, snap.pos, read).map(|()| (i, snap)));
+        let (i, snap) = match checked {
+            Ok(found) => found,
+            Err(e) => {
+                // Release: gives the entry back; pairs with the AcqRel CAS in the next
+                // `attach_peer` and the Acquire in `side_gone`, as in `Drop`.
+                h.senders.peers[0].token.store(0, Ordering::Release);
+                return Err(e);
             }
-        }
-        let sent = h.send.count.load(Ordering::Relaxed);
-        if let Err(e) = check_read(self, pos, read) {
-            // Release: gives the entry back; pairs with the AcqRel CAS in the next
-            // `attach_peer` and the Acquire in `side_gone`, as in `Drop`.
-            h.senders.peers[0].token.store(0, Ordering::Release);
-            return Err(e);
-        }
+        };
+        let pos = snap.pos;
         let published = pos[0].wrapping_add(pos[1]);
-        Ok(ByteSender { q: self, pos, lane, published, batch: 0, cached_read: read, sent, mode, since_look: 0 })
+        Ok(ByteSender {
+            q: self,
+            pos,
+            lane,
+            published,
+            batch: 0,
+            cached_read: read,
+            sent: snap.count,
+            snap: i ^ 1,
+            mode,
+            since_look: 0,
+        })
     }
 
     /// Becomes the queue's receiver. Fails with `AlreadyExists` while another live receiver is
@@ -515,13 +549,11 @@ impl ByteQueue {
         // Acquire: pairs with the Release in the previous receiver's `ByteReceiver::publish` (the
         // bytes before it were read by a receiver that is gone, the sender may reuse them).
         let (published, _) = pk.unpack(h.recv.pos.load(Ordering::Acquire));
-        // Relaxed: written only by previous receivers, all of whose stores happen before this
-        // load (their Release of the token, or the kernel's release of their liveness lock, both
-        // observed by `attach_peer`; see the module docs).
-        let c = &h.consumed;
-        let pos = [c.pos.load(Ordering::Relaxed), if pk.two { c.pos1.load(Ordering::Relaxed) } else { 0 }];
-        let lane = c.lane.load(Ordering::Relaxed);
-        let received = c.count.load(Ordering::Relaxed);
+        // Written only by previous receivers, all of whose stores happen before these loads
+        // (their Release of the token, or the kernel's release of their liveness lock, both
+        // observed by `attach_peer`; see "Ends killed between two stores").
+        let (i, snap) = consumed_snapshot(h);
+        let (pos, lane, received) = (snap.pos, snap.lane, snap.count);
         // Acquire: pairs with the Release in `ByteSender::flush` (the records before it are
         // written).
         let (write, _) = pk.unpack(h.send.pos.load(Ordering::Acquire));
@@ -556,6 +588,7 @@ impl ByteQueue {
             cached_write: write,
             received,
             held: 0,
+            snap: i ^ 1,
             mode,
         };
         // What the previous receiver consumed but had not given back yet: give it back now,
@@ -589,6 +622,94 @@ fn check_read(q: &ByteQueue, pos: [u64; 2], read: [u64; 2]) -> Result<()> {
     Ok(())
 }
 
+/// What one [`Snapshot`] holds.
+#[derive(Clone, Copy, Debug)]
+struct Snap {
+    pos: [u64; 2],
+    lane: u64,
+    count: u64,
+}
+
+/// Stores an end's state in `snaps[*next]`, the snapshot that does not hold its latest, and
+/// makes the other one next (see "Ends killed between two stores").
+fn store_snapshot(snaps: &[Snapshot; 2], next: &mut usize, two: bool, pos: [u64; 2], lane: usize, count: u64) {
+    let s = &snaps[*next];
+    // Release (all): no store here becomes visible before an earlier one (the previous
+    // snapshot's count before these positions, these positions before this count); pairs with
+    // the Acquire loads of `inspect` (a successor is ordered after all of them anyway).
+    s.pos[0].store(pos[0], Ordering::Release);
+    if two {
+        s.pos[1].store(pos[1], Ordering::Release);
+        s.lane.store(lane as u64, Ordering::Release);
+    }
+    s.count.store(count, Ordering::Release);
+    *next ^= 1;
+}
+
+fn load_snapshot(s: &Snapshot) -> Snap {
+    // Acquire (all): pairs with the Release stores of `store_snapshot` (see there).
+    Snap {
+        pos: [s.pos[0].load(Ordering::Acquire), s.pos[1].load(Ordering::Acquire)],
+        lane: s.lane.load(Ordering::Acquire),
+        count: s.count.load(Ordering::Acquire),
+    }
+}
+
+/// `a` is a later count than `b`.
+fn later(a: u64, b: u64) -> bool {
+    (a.wrapping_sub(b) as i64) > 0
+}
+
+/// The receiver's latest whole snapshot and its index: the one with the higher count. A live
+/// receiver (under `inspect`) may store meanwhile: the snapshot is taken only when the counts
+/// read before and after it agree, or after a few tries the last one read.
+fn consumed_snapshot(h: &QueueShared) -> (usize, Snap) {
+    let c = &h.consumed.snap;
+    // Acquire: see `load_snapshot`.
+    let counts = || [c[0].count.load(Ordering::Acquire), c[1].count.load(Ordering::Acquire)];
+    let mut found = (0, load_snapshot(&c[0]));
+    for _ in 0..4 {
+        let before = counts();
+        let i = usize::from(later(before[1], before[0]));
+        found = (i, load_snapshot(&c[i]));
+        if counts() == before {
+            break;
+        }
+    }
+    found
+}
+
+/// The sender's snapshot whose positions the published word's `fields` show, and its index
+/// (the higher count if both do); `None` when neither does, which a healthy queue never shows
+/// a sender taking over.
+fn sent_snapshot(h: &QueueShared, pk: Packing, fields: [u64; 2]) -> Option<(usize, Snap)> {
+    let mut best: Option<(usize, Snap)> = None;
+    for (i, s) in h.send.snap.iter().enumerate() {
+        let snap = load_snapshot(s);
+        let shows = (0..pk.lanes()).all(|l| pk.dist(l, snap.pos[l], fields[l]) == 0);
+        if shows && best.is_none_or(|(_, b)| later(snap.count, b.count)) {
+            best = Some((i, snap));
+        }
+    }
+    best
+}
+
+/// Messages sent and consumed, for `inspect`: the counts of the ends' latest snapshots (the
+/// sender's newer one while it is between a snapshot and its publication).
+pub(super) fn counts_of(h: &QueueShared, cap: u64) -> (u64, u64) {
+    let pk = Packing { two: lane_bytes(cap) != 0 };
+    // Acquire: pairs with the Release in `ByteSender::flush`.
+    let (fields, _) = pk.unpack(h.send.pos.load(Ordering::Acquire));
+    let sent = sent_snapshot(h, pk, fields).map_or_else(
+        || {
+            let [a, b] = [load_snapshot(&h.send.snap[0]).count, load_snapshot(&h.send.snap[1]).count];
+            if later(a, b) { a } else { b }
+        },
+        |(_, s)| s.count,
+    );
+    (sent, consumed_snapshot(h).1.count)
+}
+
 /// A byte queue's fill (bytes written and not consumed) from one snapshot of its positions
 /// (for inspection), or what was found if they break the invariants of "Positions" in a lane.
 pub(super) fn fill_of(h: &QueueShared, cap: u64) -> std::result::Result<u64, String> {
@@ -598,8 +719,7 @@ pub(super) fn fill_of(h: &QueueShared, cap: u64) -> std::result::Result<u64, Str
     // at least as new as the ones the writer had seen: given back first, then consumed, then
     // written, then given back again (each position only grows).
     let (r1, _) = pk.unpack(h.recv.pos.load(Ordering::Acquire));
-    let c = [h.consumed.pos.load(Ordering::Acquire), h.consumed.pos1.load(Ordering::Acquire)];
-    let lane = h.consumed.lane.load(Ordering::Acquire);
+    let Snap { pos: c, lane, .. } = consumed_snapshot(h).1;
     let (w, _) = pk.unpack(h.send.pos.load(Ordering::Acquire));
     let (r2, _) = pk.unpack(h.recv.pos.load(Ordering::Acquire));
     let mut fill = 0u64;
@@ -661,6 +781,8 @@ pub struct ByteSender<'q> {
     /// The receiver's given-back positions as last loaded (fields of its shared word).
     cached_read: [u64; 2],
     sent: u64,
+    /// The snapshot the next publication writes (see "Ends killed between two stores").
+    snap: usize,
     mode: WaitMode,
     /// Bytes written in the main lane since the receiver's position was last loaded.
     since_look: u64,
@@ -676,6 +798,13 @@ impl ByteSender<'_> {
     /// whether its last message went in (the tunnel importer does).
     pub fn position(&self) -> u64 {
         self.pos[0].wrapping_add(self.pos[1])
+    }
+
+    /// Messages sent into this queue so far, by this sender and every one before it: those a
+    /// sender that takes over after a crash starts from are the published ones, so a producer
+    /// that numbers its messages `sent() + 1` can resume its numbering after a crash.
+    pub fn sent(&self) -> u64 {
+        self.sent
     }
 
     /// Whether messages are written but not published yet (tests).
@@ -706,17 +835,12 @@ impl ByteSender<'_> {
         self.published = total;
         let q = self.q;
         let h = q.h();
+        // For a successor, first (see "Ends killed between two stores"); on our own line.
+        store_snapshot(&h.send.snap, &mut self.snap, q.pk.two, self.pos, self.lane, self.sent);
         // Release: publishes the records (of both lanes, and the lane we are in, at once);
         // pairs with the Acquire in `ByteReceiver::peek` (and in `resume`, and a successor
         // sender's in `sender_with`).
         h.send.pos.store(q.pk.pack(self.pos, self.lane), Ordering::Release);
-        if q.pk.two {
-            // Relaxed: read only by a successor sender (see `sender_with`), on our own line.
-            h.send.full[0].store(self.pos[0], Ordering::Relaxed);
-            h.send.full[1].store(self.pos[1], Ordering::Relaxed);
-        }
-        // Relaxed: a statistic on our own line.
-        h.send.count.store(self.sent, Ordering::Relaxed);
         wake(&h.events.data_seq, &h.events.data_waiters, 1);
     }
 
@@ -1103,6 +1227,8 @@ pub struct ByteReceiver<'q> {
     received: u64,
     /// Messages kept (read but not consumed) after `committed`.
     held: u64,
+    /// The `consumed` snapshot the next message writes.
+    snap: usize,
     mode: WaitMode,
 }
 
@@ -1377,17 +1503,18 @@ impl<'q> ByteReceiver<'q> {
         }
     }
 
-    fn store_consumed(&self) {
-        let c = &self.q.h().consumed;
-        // Relaxed: read by nobody while we live; a successor's load is ordered after every
-        // store of ours by the hand-over itself (see "Readers that die"). The sender never
-        // reads it, so the line stays in our cache.
-        c.pos.store(self.committed[0], Ordering::Relaxed);
-        if self.q.pk.two {
-            c.pos1.store(self.committed[1], Ordering::Relaxed);
-            c.lane.store(self.committed_lane as u64, Ordering::Relaxed);
-        }
-        c.count.store(self.received, Ordering::Relaxed);
+    /// Read by nobody while we live but `inspect`; the sender never reads it, so the line
+    /// stays in our cache (see "Readers that die" and "Ends killed between two stores").
+    fn store_consumed(&mut self) {
+        let q = self.q;
+        store_snapshot(
+            &q.h().consumed.snap,
+            &mut self.snap,
+            q.pk.two,
+            self.committed,
+            self.committed_lane,
+            self.received,
+        );
     }
 
     /// Gives back the space of every consumed message (up to `committed`, never a kept one).
@@ -1401,8 +1528,6 @@ impl<'q> ByteReceiver<'q> {
         // Release: we are done reading the bytes we give back; pairs with the Acquire in
         // `ByteSender::refresh` (and `sender_with`, and a successor receiver's `resume`).
         h.recv.pos.store(self.q.pk.pack(self.committed, 0), Ordering::Release);
-        // Relaxed: a statistic on our own line.
-        h.recv.count.store(self.received, Ordering::Relaxed);
         wake(&h.events.space_seq, &h.events.space_waiters, 1);
     }
 }
@@ -1533,6 +1658,11 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap()[0], 0);
     }
 
+    /// The receiver's latest `consumed` snapshot.
+    fn consumed_now(q: &ByteQueue) -> &Snapshot {
+        &q.h().consumed.snap[consumed_snapshot(q.h()).0]
+    }
+
     #[test]
     fn a_damaged_consumed_position_is_reported_and_frees_the_receiver_entry() {
         let q = ByteQueue::in_memory(4096);
@@ -1542,15 +1672,15 @@ mod tests {
         }
         let rx = q.receiver().unwrap();
         rx.__die();
-        let c = &q.h().consumed;
+        let c = consumed_now(&q);
         for bad in [4, 8 * 1000, u64::MAX - 7] {
-            c.pos.store(bad, Ordering::Relaxed);
+            c.pos[0].store(bad, Ordering::Relaxed);
             let err = q.receiver().err().expect("a damaged position is refused");
             assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
             assert!(err.to_string().contains("consumed"), "{err}");
         }
         // The refused attach left the entry free: once repaired, a receiver attaches.
-        c.pos.store(32, Ordering::Relaxed);
+        c.pos[0].store(32, Ordering::Relaxed);
         let mut rx = q.receiver().unwrap();
         assert_eq!(&*rx.try_recv().unwrap(), &[5; 20], "starts after the first (consumed) message");
     }
@@ -1778,15 +1908,15 @@ mod tests {
         tx.send(&[1; 8]).unwrap();
         assert_eq!(&*rx.try_recv().unwrap(), &[1; 8]);
         rx.__die();
-        let c = &q.h().consumed;
+        let c = consumed_now(&q);
         c.lane.store(2, Ordering::Relaxed);
         let err = q.receiver().err().expect("a lane that does not exist is refused");
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
         c.lane.store(0, Ordering::Relaxed);
-        c.pos1.store(8, Ordering::Relaxed);
+        c.pos[1].store(8, Ordering::Relaxed);
         let err = q.receiver().err().expect("consumed past what was written in lane 1");
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-        c.pos1.store(0, Ordering::Relaxed);
+        c.pos[1].store(0, Ordering::Relaxed);
         let mut rx = q.receiver().unwrap();
         // A switch record in a ring with one lane is a damaged record.
         let q1 = ByteQueue::in_memory(4096);
